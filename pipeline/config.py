@@ -1,0 +1,174 @@
+"""Server configuration: one frozen ``ServerArgs`` struct, flags derived from it.
+
+Config flows one way. ``parse_args(argv)`` builds the struct from the command
+line (flag names follow SGLang: ``tp_size`` -> ``--tp-size``), then
+``resolve(args)`` replaces every "auto" that can be known before any stage
+starts (model path, dtype, context length, kernel backend) and returns a new
+frozen struct. Each stage receives the struct at construction and reads only
+its own fields; nothing mutates it afterwards. The KV capacity in tokens is
+measured by the forward stage after the weights are loaded and logged once.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+
+DEMO_MODEL_PATH = str(Path(__file__).resolve().parent.parent / "models" / "demo")
+
+
+class ConfigError(ValueError):
+    """A flag value is invalid or contradicts the model; the message names the flag."""
+
+
+class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
+    """Every setting of a stagewise process. Field docs become ``--help`` text."""
+
+    # model
+    model_path: str = ""
+    tokenizer_path: str = ""
+    served_model_name: str = ""
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    load_format: Literal["auto", "safetensors", "dummy"] = "auto"
+    context_length: int = 0  # 0: from the model config
+    trust_remote_code: bool = False
+    # server
+    host: str = "127.0.0.1"
+    port: int = 30000
+    api_key: str = ""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    enable_metrics: bool = False
+    max_queued_requests: int = 4096
+    tool_call_parser: Literal["", "qwen25", "qwen3", "llama3"] = ""
+    reasoning_parser: Literal["", "qwen3", "deepseek-r1"] = ""
+    # memory
+    mem_fraction_static: float = 0.85
+    max_total_tokens: int = 0  # 0: from memory (GPU) or a default (CPU)
+    page_size: int = 1
+    kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    # scheduling
+    max_running_requests: int = 256
+    max_prefill_tokens: int = 16384
+    chunked_prefill_size: int = 8192  # <= 0 disables chunking
+    schedule_policy: Literal["fcfs", "lpm"] = "fcfs"
+    disable_radix_cache: bool = False
+    # forward
+    cuda_graph_max_bs: int = 160
+    disable_cuda_graph: bool = False
+    tp_size: int = 1
+    random_seed: int = 0
+    # ours
+    kernel_backend: Literal["auto", "triton", "reference"] = "auto"
+    placement: Literal["single", "serving"] = "single"
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    record_path: str = ""  # record every channel's traffic to this file
+
+    @property
+    def model_dir(self) -> Path:
+        return Path(self.model_path or DEMO_MODEL_PATH)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def build_parser(prog: str = "stagewise", description: str = "") -> argparse.ArgumentParser:
+    """An argparse parser with one flag per ServerArgs field; defaults come from the struct."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_server_args(parser)
+    return parser
+
+
+def add_server_args(parser: argparse.ArgumentParser) -> None:
+    defaults = ServerArgs()
+    for field in msgspec.structs.fields(ServerArgs):
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            parser.add_argument(_flag(field.name), action="store_true", default=default)
+            continue
+        choices = _literal_choices(field.type)
+        parser.add_argument(_flag(field.name), type=type(default), default=default, choices=choices)
+
+
+def _literal_choices(annotation: Any) -> list[Any] | None:
+    args = getattr(annotation, "__args__", None)
+    if getattr(annotation, "__origin__", None) is Literal and args:
+        return list(args)
+    return None
+
+
+def args_from_namespace(namespace: argparse.Namespace) -> ServerArgs:
+    names = {f.name for f in msgspec.structs.fields(ServerArgs)}
+    return ServerArgs(**{k: v for k, v in vars(namespace).items() if k in names})
+
+
+def parse_args(argv: list[str] | None = None) -> ServerArgs:
+    """Parse flags into a resolved ServerArgs (raises ConfigError on bad values)."""
+    return resolve(args_from_namespace(build_parser().parse_args(argv)))
+
+
+def resolve(args: ServerArgs) -> ServerArgs:
+    """Replace every "auto" that is knowable before start-up; check ranges."""
+    _check_ranges(args)
+    model_dir = args.model_dir
+    config = _read_model_config(model_dir) if args.load_format != "dummy" or model_dir.exists() else {}
+    device = args.device
+    if device == "auto":
+        device = "cuda" if _cuda_available() else "cpu"
+    backend = args.kernel_backend
+    if backend == "auto":
+        backend = "triton" if device == "cuda" else "reference"
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = _config_dtype(config) if device == "cuda" else "float32"
+    context_length = args.context_length or int(config.get("max_position_embeddings", 4096))
+    return msgspec.structs.replace(
+        args,
+        model_path=str(model_dir),
+        tokenizer_path=args.tokenizer_path or str(model_dir),
+        served_model_name=args.served_model_name or model_dir.name,
+        device=device,
+        kernel_backend=backend,
+        dtype=dtype,
+        kv_cache_dtype=dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
+        context_length=context_length,
+    )
+
+
+def _check_ranges(args: ServerArgs) -> None:
+    if not 0.0 < args.mem_fraction_static < 1.0:
+        raise ConfigError(f"--mem-fraction-static must be in (0, 1), got {args.mem_fraction_static}")
+    if args.page_size < 1:
+        raise ConfigError(f"--page-size must be >= 1, got {args.page_size}")
+    if args.max_running_requests < 1:
+        raise ConfigError(f"--max-running-requests must be >= 1, got {args.max_running_requests}")
+    if not 0 < args.port < 65536:
+        raise ConfigError(f"--port must be in 1..65535, got {args.port}")
+    if args.tp_size != 1:
+        raise ConfigError("--tp-size > 1 is not supported yet")
+
+
+def _read_model_config(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / "config.json"
+    if not model_dir.is_dir():
+        raise ConfigError(f"--model-path {str(model_dir)!r} is not a directory")
+    if not path.is_file():
+        raise ConfigError(f"--model-path {str(model_dir)!r} has no config.json")
+    return json.loads(path.read_text())
+
+
+def _config_dtype(config: dict[str, Any]) -> str:
+    name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16")
+    return {"float16": "float16", "float32": "float32"}.get(name, "bfloat16")
+
+
+def _cuda_available() -> bool:
+    if os.environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return False
+    import torch
+
+    return torch.cuda.is_available()

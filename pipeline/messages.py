@@ -1,0 +1,473 @@
+"""Every message that crosses a stage boundary, in pipeline order.
+
+This file is the contract between the eight stages; read it first. Each
+message is a frozen ``msgspec.Struct`` with a one-line "producer -> consumer"
+docstring. Stages build new messages and never edit received ones.
+
+::
+
+    HTTP -> ingest -> tokenize -> multimodal -> schedule -> forward -> sample -> schedule
+              ^                                  |   ^                  ^  |
+              +---------- detokenize <-----------+   +--- constrain ----+--+
+
+Conventions
+-----------
+* ``rid`` is the request id, one name everywhere. A request with ``n > 1`` is
+  fanned out by the tokenize stage into ``n`` sequences ``f"{parent_rid}.{i}"``,
+  each carrying ``parent_rid`` and ``index``; the front end gathers them.
+* Token lists are plain ``list[int]`` so every message can be encoded.
+* Fields typed ``torch.Tensor`` are **process-local**: they only travel on
+  in-process channels (schedule/forward/sample/constrain share the engine
+  process). The codec below can still encode them (dtype + shape + bytes), so
+  a recording of a live run holds them too.
+* Each channel carries one struct or one tagged union (the ``*Inbox`` aliases
+  at the bottom), so a stage's dispatch is an exhaustive ``match``.
+* Units are in names: ``_s`` seconds, ``_tokens`` counts of tokens.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Union
+
+import msgspec
+import torch
+
+# --------------------------------------------------------------------------
+# Errors and limits
+# --------------------------------------------------------------------------
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOP_LOGPROBS = 20
+MAX_N = 128
+
+
+class SamplingParamsError(ValueError):
+    """A sampling parameter broke its rule; ``field`` names it, ``rule`` says why."""
+
+    def __init__(self, field: str, rule: str, value: Any = None) -> None:
+        self.field = field
+        self.rule = rule
+        self.value = value
+        super().__init__(f"invalid sampling parameter {field}={value!r}: {rule}")
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag=True, tag_field="type"):
+    """Base of every message: frozen, keyword-only, tagged by class name."""
+
+
+# --------------------------------------------------------------------------
+# Request side: ingest -> tokenize -> multimodal -> schedule
+# --------------------------------------------------------------------------
+
+
+class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
+    """How to pick tokens and when to stop (SGLang's names and ranges).
+
+    Validates itself on construction and on decode; a broken rule raises
+    ``SamplingParamsError`` naming the field (``msgspec.ValidationError`` when
+    decoding, with the same text).
+    """
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    n: int = 1
+    seed: int | None = None
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    # Structured output: at most one of these (compiled by the constrain stage).
+    json_schema: str | None = None
+    regex: str | None = None
+    choices: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field against its rule; raise SamplingParamsError on the first break."""
+        _check(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0", self.max_new_tokens)
+        _check(0 <= self.min_new_tokens <= max(self.max_new_tokens, 0), "min_new_tokens",
+               "must be >= 0 and <= max_new_tokens", self.min_new_tokens)
+        _check(_finite(self.temperature) and self.temperature >= 0.0, "temperature",
+               "must be a finite number >= 0", self.temperature)
+        _check(_finite(self.top_p) and 0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]", self.top_p)
+        _check(self.top_k == -1 or self.top_k >= 1, "top_k", "must be -1 (disabled) or >= 1", self.top_k)
+        _check(_finite(self.min_p) and 0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]", self.min_p)
+        _check(_finite(self.repetition_penalty) and 0.0 < self.repetition_penalty <= 2.0,
+               "repetition_penalty", "must be in (0, 2]", self.repetition_penalty)
+        _check(_finite(self.frequency_penalty) and -2.0 <= self.frequency_penalty <= 2.0,
+               "frequency_penalty", "must be in [-2, 2]", self.frequency_penalty)
+        _check(_finite(self.presence_penalty) and -2.0 <= self.presence_penalty <= 2.0,
+               "presence_penalty", "must be in [-2, 2]", self.presence_penalty)
+        _check(1 <= self.n <= MAX_N, "n", f"must be in [1, {MAX_N}]", self.n)
+        _check(0 <= self.top_logprobs_num <= MAX_TOP_LOGPROBS, "top_logprobs_num",
+               f"must be in [0, {MAX_TOP_LOGPROBS}]", self.top_logprobs_num)
+        self._validate_stops()
+        self._validate_grammar()
+
+    def _validate_stops(self) -> None:
+        _check(len(self.stop) <= MAX_STOP_STRINGS, "stop",
+               f"at most {MAX_STOP_STRINGS} stop strings", len(self.stop))
+        for text in self.stop:
+            _check(0 < len(text) <= MAX_STOP_STRING_CHARS, "stop",
+                   f"each stop string must have 1 to {MAX_STOP_STRING_CHARS} characters", text)
+        _check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+               f"at most {MAX_STOP_TOKEN_IDS} stop token ids", len(self.stop_token_ids))
+        for token_id in self.stop_token_ids:
+            _check(token_id >= 0, "stop_token_ids", "token ids must be >= 0", token_id)
+
+    def _validate_grammar(self) -> None:
+        given = [name for name in ("json_schema", "regex", "choices") if getattr(self, name) is not None]
+        _check(len(given) <= 1, given[-1] if given else "json_schema",
+               "at most one of json_schema, regex, choices may be set", given)
+        if self.choices is not None:
+            _check(len(self.choices) > 0 and all(self.choices), "choices",
+                   "must be a non-empty list of non-empty strings", self.choices)
+
+
+def _finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def _check(ok: bool, field: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise SamplingParamsError(field, rule, value)
+
+
+class FunctionCall(msgspec.Struct, frozen=True, kw_only=True):
+    """A function call inside a tool call: name and JSON-encoded arguments."""
+
+    name: str
+    arguments: str
+
+
+class ToolCall(msgspec.Struct, frozen=True, kw_only=True):
+    """One tool call made by the assistant (OpenAI shape)."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
+    """One chat turn as the chat template sees it (content parts already joined)."""
+
+    role: str
+    content: str | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+
+class GenerateRequest(Message, frozen=True, kw_only=True):
+    """ingest -> tokenize: one client request, exactly one of text/messages/input_ids set."""
+
+    rid: str
+    text: str | None = None
+    messages: list[ChatMessage] | None = None
+    input_ids: list[int] | None = None
+    sampling: SamplingParams = SamplingParams()
+    stream: bool = False
+    add_generation_prompt: bool = True
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] = {}
+    image_urls: list[str] = []
+    arrival_time_s: float = 0.0
+
+
+class ImageInput(msgspec.Struct, frozen=True, kw_only=True):
+    """Decoded pixels of one image: dtype, shape and raw bytes (encodable)."""
+
+    dtype: str
+    shape: list[int]
+    data: bytes
+
+
+class TokenizedRequest(Message, frozen=True, kw_only=True):
+    """tokenize -> multimodal -> schedule: one sequence to generate."""
+
+    rid: str
+    parent_rid: str
+    index: int = 0
+    input_ids: list[int]
+    sampling: SamplingParams
+    stream: bool = False
+    images: list[ImageInput] = []
+    arrival_time_s: float = 0.0
+
+
+class Abort(Message, frozen=True, kw_only=True):
+    """ingest/detokenize -> (tokenize ->) schedule: stop this request now and free its KV.
+
+    ``rid`` may be a parent rid; every sequence of it is aborted.
+    """
+
+    rid: str
+    reason: str = "abort"
+
+
+class FlushCache(Message, frozen=True, kw_only=True):
+    """ingest -> schedule: drop every unlocked radix-cache entry."""
+
+    request_id: str
+
+
+# --------------------------------------------------------------------------
+# Engine side: schedule -> forward -> sample -> schedule, and constrain
+# --------------------------------------------------------------------------
+
+
+class RowWrite(msgspec.Struct, frozen=True, kw_only=True):
+    """Slots to write into ``req_to_token[row, start:start+len(slots)]`` (cached prefixes)."""
+
+    row: int
+    start: int
+    slots: list[int]
+
+
+class SamplingBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """Per-request sampling parameters of one batch, one entry per request row."""
+
+    temperatures: list[float]
+    top_ps: list[float]
+    top_ks: list[int]
+    min_ps: list[float]
+    repetition_penalties: list[float]
+    frequency_penalties: list[float]
+    presence_penalties: list[float]
+    seeds: list[int]
+    steps: list[int]  # tokens generated so far: the RNG counter for seeded sampling
+    need_sample: list[bool]  # False for a prefill chunk that is not the prompt's last
+    first_step: list[bool]  # True on the request's first sample: reset its penalty counts
+    return_logprob: list[bool]
+    top_logprobs_nums: list[int]
+    constrained: list[bool]
+
+
+class ForwardBatch(Message, frozen=True, kw_only=True):
+    """schedule -> forward (and constrain): one model step, plain ints, no request objects.
+
+    ``mode`` is ``extend`` for any batch with a prefill chunk (decodes riding
+    along have extend_len 1) and ``decode`` when every request adds one token.
+    Request b owns q rows ``extend_start_loc[b] : +extend_lens[b]``; its new
+    tokens go to ``out_cache_loc`` at positions ``prefix_lens[b]..seq_lens[b]-1``
+    of ``req_to_token[req_pool_indices[b]]``. The model returns the logits of
+    each request's last new token.
+    """
+
+    batch_id: int
+    mode: Literal["extend", "decode"]
+    rids: list[str]
+    input_ids: list[int]
+    positions: list[int]
+    out_cache_loc: list[int]
+    req_pool_indices: list[int]
+    prefix_lens: list[int]
+    extend_lens: list[int]
+    seq_lens: list[int]
+    row_writes: list[RowWrite] = []
+    sampling: SamplingBatch
+
+
+class Logits(Message, frozen=True, kw_only=True):
+    """forward -> sample: next-token logits, one row per request (process-local tensor)."""
+
+    batch_id: int
+    rids: list[str]
+    logits: torch.Tensor  # [num_reqs, vocab] float32
+    sampling: SamplingBatch
+
+
+class GrammarCompile(Message, frozen=True, kw_only=True):
+    """schedule -> constrain: compile this request's grammar (off the engine loop)."""
+
+    rid: str
+    kind: Literal["json_schema", "regex", "choices"]
+    spec: str  # schema JSON, regex, or JSON list of choices
+
+
+class GrammarReady(Message, frozen=True, kw_only=True):
+    """constrain -> schedule: the grammar compiled (or failed: ``error`` says why)."""
+
+    rid: str
+    error: str | None = None
+
+
+class GrammarRelease(Message, frozen=True, kw_only=True):
+    """schedule -> constrain: the request finished or was aborted; drop its state."""
+
+    rid: str
+
+
+class TokenMask(Message, frozen=True, kw_only=True):
+    """constrain -> sample: packed allowed-token bitmask of a batch's constrained rows.
+
+    ``bitmask[i]`` (int32 words, bit j of word w allows token 32*w+j) applies to
+    logits row ``row_indices[i]``; ``bitmask`` is None when no row is constrained.
+    """
+
+    batch_id: int
+    row_indices: list[int]
+    bitmask: torch.Tensor | None  # [len(row_indices), ceil(vocab/32)] int32, process-local
+
+
+class SampledTokens(Message, frozen=True, kw_only=True):
+    """sample -> schedule (and constrain): the token picked for each request of a batch.
+
+    Rows with ``need_sample`` False carry token -1. Logprob lists are empty
+    unless some request asked for them (then one entry per row).
+    """
+
+    batch_id: int
+    rids: list[str]
+    token_ids: list[int]
+    token_logprobs: list[float] = []
+    top_token_ids: list[list[int]] = []
+    top_logprobs: list[list[float]] = []
+
+
+# --------------------------------------------------------------------------
+# Result side: schedule -> detokenize -> ingest
+# --------------------------------------------------------------------------
+
+
+class FinishReason(msgspec.Struct, frozen=True, kw_only=True):
+    """Why a sequence ended: OpenAI's finish_reason plus what matched."""
+
+    type: Literal["stop", "length", "abort", "error"]
+    matched: int | str | None = None
+    message: str | None = None
+
+
+class TokenOutput(msgspec.Struct, frozen=True, kw_only=True):
+    """New tokens of one sequence in one step (inside a TokenOutputBatch)."""
+
+    rid: str
+    parent_rid: str
+    index: int = 0
+    new_token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    token_logprobs: list[float] = []
+    top_token_ids: list[list[int]] = []
+    top_logprobs: list[list[float]] = []
+
+
+class TokenOutputBatch(Message, frozen=True, kw_only=True):
+    """schedule -> detokenize: every sequence that made progress (or ended) this step."""
+
+    outputs: list[TokenOutput]
+
+
+class TextOutput(Message, frozen=True, kw_only=True):
+    """detokenize -> ingest: the text delta of one sequence (final one has finish_reason)."""
+
+    rid: str
+    parent_rid: str
+    index: int = 0
+    text_delta: str
+    token_ids_delta: list[int]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    token_logprobs: list[float] = []
+    top_token_ids: list[list[int]] = []
+    top_logprobs: list[list[float]] = []
+
+
+class ErrorOutput(Message, frozen=True, kw_only=True):
+    """any stage -> ingest: the request failed; ingest answers with an OpenAI error body."""
+
+    rid: str
+    status_code: int  # 400 client mistake, 503 overloaded, 500 our fault
+    message: str
+    error_type: str = "invalid_request_error"
+    param: str | None = None
+
+
+class EngineStats(Message, frozen=True, kw_only=True):
+    """schedule -> ingest: a periodic snapshot for /metrics and /get_server_info."""
+
+    time_s: float
+    num_running_reqs: int
+    num_queue_reqs: int
+    token_usage: float
+    cache_hit_rate: float
+    gen_throughput: float
+    max_total_num_tokens: int
+    stage_counters: dict[str, dict[str, float]] = {}
+
+
+# --------------------------------------------------------------------------
+# What each channel carries
+# --------------------------------------------------------------------------
+
+TokenizeInbox = Union[GenerateRequest, Abort]
+MultimodalInbox = Union[TokenizedRequest, Abort]
+ScheduleInbox = Union[TokenizedRequest, Abort, FlushCache, SampledTokens, GrammarReady]
+ForwardInbox = ForwardBatch
+ConstrainInbox = Union[GrammarCompile, GrammarRelease, ForwardBatch, SampledTokens]
+SampleInbox = Union[Logits, TokenMask]
+DetokenizeInbox = Union[TokenOutputBatch, ErrorOutput]
+IngestInbox = Union[TextOutput, ErrorOutput, EngineStats]
+
+ALL_MESSAGE_TYPES: tuple[type[Message], ...] = (
+    GenerateRequest, TokenizedRequest, Abort, FlushCache, ForwardBatch, Logits,
+    GrammarCompile, GrammarReady, GrammarRelease, TokenMask, SampledTokens,
+    TokenOutputBatch, TextOutput, ErrorOutput, EngineStats,
+)
+
+
+# --------------------------------------------------------------------------
+# Codec: msgpack against a declared type; tensors as dtype + shape + bytes
+# --------------------------------------------------------------------------
+
+
+def _enc_hook(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        cpu = obj.detach().contiguous().cpu()
+        raw = cpu.view(torch.uint8) if cpu.numel() else cpu
+        return {"dtype": str(cpu.dtype).removeprefix("torch."), "shape": list(cpu.shape),
+                "data": raw.numpy().tobytes()}
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _dec_hook(expected: type, obj: Any) -> Any:
+    if expected is torch.Tensor:
+        dtype = getattr(torch, obj["dtype"])
+        data = bytearray(obj["data"])
+        if not data:
+            return torch.empty(obj["shape"], dtype=dtype)
+        return torch.frombuffer(data, dtype=dtype).reshape(obj["shape"])
+    raise NotImplementedError(f"cannot decode {expected}")
+
+
+_ENCODER = msgspec.msgpack.Encoder(enc_hook=_enc_hook)
+
+
+def encode(message: Any) -> bytes:
+    """Encode any message (tensors included) to msgpack bytes."""
+    return _ENCODER.encode(message)
+
+
+def decoder(message_type: Any) -> msgspec.msgpack.Decoder:
+    """A decoder that accepts exactly ``message_type`` (a struct or tagged union)."""
+    return msgspec.msgpack.Decoder(message_type, dec_hook=_dec_hook)
