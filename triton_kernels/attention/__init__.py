@@ -1,0 +1,45 @@
+"""Attention over the paged KV pool: extend (prefill) and decode.
+
+KV pool (one per layer): ``k_cache[num_slots, Hk, D]`` and ``v_cache`` alike;
+``req_to_token[R, L]`` (int32) maps request row ``r`` and token position ``i``
+to the slot holding that token's K/V. Every key is read through
+``req_to_token``, so the kernels never care where the pages of a request lie.
+
+Math, per query head ``h`` (kv head ``h // (Hq // Hk)``: GQA/MQA/MHA)::
+
+    s_j = sm_scale * q . k_j                          (fp32)
+    s_j = cap * tanh(s_j / cap)                       (if logit_cap > 0)
+    key j visible iff  j <= pos(q)                    (causal)
+                  and  pos(q) - j < sliding_window    (if sliding_window > 0)
+    o   = sum_j softmax(s)_j v_j                      (online softmax, fp32)
+
+``sliding_window`` counts the query's own token (Hugging Face convention: a
+window of W sees W keys). Dtypes: q, k_cache, v_cache share fp16, bf16 or
+fp32; the output has q's dtype. Head dims up to 256 (64/80/96/128/256 ...):
+the kernels pad to the next power of two and mask.
+
+* ``extend_attention`` (``extend.py``): a ragged batch; request ``b`` has
+  ``prefix_lens[b]`` cached tokens and ``extend_lens[b]`` new ones whose query
+  rows start at ``extend_start_loc[b]`` of ``q``. Pure prefill (prefix 0),
+  prefix-hit extend and 1-token rows share one launch. Compute-bound:
+  ``4 * Hq * D * (visible (q, k) pairs)`` FLOPs.
+* ``decode_attention`` (``decode.py``): one query per request; split-KV
+  flash-decoding (partial softmax per split, then a reduction). Memory-bound:
+  the time to beat is ``K+V bytes / bandwidth``.
+
+``reference.py`` holds the plain-PyTorch references and ``flops_bytes``.
+"""
+from triton_kernels.attention.decode import decode_attention, default_num_kv_splits
+from triton_kernels.attention.extend import extend_attention
+from triton_kernels.attention.reference import (
+    decode_attention_reference,
+    decode_flops_bytes,
+    extend_attention_reference,
+    extend_flops_bytes,
+)
+
+__all__ = [
+    "extend_attention", "extend_attention_reference", "extend_flops_bytes",
+    "decode_attention", "decode_attention_reference", "decode_flops_bytes",
+    "default_num_kv_splits",
+]
