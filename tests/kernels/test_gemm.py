@@ -1,0 +1,96 @@
+"""linear: Triton kernels vs F.linear reference and vs float64, every code path."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.util import DTYPES, ON_GPU, assert_close
+from triton_kernels import gemm
+
+# (M, N, K): single token, odd sizes, non-multiples of every block.
+SHAPES_CPU = [(1, 40, 72), (3, 33, 64), (37, 50, 96), (70, 24, 40)]
+SHAPES_GPU = [(1, 4096, 4096), (7, 1000, 4000), (64, 6144, 4096), (300, 1100, 2048),
+              (1024, 4096, 1024), (129, 257, 260), (2, 130, 520)]
+
+
+def _inputs(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device, bias: bool):
+    gen = torch.Generator().manual_seed(M * 7919 + N * 31 + K)
+    x = torch.randn(M, K, generator=gen).to(dtype=dtype, device=device)
+    w = (torch.randn(N, K, generator=gen) / K ** 0.5).to(dtype=dtype, device=device)
+    b = torch.randn(N, generator=gen).to(dtype=dtype, device=device) if bias else None
+    return x, w, b
+
+
+def _float64(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    y = x.double().cpu() @ w.double().cpu().t()
+    return y + b.double().cpu() if b is not None else y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_GPU if ON_GPU else SHAPES_CPU)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_reference_and_float64(device, dtype, shape, bias):
+    x, w, b = _inputs(*shape, dtype, device, bias)
+    y = gemm.linear(x, w, b)
+    assert y.dtype == dtype and y.shape == (shape[0], shape[1])
+    assert_close(y, _float64(x, w, b), dtype, "linear vs float64")
+    assert_close(y, gemm.linear_reference(x, w, b), dtype, "linear vs reference")
+
+
+CONFIGS = [
+    gemm.GemmConfig("stream", 16, 32, 32, split_k=3),
+    gemm.GemmConfig("stream", 32, 16, 64, split_k=1),
+    gemm.GemmConfig("tma", 32, 32, 32, group_m=2),
+    gemm.GemmConfig("tma", 64, 64, 32, group_m=8),
+]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.kind}-{c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_kernel_path(device, dtype, config):
+    """Split-K and TMA paths on an aligned shape with ragged tiles."""
+    M, N, K = (5, 72, 200) if not ON_GPU else (77, 264, 1000)
+    x, w, b = _inputs(M, N, K, dtype, device, bias=True)
+    y = torch.full((M, N), float("nan"), dtype=dtype, device=device)
+    gemm.launch_linear(x, w, b, y, config)
+    assert_close(y, _float64(x, w, b), dtype, f"{config} vs float64")
+
+
+def test_leading_dims_and_strided_input(device):
+    dtype = torch.float32
+    x, w, _ = _inputs(6, 20, 48, dtype, device, bias=False)
+    x3 = x.reshape(2, 3, 48)
+    y = gemm.linear(x3, w)
+    assert y.shape == (2, 3, 20)
+    assert_close(y.reshape(6, 20), _float64(x, w, None), dtype, "3-D x")
+    wide = torch.randn(6, 64, dtype=dtype, device=device)
+    x_view = wide[:, 8:56]                          # row stride 64, not 48
+    assert_close(gemm.linear(x_view, w), _float64(x_view, w, None), dtype, "strided x")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="TMA alignment fallback matters only on the GPU")
+def test_misaligned_rows_fall_back_to_pointer_loads(device):
+    """bf16 rows of 260 elements (520 bytes) broke TMA silently (PITFALLS)."""
+    x, w, b = _inputs(512, 300, 260, torch.bfloat16, device, bias=True)
+    assert not gemm._tma_aligned(x, w)
+    assert_close(gemm.linear(x, w, b), _float64(x, w, b), torch.bfloat16, "misaligned")
+    x_off = torch.randn(512 * 256 + 1, dtype=torch.bfloat16, device=device)[1:].view(512, 256)
+    w2 = torch.randn(384, 256, dtype=torch.bfloat16, device=device) / 16
+    assert_close(gemm.linear(x_off, w2), _float64(x_off, w2, None), torch.bfloat16, "offset base")
+
+
+def test_bad_inputs_raise_value_error(device):
+    x = torch.randn(2, 8, device=device)
+    w = torch.randn(4, 8, device=device)
+    with pytest.raises(ValueError, match="x last dim"):
+        gemm.linear(torch.randn(2, 7, device=device), w)
+    with pytest.raises(ValueError, match="dtype"):
+        gemm.linear(x.half(), w)
+    with pytest.raises(ValueError, match="weight"):
+        gemm.linear(x, w[0])
+    with pytest.raises(ValueError, match="bias"):
+        gemm.linear(x, w, torch.randn(5, device=device))
+    with pytest.raises(ValueError, match="empty batch"):
+        gemm.linear(x[:0], w)
+    with pytest.raises(ValueError, match="not supported"):
+        gemm.linear(x.double(), w.double())

@@ -1,0 +1,345 @@
+"""Dense linear layer: ``y[M, N] = x[M, K] @ weight[N, K]^T (+ bias[N])``.
+
+The weight keeps the Hugging Face layout ``[out_features, in_features]``, so a
+checkpoint tensor is used as stored. ``x`` may carry leading dims
+(``[*, K]``); they are flattened to ``M`` rows and restored on the output.
+Dtypes: bf16, fp16, fp32 (x, weight and bias share one dtype); products
+accumulate in fp32, the bias is added in fp32, and one rounding happens at the
+store. fp32 inputs use exact ("ieee") products, not tf32.
+
+Roofline (H100, about 3 TB/s copy bandwidth, about 800 TFLOP/s bf16). Bytes
+moved ``2*(M*K + N*K + M*N)`` (bf16), work ``2*M*N*K`` FLOPs. Decode shapes
+(M <= 64) do at most 64 FLOPs per weight byte, far under the ~260 the chip
+needs to be compute-bound: they are a *weight stream*, and the time to beat is
+``N*K*2 bytes / bandwidth``. Prefill shapes (M >= 256) are compute-bound.
+
+Two kernels, chosen per shape by ``_pick_config`` (an explicit table, no
+autotuning; under ``TRITON_INTERPRET`` a small cheap config):
+
+* ``_linear_stream_kernel`` -- pointer loads, one program per
+  ``[BLOCK_M, BLOCK_N]`` output tile and K slice. For decode the tile is thin
+  in M and narrow in N so that hundreds of programs stream disjoint weight
+  rows at once; when N alone gives too few programs, K is split (``SPLIT_K``)
+  and each slice writes fp32 partial sums that ``_splitk_reduce_kernel`` adds
+  up (deterministic, no atomics). The same kernel is the fallback for
+  prefill shapes that tensor descriptors cannot take.
+* ``_linear_tma_kernel`` -- prefill: a persistent grid (one program per SM
+  walking output tiles in grouped order for L2 reuse) that loads tiles with
+  Hopper tensor descriptors (TMA). TMA needs 16-byte aligned base pointers
+  and row strides; a misaligned descriptor can give silently wrong results,
+  so the launcher checks and falls back to pointer loads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+@triton.jit
+def _linear_stream_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    # Rows past M / N wrap around (modulo) so loads need no M/N mask; their
+    # results are dropped by the masked store.
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    offs_k = tl.arange(0, BLOCK_K)
+    # This program's K slice, in whole BLOCK_K tiles.
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tiles_per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_tile_begin = pid_k * tiles_per_split
+    k_tile_end = tl.minimum(k_tile_begin + tiles_per_split, k_tiles)
+    k_begin = k_tile_begin * BLOCK_K
+    x_ptrs = (x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+              + (k_begin + offs_k)[None, :] * stride_xk)
+    w_ptrs = (w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+              + (k_begin + offs_k)[None, :] * stride_wk)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k_tile in range(k_tile_begin, k_tile_end):
+        if EVEN_K:
+            x = tl.load(x_ptrs)
+            w = tl.load(w_ptrs)
+        else:
+            k_mask = (k_tile * BLOCK_K + offs_k) < K
+            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    out_mask = (rows[:, None] < M) & (cols[None, :] < N)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        part_ptrs = part_ptr + (pid_k * M + rows.to(tl.int64))[:, None] * N + cols[None, :]
+        tl.store(part_ptrs, acc, mask=out_mask)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, M, N, stride_ym, stride_yn,
+                          HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """y[m, n] = sum_s part[s, m, n] (+ bias[n]), partials in fp32."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for split in range(SPLIT_K):
+        acc += tl.load(part_ptr + split * M * N + offs, mask=mask, other=0.0)
+    rows = offs // N
+    cols = offs % N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + rows * stride_ym + cols * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Tile id -> (pid_m, pid_n), GROUP_M row-tiles at a time so that
+    neighbouring programs share weight tiles in L2 (tutorial 03)."""
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = tile_id // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (tile_id % group_size_m)
+    pid_n = (tile_id % num_pid_in_group) // group_size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def _linear_tma_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Descriptors clip at the tensor edge: out-of-range loads read zeros and
+    # out-of-range stores are dropped, so no masks are needed.
+    x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K])
+    y_desc = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[stride_ym, 1],
+                                       block_shape=[BLOCK_M, BLOCK_N])
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_tiles = num_pid_m * num_pid_n
+    for tile_id in tl.range(tl.program_id(0), num_tiles, NUM_SMS, flatten=True):
+        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M
+        offs_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_tile in range(k_tiles):
+            x = x_desc.load([offs_m, k_tile * BLOCK_K])
+            w = w_desc.load([offs_n, k_tile * BLOCK_K])
+            acc = tl.dot(x, w.T, acc, input_precision=INPUT_PRECISION)
+        if HAS_BIAS:
+            cols = offs_n + tl.arange(0, BLOCK_N)
+            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        y_desc.store([offs_m, offs_n], acc.to(y_ptr.dtype.element_ty))
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """One launch recipe. ``kind`` is "stream" (pointer kernel, optional
+    split-K) or "tma" (persistent tensor-descriptor kernel)."""
+
+    kind: str
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int = 1
+    group_m: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_sms_of(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+# Decode table (16-bit dtypes): rows of M-bucket upper bound ->
+# (block_m, block_n, block_k, num_warps, num_stages). Narrow BLOCK_N gives many
+# programs, each streaming a disjoint slab of weight rows with several K tiles
+# in flight; split-K is added when N alone gives too few programs.
+_DECODE_TABLE: tuple[tuple[int, tuple[int, int, int, int, int]], ...] = (
+    (16, (16, 64, 128, 4, 4)),
+    (32, (32, 64, 128, 4, 4)),
+    (64, (64, 64, 128, 4, 4)),
+)
+# Prefill (16-bit dtypes, TMA): M-bucket lower bound -> (bm, bn, bk, group_m, warps, stages).
+_PREFILL_TABLE: tuple[tuple[int, tuple[int, int, int, int, int, int]], ...] = (
+    (65, (64, 128, 64, 8, 4, 4)),
+    (256, (128, 128, 64, 8, 8, 4)),
+    (1024, (128, 256, 64, 8, 8, 3)),
+)
+_TARGET_PROGRAMS_PER_SM = 2
+
+
+def _decode_split_k(num_n_tiles: int, k_tiles: int, num_sms: int) -> int:
+    """Smallest split of K that gives ~2 programs per SM, keeping >= 8 K tiles each."""
+    split_k = 1
+    while (num_n_tiles * split_k < _TARGET_PROGRAMS_PER_SM * num_sms
+           and k_tiles // (split_k * 2) >= 8 and split_k < 16):
+        split_k *= 2
+    return split_k
+
+
+def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+                 tma_ok: bool) -> GemmConfig:
+    """The explicit config table: per M bucket, dtype and device."""
+    if _interpreting() or device.type != "cuda":
+        return GemmConfig("stream", block_m=32, block_n=32, block_k=32)
+    if dtype == torch.float32:  # exact fp32 products: no tensor-core shapes to chase
+        if tma_ok and M > 64:
+            return GemmConfig("tma", 64, 64, 32, group_m=8, num_warps=4, num_stages=3)
+        return GemmConfig("stream", 16 if M <= 16 else 64, 64, 32, num_warps=4, num_stages=3)
+    if M <= 64:
+        for bound, (bm, bn, bk, warps, stages) in _DECODE_TABLE:
+            if M <= bound:
+                split_k = _decode_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), _num_sms_of(device))
+                return GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
+                                  num_stages=stages)
+    bm, bn, bk, group_m, warps, stages = _PREFILL_TABLE[0][1]
+    for bound, row in _PREFILL_TABLE:
+        if M >= bound:
+            bm, bn, bk, group_m, warps, stages = row
+    if tma_ok:
+        return GemmConfig("tma", bm, bn, bk, group_m=group_m, num_warps=warps, num_stages=stages)
+    return GemmConfig("stream", 128, 128, 64, num_warps=8, num_stages=3)
+
+
+def _tma_aligned(*tensors: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides and a unit last stride."""
+    for t in tensors:
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or (t.stride(0) * t.element_size()) % 16:
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() < 1:
+        raise ValueError("x must be a tensor of shape [*, K]")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [N, K], got shape {tuple(getattr(weight, 'shape', ()))}")
+    if weight.dtype not in _DTYPES:
+        raise ValueError(f"weight dtype {weight.dtype} not supported; expected bf16, fp16 or fp32")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"x dtype {x.dtype} differs from weight dtype {weight.dtype}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x last dim {x.shape[-1]} != weight in_features {weight.shape[1]}")
+    if x.device != weight.device:
+        raise ValueError(f"x is on {x.device} but weight is on {weight.device}")
+    if x.numel() == 0:
+        raise ValueError(f"x has no rows (shape {tuple(x.shape)}): empty batch")
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight has an empty dimension: {tuple(weight.shape)}")
+    if bias is not None:
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias shape {tuple(bias.shape)} != ({weight.shape[0]},)")
+        if bias.dtype != weight.dtype or bias.device != weight.device:
+            raise ValueError(f"bias must be {weight.dtype} on {weight.device}")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y[*, N] = x[*, K] @ weight[N, K]^T (+ bias)."""
+    _check_linear(x, weight, bias)
+    x2d = x.reshape(-1, x.shape[-1])
+    M, K = x2d.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    tma_ok = _tma_aligned(x2d, weight, y) and (bias is None or bias.stride(0) == 1)
+    config = _pick_config(M, N, K, x.dtype, x.device, tma_ok)
+    launch_linear(x2d, weight, bias, y, config)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def _set_tma_allocator(device: torch.device) -> None:
+    """Tensor descriptors built on the device need a small global scratch."""
+    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)
+    triton.set_allocator(alloc)
+
+
+def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                  y: torch.Tensor, config: GemmConfig) -> None:
+    """Run one config on 2-D x[M,K] into y[M,N] (benchmarks call this to sweep configs)."""
+    M, K = x.shape
+    N = weight.shape[0]
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    bias_arg = bias if bias is not None else y
+    if config.kind == "tma":
+        _set_tma_allocator(x.device)
+        num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
+        num_programs = min(_num_sms_of(x.device), num_tiles)
+        _linear_tma_kernel[(num_programs,)](
+            x, weight, bias_arg, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_K=config.block_k, GROUP_M=config.group_m, NUM_SMS=num_programs,
+            INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
+        return
+    split_k = max(1, min(config.split_k, triton.cdiv(K, config.block_k)))
+    part = (torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
+            if split_k > 1 else y)
+    grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m), split_k)
+    _linear_stream_kernel[grid](
+        x, weight, bias_arg, y, part, M, N, K,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
+    if split_k > 1:
+        block = 1024
+        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
+            part, bias_arg, y, M, N, y.stride(0), y.stride(1),
+            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block)
+
+
+def linear_reference(x: torch.Tensor, weight: torch.Tensor,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain PyTorch (``F.linear``: fp32 accumulation, one rounding at the end)."""
+    _check_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def flops_bytes(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16,
+                has_bias: bool = False) -> tuple[int, int]:
+    """(FLOPs, minimum bytes moved) of one linear."""
+    size = torch.empty((), dtype=dtype).element_size()
+    num_bytes = size * (M * K + N * K + M * N + (N if has_bias else 0))
+    return 2 * M * N * K, num_bytes
