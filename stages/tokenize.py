@@ -1,0 +1,265 @@
+"""Tokenize stage: turn a client's request into the token ids of each sequence to generate.
+
+Inbox ``TokenizeInbox`` (GenerateRequest | Abort); outboxes:
+
+* ``"out"`` -> multimodal: one ``TokenizedRequest`` per sequence, and the
+  ``Abort`` messages, passed through in order;
+* ``"errors"`` -> ingest: an ``ErrorOutput`` (HTTP 400) when the request is
+  empty, has no chat template, holds ids outside the vocabulary, or asks for
+  more tokens than the context length holds;
+* ``"detokenize"`` (optional) -> detokenize: a copy of each
+  ``TokenizedRequest`` so the detokenize stage learns the sequence's stop
+  strings and decoding options before its first token arrives.
+
+What it does, per request:
+
+1. **prompt -> ids.** Exactly one of ``text`` (encoded with the tokenizer's
+   special tokens, e.g. BOS), ``messages`` (rendered with the chat template
+   from the tokenizer config, ``add_generation_prompt`` and ``tools`` passed
+   through, then encoded without adding specials, since templates write their
+   own BOS) or ``input_ids`` (checked against the vocabulary).
+2. **length check.** ``prompt_tokens + max_new_tokens <= context_length``,
+   else a 400 that gives the three numbers.
+3. **n fan-out.** ``n > 1`` becomes ``n`` sequences ``f"{rid}.{i}"`` with
+   ``parent_rid=rid`` and ``index=i`` (a given seed becomes ``seed + i`` so the
+   samples differ yet stay reproducible); ``n == 1`` keeps ``rid``.
+
+Tokenization runs on a small thread pool, never on the caller's loop: a 100k
+token prompt takes tens of milliseconds to encode, and the front end's event
+loop keeps streaming other requests meanwhile. ``handle`` submits the work,
+``tick`` emits finished results (in completion order). An ``Abort`` for a
+request still being tokenized waits until that request has been emitted, so
+the schedule stage always sees a request before its abort.
+
+State owned: the tokenizer and the list of requests in flight in the pool.
+It never touches KV memory, sampling or detokenization.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from pipeline.config import ServerArgs
+from pipeline.messages import Abort, ChatMessage, ErrorOutput, GenerateRequest, TokenizedRequest
+from pipeline.stage import Stage
+
+logger = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """The request cannot be tokenized as given; ``param`` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The Hugging Face tokenizer of a local model directory (no hub access)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def model_vocab_size(model_path: str | Path) -> int:
+    """``vocab_size`` from the model's config.json (0 when absent): the embedding may be padded."""
+    config_path = Path(model_path) / "config.json"
+    if not config_path.is_file():
+        return 0
+    config = json.loads(config_path.read_text())
+    text_config = config.get("text_config", config)
+    return int(text_config.get("vocab_size", 0) or 0)
+
+
+# --------------------------------------------------------------------------- prompt -> ids
+
+
+def chat_message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Chat turns as the Jinja templates expect them: no None fields, tool arguments as dicts."""
+    turns = []
+    for message in messages:
+        turn = {k: v for k, v in msgspec.structs.asdict(message).items() if v is not None}
+        turn.setdefault("content", "")
+        if message.tool_calls:
+            turn["tool_calls"] = [_tool_call_dict(call) for call in message.tool_calls]
+        turns.append(turn)
+    return turns
+
+
+def _tool_call_dict(call: Any) -> dict[str, Any]:
+    try:
+        arguments: Any = json.loads(call.function.arguments)
+    except ValueError:
+        arguments = call.function.arguments
+    return {"id": call.id, "type": call.type, "function": {"name": call.function.name, "arguments": arguments}}
+
+
+def render_chat(tokenizer: Any, request: GenerateRequest) -> str:
+    """The chat template applied to the request's messages (raises RequestError on a template error)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError("this model has no chat template; use /v1/completions with a plain prompt",
+                           "messages")
+    try:
+        return tokenizer.apply_chat_template(
+            chat_message_dicts(request.messages or []), tools=request.tools, tokenize=False,
+            add_generation_prompt=request.add_generation_prompt, **request.chat_template_kwargs)
+    except Exception as error:  # jinja raise_exception(...) in templates, bad kwargs
+        raise RequestError(f"chat template failed: {error}", "messages") from error
+
+
+def prompt_ids(tokenizer: Any, request: GenerateRequest, vocab_size: int) -> list[int]:
+    """Token ids of the request's prompt; exactly one of text / messages / input_ids must be set."""
+    given = [name for name in ("text", "messages", "input_ids") if getattr(request, name) is not None]
+    if len(given) != 1:
+        raise RequestError(f"exactly one of text, messages, input_ids must be given (got {given or 'none'})")
+    if request.text is not None:
+        if not request.text:
+            raise RequestError("prompt must not be empty", "prompt")
+        return tokenizer.encode(request.text, add_special_tokens=True)
+    if request.messages is not None:
+        if not request.messages:
+            raise RequestError("messages must not be empty", "messages")
+        return tokenizer.encode(render_chat(tokenizer, request), add_special_tokens=False)
+    return checked_input_ids(request.input_ids or [], vocab_size)
+
+
+def checked_input_ids(input_ids: list[int], vocab_size: int) -> list[int]:
+    if not input_ids:
+        raise RequestError("input_ids must not be empty", "input_ids")
+    for position, token_id in enumerate(input_ids):
+        if not 0 <= token_id < vocab_size:
+            raise RequestError(f"input_ids[{position}]={token_id} is outside the vocabulary [0, {vocab_size})",
+                               "input_ids")
+    return list(input_ids)
+
+
+def check_length(num_prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
+    """Prompt plus the tokens to generate must fit in the context window."""
+    if num_prompt_tokens >= context_length:
+        raise RequestError(f"the prompt has {num_prompt_tokens} tokens, which is not less than the model's "
+                           f"context length of {context_length} tokens", "messages_or_prompt")
+    if num_prompt_tokens + max_new_tokens > context_length:
+        raise RequestError(f"requested {num_prompt_tokens} prompt tokens + {max_new_tokens} max_tokens = "
+                           f"{num_prompt_tokens + max_new_tokens} tokens, more than the model's context length "
+                           f"of {context_length} tokens; shorten the prompt or lower max_tokens", "max_tokens")
+
+
+def fan_out(request: GenerateRequest, input_ids: list[int]) -> list[TokenizedRequest]:
+    """One TokenizedRequest per sample: rid itself when n == 1, f"{rid}.{i}" otherwise."""
+    n = request.sampling.n
+    sequences = []
+    for index in range(n):
+        seed = request.sampling.seed
+        sampling = msgspec.structs.replace(request.sampling, n=1,
+                                           seed=None if seed is None else seed + index)
+        sequences.append(TokenizedRequest(
+            rid=request.rid if n == 1 else f"{request.rid}.{index}", parent_rid=request.rid, index=index,
+            input_ids=input_ids, sampling=sampling, stream=request.stream,
+            arrival_time_s=request.arrival_time_s))
+    return sequences
+
+
+def tokenize_request(tokenizer: Any, request: GenerateRequest, context_length: int,
+                     vocab_size: int) -> list[TokenizedRequest]:
+    """The whole job for one request (pure; runs on a worker thread). Raises RequestError."""
+    input_ids = prompt_ids(tokenizer, request, vocab_size)
+    check_length(len(input_ids), request.sampling.max_new_tokens, context_length)
+    return fan_out(request, input_ids)
+
+
+# --------------------------------------------------------------------------- the stage
+
+
+class TokenizeStage(Stage):
+    """GenerateRequest -> TokenizedRequest(s) on a worker pool; Abort passes through in order."""
+
+    def __init__(self, args: ServerArgs, inbox: Any, outboxes: dict[str, Any], tokenizer: Any = None,
+                 num_workers: int = 2) -> None:
+        super().__init__("tokenize", inbox, outboxes)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
+            args.tokenizer_path or args.model_path)
+        self.context_length = args.context_length
+        self.vocab_size = max(len(self.tokenizer), model_vocab_size(args.model_path))
+        # num_workers == 0 tokenizes inline (deterministic stepping in the harness).
+        self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="tokenize") if num_workers else None
+        self.in_flight: list[tuple[GenerateRequest, Future]] = []
+        self.held_aborts: list[Abort] = []
+
+    def handle(self, message: GenerateRequest | Abort) -> None:
+        match message:
+            case GenerateRequest():
+                self._submit(message)
+            case Abort():
+                if self._is_in_flight(message.rid):
+                    self.held_aborts.append(message)
+                else:
+                    self.emit("out", message)
+            case _:
+                raise TypeError(f"tokenize stage got an unexpected {type(message).__name__}")
+
+    def _submit(self, request: GenerateRequest) -> None:
+        args = (self.tokenizer, request, self.context_length, self.vocab_size)
+        if self.pool is None:
+            future: Future = Future()
+            try:
+                future.set_result(tokenize_request(*args))
+            except Exception as error:
+                future.set_exception(error)
+        else:
+            future = self.pool.submit(tokenize_request, *args)
+        self.in_flight.append((request, future))
+
+    def _is_in_flight(self, rid: str) -> bool:
+        return any(rid == request.rid or rid.startswith(request.rid + ".") for request, _ in self.in_flight)
+
+    def tick(self) -> None:
+        """Emit every finished tokenization, then the aborts no longer waiting on one."""
+        if self.in_flight:
+            still_running = []
+            for request, future in self.in_flight:
+                if future.done():
+                    self._emit_result(request, future)
+                else:
+                    still_running.append((request, future))
+            self.in_flight = still_running
+        if self.held_aborts:
+            held, self.held_aborts = self.held_aborts, []
+            for abort in held:
+                self.handle(abort)
+
+    def _emit_result(self, request: GenerateRequest, future: Future) -> None:
+        try:
+            sequences = future.result()
+        except RequestError as error:
+            self.emit("errors", ErrorOutput(rid=request.rid, status_code=400, message=error.message,
+                                            param=error.param))
+            return
+        except Exception as error:  # a tokenizer bug must still answer the client
+            logger.exception("tokenizing request %s failed", request.rid)
+            self.emit("errors", ErrorOutput(rid=request.rid, status_code=500, error_type="internal_error",
+                                            message=f"tokenization failed: {error}"))
+            return
+        for sequence in sequences:
+            if "detokenize" in self.outboxes:
+                self.emit("detokenize", sequence)
+            self.emit("out", sequence)
+
+    def has_work(self) -> bool:
+        return bool(self.in_flight or self.held_aborts)
+
+    def wait_for_work(self, timeout_s: float) -> None:
+        """Block until some tokenization finishes (for a loop with nothing else to do)."""
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        if self.in_flight:
+            wait([future for _, future in self.in_flight], timeout=timeout_s, return_when=FIRST_COMPLETED)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
