@@ -1,0 +1,188 @@
+"""Stage: one door in, named doors out, and a ``step()`` that moves messages through.
+
+A stage owns its state and nothing else. It reads messages from one inbox
+channel and writes to named outbox channels; it never holds a reference to
+another stage (``pipeline/placement.py`` wires the channels). A subclass
+writes two methods:
+
+* ``handle(message)``: one inbox message, dispatched with an exhaustive
+  ``match`` on the inbox union; results go out with ``emit(outbox, message)``.
+* ``tick()`` (optional): work after the inbox is handled, e.g. the scheduler
+  forming the next batch. ``has_work()`` says whether more ticks are needed
+  without new messages (e.g. requests still running).
+
+``step()`` is the heartbeat: drain up to ``max_messages`` from the inbox
+without blocking, handle each, tick once; the time spent is counted in
+``counters.busy_s``. A process loop steps its stages in pipeline order; a
+stage that needs its own thread (an asyncio HTTP server, a blocking compiler)
+is ``start()``-ed instead and runs ``run()`` until ``stop()``.
+
+Backpressure: ``emit`` on a cross-thread or cross-process outbox blocks while
+it is full. An in-thread outbox cannot be emptied while this thread waits, so
+``step`` does not drain the inbox while any in-thread outbox is full (its
+consumer steps next in the same loop); size in-thread capacities for one
+step's fan-out. A message rejected at a process border is logged and counted
+in ``counters.messages_rejected``; the stage keeps running.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+from pipeline.channel import Channel, MessageRejected
+
+logger = logging.getLogger(__name__)
+
+IDLE_WAIT_S = 0.05  # a threaded stage with nothing to do re-checks stop this often
+
+
+@dataclasses.dataclass
+class StageCounters:
+    """What a stage has done so far (read by metrics and EngineStats)."""
+
+    messages_in: int = 0
+    messages_out: int = 0
+    busy_s: float = 0.0
+    messages_rejected: int = 0
+    steps: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: float(v) for k, v in dataclasses.asdict(self).items()}
+
+
+class Stage:
+    """Base class of the eight stages (see the module docstring)."""
+
+    def __init__(self, name: str, inbox: Channel | None, outboxes: dict[str, Channel]) -> None:
+        self.name = name
+        self.inbox = inbox
+        self.outboxes: dict[str, Channel] = dict(outboxes)
+        self.counters = StageCounters()
+        self.failure: BaseException | None = None  # what ended run(), if it raised
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self._waker = threading.Event()
+
+    # -- what a subclass writes -----------------------------------------------
+    def handle(self, message: Any) -> None:
+        """Handle one inbox message (subclass; exhaustive match on the inbox type)."""
+        raise NotImplementedError(f"{type(self).__name__} must implement handle()")
+
+    def tick(self) -> None:
+        """Work after the inbox is handled this step (subclass, optional)."""
+
+    def has_work(self) -> bool:
+        """True while stepping would make progress; subclasses add their own pending work."""
+        return self.inbox is not None and len(self.inbox) > 0
+
+    def close(self) -> None:
+        """Release resources (subclass, optional); called once the stage has stopped."""
+
+    # -- what the base provides -----------------------------------------------
+    def emit(self, outbox: str, message: Any) -> None:
+        """Put ``message`` on the named outbox (blocks while a cross-thread/process one is full)."""
+        try:
+            channel = self.outboxes[outbox]
+        except KeyError:
+            raise KeyError(f"stage {self.name!r} has no outbox {outbox!r} "
+                           f"(it has {sorted(self.outboxes)})") from None
+        channel.put(message)
+        self.counters.messages_out += 1
+
+    def step(self, max_messages: int = 256) -> int:
+        """Drain up to ``max_messages`` from the inbox, handle each, tick; returns how many."""
+        start_s = time.perf_counter()
+        batch = self._take_inbox(max_messages)
+        for message in batch:
+            self.handle(message)
+        self.counters.messages_in += len(batch)
+        self.tick()
+        self.counters.steps += 1
+        self.counters.busy_s += time.perf_counter() - start_s
+        return len(batch)
+
+    def _take_inbox(self, max_messages: int) -> list[Any]:
+        if self.inbox is None or not self._outboxes_have_room():
+            return []
+        try:
+            return self.inbox.drain(max_messages)
+        except MessageRejected as exc:
+            self.counters.messages_rejected += 1
+            logger.error("stage %s dropped a malformed message: %s", self.name, exc)
+            return []
+
+    def _outboxes_have_room(self) -> bool:
+        for channel in self.outboxes.values():
+            if channel.transport == "in-thread" and len(channel) >= channel.capacity:
+                return False
+        return True
+
+    # -- running on its own thread ---------------------------------------------
+    def start(self) -> None:
+        """Run ``run()`` on a daemon thread named after the stage."""
+        if self._thread is not None:
+            raise RuntimeError(f"stage {self.name!r} is already started")
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run_guarded, name=f"stage-{self.name}", daemon=True)
+        self._thread.start()
+
+    def run(self) -> None:
+        """Thread body: step until stopped (or the inbox is closed) and idle.
+
+        Sleeps on the inbox when there is nothing to do, so an idle stage does
+        not spin. Override for a stage with its own event loop; it must return
+        once ``stopping`` is true and its work is done.
+        """
+        if self.inbox is not None:
+            self.inbox.attach_waker(self._waker)
+        while True:
+            self._waker.clear()
+            self.step()
+            if self.has_work():
+                continue
+            if self.stopping or (self.inbox is not None and self.inbox.closed and len(self.inbox) == 0):
+                return
+            self._waker.wait(IDLE_WAIT_S)
+
+    @property
+    def stopping(self) -> bool:
+        """True once ``stop()`` was asked for: finish the work in hand, then return from run()."""
+        return self._stopping.is_set()
+
+    def _run_guarded(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:  # kept for stop() to re-raise; the thread must not die silently
+            self.failure = exc
+            logger.exception("stage %s failed", self.name)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Wait until this (threaded) stage has no work left; False if the timeout ran out."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.has_work() and self.failure is None:
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.001)
+        return True
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the work in hand, end the thread, re-raise what ended it if it failed."""
+        self._stopping.set()
+        self._waker.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"stage {self.name!r} did not stop within {timeout} s")
+            self._thread = None
+        if self.failure is not None:
+            raise RuntimeError(f"stage {self.name!r} failed") from self.failure
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} in={self.counters.messages_in} out={self.counters.messages_out}>"
