@@ -1,0 +1,418 @@
+"""Kernel benchmark: every Triton op beside its anchor, on the shapes of real models.
+
+Usage (GPU only)::
+
+    python perf/bench_kernels.py [--only gemm,norm,...] [--quick] [--sweep-gemm]
+
+Prints the device and torch/triton versions, measures the device-to-device
+copy bandwidth (bytes read + written), then one table:
+
+    kernel | shape | ours (us) | anchor (us) | ratio | TFLOP/s | % of copy bandwidth
+
+``ratio`` is anchor time / our time (> 1: we are faster). The anchor is cuBLAS
+(``F.linear``) for gemm and the plain-PyTorch path for the memory-bound ops,
+whose real yardstick is the last column (bytes moved at least once over the
+measured copy bandwidth). Times are medians of ``triton.testing.do_bench``,
+which flushes L2 before every call; inputs smaller than twice L2 are also
+rotated over several copies. Results go to
+``perf/results/kernels-<device>.json`` (and ``$OUT`` when set).
+
+Shapes come from Llama-3.1-8B-Instruct and Qwen3-8B (config.json values
+copied below; checked against ``--models-dir`` when it exists).
+``--sweep-gemm`` also times candidate gemm configs per shape and bucket: the
+data behind the explicit table in ``triton_kernels/gemm.py``.
+
+Structure: a family is a function returning a list of ``Case``; FAMILIES maps
+names to them; one printer and one JSON writer serve all families.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# config.json fields that set the kernel shapes (bf16 checkpoints).
+MODELS: dict[str, dict[str, int]] = {
+    "Llama-3.1-8B-Instruct": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                  num_key_value_heads=8, head_dim=128, vocab_size=128256),
+    "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936),
+}
+GEMM_MS = (1, 4, 16, 64, 256, 1024, 4096)
+QUICK_GEMM_MS = (1, 16, 64, 1024, 4096)
+DTYPE = torch.bfloat16
+
+
+@dataclasses.dataclass
+class Case:
+    """One row of the table: our op and its anchor on the same inputs."""
+
+    family: str
+    kernel: str
+    shape: str
+    ours: Callable[[], object]
+    anchor: Callable[[], object] | None
+    anchor_name: str
+    bytes_moved: int = 0        # minimum bytes (each input read once, output written once)
+    flops: int = 0
+
+
+@dataclasses.dataclass
+class Ctx:
+    """What case builders need: device facts and run options."""
+
+    device: torch.device
+    l2_bytes: int
+    quick: bool
+
+
+def rotating(ctx: Ctx, make_inputs: Callable[[], tuple], set_bytes: int) -> Callable[[], tuple]:
+    """Return a function that hands out input sets round-robin: enough copies
+    that consecutive calls never find their inputs in L2."""
+    num_sets = max(1, min(8, -(-2 * ctx.l2_bytes // max(set_bytes, 1))))
+    sets = [make_inputs() for _ in range(num_sets)]
+    counter = [0]
+
+    def next_set() -> tuple:
+        counter[0] += 1
+        return sets[counter[0] % num_sets]
+    return next_set
+
+
+def model_dims(models_dir: Path) -> dict[str, dict[str, int]]:
+    """The table above, checked against the real config.json files when present."""
+    for name, dims in MODELS.items():
+        path = models_dir / name / "config.json"
+        if path.exists():
+            config = json.loads(path.read_text())
+            for key, value in dims.items():
+                found = config.get(key, config["hidden_size"] // config["num_attention_heads"]
+                                   if key == "head_dim" else None)
+                if found != value:
+                    raise SystemExit(f"{path}: {key}={found}, bench table says {value}")
+    return MODELS
+
+
+# ----------------------------------------------------------------------------- gemm
+
+
+def gemm_shapes() -> list[tuple[str, int, int]]:
+    """(name, N, K) of every projection, Llama first; Qwen3 adds its MLP and lm_head."""
+    shapes = []
+    for model, d in MODELS.items():
+        tag = "llama" if model.startswith("Llama") else "qwen3"
+        q_kv = (d["num_attention_heads"] + 2 * d["num_key_value_heads"]) * d["head_dim"]
+        rows = [("qkv", q_kv, d["hidden_size"]), ("o", d["hidden_size"], d["num_attention_heads"] * d["head_dim"]),
+                ("gate_up", 2 * d["intermediate_size"], d["hidden_size"]),
+                ("down", d["hidden_size"], d["intermediate_size"]),
+                ("lm_head", d["vocab_size"], d["hidden_size"])]
+        for name, N, K in rows:
+            if (N, K) not in [(n, k) for _, n, k in shapes]:
+                shapes.append((f"{tag}.{name}", N, K))
+    return shapes
+
+
+def gemm_cases(ctx: Ctx) -> list[Case]:
+    from triton_kernels import gemm
+
+    cases = []
+    for name, N, K in gemm_shapes():
+        for M in (QUICK_GEMM_MS if ctx.quick else GEMM_MS):
+            flops, num_bytes = gemm.flops_bytes(M, N, K, DTYPE)
+            make = lambda M=M, N=N, K=K: (torch.randn(M, K, device=ctx.device, dtype=DTYPE),
+                                          torch.randn(N, K, device=ctx.device, dtype=DTYPE) / K ** 0.5)
+            inputs = rotating(ctx, make, num_bytes)
+            cases.append(Case("gemm", f"linear {name}", f"M={M} N={N} K={K}",
+                              ours=lambda f=inputs: gemm.linear(*f()),
+                              anchor=lambda f=inputs: torch.nn.functional.linear(*f()),
+                              anchor_name="cuBLAS", bytes_moved=num_bytes, flops=flops))
+    return cases
+
+
+def gemm_sweep_configs(M: int) -> list:
+    from triton_kernels.gemm import GemmConfig
+
+    if M <= 64:
+        bm = max(16, 1 << (M - 1).bit_length())
+        out = [GemmConfig("stream", bm, bn, bk, split, num_warps=4, num_stages=4)
+               for bn in (16, 32, 64) for bk in (128, 256) for split in (1, 2, 4)]
+        out += [GemmConfig("stream", bm, 32, 256, 1, num_warps=4, num_stages=s) for s in (3, 6)]
+        out += [GemmConfig("stream", bm, 64, 128, 1, num_warps=w, num_stages=5) for w in (2, 8)]
+        return out
+    tma = [(128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
+           (64, 128, 64, 4, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]
+    out = [GemmConfig("tma", bm, bn, bk, group_m=8, num_warps=w, num_stages=s) for bm, bn, bk, w, s in tma]
+    out.append(GemmConfig("stream", 128, 128, 64, num_warps=8, num_stages=3))
+    return out
+
+
+def gemm_sweep(ctx: Ctx) -> list[dict]:
+    """Time candidate configs per (shape, M); print the best of each."""
+    import triton.testing
+    from triton_kernels import gemm
+
+    results = []
+    for name, N, K in gemm_shapes():
+        for M in (1, 16, 64, 1024, 4096):
+            x = torch.randn(M, K, device=ctx.device, dtype=DTYPE)
+            w = torch.randn(N, K, device=ctx.device, dtype=DTYPE) / K ** 0.5
+            y = torch.empty(M, N, device=ctx.device, dtype=DTYPE)
+            expect = torch.nn.functional.linear(x, w)
+            cublas_us = 1e3 * triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w),
+                                                      warmup=10, rep=40, return_mode="median")
+            timings = []
+            for config in gemm_sweep_configs(M):
+                try:
+                    gemm.launch_linear(x, w, None, y, config)
+                    err = ((y.float() - expect.float()).norm() / expect.float().norm()).item()
+                    if not err < 2e-2:
+                        raise RuntimeError(f"wrong result (rel err {err:.2e})")
+                    us = 1e3 * triton.testing.do_bench(lambda c=config: gemm.launch_linear(x, w, None, y, c),
+                                                       warmup=10, rep=40, return_mode="median")
+                except Exception as exc:  # a config the chip cannot take: report, keep sweeping
+                    print(f"  sweep {name} M={M} {config}: {type(exc).__name__}: {str(exc)[:120]}")
+                    continue
+                timings.append((us, config))
+            timings.sort(key=lambda t: t[0])
+            best_us, best = timings[0]
+            print(f"sweep {name:16s} M={M:5d} cuBLAS {cublas_us:9.1f} us  best {best_us:9.1f} us "
+                  f"({cublas_us / best_us:4.2f}x) {best}")
+            results.append(dict(shape=name, M=M, N=N, K=K, cublas_us=cublas_us,
+                                top=[dict(us=us, config=dataclasses.asdict(c)) for us, c in timings[:4]]))
+            del x, w, y, expect
+    return results
+
+
+# ----------------------------------------------------------------------------- memory-bound families
+
+
+def norm_cases(ctx: Ctx) -> list[Case]:
+    from triton_kernels import norm
+
+    cases = []
+    H = MODELS["Llama-3.1-8B-Instruct"]["hidden_size"]
+    w = torch.randn(H, device=ctx.device, dtype=DTYPE)
+    for M in ((1, 4096) if ctx.quick else (1, 256, 4096, 16384)):
+        _, nb = norm.flops_bytes(M, H, DTYPE)
+        xs = rotating(ctx, lambda: (torch.randn(M, H, device=ctx.device, dtype=DTYPE),), nb)
+        cases.append(Case("norm", "rms_norm", f"M={M} H={H}",
+                          lambda s=xs: norm.rms_norm(s()[0], w, 1e-5),
+                          lambda s=xs: norm.rms_norm_reference(s()[0], w, 1e-5), "torch", nb))
+        _, nb2 = norm.flops_bytes(M, H, DTYPE, fused_add=True)
+        pairs = rotating(ctx, lambda: (torch.randn(M, H, device=ctx.device, dtype=DTYPE),
+                                       torch.randn(M, H, device=ctx.device, dtype=DTYPE)), nb2)
+        cases.append(Case("norm", "fused_add_rms_norm", f"M={M} H={H}",
+                          lambda s=pairs: norm.fused_add_rms_norm(*s(), w, 1e-5),
+                          lambda s=pairs: norm.fused_add_rms_norm_reference(*s(), w, 1e-5), "torch", nb2))
+        d = MODELS["Qwen3-8B"]
+        heads, D = d["num_attention_heads"], d["head_dim"]
+        wd = torch.randn(D, device=ctx.device, dtype=DTYPE)
+        _, nb3 = norm.flops_bytes(M * heads, D, DTYPE)
+        qs = rotating(ctx, lambda: (torch.randn(M, heads, D, device=ctx.device, dtype=DTYPE),), nb3)
+        cases.append(Case("norm", "head_rms_norm", f"T={M} heads={heads} D={D}",
+                          lambda s=qs, wd=wd: norm.head_rms_norm(s()[0], wd, 1e-6),
+                          lambda s=qs, wd=wd: norm.head_rms_norm_reference(s()[0], wd, 1e-6), "torch", nb3))
+    return cases
+
+
+def rotary_cases(ctx: Ctx) -> list[Case]:
+    from triton_kernels import rotary
+
+    d = MODELS["Llama-3.1-8B-Instruct"]
+    hq, hk, D = d["num_attention_heads"], d["num_key_value_heads"], d["head_dim"]
+    cache = rotary.build_cos_sin_cache(D, 131072, 500000.0, {"rope_type": "llama3", "factor": 8.0,
+                                       "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                       "original_max_position_embeddings": 8192}, torch.float32, ctx.device)
+    cases = []
+    for T in ((1, 4096) if ctx.quick else (1, 256, 4096, 16384)):
+        _, nb = rotary.flops_bytes(T, hq, hk, D, DTYPE)
+
+        def make(T=T):
+            qkv = torch.randn(T, (hq + 2 * hk) * D, device=ctx.device, dtype=DTYPE)
+            pos = torch.randint(0, 131072, (T,), device=ctx.device)
+            return qkv[:, : hq * D].view(T, hq, D), qkv[:, hq * D: (hq + hk) * D].view(T, hk, D), pos
+        sets = rotating(ctx, make, nb)
+        cases.append(Case("rotary", "apply_rotary neox", f"T={T} Hq={hq} Hk={hk} D={D}",
+                          lambda s=sets: rotary.apply_rotary(*s(), cache, True),
+                          lambda s=sets: rotary.apply_rotary_reference(*s(), cache, True), "torch", nb))
+    return cases
+
+
+def activation_cases(ctx: Ctx) -> list[Case]:
+    from triton_kernels import activation
+
+    inter = MODELS["Llama-3.1-8B-Instruct"]["intermediate_size"]
+    cases = []
+    for M in ((1, 4096) if ctx.quick else (1, 256, 4096, 16384)):
+        _, nb = activation.flops_bytes(M, inter, DTYPE)
+        xs = rotating(ctx, lambda M=M: (torch.randn(M, 2 * inter, device=ctx.device, dtype=DTYPE),), nb)
+
+        def torch_silu(s=xs):
+            gate, up = s()[0].chunk(2, dim=-1)
+            return torch.nn.functional.silu(gate) * up
+        cases.append(Case("activation", "silu_and_mul", f"M={M} I={inter}",
+                          lambda s=xs: activation.silu_and_mul(s()[0]), torch_silu, "torch", nb))
+        if not ctx.quick:
+            cases.append(Case("activation", "gelu_and_mul tanh", f"M={M} I={inter}",
+                              lambda s=xs: activation.gelu_and_mul(s()[0], "tanh"),
+                              lambda s=xs: activation.gelu_and_mul_reference(s()[0], "tanh"), "torch", nb))
+    return cases
+
+
+def embedding_cases(ctx: Ctx) -> list[Case]:
+    from triton_kernels import embedding
+
+    d = MODELS["Llama-3.1-8B-Instruct"]
+    w = torch.randn(d["vocab_size"], d["hidden_size"], device=ctx.device, dtype=DTYPE)
+    cases = []
+    for T in ((1, 4096) if ctx.quick else (1, 256, 4096, 16384)):
+        _, nb = embedding.flops_bytes(T, d["hidden_size"], DTYPE)
+        ids = rotating(ctx, lambda T=T: (torch.randint(0, d["vocab_size"], (T,), device=ctx.device),), nb)
+        cases.append(Case("embedding", "embedding", f"T={T} V={d['vocab_size']} H={d['hidden_size']}",
+                          lambda s=ids: embedding.embedding(s()[0], w),
+                          lambda s=ids: torch.nn.functional.embedding(s()[0], w), "torch", nb))
+    return cases
+
+
+def kv_cache_cases(ctx: Ctx) -> list[Case]:
+    from triton_kernels import kv_cache
+
+    d = MODELS["Llama-3.1-8B-Instruct"]
+    hk, D, num_slots = d["num_key_value_heads"], d["head_dim"], 65536
+    k_cache = torch.zeros(num_slots, hk, D, device=ctx.device, dtype=DTYPE)
+    v_cache = torch.zeros_like(k_cache)
+    cases = []
+    for T in ((1, 4096) if ctx.quick else (1, 256, 4096, 16384)):
+        _, nb = kv_cache.flops_bytes(T, hk, D, DTYPE)
+        sets = rotating(ctx, lambda T=T: (torch.randn(T, hk, D, device=ctx.device, dtype=DTYPE),
+                                          torch.randn(T, hk, D, device=ctx.device, dtype=DTYPE),
+                                          torch.randperm(num_slots, device=ctx.device)[:T]), nb)
+        cases.append(Case("kv_cache", "store_kv", f"T={T} Hk={hk} D={D}",
+                          lambda s=sets: kv_cache.store_kv(k_cache, v_cache, *s()),
+                          lambda s=sets: kv_cache.store_kv_reference(k_cache, v_cache, *s()), "torch", nb))
+    return cases
+
+
+FAMILIES: dict[str, Callable[[Ctx], list[Case]]] = {
+    "gemm": gemm_cases,
+    "norm": norm_cases,
+    "rotary": rotary_cases,
+    "activation": activation_cases,
+    "embedding": embedding_cases,
+    "kv_cache": kv_cache_cases,
+}
+
+# ============================================================================
+# Families of the attention, moe and sampling kernels register below this line
+# (each a `def <family>_cases(ctx: Ctx) -> list[Case]` plus a FAMILIES entry).
+# ============================================================================
+
+# ============================================================================
+# End of the attention / moe / sampling section.
+# ============================================================================
+
+
+# ----------------------------------------------------------------------------- timing, table, JSON
+
+
+def median_us(fn: Callable[[], object], quick: bool) -> float:
+    import triton.testing
+
+    return 1e3 * triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
+                                         return_mode="median")
+
+
+def copy_bandwidth_gbps(device: torch.device) -> float:
+    """Device-to-device copy of 1 GiB: (bytes read + bytes written) / time."""
+    src = torch.randn(256 * 1024 * 1024, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    us = median_us(lambda: dst.copy_(src), quick=False)
+    return 2 * src.numel() * 4 / (us * 1e-6) / 1e9
+
+
+def measure(case: Case, copy_gbps: float, quick: bool) -> dict:
+    ours_us = median_us(case.ours, quick)
+    anchor_us = median_us(case.anchor, quick) if case.anchor is not None else None
+    row = dict(family=case.family, kernel=case.kernel, shape=case.shape, ours_us=ours_us,
+               anchor=case.anchor_name, anchor_us=anchor_us,
+               ratio=(anchor_us / ours_us) if anchor_us else None,
+               tflops=case.flops / (ours_us * 1e-6) / 1e12 if case.flops else None,
+               pct_copy_bw=None)
+    if case.bytes_moved:
+        row["pct_copy_bw"] = 100 * case.bytes_moved / (ours_us * 1e-6) / 1e9 / copy_gbps
+    return row
+
+
+def print_table(rows: list[dict]) -> None:
+    header = f"{'kernel':26s} {'shape':34s} {'ours us':>9s} {'anchor us':>10s} {'ratio':>6s} {'TFLOP/s':>8s} {'%copyBW':>8s}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        fmt = lambda v, spec: format(v, spec) if v is not None else "-"
+        print(f"{r['kernel']:26s} {r['shape']:34s} {fmt(r['ours_us'], '9.1f'):>9s} "
+              f"{fmt(r['anchor_us'], '10.1f'):>10s} {fmt(r['ratio'], '6.2f'):>6s} "
+              f"{fmt(r['tflops'], '8.1f'):>8s} {fmt(r['pct_copy_bw'], '8.1f'):>8s}")
+
+
+def write_json(report: dict, device_name: str) -> list[Path]:
+    slug = "".join(c if c.isalnum() else "-" for c in device_name).strip("-").lower()
+    paths = [Path(__file__).resolve().parent / "results" / f"kernels-{slug}.json"]
+    if os.environ.get("OUT"):
+        paths.append(Path(os.environ["OUT"]) / f"kernels-{slug}.json")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=1))
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="", help="comma-separated families: " + ",".join(FAMILIES))
+    parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
+    parser.add_argument("--sweep-gemm", action="store_true", help="also time candidate gemm configs")
+    parser.add_argument("--models-dir", type=Path, default=Path("/work/shared/models"))
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py needs a CUDA GPU: the timings mean nothing under the "
+                         "Triton interpreter (run the tests on CPU instead)")
+    families = [f for f in args.only.split(",") if f] or list(FAMILIES)
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        raise SystemExit(f"unknown families {unknown}; choose from {list(FAMILIES)}")
+    model_dims(args.models_dir)
+    import triton
+
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    torch.manual_seed(0)
+    print(f"device {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+          f"triton {triton.__version__}")
+    copy_gbps = copy_bandwidth_gbps(device)
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
+    ctx = Ctx(device=device, l2_bytes=getattr(props, "L2_cache_size", 50 * 2 ** 20), quick=args.quick)
+    report = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
+                  copy_gbps=copy_gbps, dtype=str(DTYPE), time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  rows=[], sweep=[])
+    for family in families:
+        for case in FAMILIES[family](ctx):
+            report["rows"].append(measure(case, copy_gbps, args.quick))
+        torch.cuda.empty_cache()
+    if args.sweep_gemm:
+        report["sweep"] = gemm_sweep(ctx)
+    print_table(report["rows"])
+    for path in write_json(report, props.name):
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
