@@ -1,0 +1,55 @@
+"""Model architectures, their configs and the weight loader.
+
+Public entry point::
+
+    model, config = models.load_model(model_path, ops, dtype, device, load_format="auto")
+    logits = model.forward(input_ids, positions, attn_meta, kv_cache)   # [B, vocab] fp32
+
+``model.num_layers``, ``num_kv_heads``, ``head_dim`` and ``dtype`` size the KV
+pool (``models.batch.KVCache.allocate``). Errors are ``ModelLoadError``
+subclasses (``models.errors``). Imports are lazy: ``import models.batch``
+stays cheap for stages that never build a model.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from models.errors import (
+    MissingWeightsError,
+    ModelConfigError,
+    ModelLoadError,
+    ModelNotFoundError,
+    UnexpectedWeightsError,
+    UnsupportedArchitectureError,
+    WeightShapeError,
+)
+
+if TYPE_CHECKING:
+    import torch
+
+    from models.config import ModelConfig
+    from triton_kernels import KernelOps
+
+__all__ = [
+    "load_model", "load_config", "supported_architectures",
+    "ModelLoadError", "ModelNotFoundError", "ModelConfigError", "UnsupportedArchitectureError",
+    "MissingWeightsError", "UnexpectedWeightsError", "WeightShapeError",
+]
+
+
+def load_model(model_path: Any, ops: "KernelOps", dtype: "torch.dtype | str", device: Any,
+               load_format: str = "auto", seed: int = 0) -> "tuple[torch.nn.Module, ModelConfig]":
+    """Build and fill the model of a local HF directory (see ``models.loader``)."""
+    from models.loader import load_model as _load_model
+    return _load_model(model_path, ops, dtype, device, load_format=load_format, seed=seed)
+
+
+def load_config(model_path: Any) -> "ModelConfig":
+    """config.json (+ generation_config.json) of a local HF directory, resolved."""
+    from models.config import load_config as _load_config
+    return _load_config(model_path)
+
+
+def supported_architectures() -> list[str]:
+    from models.registry import supported_architectures as _supported
+    return _supported()

@@ -1,0 +1,132 @@
+"""Building blocks shared by every architecture, each a thin wrapper over KernelOps.
+
+A module here owns its weights (``nn.Parameter``, no gradients) under Hugging
+Face names, with projections fused the way the kernels want them:
+
+* ``qkv_proj``: q, k and v rows stacked, ``[(Hq + 2*Hk) * D, hidden]``;
+* ``gate_up_proj``: gate rows over up rows, ``[2 * I, hidden]``, so that
+  ``silu_and_mul`` reads ``silu(x[:, :I]) * x[:, I:]``;
+
+and its ``forward`` calls only ops of the ``KernelOps`` table it was built with.
+Shapes: T new tokens in the batch, H hidden size, Hq / Hk query / kv heads,
+D head dim. Activations keep the model dtype; only the final logits are fp32.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.batch import AttentionMetadata
+from models.config import ModelConfig
+from triton_kernels import KernelOps
+
+
+def weight(*shape: int, dtype: torch.dtype, device: torch.device | str,
+           zeros: bool = False) -> nn.Parameter:
+    """An uninitialised (or zeroed) inference-only parameter; the loader fills it."""
+    make = torch.zeros if zeros else torch.empty
+    return nn.Parameter(make(shape, dtype=dtype, device=device), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y[*, N] = x[*, K] @ weight[N, K]^T (+ bias[N]) through ``ops.linear``."""
+
+    def __init__(self, ops: KernelOps, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.ops = ops
+        self.weight = weight(out_features, in_features, dtype=dtype, device=device)
+        self.bias = weight(out_features, dtype=dtype, device=device) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ops.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    """HF RMSNorm; with ``residual`` it is the fused ``residual += x; norm(residual)``."""
+
+    def __init__(self, ops: KernelOps, size: int, eps: float, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        self.ops, self.eps = ops, eps
+        self.weight = weight(size, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is None:
+            return self.ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.fused_add_rms_norm(x, residual, self.weight, self.eps)
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down_proj(silu(gate_proj x) * up_proj x)."""
+
+    def __init__(self, ops: KernelOps, hidden_size: int, intermediate_size: int, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.ops = ops
+        self.gate_up_proj = Linear(ops, hidden_size, 2 * intermediate_size, bias, dtype, device)
+        self.down_proj = Linear(ops, intermediate_size, hidden_size, bias, dtype, device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
+
+
+class Attention(nn.Module):
+    """GQA self-attention over the paged KV pool.
+
+    qkv_proj -> split into q[T,Hq,D], k[T,Hk,D], v[T,Hk,D] (views, no copy)
+    -> optional per-head RMSNorm of q and k (Qwen3) -> RoPE in place
+    -> store k, v at ``attn_meta.out_cache_loc`` -> extend or decode attention
+    (every key read from the pool) -> o_proj.
+    """
+
+    def __init__(self, ops: KernelOps, config: ModelConfig, layer_idx: int,
+                 cos_sin_cache: torch.Tensor, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        self.ops = ops
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.sm_scale = self.head_dim ** -0.5
+        self.sliding_window = config.sliding_windows[layer_idx]
+        self.cos_sin_cache = cos_sin_cache          # shared by all layers, not a parameter
+        H = config.hidden_size
+        self.qkv_proj = Linear(ops, H, self.q_size + 2 * self.kv_size, config.qkv_bias, dtype, device)
+        self.o_proj = Linear(ops, self.q_size, H, config.o_proj_bias, dtype, device)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(ops, self.head_dim, config.rms_norm_eps, dtype, device)
+            self.k_norm = RMSNorm(ops, self.head_dim, config.rms_norm_eps, dtype, device)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, attn_meta: AttentionMetadata,
+                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)                                               # [T, (Hq+2Hk)*D]
+        q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q = self.ops.head_rms_norm(q, self.q_norm.weight, self.q_norm.eps)
+            k = self.ops.head_rms_norm(k, self.k_norm.weight, self.k_norm.eps)
+        self.ops.apply_rotary(q, k, positions, self.cos_sin_cache, True)
+        self.ops.store_kv(k_cache, v_cache, k, v, attn_meta.out_cache_loc)
+        o = self._attend(q, attn_meta, k_cache, v_cache)                     # [T, Hq, D]
+        return self.o_proj(o.view(T, self.q_size))
+
+    def _attend(self, q: torch.Tensor, attn_meta: AttentionMetadata, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        m = attn_meta
+        if m.mode == "decode":
+            return self.ops.decode_attention(
+                q, k_cache, v_cache, m.req_to_token, m.req_pool_indices, m.seq_lens,
+                self.sm_scale, sliding_window=self.sliding_window)
+        if m.mode != "extend":
+            raise ValueError(f"attn_meta.mode must be 'extend' or 'decode', got {m.mode!r}")
+        return self.ops.extend_attention(
+            q, k_cache, v_cache, m.req_to_token, m.req_pool_indices, m.prefix_lens,
+            m.extend_lens, m.extend_start_loc, m.max_extend_len, self.sm_scale,
+            sliding_window=self.sliding_window)

@@ -1,0 +1,164 @@
+"""The dense decoder-only transformer: Llama 2/3.x, Mistral, Qwen2 and Qwen3.
+
+One implementation, four Hugging Face class names. What differs between the
+families is read into ``ModelConfig`` flags (``models/config.py``), not
+copied code:
+
+==========  =====================================================================
+family      differences
+==========  =====================================================================
+llama       optional attention/MLP biases; llama3 rope scaling (3.1+); tied
+            embeddings and explicit head_dim (3.2 1B/3B)
+mistral     sliding window on every layer when ``sliding_window`` is set
+qwen2       q/k/v biases; optional sliding window on layers >= max_window_layers
+qwen3       per-head RMSNorm of q and k before RoPE (``head_rms_norm``)
+==========  =====================================================================
+
+Forward of one batch (T new tokens of B requests, any mix of prefill chunks,
+or B decode tokens)::
+
+    h = embed_tokens[input_ids]                                   [T, H]
+    for each layer:  h, residual = layer(h, residual)   (pre-norm, fused add+norm)
+    h = norm(h + residual)                                        [T, H]
+    logits = lm_head(h[logits_indices]).float()                   [B, vocab]
+
+Only the rows of each request's last new token reach the LM head.
+The MoE models (``models/qwen_moe.py``) subclass this and replace ``build_mlp``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.batch import AttentionMetadata, KVCache
+from models.config import ModelConfig
+from models.layers import MLP, Attention, Linear, RMSNorm, weight
+from models.weights import Shard, dense_layout
+from triton_kernels import KernelOps
+from triton_kernels.rotary import build_cos_sin_cache
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm block: attention and MLP, each behind an RMSNorm fused with the residual add."""
+
+    def __init__(self, ops: KernelOps, config: ModelConfig, layer_idx: int, mlp: nn.Module,
+                 cos_sin_cache: torch.Tensor, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        H, eps = config.hidden_size, config.rms_norm_eps
+        self.input_layernorm = RMSNorm(ops, H, eps, dtype, device)
+        self.self_attn = Attention(ops, config, layer_idx, cos_sin_cache, dtype, device)
+        self.post_attention_layernorm = RMSNorm(ops, H, eps, dtype, device)
+        self.mlp = mlp
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor,
+                residual: torch.Tensor | None, attn_meta: AttentionMetadata,
+                k_cache: torch.Tensor, v_cache: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:                    # first layer: the embedding is the residual
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:                                   # residual += hidden; hidden = norm(residual)
+            hidden = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, attn_meta, k_cache, v_cache)
+        hidden = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class DecoderModel(nn.Module):
+    """Token embedding, the layer stack and the final norm (HF ``model.*``)."""
+
+    def __init__(self, ops: KernelOps, config: ModelConfig, layers: list[DecoderLayer],
+                 dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__()
+        self.ops = ops
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = weight(config.vocab_size, config.hidden_size, dtype=dtype,
+                                          device=device)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps, dtype, device)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+        hidden = self.ops.embedding(input_ids, self.embed_tokens.weight)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(positions, hidden, residual, attn_meta,
+                                     kv_cache.k[i], kv_cache.v[i])
+        return self.norm(hidden, residual)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder + LM head; ``forward`` returns fp32 logits of each request's last token."""
+
+    def __init__(self, config: ModelConfig, ops: KernelOps, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        self.config, self.ops, self.dtype = config, ops, dtype
+        self.device = torch.device(device)
+        self.cos_sin_cache = build_rope_cache(config, dtype, self.device)
+        layers = [DecoderLayer(ops, config, i, self.build_mlp(i), self.cos_sin_cache, dtype, device)
+                  for i in range(config.num_hidden_layers)]
+        self.model = DecoderModel(ops, config, layers, dtype, device)
+        if config.tie_word_embeddings:
+            self.lm_head = nn.Module()
+            self.lm_head.weight = self.model.embed_tokens.weight
+        else:
+            self.lm_head = Linear(ops, config.hidden_size, config.vocab_size, False, dtype, device)
+
+    # ---- what the forward stage needs to size the KV pool
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.config.num_key_value_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.config.head_dim
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def build_mlp(self, layer_idx: int) -> nn.Module:
+        """The feed-forward block of one layer (MoE models override this)."""
+        c = self.config
+        return MLP(self.ops, c.hidden_size, c.intermediate_size, c.mlp_bias, self.dtype, self.device)
+
+    def checkpoint_layout(self) -> dict[str, Shard]:
+        """Checkpoint tensor name -> where it lands in our (fused) parameters."""
+        return dense_layout(dict(self.named_parameters()), self.config)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                attn_meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
+        """input_ids[T], positions[T] -> logits[B, vocab] fp32 at attn_meta.logits_indices."""
+        hidden = self.model(input_ids, positions, attn_meta, kv_cache)       # [T, H]
+        last = hidden.index_select(0, attn_meta.logits_indices)              # [B, H]
+        return self.ops.linear(last, self.lm_head.weight, None).float()
+
+
+def build_rope_cache(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """cos/sin table [max_position_embeddings, rotary_dim] for the config's rope type.
+
+    Stored in the model dtype, as HF casts cos/sin to the activations' dtype
+    before rotating (the kernel then rotates in fp32 and rounds once).
+    """
+    return build_cos_sin_cache(config.rotary_dim, config.max_position_embeddings,
+                               config.rope_theta, config.rope_parameters, dtype, device,
+                               original_max_position=config.max_position_embeddings)
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Mistral: Llama plus an optional sliding window (a config flag)."""
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 / Qwen2.5: Llama plus q/k/v biases (a config flag)."""
+
+
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Qwen3: Llama plus per-head q/k RMSNorm (a config flag)."""

@@ -1,0 +1,248 @@
+"""Load a local Hugging Face model directory into one of our architectures.
+
+Inputs (one directory): ``config.json``; weights as one ``model.safetensors``
+or shards listed by ``model.safetensors.index.json``; optionally
+``generation_config.json`` (sampling defaults, extra eos ids; see
+``ModelConfig.generation`` and ``ModelConfig.eos_token_ids``).
+
+Steps, in order, so that a bad checkpoint fails before any byte is copied:
+
+1. ``config.json`` -> ``ModelConfig``; ``architectures`` -> model class
+   (``models/registry.py``); the model is built with empty parameters
+   directly on the target device.
+2. Every tensor name and shape is read from the safetensors headers and
+   matched against ``model.checkpoint_layout()`` (``models/weights.py``):
+   unknown names, missing names and shape mismatches raise, naming them.
+3. Tensors are copied one at a time: ``safe_open(device=...)`` hands each
+   tensor over on the target device, it is cast to the model dtype and copied
+   into its (fused) slot. The whole model never sits in CPU memory.
+   Progress (tensors, bytes) is logged every few seconds on long loads.
+
+``load_format="dummy"`` skips 2-3 and fills the same parameters with random
+values of realistic scale on the device (normal, std 0.02; norm weights 1),
+for benchmarks of shapes whose weights are not at hand.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from models.config import ModelConfig, load_config, read_json
+from models.errors import (
+    MissingWeightsError,
+    ModelConfigError,
+    ModelLoadError,
+    ModelNotFoundError,
+    UnexpectedWeightsError,
+    WeightShapeError,
+    name_list,
+)
+from models.registry import model_class
+from models.weights import IGNORED, Shard, fused_alias
+from triton_kernels import KernelOps
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+          "fp16": torch.float16, "half": torch.float16, "float32": torch.float32,
+          "fp32": torch.float32, "float": torch.float32}
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
+DUMMY_STD = 0.02
+PROGRESS_EVERY_S = 5.0
+
+
+def resolve_dtype(dtype: torch.dtype | str, config: ModelConfig) -> torch.dtype:
+    """torch dtype from a dtype or a name; "auto" takes config.json's torch_dtype."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    name = config.torch_dtype if dtype == "auto" else dtype
+    if name not in DTYPES:
+        raise ModelConfigError(f"unsupported dtype {name!r}; expected auto, bfloat16, float16 or float32")
+    return DTYPES[name]
+
+
+def load_model(model_path: str | Path, ops: KernelOps, dtype: torch.dtype | str,
+               device: torch.device | str, load_format: str = "auto", seed: int = 0
+               ) -> tuple[torch.nn.Module, ModelConfig]:
+    """Build the model of `model_path`'s config on `device` and fill its weights."""
+    if load_format not in LOAD_FORMATS:
+        raise ModelConfigError(f"unknown load_format {load_format!r}; expected {', '.join(LOAD_FORMATS)}")
+    config = load_config(model_path)
+    if config.hidden_act != "silu":
+        raise ModelConfigError(f"{model_path}: hidden_act {config.hidden_act!r} is not supported (silu only)")
+    dtype = resolve_dtype(dtype, config)
+    device = torch.device(device)
+    files = [] if load_format == "dummy" else weight_files(Path(model_path))
+    model = model_class(config.architecture)(config, ops, dtype, device)
+    model.eval()
+    if load_format == "dummy":
+        init_dummy(model, seed)
+    else:
+        load_safetensors(model, files, device)
+    return model, config
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    """The safetensors files of a directory: the index's shards, or every *.safetensors."""
+    index_path = model_dir / "model.safetensors.index.json"
+    if index_path.exists():
+        weight_map = read_json(index_path, "model.safetensors.index.json").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ModelConfigError(f"{index_path}: no 'weight_map' object")
+        files = [model_dir / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.exists()]
+        if absent:
+            raise ModelNotFoundError(f"{model_dir}: shards listed in {index_path.name} are missing: "
+                                     f"{name_list(absent)}")
+        return files
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        other = sorted(p.name for p in model_dir.glob("*.bin")) + sorted(p.name for p in model_dir.glob("*.pt"))
+        hint = f" (found {name_list(other)}: convert them to safetensors)" if other else ""
+        raise ModelNotFoundError(f"{model_dir}: no *.safetensors weight files{hint}; "
+                                 f"use load_format='dummy' for random weights")
+    return files
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+
+class _Plan:
+    """Every checkpoint tensor matched to its Shard, checked before loading."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.params = dict(model.named_parameters())
+        self.layout = model.checkpoint_layout()
+        self.architecture = model.config.architecture
+        self.tied = bool(model.config.tie_word_embeddings)
+        self.entries: list[tuple[Path, str, Shard]] = []
+        self.seen: set[str] = set()
+        self.covered_patterns: list[str] = []
+        self.unexpected: list[str] = []
+        self.total_bytes = 0
+
+    def add_file(self, path: Path) -> None:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                self._add(path, name, f.get_slice(name))
+
+    def _add(self, path: Path, name: str, tensor_slice) -> None:
+        shard = self.layout.get(name)
+        if shard is None:
+            alias = fused_alias(name, self.params)
+            if alias is None:
+                if not (IGNORED.fullmatch(name) or (self.tied and name == "lm_head.weight")):
+                    self.unexpected.append(name)
+                return
+            shard, pattern = alias
+            self.covered_patterns.append(pattern)
+        target = shard.view(self.params)
+        shape = tuple(tensor_slice.get_shape())
+        if shape != tuple(target.shape):
+            raise WeightShapeError(f"{path.name}: tensor {name} has shape {list(shape)}, the config "
+                                   f"implies {list(target.shape)} (for {shard.param})")
+        self.seen.add(name)
+        self.entries.append((path, name, shard))
+        self.total_bytes += target.numel() * _element_size(tensor_slice.get_dtype())
+
+    def check(self, model_dir: str) -> None:
+        if self.unexpected:
+            raise UnexpectedWeightsError(f"{model_dir}: {len(self.unexpected)} checkpoint tensors do not "
+                                         f"belong to {self.architecture}: {name_list(self.unexpected)}")
+        covered = re.compile("|".join(self.covered_patterns)) if self.covered_patterns else None
+        missing = [n for n in self.layout if n not in self.seen
+                   and not (covered and covered.fullmatch(n))]
+        if missing:
+            raise MissingWeightsError(f"{model_dir}: {len(missing)} tensors missing from the "
+                                      f"checkpoint: {name_list(missing)}")
+
+
+def _element_size(safetensors_dtype: str) -> int:
+    sizes = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1,
+             "I8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+    return sizes.get(safetensors_dtype, 4)
+
+
+def load_safetensors(model: torch.nn.Module, files: list[Path], device: torch.device) -> None:
+    """Check every tensor name/shape against the model, then copy them one by one."""
+    plan = _Plan(model)
+    for path in files:
+        try:
+            plan.add_file(path)
+        except (OSError, RuntimeError) as exc:        # safetensors header errors are RuntimeError-like
+            if isinstance(exc, ModelLoadError):
+                raise
+            raise ModelConfigError(f"{path}: cannot read safetensors file: {exc}") from exc
+    model_dir = str(files[0].parent)
+    plan.check(model_dir)
+    progress = _Progress(len(plan.entries), plan.total_bytes)
+    by_file: dict[Path, list[tuple[str, Shard]]] = {}
+    for path, name, shard in plan.entries:
+        by_file.setdefault(path, []).append((name, shard))
+    open_device = "cpu" if device.type == "cpu" else str(device)
+    with torch.no_grad():
+        for path, entries in by_file.items():
+            with safe_open(str(path), framework="pt", device=open_device) as f:
+                for name, shard in entries:
+                    target = shard.view(plan.params)
+                    target.copy_(f.get_tensor(name))   # casts to the model dtype on the device
+                    progress.update(target.numel() * target.element_size())
+    progress.done()
+
+
+class _Progress:
+    """Logs tensors and bytes loaded every PROGRESS_EVERY_S seconds, and once at the end."""
+
+    def __init__(self, total_tensors: int, total_bytes: int) -> None:
+        self.total_tensors, self.total_bytes = total_tensors, total_bytes
+        self.tensors = self.bytes = 0
+        self.start_s = self.last_log_s = time.perf_counter()
+
+    def update(self, num_bytes: int) -> None:
+        self.tensors += 1
+        self.bytes += num_bytes
+        now = time.perf_counter()
+        if now - self.last_log_s >= PROGRESS_EVERY_S:
+            self.last_log_s = now
+            logger.info("loading weights: %d/%d tensors, %.2f/%.2f GB, %.1f s", self.tensors,
+                        self.total_tensors, self.bytes / 1e9, self.total_bytes / 1e9, now - self.start_s)
+
+    def done(self) -> None:
+        logger.info("loaded %d tensors (%.2f GB) in %.1f s", self.tensors, self.bytes / 1e9,
+                    time.perf_counter() - self.start_s)
+
+
+# ----------------------------------------------------------------------------- dummy weights
+
+_NORM = re.compile(r".*norm\.weight")
+
+
+def init_dummy(model: torch.nn.Module, seed: int = 0) -> None:
+    """Random weights on the device: normal(0, 0.02), norm weights 1, untouched padding 0.
+
+    Only the regions the checkpoint layout names are filled, so padding that
+    must stay zero (the zero expert of Qwen2-MoE's shared gate) stays zero.
+    """
+    params = dict(model.named_parameters())
+    layout = model.checkpoint_layout()
+    generator = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
+    shards_of: dict[str, list[Shard]] = {}
+    for name, shard in layout.items():
+        shards_of.setdefault(shard.param, []).append(shard)
+    with torch.no_grad():
+        for param_name, shards in shards_of.items():
+            param = params[param_name]
+            whole = sum(s.view(params).numel() for s in shards) == param.numel()
+            regions = [param] if whole else [s.view(params) for s in shards]
+            for region in regions:
+                if _NORM.fullmatch(param_name):
+                    region.fill_(1.0)
+                else:
+                    region.normal_(0.0, DUMMY_STD, generator=generator)
+    logger.info("initialised %d parameters with dummy weights (seed %d)", len(params), seed)
+

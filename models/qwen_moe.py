@@ -1,0 +1,111 @@
+"""Mixture-of-experts decoders: Qwen3-MoE and Qwen2-MoE (Qwen1.5-MoE, Qwen2-57B-A14B).
+
+Attention, norms and embeddings are the dense decoder's (``models/llama.py``);
+only the feed-forward block changes. A layer is sparse unless it is listed in
+``mlp_only_layers``, and then only every ``decoder_sparse_step``-th layer.
+
+Sparse block, T tokens, E experts, k experts per token::
+
+    router_logits = gate(x)                                  [T, E]
+    w, ids        = moe_topk(router_logits, k, norm_topk_prob)  softmax -> top-k
+    y             = fused_moe(x, experts.w13, experts.w2, w, ids)
+
+Qwen3-MoE renormalises the top-k weights (``norm_topk_prob: true``);
+Qwen2-MoE keeps the raw softmax probabilities (default false) and adds a
+shared expert scaled by ``sigmoid(shared_expert_gate(x))``::
+
+    y += sigmoid(g) * shared_expert(x)        g = shared_expert_gate(x)   [T, 1]
+
+The kernel table has no sigmoid, so the shared expert goes through the MoE
+kernels: ``sigmoid(g) = softmax([g, 0])[0]``. The gate weight gets a zero
+second row (logits ``[g, 0]``), ``moe_topk(top_k=2)`` returns both
+probabilities, and the shared expert is expert 0 of a two-expert
+``fused_moe`` whose expert 1 is all zeros, so it adds ``sigmoid(-g) * 0``.
+The price is computing the zero expert (twice the shared expert's FLOPs);
+what it buys is a hot path of kernel launches only.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.config import ModelConfig
+from models.layers import MLP, Linear, weight
+from models.llama import LlamaForCausalLM
+from models.weights import Shard, dense_layout
+from triton_kernels import KernelOps
+
+
+class Experts(nn.Module):
+    """Stacked expert weights: w13 [E, 2I, H] (gate rows over up rows), w2 [E, H, I]."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int,
+                 dtype: torch.dtype, device: torch.device | str, zeros: bool = False) -> None:
+        super().__init__()
+        self.w13 = weight(num_experts, 2 * intermediate_size, hidden_size, dtype=dtype,
+                          device=device, zeros=zeros)
+        self.w2 = weight(num_experts, hidden_size, intermediate_size, dtype=dtype,
+                         device=device, zeros=zeros)
+
+
+class SparseMoeBlock(nn.Module):
+    """Router + routed experts (+ the gated shared expert of Qwen2-MoE)."""
+
+    def __init__(self, ops: KernelOps, config: ModelConfig, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
+        super().__init__()
+        H = config.hidden_size
+        self.ops = ops
+        self.top_k = config.num_experts_per_tok
+        self.renormalize = config.norm_topk_prob
+        self.gate = Linear(ops, H, config.num_experts, False, dtype, device)
+        self.experts = Experts(config.num_experts, H, config.moe_intermediate_size, dtype, device)
+        self.shared_expert = self.shared_expert_gate = None
+        if config.shared_expert_intermediate_size > 0:
+            # expert 0: the shared expert; expert 1: zeros (see the module docstring)
+            self.shared_expert = Experts(2, H, config.shared_expert_intermediate_size, dtype,
+                                         device, zeros=True)
+            self.shared_expert_gate = nn.Module()
+            self.shared_expert_gate.weight = weight(2, H, dtype=dtype, device=device, zeros=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        router_logits = self.gate(x)                                            # [T, E]
+        topk_weights, topk_ids = self.ops.moe_topk(router_logits, self.top_k, self.renormalize)
+        y = self.ops.fused_moe(x, self.experts.w13, self.experts.w2, topk_weights, topk_ids)
+        if self.shared_expert is None:
+            return y
+        gate_logits = self.ops.linear(x, self.shared_expert_gate.weight, None)  # [T, 2] = [g, 0]
+        gate_weights, gate_ids = self.ops.moe_topk(gate_logits, 2, False)       # sigmoid(+-g)
+        shared = self.ops.fused_moe(x, self.shared_expert.w13, self.shared_expert.w2,
+                                    gate_weights, gate_ids)
+        return y.add_(shared)
+
+
+class Qwen3MoeForCausalLM(LlamaForCausalLM):
+    """Qwen3-MoE: the Qwen3 decoder (q/k norm) with sparse MLP layers."""
+
+    def build_mlp(self, layer_idx: int) -> nn.Module:
+        c = self.config
+        if c.is_moe_layer(layer_idx):
+            return SparseMoeBlock(self.ops, c, self.dtype, self.device)
+        return MLP(self.ops, c.hidden_size, c.intermediate_size, False, self.dtype, self.device)
+
+    def checkpoint_layout(self) -> dict[str, Shard]:
+        params = dict(self.named_parameters())
+        shared = {n: p for n, p in params.items() if ".shared_expert" in n}
+        layout = dense_layout({n: p for n, p in params.items() if n not in shared}, self.config)
+        for name in shared:
+            prefix = name.rsplit(".", 1)[0]                   # ...mlp.shared_expert(_gate)
+            if name.endswith("shared_expert_gate.weight"):
+                layout[name] = Shard(name, None, slice(0, 1))
+            elif name.endswith(".w13"):
+                half = shared[name].shape[1] // 2
+                layout[f"{prefix}.gate_proj.weight"] = Shard(name, 0, slice(0, half))
+                layout[f"{prefix}.up_proj.weight"] = Shard(name, 0, slice(half, 2 * half))
+            else:
+                layout[f"{prefix}.down_proj.weight"] = Shard(name, 0, None)
+        return layout
+
+
+class Qwen2MoeForCausalLM(Qwen3MoeForCausalLM):
+    """Qwen2-MoE: q/k/v biases, no q/k norm, shared expert (all config flags)."""
