@@ -1,0 +1,95 @@
+"""ForwardBatch (host ints) -> device tensors, with one host->device copy.
+
+Every integer the model step needs is packed into one int64 buffer, copied
+once (pinned, non-blocking on a GPU) and sliced into views, so building a
+batch launches no kernel at all. The attention kernels and the index
+helpers accept int64 vectors, so nothing needs a dtype conversion.
+
+Packed layout (B requests, T new tokens, W row writes, S row-write slots)::
+
+    input_ids[T] positions[T] out_cache_loc[T]
+    req_pool_indices[B] prefix_lens[B] extend_lens[B] extend_start_loc[B] seq_lens[B] logits_indices[B]
+    write_rows[W] write_starts[W] write_ends[W] write_offsets[W] write_slots[S]
+
+``req_to_token`` is then updated on the device: first the row writes
+(cached-prefix slots, from the radix cache), then every new token's slot at
+its position (``triton_kernels.indexing.write_req_to_token``).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from models.batch import AttentionMetadata
+from pipeline.messages import ForwardBatch
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceBatch:
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMetadata
+    row_writes: tuple[torch.Tensor, ...] | None  # rows, starts, ends, offsets, slots
+
+
+def pack_batch(batch: ForwardBatch) -> tuple[list[int], int, int]:
+    """The packed int list, number of row writes W and their slot count S."""
+    extend_start, logits_indices, offset = [], [], 0
+    for length in batch.extend_lens:
+        extend_start.append(offset)
+        offset += length
+        logits_indices.append(offset - 1)
+    packed = batch.input_ids + batch.positions + batch.out_cache_loc + batch.req_pool_indices
+    packed += batch.prefix_lens + batch.extend_lens + extend_start + batch.seq_lens + logits_indices
+    writes = batch.row_writes
+    if writes:
+        offsets, slots, start = [], [], 0
+        for write in writes:
+            offsets.append(start)
+            slots.extend(write.slots)
+            start += len(write.slots)
+        packed += [w.row for w in writes] + [w.start for w in writes]
+        packed += [w.start + len(w.slots) for w in writes] + offsets + slots
+        return packed, len(writes), len(slots)
+    return packed, 0, 0
+
+
+def upload(values: list[int], device: torch.device) -> torch.Tensor:
+    """One host->device copy of a list of ints (pinned staging on a GPU)."""
+    host = torch.tensor(values, dtype=torch.int64)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def unpack(buffer: torch.Tensor, batch: ForwardBatch, num_writes: int, num_write_slots: int,
+           req_to_token: torch.Tensor, max_seq_len: int | None = None) -> DeviceBatch:
+    """Slice the packed device buffer into the model's inputs (views, no kernels)."""
+    T, B = len(batch.input_ids), len(batch.rids)
+    sizes = [T, T, T, B, B, B, B, B, B, num_writes, num_writes, num_writes, num_writes, num_write_slots]
+    parts = list(torch.split(buffer, sizes))
+    (input_ids, positions, out_cache_loc, rows, prefix_lens, extend_lens, extend_start, seq_lens,
+     logits_indices) = parts[:9]
+    meta = AttentionMetadata(
+        mode=batch.mode, req_to_token=req_to_token, req_pool_indices=rows, prefix_lens=prefix_lens,
+        extend_lens=extend_lens, extend_start_loc=extend_start, seq_lens=seq_lens,
+        out_cache_loc=out_cache_loc, logits_indices=logits_indices,
+        max_extend_len=max(batch.extend_lens),
+        max_seq_len=max_seq_len if max_seq_len is not None else max(batch.seq_lens))
+    row_writes = tuple(parts[9:]) if num_writes else None
+    return DeviceBatch(input_ids, positions, meta, row_writes)
+
+
+def write_req_to_token(ops_backend: str, device_batch: DeviceBatch) -> None:
+    """Apply row writes, then store each new token's slot at its position."""
+    meta = device_batch.meta
+    if ops_backend == "triton":
+        from triton_kernels.indexing import write_req_to_token as write
+    else:
+        from triton_kernels.indexing import write_req_to_token_reference as write
+    if device_batch.row_writes is not None:
+        rows, starts, ends, offsets, slots = device_batch.row_writes
+        write(meta.req_to_token, rows, starts, ends, slots, offsets)
+    write(meta.req_to_token, meta.req_pool_indices, meta.prefix_lens, meta.seq_lens,
+          meta.out_cache_loc, meta.extend_start_loc)

@@ -1,0 +1,123 @@
+"""ForwardStage: run the model on a ForwardBatch, return next-token logits.
+
+Inbox: ForwardBatch. Outbox ``sample``: Logits (one row per request, fp32,
+a process-local tensor), carrying the batch's SamplingBatch along.
+
+Owns: the model weights, the KV pool tensors (``models.batch.KVCache``), the
+``req_to_token`` table and the CUDA graphs. Does NOT own which slots are
+free -- the schedule stage decides that and tells this stage through
+``out_cache_loc`` and ``row_writes``; this stage never sees a request.
+
+KV pool size (measured once, here, after the weights are loaded):
+
+* GPU: ``--mem-fraction-static`` of the memory still free after the weights
+  goes to K and V (``2 * layers * kv_heads * head_dim * dtype bytes`` per
+  token), unless ``--max-total-tokens`` asks for less;
+* CPU: ``--max-total-tokens``, or ``CPU_DEFAULT_TOKENS`` when 0.
+
+One step: pack the batch's ints, one host->device copy, write
+``req_to_token`` (Triton index helper), run the model (or replay a captured
+CUDA graph for decode batches up to ``--cuda-graph-max-bs``).
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from models.batch import KVCache
+from models.loader import load_model, resolve_dtype
+from pipeline.messages import ForwardBatch, Logits
+from pipeline.stage import Stage
+from stages.forward.graphs import DecodeGraphs, pad_decode
+from stages.forward.inputs import pack_batch, unpack, upload, write_req_to_token
+from stages.schedule.model_info import ModelInfo
+from triton_kernels import load_ops
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_TOKENS = 8192
+
+
+class ForwardStage(Stage):
+    """Model + KV tensors + CUDA graphs; ForwardBatch in, Logits out."""
+
+    def __init__(self, args, inbox, outboxes: dict) -> None:
+        super().__init__("forward", inbox, outboxes)
+        self.args = args
+        self.device = torch.device(args.device if args.device != "auto" else "cpu")
+        self.ops = load_ops(args.kernel_backend)
+        self.model, self.config = load_model(args.model_path, self.ops, args.dtype, self.device,
+                                             args.load_format, seed=args.random_seed)
+        self.context_len = min(args.context_length or self.config.context_length,
+                               self.config.context_length)
+        kv_dtype = resolve_dtype(args.kv_cache_dtype, self.config)
+        num_slots = self._kv_slots(kv_dtype)
+        self.kv_cache = KVCache.allocate(self.config.num_hidden_layers, num_slots,
+                                         self.config.num_key_value_heads, self.config.head_dim,
+                                         kv_dtype, self.device)
+        self.num_rows = args.max_running_requests + 1
+        row_len = min(self.context_len, num_slots) + args.page_size
+        self.req_to_token = torch.zeros((self.num_rows, row_len), dtype=torch.int32, device=self.device)
+        logger.info("KV pool: %d slots (page size %d), req_to_token %s", num_slots, args.page_size,
+                    tuple(self.req_to_token.shape))
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0:
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, self.req_to_token, self._write_decode,
+                                       min(args.cuda_graph_max_bs, args.max_running_requests), self.device)
+            self.graphs.capture_all()
+
+    # ------------------------------------------------------------- sizing
+    def _kv_slots(self, kv_dtype: torch.dtype) -> int:
+        page = self.args.page_size
+        requested = self.args.max_total_tokens
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free_bytes, _ = torch.cuda.mem_get_info(self.device)
+            per_token = KVCache.bytes_per_token(self.config.num_hidden_layers,
+                                                self.config.num_key_value_heads,
+                                                self.config.head_dim, kv_dtype)
+            fit = int(free_bytes * self.args.mem_fraction_static) // per_token
+            tokens = min(requested, fit) if requested > 0 else fit
+        else:
+            tokens = requested if requested > 0 else CPU_DEFAULT_TOKENS
+        return (tokens // page + 1) * page  # + page 0, the padding page
+
+    @property
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(num_slots=self.kv_cache.num_slots, num_rows=self.num_rows,
+                         context_len=self.context_len, vocab_size=self.config.vocab_size,
+                         eos_token_ids=tuple(self.config.eos_token_ids))
+
+    # --------------------------------------------------------------- step
+    def handle(self, message) -> None:
+        match message:
+            case ForwardBatch():
+                logits = self.run_batch(message)
+                self.emit("sample", Logits(batch_id=message.batch_id, rids=message.rids, logits=logits,
+                                           sampling=message.sampling))
+            case _:
+                raise TypeError(f"forward: unexpected message {type(message).__name__}")
+
+    @torch.inference_mode()
+    def run_batch(self, batch: ForwardBatch) -> torch.Tensor:
+        """logits[B, vocab] fp32 of each request's last new token."""
+        num_reqs = len(batch.rids)
+        if self.graphs is not None and batch.mode == "decode" and not batch.row_writes:
+            size = self.graphs.size_for(num_reqs)
+            if size is not None:
+                packed = pad_decode(batch.input_ids, batch.positions, batch.out_cache_loc,
+                                    batch.req_pool_indices, batch.seq_lens, size)
+                return self.graphs.replay(packed, size, num_reqs)
+        packed, num_writes, num_write_slots = pack_batch(batch)
+        device_batch = unpack(upload(packed, self.device), batch, num_writes, num_write_slots,
+                              self.req_to_token)
+        write_req_to_token(self.ops.backend, device_batch)
+        return self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,
+                                  self.kv_cache)
+
+    def _write_decode(self, meta) -> None:
+        from triton_kernels.indexing import write_req_to_token as write
+
+        write(meta.req_to_token, meta.req_pool_indices, meta.prefix_lens, meta.seq_lens,
+              meta.out_cache_loc, meta.extend_start_loc)

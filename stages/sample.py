@@ -1,0 +1,172 @@
+"""SampleStage: logits of a batch -> one token per request.
+
+Inbox (``SampleInbox``): Logits, TokenMask. Outboxes: ``schedule``
+(SampledTokens) and ``constrain`` (the same SampledTokens, only for batches
+with a constrained row, so grammar states advance).
+
+Per row, in order (``triton_kernels/sampling.py``; their PyTorch references
+on the CPU backend):
+
+1. penalties (repetition / frequency / presence) from the counts of tokens
+   this request generated so far. Counts live on the device in a
+   ``[rows, vocab]`` int32 table keyed by rid (a row is taken on the
+   request's ``first_step`` and reset; least recently used rows are reused);
+   it is allocated only once some request asks for a penalty;
+2. the grammar bitmask of constrained rows (from the TokenMask with the same
+   ``batch_id``: the stage waits for it when a row is constrained);
+3. temperature, top-k, top-p, min-p and a seeded Gumbel-max draw
+   (``seed``, ``step``): greedy when temperature is 0; the same seed and
+   step give the same token whatever else is in the batch;
+4. logprobs of the chosen token (and the top-n) on request, from the
+   penalized, masked logits before temperature.
+
+Exactly one device->host synchronization per batch: every result is copied
+into pinned host buffers with non-blocking copies, then the stream is
+synchronized once.
+"""
+from __future__ import annotations
+
+import collections
+
+import torch
+
+from pipeline.messages import Logits, SampledTokens, SamplingBatch, TokenMask
+from pipeline.stage import Stage
+
+SEED_MASK = (1 << 63) - 1
+
+
+class PenaltyCounts:
+    """Per-request generated-token counts on the device, rows recycled LRU."""
+
+    def __init__(self, num_rows: int, vocab_size: int, device: torch.device) -> None:
+        self.counts = torch.zeros((num_rows, vocab_size), dtype=torch.int32, device=device)
+        self.rows: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.free = list(range(num_rows - 1, 0, -1))  # row 0 stays all zeros
+
+    def row_of(self, rid: str, reset: bool) -> int:
+        row = self.rows.get(rid)
+        if row is None:
+            row = self.free.pop() if self.free else self.rows.popitem(last=False)[1]
+            self.rows[rid] = row
+            reset = True
+        self.rows.move_to_end(rid)
+        if reset:
+            self.counts[row].zero_()
+        return row
+
+
+class SampleStage(Stage):
+    """Penalties, grammar masks, sampling and logprobs for one batch at a time."""
+
+    def __init__(self, args, inbox, outboxes: dict) -> None:
+        super().__init__("sample", inbox, outboxes)
+        self.args = args
+        self.backend = args.kernel_backend
+        from triton_kernels import sampling
+
+        suffix = "" if self.backend == "triton" else "_reference"
+        self.apply_penalties = getattr(sampling, "apply_penalties" + suffix)
+        self.apply_token_bitmask = getattr(sampling, "apply_token_bitmask" + suffix)
+        self.sample = getattr(sampling, "sample" + suffix)
+        self.compute_logprobs = getattr(sampling, "compute_logprobs" + suffix)
+        self.penalty_rows = 2 * args.max_running_requests + 1
+        self.penalties: PenaltyCounts | None = None
+        self.pending_logits: dict[int, Logits] = {}
+        self.pending_masks: dict[int, TokenMask] = {}
+        self.last_done_batch_id = -1
+
+    # ----------------------------------------------------------- messages
+    def handle(self, message) -> None:
+        match message:
+            case Logits():
+                if any(message.sampling.constrained) and message.batch_id not in self.pending_masks:
+                    self.pending_logits[message.batch_id] = message
+                    return
+                self._finish(message, self.pending_masks.pop(message.batch_id, None))
+            case TokenMask():
+                logits = self.pending_logits.pop(message.batch_id, None)
+                if logits is not None:
+                    self._finish(logits, message)
+                elif message.batch_id > self.last_done_batch_id:
+                    self.pending_masks[message.batch_id] = message
+            case _:
+                raise TypeError(f"sample: unexpected message {type(message).__name__}")
+
+    def _finish(self, message: Logits, mask: TokenMask | None) -> None:
+        self.last_done_batch_id = max(self.last_done_batch_id, message.batch_id)
+        out = self.sample_batch(message.batch_id, message.rids, message.logits, message.sampling, mask)
+        self.emit("schedule", out)
+        if any(message.sampling.constrained) and "constrain" in self.outboxes:
+            self.emit("constrain", out)
+
+    # ------------------------------------------------------------ sampling
+    @torch.inference_mode()
+    def sample_batch(self, batch_id: int, rids: list[str], logits: torch.Tensor, params: SamplingBatch,
+                     mask: TokenMask | None) -> SampledTokens:
+        device = logits.device
+        logits = logits.float().contiguous()
+        penalized = self._penalty_rows(rids, params, logits)
+        if penalized is not None:
+            logits = logits.clone()
+            rows_t = torch.tensor(penalized, dtype=torch.int64).to(device, non_blocking=True)
+            floats = torch.tensor([params.repetition_penalties, params.frequency_penalties,
+                                   params.presence_penalties], dtype=torch.float32).to(device)
+            self.apply_penalties(logits, self.penalties.counts.index_select(0, rows_t),
+                                 floats[0], floats[1], floats[2])
+        if mask is not None and mask.bitmask is not None and mask.row_indices:
+            if penalized is None:
+                logits = logits.clone()
+            rows = torch.tensor(mask.row_indices, dtype=torch.int64).to(device, non_blocking=True)
+            self.apply_token_bitmask(logits, mask.bitmask.to(device, non_blocking=True), rows)
+        token_ids = self._draw(logits, params)
+        if penalized is not None:
+            self._count(token_ids, rows_t, params)
+        top_n = max(params.top_logprobs_nums) if any(params.return_logprob) else 0
+        logprobs = self.compute_logprobs(logits, token_ids, top_n) if any(params.return_logprob) else None
+        return self._to_host(batch_id, rids, token_ids, logprobs, params)
+
+    def _penalty_rows(self, rids: list[str], params: SamplingBatch,
+                      logits: torch.Tensor) -> list[int] | None:
+        used = [r != 1.0 or f != 0.0 or p != 0.0 for r, f, p in
+                zip(params.repetition_penalties, params.frequency_penalties, params.presence_penalties)]
+        if not any(used):
+            return None
+        if self.penalties is None:
+            self.penalties = PenaltyCounts(self.penalty_rows, logits.shape[1], logits.device)
+        return [self.penalties.row_of(rid, first) if on else 0
+                for rid, on, first in zip(rids, used, params.first_step)]
+
+    def _draw(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
+        device = logits.device
+        if self.backend != "triton" and all(t <= 0 for t in params.temperatures):
+            return torch.argmax(logits, dim=-1)  # the reference's greedy rule, batched
+        floats = torch.tensor([params.temperatures, params.top_ps, params.min_ps],
+                              dtype=torch.float32).to(device, non_blocking=True)
+        ints = torch.tensor([params.top_ks, [s & SEED_MASK for s in params.seeds], params.steps],
+                            dtype=torch.int64).to(device, non_blocking=True)
+        return self.sample(logits, floats[0], ints[0], floats[1], floats[2], ints[1], ints[2])
+
+    def _count(self, token_ids: torch.Tensor, rows_t: torch.Tensor, params: SamplingBatch) -> None:
+        keep = torch.tensor(params.need_sample, dtype=torch.bool).to(rows_t.device) & (rows_t > 0)
+        ones = keep.to(torch.int32)
+        self.penalties.counts.index_put_((rows_t, token_ids), ones, accumulate=True)
+
+    def _to_host(self, batch_id: int, rids: list[str], token_ids: torch.Tensor, logprobs, params: SamplingBatch
+                 ) -> SampledTokens:
+        """Every result to the host with one synchronization."""
+        pinned = token_ids.device.type == "cuda"
+        tensors = [token_ids] + (list(logprobs) if logprobs is not None else [])
+        host = []
+        for t in tensors:
+            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
+            buf.copy_(t, non_blocking=pinned)
+            host.append(buf)
+        if pinned:
+            torch.cuda.current_stream(token_ids.device).synchronize()
+        ids = [t if need else -1 for t, need in zip(host[0].tolist(), params.need_sample)]
+        if logprobs is None:
+            return SampledTokens(batch_id=batch_id, rids=rids, token_ids=ids)
+        return SampledTokens(batch_id=batch_id, rids=rids, token_ids=ids,
+                             token_logprobs=host[1].tolist(), top_token_ids=host[2].tolist(),
+                             top_logprobs=host[3].tolist())

@@ -1,0 +1,162 @@
+"""Choosing the next batch: decodes first, then prefill chunks, then the ForwardBatch.
+
+``plan_batch`` runs once per engine step when no batch is in flight:
+
+1. **Decodes.** Every running request that finished its prefill adds one
+   token. If the pool (free + evictable) cannot hold them, requests are
+   *retracted* (fewest generated tokens first): their computed KV goes into
+   the radix cache, they return to the waiting queue and later re-prefill
+   prompt + generated tokens (mostly a cache hit). Running out of KV is a
+   scheduling event, not an error.
+2. **Prefill.** A token budget of ``min(--chunked-prefill-size,
+   --max-prefill-tokens)`` is spent on requests still prefilling, then on
+   waiting requests in policy order. A prompt longer than the budget is cut
+   into chunks, one per step, interleaved with the decodes. Admission needs a
+   free row, ``< --max-running-requests`` running, and KV for the chunk plus
+   a reserve for the tokens running requests are still expected to generate
+   (``NEW_TOKEN_RATIO`` of their remaining max_new_tokens), so that
+   retractions stay rare.
+3. **Batch.** Prefill rows then decode rows; mode ``extend`` if any prefill
+   row, else ``decode``. Only a prompt's last chunk samples a token.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from pipeline.messages import ForwardBatch, RowWrite, SamplingBatch
+from stages.schedule.kv_manager import KVManager
+from stages.schedule.policy import order_waiting
+from stages.schedule.req_table import Phase, Req
+
+NEW_TOKEN_RATIO = 0.3
+
+
+@dataclasses.dataclass
+class PlannedRow:
+    req: Req
+    extend_len: int
+    need_sample: bool
+    is_prefill: bool
+
+
+def plan_decodes(kv: KVManager, running: list[Req]) -> tuple[list[PlannedRow], list[Req], list[Req]]:
+    """(decode rows, retracted, failed): retract until one more token per request fits."""
+    decoding = [r for r in running if not r.is_prefilling]
+    retracted: list[Req] = []
+    while len(decoding) > 1 and sum(kv.tokens_to_grow(r, 1) for r in decoding) > kv.available_tokens:
+        victim = min(decoding, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
+        decoding.remove(victim)
+        retracted.append(victim)
+        kv.release(victim, keep_in_cache=True)
+    rows: list[PlannedRow] = []
+    failed: list[Req] = []
+    for req in decoding:
+        if kv.grow(req, 1) is None:  # a single request alone overflows the pool
+            failed.append(req)
+        else:
+            rows.append(PlannedRow(req, 1, True, False))
+    return rows, retracted, failed
+
+
+def plan_prefills(kv: KVManager, running: list[Req], waiting: list[Req], policy: str, budget: int,
+                  max_running: int) -> tuple[list[PlannedRow], list[Req], list[RowWrite]]:
+    """(prefill rows, newly admitted requests, their row writes) within the token budget."""
+    rows: list[PlannedRow] = []
+    prefilling_parents: set[str] = set()
+    for req in running:
+        if req.is_prefilling and budget > 0:
+            chunk = min(req.prefill_target - req.kv_len, budget)
+            if kv.grow(req, chunk) is None:
+                continue
+            budget -= chunk
+            rows.append(PlannedRow(req, chunk, req.kv_len == req.prefill_target, True))
+            prefilling_parents.add(req.parent_rid)
+    admitted: list[Req] = []
+    writes: list[RowWrite] = []
+    num_running = len(running)
+    reserve = sum(math.ceil(r.remaining_new_tokens * NEW_TOKEN_RATIO) for r in running)
+    for req in order_waiting(waiting, policy, kv.match):
+        if budget <= 0 or num_running >= max_running or kv.rows.num_free == 0:
+            break
+        if req.parent_rid in prefilling_parents and req.parent_rid != req.rid:
+            continue  # a sibling is prefilling the shared prompt: wait for its cache entry
+        target = req.seq_len
+        cached = kv.match(req)
+        chunk = min(target - cached, budget)
+        need = kv.tokens_to_grow_from(cached, chunk)
+        req_reserve = math.ceil(req.remaining_new_tokens * NEW_TOKEN_RATIO)
+        busy = num_running > 0 or bool(rows)
+        if busy and need + reserve + req_reserve > kv.available_tokens - cached:
+            break
+        row_writes = kv.admit(req)
+        if row_writes is None:
+            break
+        if kv.grow(req, chunk) is None:
+            kv.release(req, keep_in_cache=False)
+            break
+        writes.extend(row_writes)
+        req.prefill_target = target
+        req.phase = Phase.RUNNING
+        if not req.admitted_once:
+            req.cached_tokens = req.cached_len
+            req.admitted_once = True
+        budget -= chunk
+        reserve += req_reserve
+        num_running += 1
+        admitted.append(req)
+        rows.append(PlannedRow(req, chunk, req.kv_len == req.prefill_target, True))
+        prefilling_parents.add(req.parent_rid)
+    return rows, admitted, writes
+
+
+def build_forward_batch(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite]) -> ForwardBatch:
+    """Flatten planned rows (their slots already allocated) into the plain-int ForwardBatch."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    out_cache_loc: list[int] = []
+    prefix_lens, extend_lens, seq_lens = [], [], []
+    for row in rows:
+        req, n = row.req, row.extend_len
+        end = req.kv_len
+        start = end - n
+        if n == 1:
+            num_input = len(req.input_ids)
+            input_ids.append(req.output_ids[start - num_input] if start >= num_input else req.input_ids[start])
+            positions.append(start)
+            out_cache_loc.append(req.slots[start])
+        else:
+            input_ids.extend(req.fill_ids[start:end])
+            positions.extend(range(start, end))
+            out_cache_loc.extend(req.slots[start:end])
+        prefix_lens.append(start)
+        extend_lens.append(n)
+        seq_lens.append(end)
+    reqs = [row.req for row in rows]
+    mode = "extend" if any(row.is_prefill for row in rows) else "decode"
+    return ForwardBatch(
+        batch_id=batch_id, mode=mode, rids=[r.rid for r in reqs], input_ids=input_ids,
+        positions=positions, out_cache_loc=out_cache_loc, req_pool_indices=[r.row for r in reqs],
+        prefix_lens=prefix_lens, extend_lens=extend_lens, seq_lens=seq_lens,
+        row_writes=row_writes, sampling=sampling_batch(rows))
+
+
+def sampling_batch(rows: list[PlannedRow]) -> SamplingBatch:
+    params = [row.req.sampling for row in rows]
+    reqs = [row.req for row in rows]
+    return SamplingBatch(
+        temperatures=[p.temperature for p in params],
+        top_ps=[p.top_p for p in params],
+        top_ks=[p.top_k for p in params],
+        min_ps=[p.min_p for p in params],
+        repetition_penalties=[p.repetition_penalty for p in params],
+        frequency_penalties=[p.frequency_penalty for p in params],
+        presence_penalties=[p.presence_penalty for p in params],
+        seeds=[r.seed for r in reqs],
+        steps=[len(r.output_ids) for r in reqs],
+        need_sample=[row.need_sample for row in rows],
+        first_step=[row.need_sample and not r.output_ids for row, r in zip(rows, reqs)],
+        return_logprob=[p.return_logprob for p in params],
+        top_logprobs_nums=[p.top_logprobs_num for p in params],
+        constrained=[r.constrained for r in reqs],
+    )

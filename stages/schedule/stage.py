@@ -1,0 +1,309 @@
+"""ScheduleStage: who runs next, where their KV lives, and when they stop.
+
+Inbox (``ScheduleInbox``): TokenizedRequest, Abort, FlushCache,
+SampledTokens, GrammarReady. Outboxes: ``forward`` (ForwardBatch),
+``constrain`` (GrammarCompile / GrammarRelease, and the ForwardBatch when a
+row is constrained), ``detokenize`` (TokenOutputBatch, ErrorOutput) and,
+when wired, ``stats`` (EngineStats).
+
+State owned here and nowhere else: the waiting queue, the running set, the
+KV page pool, the radix cache and the ``req_to_token`` row table (through
+``KVManager``). The forward stage owns the KV *tensors*; it learns which
+slots to use only from ForwardBatch fields.
+
+One step (``tick``), when no batch is in flight: plan decodes (retracting if
+KV is short), plan prefill chunks (admitting waiting requests), emit one
+ForwardBatch. ``SampledTokens`` closes the step: append tokens, check finish
+conditions, cache computed prefixes, emit one TokenOutputBatch. Every
+request ends with exactly one final TokenOutput (or an ErrorOutput).
+
+Where the time goes per step (CPU): planning is O(running requests) list
+work; flattening the batch is O(new tokens); the radix tree is touched only
+on admission, chunk ends, finish and retraction. No tensors are built here.
+"""
+from __future__ import annotations
+
+import json
+import random
+import time
+
+from pipeline.messages import (
+    Abort, EngineStats, ErrorOutput, FinishReason, FlushCache, ForwardBatch, GrammarCompile,
+    GrammarReady, GrammarRelease, RowWrite, SampledTokens, TokenizedRequest, TokenOutput, TokenOutputBatch,
+)
+from pipeline.stage import Stage
+from stages.schedule.batch import (
+    PlannedRow, build_forward_batch, plan_decodes, plan_prefills,
+)
+from stages.schedule.kv_manager import KVManager
+from stages.schedule.model_info import ModelInfo
+from stages.schedule.req_table import Phase, Req
+
+STATS_INTERVAL_S = 1.0
+
+
+class ScheduleStage(Stage):
+    """Continuous batching with chunked prefill, a radix prefix cache and retraction."""
+
+    def __init__(self, args, model_info: ModelInfo, inbox, outboxes: dict) -> None:
+        super().__init__("schedule", inbox, outboxes)
+        self.args = args
+        self.info = model_info
+        self.kv = KVManager(model_info.num_slots, args.page_size, model_info.num_rows,
+                            args.disable_radix_cache)
+        self.eos_ids = frozenset(model_info.eos_token_ids)
+        self.waiting: list[Req] = []
+        self.running_reqs: list[Req] = []
+        self.grammar_wait: dict[str, Req] = {}
+        self.inflight: tuple[int, list[PlannedRow]] | None = None
+        self.pending_row_writes: list[RowWrite] = []  # tree slots replacing a request's own
+        self.next_batch_id = 0
+        self.arrivals = 0
+        self.rng = random.Random(args.random_seed)
+        self.num_retractions = 0
+        self.num_generated = 0
+        self._stats_at_s = time.monotonic()
+        self._stats_generated = 0
+        self._checked_idle = True
+        budget = args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 62
+        self.prefill_budget = max(1, min(budget, args.max_prefill_tokens))
+
+    # ------------------------------------------------------------ messages
+    def handle(self, message) -> None:
+        match message:
+            case SampledTokens():
+                self._on_sampled(message)
+            case TokenizedRequest():
+                self._on_request(message)
+            case Abort():
+                self._on_abort(message)
+            case GrammarReady():
+                self._on_grammar_ready(message)
+            case FlushCache():
+                self.kv.flush()
+            case _:
+                raise TypeError(f"schedule: unexpected message {type(message).__name__}")
+
+    def has_work(self) -> bool:
+        return super().has_work() or bool(self.waiting or self.running_reqs or self.inflight)
+
+    def _on_request(self, msg: TokenizedRequest) -> None:
+        error = self._check_request(msg)
+        if error:
+            self._emit_error(msg.rid, error, "input_ids")
+            return
+        params = msg.sampling
+        room = self.info.context_len - len(msg.input_ids)
+        seed = params.seed if params.seed is not None else self.rng.getrandbits(62)
+        req = Req(rid=msg.rid, parent_rid=msg.parent_rid, index=msg.index, input_ids=list(msg.input_ids),
+                  sampling=params, max_new_tokens=min(params.max_new_tokens, room), seed=seed,
+                  arrival_order=self.arrivals)
+        self.arrivals += 1
+        if req.max_new_tokens == 0:
+            self._emit_outputs([self._finish(req, FinishReason(type="length"))])
+            return
+        grammar = _grammar_of(params)
+        if grammar is None:
+            self.waiting.append(req)
+            return
+        if "constrain" not in self.outboxes:
+            self._emit_error(msg.rid, "structured output is not available in this engine", grammar[0])
+            return
+        req.constrained, req.phase = True, Phase.GRAMMAR
+        self.grammar_wait[req.rid] = req
+        self.emit("constrain", GrammarCompile(rid=req.rid, kind=grammar[0], spec=grammar[1]))
+
+    def _check_request(self, msg: TokenizedRequest) -> str | None:
+        num = len(msg.input_ids)
+        if num == 0:
+            return "the prompt is empty"
+        if num >= self.info.context_len:
+            return (f"the prompt has {num} tokens; this model's context length is "
+                    f"{self.info.context_len} (prompt + output)")
+        if num + 1 > self.kv.capacity_tokens:
+            return f"the prompt has {num} tokens; the KV cache holds only {self.kv.capacity_tokens}"
+        if any(t < 0 or t >= self.info.vocab_size for t in msg.input_ids):
+            return f"input_ids must be in [0, {self.info.vocab_size})"
+        return None
+
+    def _on_grammar_ready(self, msg: GrammarReady) -> None:
+        req = self.grammar_wait.pop(msg.rid, None)
+        if req is None:
+            return
+        if msg.error:
+            self._emit_error(req.rid, f"invalid grammar: {msg.error}", _grammar_of(req.sampling)[0])
+            self.emit("constrain", GrammarRelease(rid=req.rid))
+            return
+        req.phase = Phase.WAITING
+        self.waiting.append(req)
+
+    def _on_abort(self, msg: Abort) -> None:
+        def hit(req: Req) -> bool:
+            return req.rid == msg.rid or req.parent_rid == msg.rid
+
+        reason = FinishReason(type="stop" if msg.reason == "stop" else "abort", message=msg.reason)
+        outputs = []
+        for req in [r for r in self.grammar_wait.values() if hit(r)]:
+            del self.grammar_wait[req.rid]
+            outputs.append(self._finish(req, reason))
+        for queue in (self.waiting, self.running_reqs):
+            for req in [r for r in queue if hit(r)]:
+                queue.remove(req)
+                outputs.append(self._finish(req, reason, keep_in_cache=False))
+        if outputs:
+            self._emit_outputs(outputs)
+
+    # --------------------------------------------------------------- steps
+    def tick(self) -> None:
+        if self.inflight is not None:
+            return
+        self._maybe_emit_stats()
+        if not (self.waiting or self.running_reqs):
+            if not self._checked_idle:
+                self.kv.check_integrity()
+                self._checked_idle = True
+            return
+        self._checked_idle = False
+        batch = self._plan()
+        if batch is None:
+            return
+        self.emit("forward", batch)
+        if any(batch.sampling.constrained):
+            self.emit("constrain", batch)
+
+    def _plan(self) -> ForwardBatch | None:
+        decode_rows, retracted, failed = plan_decodes(self.kv, self.running_reqs)
+        for req in retracted:
+            self.running_reqs.remove(req)
+            req.phase, req.num_retractions = Phase.WAITING, req.num_retractions + 1
+            self.waiting.append(req)
+            self.num_retractions += 1
+        outputs = []
+        for req in failed:
+            self.running_reqs.remove(req)
+            outputs.append(self._finish(req, FinishReason(type="length", message="KV cache full")))
+        prefill_rows, admitted, row_writes = plan_prefills(
+            self.kv, self.running_reqs, self.waiting, self.args.schedule_policy, self.prefill_budget,
+            self.args.max_running_requests)
+        for req in admitted:
+            self.waiting.remove(req)
+            self.running_reqs.append(req)
+        if outputs:
+            self._emit_outputs(outputs)
+        rows = prefill_rows + decode_rows
+        if not rows:
+            self._unblock()
+            return None
+        batch_id = self.next_batch_id
+        self.next_batch_id += 1
+        self.inflight = (batch_id, rows)
+        row_writes = self.pending_row_writes + row_writes
+        self.pending_row_writes = []
+        return build_forward_batch(batch_id, rows, row_writes)
+
+    def _unblock(self) -> None:
+        """Nothing could run: a lone prefilling request that cannot get KV ends with an error."""
+        stuck = [r for r in self.running_reqs if r.is_prefilling]
+        if self.running_reqs and len(stuck) == len(self.running_reqs):
+            req = stuck[0]
+            self.running_reqs.remove(req)
+            self._emit_outputs([self._finish(req, FinishReason(type="length", message="KV cache full"),
+                                             keep_in_cache=False)])
+
+    def _on_sampled(self, msg: SampledTokens) -> None:
+        if self.inflight is None or self.inflight[0] != msg.batch_id:
+            raise RuntimeError(f"schedule: SampledTokens for batch {msg.batch_id}, "
+                               f"in flight: {self.inflight and self.inflight[0]}")
+        rows = self.inflight[1]
+        self.inflight = None
+        outputs = []
+        has_logprobs = bool(msg.token_logprobs)
+        for i, row in enumerate(rows):
+            req = row.req
+            if req.phase is not Phase.RUNNING:
+                continue  # aborted while its batch was in flight
+            if row.is_prefill:
+                self.pending_row_writes.extend(self.kv.cache_prefix(req))
+            if not row.need_sample:
+                continue
+            token = msg.token_ids[i]
+            req.output_ids.append(token)
+            self.num_generated += 1
+            reason = self._finish_reason(req, token)
+            logprobs = ([msg.token_logprobs[i]] if has_logprobs and req.sampling.return_logprob else [])
+            tops = (req.sampling.return_logprob and req.sampling.top_logprobs_num > 0 and msg.top_token_ids)
+            outputs.append(self._token_output(
+                req, [token], reason, logprobs,
+                [msg.top_token_ids[i]] if tops else [], [msg.top_logprobs[i]] if tops else []))
+            if reason is not None:
+                self.running_reqs.remove(req)
+                self._release(req, keep_in_cache=True)
+        self._emit_outputs(outputs)
+
+    # --------------------------------------------------------------- finish
+    def _finish_reason(self, req: Req, token: int) -> FinishReason | None:
+        params = req.sampling
+        num_out = len(req.output_ids)
+        if num_out >= params.min_new_tokens:
+            if not params.ignore_eos and token in self.eos_ids:
+                return FinishReason(type="stop", matched=token)
+            if token in params.stop_token_ids:
+                return FinishReason(type="stop", matched=token)
+        if num_out >= req.max_new_tokens:
+            return FinishReason(type="length")
+        return None
+
+    def _release(self, req: Req, keep_in_cache: bool) -> None:
+        if req.row and self.pending_row_writes:
+            self.pending_row_writes = [w for w in self.pending_row_writes if w.row != req.row]
+        self.kv.release(req, keep_in_cache)
+        req.phase = Phase.DONE
+        if req.constrained:
+            self.emit("constrain", GrammarRelease(rid=req.rid))
+
+    def _finish(self, req: Req, reason: FinishReason, keep_in_cache: bool = True) -> TokenOutput:
+        self._release(req, keep_in_cache)
+        return self._token_output(req, [], reason, [], [], [])
+
+    def _token_output(self, req: Req, new_ids: list[int], reason: FinishReason | None,
+                      logprobs: list[float], top_ids: list, top_lps: list) -> TokenOutput:
+        req.finish_reason = reason
+        return TokenOutput(
+            rid=req.rid, parent_rid=req.parent_rid, index=req.index, new_token_ids=new_ids,
+            finish_reason=reason, prompt_tokens=len(req.input_ids), completion_tokens=len(req.output_ids),
+            cached_tokens=req.cached_tokens, token_logprobs=logprobs, top_token_ids=top_ids,
+            top_logprobs=top_lps)
+
+    def _emit_outputs(self, outputs: list[TokenOutput]) -> None:
+        if outputs:
+            self.emit("detokenize", TokenOutputBatch(outputs=outputs))
+
+    def _emit_error(self, rid: str, message: str, param: str | None) -> None:
+        self.emit("detokenize", ErrorOutput(rid=rid, status_code=400, message=message, param=param))
+
+    # ---------------------------------------------------------------- stats
+    def _maybe_emit_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if "stats" not in self.outboxes or (not force and now - self._stats_at_s < STATS_INTERVAL_S):
+            return
+        elapsed = max(now - self._stats_at_s, 1e-9)
+        throughput = (self.num_generated - self._stats_generated) / elapsed
+        self._stats_at_s, self._stats_generated = now, self.num_generated
+        self.emit("stats", EngineStats(
+            time_s=time.time(), num_running_reqs=len(self.running_reqs), num_queue_reqs=len(self.waiting),
+            token_usage=self.kv.used_tokens() / self.kv.capacity_tokens,
+            cache_hit_rate=self.kv.tree.hit_rate, gen_throughput=throughput,
+            max_total_num_tokens=self.kv.capacity_tokens))
+
+    def check_integrity(self) -> None:
+        self.kv.check_integrity()
+
+
+def _grammar_of(params) -> tuple[str, str] | None:
+    if params.json_schema is not None:
+        return "json_schema", params.json_schema
+    if params.regex is not None:
+        return "regex", params.regex
+    if params.choices is not None:
+        return "choices", json.dumps(params.choices)
+    return None
