@@ -147,6 +147,9 @@ def gemm_sweep_configs(M: int) -> list:
                for bn in (16, 32, 64) for bk in (128, 256) for split in (1, 2, 4)]
         out += [GemmConfig("stream", bm, 32, 256, 1, num_warps=4, num_stages=s) for s in (3, 6)]
         out += [GemmConfig("stream", bm, 64, 128, 1, num_warps=w, num_stages=5) for w in (2, 8)]
+        if M <= 4:
+            out += [GemmConfig("stream", M, bn, bk, split, num_warps=4, num_stages=4, use_dot=False)
+                    for bn, bk in ((16, 256), (32, 128), (64, 64)) for split in (1, 2)]
         return out
     tma = [(128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
            (64, 128, 64, 4, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]
@@ -162,7 +165,7 @@ def gemm_sweep(ctx: Ctx) -> list[dict]:
 
     results = []
     for name, N, K in gemm_shapes():
-        for M in (1, 16, 64, 1024, 4096):
+        for M in (1, 4, 16, 64, 1024, 4096):
             x = torch.randn(M, K, device=ctx.device, dtype=DTYPE)
             w = torch.randn(N, K, device=ctx.device, dtype=DTYPE) / K ** 0.5
             y = torch.empty(M, N, device=ctx.device, dtype=DTYPE)
@@ -406,11 +409,12 @@ def main(argv: list[str] | None = None) -> int:
         for case in FAMILIES[family](ctx):
             report["rows"].append(measure(case, copy_gbps, args.quick))
         torch.cuda.empty_cache()
-    if args.sweep_gemm:
-        report["sweep"] = gemm_sweep(ctx)
     print_table(report["rows"])
     for path in write_json(report, props.name):
         print(f"wrote {path}")
+    if args.sweep_gemm:
+        report["sweep"] = gemm_sweep(ctx)
+        write_json(report, props.name)
     return 0
 
 

@@ -49,7 +49,7 @@ def _linear_stream_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -78,7 +78,10 @@ def _linear_stream_kernel(
             k_mask = (k_tile * BLOCK_K + offs_k) < K
             x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        if USE_DOT:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        else:  # GEMV-style: products on the CUDA cores, for M of 1..4 rows
+            acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -163,7 +166,8 @@ def _linear_tma_kernel(
 @dataclasses.dataclass(frozen=True)
 class GemmConfig:
     """One launch recipe. ``kind`` is "stream" (pointer kernel, optional
-    split-K) or "tma" (persistent tensor-descriptor kernel)."""
+    split-K; ``use_dot=False`` multiplies on the CUDA cores, for 1-4 rows) or
+    "tma" (persistent tensor-descriptor kernel)."""
 
     kind: str
     block_m: int
@@ -173,6 +177,7 @@ class GemmConfig:
     group_m: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    use_dot: bool = True
 
 
 def _interpreting() -> bool:
@@ -322,7 +327,7 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
+        USE_DOT=config.use_dot, INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
     if split_k > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
