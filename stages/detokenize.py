@@ -5,7 +5,8 @@ Inbox ``DetokenizeInbox`` (TokenOutputBatch | ErrorOutput), plus
 sequence's stop strings and decoding options before its first token; outboxes:
 
 * ``"out"`` -> ingest: one ``TextOutput`` per sequence per step (the last one
-  carries ``finish_reason``) and every ``ErrorOutput`` passed through;
+  carries ``finish_reason``); every ``ErrorOutput`` and ``EngineStats`` (the
+  schedule stage's snapshot, when wired through here) passed through;
 * ``"abort"`` -> schedule: ``Abort(rid, reason="stop")`` the moment a stop
   string matches, so the engine stops spending steps (and frees the KV) on a
   sequence whose client already has its answer.
@@ -49,7 +50,7 @@ from typing import Any
 import msgspec
 
 from pipeline.config import ServerArgs
-from pipeline.messages import (Abort, ErrorOutput, FinishReason, SamplingParams, TextOutput, TokenizedRequest,
+from pipeline.messages import (Abort, EngineStats, ErrorOutput, FinishReason, SamplingParams, TextOutput, TokenizedRequest,
                                TokenOutput, TokenOutputBatch)
 from pipeline.stage import Stage
 
@@ -245,13 +246,15 @@ class DetokenizeStage(Stage):
         """Remember a sequence's stop strings and decoding options (before its first token)."""
         self.options[rid] = DecodeOptions.from_sampling(sampling)
 
-    def handle(self, message: TokenOutputBatch | ErrorOutput | TokenizedRequest) -> None:
+    def handle(self, message: TokenOutputBatch | ErrorOutput | TokenizedRequest | EngineStats) -> None:
         match message:
             case TokenOutputBatch():
                 for output in message.outputs:
                     self._handle_output(output)
             case ErrorOutput():
                 self._forget(message.rid)
+                self.emit("out", message)
+            case EngineStats():  # the schedule stage's snapshot rides this channel to ingest
                 self.emit("out", message)
             case TokenizedRequest():
                 self.register(message.rid, message.sampling)

@@ -115,6 +115,8 @@ def render_chat(tokenizer: Any, request: GenerateRequest) -> str:
 
 def prompt_ids(tokenizer: Any, request: GenerateRequest, vocab_size: int) -> list[int]:
     """Token ids of the request's prompt; exactly one of text / messages / input_ids must be set."""
+    if request.image_urls:
+        raise RequestError("this model does not accept image inputs", "messages")
     given = [name for name in ("text", "messages", "input_ids") if getattr(request, name) is not None]
     if len(given) != 1:
         raise RequestError(f"exactly one of text, messages, input_ids must be given (got {given or 'none'})")
@@ -213,6 +215,9 @@ class TokenizeStage(Stage):
                 future.set_exception(error)
         else:
             future = self.pool.submit(tokenize_request, *args)
+            wake = getattr(self, "wake", None)  # wake the loop stepping this stage when the result is in
+            if wake is not None:
+                future.add_done_callback(lambda _: wake())
         self.in_flight.append((request, future))
 
     def _is_in_flight(self, rid: str) -> bool:
@@ -251,7 +256,7 @@ class TokenizeStage(Stage):
             self.emit("out", sequence)
 
     def has_work(self) -> bool:
-        return bool(self.in_flight or self.held_aborts)
+        return super().has_work() or bool(self.in_flight or self.held_aborts)
 
     def wait_for_work(self, timeout_s: float) -> None:
         """Block until some tokenization finishes (for a loop with nothing else to do)."""

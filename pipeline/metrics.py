@@ -1,0 +1,147 @@
+"""Prometheus metrics of a running server: SGLang's names under ``stagewise:``.
+
+One ``ServerMetrics`` per server, with its own ``CollectorRegistry`` (so tests
+can run several servers in one process). Request-level series are labelled
+``model_name`` (SGLang's label):
+
+=============================================  =========  ==========================================
+name                                           kind       fed by
+=============================================  =========  ==========================================
+stagewise:time_to_first_token_seconds          histogram  ingest, first token of each sequence
+stagewise:inter_token_latency_seconds          histogram  ingest, gap between outputs / new tokens
+stagewise:e2e_request_latency_seconds          histogram  ingest, arrival -> final output
+stagewise:prompt_tokens_total                  counter    ingest, per finished sequence
+stagewise:generation_tokens_total              counter    ingest, per output
+stagewise:num_requests_total{finish_reason}    counter    ingest, per finished sequence
+stagewise:num_running_reqs, num_queue_reqs,    gauge      EngineStats from the schedule stage
+  token_usage, cache_hit_rate, gen_throughput,
+  max_total_num_tokens
+=============================================  =========  ==========================================
+
+Pipeline series, read at scrape time (``PipelineCollector``), labelled ``stage``
+or ``channel``: ``stagewise:stage_messages_in_total``,
+``stagewise:stage_messages_out_total``, ``stagewise:stage_busy_seconds_total``,
+``stagewise:stage_steps_total`` and ``stagewise:channel_queue_depth``. Stages
+living in this process are read directly; those of an engine process arrive
+inside ``EngineStats.stage_counters`` (``{stage: {messages_in, messages_out,
+busy_s, steps, queue_depth}}``), so one ``/metrics`` shows both processes.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from pipeline.messages import EngineStats
+
+PREFIX = "stagewise:"
+# SGLang's buckets (seconds).
+TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                  15.0, 20.0, 25.0, 30.0)
+ITL_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2,
+                 0.3, 0.4, 0.5, 0.75, 1.0, 2.0)
+E2E_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 90.0, 120.0, 150.0,
+                 180.0, 240.0, 300.0, 600.0)
+ENGINE_GAUGES = ("num_running_reqs", "num_queue_reqs", "token_usage", "cache_hit_rate", "gen_throughput",
+                 "max_total_num_tokens")
+
+
+class PipelineCollector:
+    """Stage and channel series, read from live stages and the last EngineStats at scrape time."""
+
+    def __init__(self, local_stages: Callable[[], Iterable[Any]], engine_counters: Callable[[], dict]) -> None:
+        self.local_stages = local_stages
+        self.engine_counters = engine_counters
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        """{stage: {messages_in, messages_out, busy_s, steps, queue_depth}} over both processes."""
+        counters = {name: dict(values) for name, values in (self.engine_counters() or {}).items()}
+        for stage in self.local_stages():
+            counters[stage.name] = stage_counters(stage)
+        return counters
+
+    def collect(self) -> Iterable[Any]:
+        counters = self.snapshot()
+        families = {
+            "messages_in": CounterMetricFamily(PREFIX + "stage_messages_in", "Messages a stage took from its inbox",
+                                               labels=["stage"]),
+            "messages_out": CounterMetricFamily(PREFIX + "stage_messages_out", "Messages a stage emitted",
+                                                labels=["stage"]),
+            "busy_s": CounterMetricFamily(PREFIX + "stage_busy_seconds", "Seconds a stage spent stepping",
+                                          labels=["stage"]),
+            "steps": CounterMetricFamily(PREFIX + "stage_steps", "Steps a stage ran", labels=["stage"]),
+        }
+        depth = GaugeMetricFamily(PREFIX + "channel_queue_depth", "Messages waiting in a stage's inbox channel",
+                                  labels=["channel"])
+        for name in sorted(counters):
+            values = counters[name]
+            for key, family in families.items():
+                family.add_metric([name], float(values.get(key, 0.0)))
+            depth.add_metric([name], float(values.get("queue_depth", 0.0)))
+        yield from families.values()
+        yield depth
+
+
+def stage_counters(stage: Any) -> dict[str, float]:
+    """One stage's counters plus its inbox depth, as plain floats (what EngineStats carries)."""
+    values = stage.counters.as_dict() if hasattr(stage.counters, "as_dict") else dict(vars(stage.counters))
+    values = {k: float(v) for k, v in values.items()}
+    inbox = getattr(stage, "inbox", None)
+    values["queue_depth"] = float(len(inbox)) if inbox is not None else 0.0
+    return values
+
+
+class ServerMetrics:
+    """Every metric of one server, in its own registry; ``render()`` is the /metrics body."""
+
+    def __init__(self, model_name: str, local_stages: Callable[[], Iterable[Any]] = lambda: ()) -> None:
+        self.registry = CollectorRegistry()
+        self.model_name = model_name
+        labels = ["model_name"]
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token",
+                              labels, buckets=TTFT_BUCKETS_S, registry=self.registry).labels(model_name)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between two output tokens",
+                             labels, buckets=ITL_BUCKETS_S, registry=self.registry).labels(model_name)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Arrival to last token of a sequence",
+                             labels, buckets=E2E_BUCKETS_S, registry=self.registry).labels(model_name)
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished sequences", labels,
+                                     registry=self.registry).labels(model_name)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens", labels,
+                                         registry=self.registry).labels(model_name)
+        self.num_requests = Counter(PREFIX + "num_requests", "Finished sequences by finish reason",
+                                    labels + ["finish_reason"], registry=self.registry)
+        self.engine = {name: Gauge(PREFIX + name, f"EngineStats.{name}", labels,
+                                   registry=self.registry).labels(model_name) for name in ENGINE_GAUGES}
+        self.last_stats: EngineStats | None = None
+        self.pipeline = PipelineCollector(local_stages, lambda: self.last_stats.stage_counters
+                                          if self.last_stats is not None else {})
+        self.registry.register(self.pipeline)
+
+    # -- fed by the ingest stage --------------------------------------------------
+    def observe_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def observe_inter_token(self, seconds: float) -> None:
+        self.itl.observe(seconds)
+
+    def count_tokens(self, num_prompt_tokens: int, num_generated_tokens: int) -> None:
+        if num_prompt_tokens:
+            self.prompt_tokens.inc(num_prompt_tokens)
+        if num_generated_tokens:
+            self.generation_tokens.inc(num_generated_tokens)
+
+    def observe_finished(self, finish_reason: str, num_prompt_tokens: int, e2e_s: float) -> None:
+        self.num_requests.labels(self.model_name, finish_reason).inc()
+        self.count_tokens(num_prompt_tokens, 0)
+        self.e2e.observe(e2e_s)
+
+    def set_engine_stats(self, stats: EngineStats) -> None:
+        self.last_stats = stats
+        for name, gauge in self.engine.items():
+            gauge.set(float(getattr(stats, name)))
+
+    def render(self) -> tuple[bytes, str]:
+        """(body, content type) of the Prometheus text exposition."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,191 @@
+"""Request bodies -> SamplingParams and GenerateRequest messages.
+
+OpenAI names map onto SGLang's (``max_tokens`` -> ``max_new_tokens``,
+``min_tokens`` -> ``min_new_tokens``, ``logprobs``/``top_logprobs`` ->
+``return_logprob``/``top_logprobs_num``, ``response_format`` ->
+``json_schema``); every range rule lives in ``SamplingParams.validate`` and a
+broken one becomes a 400 that names the field by the API's name. Things we do
+not implement (``logit_bias``, ``suffix``, ``best_of`` > n, images) are refused
+with a 400 rather than silently ignored.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+
+from pipeline.messages import ChatMessage, FunctionCall, GenerateRequest, SamplingParams, SamplingParamsError, ToolCall
+from stages.ingest.errors import ApiError, bad_request, from_sampling_error
+from stages.ingest.protocol import (ChatCompletionRequest, ChatMessageIn, CompletionRequest, NativeGenerateRequest,
+                                    SamplingFields)
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+CHAT_DEFAULT_MAX_TOKENS = 128  # SGLang's default max_new_tokens
+OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "top_logprobs_num": "logprobs"}
+SAMPLING_FIELD_NAMES = frozenset(f.name for f in msgspec.structs.fields(SamplingParams))
+
+
+def _common_sampling(body: SamplingFields, max_new_tokens: int) -> dict[str, Any]:
+    if body.logit_bias:
+        raise bad_request("logit_bias is not supported", "logit_bias")
+    params: dict[str, Any] = {
+        "max_new_tokens": max_new_tokens, "min_new_tokens": body.min_tokens, "n": body.n, "seed": body.seed,
+        "stop": [body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+        "stop_token_ids": list(body.stop_token_ids or []), "ignore_eos": body.ignore_eos,
+        "skip_special_tokens": body.skip_special_tokens, "no_stop_trim": body.no_stop_trim,
+        "spaces_between_special_tokens": body.spaces_between_special_tokens,
+    }
+    for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
+        if getattr(body, name) is not None:
+            params[name] = getattr(body, name)
+    if body.top_k is not None:
+        params["top_k"] = -1 if body.top_k == 0 else body.top_k  # 0 means "off" for OpenAI-style clients
+    params.update(_grammar(body))
+    return params
+
+
+def _grammar(body: SamplingFields) -> dict[str, Any]:
+    grammar: dict[str, Any] = {}
+    if body.regex is not None:
+        grammar["regex"] = body.regex
+    if body.json_schema is not None:
+        grammar["json_schema"] = body.json_schema
+    format_ = body.response_format
+    if format_ is None or format_.type == "text":
+        return grammar
+    if format_.type == "json_object":
+        grammar["json_schema"] = json.dumps({"type": "object"})
+    else:
+        if format_.json_schema is None or format_.json_schema.schema_ is None:
+            raise bad_request("response_format of type json_schema needs json_schema.schema",
+                              "response_format.json_schema")
+        grammar["json_schema"] = json.dumps(format_.json_schema.schema_)
+    return grammar
+
+
+def make_sampling(params: dict[str, Any], names: dict[str, str] | None = None) -> SamplingParams:
+    try:
+        return SamplingParams(**params)
+    except SamplingParamsError as error:
+        raise from_sampling_error(error, names if names is not None else OPENAI_NAMES) from error
+
+
+def _max_tokens(*values: int | None, default: int) -> int:
+    for value in values:
+        if value is not None:
+            return value
+    return default
+
+
+# --------------------------------------------------------------------------- /v1/completions
+
+
+def completion_prompts(prompt: str | list[Any]) -> list[dict[str, Any]]:
+    """OpenAI's prompt forms as GenerateRequest kwargs: one dict per prompt of a batch."""
+    if isinstance(prompt, str):
+        return [{"text": prompt}]
+    if not prompt:
+        raise bad_request("prompt must not be empty", "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [{"text": p} for p in prompt]
+    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+        return [{"input_ids": list(prompt)}]
+    if all(isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
+        return [{"input_ids": list(p)} for p in prompt]
+    raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of "
+                      "token id lists", "prompt")
+
+
+def completion_requests(body: CompletionRequest, rid: str, arrival_time_s: float) -> list[GenerateRequest]:
+    if body.suffix:
+        raise bad_request("suffix is not supported", "suffix")
+    if body.best_of is not None and body.best_of != body.n:
+        raise bad_request("best_of different from n is not supported", "best_of")
+    params = _common_sampling(body, _max_tokens(body.max_tokens, default=COMPLETION_DEFAULT_MAX_TOKENS))
+    if body.logprobs is not None:
+        params.update(return_logprob=True, top_logprobs_num=body.logprobs)
+    sampling = make_sampling(params)
+    prompts = completion_prompts(body.prompt)
+    return [GenerateRequest(rid=rid if len(prompts) == 1 else f"{rid}-{k}", sampling=sampling, stream=body.stream,
+                            arrival_time_s=arrival_time_s, **prompt) for k, prompt in enumerate(prompts)]
+
+
+# --------------------------------------------------------------------------- /v1/chat/completions
+
+
+def chat_message(message: ChatMessageIn, position: int) -> tuple[ChatMessage, list[str]]:
+    """One OpenAI chat message -> ChatMessage (text parts joined) and its image URLs."""
+    content, images = message.content, []
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if part.type == "text":
+                texts.append(part.text or "")
+            elif part.type == "image_url":
+                images.append(str((part.image_url or {}).get("url", "")))
+            else:
+                raise bad_request(f"unsupported content part type {part.type!r}", f"messages[{position}].content")
+        content = "".join(texts)
+    tool_calls = None
+    if message.tool_calls:
+        tool_calls = [ToolCall(id=call.id or f"call_{position}_{i}", function=FunctionCall(
+            name=call.function.name, arguments=call.function.arguments if isinstance(call.function.arguments, str)
+            else json.dumps(call.function.arguments))) for i, call in enumerate(message.tool_calls)]
+    role = "system" if message.role == "developer" else message.role
+    return ChatMessage(role=role, content=content, name=message.name, tool_calls=tool_calls,
+                       tool_call_id=message.tool_call_id, reasoning_content=message.reasoning_content), images
+
+
+def chat_request(body: ChatCompletionRequest, rid: str, arrival_time_s: float) -> GenerateRequest:
+    if not body.messages:
+        raise bad_request("messages must not be empty", "messages")
+    params = _common_sampling(body, _max_tokens(body.max_completion_tokens, body.max_tokens,
+                                                default=CHAT_DEFAULT_MAX_TOKENS))
+    if body.logprobs:
+        params.update(return_logprob=True, top_logprobs_num=body.top_logprobs or 0)
+    elif body.top_logprobs:
+        raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    names = dict(OPENAI_NAMES, top_logprobs_num="top_logprobs")
+    sampling = make_sampling(params, names)
+    converted = [chat_message(m, i) for i, m in enumerate(body.messages)]
+    tools = body.tools if body.tool_choice != "none" else None
+    kwargs = dict(body.chat_template_kwargs or {})
+    add_generation_prompt = body.add_generation_prompt and not body.continue_final_message
+    return GenerateRequest(rid=rid, messages=[m for m, _ in converted], sampling=sampling, stream=body.stream,
+                           add_generation_prompt=add_generation_prompt, tools=tools, chat_template_kwargs=kwargs,
+                           image_urls=[url for _, urls in converted for url in urls], arrival_time_s=arrival_time_s)
+
+
+# --------------------------------------------------------------------------- /generate
+
+
+def native_requests(body: NativeGenerateRequest, rid: str, arrival_time_s: float) -> list[GenerateRequest]:
+    """SGLang's /generate: sampling_params by SGLang names (unknown names are a 400)."""
+    raw = dict(body.sampling_params or {})
+    unknown = sorted(set(raw) - SAMPLING_FIELD_NAMES)
+    if unknown:
+        raise bad_request(f"unknown sampling_params field(s) {unknown}", f"sampling_params.{unknown[0]}")
+    if body.return_logprob:
+        raw.update(return_logprob=True, top_logprobs_num=body.top_logprobs_num)
+    try:
+        sampling = msgspec.convert(raw, SamplingParams)
+    except msgspec.ValidationError as error:
+        raise bad_request(f"invalid sampling_params: {error}", "sampling_params") from error
+    prompts = _native_prompts(body)
+    return [GenerateRequest(rid=rid if len(prompts) == 1 else f"{rid}-{k}", sampling=sampling, stream=body.stream,
+                            arrival_time_s=arrival_time_s, **prompt) for k, prompt in enumerate(prompts)]
+
+
+def _native_prompts(body: NativeGenerateRequest) -> list[dict[str, Any]]:
+    if (body.text is None) == (body.input_ids is None):
+        raise bad_request("exactly one of text and input_ids must be given", "text")
+    if body.text is not None:
+        texts = [body.text] if isinstance(body.text, str) else body.text
+        if not texts:
+            raise bad_request("text must not be empty", "text")
+        return [{"text": t} for t in texts]
+    try:
+        return completion_prompts(body.input_ids or [])
+    except ApiError as error:
+        raise bad_request(error.message.replace("prompt", "input_ids"), "input_ids") from error

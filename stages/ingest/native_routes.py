@@ -1,0 +1,185 @@
+"""SGLang-native routes: /generate, health, info, abort, cache flush and /metrics.
+
+``/generate`` takes ``text`` or ``input_ids`` (one prompt or a batch) and
+``sampling_params`` by SGLang's names, and answers ``{"text", "output_ids",
+"meta_info"}`` per sequence (a list for a batch or ``n > 1``); streamed, each
+event carries the text so far, as SGLang does. ``/health`` is 503 until the
+warm-up request went through, then 200; ``/health_generate`` runs a one-token
+generation through the whole pipeline.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from pipeline.messages import GenerateRequest, SamplingParams
+from stages.ingest.context import ServerContext
+from stages.ingest.convert import native_requests
+from stages.ingest.errors import ApiError
+from stages.ingest.protocol import AbortRequestBody, NativeGenerateRequest
+from stages.ingest.responses import SequenceResult, native_result
+from stages.ingest.streaming import SseWriter, collect, merged, read_body
+
+HEALTH_GENERATE_TIMEOUT_S = 30.0
+
+
+async def generate(request: web.Request) -> web.StreamResponse:
+    ctx: ServerContext = request.app["ctx"]
+    body: NativeGenerateRequest = await read_body(request, NativeGenerateRequest)
+    rid = body.rid or uuid.uuid4().hex
+    start_s = time.perf_counter()
+    generate_requests = native_requests(body, rid, time.time())
+    ctx.ingest.check_capacity(sum(r.sampling.n for r in generate_requests))
+    streams = [await ctx.ingest.submit(r) for r in generate_requests]
+    try:
+        if body.stream:
+            return await _stream_generate(request, body, streams, start_s)
+        results = await collect(streams)
+        items = [native_result(_sequence_rid(s.rid, r.index, s.num_sequences), r,
+                               time.perf_counter() - start_s, body.return_logprob)
+                 for s, group in _grouped(streams, results) for r in group]
+        single = isinstance(body.text, str) or (body.input_ids is not None and _is_flat(body.input_ids))
+        return web.json_response(items[0] if single and len(items) == 1 else items)
+    finally:
+        for stream in streams:
+            await stream.close()
+
+
+def _is_flat(input_ids: list[Any]) -> bool:
+    return not input_ids or not isinstance(input_ids[0], list)
+
+
+def _grouped(streams: list, results: list[SequenceResult]) -> list[tuple[Any, list[SequenceResult]]]:
+    groups, start = [], 0
+    for stream in streams:
+        groups.append((stream, results[start:start + stream.num_sequences]))
+        start += stream.num_sequences
+    return groups
+
+
+def _sequence_rid(rid: str, index: int, num_sequences: int) -> str:
+    return rid if num_sequences == 1 else f"{rid}.{index}"
+
+
+async def _stream_generate(request: web.Request, body: NativeGenerateRequest, streams: list,
+                           start_s: float) -> web.StreamResponse:
+    writer = SseWriter(request)
+    results: dict[tuple[int, int], SequenceResult] = {}
+    try:
+        async for position, output in merged(streams):
+            key = (position, output.index)
+            result = results.setdefault(key, SequenceResult(index=output.index))
+            result.add(output)
+            if not (output.text_delta or output.finish_reason or output.token_ids_delta):
+                continue
+            stream = streams[position]
+            item = native_result(_sequence_rid(stream.rid, output.index, stream.num_sequences), result,
+                                 time.perf_counter() - start_s, body.return_logprob)
+            item["index"] = position * max(stream.num_sequences, 1) + output.index
+            await writer.send(item)
+    except ApiError as error:
+        if writer.response is None:
+            raise
+        await writer.send_error(error)
+    return await writer.finish()
+
+
+# --------------------------------------------------------------------------- health and info
+
+
+async def health(request: web.Request) -> web.Response:
+    ctx: ServerContext = request.app["ctx"]
+    if not ctx.ready:
+        return web.json_response({"status": "starting"}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def health_generate(request: web.Request) -> web.Response:
+    ctx: ServerContext = request.app["ctx"]
+    if not ctx.ready:
+        return web.json_response({"status": "starting"}, status=503)
+    try:
+        await asyncio.wait_for(one_token_generation(ctx, f"health-{uuid.uuid4().hex}"), HEALTH_GENERATE_TIMEOUT_S)
+    except (ApiError, asyncio.TimeoutError) as error:
+        return web.json_response({"status": "unhealthy", "message": str(error)}, status=503)
+    return web.json_response({"status": "ok"})
+
+
+async def one_token_generation(ctx: ServerContext, rid: str) -> SequenceResult:
+    """Generate one token from a one-token prompt through the whole pipeline (warm-up, health)."""
+    first_id = ctx.tokenizer.bos_token_id if ctx.tokenizer.bos_token_id is not None else 0
+    request = GenerateRequest(rid=rid, input_ids=[first_id],
+                              sampling=SamplingParams(max_new_tokens=1, temperature=0.0))
+    stream = await ctx.ingest.submit(request)
+    try:
+        [result] = await collect([stream])
+    finally:
+        await stream.close()
+    return result
+
+
+async def get_model_info(request: web.Request) -> web.Response:
+    ctx: ServerContext = request.app["ctx"]
+    args = ctx.args
+    return web.json_response({"model_path": args.model_path, "tokenizer_path": args.tokenizer_path,
+                              "served_model_name": args.served_model_name, "is_generation": True,
+                              "context_length": args.context_length})
+
+
+async def get_server_info(request: web.Request) -> web.Response:
+    import msgspec
+
+    ctx: ServerContext = request.app["ctx"]
+    info: dict[str, Any] = msgspec.to_builtins(ctx.args)
+    info.pop("api_key", None)
+    stats = ctx.ingest.engine_stats
+    info["engine_stats"] = msgspec.to_builtins(stats) if stats is not None else None
+    info["num_requests_in_flight"] = len(ctx.ingest.streams)
+    info.update(ctx.server_info())
+    return web.json_response(info)
+
+
+# --------------------------------------------------------------------------- control
+
+
+async def abort_request(request: web.Request) -> web.Response:
+    ctx: ServerContext = request.app["ctx"]
+    body: AbortRequestBody = await read_body(request, AbortRequestBody)
+    rids = list(ctx.ingest.streams) if body.abort_all else [body.rid]
+    if not body.abort_all and not body.rid:
+        raise ApiError(400, "give rid or abort_all", param="rid")
+    aborted = [rid for rid in rids if await ctx.ingest.abort_by_client(rid)]
+    if not body.abort_all and not aborted:
+        raise ApiError(404, f"no running request with rid {body.rid!r}", "not_found_error", "rid")
+    return web.json_response({"aborted": aborted})
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    ctx: ServerContext = request.app["ctx"]
+    if not await ctx.ingest.flush_cache():
+        raise ApiError(503, "cache flush is not wired in this placement", "server_unavailable")
+    return web.json_response({"status": "ok", "message": "cache flush requested"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx: ServerContext = request.app["ctx"]
+    if ctx.metrics is None:
+        raise ApiError(404, "metrics are off; start the server with --enable-metrics", "not_found_error")
+    body, content_type = ctx.metrics.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def add_native_routes(app: web.Application) -> None:
+    app.router.add_post("/generate", generate)
+    app.router.add_get("/health", health)
+    app.router.add_get("/health_generate", health_generate)
+    app.router.add_get("/get_model_info", get_model_info)
+    app.router.add_get("/get_server_info", get_server_info)
+    app.router.add_get("/server_info", get_server_info)
+    app.router.add_post("/abort_request", abort_request)
+    app.router.add_post("/flush_cache", flush_cache)
+    app.router.add_get("/metrics", metrics)

@@ -1,0 +1,160 @@
+"""OpenAI-compatible routes: /v1/completions, /v1/chat/completions, /v1/models.
+
+Each handler: decode the body (protocol Structs), convert it to one or more
+GenerateRequests (convert.py), submit them to the IngestStage, then either
+collect whole results or stream SSE chunks. ``finally`` closes every stream:
+a request still running when the handler ends (client gone, error) is aborted
+in the engine, so its KV is freed.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from stages.ingest.context import ServerContext
+from stages.ingest.convert import chat_request, completion_requests
+from stages.ingest.errors import ApiError
+from stages.ingest.protocol import ChatCompletionRequest, CompletionRequest
+from stages.ingest.responses import (SequenceResult, chat_logprobs, chat_response, completion_logprobs,
+                                     completion_response, new_id, openai_finish_reason, usage)
+from stages.ingest.streaming import SseWriter, collect, merged, read_body
+
+
+async def list_models(request: web.Request) -> web.Response:
+    ctx: ServerContext = request.app["ctx"]
+    args = ctx.args
+    return web.json_response({"object": "list", "data": [{
+        "id": args.served_model_name, "object": "model", "created": ctx.started_s, "owned_by": "stagewise",
+        "root": args.model_path, "max_model_len": args.context_length}]})
+
+
+# --------------------------------------------------------------------------- /v1/completions
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    ctx: ServerContext = request.app["ctx"]
+    body: CompletionRequest = await read_body(request, CompletionRequest)
+    rid = body.rid or new_id("cmpl")
+    generate_requests = completion_requests(body, rid, time.time())
+    ctx.ingest.check_capacity(sum(r.sampling.n for r in generate_requests))
+    echo_prompts = [ctx.prompt_text(r) for r in generate_requests] if body.echo else []
+    streams = [await ctx.ingest.submit(r) for r in generate_requests]
+    try:
+        if body.stream:
+            return await _stream_completion(ctx, request, body, rid, streams, echo_prompts)
+        results = await collect(streams)
+        return web.json_response(completion_response(rid, ctx.args.served_model_name, results,
+                                                     len(generate_requests), ctx.token_text,
+                                                     body.logprobs is not None, echo_prompts))
+    finally:
+        for stream in streams:
+            await stream.close()
+
+
+async def _stream_completion(ctx: ServerContext, request: web.Request, body: CompletionRequest, rid: str,
+                             streams: list, echo_prompts: list[str]) -> web.StreamResponse:
+    writer, n = SseWriter(request), body.n
+    results: dict[int, SequenceResult] = {}
+    try:
+        async for position, output in merged(streams):
+            index = position * n + output.index
+            result = results.setdefault(index, SequenceResult(index=index))
+            prefix = echo_prompts[position] if echo_prompts and not result.text and not result.token_ids else ""
+            result.add(output)
+            if not (output.text_delta or output.finish_reason or prefix or output.token_logprobs):
+                continue
+            choice: dict[str, Any] = {"index": index, "text": prefix + output.text_delta, "logprobs": None,
+                                      "finish_reason": openai_finish_reason(output.finish_reason)}
+            if body.logprobs is not None:
+                choice["logprobs"] = completion_logprobs(ctx.token_text, output, output.token_ids_delta)
+            await writer.send(_chunk(rid, "text_completion", ctx, [choice]))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            ordered = [results[i] for i in sorted(results)]
+            await writer.send(_chunk(rid, "text_completion", ctx, [], usage(ordered, len(streams))))
+    except ApiError as error:
+        if writer.response is None:
+            raise
+        await writer.send_error(error)
+    return await writer.finish()
+
+
+def _chunk(rid: str, kind: str, ctx: ServerContext, choices: list, usage_body: dict | None = None) -> dict:
+    chunk = {"id": rid, "object": kind, "created": int(time.time()), "model": ctx.args.served_model_name,
+             "choices": choices}
+    if usage_body is not None:
+        chunk["usage"] = usage_body
+    return chunk
+
+
+# --------------------------------------------------------------------------- /v1/chat/completions
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    ctx: ServerContext = request.app["ctx"]
+    body: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
+    rid = body.rid or new_id("chatcmpl")
+    generate_request = chat_request(body, rid, time.time())
+    ctx.ingest.check_capacity(generate_request.sampling.n)
+    stream = await ctx.ingest.submit(generate_request)
+    try:
+        if body.stream:
+            return await _stream_chat(ctx, request, body, rid, stream)
+        results = await collect([stream])
+        parse = ctx.output_parsing(body)
+        messages = [parse.whole(result.text) for result in results]
+        return web.json_response(chat_response(rid, ctx.args.served_model_name, results, ctx.token_text,
+                                               body.logprobs, messages))
+    finally:
+        await stream.close()
+
+
+async def _stream_chat(ctx: ServerContext, request: web.Request, body: ChatCompletionRequest, rid: str,
+                       stream: Any) -> web.StreamResponse:
+    writer = SseWriter(request)
+    results: dict[int, SequenceResult] = {}
+    parsers: dict[int, Any] = {}
+    try:
+        async for _, output in merged([stream]):
+            index = output.index
+            if index not in results:
+                results[index] = SequenceResult(index=index)
+                parsers[index] = ctx.output_parsing(body).incremental()
+                await writer.send(_chunk(rid, "chat.completion.chunk", ctx, [
+                    {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}]))
+            results[index].add(output)
+            await _send_chat_delta(ctx, writer, body, rid, output, parsers[index])
+        if body.stream_options is not None and body.stream_options.include_usage:
+            ordered = [results[i] for i in sorted(results)]
+            await writer.send(_chunk(rid, "chat.completion.chunk", ctx, [], usage(ordered)))
+    except ApiError as error:
+        if writer.response is None:
+            raise
+        await writer.send_error(error)
+    return await writer.finish()
+
+
+async def _send_chat_delta(ctx: ServerContext, writer: SseWriter, body: ChatCompletionRequest, rid: str,
+                           output: Any, parser: Any) -> None:
+    delta = parser.feed(output.text_delta)
+    if output.finish_reason is not None:
+        delta = parser.merge(delta, parser.finish())
+    logprobs = chat_logprobs(ctx.token_text, output, output.token_ids_delta) if body.logprobs else None
+    if delta or (logprobs and logprobs["content"]):
+        await writer.send(_chunk(rid, "chat.completion.chunk", ctx, [
+            {"index": output.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}]))
+    if output.finish_reason is not None:
+        finish = openai_finish_reason(output.finish_reason)
+        if parser.made_tool_calls and finish == "stop":
+            finish = "tool_calls"
+        await writer.send(_chunk(rid, "chat.completion.chunk", ctx, [
+            {"index": output.index, "delta": {}, "logprobs": None, "finish_reason": finish,
+             "matched_stop": output.finish_reason.matched}]))
+
+
+def add_openai_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)

@@ -1,0 +1,144 @@
+"""HTTP request bodies as msgspec Structs (OpenAI and SGLang-native names).
+
+Decoding a body against these types is the first validation: a wrong type
+fails with msgspec's message, which names the JSON path
+(``Expected `float`, got `str` - at `$.temperature```), and becomes a 400 whose
+``param`` is that path. Unknown top-level fields are ignored, as OpenAI's
+server does for forward compatibility. Range checks happen when the fields
+become ``SamplingParams`` (see ``stages/ingest/convert.py``).
+
+msgspec allows one array type per union, so fields that OpenAI lets be
+"a string, a list of strings, a list of ids or a list of id lists"
+(``prompt``) are decoded as ``str | list[Any]`` and checked by hand.
+"""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class JsonSchemaFormat(msgspec.Struct, kw_only=True):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | None = msgspec.field(default=None, name="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(msgspec.Struct, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class SamplingFields(msgspec.Struct, kw_only=True):
+    """Fields shared by /v1/completions and /v1/chat/completions (SGLang extensions included)."""
+
+    model: str = ""
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    regex: str | None = None
+    json_schema: str | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    rid: str | None = None
+
+
+class CompletionRequest(SamplingFields, kw_only=True):
+    """POST /v1/completions."""
+
+    prompt: str | list[Any]
+    echo: bool = False
+    logprobs: int | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ContentPart(msgspec.Struct, kw_only=True):
+    type: str
+    text: str | None = None
+    image_url: dict[str, Any] | None = None
+
+
+class FunctionCallIn(msgspec.Struct, kw_only=True):
+    name: str
+    arguments: str | dict[str, Any] = "{}"
+
+
+class ToolCallIn(msgspec.Struct, kw_only=True):
+    id: str = ""
+    type: str = "function"
+    function: FunctionCallIn
+
+
+class ChatMessageIn(msgspec.Struct, kw_only=True):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields, kw_only=True):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessageIn]
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    max_completion_tokens: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    separate_reasoning: bool = True
+
+
+class NativeGenerateRequest(msgspec.Struct, kw_only=True):
+    """POST /generate (SGLang native): text or input_ids, sampling_params by SGLang's names."""
+
+    text: str | list[str] | None = None
+    input_ids: list[Any] | None = None
+    sampling_params: dict[str, Any] | None = None
+    stream: bool = False
+    return_logprob: bool = False
+    top_logprobs_num: int = 0
+    logprob_start_len: int = -1
+    return_text_in_logprobs: bool = False
+    rid: str | None = None
+
+
+class AbortRequestBody(msgspec.Struct, kw_only=True):
+    """POST /abort_request: one rid, or every request with abort_all."""
+
+    rid: str = ""
+    abort_all: bool = False
+
+
+def decode_body(raw: bytes, body_type: type) -> Any:
+    """Decode a JSON body against ``body_type`` (raises msgspec errors, mapped to 400 by the caller)."""
+    return msgspec.json.decode(raw, type=body_type)

@@ -1,0 +1,92 @@
+"""HttpServer: the aiohttp server of the ingest stage, on the ingest thread's event loop.
+
+Life cycle::
+
+    bind host:port -> start the inbox pump -> warm-up (one 1-token generation
+    through the whole pipeline) -> ready (/health 200) -> ... serve ...
+    -> begin_drain: stop listening, new requests 503, running ones finish
+    -> stop(): cancel what is left, close the server, return
+
+Handlers are cancelled when their client disconnects (aiohttp's
+``handler_cancellation``); the ``finally`` of every route then aborts the
+request in the engine.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any, Callable
+
+from aiohttp import web
+
+from stages.ingest.app import build_app
+from stages.ingest.context import ServerContext
+
+logger = logging.getLogger(__name__)
+
+STOP_POLL_S = 0.05
+SHUTDOWN_GRACE_S = 5.0
+
+
+class HttpServer:
+    """One aiohttp site bound to ``--host``/``--port``, serving the ingest stage's routes."""
+
+    def __init__(self, stage: Any) -> None:
+        from stages.tokenize import load_tokenizer
+
+        self.stage = stage
+        self.args = stage.args
+        tokenizer = stage.tokenizer if getattr(stage, "tokenizer", None) is not None else load_tokenizer(
+            self.args.tokenizer_path or self.args.model_path)
+        self.ctx = ServerContext(self.args, stage, tokenizer, stage.metrics, getattr(stage, "server_info", None))
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.site: web.TCPSite | None = None
+        self.ready = threading.Event()  # set after warm-up (or on failure, with .error)
+        self.error: BaseException | None = None
+        self.bound_port = 0
+
+    def run_until_stopped(self, stopping: Callable[[], bool]) -> None:
+        asyncio.run(self._serve(stopping))
+
+    async def _serve(self, stopping: Callable[[], bool]) -> None:
+        self.loop = asyncio.get_running_loop()
+        runner = web.AppRunner(build_app(self.ctx), handler_cancellation=True, access_log=None,
+                               shutdown_timeout=SHUTDOWN_GRACE_S)
+        pump = asyncio.ensure_future(self.stage.pump())
+        try:
+            await runner.setup()
+            self.site = web.TCPSite(runner, self.args.host, self.args.port, reuse_address=True)
+            await self.site.start()
+            self.bound_port = self.site._server.sockets[0].getsockname()[1]  # the port when --port 0
+            await self._warm_up()
+            while not stopping():
+                await asyncio.sleep(STOP_POLL_S)
+        except BaseException as error:
+            self.error = error
+            self.ready.set()
+            raise
+        finally:
+            self.stage.fail_all("the server is shutting down")
+            await runner.cleanup()
+            pump.cancel()
+
+    async def _warm_up(self) -> None:
+        from stages.ingest.native_routes import one_token_generation
+
+        start_s = time.perf_counter()
+        await one_token_generation(self.ctx, f"warmup-{time.time_ns()}")
+        self.ctx.ready = True
+        logger.info("warm-up generation done in %.2f s", time.perf_counter() - start_s)
+        self.ready.set()
+
+    def stop_listening_soon(self) -> None:
+        """Thread-safe: close the listening socket; open connections keep being served."""
+        if self.loop is not None and self.site is not None:
+            asyncio.run_coroutine_threadsafe(self._stop_listening(), self.loop)
+
+    async def _stop_listening(self) -> None:
+        server = getattr(self.site, "_server", None)
+        if server is not None:
+            server.close()

@@ -1,0 +1,107 @@
+"""Server-sent events and the handler-side plumbing every route shares.
+
+``read_body`` decodes a JSON body into a protocol Struct (400 on bad JSON or
+a wrong type); ``collect`` gathers whole results; ``merged`` interleaves the
+outputs of several streams (a batch of prompts); ``SseWriter`` writes
+``data: {...}\\n\\n`` events and the final ``data: [DONE]``.
+
+A streamed response is only started (status 200 and headers sent) once the
+first output is there, so an error found by the tokenize stage (prompt too
+long, bad template) is still answered as a plain 400, not inside a stream.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any, AsyncIterator
+
+import msgspec
+from aiohttp import web
+
+from pipeline.messages import TextOutput
+from stages.ingest.errors import ApiError, from_decode_error
+from stages.ingest.protocol import decode_body
+from stages.ingest.responses import SequenceResult
+from stages.ingest.stage import RequestStream
+
+
+async def read_body(request: web.Request, body_type: type) -> Any:
+    raw = await request.read()
+    if not raw.strip():
+        raise ApiError(400, "request body is empty; send a JSON object")
+    try:
+        return decode_body(raw, body_type)
+    except msgspec.MsgspecError as error:
+        raise from_decode_error(error) from error
+
+
+async def collect(streams: list[RequestStream]) -> list[SequenceResult]:
+    """Whole results of every sequence of every stream, in (stream, index) order."""
+
+    async def one(stream: RequestStream) -> list[SequenceResult]:
+        results = [SequenceResult(index=i) for i in range(stream.num_sequences)]
+        async for output in stream:
+            results[output.index].add(output)
+        return results
+
+    per_stream = await asyncio.gather(*(one(stream) for stream in streams))
+    return [result for results in per_stream for result in results]
+
+
+async def merged(streams: list[RequestStream]) -> AsyncIterator[tuple[int, TextOutput]]:
+    """(stream position, output) pairs from several streams as they arrive."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue[tuple[int, TextOutput | BaseException | None]] = asyncio.Queue()
+
+    async def forward(position: int, stream: RequestStream) -> None:
+        try:
+            async for output in stream:
+                queue.put_nowait((position, output))
+            queue.put_nowait((position, None))
+        except BaseException as error:  # an ApiError from one stream ends the whole response
+            queue.put_nowait((position, error))
+
+    tasks = [asyncio.ensure_future(forward(p, s)) for p, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            position, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield position, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+class SseWriter:
+    """Writes one SSE response; ``start`` only when the first event is ready."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    async def start(self) -> None:
+        self.response = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                                    "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        await self.response.prepare(self.request)
+
+    async def send(self, payload: Any) -> None:
+        if self.response is None:
+            await self.start()
+        await self.response.write(b"data: " + msgspec.json.encode(payload) + b"\n\n")
+
+    async def send_error(self, error: ApiError) -> None:
+        await self.send(error.body())
+
+    async def finish(self) -> web.StreamResponse:
+        if self.response is None:
+            await self.start()
+        await self.response.write(b"data: [DONE]\n\n")
+        await self.response.write_eof()
+        return self.response
