@@ -19,9 +19,10 @@ is ``start()``-ed instead and runs ``run()`` until ``stop()``.
 
 Backpressure: ``emit`` on a cross-thread or cross-process outbox blocks while
 it is full. An in-thread outbox cannot be emptied while this thread waits, so
-``step`` does not drain the inbox while any in-thread outbox is full (its
-consumer steps next in the same loop); size in-thread capacities for one
-step's fan-out. A message rejected at a process border is logged and counted
+``step`` takes at most as many messages as the fullest in-thread outbox has
+free slots (its consumer steps later in the same loop); a stage that emits
+several messages per input, or emits from ``tick()``, needs in-thread
+capacity for that fan-out. A message rejected at a process border is logged and counted
 in ``counters.messages_rejected``; the stage keeps running.
 """
 from __future__ import annotations
@@ -65,6 +66,8 @@ class Stage:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._waker = threading.Event()
+        self._stepping = False
+        self.recorder: Any = None  # a pipeline.harness.Recorder while a run is recorded
 
     # -- what a subclass writes -----------------------------------------------
     def handle(self, message: Any) -> None:
@@ -81,6 +84,21 @@ class Stage:
     def close(self) -> None:
         """Release resources (subclass, optional); called once the stage has stopped."""
 
+    def wake(self) -> None:
+        """Wake the loop that runs this stage (call from a worker thread whose result tick() emits)."""
+        self._waker.set()
+
+    def bind_waker(self, waker: threading.Event) -> None:
+        """Share the waker of the loop that steps this stage, and have the inbox set it."""
+        self._waker = waker
+        if self.inbox is not None:
+            self.inbox.attach_waker(waker)
+
+    @property
+    def busy(self) -> bool:
+        """Inside step() or has work: what shutdown waits on."""
+        return self._stepping or self.has_work()
+
     # -- what the base provides -----------------------------------------------
     def emit(self, outbox: str, message: Any) -> None:
         """Put ``message`` on the named outbox (blocks while a cross-thread/process one is full)."""
@@ -89,23 +107,34 @@ class Stage:
         except KeyError:
             raise KeyError(f"stage {self.name!r} has no outbox {outbox!r} "
                            f"(it has {sorted(self.outboxes)})") from None
+        if self.recorder is not None:
+            self.recorder.record_output(self, outbox, channel.name, message)
         channel.put(message)
         self.counters.messages_out += 1
 
     def step(self, max_messages: int = 256) -> int:
         """Drain up to ``max_messages`` from the inbox, handle each, tick; returns how many."""
         start_s = time.perf_counter()
-        batch = self._take_inbox(max_messages)
-        for message in batch:
-            self.handle(message)
-        self.counters.messages_in += len(batch)
-        self.tick()
-        self.counters.steps += 1
-        self.counters.busy_s += time.perf_counter() - start_s
+        self._stepping = True
+        try:
+            batch = self._take_inbox(max_messages)
+            if self.recorder is not None:
+                self.recorder.record_inputs(self, batch)
+            for message in batch:
+                self.handle(message)
+            self.counters.messages_in += len(batch)
+            self.tick()
+        finally:
+            self.counters.steps += 1
+            self.counters.busy_s += time.perf_counter() - start_s
+            self._stepping = False
         return len(batch)
 
     def _take_inbox(self, max_messages: int) -> list[Any]:
-        if self.inbox is None or not self._outboxes_have_room():
+        if self.inbox is None:
+            return []
+        max_messages = min(max_messages, self._outbox_room())
+        if max_messages <= 0:
             return []
         try:
             return self.inbox.drain(max_messages)
@@ -114,11 +143,13 @@ class Stage:
             logger.error("stage %s dropped a malformed message: %s", self.name, exc)
             return []
 
-    def _outboxes_have_room(self) -> bool:
+    def _outbox_room(self) -> int:
+        """Free slots of the fullest in-thread outbox (those cannot block; see the module docstring)."""
+        room = 1 << 30
         for channel in self.outboxes.values():
-            if channel.transport == "in-thread" and len(channel) >= channel.capacity:
-                return False
-        return True
+            if channel.transport == "in-thread":
+                room = min(room, channel.capacity - len(channel))
+        return room
 
     # -- running on its own thread ---------------------------------------------
     def start(self) -> None:
@@ -136,8 +167,7 @@ class Stage:
         not spin. Override for a stage with its own event loop; it must return
         once ``stopping`` is true and its work is done.
         """
-        if self.inbox is not None:
-            self.inbox.attach_waker(self._waker)
+        self.bind_waker(self._waker)
         while True:
             self._waker.clear()
             self.step()
@@ -186,3 +216,79 @@ class Stage:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name!r} in={self.counters.messages_in} out={self.counters.messages_out}>"
+
+
+class StageLoop:
+    """Several stages stepped in pipeline order on one thread, as one loop of ticks.
+
+    Each round steps every stage once; the loop keeps going while any stage
+    has work and otherwise sleeps on one waker shared by every inbox (and set
+    by ``Stage.wake()``), so an idle process does not spin. ``poll`` runs once
+    per round and per wake-up (control messages, parent-death checks).
+    ``idle`` is true only while the loop sleeps with every stage idle.
+    """
+
+    def __init__(self, stages: list[Stage], poll: Any = None, idle_wait_s: float = IDLE_WAIT_S) -> None:
+        self.stages = list(stages)
+        self.poll = poll
+        self.idle_wait_s = idle_wait_s
+        self.waker = threading.Event()
+        self.idle = False
+        self.rounds = 0
+        self.failure: BaseException | None = None
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        for stage in self.stages:
+            stage.bind_waker(self.waker)
+
+    def watch(self, channel: Channel) -> None:
+        """Also wake the loop when ``channel`` gets a message (e.g. a control inbox)."""
+        channel.attach_waker(self.waker)
+
+    def run(self) -> None:
+        """Step until stop() is called; sleeps on the waker when every stage is idle."""
+        waker, stages = self.waker, self.stages
+        while not self._stopping.is_set():
+            waker.clear()
+            for stage in stages:
+                stage.step()
+            self.rounds += 1
+            if self.poll is not None:
+                self.poll()
+            if any(stage.has_work() for stage in stages):
+                continue
+            self.idle = True
+            waker.wait(self.idle_wait_s)
+            self.idle = False
+
+    def start(self, name: str = "stage-loop") -> None:
+        """Run the loop on a daemon thread."""
+        self._thread = threading.Thread(target=self._run_guarded, name=name, daemon=True)
+        self._thread.start()
+
+    def _run_guarded(self) -> None:
+        try:
+            self.run()
+        except BaseException as exc:
+            self.failure = exc
+            self.idle = True
+            logger.exception("stage loop failed")
+
+    def stop(self, timeout: float | None = None) -> None:
+        """End the loop after its current round (and join its thread if it has one)."""
+        self._stopping.set()
+        self.waker.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                raise TimeoutError(f"stage loop did not stop within {timeout} s")
+
+    @property
+    def busy(self) -> bool:
+        """True unless the loop is asleep with every stage idle."""
+        return not self.idle or any(stage.busy for stage in self.stages)
+
+    def totals(self) -> tuple[int, int]:
+        """(messages in, messages out) over the loop's stages."""
+        return (sum(s.counters.messages_in for s in self.stages),
+                sum(s.counters.messages_out for s in self.stages))

@@ -1,0 +1,400 @@
+"""The stage harness: drive one stage by hand, record a live run, replay a recording.
+
+Driving (tests, notebooks, debugging)::
+
+    stage = TokenizeStage(args, *wiring(TokenizeInbox, "out", "errors", "detokenize"))
+    outputs = drive(stage, request).run_until_idle()     # {"out": [...], "errors": [...]}
+
+``drive`` feeds messages into the stage's inbox, steps it, and collects what
+each outbox received, in order. Channels left as ``None`` get an in-thread
+channel.
+
+Recording: a pipeline started with a ``record_path`` (``--record-path``)
+writes a header (every channel's message type, every stage's factory and
+kwargs as JSON, its inbox and outboxes) and then, for every step of every
+stage, what it took from its inbox and what it emitted, each with the stage's
+step number, a timestamp and the message bytes (``pipeline.messages.encode``;
+tensors included). That is every channel's traffic: entries appear as the
+consumer's inputs, exits as the producer's outputs. Records are
+length-prefixed msgpack frames appended with one ``write`` each, so several
+processes can share the file.
+
+Replaying::
+
+    python -m pipeline.harness replay run.rec --stage tokenize [--factory mod:callable]
+    python -m pipeline.harness info run.rec
+
+builds a fresh stage from the recorded factory and kwargs (or ``--factory``),
+feeds it the recorded inputs step by step, and compares what it emits with
+what was recorded: exit 0 when equal, else the first difference (channel,
+message index, field path) and exit 1. Exact for stages whose outputs depend
+only on their inputs and step boundaries (worker threads must be disabled,
+e.g. ``num_workers=0``).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+import sys
+import threading
+import time
+from typing import Any, Iterator, Literal
+
+import msgspec
+
+from pipeline import messages
+from pipeline.channel import Channel, in_thread_channel
+from pipeline.stage import Stage
+
+HARNESS_CAPACITY = 1 << 20
+
+
+# -- driving one stage ----------------------------------------------------------------
+
+
+def wiring(inbox_type: Any, *outbox_names: str,
+           capacity: int = HARNESS_CAPACITY) -> tuple[Channel, dict[str, Channel]]:
+    """(inbox, outboxes) of in-thread channels, for constructing a stage under the harness."""
+    inbox = in_thread_channel("inbox", inbox_type, capacity)
+    return inbox, {name: in_thread_channel(name, object, capacity) for name in outbox_names}
+
+
+class StageDriver:
+    """Feeds, steps and collects one stage; ``outputs[outbox]`` holds everything emitted so far."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        if stage.inbox is None:
+            stage.inbox = in_thread_channel(f"{stage.name}.inbox", object, HARNESS_CAPACITY)
+        for name, channel in list(stage.outboxes.items()):
+            if channel is None:
+                stage.outboxes[name] = in_thread_channel(f"{stage.name}.{name}", object, HARNESS_CAPACITY)
+        self.outputs: dict[str, list[Any]] = {name: [] for name in stage.outboxes}
+
+    def feed(self, *messages_in: Any) -> StageDriver:
+        for message in messages_in:
+            self.stage.inbox.put(message)
+        return self
+
+    def step(self, num_steps: int = 1, max_messages: int = 256) -> dict[str, list[Any]]:
+        """Step ``num_steps`` times; returns what each outbox got during these steps."""
+        new: dict[str, list[Any]] = {name: [] for name in self.stage.outboxes}
+        for _ in range(num_steps):
+            self.stage.step(max_messages)
+            self._collect(new)
+        return new
+
+    def run_until_idle(self, max_steps: int = 10_000, timeout_s: float = 30.0) -> dict[str, list[Any]]:
+        """Step until ``has_work()`` is false; returns what each outbox got meanwhile."""
+        new: dict[str, list[Any]] = {name: [] for name in self.stage.outboxes}
+        deadline = time.monotonic() + timeout_s
+        for _ in range(max_steps):
+            self.stage.step()
+            self._collect(new)
+            if not self.stage.has_work():
+                return new
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0)  # let worker threads (if any) run
+        raise TimeoutError(f"stage {self.stage.name!r} still has work after {max_steps} steps / {timeout_s} s")
+
+    def take(self, outbox: str) -> list[Any]:
+        """Everything collected on ``outbox`` so far, removed from ``outputs``."""
+        taken, self.outputs[outbox] = self.outputs[outbox], []
+        return taken
+
+    def _collect(self, new: dict[str, list[Any]]) -> None:
+        for name, channel in self.stage.outboxes.items():
+            got = channel.drain(HARNESS_CAPACITY)
+            new.setdefault(name, []).extend(got)
+            self.outputs.setdefault(name, []).extend(got)
+
+
+def drive(stage: Stage, *messages_in: Any) -> StageDriver:
+    """A driver for ``stage``, already fed with ``messages_in``."""
+    return StageDriver(stage).feed(*messages_in)
+
+
+# -- the recording format ------------------------------------------------------------
+
+
+class ChannelRecord(msgspec.Struct, frozen=True, tag="channel"):
+    name: str
+    message_types: list[str]  # "module:Name" of each union member
+    producers: list[str]
+    consumer: str | None
+
+
+class StageRecord(msgspec.Struct, frozen=True, tag="stage"):
+    name: str
+    process: str
+    factory: str
+    kwargs_json: bytes | None  # None when the kwargs are not JSON data
+    kwargs_error: str | None
+    inbox: str | None
+    outboxes: dict[str, str]  # outbox -> channel name
+
+
+class TrafficRecord(msgspec.Struct, frozen=True, tag="msg"):
+    time_s: float
+    stage: str
+    step: int
+    direction: Literal["in", "out"]
+    channel: str
+    outbox: str
+    payload: bytes
+
+
+Record = ChannelRecord | StageRecord | TrafficRecord
+_FRAME = struct.Struct("<I")
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODER = msgspec.msgpack.Decoder(Record)
+
+
+def _frame(record: Any) -> bytes:
+    body = _ENCODER.encode(record)
+    return _FRAME.pack(len(body)) + body
+
+
+def read_records(path: str) -> Iterator[Record]:
+    with open(path, "rb") as file:
+        data = file.read()
+    offset = 0
+    while offset + _FRAME.size <= len(data):
+        (size,) = _FRAME.unpack_from(data, offset)
+        offset += _FRAME.size
+        yield _DECODER.decode(data[offset:offset + size])
+        offset += size
+
+
+def type_paths(message_type: Any) -> list[str]:
+    from pipeline.placement import object_path, resolve_type
+
+    resolved = resolve_type(message_type)
+    members = resolved.__args__ if hasattr(resolved, "__args__") else (resolved,)
+    return [object_path(m) for m in members]
+
+
+def write_header(path: str, spec: Any, placement: dict[str, list[str]]) -> None:
+    """Start a recording: truncate ``path`` and describe every channel and stage."""
+    from pipeline.placement import object_path, process_of
+
+    where = process_of(placement)
+    frames = [_frame(ChannelRecord(name=c.name, message_types=type_paths(c.message_type),
+                                   producers=list(c.producers), consumer=c.consumer)) for c in spec.channels]
+    for stage in spec.stages:
+        factory = stage.factory if isinstance(stage.factory, str) else object_path(stage.factory)
+        try:
+            kwargs_json, kwargs_error = msgspec.json.encode(stage.kwargs), None
+        except (TypeError, msgspec.EncodeError) as exc:
+            kwargs_json, kwargs_error = None, f"kwargs are not JSON data: {exc}"
+        frames.append(_frame(StageRecord(
+            name=stage.name, process=where[stage.name], factory=factory, kwargs_json=kwargs_json,
+            kwargs_error=kwargs_error,
+            inbox=next((c.name for c in spec.channels if c.consumer == stage.name), None),
+            outboxes={p.partition(".")[2]: c.name for c in spec.channels for p in c.producers
+                      if p.partition(".")[0] == stage.name})))
+    with open(path, "wb") as file:
+        file.write(b"".join(frames))
+
+
+class Recorder:
+    """Appends what each stage takes and emits to the recording (thread- and process-safe)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._lock = threading.Lock()
+
+    def record_inputs(self, stage: Stage, batch: list[Any]) -> None:
+        if batch:
+            channel = stage.inbox.name if stage.inbox is not None else ""
+            self._write(b"".join(self._traffic(stage, "in", channel, "", m) for m in batch))
+
+    def record_output(self, stage: Stage, outbox: str, channel: str, message: Any) -> None:
+        self._write(self._traffic(stage, "out", channel, outbox, message))
+
+    def _traffic(self, stage: Stage, direction: Literal["in", "out"], channel: str, outbox: str,
+                 message: Any) -> bytes:
+        return _frame(TrafficRecord(time_s=time.time(), stage=stage.name, step=stage.counters.steps,
+                                    direction=direction, channel=channel, outbox=outbox,
+                                    payload=messages.encode(message)))
+
+    def _write(self, data: bytes) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.write(self._fd, data)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+# -- replay ---------------------------------------------------------------------------
+
+
+class Difference(msgspec.Struct, frozen=True):
+    """Where a replay first disagreed with the recording."""
+
+    channel: str
+    index: int  # message index on that channel (among this stage's outputs)
+    field: str  # "$.input_ids[2]"; "$" when a message is missing or of another type
+    recorded: Any
+    replayed: Any
+
+    def __str__(self) -> str:
+        return (f"channel {self.channel!r} message {self.index} field {self.field}: "
+                f"recorded {self.recorded!r}, replayed {self.replayed!r}")
+
+
+class Recording:
+    """A recording file, indexed by stage."""
+
+    def __init__(self, path: str) -> None:
+        self.channels: dict[str, ChannelRecord] = {}
+        self.stages: dict[str, StageRecord] = {}
+        self.traffic: list[TrafficRecord] = []
+        for record in read_records(path):
+            match record:
+                case ChannelRecord():
+                    self.channels[record.name] = record
+                case StageRecord():
+                    self.stages[record.name] = record
+                case TrafficRecord():
+                    self.traffic.append(record)
+
+    def message_type(self, channel: str) -> Any:
+        from pipeline.placement import resolve_type
+
+        return resolve_type(self.channels[channel].message_types)
+
+    def build(self, stage: str, factory: str | None = None) -> Stage:
+        """A fresh instance of the recorded stage, wired to in-thread channels of the recorded types."""
+        from pipeline.placement import StageSpec, build_stage
+
+        record = self.stages[stage]
+        if record.kwargs_json is None:
+            raise ValueError(f"stage {stage!r} cannot be rebuilt: {record.kwargs_error}")
+        kwargs = msgspec.json.decode(record.kwargs_json)
+        inbox = (in_thread_channel(record.inbox, self.message_type(record.inbox), HARNESS_CAPACITY)
+                 if record.inbox else None)
+        outboxes = {name: in_thread_channel(channel, self.message_type(channel), HARNESS_CAPACITY)
+                    for name, channel in record.outboxes.items()}
+        return build_stage(StageSpec(stage, factory or record.factory, kwargs), inbox, outboxes)
+
+
+def replay(path: str, stage_name: str, factory: str | None = None) -> Difference | None:
+    """Feed a recorded stage's inputs into a fresh one; the first difference, or None."""
+    recording = Recording(path)
+    if stage_name not in recording.stages:
+        raise KeyError(f"no stage {stage_name!r} in {path} (stages: {sorted(recording.stages)})")
+    stage = recording.build(stage_name, factory)
+    mine = [t for t in recording.traffic if t.stage == stage_name]
+    inputs: dict[int, list[bytes]] = {}
+    recorded: dict[str, list[tuple[int, bytes]]] = {}
+    for traffic in mine:
+        if traffic.direction == "in":
+            inputs.setdefault(traffic.step, []).append(traffic.payload)
+        else:
+            recorded.setdefault(traffic.channel, []).append((traffic.step, traffic.payload))
+    decode = messages.decoder(stage.inbox.message_type).decode if stage.inbox is not None else None
+    replayed: dict[str, list[tuple[int, bytes]]] = {}
+    last_step = max((t.step for t in mine), default=-1)
+    for step in range(last_step + 1):
+        batch = inputs.get(step, [])
+        for payload in batch:
+            stage.inbox.put(decode(payload))
+        stage.step(max_messages=len(batch))
+        for channel in stage.outboxes.values():
+            replayed.setdefault(channel.name, []).extend(
+                (step, messages.encode(m)) for m in channel.drain(HARNESS_CAPACITY))
+    stage.close()
+    return first_difference(recorded, replayed)
+
+
+def first_difference(recorded: dict[str, list[tuple[int, bytes]]],
+                     replayed: dict[str, list[tuple[int, bytes]]]) -> Difference | None:
+    """The earliest (by step) disagreement over all channels; inputs are (step, payload) lists."""
+    candidates: list[tuple[int, str, Difference]] = []
+    for channel in set(recorded) | set(replayed):
+        old, new = recorded.get(channel, []), replayed.get(channel, [])
+        for index in range(max(len(old), len(new))):
+            if index < len(old) and index < len(new) and old[index][1] == new[index][1]:
+                continue
+            step = min(msgs[index][0] for msgs in (old, new) if index < len(msgs))
+            candidates.append((step, channel, _describe(channel, index, old, new)))
+            break
+    return min(candidates, key=lambda c: (c[0], c[1]))[2] if candidates else None
+
+
+def _describe(channel: str, index: int, old: list[tuple[int, bytes]], new: list[tuple[int, bytes]]) -> Difference:
+    if index >= len(old) or index >= len(new):
+        present = [_summary(msgs[index][1]) if index < len(msgs) else "no message" for msgs in (old, new)]
+        return Difference(channel, index, "$", present[0], present[1])
+    path, a, b = _field_difference(msgspec.msgpack.decode(old[index][1]), msgspec.msgpack.decode(new[index][1]), "$")
+    return Difference(channel, index, path, a, b)
+
+
+def _summary(payload: bytes) -> str:
+    value = msgspec.msgpack.decode(payload)
+    return f"a {value.get('type', 'message')}" if isinstance(value, dict) else repr(value)
+
+
+def _field_difference(a: Any, b: Any, path: str) -> tuple[str, Any, Any]:
+    """The path of the first place where two decoded messages differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _field_difference(a.get(key), b.get(key), f"{path}.{key}")
+    if isinstance(a, list) and isinstance(b, list):
+        for index, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _field_difference(x, y, f"{path}[{index}]")
+        if len(a) != len(b):
+            return f"{path} (length)", len(a), len(b)
+    return path, a, b
+
+
+# -- command line ---------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.harness", description="Replay recorded stage traffic.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    replay_parser = commands.add_parser("replay", help="replay one stage of a recording; exit 1 on a difference")
+    replay_parser.add_argument("file")
+    replay_parser.add_argument("--stage", required=True)
+    replay_parser.add_argument("--factory", default=None, help="module:callable to build instead of the recorded one")
+    info_parser = commands.add_parser("info", help="list the channels, stages and message counts of a recording")
+    info_parser.add_argument("file")
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        return _info(args.file)
+    try:
+        difference = replay(args.file, args.stage, args.factory)
+    except (KeyError, ValueError, OSError, ImportError, AttributeError) as exc:
+        print(f"replay failed: {exc}", file=sys.stderr)
+        return 2
+    if difference is None:
+        print(f"stage {args.stage!r}: replay matches the recording")
+        return 0
+    print(f"stage {args.stage!r}: first difference: {difference}")
+    return 1
+
+
+def _info(path: str) -> int:
+    recording = Recording(path)
+    for name, stage in recording.stages.items():
+        taken = sum(1 for t in recording.traffic if t.stage == name and t.direction == "in")
+        emitted = sum(1 for t in recording.traffic if t.stage == name and t.direction == "out")
+        print(f"stage {name} [{stage.process}] {stage.factory}: {taken} in, {emitted} out")
+    for name, channel in recording.channels.items():
+        print(f"channel {name}: {' | '.join(channel.message_types)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

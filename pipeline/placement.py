@@ -1,0 +1,579 @@
+"""Placement: one description of the pipeline, run in one process or split over several.
+
+The description says *what* exists; the placement says *where* it runs:
+
+* ``StageSpec(name, factory, kwargs, own_thread)``: how to build a stage.
+  ``factory`` is ``"module:callable"`` (or the callable); it is called as
+  ``factory(inbox=..., outboxes=..., **kwargs)`` (plus ``name=`` if it takes
+  one). ``kwargs`` should be JSON data so a recording can rebuild the stage; a
+  dict given for a parameter annotated with a msgspec Struct (``args:
+  ServerArgs``) is converted to that Struct.
+* ``ChannelSpec(name, message_type, producers, consumer, capacity)``:
+  ``producers`` are ``"stage.outbox"`` strings; no producers makes an *entry*
+  the caller puts into; ``consumer`` None makes an *exit* the caller reads.
+* A placement maps process names to stage names. ``"main"`` is the calling
+  process; every other process is a ``multiprocessing`` spawn child.
+
+From that, each channel gets the cheapest transport that is correct: in-thread
+when its ends share one stage loop, cross-thread when an end is the caller or
+a stage on its own thread, cross-process when its ends are in different
+processes. Inside a process the stages run as one ``StageLoop``.
+
+Shutdown never loses a message: ``stop()`` closes the entries, then probes
+every process until, twice in a row, all stages are idle, every
+cross-process channel is empty and no counter moved; only then are the loops
+stopped and the channels closed. Children are daemons, die with the parent
+(PR_SET_PDEATHSIG plus a parent-pid check every idle wake-up) and are
+joined, then terminated if they hang. ``Pipeline`` is the running object.
+"""
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import importlib
+import inspect
+import logging
+import multiprocessing
+import os
+import signal
+import sys
+import time
+import traceback
+import typing
+from typing import Any, Callable
+
+import msgspec
+
+from pipeline.channel import (DEFAULT_CAPACITY, Channel, ChannelClosed, in_thread_channel, process_channel,
+                              thread_channel)
+from pipeline.stage import Stage, StageLoop
+
+logger = logging.getLogger(__name__)
+
+MAIN = "main"
+FRONT_END_STAGES = ("ingest", "tokenize", "multimodal", "detokenize")
+ENGINE_STAGES = ("schedule", "forward", "constrain", "sample")
+
+
+class PlacementError(ValueError):
+    """The description or placement is inconsistent; the message names the stage or channel."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    name: str
+    factory: str | Callable[..., Stage]
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    own_thread: bool = False  # run() on its own thread instead of the process's stage loop
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelSpec:
+    name: str
+    message_type: Any  # a type, a Union, or "module:Name"
+    producers: tuple[str, ...] = ()  # "stage.outbox"; empty: an entry the caller puts into
+    consumer: str | None = None  # the stage whose inbox this is; None: an exit the caller reads
+    capacity: int = DEFAULT_CAPACITY
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineSpec:
+    stages: tuple[StageSpec, ...]
+    channels: tuple[ChannelSpec, ...]
+
+    def stage(self, name: str) -> StageSpec:
+        for spec in self.stages:
+            if spec.name == name:
+                return spec
+        raise PlacementError(f"no stage named {name!r}")
+
+    def validate(self) -> None:
+        """Raise PlacementError unless names are unique and every end names a real stage."""
+        names = [s.name for s in self.stages]
+        _unique(names, "stage")
+        _unique([c.name for c in self.channels], "channel")
+        _unique([c.consumer for c in self.channels if c.consumer is not None], "inbox of stage")
+        _unique([p for c in self.channels for p in c.producers], "outbox")
+        for channel in self.channels:
+            ends = [p.partition(".")[0] for p in channel.producers] + [channel.consumer]
+            for stage in ends:
+                if stage is not None and stage not in names:
+                    raise PlacementError(f"channel {channel.name!r} names unknown stage {stage!r}")
+            for producer in channel.producers:
+                if "." not in producer:
+                    raise PlacementError(f"channel {channel.name!r}: producer {producer!r} must be 'stage.outbox'")
+
+
+def _unique(names: list[Any], what: str) -> None:
+    seen = set()
+    for name in names:
+        if name in seen:
+            raise PlacementError(f"{what} {name!r} is declared twice")
+        seen.add(name)
+
+
+# -- placements ---------------------------------------------------------------------
+
+
+def single(spec: PipelineSpec) -> dict[str, list[str]]:
+    """Everything in the calling process (tests, CPU demo, notebooks)."""
+    return {MAIN: [s.name for s in spec.stages]}
+
+
+def serving(spec: PipelineSpec, front_end: tuple[str, ...] = FRONT_END_STAGES) -> dict[str, list[str]]:
+    """Front-end stages in the calling process, every other stage in one engine process."""
+    return {MAIN: [s.name for s in spec.stages if s.name in front_end],
+            "engine": [s.name for s in spec.stages if s.name not in front_end]}
+
+
+PLACEMENTS: dict[str, Callable[[PipelineSpec], dict[str, list[str]]]] = {"single": single, "serving": serving}
+
+
+def process_of(placement: dict[str, list[str]]) -> dict[str, str]:
+    """stage name -> process name (each stage placed exactly once)."""
+    where: dict[str, str] = {}
+    for process, stage_names in placement.items():
+        for name in stage_names:
+            if name in where:
+                raise PlacementError(f"stage {name!r} is placed in both {where[name]!r} and {process!r}")
+            where[name] = process
+    return where
+
+
+def transport_of(channel: ChannelSpec, spec: PipelineSpec, where: dict[str, str]) -> str:
+    """'in-thread', 'cross-thread' or 'cross-process' for this channel under this placement."""
+    stage_ends = [p.partition(".")[0] for p in channel.producers]
+    if channel.consumer is not None:
+        stage_ends.append(channel.consumer)
+    external = not channel.producers or channel.consumer is None
+    processes = {where[s] for s in stage_ends} | ({MAIN} if external else set())
+    if len(processes) > 1:
+        return "cross-process"
+    if external or any(spec.stage(s).own_thread for s in stage_ends):
+        return "cross-thread"
+    return "in-thread"
+
+
+def make_channel(channel: ChannelSpec, transport: str) -> Channel:
+    message_type = resolve_type(channel.message_type)
+    build = {"in-thread": in_thread_channel, "cross-thread": thread_channel,
+             "cross-process": process_channel}[transport]
+    return build(channel.name, message_type, channel.capacity)
+
+
+# -- building stages ----------------------------------------------------------------
+
+
+def resolve_object(path: str | Any) -> Any:
+    """``"package.module:attr.sub"`` -> the object (objects pass through)."""
+    if not isinstance(path, str):
+        return path
+    module_name, _, attr = path.partition(":")
+    if not attr:
+        raise PlacementError(f"{path!r} is not 'module:name'")
+    obj: Any = importlib.import_module(module_name)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def resolve_type(message_type: Any) -> Any:
+    """A type, a Union, a "module:Name" path, or a list of paths (a union) -> the type."""
+    if isinstance(message_type, (list, tuple)):
+        members = tuple(resolve_type(m) for m in message_type)
+        return members[0] if len(members) == 1 else typing.Union[members]
+    return resolve_object(message_type)
+
+
+def object_path(obj: Any) -> str:
+    """The "module:qualname" of a class or function."""
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def build_stage(spec: StageSpec, inbox: Channel | None, outboxes: dict[str, Channel]) -> Stage:
+    """Call the spec's factory with its wiring and kwargs; the stage takes the spec's name."""
+    factory = resolve_object(spec.factory)
+    call_kwargs = dict(_typed_kwargs(factory, spec.kwargs), inbox=inbox, outboxes=outboxes)
+    if "name" in _parameters(factory):
+        call_kwargs["name"] = spec.name
+    stage = factory(**call_kwargs)
+    if not isinstance(stage, Stage):
+        raise PlacementError(f"factory of stage {spec.name!r} returned {type(stage).__name__}, not a Stage")
+    stage.name = spec.name
+    return stage
+
+
+def _parameters(factory: Any) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(factory).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _typed_kwargs(factory: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Turn dict values into the msgspec Struct their parameter is annotated with."""
+    target = factory.__init__ if isinstance(factory, type) else factory
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # unresolvable annotations: pass values as they are
+        hints = {}
+    typed = dict(kwargs)
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        if isinstance(value, dict) and isinstance(hint, type) and issubclass(hint, msgspec.Struct):
+            typed[key] = msgspec.convert(value, hint)
+    return typed
+
+
+def wire_process(spec: PipelineSpec, placement: dict[str, list[str]], process: str,
+                 channels: dict[str, Channel]) -> list[Stage]:
+    """Build this process's stages; make its local channels (``channels`` gains them)."""
+    where = process_of(placement)
+    for channel in spec.channels:
+        if channel.name not in channels and _touches(channel, process, where):
+            channels[channel.name] = make_channel(channel, transport_of(channel, spec, where))
+    stages = []
+    for name in placement.get(process, []):
+        inbox = next((channels[c.name] for c in spec.channels if c.consumer == name), None)
+        outboxes = {p.partition(".")[2]: channels[c.name]
+                    for c in spec.channels for p in c.producers if p.partition(".")[0] == name}
+        stages.append(build_stage(spec.stage(name), inbox, outboxes))
+    return stages
+
+
+def _touches(channel: ChannelSpec, process: str, where: dict[str, str]) -> bool:
+    ends = {where[p.partition(".")[0]] for p in channel.producers}
+    if channel.consumer is not None:
+        ends.add(where[channel.consumer])
+    if not channel.producers or channel.consumer is None:
+        ends.add(MAIN)
+    return process in ends
+
+
+# -- child processes ----------------------------------------------------------------
+
+
+class Probe(msgspec.Struct, frozen=True, tag=True):
+    """main -> child: report whether you are idle (shutdown's quiescence check)."""
+
+    seq: int
+
+
+class Shutdown(msgspec.Struct, frozen=True, tag=True):
+    """main -> child: the pipeline is drained; stop your loop and exit."""
+
+
+class Report(msgspec.Struct, frozen=True, tag=True):
+    """child -> main: ready (seq 0), a Probe's answer, or why the process failed."""
+
+    process: str
+    seq: int
+    idle: bool
+    messages_in: int = 0
+    messages_out: int = 0
+    error: str | None = None
+
+
+ControlInbox = typing.Union[Probe, Shutdown]
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux), and check now."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent-pid check in the loop still ends us
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def child_main(process: str, spec: PipelineSpec, placement: dict[str, list[str]],
+               channels: dict[str, Channel], control_in: Channel, control_out: Channel,
+               parent_pid: int, record_path: str) -> None:
+    """Entry point of a spawned process: build its stages, run its loop, answer probes."""
+    die_with_parent(parent_pid)
+    logging.basicConfig(level=logging.INFO, format=f"[{process}] %(levelname)s %(name)s: %(message)s")
+    stages: list[Stage] = []
+    try:
+        stages = wire_process(spec, placement, process, dict(channels))
+        runner = ProcessRunner(process, stages, record_path, _own_thread(spec))
+        runner.loop.poll = lambda: _answer_control(runner, control_in, control_out, parent_pid)
+        runner.loop.watch(control_in)
+        runner.start_threads()
+        control_out.put(Report(process=process, seq=0, idle=True))
+        runner.loop.run()
+        runner.stop_threads()
+    except BaseException:
+        control_out.put(Report(process=process, seq=-1, idle=True, error=traceback.format_exc()))
+        raise
+    finally:
+        for stage in stages:
+            stage.close()
+    # Everything is sent and closed: skip interpreter teardown (torch's takes ~1 s).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _answer_control(runner: ProcessRunner, control_in: Channel, control_out: Channel, parent_pid: int) -> None:
+    if os.getppid() != parent_pid:
+        runner.loop.stop()
+        return
+    while True:
+        try:
+            message = control_in.get_nowait()
+        except ChannelClosed:
+            message = Shutdown()
+        match message:
+            case None:
+                return
+            case Probe(seq=seq):
+                messages_in, messages_out = runner.totals()
+                control_out.put(Report(process=runner.process, seq=seq, idle=not runner.busy(in_loop=True),
+                                       messages_in=messages_in, messages_out=messages_out))
+            case Shutdown():
+                runner.loop.stop()
+                return
+
+
+class ProcessRunner:
+    """The stages of one process: a StageLoop for most, a thread each for ``own_thread`` ones."""
+
+    def __init__(self, process: str, stages: list[Stage], record_path: str = "",
+                 own_thread: frozenset[str] = frozenset()) -> None:
+        self.process = process
+        self.stages = stages
+        self.threaded = [s for s in stages if s.name in own_thread]
+        self.loop = StageLoop([s for s in stages if s not in self.threaded])
+        self.recorder = None
+        if record_path:
+            from pipeline.harness import Recorder  # only when recording
+
+            self.recorder = Recorder(record_path)
+            for stage in stages:
+                stage.recorder = self.recorder
+
+    def start_threads(self) -> None:
+        for stage in self.threaded:
+            stage.start()
+
+    def stop_threads(self, timeout: float = 10.0) -> None:
+        for stage in self.threaded:
+            stage.stop(timeout)
+        if self.recorder is not None:
+            self.recorder.close()
+
+    def busy(self, in_loop: bool) -> bool:
+        """Any stage mid-step or with work (``in_loop``: asked between rounds of this loop)."""
+        if not in_loop and self.loop.stages and not self.loop.idle:
+            return True
+        return any(s.busy for s in self.stages)
+
+    def totals(self) -> tuple[int, int]:
+        return (sum(s.counters.messages_in for s in self.stages),
+                sum(s.counters.messages_out for s in self.stages))
+
+
+def _own_thread(spec: PipelineSpec) -> frozenset[str]:
+    return frozenset(s.name for s in spec.stages if s.own_thread)
+
+
+# -- the running pipeline ------------------------------------------------------------
+
+
+class Pipeline:
+    """A pipeline started under a placement: entries to put into, exits to read from.
+
+    ``with Pipeline(spec, single(spec)) as pipe: pipe.entry("in").put(...)``.
+    Read the exits while stopping (or give them room): a stage blocked on a
+    full exit is not idle, and ``stop()`` waits for idle.
+    """
+
+    def __init__(self, spec: PipelineSpec, placement: dict[str, list[str]], record_path: str = "",
+                 start_timeout_s: float = 600.0) -> None:
+        spec.validate()
+        where = process_of(placement)
+        missing = [s.name for s in spec.stages if s.name not in where]
+        if missing:
+            raise PlacementError(f"stages {missing} are not placed in any process")
+        self.spec = spec
+        self.placement = placement
+        self.record_path = record_path
+        self.start_timeout_s = start_timeout_s
+        self.channels: dict[str, Channel] = {}
+        self.children: dict[str, multiprocessing.process.BaseProcess] = {}
+        self._control: dict[str, tuple[Channel, Channel]] = {}
+        self._runner: ProcessRunner | None = None
+        self._seq = 0
+        self.started = False
+
+    def entry(self, name: str) -> Channel:
+        """The channel named ``name`` that the caller puts into (it has no producer stage)."""
+        return self._endpoint(name, lambda c: not c.producers, "an entry")
+
+    def exit(self, name: str) -> Channel:
+        """The channel named ``name`` that the caller reads (it has no consumer stage)."""
+        return self._endpoint(name, lambda c: c.consumer is None, "an exit")
+
+    def _endpoint(self, name: str, test: Callable[[ChannelSpec], bool], what: str) -> Channel:
+        matches = [c for c in self.spec.channels if c.name == name and test(c)]
+        if not matches:
+            raise PlacementError(f"channel {name!r} is not {what} of this pipeline")
+        return self.channels[name]
+
+    @property
+    def stages(self) -> list[Stage]:
+        """The stages living in this process."""
+        return self._runner.stages if self._runner else []
+
+    def start(self) -> Pipeline:
+        where = process_of(self.placement)
+        for channel in self.spec.channels:
+            if transport_of(channel, self.spec, where) == "cross-process":
+                self.channels[channel.name] = make_channel(channel, "cross-process")
+        if self.record_path:
+            from pipeline.harness import write_header
+
+            write_header(self.record_path, self.spec, self.placement)
+        for process in self.placement:
+            if process != MAIN:
+                self._spawn(process)
+        self._runner = ProcessRunner(MAIN, wire_process(self.spec, self.placement, MAIN, self.channels),
+                                     self.record_path, _own_thread(self.spec))
+        self.started = True
+        for process in self.children:
+            self._wait_ready(process)
+        self._runner.start_threads()
+        if self._runner.loop.stages:
+            self._runner.loop.start(name="stage-loop-main")
+        return self
+
+    def _spawn(self, process: str) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        control_in = process_channel(f"{process}.control", ControlInbox, 16)
+        control_out = process_channel(f"{process}.reports", Report, 16)
+        where = process_of(self.placement)
+        mine = {name: ch for name, ch in self.channels.items()
+                if _touches(next(c for c in self.spec.channels if c.name == name), process, where)}
+        child = ctx.Process(target=child_main, name=f"stagewise-{process}", daemon=True,
+                            args=(process, self.spec, self.placement, mine, control_in, control_out,
+                                  os.getpid(), self.record_path))
+        child.start()
+        self.children[process] = child
+        self._control[process] = (control_in, control_out)
+
+    def _wait_ready(self, process: str) -> None:
+        report = self._report(process, 0, self.start_timeout_s)
+        if report is None or report.error:
+            self.stop(timeout=1.0)
+            detail = report.error if report else "it did not report within the start timeout"
+            raise RuntimeError(f"process {process!r} failed to start: {detail}")
+
+    def _report(self, process: str, seq: int, timeout_s: float) -> Report | None:
+        """The child's report with this seq (None if it died or timed out)."""
+        control_out = self._control[process][1]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            try:
+                report = control_out.get(timeout=0.05)
+            except TimeoutError:
+                if not self.children[process].is_alive():
+                    return None
+                continue
+            except ChannelClosed:
+                return None
+            if report.error or report.seq == seq:
+                return report
+        return None
+
+    def _probe_all(self) -> tuple[bool, tuple[int, ...]]:
+        """(every process idle, counters of every process) at about one moment."""
+        self._seq += 1
+        idle = self._runner is None or not self._runner.busy(in_loop=False)
+        totals: list[int] = list(self._runner.totals()) if self._runner else []
+        for process, (control_in, _) in self._control.items():
+            if not self.children[process].is_alive():
+                continue  # dead: nothing more will come from it
+            try:
+                control_in.put(Probe(seq=self._seq), timeout=1.0)
+            except Exception:
+                continue
+            report = self._report(process, self._seq, 5.0)
+            if report is None:
+                continue
+            idle = idle and report.idle
+            totals += [report.messages_in, report.messages_out]
+        return idle, tuple(totals)
+
+    def _internal_channels_empty(self) -> bool:
+        return all(len(self.channels[c.name]) == 0 for c in self.spec.channels
+                   if c.consumer is not None and c.name in self.channels
+                   and self.channels[c.name].transport == "cross-process")
+
+    def wait_idle(self, timeout: float = 30.0) -> bool:
+        """Block until every stage is idle and no message is in flight (two stable probes)."""
+        deadline = time.monotonic() + timeout
+        previous = None
+        while time.monotonic() < deadline:
+            idle, totals = self._probe_all()
+            quiet = idle and self._internal_channels_empty()
+            if quiet and totals == previous:
+                return True
+            previous = totals if quiet else None
+            time.sleep(0.002)
+        return False
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Close the entries, drain until idle, stop every loop and child, close every channel.
+
+        Returns True when the pipeline drained; False when ``timeout`` ran
+        out first (what was still in flight is logged).
+        """
+        if not self.started:
+            return True
+        self.started = False
+        for channel in self.spec.channels:
+            if not channel.producers and channel.name in self.channels:
+                self.channels[channel.name].close()
+        drained = self.wait_idle(timeout)
+        if not drained:
+            logger.error("pipeline did not drain within %s s; in flight: %s", timeout,
+                         {n: len(c) for n, c in self.channels.items() if len(c)})
+        self._stop_processes()
+        for channel in self.channels.values():
+            channel.close()
+        return drained
+
+    def _stop_processes(self) -> None:
+        if self._runner is not None:
+            self._runner.loop.stop(timeout=10.0)
+            self._runner.stop_threads()
+        for process, child in self.children.items():
+            control_in = self._control[process][0]
+            try:
+                control_in.put(Shutdown(), timeout=1.0)
+            except Exception:
+                pass
+            child.join(10.0)
+            if child.is_alive():
+                logger.error("process %s did not exit; terminating it", process)
+                child.terminate()
+                child.join(2.0)
+            if child.is_alive():
+                child.kill()
+                child.join()
+        for control_in, control_out in self._control.values():
+            control_in.close()
+            control_out.close()
+        if self._runner is not None:
+            for stage in self._runner.stages:
+                stage.close()
+        failure = self._runner.loop.failure if self._runner else None
+        if failure is not None:
+            raise RuntimeError("the main stage loop failed") from failure
+
+    def __enter__(self) -> Pipeline:
+        return self.start()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.stop()

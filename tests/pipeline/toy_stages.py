@@ -1,0 +1,93 @@
+"""Toy stages and process bodies for the fabric tests (importable by spawn children)."""
+from __future__ import annotations
+
+import msgspec
+
+from pipeline.channel import Channel, ChannelClosed
+from pipeline.stage import Stage
+
+
+class Item(msgspec.Struct, frozen=True, tag=True):
+    """A toy message: ``key`` identifies it, ``value`` is what stages change, ``hops`` counts loops."""
+
+    key: str
+    value: int
+    hops: int = 0
+
+
+class Forward(Stage):
+    """Passes every Item to "out" unchanged."""
+
+    def __init__(self, name: str, inbox: Channel | None, outboxes: dict[str, Channel]) -> None:
+        super().__init__(name, inbox, outboxes)
+
+    def handle(self, message: Item) -> None:
+        self.emit("out", message)
+
+
+class AddAndHold(Stage):
+    """Adds ``amount`` to each Item and holds it ``hold_steps`` steps before emitting.
+
+    Items with fewer than ``loops`` hops go to "again" (back upstream) with hops+1;
+    the others go to "out". Holding makes work that only ticks finish.
+    """
+
+    def __init__(self, name: str, inbox: Channel | None, outboxes: dict[str, Channel],
+                 amount: int = 1, hold_steps: int = 2, loops: int = 0) -> None:
+        super().__init__(name, inbox, outboxes)
+        self.amount = amount
+        self.hold_steps = hold_steps
+        self.loops = loops
+        self.held: list[tuple[int, Item]] = []
+
+    def handle(self, message: Item) -> None:
+        self.held.append((self.hold_steps, self.transform(message)))
+
+    def transform(self, message: Item) -> Item:
+        return Item(key=message.key, value=message.value + self.amount, hops=message.hops)
+
+    def tick(self) -> None:
+        still_held = []
+        for steps_left, item in self.held:
+            if steps_left > 0:
+                still_held.append((steps_left - 1, item))
+            elif item.hops < self.loops:
+                self.emit("again", Item(key=item.key, value=item.value, hops=item.hops + 1))
+            else:
+                self.emit("out", item)
+        self.held = still_held
+
+    def has_work(self) -> bool:
+        return super().has_work() or bool(self.held)
+
+
+class BrokenAddAndHold(AddAndHold):
+    """AddAndHold with a bug: a key ending in "7" gets one too many."""
+
+    def transform(self, message: Item) -> Item:
+        extra = 1 if message.key.endswith("7") else 0
+        return Item(key=message.key, value=message.value + self.amount + extra, hops=message.hops)
+
+
+def echo_process(inbox: Channel, outbox: Channel) -> None:
+    """Child body: put back everything received, then close the outbox when the inbox closes."""
+    for message in inbox:
+        outbox.put(message)
+    outbox.close()
+
+
+def put_then_close(outbox: Channel, messages: list) -> None:
+    """Child body: put each message (no type check on this side), then close."""
+    for message in messages:
+        outbox.put(message)
+    outbox.close()
+
+
+def put_until_closed(outbox: Channel, report: Channel, message: object) -> None:
+    """Child body: put until the consumer closes the channel; report how it ended."""
+    try:
+        while True:
+            outbox.put(message)
+    except ChannelClosed:
+        report.put(Item(key="closed", value=0))
+    report.close()
