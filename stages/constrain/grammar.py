@@ -1,0 +1,291 @@
+"""Grammars: from a request's json_schema / regex / choices to a per-request token automaton.
+
+Three steps, each cheap to reason about:
+
+1. ``grammar_regex(kind, spec)``: every grammar becomes one regex. A JSON
+   schema goes through outlines-core's ``build_regex_from_schema`` (one
+   optional space as whitespace, so a model cannot stall in a whitespace
+   loop) plus our numeric bounds (``schema.py``); choices become an
+   alternation of escaped literals.
+2. ``GrammarCompiler.compile``: regex + ``TokenVocab`` -> outlines-core
+   ``Index``, a DFA over *token ids* (which tokens lead from which state to
+   which). This is the expensive part (seconds for a large schema on a 150k
+   vocabulary), so it runs on a thread pool (outlines releases the GIL) and is
+   cached by ``(kind, spec, vocabulary fingerprint)``; the same schema sent by
+   many requests compiles once.
+3. ``GrammarState``: one request's cursor in the Index (an outlines
+   ``Guide``). Each step it writes its allowed-token row into the batch
+   bitmask and advances by the sampled token. The EOS ids are allowed exactly
+   in accepting states.
+
+``response_format_to_sampling`` is the OpenAI ``response_format`` -> sampling
+params translation the ingest stage calls.
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from outlines_core import Guide, Index
+
+from stages.constrain.bitmask import BITS_PER_WORD
+from stages.constrain.schema import SchemaError, schema_to_regex
+from stages.constrain.vocab import TokenVocab
+
+GrammarKind = Literal["json_schema", "regex", "choices"]
+GRAMMAR_KINDS: tuple[str, ...] = ("json_schema", "regex", "choices")
+
+# OpenAI's response_format {"type": "json_object"}: any JSON object whose values are
+# scalars, or arrays/objects of scalars. outlines' unbounded {"type": "object"}
+# nests deeper and compiles ~40x slower (27 s on a 700-token vocabulary); this one
+# compiles in ~10 s on 150k tokens, once per tokenizer (cached).
+_SCALARS: list[dict[str, Any]] = [{"type": "string"}, {"type": "number"}, {"type": "boolean"}, {"type": "null"}]
+JSON_OBJECT_SCHEMA = json.dumps({"type": "object", "additionalProperties": {"anyOf": [
+    *_SCALARS, {"type": "array", "items": {"anyOf": _SCALARS}},
+    {"type": "object", "additionalProperties": {"anyOf": _SCALARS}}]}})
+
+
+class GrammarError(ValueError):
+    """A grammar could not be compiled; ``str(error)`` is the reason for the client (HTTP 400)."""
+
+
+# --------------------------------------------------------------------------
+# Step 1: every grammar is a regex
+# --------------------------------------------------------------------------
+
+# Characters with a meaning in the Rust regex syntax outlines-core parses.
+_REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")
+
+
+def escape_literal(text: str) -> str:
+    """``text`` as a regex matching exactly itself (Rust regex syntax)."""
+    return "".join("\\" + char if char in _REGEX_META else char for char in text)
+
+
+def choices_regex(choices: list[str]) -> str:
+    """An alternation matching exactly one of ``choices``."""
+    if not choices or not all(isinstance(c, str) and c for c in choices):
+        raise GrammarError("choices must be a non-empty list of non-empty strings")
+    return "(" + "|".join(escape_literal(choice) for choice in choices) + ")"
+
+
+def json_schema_regex(schema: str) -> str:
+    """outlines-core's regex for a JSON schema (a JSON text)."""
+    try:
+        parsed = json.loads(schema)
+    except json.JSONDecodeError as error:
+        raise GrammarError(f"json_schema is not valid JSON: {error}") from None
+    if not isinstance(parsed, (dict, bool)):
+        raise GrammarError(f"json_schema must be a JSON object, got {type(parsed).__name__}")
+    try:
+        return schema_to_regex(parsed)
+    except SchemaError as error:
+        raise GrammarError(str(error)) from None
+
+
+def grammar_regex(kind: str, spec: str) -> str:
+    """The regex of a grammar given as in ``GrammarCompile`` (choices: a JSON list)."""
+    if kind == "json_schema":
+        return json_schema_regex(spec)
+    if kind == "regex":
+        if not spec:
+            raise GrammarError("regex must be a non-empty string")
+        return spec
+    if kind == "choices":
+        try:
+            choices = json.loads(spec)
+        except json.JSONDecodeError as error:
+            raise GrammarError(f"choices spec is not a JSON list: {error}") from None
+        if not isinstance(choices, list):
+            raise GrammarError("choices spec must be a JSON list of strings")
+        return choices_regex(choices)
+    raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {GRAMMAR_KINDS}")
+
+
+def grammar_of_sampling(json_schema: str | None, regex: str | None,
+                        choices: list[str] | None) -> tuple[GrammarKind, str] | None:
+    """(kind, spec) for a GrammarCompile from SamplingParams fields, or None if unconstrained."""
+    if json_schema is not None:
+        return "json_schema", json_schema
+    if regex is not None:
+        return "regex", regex
+    if choices is not None:
+        return "choices", json.dumps(choices)
+    return None
+
+
+def response_format_to_sampling(response_format: dict[str, Any] | None) -> dict[str, str]:
+    """OpenAI ``response_format`` -> the sampling-params fields to set (maybe none).
+
+    ``{"type": "text"}`` -> {}; ``{"type": "json_object"}`` -> any JSON object;
+    ``{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`` ->
+    that schema (strict or not, the output is constrained to it). Raises
+    GrammarError naming the bad field.
+    """
+    if response_format is None:
+        return {}
+    if not isinstance(response_format, dict):
+        raise GrammarError("response_format must be an object")
+    kind = response_format.get("type")
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_schema": JSON_OBJECT_SCHEMA}
+    if kind != "json_schema":
+        raise GrammarError(f"response_format.type must be text, json_object or json_schema, got {kind!r}")
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise GrammarError("response_format.json_schema must be an object with a 'schema'")
+    schema = spec.get("schema", spec.get("schema_"))
+    if not isinstance(schema, (dict, bool)):
+        raise GrammarError("response_format.json_schema.schema must be a JSON schema object")
+    return {"json_schema": json.dumps(schema)}
+
+
+# --------------------------------------------------------------------------
+# Step 2: regex -> Index, off the loop, cached
+# --------------------------------------------------------------------------
+
+
+def build_index(regex: str, vocab: TokenVocab) -> Index:
+    """Compile ``regex`` against ``vocab`` (slow: seconds for big schemas on big vocabularies)."""
+    try:
+        return Index(regex, vocab.outlines_vocabulary())
+    except ValueError as error:
+        raise GrammarError(_index_error_reason(regex, str(error))) from None
+
+
+def _index_error_reason(regex: str, message: str) -> str:
+    if "Failed to build DFA" not in message:
+        return message
+    try:
+        re.compile(regex)
+    except re.error as error:
+        return f"invalid regex: {error}"
+    return ("regex uses a feature the grammar compiler does not support (lookaround, "
+            f"backreferences, anchors): {message}")
+
+
+class GrammarCompiler:
+    """Compiles grammars for one vocabulary on a thread pool, with an LRU cache.
+
+    ``submit`` returns a Future resolving to an ``Index`` or raising
+    ``GrammarError``; concurrent submits of the same grammar share one
+    compile. Failures are cached too (a bad schema fails fast the next time).
+    """
+
+    def __init__(self, vocab: TokenVocab, max_workers: int = 2, cache_size: int = 256) -> None:
+        self.vocab = vocab
+        self.cache_size = cache_size
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar")
+        self._cache: OrderedDict[tuple[str, str, str], Future[Index]] = OrderedDict()
+        self._lock = threading.Lock()
+        self.num_compiles = 0
+
+    def submit(self, kind: str, spec: str) -> Future[Index]:
+        key = (kind, spec, self.vocab.key)
+        with self._lock:
+            future = self._cache.get(key)
+            if future is not None:
+                self._cache.move_to_end(key)
+                return future
+            future = self._executor.submit(self._compile, kind, spec)
+            self._cache[key] = future
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            return future
+
+    def compile(self, kind: str, spec: str) -> Index:
+        """Blocking compile (through the cache)."""
+        return self.submit(kind, spec).result()
+
+    def _compile(self, kind: str, spec: str) -> Index:
+        self.num_compiles += 1
+        return build_index(grammar_regex(kind, spec), self.vocab)
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# --------------------------------------------------------------------------
+# Step 3: one request's cursor
+# --------------------------------------------------------------------------
+
+
+class GrammarState:
+    """A request's position in its grammar: writes its mask row, advances by sampled tokens.
+
+    ``finished`` becomes True once a stop token was accepted; ``broken`` when a
+    token the grammar forbids was fed (then only the stop tokens stay allowed,
+    so the request ends instead of producing invalid output).
+    """
+
+    def __init__(self, index: Index, vocab: TokenVocab) -> None:
+        self.guide = Guide(index)
+        self.vocab = vocab
+        self.finished = False
+        self.broken = False
+        self.num_tokens = 0
+
+    @property
+    def accepting(self) -> bool:
+        """True when the text so far is a complete match (stop tokens allowed)."""
+        return self.broken or self.guide.is_finished()
+
+    def write_mask(self, row: torch.Tensor, vocab_size: int) -> None:
+        """Fill ``row`` (contiguous CPU int32, ceil(vocab_size/32) words) with the allowed tokens.
+
+        Ids at or past ``vocab_size`` stay cleared even if the tokenizer knows them.
+        """
+        words = row.numel()
+        if words * BITS_PER_WORD < vocab_size:
+            raise ValueError(f"mask row has {words} words, too few for vocab_size={vocab_size}")
+        bits = row.numpy().view(np.uint32)
+        if self.broken or self.finished:
+            bits[:] = 0
+        else:
+            self.guide.write_mask_into(row.data_ptr(), words, 4)
+            if self.vocab.tokenizer_size > vocab_size:
+                _clear_from(bits, vocab_size)
+        if self.accepting or self.finished:
+            for stop_id in self.vocab.stop_token_ids:
+                if stop_id < vocab_size:
+                    bits[stop_id // BITS_PER_WORD] |= np.uint32(1 << (stop_id % BITS_PER_WORD))
+
+    def advance(self, token_id: int) -> None:
+        """Feed the sampled token (a stop token in an accepting state finishes the grammar)."""
+        if self.finished or self.broken:
+            return
+        self.num_tokens += 1
+        if token_id in self.vocab.stop_token_ids and self.guide.is_finished():
+            self.finished = True
+            return
+        try:
+            self.guide.advance(token_id)
+        except ValueError:
+            self.broken = True
+
+    def allowed_token_ids(self) -> list[int]:
+        """Allowed ids in the current state (slow path for tests and debugging)."""
+        if self.broken or self.finished:
+            return list(self.vocab.stop_token_ids)
+        allowed = set(self.guide.get_tokens())
+        allowed.discard(self.vocab.eos_token_id)
+        if self.guide.is_finished():
+            allowed.update(self.vocab.stop_token_ids)
+        return sorted(allowed)
+
+
+def _clear_from(bits: np.ndarray, first_token_id: int) -> None:
+    """Clear every bit for ids >= first_token_id in a uint32 word view."""
+    word, bit = divmod(first_token_id, BITS_PER_WORD)
+    if bit:
+        bits[word] &= np.uint32((1 << bit) - 1)
+        word += 1
+    bits[word:] = 0

@@ -1,0 +1,189 @@
+"""JSON schema -> regex, with the numeric bounds outlines-core leaves out.
+
+outlines-core 0.2.14 turns a JSON schema into a regex but ignores
+``minimum``/``maximum``/``exclusiveMinimum``/``exclusiveMaximum`` on integers
+and numbers (``{"type": "integer", "minimum": 3}`` allows ``-7``), so output
+would fail the very schema it was constrained by. We close that gap:
+
+1. walk the schema and replace each bounded integer/number subschema by a
+   string schema whose ``pattern`` is a unique placeholder (``@@N@@``);
+2. let outlines build the regex (a pattern renders as ``("@@N@@")``);
+3. put a digit-range regex in place of each rendered placeholder.
+
+Digit ranges follow the classic construction: split ``[lo, hi]`` into runs
+of equal digit count, then recurse on the first digit (``[120, 345]`` ->
+``1(2[0-9]|[3-9][0-9])|2[0-9][0-9]|3([0-3][0-9]|4[0-5])``). Numbers allow a
+fraction only where every fraction stays in range, so a bound that is not an
+integer is rounded inward (sound: every output validates; ``0.5 <= x <= 0.9``
+has no integer inside and is rejected as unsupported). Bounded numbers are
+written without exponents.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+from typing import Any
+
+from outlines_core.json_schema import build_regex_from_schema
+
+FRACTION = r"(\.[0-9]+)?"
+ZERO_FRACTION = r"(\.0+)?"
+_SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
+_SUBSCHEMA_SINGLE = ("items", "additionalProperties", "not", "contains")
+
+
+class SchemaError(ValueError):
+    """The schema cannot be compiled (reason in the message)."""
+
+
+# --------------------------------------------------------------------------
+# Digit ranges
+# --------------------------------------------------------------------------
+
+
+def _same_length_range(lo: str, hi: str) -> str:
+    """Regex for the integers between two digit strings of equal length (lo <= hi)."""
+    if len(lo) == 1:
+        return lo if lo == hi else f"[{lo}-{hi}]"
+    if lo[0] == hi[0]:
+        return lo[0] + _group(_same_length_range(lo[1:], hi[1:]))
+    rest = len(lo) - 1
+    parts = [lo[0] + _group(_same_length_range(lo[1:], "9" * rest))]
+    first, last = int(lo[0]) + 1, int(hi[0]) - 1
+    if first <= last:
+        digit = str(first) if first == last else f"[{first}-{last}]"
+        parts.append(f"{digit}[0-9]{{{rest}}}")
+    parts.append(hi[0] + _group(_same_length_range("0" * rest, hi[1:])))
+    return "|".join(parts)
+
+
+def _group(regex: str) -> str:
+    return f"({regex})" if "|" in regex else regex
+
+
+def nonneg_range_regex(lo: int, hi: int | None) -> str:
+    """Regex for the integers in [lo, hi] (hi None: unbounded), 0 <= lo, no leading zeros."""
+    if lo < 0 or (hi is not None and hi < lo):
+        raise ValueError(f"bad range [{lo}, {hi}]")
+    parts = []
+    digits = len(str(lo))
+    top = hi if hi is not None else 10**digits - 1
+    for num_digits in range(digits, len(str(top)) + 1):
+        run_lo = max(lo, 10 ** (num_digits - 1) if num_digits > 1 else 0)
+        run_hi = min(top, 10**num_digits - 1)
+        parts.append(_same_length_range(str(run_lo), str(run_hi)))
+    if hi is None:
+        parts.append(f"[1-9][0-9]{{{digits},}}")
+    return "(" + "|".join(parts) + ")"
+
+
+def integer_range_regex(lo: int | None, hi: int | None) -> str:
+    """Regex for the integers in [lo, hi]; None is unbounded on that side."""
+    parts = []
+    if hi is None or hi >= 0:
+        parts.append(nonneg_range_regex(max(lo, 0) if lo is not None else 0, hi))
+    if lo is None or lo < 0:
+        parts.append("-" + nonneg_range_regex(max(1, -hi) if hi is not None else 1,
+                                              -lo if lo is not None else None))
+    return "(" + "|".join(parts) + ")"
+
+
+def number_range_regex(lo: int | None, hi: int | None) -> str:
+    """Regex for decimal numbers in [lo, hi] (integer bounds; None unbounded), no exponent."""
+    parts = []
+    if hi is None or hi >= 0:
+        low = max(lo, 0) if lo is not None else 0
+        if hi is None or hi - 1 >= low:  # k.ddd lies in [k, k+1) inside [lo, hi]
+            parts.append(nonneg_range_regex(low, hi - 1 if hi is not None else None) + FRACTION)
+        if hi is not None and hi >= low:
+            parts.append(str(hi) + ZERO_FRACTION)
+    if lo is None or lo < 0:
+        if (lo is None or lo <= -1) and (hi is None or hi >= 0):
+            parts.append(r"-0\.[0-9]+")  # (-1, 0]
+        first = max(1, -hi) if hi is not None else 1
+        last = -lo - 1 if lo is not None else None
+        if last is None or last >= first:  # -k.ddd lies in (-(k+1), -k]
+            parts.append("-" + nonneg_range_regex(first, last) + FRACTION)
+        if lo is not None and -lo >= first:
+            parts.append(f"-{-lo}" + ZERO_FRACTION)
+    if not parts:
+        raise SchemaError(f"no number in [{lo}, {hi}] can be written")
+    return "(" + "|".join(parts) + ")"
+
+
+# --------------------------------------------------------------------------
+# Schema rewrite
+# --------------------------------------------------------------------------
+
+
+def _integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
+    """Inclusive integer bounds of a numeric schema, rounded inward (drafts 4 and 6+)."""
+    lo = hi = None
+    minimum, maximum = schema.get("minimum"), schema.get("maximum")
+    ex_min, ex_max = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
+    if isinstance(minimum, (int, float)) and not isinstance(minimum, bool):
+        lo = math.floor(minimum) + 1 if ex_min is True and minimum == math.floor(minimum) else math.ceil(minimum)
+    if isinstance(maximum, (int, float)) and not isinstance(maximum, bool):
+        hi = math.ceil(maximum) - 1 if ex_max is True and maximum == math.ceil(maximum) else math.floor(maximum)
+    if isinstance(ex_min, (int, float)) and not isinstance(ex_min, bool):
+        lo = max(lo if lo is not None else -math.inf, math.floor(ex_min) + 1)
+    if isinstance(ex_max, (int, float)) and not isinstance(ex_max, bool):
+        hi = min(hi if hi is not None else math.inf, math.ceil(ex_max) - 1)
+    return lo, hi
+
+
+def _has_bounds(schema: dict[str, Any]) -> bool:
+    return any(k in schema for k in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"))
+
+
+def _numeric_regex(schema: dict[str, Any]) -> str:
+    lo, hi = _integer_bounds(schema)
+    if lo is not None and hi is not None and lo > hi:
+        raise SchemaError(f"{schema.get('type')} bounds {schema} leave no integer value "
+                          "(non-integer bounds are rounded inward)")
+    if schema["type"] == "integer":
+        return integer_range_regex(lo, hi)
+    return number_range_regex(lo, hi)
+
+
+def _rewrite(node: Any, placeholders: list[str]) -> Any:
+    """Copy of ``node`` with bounded numeric schemas swapped for placeholder string schemas."""
+    if not isinstance(node, dict):
+        return node
+    if isinstance(node.get("type"), list) and _has_bounds(node) and "enum" not in node and "const" not in node:
+        return _rewrite({"anyOf": [{**node, "type": kind} for kind in node["type"]]}, placeholders)
+    if node.get("type") in ("integer", "number") and _has_bounds(node) and "enum" not in node \
+            and "const" not in node:
+        placeholders.append(_numeric_regex(node))
+        return {"type": "string", "pattern": f"@@{len(placeholders) - 1}@@"}
+    out = dict(node)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(node.get(key), list):
+            out[key] = [_rewrite(child, placeholders) for child in node[key]]
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(node.get(key), dict):
+            out[key] = {name: _rewrite(child, placeholders) for name, child in node[key].items()}
+    for key in _SUBSCHEMA_SINGLE:
+        if key in node:
+            child = node[key]
+            out[key] = [_rewrite(c, placeholders) for c in child] if isinstance(child, list) \
+                else _rewrite(child, placeholders)
+    return out
+
+
+def schema_to_regex(schema: Any, whitespace_pattern: str | None = None) -> str:
+    """Regex matching exactly the JSON texts valid under ``schema`` (a parsed schema)."""
+    placeholders: list[str] = []
+    rewritten = _rewrite(copy.deepcopy(schema), placeholders)
+    try:
+        regex = build_regex_from_schema(json.dumps(rewritten), whitespace_pattern)
+    except (ValueError, TypeError, RuntimeError) as error:
+        raise SchemaError(f"unsupported or invalid json_schema: {error}") from None
+    for number, numeric in enumerate(placeholders):
+        rendered = f'("@@{number}@@")'
+        if rendered not in regex:
+            raise SchemaError(f"internal: bounded number placeholder {number} not found in the regex")
+        regex = regex.replace(rendered, f"({numeric})")
+    return regex
