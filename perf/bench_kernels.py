@@ -2,7 +2,7 @@
 
 Usage (GPU only)::
 
-    python perf/bench_kernels.py [--only gemm,norm,...] [--quick] [--sweep-gemm]
+    python perf/bench_kernels.py [--only gemm,norm,...] [--quick] [--sweep-gemm 1,64,1024]
 
 Prints the device and torch/triton versions, measures the device-to-device
 copy bandwidth (bytes read + written), then one table:
@@ -12,9 +12,11 @@ copy bandwidth (bytes read + written), then one table:
 ``ratio`` is anchor time / our time (> 1: we are faster). The anchor is cuBLAS
 (``F.linear``) for gemm and the plain-PyTorch path for the memory-bound ops,
 whose real yardstick is the last column (bytes moved at least once over the
-measured copy bandwidth). Times are medians of ``triton.testing.do_bench``,
-which flushes L2 before every call; inputs smaller than twice L2 are also
-rotated over several copies. Results go to
+measured copy bandwidth). Times are medians of
+``triton.testing.do_bench_cudagraph``: calls replayed from a CUDA graph, as the
+decode path runs, so host launch overhead stays out of the numbers for ours
+and the anchor alike; inputs smaller than twice L2 are rotated over several
+copies so that no call finds its inputs in cache. Results go to
 ``perf/results/kernels-<device>.json`` (and ``$OUT`` when set).
 
 Shapes come from Llama-3.1-8B-Instruct and Qwen3-8B (config.json values
@@ -139,39 +141,40 @@ def gemm_cases(ctx: Ctx) -> list[Case]:
 
 
 def gemm_sweep_configs(M: int) -> list:
+    """Candidates around the table of triton_kernels/gemm.py (the first sweep,
+    48 decode and 8 prefill configs per shape, narrowed the field to these)."""
     from triton_kernels.gemm import GemmConfig
 
     if M <= 64:
         bm = max(16, 1 << (M - 1).bit_length())
-        out = [GemmConfig("stream", bm, bn, bk, split, num_warps=4, num_stages=4)
-               for bn in (16, 32, 64) for bk in (128, 256) for split in (1, 2, 4)]
-        out += [GemmConfig("stream", bm, 32, 256, 1, num_warps=4, num_stages=s) for s in (3, 6)]
-        out += [GemmConfig("stream", bm, 64, 128, 1, num_warps=w, num_stages=5) for w in (2, 8)]
-        if M <= 4:
-            out += [GemmConfig("stream", M, bn, bk, split, num_warps=4, num_stages=4, use_dot=False)
-                    for bn, bk in ((16, 256), (32, 128), (64, 64)) for split in (1, 2)]
+        shapes = [(32, 256, 4, 4), (64, 128, 4, 4), (64, 128, 8, 5), (64, 256, 4, 3), (16, 256, 4, 4),
+                  (32, 128, 4, 4)]
+        out = [GemmConfig("stream", bm, bn, bk, 1, num_warps=w, num_stages=st) for bn, bk, w, st in shapes]
+        out += [GemmConfig("stream", bm, bn, bk, 2, num_warps=4, num_stages=4) for bn, bk in ((32, 256), (64, 128))]
         return out
-    tma = [(128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 256, 64, 8, 3), (128, 256, 64, 8, 4),
-           (64, 128, 64, 4, 4), (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]
+    tma = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
+           (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]
     out = [GemmConfig("tma", bm, bn, bk, group_m=8, num_warps=w, num_stages=s) for bm, bn, bk, w, s in tma]
-    out.append(GemmConfig("stream", 128, 128, 64, num_warps=8, num_stages=3))
+    out += [GemmConfig("stream", 64, 128, 64, split_k=2, num_warps=4, num_stages=4),
+            GemmConfig("stream", 128, 128, 64, num_warps=8, num_stages=3)]
     return out
 
 
-def gemm_sweep(ctx: Ctx) -> list[dict]:
+def gemm_sweep(ctx: Ctx, sweep_ms: list[int]) -> list[dict]:
     """Time candidate configs per (shape, M); print the best of each."""
-    import triton.testing
     from triton_kernels import gemm
 
     results = []
     for name, N, K in gemm_shapes():
-        for M in (1, 4, 16, 64, 1024, 4096):
-            x = torch.randn(M, K, device=ctx.device, dtype=DTYPE)
-            w = torch.randn(N, K, device=ctx.device, dtype=DTYPE) / K ** 0.5
-            y = torch.empty(M, N, device=ctx.device, dtype=DTYPE)
+        for M in sweep_ms:
+            _, num_bytes = gemm.flops_bytes(M, N, K, DTYPE)
+            sets = rotating(ctx, lambda M=M, N=N, K=K: (
+                torch.randn(M, K, device=ctx.device, dtype=DTYPE),
+                torch.randn(N, K, device=ctx.device, dtype=DTYPE) / K ** 0.5,
+                torch.empty(M, N, device=ctx.device, dtype=DTYPE)), num_bytes)
+            x, w, y = sets()
             expect = torch.nn.functional.linear(x, w)
-            cublas_us = 1e3 * triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w),
-                                                      warmup=10, rep=40, return_mode="median")
+            cublas_us = median_us(lambda: torch.nn.functional.linear(*sets()[:2]), quick=True)
             timings = []
             for config in gemm_sweep_configs(M):
                 try:
@@ -179,20 +182,29 @@ def gemm_sweep(ctx: Ctx) -> list[dict]:
                     err = ((y.float() - expect.float()).norm() / expect.float().norm()).item()
                     if not err < 2e-2:
                         raise RuntimeError(f"wrong result (rel err {err:.2e})")
-                    us = 1e3 * triton.testing.do_bench(lambda c=config: gemm.launch_linear(x, w, None, y, c),
-                                                       warmup=10, rep=40, return_mode="median")
+                    us = median_us(lambda c=config: gemm.launch_linear(*_with_no_bias(sets()), c),
+                                   quick=True)
                 except Exception as exc:  # a config the chip cannot take: report, keep sweeping
                     print(f"  sweep {name} M={M} {config}: {type(exc).__name__}: {str(exc)[:120]}")
                     continue
                 timings.append((us, config))
+            if not timings:
+                print(f"sweep {name} M={M}: no candidate config ran")
+                continue
             timings.sort(key=lambda t: t[0])
             best_us, best = timings[0]
             print(f"sweep {name:16s} M={M:5d} cuBLAS {cublas_us:9.1f} us  best {best_us:9.1f} us "
                   f"({cublas_us / best_us:4.2f}x) {best}")
             results.append(dict(shape=name, M=M, N=N, K=K, cublas_us=cublas_us,
                                 top=[dict(us=us, config=dataclasses.asdict(c)) for us, c in timings[:4]]))
-            del x, w, y, expect
+            del x, w, y, expect, sets
+            torch.cuda.empty_cache()
     return results
+
+
+def _with_no_bias(xwy: tuple) -> tuple:
+    x, w, y = xwy
+    return x, w, None, y
 
 
 # ----------------------------------------------------------------------------- memory-bound families
@@ -328,10 +340,10 @@ FAMILIES: dict[str, Callable[[Ctx], list[Case]]] = {
 
 
 def median_us(fn: Callable[[], object], quick: bool) -> float:
+    """Median time of one call, replayed from a CUDA graph (no host overhead)."""
     import triton.testing
 
-    return 1e3 * triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=40 if quick else 100,
-                                         return_mode="median")
+    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=10 if quick else 20, return_mode="median")
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
@@ -381,7 +393,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated families: " + ",".join(FAMILIES))
     parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
-    parser.add_argument("--sweep-gemm", action="store_true", help="also time candidate gemm configs")
+    parser.add_argument("--sweep-gemm", default="", metavar="MS",
+                        help="also time candidate gemm configs at these M (comma-separated)")
     parser.add_argument("--models-dir", type=Path, default=Path("/work/shared/models"))
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -413,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     for path in write_json(report, props.name):
         print(f"wrote {path}")
     if args.sweep_gemm:
-        report["sweep"] = gemm_sweep(ctx)
+        report["sweep"] = gemm_sweep(ctx, [int(m) for m in args.sweep_gemm.split(",")])
         write_json(report, props.name)
     return 0
 

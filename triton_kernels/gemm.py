@@ -195,54 +195,80 @@ def _num_sms_of(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-# Decode table (16-bit dtypes): rows of M-bucket upper bound ->
-# (block_m, block_n, block_k, num_warps, num_stages). Narrow BLOCK_N gives many
-# programs, each streaming a disjoint slab of weight rows with several K tiles
-# in flight; split-K is added when N alone gives too few programs.
-_DECODE_TABLE: tuple[tuple[int, tuple[int, int, int, int, int]], ...] = (
-    (16, (16, 64, 128, 4, 4)),
-    (32, (32, 64, 128, 4, 4)),
-    (64, (64, 64, 128, 4, 4)),
+# Decode table (16-bit dtypes), from the config sweeps of perf/bench_kernels.py
+# on an H200 (perf/results/gemm-sweep1-nvidia-h200.json, kernels-nvidia-h200.json):
+# (max M, max N or None) ->
+# (block_m, block_n, block_k, num_warps, num_stages). Narrow BLOCK_N gives
+# hundreds of programs, each streaming a disjoint slab of weight rows with
+# several K tiles in flight (num_stages); wide outputs prefer 64-row slabs.
+_DECODE_TABLE: tuple[tuple[int, int | None, tuple[int, int, int, int, int]], ...] = (
+    (16, 8192, (16, 32, 256, 4, 4)),
+    (16, None, (16, 64, 128, 4, 4)),
+    (32, 8192, (32, 32, 256, 4, 4)),
+    (32, None, (32, 64, 128, 4, 4)),
+    (64, 8192, (64, 32, 256, 4, 4)),
+    (64, None, (64, 64, 128, 8, 5)),
 )
-# Prefill (16-bit dtypes, TMA): M-bucket lower bound -> (bm, bn, bk, group_m, warps, stages).
-_PREFILL_TABLE: tuple[tuple[int, tuple[int, int, int, int, int, int]], ...] = (
-    (65, (64, 128, 64, 8, 4, 4)),
-    (256, (128, 128, 64, 8, 8, 4)),
-    (1024, (128, 256, 64, 8, 8, 3)),
+# Prefill tiles (16-bit dtypes, TMA), in order of preference:
+# (block_m, block_n, block_k, group_m, num_warps, num_stages). The first whose
+# tile count fills the last wave of SMs well (>= _MIN_WAVE_EFFICIENCY) wins;
+# a 128x256 tile is fastest per FLOP, smaller tiles trade that for full waves.
+_PREFILL_TILES: tuple[tuple[int, int, int, int, int, int], ...] = (
+    (128, 256, 64, 8, 8, 3),
+    (128, 128, 64, 8, 4, 4),
+    (64, 128, 64, 8, 4, 4),
+    (64, 64, 64, 8, 4, 4),
 )
-_TARGET_PROGRAMS_PER_SM = 2
+_MIN_WAVE_EFFICIENCY = 0.85
 
 
 def _decode_split_k(num_n_tiles: int, k_tiles: int, num_sms: int) -> int:
-    """Smallest split of K that gives ~2 programs per SM, keeping >= 8 K tiles each."""
+    """Split K only when N alone leaves most SMs idle (e.g. tensor-parallel
+    shards): the smallest split giving one program per SM, >= 8 K tiles each."""
     split_k = 1
-    while (num_n_tiles * split_k < _TARGET_PROGRAMS_PER_SM * num_sms
-           and k_tiles // (split_k * 2) >= 8 and split_k < 16):
+    if num_n_tiles * 2 >= num_sms:
+        return split_k
+    while num_n_tiles * split_k < num_sms and k_tiles // (split_k * 2) >= 8 and split_k < 16:
         split_k *= 2
     return split_k
 
 
+def _wave_efficiency(num_tiles: int, num_sms: int) -> float:
+    """Busy fraction of SM slots over all waves (1.0 = the last wave is full)."""
+    return num_tiles / (triton.cdiv(num_tiles, num_sms) * num_sms)
+
+
+def _prefill_config(M: int, N: int, num_sms: int) -> GemmConfig:
+    best, best_eff = _PREFILL_TILES[0], -1.0
+    for tile in _PREFILL_TILES:
+        eff = _wave_efficiency(triton.cdiv(M, tile[0]) * triton.cdiv(N, tile[1]), num_sms)
+        if eff >= _MIN_WAVE_EFFICIENCY:
+            best = tile
+            break
+        if eff > best_eff:
+            best, best_eff = tile, eff
+    bm, bn, bk, group_m, warps, stages = best
+    return GemmConfig("tma", bm, bn, bk, group_m=group_m, num_warps=warps, num_stages=stages)
+
+
 def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
                  tma_ok: bool) -> GemmConfig:
-    """The explicit config table: per M bucket, dtype and device."""
+    """The explicit config table: per M bucket, N, dtype and device."""
     if _interpreting() or device.type != "cuda":
         return GemmConfig("stream", block_m=32, block_n=32, block_k=32)
     if dtype == torch.float32:  # exact fp32 products: no tensor-core shapes to chase
         if tma_ok and M > 64:
             return GemmConfig("tma", 64, 64, 32, group_m=8, num_warps=4, num_stages=3)
         return GemmConfig("stream", 16 if M <= 16 else 64, 64, 32, num_warps=4, num_stages=3)
+    num_sms = _num_sms_of(device)
     if M <= 64:
-        for bound, (bm, bn, bk, warps, stages) in _DECODE_TABLE:
-            if M <= bound:
-                split_k = _decode_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), _num_sms_of(device))
+        for max_m, max_n, (bm, bn, bk, warps, stages) in _DECODE_TABLE:
+            if M <= max_m and (max_n is None or N <= max_n):
+                split_k = _decode_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), num_sms)
                 return GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
                                   num_stages=stages)
-    bm, bn, bk, group_m, warps, stages = _PREFILL_TABLE[0][1]
-    for bound, row in _PREFILL_TABLE:
-        if M >= bound:
-            bm, bn, bk, group_m, warps, stages = row
     if tma_ok:
-        return GemmConfig("tma", bm, bn, bk, group_m=group_m, num_warps=warps, num_stages=stages)
+        return _prefill_config(M, N, num_sms)
     return GemmConfig("stream", 128, 128, 64, num_warps=8, num_stages=3)
 
 
