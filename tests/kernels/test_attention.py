@@ -1,0 +1,140 @@
+"""extend_attention / decode_attention vs the PyTorch reference and float64.
+
+Batches are ragged on purpose: lengths that are not block multiples, a zero
+prefix, a single new token, head dims that need padding (80, 96), GQA and MQA,
+sliding windows and logit soft-capping. The pool's slots are shuffled so that
+every key is really read through req_to_token.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from tests.kernels.util import DTYPES, ON_GPU, assert_close
+from triton_kernels import attention
+
+
+@dataclasses.dataclass
+class PagedBatch:
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    req_to_token: torch.Tensor
+    req_pool_indices: torch.Tensor
+    seq_lens: list[int]
+
+
+def _paged_batch(seq_lens: list[int], num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device, seed: int) -> PagedBatch:
+    """A pool with shuffled slots (slot 0 unused) and rows in reverse request order."""
+    gen = torch.Generator().manual_seed(seed)
+    num_slots = sum(seq_lens) + 7
+    k_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_slots, num_kv_heads, head_dim, generator=gen)
+    slots = torch.randperm(num_slots - 1, generator=gen) + 1
+    num_rows, row_len = len(seq_lens) + 2, max(seq_lens) + 5
+    req_to_token = torch.zeros(num_rows, row_len, dtype=torch.int32)
+    req_pool_indices = torch.arange(len(seq_lens) - 1, -1, -1) + 1
+    used = 0
+    for b, seq_len in enumerate(seq_lens):
+        req_to_token[req_pool_indices[b], :seq_len] = slots[used:used + seq_len].int()
+        used += seq_len
+    return PagedBatch(k_cache.to(device, dtype), v_cache.to(device, dtype),
+                      req_to_token.to(device), req_pool_indices.to(device), seq_lens)
+
+
+# (prefix_lens, extend_lens, Hq, Hk, head_dim, sliding_window, logit_cap)
+EXTEND_CASES = [
+    ([0, 20, 11], [37, 5, 1], 4, 2, 80, -1, 0.0),    # prefill + extend + 1-token row, GQA
+    ([0], [1], 4, 1, 64, -1, 0.0),                   # a single token, MQA
+    ([9, 0], [30, 45], 2, 2, 96, 13, 30.0),          # sliding window + soft cap, MHA
+] + ([
+    ([0, 129, 500], [300, 77, 1], 8, 2, 128, -1, 0.0),
+    ([64, 0], [200, 333], 4, 2, 256, -1, 0.0),
+    ([0, 1000], [1000, 100], 8, 1, 128, 256, 50.0),
+] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", EXTEND_CASES)
+def test_extend_attention(device, dtype, case):
+    prefix_lens, extend_lens, num_q_heads, num_kv_heads, head_dim, window, cap = case
+    seq_lens = [p + e for p, e in zip(prefix_lens, extend_lens)]
+    pool = _paged_batch(seq_lens, num_kv_heads, head_dim, dtype, device, seed=sum(seq_lens))
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(sum(extend_lens), num_q_heads, head_dim, generator=gen).to(device, dtype)
+    start_loc = torch.tensor([0] + extend_lens[:-1], device=device).cumsum(0)
+    args = (pool.req_to_token, pool.req_pool_indices, torch.tensor(prefix_lens, device=device),
+            torch.tensor(extend_lens, device=device, dtype=torch.int32), start_loc,
+            max(extend_lens), head_dim ** -0.5, window, cap)
+    out = attention.extend_attention(q, pool.k_cache, pool.v_cache, *args)
+    ref = attention.extend_attention_reference(q, pool.k_cache, pool.v_cache, *args)
+    f64 = attention.extend_attention_reference(q.double(), pool.k_cache.double(),
+                                               pool.v_cache.double(), *args)
+    assert_close(out, ref, dtype, "extend vs reference")
+    assert_close(out, f64, dtype, "extend vs float64")
+
+
+# (seq_lens, Hq, Hk, head_dim, sliding_window, logit_cap, num_kv_splits)
+DECODE_CASES = [
+    ([1, 37, 70], 4, 2, 80, -1, 0.0, None),
+    ([65], 8, 1, 64, -1, 0.0, 3),                     # MQA, group 8, splits
+    ([50, 9], 2, 2, 96, 20, 30.0, 2),                 # window + cap, MHA
+] + ([
+    ([1, 4097, 300, 1025], 32, 8, 128, -1, 0.0, None),
+    ([3000, 17], 16, 8, 256, -1, 0.0, 7),
+    ([8192], 28, 4, 128, 1024, 0.0, 64),
+] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", DECODE_CASES)
+def test_decode_attention(device, dtype, case):
+    seq_lens, num_q_heads, num_kv_heads, head_dim, window, cap, splits = case
+    pool = _paged_batch(seq_lens, num_kv_heads, head_dim, dtype, device, seed=len(seq_lens))
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(len(seq_lens), num_q_heads, head_dim, generator=gen).to(device, dtype)
+    args = (pool.req_to_token, pool.req_pool_indices, torch.tensor(seq_lens, device=device),
+            head_dim ** -0.5, window, cap, splits)
+    out = attention.decode_attention(q, pool.k_cache, pool.v_cache, *args)
+    ref = attention.decode_attention_reference(q, pool.k_cache, pool.v_cache, *args)
+    f64 = attention.decode_attention_reference(q.double(), pool.k_cache.double(),
+                                               pool.v_cache.double(), *args)
+    assert_close(out, ref, dtype, "decode vs reference")
+    assert_close(out, f64, dtype, "decode vs float64")
+
+
+def test_decode_matches_last_row_of_extend(device):
+    """Decoding token n equals the last row of extending the same n tokens."""
+    pool = _paged_batch([40], 2, 64, torch.float32, device, seed=5)
+    q = torch.randn(40, 4, 64, generator=torch.Generator().manual_seed(3)).to(device)
+    zero, n = torch.tensor([0], device=device), torch.tensor([40], device=device)
+    ext = attention.extend_attention(q, pool.k_cache, pool.v_cache, pool.req_to_token,
+                                     pool.req_pool_indices, zero, n, zero, 40, 0.125)
+    dec = attention.decode_attention(q[-1:], pool.k_cache, pool.v_cache, pool.req_to_token,
+                                     pool.req_pool_indices, n, 0.125, num_kv_splits=2)
+    assert_close(dec[0], ext[-1], torch.float32, "decode vs extend last row")
+
+
+def test_empty_batch_and_bad_inputs_raise(device):
+    pool = _paged_batch([4], 1, 64, torch.float32, device, seed=0)
+    empty = torch.zeros(0, dtype=torch.int64, device=device)
+    q = torch.zeros(0, 2, 64, device=device)
+    with pytest.raises(ValueError, match="empty batch"):
+        attention.decode_attention(q, pool.k_cache, pool.v_cache, pool.req_to_token, empty,
+                                   empty, 0.1)
+    with pytest.raises(ValueError, match="empty batch"):
+        attention.extend_attention(q, pool.k_cache, pool.v_cache, pool.req_to_token, empty,
+                                   empty, empty, empty, 1, 0.1)
+    one = torch.ones(1, dtype=torch.int64, device=device)
+    with pytest.raises(ValueError, match="share"):
+        attention.decode_attention(torch.zeros(1, 2, 64, device=device, dtype=torch.float16),
+                                   pool.k_cache, pool.v_cache, pool.req_to_token, one, one, 0.1)
+    with pytest.raises(ValueError, match="multiple"):
+        pool2 = _paged_batch([4], 2, 64, torch.float32, device, seed=0)
+        attention.decode_attention(torch.zeros(1, 3, 64, device=device), pool2.k_cache,
+                                   pool2.v_cache, pool2.req_to_token, one, one, 0.1)
+    with pytest.raises(ValueError, match="req_to_token"):
+        attention.decode_attention(torch.zeros(1, 2, 64, device=device), pool.k_cache,
+                                   pool.v_cache, pool.req_to_token.long(), one, one, 0.1)
