@@ -181,9 +181,11 @@ class GrammarCompiler:
     """
 
     def __init__(self, vocab: TokenVocab, max_workers: int = 2, cache_size: int = 256) -> None:
+        """``max_workers=0``: compile inline, in the caller's thread (futures come back done)."""
         self.vocab = vocab
         self.cache_size = cache_size
-        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar")
+        self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar") \
+            if max_workers > 0 else None
         self._cache: OrderedDict[tuple[str, str, str], Future[Index]] = OrderedDict()
         self._lock = threading.Lock()
         self.num_compiles = 0
@@ -195,7 +197,8 @@ class GrammarCompiler:
             if future is not None:
                 self._cache.move_to_end(key)
                 return future
-            future = self._executor.submit(self._compile, kind, spec)
+            future = self._executor.submit(self._compile, kind, spec) if self._executor else \
+                _run_inline(self._compile, kind, spec)
             self._cache[key] = future
             while len(self._cache) > self.cache_size:
                 self._cache.popitem(last=False)
@@ -210,7 +213,17 @@ class GrammarCompiler:
         return build_index(grammar_regex(kind, spec), self.vocab)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _run_inline(function: Any, *args: Any) -> Future:
+    future: Future = Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as error:  # noqa: BLE001 - delivered through the future, as the pool does
+        future.set_exception(error)
+    return future
 
 
 # --------------------------------------------------------------------------

@@ -52,6 +52,7 @@ class ConstrainStage(Stage):
     def __init__(self, args: ServerArgs, tokenizer: Any, inbox: Channel | None,
                  outboxes: dict[str, Channel], *, vocab_size: int | None = None,
                  eos_token_ids: Iterable[int] | None = None, max_workers: int = 2) -> None:
+        """``max_workers=0`` compiles inline in ``handle`` (deterministic replays; stalls the loop)."""
         super().__init__("constrain", inbox, outboxes)
         eos_ids = list(eos_token_ids) if eos_token_ids is not None else _generation_eos_ids(args)
         self.vocab: TokenVocab = vocab_for_tokenizer(tokenizer, eos_ids or None)
@@ -83,7 +84,16 @@ class ConstrainStage(Stage):
         self._emit_ready_masks()
 
     def has_work(self) -> bool:
-        return bool(self.compiling) or self._head_batch_ready()
+        """Actionable now: inbox messages, a finished compile to report, or a batch whose mask can be built.
+
+        A compile still running is not work for the loop (it would spin); its
+        thread wakes the loop when done (``Stage.wake``). ``busy`` counts it.
+        """
+        return super().has_work() or any(f.done() for f in self.compiling.values()) or self._head_batch_ready()
+
+    @property
+    def busy(self) -> bool:
+        return super().busy or bool(self.compiling) or bool(self.pending_batches)
 
     def close(self) -> None:
         self.compiler.close()
@@ -92,8 +102,12 @@ class ConstrainStage(Stage):
 
     def _start_compile(self, message: GrammarCompile) -> None:
         self._release(message.rid)
-        self.compiling[message.rid] = self.compiler.submit(message.kind, message.spec)
-        self._finish_compiles()  # a cache hit replies in the same step
+        future = self.compiler.submit(message.kind, message.spec)
+        self.compiling[message.rid] = future
+        if future.done():
+            self._finish_compiles()  # a cache hit replies in the same step
+        else:
+            future.add_done_callback(lambda _: self.wake())
 
     def _finish_compiles(self) -> None:
         for rid, future in list(self.compiling.items()):
