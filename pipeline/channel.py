@@ -60,6 +60,7 @@ T = TypeVar("T")
 
 DEFAULT_CAPACITY = 1024
 _CREDIT_POLL_S = 0.05  # how often a producer blocked on credits re-checks close
+_IN_PIPE_WAIT_S = 0.002  # drain() waits this long for messages already sent but not yet decoded
 
 
 class ChannelClosed(Exception):
@@ -587,7 +588,10 @@ class ProcessChannel(Channel[T]):
         return None if item is None else self._taken(item)
 
     def drain(self, max_messages: int) -> list[T]:
-        items = self._local()._drain(max_messages, stop_before=MessageRejected)
+        local = self._local()
+        if not len(local) and len(self):  # sent, still in the pipe: decoded within microseconds
+            local.wait_readable(_IN_PIPE_WAIT_S)
+        items = local._drain(max_messages, stop_before=MessageRejected)
         for _ in items:
             self._credits.release()
         if items and isinstance(items[0], MessageRejected):

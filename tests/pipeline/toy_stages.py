@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import msgspec
 
-from pipeline.channel import Channel, ChannelClosed
+from pipeline.channel import Channel, ChannelClosed, MessageRejected
+from pipeline.messages import ErrorOutput
 from pipeline.stage import Stage
 
 
@@ -70,9 +71,21 @@ class BrokenAddAndHold(AddAndHold):
 
 
 def echo_process(inbox: Channel, outbox: Channel) -> None:
-    """Child body: put back everything received, then close the outbox when the inbox closes."""
-    for message in inbox:
-        outbox.put(message)
+    """Child body: put back everything received (a rejection as an ErrorOutput with its text).
+
+    Closes the outbox when the inbox closes; returns when the outbox is closed under it.
+    """
+    while True:
+        try:
+            message = inbox.get()
+        except ChannelClosed:
+            break
+        except MessageRejected as exc:
+            message = ErrorOutput(rid="rejected", status_code=400, message=str(exc))
+        try:
+            outbox.put(message)
+        except ChannelClosed:
+            return
     outbox.close()
 
 
@@ -83,11 +96,3 @@ def put_then_close(outbox: Channel, messages: list) -> None:
     outbox.close()
 
 
-def put_until_closed(outbox: Channel, report: Channel, message: object) -> None:
-    """Child body: put until the consumer closes the channel; report how it ended."""
-    try:
-        while True:
-            outbox.put(message)
-    except ChannelClosed:
-        report.put(Item(key="closed", value=0))
-    report.close()
