@@ -11,6 +11,7 @@ import sys
 
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
+    "generate": ("pipeline.generate:main", "generate text for one prompt with the in-process engine"),
 }
 
 

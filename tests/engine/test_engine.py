@@ -133,3 +133,17 @@ def test_bad_input_raises_typed_errors(tiny_llama) -> None:
         with pytest.raises(GenerateError):
             engine.generate(input_ids=[5] * 600, sampling_params={"max_new_tokens": 4})
         assert engine.generate("First Citizen", {"max_new_tokens": 2})["finish_reason"] is not None
+
+
+def test_generate_subcommand(tiny_llama, capsys) -> None:
+    from pipeline.cli import main
+
+    argv = ["generate", "--model-path", str(tiny_llama), "--prompt", "First Citizen", "--max-new-tokens", "5",
+            "--temperature", "0", "--max-total-tokens", "1024", "--json"]
+    assert main(argv) == 0
+    import json
+
+    result = json.loads(capsys.readouterr().out)
+    assert result["meta_info"]["completion_tokens"] == len(result["output_ids"]) <= 5
+    assert main(["generate", "--model-path", str(tiny_llama), "--prompt", "x", "--top-p", "0"]) == 2
+    assert "top_p" in capsys.readouterr().err
