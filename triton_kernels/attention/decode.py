@@ -116,8 +116,7 @@ def _decode_split_kernel(
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     mid = req * stride_mb + heads * stride_mh + split * stride_ms
-    tl.store(mid_o_ptr + mid[:, None] + offs_d[None, :], out,
-             mask=mask_h[:, None] & mask_d[None, :])
+    tl.store(mid_o_ptr + mid[:, None] + offs_d[None, :], out, mask=mask_h[:, None])
     tl.store(mid_lse_ptr + (mid // BLOCK_D), lse, mask=mask_h)
 
 
