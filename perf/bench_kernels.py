@@ -331,6 +331,151 @@ FAMILIES: dict[str, Callable[[Ctx], list[Case]]] = {
 # (each a `def <family>_cases(ctx: Ctx) -> list[Case]` plus a FAMILIES entry).
 # ============================================================================
 
+ATTN_MODELS = {  # (Hq, Hk, D)
+    "llama3.1-8b": (32, 8, 128),
+    "qwen3-8b": (32, 8, 128),
+}
+QWEN3_MOE = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, top_k=8)  # Qwen3-30B-A3B
+
+
+def _contiguous_pool(num_tokens: int, hk: int, D: int, ctx: Ctx, shuffle: bool):
+    """A KV pool holding num_tokens tokens (slot 0 unused), and their slot list."""
+    k_cache = torch.randn(num_tokens + 1, hk, D, device=ctx.device, dtype=DTYPE)
+    v_cache = torch.randn_like(k_cache)
+    slots = (torch.randperm(num_tokens, device=ctx.device) if shuffle
+             else torch.arange(num_tokens, device=ctx.device)) + 1
+    return k_cache, v_cache, slots.to(torch.int32)
+
+
+def attention_cases(ctx: Ctx) -> list[Case]:
+    """Prefill (extend, prefix 0) vs SDPA flash; decode vs SDPA and the copy roofline."""
+    from triton_kernels import attention
+
+    cases = []
+    seen = set()
+    for model, (hq, hk, D) in ATTN_MODELS.items():
+        if (hq, hk, D) in seen:
+            continue
+        seen.add((hq, hk, D))
+        for S in ((1024, 8192) if ctx.quick else (1024, 4096, 8192)):
+            k_cache, v_cache, slots = _contiguous_pool(S, hk, D, ctx, shuffle=False)
+            req_to_token = slots[None, :].contiguous()
+            q = torch.randn(S, hq, D, device=ctx.device, dtype=DTYPE)
+            zero = torch.zeros(1, dtype=torch.int32, device=ctx.device)
+            lens = torch.full((1,), S, dtype=torch.int32, device=ctx.device)
+            flops, nbytes = attention.extend_flops_bytes([S], [0], hq, hk, D)
+            q4 = q.transpose(0, 1)[None]                                    # [1, Hq, S, D]
+            k4 = k_cache[1:].transpose(0, 1)[None].contiguous()             # [1, Hk, S, D]
+            v4 = v_cache[1:].transpose(0, 1)[None].contiguous()
+            q4 = q4.contiguous()
+            sdpa = lambda q4=q4, k4=k4, v4=v4: torch.nn.functional.scaled_dot_product_attention(
+                q4, k4, v4, is_causal=True, enable_gqa=True)
+            cases.append(Case("attention", f"extend {model}", f"B=1 S={S} Hq={hq} Hk={hk} D={D}",
+                              ours=lambda q=q, k=k_cache, v=v_cache, r=req_to_token, z=zero, n=lens, S=S:
+                              attention.extend_attention(q, k, v, r, z, z, n, z, S, D ** -0.5),
+                              anchor=sdpa, anchor_name="SDPA causal gqa", bytes_moved=int(nbytes),
+                              flops=int(flops)))
+    hq, hk, D = ATTN_MODELS["llama3.1-8b"]
+    for batch, ctx_len in ((1, 32768), (32, 4096), (128, 2048)):
+        k_cache, v_cache, slots = _contiguous_pool(batch * ctx_len, hk, D, ctx, shuffle=True)
+        req_to_token = slots.view(batch, ctx_len).contiguous()
+        rows = torch.arange(batch, device=ctx.device)
+        seq_lens = torch.full((batch,), ctx_len, dtype=torch.int32, device=ctx.device)
+        q = torch.randn(batch, hq, D, device=ctx.device, dtype=DTYPE)
+        flops, nbytes = attention.decode_flops_bytes([ctx_len] * batch, hq, hk, D)
+        k4 = k_cache[1:].view(batch, ctx_len, hk, D).transpose(1, 2).contiguous()
+        v4 = v_cache[1:].view(batch, ctx_len, hk, D).transpose(1, 2).contiguous()
+        q4 = q[:, :, None, :]
+        sdpa = lambda q4=q4, k4=k4, v4=v4: torch.nn.functional.scaled_dot_product_attention(
+            q4, k4, v4, enable_gqa=True)
+        cases.append(Case("attention", "decode llama3.1-8b", f"B={batch} ctx={ctx_len} (shuffled slots)",
+                          ours=lambda q=q, k=k_cache, v=v_cache, r=req_to_token, i=rows, s=seq_lens:
+                          attention.decode_attention(q, k, v, r, i, s, D ** -0.5),
+                          anchor=sdpa, anchor_name="SDPA contiguous KV", bytes_moved=int(nbytes),
+                          flops=int(flops)))
+        del k4, v4
+    return cases
+
+
+def moe_cases(ctx: Ctx) -> list[Case]:
+    """fused_moe (align + gate/up + down + sum) on Qwen3-30B-A3B shapes."""
+    from triton_kernels import moe
+
+    H, I, E, k = (QWEN3_MOE[key] for key in ("hidden_size", "moe_intermediate_size", "num_experts", "top_k"))
+    w13 = torch.randn(E, 2 * I, H, device=ctx.device, dtype=DTYPE) * H ** -0.5
+    w2 = torch.randn(E, H, I, device=ctx.device, dtype=DTYPE) * I ** -0.5
+    cases = []
+    for T in ((1, 64, 4096) if ctx.quick else (1, 16, 64, 256, 1024, 4096)):
+        x = torch.randn(T, H, device=ctx.device, dtype=DTYPE)
+        weights, ids = moe.moe_topk(torch.randn(T, E, device=ctx.device), k, True)
+        flops, nbytes = moe.moe_flops_bytes(T, k, E, H, I)
+        cases.append(Case("moe", "fused_moe qwen3-30b-a3b", f"T={T} E={E} k={k} H={H} I={I}",
+                          ours=lambda x=x, w=weights, i=ids: moe.fused_moe(x, w13, w2, w, i),
+                          anchor=None, anchor_name="-", bytes_moved=int(nbytes), flops=int(flops)))
+    return cases
+
+
+def _torch_sample(logits, counts, temperature, top_k, top_p, rep, freq, pres):
+    """The sort-based PyTorch path (penalties, temperature, top-k, top-p, exponential race)."""
+    seen = counts > 0
+    logits = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    logits = logits - counts * freq - seen * pres
+    probs = torch.softmax(logits / temperature, dim=-1)
+    probs_sort, probs_idx = probs.sort(dim=-1, descending=True)
+    cum = probs_sort.cumsum(dim=-1)
+    probs_sort[(cum - probs_sort) > top_p] = 0.0
+    probs_sort[:, top_k:] = 0.0
+    choice = (probs_sort / torch.empty_like(probs_sort).exponential_(1)).argmax(dim=-1, keepdim=True)
+    return probs_idx.gather(1, choice)
+
+
+def sampling_cases(ctx: Ctx) -> list[Case]:
+    """Penalties + top-k/top-p sampling and logprobs over Qwen3's vocab, batch 128."""
+    from triton_kernels import sampling
+
+    B, V = 128, MODELS["Qwen3-8B"]["vocab_size"]
+    nbytes = B * V * 4 * 2
+
+    def make():
+        logits = torch.randn(B, V, device=ctx.device) * 3
+        counts = (torch.rand(B, V, device=ctx.device) < 0.002).to(torch.int32)
+        return logits, counts
+    sets = rotating(ctx, make, nbytes)
+    full = lambda value, dtype: torch.full((B,), value, device=ctx.device, dtype=dtype)
+    temps, ks, ps, mps = full(0.8, torch.float32), full(50, torch.int32), full(0.9, torch.float32), full(0.0, torch.float32)
+    rep, freq, pres = full(1.1, torch.float32), full(0.1, torch.float32), full(0.1, torch.float32)
+    seeds, steps = torch.arange(B, device=ctx.device), torch.zeros(B, dtype=torch.int64, device=ctx.device)
+
+    def ours():
+        logits, counts = sets()
+        sampling.apply_penalties(logits, counts, rep, freq, pres)
+        return sampling.sample(logits, temps, ks, ps, mps, seeds, steps)
+
+    def anchor():
+        logits, counts = sets()
+        return _torch_sample(logits, counts, 0.8, 50, 0.9, 1.1, 0.1, 0.1)
+
+    def ours_top_p_only():
+        return sampling.sample(sets()[0], temps, full(0, torch.int32), ps, mps, seeds, steps)
+
+    tokens = torch.zeros(B, dtype=torch.int64, device=ctx.device)
+
+    def logprobs_anchor():
+        lp = torch.log_softmax(sets()[0], dim=-1)
+        return lp.gather(1, tokens[:, None]), lp.topk(5, dim=-1)
+    return [
+        Case("sampling", "penalties+sample k50 p0.9", f"B={B} V={V}", ours, anchor, "torch sort",
+             bytes_moved=nbytes),
+        Case("sampling", "sample p0.9 only", f"B={B} V={V}", ours_top_p_only, anchor, "torch sort",
+             bytes_moved=B * V * 4),
+        Case("sampling", "compute_logprobs top5", f"B={B} V={V}",
+             lambda: sampling.compute_logprobs(sets()[0], tokens, 5), logprobs_anchor,
+             "torch log_softmax+topk", bytes_moved=B * V * 4),
+    ]
+
+
+FAMILIES.update(attention=attention_cases, moe=moe_cases, sampling=sampling_cases)
+
 # ============================================================================
 # End of the attention / moe / sampling section.
 # ============================================================================
