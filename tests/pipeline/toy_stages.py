@@ -96,3 +96,25 @@ def put_then_close(outbox: Channel, messages: list) -> None:
     outbox.close()
 
 
+
+
+TOY = "tests.pipeline.toy_stages:"
+
+
+def toy_spec(loops: int = 2, work_capacity: int = 8, sink_thread: bool = False):
+    """entry -> source -> front -> worker (+10 per pass, held 3 steps) -> sink -> exit, with worker -> front
+    looping each item ``loops`` more times: a cycle, held work, and a narrow channel."""
+    from pipeline.placement import ChannelSpec, PipelineSpec, StageSpec
+
+    return PipelineSpec(
+        stages=(StageSpec("source", TOY + "Forward"), StageSpec("front", TOY + "Forward"),
+                StageSpec("worker", TOY + "AddAndHold", {"amount": 10, "hold_steps": 3, "loops": loops}),
+                StageSpec("sink", TOY + "Forward", own_thread=sink_thread)),
+        channels=(ChannelSpec("requests", Item, (), "source"),
+                  ChannelSpec("front_in", Item, ("source.out", "worker.again"), "front"),
+                  ChannelSpec("work", Item, ("front.out",), "worker", capacity=work_capacity),
+                  ChannelSpec("done", Item, ("worker.out",), "sink"),
+                  ChannelSpec("results", Item, ("sink.out",), None)))
+
+
+TOY_SERVING = {"main": ["source", "front", "sink"], "engine": ["worker"]}
