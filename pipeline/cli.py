@@ -12,6 +12,7 @@ import sys
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
     "generate": ("pipeline.generate:main", "generate text for one prompt with the in-process engine"),
+    "serve": ("pipeline.serve:main", "serve a model over HTTP (OpenAI and SGLang-native APIs)"),
 }
 
 

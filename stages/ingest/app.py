@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
-from stages.ingest.context import ServerContext
+from stages.ingest.context import CTX, ServerContext
 from stages.ingest.errors import ApiError
 from stages.ingest.native_routes import add_native_routes
 from stages.ingest.openai_routes import add_openai_routes
@@ -64,7 +64,7 @@ def build_app(ctx: ServerContext) -> web.Application:
     if ctx.args.api_key:
         middlewares.insert(0, api_key_middleware(ctx.args.api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
-    app["ctx"] = ctx
+    app[CTX] = ctx
     add_openai_routes(app)
     add_native_routes(app)
     return app

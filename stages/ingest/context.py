@@ -1,4 +1,4 @@
-"""ServerContext: what every HTTP route needs, handed over through ``app["ctx"]``.
+"""ServerContext: what every HTTP route needs, handed over through ``app[CTX]``.
 
 It holds the resolved ServerArgs, the IngestStage (request table), the
 tokenizer helpers used by responses (token strings for logprobs, prompt text
@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import time
 from typing import Any, Callable
+
+from aiohttp import web
 
 from pipeline.config import ServerArgs
 from pipeline.messages import GenerateRequest
@@ -39,3 +41,6 @@ class ServerContext:
     def output_parsing(self, body: Any) -> Any:
         return make_parsing(self.args.tool_call_parser, self.args.reasoning_parser,
                             getattr(body, "tools", None), getattr(body, "separate_reasoning", True))
+
+
+CTX = web.AppKey("ctx", ServerContext)  # request.app[CTX] in every route

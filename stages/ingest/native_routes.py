@@ -17,7 +17,7 @@ from typing import Any
 from aiohttp import web
 
 from pipeline.messages import GenerateRequest, SamplingParams
-from stages.ingest.context import ServerContext
+from stages.ingest.context import CTX, ServerContext
 from stages.ingest.convert import native_requests
 from stages.ingest.errors import ApiError
 from stages.ingest.protocol import AbortRequestBody, NativeGenerateRequest
@@ -28,7 +28,7 @@ HEALTH_GENERATE_TIMEOUT_S = 30.0
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     body: NativeGenerateRequest = await read_body(request, NativeGenerateRequest)
     rid = body.rid or uuid.uuid4().hex
     start_s = time.perf_counter()
@@ -92,14 +92,14 @@ async def _stream_generate(request: web.Request, body: NativeGenerateRequest, st
 
 
 async def health(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     if not ctx.ready:
         return web.json_response({"status": "starting"}, status=503)
     return web.json_response({"status": "ok"})
 
 
 async def health_generate(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     if not ctx.ready:
         return web.json_response({"status": "starting"}, status=503)
     try:
@@ -123,7 +123,7 @@ async def one_token_generation(ctx: ServerContext, rid: str) -> SequenceResult:
 
 
 async def get_model_info(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     args = ctx.args
     return web.json_response({"model_path": args.model_path, "tokenizer_path": args.tokenizer_path,
                               "served_model_name": args.served_model_name, "is_generation": True,
@@ -133,7 +133,7 @@ async def get_model_info(request: web.Request) -> web.Response:
 async def get_server_info(request: web.Request) -> web.Response:
     import msgspec
 
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     info: dict[str, Any] = msgspec.to_builtins(ctx.args)
     info.pop("api_key", None)
     stats = ctx.ingest.engine_stats
@@ -147,7 +147,7 @@ async def get_server_info(request: web.Request) -> web.Response:
 
 
 async def abort_request(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     body: AbortRequestBody = await read_body(request, AbortRequestBody)
     rids = list(ctx.ingest.streams) if body.abort_all else [body.rid]
     if not body.abort_all and not body.rid:
@@ -159,14 +159,14 @@ async def abort_request(request: web.Request) -> web.Response:
 
 
 async def flush_cache(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     if not await ctx.ingest.flush_cache():
         raise ApiError(503, "cache flush is not wired in this placement", "server_unavailable")
     return web.json_response({"status": "ok", "message": "cache flush requested"})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     if ctx.metrics is None:
         raise ApiError(404, "metrics are off; start the server with --enable-metrics", "not_found_error")
     body, content_type = ctx.metrics.render()

@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from stages.ingest.context import ServerContext
+from stages.ingest.context import CTX, ServerContext
 from stages.ingest.convert import chat_request, completion_requests
 from stages.ingest.errors import ApiError
 from stages.ingest.protocol import ChatCompletionRequest, CompletionRequest
@@ -23,7 +23,7 @@ from stages.ingest.streaming import SseWriter, collect, merged, read_body
 
 
 async def list_models(request: web.Request) -> web.Response:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     args = ctx.args
     return web.json_response({"object": "list", "data": [{
         "id": args.served_model_name, "object": "model", "created": ctx.started_s, "owned_by": "stagewise",
@@ -34,7 +34,7 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     body: CompletionRequest = await read_body(request, CompletionRequest)
     rid = body.rid or new_id("cmpl")
     generate_requests = completion_requests(body, rid, time.time())
@@ -92,7 +92,7 @@ def _chunk(rid: str, kind: str, ctx: ServerContext, choices: list, usage_body: d
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    ctx: ServerContext = request.app["ctx"]
+    ctx: ServerContext = request.app[CTX]
     body: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
     rid = body.rid or new_id("chatcmpl")
     generate_request = chat_request(body, rid, time.time())

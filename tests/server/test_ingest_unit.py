@@ -1,0 +1,142 @@
+"""The ingest stage in-process against a fake engine: overload 503, abort, errors mid-stream, health."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from pipeline.channel import thread_channel
+from pipeline.config import ServerArgs
+from pipeline.messages import (Abort, ErrorOutput, FinishReason, GenerateRequest, IngestInbox, TextOutput,
+                               TokenizeInbox)
+from stages.ingest import IngestStage, ServerContext, build_app
+
+
+class FakeTokenizer:
+    bos_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(f"<{i}>" for i in ids)
+
+
+def text_output(request: GenerateRequest, index: int, text: str, finish: str | None) -> TextOutput:
+    n = request.sampling.n
+    return TextOutput(rid=request.rid if n == 1 else f"{request.rid}.{index}", parent_rid=request.rid, index=index,
+                      text_delta=text, token_ids_delta=[7], prompt_tokens=3, completion_tokens=1,
+                      finish_reason=FinishReason(type=finish) if finish else None)
+
+
+async def fake_engine(requests, outputs, seen: list, mode: str) -> None:
+    """Answer each GenerateRequest: 'echo' -> one token per sequence; 'hold' -> nothing; 'fail' -> error."""
+    while True:
+        message = await requests.aget()
+        seen.append(message)
+        if not isinstance(message, GenerateRequest) or mode == "hold":
+            continue
+        for index in range(message.sampling.n):
+            if mode == "fail":
+                outputs.put(text_output(message, index, "par", None))
+                outputs.put(ErrorOutput(rid=message.rid, status_code=500, message="engine fell over",
+                                        error_type="internal_error"))
+                break
+            outputs.put(text_output(message, index, "ok", "length"))
+
+
+async def with_app(mode: str, test, **arg_overrides) -> list:
+    args = ServerArgs(model_path="/nonexistent", served_model_name="fake", **arg_overrides)
+    requests = thread_channel("tokenize", TokenizeInbox, 64)
+    outputs = thread_channel("ingest", IngestInbox, 64)
+    ingest = IngestStage(args, outputs, {"out": requests})
+    ctx = ServerContext(args, ingest, FakeTokenizer())
+    ctx.ready = True
+    seen: list = []
+    tasks = [asyncio.ensure_future(ingest.pump()), asyncio.ensure_future(fake_engine(requests, outputs, seen, mode))]
+    client = TestClient(TestServer(build_app(ctx)))
+    await client.start_server()
+    try:
+        await test(client, ctx)
+    finally:
+        await client.close()
+        for task in tasks:
+            task.cancel()
+    return seen
+
+
+def run(mode: str, test, **arg_overrides) -> list:
+    return asyncio.run(with_app(mode, test, **arg_overrides))
+
+
+def test_echo_engine_round_trip():
+    async def test(client, ctx):
+        response = await client.post("/v1/completions", json={"prompt": "x", "n": 3})
+        body = await response.json()
+        assert response.status == 200 and [c["text"] for c in body["choices"]] == ["ok"] * 3
+        assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
+                                 "prompt_tokens_details": {"cached_tokens": 0}}
+        assert ctx.ingest.streams == {}
+
+    seen = run("echo", test)
+    assert isinstance(seen[0], GenerateRequest) and seen[0].sampling.n == 3 and seen[0].sampling.max_new_tokens == 16
+
+
+def test_overload_is_503_and_abort_request_ends_stream():
+    async def test(client, ctx):
+        held = asyncio.ensure_future(client.post("/v1/completions", json={"prompt": "x", "rid": "first"}))
+        while "first" not in ctx.ingest.streams:
+            await asyncio.sleep(0.01)
+        response = await client.post("/v1/completions", json={"prompt": "y"})
+        body = await response.json()
+        assert response.status == 503 and "overloaded" in body["error"]["message"]
+        response = await client.post("/abort_request", json={"rid": "first"})
+        assert response.status == 200 and (await response.json())["aborted"] == ["first"]
+        first = await (await held).json()
+        assert first["choices"][0]["finish_reason"] == "abort"
+        response = await client.post("/abort_request", json={"rid": "first"})
+        assert response.status == 404
+
+    seen = run("hold", test, max_running_requests=1, max_queued_requests=0)
+    assert Abort(rid="first") in seen
+
+
+def test_engine_error_mid_stream_is_an_error_event():
+    async def test(client, ctx):
+        response = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "stream": True})
+        assert response.status == 200
+        events = [line.strip() async for line in response.content if line.startswith(b"data:")]
+        assert events[-1] == b"data: [DONE]"
+        error = json.loads(events[-2][5:])["error"]
+        assert error["code"] == 500 and "engine fell over" in error["message"]
+        whole = await client.post("/v1/completions", json={"prompt": "x"})
+        assert whole.status == 500 and (await whole.json())["error"]["type"] == "internal_error"
+
+    run("fail", test)
+
+
+def test_cancelled_handler_aborts_request():
+    async def test(client, ctx):
+        task = asyncio.ensure_future(client.post("/v1/completions", json={"prompt": "x", "rid": "gone",
+                                                                          "stream": True}))
+        while "gone" not in ctx.ingest.streams:
+            await asyncio.sleep(0.01)
+        task.cancel()  # the client goes away
+        for _ in range(200):
+            if "gone" not in ctx.ingest.streams:
+                break
+            await asyncio.sleep(0.01)
+        assert "gone" not in ctx.ingest.streams
+
+    seen = run("hold", test)
+    assert Abort(rid="gone") in seen
+
+
+@pytest.mark.parametrize("ready, status", [(False, 503), (True, 200)])
+def test_health_follows_readiness(ready, status):
+    async def test(client, ctx):
+        ctx.ready = ready
+        response = await client.get("/health")
+        assert response.status == status
+
+    run("echo", test)

@@ -1,0 +1,101 @@
+"""The serving placement (front-end process + engine process): smoke test, API key, metrics, SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.server.conftest import ServerProcess
+
+API_KEY = "sk-test-key"
+PROMPT = "All: Speak, speak."
+ENGINE_STAGES = ("schedule", "forward", "sample", "multimodal")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    process = ServerProcess(model_dir, tmp_path_factory.mktemp("logs") / "serving.log", "--placement", "serving",
+                            "--api-key", API_KEY)
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def test_smoke_completion_and_chat(client):
+    kwargs = dict(model="m", prompt=PROMPT, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**kwargs)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(stream=True, **kwargs))
+    assert streamed == whole.choices[0].text and whole.usage.completion_tokens == 8
+    chat_kwargs = dict(model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0,
+                       extra_body={"ignore_eos": True})
+    chat = client.chat.completions.create(**chat_kwargs)
+    chunks = client.chat.completions.create(stream=True, **chat_kwargs)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == chat.choices[0].message.content
+    reply = client.completions.create(model="m", prompt=PROMPT, max_tokens=3, n=2, extra_body={"ignore_eos": True})
+    assert len(reply.choices) == 2 and reply.usage.completion_tokens == 6
+
+
+def test_api_key_required(server):
+    async def go():
+        async with aiohttp.ClientSession() as session:
+            statuses = []
+            for headers in ({}, {"Authorization": "Bearer wrong"}):
+                async with session.get(server.url + "/v1/models", headers=headers) as response:
+                    body = await response.json()
+                    statuses.append((response.status, body["error"]["type"]))
+            async with session.get(server.url + "/health") as response:
+                statuses.append((response.status, None))
+            return statuses
+
+    assert asyncio.run(go()) == [(401, "authentication_error"), (401, "authentication_error"), (200, None)]
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_metrics_cover_both_processes(server, client):
+    client.completions.create(model="m", prompt=PROMPT, max_tokens=4, extra_body={"ignore_eos": True})
+    time.sleep(1.2)  # engine-process counters arrive with the next EngineStats (once a second)
+
+    async def scrape():
+        async with aiohttp.ClientSession() as session:
+            async with session.get(server.url + "/metrics") as response:
+                return await response.text()
+
+    samples = {(s.name, s.labels.get("stage")): s.value
+               for family in text_string_to_metric_families(asyncio.run(scrape())) for s in family.samples}
+    for stage in ENGINE_STAGES + ("tokenize", "detokenize", "ingest"):
+        assert samples[("stagewise:stage_messages_in_total", stage)] > 0, stage
+
+
+def test_sigterm_answers_in_flight_request_then_exits(server):
+    async def stream_through_shutdown():
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        body = {"prompt": PROMPT, "max_tokens": 48, "stream": True, "ignore_eos": True}
+        async with aiohttp.ClientSession(headers=headers) as session:
+            async with session.post(server.url + "/v1/completions", json=body) as response:
+                events = []
+                async for line in response.content:
+                    if line.startswith(b"data:"):
+                        events.append(line.strip())
+                        if len(events) == 1:
+                            server.process.send_signal(signal.SIGTERM)
+        return events
+
+    events = asyncio.run(stream_through_shutdown())
+    assert events[-1] == b"data: [DONE]"
+    assert json.loads(events[-2][5:])["choices"][0]["finish_reason"] == "length"
+    assert server.process.wait(60) == 0
+    assert "stopped" in server.log_text()
