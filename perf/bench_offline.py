@@ -1,0 +1,139 @@
+"""Offline throughput: many requests at once through the engine core, as fast as it goes.
+
+Usage (GPU)::
+
+    python perf/bench_offline.py --models /work/shared/models/Qwen3-0.6B,/work/shared/models/Qwen3-8B
+
+The public offline workload: 256 requests, input and output lengths uniform
+in [100, 1024], ``ignore_eos``, seed 0, greedy, random token ids as prompts
+(the configs come without tokenizers, so text stages are left out: this is
+the engine core -- schedule, forward, sample -- in its own loop, exactly as the
+Engine ticks it). Dummy weights of the real shapes.
+
+Printed per model: wall time, output tok/s, total (input + output) tok/s,
+steps, retractions and the mean per-step time. Results:
+``perf/results/offline-<device>.json`` (and ``$OUT`` when set).
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_one_batch import environment, server_args, write_result  # noqa: E402
+from pipeline.channel import in_thread_channel  # noqa: E402
+from pipeline.messages import (  # noqa: E402
+    ForwardInbox, SampleInbox, SamplingParams, ScheduleInbox, TokenizedRequest, TokenOutputBatch,
+)
+
+
+def workload(num_requests: int, low: int, high: int, vocab: int, seed: int) -> list[TokenizedRequest]:
+    rng = random.Random(seed)
+    requests = []
+    for i in range(num_requests):
+        input_len, output_len = rng.randint(low, high), rng.randint(low, high)
+        ids = [rng.randrange(vocab) for _ in range(input_len)]
+        params = SamplingParams(max_new_tokens=output_len, temperature=0.0, ignore_eos=True)
+        requests.append(TokenizedRequest(rid=str(i), parent_rid=str(i), input_ids=ids, sampling=params))
+    return requests
+
+
+class Core:
+    """schedule -> forward -> sample -> schedule on in-thread channels (the Engine's loop, minus text)."""
+
+    def __init__(self, args) -> None:
+        from stages.forward import ForwardStage
+        from stages.sample import SampleStage
+        from stages.schedule import ScheduleStage
+
+        cap = 1 << 16
+        self.schedule_in = in_thread_channel("schedule", ScheduleInbox, cap)
+        forward_in = in_thread_channel("forward", ForwardInbox, cap)
+        sample_in = in_thread_channel("sample", SampleInbox, cap)
+        self.outputs = in_thread_channel("detokenize", TokenOutputBatch, cap)
+        self.forward = ForwardStage(args, forward_in, {"sample": sample_in})
+        self.schedule = ScheduleStage(args, self.forward.model_info, self.schedule_in,
+                                      {"forward": forward_in, "detokenize": self.outputs})
+        self.sample = SampleStage(args, sample_in, {"schedule": self.schedule_in})
+        self.stages = [self.schedule, self.forward, self.sample]
+
+    def run(self, requests: list[TokenizedRequest]) -> dict:
+        for request in requests:
+            self.schedule_in.put(request)
+        finished, output_tokens, steps = 0, 0, 0
+        start = time.perf_counter()
+        while finished < len(requests):
+            for stage in self.stages:
+                stage.step(1 << 16)
+            steps += 1
+            for batch in self.outputs.drain(1 << 16):
+                for out in batch.outputs:
+                    output_tokens += len(out.new_token_ids)
+                    finished += out.finish_reason is not None
+        torch.cuda.synchronize()
+        wall_s = time.perf_counter() - start
+        input_tokens = sum(len(r.input_ids) for r in requests)
+        return {"wall_s": wall_s, "requests": len(requests), "input_tokens": input_tokens,
+                "output_tokens": output_tokens, "output_tok_s": output_tokens / wall_s,
+                "total_tok_s": (input_tokens + output_tokens) / wall_s, "loop_iterations": steps,
+                "forward_batches": self.schedule.next_batch_id, "retractions": self.schedule.num_retractions,
+                "kv_capacity_tokens": self.schedule.kv.capacity_tokens,
+                "ms_per_batch": wall_s * 1e3 / max(1, self.schedule.next_batch_id),
+                "busy_s": {s.name: s.counters.busy_s for s in self.stages}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="/work/shared/models/Qwen3-0.6B,/work/shared/models/Qwen3-8B")
+    parser.add_argument("--num-requests", type=int, default=256)
+    parser.add_argument("--low", type=int, default=100)
+    parser.add_argument("--high", type=int, default=1024)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-running-requests", type=int, default=256)
+    parser.add_argument("--cuda-graph-max-bs", type=int, default=256)
+    ns = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_offline needs a CUDA device")
+        return 2
+    models = ns.models.split(",")
+    if len(models) > 1:  # one process per model: each starts with the whole GPU
+        import subprocess
+
+        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
+        at = rest.index("--models") if "--models" in rest else -1
+        if at >= 0:
+            del rest[at:at + 2]
+        codes = [subprocess.call([sys.executable, __file__, "--models", m, *rest]) for m in models]
+        return max(codes)
+    env = environment()
+    print(env, flush=True)
+    results = []
+    for model_path in ns.models.split(","):
+        args = server_args(model_path, max_running_requests=ns.max_running_requests,
+                           cuda_graph_max_bs=ns.cuda_graph_max_bs, context_length=2 * ns.high + 16)
+        setup = time.perf_counter()
+        core = Core(args)
+        setup_s = time.perf_counter() - setup
+        requests = workload(ns.num_requests, ns.low, ns.high, core.forward.config.vocab_size, ns.seed)
+        core.run(workload(4, 16, 32, core.forward.config.vocab_size, ns.seed + 1))  # warm-up (JIT)
+        result = {"model": Path(model_path).name, "setup_s": setup_s, **core.run(requests)}
+        print(f"== {result['model']}: {result['output_tok_s']:.0f} output tok/s, {result['total_tok_s']:.0f} total "
+              f"tok/s, {result['wall_s']:.1f} s, {result['forward_batches']} batches "
+              f"({result['ms_per_batch']:.2f} ms each), {result['retractions']} retractions, "
+              f"KV {result['kv_capacity_tokens']} tokens, busy {result['busy_s']}", flush=True)
+        results.append(result)
+        write_result(f"offline-{Path(model_path).name}", {**env, "workload": vars(ns), "results": results})
+        del core
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

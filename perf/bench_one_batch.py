@@ -1,0 +1,211 @@
+"""One static batch through the real forward + sample stages: prefill latency and decode speed.
+
+Usage (GPU)::
+
+    python perf/bench_one_batch.py --models /work/shared/models/Llama-3.1-8B-Instruct,/work/shared/models/Qwen3-8B \
+        --batch-sizes 1,16,64 --input-lens 256,1024 --decode-steps 32
+
+For each model (``--load-format dummy``: random weights of the real shapes)
+and each (batch size B, input length L): one prefill ForwardBatch of B x L
+tokens (``mode=extend``), then ``--decode-steps`` decode ForwardBatches of B
+rows, each followed by sampling (greedy) with its one device->host sync, the
+way the engine runs them (decode replays the captured CUDA graph of size B).
+
+Printed per case: prefill latency (ms) and tok/s, decode ms/step and
+output tok/s. The anchor beside batch-1 decode is the HBM roofline: a decode
+step must read every weight once, so ``weight bytes / copy bandwidth`` (the
+device-to-device copy bandwidth measured in this run, bytes read + written)
+is the fastest possible ms/token. Results: ``perf/results/one_batch-<device>.json``
+(and ``$OUT`` when set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import ServerArgs, resolve  # noqa: E402
+from pipeline.messages import ForwardBatch, SamplingBatch  # noqa: E402
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+# ------------------------------------------------------------------ shared helpers
+def device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+
+
+def device_slug() -> str:
+    return device_name().lower().replace(" ", "-")
+
+
+def environment() -> dict:
+    import triton
+
+    return {"device": device_name(), "torch": torch.__version__, "triton": triton.__version__}
+
+
+def write_result(stem: str, payload: dict) -> Path:
+    """perf/results/<stem>-<device>.json (and a copy under $OUT)."""
+    name = f"{stem}-{device_slug()}.json"
+    text = json.dumps(payload, indent=2)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / name
+    path.write_text(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], name).write_text(text)
+    return path
+
+
+def copy_bandwidth_gbps(num_bytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth, bytes read + written per second (median of 10)."""
+    src = torch.empty(num_bytes, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * num_bytes / sorted(times[2:])[len(times[2:]) // 2] / 1e9
+
+
+def server_args(model_path: str, **overrides) -> ServerArgs:
+    fields = dict(model_path=model_path, load_format="dummy", device="cuda" if torch.cuda.is_available() else "cpu")
+    fields.update(overrides)
+    return resolve(msgspec.structs.replace(ServerArgs(), **fields))
+
+
+def greedy_sampling(n: int) -> SamplingBatch:
+    return SamplingBatch(temperatures=[0.0] * n, top_ps=[1.0] * n, top_ks=[-1] * n, min_ps=[0.0] * n,
+                         repetition_penalties=[1.0] * n, frequency_penalties=[0.0] * n,
+                         presence_penalties=[0.0] * n, seeds=list(range(n)), steps=[0] * n,
+                         need_sample=[True] * n, first_step=[True] * n, return_logprob=[False] * n,
+                         top_logprobs_nums=[0] * n, constrained=[False] * n)
+
+
+def prefill_batch(batch_id: int, batch: int, input_len: int, vocab: int) -> ForwardBatch:
+    """B requests in rows 1..B, request b's slots 1 + b*stride ... (contiguous)."""
+    stride = input_len + 1024
+    ids = torch.randint(0, vocab, (batch * input_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    slots = [1 + b * stride + i for b in range(batch) for i in range(input_len)]
+    return ForwardBatch(batch_id=batch_id, mode="extend", rids=[f"r{b}" for b in range(batch)], input_ids=ids,
+                        positions=[i for _ in range(batch) for i in range(input_len)], out_cache_loc=slots,
+                        req_pool_indices=list(range(1, batch + 1)), prefix_lens=[0] * batch,
+                        extend_lens=[input_len] * batch, seq_lens=[input_len] * batch,
+                        sampling=greedy_sampling(batch))
+
+
+def decode_batch(batch_id: int, batch: int, position: int, tokens: list[int], input_len: int) -> ForwardBatch:
+    stride = input_len + 1024
+    return ForwardBatch(batch_id=batch_id, mode="decode", rids=[f"r{b}" for b in range(batch)],
+                        input_ids=tokens, positions=[position] * batch,
+                        out_cache_loc=[1 + b * stride + position for b in range(batch)],
+                        req_pool_indices=list(range(1, batch + 1)), prefix_lens=[position] * batch,
+                        extend_lens=[1] * batch, seq_lens=[position + 1] * batch, sampling=greedy_sampling(batch))
+
+
+# ------------------------------------------------------------------ the benchmark
+def step_s(forward, sample, batch: ForwardBatch) -> tuple[float, list[int]]:
+    start = time.perf_counter()
+    logits = forward.run_batch(batch)
+    out = sample.sample_batch(batch.batch_id, batch.rids, logits, batch.sampling, None)
+    return time.perf_counter() - start, out.token_ids
+
+
+def bench_model(model_path: str, batch_sizes: list[int], input_lens: list[int], decode_steps: int,
+                max_prefill_tokens: int) -> dict:
+    from stages.forward import ForwardStage
+    from stages.sample import SampleStage
+
+    max_bs = max(batch_sizes)
+    total = max_bs * (max(input_lens) + 1024) + 1
+    args = server_args(model_path, max_total_tokens=total, max_running_requests=max_bs, cuda_graph_max_bs=max_bs,
+                       context_length=max(input_lens) + 1024)
+    load_start = time.perf_counter()
+    forward = ForwardStage(args, None, {})
+    sample = SampleStage(args, None, {})
+    setup_s = time.perf_counter() - load_start
+    weight_bytes = sum(p.numel() * p.element_size() for p in forward.model.parameters())
+    vocab = forward.config.vocab_size
+    cases = []
+    for batch in batch_sizes:
+        for input_len in input_lens:
+            if batch * input_len > max_prefill_tokens:
+                continue
+            step_s(forward, sample, prefill_batch(0, batch, input_len, vocab))  # warm-up (JIT)
+            torch.cuda.synchronize()
+            prefill_s, tokens = step_s(forward, sample, prefill_batch(1, batch, input_len, vocab))
+            times = []
+            for i in range(decode_steps):
+                elapsed, tokens = step_s(forward, sample, decode_batch(2 + i, batch, input_len + i, tokens, input_len))
+                times.append(elapsed)
+            decode_s = sorted(times[2:])[len(times[2:]) // 2]
+            case = {"batch": batch, "input_len": input_len, "prefill_ms": prefill_s * 1e3,
+                    "prefill_tok_s": batch * input_len / prefill_s, "decode_ms_per_step": decode_s * 1e3,
+                    "decode_tok_s": batch / decode_s}
+            print(f"  B={batch:4d} L={input_len:5d} prefill {case['prefill_ms']:9.2f} ms "
+                  f"({case['prefill_tok_s']:9.0f} tok/s)  decode {case['decode_ms_per_step']:7.3f} ms/step "
+                  f"({case['decode_tok_s']:8.0f} tok/s)", flush=True)
+            cases.append(case)
+    del forward, sample
+    torch.cuda.empty_cache()
+    return {"model": Path(model_path).name, "weight_bytes": weight_bytes, "setup_s": setup_s, "cases": cases}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", default="/work/shared/models/Llama-3.1-8B-Instruct,/work/shared/models/Qwen3-8B")
+    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--input-lens", default="256,1024")
+    parser.add_argument("--decode-steps", type=int, default=32)
+    parser.add_argument("--max-prefill-tokens", type=int, default=16384)
+    ns = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_one_batch needs a CUDA device")
+        return 2
+    models = ns.models.split(",")
+    if len(models) > 1:  # one process per model: each starts with the whole GPU
+        import subprocess
+
+        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
+        at = rest.index("--models") if "--models" in rest else -1
+        if at >= 0:
+            del rest[at:at + 2]
+        codes = [subprocess.call([sys.executable, __file__, "--models", m, *rest]) for m in models]
+        return max(codes)
+    env = environment()
+    copy_gbps = copy_bandwidth_gbps()
+    print(f"{env}  copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
+    results = []
+    for model_path in ns.models.split(","):
+        print(f"== {Path(model_path).name} (dummy weights)", flush=True)
+        result = bench_model(model_path, [int(x) for x in ns.batch_sizes.split(",")],
+                             [int(x) for x in ns.input_lens.split(",")], ns.decode_steps, ns.max_prefill_tokens)
+        roofline_ms = result["weight_bytes"] / (copy_gbps * 1e9) * 1e3
+        batch1 = [c for c in result["cases"] if c["batch"] == 1]
+        result["roofline_ms_per_token"] = roofline_ms
+        if batch1:
+            ours = batch1[0]["decode_ms_per_step"]
+            result["batch1_decode_ms_per_token"] = ours
+            print(f"  batch-1 decode {ours:.3f} ms/token vs HBM roofline {roofline_ms:.3f} ms/token "
+                  f"({result['weight_bytes'] / 1e9:.2f} GB weights): {roofline_ms / ours:.0%} of roofline", flush=True)
+        results.append(result)
+        write_result(f"one_batch-{Path(model_path).name}", {**env, "copy_gbps": copy_gbps, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
