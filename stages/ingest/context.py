@@ -39,8 +39,8 @@ class ServerContext:
         return self.tokenizer.decode(request.input_ids or [], skip_special_tokens=False)
 
     def output_parsing(self, body: Any) -> Any:
-        return make_parsing(self.args.tool_call_parser, self.args.reasoning_parser,
-                            getattr(body, "tools", None), getattr(body, "separate_reasoning", True))
+        return make_parsing(self.args.tool_call_parser, self.args.reasoning_parser, getattr(body, "tools", None),
+                            getattr(body, "separate_reasoning", True), getattr(body, "tool_choice", None))
 
 
 CTX = web.AppKey("ctx", ServerContext)  # request.app[CTX] in every route

@@ -146,6 +146,7 @@ def chat_request(body: ChatCompletionRequest, rid: str, arrival_time_s: float) -
         params.update(return_logprob=True, top_logprobs_num=body.top_logprobs or 0)
     elif body.top_logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    params.update(_forced_tool_grammar(body, params))
     names = dict(OPENAI_NAMES, top_logprobs_num="top_logprobs")
     sampling = make_sampling(params, names)
     converted = [chat_message(m, i) for i, m in enumerate(body.messages)]
@@ -155,6 +156,23 @@ def chat_request(body: ChatCompletionRequest, rid: str, arrival_time_s: float) -
     return GenerateRequest(rid=rid, messages=[m for m, _ in converted], sampling=sampling, stream=body.stream,
                            add_generation_prompt=add_generation_prompt, tools=tools, chat_template_kwargs=kwargs,
                            image_urls=[url for _, urls in converted for url in urls], arrival_time_s=arrival_time_s)
+
+
+def _forced_tool_grammar(body: ChatCompletionRequest, params: dict[str, Any]) -> dict[str, Any]:
+    """tool_choice "required" or a named function: constrain the output to the call's JSON."""
+    from stages.parsers.tool_calls import ToolParserError, tool_choice_to_json_schema
+
+    try:
+        schema = tool_choice_to_json_schema(body.tools, body.tool_choice) if body.tools else None
+    except ToolParserError as error:
+        raise bad_request(str(error), "tool_choice") from error
+    if body.tool_choice not in (None, "auto", "none") and not body.tools:
+        raise bad_request("tool_choice needs tools", "tool_choice")
+    if schema is None:
+        return {}
+    if any(params.get(name) is not None for name in ("json_schema", "regex")):
+        raise bad_request("tool_choice cannot be combined with response_format or regex", "tool_choice")
+    return {"json_schema": schema}
 
 
 # --------------------------------------------------------------------------- /generate

@@ -46,11 +46,18 @@ class PlainParsing:
         return PlainIncremental()
 
 
-def make_parsing(tool_call_parser: str, reasoning_parser: str, tools: list | None,
-                 separate_reasoning: bool) -> Any:
-    """The parsing for one chat request (plain unless a parser is configured and applies)."""
-    if not (reasoning_parser and separate_reasoning) and not (tool_call_parser and tools):
+def make_parsing(tool_call_parser: str, reasoning_parser: str, tools: list | None, separate_reasoning: bool,
+                 tool_choice: object = None) -> object:
+    """The parsing for one chat request (plain unless a parser is configured and applies).
+
+    ``tool_choice`` "required" or a named function forces tool calls whatever
+    ``--tool-call-parser`` says (the output was constrained to their JSON).
+    """
+    forced = tool_choice if tools and tool_choice not in (None, "auto", "none") else None
+    reasoning = reasoning_parser if separate_reasoning else ""
+    tool_parser = tool_call_parser if tools and tool_choice != "none" else ""
+    if not (reasoning or tool_parser or forced is not None):
         return PlainParsing()
     from stages.ingest.parser_bridge import ParserParsing
 
-    return ParserParsing(tool_call_parser if tools else "", reasoning_parser if separate_reasoning else "", tools)
+    return ParserParsing(tool_parser, reasoning, forced)

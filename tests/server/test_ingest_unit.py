@@ -28,6 +28,11 @@ def text_output(request: GenerateRequest, index: int, text: str, finish: str | N
                       finish_reason=FinishReason(type=finish) if finish else None)
 
 
+TOOL_TEXT = '<think>weather?</think>Checking.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
 async def fake_engine(requests, outputs, seen: list, mode: str) -> None:
     """Answer each GenerateRequest: 'echo' -> one token per sequence; 'hold' -> nothing; 'fail' -> error."""
     while True:
@@ -36,6 +41,11 @@ async def fake_engine(requests, outputs, seen: list, mode: str) -> None:
         if not isinstance(message, GenerateRequest) or mode == "hold":
             continue
         for index in range(message.sampling.n):
+            if mode == "tool":
+                pieces = [TOOL_TEXT[i:i + 5] for i in range(0, len(TOOL_TEXT), 5)]
+                for position, piece in enumerate(pieces):
+                    outputs.put(text_output(message, index, piece, "stop" if position == len(pieces) - 1 else None))
+                continue
             if mode == "fail":
                 outputs.put(text_output(message, index, "par", None))
                 outputs.put(ErrorOutput(rid=message.rid, status_code=500, message="engine fell over",
@@ -140,3 +150,40 @@ def test_health_follows_readiness(ready, status):
         assert response.status == status
 
     run("echo", test)
+
+
+def test_reasoning_and_tool_call_parsers():
+    async def test(client, ctx):
+        body = {"messages": [{"role": "user", "content": "weather in Paris?"}], "tools": TOOLS}
+        whole = await (await client.post("/v1/chat/completions", json=body)).json()
+        choice = whole["choices"][0]
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["reasoning_content"] == "weather?"
+        assert choice["message"]["content"] == "Checking."
+        [call] = choice["message"]["tool_calls"]
+        assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+        response = await client.post("/v1/chat/completions", json=dict(body, stream=True))
+        events = [json.loads(line[5:]) async for line in response.content
+                  if line.startswith(b"data:") and b"[DONE]" not in line]
+        deltas = [e["choices"][0]["delta"] for e in events]
+        assert "".join(d.get("reasoning_content", "") for d in deltas) == "weather?"
+        assert "".join(d.get("content", "") for d in deltas) == "Checking."
+        arguments = "".join(c["function"]["arguments"] for d in deltas for c in d.get("tool_calls", []))
+        assert arguments == '{"city": "Paris"}'
+        assert events[-1]["choices"][0]["finish_reason"] == "tool_calls"
+        bad = await client.post("/v1/chat/completions", json=dict(body, tool_choice={
+            "type": "function", "function": {"name": "nope"}}))
+        assert bad.status == 400 and "nope" in (await bad.json())["error"]["message"]
+
+    seen = run("tool", test, tool_call_parser="qwen25", reasoning_parser="qwen3")
+    assert seen[0].tools == TOOLS
+
+
+def test_forced_tool_choice_constrains_output():
+    async def test(client, ctx):
+        body = {"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS,
+                "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+        assert (await client.post("/v1/chat/completions", json=body)).status == 200
+
+    [request] = run("echo", test)
+    assert json.loads(request.sampling.json_schema) == TOOLS[0]["function"]["parameters"]
