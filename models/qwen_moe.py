@@ -21,8 +21,11 @@ kernels: ``sigmoid(g) = softmax([g, 0])[0]``. The gate weight gets a zero
 second row (logits ``[g, 0]``), ``moe_topk(top_k=2)`` returns both
 probabilities, and the shared expert is expert 0 of a two-expert
 ``fused_moe`` whose expert 1 is all zeros, so it adds ``sigmoid(-g) * 0``.
-The price is computing the zero expert (twice the shared expert's FLOPs);
-what it buys is a hot path of kernel launches only.
+The sum of the two expert outputs goes through the one elementwise add the
+table has, ``residual += x`` inside ``fused_add_rms_norm`` (its normed output
+is dropped). The price is computing the zero expert (twice the shared
+expert's FLOPs) and one spare norm; what it buys is a hot path of kernel
+launches only.
 """
 from __future__ import annotations
 
@@ -61,12 +64,14 @@ class SparseMoeBlock(nn.Module):
         self.gate = Linear(ops, H, config.num_experts, False, dtype, device)
         self.experts = Experts(config.num_experts, H, config.moe_intermediate_size, dtype, device)
         self.shared_expert = self.shared_expert_gate = None
+        self.eps = config.rms_norm_eps
         if config.shared_expert_intermediate_size > 0:
             # expert 0: the shared expert; expert 1: zeros (see the module docstring)
             self.shared_expert = Experts(2, H, config.shared_expert_intermediate_size, dtype,
                                          device, zeros=True)
             self.shared_expert_gate = nn.Module()
             self.shared_expert_gate.weight = weight(2, H, dtype=dtype, device=device, zeros=True)
+            self.register_buffer("unit_norm", torch.ones(H, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = self.gate(x)                                            # [T, E]
@@ -78,7 +83,8 @@ class SparseMoeBlock(nn.Module):
         gate_weights, gate_ids = self.ops.moe_topk(gate_logits, 2, False)       # sigmoid(+-g)
         shared = self.ops.fused_moe(x, self.shared_expert.w13, self.shared_expert.w2,
                                     gate_weights, gate_ids)
-        return y.add_(shared)
+        self.ops.fused_add_rms_norm(shared, y, self.unit_norm, self.eps)        # y += shared
+        return y
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
