@@ -36,6 +36,14 @@ from pipeline.stage import Stage
 SEED_MASK = (1 << 63) - 1
 
 
+def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Host list -> device tensor through pinned memory (a pageable copy would sync the stream)."""
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 class PenaltyCounts:
     """Per-request generated-token counts on the device, rows recycled LRU."""
 
@@ -109,16 +117,17 @@ class SampleStage(Stage):
         penalized = self._penalty_rows(rids, params, logits)
         if penalized is not None:
             logits = logits.clone()
-            rows_t = torch.tensor(penalized, dtype=torch.int64).to(device, non_blocking=True)
-            floats = torch.tensor([params.repetition_penalties, params.frequency_penalties,
-                                   params.presence_penalties], dtype=torch.float32).to(device)
+            rows_t = _upload(penalized, torch.int64, device)
+            floats = _upload([params.repetition_penalties, params.frequency_penalties,
+                              params.presence_penalties], torch.float32, device)
             self.apply_penalties(logits, self.penalties.counts.index_select(0, rows_t),
                                  floats[0], floats[1], floats[2])
         if mask is not None and mask.bitmask is not None and mask.row_indices:
             if penalized is None:
                 logits = logits.clone()
-            rows = torch.tensor(mask.row_indices, dtype=torch.int64).to(device, non_blocking=True)
-            self.apply_token_bitmask(logits, mask.bitmask.to(device, non_blocking=True), rows)
+            rows = _upload(mask.row_indices, torch.int64, device)
+            bitmask = mask.bitmask if device.type == "cpu" else mask.bitmask.pin_memory().to(device, non_blocking=True)
+            self.apply_token_bitmask(logits, bitmask, rows)
         token_ids = self._draw(logits, params)
         if penalized is not None:
             self._count(token_ids, rows_t, params)
@@ -141,14 +150,12 @@ class SampleStage(Stage):
         device = logits.device
         if self.backend != "triton" and all(t <= 0 for t in params.temperatures):
             return torch.argmax(logits, dim=-1)  # the reference's greedy rule, batched
-        floats = torch.tensor([params.temperatures, params.top_ps, params.min_ps],
-                              dtype=torch.float32).to(device, non_blocking=True)
-        ints = torch.tensor([params.top_ks, [s & SEED_MASK for s in params.seeds], params.steps],
-                            dtype=torch.int64).to(device, non_blocking=True)
+        floats = _upload([params.temperatures, params.top_ps, params.min_ps], torch.float32, device)
+        ints = _upload([params.top_ks, [s & SEED_MASK for s in params.seeds], params.steps], torch.int64, device)
         return self.sample(logits, floats[0], ints[0], floats[1], floats[2], ints[1], ints[2])
 
     def _count(self, token_ids: torch.Tensor, rows_t: torch.Tensor, params: SamplingBatch) -> None:
-        keep = torch.tensor(params.need_sample, dtype=torch.bool).to(rows_t.device) & (rows_t > 0)
+        keep = _upload(params.need_sample, torch.bool, rows_t.device) & (rows_t > 0)
         ones = keep.to(torch.int32)
         self.penalties.counts.index_put_((rows_t, token_ids), ones, accumulate=True)
 

@@ -58,6 +58,7 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.pool = None
 
+    @torch.inference_mode()
     def capture_all(self) -> None:
         stream = torch.cuda.Stream(self.device)
         for size in reversed(self.sizes):  # largest first: smaller graphs reuse its pool
