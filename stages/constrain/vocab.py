@@ -30,6 +30,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
+import msgspec
 from outlines_core import Vocabulary
 
 TokenizerKind = Literal["byte_level", "sentencepiece", "plain"]
@@ -114,10 +115,9 @@ class TokenVocab:
 
 
 def _fingerprint(token_bytes: dict[bytes, list[int]], stop_token_ids: tuple[int, ...]) -> str:
-    digest = hashlib.sha1(repr(stop_token_ids).encode())
-    for token, ids in sorted(token_bytes.items(), key=lambda item: item[1][0]):
-        digest.update(len(token).to_bytes(4, "little") + token + repr(ids).encode())
-    return digest.hexdigest()
+    """sha1 of the sorted map and the stop ids (the tokenizer's dict order is not stable)."""
+    entries = sorted(token_bytes.items())
+    return hashlib.sha1(msgspec.msgpack.encode([list(stop_token_ids), entries])).hexdigest()
 
 
 # --------------------------------------------------------------------------

@@ -125,7 +125,7 @@ def test_release_drops_state_and_pending_reply(stage):
 def test_inline_compiles_without_threads(tiny_tokenizer):
     inbox, outboxes = wiring(ConstrainInbox, "sample", "schedule")
     constrain = ConstrainStage(ServerArgs(), tiny_tokenizer, inbox, outboxes, vocab_size=len(tiny_tokenizer),
-                               max_workers=0)
+                               eos_token_ids=[tiny_tokenizer.eos_token_id], max_workers=0)
     out = drive(constrain, GrammarCompile(rid="x", kind="regex", spec="x+"),
                 GrammarCompile(rid="y", kind="regex", spec="(")).step()
     assert out["schedule"][0] == GrammarReady(rid="x") and "invalid regex" in out["schedule"][1].error
