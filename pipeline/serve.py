@@ -191,6 +191,7 @@ class Server:
         start_s = time.perf_counter()
         self.pipeline.start()
         self.ingest = next(s for s in self.pipeline.stages if s.name == "ingest")
+        self.ingest.server_info = lambda: runtime_info(self.args)
         if self.ingest.metrics is not None:
             self.ingest.metrics.pipeline.local_stages = lambda: list(self.pipeline.stages)
         self._wait_ready(ready_timeout_s)
@@ -238,6 +239,15 @@ class Server:
             logger.warning("%d requests still running after %.0f s; stopping anyway", len(self.ingest.streams),
                            drain_timeout_s)
         return self.pipeline.stop() and answered
+
+
+def runtime_info(args: ServerArgs) -> dict[str, Any]:
+    """Versions and device for /get_server_info (benchmarks store them with their numbers)."""
+    import torch
+    import triton
+
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    return {"torch_version": torch.__version__, "triton_version": triton.__version__, "device_name": device_name}
 
 
 def main(argv: list[str] | None = None) -> int:

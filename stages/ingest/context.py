@@ -21,8 +21,7 @@ from stages.ingest.stage import IngestStage
 class ServerContext:
     """Shared, read-mostly state of one running HTTP server."""
 
-    def __init__(self, args: ServerArgs, ingest: IngestStage, tokenizer: Any, metrics: Any = None,
-                 server_info: Callable[[], dict[str, Any]] | None = None) -> None:
+    def __init__(self, args: ServerArgs, ingest: IngestStage, tokenizer: Any, metrics: Any = None) -> None:
         self.args = args
         self.ingest = ingest
         self.tokenizer = tokenizer
@@ -30,7 +29,16 @@ class ServerContext:
         self.metrics = metrics
         self.started_s = int(time.time())
         self.ready = False  # set once warm-up finished: /health answers 200
-        self.server_info = server_info or (lambda: {})
+
+    def server_info(self) -> dict[str, Any]:
+        """Extra /get_server_info fields the process that runs the server provides (versions, device)."""
+        provide: Callable[[], dict[str, Any]] | None = getattr(self.ingest, "server_info", None)
+        return provide() if provide is not None else {}
+
+    def vocab_size(self) -> int:
+        from stages.tokenize import model_vocab_size
+
+        return max(len(self.tokenizer), model_vocab_size(self.args.model_path))
 
     def prompt_text(self, request: GenerateRequest) -> str:
         """The prompt as text (for echo): the text itself, or the decoded ids."""

@@ -127,7 +127,7 @@ async def get_model_info(request: web.Request) -> web.Response:
     args = ctx.args
     return web.json_response({"model_path": args.model_path, "tokenizer_path": args.tokenizer_path,
                               "served_model_name": args.served_model_name, "is_generation": True,
-                              "context_length": args.context_length})
+                              "context_length": args.context_length, "vocab_size": ctx.vocab_size()})
 
 
 async def get_server_info(request: web.Request) -> web.Response:

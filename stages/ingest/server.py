@@ -40,7 +40,7 @@ class HttpServer:
         self.args = stage.args
         tokenizer = stage.tokenizer if getattr(stage, "tokenizer", None) is not None else load_tokenizer(
             self.args.tokenizer_path or self.args.model_path)
-        self.ctx = ServerContext(self.args, stage, tokenizer, stage.metrics, getattr(stage, "server_info", None))
+        self.ctx = ServerContext(self.args, stage, tokenizer, stage.metrics)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.site: web.TCPSite | None = None
         self.ready = threading.Event()  # set after warm-up (or on failure, with .error)

@@ -298,3 +298,16 @@ def test_metrics_parse_and_move(server, client):
     assert stages == {"ingest", "tokenize", "multimodal", "schedule", "forward", "constrain", "sample",
                       "detokenize"}
     assert ("stagewise:num_running_reqs", (("model_name", model),)) in after
+
+
+def test_bench_serving_runs_against_the_server(server, tmp_path):
+    from perf.bench_serving import main as bench
+
+    output = tmp_path / "bench.jsonl"
+    record = bench(["--base-url", server.url, "--num-prompts", "6", "--random-input-len", "24",
+                    "--random-output-len", "5", "--random-range-ratio", "1.0", "--request-rate", "inf",
+                    "--max-concurrency", "3", "--output-file", str(output)])
+    assert record["completed"] == 6 and record["failed"] == 0
+    assert record["total_output_tokens"] == 30 and record["total_input_tokens"] == 6 * 24
+    assert record["ttft"]["mean_ms"] > 0 and record["server"]["device_name"] == "cpu"
+    assert json.loads(output.read_text().splitlines()[-1])["completed"] == 6
