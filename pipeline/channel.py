@@ -469,7 +469,7 @@ class ProcessChannel(Channel[T]):
         self._recv_conn, self._send_conn = ctx.Pipe(duplex=False)
         self._credits = ctx.Semaphore(capacity)
         self._write_lock = ctx.Lock()
-        self._closed_flag = ctx.Event()
+        self._closed_flag = ctx.RawValue("b", 0)  # shared memory: reading it costs no syscall
         self._init_local()
 
     def _init_local(self) -> None:
@@ -488,7 +488,7 @@ class ProcessChannel(Channel[T]):
 
     @property
     def closed(self) -> bool:
-        return self._closed_flag.is_set()
+        return bool(self._closed_flag.value)
 
     def __len__(self) -> int:
         """Messages sent and not yet taken by the consumer (credits in use)."""
@@ -503,7 +503,7 @@ class ProcessChannel(Channel[T]):
             raise self._closed_error()
         payload = messages.encode(msg)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._credits.acquire(timeout=_CREDIT_POLL_S):
+        while not (self._credits.acquire(block=False) or self._credits.acquire(timeout=_CREDIT_POLL_S)):
             if self.closed:
                 raise self._closed_error()
             if deadline is not None and time.monotonic() >= deadline:
@@ -534,16 +534,16 @@ class ProcessChannel(Channel[T]):
         # The flag is checked under the write lock that close() also takes, so
         # no message can be sent after the close frame and be lost.
         with self._write_lock:
-            if self._closed_flag.is_set():
+            if self._closed_flag.value:
                 self._credits.release()
                 raise self._closed_error()
             self._send_conn.send_bytes(payload)
 
     def close(self) -> None:
         with self._write_lock:
-            if self._closed_flag.is_set():
+            if self._closed_flag.value:
                 return
-            self._closed_flag.set()
+            self._closed_flag.value = 1
             self._send_conn.send_bytes(b"")
 
     # -- consumer side -------------------------------------------------------
