@@ -190,11 +190,15 @@ class Server:
     def start(self, ready_timeout_s: float = READY_TIMEOUT_S) -> "Server":
         start_s = time.perf_counter()
         self.pipeline.start()
-        self.ingest = next(s for s in self.pipeline.stages if s.name == "ingest")
-        self.ingest.server_info = lambda: runtime_info(self.args)
-        if self.ingest.metrics is not None:
-            self.ingest.metrics.pipeline.local_stages = lambda: list(self.pipeline.stages)
-        self._wait_ready(ready_timeout_s)
+        try:
+            self.ingest = next(s for s in self.pipeline.stages if s.name == "ingest")
+            self.ingest.server_info = lambda: runtime_info(self.args)
+            if self.ingest.metrics is not None:
+                self.ingest.metrics.pipeline.local_stages = lambda: list(self.pipeline.stages)
+            self._wait_ready(ready_timeout_s)
+        except BaseException:
+            self.pipeline.stop(timeout=5.0)
+            raise
         self._log_started(time.perf_counter() - start_s)
         return self
 
@@ -225,6 +229,24 @@ class Server:
                     "placement %s | kernels %s | ready in %.1f s", args.served_model_name, args.model_path,
                     args.host, self.port, args.dtype, kv_tokens, args.context_length, args.placement,
                     args.kernel_backend, elapsed_s)
+
+    def health_problem(self) -> str:
+        """Why the server cannot serve any more ("" while healthy)."""
+        if self.ingest.failure is not None or not self.ingest.running:
+            return "the HTTP server stopped unexpectedly"
+        dead = [name for name, child in self.pipeline.children.items() if not child.is_alive()]
+        if dead:
+            return f"the {', '.join(dead)} process died"
+        runner = self.pipeline._runner
+        if runner is not None and runner.loop.failure is not None:
+            return f"the stage loop failed: {runner.loop.failure!r}"
+        return ""
+
+    def fail_requests(self, reason: str) -> None:
+        """Answer every running request with a 503 (thread-safe: runs on the HTTP loop)."""
+        server = self.ingest.server
+        if server is not None and server.loop is not None and not server.loop.is_closed():
+            server.loop.call_soon_threadsafe(self.ingest.fail_all, reason)
 
     def shutdown(self, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
         """Stop listening, let running requests end, stop the pipeline; True if all drained."""
@@ -260,15 +282,22 @@ def main(argv: list[str] | None = None) -> int:
     stop_requested = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop_requested.set())
-    server = Server(args).start()
+    try:
+        server = Server(args).start()
+    except Exception as error:
+        logger.error("could not start the server: %s", error)
+        return 1
+    problem = ""
     while not stop_requested.wait(0.5):
-        if server.ingest.failure is not None or not server.ingest.running:
-            logger.error("the HTTP server stopped unexpectedly")
+        problem = server.health_problem()
+        if problem:
+            logger.error("%s; answering every running request with 503 and stopping", problem)
+            server.fail_requests(problem)
             break
     logger.info("shutting down: no new requests; waiting for %d running ones", len(server.ingest.streams))
     clean = server.shutdown()
     logger.info("stopped%s", "" if clean else " (not everything drained)")
-    return 0 if clean else 1
+    return 0 if clean and not problem else 1
 
 
 if __name__ == "__main__":

@@ -256,7 +256,13 @@ class TokenizeStage(Stage):
             self.emit("out", sequence)
 
     def has_work(self) -> bool:
-        return super().has_work() or bool(self.in_flight or self.held_aborts)
+        """Inbox messages, or finished tokenizations to emit (a running one wakes the loop when done)."""
+        return super().has_work() or any(future.done() for _, future in self.in_flight)
+
+    @property
+    def busy(self) -> bool:
+        """Shutdown waits for tokenizations still running on the pool, too."""
+        return super().busy or bool(self.in_flight or self.held_aborts)
 
     def wait_for_work(self, timeout_s: float) -> None:
         """Block until some tokenization finishes (for a loop with nothing else to do)."""

@@ -46,6 +46,7 @@ class RequestStream:
         self.queue: asyncio.Queue[TextOutput | ErrorOutput] = asyncio.Queue()
         self.num_finished = 0
         self.finished = False  # every sequence ended or the request failed
+        self.aborted = False  # an Abort for it went to the engine
         self.first_token_s: list[float | None] = [None] * self.num_sequences
         self.last_token_s: list[float | None] = [None] * self.num_sequences
 
@@ -90,10 +91,12 @@ class RequestStream:
                 metrics.observe_finished(output.finish_reason.type, output.prompt_tokens, now_s - self.arrival_s)
 
     async def close(self) -> None:
-        """End the request: if it is still running, abort it in the engine."""
+        """End the request: unless every sequence finished, abort it in the engine (frees its KV)."""
         if not self.finished:
             self.finished = True
             self.stage.forget(self.rid)
+        if self.num_finished < self.num_sequences and not self.aborted:
+            self.aborted = True
             await self.stage.abort(self.rid)
 
 

@@ -311,3 +311,39 @@ def test_bench_serving_runs_against_the_server(server, tmp_path):
     assert record["total_output_tokens"] == 30 and record["total_input_tokens"] == 6 * 24
     assert record["ttft"]["mean_ms"] > 0 and record["server"]["device_name"] == "cpu"
     assert json.loads(output.read_text().splitlines()[-1])["completed"] == 6
+
+
+def test_huge_prompt_does_not_stall_other_streams(server):
+    """A ~150k-token prompt is tokenized off the event loop: a running stream keeps flowing."""
+    huge = "First Citizen: Before we proceed any further, hear me speak. " * 7000
+
+    async def go():
+        async with aiohttp.ClientSession() as session:
+            body = {"prompt": PROMPT, "max_tokens": 120, "stream": True, "ignore_eos": True}
+            gaps, started = [], asyncio.Event()
+
+            async def stream():
+                async with session.post(server.url + "/v1/completions", json=body) as response:
+                    last = None
+                    async for line in response.content:
+                        if line.startswith(b"data:"):
+                            now = time.perf_counter()
+                            if last is not None:
+                                gaps.append(now - last)
+                            last = now
+                            started.set()
+
+            async def huge_request():
+                await started.wait()
+                start = time.perf_counter()
+                async with session.post(server.url + "/v1/completions", json={"prompt": huge}) as response:
+                    reply = await response.json()
+                return response.status, reply, time.perf_counter() - start
+
+            _, (status, reply, huge_s) = await asyncio.gather(stream(), huge_request())
+            return gaps, status, reply, huge_s
+
+    gaps, status, reply, huge_s = asyncio.run(go())
+    assert status == 400 and "context length" in reply["error"]["message"]
+    assert huge_s > 0.1  # it really took a while to tokenize...
+    assert max(gaps) < max(0.5 * huge_s, 0.1), (max(gaps), huge_s)  # ...and the stream never waited for it

@@ -38,7 +38,7 @@ def make_stage(tokenizer, context_length: int = 64, num_workers: int = 0):
 def run_until_idle(stage) -> None:
     for _ in range(1000):
         stage.step()
-        if not stage.has_work():
+        if not stage.busy:
             return
         stage.wait_for_work(0.1)
     raise AssertionError("tokenize stage never went idle")
