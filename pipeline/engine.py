@@ -22,6 +22,22 @@ no stage has work, the loop sleeps on the request channel.
 
 The caller's thread only builds messages and waits on its queue; it never
 touches a stage.
+
+Where the time of one engine step goes (CPU side; the GPU runs the model):
+
+* schedule: plan decodes/prefills over the running list (O(requests)), flatten
+  the batch into int lists (O(new tokens)); radix-tree work only on
+  admission, chunk ends, finish and retraction;
+* forward: pack the ints into one list, one pinned host->device copy, one
+  Triton launch to write req_to_token, then the model (a CUDA-graph replay for
+  decode batches up to --cuda-graph-max-bs: one launch);
+* sample: two small pinned uploads (per-row parameters), the sampling kernel,
+  then the step's single device->host synchronization;
+* schedule again: append tokens, finish checks, one TokenOutputBatch.
+
+The step is synchronous: the CPU prepares step N+1 after the tokens of step N
+are on the host (no overlap yet), so at small batch sizes that CPU time adds
+to each step's latency.
 """
 from __future__ import annotations
 
