@@ -203,7 +203,10 @@ def _native_prompts(body: NativeGenerateRequest) -> list[dict[str, Any]]:
         if not texts:
             raise bad_request("text must not be empty", "text")
         return [{"text": t} for t in texts]
+    ids = body.input_ids or []
+    if any(isinstance(item, str) for item in ids):
+        raise bad_request("input_ids must be a list of token ids or a list of such lists", "input_ids")
     try:
-        return completion_prompts(body.input_ids or [])
+        return completion_prompts(ids)
     except ApiError as error:
         raise bad_request(error.message.replace("prompt", "input_ids"), "input_ids") from error

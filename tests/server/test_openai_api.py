@@ -185,6 +185,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "logprobs"),
     ("/generate", {"text": PROMPT, "sampling_params": {"max_new_token": 3}}, "unknown"),
     ("/generate", {"sampling_params": {}}, "exactly one"),
+    ("/generate", {"input_ids": ["a"]}, "input_ids"),
 ]
 
 
