@@ -37,6 +37,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 import typing
@@ -53,6 +54,7 @@ logger = logging.getLogger(__name__)
 MAIN = "main"
 FRONT_END_STAGES = ("ingest", "tokenize", "multimodal", "detokenize")
 ENGINE_STAGES = ("schedule", "forward", "constrain", "sample")
+WATCH_INTERVAL_S = 0.2  # how often a running pipeline checks that its children are alive
 
 
 class PlacementError(ValueError):
@@ -390,7 +392,7 @@ class Pipeline:
     """
 
     def __init__(self, spec: PipelineSpec, placement: dict[str, list[str]], record_path: str = "",
-                 start_timeout_s: float = 600.0) -> None:
+                 start_timeout_s: float = 600.0, on_failure: Callable[[str], None] | None = None) -> None:
         spec.validate()
         where = process_of(placement)
         missing = [s.name for s in spec.stages if s.name not in where]
@@ -406,6 +408,8 @@ class Pipeline:
         self._runner: ProcessRunner | None = None
         self._seq = 0
         self.started = False
+        self.on_failure = on_failure  # called once, from a watchdog thread, if a child or loop dies
+        self.failure: str | None = None
 
     def entry(self, name: str) -> Channel:
         """The channel named ``name`` that the caller puts into (it has no producer stage)."""
@@ -446,7 +450,23 @@ class Pipeline:
         self._runner.start_threads()
         if self._runner.loop.stages:
             self._runner.loop.start(name="stage-loop-main")
+        threading.Thread(target=self._watch, name="pipeline-watchdog", daemon=True).start()
         return self
+
+    def _watch(self) -> None:
+        """Notice a child process or the main loop dying while the pipeline runs."""
+        while self.started and self.failure is None:
+            time.sleep(WATCH_INTERVAL_S)
+            dead = [f"process {name!r} exited with code {child.exitcode}"
+                    for name, child in self.children.items() if not child.is_alive()]
+            if self._runner is not None and self._runner.loop.failure is not None:
+                dead.append(f"the main stage loop failed: {self._runner.loop.failure!r}")
+            dead += [f"stage {s.name!r} failed: {s.failure!r}" for s in self.stages if s.failure is not None]
+            if dead and self.started:
+                self.failure = "; ".join(dead)
+                logger.error("pipeline failure: %s", self.failure)
+                if self.on_failure is not None:
+                    self.on_failure(self.failure)
 
     def _spawn(self, process: str) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -527,7 +547,7 @@ class Pipeline:
         """Close the entries, drain until idle, stop every loop and child, close every channel.
 
         Returns True when the pipeline drained; False when ``timeout`` ran
-        out first (what was still in flight is logged).
+        out first (what was still in flight is logged) or a process had died.
         """
         if not self.started:
             return True
@@ -542,7 +562,7 @@ class Pipeline:
         self._stop_processes()
         for channel in self.channels.values():
             channel.close()
-        return drained
+        return drained and self.failure is None
 
     def _stop_processes(self) -> None:
         if self._runner is not None:

@@ -134,3 +134,14 @@ def test_child_process_dies_with_a_killed_parent(tmp_path: Path) -> None:
         assert not _alive(child_pid), "the engine process outlived its parent"
     finally:
         parent.kill()
+
+
+def test_a_dying_child_is_reported_through_on_failure() -> None:
+    reports: list[str] = []
+    pipe = Pipeline(toy_spec(), TOY_SERVING, on_failure=reports.append).start()
+    pipe.children["engine"].kill()
+    deadline = time.monotonic() + 10
+    while not reports and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert reports == [pipe.failure] and "process 'engine' exited with code -9" in reports[0]
+    assert not pipe.stop(timeout=1.0)  # nothing can drain through a dead process: stop says so
