@@ -20,12 +20,15 @@ from triton_kernels import load_ops
 LOGIT_RTOL = 1e-3
 
 
-def check_parity(checkpoint: Path, backend: str, prompt_lens: list[int], num_new: int) -> None:
-    model, config = models.load_model(checkpoint, load_ops(backend), torch.float32, "cpu")
+def check_parity(checkpoint: Path, backend: str, prompt_lens: list[int], num_new: int,
+                 device: torch.device | str = "cpu") -> None:
+    """Our model on `device` (fp32) vs HF on the CPU (fp32, eager)."""
+    model, config = models.load_model(checkpoint, load_ops(backend), torch.float32, device)
     hf = load_hf(checkpoint)
     batch = prompts(config.vocab_size, prompt_lens)
     runner = PagedRunner(model, len(batch), max(prompt_lens) + num_new)
     logits, continuations = runner.greedy(batch, num_new)
+    logits = logits.cpu()
     assert logits.dtype == torch.float32 and logits.shape == (len(batch), config.vocab_size)
     expected = torch.stack([hf_last_logits(hf, p) for p in batch])
     max_diff = (logits - expected).abs().max().item()

@@ -7,10 +7,14 @@ through ``req_to_token`` and never assumes contiguous pages.
 
 * ``prefill(prompts)``: all prompts in ONE ragged extend batch;
   returns the fp32 logits of each prompt's last token, ``[B, vocab]``.
+* ``extend(chunks)``: the next chunk of every request after its cached
+  prefix (chunked prefill, prefix-hit extend).
 * ``decode(tokens)``: one new token per request; returns ``[B, vocab]``.
 * ``greedy(prompts, n)``: prefill then n-1 decode steps, argmax each time.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -32,14 +36,26 @@ class PagedRunner:
         return self.req_to_token[row, start:start + count].tolist()
 
     def prefill(self, prompts: list[list[int]]) -> torch.Tensor:
-        rows = list(range(len(prompts)))
-        lens = [len(p) for p in prompts]
-        out_cache_loc = [s for r, n in zip(rows, lens) for s in self._slots(r, 0, n)]
-        meta = build_metadata_reference("extend", self.req_to_token, rows, [0] * len(rows), lens,
+        self.seq_lens = [0] * len(self.seq_lens)
+        return self.extend(prompts)
+
+    def extend(self, chunks: list[list[int]], all_logits: bool = False) -> torch.Tensor:
+        """Append chunks[r] to request r (after its cached prefix) in one extend batch.
+
+        Returns the last-token logits [B, vocab], or with `all_logits` the
+        logits of every new token [sum(len(chunk)), vocab].
+        """
+        rows = list(range(len(chunks)))
+        prefix_lens = [self.seq_lens[r] for r in rows]
+        lens = [len(c) for c in chunks]
+        out_cache_loc = [s for r, n in zip(rows, lens) for s in self._slots(r, prefix_lens[r], n)]
+        meta = build_metadata_reference("extend", self.req_to_token, rows, prefix_lens, lens,
                                         out_cache_loc, self.device)
-        ids = torch.tensor([t for p in prompts for t in p], device=self.device)
-        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
-        self.seq_lens = lens
+        if all_logits:
+            meta = dataclasses.replace(meta, logits_indices=torch.arange(sum(lens), device=self.device))
+        ids = torch.tensor([t for c in chunks for t in c], device=self.device)
+        positions = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix_lens, lens)]).to(self.device)
+        self.seq_lens = [p + n for p, n in zip(prefix_lens, lens)]
         return self.model.forward(ids, positions, meta, self.kv_cache)
 
     def decode(self, tokens: list[int]) -> torch.Tensor:

@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
-from tests.models.parity import check_parity
+import models
+from tests.models.parity import LOGIT_RTOL, check_parity
+from tests.models.runner import PagedRunner
+from tests.models.tiny import load_hf, prompts
+from triton_kernels import load_ops
 
 # Lengths differ so the ragged batch mixes short and long rows; 19 + 32 tokens
 # pass Mistral's tiny 12-token sliding window.
@@ -17,9 +22,28 @@ def test_reference_backend_matches_transformers(name, tiny_checkpoint):
 
 
 @pytest.mark.parametrize("name", ["llama3.1", "mistral", "qwen2", "qwen3"])
-def test_triton_backend_matches_transformers(name, tiny_checkpoint):
-    """Triton kernels (interpreted on CPU): one layer, two short prompts, three tokens."""
+def test_triton_backend_matches_transformers(name, tiny_checkpoint, device):
+    """Triton kernels (interpreted on CPU, compiled on a GPU): one layer, two short prompts."""
     overrides = dict(num_hidden_layers=1)
     if name == "mistral":
         overrides["sliding_window"] = 4                 # shorter than the 6-token prompt
-    check_parity(tiny_checkpoint(name, **overrides), "triton", [6, 3], num_new=3)
+    check_parity(tiny_checkpoint(name, **overrides), "triton", [6, 3], num_new=3, device=device)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_chunked_prefill_then_decode_match_every_position(backend, tiny_checkpoint, device):
+    """Chunk 1 (7 tokens), chunk 2 after the cached prefix (8), then 5 decode steps:
+    the logits of all 20 positions equal HF's on the whole sequence."""
+    directory = tiny_checkpoint("qwen3", num_hidden_layers=1)
+    model, config = models.load_model(directory, load_ops(backend), torch.float32,
+                                      device if backend == "triton" else "cpu")
+    seqs = prompts(config.vocab_size, [20, 20], seed=3)
+    runner = PagedRunner(model, len(seqs), 20)
+    first = runner.extend([s[:7] for s in seqs], all_logits=True).cpu().view(2, 7, -1)
+    second = runner.extend([s[7:15] for s in seqs], all_logits=True).cpu().view(2, 8, -1)
+    steps = torch.stack([runner.decode([s[t] for s in seqs]).cpu() for t in range(15, 20)], dim=1)
+    ours = torch.cat([first, second, steps], dim=1)                       # [2, 20, vocab]
+    with torch.no_grad():
+        expected = load_hf(directory)(input_ids=torch.tensor(seqs)).logits.float()
+    max_diff = (ours - expected).abs().max().item()
+    assert max_diff <= LOGIT_RTOL * expected.abs().max().item(), max_diff

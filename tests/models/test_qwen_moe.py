@@ -21,8 +21,10 @@ def test_reference_backend_matches_transformers(name, tiny_checkpoint):
 
 
 @pytest.mark.parametrize("name", ["qwen3_moe", "qwen2_moe"])
-def test_triton_backend_matches_transformers(name, tiny_checkpoint):
-    check_parity(tiny_checkpoint(name, num_hidden_layers=1), "triton", [6, 3], num_new=3)
+def test_triton_backend_matches_transformers(name, tiny_checkpoint, device):
+    """Triton kernels (interpreted on CPU, compiled on a GPU): one layer, two short prompts."""
+    check_parity(tiny_checkpoint(name, num_hidden_layers=1), "triton", [6, 3], num_new=3,
+                 device=device)
 
 
 def test_sparse_and_dense_layers_follow_mlp_only_layers(tiny_checkpoint):
