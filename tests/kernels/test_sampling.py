@@ -81,6 +81,23 @@ def test_sample_matches_reference(device, temperature, top_k, top_p, min_p):
     assert torch.equal(tokens, expected)
 
 
+@pytest.mark.parametrize("temperature,top_k,top_p,min_p", [(1.0, 30, 1.0, 0.0), (0.9, 0, 0.7, 0.0),
+                                                           (1.2, 40, 0.8, 0.01)])
+def test_rows_past_candidate_capacity(device, temperature, top_k, top_p, min_p):
+    """With a scratch of 8 candidates the kernels fall back to the full row: same result."""
+    batch = 3
+    logits = _logits(batch, VOCAB, device, seed=10)
+    params = _params(batch, device, temperature, top_k, top_p, min_p)
+    seeds = torch.tensor([3, 5, 7], device=device)
+    tokens = sampling.launch_sample(logits, *params, seeds, seeds, 8)
+    assert torch.equal(tokens, sampling.sample_reference(logits, *params, seeds, seeds))
+    assert torch.equal(tokens, sampling.sample(logits, *params, seeds, seeds))
+    _, top_ids, top_lp = sampling.launch_compute_logprobs(logits, tokens, 20, 8)
+    _, ref_ids, ref_lp = sampling.compute_logprobs_reference(logits, tokens, 20)
+    assert torch.equal(top_ids, ref_ids)
+    torch.testing.assert_close(top_lp, ref_lp, rtol=1e-5, atol=1e-5)
+
+
 def test_support_sets_are_exact(device):
     """Every allowed token is drawn over many seeds, and nothing else is."""
     batch = 32
@@ -92,7 +109,7 @@ def test_support_sets_are_exact(device):
     # top-p: the smallest top set with mass >= p
     probs = torch.softmax(logits[0].double() * 0.2, 0)
     ordered = torch.sort(probs, descending=True)
-    needed = int(torch.searchsorted(ordered.values.cumsum(0), torch.tensor(0.006, dtype=torch.float64))) + 1
+    needed = int(torch.searchsorted(ordered.values.cumsum(0), torch.tensor(0.006, dtype=torch.float64, device=device))) + 1
     nucleus = set(ordered.indices[:needed].tolist())
     tokens = sampling.sample(logits, *_params(batch, device, 5.0, top_p=0.006), seeds, seeds)
     assert set(tokens.tolist()) <= nucleus and len(set(tokens.tolist())) >= min(len(nucleus), 3)

@@ -41,10 +41,13 @@ def _sm_count(device_index: int) -> int:
 
 def default_num_kv_splits(batch: int, num_kv_heads: int, max_context_len: int,
                           device: torch.device) -> int:
-    """About 4 programs per SM, but no split shorter than MIN_KEYS_PER_SPLIT keys."""
+    """About 4 programs per SM (rounded down to a power of two), no split shorter than
+    MIN_KEYS_PER_SPLIT keys. H200 sweep (Hq=32, Hk=8, D=128): B=1 x 32k best at 64
+    splits, B=32 x 4k at 2, B>=128 at 1."""
     if device.type != "cuda":
         return max(1, min(4, triton.cdiv(max_context_len, 64)))
     wanted = triton.cdiv(4 * _sm_count(device.index or 0), batch * num_kv_heads)
+    wanted = 1 << (wanted.bit_length() - 1)  # power of two at or below
     by_length = triton.cdiv(max_context_len, MIN_KEYS_PER_SPLIT)
     return max(1, min(wanted, by_length, MAX_KV_SPLITS))
 
@@ -175,8 +178,8 @@ def launch_decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices,
         raise ValueError(f"num_kv_splits must be in 1..1024, got {num_kv_splits}")
     group = num_q_heads // num_kv_heads
     padded_d = block_d(head_dim)
-    if block_n is None:
-        block_n = 32 if interpreting() or padded_d > 128 else 64
+    if block_n is None:  # long splits stream better with wider tiles
+        block_n = 32 if interpreting() or padded_d > 128 else (128 if num_kv_splits == 1 else 64)
     # mid_o rows are padded to BLOCK_D so that mid_lse shares its index (offset // BLOCK_D).
     mid_o = torch.empty((batch, num_q_heads, num_kv_splits, padded_d), dtype=torch.float32,
                         device=q.device)

@@ -36,11 +36,16 @@ def _pick_config(num_pairs: int, dtype: torch.dtype) -> MoeConfig:
         return MoeConfig(16, 64, 64, 4, 1)
     if dtype == torch.float32:
         return MoeConfig(32, 32, 32, 4, 2)
-    if num_pairs <= 256:  # decode: a weight stream, thin M
+    # From an H200 sweep on Qwen3-30B-A3B shapes (E=128, k=8, H=2048, I=768).
+    if num_pairs <= 64:  # decode: a weight stream, thin M
         return MoeConfig(16, 64, 128, 4, 4)
+    if num_pairs <= 1024:
+        return MoeConfig(16, 128, 128, 4, 3)
     if num_pairs <= 4096:
-        return MoeConfig(32, 64, 128, 4, 3)
-    return MoeConfig(64, 128, 64, 8, 3)
+        return MoeConfig(32, 128, 64, 4, 3)
+    if num_pairs <= 16384:
+        return MoeConfig(64, 128, 64, 8, 3)
+    return MoeConfig(128, 128, 64, 8, 3)
 
 
 @triton.jit
@@ -183,10 +188,11 @@ def fused_moe_reference(x, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
 
 def moe_flops_bytes(num_tokens: int, top_k: int, num_experts: int, hidden_size: int,
                     inter_size: int, elem_bytes: int = 2) -> tuple[float, float]:
-    """FLOPs of the routed GEMMs and the weight bytes touched (experts hit, at most E)."""
+    """FLOPs of the routed GEMMs and the weight bytes touched, with the expected number of
+    distinct experts hit by uniform routing: E * (1 - (1 - 1/E)^pairs)."""
     pairs = num_tokens * top_k
     flops = 6.0 * pairs * hidden_size * inter_size
-    experts_hit = min(num_experts, pairs)
+    experts_hit = num_experts * (1.0 - (1.0 - 1.0 / num_experts) ** pairs)
     nbytes = elem_bytes * (experts_hit * 3 * hidden_size * inter_size + 2 * num_tokens * hidden_size)
     return flops, float(nbytes)
 
