@@ -184,7 +184,8 @@ class Server:
     def __init__(self, args: ServerArgs) -> None:
         self.args = args
         self.spec = serving_spec(args)
-        self.pipeline = Pipeline(self.spec, placement_for(args, self.spec), record_path=args.record_path)
+        self.pipeline = Pipeline(self.spec, placement_for(args, self.spec), record_path=args.record_path,
+                                 on_failure=self.fail_requests)
         self.ingest: Any = None
 
     def start(self, ready_timeout_s: float = READY_TIMEOUT_S) -> "Server":
@@ -234,24 +235,19 @@ class Server:
         """Why the server cannot serve any more ("" while healthy)."""
         if self.ingest.failure is not None or not self.ingest.running:
             return "the HTTP server stopped unexpectedly"
-        dead = [name for name, child in self.pipeline.children.items() if not child.is_alive()]
-        if dead:
-            return f"the {', '.join(dead)} process died"
-        runner = self.pipeline._runner
-        if runner is not None and runner.loop.failure is not None:
-            return f"the stage loop failed: {runner.loop.failure!r}"
-        return ""
+        return self.pipeline.failure or ""
 
     def fail_requests(self, reason: str) -> None:
         """Answer every running request with a 503 (thread-safe: runs on the HTTP loop)."""
-        server = self.ingest.server
+        server = self.ingest.server if self.ingest is not None else None
         if server is not None and server.loop is not None and not server.loop.is_closed():
             server.loop.call_soon_threadsafe(self.ingest.fail_all, reason)
 
     def shutdown(self, drain_timeout_s: float = DRAIN_TIMEOUT_S) -> bool:
         """Stop listening, let running requests end, stop the pipeline; True if all drained."""
+        stop_timeout_s = 2.0 if self.pipeline.failure else 30.0  # a dead process will never drain
         if self.ingest is None:
-            return self.pipeline.stop()
+            return self.pipeline.stop(timeout=stop_timeout_s)
         self.ingest.begin_drain()
         deadline = time.monotonic() + drain_timeout_s
         while self.ingest.streams and time.monotonic() < deadline:
@@ -260,7 +256,7 @@ class Server:
         if not answered:
             logger.warning("%d requests still running after %.0f s; stopping anyway", len(self.ingest.streams),
                            drain_timeout_s)
-        return self.pipeline.stop() and answered
+        return self.pipeline.stop(timeout=stop_timeout_s) and answered
 
 
 def runtime_info(args: ServerArgs) -> dict[str, Any]:
