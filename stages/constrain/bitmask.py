@@ -13,6 +13,9 @@ math in PyTorch, used by tests and the CPU path: disallowed logits become -inf.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
+import numpy as np
 import torch
 
 BITS_PER_WORD = 32
@@ -61,3 +64,38 @@ def apply_token_bitmask_reference(logits: torch.Tensor, bitmask: torch.Tensor,
 def allowed_token_ids(bitmask_row: torch.Tensor, vocab_size: int) -> list[int]:
     """Sorted token ids allowed by one packed row."""
     return unpack_bitmask(bitmask_row.view(1, -1), vocab_size)[0].nonzero().flatten().tolist()
+
+
+class MaskRowCache:
+    """Packed rows already computed, keyed by (grammar, automaton state, vocab size); LRU by bytes.
+
+    outlines' ``write_mask_into`` walks every allowed token: ~0.8 ms for a
+    state inside a JSON string on a 150k vocabulary (148k tokens allowed). A
+    request spends most steps in a handful of states (inside a string, after
+    a comma), and requests with the same schema share them, so a copy of the
+    finished row (18 KiB, ~2 us) replaces the walk after the first visit.
+    """
+
+    def __init__(self, max_bytes: int = 64 << 20) -> None:
+        self.max_bytes = max_bytes
+        self.num_bytes = 0
+        self.rows: OrderedDict[tuple[int, int, int], np.ndarray] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def get(self, key: tuple[int, int, int]) -> np.ndarray | None:
+        row = self.rows.get(key)
+        if row is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self.rows.move_to_end(key)
+        return row
+
+    def put(self, key: tuple[int, int, int], row: np.ndarray) -> None:
+        if key in self.rows or row.nbytes > self.max_bytes:
+            return
+        self.rows[key] = row.copy()
+        self.num_bytes += row.nbytes
+        while self.num_bytes > self.max_bytes:
+            _, evicted = self.rows.popitem(last=False)
+            self.num_bytes -= evicted.nbytes

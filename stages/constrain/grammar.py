@@ -23,18 +23,20 @@ params translation the ingest stage calls.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 import torch
 from outlines_core import Guide, Index
 
-from stages.constrain.bitmask import BITS_PER_WORD
+from stages.constrain.bitmask import BITS_PER_WORD, MaskRowCache
 from stages.constrain.schema import SchemaError, schema_to_regex
 from stages.constrain.vocab import TokenVocab
 
@@ -172,10 +174,19 @@ def _index_error_reason(regex: str, message: str) -> str:
             f"backreferences, anchors): {message}")
 
 
+@dataclass(frozen=True)
+class CompiledGrammar:
+    """An Index plus the shared cache of its packed mask rows (``grammar_id`` keys the cache)."""
+
+    grammar_id: int
+    index: Index
+    mask_cache: MaskRowCache | None = None
+
+
 class GrammarCompiler:
     """Compiles grammars for one vocabulary on a thread pool, with an LRU cache.
 
-    ``submit`` returns a Future resolving to an ``Index`` or raising
+    ``submit`` returns a Future resolving to a ``CompiledGrammar`` or raising
     ``GrammarError``; concurrent submits of the same grammar share one
     compile. Failures are cached too (a bad schema fails fast the next time).
     """
@@ -186,11 +197,13 @@ class GrammarCompiler:
         self.cache_size = cache_size
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar") \
             if max_workers > 0 else None
-        self._cache: OrderedDict[tuple[str, str, str], Future[Index]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str], Future[CompiledGrammar]] = OrderedDict()
         self._lock = threading.Lock()
         self.num_compiles = 0
+        self._grammar_ids = itertools.count()
+        self.mask_cache = MaskRowCache()
 
-    def submit(self, kind: str, spec: str) -> Future[Index]:
+    def submit(self, kind: str, spec: str) -> Future[CompiledGrammar]:
         key = (kind, spec, self.vocab.key)
         with self._lock:
             future = self._cache.get(key)
@@ -204,13 +217,15 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
             return future
 
-    def compile(self, kind: str, spec: str) -> Index:
+    def compile(self, kind: str, spec: str) -> CompiledGrammar:
         """Blocking compile (through the cache)."""
         return self.submit(kind, spec).result()
 
-    def _compile(self, kind: str, spec: str) -> Index:
+    def _compile(self, kind: str, spec: str) -> CompiledGrammar:
+        grammar_id = next(self._grammar_ids)  # atomic under the GIL; submit() may hold _lock here
         self.num_compiles += 1
-        return build_index(grammar_regex(kind, spec), self.vocab)
+        index = build_index(grammar_regex(kind, spec), self.vocab)
+        return CompiledGrammar(grammar_id=grammar_id, index=index, mask_cache=self.mask_cache)
 
     def close(self) -> None:
         if self._executor is not None:
@@ -239,8 +254,9 @@ class GrammarState:
     so the request ends instead of producing invalid output).
     """
 
-    def __init__(self, index: Index, vocab: TokenVocab) -> None:
-        self.guide = Guide(index)
+    def __init__(self, grammar: CompiledGrammar, vocab: TokenVocab) -> None:
+        self.grammar = grammar
+        self.guide = Guide(grammar.index)
         self.vocab = vocab
         self.finished = False
         self.broken = False
@@ -263,13 +279,24 @@ class GrammarState:
         if self.broken or self.finished:
             bits[:] = 0
         else:
-            self.guide.write_mask_into(row.data_ptr(), words, 4)
-            if self.vocab.tokenizer_size > vocab_size:
-                _clear_from(bits, vocab_size)
+            self._write_grammar_bits(row, bits, vocab_size)
         if self.accepting or self.finished:
             for stop_id in self.vocab.stop_token_ids:
                 if stop_id < vocab_size:
                     bits[stop_id // BITS_PER_WORD] |= np.uint32(1 << (stop_id % BITS_PER_WORD))
+
+    def _write_grammar_bits(self, row: torch.Tensor, bits: np.ndarray, vocab_size: int) -> None:
+        cache = self.grammar.mask_cache
+        key = (self.grammar.grammar_id, self.guide.get_state(), vocab_size)
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None:
+            bits[:] = cached
+            return
+        self.guide.write_mask_into(row.data_ptr(), row.numel(), 4)
+        if self.vocab.tokenizer_size > vocab_size:
+            _clear_from(bits, vocab_size)
+        if cache is not None:
+            cache.put(key, bits)
 
     def advance(self, token_id: int) -> None:
         """Feed the sampled token (a stop token in an accepting state finishes the grammar)."""

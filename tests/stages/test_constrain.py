@@ -24,7 +24,7 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast
 
 from stages.constrain.bitmask import apply_token_bitmask_reference, bitmask_words, pack_bitmask, unpack_bitmask
-from stages.constrain.grammar import (GrammarCompiler, GrammarError, GrammarState, choices_regex,
+from stages.constrain.grammar import (CompiledGrammar, GrammarCompiler, GrammarError, GrammarState, choices_regex,
                                       grammar_regex, response_format_to_sampling)
 from stages.constrain.schema import schema_to_regex
 from stages.constrain.vocab import build_token_vocab, gpt2_byte_table, vocab_for_tokenizer
@@ -129,7 +129,7 @@ def test_sentencepiece_vocab():
                 b"b": [10], "é".encode(): [11], b"  ": [12], b"a": [13], b"the": [14]}
     assert vocab.token_bytes == expected
     index = Index("( the| a)+b\n", vocab.outlines_vocabulary())
-    state = GrammarState(index, vocab)
+    state = GrammarState(CompiledGrammar(grammar_id=0, index=index), vocab)
     for token_id in (8, 9, 10, 3):
         assert token_id in state.allowed_token_ids()
         state.advance(token_id)
@@ -216,10 +216,10 @@ def transitions_and_distances(index: Index) -> tuple[dict, dict]:
     return _GRAPHS[id(index)][1:]
 
 
-def generate(index: Index, vocab, rng: torch.Generator, free_steps: int, max_steps: int = 400) -> bytes:
-    """Sample one constrained output, checking every mask on the way."""
-    state = GrammarState(index, vocab)
-    transitions, distance = transitions_and_distances(index)
+def generate(grammar: CompiledGrammar, vocab, rng: torch.Generator, free_steps: int, max_steps: int = 400) -> bytes:
+    """Sample one constrained output, checking every mask (fresh or cached) on the way."""
+    state = GrammarState(grammar, vocab)
+    transitions, distance = transitions_and_distances(grammar.index)
     id_to_bytes = {i: data for data, ids in vocab.token_bytes.items() for i in ids}
     model_vocab_size = vocab.tokenizer_size + EXTRA_MODEL_IDS
     output = b""
@@ -256,8 +256,8 @@ def test_100_constrained_generations(compiler, tiny_vocab):
     counts = {"json_schema": 0, "regex": 0, "choices": 0}
     for number in range(100):
         kind, spec, reference = cases[number % len(cases)]
-        index = compiler.compile(kind, spec)
-        text = generate(index, tiny_vocab, rng, free_steps=number % 25).decode("utf-8")
+        grammar = compiler.compile(kind, spec)
+        text = generate(grammar, tiny_vocab, rng, free_steps=number % 25).decode("utf-8")
         if kind == "json_schema":
             jsonschema.validate(json.loads(text), reference)
         elif kind == "regex":
@@ -266,6 +266,7 @@ def test_100_constrained_generations(compiler, tiny_vocab):
             assert text in reference
         counts[kind] += 1
     assert counts == {"json_schema": 50, "regex": 30, "choices": 20}
+    assert compiler.mask_cache.hits > compiler.mask_cache.misses > 0
 
 
 def test_compile_is_cached(compiler):

@@ -140,12 +140,12 @@ def test_tool_choice_schemas():
 @pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "get_weather"}}])
 def test_forced_tool_calls_from_constrained_output(tiny_vocab, tool_choice):
     compiler = GrammarCompiler(tiny_vocab)
-    index = compiler.compile("json_schema", tool_choice_to_json_schema(TOOLS, tool_choice))
+    grammar = compiler.compile("json_schema", tool_choice_to_json_schema(TOOLS, tool_choice))
     compiler.close()
     rng, chunk_rng = torch.Generator().manual_seed(3), random.Random(3)
     parameters = {t["function"]["name"]: t["function"].get("parameters", {"type": "object"}) for t in TOOLS}
     for number in range(6):
-        text = generate(index, tiny_vocab, rng, free_steps=number * 4).decode()
+        text = generate(grammar, tiny_vocab, rng, free_steps=number * 4).decode()
         whole = parse_with(forced_tool_parser(tool_choice, fixed_ids), text)
         parser = forced_tool_parser(tool_choice, fixed_ids)
         assert collect([parser.feed(c) for c in random_chunks(text, chunk_rng)] + [parser.finish()]) == whole
