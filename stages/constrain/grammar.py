@@ -85,6 +85,8 @@ def json_schema_regex(schema: str) -> str:
         raise GrammarError(f"json_schema is not valid JSON: {error}") from None
     if not isinstance(parsed, (dict, bool)):
         raise GrammarError(f"json_schema must be a JSON object, got {type(parsed).__name__}")
+    if parsed == {"type": "object"}:  # any object: the bounded-depth form (see JSON_OBJECT_SCHEMA)
+        parsed = json.loads(JSON_OBJECT_SCHEMA)
     try:
         return schema_to_regex(parsed)
     except SchemaError as error:

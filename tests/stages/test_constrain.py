@@ -317,6 +317,7 @@ def test_response_format_to_sampling():
     json_object = json.loads(response_format_to_sampling({"type": "json_object"})["json_schema"])
     assert json_object["type"] == "object"
     assert re.fullmatch(grammar_regex("json_schema", json.dumps(json_object)), '{"a": [1, "x"], "b": {"c": null}}')
+    assert grammar_regex("json_schema", '{"type": "object"}') == grammar_regex("json_schema", json.dumps(json_object))
     schema = {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}
     spec = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
     assert json.loads(response_format_to_sampling(spec)["json_schema"]) == schema
