@@ -42,21 +42,18 @@ class PlannedRow:
 
 def plan_decodes(kv: KVManager, running: list[Req]) -> tuple[list[PlannedRow], list[Req], list[Req]]:
     """(decode rows, retracted, failed): retract until one more token per request fits."""
-    decoding = [r for r in running if not r.is_prefilling]
+    decoding = [r for r in running if len(r.slots) >= r.prefill_target]
     retracted: list[Req] = []
-    while len(decoding) > 1 and sum(kv.tokens_to_grow(r, 1) for r in decoding) > kv.available_tokens:
+    while len(decoding) > 1 and kv.decode_need(decoding) > kv.available_tokens:
         victim = min(decoding, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
         decoding.remove(victim)
         retracted.append(victim)
         kv.release(victim, keep_in_cache=True)
-    rows: list[PlannedRow] = []
-    failed: list[Req] = []
-    for req in decoding:
-        if kv.grow(req, 1) is None:  # a single request alone overflows the pool
-            failed.append(req)
-        else:
-            rows.append(PlannedRow(req, 1, True, False))
-    return rows, retracted, failed
+    if not decoding:
+        return [], retracted, []
+    if not kv.grow_decodes(decoding):  # a single request alone overflows the pool
+        return [], retracted, decoding
+    return [PlannedRow(req, 1, True, False) for req in decoding], retracted, []
 
 
 def plan_prefills(kv: KVManager, running: list[Req], waiting: list[Req], policy: str, budget: int,
@@ -74,6 +71,8 @@ def plan_prefills(kv: KVManager, running: list[Req], waiting: list[Req], policy:
             prefilling_parents.add(req.parent_rid)
     admitted: list[Req] = []
     writes: list[RowWrite] = []
+    if not waiting or len(running) >= max_running or kv.rows.num_free == 0:
+        return rows, admitted, writes
     num_running = len(running)
     reserve = sum(math.ceil(r.remaining_new_tokens * NEW_TOKEN_RATIO) for r in running)
     for req in order_waiting(waiting, policy, kv.match):
@@ -112,6 +111,8 @@ def plan_prefills(kv: KVManager, running: list[Req], waiting: list[Req], policy:
 
 def build_forward_batch(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite]) -> ForwardBatch:
     """Flatten planned rows (their slots already allocated) into the plain-int ForwardBatch."""
+    if not any(row.is_prefill for row in rows):
+        return _decode_batch(batch_id, rows, row_writes)
     input_ids: list[int] = []
     positions: list[int] = []
     out_cache_loc: list[int] = []
@@ -138,6 +139,18 @@ def build_forward_batch(batch_id: int, rows: list[PlannedRow], row_writes: list[
         batch_id=batch_id, mode=mode, rids=[r.rid for r in reqs], input_ids=input_ids,
         positions=positions, out_cache_loc=out_cache_loc, req_pool_indices=[r.row for r in reqs],
         prefix_lens=prefix_lens, extend_lens=extend_lens, seq_lens=seq_lens,
+        row_writes=row_writes, sampling=sampling_batch(rows))
+
+
+def _decode_batch(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite]) -> ForwardBatch:
+    """The common case, kept lean: every request feeds its last token at position kv_len - 1."""
+    reqs = [row.req for row in rows]
+    positions = [len(r.slots) - 1 for r in reqs]
+    return ForwardBatch(
+        batch_id=batch_id, mode="decode", rids=[r.rid for r in reqs],
+        input_ids=[r.output_ids[-1] for r in reqs], positions=positions,
+        out_cache_loc=[r.slots[-1] for r in reqs], req_pool_indices=[r.row for r in reqs],
+        prefix_lens=positions, extend_lens=[1] * len(reqs), seq_lens=[p + 1 for p in positions],
         row_writes=row_writes, sampling=sampling_batch(rows))
 
 

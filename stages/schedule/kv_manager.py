@@ -86,6 +86,32 @@ class KVManager:
             req.slots.extend(new_slots)
         return new_slots
 
+    def decode_need(self, reqs: list[Req]) -> int:
+        """Pool tokens one more token for each of ``reqs`` takes (a page per full last page)."""
+        size = self.page_size
+        if size == 1:
+            return len(reqs)
+        return size * sum(1 for r in reqs if len(r.slots) % size == 0)
+
+    def grow_decodes(self, reqs: list[Req]) -> bool:
+        """One more slot for every request (one allocation for all); False, nothing taken, if short."""
+        size = self.page_size
+        need = self.decode_need(reqs)
+        if need > self.pool.num_free_tokens:
+            self.tree.evict(need - self.pool.num_free_tokens)
+        pages = self.pool.alloc(need // size)
+        if pages is None:
+            return False
+        if size == 1:
+            for req, slot in zip(reqs, pages):
+                req.slots.append(slot)
+            return True
+        next_page = iter(pages)
+        for req in reqs:
+            slots = req.slots
+            slots.append(next(next_page) * size if len(slots) % size == 0 else slots[-1] + 1)
+        return True
+
     # --------------------------------------------------------------- caching
     def cache_prefix(self, req: Req) -> list[RowWrite]:
         """Insert the request's computed whole pages into the tree; re-lock its deepest node."""

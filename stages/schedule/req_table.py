@@ -45,6 +45,7 @@ class Req:
     max_new_tokens: int  # sampling.max_new_tokens clipped to the context length
     seed: int
     arrival_order: int
+    stop_ids: frozenset[int] = frozenset()  # eos (unless ignore_eos) + stop_token_ids
     output_ids: list[int] = dataclasses.field(default_factory=list)
     phase: Phase = Phase.WAITING
     row: int = 0
@@ -57,8 +58,6 @@ class Req:
     num_retractions: int = 0
     finish_reason: FinishReason | None = None
     constrained: bool = False
-    # logprobs accumulated for the next TokenOutput
-    logprob_buffer: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def fill_ids(self) -> list[int]:

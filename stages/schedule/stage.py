@@ -97,7 +97,8 @@ class ScheduleStage(Stage):
         seed = params.seed if params.seed is not None else self.rng.getrandbits(62)
         req = Req(rid=msg.rid, parent_rid=msg.parent_rid, index=msg.index, input_ids=list(msg.input_ids),
                   sampling=params, max_new_tokens=min(params.max_new_tokens, room), seed=seed,
-                  arrival_order=self.arrivals)
+                  arrival_order=self.arrivals,
+                  stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids))
         self.arrivals += 1
         if req.max_new_tokens == 0:
             self._emit_outputs([self._finish(req, FinishReason(type="length"))])
@@ -217,38 +218,47 @@ class ScheduleStage(Stage):
         rows = self.inflight[1]
         self.inflight = None
         outputs = []
+        finished = []
         has_logprobs = bool(msg.token_logprobs)
-        for i, row in enumerate(rows):
+        running = Phase.RUNNING
+        for row, token in zip(rows, msg.token_ids):
             req = row.req
-            if req.phase is not Phase.RUNNING:
+            if req.phase is not running:
                 continue  # aborted while its batch was in flight
             if row.is_prefill:
                 self.pending_row_writes.extend(self.kv.cache_prefix(req))
-            if not row.need_sample:
-                continue
-            token = msg.token_ids[i]
+                if not row.need_sample:
+                    continue
             req.output_ids.append(token)
-            self.num_generated += 1
             reason = self._finish_reason(req, token)
-            logprobs = ([msg.token_logprobs[i]] if has_logprobs and req.sampling.return_logprob else [])
-            tops = (req.sampling.return_logprob and req.sampling.top_logprobs_num > 0 and msg.top_token_ids)
-            outputs.append(self._token_output(
-                req, [token], reason, logprobs,
-                [msg.top_token_ids[i]] if tops else [], [msg.top_logprobs[i]] if tops else []))
+            if has_logprobs and req.sampling.return_logprob:
+                outputs.append(self._with_logprobs(req, token, reason, msg, len(outputs)))
+            else:
+                outputs.append(TokenOutput(
+                    rid=req.rid, parent_rid=req.parent_rid, index=req.index, new_token_ids=[token],
+                    finish_reason=reason, prompt_tokens=len(req.input_ids),
+                    completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens))
             if reason is not None:
-                self.running_reqs.remove(req)
+                finished.append(req)
+        self.num_generated += len(outputs)
+        if finished:
+            done = set(map(id, finished))
+            self.running_reqs = [r for r in self.running_reqs if id(r) not in done]
+            for req in finished:
                 self._release(req, keep_in_cache=True)
         self._emit_outputs(outputs)
 
+    def _with_logprobs(self, req: Req, token: int, reason, msg: SampledTokens, _: int) -> TokenOutput:
+        i = msg.rids.index(req.rid)
+        tops = req.sampling.top_logprobs_num > 0 and bool(msg.top_token_ids)
+        return self._token_output(req, [token], reason, [msg.token_logprobs[i]],
+                                  [msg.top_token_ids[i]] if tops else [], [msg.top_logprobs[i]] if tops else [])
+
     # --------------------------------------------------------------- finish
     def _finish_reason(self, req: Req, token: int) -> FinishReason | None:
-        params = req.sampling
         num_out = len(req.output_ids)
-        if num_out >= params.min_new_tokens:
-            if not params.ignore_eos and token in self.eos_ids:
-                return FinishReason(type="stop", matched=token)
-            if token in params.stop_token_ids:
-                return FinishReason(type="stop", matched=token)
+        if token in req.stop_ids and num_out >= req.sampling.min_new_tokens:
+            return FinishReason(type="stop", matched=token)
         if num_out >= req.max_new_tokens:
             return FinishReason(type="length")
         return None

@@ -13,8 +13,8 @@ from stages.sample import SampleStage
 V = 64
 
 
-def _driver(backend: str) -> StageDriver:
-    args = msgspec.structs.replace(ServerArgs(), kernel_backend=backend, device="cpu")
+def _driver(backend: str, device: torch.device) -> StageDriver:
+    args = msgspec.structs.replace(ServerArgs(), kernel_backend=backend, device=device.type)
     return StageDriver(SampleStage(args, *wiring(SampleInbox, "schedule", "constrain")))
 
 
@@ -34,9 +34,9 @@ def _sample(driver: StageDriver, logits: torch.Tensor, params: SamplingBatch, ba
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_greedy_seeded_and_skipped_rows(backend) -> None:
-    driver = _driver(backend)
-    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0))
+def test_greedy_seeded_and_skipped_rows(backend, device) -> None:
+    driver = _driver(backend, device)
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(0)).to(device)
     out = _sample(driver, logits, _params(4, need_sample=[True, True, False, True]))[0]
     expected = logits.argmax(-1).tolist()
     assert out.token_ids == [expected[0], expected[1], -1, expected[3]]
@@ -45,7 +45,7 @@ def test_greedy_seeded_and_skipped_rows(backend) -> None:
     alone = _sample(driver, logits[:1].clone(), _params(1, temperatures=[1.0], seeds=[5], steps=[3],
                                                         top_ks=[10]), 2)[0].token_ids
     assert alone[0] == first[0]
-    top10 = set(torch.topk(logits[0], 10).indices.tolist())
+    top10 = set(torch.topk(logits[0].cpu(), 10).indices.tolist())
     assert first[0] in top10
     draws = {_sample(driver, logits[:1].clone(), _params(1, temperatures=[1.0], seeds=[s]), 3 + s)[0].token_ids[0]
              for s in range(12)}
@@ -53,11 +53,12 @@ def test_greedy_seeded_and_skipped_rows(backend) -> None:
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_penalties_count_generated_tokens_per_request(backend) -> None:
-    driver = _driver(backend)
+def test_penalties_count_generated_tokens_per_request(backend, device) -> None:
+    driver = _driver(backend, device)
     logits = torch.zeros(1, V)
     logits[0, 9] = 3.0
     logits[0, 4] = 2.0
+    logits = logits.to(device)
     params = dict(frequency_penalties=[2.0])
     assert _sample(driver, logits.clone(), _params(1, **params), 0)[0].token_ids == [9]
     assert _sample(driver, logits.clone(), _params(1, first_step=[False], **params), 1)[0].token_ids == [4]
@@ -66,9 +67,9 @@ def test_penalties_count_generated_tokens_per_request(backend) -> None:
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
-def test_constrained_rows_wait_for_their_mask_and_logprobs(backend) -> None:
-    driver = _driver(backend)
-    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(1))
+def test_constrained_rows_wait_for_their_mask_and_logprobs(backend, device) -> None:
+    driver = _driver(backend, device)
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(1)).to(device)
     params = _params(2, constrained=[False, True], return_logprob=[True, True], top_logprobs_nums=[2, 2])
     assert _sample(driver, logits, params, 7) == []  # waits for the TokenMask of batch 7
     bitmask = torch.zeros(1, V // 32, dtype=torch.int32)
@@ -78,7 +79,7 @@ def test_constrained_rows_wait_for_their_mask_and_logprobs(backend) -> None:
     sampled = out["schedule"][0]
     assert sampled.token_ids == [int(logits[0].argmax()), 35]
     assert out["constrain"] == [sampled]
-    expected_lp = torch.log_softmax(logits[0].double(), -1)
+    expected_lp = torch.log_softmax(logits[0].double().cpu(), -1)
     assert abs(sampled.token_logprobs[0] - float(expected_lp.max())) < 1e-5
     assert sampled.top_token_ids[0][0] == sampled.token_ids[0] and len(sampled.top_logprobs[0]) == 2
     assert abs(sampled.token_logprobs[1]) < 1e-5  # the only allowed token has probability 1
