@@ -64,10 +64,29 @@ class Core:
         self.sample = SampleStage(args, sample_in, {"schedule": self.schedule_in})
         self.stages = [self.schedule, self.forward, self.sample]
 
+    def _timed(self) -> list:
+        """Wrap forward.run_batch to record CUDA events around it (no sync): GPU time per forward."""
+        events: list = []
+        run_batch = self.forward.run_batch
+
+        def timed(batch):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            logits = run_batch(batch)
+            end.record()
+            events.append((batch.mode, start, end))
+            return logits
+
+        self.forward.run_batch = timed
+        return events
+
     def run(self, requests: list[TokenizedRequest]) -> dict:
+        events = self._timed()
         for request in requests:
             self.schedule_in.put(request)
         finished, output_tokens, steps = 0, 0, 0
+        first_batch = self.schedule.next_batch_id
+        busy_before = {s.name: s.counters.busy_s for s in self.stages}
         start = time.perf_counter()
         while finished < len(requests):
             for stage in self.stages:
@@ -79,14 +98,20 @@ class Core:
                     finished += out.finish_reason is not None
         torch.cuda.synchronize()
         wall_s = time.perf_counter() - start
+        gpu_ms = {"decode": [], "extend": []}
+        for mode, ev_start, ev_end in events:
+            gpu_ms[mode].append(ev_start.elapsed_time(ev_end))
+        del self.forward.run_batch  # back to the class method
         input_tokens = sum(len(r.input_ids) for r in requests)
         return {"wall_s": wall_s, "requests": len(requests), "input_tokens": input_tokens,
                 "output_tokens": output_tokens, "output_tok_s": output_tokens / wall_s,
                 "total_tok_s": (input_tokens + output_tokens) / wall_s, "loop_iterations": steps,
-                "forward_batches": self.schedule.next_batch_id, "retractions": self.schedule.num_retractions,
-                "kv_capacity_tokens": self.schedule.kv.capacity_tokens,
-                "ms_per_batch": wall_s * 1e3 / max(1, self.schedule.next_batch_id),
-                "busy_s": {s.name: s.counters.busy_s for s in self.stages}}
+                "forward_batches": self.schedule.next_batch_id - first_batch,
+                "retractions": self.schedule.num_retractions, "kv_capacity_tokens": self.schedule.kv.capacity_tokens,
+                "ms_per_batch": wall_s * 1e3 / max(1, self.schedule.next_batch_id - first_batch),
+                "busy_s": {s.name: s.counters.busy_s - busy_before[s.name] for s in self.stages},
+                "forward_gpu_ms_mean": {m: sum(v) / len(v) for m, v in gpu_ms.items() if v},
+                "forward_steps": {m: len(v) for m, v in gpu_ms.items()}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {result['model']}: {result['output_tok_s']:.0f} output tok/s, {result['total_tok_s']:.0f} total "
               f"tok/s, {result['wall_s']:.1f} s, {result['forward_batches']} batches "
               f"({result['ms_per_batch']:.2f} ms each), {result['retractions']} retractions, "
-              f"KV {result['kv_capacity_tokens']} tokens, busy {result['busy_s']}", flush=True)
+              f"KV {result['kv_capacity_tokens']} tokens, busy {result['busy_s']}, forward GPU ms "
+              f"{result['forward_gpu_ms_mean']} over {result['forward_steps']} steps", flush=True)
         results.append(result)
         write_result(f"offline-{Path(model_path).name}", {**env, "workload": vars(ns), "results": results})
         del core
