@@ -42,8 +42,11 @@ import triton.language as tl
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
-# M is not specialised: Triton would compile M == 1 as a constant, and that
-# variant streamed weights ~25% slower on the H200 than M = 2..16 did.
+# M is not specialised, so one compiled variant serves every decode batch size.
+# Known gap (H200): at M == 1 the modulo below makes all BLOCK_M rows of the x
+# tile load the same row, and M == 1 runs 10-35% slower than M = 4..16 on the
+# same weights; masking rows >= M instead (no duplicate requests) is the next
+# thing to measure.
 @triton.jit(do_not_specialize=["M"])
 def _linear_stream_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
