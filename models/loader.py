@@ -184,7 +184,7 @@ def load_safetensors(model: torch.nn.Module, files: list[Path], device: torch.de
     by_file: dict[Path, list[tuple[str, Shard]]] = {}
     for path, name, shard in plan.entries:
         by_file.setdefault(path, []).append((name, shard))
-    open_device = "cpu" if device.type == "cpu" else str(device)
+    open_device = _safetensors_device(device)
     with torch.no_grad():
         for path, entries in by_file.items():
             with safe_open(str(path), framework="pt", device=open_device) as f:
@@ -193,6 +193,14 @@ def load_safetensors(model: torch.nn.Module, files: list[Path], device: torch.de
                     target.copy_(f.get_tensor(name))   # casts to the model dtype on the device
                     progress.update(target.numel() * target.element_size())
     progress.done()
+
+
+def _safetensors_device(device: torch.device) -> str:
+    """safe_open wants an explicit index ("cuda:0")."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index}"
+    return device.type
 
 
 class _Progress:

@@ -202,7 +202,7 @@ def dummy_run(name: str, overrides: dict[str, Any], batch: int = 32, prompt_len:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--train-steps", type=int, default=300)
+    parser.add_argument("--train-steps", type=int, default=500)
     parser.add_argument("--archs", default=",".join(TINY))
     parser.add_argument("--skip-dummy", action="store_true")
     parser.add_argument("--device", default="cuda", help="cpu (with --backend reference): dry run")

@@ -179,3 +179,14 @@ def test_dummy_weights_need_only_config_json(name, tmp_path, caplog):
 def test_unknown_load_format_is_rejected(tiny_checkpoint):
     with pytest.raises(ModelConfigError, match="load_format"):
         models.load_model(tiny_checkpoint("llama3.1"), OPS, torch.float32, "cpu", load_format="gguf")
+
+
+def test_progress_is_logged_in_tensors_and_bytes(tiny_checkpoint, monkeypatch, caplog):
+    import models.loader
+
+    monkeypatch.setattr(models.loader, "PROGRESS_EVERY_S", 0.0)
+    with caplog.at_level(logging.INFO, logger="models.loader"):
+        models.load_model(tiny_checkpoint("llama3.1"), OPS, torch.float32, "cpu")
+    progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading weights")]
+    assert progress and "tensors" in progress[-1] and "GB" in progress[-1]
+    assert any(r.getMessage().startswith("loaded ") for r in caplog.records)
