@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from outlines_core import Guide, Index
 
-from stages.constrain.bitmask import BITS_PER_WORD, MaskRowCache
+from stages.constrain.bitmask import BITS_PER_WORD, MaskRowCache, bitmask_words
 from stages.constrain.schema import SchemaError, schema_to_regex
 from stages.constrain.vocab import TokenVocab
 
@@ -258,7 +258,7 @@ class GrammarState:
 
     def __init__(self, grammar: CompiledGrammar, vocab: TokenVocab) -> None:
         self.grammar = grammar
-        self.guide = Guide(grammar.index)
+        self.guide = Guide(grammar.index, max_rollback=0)
         self.vocab = vocab
         self.finished = False
         self.broken = False
@@ -269,32 +269,33 @@ class GrammarState:
         """True when the text so far is a complete match (stop tokens allowed)."""
         return self.broken or self.guide.is_finished()
 
-    def write_mask(self, row: torch.Tensor, vocab_size: int) -> None:
-        """Fill ``row`` (contiguous CPU int32, ceil(vocab_size/32) words) with the allowed tokens.
+    def write_mask(self, row: torch.Tensor | np.ndarray, vocab_size: int) -> None:
+        """Fill ``row`` (contiguous CPU int32/uint32, ceil(vocab_size/32) words) with the allowed tokens.
 
         Ids at or past ``vocab_size`` stay cleared even if the tokenizer knows them.
+        A numpy row (a view of the batch bitmask) skips torch's per-view overhead.
         """
-        words = row.numel()
-        if words * BITS_PER_WORD < vocab_size:
-            raise ValueError(f"mask row has {words} words, too few for vocab_size={vocab_size}")
-        bits = row.numpy().view(np.uint32)
+        bits = (row.numpy() if isinstance(row, torch.Tensor) else row).view(np.uint32)
+        if not bits.flags.c_contiguous or bits.size * BITS_PER_WORD < vocab_size:
+            raise ValueError(f"mask row must be contiguous with >= {bitmask_words(vocab_size)} words, "
+                             f"got {bits.size}")
         if self.broken or self.finished:
             bits[:] = 0
         else:
-            self._write_grammar_bits(row, bits, vocab_size)
+            self._write_grammar_bits(bits, vocab_size)
         if self.accepting or self.finished:
             for stop_id in self.vocab.stop_token_ids:
                 if stop_id < vocab_size:
                     bits[stop_id // BITS_PER_WORD] |= np.uint32(1 << (stop_id % BITS_PER_WORD))
 
-    def _write_grammar_bits(self, row: torch.Tensor, bits: np.ndarray, vocab_size: int) -> None:
+    def _write_grammar_bits(self, bits: np.ndarray, vocab_size: int) -> None:
         cache = self.grammar.mask_cache
         key = (self.grammar.grammar_id, self.guide.get_state(), vocab_size)
         cached = cache.get(key) if cache is not None else None
         if cached is not None:
             bits[:] = cached
             return
-        self.guide.write_mask_into(row.data_ptr(), row.numel(), 4)
+        self.guide.write_mask_into(bits.ctypes.data, bits.size, 4)
         if self.vocab.tokenizer_size > vocab_size:
             _clear_from(bits, vocab_size)
         if cache is not None:
@@ -308,8 +309,8 @@ class GrammarState:
         if token_id in self.vocab.stop_token_ids and self.guide.is_finished():
             self.finished = True
             return
-        try:
-            self.guide.advance(token_id)
+        try:  # return_tokens=False: the default builds a list of every allowed id (ms at 150k)
+            self.guide.advance(token_id, return_tokens=False)
         except ValueError:
             self.broken = True
 

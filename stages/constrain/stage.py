@@ -158,9 +158,10 @@ class ConstrainStage(Stage):
         if not row_indices:
             return TokenMask(batch_id=batch.batch_id, row_indices=[], bitmask=None)
         bitmask = torch.empty(len(row_indices), self.num_words, dtype=torch.int32)
+        rows_view = bitmask.numpy()  # numpy row views cost less than torch ones (32 rows per step)
         for i, row in enumerate(row_indices):
             rid = batch.rids[row]
-            self.states[rid].write_mask(bitmask[i], self.vocab_size)
+            self.states[rid].write_mask(rows_view[i], self.vocab_size)
             self.awaiting[rid] = batch.batch_id
         return TokenMask(batch_id=batch.batch_id, row_indices=row_indices, bitmask=bitmask)
 
