@@ -6,19 +6,21 @@
         out = engine.generate("To be, or not", {"max_new_tokens": 32, "temperature": 0})
         print(out["text"], out["meta_info"])
 
-Assembly (the ``single`` placement): every stage in this process, joined by
-in-thread channels and stepped in pipeline order by one loop on a background
-thread::
+Assembly: a ``pipeline.placement`` description of the stages and channels,
+started under the ``single`` placement -- every stage in this process, joined
+by in-thread channels and stepped in pipeline order by one ``StageLoop`` on a
+background thread::
 
     tokenize -> multimodal -> schedule -> forward -> constrain -> sample -> detokenize
        ^ requests (thread channel)                                           | TextOutput
        Engine.submit                                      Engine.wait <------+ (routed by rid)
 
-A loop iteration steps each stage once; one engine step (schedule emits a
-ForwardBatch, forward runs the model, sample picks tokens, schedule takes them)
-therefore completes within one iteration. The loop then routes every
-TextOutput / ErrorOutput to the queue of its request. When nothing moved and
-no stage has work, the loop sleeps on the request channel.
+A loop round steps each stage once (tokenize, multimodal, forward, constrain,
+sample, schedule, detokenize): the ForwardBatch that schedule emitted at the
+end of round i is run, sampled and taken back by schedule in round i+1, which
+also emits the next one. A router thread hands every TextOutput / ErrorOutput
+of the exit channel to the queue of its request. When no stage has work, the
+loop sleeps on a waker shared by every inbox.
 
 The caller's thread only builds messages and waits on its queue; it never
 touches a stage.
@@ -51,7 +53,8 @@ from typing import Any, Iterator, Union
 
 import msgspec
 
-from pipeline.channel import in_thread_channel, thread_channel
+from pipeline.channel import ChannelClosed
+from pipeline.placement import ChannelSpec, Pipeline, PipelineSpec, StageSpec, single
 from pipeline.config import ServerArgs, resolve
 from pipeline.messages import (
     Abort, ConstrainInbox, DetokenizeInbox, EngineStats, ErrorOutput, ForwardInbox, GenerateRequest,
@@ -61,7 +64,7 @@ from pipeline.messages import (
 
 logger = logging.getLogger(__name__)
 
-IDLE_WAIT_S = 0.01
+ROUTER_WAIT_S = 0.1
 LOOP_CAPACITY = 1 << 16
 
 
@@ -109,80 +112,94 @@ class Engine:
         self._collectors: dict[str, _Collector] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self.failure: BaseException | None = None
+        self.failure: str | None = None
         self.last_stats: EngineStats | None = None
-        self._build()
-        self._thread = threading.Thread(target=self._loop, name="stagewise-engine", daemon=True)
-        self._thread.start()
+        self._model_info = None
+        from stages.tokenize import load_tokenizer
+
+        self.tokenizer = load_tokenizer(self.args.tokenizer_path or self.args.model_path)
+        spec = self._spec()
+        self.pipeline = Pipeline(spec, single(spec), record_path=self.args.record_path,
+                                 on_failure=self._on_failure).start()
+        self.stages = {stage.name: stage for stage in self.pipeline.stages}
+        self.schedule, self.forward = self.stages["schedule"], self.stages["forward"]
+        self.requests = self.pipeline.entry("tokenize")
+        self.outputs = self.pipeline.exit("ingest")
+        self._router = threading.Thread(target=self._route_outputs, name="stagewise-engine-router", daemon=True)
+        self._router.start()
 
     # -------------------------------------------------------------- assembly
-    def _build(self) -> None:
-        from stages.forward import ForwardStage
+    def _spec(self) -> PipelineSpec:
+        """The stages in loop order and the channels between them (``single`` placement)."""
+        make = {"tokenize": self._make_tokenize, "multimodal": self._make_multimodal,
+                "forward": self._make_forward, "constrain": self._make_constrain,
+                "sample": self._make_sample, "schedule": self._make_schedule,
+                "detokenize": self._make_detokenize}
+        stages = tuple(StageSpec(name, factory) for name, factory in make.items())
+        channels = (
+            ChannelSpec("tokenize", TokenizeInbox, (), "tokenize", LOOP_CAPACITY),
+            ChannelSpec("multimodal", MultimodalInbox, ("tokenize.out",), "multimodal", LOOP_CAPACITY),
+            ChannelSpec("schedule", ScheduleInbox, ("multimodal.out", "sample.schedule", "constrain.schedule",
+                                                    "detokenize.abort"), "schedule", LOOP_CAPACITY),
+            ChannelSpec("forward", ForwardInbox, ("schedule.forward",), "forward", LOOP_CAPACITY),
+            ChannelSpec("constrain", ConstrainInbox, ("schedule.constrain", "sample.constrain"), "constrain",
+                        LOOP_CAPACITY),
+            ChannelSpec("sample", SampleInbox, ("forward.sample", "constrain.sample"), "sample", LOOP_CAPACITY),
+            ChannelSpec("detokenize", Union[DetokenizeInbox, TokenizedRequest, EngineStats],
+                        ("schedule.detokenize", "schedule.stats", "tokenize.detokenize"), "detokenize",
+                        LOOP_CAPACITY),
+            ChannelSpec("ingest", IngestInbox, ("detokenize.out", "tokenize.errors"), None, LOOP_CAPACITY),
+        )
+        return PipelineSpec(stages, channels)
+
+    def _make_tokenize(self, inbox, outboxes):
+        from stages.tokenize import TokenizeStage
+
+        return TokenizeStage(self.args, inbox, outboxes, tokenizer=self.tokenizer)
+
+    def _make_multimodal(self, inbox, outboxes):
         from stages.multimodal import MultimodalStage
+
+        return MultimodalStage(self.args, inbox, outboxes)
+
+    def _make_forward(self, inbox, outboxes):
+        from stages.forward import ForwardStage
+
+        stage = ForwardStage(self.args, inbox, outboxes)
+        self._model_info = stage.model_info  # the schedule and constrain stages are built after it
+        return stage
+
+    def _make_constrain(self, inbox, outboxes):
+        from stages.constrain import ConstrainStage
+
+        info = self._model_info
+        return ConstrainStage(self.args, self.tokenizer, inbox, outboxes, vocab_size=info.vocab_size,
+                              eos_token_ids=info.eos_token_ids)
+
+    def _make_sample(self, inbox, outboxes):
         from stages.sample import SampleStage
+
+        return SampleStage(self.args, inbox, outboxes)
+
+    def _make_schedule(self, inbox, outboxes):
         from stages.schedule import ScheduleStage
-        from stages.tokenize import TokenizeStage, load_tokenizer
+
+        return ScheduleStage(self.args, self._model_info, inbox, outboxes)
+
+    def _make_detokenize(self, inbox, outboxes):
         from stages.detokenize import DetokenizeStage
 
-        args = self.args
-        self.tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
-        self.requests = thread_channel("tokenize", TokenizeInbox, LOOP_CAPACITY)
-        multimodal_in = in_thread_channel("multimodal", MultimodalInbox, LOOP_CAPACITY)
-        schedule_in = in_thread_channel("schedule", ScheduleInbox, LOOP_CAPACITY)
-        forward_in = in_thread_channel("forward", ForwardInbox, LOOP_CAPACITY)
-        sample_in = in_thread_channel("sample", SampleInbox, LOOP_CAPACITY)
-        constrain_in = in_thread_channel("constrain", ConstrainInbox, LOOP_CAPACITY)
-        detokenize_in = in_thread_channel("detokenize", Union[DetokenizeInbox, TokenizedRequest], LOOP_CAPACITY)
-        self.outputs = in_thread_channel("ingest", IngestInbox, LOOP_CAPACITY)
+        return DetokenizeStage(self.args, inbox, outboxes, tokenizer=self.tokenizer)
 
-        forward = ForwardStage(args, forward_in, {"sample": sample_in})
-        info = forward.model_info
-        constrain = self._constrain_stage(constrain_in, sample_in, schedule_in, info)
-        schedule_out = {"forward": forward_in, "detokenize": detokenize_in, "stats": self.outputs}
-        if constrain is not None:
-            schedule_out["constrain"] = constrain_in
-        sample_out = {"schedule": schedule_in}
-        if constrain is not None:
-            sample_out["constrain"] = constrain_in
-        self.schedule = ScheduleStage(args, info, schedule_in, schedule_out)
-        self.forward = forward
-        stages = [
-            TokenizeStage(args, self.requests, {"out": multimodal_in, "errors": self.outputs,
-                                                "detokenize": detokenize_in}, tokenizer=self.tokenizer),
-            MultimodalStage(args, multimodal_in, {"out": schedule_in}),
-            self.schedule, forward]
-        if constrain is not None:
-            stages.append(constrain)
-        stages += [SampleStage(args, sample_in, sample_out),
-                   DetokenizeStage(args, detokenize_in, {"out": self.outputs, "abort": schedule_in},
-                                   tokenizer=self.tokenizer)]
-        self.stages = stages
-
-    def _constrain_stage(self, inbox, sample_in, schedule_in, info):
-        try:
-            from stages.constrain import ConstrainStage
-        except ImportError as exc:  # outlines-core missing: structured output answers 400
-            logger.warning("structured output disabled: %s", exc)
-            return None
-        return ConstrainStage(self.args, self.tokenizer, inbox, {"sample": sample_in, "schedule": schedule_in},
-                              vocab_size=info.vocab_size, eos_token_ids=info.eos_token_ids)
-
-    # ------------------------------------------------------------------ loop
-    def _loop(self) -> None:
-        try:
-            while not self._stop.is_set():
-                moved = sum(stage.step() for stage in self.stages)
-                moved += self._route_outputs()
-                if moved == 0 and not any(stage.has_work() for stage in self.stages):
-                    self.requests.wait_readable(IDLE_WAIT_S)
-        except BaseException as exc:  # the engine is dead: every waiting caller must hear it
-            logger.exception("engine loop failed")
-            self.failure = exc
-            self._fail_all(f"engine failed: {type(exc).__name__}: {exc}")
-
-    def _route_outputs(self) -> int:
-        messages = self.outputs.drain(LOOP_CAPACITY)
-        for message in messages:
+    # ---------------------------------------------------------------- router
+    def _route_outputs(self) -> None:
+        while not self._stop.is_set():
+            try:
+                message = self.outputs.get(timeout=ROUTER_WAIT_S)
+            except TimeoutError:
+                continue
+            except ChannelClosed:
+                return
             if isinstance(message, EngineStats):
                 self.last_stats = message
                 continue
@@ -191,13 +208,15 @@ class Engine:
                 collector = self._collectors.get(key) or self._collectors.get(message.rid.rsplit(".", 1)[0])
             if collector is not None:
                 collector.queue.put(message)
-        return len(messages)
 
-    def _fail_all(self, reason: str) -> None:
+    def _on_failure(self, reason: str) -> None:
+        """The stage loop died: every waiting caller gets an error instead of waiting forever."""
+        self.failure = reason
         with self._lock:
             collectors = list(self._collectors.items())
         for rid, collector in collectors:
-            collector.queue.put(ErrorOutput(rid=rid, status_code=500, message=reason, error_type="internal_error"))
+            collector.queue.put(ErrorOutput(rid=rid, status_code=500, message=f"engine failed: {reason}",
+                                            error_type="internal_error"))
 
     # ------------------------------------------------------------------- API
     def submit(self, prompt: str | None = None, sampling_params: dict | SamplingParams | None = None,
@@ -205,6 +224,8 @@ class Engine:
         """Queue one request; returns its rid (wait with ``wait`` / ``stream``)."""
         if self.failure is not None:
             raise GenerateError(f"engine failed: {self.failure}", 500)
+        if self._stop.is_set():
+            raise GenerateError("the engine is shut down", 503)
         params = sampling_params_from(sampling_params)
         if (prompt is None) == (input_ids is None):
             raise GenerateError("give exactly one of prompt and input_ids", param="prompt")
@@ -279,16 +300,15 @@ class Engine:
         """KV pool + radix cache bookkeeping adds up (call when idle)."""
         self.schedule.check_integrity()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Finish what is in flight (up to ``timeout_s``), stop the loop, release the stages."""
         if self._stop.is_set():
             return
-        self._stop.set()
-        self._thread.join(timeout=30)
-        for stage in self.stages:
-            try:
-                stage.close()
-            except Exception:  # closing is best effort; the engine is going away
-                logger.exception("closing stage %s", stage.name)
+        try:
+            self.pipeline.stop(timeout_s)
+        finally:
+            self._stop.set()
+            self._router.join(timeout=5)
 
     def __enter__(self) -> "Engine":
         return self
