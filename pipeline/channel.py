@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import multiprocessing
+import os
 import threading
 import time
 import types
@@ -60,6 +61,7 @@ T = TypeVar("T")
 
 DEFAULT_CAPACITY = 1024
 _CREDIT_POLL_S = 0.05  # how often a producer blocked on credits re-checks close
+_CLOSE_LOCK_WAIT_S = 2.0  # close() gives up sending the close frame past a writer stuck this long
 _IN_PIPE_WAIT_S = 0.002  # drain() waits this long for messages already sent but not yet decoded
 
 
@@ -97,6 +99,21 @@ def _member_classes(message_type: Any) -> tuple[type, ...] | None:
     if not all(isinstance(m, type) for m in members) or object in members:
         return None
     return tuple(members)
+
+
+def _process_alive(pid: int) -> bool:
+    """False once ``pid`` has exited (a zombie counts as exited)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+    except OSError:
+        return True  # no procfs: trust kill()
 
 
 def _wake_futures(waiters: list[asyncio.Future]) -> None:
@@ -470,6 +487,7 @@ class ProcessChannel(Channel[T]):
         self._credits = ctx.Semaphore(capacity)
         self._write_lock = ctx.Lock()
         self._closed_flag = ctx.RawValue("b", 0)  # shared memory: reading it costs no syscall
+        self._lock_owner = ctx.RawValue("q", 0)  # pid holding _write_lock, 0 when free
         self._init_local()
 
     def _init_local(self) -> None:
@@ -477,7 +495,7 @@ class ProcessChannel(Channel[T]):
         self._start_lock = threading.Lock()
 
     _SHARED = ("name", "message_type", "capacity", "_accept", "_recv_conn", "_send_conn",
-               "_credits", "_write_lock", "_closed_flag")
+               "_credits", "_write_lock", "_closed_flag", "_lock_owner")
 
     def __getstate__(self) -> dict[str, Any]:
         return {key: self.__dict__[key] for key in self._SHARED}
@@ -533,18 +551,55 @@ class ProcessChannel(Channel[T]):
     def _send(self, payload: bytes) -> None:
         # The flag is checked under the write lock that close() also takes, so
         # no message can be sent after the close frame and be lost.
-        with self._write_lock:
+        if not self._lock(give_up=lambda: bool(self._closed_flag.value)):
+            self._credits.release()
+            raise self._closed_error()
+        try:
             if self._closed_flag.value:
                 self._credits.release()
                 raise self._closed_error()
             self._send_conn.send_bytes(payload)
+        finally:
+            self._unlock()
 
     def close(self) -> None:
-        with self._write_lock:
-            if self._closed_flag.value:
-                return
+        deadline = time.monotonic() + _CLOSE_LOCK_WAIT_S
+        if not self._lock(give_up=lambda: time.monotonic() > deadline):
+            # A writer is stuck (its consumer is gone): close without the frame.
             self._closed_flag.value = 1
-            self._send_conn.send_bytes(b"")
+            if self._inbound is not None:
+                self._inbound.close()
+            return
+        try:
+            if not self._closed_flag.value:
+                self._closed_flag.value = 1
+                self._send_conn.send_bytes(b"")
+        finally:
+            self._unlock()
+
+    def _lock(self, give_up: Any) -> bool:
+        """Take the write lock (False once ``give_up()``); free it if its holder died.
+
+        A process killed while holding the lock would otherwise block every
+        other producer and close() forever. Its frame, if half written, is lost.
+        """
+        while not self._write_lock.acquire(timeout=_CREDIT_POLL_S):
+            owner = self._lock_owner.value
+            if owner and not _process_alive(owner):
+                self._lock_owner.value = 0
+                try:
+                    self._write_lock.release()
+                except ValueError:  # another waiter freed it first
+                    pass
+                continue
+            if give_up():
+                return False
+        self._lock_owner.value = os.getpid()
+        return True
+
+    def _unlock(self) -> None:
+        self._lock_owner.value = 0
+        self._write_lock.release()
 
     # -- consumer side -------------------------------------------------------
     def _local(self) -> ThreadChannel:

@@ -565,32 +565,41 @@ class Pipeline:
         return drained and self.failure is None
 
     def _stop_processes(self) -> None:
+        """Stop the main loop and threads, then each child; every step runs even if one fails."""
+        errors: list[BaseException] = []
         if self._runner is not None:
-            self._runner.loop.stop(timeout=10.0)
-            self._runner.stop_threads()
+            for stop in (lambda: self._runner.loop.stop(timeout=10.0), self._runner.stop_threads):
+                try:
+                    stop()
+                except Exception as exc:  # keep going: the children must still be stopped
+                    logger.error("stopping the main process's stages: %s", exc)
+                    errors.append(exc)
         for process, child in self.children.items():
-            control_in = self._control[process][0]
-            try:
-                control_in.put(Shutdown(), timeout=1.0)
-            except Exception:
-                pass
-            child.join(10.0)
-            if child.is_alive():
-                logger.error("process %s did not exit; terminating it", process)
-                child.terminate()
-                child.join(2.0)
-            if child.is_alive():
-                child.kill()
-                child.join()
+            self._stop_child(process, child)
         for control_in, control_out in self._control.values():
             control_in.close()
             control_out.close()
         if self._runner is not None:
             for stage in self._runner.stages:
                 stage.close()
-        failure = self._runner.loop.failure if self._runner else None
-        if failure is not None:
-            raise RuntimeError("the main stage loop failed") from failure
+            if self._runner.loop.failure is not None:
+                errors.append(RuntimeError(f"the main stage loop failed: {self._runner.loop.failure!r}"))
+        if errors:
+            raise errors[0]
+
+    def _stop_child(self, process: str, child: multiprocessing.process.BaseProcess) -> None:
+        try:
+            self._control[process][0].put(Shutdown(), timeout=1.0)
+        except Exception:
+            pass  # dead or stuck: terminated below
+        child.join(10.0)
+        if child.is_alive():
+            logger.error("process %s did not exit; terminating it", process)
+            child.terminate()
+            child.join(2.0)
+        if child.is_alive():
+            child.kill()
+            child.join()
 
     def __enter__(self) -> Pipeline:
         return self.start()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import multiprocessing
 import threading
 import time
@@ -288,3 +289,16 @@ def test_consumer_close_releases_a_blocked_producer_in_another_process(echo) -> 
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError, match="'c'.*capacity"):
         thread_channel("c", Item, 0)
+
+
+def test_a_write_lock_left_held_by_a_dead_process_is_freed() -> None:
+    """A producer killed mid-send must not block the other producers or close() forever."""
+    channel = process_channel("c", Item, 4)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    channel._write_lock.acquire()  # as the dead process would have left it
+    channel._lock_owner.value = dead.pid
+    channel.put(Item(key="a", value=1), timeout=5.0)
+    assert channel.get(timeout=5.0) == Item(key="a", value=1)
+    channel.close()
+    assert list(channel) == []
