@@ -147,3 +147,34 @@ def test_generate_subcommand(tiny_llama, capsys) -> None:
     assert result["meta_info"]["completion_tokens"] == len(result["output_ids"]) <= 5
     assert main(["generate", "--model-path", str(tiny_llama), "--prompt", "x", "--top-p", "0"]) == 2
     assert "top_p" in capsys.readouterr().err
+
+
+def test_stream_matches_generate_and_regex_constrains_output(tiny_llama) -> None:
+    import re
+
+    with _engine(tiny_llama) as engine:
+        params = {"temperature": 0.0, "max_new_tokens": 10}
+        whole = engine.generate("First Citizen: Before", params)
+        chunks = list(engine.generate_stream("First Citizen: Before", params))
+        assert "".join(c["text"] for c in chunks) == whole["text"]
+        assert sum(len(c["output_ids"]) for c in chunks) == len(whole["output_ids"])
+        assert chunks[-1]["finish_reason"] == whole["finish_reason"]
+        constrained = engine.generate("All: Speak", {"regex": "(ab|ba){2}", "max_new_tokens": 12, "temperature": 0.8,
+                                                     "seed": 5})
+        assert re.fullmatch("(ab|ba){2}", constrained["text"]), constrained
+        with pytest.raises(GenerateError):
+            engine.generate("All: Speak", {"regex": "(", "max_new_tokens": 4})
+        assert engine.generate("All", {"max_new_tokens": 2})["finish_reason"] is not None
+
+
+def test_paged_retraction_keeps_outputs_and_frees_everything(tiny_llama) -> None:
+    prompts = random_prompts(8, seed=12, low=5, high=50)
+    params = {**GREEDY, "max_new_tokens": 30}
+    with _engine(tiny_llama, disable_radix_cache=True) as engine:
+        alone = [_run(engine, [p], params)[0] for p in prompts]
+    with _engine(tiny_llama, page_size=16, max_total_tokens=160, chunked_prefill_size=32) as engine:
+        free_before = engine.schedule.kv.pool.num_free_tokens
+        assert _run(engine, prompts, params) == alone
+        assert engine.schedule.num_retractions > 0
+        engine.schedule.kv.flush()
+        _assert_no_leak(engine, free_before)
