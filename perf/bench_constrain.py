@@ -21,7 +21,7 @@ Measured:
   CUDA is present).
 
 Anchor: one decode step of an 8B model on an H100 takes ~6-8 ms, so a mask
-step should stay well under 1 ms. Results go to ``perf/results/constrain_<device>.json``.
+step should stay well under 1 ms. Results go to ``perf/results/constrain-<device>.json``.
 
 Usage: ``python perf/bench_constrain.py [--vocab-size 150000] [--out perf/results]``
 """
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(json.dumps(result, indent=2))
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tag = "cuda" if torch.cuda.is_available() else "cpu"
-    (out_dir / f"constrain_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
+    tag = torch.cuda.get_device_name().lower().replace(" ", "-") if torch.cuda.is_available() else "cpu"
+    (out_dir / f"constrain-{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
