@@ -13,6 +13,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     # name: ("module:function", one-line help)
     "generate": ("pipeline.generate:main", "generate text for one prompt with the in-process engine"),
     "serve": ("pipeline.serve:main", "serve a model over HTTP (OpenAI and SGLang-native APIs)"),
+    "replay": ("pipeline.harness:replay_main", "replay one stage of a recorded run; exit 1 on a difference"),
 }
 
 

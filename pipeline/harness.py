@@ -22,6 +22,7 @@ processes can share the file.
 Replaying::
 
     python -m pipeline.harness replay run.rec --stage tokenize [--factory mod:callable]
+    stagewise replay run.rec --stage tokenize          # the same
     python -m pipeline.harness info run.rec
 
 builds a fresh stage from the recorded factory and kwargs (or ``--factory``),
@@ -383,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(f"stage {args.stage!r}: first difference: {difference}")
     return 1
+
+
+def replay_main(argv: list[str]) -> int:
+    """``stagewise replay FILE --stage NAME [--factory module:callable]``."""
+    return main(["replay", *argv])
 
 
 def _info(path: str) -> int:

@@ -23,8 +23,9 @@ Shutdown never loses a message: ``stop()`` closes the entries, then probes
 every process until, twice in a row, all stages are idle, every
 cross-process channel is empty and no counter moved; only then are the loops
 stopped and the channels closed. Children are daemons, die with the parent
-(PR_SET_PDEATHSIG plus a parent-pid check every idle wake-up) and are
-joined, then terminated if they hang. ``Pipeline`` is the running object.
+(PR_SET_PDEATHSIG plus a thread polling the parent pid) and are joined,
+then terminated if they hang; a watchdog reports a child that dies while the
+pipeline runs (``on_failure``). ``Pipeline`` is the running object.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ MAIN = "main"
 FRONT_END_STAGES = ("ingest", "tokenize", "multimodal", "detokenize")
 ENGINE_STAGES = ("schedule", "forward", "constrain", "sample")
 WATCH_INTERVAL_S = 0.2  # how often a running pipeline checks that its children are alive
+PARENT_POLL_S = 0.2  # how often a child checks that its parent is alive
 
 
 class PlacementError(ValueError):
@@ -279,21 +281,34 @@ class Report(msgspec.Struct, frozen=True, tag=True):
 ControlInbox = typing.Union[Probe, Shutdown]
 
 
-def die_with_parent(parent_pid: int) -> None:
-    """Have the kernel kill this process when its parent dies (Linux), and check now."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass  # not Linux: the parent-pid check in the loop still ends us
+def die_with_parent(parent_pid: int, use_death_signal: bool) -> None:
+    """End this process when its parent dies, even if every other thread is blocked.
+
+    The kernel's PR_SET_PDEATHSIG fires when the parent *thread* that spawned
+    us exits, so it is only asked for when the parent spawned from its main
+    thread; a daemon thread polling the parent pid covers every case.
+    """
+    if use_death_signal:
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # not Linux: the polling thread still ends us
     if os.getppid() != parent_pid:
         os._exit(1)
+
+    def watch_parent() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
 
 
 def child_main(process: str, spec: PipelineSpec, placement: dict[str, list[str]],
                channels: dict[str, Channel], control_in: Channel, control_out: Channel,
-               parent_pid: int, record_path: str) -> None:
+               parent_pid: int, record_path: str, use_death_signal: bool = True) -> None:
     """Entry point of a spawned process: build its stages, run its loop, answer probes."""
-    die_with_parent(parent_pid)
+    die_with_parent(parent_pid, use_death_signal)
     logging.basicConfig(level=logging.INFO, format=f"[{process}] %(levelname)s %(name)s: %(message)s")
     stages: list[Stage] = []
     try:
@@ -477,7 +492,8 @@ class Pipeline:
                 if _touches(next(c for c in self.spec.channels if c.name == name), process, where)}
         child = ctx.Process(target=child_main, name=f"stagewise-{process}", daemon=True,
                             args=(process, self.spec, self.placement, mine, control_in, control_out,
-                                  os.getpid(), self.record_path))
+                                  os.getpid(), self.record_path,
+                                  threading.current_thread() is threading.main_thread()))
         child.start()
         self.children[process] = child
         self._control[process] = (control_in, control_out)

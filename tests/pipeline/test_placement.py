@@ -145,3 +145,17 @@ def test_a_dying_child_is_reported_through_on_failure() -> None:
         time.sleep(0.05)
     assert reports == [pipe.failure] and "process 'engine' exited with code -9" in reports[0]
     assert not pipe.stop(timeout=1.0)  # nothing can drain through a dead process: stop says so
+
+
+def test_a_child_spawned_from_a_short_lived_thread_outlives_that_thread() -> None:
+    """The kernel's parent-death signal follows the spawning thread; the pipeline must not rely on it then."""
+    holder: dict[str, Pipeline] = {}
+    starter = threading.Thread(target=lambda: holder.setdefault("pipe", Pipeline(toy_spec(), TOY_SERVING).start()))
+    starter.start()
+    starter.join(60)
+    time.sleep(0.5)  # the starting thread is gone
+    pipe = holder["pipe"]
+    assert pipe.children["engine"].is_alive()
+    results, drained = run_and_stop(pipe, 50)
+    assert drained
+    assert_all_delivered(results, 50, loops=2)
