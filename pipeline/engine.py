@@ -212,10 +212,13 @@ class Engine:
     def _on_failure(self, reason: str) -> None:
         """The stage loop died: every waiting caller gets an error instead of waiting forever."""
         self.failure = reason
+        self._fail_waiting(f"engine failed: {reason}", 500)
+
+    def _fail_waiting(self, message: str, status_code: int) -> None:
         with self._lock:
             collectors = list(self._collectors.items())
         for rid, collector in collectors:
-            collector.queue.put(ErrorOutput(rid=rid, status_code=500, message=f"engine failed: {reason}",
+            collector.queue.put(ErrorOutput(rid=rid, status_code=status_code, message=message,
                                             error_type="internal_error"))
 
     # ------------------------------------------------------------------- API
@@ -309,6 +312,7 @@ class Engine:
         finally:
             self._stop.set()
             self._router.join(timeout=5)
+            self._fail_waiting("the engine shut down before the request finished", 503)
 
     def __enter__(self) -> "Engine":
         return self

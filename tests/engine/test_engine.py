@@ -178,3 +178,13 @@ def test_paged_retraction_keeps_outputs_and_frees_everything(tiny_llama) -> None
         assert engine.schedule.num_retractions > 0
         engine.schedule.kv.flush()
         _assert_no_leak(engine, free_before)
+
+
+def test_shutdown_answers_requests_still_waiting(tiny_llama) -> None:
+    engine = _engine(tiny_llama)
+    rid = engine.submit(input_ids=[0, 5, 6], sampling_params={"max_new_tokens": 400, "ignore_eos": True})
+    engine.shutdown(timeout_s=0.01)
+    with pytest.raises(GenerateError):
+        engine.wait(rid, timeout=10)
+    with pytest.raises(GenerateError):
+        engine.submit("again")
