@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from stages.constrain.grammar import (GrammarCompiler, GrammarError, GrammarState, grammar_of_sampling,
+from stages.constrain.grammar import (CompiledGrammar, GrammarCompiler, GrammarError, GrammarState, grammar_of_sampling,
                                       grammar_regex, response_format_to_sampling)
 from stages.constrain.vocab import TokenVocab, build_token_vocab, vocab_for_tokenizer
 
-__all__ = ["ConstrainStage", "GrammarCompiler", "GrammarError", "GrammarState", "TokenVocab",
+__all__ = ["CompiledGrammar", "ConstrainStage", "GrammarCompiler", "GrammarError", "GrammarState", "TokenVocab",
            "build_token_vocab", "grammar_of_sampling", "grammar_regex", "response_format_to_sampling",
            "vocab_for_tokenizer"]
 

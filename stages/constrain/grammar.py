@@ -16,7 +16,9 @@ Three steps, each cheap to reason about:
 3. ``GrammarState``: one request's cursor in the Index (an outlines
    ``Guide``). Each step it writes its allowed-token row into the batch
    bitmask and advances by the sampled token. The EOS ids are allowed exactly
-   in accepting states.
+   in accepting states. Rows are cached per (grammar, state) in the
+   compiler's ``MaskRowCache``: outlines walks every allowed token to write a
+   row (~0.8 ms inside a JSON string at 150k tokens), a cached row is a copy.
 
 ``response_format_to_sampling`` is the OpenAI ``response_format`` -> sampling
 params translation the ingest stage calls.
