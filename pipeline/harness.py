@@ -190,6 +190,9 @@ def write_header(path: str, spec: Any, placement: dict[str, list[str]]) -> None:
             kwargs_json, kwargs_error = msgspec.json.encode(stage.kwargs), None
         except (TypeError, msgspec.EncodeError) as exc:
             kwargs_json, kwargs_error = None, f"kwargs are not JSON data: {exc}"
+        if hasattr(stage.factory, "__self__") or "<" in factory:
+            kwargs_error = (f"its factory {factory} is a bound method or a local function, which cannot be "
+                            f"imported by path; replay it with --factory module:callable")
         frames.append(_frame(StageRecord(
             name=stage.name, process=where[stage.name], factory=factory, kwargs_json=kwargs_json,
             kwargs_error=kwargs_error,
@@ -277,7 +280,7 @@ class Recording:
         from pipeline.placement import StageSpec, build_stage
 
         record = self.stages[stage]
-        if record.kwargs_json is None:
+        if record.kwargs_error is not None and (record.kwargs_json is None or factory is None):
             raise ValueError(f"stage {stage!r} cannot be rebuilt: {record.kwargs_error}")
         kwargs = msgspec.json.decode(record.kwargs_json)
         inbox = (in_thread_channel(record.inbox, self.message_type(record.inbox), HARNESS_CAPACITY)
@@ -292,7 +295,12 @@ def replay(path: str, stage_name: str, factory: str | None = None) -> Difference
     recording = Recording(path)
     if stage_name not in recording.stages:
         raise KeyError(f"no stage {stage_name!r} in {path} (stages: {sorted(recording.stages)})")
-    stage = recording.build(stage_name, factory)
+    try:
+        stage = recording.build(stage_name, factory)
+    except ValueError:
+        raise
+    except Exception as exc:  # the factory itself failed: say which stage and why
+        raise ValueError(f"cannot build stage {stage_name!r}: {type(exc).__name__}: {exc}") from exc
     mine = [t for t in recording.traffic if t.stage == stage_name]
     inputs: dict[int, list[bytes]] = {}
     recorded: dict[str, list[tuple[int, bytes]]] = {}
