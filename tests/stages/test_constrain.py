@@ -113,7 +113,8 @@ def test_vocab_is_cached_per_tokenizer(tiny_tokenizer, tiny_vocab):
 
 
 def sentencepiece_tokenizer() -> Tokenizer:
-    pieces = ["<unk>", "<s>", "</s>", "<0x0A>", "<0xE2>", "<0x82>", "<0xAC>", "▁", "▁the", "▁a", "b", "é", "▁▁", "a", "the"]
+    pieces = ["<unk>", "<s>", "</s>", "<0x0A>", "<0xE2>", "<0x82>", "<0xAC>", "▁", "▁the", "▁a", "b", "é", "▁▁",
+              "a", "the"]
     tokenizer = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[],
                                      byte_fallback=True, unk_token="<unk>"))
     tokenizer.add_special_tokens(["<unk>", "<s>", "</s>"])

@@ -42,7 +42,8 @@ QWEN_OUTPUTS = [
      [("search", {"q": 'say "hi" {not a brace}', "n": [1, {"k": None}]}), ("wiki", {"title": "Zoë – ☃"})]),
     ('<tool_call>\n{"arguments": {"x": 1}, "name": "late_name"}\n</tool_call>', "", [("late_name", {"x": 1})]),
     ('<tool_call>\n{"name": "no_args"}\n</tool_call>', "", [("no_args", {})]),
-    ("a < b and <tool> and <tool_call>not json</tool_call> end", "a < b and <tool> and <tool_call>not json</tool_call> end", []),
+    ("a < b and <tool> and <tool_call>not json</tool_call> end",
+     "a < b and <tool> and <tool_call>not json</tool_call> end", []),
     ('Sure.<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call> trailing text',
      "Sure. trailing text", [("f", {"a": 1})]),
 ]
@@ -162,7 +163,8 @@ REASONING_OUTPUTS = [
     ("qwen3", "Hello! How can I help?", ReasoningResult(None, "Hello! How can I help?")),
     ("qwen3", "  <thinking> is not a tag here", ReasoningResult(None, "  <thinking> is not a tag here")),
     ("qwen3", "<think>\n\n</think>\n\nHi there", ReasoningResult(None, "Hi there")),
-    ("qwen3", "<think>\nstill going, cut off at max_tokens   ", ReasoningResult("still going, cut off at max_tokens", "")),
+    ("qwen3", "<think>\nstill going, cut off at max_tokens   ",
+     ReasoningResult("still going, cut off at max_tokens", "")),
     ("deepseek-r1", "Okay, so the user asks...\n</think>\n\nAnswer: 4 < 5", ReasoningResult(
         "Okay, so the user asks...", "Answer: 4 < 5")),
     ("deepseek-r1", "<think>\nhmm  </think>ok <think> stays", ReasoningResult("hmm", "ok <think> stays")),
