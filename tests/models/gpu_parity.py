@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import models  # noqa: E402
 from tests.models.runner import PagedRunner  # noqa: E402
-from tests.models.tiny import SHARED_MODELS, TINY, build_hf_model, tiny_config  # noqa: E402
+from tests.models.tiny import TINY, build_hf_model, source_config, tiny_config  # noqa: E402
 from triton_kernels import load_ops  # noqa: E402
 
 SEQ_LEN, NUM_SEQS, CHUNK, DECODE_FROM = 256, 4, 100, 128
@@ -159,22 +159,27 @@ def parity(name: str, steps: int, device: str = "cuda", backend: str = "triton")
     return result
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _timed(fn) -> tuple[Any, float]:
-    torch.cuda.synchronize()
+    _sync()
     start = time.perf_counter()
     out = fn()
-    torch.cuda.synchronize()
+    _sync()
     return out, (time.perf_counter() - start) * 1e3
 
 
 def dummy_run(name: str, overrides: dict[str, Any], batch: int = 32, prompt_len: int = 256,
-              decode_steps: int = 16) -> dict[str, Any]:
-    config = json.loads((SHARED_MODELS / name / "config.json").read_text())
+              decode_steps: int = 16, device: str = "cuda", backend: str = "triton") -> dict[str, Any]:
+    config = source_config(name)
     config.update(overrides)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
         (model, model_config), load_ms = _timed(lambda: models.load_model(
-            tmp, load_ops("triton"), "auto", "cuda", load_format="dummy"))
+            tmp, load_ops(backend), "auto", device, load_format="dummy"))
     runner = PagedRunner(model, batch, prompt_len + decode_steps)
     generator = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, model_config.vocab_size, (batch, prompt_len), generator=generator).tolist()
@@ -192,10 +197,11 @@ def dummy_run(name: str, overrides: dict[str, Any], batch: int = 32, prompt_len:
                   prefill_ms=round(prefill_ms, 1), decode_batch=batch,
                   decode_step_ms_median=round(sorted(decode_ms)[len(decode_ms) // 2], 2),
                   logits_finite=bool(torch.isfinite(logits).all()),
-                  peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 1))
+                  peak_mem_gb=round(torch.cuda.max_memory_allocated() / 1e9, 1) if device == "cuda" else 0)
     del model, runner
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     return result
 
 
@@ -215,16 +221,18 @@ def main() -> int:
                                   triton=triton.__version__, min_agreement=MIN_AGREEMENT,
                                   seq_len=SEQ_LEN, num_seqs=NUM_SEQS, parity={}, dummy={})
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    for name in args.archs.split(","):
+    for name in filter(None, args.archs.split(",")):
+        start_s = time.perf_counter()
         try:
             report["parity"][name] = parity(name, args.train_steps, args.device, args.backend)
         except Exception as exc:  # record and go on: one broken family must not hide the others
             report["parity"][name] = dict(passed=False, error=f"{type(exc).__name__}: {exc}")
+        report["parity"][name]["wall_s"] = round(time.perf_counter() - start_s, 1)
         print(name, json.dumps(report["parity"][name]), flush=True)
         args.out.write_text(json.dumps(report, indent=1))
     for name, overrides in ({} if args.skip_dummy else DUMMY_MODELS).items():
         try:
-            report["dummy"][name] = dummy_run(name, overrides)
+            report["dummy"][name] = dummy_run(name, overrides, device=args.device, backend=args.backend)
         except Exception as exc:
             report["dummy"][name] = dict(error=f"{type(exc).__name__}: {exc}")
         print(name, json.dumps(report["dummy"][name]), flush=True)

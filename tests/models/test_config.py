@@ -3,17 +3,21 @@ from __future__ import annotations
 
 import pytest
 
-from models.config import load_config, parse_config
+from models.config import parse_config
 from models.errors import ModelConfigError, UnsupportedArchitectureError
-from tests.models.tiny import SHARED_MODELS, tiny_config
+from tests.models.tiny import source_config, tiny_config
+
+def load_config(name: str):
+    return parse_config(source_config(name))
+
 
 REAL = ["Llama-3.1-8B-Instruct", "Llama-3.2-1B", "Mistral-7B-Instruct-v0.3", "Qwen2.5-7B-Instruct",
-        "Qwen3-0.6B", "Qwen3-8B", "Qwen3-14B", "Qwen3-30B-A3B"]
+        "Qwen3-0.6B", "Qwen3-8B", "Qwen3-14B", "Qwen3-30B-A3B", "Qwen1.5-MoE-A2.7B"]
 
 
 @pytest.mark.parametrize("name", REAL)
 def test_real_configs_resolve(name):
-    config = load_config(SHARED_MODELS / name)
+    config = load_config(name)
     assert config.head_dim * config.num_attention_heads >= config.hidden_size // 2
     assert config.num_attention_heads % config.num_key_value_heads == 0
     assert len(config.sliding_windows) == config.num_hidden_layers
@@ -21,7 +25,7 @@ def test_real_configs_resolve(name):
 
 
 def test_llama31_rope_and_eos():
-    config = load_config(SHARED_MODELS / "Llama-3.1-8B-Instruct")
+    config = load_config("Llama-3.1-8B-Instruct")
     assert config.rope_parameters["rope_type"] == "llama3"
     assert config.rope_parameters["factor"] == 8.0 and config.rope_theta == 500000.0
     assert config.eos_token_ids == (128001, 128008, 128009)
@@ -29,13 +33,13 @@ def test_llama31_rope_and_eos():
 
 
 def test_family_flags():
-    assert load_config(SHARED_MODELS / "Qwen2.5-7B-Instruct").qkv_bias
-    qwen3 = load_config(SHARED_MODELS / "Qwen3-8B")
+    assert load_config("Qwen2.5-7B-Instruct").qkv_bias
+    qwen3 = load_config("Qwen3-8B")
     assert qwen3.qk_norm and not qwen3.qkv_bias and qwen3.head_dim == 128
-    moe = load_config(SHARED_MODELS / "Qwen3-30B-A3B")
+    moe = load_config("Qwen3-30B-A3B")
     assert (moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size) == (128, 8, 768)
     assert moe.norm_topk_prob and all(moe.is_moe_layer(i) for i in range(moe.num_hidden_layers))
-    assert load_config(SHARED_MODELS / "Llama-3.2-1B").tie_word_embeddings
+    assert load_config("Llama-3.2-1B").tie_word_embeddings
 
 
 def test_renamed_fields_accept_both_spellings():

@@ -1,7 +1,6 @@
 """Tiny random checkpoints derived from real configs, and HF reference outputs.
 
-Each tiny config starts from a published config.json (``/work/shared/models``,
-or the dict below for Qwen2-MoE, which has none there), keeps everything that
+Each tiny config starts from a published config.json (``configs/``), keeps everything that
 selects code paths (rope type and scaling, tied embeddings, explicit head_dim,
 biases, q/k norm, sliding window, expert routing flags) and shrinks the sizes:
 2 layers, hidden 64-128, vocab 1000+, GQA, 8 experts top-2 for MoE. The weights
@@ -14,26 +13,15 @@ a missing bias or norm would show in the logits.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-SHARED_MODELS = Path(os.environ.get("STAGEWISE_SHARED_MODELS", "/work/shared/models"))
+# Published config.json files (copied from /work/shared/models, plus Qwen1.5-MoE-A2.7B,
+# the Qwen2-MoE reference), kept here so the tests run on any machine.
+CONFIGS = Path(__file__).resolve().parent / "configs"
 
-# Qwen1.5-MoE-A2.7B config.json (published values), the Qwen2-MoE reference.
-QWEN2_MOE_CONFIG: dict[str, Any] = {
-    "architectures": ["Qwen2MoeForCausalLM"], "model_type": "qwen2_moe",
-    "hidden_size": 2048, "intermediate_size": 5632, "moe_intermediate_size": 1408,
-    "shared_expert_intermediate_size": 5632, "num_experts": 60, "num_experts_per_tok": 4,
-    "norm_topk_prob": False, "decoder_sparse_step": 1, "num_hidden_layers": 24,
-    "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 8192,
-    "rope_theta": 1000000.0, "rms_norm_eps": 1e-06, "vocab_size": 151936, "hidden_act": "silu",
-    "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 21,
-    "tie_word_embeddings": False, "bos_token_id": 151643, "eos_token_id": 151643,
-    "torch_dtype": "bfloat16",
-}
 
 SHRINK: dict[str, Any] = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128,
                               num_attention_heads=4, num_key_value_heads=2, head_dim=16,
@@ -52,15 +40,14 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "qwen3": ("Qwen3-8B", dict()),
     "qwen3_tied": ("Qwen3-0.6B", dict()),
     "qwen3_moe": ("Qwen3-30B-A3B", dict(MOE_SHRINK)),
-    "qwen2_moe": ("qwen2_moe", dict(MOE_SHRINK, shared_expert_intermediate_size=96,
+    "qwen2_moe": ("Qwen1.5-MoE-A2.7B", dict(MOE_SHRINK, shared_expert_intermediate_size=96,
                                     mlp_only_layers=[1])),
 }
 
 
 def source_config(name: str) -> dict[str, Any]:
-    if name == "qwen2_moe":
-        return dict(QWEN2_MOE_CONFIG)
-    return json.loads((SHARED_MODELS / name / "config.json").read_text())
+    """A published config.json by model name (a file of tests/models/configs)."""
+    return json.loads((CONFIGS / f"{name}.json").read_text())
 
 
 def tiny_config(name: str, **overrides: Any) -> dict[str, Any]:
