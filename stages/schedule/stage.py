@@ -55,6 +55,7 @@ class ScheduleStage(Stage):
         self.waiting: list[Req] = []
         self.running_reqs: list[Req] = []
         self.grammar_wait: dict[str, Req] = {}
+        self.live_rids: set[str] = set()  # every request not finished yet (rids must be unique)
         self.inflight: tuple[int, list[PlannedRow]] | None = None
         self.pending_row_writes: list[RowWrite] = []  # tree slots replacing a request's own
         self.next_batch_id = 0
@@ -103,11 +104,13 @@ class ScheduleStage(Stage):
         if req.max_new_tokens == 0:
             self._emit_outputs([self._finish(req, FinishReason(type="length"))])
             return
+        self.live_rids.add(req.rid)
         grammar = _grammar_of(params)
         if grammar is None:
             self.waiting.append(req)
             return
         if "constrain" not in self.outboxes:
+            self.live_rids.discard(req.rid)
             self._emit_error(msg.rid, "structured output is not available in this engine", grammar[0])
             return
         req.constrained, req.phase = True, Phase.GRAMMAR
@@ -116,6 +119,8 @@ class ScheduleStage(Stage):
 
     def _check_request(self, msg: TokenizedRequest) -> str | None:
         num = len(msg.input_ids)
+        if msg.rid in self.live_rids:
+            return f"request id {msg.rid!r} is already in use"
         if num == 0:
             return "the prompt is empty"
         if num >= self.info.context_len:
@@ -132,6 +137,7 @@ class ScheduleStage(Stage):
         if req is None:
             return
         if msg.error:
+            self.live_rids.discard(req.rid)
             self._emit_error(req.rid, f"invalid grammar: {msg.error}", _grammar_of(req.sampling)[0])
             self.emit("constrain", GrammarRelease(rid=req.rid))
             return
@@ -268,6 +274,7 @@ class ScheduleStage(Stage):
             self.pending_row_writes = [w for w in self.pending_row_writes if w.row != req.row]
         self.kv.release(req, keep_in_cache)
         req.phase = Phase.DONE
+        self.live_rids.discard(req.rid)
         if req.constrained:
             self.emit("constrain", GrammarRelease(rid=req.rid))
 

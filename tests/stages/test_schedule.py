@@ -156,3 +156,13 @@ def test_bad_prompts_get_an_error_and_lpm_prefers_cached_prefixes() -> None:
     batch = _batch(driver)
     assert batch.rids == ["hot"] and batch.prefix_lens == [30]
     assert batch.row_writes and len(batch.row_writes[0].slots) == 30
+
+
+def test_duplicate_rid_is_rejected_while_the_first_runs() -> None:
+    driver = _stage()
+    driver.feed(_req("same", 4), _req("same", 6))
+    driver.step()
+    errors = [m for m in driver.take("detokenize") if isinstance(m, ErrorOutput)]
+    assert len(errors) == 1 and "already in use" in errors[0].message
+    batch = _batch(driver)
+    assert batch.rids == ["same"]
