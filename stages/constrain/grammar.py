@@ -297,7 +297,13 @@ class GrammarState:
         if cached is not None:
             bits[:] = cached
             return
-        self.guide.write_mask_into(bits.ctypes.data, bits.size, 4)
+        tokenizer_words = bitmask_words(self.vocab.tokenizer_size)
+        if bits.size >= tokenizer_words:
+            self.guide.write_mask_into(bits.ctypes.data, bits.size, 4)
+        else:  # outlines writes by token id: give it room for every id, keep the model's part
+            scratch = np.empty(tokenizer_words, dtype=np.uint32)
+            self.guide.write_mask_into(scratch.ctypes.data, scratch.size, 4)
+            bits[:] = scratch[: bits.size]
         if self.vocab.tokenizer_size > vocab_size:
             _clear_from(bits, vocab_size)
         if cache is not None:

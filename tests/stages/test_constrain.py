@@ -17,6 +17,7 @@ from collections import deque
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 import torch
 from outlines_core import Index
@@ -325,3 +326,26 @@ def test_response_format_to_sampling():
     for bad in [{"type": "xml"}, {"type": "json_schema"}, {"type": "json_schema", "json_schema": {"name": "x"}}]:
         with pytest.raises(GrammarError):
             response_format_to_sampling(bad)
+
+
+def test_mask_for_a_model_vocab_smaller_than_the_tokenizer(compiler, tiny_vocab):
+    """Ids the model cannot produce stay cleared, also in the cached row."""
+    state = GrammarState(compiler.compile("regex", "[a-z ]{1,30}"), tiny_vocab)
+    small = tiny_vocab.tokenizer_size - 37  # not a multiple of 32: the last word is cut inside
+    for _ in range(2):  # fresh, then from the cache
+        row = torch.full((bitmask_words(small),), -1, dtype=torch.int32)
+        state.write_mask(row, small)
+        allowed = unpack_bitmask(row.view(1, -1), bitmask_words(small) * 32)[0]
+        assert allowed.any() and not allowed[small:].any()
+        expected = [t for t in state.allowed_token_ids() if t < small]
+        assert allowed.nonzero().flatten().tolist() == expected
+
+
+def test_mask_row_cache_evicts_by_bytes():
+    from stages.constrain.bitmask import MaskRowCache
+
+    cache = MaskRowCache(max_bytes=3 * 400)
+    for state in range(5):
+        cache.put((0, state, 3200), np.full(100, state, dtype=np.uint32))
+    assert cache.num_bytes == 1200 and sorted(key[1] for key in cache.rows) == [2, 3, 4]
+    assert cache.get((0, 1, 3200)) is None and cache.get((0, 4, 3200))[0] == 4
