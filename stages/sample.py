@@ -78,7 +78,7 @@ class SampleStage(Stage):
         self.apply_token_bitmask = getattr(sampling, "apply_token_bitmask" + suffix)
         self.sample = getattr(sampling, "sample" + suffix)
         self.compute_logprobs = getattr(sampling, "compute_logprobs" + suffix)
-        self.penalty_rows = 2 * args.max_running_requests + 1
+        self.penalty_rows = args.max_running_requests + 1  # every running request keeps its row (LRU)
         self.penalties: PenaltyCounts | None = None
         self.pending_logits: dict[int, Logits] = {}
         self.pending_masks: dict[int, TokenMask] = {}
