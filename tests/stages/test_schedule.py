@@ -166,3 +166,24 @@ def test_duplicate_rid_is_rejected_while_the_first_runs() -> None:
     assert len(errors) == 1 and "already in use" in errors[0].message
     batch = _batch(driver)
     assert batch.rids == ["same"]
+
+
+def test_flush_cache_and_engine_stats(monkeypatch) -> None:
+    import stages.schedule.stage as stage_module
+    from pipeline.messages import EngineStats, FlushCache
+
+    monkeypatch.setattr(stage_module, "STATS_INTERVAL_S", 0.0)
+    args = msgspec.structs.replace(ServerArgs())
+    info = ModelInfo(num_slots=512, num_rows=9, context_len=256, vocab_size=100, eos_token_ids=(EOS,))
+    inbox, outboxes = wiring(ScheduleInbox, "forward", "constrain", "detokenize", "stats")
+    driver = StageDriver(ScheduleStage(args, info, inbox, outboxes))
+    driver.feed(_req("a", 20, max_new_tokens=1))
+    _answer(driver, _batch(driver))
+    kv = driver.stage.kv
+    assert kv.tree.evictable_size == 20 and kv.tree.protected_size == 0
+    driver.feed(FlushCache(request_id="f"))
+    driver.step()
+    assert kv.tree.total_size == 0 and kv.pool.num_free_tokens == kv.capacity_tokens
+    stats = driver.take("stats")
+    assert stats and isinstance(stats[-1], EngineStats)
+    assert stats[-1].max_total_num_tokens == 511 and stats[-1].num_running_reqs == 0
