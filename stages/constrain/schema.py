@@ -15,7 +15,8 @@ of equal digit count, then recurse on the first digit (``[120, 345]`` ->
 ``1(2[0-9]|[3-9][0-9])|2[0-9][0-9]|3([0-3][0-9]|4[0-5])``). Numbers allow a
 fraction only where every fraction stays in range, so a bound that is not an
 integer is rounded inward (sound: every output validates; ``0.5 <= x <= 0.9``
-has no integer inside and is rejected as unsupported). Bounded numbers are
+is rejected as unsupported), while an exclusive integer bound keeps its open
+unit interval (``exclusiveMinimum: 0`` allows ``0.25``). Bounded numbers are
 written without exponents.
 """
 from __future__ import annotations
@@ -90,8 +91,30 @@ def integer_range_regex(lo: int | None, hi: int | None) -> str:
     return "(" + "|".join(parts) + ")"
 
 
-def number_range_regex(lo: int | None, hi: int | None) -> str:
-    """Regex for decimal numbers in [lo, hi] (integer bounds; None unbounded), no exponent."""
+def number_range_regex(lo: int | None, hi: int | None, lo_gap: bool = False, hi_gap: bool = False) -> str:
+    """Regex for decimal numbers in [lo, hi] (integer bounds; None unbounded), no exponent.
+
+    ``lo_gap``: the true bound is ``> lo - 1``, so (lo-1, lo) is allowed too;
+    ``hi_gap``: the true bound is ``< hi + 1``, so (hi, hi+1) is allowed too.
+    Gap values are written with a nonzero fraction (never the excluded bound).
+    """
+    parts = _closed_number_parts(lo, hi) if lo is None or hi is None or lo <= hi else []
+    if hi_gap and hi is not None and (lo is None or lo <= hi or (lo == hi + 1 and lo_gap)):
+        parts.append(_open_unit_interval(hi))
+    if lo_gap and lo is not None and (hi is None or hi >= lo or (hi == lo - 1 and hi_gap)):
+        parts.append(_open_unit_interval(lo - 1))
+    if not parts:
+        raise SchemaError(f"no number in [{lo}, {hi}] can be written")
+    return "(" + "|".join(dict.fromkeys(parts)) + ")"
+
+
+def _open_unit_interval(k: int) -> str:
+    """Numbers strictly between k and k+1."""
+    nonzero_fraction = r"\.[0-9]*[1-9][0-9]*"
+    return (str(k) if k >= 0 else f"-{-k - 1}") + nonzero_fraction
+
+
+def _closed_number_parts(lo: int | None, hi: int | None) -> list[str]:
     parts = []
     if hi is None or hi >= 0:
         low = max(lo, 0) if lo is not None else 0
@@ -108,9 +131,7 @@ def number_range_regex(lo: int | None, hi: int | None) -> str:
             parts.append("-" + nonneg_range_regex(first, last) + FRACTION)
         if lo is not None and -lo >= first:
             parts.append(f"-{-lo}" + ZERO_FRACTION)
-    if not parts:
-        raise SchemaError(f"no number in [{lo}, {hi}] can be written")
-    return "(" + "|".join(parts) + ")"
+    return parts
 
 
 # --------------------------------------------------------------------------
@@ -118,20 +139,41 @@ def number_range_regex(lo: int | None, hi: int | None) -> str:
 # --------------------------------------------------------------------------
 
 
-def _integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None]:
-    """Inclusive integer bounds of a numeric schema, rounded inward (drafts 4 and 6+)."""
-    lo = hi = None
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _tightest(candidates: list[tuple[int, bool]], pick: Any) -> tuple[int | None, bool]:
+    """The tightest (bound, gap) pair; a gap survives only if every pair at that bound has one."""
+    if not candidates:
+        return None, False
+    bound = pick(value for value, _ in candidates)
+    return bound, all(gap for value, gap in candidates if value == bound)
+
+
+def _integer_bounds(schema: dict[str, Any]) -> tuple[int | None, int | None, bool, bool]:
+    """(lo, hi, lo_gap, hi_gap): inclusive integer bounds rounded inward (drafts 4 and 6+).
+
+    A gap flag says the true bound is an exclusive integer one step outside
+    (``exclusiveMinimum: 0`` -> lo 1 with a gap: (0, 1) holds numbers too).
+    """
     minimum, maximum = schema.get("minimum"), schema.get("maximum")
     ex_min, ex_max = schema.get("exclusiveMinimum"), schema.get("exclusiveMaximum")
-    if isinstance(minimum, (int, float)) and not isinstance(minimum, bool):
-        lo = math.floor(minimum) + 1 if ex_min is True and minimum == math.floor(minimum) else math.ceil(minimum)
-    if isinstance(maximum, (int, float)) and not isinstance(maximum, bool):
-        hi = math.ceil(maximum) - 1 if ex_max is True and maximum == math.ceil(maximum) else math.floor(maximum)
-    if isinstance(ex_min, (int, float)) and not isinstance(ex_min, bool):
-        lo = max(lo if lo is not None else -math.inf, math.floor(ex_min) + 1)
-    if isinstance(ex_max, (int, float)) and not isinstance(ex_max, bool):
-        hi = min(hi if hi is not None else math.inf, math.ceil(ex_max) - 1)
-    return lo, hi
+    lows: list[tuple[int, bool]] = []
+    highs: list[tuple[int, bool]] = []
+    if _is_number(minimum):
+        exclusive = ex_min is True and minimum == math.floor(minimum)
+        lows.append((math.floor(minimum) + 1, True) if exclusive else (math.ceil(minimum), False))
+    if _is_number(maximum):
+        exclusive = ex_max is True and maximum == math.ceil(maximum)
+        highs.append((math.ceil(maximum) - 1, True) if exclusive else (math.floor(maximum), False))
+    if _is_number(ex_min):
+        lows.append((math.floor(ex_min) + 1, ex_min == math.floor(ex_min)))
+    if _is_number(ex_max):
+        highs.append((math.ceil(ex_max) - 1, ex_max == math.ceil(ex_max)))
+    lo, lo_gap = _tightest(lows, max)
+    hi, hi_gap = _tightest(highs, min)
+    return lo, hi, lo_gap, hi_gap
 
 
 def _has_bounds(schema: dict[str, Any]) -> bool:
@@ -139,13 +181,12 @@ def _has_bounds(schema: dict[str, Any]) -> bool:
 
 
 def _numeric_regex(schema: dict[str, Any]) -> str:
-    lo, hi = _integer_bounds(schema)
+    lo, hi, lo_gap, hi_gap = _integer_bounds(schema)
+    if schema["type"] == "number":
+        return number_range_regex(lo, hi, lo_gap, hi_gap)
     if lo is not None and hi is not None and lo > hi:
-        raise SchemaError(f"{schema.get('type')} bounds {schema} leave no integer value "
-                          "(non-integer bounds are rounded inward)")
-    if schema["type"] == "integer":
-        return integer_range_regex(lo, hi)
-    return number_range_regex(lo, hi)
+        raise SchemaError(f"integer bounds of {schema} leave no value")
+    return integer_range_regex(lo, hi)
 
 
 def _rewrite(node: Any, placeholders: list[str]) -> Any:

@@ -11,6 +11,7 @@ exactly in accepting states.
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections import deque
@@ -27,7 +28,7 @@ from transformers import PreTrainedTokenizerFast
 from stages.constrain.bitmask import apply_token_bitmask_reference, bitmask_words, pack_bitmask, unpack_bitmask
 from stages.constrain.grammar import (CompiledGrammar, GrammarCompiler, GrammarError, GrammarState, choices_regex,
                                       grammar_regex, response_format_to_sampling)
-from stages.constrain.schema import schema_to_regex
+from stages.constrain.schema import SchemaError, schema_to_regex
 from stages.constrain.vocab import build_token_vocab, gpt2_byte_table, vocab_for_tokenizer
 
 DATA = Path("/work/shared/data/tinyshakespeare.txt")
@@ -282,7 +283,8 @@ def test_compile_is_cached(compiler):
 @pytest.mark.parametrize("kind,spec,reason", [
     ("json_schema", "{not json", "not valid JSON"),
     ("json_schema", '{"type": "foo"}', "Unsupported type: foo"),
-    ("json_schema", '{"type": "integer", "minimum": 5, "maximum": 4}', "no integer"),
+    ("json_schema", '{"type": "integer", "minimum": 5, "maximum": 4}', "leave no value"),
+    ("json_schema", '{"type": "number", "minimum": 0.5, "maximum": 0.9}', "no number"),
     ("regex", "([a-z]", "invalid regex"),
     ("regex", "a(?=b)", "does not support"),
     ("choices", "[]", "non-empty"),
@@ -349,3 +351,29 @@ def test_mask_row_cache_evicts_by_bytes():
         cache.put((0, state, 3200), np.full(100, state, dtype=np.uint32))
     assert cache.num_bytes == 1200 and sorted(key[1] for key in cache.rows) == [2, 3, 4]
     assert cache.get((0, 1, 3200)) is None and cache.get((0, 4, 3200))[0] == 4
+
+
+def _within(value: float, schema: dict) -> bool:
+    return (value >= schema.get("minimum", -math.inf) and value <= schema.get("maximum", math.inf)
+            and value > schema.get("exclusiveMinimum", -math.inf) and value < schema.get("exclusiveMaximum", math.inf))
+
+
+def test_number_bounds_are_sound_and_keep_open_intervals():
+    rng = random.Random(0)
+    texts = [f"{x / 100:.2f}" for x in range(-800, 800, 7)]
+    texts += [f"{x}{tail}" for x in range(-8, 9) for tail in ("", ".0")]
+    for _ in range(300):
+        schema = {"type": rng.choice(["number", "integer"])}
+        for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+            if rng.random() < 0.4:
+                schema[key] = rng.choice([rng.randint(-5, 5), rng.randint(-50, 50) / 10])
+        try:
+            regex = re.compile(schema_to_regex(schema))
+        except SchemaError:
+            continue
+        for text in texts:
+            if regex.fullmatch(text):
+                assert _within(float(text), schema), (schema, text)
+    open_unit = re.compile(schema_to_regex({"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1}))
+    assert open_unit.fullmatch("0.5") and open_unit.fullmatch("0.01") and not open_unit.fullmatch("0")
+    assert re.fullmatch(schema_to_regex({"type": "number", "exclusiveMinimum": -3, "maximum": -2}), "-2.5")
