@@ -102,6 +102,7 @@ class _Collector:
     def __init__(self, n: int) -> None:
         self.n = n
         self.queue: queue.Queue = queue.Queue()
+        self.submitted_s = time.perf_counter()
 
 
 class Engine:
@@ -262,12 +263,13 @@ class Engine:
 
     def wait(self, rid: str, timeout: float | None = None) -> list[dict[str, Any]]:
         """Block until a submitted request ends; one result dict per sequence (index order)."""
-        start_s = time.perf_counter()
+        with self._lock:
+            submitted_s = self._collectors[rid].submitted_s
         results: dict[int, dict[str, Any]] = {}
         for message in self.stream(rid, timeout):
             result = results.setdefault(message.index, _empty_result())
             _accumulate(result, message)
-        latency_s = time.perf_counter() - start_s
+        latency_s = time.perf_counter() - submitted_s
         for result in results.values():
             result["meta_info"]["e2e_latency"] = latency_s
         return [results[i] for i in sorted(results)]
