@@ -13,17 +13,19 @@ writes two methods:
 
 ``step()`` is the heartbeat: drain up to ``max_messages`` from the inbox
 without blocking, handle each, tick once; the time spent is counted in
-``counters.busy_s``. A process loop steps its stages in pipeline order; a
-stage that needs its own thread (an asyncio HTTP server, a blocking compiler)
-is ``start()``-ed instead and runs ``run()`` until ``stop()``.
+``counters.busy_s``. A ``StageLoop`` (end of this file) steps the stages of
+one process in pipeline order and sleeps when none has work; a stage whose
+worker thread finishes something for ``tick()`` calls ``wake()``. A stage
+that needs its own thread (an asyncio HTTP server) is ``start()``-ed instead
+and runs ``run()`` until ``stop()``.
 
 Backpressure: ``emit`` on a cross-thread or cross-process outbox blocks while
 it is full. An in-thread outbox cannot be emptied while this thread waits, so
 ``step`` takes at most as many messages as the fullest in-thread outbox has
 free slots (its consumer steps later in the same loop); a stage that emits
 several messages per input, or emits from ``tick()``, needs in-thread
-capacity for that fan-out. A message rejected at a process border is logged and counted
-in ``counters.messages_rejected``; the stage keeps running.
+capacity for that fan-out. A message rejected at a process border is logged
+and counted in ``counters.messages_rejected``; the stage keeps running.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import ServerArgs
 from pipeline.messages import Abort
 from pipeline.placement import (ChannelSpec, Pipeline, PipelineSpec, PlacementError, StageSpec, build_stage,
                                 serving, single, transport_of)
@@ -56,6 +57,12 @@ def test_factory_gets_wiring_and_name_and_must_build_a_stage() -> None:
     assert stage.name == "w" and stage.amount == 3
     with pytest.raises(PlacementError, match="'bad' returned Abort"):
         build_stage(StageSpec("bad", lambda inbox, outboxes: Abort(rid="x")), None, {})
+
+
+def test_struct_kwargs_given_as_json_data_are_converted_by_annotation() -> None:
+    stage = build_stage(StageSpec("c", TOY + "Configured", {"args": {"port": 31000, "page_size": 16}}), None, {})
+    assert isinstance(stage.args, ServerArgs) and stage.args.port == 31000 and stage.args.page_size == 16
+    assert stage.name == "c"  # the spec's name wins over the one the class picks
 
 
 def test_transports_follow_the_placement() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import msgspec
 
 from pipeline.channel import Channel, ChannelClosed, MessageRejected
+from pipeline.config import ServerArgs
 from pipeline.messages import ErrorOutput
 from pipeline.stage import Stage
 
@@ -118,3 +119,11 @@ def toy_spec(loops: int = 2, work_capacity: int = 8, sink_thread: bool = False):
 
 
 TOY_SERVING = {"main": ["source", "front", "sink"], "engine": ["worker"]}
+
+
+class Configured(Forward):
+    """Forward that keeps the ServerArgs it was built with (kwargs arrive as JSON data)."""
+
+    def __init__(self, args: ServerArgs, inbox: Channel | None, outboxes: dict[str, Channel]) -> None:
+        super().__init__("configured", inbox, outboxes)
+        self.args = args
