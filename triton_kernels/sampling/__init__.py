@@ -63,7 +63,8 @@ def _blocks(vocab_size: int, capacity: int) -> tuple[int, int, int]:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":  # few, large tiles
         block = min(4096, triton.next_power_of_2(vocab_size))
         return block, min(block, triton.next_power_of_2(capacity)), 4
-    return 1024, min(1024, triton.next_power_of_2(capacity)), 8
+    # H200, B=128, V=151936: 2048/8 beat 1024/8 by 1.2-1.3x and 4096/16 on top-p rows.
+    return 2048, min(1024, triton.next_power_of_2(capacity)), 8
 
 
 # ----------------------------------------------------------------------------- launchers
