@@ -28,7 +28,8 @@ from typing import Any, AsyncIterator
 
 from pipeline.channel import ChannelClosed
 from pipeline.config import ServerArgs
-from pipeline.messages import Abort, EngineStats, ErrorOutput, FlushCache, GenerateRequest, TextOutput
+from pipeline.messages import (Abort, EngineStats, ErrorOutput, FinishReason, FlushCache, GenerateRequest,
+                               TextOutput)
 from pipeline.stage import Stage
 from stages.ingest.errors import ApiError, from_error_output
 
@@ -232,8 +233,6 @@ class IngestStage(Stage):
 
 
 def _abort_output(rid: str, index: int, num_sequences: int) -> TextOutput:
-    from pipeline.messages import FinishReason
-
     return TextOutput(rid=rid if num_sequences == 1 else f"{rid}.{index}", parent_rid=rid, index=index,
                       text_delta="", token_ids_delta=[], finish_reason=FinishReason(type="abort"),
                       prompt_tokens=0, completion_tokens=0)
