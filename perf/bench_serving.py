@@ -26,6 +26,13 @@ chunks), TPOT ((e2e - TTFT) / (output tokens - 1)) and E2E. Printed: request
 throughput, input and output tokens/s, mean/median/p99 of TTFT, TPOT, ITL and
 E2E; one JSON line with everything (server args and device included) is
 appended to ``--output-file``.
+
+Recorded run (``results/bench_serving-llama-3.1-8b-dummy-nvidia-h200.jsonl``):
+a directory with Llama-3.1-8B-Instruct's ``config.json`` and any tokenizer
+(prompts are ids), served with ``stagewise serve --model-path DIR
+--load-format dummy --context-length 4096 --placement serving``, then this
+script with ``--random-input-len 1024 --random-output-len 256
+--random-range-ratio 1.0`` at ``--request-rate`` 4, 16 and inf.
 """
 from __future__ import annotations
 
