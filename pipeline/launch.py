@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import msgspec
 
-from pipeline.channel import Channel, ChannelClosed, process_channel
+from pipeline.channel import Channel, ChannelClosed, ChannelFull, process_channel
 from pipeline.placement import (MAIN, ChannelSpec, PipelineSpec, PlacementError, _touches, make_channel,
                                 process_of, transport_of, wire_process)
 from pipeline.stage import Stage, StageLoop
@@ -309,20 +309,24 @@ class Pipeline:
                 return report
         return None
 
-    def _probe_all(self) -> tuple[bool, tuple[int, ...]]:
-        """(every process idle, counters of every process) at about one moment."""
+    def _probe_all(self, timeout_s: float) -> tuple[bool, tuple[int, ...]]:
+        """(every process idle, counters of every process) at about one moment.
+
+        A live child that does not answer within ``timeout_s`` counts as busy.
+        """
         self._seq += 1
         idle = self._runner is None or not self._runner.busy(in_loop=False)
         totals: list[int] = list(self._runner.totals()) if self._runner else []
         for process, (control_in, _) in self._control.items():
             if not self.children[process].is_alive():
-                continue  # dead: nothing more will come from it
+                continue  # dead: nothing more will come from it (the watchdog reports it)
             try:
-                control_in.put(Probe(seq=self._seq), timeout=1.0)
-            except Exception:
-                continue
-            report = self._report(process, self._seq, 5.0)
+                control_in.put(Probe(seq=self._seq), timeout=min(timeout_s, 1.0))
+                report = self._report(process, self._seq, timeout_s)
+            except (ChannelFull, ChannelClosed):
+                report = None
             if report is None:
+                idle = False
                 continue
             idle = idle and report.idle
             totals += [report.messages_in, report.messages_out]
@@ -338,7 +342,7 @@ class Pipeline:
         deadline = time.monotonic() + timeout
         previous = None
         while time.monotonic() < deadline:
-            idle, totals = self._probe_all()
+            idle, totals = self._probe_all(max(0.05, min(5.0, deadline - time.monotonic())))
             quiet = idle and self._internal_channels_empty()
             if quiet and totals == previous:
                 return True

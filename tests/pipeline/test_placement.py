@@ -154,10 +154,14 @@ def test_a_dying_child_is_reported_through_on_failure() -> None:
     assert not pipe.stop(timeout=1.0)  # nothing can drain through a dead process: stop says so
 
 
-def test_a_child_spawned_from_a_short_lived_thread_outlives_that_thread() -> None:
-    """The kernel's parent-death signal follows the spawning thread; the pipeline must not rely on it then."""
+def test_a_child_spawned_from_a_short_lived_thread_outlives_that_thread_and_slow_steps_drain() -> None:
+    """The kernel's parent-death signal follows the spawning thread; the pipeline must not rely on it then.
+
+    The engine's worker also sleeps 10 ms per message: stop() must wait for steps in progress.
+    """
     holder: dict[str, Pipeline] = {}
-    starter = threading.Thread(target=lambda: holder.setdefault("pipe", Pipeline(toy_spec(), TOY_SERVING).start()))
+    spec = toy_spec(sleep_s=0.01)
+    starter = threading.Thread(target=lambda: holder.setdefault("pipe", Pipeline(spec, TOY_SERVING).start()))
     starter.start()
     starter.join(60)
     time.sleep(0.5)  # the starting thread is gone

@@ -1,6 +1,8 @@
 """Toy stages and process bodies for the fabric tests (importable by spawn children)."""
 from __future__ import annotations
 
+import time
+
 import msgspec
 
 from pipeline.channel import Channel, ChannelClosed, MessageRejected
@@ -35,14 +37,16 @@ class AddAndHold(Stage):
     """
 
     def __init__(self, name: str, inbox: Channel | None, outboxes: dict[str, Channel],
-                 amount: int = 1, hold_steps: int = 2, loops: int = 0) -> None:
+                 amount: int = 1, hold_steps: int = 2, loops: int = 0, sleep_s: float = 0.0) -> None:
         super().__init__(name, inbox, outboxes)
+        self.sleep_s = sleep_s  # a slow step: shutdown must wait for it
         self.amount = amount
         self.hold_steps = hold_steps
         self.loops = loops
         self.held: list[tuple[int, Item]] = []
 
     def handle(self, message: Item) -> None:
+        time.sleep(self.sleep_s)
         self.held.append((self.hold_steps, self.transform(message)))
 
     def transform(self, message: Item) -> Item:
@@ -102,14 +106,15 @@ def put_then_close(outbox: Channel, messages: list) -> None:
 TOY = "tests.pipeline.toy_stages:"
 
 
-def toy_spec(loops: int = 2, work_capacity: int = 8, sink_thread: bool = False):
+def toy_spec(loops: int = 2, work_capacity: int = 8, sink_thread: bool = False, sleep_s: float = 0.0):
     """entry -> source -> front -> worker (+10 per pass, held 3 steps) -> sink -> exit, with worker -> front
     looping each item ``loops`` more times: a cycle, held work, and a narrow channel."""
     from pipeline.placement import ChannelSpec, PipelineSpec, StageSpec
 
     return PipelineSpec(
         stages=(StageSpec("source", TOY + "Forward"), StageSpec("front", TOY + "Forward"),
-                StageSpec("worker", TOY + "AddAndHold", {"amount": 10, "hold_steps": 3, "loops": loops}),
+                StageSpec("worker", TOY + "AddAndHold",
+                          {"amount": 10, "hold_steps": 3, "loops": loops, "sleep_s": sleep_s}),
                 StageSpec("sink", TOY + "Forward", own_thread=sink_thread)),
         channels=(ChannelSpec("requests", Item, (), "source"),
                   ChannelSpec("front_in", Item, ("source.out", "worker.again"), "front"),
