@@ -12,7 +12,11 @@ it back when ``get`` hands the message out, so at most ``capacity`` messages
 are in the pipe or the reader's buffer at once. ``close()`` on either side
 sends an empty frame after the last message; the reader sees it, lets the
 consumer drain, then reports ChannelClosed. Exactly one process consumes a
-process channel; any number may produce.
+process channel; any number may produce: a process-shared write lock keeps
+each frame whole, and a lock left held by a producer that died is freed by
+the next writer (its pid is kept beside the lock). ``drain`` waits up to
+2 ms for messages already sent but still being decoded, so a stage loop does
+not spin on a message in the pipe.
 
 Build one with ``process_channel(name, T, capacity)``; the interface and its
 semantics are in ``pipeline/channel.py``.
