@@ -126,6 +126,7 @@ def test_models_and_info(client, server):
     status, body = get(server, "/get_server_info")
     info = json.loads(body)
     assert status == 200 and info["engine_stats"]["max_total_num_tokens"] > 0 and "api_key" not in info
+    assert get(server, "/health_generate")[0] == 200
 
 
 def test_native_generate(server, tokenizer):
