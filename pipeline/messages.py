@@ -257,6 +257,9 @@ class SamplingBatch(msgspec.Struct, frozen=True, kw_only=True):
     return_logprob: list[bool]
     top_logprobs_nums: list[int]
     constrained: list[bool]
+    # Per row, token ids that must not be picked this step (stop ids while a
+    # request is still under min_new_tokens); empty when no row bans anything.
+    banned_token_ids: list[list[int]] = []
 
 
 class ForwardBatch(Message, frozen=True, kw_only=True):

@@ -128,6 +128,10 @@ class SampleStage(Stage):
             rows = _upload(mask.row_indices, torch.int64, device)
             bitmask = mask.bitmask if device.type == "cpu" else mask.bitmask.pin_memory().to(device, non_blocking=True)
             self.apply_token_bitmask(logits, bitmask, rows)
+        if params.banned_token_ids:
+            if penalized is None and mask is None:
+                logits = logits.clone()
+            self._apply_bans(logits, params.banned_token_ids)
         token_ids = self._draw(logits, params)
         if penalized is not None:
             self._count(token_ids, rows_t, params)
@@ -145,6 +149,24 @@ class SampleStage(Stage):
             self.penalties = PenaltyCounts(self.penalty_rows, logits.shape[1], logits.device)
         return [self.penalties.row_of(rid, first) if on else 0
                 for rid, on, first in zip(rids, used, params.first_step)]
+
+    def _apply_bans(self, logits: torch.Tensor, banned: list[list[int]]) -> None:
+        """Ban tokens per row (min_new_tokens): clear their bits in an all-allowed bitmask
+        and apply it with the same kernel as grammar masks."""
+        rows = [i for i, ids in enumerate(banned) if ids]
+        if not rows:
+            return
+        vocab_size = logits.shape[1]
+        words = torch.full((len(rows), (vocab_size + 31) // 32), -1, dtype=torch.int32)
+        for k, i in enumerate(rows):
+            for token in banned[i]:
+                if 0 <= token < vocab_size:
+                    word = int(words[k, token // 32]) & 0xFFFFFFFF
+                    word &= ~(1 << (token % 32))
+                    words[k, token // 32] = word - (1 << 32) if word >= 1 << 31 else word
+        device = logits.device
+        bitmask = words if device.type == "cpu" else words.pin_memory().to(device, non_blocking=True)
+        self.apply_token_bitmask(logits, bitmask, _upload(rows, torch.int64, device))
 
     def _draw(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
         device = logits.device

@@ -172,4 +172,19 @@ def sampling_batch(rows: list[PlannedRow]) -> SamplingBatch:
         return_logprob=[p.return_logprob for p in params],
         top_logprobs_nums=[p.top_logprobs_num for p in params],
         constrained=[r.constrained for r in reqs],
+        banned_token_ids=_banned_token_ids(rows),
     )
+
+
+def _banned_token_ids(rows: list[PlannedRow]) -> list[list[int]]:
+    """Stop ids are banned while a request is under min_new_tokens (SGLang's rule).
+
+    Constrained rows are left alone: their grammar decides when EOS may come.
+    """
+    banned = [sorted(r.req.stop_ids) if _under_min_tokens(r) else [] for r in rows]
+    return banned if any(banned) else []
+
+
+def _under_min_tokens(row: PlannedRow) -> bool:
+    req = row.req
+    return row.need_sample and not req.constrained and len(req.output_ids) < req.sampling.min_new_tokens

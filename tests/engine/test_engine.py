@@ -113,6 +113,7 @@ def test_finish_reasons_and_logprobs(tiny_llama) -> None:
         late = engine.generate(input_ids=prompt, sampling_params={
             **GREEDY, "stop_token_ids": [stop_at], "min_new_tokens": 8})
         assert len(late["output_ids"]) >= 8
+        assert stop_at not in late["output_ids"][:8]  # banned, not merely ignored, under the minimum
         logprobs = engine.generate(input_ids=prompt, sampling_params={
             **GREEDY, "return_logprob": True, "top_logprobs_num": 3})
         entries = logprobs["meta_info"]["output_token_logprobs"]

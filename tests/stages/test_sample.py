@@ -83,3 +83,21 @@ def test_constrained_rows_wait_for_their_mask_and_logprobs(backend, device) -> N
     assert abs(sampled.token_logprobs[0] - float(expected_lp.max())) < 1e-5
     assert sampled.top_token_ids[0][0] == sampled.token_ids[0] and len(sampled.top_logprobs[0]) == 2
     assert abs(sampled.token_logprobs[1]) < 1e-5  # the only allowed token has probability 1
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_banned_tokens_are_never_picked(backend, device) -> None:
+    driver = _driver(backend, device)
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(3)).to(device)
+    favourite = logits.argmax(dim=-1).tolist()
+    # Row 0 bans its argmax and a token in the last (partial) word; row 1 bans nothing; row 2 bans
+    # token 31 (the sign bit of word 0) and its argmax.
+    banned = [[favourite[0], V - 1], [], [31, favourite[2]]]
+    out = _sample(driver, logits, _params(3, banned_token_ids=banned))[0]
+    assert out.token_ids[0] not in banned[0]
+    assert out.token_ids[1] == favourite[1]
+    assert out.token_ids[2] not in banned[2]
+    expected = logits.clone()
+    expected[0, banned[0]] = float("-inf")
+    expected[2, banned[2]] = float("-inf")
+    assert out.token_ids == expected.argmax(dim=-1).tolist()
