@@ -146,3 +146,22 @@ def test_big_prompt_tokenizes_on_worker_thread(tokenizer):
     assert isinstance(request, TokenizedRequest) and len(request.input_ids) > 20000
     assert seen_threads and seen_threads[0].startswith("tokenize")
     stage.close()
+
+
+def test_tools_and_template_kwargs_reach_the_template(tokenizer_dir):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer.chat_template = ("{% if tools %}[{{ tools | length }} tools: {{ tools[0]['function']['name'] }}]"
+                               "{% endif %}{% if shout %}!{% endif %}"
+                               "{% for m in messages %}{{ m['role'] }}:{{ m['content'] }};{% endfor %}")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    request = GenerateRequest(rid="t", messages=[ChatMessage(role="user", content="hi")], tools=tools,
+                              chat_template_kwargs={"shout": True})
+    text = tokenizer.decode(prompt_ids(tokenizer, request, len(tokenizer)), skip_special_tokens=False)
+    assert text == "[1 tools: get_weather]!user:hi;"
+
+
+def test_template_error_is_a_request_error(tokenizer_dir):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
+    with pytest.raises(RequestError, match="roles must alternate"):
+        prompt_ids(tokenizer, GenerateRequest(rid="t", messages=[ChatMessage(role="user", content="hi")]), 10)
