@@ -33,12 +33,12 @@ class ExtendConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    warp_specialize: bool = False  # producer/consumer warps for phase 1 (tl.range)
 
 
 # padded head dim -> tiles (bf16/fp16), from a sweep on an H200 (triton 3.6) at
 # S = 1k/4k/8k: D=128 (128, 128, 8, 3) 175/324/377 TFLOP/s, next best (128, 64, 4, 3);
-# D=64 (64, 128, 4, 3) 257; D=256 (128, 64, 8, 2) 343 at S=4k.
+# D=64 (64, 128, 4, 3) 257; D=256 (128, 64, 8, 2) 343 at S=4k. BLOCK_M=256 and
+# tl.range(warp_specialize=True) gained nothing on Hopper with triton 3.6.
 _GPU_CONFIGS: dict[int, ExtendConfig] = {
     16: ExtendConfig(64, 128, 4, 3),
     32: ExtendConfig(64, 128, 4, 3),
@@ -118,7 +118,7 @@ def _extend_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr, IS_FP32: tl.constexpr,
-    WARP_SPECIALIZE: tl.constexpr, EVEN_D: tl.constexpr,
+    EVEN_D: tl.constexpr,
 ):
     pid_m = num_m_blocks - 1 - tl.program_id(0)  # the heavy causal tail first
     head = tl.program_id(1)
@@ -156,20 +156,12 @@ def _extend_attention_kernel(
             lo = 0
             unmasked_end = ((prefix_len + m_start) // BLOCK_N) * BLOCK_N
         # phase 1: keys every query of the block sees (no mask)
-        if WARP_SPECIALIZE:
-            for start_n in tl.range(lo, unmasked_end, BLOCK_N, warp_specialize=True):
-                acc, l_i, m_i = _attend_block(
-                    acc, l_i, m_i, q, q_pos, start_n, seq_len, kv_base, slot_row_ptr,
-                    k_cache_ptr, v_cache_ptr, stride_ks, stride_vs, qk_scale, logit_cap,
-                    sliding_window, offs_n, offs_d, mask_d,
-                    False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D)
-        else:
-            for start_n in range(lo, unmasked_end, BLOCK_N):
-                acc, l_i, m_i = _attend_block(
-                    acc, l_i, m_i, q, q_pos, start_n, seq_len, kv_base, slot_row_ptr,
-                    k_cache_ptr, v_cache_ptr, stride_ks, stride_vs, qk_scale, logit_cap,
-                    sliding_window, offs_n, offs_d, mask_d,
-                    False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D)
+        for start_n in range(lo, unmasked_end, BLOCK_N):
+            acc, l_i, m_i = _attend_block(
+                acc, l_i, m_i, q, q_pos, start_n, seq_len, kv_base, slot_row_ptr,
+                k_cache_ptr, v_cache_ptr, stride_ks, stride_vs, qk_scale, logit_cap,
+                sliding_window, offs_n, offs_d, mask_d,
+                False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D)
         # phase 2: the diagonal (and the window edge): masked
         for start_n in range(unmasked_end, block_end, BLOCK_N):
             acc, l_i, m_i = _attend_block(
@@ -231,8 +223,7 @@ def launch_extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices,
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=padded_d,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         USE_WINDOW=sliding_window > 0, USE_CAP=logit_cap > 0,
-        IS_FP32=q.dtype == torch.float32, WARP_SPECIALIZE=config.warp_specialize,
-        EVEN_D=head_dim == padded_d,
+        IS_FP32=q.dtype == torch.float32, EVEN_D=head_dim == padded_d,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o

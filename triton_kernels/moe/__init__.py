@@ -29,6 +29,10 @@ per token. ``w13[E, 2I, H]`` stacks each expert's gate rows over its up rows
 Roofline: decode (T*k rows over up to E experts) streams every touched
 expert's weights once, ``3*I*H*2`` bytes per expert; prefill does
 ``6*T*k*H*I`` FLOPs.
+
+Measured on an H200 (bf16, triton 3.6; Qwen3-30B-A3B: E=128, k=8, H=2048,
+I=768): T=1 39 us (44% of copy bandwidth in weight bytes), T=16..256
+89-97%, T=1024 151 TFLOP/s, T=4096 286 TFLOP/s.
 """
 from triton_kernels.moe.gemm import fused_moe, fused_moe_reference, moe_flops_bytes
 from triton_kernels.moe.routing import (
