@@ -86,6 +86,13 @@ def make_tokenize(args: ServerArgs, inbox: Any, outboxes: dict) -> Any:
     return _registered(TokenizeStage(args, inbox, outboxes))
 
 
+def make_tokenize_inline(args: ServerArgs, inbox: Any, outboxes: dict) -> Any:
+    """Tokenize on the stepping thread (deterministic): for replaying a recording of the stage."""
+    from stages.tokenize import TokenizeStage
+
+    return _registered(TokenizeStage(args, inbox, outboxes, num_workers=0))
+
+
 def make_multimodal(args: ServerArgs, inbox: Any, outboxes: dict) -> Any:
     from stages.multimodal import MultimodalStage
 

@@ -27,7 +27,7 @@ What it does, per request:
 Tokenization runs on a small thread pool, never on the caller's loop: a 100k
 token prompt takes tens of milliseconds to encode, and the front end's event
 loop keeps streaming other requests meanwhile. ``handle`` submits the work,
-``tick`` emits finished results (in completion order). An ``Abort`` for a
+``tick`` emits finished results in arrival order. An ``Abort`` for a
 request still being tokenized waits until that request has been emitted, so
 the schedule stage always sees a request before its abort.
 
@@ -224,15 +224,18 @@ class TokenizeStage(Stage):
         return any(rid == request.rid or rid.startswith(request.rid + ".") for request, _ in self.in_flight)
 
     def tick(self) -> None:
-        """Emit every finished tokenization, then the aborts no longer waiting on one."""
-        if self.in_flight:
-            still_running = []
-            for request, future in self.in_flight:
-                if future.done():
-                    self._emit_result(request, future)
-                else:
-                    still_running.append((request, future))
-            self.in_flight = still_running
+        """Emit finished tokenizations in arrival order, then the aborts no longer waiting on one.
+
+        Arrival order (a request waits for the ones before it) keeps admission
+        first-come first-served and makes a recorded run replay identically
+        with inline tokenization (``pipeline.serve:make_tokenize_inline``).
+        """
+        done = 0
+        while done < len(self.in_flight) and self.in_flight[done][1].done():
+            self._emit_result(*self.in_flight[done])
+            done += 1
+        if done:
+            self.in_flight = self.in_flight[done:]
         if self.held_aborts:
             held, self.held_aborts = self.held_aborts, []
             for abort in held:
@@ -257,7 +260,7 @@ class TokenizeStage(Stage):
 
     def has_work(self) -> bool:
         """Inbox messages, or finished tokenizations to emit (a running one wakes the loop when done)."""
-        return super().has_work() or any(future.done() for _, future in self.in_flight)
+        return super().has_work() or bool(self.in_flight and self.in_flight[0][1].done())
 
     @property
     def busy(self) -> bool:

@@ -155,11 +155,10 @@ class IngestStage(Stage):
         self.streams[request.rid] = stream
         self.num_sequences_in_flight += stream.num_sequences
         try:
-            await self.outboxes["out"].aput(request)
+            await self.aemit("out", request)
         except ChannelClosed as error:
             self.forget(request.rid)
             raise ApiError(503, "the server is shutting down", "server_unavailable") from error
-        self.counters.messages_out += 1
         return stream
 
     def forget(self, rid: str) -> None:
@@ -170,8 +169,7 @@ class IngestStage(Stage):
     async def abort(self, rid: str) -> None:
         """Tell the pipeline to drop ``rid`` (a parent rid aborts all of its sequences)."""
         try:
-            await self.outboxes["out"].aput(Abort(rid=rid))
-            self.counters.messages_out += 1
+            await self.aemit("out", Abort(rid=rid))
         except ChannelClosed:
             pass
 
@@ -188,9 +186,16 @@ class IngestStage(Stage):
     async def flush_cache(self) -> bool:
         if "control" not in self.outboxes:
             return False
-        await self.outboxes["control"].aput(FlushCache(request_id=f"flush-{time.time_ns()}"))
-        self.counters.messages_out += 1
+        await self.aemit("control", FlushCache(request_id=f"flush-{time.time_ns()}"))
         return True
+
+    async def aemit(self, outbox: str, message: Any) -> None:
+        """``emit`` for the event loop: never blocks it (recorded like any stage output)."""
+        channel = self.outboxes[outbox]
+        if self.recorder is not None:
+            self.recorder.record_output(self, outbox, channel.name, message)
+        await channel.aput(message)
+        self.counters.messages_out += 1
 
     # -- inbox side ---------------------------------------------------------------
     def handle(self, message: TextOutput | ErrorOutput | EngineStats) -> None:
@@ -219,11 +224,13 @@ class IngestStage(Stage):
             except ChannelClosed:
                 return
             start_s = time.perf_counter()
-            self.handle(message)
-            for more in self.inbox.drain(255):
-                self.handle(more)
-                self.counters.messages_in += 1
-            self.counters.messages_in += 1
+            batch = [message] + self.inbox.drain(255)
+            if self.recorder is not None:
+                self.recorder.record_inputs(self, batch)
+            for item in batch:
+                self.handle(item)
+            self.counters.messages_in += len(batch)
+            self.counters.steps += 1
             self.counters.busy_s += time.perf_counter() - start_s
 
     def fail_all(self, message: str) -> None:

@@ -20,8 +20,10 @@ ENGINE_STAGES = ("schedule", "forward", "sample", "multimodal")
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    process = ServerProcess(model_dir, tmp_path_factory.mktemp("logs") / "serving.log", "--placement", "serving",
-                            "--api-key", API_KEY)
+    logs = tmp_path_factory.mktemp("logs")
+    process = ServerProcess(model_dir, logs / "serving.log", "--placement", "serving", "--api-key", API_KEY,
+                            "--record-path", str(logs / "traffic.rec"))
+    process.record_path = logs / "traffic.rec"
     try:
         process.wait_ready()
         yield process
@@ -99,3 +101,13 @@ def test_sigterm_answers_in_flight_request_then_exits(server):
     assert json.loads(events[-2][5:])["choices"][0]["finish_reason"] == "length"
     assert server.process.wait(60) == 0
     assert "stopped" in server.log_text()
+
+
+@pytest.mark.parametrize("stage, factory", [("tokenize", "pipeline.serve:make_tokenize_inline"),
+                                            ("multimodal", None), ("detokenize", None)])
+def test_recorded_traffic_replays_into_one_stage(server, stage, factory):
+    """Runs after the SIGTERM test: the whole two-process run was recorded; each stage replays identically."""
+    from pipeline.harness import replay
+
+    assert server.process.poll() is not None, "the server must have stopped (recording complete)"
+    assert replay(str(server.record_path), stage, factory) is None
