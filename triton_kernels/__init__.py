@@ -17,7 +17,7 @@ The op table (name -> family file) is the contract between kernels and models:
 ==================== ============== ===================================================
 op                   family         signature (shapes; T tokens, B requests)
 ==================== ============== ===================================================
-linear               gemm           (x[M,K], weight[N,K], bias[N]|None) -> y[M,N]
+linear               gemm           (x[M,K], weight[N,K], bias[N]|None, out_dtype=None) -> y[M,N]
 rms_norm             norm           (x[M,H], weight[H], eps) -> y[M,H]
 fused_add_rms_norm   norm           (x[M,H], residual[M,H], weight[H], eps) -> y[M,H];
                                     residual += x in place, y = rms_norm(residual)

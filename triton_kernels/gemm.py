@@ -312,14 +312,21 @@ def _check_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             raise ValueError(f"bias must be {weight.dtype} on {weight.device}")
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y[*, N] = x[*, K] @ weight[N, K]^T (+ bias)."""
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """y[*, N] = x[*, K] @ weight[N, K]^T (+ bias), stored as ``out_dtype`` (default x's).
+
+    ``out_dtype=torch.float32`` lets the lm_head hand fp32 logits to sampling
+    without a separate cast kernel (the accumulator is fp32 anyway).
+    """
     _check_linear(x, weight, bias)
     x2d = x.reshape(-1, x.shape[-1])
     M, K = x2d.shape
     N = weight.shape[0]
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    tma_ok = _tma_aligned(x2d, weight, y) and (bias is None or bias.stride(0) == 1)
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    # The TMA epilogue tile is sized for the input dtype: a wider output takes the pointer path.
+    tma_ok = (_tma_aligned(x2d, weight, y) and (bias is None or bias.stride(0) == 1)
+              and y.dtype == x.dtype)
     config = _pick_config(M, N, K, x.dtype, x.device, tma_ok)
     launch_linear(x2d, weight, bias, y, config)
     return y.reshape(*x.shape[:-1], N)
@@ -366,11 +373,14 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block)
 
 
-def linear_reference(x: torch.Tensor, weight: torch.Tensor,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Plain PyTorch (``F.linear``: fp32 accumulation, one rounding at the end)."""
     _check_linear(x, weight, bias)
-    return torch.nn.functional.linear(x, weight, bias)
+    if out_dtype is None or out_dtype == x.dtype:
+        return torch.nn.functional.linear(x, weight, bias)
+    y = torch.nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+    return y.to(out_dtype)
 
 
 def flops_bytes(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16,

@@ -37,6 +37,19 @@ def test_linear_matches_reference_and_float64(device, dtype, shape, bias):
     assert_close(y, gemm.linear_reference(x, w, b), dtype, "linear vs reference")
 
 
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32])
+def test_fp32_output_keeps_the_accumulator(device, dtype):
+    """out_dtype=float32 (the lm_head's logits): no rounding to the input dtype at the store."""
+    M, N, K = (3, 130, 72) if not ON_GPU else (4, 4100, 1024)
+    x, w, _ = _inputs(M, N, K, dtype, device, bias=False)
+    y = gemm.linear(x, w, out_dtype=torch.float32)
+    assert y.dtype == torch.float32
+    exact = _float64(x, w, None)
+    assert_close(y, exact, torch.float32 if not ON_GPU else dtype, "fp32-out linear vs float64")
+    assert_close(gemm.linear_reference(x, w, out_dtype=torch.float32), exact, torch.float32,
+                 "fp32-out reference vs float64")
+
+
 CONFIGS = [
     gemm.GemmConfig("stream", 16, 32, 32, split_k=3),
     gemm.GemmConfig("stream", 32, 16, 64, split_k=1),
