@@ -350,3 +350,16 @@ def test_huge_prompt_does_not_stall_other_streams(server):
     assert status == 400 and "context length" in reply["error"]["message"]
     assert huge_s > 0.1  # it really took a while to tokenize...
     assert max(gaps) < max(0.5 * huge_s, 0.1), (max(gaps), huge_s)  # ...and the stream never waited for it
+
+
+def test_structured_output_through_http(client):
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                               "age": {"type": "integer", "minimum": 1, "maximum": 99}},
+              "required": ["name", "age"]}
+    reply = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "Name a king"}], max_tokens=60, temperature=0.8, seed=2,
+        response_format={"type": "json_schema", "json_schema": {"name": "king", "schema": schema}})
+    value = json.loads(reply.choices[0].message.content)
+    assert set(value) == {"name", "age"} and 1 <= value["age"] <= 99 and len(value["name"]) <= 12
+    choice = client.completions.create(model="m", prompt=PROMPT, max_tokens=8, extra_body={"regex": "(yes|no)"})
+    assert choice.choices[0].text in ("yes", "no")
