@@ -98,6 +98,9 @@ class RequestStream:
             self.stage.forget(self.rid)
         if self.num_finished < self.num_sequences and not self.aborted:
             self.aborted = True
+            if self.stage.metrics is not None:  # counted as finished by abort (client gone or failed)
+                for _ in range(self.num_sequences - self.num_finished):
+                    self.stage.metrics.observe_finished("abort", 0, time.perf_counter() - self.arrival_s)
             await self.stage.abort(self.rid)
 
 
