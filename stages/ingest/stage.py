@@ -48,6 +48,7 @@ class RequestStream:
         self.num_finished = 0
         self.finished = False  # every sequence ended or the request failed
         self.aborted = False  # an Abort for it went to the engine
+        self.failed = False  # ended by an ErrorOutput
         self.first_token_s: list[float | None] = [None] * self.num_sequences
         self.last_token_s: list[float | None] = [None] * self.num_sequences
 
@@ -61,6 +62,7 @@ class RequestStream:
         while not self.finished:
             message = await self.queue.get()
             if isinstance(message, ErrorOutput):
+                self.failed = True
                 self.finished = True
                 self.stage.forget(self.rid)
                 raise from_error_output(message)
@@ -98,9 +100,10 @@ class RequestStream:
             self.stage.forget(self.rid)
         if self.num_finished < self.num_sequences and not self.aborted:
             self.aborted = True
-            if self.stage.metrics is not None:  # counted as finished by abort (client gone or failed)
+            if self.stage.metrics is not None:  # sequences that never finished: client gone, or failed
+                reason = "error" if self.failed else "abort"
                 for _ in range(self.num_sequences - self.num_finished):
-                    self.stage.metrics.observe_finished("abort", 0, time.perf_counter() - self.arrival_s)
+                    self.stage.metrics.observe_finished(reason, 0, time.perf_counter() - self.arrival_s)
             await self.stage.abort(self.rid)
 
 
