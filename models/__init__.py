@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from models.errors import (
+    CorruptWeightsError,
     MissingWeightsError,
     ModelConfigError,
     ModelLoadError,
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "load_model", "load_config", "supported_architectures",
     "ModelLoadError", "ModelNotFoundError", "ModelConfigError", "UnsupportedArchitectureError",
-    "MissingWeightsError", "UnexpectedWeightsError", "WeightShapeError",
+    "MissingWeightsError", "UnexpectedWeightsError", "WeightShapeError", "CorruptWeightsError",
 ]
 
 

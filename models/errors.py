@@ -32,6 +32,10 @@ class UnexpectedWeightsError(ModelLoadError):
     """The checkpoint holds tensors the model has no place for (named in the message)."""
 
 
+class CorruptWeightsError(ModelLoadError):
+    """A weight file cannot be read as safetensors (truncated, wrong format)."""
+
+
 class WeightShapeError(ModelLoadError):
     """A checkpoint tensor's shape differs from what the config implies."""
 

@@ -34,6 +34,7 @@ from safetensors import safe_open
 
 from models.config import ModelConfig, load_config, read_json
 from models.errors import (
+    CorruptWeightsError,
     MissingWeightsError,
     ModelConfigError,
     ModelLoadError,
@@ -174,10 +175,10 @@ def load_safetensors(model: torch.nn.Module, files: list[Path], device: torch.de
     for path in files:
         try:
             plan.add_file(path)
-        except (OSError, RuntimeError) as exc:        # safetensors header errors are RuntimeError-like
-            if isinstance(exc, ModelLoadError):
-                raise
-            raise ModelConfigError(f"{path}: cannot read safetensors file: {exc}") from exc
+        except ModelLoadError:
+            raise
+        except Exception as exc:                      # SafetensorError, OSError: a corrupt or unreadable file
+            raise CorruptWeightsError(f"{path}: cannot read safetensors file: {exc}") from exc
     model_dir = str(files[0].parent)
     plan.check(model_dir)
     progress = _Progress(len(plan.entries), plan.total_bytes)

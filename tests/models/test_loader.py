@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import models
 from models import (
+    CorruptWeightsError,
     MissingWeightsError,
     ModelConfigError,
     ModelNotFoundError,
@@ -190,3 +191,10 @@ def test_progress_is_logged_in_tensors_and_bytes(tiny_checkpoint, monkeypatch, c
     progress = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loading weights")]
     assert progress and "tensors" in progress[-1] and "GB" in progress[-1]
     assert any(r.getMessage().startswith("loaded ") for r in caplog.records)
+
+
+def test_corrupt_weight_file_is_named(tiny_checkpoint, tmp_path):
+    directory = _copy(tiny_checkpoint("llama3.1"), tmp_path)
+    (directory / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CorruptWeightsError, match="model.safetensors"):
+        models.load_model(directory, OPS, torch.float32, "cpu")
