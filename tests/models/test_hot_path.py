@@ -61,9 +61,13 @@ def test_forward_calls_only_kernel_ops(name, tiny_checkpoint):
     meta = build_metadata_reference("extend", runner.req_to_token, [0, 1], [0, 0], [4, 2], slots, "cpu")
     ids = torch.tensor([5, 6, 7, 8, 9, 10])
     positions = torch.tensor([0, 1, 2, 3, 0, 1])
+    decode = build_metadata_reference("decode", runner.req_to_token, [0, 1], [4, 2], [1, 1],
+                                      [int(runner.req_to_token[0, 4]), int(runner.req_to_token[1, 2])], "cpu")
+    next_ids, next_positions = torch.tensor([11, 12]), torch.tensor([4, 2])
     with recorder:
         logits = model.forward(ids, positions, meta, runner.kv_cache)
-    assert logits.shape == (2, config.vocab_size)
+        next_logits = model.forward(next_ids, next_positions, decode, runner.kv_cache)
+    assert logits.shape == next_logits.shape == (2, config.vocab_size)
     assert "aten.index_select.default" in recorder.outside      # the recorder sees model code
     extra = set(recorder.outside) - ALLOWED
     assert not extra, f"model code computes outside KernelOps: {sorted(extra)}"

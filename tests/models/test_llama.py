@@ -15,8 +15,8 @@ from triton_kernels import load_ops
 PROMPT_LENS = [7, 19, 3, 12]
 
 
-@pytest.mark.parametrize("name", ["llama2", "llama3.1", "llama3.2", "mistral", "qwen2", "qwen3",
-                                  "qwen3_tied"])
+@pytest.mark.parametrize("name", ["llama2", "llama3.1", "llama_bias", "llama3.2", "mistral", "qwen2",
+                                  "qwen3", "qwen3_tied"])
 def test_reference_backend_matches_transformers(name, tiny_checkpoint):
     check_parity(tiny_checkpoint(name), "reference", PROMPT_LENS, num_new=32)
 

@@ -34,6 +34,7 @@ TINY: dict[str, tuple[str, dict[str, Any]]] = {
     "llama2": ("Llama-3.1-8B-Instruct", dict(rope_scaling=None, rope_theta=10000.0,
                                              num_key_value_heads=4, head_dim=None)),
     "llama3.1": ("Llama-3.1-8B-Instruct", dict(head_dim=None)),
+    "llama_bias": ("Llama-3.1-8B-Instruct", dict(head_dim=None, attention_bias=True, mlp_bias=True)),
     "llama3.2": ("Llama-3.2-1B", dict(hidden_size=96, head_dim=32)),       # explicit head_dim, tied
     "mistral": ("Mistral-7B-Instruct-v0.3", dict(sliding_window=12)),
     "qwen2": ("Qwen2.5-7B-Instruct", dict(head_dim=None, hidden_size=96, num_attention_heads=6)),
