@@ -132,7 +132,7 @@ def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None,
     architectures = raw.get("architectures") or []
     if isinstance(architectures, str):
         architectures = [architectures]
-    architecture, family = family_of(list(architectures), source)
+    architecture, family = family_of(list(architectures), source, raw.get("model_type"))
     hidden_size = field.int("hidden_size")
     num_heads = field.int("num_attention_heads")
     num_layers = field.int("num_hidden_layers")

@@ -30,16 +30,27 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+# config.model_type -> class, for configs that omit "architectures" (as transformers allows).
+MODEL_TYPES: dict[str, str] = {
+    "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+}
+
+
 def supported_architectures() -> list[str]:
     return sorted(ARCHITECTURES)
 
 
-def family_of(architectures: list[str], source: str = "config.json") -> tuple[str, str]:
-    """(architecture, family) of the first supported name in config.architectures."""
+def family_of(architectures: list[str], source: str = "config.json",
+              model_type: str | None = None) -> tuple[str, str]:
+    """(architecture, family) of the first supported name in config.architectures
+    (or, when the config lists none, of its model_type)."""
+    if not architectures and model_type in MODEL_TYPES:
+        architectures = [MODEL_TYPES[model_type]]
     for name in architectures:
         if name in ARCHITECTURES:
             return name, ARCHITECTURES[name].family
-    listed = ", ".join(map(str, architectures)) or "none"
+    listed = ", ".join(map(str, architectures)) or f"none (model_type {model_type!r})"
     raise UnsupportedArchitectureError(
         f"{source}: unsupported architecture ({listed}); supported: "
         f"{', '.join(supported_architectures())}")

@@ -87,8 +87,10 @@ def test_heads_not_multiple_of_kv_heads():
         parse_config(tiny_config("llama3.1", num_key_value_heads=3))
 
 
-def test_missing_architectures_is_unsupported():
-    raw = tiny_config("llama3.1")
+def test_missing_architectures_falls_back_to_model_type():
+    raw = tiny_config("qwen3")
     raw.pop("architectures")
-    with pytest.raises(UnsupportedArchitectureError, match="LlamaForCausalLM"):
+    assert parse_config(raw).architecture == "Qwen3ForCausalLM"
+    raw["model_type"] = "gpt2"
+    with pytest.raises(UnsupportedArchitectureError, match="gpt2.*LlamaForCausalLM"):
         parse_config(raw)
