@@ -2,7 +2,7 @@
 
 Run on a CUDA machine from the repository root::
 
-    python tests/models/gpu_parity.py --out perf/results/model_gpu_parity.json
+    python tests/models/gpu_parity.py --out perf/results/model-parity-<device>.json
 
 1. Parity. For each tiny architecture (sizes closer to real ones than the CPU
    tests: head_dim 64/128, vocab 2048), a transformers model is first trained
