@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from aiohttp import web
 
+from pipeline.messages import GenerateRequest, SamplingParams
 from stages.ingest.app import build_app
 from stages.ingest.context import ServerContext
 
@@ -28,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 STOP_POLL_S = 0.05
 SHUTDOWN_GRACE_S = 5.0
+WARMUP_PROMPT_LENS = (7, 33, 130, 520, 1100, 2100, 4200, 8300)  # GPU only: prefill token counts to compile
+WARMUP_NEW_TOKENS = 4
 
 
 class HttpServer:
@@ -73,13 +76,38 @@ class HttpServer:
             pump.cancel()
 
     async def _warm_up(self) -> None:
+        """One generation through every stage (must succeed); on a GPU also prompts of several
+        lengths, so the Triton kernels of common prefill shapes compile before the first client."""
         from stages.ingest.native_routes import one_token_generation
 
         start_s = time.perf_counter()
         await one_token_generation(self.ctx, f"warmup-{time.time_ns()}")
+        if self.args.device == "cuda":
+            await self._compile_shapes()
         self.ctx.ready = True
         logger.info("warm-up generation done in %.2f s", time.perf_counter() - start_s)
         self.ready.set()
+
+    async def _compile_shapes(self) -> None:
+        """Best effort: a failure here is logged, the server still starts."""
+        from stages.ingest.streaming import collect
+
+        limit = self.args.context_length - WARMUP_NEW_TOKENS - 1
+        lengths = [n for n in WARMUP_PROMPT_LENS if n <= limit]
+        vocab_size = max(self.ctx.vocab_size(), 2)
+        requests = [GenerateRequest(
+            rid=f"warmup-{n}-{time.time_ns()}", input_ids=[(i * 7919 + n) % vocab_size for i in range(n)],
+            sampling=SamplingParams(max_new_tokens=WARMUP_NEW_TOKENS, temperature=0.0, ignore_eos=True))
+            for n in lengths]
+        try:
+            for request in requests:  # one at a time: each prefill has its own token count
+                stream = await self.stage.submit(request)
+                try:
+                    await collect([stream])
+                finally:
+                    await stream.close()
+        except Exception as error:  # noqa: BLE001 - warm-up must not stop the server
+            logger.warning("warm-up with longer prompts failed (serving anyway): %s", error)
 
     def stop_listening_soon(self) -> None:
         """Thread-safe: close the listening socket; open connections keep being served."""
