@@ -189,6 +189,8 @@ class Server:
     """A started pipeline plus its HTTP front door (usable from tests and notebooks)."""
 
     def __init__(self, args: ServerArgs) -> None:
+        _ASSEMBLY.clear()  # a fresh hand-off for the stages this server builds in this process
+        _ASSEMBLY["stages"] = []
         self.args = args
         self.spec = serving_spec(args)
         self.pipeline = Pipeline(self.spec, placement_for(args, self.spec), record_path=args.record_path,
