@@ -20,7 +20,7 @@ or B decode tokens)::
     h = embed_tokens[input_ids]                                   [T, H]
     for each layer:  h, residual = layer(h, residual)   (pre-norm, fused add+norm)
     h = norm(h + residual)                                        [T, H]
-    logits = lm_head(h[logits_indices]).float()                   [B, vocab]
+    logits = lm_head(h[logits_indices]), stored in fp32            [B, vocab]
 
 Only the rows of each request's last new token reach the LM head.
 The MoE models (``models/qwen_moe.py``) subclass this and replace ``build_mlp``.
@@ -137,8 +137,9 @@ class LlamaForCausalLM(nn.Module):
                 attn_meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         """input_ids[T], positions[T] -> logits[B, vocab] fp32 at attn_meta.logits_indices."""
         hidden = self.model(input_ids, positions, attn_meta, kv_cache)       # [T, H]
-        last = hidden.index_select(0, attn_meta.logits_indices)              # [B, H]
-        return self.ops.linear(last, self.lm_head.weight, None).float()
+        # Gathering rows of `hidden` is an embedding lookup with `hidden` as the table.
+        last = self.ops.embedding(attn_meta.logits_indices, hidden)          # [B, H]
+        return self.ops.linear(last, self.lm_head.weight, None, torch.float32)  # [B, vocab] fp32
 
 
 def build_rope_cache(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

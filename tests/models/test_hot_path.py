@@ -3,7 +3,8 @@
 Every op of the table is wrapped so that a torch dispatch mode can tell
 whether an aten call happens inside a kernel op (allowed: that is the
 backend) or in the model code itself. Outside the ops, the model may only
-take views, slice, gather the logits rows and cast the logits to fp32.
+take views and slices: even the logits rows are gathered by a kernel op and
+leave the lm_head in fp32.
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ from models.batch import build_metadata_reference
 from tests.models.runner import PagedRunner
 from triton_kernels import KernelOps, load_ops
 
-ALLOWED = {"aten.view.default", "aten.slice.Tensor", "aten.index_select.default",
-           "aten.to.dtype", "aten._to_copy.default", "aten.select.int", "aten.detach.default"}
+ALLOWED = {"aten.view.default", "aten.slice.Tensor", "aten.select.int", "aten.detach.default"}
 
 
 class _Recorder(TorchDispatchMode):
@@ -68,6 +68,6 @@ def test_forward_calls_only_kernel_ops(name, tiny_checkpoint):
         logits = model.forward(ids, positions, meta, runner.kv_cache)
         next_logits = model.forward(next_ids, next_positions, decode, runner.kv_cache)
     assert logits.shape == next_logits.shape == (2, config.vocab_size)
-    assert "aten.index_select.default" in recorder.outside      # the recorder sees model code
+    assert "aten.view.default" in recorder.outside      # the recorder sees model code
     extra = set(recorder.outside) - ALLOWED
     assert not extra, f"model code computes outside KernelOps: {sorted(extra)}"
