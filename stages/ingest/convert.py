@@ -29,6 +29,8 @@ SAMPLING_FIELD_NAMES = frozenset(f.name for f in msgspec.structs.fields(Sampling
 def _common_sampling(body: SamplingFields, max_new_tokens: int) -> dict[str, Any]:
     if body.logit_bias:
         raise bad_request("logit_bias is not supported", "logit_bias")
+    if body.stream_options is not None and not body.stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     params: dict[str, Any] = {
         "max_new_tokens": max_new_tokens, "min_new_tokens": body.min_tokens, "n": body.n, "seed": body.seed,
         "stop": [body.stop] if isinstance(body.stop, str) else list(body.stop or []),

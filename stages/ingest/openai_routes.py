@@ -69,7 +69,7 @@ async def _stream_completion(ctx: ServerContext, request: web.Request, body: Com
                                       "finish_reason": openai_finish_reason(output.finish_reason)}
             if body.logprobs is not None:
                 choice["logprobs"] = completion_logprobs(ctx.token_text, output, output.token_ids_delta)
-            await writer.send(_chunk(rid, "text_completion", ctx, [choice]))
+            await writer.send(_chunk(rid, "text_completion", ctx, [choice], _running_usage(body, results)))
         if body.stream_options is not None and body.stream_options.include_usage:
             ordered = [results[i] for i in sorted(results)]
             await writer.send(_chunk(rid, "text_completion", ctx, [], usage(ordered, len(streams))))
@@ -78,6 +78,13 @@ async def _stream_completion(ctx: ServerContext, request: web.Request, body: Com
             raise
         await writer.send_error(error)
     return await writer.finish()
+
+
+def _running_usage(body: Any, results: dict[int, SequenceResult]) -> dict | None:
+    """Usage so far, on every chunk, when stream_options.continuous_usage_stats asks for it."""
+    if body.stream_options is None or not body.stream_options.continuous_usage_stats:
+        return None
+    return usage([results[i] for i in sorted(results)])
 
 
 def _chunk(rid: str, kind: str, ctx: ServerContext, choices: list, usage_body: dict | None = None) -> dict:
@@ -125,7 +132,7 @@ async def _stream_chat(ctx: ServerContext, request: web.Request, body: ChatCompl
                     {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}]))
             results[index].add(output)
-            await _send_chat_delta(ctx, writer, body, rid, output, parsers[index])
+            await _send_chat_delta(ctx, writer, body, rid, output, parsers[index], results)
         if body.stream_options is not None and body.stream_options.include_usage:
             ordered = [results[i] for i in sorted(results)]
             await writer.send(_chunk(rid, "chat.completion.chunk", ctx, [], usage(ordered)))
@@ -137,14 +144,15 @@ async def _stream_chat(ctx: ServerContext, request: web.Request, body: ChatCompl
 
 
 async def _send_chat_delta(ctx: ServerContext, writer: SseWriter, body: ChatCompletionRequest, rid: str,
-                           output: Any, parser: Any) -> None:
+                           output: Any, parser: Any, results: dict[int, SequenceResult]) -> None:
     delta = parser.feed(output.text_delta)
     if output.finish_reason is not None:
         delta = parser.merge(delta, parser.finish())
     logprobs = chat_logprobs(ctx.token_text, output, output.token_ids_delta) if body.logprobs else None
     if delta or (logprobs and logprobs["content"]):
         await writer.send(_chunk(rid, "chat.completion.chunk", ctx, [
-            {"index": output.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}]))
+            {"index": output.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}],
+            _running_usage(body, results)))
     if output.finish_reason is not None:
         finish = openai_finish_reason(output.finish_reason)
         if parser.made_tool_calls and finish == "stop":

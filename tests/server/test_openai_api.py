@@ -62,6 +62,10 @@ def test_completion_stream_equals_whole(client, tokenizer):
     prompt_tokens = len(tokenizer.encode(PROMPT))
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (prompt_tokens, 12)
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == prompt_tokens
+    running = list(client.completions.create(stream=True, stream_options={"continuous_usage_stats": True},
+                                             **kwargs))
+    counts = [c.usage.completion_tokens for c in running]
+    assert counts == sorted(counts) and counts[-1] == 12
 
 
 def test_chat_stream_equals_whole(client, tokenizer):
@@ -187,6 +191,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 3}, "logprobs"),
     ("/generate", {"text": PROMPT, "sampling_params": {"max_new_token": 3}}, "unknown"),
     ("/generate", {"sampling_params": {}}, "exactly one"),
+    ("/v1/completions", {"prompt": PROMPT, "stream_options": {"include_usage": True}}, "stream_options"),
     ("/generate", {"input_ids": ["a"]}, "input_ids"),
 ]
 
