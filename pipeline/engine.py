@@ -49,7 +49,7 @@ import queue
 import threading
 import time
 import uuid
-from typing import Any, Iterator, Union
+from typing import Any, Iterator
 
 import msgspec
 
@@ -59,7 +59,7 @@ from pipeline.config import ServerArgs, resolve
 from pipeline.messages import (
     Abort, ConstrainInbox, DetokenizeInbox, EngineStats, ErrorOutput, ForwardInbox, GenerateRequest,
     IngestInbox, MultimodalInbox, SampleInbox, SamplingParams, SamplingParamsError, ScheduleInbox,
-    TextOutput, TokenizedRequest, TokenizeInbox,
+    TextOutput, TokenizeInbox,
 )
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class Engine:
             ChannelSpec("constrain", ConstrainInbox, ("schedule.constrain", "sample.constrain"), "constrain",
                         LOOP_CAPACITY),
             ChannelSpec("sample", SampleInbox, ("forward.sample", "constrain.sample"), "sample", LOOP_CAPACITY),
-            ChannelSpec("detokenize", Union[DetokenizeInbox, TokenizedRequest, EngineStats],
+            ChannelSpec("detokenize", DetokenizeInbox,
                         ("schedule.detokenize", "schedule.stats", "tokenize.detokenize"), "detokenize",
                         LOOP_CAPACITY),
             ChannelSpec("ingest", IngestInbox, ("detokenize.out", "tokenize.errors"), None, LOOP_CAPACITY),

@@ -222,7 +222,11 @@ class Abort(Message, frozen=True, kw_only=True):
 
 
 class FlushCache(Message, frozen=True, kw_only=True):
-    """ingest -> schedule: drop every unlocked radix-cache entry."""
+    """ingest -> tokenize -> multimodal -> schedule: drop every unlocked radix-cache entry.
+
+    It travels the request path (like Abort) so the front end has one door
+    into the engine under every placement.
+    """
 
     request_id: str
 
@@ -423,13 +427,15 @@ class EngineStats(Message, frozen=True, kw_only=True):
 # What each channel carries
 # --------------------------------------------------------------------------
 
-TokenizeInbox = Union[GenerateRequest, Abort]
-MultimodalInbox = Union[TokenizedRequest, Abort]
+TokenizeInbox = Union[GenerateRequest, Abort, FlushCache]
+MultimodalInbox = Union[TokenizedRequest, Abort, FlushCache]
 ScheduleInbox = Union[TokenizedRequest, Abort, FlushCache, SampledTokens, GrammarReady]
 ForwardInbox = ForwardBatch
 ConstrainInbox = Union[GrammarCompile, GrammarRelease, ForwardBatch, SampledTokens]
 SampleInbox = Union[Logits, TokenMask]
-DetokenizeInbox = Union[TokenOutputBatch, ErrorOutput]
+# Detokenize also sees each TokenizedRequest (from tokenize: its stop strings and
+# decoding options) and relays the schedule stage's EngineStats to ingest.
+DetokenizeInbox = Union[TokenOutputBatch, ErrorOutput, TokenizedRequest, EngineStats]
 IngestInbox = Union[TextOutput, ErrorOutput, EngineStats]
 
 ALL_MESSAGE_TYPES: tuple[type[Message], ...] = (

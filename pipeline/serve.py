@@ -19,15 +19,15 @@ One pipeline description (``serving_spec``) runs under either placement:
 
 Channels (``producer.outbox -> channel``)::
 
-    ingest.out, detokenize.abort          -> tokenize     GenerateRequest | Abort
-    tokenize.out                          -> multimodal   TokenizedRequest | Abort
+    ingest.out, detokenize.abort          -> tokenize     GenerateRequest | Abort | FlushCache
+    tokenize.out                          -> multimodal   TokenizedRequest | Abort | FlushCache
     multimodal.out, sample.schedule,
-      constrain.schedule, ingest.control  -> schedule     (control only under single)
+      constrain.schedule                  -> schedule
     schedule.forward                      -> forward
     schedule.constrain, sample.constrain  -> constrain
     forward.sample, constrain.sample      -> sample
     schedule.detokenize, schedule.stats,
-      tokenize.detokenize                 -> detokenize   (+ TokenizedRequest, EngineStats)
+      tokenize.detokenize                 -> detokenize
     detokenize.out, tokenize.errors       -> ingest
 
 Start-up logs the address, model, dtype and KV capacity; ``/health`` is 503
@@ -42,13 +42,13 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Union
+from typing import Any
 
 import msgspec
 
 from pipeline.config import ConfigError, ServerArgs, parse_args
-from pipeline.messages import (Abort, ConstrainInbox, DetokenizeInbox, EngineStats, ForwardInbox, GenerateRequest,
-                               IngestInbox, MultimodalInbox, SampleInbox, ScheduleInbox, TokenizedRequest)
+from pipeline.messages import (ConstrainInbox, DetokenizeInbox, EngineStats, ForwardInbox, IngestInbox,
+                               MultimodalInbox, SampleInbox, ScheduleInbox, TokenizeInbox)
 from pipeline.placement import ChannelSpec, Pipeline, PipelineSpec, StageSpec
 
 logger = logging.getLogger("stagewise.serve")
@@ -56,8 +56,6 @@ logger = logging.getLogger("stagewise.serve")
 DRAIN_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 900.0
 CAPACITY = 1 << 14
-DetokenizeChannel = Union[DetokenizeInbox, TokenizedRequest, EngineStats]
-TokenizeChannel = Union[GenerateRequest, Abort]
 ENGINE_PROCESS_STAGES = ("multimodal", "forward", "constrain", "sample", "schedule")
 
 # Assembly hand-off inside one process: the forward stage measures the KV pool
@@ -161,16 +159,14 @@ def serving_spec(args: ServerArgs) -> PipelineSpec:
         StageSpec(name, f"{here}make_{name}", kwargs)
         for name in ("tokenize", "multimodal", "forward", "constrain", "sample", "schedule", "detokenize")]
     schedule_producers = ("multimodal.out", "sample.schedule", "constrain.schedule")
-    if args.placement == "single":
-        schedule_producers += ("ingest.control",)
     channels = [
-        ChannelSpec("tokenize", TokenizeChannel, ("ingest.out", "detokenize.abort"), "tokenize", CAPACITY),
+        ChannelSpec("tokenize", TokenizeInbox, ("ingest.out", "detokenize.abort"), "tokenize", CAPACITY),
         ChannelSpec("multimodal", MultimodalInbox, ("tokenize.out",), "multimodal", CAPACITY),
         ChannelSpec("schedule", ScheduleInbox, schedule_producers, "schedule", CAPACITY),
         ChannelSpec("forward", ForwardInbox, ("schedule.forward",), "forward", CAPACITY),
         ChannelSpec("constrain", ConstrainInbox, ("schedule.constrain", "sample.constrain"), "constrain", CAPACITY),
         ChannelSpec("sample", SampleInbox, ("forward.sample", "constrain.sample"), "sample", CAPACITY),
-        ChannelSpec("detokenize", DetokenizeChannel, ("schedule.detokenize", "schedule.stats",
+        ChannelSpec("detokenize", DetokenizeInbox, ("schedule.detokenize", "schedule.stats",
                                                       "tokenize.detokenize"), "detokenize", CAPACITY),
         ChannelSpec("ingest", IngestInbox, ("detokenize.out", "tokenize.errors"), "ingest", CAPACITY),
     ]

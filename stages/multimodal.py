@@ -1,6 +1,6 @@
 """Multimodal stage: where images would become pixels and placeholder tokens.
 
-Inbox ``MultimodalInbox`` (TokenizedRequest | Abort); outboxes:
+Inbox ``MultimodalInbox`` (TokenizedRequest | Abort | FlushCache); outboxes:
 
 * ``"out"`` -> schedule: the same messages, in order.
 
@@ -19,19 +19,19 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline.config import ServerArgs
-from pipeline.messages import Abort, TokenizedRequest
+from pipeline.messages import Abort, FlushCache, TokenizedRequest
 from pipeline.stage import Stage
 
 
 class MultimodalStage(Stage):
-    """TokenizedRequest -> TokenizedRequest (text passes through); Abort passes through."""
+    """TokenizedRequest -> TokenizedRequest (text passes through); Abort and FlushCache pass through."""
 
     def __init__(self, args: ServerArgs, inbox: Any, outboxes: dict[str, Any]) -> None:
         super().__init__("multimodal", inbox, outboxes)
 
-    def handle(self, message: TokenizedRequest | Abort) -> None:
+    def handle(self, message: TokenizedRequest | Abort | FlushCache) -> None:
         match message:
-            case TokenizedRequest() | Abort():
+            case TokenizedRequest() | Abort() | FlushCache():
                 self.emit("out", message)
             case _:
                 raise TypeError(f"multimodal stage got an unexpected {type(message).__name__}")

@@ -1,6 +1,6 @@
 """Tokenize stage: turn a client's request into the token ids of each sequence to generate.
 
-Inbox ``TokenizeInbox`` (GenerateRequest | Abort); outboxes:
+Inbox ``TokenizeInbox`` (GenerateRequest | Abort | FlushCache); outboxes:
 
 * ``"out"`` -> multimodal: one ``TokenizedRequest`` per sequence, and the
   ``Abort`` messages, passed through in order;
@@ -45,7 +45,7 @@ from typing import Any
 import msgspec
 
 from pipeline.config import ServerArgs
-from pipeline.messages import Abort, ChatMessage, ErrorOutput, GenerateRequest, TokenizedRequest
+from pipeline.messages import Abort, ChatMessage, ErrorOutput, FlushCache, GenerateRequest, TokenizedRequest
 from pipeline.stage import Stage
 
 logger = logging.getLogger(__name__)
@@ -193,10 +193,12 @@ class TokenizeStage(Stage):
         self.in_flight: list[tuple[GenerateRequest, Future]] = []
         self.held_aborts: list[Abort] = []
 
-    def handle(self, message: GenerateRequest | Abort) -> None:
+    def handle(self, message: GenerateRequest | Abort | FlushCache) -> None:
         match message:
             case GenerateRequest():
                 self._submit(message)
+            case FlushCache():
+                self.emit("out", message)
             case Abort():
                 if self._is_in_flight(message.rid):
                     self.held_aborts.append(message)

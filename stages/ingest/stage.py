@@ -2,9 +2,8 @@
 
 Inbox ``IngestInbox`` (TextOutput | ErrorOutput | EngineStats); outboxes:
 
-* ``"out"`` -> tokenize: ``GenerateRequest`` for each client request and
-  ``Abort`` when a client goes away or asks for it;
-* ``"control"`` (optional) -> schedule: ``FlushCache``.
+* ``"out"`` -> tokenize: ``GenerateRequest`` for each client request,
+  ``Abort`` when a client goes away or asks for it, and ``FlushCache``.
 
 Every HTTP handler ``submit``-s a GenerateRequest and gets back a
 ``RequestStream``: an async iterator of that request's TextOutputs (all of
@@ -190,9 +189,8 @@ class IngestStage(Stage):
         return True
 
     async def flush_cache(self) -> bool:
-        if "control" not in self.outboxes:
-            return False
-        await self.aemit("control", FlushCache(request_id=f"flush-{time.time_ns()}"))
+        """Send FlushCache down the request path (tokenize -> multimodal -> schedule)."""
+        await self.aemit("out", FlushCache(request_id=f"flush-{time.time_ns()}"))
         return True
 
     async def aemit(self, outbox: str, message: Any) -> None:

@@ -50,6 +50,24 @@ def test_smoke_completion_and_chat(client):
     assert len(reply.choices) == 2 and reply.usage.completion_tokens == 6
 
 
+def test_flush_cache_reaches_the_engine_process(server, client):
+    """FlushCache travels the request path, so it crosses into the engine process like a request."""
+    kwargs = dict(model="m", prompt=PROMPT * 3, max_tokens=2, temperature=0, extra_body={"ignore_eos": True})
+    client.completions.create(**kwargs)
+    again = client.completions.create(**kwargs)
+    assert again.usage.prompt_tokens_details.cached_tokens > 0
+
+    async def flush():
+        async with aiohttp.ClientSession() as session:
+            headers = {"Authorization": f"Bearer {API_KEY}"}
+            async with session.post(server.url + "/flush_cache", headers=headers) as response:
+                return response.status
+
+    assert asyncio.run(flush()) == 200
+    after = client.completions.create(**kwargs)
+    assert after.usage.prompt_tokens_details.cached_tokens == 0
+
+
 def test_api_key_required(server):
     async def go():
         async with aiohttp.ClientSession() as session:
