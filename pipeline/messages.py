@@ -70,7 +70,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     decoding, with the same text).
     """
 
-    max_new_tokens: int = 128
+    max_new_tokens: int | None = 128  # None: as many as the context window leaves room for
     min_new_tokens: int = 0
     temperature: float = 1.0
     top_p: float = 1.0
@@ -99,8 +99,10 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
 
     def validate(self) -> None:
         """Check every field against its rule; raise SamplingParamsError on the first break."""
-        _check(self.max_new_tokens >= 0, "max_new_tokens", "must be >= 0", self.max_new_tokens)
-        _check(0 <= self.min_new_tokens <= max(self.max_new_tokens, 0), "min_new_tokens",
+        _check(self.max_new_tokens is None or self.max_new_tokens >= 0, "max_new_tokens",
+               "must be >= 0 (or null: up to the context length)", self.max_new_tokens)
+        limit = self.max_new_tokens if self.max_new_tokens is not None else self.min_new_tokens
+        _check(0 <= self.min_new_tokens <= max(limit, 0), "min_new_tokens",
                "must be >= 0 and <= max_new_tokens", self.min_new_tokens)
         _check(_finite(self.temperature) and self.temperature >= 0.0, "temperature",
                "must be a finite number >= 0", self.temperature)

@@ -19,7 +19,8 @@ What it does, per request:
    through, then encoded without adding specials, since templates write their
    own BOS) or ``input_ids`` (checked against the vocabulary).
 2. **length check.** ``prompt_tokens + max_new_tokens <= context_length``,
-   else a 400 that gives the three numbers.
+   else a 400 that gives the three numbers; ``max_new_tokens=None`` (a chat
+   request without ``max_tokens``) becomes whatever room the context leaves.
 3. **n fan-out.** ``n > 1`` becomes ``n`` sequences ``f"{rid}.{i}"`` with
    ``parent_rid=rid`` and ``index=i`` (a given seed becomes ``seed + i`` so the
    samples differ yet stay reproducible); ``n == 1`` keeps ``rid``.
@@ -141,12 +142,12 @@ def checked_input_ids(input_ids: list[int], vocab_size: int) -> list[int]:
     return list(input_ids)
 
 
-def check_length(num_prompt_tokens: int, max_new_tokens: int, context_length: int) -> None:
-    """Prompt plus the tokens to generate must fit in the context window."""
+def check_length(num_prompt_tokens: int, max_new_tokens: int | None, context_length: int) -> None:
+    """Prompt plus the tokens to generate must fit in the context window (None: whatever fits)."""
     if num_prompt_tokens >= context_length:
         raise RequestError(f"the prompt has {num_prompt_tokens} tokens, which is not less than the model's "
                            f"context length of {context_length} tokens", "messages_or_prompt")
-    if num_prompt_tokens + max_new_tokens > context_length:
+    if max_new_tokens is not None and num_prompt_tokens + max_new_tokens > context_length:
         raise RequestError(f"requested {num_prompt_tokens} prompt tokens + {max_new_tokens} max_tokens = "
                            f"{num_prompt_tokens + max_new_tokens} tokens, more than the model's context length "
                            f"of {context_length} tokens; shorten the prompt or lower max_tokens", "max_tokens")
@@ -172,6 +173,9 @@ def tokenize_request(tokenizer: Any, request: GenerateRequest, context_length: i
     """The whole job for one request (pure; runs on a worker thread). Raises RequestError."""
     input_ids = prompt_ids(tokenizer, request, vocab_size)
     check_length(len(input_ids), request.sampling.max_new_tokens, context_length)
+    if request.sampling.max_new_tokens is None:  # OpenAI's "no max_tokens": up to the context length
+        sampling = msgspec.structs.replace(request.sampling, max_new_tokens=context_length - len(input_ids))
+        request = msgspec.structs.replace(request, sampling=sampling)
     return fan_out(request, input_ids)
 
 

@@ -21,7 +21,7 @@ from stages.ingest.protocol import (ChatCompletionRequest, ChatMessageIn, Comple
                                     SamplingFields)
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-CHAT_DEFAULT_MAX_TOKENS = 128  # SGLang's default max_new_tokens
+CHAT_DEFAULT_MAX_TOKENS = None  # OpenAI: no max_tokens means up to the context length
 OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "top_logprobs_num": "logprobs"}
 SAMPLING_FIELD_NAMES = frozenset(f.name for f in msgspec.structs.fields(SamplingParams))
 
@@ -73,7 +73,7 @@ def make_sampling(params: dict[str, Any], names: dict[str, str] | None = None) -
         raise from_sampling_error(error, names if names is not None else OPENAI_NAMES) from error
 
 
-def _max_tokens(*values: int | None, default: int) -> int:
+def _max_tokens(*values: int | None, default: int | None) -> int | None:
     for value in values:
         if value is not None:
             return value

@@ -97,7 +97,7 @@ class ScheduleStage(Stage):
         room = self.info.context_len - len(msg.input_ids)
         seed = params.seed if params.seed is not None else self.rng.getrandbits(62)
         req = Req(rid=msg.rid, parent_rid=msg.parent_rid, index=msg.index, input_ids=list(msg.input_ids),
-                  sampling=params, max_new_tokens=min(params.max_new_tokens, room), seed=seed,
+                  sampling=params, max_new_tokens=room if params.max_new_tokens is None else min(params.max_new_tokens, room), seed=seed,
                   arrival_order=self.arrivals,
                   stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids))
         self.arrivals += 1

@@ -83,6 +83,28 @@ def test_chat_stream_equals_whole(client, tokenizer):
     assert chunks[-1].usage.total_tokens == prompt_tokens + 10
 
 
+def test_chat_without_max_tokens_fills_the_context(client, tokenizer, model_dir):
+    """No max_tokens means "up to the context length", so a long prompt is not a 400."""
+    context_length = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+
+    def prompt_tokens_of(num_words: int) -> tuple[list[dict], int]:
+        messages = [{"role": "user", "content": " ".join(["Speak, speak."] * num_words)}]
+        rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return messages, len(tokenizer.encode(rendered, add_special_tokens=False))
+
+    num_words = 1
+    while prompt_tokens_of(num_words * 2)[1] < context_length - 40:
+        num_words *= 2
+    while prompt_tokens_of(num_words + 1)[1] < context_length - 40:
+        num_words += 1
+    messages, prompt_tokens = prompt_tokens_of(num_words)
+    assert 0 < context_length - prompt_tokens < 128  # the old default of 128 new tokens would not fit
+    reply = client.chat.completions.create(model="m", messages=messages, temperature=0,
+                                           extra_body={"ignore_eos": True})
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage.prompt_tokens + reply.usage.completion_tokens == context_length
+
+
 def test_n2_gives_two_choices(client):
     reply = client.completions.create(model="m", prompt=PROMPT, max_tokens=6, n=2, temperature=1.0, seed=3,
                                       extra_body={"ignore_eos": True})

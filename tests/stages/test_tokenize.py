@@ -90,6 +90,15 @@ def test_length_check_names_the_numbers():
         check_length(64, 0, 64)
 
 
+def test_no_max_tokens_means_up_to_the_context_length(tokenizer):
+    request = GenerateRequest(rid="m", text="hear me speak", sampling=SamplingParams(max_new_tokens=None))
+    check_length(63, None, 64)  # any prompt shorter than the context fits
+    (sequence,) = tokenize_request(tokenizer, request, 64, len(tokenizer))
+    assert sequence.sampling.max_new_tokens == 64 - len(sequence.input_ids)
+    with pytest.raises(RequestError):
+        check_length(64, None, 64)
+
+
 def test_fan_out_n_and_seeds(tokenizer):
     request = GenerateRequest(rid="p", text="hear me", sampling=SamplingParams(n=3, seed=7, max_new_tokens=4))
     sequences = tokenize_request(tokenizer, request, 64, len(tokenizer))
