@@ -376,7 +376,7 @@ def test_huge_prompt_does_not_stall_other_streams(server):
     gaps, status, reply, huge_s = asyncio.run(go())
     assert status == 400 and "context length" in reply["error"]["message"]
     assert huge_s > 0.1  # it really took a while to tokenize...
-    assert max(gaps) < max(0.5 * huge_s, 0.1), (max(gaps), huge_s)  # ...and the stream never waited for it
+    assert max(gaps) < max(0.5 * huge_s, 0.3), (max(gaps), huge_s)  # ...and the stream never waited for it
 
 
 def test_structured_output_through_http(client):
