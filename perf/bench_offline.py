@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_one_batch import environment, server_args, write_result  # noqa: E402
+from bench_one_batch import environment, run_each_model_alone, server_args, write_result  # noqa: E402
 from pipeline.channel import in_thread_channel  # noqa: E402
 from pipeline.messages import (  # noqa: E402
     ForwardInbox, SampleInbox, SamplingParams, ScheduleInbox, TokenizedRequest, TokenOutputBatch,
@@ -130,15 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_offline needs a CUDA device")
         return 2
     models = ns.models.split(",")
-    if len(models) > 1:  # one process per model: each starts with the whole GPU
-        import subprocess
-
-        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
-        at = rest.index("--models") if "--models" in rest else -1
-        if at >= 0:
-            del rest[at:at + 2]
-        codes = [subprocess.call([sys.executable, __file__, "--models", m, *rest]) for m in models]
-        return max(codes)
+    if len(models) > 1:
+        return run_each_model_alone(__file__, models, argv)
     env = environment()
     print(env, flush=True)
     results = []

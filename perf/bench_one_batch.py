@@ -166,6 +166,18 @@ def bench_model(model_path: str, batch_sizes: list[int], input_lens: list[int], 
     return {"model": Path(model_path).name, "weight_bytes": weight_bytes, "setup_s": setup_s, "cases": cases}
 
 
+def run_each_model_alone(script: str, models: list[str], argv: list[str] | None) -> int:
+    """Re-run `script` once per model in its own process, so each starts with the whole GPU."""
+    import subprocess
+
+    rest = list(argv if argv is not None else sys.argv[1:])
+    if "--models" in rest:
+        at = rest.index("--models")
+        del rest[at:at + 2]
+    codes = [subprocess.call([sys.executable, script, "--models", model, *rest]) for model in models]
+    return max(codes)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="/work/shared/models/Llama-3.1-8B-Instruct,/work/shared/models/Qwen3-8B")
@@ -178,15 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         print("bench_one_batch needs a CUDA device")
         return 2
     models = ns.models.split(",")
-    if len(models) > 1:  # one process per model: each starts with the whole GPU
-        import subprocess
-
-        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
-        at = rest.index("--models") if "--models" in rest else -1
-        if at >= 0:
-            del rest[at:at + 2]
-        codes = [subprocess.call([sys.executable, __file__, "--models", m, *rest]) for m in models]
-        return max(codes)
+    if len(models) > 1:
+        return run_each_model_alone(__file__, models, argv)
     env = environment()
     copy_gbps = copy_bandwidth_gbps()
     print(f"{env}  copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
