@@ -61,3 +61,15 @@ def test_bad_grammar_is_a_400_with_the_reason(tiny_llama, params, reason):
         ok = engine.generate(input_ids=random_prompts(1, seed=2)[0],
                              sampling_params={"max_new_tokens": 20, "choices": CHOICES, "temperature": 0.0})
         assert ok["text"] in CHOICES
+
+
+def test_max_tokens_mid_structure_is_length(tiny_llama):
+    """A grammar still open when max_new_tokens runs out ends with "length", output a valid prefix."""
+    with _engine(tiny_llama) as engine:
+        result = engine.generate(input_ids=random_prompts(1, seed=4)[0], sampling_params={
+            "temperature": 0.0, "max_new_tokens": 3, "json_schema": json.dumps(SCHEMA)})
+    assert result["finish_reason"]["type"] == "length"
+    assert len(result["output_ids"]) == 3
+    assert result["text"].lstrip().startswith("{")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(result["text"])
