@@ -245,14 +245,20 @@ class Engine:
         self.requests.put(Abort(rid=rid))
 
     def stream(self, rid: str, timeout: float | None = None) -> Iterator[TextOutput]:
-        """TextOutputs of a submitted request as they come, until every sequence finished."""
+        """TextOutputs of a submitted request as they come, until every sequence finished.
+
+        A caller that stops early (closes the iterator, or its wait times out)
+        aborts the request, so its KV is freed instead of generating for nobody.
+        """
         with self._lock:
             collector = self._collectors[rid]
         remaining = collector.n
+        failed = False
         try:
             while remaining:
                 message = collector.queue.get(timeout=timeout)
                 if isinstance(message, ErrorOutput):
+                    failed = True
                     raise GenerateError(message.message, message.status_code, message.param)
                 yield message
                 if message.finish_reason is not None:
@@ -260,6 +266,11 @@ class Engine:
         finally:
             with self._lock:
                 self._collectors.pop(rid, None)
+            if remaining and not failed and not self._stop.is_set():
+                try:
+                    self.requests.put(Abort(rid=rid))
+                except ChannelClosed:
+                    pass
 
     def wait(self, rid: str, timeout: float | None = None) -> list[dict[str, Any]]:
         """Block until a submitted request ends; one result dict per sequence (index order)."""

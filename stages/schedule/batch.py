@@ -41,12 +41,24 @@ class PlannedRow:
 
 
 def plan_decodes(kv: KVManager, running: list[Req]) -> tuple[list[PlannedRow], list[Req], list[Req]]:
-    """(decode rows, retracted, failed): retract until one more token per request fits."""
+    """(decode rows, retracted, failed): retract until one more token per decoding request fits.
+
+    Victims are requests still prefilling (latest arrival first; their computed
+    chunks stay in the radix cache), then decodes with the fewest generated
+    tokens. The last decode is never retracted: if it alone overflows the pool
+    it fails, which only happens when prompt + output exceed the pool.
+    """
     decoding = [r for r in running if len(r.slots) >= r.prefill_target]
+    prefilling = [r for r in running if len(r.slots) < r.prefill_target]
     retracted: list[Req] = []
-    while len(decoding) > 1 and kv.decode_need(decoding) > kv.available_tokens:
-        victim = min(decoding, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
-        decoding.remove(victim)
+    while (decoding and (prefilling or len(decoding) > 1)
+           and kv.decode_need(decoding) > kv.available_tokens):
+        if prefilling:
+            victim = max(prefilling, key=lambda r: r.arrival_order)
+            prefilling.remove(victim)
+        else:
+            victim = min(decoding, key=lambda r: (len(r.output_ids), -len(r.input_ids)))
+            decoding.remove(victim)
         retracted.append(victim)
         kv.release(victim, keep_in_cache=True)
     if not decoding:

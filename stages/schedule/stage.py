@@ -179,7 +179,13 @@ class ScheduleStage(Stage):
             self.emit("constrain", batch)
 
     def _plan(self) -> ForwardBatch | None:
+        rows_of = {id(r): r.row for r in self.running_reqs}
         decode_rows, retracted, failed = plan_decodes(self.kv, self.running_reqs)
+        if retracted and self.pending_row_writes:
+            # A retracted request's row is free now and may go to a request admitted below:
+            # its pending writes must not land there.
+            freed = {rows_of[id(r)] for r in retracted}
+            self.pending_row_writes = [w for w in self.pending_row_writes if w.row not in freed]
         for req in retracted:
             self.running_reqs.remove(req)
             req.phase, req.num_retractions = Phase.WAITING, req.num_retractions + 1
@@ -209,13 +215,35 @@ class ScheduleStage(Stage):
         return build_forward_batch(batch_id, rows, row_writes)
 
     def _unblock(self) -> None:
-        """Nothing could run: a lone prefilling request that cannot get KV ends with an error."""
+        """Nothing could run: only prefilling requests, none of which could get KV for its chunk.
+
+        Several: all but the earliest go back to the waiting queue (their chunks
+        stay cached), so the earliest has the pool to itself next step. One
+        alone: its prompt cannot fit, and it ends with an error.
+        """
         stuck = [r for r in self.running_reqs if r.is_prefilling]
-        if self.running_reqs and len(stuck) == len(self.running_reqs):
-            req = stuck[0]
-            self.running_reqs.remove(req)
-            self._emit_outputs([self._finish(req, FinishReason(type="length", message="KV cache full"),
-                                             keep_in_cache=False)])
+        if not self.running_reqs or len(stuck) != len(self.running_reqs):
+            return
+        if len(stuck) > 1:
+            keep = min(stuck, key=lambda r: r.arrival_order)
+            for req in stuck:
+                if req is not keep:
+                    self._retract(req)
+            return
+        req = stuck[0]
+        self.running_reqs.remove(req)
+        self._emit_outputs([self._finish(req, FinishReason(type="length", message="KV cache full"),
+                                         keep_in_cache=False)])
+
+    def _retract(self, req: Req) -> None:
+        """A running request back to the waiting queue; its computed prefix stays cached."""
+        if req.row and self.pending_row_writes:
+            self.pending_row_writes = [w for w in self.pending_row_writes if w.row != req.row]
+        self.kv.release(req, keep_in_cache=True)
+        self.running_reqs.remove(req)
+        req.phase, req.num_retractions = Phase.WAITING, req.num_retractions + 1
+        self.waiting.append(req)
+        self.num_retractions += 1
 
     def _on_sampled(self, msg: SampledTokens) -> None:
         if self.inflight is None or self.inflight[0] != msg.batch_id:
