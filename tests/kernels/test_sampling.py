@@ -191,3 +191,37 @@ def test_bad_inputs_raise(device):
                                      torch.zeros(1, dtype=torch.int64, device=device))
     with pytest.raises(ValueError, match="logits"):
         sampling.compute_logprobs(logits.half(), torch.zeros(2, dtype=torch.int64, device=device), 1)
+
+
+def test_uniform_noise_stays_inside_the_open_interval():
+    """Every 32-bit draw maps strictly inside (0, 1): u == 1.0 would make the Gumbel noise +inf."""
+    from triton_kernels.sampling.reference import uniform_from_bits_reference
+
+    extremes = torch.tensor([0, 1, (1 << 9) - 1, 1 << 31, (1 << 32) - 512, (1 << 32) - 1], dtype=torch.int64)
+    u = uniform_from_bits_reference(extremes)
+    assert bool((u > 0).all()) and bool((u < 1).all()), u.tolist()
+    noise = -torch.log(-torch.log(u))
+    assert bool(torch.isfinite(noise).all())
+
+
+def test_masked_tokens_are_never_sampled(device):
+    """Rows that allow only a few tokens (-inf elsewhere, as a grammar mask leaves them)."""
+    batch, vocab_size = 8, 300
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(batch, vocab_size, generator=gen) * 3
+    allowed = [torch.randperm(vocab_size, generator=gen)[: 1 + row % 3] for row in range(batch)]
+    masked = torch.full_like(logits, float("-inf"))
+    for row, ids in enumerate(allowed):
+        masked[row, ids] = logits[row, ids]
+    masked = masked.to(device)
+    temperatures = torch.tensor([0.7, 1.0, 2.0, 1.0, 0.5, 1.5, 1.0, 3.0], device=device)
+    params = dict(temperatures=temperatures,
+                  top_ks=torch.full((batch,), -1, dtype=torch.int64, device=device),
+                  top_ps=torch.ones(batch, device=device), min_ps=torch.zeros(batch, device=device))
+    for step in range(6):
+        seeds = torch.arange(batch, dtype=torch.int64, device=device) + 1000 * step
+        steps = torch.full((batch,), step, dtype=torch.int64, device=device)
+        for sample in (sampling.sample, sampling.sample_reference):
+            picked = sample(masked, params["temperatures"], params["top_ks"], params["top_ps"],
+                            params["min_ps"], seeds, steps).tolist()
+            assert all(p in ids.tolist() for p, ids in zip(picked, allowed)), (sample.__name__, step)

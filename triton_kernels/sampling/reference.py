@@ -56,7 +56,17 @@ def philox_uniform_reference(seed: int, step: int, num: int, device=None) -> tor
         hi_a, lo_a = mulhilo(_ROUND_A, c0)
         c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
         k0, k1 = (k0 + _KEY_A) & mask32, (k1 + _KEY_B) & mask32
-    return ((c0 >> 8).float() + 0.5) * (1.0 / 16777216.0)
+    return uniform_from_bits_reference(c0)
+
+
+def uniform_from_bits_reference(bits: torch.Tensor) -> torch.Tensor:
+    """32 random bits -> fp32 uniform strictly inside (0, 1), as the kernel computes it.
+
+    23 bits: (k + 0.5) / 2**23 is exact in fp32. With 24 bits the top value
+    rounds to 1.0, whose Gumbel noise is +inf (and a masked -inf logit plus
+    +inf is NaN, which argmax picks).
+    """
+    return ((bits >> 9).float() + 0.5) * (1.0 / 8388608.0)
 
 
 def _kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -92,7 +102,8 @@ def sample_reference(logits, temperatures, top_ks, top_ps, min_ps, seeds, steps)
             floor = torch.maximum(floor, x.max() + torch.log(torch.tensor(min_p)))
         noise = -torch.log(-torch.log(philox_uniform_reference(int(seeds[b]), int(steps[b]),
                                                                vocab_size, x.device)))
-        out[b] = torch.argmax(torch.where(x >= floor, x + noise, float("-inf")))
+        keep = (x >= floor) & (x > float("-inf"))  # masked tokens stay out whatever the noise
+        out[b] = torch.argmax(torch.where(keep, x + noise, float("-inf")))
     return out
 
 

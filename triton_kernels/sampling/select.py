@@ -52,7 +52,9 @@ def philox_uniform(seed, step, offs):
         c3 = round_a * prev_c0
         k0 = k0 + 0x9E3779B9
         k1 = k1 + 0xBB67AE85
-    return ((c0 >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)
+    # 23 random bits: (k + 0.5) / 2**23 is exact in fp32 and strictly inside (0, 1). With 24
+    # bits the top value rounds to 1.0, whose Gumbel noise is +inf (and -inf + inf = NaN).
+    return ((c0 >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 @triton.jit
@@ -174,7 +176,8 @@ def noisy_argmax(vals_ptr, ids_ptr, n, seed, step, floor_key, inv_temp,
             token = offs
         if USE_NOISE:
             u = philox_uniform(seed, step, token)
-            x = tl.where(ordered_key(x) >= floor_key, x - tl.log(-tl.log(u)), float("-inf"))
+            keep = (ordered_key(x) >= floor_key) & (x > float("-inf"))  # masked tokens stay out
+            x = tl.where(keep, x - tl.log(-tl.log(u)), float("-inf"))
         x = tl.where(offs < n, x, float("-inf"))
         tile_max = tl.max(x, 0)
         tile_id = tl.min(tl.where(x == tile_max, token, 2147483647), 0)
