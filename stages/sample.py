@@ -10,7 +10,8 @@ on the CPU backend):
 1. penalties (repetition / frequency / presence) from the counts of tokens
    this request generated so far. Counts live on the device in a
    ``[rows, vocab]`` int32 table keyed by rid (a row is taken on the
-   request's ``first_step`` and reset; least recently used rows are reused);
+   request's ``first_step`` and reset; the least recently used row of a
+   request outside the batch is reused);
    it is allocated only once some request asks for a penalty;
 2. the grammar bitmask of constrained rows (from the TokenMask with the same
    ``batch_id``: the stage waits for it when a row is constrained);
@@ -51,6 +52,14 @@ class PenaltyCounts:
         self.counts = torch.zeros((num_rows, vocab_size), dtype=torch.int32, device=device)
         self.rows: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.free = list(range(num_rows - 1, 0, -1))  # row 0 stays all zeros
+
+    def rows_of(self, rids: list[str], resets: list[bool]) -> list[int]:
+        """Rows of a batch's requests: every rid of the batch is touched before any row is
+        taken, so taking a row for a new request never evicts another request of the same batch."""
+        for rid in rids:
+            if rid in self.rows:
+                self.rows.move_to_end(rid)
+        return [self.row_of(rid, reset) for rid, reset in zip(rids, resets)]
 
     def row_of(self, rid: str, reset: bool) -> int:
         row = self.rows.get(rid)
@@ -147,8 +156,12 @@ class SampleStage(Stage):
             return None
         if self.penalties is None:
             self.penalties = PenaltyCounts(self.penalty_rows, logits.shape[1], logits.device)
-        return [self.penalties.row_of(rid, first) if on else 0
-                for rid, on, first in zip(rids, used, params.first_step)]
+        penalized = [i for i, on in enumerate(used) if on]
+        rows = self.penalties.rows_of([rids[i] for i in penalized], [params.first_step[i] for i in penalized])
+        out = [0] * len(rids)
+        for i, row in zip(penalized, rows):
+            out[i] = row
+        return out
 
     def _apply_bans(self, logits: torch.Tensor, banned: list[list[int]]) -> None:
         """Ban tokens per row (min_new_tokens): clear their bits in an all-allowed bitmask

@@ -231,3 +231,16 @@ def test_closing_a_stream_early_aborts_its_request(tiny_llama) -> None:
         assert all(c["finish_reason"] is None for c in first)
         engine.check_integrity()
         assert kv.pool.num_free_tokens + kv.tree.evictable_size == free_before
+
+
+def test_penalty_counts_survive_a_new_request_joining_a_full_table(tiny_llama) -> None:
+    """The sampler's count table has one row per running request; a newcomer must evict a
+    finished request's row, never the row of a request decoding in the same batch."""
+    rng = random.Random(1)
+    prompts = [[0] + [rng.randrange(4, VOCAB) for _ in range(rng.randrange(5, 30))] for _ in range(12)]
+    params = {"temperature": 0.0, "max_new_tokens": 25, "ignore_eos": True, "repetition_penalty": 1.8,
+              "presence_penalty": 1.5}
+    alone = [r[0]["output_ids"] for r in _alone(tiny_llama, [{"ids": p, "params": params} for p in prompts])]
+    with _engine(tiny_llama, max_total_tokens=96, max_running_requests=2, chunked_prefill_size=8) as engine:
+        got = engine.generate(input_ids=prompts, sampling_params=[params] * len(prompts))
+    assert [g["output_ids"] for g in got] == alone
