@@ -174,7 +174,11 @@ def tokenize_request(tokenizer: Any, request: GenerateRequest, context_length: i
     input_ids = prompt_ids(tokenizer, request, vocab_size)
     check_length(len(input_ids), request.sampling.max_new_tokens, context_length)
     if request.sampling.max_new_tokens is None:  # OpenAI's "no max_tokens": up to the context length
-        sampling = msgspec.structs.replace(request.sampling, max_new_tokens=context_length - len(input_ids))
+        room = context_length - len(input_ids)
+        if request.sampling.min_new_tokens > room:
+            raise RequestError(f"min_tokens={request.sampling.min_new_tokens} is more than the {room} tokens the "
+                               f"context length of {context_length} leaves after the prompt", "min_tokens")
+        sampling = msgspec.structs.replace(request.sampling, max_new_tokens=room)
         request = msgspec.structs.replace(request, sampling=sampling)
     return fan_out(request, input_ids)
 

@@ -4,7 +4,9 @@ OpenAI names map onto SGLang's (``max_tokens`` -> ``max_new_tokens``,
 ``min_tokens`` -> ``min_new_tokens``, ``logprobs``/``top_logprobs`` ->
 ``return_logprob``/``top_logprobs_num``, ``response_format`` ->
 ``json_schema``); every range rule lives in ``SamplingParams.validate`` and a
-broken one becomes a 400 that names the field by the API's name. Things we do
+broken one becomes a 400 that names the field by the API's name. JSON ints
+are unbounded, so ints that do not fit the engine's 64 bits are refused here
+(``check_int64``), as are tools that are not function tools with a name. Things we do
 not implement (``logit_bias``, ``suffix``, ``best_of`` > n, images) are refused
 with a 400 rather than silently ignored.
 """
@@ -23,6 +25,7 @@ from stages.ingest.protocol import (ChatCompletionRequest, ChatMessageIn, Comple
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 CHAT_DEFAULT_MAX_TOKENS = None  # OpenAI: no max_tokens means up to the context length
 OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "top_logprobs_num": "logprobs"}
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 SAMPLING_FIELD_NAMES = frozenset(f.name for f in msgspec.structs.fields(SamplingParams))
 
 
@@ -67,10 +70,24 @@ def _grammar(body: SamplingFields) -> dict[str, Any]:
 
 
 def make_sampling(params: dict[str, Any], names: dict[str, str] | None = None) -> SamplingParams:
+    names = names if names is not None else OPENAI_NAMES
     try:
-        return SamplingParams(**params)
+        sampling = SamplingParams(**params)
     except SamplingParamsError as error:
-        raise from_sampling_error(error, names if names is not None else OPENAI_NAMES) from error
+        raise from_sampling_error(error, names) from error
+    check_int64(sampling, names)
+    return sampling
+
+
+def check_int64(sampling: SamplingParams, names: dict[str, str] | None = None) -> None:
+    """JSON ints are unbounded, the engine's are 64-bit: a larger value is a 400, never an overflow later."""
+    for name in ("max_new_tokens", "min_new_tokens", "top_k", "n", "seed", "top_logprobs_num"):
+        value = getattr(sampling, name)
+        if value is not None and not INT64_MIN <= value <= INT64_MAX:
+            raise from_sampling_error(SamplingParamsError(name, "must fit in a signed 64-bit integer", value), names)
+    if any(not INT64_MIN <= token_id <= INT64_MAX for token_id in sampling.stop_token_ids):
+        raise from_sampling_error(SamplingParamsError("stop_token_ids", "token ids must fit in a signed 64-bit "
+                                                      "integer", sampling.stop_token_ids), names)
 
 
 def _max_tokens(*values: int | None, default: int | None) -> int | None:
@@ -91,12 +108,17 @@ def completion_prompts(prompt: str | list[Any]) -> list[dict[str, Any]]:
         raise bad_request("prompt must not be empty", "prompt")
     if all(isinstance(p, str) for p in prompt):
         return [{"text": p} for p in prompt]
-    if all(isinstance(p, int) and not isinstance(p, bool) for p in prompt):
+    if all(_is_token_id(p) for p in prompt):
         return [{"input_ids": list(prompt)}]
-    if all(isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p) for p in prompt):
+    if all(isinstance(p, list) and all(_is_token_id(t) for t in p) for p in prompt):
         return [{"input_ids": list(p)} for p in prompt]
     raise bad_request("prompt must be a string, a list of strings, a list of token ids or a list of "
-                      "token id lists", "prompt")
+                      "token id lists (token ids are integers in [0, 2**63))", "prompt")
+
+
+def _is_token_id(value: Any) -> bool:
+    """An int that fits the engine's 64-bit ids (whether it is in the vocabulary is tokenize's check)."""
+    return isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
 
 
 def completion_requests(body: CompletionRequest, rid: str, arrival_time_s: float) -> list[GenerateRequest]:
@@ -119,11 +141,18 @@ def completion_requests(body: CompletionRequest, rid: str, arrival_time_s: float
 def chat_message(message: ChatMessageIn, position: int) -> tuple[ChatMessage, list[str]]:
     """One OpenAI chat message -> ChatMessage (text parts joined) and its image URLs."""
     content, images = message.content, []
+    if content is None and message.role != "assistant":
+        raise bad_request(f"a message with role {message.role!r} needs content", f"messages[{position}].content")
+    if message.role == "tool" and not message.tool_call_id:
+        raise bad_request("a message with role 'tool' needs tool_call_id", f"messages[{position}].tool_call_id")
     if isinstance(content, list):
         texts = []
         for part in content:
             if part.type == "text":
-                texts.append(part.text or "")
+                if part.text is None:
+                    raise bad_request("a content part of type text needs a text field",
+                                      f"messages[{position}].content")
+                texts.append(part.text)
             elif part.type == "image_url":
                 images.append(str((part.image_url or {}).get("url", "")))
             else:
@@ -148,6 +177,7 @@ def chat_request(body: ChatCompletionRequest, rid: str, arrival_time_s: float) -
         params.update(return_logprob=True, top_logprobs_num=body.top_logprobs or 0)
     elif body.top_logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
+    check_tools(body.tools or [])
     params.update(_forced_tool_grammar(body, params))
     names = dict(OPENAI_NAMES, top_logprobs_num="top_logprobs")
     sampling = make_sampling(params, names)
@@ -158,6 +188,20 @@ def chat_request(body: ChatCompletionRequest, rid: str, arrival_time_s: float) -
     return GenerateRequest(rid=rid, messages=[m for m, _ in converted], sampling=sampling, stream=body.stream,
                            add_generation_prompt=add_generation_prompt, tools=tools, chat_template_kwargs=kwargs,
                            image_urls=[url for _, urls in converted for url in urls], arrival_time_s=arrival_time_s)
+
+
+def check_tools(tools: list[dict[str, Any]]) -> None:
+    """Each tool is ``{"type": "function", "function": {"name": str, "parameters"?: object}}``."""
+    for position, tool in enumerate(tools):
+        param = f"tools[{position}]"
+        function = tool.get("function")
+        if tool.get("type", "function") != "function" or not isinstance(function, dict):
+            raise bad_request('each tool must be {"type": "function", "function": {...}}', param)
+        if not isinstance(function.get("name"), str) or not function["name"]:
+            raise bad_request("a tool's function needs a non-empty string name", f"{param}.function.name")
+        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
+            raise bad_request("a tool's function parameters must be a JSON schema object",
+                              f"{param}.function.parameters")
 
 
 def _forced_tool_grammar(body: ChatCompletionRequest, params: dict[str, Any]) -> dict[str, Any]:
@@ -192,6 +236,7 @@ def native_requests(body: NativeGenerateRequest, rid: str, arrival_time_s: float
         sampling = msgspec.convert(raw, SamplingParams)
     except msgspec.ValidationError as error:
         raise bad_request(f"invalid sampling_params: {error}", "sampling_params") from error
+    check_int64(sampling, {name: f"sampling_params.{name}" for name in SAMPLING_FIELD_NAMES})
     prompts = _native_prompts(body)
     return [GenerateRequest(rid=rid if len(prompts) == 1 else f"{rid}-{k}", sampling=sampling, stream=body.stream,
                             arrival_time_s=arrival_time_s, **prompt) for k, prompt in enumerate(prompts)]
@@ -204,11 +249,18 @@ def _native_prompts(body: NativeGenerateRequest) -> list[dict[str, Any]]:
         texts = [body.text] if isinstance(body.text, str) else body.text
         if not texts:
             raise bad_request("text must not be empty", "text")
+        for position, text in enumerate(texts):
+            if not text:
+                param = "text" if isinstance(body.text, str) else f"text[{position}]"
+                raise bad_request("text must not be empty", param)
         return [{"text": t} for t in texts]
     ids = body.input_ids or []
+    if not ids:
+        raise bad_request("input_ids must not be empty", "input_ids")
     if any(isinstance(item, str) for item in ids):
         raise bad_request("input_ids must be a list of token ids or a list of such lists", "input_ids")
     try:
         return completion_prompts(ids)
     except ApiError as error:
-        raise bad_request(error.message.replace("prompt", "input_ids"), "input_ids") from error
+        raise bad_request("input_ids must be a list of token ids or a list of such lists (token ids are "
+                          "integers in [0, 2**63))", "input_ids") from error

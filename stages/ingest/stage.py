@@ -179,10 +179,11 @@ class IngestStage(Stage):
             pass
 
     async def abort_by_client(self, rid: str) -> bool:
-        """POST /abort_request: end the stream with finish_reason abort; False if unknown."""
+        """POST /abort_request: end the stream with finish_reason abort; False if unknown or already aborted."""
         stream = self.streams.get(rid)
-        if stream is None:
+        if stream is None or stream.aborted:
             return False
+        stream.aborted = True  # a second abort (concurrent, or before the handler saw the first) is a 404
         await self.abort(rid)
         for index in range(stream.num_sequences):
             stream.push(_abort_output(rid, index, stream.num_sequences))

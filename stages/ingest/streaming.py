@@ -1,8 +1,9 @@
 """Server-sent events and the handler-side plumbing every route shares.
 
-``read_body`` decodes a JSON body into a protocol Struct (400 on bad JSON or
-a wrong type); ``collect`` gathers whole results; ``merged`` interleaves the
-outputs of several streams (a batch of prompts); ``SseWriter`` writes
+``read_body`` decodes a JSON body into a protocol Struct (400 on bad JSON, a
+wrong type, bytes that are not UTF-8 or nesting too deep for the decoder);
+``collect`` gathers whole results; ``merged`` interleaves the outputs of
+several streams (a batch of prompts); ``SseWriter`` writes
 ``data: {...}\\n\\n`` events and the final ``data: [DONE]``.
 
 A streamed response is only started (status 200 and headers sent) once the
@@ -32,6 +33,10 @@ async def read_body(request: web.Request, body_type: type) -> Any:
         return decode_body(raw, body_type)
     except msgspec.MsgspecError as error:
         raise from_decode_error(error) from error
+    except UnicodeDecodeError as error:  # bytes that are not UTF-8 inside a JSON string
+        raise ApiError(400, f"request body is not valid UTF-8: {error}") from error
+    except RecursionError as error:
+        raise ApiError(400, "request body is nested too deeply") from error
 
 
 async def collect(streams: list[RequestStream]) -> list[SequenceResult]:

@@ -1,0 +1,210 @@
+"""Malformed and edge-case requests against one real server: every client mistake is an OpenAI-shaped 4xx.
+
+Each row of ``BAD_REQUESTS`` is (route, body, HTTP status, the ``param`` the error must name, a piece of
+its message). A body given as bytes is sent as is (bad JSON, bad UTF-8, deep nesting); a dict is sent as
+JSON. The module ends by checking that nothing leaked: no request in flight, no running request in the
+engine, and the KV pool back at its starting use after a cache flush.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+
+from tests.server.conftest import ServerProcess
+
+C, CHAT, GEN = "/v1/completions", "/v1/chat/completions", "/generate"
+USER = [{"role": "user", "content": "hi"}]
+INT64_OVER = 1 << 63
+
+
+def completion(**fields) -> dict:
+    return {"prompt": "Hello", "max_tokens": 2, **fields}
+
+
+def chat(**fields) -> dict:
+    return {"messages": USER, "max_tokens": 2, **fields}
+
+
+def native(**fields) -> dict:
+    return {"text": "Hello", "sampling_params": {"max_new_tokens": 2}, **fields}
+
+
+def tool(function: object, **fields) -> dict:
+    return {"type": "function", "function": function, **fields}
+
+
+BAD_REQUESTS = [
+    # wrong JSON types: msgspec names the path
+    (C, completion(max_tokens="2"), 400, "max_tokens", "Expected `int | null`"),
+    (C, completion(max_tokens=2.5), 400, "max_tokens", "Expected `int | null`"),
+    (C, completion(temperature={"a": 1}), 400, "temperature", "Expected"),
+    (C, completion(stop=[["x"]]), 400, "stop[0]", "Expected `str`"),
+    (C, completion(prompt=None), 400, "prompt", "Expected"),
+    (CHAT, chat(messages="hi"), 400, "messages", "Expected `array`"),
+    (CHAT, chat(messages=[{"content": "x"}]), 400, "messages[0]", "role"),
+    (CHAT, chat(messages=[{"role": "wizard", "content": "x"}]), 400, "messages[0].role", "wizard"),
+    (GEN, native(sampling_params=[1]), 400, "sampling_params", "Expected `object | null`"),
+    (GEN, native(sampling_params={"bogus": 1}), 400, "sampling_params.bogus", "unknown"),
+    # prompts
+    (C, completion(prompt=""), 400, "prompt", "must not be empty"),
+    (C, completion(prompt=[]), 400, "prompt", "must not be empty"),
+    (C, completion(prompt=[1, "a"]), 400, "prompt", "list of token ids"),
+    (C, completion(prompt=[[1], [INT64_OVER]]), 400, "prompt", "2**63"),
+    (C, completion(prompt=[10 ** 9]), 400, "input_ids", "outside the vocabulary"),
+    (GEN, native(text=["a", ""]), 400, "text[1]", "must not be empty"),
+    (GEN, {"input_ids": [INT64_OVER]}, 400, "input_ids", "2**63"),
+    (GEN, {"input_ids": []}, 400, "input_ids", "must not be empty"),
+    # ints beyond 64 bits never reach the engine (a huge top_k used to kill the sampler)
+    (C, completion(top_k=1 << 64), 400, "top_k", "64-bit"),
+    (C, completion(seed=INT64_OVER), 400, "seed", "64-bit"),
+    (C, completion(stop_token_ids=[INT64_OVER]), 400, "stop_token_ids", "64-bit"),
+    (GEN, native(sampling_params={"top_k": 1 << 70}), 400, "sampling_params.top_k", "64-bit"),
+    # ranges
+    (C, completion(n=0), 400, "n", "must be in"),
+    (C, completion(max_tokens=-1), 400, "max_tokens", ">= 0"),
+    (C, completion(max_tokens=10 ** 9), 400, "max_tokens", "context length"),
+    (C, completion(logprobs=21), 400, "logprobs", "must be in"),
+    (CHAT, chat(top_logprobs=3), 400, "top_logprobs", "needs logprobs"),
+    (CHAT, chat(max_tokens=None, min_tokens=5000), 400, "min_tokens", "context length"),
+    (C, completion(stop=["x"] * 100), 400, "stop", "at most"),
+    (C, completion(stop=["x" * 10000]), 400, "stop", "characters"),
+    # chat messages and tools
+    (CHAT, chat(messages=[{"role": "user"}]), 400, "messages[0].content", "needs content"),
+    (CHAT, chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), 400, "messages[0].content", "text"),
+    (CHAT, chat(messages=[{"role": "user", "content": [{"type": "audio"}]}]), 400, "messages[0].content",
+     "unsupported content part"),
+    (CHAT, chat(messages=[{"role": "tool", "content": "sunny"}]), 400, "messages[0].tool_call_id",
+     "needs tool_call_id"),
+    (CHAT, chat(tools=[{}]), 400, "tools[0]", "function"),
+    (CHAT, chat(tools=[tool({"name": ""})]), 400, "tools[0].function.name", "name"),
+    (CHAT, chat(tools=[tool({"name": "f", "parameters": 5})]), 400, "tools[0].function.parameters", "schema"),
+    (CHAT, chat(tool_choice="required"), 400, "tool_choice", "needs tools"),
+    (C, completion(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400,
+     "response_format.json_schema", "schema"),
+    (C, completion(regex="("), 400, "regex", "invalid regex"),
+    # bodies that are not JSON objects
+    (C, b'{"prompt": "x", "temperature": NaN}', 400, None, "not valid JSON"),
+    (C, b'{"prompt": "\xff\xfe"}', 400, None, "UTF-8"),
+    (C, b'{"prompt": "\\ud800"}', 400, None, "not valid JSON"),
+    (C, b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None, "nested too deeply"),
+    (CHAT, b'{"messages": [], "chat_template_kwargs": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, 400, None,
+     "nested too deeply"),
+    (C, b"", 400, None, "empty"),
+    (C, b"[]", 400, None, "Expected `object`"),
+    # control routes
+    ("/abort_request", {"rid": "no-such-request"}, 404, "rid", "no running request"),
+    ("/abort_request", {}, 400, "rid", "abort_all"),
+]
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    process = ServerProcess(model_dir, tmp_path_factory.mktemp("logs") / "fuzz.log", "--placement", "single")
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()
+
+
+async def _request(url: str, method: str, body: dict | bytes | None) -> tuple[int, str]:
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    async with aiohttp.ClientSession() as session:
+        async with session.request(method, url, data=data, timeout=aiohttp.ClientTimeout(total=60)) as response:
+            return response.status, await response.text()
+
+
+def call(server, path: str, body: dict | bytes | None = None, method: str = "POST") -> tuple[int, str]:
+    return asyncio.run(_request(server.url + path, method, body))
+
+
+def engine_stats(server) -> dict:
+    return json.loads(call(server, "/get_server_info", method="GET")[1])
+
+
+def settled_kv_use(server) -> tuple[int, dict]:
+    """Tokens held in the KV pool after a cache flush, once no request runs; with the last server info."""
+    assert call(server, "/flush_cache", {})[0] == 200
+    since = time.time()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        info = engine_stats(server)
+        stats = info["engine_stats"]
+        if stats and stats["time_s"] > since + 0.3 and stats["num_running_reqs"] == 0:
+            return round(stats["token_usage"] * stats["max_total_num_tokens"]), info
+        time.sleep(0.1)
+    raise AssertionError(f"engine never settled: {info}")
+
+
+@pytest.fixture(scope="module")
+def kv_baseline(server) -> int:
+    return settled_kv_use(server)[0]
+
+
+@pytest.mark.parametrize("path,body,status,param,message", BAD_REQUESTS,
+                         ids=[f"{i}-{row[0].strip('/')}" for i, row in enumerate(BAD_REQUESTS)])
+def test_bad_request_is_a_named_client_error(server, kv_baseline, path, body, status, param, message):
+    got_status, text = call(server, path, body)
+    error = json.loads(text)["error"]
+    assert (got_status, error["code"]) == (status, status), text
+    assert error["param"] == param, text
+    assert message in error["message"], text
+
+
+@pytest.mark.parametrize("path", [C, CHAT, GEN, "/abort_request", "/flush_cache"])
+def test_get_on_a_post_route_is_405(server, path):
+    status, text = call(server, path, method="GET")
+    assert status == 405 and json.loads(text)["error"]["code"] == 405
+
+
+def test_edge_cases_that_are_served(server, kv_baseline):
+    """Allowed forms: token-id and batched prompts, content parts, n=2 streams, echo with logprobs."""
+    ok = [(C, completion(prompt=[[1, 2], [3]], n=2)), (C, completion(prompt=["a", "b"], echo=True, logprobs=1)),
+          (C, completion(prompt=" ", seed=-1, top_k=INT64_OVER - 1)),
+          (CHAT, chat(messages=[{"role": "user", "content": [{"type": "text", "text": "hi"}]}])),
+          (CHAT, chat(stream=True, n=2)), (C, completion(stream=True, n=2, prompt=["a", "b"]))]
+    for path, body in ok:
+        status, text = call(server, path, body)
+        assert status == 200 and '"error"' not in text, (body, text)
+
+
+def test_concurrent_aborts_of_one_request(server, kv_baseline):
+    async def go():
+        url = server.url
+        running = asyncio.Event()
+        async with aiohttp.ClientSession() as session:
+            async def stream():
+                body = {"prompt": "Hi", "max_tokens": 600, "ignore_eos": True, "stream": True, "rid": "fuzz-abort"}
+                events = []
+                async with session.post(url + C, json=body) as response:
+                    async for line in response.content:
+                        if line.startswith(b"data:"):
+                            events.append(line)
+                            running.set()
+                return events
+
+            async def abort():
+                async with session.post(url + "/abort_request", json={"rid": "fuzz-abort"}) as response:
+                    return response.status
+
+            task = asyncio.ensure_future(stream())
+            await asyncio.wait_for(running.wait(), 60)
+            statuses = await asyncio.gather(*(abort() for _ in range(8)))
+            return statuses, await asyncio.wait_for(task, 60)
+
+    statuses, events = asyncio.run(go())
+    assert sorted(statuses) == [200] + [404] * 7
+    assert events[-1].strip() == b"data: [DONE]"
+    assert json.loads(events[-2][5:])["choices"][0]["finish_reason"] == "abort"
+
+
+def test_nothing_leaked(server, kv_baseline):
+    """Runs last: after every bad request the server is healthy and holds no request and no KV."""
+    assert call(server, "/health", method="GET")[0] == 200
+    used, info = settled_kv_use(server)
+    assert info["num_requests_in_flight"] == 0
+    assert used == kv_baseline
