@@ -57,7 +57,7 @@ from pipeline.channel import ChannelClosed
 from pipeline.placement import ChannelSpec, Pipeline, PipelineSpec, StageSpec, single
 from pipeline.config import ServerArgs, resolve
 from pipeline.messages import (
-    Abort, ConstrainInbox, DetokenizeInbox, EngineStats, ErrorOutput, ForwardInbox, GenerateRequest,
+    Abort, ConstrainInbox, DetokenizeInbox, EngineStats, ErrorOutput, FlushCache, ForwardInbox, GenerateRequest,
     IngestInbox, MultimodalInbox, SampleInbox, SamplingParams, SamplingParamsError, ScheduleInbox,
     TextOutput, TokenizeInbox,
 )
@@ -243,6 +243,10 @@ class Engine:
     def abort(self, rid: str) -> None:
         """Stop a request (all its sequences) now; its result ends with finish_reason abort."""
         self.requests.put(Abort(rid=rid))
+
+    def flush_cache(self) -> None:
+        """Drop every radix-cache entry no running request holds (asynchronous, like abort)."""
+        self.requests.put(FlushCache(request_id=uuid.uuid4().hex))
 
     def stream(self, rid: str, timeout: float | None = None) -> Iterator[TextOutput]:
         """TextOutputs of a submitted request as they come, until every sequence finished.

@@ -6,7 +6,7 @@ chunked prefill, the ``lpm`` policy, a KV pool small enough to force
 retraction and eviction, min_new_tokens, stop token ids, stop strings,
 penalties, logprobs, ``max_new_tokens`` 0 and 1, ignore_eos, regex and
 choices grammars, and aborts at random moments (``Engine.abort`` and
-``generate_stream`` closed early). It runs under page sizes 1 and 16.
+``generate_stream`` closed early), with cache flushes in between. It runs under page sizes 1 and 16.
 
 Invariants checked:
 
@@ -192,6 +192,9 @@ def test_mixed_stress_run(tiny_llama, page_size, max_total_tokens) -> None:
                    for i, item in enumerate(work)]
         for thread in threads:
             thread.start()
+        for _ in range(3):  # a flush while requests run drops only what nobody holds
+            time.sleep(0.3)
+            engine.flush_cache()
         for thread in threads:
             thread.join(IDLE_TIMEOUT_S)
         assert not errors, errors
