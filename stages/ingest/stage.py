@@ -142,10 +142,15 @@ class IngestStage(Stage):
 
     # -- handler side -----------------------------------------------------------
     def check_capacity(self, num_sequences: int) -> None:
-        """503 while draining, or when the engine's waiting queue would pass --max-queued-requests."""
+        """503 while draining, or when the engine's waiting queue would pass --max-queued-requests;
+        400 for a request with more sequences than running and queued requests together allow."""
         if self.draining:
             raise ApiError(503, "the server is shutting down", "server_unavailable")
         running_cap = self.args.max_running_requests
+        most = running_cap + self.args.max_queued_requests
+        if num_sequences > most:  # never fits, even on an idle server: the client's mistake, not a retry
+            raise ApiError(400, f"the request asks for {num_sequences} sequences (prompts x n); this server takes at "
+                                f"most {most} at once; lower n or split the batch", param="n")
         waiting = max(self.num_sequences_in_flight + num_sequences - running_cap,
                       self.engine_stats.num_queue_reqs if self.engine_stats else 0)
         if waiting > self.args.max_queued_requests:

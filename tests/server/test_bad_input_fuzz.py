@@ -72,6 +72,7 @@ BAD_REQUESTS = [
     (CHAT, chat(max_tokens=None, min_tokens=5000), 400, "min_tokens", "context length"),
     (C, completion(stop=["x"] * 100), 400, "stop", "at most"),
     (C, completion(stop=["x" * 10000]), 400, "stop", "characters"),
+    (C, completion(prompt=["a"] * 100, n=128), 400, "n", "split the batch"),  # never fits: not a 503
     # chat messages and tools
     (CHAT, chat(messages=[{"role": "user"}]), 400, "messages[0].content", "needs content"),
     (CHAT, chat(messages=[{"role": "user", "content": [{"type": "text"}]}]), 400, "messages[0].content", "text"),
@@ -94,6 +95,7 @@ BAD_REQUESTS = [
     (CHAT, b'{"messages": [], "chat_template_kwargs": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, 400, None,
      "nested too deeply"),
     (C, b"", 400, None, "empty"),
+    (C, b'{"prompt": "' + b"a" * (65 << 20) + b'"}', 413, None, "Too Large"),
     (C, b"[]", 400, None, "Expected `object`"),
     # control routes
     ("/abort_request", {"rid": "no-such-request"}, 404, "rid", "no running request"),
