@@ -207,6 +207,9 @@ def test_mixed_stress_run(tiny_llama, page_size, max_total_tokens) -> None:
         assert kv.pool.num_free_tokens + kv.tree.evictable_size == free_before
         assert kv.tree.protected_size == 0 and not kv.holders
         assert not engine.schedule.live_rids and not engine.schedule.grammar_wait
+        constrain, sample = engine.stages["constrain"], engine.stages["sample"]
+        assert not (constrain.states or constrain.compiling or constrain.awaiting or constrain.pending_batches)
+        assert not (sample.pending_logits or sample.pending_masks)
         assert engine.failure is None
 
 

@@ -193,8 +193,8 @@ def test_a_decode_is_not_failed_while_a_prefilling_request_holds_the_pool() -> N
     harness.assert_idle_and_clean(free_before)
 
 
-def test_two_prefills_stuck_on_a_full_pool_both_finish() -> None:
-    """Neither chunked prefill can grow: one is retracted, not failed, and both finish."""
+def test_two_long_prompts_on_a_pool_that_holds_one_at_a_time_both_finish() -> None:
+    """Chunked prefills of two prompts that cannot both be resident: neither fails."""
     harness = Harness(_stage(64, chunked_prefill_size=8))
     free_before = _free(harness.driver)
     harness.driver.feed(_req("x", list(range(10, 50)), max_new_tokens=2),
@@ -243,3 +243,20 @@ def test_randomized_message_orders(page_size: int, num_slots: int) -> None:
         assert finals[0].finish_reason.message != "KV cache full", rid
     assert harness.stage.num_retractions > 0
     harness.assert_idle_and_clean(free_before)
+
+
+def test_rid_reused_while_the_aborted_one_is_still_in_flight() -> None:
+    harness = Harness(_stage(256))
+    free_before = _free(harness.driver)
+    harness.driver.feed(_req("a", [5, 6, 7], max_new_tokens=20))
+    harness.step()
+    harness.answer()
+    harness.step()  # "a" decoding, its batch in flight
+    harness.driver.feed(Abort(rid="a"), _req("a", [8, 9, 10, 11], max_new_tokens=3))
+    harness.answer(token=7)  # the late token of the first "a"
+    harness.run()
+    finals = [o.finish_reason.type for o in harness.finals["a"]]
+    assert finals == ["abort", "length"]
+    assert len(harness.tokens["a"]) == 1 + 3  # one before the abort, three of the new request
+    harness.stage.check_integrity()
+    assert _free(harness.driver) == free_before and not harness.stage.live_rids
