@@ -1,8 +1,9 @@
 """Server-sent events and the handler-side plumbing every route shares.
 
-``read_body`` decodes a JSON body into a protocol Struct (400 on bad JSON, a
-wrong type, bytes that are not UTF-8 or nesting too deep for the decoder);
-``collect`` gathers whole results; ``merged`` interleaves the outputs of
+``read_body`` decodes a JSON body into a protocol Struct: a 400 on bad JSON
+(naming NaN/Infinity and unpaired surrogate escapes, which Python's json
+module writes but JSON forbids), a wrong type, bytes that are not UTF-8, or
+nesting too deep for the decoder. ``collect`` gathers whole results; ``merged`` interleaves the outputs of
 several streams (a batch of prompts); ``SseWriter`` writes
 ``data: {...}\\n\\n`` events and the final ``data: [DONE]``.
 
@@ -13,6 +14,7 @@ long, bad template) is still answered as a plain 400, not inside a stream.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any, AsyncIterator
 
 import msgspec
@@ -32,11 +34,27 @@ async def read_body(request: web.Request, body_type: type) -> Any:
     try:
         return decode_body(raw, body_type)
     except msgspec.MsgspecError as error:
+        hint = _json_hint(raw) if isinstance(error, msgspec.DecodeError) else None
+        if hint is not None and not isinstance(error, msgspec.ValidationError):
+            raise ApiError(400, f"request body is not valid JSON: {hint} ({error})") from error
         raise from_decode_error(error) from error
     except UnicodeDecodeError as error:  # bytes that are not UTF-8 inside a JSON string
         raise ApiError(400, f"request body is not valid UTF-8: {error}") from error
     except RecursionError as error:
         raise ApiError(400, "request body is nested too deeply") from error
+
+
+_NON_JSON_NUMBER = re.compile(rb"[:\[,]\s*-?(NaN|Infinity)\b")
+_LONE_SURROGATE = re.compile(rb"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])|(?<![0-9a-fA-F]{4})\\u[dD][c-fC-F]")
+
+
+def _json_hint(raw: bytes) -> str | None:
+    """Name two mistakes that Python's json module lets through but JSON forbids (msgspec's text is vague)."""
+    if _NON_JSON_NUMBER.search(raw):
+        return "NaN and Infinity are not JSON numbers"
+    if _LONE_SURROGATE.search(raw):
+        return "a string holds an unpaired UTF-16 surrogate escape (\\ud800-\\udfff)"
+    return None
 
 
 async def collect(streams: list[RequestStream]) -> list[SequenceResult]:

@@ -88,9 +88,11 @@ BAD_REQUESTS = [
      "response_format.json_schema", "schema"),
     (C, completion(regex="("), 400, "regex", "invalid regex"),
     # bodies that are not JSON objects
-    (C, b'{"prompt": "x", "temperature": NaN}', 400, None, "not valid JSON"),
+    (C, b'{"prompt": "x", "temperature": NaN}', 400, None, "NaN and Infinity are not JSON numbers"),
+    (GEN, b'{"text": "x", "sampling_params": {"top_p": -Infinity}}', 400, None, "NaN and Infinity"),
     (C, b'{"prompt": "\xff\xfe"}', 400, None, "UTF-8"),
-    (C, b'{"prompt": "\\ud800"}', 400, None, "not valid JSON"),
+    (C, b'{"prompt": "\\ud800"}', 400, None, "unpaired UTF-16 surrogate"),
+    (CHAT, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, None, "unpaired UTF-16 surrogate"),
     (C, b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None, "nested too deeply"),
     (CHAT, b'{"messages": [], "chat_template_kwargs": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, 400, None,
      "nested too deeply"),
