@@ -39,6 +39,7 @@ import torch
 from outlines_core import Guide, Index
 
 from stages.constrain.bitmask import BITS_PER_WORD, MaskRowCache, bitmask_words
+from stages.constrain.sandbox import CompileBudgetError, CompileSandbox
 from stages.constrain.schema import SchemaError, schema_to_regex
 from stages.constrain.vocab import TokenVocab
 
@@ -159,12 +160,20 @@ def response_format_to_sampling(response_format: dict[str, Any] | None) -> dict[
 # --------------------------------------------------------------------------
 
 
-def build_index(regex: str, vocab: TokenVocab) -> Index:
-    """Compile ``regex`` against ``vocab`` (slow: seconds for big schemas on big vocabularies)."""
+def build_index(regex: str, vocab: TokenVocab, sandbox: CompileSandbox | None = None) -> Index:
+    """Compile ``regex`` against ``vocab`` (slow: seconds for big schemas on big vocabularies).
+
+    With a ``sandbox`` the build runs in its child process under a time and
+    memory budget (``sandbox.py``); a grammar past the budget is a GrammarError.
+    """
     try:
+        if sandbox is not None:
+            return sandbox.build_index(regex)
         return Index(regex, vocab.outlines_vocabulary())
     except ValueError as error:
         raise GrammarError(_index_error_reason(regex, str(error))) from None
+    except CompileBudgetError as error:
+        raise GrammarError(str(error)) from None
 
 
 def _index_error_reason(regex: str, message: str) -> str:
@@ -195,9 +204,15 @@ class GrammarCompiler:
     compile. Failures are cached too (a bad schema fails fast the next time).
     """
 
-    def __init__(self, vocab: TokenVocab, max_workers: int = 2, cache_size: int = 256) -> None:
-        """``max_workers=0``: compile inline, in the caller's thread (futures come back done)."""
+    def __init__(self, vocab: TokenVocab, max_workers: int = 2, cache_size: int = 256,
+                 sandbox: CompileSandbox | None = None) -> None:
+        """``max_workers=0``: compile inline, in the caller's thread (futures come back done).
+
+        ``sandbox``: build indexes in a child process under a time/memory budget
+        (the serving path; a pathological grammar then costs a 400, not the server).
+        """
         self.vocab = vocab
+        self.sandbox = sandbox
         self.cache_size = cache_size
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar") \
             if max_workers > 0 else None
@@ -228,12 +243,14 @@ class GrammarCompiler:
     def _compile(self, kind: str, spec: str) -> CompiledGrammar:
         grammar_id = next(self._grammar_ids)  # atomic under the GIL; submit() may hold _lock here
         self.num_compiles += 1
-        index = build_index(grammar_regex(kind, spec), self.vocab)
+        index = build_index(grammar_regex(kind, spec), self.vocab, self.sandbox)
         return CompiledGrammar(grammar_id=grammar_id, index=index, mask_cache=self.mask_cache)
 
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.sandbox is not None:
+            self.sandbox.close()
 
 
 def _run_inline(function: Any, *args: Any) -> Future:

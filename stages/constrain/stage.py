@@ -41,6 +41,7 @@ from pipeline.messages import (ForwardBatch, GrammarCompile, GrammarReady, Gramm
 from pipeline.stage import Stage
 from stages.constrain.bitmask import bitmask_words
 from stages.constrain.grammar import GrammarCompiler, GrammarError, GrammarState
+from stages.constrain.sandbox import CompileSandbox
 from stages.constrain.vocab import TokenVocab, vocab_for_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ class ConstrainStage(Stage):
         self.vocab: TokenVocab = vocab_for_tokenizer(tokenizer, eos_ids or None)
         self.vocab_size = vocab_size or _model_vocab_size(args) or self.vocab.tokenizer_size
         self.num_words = bitmask_words(self.vocab_size)
-        self.compiler = GrammarCompiler(self.vocab, max_workers=max_workers)
+        # Threads wait on a sandboxed compile process; inline compiles (replays, tests) stay in-process.
+        sandbox = CompileSandbox(self.vocab.eos_token_id, self.vocab.token_bytes) if max_workers > 0 else None
+        self.compiler = GrammarCompiler(self.vocab, max_workers=max_workers, sandbox=sandbox)
         self.states: dict[str, GrammarState] = {}
         self.compiling: dict[str, Future] = {}
         self.awaiting: dict[str, int] = {}  # rid -> batch_id whose sampled token is owed
