@@ -1,8 +1,9 @@
 """Detokenize stage: token ids -> text deltas, UTF-8 safe, with stop strings.
 
-Inbox ``DetokenizeInbox`` (TokenOutputBatch | ErrorOutput), plus
-``TokenizedRequest`` copies from the tokenize stage that register each
-sequence's stop strings and decoding options before its first token; outboxes:
+Inbox ``DetokenizeInbox``: TokenOutputBatch and ErrorOutput from schedule,
+``TokenizedRequest`` copies from the tokenize stage (they register each
+sequence's stop strings and decoding options before its first token) and
+EngineStats to relay; outboxes:
 
 * ``"out"`` -> ingest: one ``TextOutput`` per sequence per step (the last one
   carries ``finish_reason``); every ``ErrorOutput`` and ``EngineStats`` (the
