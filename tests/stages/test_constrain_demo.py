@@ -12,25 +12,12 @@ import json
 import jsonschema
 
 from pipeline.engine import Engine
+from tests.stages.test_constrain import SCHEMAS as MASK_TEST_SCHEMAS
 
+# The bounded schemas of the mask-level tests (nested object, array of ints, array of
+# objects), plus two with enums next to bounded strings and integers.
 SCHEMAS = [
-    {"type": "object", "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "address": {"type": "object", "properties": {
-            "city": {"enum": ["Rome", "Verona", "Padua"]},
-            "zip": {"type": "integer", "minimum": 10000, "maximum": 99999}},
-            "required": ["city", "zip"]}},
-     "required": ["name", "address"]},
-    {"type": "object", "properties": {
-        "ids": {"type": "array", "items": {"type": "integer", "minimum": -20, "maximum": 300},
-                "minItems": 2, "maxItems": 4},
-        "ok": {"type": "boolean"},
-        "note": {"type": ["string", "null"], "maxLength": 5}},
-     "required": ["ids", "ok"]},
-    {"type": "array", "items": {"type": "object", "properties": {
-        "role": {"enum": ["user", "assistant"]},
-        "turns": {"type": "integer", "minimum": 0, "maximum": 9}},
-        "required": ["role"]}, "minItems": 1, "maxItems": 3},
+    MASK_TEST_SCHEMAS[0], MASK_TEST_SCHEMAS[1], MASK_TEST_SCHEMAS[3],
     {"type": "object", "properties": {
         "act": {"type": "integer", "minimum": 1, "maximum": 5},
         "scene": {"type": "integer", "minimum": 1, "maximum": 9},
