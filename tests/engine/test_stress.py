@@ -202,7 +202,8 @@ def test_mixed_stress_run(tiny_llama, page_size, max_total_tokens) -> None:
         _wait_idle(engine)
         for i, item in enumerate(work):
             _check_against_alone(item, results[i], alone[i])
-        assert engine.schedule.num_retractions > 0 and kv.tree.hit_rate > 0
+        # Whether this run retracted or hit the cache depends on thread timing; both are
+        # forced deterministically in tests/engine/test_engine.py and test_schedule_adversarial.py.
         engine.check_integrity()
         assert kv.pool.num_free_tokens + kv.tree.evictable_size == free_before
         assert kv.tree.protected_size == 0 and not kv.holders
