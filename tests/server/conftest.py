@@ -15,7 +15,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -92,3 +94,14 @@ def tokenizer(model_dir: Path):
     from stages.tokenize import load_tokenizer
 
     return load_tokenizer(model_dir)
+
+
+@contextmanager
+def running_server(model_dir: Path, log_path: Path, *flags: str) -> Iterator[ServerProcess]:
+    """A started, ready server for the duration of the block (stopped even if the block fails)."""
+    process = ServerProcess(model_dir, log_path, *flags)
+    try:
+        process.wait_ready()
+        yield process
+    finally:
+        process.stop()

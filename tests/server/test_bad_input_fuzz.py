@@ -14,7 +14,7 @@ import time
 import aiohttp
 import pytest
 
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import running_server
 
 C, CHAT, GEN = "/v1/completions", "/v1/chat/completions", "/generate"
 USER = [{"role": "user", "content": "hi"}]
@@ -107,12 +107,8 @@ BAD_REQUESTS = [
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    process = ServerProcess(model_dir, tmp_path_factory.mktemp("logs") / "fuzz.log", "--placement", "single")
-    try:
-        process.wait_ready()
+    with running_server(model_dir, tmp_path_factory.mktemp("logs") / "fuzz.log", "--placement", "single") as process:
         yield process
-    finally:
-        process.stop()
 
 
 async def _request(url: str, method: str, body: dict | bytes | None) -> tuple[int, str]:

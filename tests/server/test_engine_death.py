@@ -10,7 +10,7 @@ import subprocess
 import aiohttp
 import pytest
 
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import running_server
 
 
 def engine_child_pids(server_pid: int) -> list[int]:
@@ -26,12 +26,8 @@ def engine_child_pids(server_pid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    process = ServerProcess(model_dir, tmp_path_factory.mktemp("logs") / "death.log", "--placement", "serving")
-    try:
-        process.wait_ready()
+    with running_server(model_dir, tmp_path_factory.mktemp("logs") / "death.log", "--placement", "serving") as process:
         yield process
-    finally:
-        process.stop()
 
 
 def test_engine_death_answers_503_and_server_exits(server):

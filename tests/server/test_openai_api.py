@@ -10,19 +10,15 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import running_server
 
 PROMPT = "First Citizen: Before we proceed"
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
-    process = ServerProcess(model_dir, tmp_path_factory.mktemp("logs") / "single.log", "--placement", "single")
-    try:
-        process.wait_ready()
+    with running_server(model_dir, tmp_path_factory.mktemp("logs") / "single.log", "--placement", "single") as process:
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import ServerProcess
+from tests.server.conftest import running_server
 
 API_KEY = "sk-test-key"
 PROMPT = "All: Speak, speak."
@@ -21,14 +21,10 @@ ENGINE_STAGES = ("schedule", "forward", "sample", "multimodal")
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    process = ServerProcess(model_dir, logs / "serving.log", "--placement", "serving", "--api-key", API_KEY,
-                            "--record-path", str(logs / "traffic.rec"))
-    process.record_path = logs / "traffic.rec"
-    try:
-        process.wait_ready()
+    with running_server(model_dir, logs / "serving.log", "--placement", "serving", "--api-key", API_KEY,
+                        "--record-path", str(logs / "traffic.rec")) as process:
+        process.record_path = logs / "traffic.rec"
         yield process
-    finally:
-        process.stop()
 
 
 @pytest.fixture(scope="module")
