@@ -114,11 +114,14 @@ class Attention(nn.Module):
             k = self.ops.head_rms_norm(k, self.k_norm.weight, self.k_norm.eps)
         self.ops.apply_rotary(q, k, positions, self.cos_sin_cache, True)
         self.ops.store_kv(k_cache, v_cache, k, v, attn_meta.out_cache_loc)
-        o = self._attend(q, attn_meta, k_cache, v_cache)                     # [T, Hq, D]
+        o = self._attend(q, k, v, attn_meta, k_cache, v_cache)               # [T, Hq, D]
         return self.o_proj(o.view(T, self.q_size))
 
-    def _attend(self, q: torch.Tensor, attn_meta: AttentionMetadata, k_cache: torch.Tensor,
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                attn_meta: AttentionMetadata, k_cache: torch.Tensor,
                 v_cache: torch.Tensor) -> torch.Tensor:
+        """Decode reads every key from the pool; extend reads the prefix from the
+        pool and the new tokens' keys from k, v (just stored there too)."""
         m = attn_meta
         if m.mode == "decode":
             return self.ops.decode_attention(
@@ -127,6 +130,6 @@ class Attention(nn.Module):
         if m.mode != "extend":
             raise ValueError(f"attn_meta.mode must be 'extend' or 'decode', got {m.mode!r}")
         return self.ops.extend_attention(
-            q, k_cache, v_cache, m.req_to_token, m.req_pool_indices, m.prefix_lens,
+            q, k, v, k_cache, v_cache, m.req_to_token, m.req_pool_indices, m.prefix_lens,
             m.extend_lens, m.extend_start_loc, m.max_extend_len, self.sm_scale,
             sliding_window=self.sliding_window)

@@ -31,7 +31,8 @@ embedding            embedding      (ids[T] int, weight[V_shard,H], vocab_start=
                                     ids outside [vocab_start, vocab_start+V_shard) -> 0
 store_kv             kv_cache       (k_cache[S,Hk,D], v_cache[S,Hk,D], k[T,Hk,D],
                                     v[T,Hk,D], slots[T] int64) -> None (in place)
-extend_attention     attention      (q[T,Hq,D], k_cache, v_cache, req_to_token[R,L] int32,
+extend_attention     attention      (q[T,Hq,D], k[T,Hk,D], v[T,Hk,D] (new tokens), k_cache,
+                                    v_cache (prefixes), req_to_token[R,L] int32,
                                     req_pool_indices[B], prefix_lens[B], extend_lens[B],
                                     extend_start_loc[B], max_extend_len, sm_scale,
                                     sliding_window=-1, logit_cap=0.0) -> o[T,Hq,D]

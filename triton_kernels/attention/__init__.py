@@ -2,8 +2,10 @@
 
 KV pool (one per layer): ``k_cache[num_slots, Hk, D]`` and ``v_cache`` alike;
 ``req_to_token[R, L]`` (int32) maps request row ``r`` and token position ``i``
-to the slot holding that token's K/V. Every key is read through
-``req_to_token``, so the kernels never care where the pages of a request lie.
+to the slot holding that token's K/V. Cached keys are read through
+``req_to_token``, so the kernels never care where the pages of a request lie;
+extend reads the keys of the tokens it is adding from the contiguous ``k``/``v``
+the layer just computed (and stored into the pool for later steps).
 
 Math, per query head ``h`` (kv head ``h // (Hq // Hk)``: GQA/MQA/MHA)::
 
@@ -19,8 +21,8 @@ fp32; the output has q's dtype. Head dims up to 256 (64/80/96/128/256 ...):
 the kernels pad to the next power of two and mask.
 
 * ``extend_attention`` (``extend.py``): a ragged batch; request ``b`` has
-  ``prefix_lens[b]`` cached tokens and ``extend_lens[b]`` new ones whose query
-  rows start at ``extend_start_loc[b]`` of ``q``. Pure prefill (prefix 0),
+  ``prefix_lens[b]`` cached tokens (in the pool) and ``extend_lens[b]`` new ones
+  whose rows of ``q``, ``k``, ``v`` start at ``extend_start_loc[b]``. Pure prefill (prefix 0),
   prefix-hit extend and 1-token rows share one launch. Compute-bound:
   ``4 * Hq * D * (visible (q, k) pairs)`` FLOPs.
 * ``decode_attention`` (``decode.py``): one query per request; split-KV

@@ -1,18 +1,29 @@
-"""Extend (prefill) attention over the paged KV pool (see the package docstring).
+"""Extend (prefill) attention: new tokens over a cached prefix plus themselves.
 
-Grid: ``(query blocks, Hq, B)``. A program owns ``BLOCK_M`` query rows of one
-head of one request and walks the request's keys ``BLOCK_N`` at a time,
-reading their slots from ``req_to_token``:
+Where the keys come from (the way SGLang's extend kernel splits them):
 
-* keys ``< prefix_len + m_start`` are visible to every row of the block
-  (causal), so those blocks run without any mask (phase 1);
-* the remaining blocks up to the block's last query (the diagonal) apply the
-  causal / length mask (phase 2); fully masked blocks past it are skipped.
+* phase A, the cached PREFIX (positions ``0 .. prefix_len-1``) is read from the
+  paged pool through ``req_to_token`` (a gather by slot). Every prefix key is
+  visible to every new query (causal), so only the tail block (a partial
+  ``BLOCK_N``) and sliding-window blocks are masked;
+* phase B, the NEW tokens' keys (positions ``prefix_len ..``) come from the
+  contiguous ``k``/``v`` the layer just computed (the same rows it stores into
+  the pool). Blocks wholly below the query block (``j < m_start``) run without
+  a mask; only the diagonal blocks are masked. When ``q``, ``k``, ``v`` and
+  ``o`` are 16-byte aligned (bases, row and head strides) and 16-bit, they are
+  read and written through Hopper tensor descriptors (TMA, built per program on
+  the device and bounded by the request's rows, so the hardware zero-fills past
+  the end); otherwise plain masked pointer loads.
 
-With a sliding window every block is masked and blocks wholly left of the
-window are skipped. The softmax runs online in fp32 in base 2 (the scale is
-folded with log2(e)). Heavier query blocks (the causal tail) launch first.
-Tiles come from an explicit table keyed by the padded head dim (no autotune).
+Grid: ``(Hq, query blocks, B)``, heads fastest and the heavy causal tail first,
+so the longest programs start in the first wave (longest-job-first). A program
+owns ``BLOCK_M`` query rows of one head of one request. The softmax runs online
+in fp32 in base 2: unmasked blocks fold the scale into one FMA
+(``qk * scale - m``) and need no ``-inf`` guard; masked blocks use ``-inf`` and
+guard fully masked rows. Tiles come from an explicit table (no autotune).
+
+FLOPs: ``4 * Hq * D * (visible (q, k) pairs)``; compute-bound for any
+prefill worth a kernel.
 """
 from __future__ import annotations
 
@@ -33,12 +44,11 @@ class ExtendConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    tma: bool = True              # use tensor descriptors for q/k/v/o when aligned
+    warp_specialize: bool = False  # tl.range(warp_specialize=True) on the phase-B loop
 
 
-# padded head dim -> tiles (bf16/fp16), from a sweep on an H200 (triton 3.6) at
-# S = 1k/4k/8k: D=128 (128, 128, 8, 3) 175/324/377 TFLOP/s, next best (128, 64, 4, 3);
-# D=64 (64, 128, 4, 3) 257; D=256 (128, 64, 8, 2) 343 at S=4k. BLOCK_M=256 and
-# tl.range(warp_specialize=True) gained nothing on Hopper with triton 3.6.
+# padded head dim -> tiles (bf16/fp16) on an H200 (triton 3.6); see perf/sweep_attention.py.
 _GPU_CONFIGS: dict[int, ExtendConfig] = {
     16: ExtendConfig(64, 128, 4, 3),
     32: ExtendConfig(64, 128, 4, 3),
@@ -54,74 +64,126 @@ def pick_extend_config(padded_head_dim: int, dtype: torch.dtype) -> ExtendConfig
         return ExtendConfig(32, 32, 4, 1)
     config = _GPU_CONFIGS[padded_head_dim]
     if dtype == torch.float32:
-        return ExtendConfig(min(config.block_m, 64), min(config.block_n, 32), 4, 2)
+        return ExtendConfig(min(config.block_m, 64), min(config.block_n, 32), 4, 2, tma=False)
     return config
 
 
+# ----------------------------------------------------------------------------- kernel
+
+
 @triton.jit
-def _attend_block(acc, l_i, m_i, q, q_pos, start_n, seq_len, kv_base, slot_row_ptr,
-                  k_cache_ptr, v_cache_ptr, stride_ks, stride_vs, qk_scale, logit_cap,
-                  sliding_window, offs_n, offs_d, mask_d,
-                  MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr,
-                  IS_FP32: tl.constexpr, EVEN_D: tl.constexpr):
-    """One BLOCK_N slice of keys: scores, online-softmax update, P @ V."""
-    k_pos = start_n + offs_n
-    if MASKED:
-        in_seq = k_pos < seq_len
-        slots = tl.load(slot_row_ptr + k_pos, mask=in_seq, other=0).to(tl.int64)
-        kv_mask = in_seq[:, None] & mask_d[None, :]
-    else:
-        slots = tl.load(slot_row_ptr + k_pos).to(tl.int64)
-        kv_mask = mask_d[None, :]
-    k_ptrs = k_cache_ptr + kv_base + slots[:, None] * stride_ks + offs_d[None, :]
-    if EVEN_D and not MASKED:  # no mask at all: full-width vector loads
-        k = tl.load(k_ptrs)
-    else:
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    if IS_FP32:
-        s = tl.dot(q, tl.trans(k), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(k))
+def _softmax_update(acc, l_i, m_i, qk, v, visible, qk_scale, logit_cap,
+                    MASKED: tl.constexpr, USE_CAP: tl.constexpr, IS_FP32: tl.constexpr):
+    """Online-softmax step for one key block: qk[BM, BN] raw dot products, v[BN, BD]."""
     if USE_CAP:
-        s = soft_cap(s * qk_scale, logit_cap) * 1.4426950408889634
-    else:
-        s = s * qk_scale
+        s = soft_cap(qk * qk_scale, logit_cap) * 1.4426950408889634
+    elif MASKED:
+        s = qk * qk_scale
     if MASKED:
-        visible = (k_pos[None, :] <= q_pos[:, None]) & in_seq[None, :]
-        if USE_WINDOW:
-            visible = visible & (q_pos[:, None] - k_pos[None, :] < sliding_window)
         s = tl.where(visible, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-    p = tl.exp2(s - m_safe[:, None])
-    alpha = tl.exp2(m_i - m_safe)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    v_ptrs = v_cache_ptr + kv_base + slots[:, None] * stride_vs + offs_d[None, :]
-    if EVEN_D and not MASKED:
-        v = tl.load(v_ptrs)
-    else:
-        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet
+        p = tl.math.exp2(s - m_use[:, None])
+    elif USE_CAP:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+    else:  # every score finite: the max is finite, the scale folds into one FMA
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        m_use = m_new
+        p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+    alpha = tl.math.exp2(m_i - m_use)
+    acc = acc * alpha[:, None]
     if IS_FP32:
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision="ieee")
+        acc = tl.dot(p, v, acc, input_precision="ieee")
     else:
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = tl.dot(p.to(v.dtype), v, acc)
+    l_i = l_i * alpha + tl.sum(p, 1)
     return acc, l_i, m_new
 
 
 @triton.jit
+def _qk(q, k, IS_FP32: tl.constexpr):
+    if IS_FP32:
+        return tl.dot(q, tl.trans(k), input_precision="ieee")
+    return tl.dot(q, tl.trans(k))
+
+
+@triton.jit
+def _prefix_block(acc, l_i, m_i, q, q_pos, start_n, prefix_len, slot_row_ptr,
+                  k_cache_ptr, v_cache_ptr, kv_head_off, stride_ks, stride_vs,
+                  qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d,
+                  MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr,
+                  IS_FP32: tl.constexpr, EVEN_D: tl.constexpr):
+    """Phase A: keys start_n.. of the cached prefix, gathered from the pool by slot."""
+    k_pos = start_n + offs_n
+    in_prefix = k_pos < prefix_len
+    if MASKED:
+        slots = tl.load(slot_row_ptr + k_pos, mask=in_prefix, other=0).to(tl.int64)
+        kv_mask = in_prefix[:, None] & mask_d[None, :]
+    else:
+        slots = tl.load(slot_row_ptr + k_pos).to(tl.int64)
+        kv_mask = mask_d[None, :]
+    k_ptrs = k_cache_ptr + kv_head_off + slots[:, None] * stride_ks + offs_d[None, :]
+    v_ptrs = v_cache_ptr + kv_head_off + slots[:, None] * stride_vs + offs_d[None, :]
+    if EVEN_D and not MASKED:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    else:
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    qk = _qk(q, k, IS_FP32)
+    visible = in_prefix[None, :]
+    if USE_WINDOW:
+        visible = visible & (q_pos[:, None] - k_pos[None, :] < sliding_window)
+    return _softmax_update(acc, l_i, m_i, qk, v, visible, qk_scale, logit_cap,
+                           MASKED, USE_CAP, IS_FP32)
+
+
+@triton.jit
+def _new_block(acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, k_rows_ptr,
+               v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
+               offs_n, offs_d, mask_d,
+               MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr,
+               IS_FP32: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """Phase B: new keys start_n.. (extend indices) from the contiguous k/v rows."""
+    k_idx = start_n + offs_n
+    if USE_TMA:  # rows past extend_len and columns past HEAD_DIM arrive as zeros
+        k = k_desc.load([start_n, 0])
+        v = v_desc.load([start_n, 0])
+    else:
+        rows = k_idx.to(tl.int64)
+        k_ptrs = k_rows_ptr + rows[:, None] * stride_kt + offs_d[None, :]
+        v_ptrs = v_rows_ptr + rows[:, None] * stride_vt + offs_d[None, :]
+        if EVEN_D and not MASKED:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            kv_mask = (k_idx < extend_len)[:, None] & mask_d[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+            v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    qk = _qk(q, k, IS_FP32)
+    visible = (k_idx[None, :] <= q_idx[:, None]) & (k_idx < extend_len)[None, :]
+    if USE_WINDOW:
+        visible = visible & (q_idx[:, None] - k_idx[None, :] < sliding_window)
+    return _softmax_update(acc, l_i, m_i, qk, v, visible, qk_scale, logit_cap,
+                           MASKED, USE_CAP, IS_FP32)
+
+
+@triton.jit
 def _extend_attention_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, o_ptr, req_to_token_ptr,
+    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, o_ptr, req_to_token_ptr,
     req_pool_indices_ptr, prefix_lens_ptr, extend_lens_ptr, extend_start_loc_ptr,
     qk_scale, logit_cap, sliding_window, num_m_blocks,
-    stride_qt, stride_qh, stride_ks, stride_kh, stride_vs, stride_vh,
-    stride_ot, stride_oh, stride_req,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_ks, stride_kcache_h, stride_vs, stride_ot, stride_oh, stride_req,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr, IS_FP32: tl.constexpr,
-    EVEN_D: tl.constexpr,
+    EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
 ):
-    pid_m = num_m_blocks - 1 - tl.program_id(0)  # the heavy causal tail first
-    head = tl.program_id(1)
+    head = tl.program_id(0)
+    pid_m = num_m_blocks - 1 - tl.program_id(1)  # the heavy causal tail first
     req = tl.program_id(2)
     extend_len = tl.load(extend_lens_ptr + req).to(tl.int32)
     m_start = pid_m * BLOCK_M
@@ -130,75 +192,162 @@ def _extend_attention_kernel(
         q_start = tl.load(extend_start_loc_ptr + req).to(tl.int64)
         req_row = tl.load(req_pool_indices_ptr + req).to(tl.int64)
         slot_row_ptr = req_to_token_ptr + req_row * stride_req
-        kv_base = (head // GROUP).to(tl.int64) * stride_kh  # stride_vh == stride_kh (checked)
-        seq_len = prefix_len + extend_len
+        kv_head = (head // GROUP).to(tl.int64)
 
-        offs_m = m_start + tl.arange(0, BLOCK_M)
+        offs_m = tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        mask_m = offs_m < extend_len
         mask_d = offs_d < HEAD_DIM
-        q_rows = (q_start + offs_m).to(tl.int64)
-        q = tl.load(q_ptr + q_rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
-        q_pos = prefix_len + offs_m  # absolute positions of the block's queries
+        q_idx = m_start + offs_m          # extend indices of the block's queries
+        q_pos = prefix_len + q_idx        # their absolute positions
+        q_rows_ptr = q_ptr + q_start * stride_qt + head * stride_qh
+        o_rows_ptr = o_ptr + q_start * stride_ot + head * stride_oh
+        k_rows_ptr = k_ptr + q_start * stride_kt + kv_head * stride_kh
+        v_rows_ptr = v_ptr + q_start * stride_vt + kv_head * stride_vh
+        if USE_TMA:
+            q_desc = tl.make_tensor_descriptor(q_rows_ptr, shape=[extend_len, HEAD_DIM],
+                                               strides=[stride_qt, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
+            o_desc = tl.make_tensor_descriptor(o_rows_ptr, shape=[extend_len, HEAD_DIM],
+                                               strides=[stride_ot, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
+            k_desc = tl.make_tensor_descriptor(k_rows_ptr, shape=[extend_len, HEAD_DIM],
+                                               strides=[stride_kt, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+            v_desc = tl.make_tensor_descriptor(v_rows_ptr, shape=[extend_len, HEAD_DIM],
+                                               strides=[stride_vt, 1],
+                                               block_shape=[BLOCK_N, BLOCK_D])
+            q = q_desc.load([m_start, 0])
+        else:
+            o_desc = q_ptr  # unused placeholders
+            k_desc = q_ptr
+            v_desc = q_ptr
+            q_mask = (q_idx < extend_len)[:, None] & mask_d[None, :]
+            q = tl.load(q_rows_ptr + q_idx.to(tl.int64)[:, None] * stride_qt + offs_d[None, :],
+                        mask=q_mask, other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        block_end = prefix_len + tl.minimum(m_start + BLOCK_M, extend_len)  # keys < this
+        # ---- phase A: the cached prefix, from the pool
+        kv_head_off = kv_head * stride_kcache_h  # same head stride for v_cache (checked)
         if USE_WINDOW:
             first_key = tl.maximum(prefix_len + m_start - sliding_window + 1, 0)
-            lo = (first_key // BLOCK_N) * BLOCK_N
-            unmasked_end = lo
+            a_lo = (first_key // BLOCK_N) * BLOCK_N
+            a_unmasked_end = a_lo
         else:
-            lo = 0
-            unmasked_end = ((prefix_len + m_start) // BLOCK_N) * BLOCK_N
-        # phase 1: keys every query of the block sees (no mask)
-        for start_n in range(lo, unmasked_end, BLOCK_N):
-            acc, l_i, m_i = _attend_block(
-                acc, l_i, m_i, q, q_pos, start_n, seq_len, kv_base, slot_row_ptr,
-                k_cache_ptr, v_cache_ptr, stride_ks, stride_vs, qk_scale, logit_cap,
-                sliding_window, offs_n, offs_d, mask_d,
+            a_lo = 0
+            a_unmasked_end = (prefix_len // BLOCK_N) * BLOCK_N
+        for start_n in range(a_lo, a_unmasked_end, BLOCK_N):
+            acc, l_i, m_i = _prefix_block(
+                acc, l_i, m_i, q, q_pos, start_n, prefix_len, slot_row_ptr,
+                k_cache_ptr, v_cache_ptr, kv_head_off, stride_ks, stride_vs,
+                qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d,
                 False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D)
-        # phase 2: the diagonal (and the window edge): masked
-        for start_n in range(unmasked_end, block_end, BLOCK_N):
-            acc, l_i, m_i = _attend_block(
-                acc, l_i, m_i, q, q_pos, start_n, seq_len, kv_base, slot_row_ptr,
-                k_cache_ptr, v_cache_ptr, stride_ks, stride_vs, qk_scale, logit_cap,
-                sliding_window, offs_n, offs_d, mask_d,
+        for start_n in range(a_unmasked_end, prefix_len, BLOCK_N):
+            acc, l_i, m_i = _prefix_block(
+                acc, l_i, m_i, q, q_pos, start_n, prefix_len, slot_row_ptr,
+                k_cache_ptr, v_cache_ptr, kv_head_off, stride_ks, stride_vs,
+                qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d,
                 True, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D)
 
+        # ---- phase B: the new tokens, from k/v
+        if USE_WINDOW:
+            b_lo = (tl.maximum(m_start - sliding_window + 1, 0) // BLOCK_N) * BLOCK_N
+            b_unmasked_end = b_lo
+        else:
+            b_lo = 0
+            b_unmasked_end = (m_start // BLOCK_N) * BLOCK_N
+        b_end = tl.minimum(m_start + BLOCK_M, extend_len)
+        for start_n in tl.range(b_lo, b_unmasked_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+            acc, l_i, m_i = _new_block(
+                acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, k_rows_ptr,
+                v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
+                offs_n, offs_d, mask_d, False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA)
+        for start_n in range(b_unmasked_end, b_end, BLOCK_N):
+            acc, l_i, m_i = _new_block(
+                acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, k_rows_ptr,
+                v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
+                offs_n, offs_d, mask_d, True, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA)
+
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / l_safe[:, None]
-        tl.store(o_ptr + q_rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+        out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
+        if USE_TMA:  # rows past extend_len are dropped by the descriptor bounds
+            o_desc.store([m_start, 0], out)
+        else:
+            o_mask = (q_idx < extend_len)[:, None] & mask_d[None, :]
+            tl.store(o_rows_ptr + q_idx.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
+                     out, mask=o_mask)
 
 
-def extend_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+# ----------------------------------------------------------------------------- launcher
+
+
+def check_new_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 k_cache: torch.Tensor) -> None:
+    """k, v: the new tokens' keys/values, [T, Hk, D] like q's rows and the pool's heads."""
+    want = (q.shape[0], k_cache.shape[1], k_cache.shape[2])
+    for name, t in (("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3 or tuple(t.shape) != want:
+            got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be [T, Hk, D] = {list(want)} (q's tokens, the pool's "
+                             f"heads and head_dim), got {got}")
+        if t.dtype != q.dtype:
+            raise ValueError(f"{name} dtype {t.dtype} must match q dtype {q.dtype}")
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must be contiguous in its last dim")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+
+
+def _tma_ok(padded_d: int, *tensors: torch.Tensor) -> bool:
+    """Tensor descriptors: 16-bit data, 16-byte aligned bases, token and head strides."""
+    for t in tensors:
+        es = t.element_size()
+        if t.dtype not in (torch.float16, torch.bfloat16) or padded_d * es > 256:
+            return False
+        if t.data_ptr() % 16 or (t.stride(0) * es) % 16 or (t.stride(1) * es) % 16:
+            return False
+    return True
+
+
+def _set_tma_allocator(device: torch.device) -> None:
+    """Tensor descriptors built on the device need a small global scratch."""
+    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        return torch.empty(size, dtype=torch.int8, device=device)
+    triton.set_allocator(alloc)
+
+
+def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     k_cache: torch.Tensor, v_cache: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                      prefix_lens: torch.Tensor, extend_lens: torch.Tensor,
                      extend_start_loc: torch.Tensor, max_extend_len: int, sm_scale: float,
                      sliding_window: int = -1, logit_cap: float = 0.0) -> torch.Tensor:
-    """Attention of the new tokens of a ragged batch over the paged pool.
+    """Attention of the new tokens of a ragged batch over their prefix and themselves.
 
-    q: [T, Hq, D] (T = sum of extend_lens); k_cache, v_cache: [num_slots, Hk, D];
-    req_to_token: [R, L] int32; req_pool_indices, prefix_lens, extend_lens,
-    extend_start_loc: [B] int; max_extend_len: an upper bound of extend_lens
-    (sets the grid; no device sync). Returns o: [T, Hq, D] in q's dtype.
+    q: [T, Hq, D] (T = sum of extend_lens); k, v: [T, Hk, D], the new tokens'
+    keys/values in q's row order (row ``extend_start_loc[b] + i`` is token
+    ``prefix_lens[b] + i`` of request b); k_cache, v_cache: [num_slots, Hk, D]
+    holding the prefixes; req_to_token: [R, L] int32 (only the first
+    ``prefix_lens[b]`` entries of a row are read); req_pool_indices,
+    prefix_lens, extend_lens, extend_start_loc: [B] int; max_extend_len: an
+    upper bound of extend_lens (sets the grid; no device sync).
+    Returns o: [T, Hq, D] in q's dtype.
     """
-    return launch_extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices,
+    return launch_extend_attention(q, k, v, k_cache, v_cache, req_to_token, req_pool_indices,
                                    prefix_lens, extend_lens, extend_start_loc, max_extend_len,
                                    sm_scale, sliding_window, logit_cap, config=None)
 
 
-def launch_extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
-                            extend_lens, extend_start_loc, max_extend_len, sm_scale,
-                            sliding_window=-1, logit_cap=0.0,
+def launch_extend_attention(q, k, v, k_cache, v_cache, req_to_token, req_pool_indices,
+                            prefix_lens, extend_lens, extend_start_loc, max_extend_len,
+                            sm_scale, sliding_window=-1, logit_cap=0.0,
                             config: ExtendConfig | None = None) -> torch.Tensor:
     """`extend_attention` with an optional explicit tile config (benchmarks)."""
     num_q_heads, num_kv_heads, head_dim = check_kv_pool(q, k_cache, v_cache, req_to_token)
+    check_new_kv(q, k, v, k_cache)
     batch = req_pool_indices.shape[0] if req_pool_indices.dim() == 1 else -1
     check_batch_vectors(batch, req_pool_indices=req_pool_indices, prefix_lens=prefix_lens,
                         extend_lens=extend_lens, extend_start_loc=extend_start_loc)
@@ -211,19 +360,24 @@ def launch_extend_attention(q, k_cache, v_cache, req_to_token, req_pool_indices,
         return o
     padded_d = block_d(head_dim)
     config = config or pick_extend_config(padded_d, q.dtype)
+    use_tma = config.tma and _tma_ok(padded_d, q, k, v, o)
+    if use_tma:
+        _set_tma_allocator(q.device)
     num_m_blocks = triton.cdiv(max_extend_len, config.block_m)
-    grid = (num_m_blocks, num_q_heads, batch)
+    grid = (num_q_heads, num_m_blocks, batch)
     _extend_attention_kernel[grid](
-        q, k_cache, v_cache, o, req_to_token,
+        q, k, v, k_cache, v_cache, o, req_to_token,
         req_pool_indices, prefix_lens, extend_lens, extend_start_loc,
         sm_scale * (1.0 if logit_cap > 0 else LOG2E), float(logit_cap), int(sliding_window),
         num_m_blocks,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1),
-        v_cache.stride(0), v_cache.stride(1), o.stride(0), o.stride(1), req_to_token.stride(0),
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), o.stride(0), o.stride(1),
+        req_to_token.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=padded_d,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         USE_WINDOW=sliding_window > 0, USE_CAP=logit_cap > 0,
         IS_FP32=q.dtype == torch.float32, EVEN_D=head_dim == padded_d,
+        USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o

@@ -1,7 +1,8 @@
 """Plain-PyTorch references of extend/decode attention and their FLOP/byte counts.
 
 Same signatures as the Triton launchers. One request at a time: gather its
-keys from the pool through ``req_to_token``, expand kv heads to q heads,
+keys from the pool through ``req_to_token`` (extend: the prefix from the pool,
+the new tokens from ``k``/``v``), expand kv heads to q heads,
 masked softmax in fp32 (or the input's dtype if wider), cast at the end.
 These are also the CPU backend of the models.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from triton_kernels.attention.common import check_batch_vectors, check_kv_pool
+from triton_kernels.attention.extend import check_new_kv
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor,
@@ -34,12 +36,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def extend_attention_reference(q, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
-                               extend_lens, extend_start_loc, max_extend_len, sm_scale,
-                               sliding_window=-1, logit_cap=0.0) -> torch.Tensor:
-    """Reference of `extend_attention` (same signature and math)."""
+def extend_attention_reference(q, k, v, k_cache, v_cache, req_to_token, req_pool_indices,
+                               prefix_lens, extend_lens, extend_start_loc, max_extend_len,
+                               sm_scale, sliding_window=-1, logit_cap=0.0) -> torch.Tensor:
+    """Reference of `extend_attention` (same signature and math): the prefix's keys
+    gathered from the pool, the new tokens' keys taken from k/v."""
     if q.dtype != torch.float64:
         check_kv_pool(q, k_cache, v_cache, req_to_token)
+    check_new_kv(q, k, v, k_cache)
     batch = req_pool_indices.shape[0] if req_pool_indices.dim() == 1 else -1
     check_batch_vectors(batch, req_pool_indices=req_pool_indices, prefix_lens=prefix_lens,
                         extend_lens=extend_lens, extend_start_loc=extend_start_loc)
@@ -50,11 +54,13 @@ def extend_attention_reference(q, k_cache, v_cache, req_to_token, req_pool_indic
         start, row = int(extend_start_loc[b]), int(req_pool_indices[b])
         if extend_len == 0:
             continue
-        slots = req_to_token[row, : prefix_len + extend_len].long()
+        slots = req_to_token[row, :prefix_len].long()
+        new = slice(start, start + extend_len)
+        keys = torch.cat([k_cache[slots], k[new]]).to(cdt)
+        values = torch.cat([v_cache[slots], v[new]]).to(cdt)
         q_pos = torch.arange(prefix_len, prefix_len + extend_len, device=q.device)
-        out = _attend(q[start:start + extend_len].to(cdt), k_cache[slots].to(cdt),
-                      v_cache[slots].to(cdt), q_pos, sm_scale, sliding_window, logit_cap)
-        o[start:start + extend_len] = out.to(q.dtype)
+        out = _attend(q[new].to(cdt), keys, values, q_pos, sm_scale, sliding_window, logit_cap)
+        o[new] = out.to(q.dtype)
     return o
 
 
