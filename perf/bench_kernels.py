@@ -347,8 +347,18 @@ def _contiguous_pool(num_tokens: int, hk: int, D: int, ctx: Ctx, shuffle: bool):
     return k_cache, v_cache, slots.to(torch.int32)
 
 
+def _fused_qkv(num_tokens: int, hq: int, hk: int, D: int, ctx: Ctx):
+    """q[T,Hq,D], k[T,Hk,D], v[T,Hk,D] as views of one qkv projection, as the model has them."""
+    qkv = torch.randn(num_tokens, (hq + 2 * hk) * D, device=ctx.device, dtype=DTYPE)
+    q = qkv[:, : hq * D].unflatten(1, (hq, D))
+    k = qkv[:, hq * D:(hq + hk) * D].unflatten(1, (hk, D))
+    v = qkv[:, (hq + hk) * D:].unflatten(1, (hk, D))
+    return q, k, v
+
+
 def attention_cases(ctx: Ctx) -> list[Case]:
-    """Prefill (extend, prefix 0) vs SDPA flash; decode vs SDPA and the copy roofline."""
+    """Prefill (extend, prefix 0, new K/V from the fused projection) vs SDPA flash; decode
+    vs SDPA and the copy roofline."""
     from triton_kernels import attention
 
     cases = []
@@ -360,19 +370,19 @@ def attention_cases(ctx: Ctx) -> list[Case]:
         for S in ((1024, 8192) if ctx.quick else (1024, 4096, 8192)):
             k_cache, v_cache, slots = _contiguous_pool(S, hk, D, ctx, shuffle=False)
             req_to_token = slots[None, :].contiguous()
-            q = torch.randn(S, hq, D, device=ctx.device, dtype=DTYPE)
+            q, k, v = _fused_qkv(S, hq, hk, D, ctx)
             zero = torch.zeros(1, dtype=torch.int32, device=ctx.device)
             lens = torch.full((1,), S, dtype=torch.int32, device=ctx.device)
             flops, nbytes = attention.extend_flops_bytes([S], [0], hq, hk, D)
-            q4 = q.transpose(0, 1)[None]                                    # [1, Hq, S, D]
-            k4 = k_cache[1:].transpose(0, 1)[None].contiguous()             # [1, Hk, S, D]
-            v4 = v_cache[1:].transpose(0, 1)[None].contiguous()
-            q4 = q4.contiguous()
+            q4 = q.transpose(0, 1)[None].contiguous()                       # [1, Hq, S, D]
+            k4 = k.transpose(0, 1)[None].contiguous()                       # [1, Hk, S, D]
+            v4 = v.transpose(0, 1)[None].contiguous()
             sdpa = lambda q4=q4, k4=k4, v4=v4: torch.nn.functional.scaled_dot_product_attention(
                 q4, k4, v4, is_causal=True, enable_gqa=True)
             cases.append(Case("attention", f"extend {model}", f"B=1 S={S} Hq={hq} Hk={hk} D={D}",
-                              ours=lambda q=q, k=k_cache, v=v_cache, r=req_to_token, z=zero, n=lens, S=S:
-                              attention.extend_attention(q, k, v, r, z, z, n, z, S, D ** -0.5),
+                              ours=lambda q=q, k=k, v=v, kc=k_cache, vc=v_cache, r=req_to_token,
+                              z=zero, n=lens, S=S:
+                              attention.extend_attention(q, k, v, kc, vc, r, z, z, n, z, S, D ** -0.5),
                               anchor=sdpa, anchor_name="SDPA causal gqa", bytes_moved=int(nbytes),
                               flops=int(flops)))
     hq, hk, D = ATTN_MODELS["llama3.1-8b"]
