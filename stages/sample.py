@@ -33,16 +33,9 @@ import torch
 
 from pipeline.messages import Logits, SampledTokens, SamplingBatch, TokenMask
 from pipeline.stage import Stage
+from stages.staging import Downloader, Uploader
 
 SEED_MASK = (1 << 63) - 1
-
-
-def _upload(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Host list -> device tensor through pinned memory (a pageable copy would sync the stream)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 class PenaltyCounts:
@@ -86,12 +79,16 @@ class SampleStage(Stage):
         self.apply_penalties = getattr(sampling, "apply_penalties" + suffix)
         self.apply_token_bitmask = getattr(sampling, "apply_token_bitmask" + suffix)
         self.sample = getattr(sampling, "sample" + suffix)
+        self.greedy = getattr(sampling, "greedy" + suffix)
         self.compute_logprobs = getattr(sampling, "compute_logprobs" + suffix)
         self.penalty_rows = args.max_running_requests + 1  # every running request keeps its row (LRU)
         self.penalties: PenaltyCounts | None = None
         self.pending_logits: dict[int, Logits] = {}
         self.pending_masks: dict[int, TokenMask] = {}
         self.last_done_batch_id = -1
+        device = torch.device(args.device if args.device != "auto" else "cpu")
+        self.uploader = Uploader(device)      # pinned host buffers, reused every step
+        self.downloader = Downloader()
 
     # ----------------------------------------------------------- messages
     def handle(self, message) -> None:
@@ -121,21 +118,20 @@ class SampleStage(Stage):
     @torch.inference_mode()
     def sample_batch(self, batch_id: int, rids: list[str], logits: torch.Tensor, params: SamplingBatch,
                      mask: TokenMask | None) -> SampledTokens:
-        device = logits.device
         logits = logits.float().contiguous()
         penalized = self._penalty_rows(rids, params, logits)
         if penalized is not None:
             logits = logits.clone()
-            rows_t = _upload(penalized, torch.int64, device)
-            floats = _upload([params.repetition_penalties, params.frequency_penalties,
-                              params.presence_penalties], torch.float32, device)
+            rows_t = self.uploader.upload(penalized, torch.int64)
+            floats = self.uploader.upload([params.repetition_penalties, params.frequency_penalties,
+                                           params.presence_penalties], torch.float32)
             self.apply_penalties(logits, self.penalties.counts.index_select(0, rows_t),
                                  floats[0], floats[1], floats[2])
         if mask is not None and mask.bitmask is not None and mask.row_indices:
             if penalized is None:
                 logits = logits.clone()
-            rows = _upload(mask.row_indices, torch.int64, device)
-            bitmask = mask.bitmask if device.type == "cpu" else mask.bitmask.pin_memory().to(device, non_blocking=True)
+            rows = self.uploader.upload(mask.row_indices, torch.int64)
+            bitmask = self.uploader.upload(mask.bitmask, torch.int32)
             self.apply_token_bitmask(logits, bitmask, rows)
         if params.banned_token_ids:
             if penalized is None and mask is None:
@@ -177,34 +173,28 @@ class SampleStage(Stage):
                     word = int(words[k, token // 32]) & 0xFFFFFFFF
                     word &= ~(1 << (token % 32))
                     words[k, token // 32] = word - (1 << 32) if word >= 1 << 31 else word
-        device = logits.device
-        bitmask = words if device.type == "cpu" else words.pin_memory().to(device, non_blocking=True)
-        self.apply_token_bitmask(logits, bitmask, _upload(rows, torch.int64, device))
+        self.apply_token_bitmask(logits, self.uploader.upload(words, torch.int32),
+                                 self.uploader.upload(rows, torch.int64))
 
     def _draw(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
-        device = logits.device
-        if self.backend != "triton" and all(t <= 0 for t in params.temperatures):
-            return torch.argmax(logits, dim=-1)  # the reference's greedy rule, batched
-        floats = _upload([params.temperatures, params.top_ps, params.min_ps], torch.float32, device)
-        ints = _upload([params.top_ks, [s & SEED_MASK for s in params.seeds], params.steps], torch.int64, device)
+        if all(t <= 0 for t in params.temperatures):
+            return self.greedy(logits)  # every row greedy: argmax, no parameters to upload
+        floats = self.uploader.upload([params.temperatures, params.top_ps, params.min_ps], torch.float32)
+        ints = self.uploader.upload([params.top_ks, [s & SEED_MASK for s in params.seeds], params.steps],
+                                    torch.int64)
         return self.sample(logits, floats[0], ints[0], floats[1], floats[2], ints[1], ints[2])
 
     def _count(self, token_ids: torch.Tensor, rows_t: torch.Tensor, params: SamplingBatch) -> None:
-        keep = _upload(params.need_sample, torch.bool, rows_t.device) & (rows_t > 0)
+        keep = self.uploader.upload(params.need_sample, torch.bool) & (rows_t > 0)
         ones = keep.to(torch.int32)
         self.penalties.counts.index_put_((rows_t, token_ids), ones, accumulate=True)
 
     def _to_host(self, batch_id: int, rids: list[str], token_ids: torch.Tensor, logprobs, params: SamplingBatch
                  ) -> SampledTokens:
         """Every result to the host with one synchronization."""
-        pinned = token_ids.device.type == "cuda"
         tensors = [token_ids] + (list(logprobs) if logprobs is not None else [])
-        host = []
-        for t in tensors:
-            buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=pinned)
-            buf.copy_(t, non_blocking=pinned)
-            host.append(buf)
-        if pinned:
+        host = [self.downloader.start(slot, t) for slot, t in enumerate(tensors)]
+        if token_ids.device.type == "cuda":
             torch.cuda.current_stream(token_ids.device).synchronize()
         ids = [t if need else -1 for t, need in zip(host[0].tolist(), params.need_sample)]
         if logprobs is None:

@@ -43,10 +43,6 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 # M is not specialised, so one compiled variant serves every decode batch size.
-# Known gap (H200): at M == 1 the modulo below makes all BLOCK_M rows of the x
-# tile load the same row, and M == 1 runs 10-35% slower than M = 4..16 on the
-# same weights; masking rows >= M instead (no duplicate requests) is the next
-# thing to measure.
 @triton.jit(do_not_specialize=["M"])
 def _linear_stream_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
@@ -59,9 +55,13 @@ def _linear_stream_kernel(
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     pid_k = tl.program_id(2)
-    # Rows past M / N wrap around (modulo) so loads need no M/N mask; their
-    # results are dropped by the masked store.
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)) % M
+    # Weight rows past N wrap around (modulo) so weight loads need no N mask;
+    # their results are dropped by the masked store. Activation rows past M
+    # are masked instead: at decode M is often 1..4 inside a 16-row tile, and
+    # wrapped rows would make the tile re-read one row 16 times (measured
+    # 10-35% slower at M == 1 than at M == 4 on the same weights).
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
     offs_k = tl.arange(0, BLOCK_K)
     # This program's K slice, in whole BLOCK_K tiles.
@@ -77,11 +77,11 @@ def _linear_stream_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_tile in range(k_tile_begin, k_tile_end):
         if EVEN_K:
-            x = tl.load(x_ptrs)
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
             w = tl.load(w_ptrs)
         else:
             k_mask = (k_tile * BLOCK_K + offs_k) < K
-            x = tl.load(x_ptrs, mask=k_mask[None, :], other=0.0)
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
@@ -89,9 +89,9 @@ def _linear_stream_kernel(
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_mask = (rows[:, None] < M) & (cols[None, :] < N)
+    out_mask = mask_m[:, None] & (cols[None, :] < N)
     if SPLIT_K == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
@@ -200,21 +200,36 @@ def _num_sms_of(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-# Decode table (16-bit dtypes), from the config sweeps of perf/bench_kernels.py
-# on an H200 (perf/results/gemm-sweep1-nvidia-h200.json, kernels-nvidia-h200.json):
-# (max M, max N or None) ->
-# (block_m, block_n, block_k, num_warps, num_stages). Narrow BLOCK_N gives
-# hundreds of programs, each streaming a disjoint slab of weight rows with
-# several K tiles in flight (num_stages); wide outputs prefer 64-row slabs.
-_DECODE_TABLE: tuple[tuple[int, int | None, tuple[int, int, int, int, int]], ...] = (
-    (16, 8192, (16, 32, 256, 4, 4)),
-    (16, None, (16, 64, 256, 4, 3)),
-    (32, 5120, (32, 32, 256, 4, 4)),
-    (32, None, (32, 64, 128, 4, 4)),
-    (64, 5120, (64, 32, 256, 4, 4)),
-    (64, 8192, (64, 64, 128, 8, 5)),
-    (64, None, (64, 64, 128, 4, 4)),
-)
+# Decode table (16-bit dtypes), from perf/sweep_gemm_decode.py on an H200
+# (perf/results/gemm-decode-sweep-nvidia-h200.json): (max M, shape class) ->
+# (block_n, block_k, split_k, num_warps, num_stages); block_m is M rounded up
+# to 16/32/64. Shape classes: "deep" when K >= 2N (the MLP down projection:
+# few output tiles, long rows, so K is split 4 ways to give every SM work),
+# else by N: "narrow" <= 4096, "mid" <= 8192, "wide" above. Narrow BLOCK_N
+# gives hundreds of programs, each streaming a disjoint slab of weight rows
+# with several K tiles in flight (num_stages).
+_DECODE_TABLE: dict[tuple[int, str], tuple[int, int, int, int, int]] = {
+    (16, "deep"): (128, 128, 4, 4, 4),
+    (16, "narrow"): (32, 128, 1, 4, 6),
+    (16, "mid"): (32, 256, 2, 4, 4),
+    (16, "wide"): (64, 128, 1, 4, 4),
+    (32, "deep"): (128, 128, 4, 4, 4),
+    (32, "narrow"): (32, 256, 1, 4, 4),
+    (32, "mid"): (64, 128, 1, 4, 4),
+    (32, "wide"): (64, 128, 1, 4, 4),
+    (64, "deep"): (128, 128, 4, 4, 4),
+    (64, "narrow"): (32, 256, 1, 4, 4),
+    (64, "mid"): (64, 128, 1, 8, 5),
+    (64, "wide"): (128, 128, 1, 8, 4),
+}
+
+
+def _decode_shape_class(N: int, K: int) -> str:
+    if K >= 2 * N:
+        return "deep"
+    return "narrow" if N <= 4096 else "mid" if N <= 8192 else "wide"
+
+
 # Prefill tiles (16-bit dtypes, TMA), in order of preference:
 # (block_m, block_n, block_k, group_m, num_warps, num_stages). The first whose
 # tile count fills the last wave of SMs well (>= _MIN_WAVE_EFFICIENCY) wins;
@@ -267,11 +282,11 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
         return GemmConfig("stream", 16 if M <= 16 else 64, 64, 32, num_warps=4, num_stages=3)
     num_sms = _num_sms_of(device)
     if M <= 64:
-        for max_m, max_n, (bm, bn, bk, warps, stages) in _DECODE_TABLE:
-            if M <= max_m and (max_n is None or N <= max_n):
-                split_k = _decode_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), num_sms)
-                return GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
-                                  num_stages=stages)
+        bm = 16 if M <= 16 else 32 if M <= 32 else 64
+        bn, bk, split_k, warps, stages = _DECODE_TABLE[(bm, _decode_shape_class(N, K))]
+        if split_k == 1:
+            split_k = _decode_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), num_sms)
+        return GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps, num_stages=stages)
     if tma_ok:
         return _prefill_config(M, N, num_sms)
     return GemmConfig("stream", 128, 128, 64, num_warps=8, num_stages=3)

@@ -47,10 +47,11 @@ class DecodeGraphs:
     """Captured decode steps, one per batch size, sharing one memory pool."""
 
     def __init__(self, model, kv_cache: KVCache, req_to_token: torch.Tensor, write_fn,
-                 max_bs: int, device: torch.device) -> None:
+                 max_bs: int, device: torch.device, uploader) -> None:
         self.model, self.kv_cache, self.req_to_token = model, kv_cache, req_to_token
         self.write_fn = write_fn
         self.device = device
+        self.uploader = uploader  # stages.staging.Uploader: pinned host buffers, reused
         self.sizes = capture_sizes(max_bs)
         self.max_bs = self.sizes[-1]
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -97,7 +98,6 @@ class DecodeGraphs:
         return None
 
     def replay(self, packed: list[int], size: int, batch_size: int) -> torch.Tensor:
-        host = torch.tensor(packed, dtype=torch.int64).pin_memory()
-        self.buffers[size].copy_(host, non_blocking=True)
+        self.uploader.upload_into(packed, self.buffers[size])
         self.graphs[size].replay()
         return self.outputs[size][:batch_size]

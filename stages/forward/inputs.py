@@ -1,7 +1,7 @@
 """ForwardBatch (host ints) -> device tensors, with one host->device copy.
 
 Every integer the model step needs is packed into one int64 buffer, copied
-once (pinned, non-blocking on a GPU) and sliced into views, so building a
+once (through reused pinned staging, ``stages/staging.py``) and sliced into views, so building a
 batch launches no kernel at all. The attention kernels and the index
 helpers accept int64 vectors, so nothing needs a dtype conversion.
 
@@ -53,14 +53,6 @@ def pack_batch(batch: ForwardBatch) -> tuple[list[int], int, int]:
         packed += [w.start + len(w.slots) for w in writes] + offsets + slots
         return packed, len(writes), len(slots)
     return packed, 0, 0
-
-
-def upload(values: list[int], device: torch.device) -> torch.Tensor:
-    """One host->device copy of a list of ints (pinned staging on a GPU)."""
-    host = torch.tensor(values, dtype=torch.int64)
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def unpack(buffer: torch.Tensor, batch: ForwardBatch, num_writes: int, num_write_slots: int,

@@ -30,7 +30,8 @@ from models.loader import load_model, resolve_dtype
 from pipeline.messages import ForwardBatch, Logits
 from pipeline.stage import Stage
 from stages.forward.graphs import DecodeGraphs, pad_decode
-from stages.forward.inputs import pack_batch, unpack, upload, write_req_to_token
+from stages.forward.inputs import pack_batch, unpack, write_req_to_token
+from stages.staging import Uploader
 from stages.schedule.model_info import ModelInfo
 from triton_kernels import load_ops
 
@@ -61,10 +62,12 @@ class ForwardStage(Stage):
         self.req_to_token = torch.zeros((self.num_rows, row_len), dtype=torch.int32, device=self.device)
         logger.info("KV pool: %d slots (page size %d), req_to_token %s", num_slots, args.page_size,
                     tuple(self.req_to_token.shape))
+        self.uploader = Uploader(self.device)
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.req_to_token, self._write_decode,
-                                       min(args.cuda_graph_max_bs, args.max_running_requests), self.device)
+                                       min(args.cuda_graph_max_bs, args.max_running_requests), self.device,
+                                       self.uploader)
             self.graphs.capture_all()
 
     # ------------------------------------------------------------- sizing
@@ -110,7 +113,7 @@ class ForwardStage(Stage):
                                     batch.req_pool_indices, batch.seq_lens, size)
                 return self.graphs.replay(packed, size, num_reqs)
         packed, num_writes, num_write_slots = pack_batch(batch)
-        device_batch = unpack(upload(packed, self.device), batch, num_writes, num_write_slots,
+        device_batch = unpack(self.uploader.upload(packed, torch.int64), batch, num_writes, num_write_slots,
                               self.req_to_token)
         write_req_to_token(self.ops.backend, device_batch)
         return self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,

@@ -64,6 +64,21 @@ def test_greedy_rows(device):
     assert torch.equal(tokens, torch.argmax(logits, dim=-1))
 
 
+@pytest.mark.parametrize("vocab", [1, 31, VOCAB, 4099])
+def test_greedy_split_argmax(device, vocab):
+    """The all-greedy path (rows split over chunks) equals torch.argmax, ties and -inf rows too."""
+    logits = _logits(3, vocab, device, seed=6)
+    logits[1] = float("-inf")                      # a fully masked row: index 0, like torch
+    if vocab > 40:
+        logits[2, 7] = logits[2, vocab - 3] = logits[2].max() + 1.0  # a tie across chunks
+    tokens = sampling.greedy(logits)
+    assert tokens.dtype == torch.int64
+    assert torch.equal(tokens, sampling.greedy_reference(logits))
+    assert torch.equal(tokens, torch.argmax(logits, dim=-1))
+    if vocab > 40:
+        assert int(tokens[2]) == 7
+
+
 # (temperature, top_k, top_p, min_p)
 SAMPLE_CASES = [(1.0, 0, 1.0, 0.0), (0.7, 20, 1.0, 0.0), (1.0, 0, 0.8, 0.0),
                 (1.3, 50, 0.9, 0.0), (1.0, 0, 1.0, 0.05), (2.0, 8, 0.95, 0.02)]

@@ -12,6 +12,8 @@ Launchers (the sample stage calls these; ``*_reference`` twins in PyTorch)::
         row row_indices[i] keeps token 32*w + j iff bit j of bitmask[i, w]; else -inf
     sample(logits, temperatures[B], top_ks[B] int, top_ps[B], min_ps[B],
            seeds[B] int64, steps[B] int64) -> token_ids[B] int64
+    greedy(logits) -> token_ids[B] int64
+        argmax per row, lowest index on ties (the all-greedy fast path)
     compute_logprobs(logits, token_ids[B], top_n) ->
            (token_logprobs[B] fp32, top_ids[B, top_n] int64, top_logprobs[B, top_n] fp32)
 
@@ -53,11 +55,12 @@ import torch
 import triton
 
 from triton_kernels.sampling.kernels import (
-    bitmask_kernel, logprobs_kernel, penalties_kernel, sample_kernel,
+    argmax_partial_kernel, argmax_reduce_kernel, bitmask_kernel, logprobs_kernel,
+    penalties_kernel, sample_kernel,
 )
 from triton_kernels.sampling.reference import (  # noqa: F401
     apply_penalties_reference, apply_token_bitmask_reference, compute_logprobs_reference,
-    philox_uniform_reference, sample_reference, sampling_bytes,
+    greedy_reference, philox_uniform_reference, sample_reference, sampling_bytes,
 )
 
 NUM_CUTS = 16
@@ -139,6 +142,26 @@ def launch_sample(logits, temperatures, top_ks, top_ps, min_ps, seeds, steps,
                             cand_vals, cand_ids, vocab_size, logits.stride(0),
                             CAPACITY=capacity, BLOCK=block, CAND_BLOCK=cand_block,
                             CUTS=NUM_CUTS, num_warps=num_warps)
+    return out
+
+
+GREEDY_CHUNKS = 32  # programs per row of the greedy path (a power of two)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """argmax of each row (lowest index on ties): ``sample`` with every temperature 0,
+    split over GREEDY_CHUNKS programs per row so that a batch of one still uses the
+    whole GPU. Returns token_ids[B] int64."""
+    batch, vocab_size = _check_logits(logits)
+    chunk_size = triton.cdiv(vocab_size, GREEDY_CHUNKS)
+    block = min(1024, triton.next_power_of_2(chunk_size))
+    part_vals = torch.empty((batch, GREEDY_CHUNKS), dtype=torch.float32, device=logits.device)
+    part_ids = torch.empty((batch, GREEDY_CHUNKS), dtype=torch.int32, device=logits.device)
+    out = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    argmax_partial_kernel[(batch, GREEDY_CHUNKS)](
+        logits, part_vals, part_ids, vocab_size, logits.stride(0), chunk_size,
+        NUM_CHUNKS=GREEDY_CHUNKS, BLOCK=block, num_warps=4)
+    argmax_reduce_kernel[(batch,)](part_vals, part_ids, out, NUM_CHUNKS=GREEDY_CHUNKS, num_warps=1)
     return out
 
 

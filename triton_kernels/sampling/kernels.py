@@ -176,3 +176,44 @@ def bitmask_kernel(logits_ptr, bitmask_ptr, row_indices_ptr, vocab_size, stride_
     allowed = ((words >> (offs % 32)) & 1) != 0
     tl.store(logits_ptr + row * stride_row + offs, float("-inf"), mask=mask & ~allowed)
 
+
+
+@triton.jit
+def argmax_partial_kernel(logits_ptr, part_vals_ptr, part_ids_ptr, vocab_size, stride_row,
+                          chunk_size, NUM_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+    """Greedy, step 1: the max and its lowest index over one chunk of one row.
+
+    A row of a 150k vocabulary is 600 KB: one program per row (as in
+    ``sample_kernel``) reads it at the speed of one SM, so at batch 1 the row
+    is split into NUM_CHUNKS programs and ``argmax_reduce_kernel`` joins them.
+    """
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    start = chunk * chunk_size
+    end = tl.minimum(start + chunk_size, vocab_size)
+    offs0 = tl.arange(0, BLOCK)
+    best_val = float("-inf")
+    best_id = start
+    for block_start in range(start, end, BLOCK):
+        offs = block_start + offs0
+        x = tl.load(row_ptr + offs, mask=offs < end, other=float("-inf"))
+        block_max = tl.max(x, 0)
+        block_id = tl.min(tl.where(x == block_max, offs, vocab_size), 0)
+        better = block_max > best_val
+        best_id = tl.where(better, block_id, best_id)
+        best_val = tl.where(better, block_max, best_val)
+    tl.store(part_vals_ptr + row * NUM_CHUNKS + chunk, best_val)
+    tl.store(part_ids_ptr + row * NUM_CHUNKS + chunk, best_id)
+
+
+@triton.jit
+def argmax_reduce_kernel(part_vals_ptr, part_ids_ptr, out_ptr, NUM_CHUNKS: tl.constexpr):
+    """Greedy, step 2: the best chunk of each row (lowest token id on ties)."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, NUM_CHUNKS)
+    vals = tl.load(part_vals_ptr + row * NUM_CHUNKS + offs)
+    ids = tl.load(part_ids_ptr + row * NUM_CHUNKS + offs)
+    best = tl.max(vals, 0)
+    token = tl.min(tl.where(vals == best, ids, 2147483647), 0)
+    tl.store(out_ptr + row, token.to(tl.int64))

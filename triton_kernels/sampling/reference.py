@@ -35,6 +35,11 @@ def apply_token_bitmask_reference(logits, bitmask, row_indices) -> None:
     logits[rows] = logits[rows].masked_fill(~allowed, float("-inf"))
 
 
+def greedy_reference(logits) -> torch.Tensor:
+    """Reference of `greedy`: argmax per row (torch returns the lowest index on ties)."""
+    return torch.argmax(logits, dim=-1)
+
+
 def philox_uniform_reference(seed: int, step: int, num: int, device=None) -> torch.Tensor:
     """The kernel's Philox4x32-10 uniforms for tokens 0..num-1, in int64 PyTorch."""
     mask32 = 0xFFFFFFFF

@@ -1,0 +1,123 @@
+"""Decode gemm config sweep: the data behind ``_DECODE_TABLE`` in triton_kernels/gemm.py.
+
+Usage (GPU only)::
+
+    python perf/sweep_gemm_decode.py [--ms 1,4,16,64] [--shapes llama.qkv,...] [--top 3]
+
+For every projection of Llama-3.1-8B and Qwen3-8B (``bench_kernels.gemm_shapes``)
+and every M, times cuBLAS and a grid of stream-kernel configs (tensor-core
+tiles with 16..64 rows, CUDA-core GEMV tiles for M <= 4, split-K), each
+checked against cuBLAS before it is timed. Timing is the same as in
+bench_kernels.py: median of CUDA-graph replays over rotated inputs (cold L2).
+Prints the best configs per (shape, M) and writes
+``perf/results/gemm-decode-sweep-<device>.json`` (and ``$OUT`` when set).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench_kernels import DTYPE, Ctx, gemm_shapes, median_us, rotating  # noqa: E402
+
+
+def candidate_configs(M: int) -> list:
+    """Tensor-core tiles around the current table, plus GEMV tiles for tiny M."""
+    from triton_kernels.gemm import GemmConfig
+
+    bm = max(16, 1 << (M - 1).bit_length())
+    dot_tiles = [  # (block_n, block_k, num_warps, num_stages)
+        (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 256, 4, 5), (32, 128, 4, 6),
+        (32, 512, 4, 3), (32, 256, 8, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 128, 8, 5),
+        (64, 256, 8, 4), (128, 128, 8, 4),
+    ]
+    configs = [GemmConfig("stream", bm, bn, bk, num_warps=w, num_stages=s) for bn, bk, w, s in dot_tiles]
+    configs += [GemmConfig("stream", bm, bn, bk, split_k=sk, num_warps=4, num_stages=4)
+                for bn, bk, sk in ((32, 256, 2), (64, 128, 2), (64, 256, 2), (128, 128, 4))]
+    if M <= 4:
+        gm = 1 << (M - 1).bit_length()
+        gemv_tiles = [(8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3),
+                      (32, 128, 4, 4), (16, 256, 8, 4), (32, 256, 8, 4), (64, 128, 8, 3)]
+        configs += [GemmConfig("stream", gm, bn, bk, num_warps=w, num_stages=s, use_dot=False)
+                    for bn, bk, w, s in gemv_tiles]
+    return configs
+
+
+def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int) -> dict:
+    from triton_kernels import gemm
+
+    _, num_bytes = gemm.flops_bytes(M, N, K, DTYPE)
+    sets = rotating(ctx, lambda: (torch.randn(M, K, device=ctx.device, dtype=DTYPE),
+                                  torch.randn(N, K, device=ctx.device, dtype=DTYPE) / K ** 0.5,
+                                  torch.empty(M, N, device=ctx.device, dtype=DTYPE)), num_bytes)
+    x, w, y = sets()
+    expect = torch.nn.functional.linear(x, w).float()
+    cublas_us = median_us(lambda: torch.nn.functional.linear(*sets()[:2]), quick=True)
+    table_us = median_us(lambda: gemm.linear(*sets()[:2]), quick=True)
+    timings = []
+    for config in candidate_configs(M):
+        try:
+            gemm.launch_linear(x, w, None, y, config)
+            err = ((y.float() - expect).norm() / expect.norm()).item()
+            if not err < 2e-2:
+                raise RuntimeError(f"wrong result (rel err {err:.2e})")
+            us = median_us(lambda c=config: gemm.launch_linear(sets()[0], sets()[1], None, sets()[2], c),
+                           quick=True)
+        except Exception as exc:  # a config the chip cannot take: report, keep sweeping
+            print(f"  {name} M={M} {config}: {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        timings.append((us, config))
+    timings.sort(key=lambda t: t[0])
+    for us, config in timings[:top]:
+        print(f"{name:16s} M={M:3d} cuBLAS {cublas_us:7.1f} table {table_us:7.1f} "
+              f"cfg {us:7.1f} us ({cublas_us / us:4.2f}x) {config}")
+    return dict(shape=name, M=M, N=N, K=K, cublas_us=cublas_us, table_us=table_us,
+                top=[dict(us=us, config=dataclasses.asdict(c)) for us, c in timings[:top]])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ms", default="1,4,16,64")
+    parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
+    parser.add_argument("--top", type=int, default=3)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("sweep_gemm_decode.py needs a CUDA GPU")
+    import triton
+
+    device = torch.device("cuda")
+    props = torch.cuda.get_device_properties(device)
+    ctx = Ctx(device=device, l2_bytes=getattr(props, "L2_cache_size", 50 * 2 ** 20), quick=True)
+    wanted = {s for s in args.shapes.split(",") if s}
+    results = []
+    for name, N, K in gemm_shapes():
+        if wanted and name not in wanted:
+            continue
+        for M in (int(m) for m in args.ms.split(",")):
+            results.append(sweep_one(ctx, name, N, K, M, args.top))
+            torch.cuda.empty_cache()
+    report = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
+                  time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), results=results)
+    tag = props.name.lower().replace(" ", "-")
+    out_dirs = [Path(__file__).resolve().parent / "results"]
+    if os.environ.get("OUT"):
+        out_dirs.append(Path(os.environ["OUT"]))
+    for out_dir in out_dirs:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"gemm-decode-sweep-{tag}.json"
+        path.write_text(json.dumps(report, indent=1))
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
