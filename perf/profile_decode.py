@@ -1,4 +1,4 @@
-"""Where a decode step's time goes: GPU kernels vs host work, per kernel.
+"""Where a decode (or prefill) step's time goes: GPU kernels vs host work, per kernel.
 
 Usage (GPU)::
 
@@ -13,7 +13,8 @@ server runs them) for a few decode steps under ``torch.profiler`` and prints:
   device->host sync);
 * every kernel with calls and µs per step, heaviest first.
 
-The chrome trace goes to ``$OUT/decode-trace.json`` when ``$OUT`` is set.
+``--prefill`` profiles prefill steps of ``batch x input-len`` new tokens
+instead. The chrome trace goes to ``$OUT/decode-trace.json`` when ``$OUT`` is set.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--prefill", action="store_true",
+                        help="profile the prefill step (batch x input-len new tokens) instead")
     ns = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("profile_decode.py needs a CUDA GPU")
@@ -54,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         position += 1
     torch.cuda.synchronize()
     walls = []
+    make_batch = (lambda i: prefill_batch(10 + i, ns.batch, ns.input_len, vocab)) if ns.prefill else None
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
                                             torch.profiler.ProfilerActivity.CPU]) as prof:
         for i in range(ns.steps):
-            elapsed, tokens = step_s(forward, sample, decode_batch(10 + i, ns.batch, position, tokens,
-                                                                   ns.input_len))
+            batch = make_batch(i) if make_batch else decode_batch(10 + i, ns.batch, position, tokens,
+                                                                  ns.input_len)
+            elapsed, tokens = step_s(forward, sample, batch)
             walls.append(elapsed)
             position += 1
         torch.cuda.synchronize()
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             entry[1] += event.device_time
     busy_us = sum(total for _, total in kernels.values()) / ns.steps
     wall_ms = sorted(walls)[len(walls) // 2] * 1e3
-    print(f"batch {ns.batch}: wall {wall_ms:.3f} ms/step (median), GPU busy {busy_us / 1e3:.3f} ms/step, "
+    print(f"{'prefill' if ns.prefill else 'decode'} batch {ns.batch} x {ns.input_len}: wall {wall_ms:.3f} ms/step (median), GPU busy {busy_us / 1e3:.3f} ms/step, "
           f"host-only {wall_ms - busy_us / 1e3:.3f} ms/step")
     for name, (count, total) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
         print(f"  {count / ns.steps:6.1f}x  {total / ns.steps:9.1f} us/step  {name[:100]}")
