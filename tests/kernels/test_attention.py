@@ -17,6 +17,7 @@ import torch
 
 from tests.kernels.util import DTYPES, ON_GPU, assert_close
 from triton_kernels import attention
+from triton_kernels.attention.extend import ExtendConfig, launch_extend_attention
 
 
 @dataclasses.dataclass
@@ -113,6 +114,29 @@ def test_extend_attention(device, dtype, case):
                                                pool.v_cache.double(), *args)
     assert_close(out, ref, dtype, "extend vs reference")
     assert_close(out, f64, dtype, "extend vs float64")
+
+
+# Tile configs that take other code paths: paired query blocks, q/o through pointers
+# with k/v through descriptors, all pointers (the default table covers the rest).
+_BLOCK = 64 if ON_GPU else 32
+PATH_CONFIGS = [
+    ExtendConfig(_BLOCK, _BLOCK, 4, 2, pair_blocks=True),
+    ExtendConfig(_BLOCK, 2 * _BLOCK, 4, 2, tma_qo=False),
+    ExtendConfig(2 * _BLOCK, _BLOCK, 4, 2, tma=False, pair_blocks=True),
+]
+
+
+@pytest.mark.parametrize("config", PATH_CONFIGS, ids=["pair", "kv-tma", "pointers-pair"])
+def test_extend_code_paths(device, config):
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    batch = _extend_batch([0, 45, 3], [150, 97, 1], 4, 2, 64, dtype, device)
+    pool, args = batch.pool, batch.args
+    out = launch_extend_attention(batch.q, batch.k, batch.v, pool.k_cache, pool.v_cache, *args,
+                                  config=config)
+    f64 = attention.extend_attention_reference(batch.q.double(), batch.k.double(),
+                                               batch.v.double(), pool.k_cache.double(),
+                                               pool.v_cache.double(), *args)
+    assert_close(out, f64, dtype, f"extend {config} vs float64")
 
 
 def test_extend_rejects_bad_new_kv(device):

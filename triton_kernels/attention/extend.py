@@ -44,8 +44,9 @@ class ExtendConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    tma: bool = True              # use tensor descriptors for q/k/v/o when aligned
-    warp_specialize: bool = False  # tl.range(warp_specialize=True) on the phase-B loop
+    tma: bool = True          # new k/v through tensor descriptors (when aligned, 16-bit)
+    tma_qo: bool = True       # q and o through tensor descriptors too
+    pair_blocks: bool = False  # a program owns query blocks p and n-1-p (balanced causal work)
 
 
 # padded head dim -> tiles (bf16/fp16) on an H200 (triton 3.6); see perf/sweep_attention.py.
@@ -53,7 +54,7 @@ _GPU_CONFIGS: dict[int, ExtendConfig] = {
     16: ExtendConfig(64, 128, 4, 3),
     32: ExtendConfig(64, 128, 4, 3),
     64: ExtendConfig(64, 128, 4, 3),
-    128: ExtendConfig(128, 128, 8, 3),
+    128: ExtendConfig(128, 64, 4, 2),
     256: ExtendConfig(128, 64, 8, 2),
 }
 
@@ -171,6 +172,84 @@ def _new_block(acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, k_r
 
 
 @triton.jit
+def _query_block(pid_m, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
+                 q_desc, o_desc, k_desc, v_desc, q_rows_ptr, o_rows_ptr, k_rows_ptr, v_rows_ptr,
+                 k_cache_ptr, v_cache_ptr, qk_scale, logit_cap, sliding_window,
+                 stride_qt, stride_kt, stride_vt, stride_ks, stride_vs, stride_ot,
+                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr, IS_FP32: tl.constexpr,
+                 EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, USE_TMA_QO: tl.constexpr):
+    """BLOCK_M query rows (extend indices pid_m * BLOCK_M ..) of one head: phase A, phase B, store."""
+    m_start = pid_m * BLOCK_M
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_d = offs_d < HEAD_DIM
+    q_idx = m_start + offs_m          # extend indices of the block's queries
+    q_pos = prefix_len + q_idx        # their absolute positions
+    if USE_TMA_QO:
+        q = q_desc.load([m_start, 0])
+    else:
+        q_mask = (q_idx < extend_len)[:, None] & mask_d[None, :]
+        q = tl.load(q_rows_ptr + q_idx.to(tl.int64)[:, None] * stride_qt + offs_d[None, :],
+                    mask=q_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    # ---- phase A: the cached prefix, from the pool
+    if USE_WINDOW:
+        first_key = tl.maximum(prefix_len + m_start - sliding_window + 1, 0)
+        a_lo = (first_key // BLOCK_N) * BLOCK_N
+        a_unmasked_end = a_lo
+    else:
+        a_lo = 0
+        a_unmasked_end = (prefix_len // BLOCK_N) * BLOCK_N
+    for start_n in range(a_lo, a_unmasked_end, BLOCK_N):
+        acc, l_i, m_i = _prefix_block(
+            acc, l_i, m_i, q, q_pos, start_n, prefix_len, slot_row_ptr,
+            k_cache_ptr, v_cache_ptr, kv_head_off, stride_ks, stride_vs,
+            qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d,
+            False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D)
+    for start_n in range(a_unmasked_end, prefix_len, BLOCK_N):
+        acc, l_i, m_i = _prefix_block(
+            acc, l_i, m_i, q, q_pos, start_n, prefix_len, slot_row_ptr,
+            k_cache_ptr, v_cache_ptr, kv_head_off, stride_ks, stride_vs,
+            qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d,
+            True, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D)
+
+    # ---- phase B: the new tokens, from k/v
+    if USE_WINDOW:
+        b_lo = (tl.maximum(m_start - sliding_window + 1, 0) // BLOCK_N) * BLOCK_N
+        b_unmasked_end = b_lo
+    else:
+        b_lo = 0
+        b_unmasked_end = (m_start // BLOCK_N) * BLOCK_N
+    b_end = tl.minimum(m_start + BLOCK_M, extend_len)
+    for start_n in range(b_lo, b_unmasked_end, BLOCK_N):
+        acc, l_i, m_i = _new_block(
+            acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, k_rows_ptr,
+            v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
+            offs_n, offs_d, mask_d, False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA)
+    for start_n in range(b_unmasked_end, b_end, BLOCK_N):
+        acc, l_i, m_i = _new_block(
+            acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, k_rows_ptr,
+            v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
+            offs_n, offs_d, mask_d, True, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA)
+
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    out = (acc / l_safe[:, None]).to(o_rows_ptr.dtype.element_ty)
+    if USE_TMA_QO:  # rows past extend_len are dropped by the descriptor bounds
+        o_desc.store([m_start, 0], out)
+    else:
+        o_mask = (q_idx < extend_len)[:, None] & mask_d[None, :]
+        tl.store(o_rows_ptr + q_idx.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
+                 out, mask=o_mask)
+
+
+@triton.jit
 def _extend_attention_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, o_ptr, req_to_token_ptr,
     req_pool_indices_ptr, prefix_lens_ptr, extend_lens_ptr, extend_start_loc_ptr,
@@ -180,105 +259,66 @@ def _extend_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr, IS_FP32: tl.constexpr,
-    EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+    EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, USE_TMA_QO: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr,
 ):
     head = tl.program_id(0)
-    pid_m = num_m_blocks - 1 - tl.program_id(1)  # the heavy causal tail first
+    pid = tl.program_id(1)
     req = tl.program_id(2)
     extend_len = tl.load(extend_lens_ptr + req).to(tl.int32)
-    m_start = pid_m * BLOCK_M
-    if m_start < extend_len:
+    req_m_blocks = tl.cdiv(extend_len, BLOCK_M)
+    if PAIR_BLOCKS:  # program p owns blocks n-1-p and p: the same causal work for all
+        first_block = req_m_blocks - 1 - pid
+        has_work = pid <= first_block
+    else:            # the heavy causal tail first
+        first_block = num_m_blocks - 1 - pid
+        has_work = first_block < req_m_blocks
+    if has_work:
         prefix_len = tl.load(prefix_lens_ptr + req).to(tl.int32)
         q_start = tl.load(extend_start_loc_ptr + req).to(tl.int64)
         req_row = tl.load(req_pool_indices_ptr + req).to(tl.int64)
         slot_row_ptr = req_to_token_ptr + req_row * stride_req
         kv_head = (head // GROUP).to(tl.int64)
-
-        offs_m = tl.arange(0, BLOCK_M)
-        offs_n = tl.arange(0, BLOCK_N)
-        offs_d = tl.arange(0, BLOCK_D)
-        mask_d = offs_d < HEAD_DIM
-        q_idx = m_start + offs_m          # extend indices of the block's queries
-        q_pos = prefix_len + q_idx        # their absolute positions
+        kv_head_off = kv_head * stride_kcache_h  # same head stride for v_cache (checked)
         q_rows_ptr = q_ptr + q_start * stride_qt + head * stride_qh
         o_rows_ptr = o_ptr + q_start * stride_ot + head * stride_oh
         k_rows_ptr = k_ptr + q_start * stride_kt + kv_head * stride_kh
         v_rows_ptr = v_ptr + q_start * stride_vt + kv_head * stride_vh
+        # descriptors bounded by this request's rows: past them loads give zeros, stores drop
         if USE_TMA:
-            q_desc = tl.make_tensor_descriptor(q_rows_ptr, shape=[extend_len, HEAD_DIM],
-                                               strides=[stride_qt, 1],
-                                               block_shape=[BLOCK_M, BLOCK_D])
-            o_desc = tl.make_tensor_descriptor(o_rows_ptr, shape=[extend_len, HEAD_DIM],
-                                               strides=[stride_ot, 1],
-                                               block_shape=[BLOCK_M, BLOCK_D])
             k_desc = tl.make_tensor_descriptor(k_rows_ptr, shape=[extend_len, HEAD_DIM],
                                                strides=[stride_kt, 1],
                                                block_shape=[BLOCK_N, BLOCK_D])
             v_desc = tl.make_tensor_descriptor(v_rows_ptr, shape=[extend_len, HEAD_DIM],
                                                strides=[stride_vt, 1],
                                                block_shape=[BLOCK_N, BLOCK_D])
-            q = q_desc.load([m_start, 0])
         else:
-            o_desc = q_ptr  # unused placeholders
-            k_desc = q_ptr
-            v_desc = q_ptr
-            q_mask = (q_idx < extend_len)[:, None] & mask_d[None, :]
-            q = tl.load(q_rows_ptr + q_idx.to(tl.int64)[:, None] * stride_qt + offs_d[None, :],
-                        mask=q_mask, other=0.0)
-
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-
-        # ---- phase A: the cached prefix, from the pool
-        kv_head_off = kv_head * stride_kcache_h  # same head stride for v_cache (checked)
-        if USE_WINDOW:
-            first_key = tl.maximum(prefix_len + m_start - sliding_window + 1, 0)
-            a_lo = (first_key // BLOCK_N) * BLOCK_N
-            a_unmasked_end = a_lo
+            k_desc = k_rows_ptr  # unused placeholders
+            v_desc = v_rows_ptr
+        if USE_TMA_QO:
+            q_desc = tl.make_tensor_descriptor(q_rows_ptr, shape=[extend_len, HEAD_DIM],
+                                               strides=[stride_qt, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
+            o_desc = tl.make_tensor_descriptor(o_rows_ptr, shape=[extend_len, HEAD_DIM],
+                                               strides=[stride_ot, 1],
+                                               block_shape=[BLOCK_M, BLOCK_D])
         else:
-            a_lo = 0
-            a_unmasked_end = (prefix_len // BLOCK_N) * BLOCK_N
-        for start_n in range(a_lo, a_unmasked_end, BLOCK_N):
-            acc, l_i, m_i = _prefix_block(
-                acc, l_i, m_i, q, q_pos, start_n, prefix_len, slot_row_ptr,
-                k_cache_ptr, v_cache_ptr, kv_head_off, stride_ks, stride_vs,
-                qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d,
-                False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D)
-        for start_n in range(a_unmasked_end, prefix_len, BLOCK_N):
-            acc, l_i, m_i = _prefix_block(
-                acc, l_i, m_i, q, q_pos, start_n, prefix_len, slot_row_ptr,
-                k_cache_ptr, v_cache_ptr, kv_head_off, stride_ks, stride_vs,
-                qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d,
-                True, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D)
-
-        # ---- phase B: the new tokens, from k/v
-        if USE_WINDOW:
-            b_lo = (tl.maximum(m_start - sliding_window + 1, 0) // BLOCK_N) * BLOCK_N
-            b_unmasked_end = b_lo
-        else:
-            b_lo = 0
-            b_unmasked_end = (m_start // BLOCK_N) * BLOCK_N
-        b_end = tl.minimum(m_start + BLOCK_M, extend_len)
-        for start_n in tl.range(b_lo, b_unmasked_end, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
-            acc, l_i, m_i = _new_block(
-                acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, k_rows_ptr,
-                v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
-                offs_n, offs_d, mask_d, False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA)
-        for start_n in range(b_unmasked_end, b_end, BLOCK_N):
-            acc, l_i, m_i = _new_block(
-                acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, k_rows_ptr,
-                v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
-                offs_n, offs_d, mask_d, True, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA)
-
-        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-        out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
-        if USE_TMA:  # rows past extend_len are dropped by the descriptor bounds
-            o_desc.store([m_start, 0], out)
-        else:
-            o_mask = (q_idx < extend_len)[:, None] & mask_d[None, :]
-            tl.store(o_rows_ptr + q_idx.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
-                     out, mask=o_mask)
+            q_desc = q_rows_ptr
+            o_desc = o_rows_ptr
+        _query_block(first_block, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
+                     q_desc, o_desc, k_desc, v_desc, q_rows_ptr, o_rows_ptr, k_rows_ptr,
+                     v_rows_ptr, k_cache_ptr, v_cache_ptr, qk_scale, logit_cap, sliding_window,
+                     stride_qt, stride_kt, stride_vt, stride_ks, stride_vs, stride_ot,
+                     HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, USE_WINDOW, USE_CAP, IS_FP32,
+                     EVEN_D, USE_TMA, USE_TMA_QO)
+        if PAIR_BLOCKS:
+            if pid < first_block:
+                _query_block(pid, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
+                             q_desc, o_desc, k_desc, v_desc, q_rows_ptr, o_rows_ptr, k_rows_ptr,
+                             v_rows_ptr, k_cache_ptr, v_cache_ptr, qk_scale, logit_cap,
+                             sliding_window, stride_qt, stride_kt, stride_vt, stride_ks,
+                             stride_vs, stride_ot, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                             USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA, USE_TMA_QO)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -364,7 +404,8 @@ def launch_extend_attention(q, k, v, k_cache, v_cache, req_to_token, req_pool_in
     if use_tma:
         _set_tma_allocator(q.device)
     num_m_blocks = triton.cdiv(max_extend_len, config.block_m)
-    grid = (num_q_heads, num_m_blocks, batch)
+    grid = (num_q_heads, triton.cdiv(num_m_blocks, 2) if config.pair_blocks else num_m_blocks,
+            batch)
     _extend_attention_kernel[grid](
         q, k, v, k_cache, v_cache, o, req_to_token,
         req_pool_indices, prefix_lens, extend_lens, extend_start_loc,
@@ -377,7 +418,7 @@ def launch_extend_attention(q, k, v, k_cache, v_cache, req_to_token, req_pool_in
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         USE_WINDOW=sliding_window > 0, USE_CAP=logit_cap > 0,
         IS_FP32=q.dtype == torch.float32, EVEN_D=head_dim == padded_d,
-        USE_TMA=use_tma, WARP_SPECIALIZE=config.warp_specialize,
+        USE_TMA=use_tma, USE_TMA_QO=use_tma and config.tma_qo, PAIR_BLOCKS=config.pair_blocks,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o
