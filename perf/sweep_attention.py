@@ -40,21 +40,17 @@ SHAPES = [(f"S={S}", 1, S, 0, HQ, HK, D) for S in SEQ_LENS] + [
     ("B=4 S=1024", 4, 1024, 0, HQ, HK, D),
     ("prefix=3072 S=1024", 1, 1024, 3072, HQ, HK, D),
 ]
+HOST = dict(kv_desc_on_host=True)
 CONFIGS = [
-    ExtendConfig(128, 64, 4, 2), ExtendConfig(128, 64, 4, 2, tma_qo=False),
-    ExtendConfig(128, 64, 4, 2, tma=False), ExtendConfig(128, 64, 4, 2, pair_blocks=True),
-    ExtendConfig(64, 64, 4, 2, pair_blocks=True), ExtendConfig(64, 64, 4, 3, pair_blocks=True),
-    ExtendConfig(64, 64, 4, 2), ExtendConfig(128, 32, 4, 2), ExtendConfig(128, 32, 4, 3),
-    ExtendConfig(128, 64, 8, 3, tma=False), ExtendConfig(128, 64, 8, 3, tma=False, pair_blocks=True),
-    ExtendConfig(128, 64, 8, 2, pair_blocks=True), ExtendConfig(128, 128, 8, 3),
-    ExtendConfig(64, 128, 4, 2), ExtendConfig(128, 64, 4, 1),
+    ExtendConfig(128, 64, 4, 2, **HOST), ExtendConfig(128, 64, 4, 2),
+    ExtendConfig(128, 64, 4, 2, tma_qo=True, **HOST), ExtendConfig(64, 64, 4, 2, pair_blocks=True, **HOST),
+    ExtendConfig(128, 64, 4, 2, pair_blocks=True, **HOST), ExtendConfig(128, 128, 8, 3, **HOST),
 ]
 # other head dims: a few candidates at S=4k (Hq, Hk as a GQA model of that head dim)
 OTHER_D = {
-    64: [ExtendConfig(64, 128, 4, 3), ExtendConfig(128, 64, 4, 2), ExtendConfig(128, 128, 4, 2),
-         ExtendConfig(128, 64, 4, 2, pair_blocks=True), ExtendConfig(64, 64, 4, 2)],
-    256: [ExtendConfig(128, 64, 8, 2), ExtendConfig(64, 64, 4, 2), ExtendConfig(128, 32, 8, 2),
-          ExtendConfig(64, 32, 4, 2), ExtendConfig(64, 64, 4, 3)],
+    64: [ExtendConfig(64, 64, 4, 2, tma_qo=True), ExtendConfig(64, 64, 4, 2, **HOST),
+         ExtendConfig(128, 64, 4, 2, **HOST), ExtendConfig(64, 128, 4, 2, **HOST)],
+    256: [ExtendConfig(128, 64, 8, 2)],
 }
 OTHER_SHAPES = {64: ("D=64 S=4096", 1, 4096, 0, 32, 8, 64), 256: ("D=256 S=4096", 1, 4096, 0, 16, 8, 256)}
 
@@ -118,7 +114,8 @@ def median_us(fn) -> float:
 
 def config_name(c: ExtendConfig) -> str:
     return (f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
-            f"{' tma' if c.tma else ' ptr'}{'' if c.tma_qo or not c.tma else '(kv)'}"
+            f"{' ptr' if not c.tma else ' host-kv' if c.kv_desc_on_host else ' dev-kv'}"
+            f"{'+qo' if c.tma and c.tma_qo else ''}"
             f"{' pair' if c.pair_blocks else ''}")
 
 

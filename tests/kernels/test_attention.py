@@ -116,18 +116,20 @@ def test_extend_attention(device, dtype, case):
     assert_close(out, f64, dtype, "extend vs float64")
 
 
-# Tile configs that take other code paths: paired query blocks, q/o through pointers
-# with k/v through descriptors, all pointers (the default table covers the rest).
+# Tile configs that take other code paths than the default table: k/v descriptors built
+# per program or by the launcher, q/o descriptors, paired query blocks, pointers only.
 _BLOCK = 64 if ON_GPU else 32
-PATH_CONFIGS = [
-    ExtendConfig(_BLOCK, _BLOCK, 4, 2, pair_blocks=True),
-    ExtendConfig(_BLOCK, 2 * _BLOCK, 4, 2, tma_qo=False),
-    ExtendConfig(2 * _BLOCK, _BLOCK, 4, 2, tma=False, pair_blocks=True),
-]
+PATH_CONFIGS = {
+    "device-kv": ExtendConfig(_BLOCK, 2 * _BLOCK, 4, 2),
+    "host-kv-pair": ExtendConfig(2 * _BLOCK, _BLOCK, 4, 2, kv_desc_on_host=True, pair_blocks=True),
+    "qo-tma-pair": ExtendConfig(_BLOCK, _BLOCK, 4, 2, tma_qo=True, pair_blocks=True),
+    "pointers-pair": ExtendConfig(2 * _BLOCK, _BLOCK, 4, 2, tma=False, pair_blocks=True),
+}
 
 
-@pytest.mark.parametrize("config", PATH_CONFIGS, ids=["pair", "kv-tma", "pointers-pair"])
-def test_extend_code_paths(device, config):
+@pytest.mark.parametrize("name", PATH_CONFIGS)
+def test_extend_code_paths(device, name):
+    config = PATH_CONFIGS[name]
     dtype = torch.bfloat16 if ON_GPU else torch.float16
     batch = _extend_batch([0, 45, 3], [150, 97, 1], 4, 2, 64, dtype, device)
     pool, args = batch.pool, batch.args
@@ -137,6 +139,21 @@ def test_extend_code_paths(device, config):
                                                batch.v.double(), pool.k_cache.double(),
                                                pool.v_cache.double(), *args)
     assert_close(out, f64, dtype, f"extend {config} vs float64")
+
+
+@pytest.mark.parametrize("name", ["default", "host-kv-pair", "device-kv"])
+def test_extend_keeps_requests_apart(device, name):
+    """Request 1's new k/v are NaN: request 0, whose last key block overlaps request 1's
+    rows in k/v, must still come out right."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    batch = _extend_batch([0, 4], [37, 20], 4, 2, 128, dtype, device)  # D=128: the table entry
+    batch.k[37:] = float("nan")
+    batch.v[37:] = float("inf")
+    pool, args = batch.pool, batch.args
+    tensors = (batch.q, batch.k, batch.v, pool.k_cache, pool.v_cache)
+    out = launch_extend_attention(*tensors, *args, config=PATH_CONFIGS.get(name))
+    f64 = attention.extend_attention_reference(*(t.double() for t in tensors), *args)
+    assert_close(out[:37], f64[:37], dtype, f"extend {name}: request 0 next to a NaN request")
 
 
 def test_extend_rejects_bad_new_kv(device):

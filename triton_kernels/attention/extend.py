@@ -32,6 +32,7 @@ import dataclasses
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from triton_kernels.attention.common import (
     LOG2E, block_d, check_batch_vectors, check_kv_pool, interpreting, soft_cap,
@@ -44,26 +45,37 @@ class ExtendConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    tma: bool = True          # new k/v through tensor descriptors (when aligned, 16-bit)
-    tma_qo: bool = True       # q and o through tensor descriptors too
+    tma: bool = True           # new k/v through tensor descriptors (when aligned, 16-bit)
+    tma_qo: bool = False       # q and o through tensor descriptors too
+    kv_desc_on_host: bool = False  # k/v descriptors built once by the launcher, not per program
     pair_blocks: bool = False  # a program owns query blocks p and n-1-p (balanced causal work)
 
 
-# padded head dim -> tiles (bf16/fp16) on an H200 (triton 3.6); see perf/sweep_attention.py.
+# padded head dim -> tiles (bf16/fp16), from perf/sweep_attention.py on an H200 (triton 3.6;
+# perf/results/attention-extend-sweep*-nvidia-h200.json). D=128 at S=1k/2k/4k/8k:
+# 128x64 w4 s2 with k/v descriptors 243/403/444/479 TFLOP/s = 0.89/0.97/0.91/0.89x SDPA;
+# its smem (q 32 KB + 2 x 32 KB of k/v) lets two programs share an SM, which hides the
+# softmax behind the other's tensor-core work. Building q/o descriptors too costs 5-12%
+# (one more device-side descriptor pair per program); 128x128 w8 s3 0.82/0.76/0.82/0.84x.
+# Paired blocks with 64x64 tiles reach 1.00x at S=1k (one wave, no prefix) but lose
+# 10-20% from 2k on and with a prefix; the launcher cannot see prefix lengths without a
+# sync, so they stay out of the table. D=64: 64x64 w4 s2 (q/o descriptors) 0.97x at 4k;
+# D=256 (pointer loads: a 512-byte descriptor row is too wide): 128x64 w8 s2 0.91x at 4k.
 _GPU_CONFIGS: dict[int, ExtendConfig] = {
-    16: ExtendConfig(64, 128, 4, 3),
-    32: ExtendConfig(64, 128, 4, 3),
-    64: ExtendConfig(64, 128, 4, 3),
-    128: ExtendConfig(128, 64, 4, 2),
+    16: ExtendConfig(64, 64, 4, 2, tma_qo=True),
+    32: ExtendConfig(64, 64, 4, 2, tma_qo=True),
+    64: ExtendConfig(64, 64, 4, 2, tma_qo=True),
+    128: ExtendConfig(128, 64, 4, 2, kv_desc_on_host=True),
     256: ExtendConfig(128, 64, 8, 2),
 }
 
 
 def pick_extend_config(padded_head_dim: int, dtype: torch.dtype) -> ExtendConfig:
-    """Tile table lookup; fp32 halves the tiles, the interpreter takes big cheap ones."""
-    if interpreting():
-        return ExtendConfig(32, 32, 4, 1)
+    """Tile table lookup; fp32 halves the tiles (pointer loads); the interpreter takes
+    the GPU entry's code paths with small tiles."""
     config = _GPU_CONFIGS[padded_head_dim]
+    if interpreting():
+        return dataclasses.replace(config, block_m=32, block_n=32, num_stages=1)
     if dtype == torch.float32:
         return ExtendConfig(min(config.block_m, 64), min(config.block_n, 32), 4, 2, tma=False)
     return config
@@ -142,16 +154,19 @@ def _prefix_block(acc, l_i, m_i, q, q_pos, start_n, prefix_len, slot_row_ptr,
 
 
 @triton.jit
-def _new_block(acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, k_rows_ptr,
+def _new_block(acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, kv_row0, kv_col0,
+               k_rows_ptr,
                v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
                offs_n, offs_d, mask_d,
                MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr,
                IS_FP32: tl.constexpr, EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
     """Phase B: new keys start_n.. (extend indices) from the contiguous k/v rows."""
     k_idx = start_n + offs_n
-    if USE_TMA:  # rows past extend_len and columns past HEAD_DIM arrive as zeros
-        k = k_desc.load([start_n, 0])
-        v = v_desc.load([start_n, 0])
+    if USE_TMA:
+        k = k_desc.load([kv_row0 + start_n, kv_col0])
+        v = v_desc.load([kv_row0 + start_n, kv_col0])
+        if MASKED:  # rows past extend_len may be another request's: keep them out of p @ v
+            v = tl.where((k_idx < extend_len)[:, None], v, 0.0)
     else:
         rows = k_idx.to(tl.int64)
         k_ptrs = k_rows_ptr + rows[:, None] * stride_kt + offs_d[None, :]
@@ -173,8 +188,8 @@ def _new_block(acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, k_r
 
 @triton.jit
 def _query_block(pid_m, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
-                 q_desc, o_desc, k_desc, v_desc, q_rows_ptr, o_rows_ptr, k_rows_ptr, v_rows_ptr,
-                 k_cache_ptr, v_cache_ptr, qk_scale, logit_cap, sliding_window,
+                 q_desc, o_desc, k_desc, v_desc, kv_row0, kv_col0, q_rows_ptr, o_rows_ptr,
+                 k_rows_ptr, v_rows_ptr, k_cache_ptr, v_cache_ptr, qk_scale, logit_cap, sliding_window,
                  stride_qt, stride_kt, stride_vt, stride_ks, stride_vs, stride_ot,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -230,12 +245,14 @@ def _query_block(pid_m, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
     b_end = tl.minimum(m_start + BLOCK_M, extend_len)
     for start_n in range(b_lo, b_unmasked_end, BLOCK_N):
         acc, l_i, m_i = _new_block(
-            acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, k_rows_ptr,
+            acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, kv_row0, kv_col0,
+            k_rows_ptr,
             v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
             offs_n, offs_d, mask_d, False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA)
     for start_n in range(b_unmasked_end, b_end, BLOCK_N):
         acc, l_i, m_i = _new_block(
-            acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, k_rows_ptr,
+            acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, kv_row0, kv_col0,
+            k_rows_ptr,
             v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
             offs_n, offs_d, mask_d, True, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA)
 
@@ -251,7 +268,7 @@ def _query_block(pid_m, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
 
 @triton.jit
 def _extend_attention_kernel(
-    q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, o_ptr, req_to_token_ptr,
+    q_ptr, k_src, v_src, k_cache_ptr, v_cache_ptr, o_ptr, req_to_token_ptr,
     req_pool_indices_ptr, prefix_lens_ptr, extend_lens_ptr, extend_start_loc_ptr,
     qk_scale, logit_cap, sliding_window, num_m_blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
@@ -259,8 +276,8 @@ def _extend_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr, IS_FP32: tl.constexpr,
-    EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, USE_TMA_QO: tl.constexpr,
-    PAIR_BLOCKS: tl.constexpr,
+    EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, HOST_KV_DESC: tl.constexpr,
+    USE_TMA_QO: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
 ):
     head = tl.program_id(0)
     pid = tl.program_id(1)
@@ -282,19 +299,28 @@ def _extend_attention_kernel(
         kv_head_off = kv_head * stride_kcache_h  # same head stride for v_cache (checked)
         q_rows_ptr = q_ptr + q_start * stride_qt + head * stride_qh
         o_rows_ptr = o_ptr + q_start * stride_ot + head * stride_oh
-        k_rows_ptr = k_ptr + q_start * stride_kt + kv_head * stride_kh
-        v_rows_ptr = v_ptr + q_start * stride_vt + kv_head * stride_vh
-        # descriptors bounded by this request's rows: past them loads give zeros, stores drop
-        if USE_TMA:
-            k_desc = tl.make_tensor_descriptor(k_rows_ptr, shape=[extend_len, HEAD_DIM],
-                                               strides=[stride_kt, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
-            v_desc = tl.make_tensor_descriptor(v_rows_ptr, shape=[extend_len, HEAD_DIM],
-                                               strides=[stride_vt, 1],
-                                               block_shape=[BLOCK_N, BLOCK_D])
+        if HOST_KV_DESC:  # k_src, v_src: descriptors of [T, Hk * D], built by the launcher
+            k_desc = k_src
+            v_desc = v_src
+            kv_row0 = q_start.to(tl.int32)
+            kv_col0 = (kv_head * HEAD_DIM).to(tl.int32)
+            k_rows_ptr = q_ptr  # unused placeholders
+            v_rows_ptr = q_ptr
         else:
-            k_desc = k_rows_ptr  # unused placeholders
-            v_desc = v_rows_ptr
+            k_rows_ptr = k_src + q_start * stride_kt + kv_head * stride_kh
+            v_rows_ptr = v_src + q_start * stride_vt + kv_head * stride_vh
+            kv_row0 = 0
+            kv_col0 = 0
+            if USE_TMA:  # bounded by this request's rows: past them loads give zeros
+                k_desc = tl.make_tensor_descriptor(k_rows_ptr, shape=[extend_len, HEAD_DIM],
+                                                   strides=[stride_kt, 1],
+                                                   block_shape=[BLOCK_N, BLOCK_D])
+                v_desc = tl.make_tensor_descriptor(v_rows_ptr, shape=[extend_len, HEAD_DIM],
+                                                   strides=[stride_vt, 1],
+                                                   block_shape=[BLOCK_N, BLOCK_D])
+            else:
+                k_desc = k_rows_ptr  # unused placeholders
+                v_desc = v_rows_ptr
         if USE_TMA_QO:
             q_desc = tl.make_tensor_descriptor(q_rows_ptr, shape=[extend_len, HEAD_DIM],
                                                strides=[stride_qt, 1],
@@ -306,7 +332,8 @@ def _extend_attention_kernel(
             q_desc = q_rows_ptr
             o_desc = o_rows_ptr
         _query_block(first_block, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
-                     q_desc, o_desc, k_desc, v_desc, q_rows_ptr, o_rows_ptr, k_rows_ptr,
+                     q_desc, o_desc, k_desc, v_desc, kv_row0, kv_col0, q_rows_ptr, o_rows_ptr,
+                     k_rows_ptr,
                      v_rows_ptr, k_cache_ptr, v_cache_ptr, qk_scale, logit_cap, sliding_window,
                      stride_qt, stride_kt, stride_vt, stride_ks, stride_vs, stride_ot,
                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, USE_WINDOW, USE_CAP, IS_FP32,
@@ -314,7 +341,8 @@ def _extend_attention_kernel(
         if PAIR_BLOCKS:
             if pid < first_block:
                 _query_block(pid, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
-                             q_desc, o_desc, k_desc, v_desc, q_rows_ptr, o_rows_ptr, k_rows_ptr,
+                             q_desc, o_desc, k_desc, v_desc, kv_row0, kv_col0, q_rows_ptr,
+                             o_rows_ptr, k_rows_ptr,
                              v_rows_ptr, k_cache_ptr, v_cache_ptr, qk_scale, logit_cap,
                              sliding_window, stride_qt, stride_kt, stride_vt, stride_ks,
                              stride_vs, stride_ot, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
@@ -403,11 +431,18 @@ def launch_extend_attention(q, k, v, k_cache, v_cache, req_to_token, req_pool_in
     use_tma = config.tma and _tma_ok(padded_d, q, k, v, o)
     if use_tma:
         _set_tma_allocator(q.device)
+    host_kv_desc = (use_tma and config.kv_desc_on_host
+                    and k.stride(1) == head_dim and v.stride(1) == head_dim)
+    k_src, v_src = k, v
+    if host_kv_desc:  # [T, Hk * D] views; a program offsets rows by its request, columns by head
+        block = [config.block_n, padded_d]
+        k_src = TensorDescriptor(k, [k.shape[0], num_kv_heads * head_dim], [k.stride(0), 1], block)
+        v_src = TensorDescriptor(v, [v.shape[0], num_kv_heads * head_dim], [v.stride(0), 1], block)
     num_m_blocks = triton.cdiv(max_extend_len, config.block_m)
     grid = (num_q_heads, triton.cdiv(num_m_blocks, 2) if config.pair_blocks else num_m_blocks,
             batch)
     _extend_attention_kernel[grid](
-        q, k, v, k_cache, v_cache, o, req_to_token,
+        q, k_src, v_src, k_cache, v_cache, o, req_to_token,
         req_pool_indices, prefix_lens, extend_lens, extend_start_loc,
         sm_scale * (1.0 if logit_cap > 0 else LOG2E), float(logit_cap), int(sliding_window),
         num_m_blocks,
@@ -418,7 +453,8 @@ def launch_extend_attention(q, k, v, k_cache, v_cache, req_to_token, req_pool_in
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         USE_WINDOW=sliding_window > 0, USE_CAP=logit_cap > 0,
         IS_FP32=q.dtype == torch.float32, EVEN_D=head_dim == padded_d,
-        USE_TMA=use_tma, USE_TMA_QO=use_tma and config.tma_qo, PAIR_BLOCKS=config.pair_blocks,
+        USE_TMA=use_tma, HOST_KV_DESC=host_kv_desc, USE_TMA_QO=use_tma and config.tma_qo,
+        PAIR_BLOCKS=config.pair_blocks,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o
