@@ -200,23 +200,48 @@ def _num_sms_of(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
-# Decode table (16-bit dtypes), from perf/sweep_gemm_decode.py on an H200
-# (perf/results/gemm-decode-sweep-nvidia-h200.json): (max M, shape class) ->
+# Decode tables (16-bit dtypes), from perf/sweep_gemm_decode.py on an H200
+# (perf/results/gemm-decode-sweep-nvidia-h200.json). Values are
 # (block_n, block_k, split_k, num_warps, num_stages); block_m is M rounded up
-# to 16/32/64. Shape classes: "deep" when K >= 2N (the MLP down projection:
-# few output tiles, long rows, so K is split 4 ways to give every SM work),
-# else by N: "narrow" <= 4096, "mid" <= 8192, "wide" above. Narrow BLOCK_N
-# gives hundreds of programs, each streaming a disjoint slab of weight rows
-# with several K tiles in flight (num_stages).
+# to 16/32/64. Narrow BLOCK_N gives hundreds of programs, each streaming a
+# disjoint slab of weight rows with several K tiles in flight (num_stages).
+#
+# _DECODE_TUNED: the projections of Llama-3.1-8B and Qwen3-8B, keyed by
+# (N, K, M bucket); each entry is the config whose worst time over M = 1, 4,
+# 16 (or 64) was lowest relative to cuBLAS. Which tile streams best depends on
+# how the program count falls into waves of SMs, so neighbouring shapes can
+# disagree (28672 x 4096 wants 64 x 256 tiles, 24576 x 4096 wants 64 x 128).
+_DECODE_TUNED: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {
+    (6144, 4096, 16): (32, 128, 1, 4, 6),     # qkv (32 + 2 * 8 heads of 128)
+    (6144, 4096, 64): (64, 128, 1, 8, 5),
+    (4096, 4096, 16): (32, 128, 1, 4, 6),     # o
+    (4096, 4096, 64): (32, 256, 1, 4, 4),
+    (28672, 4096, 16): (64, 256, 1, 4, 3),    # Llama-3.1-8B gate_up
+    (28672, 4096, 64): (128, 128, 1, 8, 4),
+    (4096, 14336, 16): (128, 128, 4, 4, 4),   # Llama-3.1-8B down
+    (4096, 14336, 64): (128, 128, 4, 4, 4),
+    (128256, 4096, 16): (64, 256, 1, 4, 3),   # Llama-3.1-8B lm_head
+    (128256, 4096, 64): (128, 128, 1, 8, 4),
+    (24576, 4096, 16): (64, 128, 1, 4, 4),    # Qwen3-8B gate_up
+    (24576, 4096, 64): (64, 128, 1, 8, 5),
+    (4096, 12288, 16): (128, 128, 4, 4, 4),   # Qwen3-8B down
+    (4096, 12288, 64): (128, 128, 4, 4, 4),
+    (151936, 4096, 16): (64, 256, 1, 4, 3),   # Qwen3-8B lm_head
+    (151936, 4096, 64): (128, 128, 1, 8, 4),
+}
+# _DECODE_TABLE: every other shape, by (M bucket, shape class). "deep" when
+# K >= 2N (an MLP down projection: few output tiles, long rows, so K is split
+# 4 ways to give every SM work), else by N: "narrow" <= 4096, "mid" <= 8192,
+# "wide" above.
 _DECODE_TABLE: dict[tuple[int, str], tuple[int, int, int, int, int]] = {
     (16, "deep"): (128, 128, 4, 4, 4),
     (16, "narrow"): (32, 128, 1, 4, 6),
-    (16, "mid"): (32, 256, 2, 4, 4),
-    (16, "wide"): (64, 128, 1, 4, 4),
+    (16, "mid"): (32, 128, 1, 4, 6),
+    (16, "wide"): (64, 256, 1, 4, 3),
     (32, "deep"): (128, 128, 4, 4, 4),
     (32, "narrow"): (32, 256, 1, 4, 4),
-    (32, "mid"): (64, 128, 1, 4, 4),
-    (32, "wide"): (64, 128, 1, 4, 4),
+    (32, "mid"): (64, 128, 1, 8, 5),
+    (32, "wide"): (128, 128, 1, 8, 4),
     (64, "deep"): (128, 128, 4, 4, 4),
     (64, "narrow"): (32, 256, 1, 4, 4),
     (64, "mid"): (64, 128, 1, 8, 5),
@@ -283,7 +308,8 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     num_sms = _num_sms_of(device)
     if M <= 64:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
-        bn, bk, split_k, warps, stages = _DECODE_TABLE[(bm, _decode_shape_class(N, K))]
+        tile = _DECODE_TUNED.get((N, K, bm)) or _DECODE_TABLE[(bm, _decode_shape_class(N, K))]
+        bn, bk, split_k, warps, stages = tile
         if split_k == 1:
             split_k = _decode_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), num_sms)
         return GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps, num_stages=stages)
