@@ -110,3 +110,54 @@ def test_bad_inputs_raise_value_error(device):
         gemm.linear(x[:0], w)
     with pytest.raises(ValueError, match="not supported"):
         gemm.linear(x.double(), w.double())
+
+
+# ----------------------------------------------------------------------------- gated_linear
+GATED_SHAPES_CPU = [(1, 40, 72), (5, 33, 100), (20, 24, 40)]  # (M, N, I); M = 20 takes the unfused path
+GATED_SHAPES_GPU = [(1, 4096, 14336), (7, 1000, 3000), (16, 4096, 12288), (64, 4096, 14336)]
+
+
+def _gated_float64(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, activation: str):
+    gate, up = x.double().cpu().chunk(2, dim=-1)
+    act = {"silu": torch.nn.functional.silu(gate),
+           "gelu": torch.nn.functional.gelu(gate),
+           "gelu_tanh": torch.nn.functional.gelu(gate, approximate="tanh")}[activation]
+    return _float64(act * up, w, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GATED_SHAPES_GPU if ON_GPU else GATED_SHAPES_CPU)
+@pytest.mark.parametrize("activation,bias", [("silu", False), ("gelu", True), ("gelu_tanh", False)])
+def test_gated_linear_matches_reference_and_float64(device, dtype, shape, activation, bias):
+    M, N, inter = shape
+    x, w, b = _inputs(M, N, inter, dtype, device, bias)
+    gate_up = torch.cat([x, _inputs(M, N, inter + 1, dtype, device, False)[0][:, :inter]], dim=1)
+    y = gemm.gated_linear(gate_up, w, b, activation)
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert_close(y, _gated_float64(gate_up, w, b, activation), dtype, "gated_linear vs float64")
+    assert_close(y, gemm.gated_linear_reference(gate_up, w, b, activation), dtype,
+                 "gated_linear vs reference")
+
+
+@pytest.mark.parametrize("config", [gemm.GemmConfig("stream", 16, 32, 32, split_k=3),
+                                    gemm.GemmConfig("stream", 4, 16, 64, use_dot=False)])
+def test_gated_stream_kernel_split_k_and_gemv(device, config):
+    """The activated input tile feeds split-K partials and the CUDA-core path alike."""
+    M, N, inter = 3, 50, 200
+    x, w, _ = _inputs(M, N, 2 * inter, torch.float32, device, bias=False)
+    w = w[:, :inter].contiguous()
+    y = torch.empty(M, N, device=device)
+    gemm.launch_linear(x, w, None, y, config, activation="silu")
+    assert_close(y, _gated_float64(x, w, None, "silu"), torch.float32, f"gated {config}")
+
+
+def test_gated_linear_rejects_bad_input(device):
+    w = torch.randn(8, 6, device=device)
+    with pytest.raises(ValueError, match="2 \\* weight in_features"):
+        gemm.gated_linear(torch.randn(2, 10, device=device), w)
+    with pytest.raises(ValueError, match="even"):
+        gemm.gated_linear(torch.randn(2, 11, device=device), w)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        gemm.gated_linear(torch.randn(2, 12, device=device), w, activation="relu")
+    with pytest.raises(ValueError, match="empty batch"):
+        gemm.gated_linear(torch.randn(0, 12, device=device), w)
