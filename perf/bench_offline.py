@@ -76,7 +76,7 @@ class Core:
             start.record()
             logits = run_batch(batch)
             end.record()
-            events.append((batch.mode, start, end))
+            events.append((batch.mode, start, end, len(batch.input_ids), len(batch.rids)))
             return logits
 
         self.forward.run_batch = timed
@@ -101,8 +101,11 @@ class Core:
         torch.cuda.synchronize()
         wall_s = time.perf_counter() - start
         gpu_ms = {"decode": [], "extend": []}
-        for mode, ev_start, ev_end in events:
+        extend_shapes = []  # (new tokens, rows, ms) of each extend step: prefill chunks + mixed decodes
+        for mode, ev_start, ev_end, num_tokens, num_rows in events:
             gpu_ms[mode].append(ev_start.elapsed_time(ev_end))
+            if mode == "extend":
+                extend_shapes.append((num_tokens, num_rows, round(gpu_ms[mode][-1], 2)))
         del self.forward.run_batch  # back to the class method
         input_tokens = sum(len(r.input_ids) for r in requests)
         return {"wall_s": wall_s, "requests": len(requests), "input_tokens": input_tokens,
@@ -113,7 +116,8 @@ class Core:
                 "ms_per_batch": wall_s * 1e3 / max(1, self.schedule.next_batch_id - first_batch),
                 "busy_s": {s.name: s.counters.busy_s - busy_before[s.name] for s in self.stages},
                 "forward_gpu_ms_mean": {m: sum(v) / len(v) for m, v in gpu_ms.items() if v},
-                "forward_steps": {m: len(v) for m, v in gpu_ms.items()}}
+                "forward_steps": {m: len(v) for m, v in gpu_ms.items()},
+                "extend_steps_tokens_rows_ms": extend_shapes}
 
 
 def main(argv: list[str] | None = None) -> int:
