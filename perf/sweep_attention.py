@@ -40,19 +40,21 @@ SHAPES = [(f"S={S}", 1, S, 0, HQ, HK, D) for S in SEQ_LENS] + [
     ("B=4 S=1024", 4, 1024, 0, HQ, HK, D),
     ("prefix=3072 S=1024", 1, 1024, 3072, HQ, HK, D),
 ]
-HOST = dict(kv_desc_on_host=True)
+DEVICE_KV = dict(kv_desc_on_host=False)
 CONFIGS = [
-    ExtendConfig(128, 64, 4, 2, **HOST), ExtendConfig(128, 64, 4, 2),
-    ExtendConfig(128, 64, 4, 2, tma_qo=True, **HOST), ExtendConfig(64, 64, 4, 2, pair_blocks=True, **HOST),
-    ExtendConfig(128, 64, 4, 2, pair_blocks=True, **HOST), ExtendConfig(128, 128, 8, 3, **HOST),
+    ExtendConfig(128, 64, 4, 2),
+    ExtendConfig(128, 64, 4, 2, **DEVICE_KV),
+    ExtendConfig(128, 64, 4, 2, tma=False), ExtendConfig(64, 64, 4, 2, pair_blocks=True),
+    ExtendConfig(128, 64, 4, 2, pair_blocks=True), ExtendConfig(128, 128, 8, 3),
 ]
 # other head dims: a few candidates at S=4k (Hq, Hk as a GQA model of that head dim)
 OTHER_D = {
-    64: [ExtendConfig(64, 64, 4, 2, tma_qo=True), ExtendConfig(64, 64, 4, 2, **HOST),
-         ExtendConfig(128, 64, 4, 2, **HOST), ExtendConfig(64, 128, 4, 2, **HOST)],
+    64: [ExtendConfig(64, 64, 4, 2), ExtendConfig(64, 64, 4, 2, **DEVICE_KV),
+         ExtendConfig(128, 64, 4, 2), ExtendConfig(64, 128, 4, 2)],
     256: [ExtendConfig(128, 64, 8, 2)],
 }
-OTHER_SHAPES = {64: ("D=64 S=4096", 1, 4096, 0, 32, 8, 64), 256: ("D=256 S=4096", 1, 4096, 0, 16, 8, 256)}
+OTHER_SHAPES = {64: ("D=64 S=4096", 1, 4096, 0, 32, 8, 64),
+                256: ("D=256 S=4096", 1, 4096, 0, 16, 8, 256)}
 
 
 def all_jobs() -> list[tuple[tuple, ExtendConfig]]:
@@ -115,7 +117,6 @@ def median_us(fn) -> float:
 def config_name(c: ExtendConfig) -> str:
     return (f"{c.block_m}x{c.block_n} w{c.num_warps} s{c.num_stages}"
             f"{' ptr' if not c.tma else ' host-kv' if c.kv_desc_on_host else ' dev-kv'}"
-            f"{'+qo' if c.tma and c.tma_qo else ''}"
             f"{' pair' if c.pair_blocks else ''}")
 
 
@@ -190,7 +191,8 @@ def main() -> int:
         if status.get(str(config)) != "ok" or time.time() - t0 > args.budget_s:
             continue
         inp = inputs[shape]
-        row = dict(shape=shape[0], config=config_name(config), config_fields=dataclasses.asdict(config))
+        row = dict(shape=shape[0], config=config_name(config),
+                   config_fields=dataclasses.asdict(config))
         try:
             out = run_ours(inp, config).float()
             us = median_us(lambda: run_ours(inp, config))

@@ -117,12 +117,13 @@ def test_extend_attention(device, dtype, case):
 
 
 # Tile configs that take other code paths than the default table: k/v descriptors built
-# per program or by the launcher, q/o descriptors, paired query blocks, pointers only.
+# per program on the device (the fallback when heads are not packed in a row), paired
+# query blocks, pointers only.
 _BLOCK = 64 if ON_GPU else 32
 PATH_CONFIGS = {
-    "device-kv": ExtendConfig(_BLOCK, 2 * _BLOCK, 4, 2),
-    "host-kv-pair": ExtendConfig(2 * _BLOCK, _BLOCK, 4, 2, kv_desc_on_host=True, pair_blocks=True),
-    "qo-tma-pair": ExtendConfig(_BLOCK, _BLOCK, 4, 2, tma_qo=True, pair_blocks=True),
+    "device-kv": ExtendConfig(_BLOCK, 2 * _BLOCK, 4, 2, kv_desc_on_host=False),
+    "host-kv-pair": ExtendConfig(2 * _BLOCK, _BLOCK, 4, 2, pair_blocks=True),
+    "device-kv-pair": ExtendConfig(_BLOCK, _BLOCK, 4, 2, kv_desc_on_host=False, pair_blocks=True),
     "pointers-pair": ExtendConfig(2 * _BLOCK, _BLOCK, 4, 2, tma=False, pair_blocks=True),
 }
 

@@ -32,11 +32,12 @@ the kernels pad to the next power of two and mask.
 ``reference.py`` holds the plain-PyTorch references and ``flops_bytes``.
 
 Measured on an H200 (bf16, triton 3.6, ``perf/bench_kernels.py``; Llama-3.1-8B
-heads Hq=32, Hk=8, D=128): prefill at S=1k/4k/8k runs at 173/324/375 TFLOP/s,
-0.62/0.66/0.70x torch SDPA (causal, GQA) on contiguous K/V -- short of 0.8x;
-the paged gather rules out TMA loads. Decode reads K+V at 80-101% of the
-device-to-device copy bandwidth (read+write) at (B, ctx) = (1, 32k), (32, 4k),
-(128, 2k), 0.94-0.95x SDPA on contiguous K/V.
+heads Hq=32, Hk=8, D=128): prefill at S=1k/4k/8k runs at 245/461/492 TFLOP/s,
+0.89/0.92/0.89x torch SDPA (causal, GQA, its own contiguous layout), with the
+new K/V read by TMA from the fused qkv projection's rows
+(``perf/results/attention-extend-nvidia-h200.json``). Decode reads K+V at
+80-101% of the device-to-device copy bandwidth (read+write) at (B, ctx) =
+(1, 32k), (32, 4k), (128, 2k), 0.94-0.95x SDPA on contiguous K/V.
 """
 from triton_kernels.attention.decode import decode_attention, default_num_kv_splits
 from triton_kernels.attention.extend import extend_attention

@@ -9,18 +9,24 @@ Where the keys come from (the way SGLang's extend kernel splits them):
 * phase B, the NEW tokens' keys (positions ``prefix_len ..``) come from the
   contiguous ``k``/``v`` the layer just computed (the same rows it stores into
   the pool). Blocks wholly below the query block (``j < m_start``) run without
-  a mask; only the diagonal blocks are masked. When ``q``, ``k``, ``v`` and
-  ``o`` are 16-byte aligned (bases, row and head strides) and 16-bit, they are
-  read and written through Hopper tensor descriptors (TMA, built per program on
-  the device and bounded by the request's rows, so the hardware zero-fills past
-  the end); otherwise plain masked pointer loads.
+  a mask; only the diagonal blocks are masked. 16-bit ``k``/``v`` with
+  16-byte aligned bases and token strides are read by the Hopper tensor-memory
+  engine (TMA): the launcher builds one descriptor per tensor over the
+  ``[T, Hk * D]`` rows (a program offsets it by its request's first row and its
+  kv head's column), or, when the heads of a row are not packed, each program
+  builds one bounded by its request's rows. Diagonal rows past the request
+  (another request's tokens) are masked out of the scores and zeroed in ``v``.
+  Otherwise (fp32, unaligned rows, D=256) plain masked pointer loads.
 
+``q`` and ``o`` go through pointer loads/stores (q is read once per program).
 Grid: ``(Hq, query blocks, B)``, heads fastest and the heavy causal tail first,
-so the longest programs start in the first wave (longest-job-first). A program
-owns ``BLOCK_M`` query rows of one head of one request. The softmax runs online
-in fp32 in base 2: unmasked blocks fold the scale into one FMA
+so the longest programs start in the first wave (longest-job-first); with
+``pair_blocks`` a program owns blocks ``p`` and ``n-1-p`` instead (equal work).
+A program owns ``BLOCK_M`` query rows of one head of one request. The softmax
+runs online in fp32 in base 2: unmasked blocks fold the scale into one FMA
 (``qk * scale - m``) and need no ``-inf`` guard; masked blocks use ``-inf`` and
-guard fully masked rows. Tiles come from an explicit table (no autotune).
+guard rows with no visible key yet. Tiles come from an explicit table (no
+autotune).
 
 FLOPs: ``4 * Hq * D * (visible (q, k) pairs)``; compute-bound for any
 prefill worth a kernel.
@@ -45,27 +51,26 @@ class ExtendConfig:
     block_n: int
     num_warps: int
     num_stages: int
-    tma: bool = True           # new k/v through tensor descriptors (when aligned, 16-bit)
-    tma_qo: bool = False       # q and o through tensor descriptors too
-    kv_desc_on_host: bool = False  # k/v descriptors built once by the launcher, not per program
-    pair_blocks: bool = False  # a program owns query blocks p and n-1-p (balanced causal work)
+    tma: bool = True              # new k/v through tensor descriptors (16-bit, aligned)
+    kv_desc_on_host: bool = True  # built once by the launcher (else per program on the device)
+    pair_blocks: bool = False     # a program owns query blocks p and n-1-p (equal causal work)
 
 
 # padded head dim -> tiles (bf16/fp16), from perf/sweep_attention.py on an H200 (triton 3.6;
-# perf/results/attention-extend-sweep*-nvidia-h200.json). D=128 at S=1k/2k/4k/8k:
-# 128x64 w4 s2 with k/v descriptors 243/403/444/479 TFLOP/s = 0.89/0.97/0.91/0.89x SDPA;
-# its smem (q 32 KB + 2 x 32 KB of k/v) lets two programs share an SM, which hides the
-# softmax behind the other's tensor-core work. Building q/o descriptors too costs 5-12%
-# (one more device-side descriptor pair per program); 128x128 w8 s3 0.82/0.76/0.82/0.84x.
-# Paired blocks with 64x64 tiles reach 1.00x at S=1k (one wave, no prefix) but lose
-# 10-20% from 2k on and with a prefix; the launcher cannot see prefix lengths without a
-# sync, so they stay out of the table. D=64: 64x64 w4 s2 (q/o descriptors) 0.97x at 4k;
-# D=256 (pointer loads: a 512-byte descriptor row is too wide): 128x64 w8 s2 0.91x at 4k.
+# perf/results/attention-extend-*nvidia-h200.json). D=128 at S=1k/2k/4k/8k: 128x64 w4 s2
+# 246/415/459/491 TFLOP/s = 0.89/0.99/0.93/0.89x SDPA. Its shared memory (q 32 KB +
+# 2 stages x 32 KB of k/v) lets two programs share an SM, one's softmax hiding behind the
+# other's tensor-core work; 128x128 w8 s3 (one per SM) 0.96/0.84/0.89/0.87x. Descriptors
+# built per program on the device cost 2-8% (7% at 1k); q/o through descriptors as well,
+# another 1-4%; plain pointer loads of k/v 2-12%. Paired 64x64 blocks reach 1.05x at S=1k
+# (the whole grid in one wave) but lose 15-25% from 2k on and a third with a cached prefix,
+# which the launcher cannot see without a sync: not in the table. D=64: 64x64 w4 s2 1.02x at
+# 4k. D=256 takes pointer loads (a 512-byte descriptor row is too wide): 128x64 w8 s2 0.90x.
 _GPU_CONFIGS: dict[int, ExtendConfig] = {
-    16: ExtendConfig(64, 64, 4, 2, tma_qo=True),
-    32: ExtendConfig(64, 64, 4, 2, tma_qo=True),
-    64: ExtendConfig(64, 64, 4, 2, tma_qo=True),
-    128: ExtendConfig(128, 64, 4, 2, kv_desc_on_host=True),
+    16: ExtendConfig(64, 64, 4, 2),
+    32: ExtendConfig(64, 64, 4, 2),
+    64: ExtendConfig(64, 64, 4, 2),
+    128: ExtendConfig(128, 64, 4, 2),
     256: ExtendConfig(128, 64, 8, 2),
 }
 
@@ -187,15 +192,15 @@ def _new_block(acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, kv_
 
 
 @triton.jit
-def _query_block(pid_m, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
-                 q_desc, o_desc, k_desc, v_desc, kv_row0, kv_col0, q_rows_ptr, o_rows_ptr,
-                 k_rows_ptr, v_rows_ptr, k_cache_ptr, v_cache_ptr, qk_scale, logit_cap, sliding_window,
+def _query_block(pid_m, extend_len, prefix_len, slot_row_ptr, kv_head_off,
+                 k_desc, v_desc, kv_row0, kv_col0, q_rows_ptr, o_rows_ptr, k_rows_ptr, v_rows_ptr,
+                 k_cache_ptr, v_cache_ptr, qk_scale, logit_cap, sliding_window,
                  stride_qt, stride_kt, stride_vt, stride_ks, stride_vs, stride_ot,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr, IS_FP32: tl.constexpr,
-                 EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, USE_TMA_QO: tl.constexpr):
-    """BLOCK_M query rows (extend indices pid_m * BLOCK_M ..) of one head: phase A, phase B, store."""
+                 EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+    """BLOCK_M query rows (extend indices pid_m * BLOCK_M ..) of one head: A, B, store."""
     m_start = pid_m * BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -203,12 +208,9 @@ def _query_block(pid_m, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
     mask_d = offs_d < HEAD_DIM
     q_idx = m_start + offs_m          # extend indices of the block's queries
     q_pos = prefix_len + q_idx        # their absolute positions
-    if USE_TMA_QO:
-        q = q_desc.load([m_start, 0])
-    else:
-        q_mask = (q_idx < extend_len)[:, None] & mask_d[None, :]
-        q = tl.load(q_rows_ptr + q_idx.to(tl.int64)[:, None] * stride_qt + offs_d[None, :],
-                    mask=q_mask, other=0.0)
+    q_mask = (q_idx < extend_len)[:, None] & mask_d[None, :]
+    q = tl.load(q_rows_ptr + q_idx.to(tl.int64)[:, None] * stride_qt + offs_d[None, :],
+                mask=q_mask, other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -246,24 +248,18 @@ def _query_block(pid_m, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
     for start_n in range(b_lo, b_unmasked_end, BLOCK_N):
         acc, l_i, m_i = _new_block(
             acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, kv_row0, kv_col0,
-            k_rows_ptr,
-            v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
+            k_rows_ptr, v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
             offs_n, offs_d, mask_d, False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA)
     for start_n in range(b_unmasked_end, b_end, BLOCK_N):
         acc, l_i, m_i = _new_block(
             acc, l_i, m_i, q, q_idx, start_n, extend_len, k_desc, v_desc, kv_row0, kv_col0,
-            k_rows_ptr,
-            v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
+            k_rows_ptr, v_rows_ptr, stride_kt, stride_vt, qk_scale, logit_cap, sliding_window,
             offs_n, offs_d, mask_d, True, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = (acc / l_safe[:, None]).to(o_rows_ptr.dtype.element_ty)
-    if USE_TMA_QO:  # rows past extend_len are dropped by the descriptor bounds
-        o_desc.store([m_start, 0], out)
-    else:
-        o_mask = (q_idx < extend_len)[:, None] & mask_d[None, :]
-        tl.store(o_rows_ptr + q_idx.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
-                 out, mask=o_mask)
+    tl.store(o_rows_ptr + q_idx.to(tl.int64)[:, None] * stride_ot + offs_d[None, :],
+             out, mask=q_mask)
 
 
 @triton.jit
@@ -277,7 +273,7 @@ def _extend_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr, IS_FP32: tl.constexpr,
     EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, HOST_KV_DESC: tl.constexpr,
-    USE_TMA_QO: tl.constexpr, PAIR_BLOCKS: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr,
 ):
     head = tl.program_id(0)
     pid = tl.program_id(1)
@@ -321,32 +317,20 @@ def _extend_attention_kernel(
             else:
                 k_desc = k_rows_ptr  # unused placeholders
                 v_desc = v_rows_ptr
-        if USE_TMA_QO:
-            q_desc = tl.make_tensor_descriptor(q_rows_ptr, shape=[extend_len, HEAD_DIM],
-                                               strides=[stride_qt, 1],
-                                               block_shape=[BLOCK_M, BLOCK_D])
-            o_desc = tl.make_tensor_descriptor(o_rows_ptr, shape=[extend_len, HEAD_DIM],
-                                               strides=[stride_ot, 1],
-                                               block_shape=[BLOCK_M, BLOCK_D])
-        else:
-            q_desc = q_rows_ptr
-            o_desc = o_rows_ptr
-        _query_block(first_block, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
-                     q_desc, o_desc, k_desc, v_desc, kv_row0, kv_col0, q_rows_ptr, o_rows_ptr,
-                     k_rows_ptr,
+        _query_block(first_block, extend_len, prefix_len, slot_row_ptr, kv_head_off,
+                     k_desc, v_desc, kv_row0, kv_col0, q_rows_ptr, o_rows_ptr, k_rows_ptr,
                      v_rows_ptr, k_cache_ptr, v_cache_ptr, qk_scale, logit_cap, sliding_window,
                      stride_qt, stride_kt, stride_vt, stride_ks, stride_vs, stride_ot,
                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, USE_WINDOW, USE_CAP, IS_FP32,
-                     EVEN_D, USE_TMA, USE_TMA_QO)
+                     EVEN_D, USE_TMA)
         if PAIR_BLOCKS:
             if pid < first_block:
-                _query_block(pid, extend_len, prefix_len, head, slot_row_ptr, kv_head_off,
-                             q_desc, o_desc, k_desc, v_desc, kv_row0, kv_col0, q_rows_ptr,
-                             o_rows_ptr, k_rows_ptr,
-                             v_rows_ptr, k_cache_ptr, v_cache_ptr, qk_scale, logit_cap,
+                _query_block(pid, extend_len, prefix_len, slot_row_ptr, kv_head_off,
+                             k_desc, v_desc, kv_row0, kv_col0, q_rows_ptr, o_rows_ptr,
+                             k_rows_ptr, v_rows_ptr, k_cache_ptr, v_cache_ptr, qk_scale, logit_cap,
                              sliding_window, stride_qt, stride_kt, stride_vt, stride_ks,
                              stride_vs, stride_ot, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                             USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA, USE_TMA_QO)
+                             USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -453,8 +437,7 @@ def launch_extend_attention(q, k, v, k_cache, v_cache, req_to_token, req_pool_in
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         USE_WINDOW=sliding_window > 0, USE_CAP=logit_cap > 0,
         IS_FP32=q.dtype == torch.float32, EVEN_D=head_dim == padded_d,
-        USE_TMA=use_tma, HOST_KV_DESC=host_kv_desc, USE_TMA_QO=use_tma and config.tma_qo,
-        PAIR_BLOCKS=config.pair_blocks,
+        USE_TMA=use_tma, HOST_KV_DESC=host_kv_desc, PAIR_BLOCKS=config.pair_blocks,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o
