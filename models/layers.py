@@ -76,9 +76,10 @@ class Attention(nn.Module):
     """GQA self-attention over the paged KV pool.
 
     qkv_proj -> split into q[T,Hq,D], k[T,Hk,D], v[T,Hk,D] (views, no copy)
-    -> optional per-head RMSNorm of q and k (Qwen3) -> RoPE in place
-    -> store k, v at ``attn_meta.out_cache_loc`` -> extend or decode attention
-    (every key read from the pool) -> o_proj.
+    -> one kernel (``qk_norm_rope_store``): optional per-head RMSNorm of q and
+    k (Qwen3), RoPE in place, k and v stored at ``attn_meta.out_cache_loc``
+    -> extend attention (cached prefix from the pool, new tokens' k/v from the
+    views) or decode attention (every key from the pool) -> o_proj.
     """
 
     def __init__(self, ops: KernelOps, config: ModelConfig, layer_idx: int,
@@ -110,11 +111,11 @@ class Attention(nn.Module):
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q = self.ops.head_rms_norm(q, self.q_norm.weight, self.q_norm.eps)
-            k = self.ops.head_rms_norm(k, self.k_norm.weight, self.k_norm.eps)
-        self.ops.apply_rotary(q, k, positions, self.cos_sin_cache, True)
-        self.ops.store_kv(k_cache, v_cache, k, v, attn_meta.out_cache_loc)
+        # In place on the qkv views: q/k head norm (Qwen3), RoPE; then k, v into the pool.
+        q_norm_w, k_norm_w, eps = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
+                                   if self.q_norm is not None else (None, None, 1e-6))
+        self.ops.qk_norm_rope_store(q, k, v, positions, self.cos_sin_cache, True, k_cache, v_cache,
+                                    attn_meta.out_cache_loc, q_norm_w, k_norm_w, eps)
         o = self._attend(q, k, v, attn_meta, k_cache, v_cache)               # [T, Hq, D]
         return self.o_proj(o.view(T, self.q_size))
 

@@ -33,6 +33,10 @@ embedding            embedding      (ids[T] int, weight[V_shard,H], vocab_start=
                                     ids outside [vocab_start, vocab_start+V_shard) -> 0
 store_kv             kv_cache       (k_cache[S,Hk,D], v_cache[S,Hk,D], k[T,Hk,D],
                                     v[T,Hk,D], slots[T] int64) -> None (in place)
+qk_norm_rope_store   qkv_prep       (q, k, v, positions, cos_sin_cache, is_neox, k_cache, v_cache,
+                                    slots, q_norm_weight=None, k_norm_weight=None, eps) -> None:
+                                    head_rms_norm (with weights) + apply_rotary on q, k in place,
+                                    then store_kv, in one kernel
 extend_attention     attention      (q[T,Hq,D], k[T,Hk,D], v[T,Hk,D] (new tokens), k_cache,
                                     v_cache (prefixes), req_to_token[R,L] int32,
                                     req_pool_indices[B], prefix_lens[B], extend_lens[B],
@@ -50,11 +54,13 @@ fused_moe            moe            (x[T,H], w13[E,2I,H], w2[E,H,I], topk_weight
 
 KV pool layout: one ``[num_slots, num_kv_heads, head_dim]`` tensor for K and
 one for V per layer; a token's KV lives at a *slot*; ``req_to_token[r, i]`` is
-the slot of token ``i`` of the request in row ``r``. Extend attention reads
-every key (cached prefix and new tokens alike) from the pool through
-``req_to_token``: the new tokens' K/V are stored with ``store_kv`` first, so one
-kernel serves pure prefill and prefix-hit extend. Slot 0 is never allocated to
-a request: padded rows (CUDA graphs) write there.
+the slot of token ``i`` of the request in row ``r``. The new tokens' K/V are
+stored first (``qk_norm_rope_store`` or ``store_kv``), for later steps. Extend
+attention reads a request's cached prefix from the pool through
+``req_to_token`` and its new tokens' K/V straight from the ``k``/``v`` tensors
+the layer just computed, so one kernel serves pure prefill and prefix-hit
+extend. Slot 0 is never allocated to a request: padded rows (CUDA graphs) write
+there.
 
 Sampling (``sampling.py``) and the scheduler's index helpers (``indexing.py``)
 are used by the sample and forward stages, not by models; their launchers are
@@ -80,6 +86,7 @@ OP_FAMILIES: dict[str, str] = {
     "gelu_and_mul": "activation",
     "embedding": "embedding",
     "store_kv": "kv_cache",
+    "qk_norm_rope_store": "qkv_prep",
     "extend_attention": "attention",
     "decode_attention": "attention",
     "moe_topk": "moe",
@@ -102,6 +109,7 @@ class KernelOps:
     gelu_and_mul: Callable
     embedding: Callable
     store_kv: Callable
+    qk_norm_rope_store: Callable
     extend_attention: Callable
     decode_attention: Callable
     moe_topk: Callable
