@@ -262,6 +262,65 @@ def rotary_cases(ctx: Ctx) -> list[Case]:
     return cases
 
 
+def qkv_prep_cases(ctx: Ctx) -> list[Case]:
+    """q/k norm + RoPE + KV write in one kernel vs the three Triton kernels it replaces (Qwen3-8B)."""
+    from triton_kernels import kv_cache, norm, qkv_prep, rotary
+
+    d = MODELS["Qwen3-8B"]
+    hq, hk, D = d["num_attention_heads"], d["num_key_value_heads"], d["head_dim"]
+    cache = rotary.build_cos_sin_cache(D, 40960, 1000000.0, None, torch.float32, ctx.device)
+    q_w = torch.ones(D, device=ctx.device, dtype=DTYPE)
+    cases = []
+    for T in ((1, 4096) if ctx.quick else (1, 64, 4096, 16384)):
+        # q, k read and written, v read, k and v written to the pool
+        nb = torch.empty((), dtype=DTYPE).element_size() * T * D * (2 * hq + 4 * hk + 2 * hk)
+
+        def make(T=T):
+            qkv = torch.randn(T, (hq + 2 * hk) * D, device=ctx.device, dtype=DTYPE)
+            pool = torch.zeros(2, T + 1, hk, D, device=ctx.device, dtype=DTYPE)
+            return (qkv[:, : hq * D].view(T, hq, D), qkv[:, hq * D: (hq + hk) * D].view(T, hk, D),
+                    qkv[:, (hq + hk) * D:].view(T, hk, D), torch.randint(0, 40960, (T,), device=ctx.device),
+                    pool[0], pool[1], torch.arange(1, T + 1, device=ctx.device))
+        sets = rotating(ctx, make, nb)
+
+        def fused(s=sets):
+            q, k, v, pos, kc, vc, slots = s()
+            qkv_prep.qk_norm_rope_store(q, k, v, pos, cache, True, kc, vc, slots, q_w, q_w, 1e-6)
+
+        def unfused(s=sets):
+            q, k, v, pos, kc, vc, slots = s()
+            q, k = norm.head_rms_norm(q, q_w, 1e-6), norm.head_rms_norm(k, q_w, 1e-6)
+            rotary.apply_rotary(q, k, pos, cache, True)
+            kv_cache.store_kv(kc, vc, k, v, slots)
+        cases.append(Case("qkv_prep", "qk_norm_rope_store", f"T={T} Hq={hq} Hk={hk} D={D}",
+                          fused, unfused, "3 Triton kernels", nb))
+    return cases
+
+
+def gated_down_cases(ctx: Ctx) -> list[Case]:
+    """The MLP down projection fed by gate/up: fused gated_linear vs silu_and_mul + cuBLAS."""
+    from triton_kernels import activation, gemm
+
+    cases = []
+    for model in MODELS.values():
+        N, inter = model["hidden_size"], model["intermediate_size"]
+        for M in ((1, 16) if ctx.quick else (1, 4, 16)):
+            _, nb = gemm.flops_bytes(M, N, inter, DTYPE)
+            sets = rotating(ctx, lambda M=M, N=N, inter=inter: (
+                torch.randn(M, 2 * inter, device=ctx.device, dtype=DTYPE),
+                torch.randn(N, inter, device=ctx.device, dtype=DTYPE) / inter ** 0.5), nb)
+            cases.append(Case("gemm", "gated_linear silu (down)", f"M={M} N={N} I={inter}",
+                              lambda s=sets: gemm.gated_linear(*s()),
+                              lambda s=sets: _silu_then_cublas(s(), activation),
+                              "silu_and_mul + cuBLAS", nb))
+    return cases
+
+
+def _silu_then_cublas(xw: tuple, activation) -> torch.Tensor:
+    x, w = xw
+    return torch.nn.functional.linear(activation.silu_and_mul(x), w)
+
+
 def activation_cases(ctx: Ctx) -> list[Case]:
     from triton_kernels import activation
 
@@ -319,8 +378,10 @@ def kv_cache_cases(ctx: Ctx) -> list[Case]:
 
 FAMILIES: dict[str, Callable[[Ctx], list[Case]]] = {
     "gemm": gemm_cases,
+    "gated_down": gated_down_cases,
     "norm": norm_cases,
     "rotary": rotary_cases,
+    "qkv_prep": qkv_prep_cases,
     "activation": activation_cases,
     "embedding": embedding_cases,
     "kv_cache": kv_cache_cases,
@@ -473,7 +534,14 @@ def sampling_cases(ctx: Ctx) -> list[Case]:
     def logprobs_anchor():
         lp = torch.log_softmax(sets()[0], dim=-1)
         return lp.gather(1, tokens[:, None]), lp.topk(5, dim=-1)
-    return [
+    greedy_cases = []
+    for rows in (1, B):
+        greedy_sets = rotating(ctx, lambda rows=rows: (torch.randn(rows, V, device=ctx.device),), rows * V * 4)
+        greedy_cases.append(Case("sampling", "greedy (split argmax)", f"B={rows} V={V}",
+                                 lambda g=greedy_sets: sampling.greedy(*g()),
+                                 lambda g=greedy_sets: torch.argmax(g()[0], dim=-1), "torch argmax",
+                                 bytes_moved=rows * V * 4))
+    return greedy_cases + [
         Case("sampling", "penalties+sample k50 p0.9", f"B={B} V={V}", ours, anchor, "torch sort",
              bytes_moved=nbytes),
         Case("sampling", "sample p0.9 only", f"B={B} V={V}", ours_top_p_only, anchor, "torch sort",
