@@ -5,7 +5,7 @@ Face names, with projections fused the way the kernels want them:
 
 * ``qkv_proj``: q, k and v rows stacked, ``[(Hq + 2*Hk) * D, hidden]``;
 * ``gate_up_proj``: gate rows over up rows, ``[2 * I, hidden]``, so that
-  the down projection (``gated_linear``) reads ``silu(x[:, :I]) * x[:, I:]``;
+  ``silu_and_mul`` reads ``silu(x[:, :I]) * x[:, I:]``;
 
 and its ``forward`` calls only ops of the ``KernelOps`` table it was built with.
 Shapes: T new tokens in the batch, H hidden size, Hq / Hk query / kv heads,
@@ -68,8 +68,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(ops, intermediate_size, hidden_size, bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        down = self.down_proj  # silu(gate) * up is applied inside the down projection's gemm
-        return self.ops.gated_linear(self.gate_up_proj(x), down.weight, down.bias, "silu")
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class Attention(nn.Module):

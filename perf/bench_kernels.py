@@ -297,30 +297,6 @@ def qkv_prep_cases(ctx: Ctx) -> list[Case]:
     return cases
 
 
-def gated_down_cases(ctx: Ctx) -> list[Case]:
-    """The MLP down projection fed by gate/up: fused gated_linear vs silu_and_mul + cuBLAS."""
-    from triton_kernels import activation, gemm
-
-    cases = []
-    for model in MODELS.values():
-        N, inter = model["hidden_size"], model["intermediate_size"]
-        for M in ((1, 16) if ctx.quick else (1, 4, 16)):
-            _, nb = gemm.flops_bytes(M, N, inter, DTYPE)
-            sets = rotating(ctx, lambda M=M, N=N, inter=inter: (
-                torch.randn(M, 2 * inter, device=ctx.device, dtype=DTYPE),
-                torch.randn(N, inter, device=ctx.device, dtype=DTYPE) / inter ** 0.5), nb)
-            cases.append(Case("gemm", "gated_linear silu (down)", f"M={M} N={N} I={inter}",
-                              lambda s=sets: gemm.gated_linear(*s()),
-                              lambda s=sets: _silu_then_cublas(s(), activation),
-                              "silu_and_mul + cuBLAS", nb))
-    return cases
-
-
-def _silu_then_cublas(xw: tuple, activation) -> torch.Tensor:
-    x, w = xw
-    return torch.nn.functional.linear(activation.silu_and_mul(x), w)
-
-
 def activation_cases(ctx: Ctx) -> list[Case]:
     from triton_kernels import activation
 
@@ -378,7 +354,6 @@ def kv_cache_cases(ctx: Ctx) -> list[Case]:
 
 FAMILIES: dict[str, Callable[[Ctx], list[Case]]] = {
     "gemm": gemm_cases,
-    "gated_down": gated_down_cases,
     "norm": norm_cases,
     "rotary": rotary_cases,
     "qkv_prep": qkv_prep_cases,

@@ -120,6 +120,26 @@ class Core:
                 "extend_steps_tokens_rows_ms": extend_shapes}
 
 
+def record_compiles() -> list[str]:
+    """From now on, note every Triton kernel variant compiled (a compile inside the timed
+    run means the warm-up missed a specialization; it costs seconds)."""
+    import triton
+
+    compiled: list[str] = []
+
+    def hook(*args, **kwargs) -> None:
+        compiled.append(str(kwargs.get("repr", "?"))[:400])
+        print(f"  compile during the run: {compiled[-1]}", flush=True)
+        return None
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None and hasattr(knobs.runtime, "jit_cache_hook"):
+        knobs.runtime.jit_cache_hook = hook
+    else:
+        triton.runtime.jit.JITFunction.cache_hook = hook
+    return compiled
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="/work/shared/models/Qwen3-0.6B,/work/shared/models/Qwen3-8B")
@@ -150,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         warm = workload(48, ns.low, ns.high, core.forward.config.vocab_size, ns.seed + 1)
         core.run([msgspec.structs.replace(r, sampling=msgspec.structs.replace(r.sampling, max_new_tokens=2))
                   for r in warm])
-        result = {"model": Path(model_path).name, "setup_s": setup_s, **core.run(requests)}
+        compiled = record_compiles()
+        result = {"model": Path(model_path).name, "setup_s": setup_s, **core.run(requests),
+                  "compiles_during_run": compiled}
         print(f"== {result['model']}: {result['output_tok_s']:.0f} output tok/s, {result['total_tok_s']:.0f} total "
               f"tok/s, {result['wall_s']:.1f} s, {result['forward_batches']} batches "
               f"({result['ms_per_batch']:.2f} ms each), {result['retractions']} retractions, "

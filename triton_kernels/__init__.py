@@ -18,8 +18,6 @@ The op table (name -> family file) is the contract between kernels and models:
 op                   family         signature (shapes; T tokens, B requests)
 ==================== ============== ===================================================
 linear               gemm           (x[M,K], weight[N,K], bias[N]|None, out_dtype=None) -> y[M,N]
-gated_linear         gemm           (x[M,2I], weight[N,I], bias[N]|None, activation "silu"|
-                                    "gelu"|"gelu_tanh") -> y[M,N] = linear(act(x[:, :I]) * x[:, I:])
 rms_norm             norm           (x[M,H], weight[H], eps) -> y[M,H]
 fused_add_rms_norm   norm           (x[M,H], residual[M,H], weight[H], eps) -> y[M,H];
                                     residual += x in place, y = rms_norm(residual)
@@ -77,7 +75,6 @@ KernelBackend = Literal["triton", "reference"]
 # op name -> family module that defines it (as `<op>` and `<op>_reference`).
 OP_FAMILIES: dict[str, str] = {
     "linear": "gemm",
-    "gated_linear": "gemm",
     "rms_norm": "norm",
     "fused_add_rms_norm": "norm",
     "head_rms_norm": "norm",
@@ -100,7 +97,6 @@ class KernelOps:
 
     backend: str
     linear: Callable
-    gated_linear: Callable
     rms_norm: Callable
     fused_add_rms_norm: Callable
     head_rms_norm: Callable

@@ -33,10 +33,13 @@ def _tanh(x):
 
 
 @triton.jit
-def gated_activation(gate, up, ACTIVATION: tl.constexpr):
-    """act(gate) * up in fp32 (ACTIVATION: "silu", "gelu" or "gelu_tanh"); also used by
-    the gemm kernel, which applies it to its input tile (``gemm.gated_linear``)."""
-    gate = gate.to(tl.float32)
+def _gated_act_kernel(x_ptr, y_ptr, I, stride_xm, stride_ym,
+                      ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < I
+    gate = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_xm + I + cols, mask=mask, other=0.0).to(tl.float32)
     if ACTIVATION == "silu":
         act = gate / (1.0 + tl.exp(-gate))
     elif ACTIVATION == "gelu":
@@ -44,19 +47,7 @@ def gated_activation(gate, up, ACTIVATION: tl.constexpr):
     else:  # gelu_tanh
         inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
         act = 0.5 * gate * (1.0 + _tanh(inner))
-    return act * up.to(tl.float32)
-
-
-@triton.jit
-def _gated_act_kernel(x_ptr, y_ptr, I, stride_xm, stride_ym,
-                      ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < I
-    gate = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * stride_xm + I + cols, mask=mask, other=0.0)
-    y = gated_activation(gate, up, ACTIVATION)
-    tl.store(y_ptr + row * stride_ym + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + row * stride_ym + cols, (act * up).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_gated(x: torch.Tensor) -> None:

@@ -23,10 +23,6 @@ autotuning; under ``TRITON_INTERPRET`` a small cheap config):
   and each slice writes fp32 partial sums that ``_splitk_reduce_kernel`` adds
   up (deterministic, no atomics). The same kernel is the fallback for
   prefill shapes that tensor descriptors cannot take.
-* ``gated_linear`` -- an MLP's down projection fed straight from the
-  gate/up projection: for decode batches the stream kernel loads the gate
-  and up tiles and applies ``act(gate) * up`` to its input tile, which saves
-  a kernel and the ``[M, I]`` round trip per layer.
 * ``_linear_tma_kernel`` -- prefill: a persistent grid (one program per SM
   walking output tiles in grouped order for L2 reuse) that loads tiles with
   Hopper tensor descriptors (TMA). TMA needs 16-byte aligned base pointers
@@ -43,11 +39,6 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.activation import (
-    _check_gated, gated_activation, gelu_and_mul, gelu_and_mul_reference, silu_and_mul,
-    silu_and_mul_reference,
-)
-
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -59,7 +50,7 @@ def _linear_stream_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr, ACTIVATION: tl.constexpr = "",
+    USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -86,16 +77,12 @@ def _linear_stream_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_tile in range(k_tile_begin, k_tile_end):
         if EVEN_K:
-            x_mask = mask_m[:, None]
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
             w = tl.load(w_ptrs)
         else:
             k_mask = (k_tile * BLOCK_K + offs_k) < K
-            x_mask = mask_m[:, None] & k_mask[None, :]
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-        x = tl.load(x_ptrs, mask=x_mask, other=0.0)
-        if ACTIVATION != "":  # gated input: x = act(gate) * up, up K columns to the right
-            up = tl.load(x_ptrs + K * stride_xk, mask=x_mask, other=0.0)
-            x = gated_activation(x, up, ACTIVATION).to(w.dtype)
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
         else:  # GEMV-style: products on the CUDA cores, for M of 1..4 rows
@@ -394,11 +381,9 @@ def _set_tma_allocator(device: torch.device) -> None:
 
 
 def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                  y: torch.Tensor, config: GemmConfig, activation: str = "") -> None:
-    """Run one config on 2-D x[M,K] into y[M,N] (benchmarks call this to sweep configs).
-    With ``activation`` (stream kernel only) x is ``[M, 2K]`` = [gate | up] and the
-    kernel multiplies ``act(gate) * up``."""
-    M, K = x.shape[0], weight.shape[1]
+                  y: torch.Tensor, config: GemmConfig) -> None:
+    """Run one config on 2-D x[M,K] into y[M,N] (benchmarks call this to sweep configs)."""
+    M, K = x.shape
     N = weight.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     bias_arg = bias if bias is not None else y
@@ -421,67 +406,12 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_DOT=config.use_dot, INPUT_PRECISION=precision, ACTIVATION=activation,
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        USE_DOT=config.use_dot, INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
     if split_k > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
             part, bias_arg, y, M, N, y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block)
-
-
-# Largest M whose gated input is activated inside the gemm: each program re-reads
-# its rows of [gate | up], which is free next to the weight stream for a few rows.
-FUSED_GATE_MAX_M = 16
-_GATED_ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh"}
-
-
-def gated_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                 activation: str = "silu") -> torch.Tensor:
-    """y[*, N] = (act(x[*, :I]) * x[*, I:]) @ weight[N, I]^T (+ bias): an MLP's down
-    projection on its gate/up output. For decode batches (M <= FUSED_GATE_MAX_M) the
-    activation runs on the gemm's input tiles (one kernel, no [M, I] intermediate);
-    otherwise ``<act>_and_mul`` then ``linear``. Same rounding either way: the
-    activation is computed in fp32 and rounded once to x's dtype before the product."""
-    _check_gated_linear(x, weight, activation)
-    x2d = x.reshape(-1, x.shape[-1])
-    M = x2d.shape[0]
-    if M > FUSED_GATE_MAX_M:
-        return linear(_activate(x2d, activation), weight, bias).reshape(*x.shape[:-1], weight.shape[0])
-    N, K = weight.shape
-    _check_linear(x2d[:, :K], weight, bias)
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    config = _pick_config(M, N, K, x.dtype, x.device, tma_ok=False)
-    launch_linear(x2d, weight, bias, y, config, activation=_GATED_ACTIVATIONS[activation])
-    return y.reshape(*x.shape[:-1], N)
-
-
-def _activate(x2d: torch.Tensor, activation: str) -> torch.Tensor:
-    if activation == "silu":
-        return silu_and_mul(x2d)
-    return gelu_and_mul(x2d, "none" if activation == "gelu" else "tanh")
-
-
-def _check_gated_linear(x: torch.Tensor, weight: torch.Tensor, activation: str) -> None:
-    if activation not in _GATED_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(_GATED_ACTIVATIONS)}, got {activation!r}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D [N, I], got shape {tuple(getattr(weight, 'shape', ()))}")
-    _check_gated(x.reshape(-1, x.shape[-1]) if isinstance(x, torch.Tensor) and x.dim() >= 1 else x)
-    if x.shape[-1] != 2 * weight.shape[1]:
-        raise ValueError(f"x last dim {x.shape[-1]} must be 2 * weight in_features ({2 * weight.shape[1]})")
-
-
-def gated_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                           activation: str = "silu") -> torch.Tensor:
-    """Plain PyTorch: the activation reference, then ``linear_reference``."""
-    _check_gated_linear(x, weight, activation)
-    x2d = x.reshape(-1, x.shape[-1])
-    if activation == "silu":
-        h = silu_and_mul_reference(x2d)
-    else:
-        h = gelu_and_mul_reference(x2d, "none" if activation == "gelu" else "tanh")
-    return linear_reference(h, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
