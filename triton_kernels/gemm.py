@@ -131,7 +131,9 @@ def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
-@triton.jit
+# M (tokens in the batch) is not specialised: one variant per tile config whatever
+# the batch, so no compile happens mid-serving when M turns out a multiple of 16.
+@triton.jit(do_not_specialize=["M"])
 def _linear_tma_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -412,6 +414,21 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
             part, bias_arg, y, M, N, y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block)
+
+
+def compile_prefill_tiles(weight: torch.Tensor) -> None:
+    """Compile every prefill tile config for this weight once, up front. Which tile a
+    batch gets depends on its token count, so without this a server compiles a tile
+    (seconds) the first time a batch of an unusual size arrives."""
+    if weight.device.type != "cuda" or _interpreting() or weight.dtype == torch.float32:
+        return
+    N, K = weight.shape
+    for bm, bn, bk, group_m, warps, stages in _PREFILL_TILES:
+        x = torch.zeros((bm, K), dtype=weight.dtype, device=weight.device)
+        y = torch.empty((bm, N), dtype=weight.dtype, device=weight.device)
+        if _tma_aligned(x, weight, y):
+            launch_linear(x, weight, None, y, GemmConfig("tma", bm, bn, bk, group_m=group_m,
+                                                         num_warps=warps, num_stages=stages))
 
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

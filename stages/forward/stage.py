@@ -63,12 +63,25 @@ class ForwardStage(Stage):
         logger.info("KV pool: %d slots (page size %d), req_to_token %s", num_slots, args.page_size,
                     tuple(self.req_to_token.shape))
         self.uploader = Uploader(self.device)
+        if self.device.type == "cuda" and args.kernel_backend == "triton":
+            self._compile_gemm_tiles()
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.req_to_token, self._write_decode,
                                        min(args.cuda_graph_max_bs, args.max_running_requests), self.device,
                                        self.uploader)
             self.graphs.capture_all()
+
+    def _compile_gemm_tiles(self) -> None:
+        """Every prefill gemm tile for every weight shape, before the first request."""
+        from triton_kernels.gemm import compile_prefill_tiles
+
+        seen = set()
+        for name, param in self.model.named_parameters():
+            if param.dim() == 2 and name.endswith("proj.weight") or name.endswith("lm_head.weight"):
+                if tuple(param.shape) not in seen:
+                    seen.add(tuple(param.shape))
+                    compile_prefill_tiles(param)
 
     # ------------------------------------------------------------- sizing
     def _kv_slots(self, kv_dtype: torch.dtype) -> int:

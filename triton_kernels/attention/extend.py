@@ -262,7 +262,9 @@ def _query_block(pid_m, extend_len, prefix_len, slot_row_ptr, kv_head_off,
              out, mask=q_mask)
 
 
-@triton.jit
+# num_m_blocks changes with every batch: left unspecialised (Triton would otherwise
+# compile a new variant when it happens to be 1 or a multiple of 16, mid-serving).
+@triton.jit(do_not_specialize=["num_m_blocks"])
 def _extend_attention_kernel(
     q_ptr, k_src, v_src, k_cache_ptr, v_cache_ptr, o_ptr, req_to_token_ptr,
     req_pool_indices_ptr, prefix_lens_ptr, extend_lens_ptr, extend_start_loc_ptr,
