@@ -392,7 +392,9 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if config.kind == "tma":
         _set_tma_allocator(x.device)
         num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
-        num_programs = min(_num_sms_of(x.device), num_tiles)
+        # Always one program per SM (programs past the last tile find no work): NUM_SMS is a
+        # constexpr, and a grid sized by the tile count would compile a variant per count.
+        num_programs = _num_sms_of(x.device)
         _linear_tma_kernel[(num_programs,)](
             x, weight, bias_arg, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,

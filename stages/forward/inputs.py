@@ -5,7 +5,8 @@ once (through reused pinned staging, ``stages/staging.py``) and sliced into view
 batch launches no kernel at all. The attention kernels and the index
 helpers accept int64 vectors, so nothing needs a dtype conversion.
 
-Packed layout (B requests, T new tokens, W row writes, S row-write slots)::
+Packed layout (B requests, T new tokens, W row writes, S row-write slots;
+each field padded to an even length, so every field is 16-byte aligned)::
 
     input_ids[T] positions[T] out_cache_loc[T]
     req_pool_indices[B] prefix_lens[B] extend_lens[B] extend_start_loc[B] seq_lens[B] logits_indices[B]
@@ -33,34 +34,56 @@ class DeviceBatch:
     row_writes: tuple[torch.Tensor, ...] | None  # rows, starts, ends, offsets, slots
 
 
+ALIGN = 2  # int64 elements: every field starts 16 bytes into the buffer (see below)
+
+
+def _aligned(fields: list[list[int]]) -> list[int]:
+    """Concatenate, padding each field to a multiple of ALIGN elements with zeros."""
+    packed: list[int] = []
+    for field in fields:
+        packed += field
+        packed += [0] * (-len(field) % ALIGN)
+    return packed
+
+
 def pack_batch(batch: ForwardBatch) -> tuple[list[int], int, int]:
-    """The packed int list, number of row writes W and their slot count S."""
+    """The packed int list, number of row writes W and their slot count S.
+
+    Each field is padded to 16 bytes: Triton specializes kernels on whether a
+    pointer is 16-byte aligned, so fields at offsets that depend on T and B would
+    make a kernel compile a new variant (seconds) when a batch's sizes change parity.
+    """
     extend_start, logits_indices, offset = [], [], 0
     for length in batch.extend_lens:
         extend_start.append(offset)
         offset += length
         logits_indices.append(offset - 1)
-    packed = batch.input_ids + batch.positions + batch.out_cache_loc + batch.req_pool_indices
-    packed += batch.prefix_lens + batch.extend_lens + extend_start + batch.seq_lens + logits_indices
+    fields = [batch.input_ids, batch.positions, batch.out_cache_loc, batch.req_pool_indices,
+              batch.prefix_lens, batch.extend_lens, extend_start, batch.seq_lens, logits_indices]
     writes = batch.row_writes
-    if writes:
-        offsets, slots, start = [], [], 0
-        for write in writes:
-            offsets.append(start)
-            slots.extend(write.slots)
-            start += len(write.slots)
-        packed += [w.row for w in writes] + [w.start for w in writes]
-        packed += [w.start + len(w.slots) for w in writes] + offsets + slots
-        return packed, len(writes), len(slots)
-    return packed, 0, 0
+    if not writes:
+        return _aligned(fields), 0, 0
+    offsets, slots, start = [], [], 0
+    for write in writes:
+        offsets.append(start)
+        slots.extend(write.slots)
+        start += len(write.slots)
+    fields += [[w.row for w in writes], [w.start for w in writes],
+               [w.start + len(w.slots) for w in writes], offsets, slots]
+    return _aligned(fields), len(writes), len(slots)
 
 
 def unpack(buffer: torch.Tensor, batch: ForwardBatch, num_writes: int, num_write_slots: int,
            req_to_token: torch.Tensor, max_seq_len: int | None = None) -> DeviceBatch:
     """Slice the packed device buffer into the model's inputs (views, no kernels)."""
     T, B = len(batch.input_ids), len(batch.rids)
-    sizes = [T, T, T, B, B, B, B, B, B, num_writes, num_writes, num_writes, num_writes, num_write_slots]
-    parts = list(torch.split(buffer, sizes))
+    sizes = [T, T, T, B, B, B, B, B, B]
+    if num_writes:
+        sizes += [num_writes] * 4 + [num_write_slots]
+    parts, offset = [], 0
+    for size in sizes:
+        parts.append(buffer.narrow(0, offset, size))
+        offset += size + (-size % ALIGN)
     (input_ids, positions, out_cache_loc, rows, prefix_lens, extend_lens, extend_start, seq_lens,
      logits_indices) = parts[:9]
     meta = AttentionMetadata(
