@@ -20,6 +20,12 @@ request ends with exactly one final TokenOutput (or an ErrorOutput).
 Where the time goes per step (CPU): planning is O(running requests) list
 work; flattening the batch is O(new tokens); the radix tree is touched only
 on admission, chunk ends, finish and retraction. No tensors are built here.
+Downstream, a decode step costs the host one packed upload into a reused
+pinned buffer, one CUDA-graph launch and one device->host sync. Measured on
+an H200 (Llama-3.1-8B, batch 1, ``perf/profile_decode.py``): 4.56 ms of GPU
+kernels in a 4.64-4.84 ms step; the rest is that launch and sync, during
+which the GPU idles because the next step is planned only after this one's
+tokens arrive (no overlap scheduling).
 """
 from __future__ import annotations
 
