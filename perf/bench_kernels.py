@@ -141,17 +141,15 @@ def gemm_cases(ctx: Ctx) -> list[Case]:
 
 
 def gemm_sweep_configs(M: int) -> list:
-    """Candidates around the table of triton_kernels/gemm.py (the first sweep,
-    48 decode and 8 prefill configs per shape, narrowed the field to these)."""
+    """Candidates around the table of triton_kernels/gemm.py: decode shapes (M <= 64)
+    take the grid of perf/sweep_gemm_decode.py; prefill shapes the TMA tiles below."""
     from triton_kernels.gemm import GemmConfig
 
     if M <= 64:
-        bm = max(16, 1 << (M - 1).bit_length())
-        shapes = [(32, 256, 4, 4), (64, 128, 4, 4), (64, 128, 8, 5), (64, 256, 4, 3), (16, 256, 4, 4),
-                  (32, 128, 4, 4)]
-        out = [GemmConfig("stream", bm, bn, bk, 1, num_warps=w, num_stages=st) for bn, bk, w, st in shapes]
-        out += [GemmConfig("stream", bm, bn, bk, 2, num_warps=4, num_stages=4) for bn, bk in ((32, 256), (64, 128))]
-        return out
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from sweep_gemm_decode import candidate_configs
+
+        return candidate_configs(M)
     tma = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
            (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]
     out = [GemmConfig("tma", bm, bn, bk, group_m=8, num_warps=w, num_stages=s) for bm, bn, bk, w, s in tma]
