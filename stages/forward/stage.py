@@ -76,12 +76,11 @@ class ForwardStage(Stage):
         """Every prefill gemm tile for every weight shape, before the first request."""
         from triton_kernels.gemm import compile_prefill_tiles
 
-        seen = set()
-        for name, param in self.model.named_parameters():
-            if param.dim() == 2 and name.endswith("proj.weight") or name.endswith("lm_head.weight"):
-                if tuple(param.shape) not in seen:
-                    seen.add(tuple(param.shape))
-                    compile_prefill_tiles(param)
+        shapes_done = set()
+        for name, param in self.model.named_parameters():  # the lm_head's fp32 logits take no TMA
+            if name.endswith("proj.weight") and param.dim() == 2 and param.shape not in shapes_done:
+                shapes_done.add(param.shape)
+                compile_prefill_tiles(param)
 
     # ------------------------------------------------------------- sizing
     def _kv_slots(self, kv_dtype: torch.dtype) -> int:
