@@ -30,26 +30,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_kernels import DTYPE, Ctx, gemm_shapes, median_us, rotating  # noqa: E402
 
 
-def candidate_configs(M: int) -> list:
-    """Tensor-core tiles around the current table, plus GEMV tiles for tiny M."""
+def candidate_configs(M: int, kinds: set[str]) -> list:
+    """Tensor-core tiles around the current table, GEMV tiles for tiny M, split-K,
+    and stream-K tiles (each at 1 and 2 programs per SM)."""
     from triton_kernels.gemm import GemmConfig
 
     bm = max(16, 1 << (M - 1).bit_length())
-    dot_tiles = [  # (block_n, block_k, num_warps, num_stages)
-        (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 256, 4, 5), (32, 128, 4, 6),
-        (32, 512, 4, 3), (32, 256, 8, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 128, 8, 5),
-        (64, 256, 8, 4), (128, 128, 8, 4),
-    ]
-    configs = [GemmConfig("stream", bm, bn, bk, num_warps=w, num_stages=s) for bn, bk, w, s in dot_tiles]
-    configs += [GemmConfig("stream", bm, bn, bk, split_k=sk, num_warps=4, num_stages=4)
-                for bn, bk, sk in ((32, 256, 2), (64, 128, 2), (64, 256, 2), (128, 128, 4))]
-    if M <= 4:
-        gm = 1 << (M - 1).bit_length()
-        gemv_tiles = [(8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3),
-                      (32, 128, 4, 4), (16, 256, 8, 4), (32, 256, 8, 4), (64, 128, 8, 3)]
-        configs += [GemmConfig("stream", gm, bn, bk, num_warps=w, num_stages=s, use_dot=False)
-                    for bn, bk, w, s in gemv_tiles]
+    configs = []
+    if "stream" in kinds:
+        dot_tiles = [  # (block_n, block_k, num_warps, num_stages)
+            (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 256, 4, 5), (32, 128, 4, 6),
+            (32, 512, 4, 3), (32, 256, 8, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 128, 8, 5),
+            (64, 256, 8, 4), (128, 128, 8, 4),
+        ]
+        configs += [GemmConfig("stream", bm, bn, bk, num_warps=w, num_stages=s) for bn, bk, w, s in dot_tiles]
+        configs += [GemmConfig("stream", bm, bn, bk, split_k=sk, num_warps=4, num_stages=4)
+                    for bn, bk, sk in ((32, 256, 2), (64, 128, 2), (64, 256, 2), (128, 128, 4))]
+        if M <= 4:
+            gm = 1 << (M - 1).bit_length()
+            gemv_tiles = [(8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3),
+                          (32, 128, 4, 4), (16, 256, 8, 4), (32, 256, 8, 4), (64, 128, 8, 3)]
+            configs += [GemmConfig("stream", gm, bn, bk, num_warps=w, num_stages=s, use_dot=False)
+                        for bn, bk, w, s in gemv_tiles]
+    if "streamk" in kinds:
+        streamk_tiles = [  # (block_n, block_k, num_warps, num_stages)
+            (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 8, 4), (128, 128, 4, 4),
+            (128, 128, 8, 4), (128, 64, 4, 6), (256, 64, 8, 4), (256, 128, 8, 3),
+        ]
+        configs += [GemmConfig("streamk", bm, bn, bk, num_warps=w, num_stages=s, programs_per_sm=pps)
+                    for bn, bk, w, s in streamk_tiles for pps in (1, 2)]
     return configs
+
+
+def pdl_variants(config, prefetch: list[int]) -> list:
+    """The same tile launched with programmatic dependent launch, per prefetch size."""
+    return [dataclasses.replace(config, pdl=True, prefetch_bytes=b) for b in prefetch]
 
 
 def launch_on(inputs: tuple, config) -> None:
@@ -61,7 +76,24 @@ def launch_on(inputs: tuple, config) -> None:
     gemm.launch_linear(x, w, None, y, config)
 
 
-def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int) -> dict:
+def time_config(ctx: Ctx, sets, x, w, y, expect, config) -> float | None:
+    """Median µs of one config (checked against cuBLAS first), None if it fails."""
+    from triton_kernels import gemm
+
+    try:
+        y.fill_(float("nan"))
+        gemm.launch_linear(x, w, None, y, config)
+        err = ((y.float() - expect).norm() / expect.norm()).item()
+        if not err < 2e-2:
+            raise RuntimeError(f"wrong result (rel err {err:.2e})")
+        return median_us(lambda c=config: launch_on(sets(), c), quick=True)
+    except Exception as exc:  # a config the chip cannot take: report, keep sweeping
+        print(f"  {config}: {type(exc).__name__}: {str(exc)[:100]}")
+        return None
+
+
+def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[str],
+              prefetch: list[int]) -> dict:
     from triton_kernels import gemm
 
     _, num_bytes = gemm.flops_bytes(M, N, K, DTYPE)
@@ -73,17 +105,21 @@ def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int) -> dict:
     cublas_us = median_us(lambda: torch.nn.functional.linear(*sets()[:2]), quick=True)
     table_us = median_us(lambda: gemm.linear(*sets()[:2]), quick=True)
     timings = []
-    for config in candidate_configs(M):
-        try:
-            gemm.launch_linear(x, w, None, y, config)
-            err = ((y.float() - expect).norm() / expect.norm()).item()
-            if not err < 2e-2:
-                raise RuntimeError(f"wrong result (rel err {err:.2e})")
-            us = median_us(lambda c=config: launch_on(sets(), c), quick=True)
-        except Exception as exc:  # a config the chip cannot take: report, keep sweeping
-            print(f"  {name} M={M} {config}: {type(exc).__name__}: {str(exc)[:100]}")
-            continue
-        timings.append((us, config))
+    for config in candidate_configs(M, kinds):
+        us = time_config(ctx, sets, x, w, y, expect, config)
+        if us is not None:
+            timings.append((us, config))
+    timings.sort(key=lambda t: t[0])
+    # PDL variants of the best few tiles (and of the table's own tile).
+    pdl_base = [c for _, c in timings[:top]]
+    table_config = gemm._pick_config(M, N, K, DTYPE, x.device, tma_ok=False)
+    if table_config not in pdl_base:
+        pdl_base.append(table_config)
+    for base in pdl_base:
+        for config in pdl_variants(base, prefetch):
+            us = time_config(ctx, sets, x, w, y, expect, config)
+            if us is not None:
+                timings.append((us, config))
     timings.sort(key=lambda t: t[0])
     for us, config in timings[:top]:
         print(f"{name:16s} M={M:3d} cuBLAS {cublas_us:7.1f} table {table_us:7.1f} "
@@ -92,16 +128,31 @@ def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int) -> dict:
                 top=[dict(us=us, config=dataclasses.asdict(c)) for us, c in timings[:top]])
 
 
+def write_report(device_name: str, results: list[dict]) -> None:
+    import triton
+
+    report = dict(device=device_name, torch=torch.__version__, triton=triton.__version__,
+                  time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), results=results)
+    tag = device_name.lower().replace(" ", "-")
+    out_dirs = [Path(__file__).resolve().parent / "results"]
+    if os.environ.get("OUT"):
+        out_dirs.append(Path(os.environ["OUT"]))
+    for out_dir in out_dirs:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / f"gemm-decode-sweep-{tag}.json").write_text(json.dumps(report, indent=1))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
+    parser.add_argument("--kinds", default="stream,streamk", help="kernels to sweep: stream, streamk")
+    parser.add_argument("--prefetch", default="0,2048",
+                        help="PDL variants of the best tiles: bytes prefetched per weight row")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("sweep_gemm_decode.py needs a CUDA GPU")
-    import triton
-
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
     ctx = Ctx(device=device, l2_bytes=getattr(props, "L2_cache_size", 50 * 2 ** 20), quick=True)
@@ -111,19 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         if wanted and name not in wanted:
             continue
         for M in (int(m) for m in args.ms.split(",")):
-            results.append(sweep_one(ctx, name, N, K, M, args.top))
+            results.append(sweep_one(ctx, name, N, K, M, args.top, set(args.kinds.split(",")),
+                                     [int(b) for b in args.prefetch.split(",") if b]))
+            print(flush=True)
+            write_report(props.name, results)  # after every case: a cut-short run keeps its data
             torch.cuda.empty_cache()
-    report = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
-                  time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), results=results)
-    tag = props.name.lower().replace(" ", "-")
-    out_dirs = [Path(__file__).resolve().parent / "results"]
-    if os.environ.get("OUT"):
-        out_dirs.append(Path(os.environ["OUT"]))
-    for out_dir in out_dirs:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"gemm-decode-sweep-{tag}.json"
-        path.write_text(json.dumps(report, indent=1))
-        print(f"wrote {path}")
     return 0
 
 

@@ -42,6 +42,34 @@ import triton.language as tl
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
+# ----------------------------------------------------------------------------- PDL
+
+
+@triton.jit
+def _prefetch_l2(row_ptrs, row_bytes):
+    """Hopper bulk prefetch: ask L2 to fetch ``row_bytes`` (a multiple of 16;
+    <= 0 skips) from each 16-byte aligned address. Nothing lands in registers."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
+        "mov.u32 $0, 0; }",
+        "=r,l,r", [row_ptrs, row_bytes], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
+def _prefetch_then_wait(w_row_ptrs, row_bytes_left, PREFETCH_BYTES: tl.constexpr):
+    """Programmatic dependent launch (PDL). The kernel was launched while the
+    previous kernel in the stream may still be running, so before the wait it
+    touches only the weights, which no kernel writes: it starts the first
+    ``PREFETCH_BYTES`` of each of its weight rows on the way to L2 (never past
+    ``row_bytes_left``). ``gdc_wait`` then blocks until the previous kernel has
+    finished and its writes (our ``x``) are visible; only after it may we read
+    ``x`` or write anything. Then the next kernel may be launched early too."""
+    if PREFETCH_BYTES > 0:
+        _prefetch_l2(w_row_ptrs, tl.minimum(row_bytes_left, PREFETCH_BYTES))
+    tl.extra.cuda.gdc_wait()
+    tl.extra.cuda.gdc_launch_dependents()
+
+
 # M is not specialised, so one compiled variant serves every decode batch size.
 @triton.jit(do_not_specialize=["M"])
 def _linear_stream_kernel(
@@ -51,6 +79,7 @@ def _linear_stream_kernel(
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PREFETCH_BYTES: tl.constexpr = 0,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -74,6 +103,10 @@ def _linear_stream_kernel(
               + (k_begin + offs_k)[None, :] * stride_xk)
     w_ptrs = (w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
               + (k_begin + offs_k)[None, :] * stride_wk)
+    if USE_PDL:
+        _prefetch_then_wait(w_ptr + offs_n.to(tl.int64) * stride_wn + k_begin * stride_wk,
+                            (K - k_begin) * w_ptr.dtype.element_ty.primitive_bitwidth // 8,
+                            PREFETCH_BYTES)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_tile in range(k_tile_begin, k_tile_end):
         if EVEN_K:
@@ -116,6 +149,104 @@ def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, M, N, stride_ym, stride_yn,
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows * stride_ym + cols * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _streamk_owner(unit, num_units, num_programs):
+    """The program whose unit range holds ``unit`` (ranges as in the kernel below)."""
+    return ((unit + 1) * num_programs + num_units - 1) // num_units - 1
+
+
+# Stream-K for decode: the weight is cut into units of BLOCK_N rows x BLOCK_K
+# columns, numbered n-tile-major, and each of the (few hundred) programs takes an
+# equal, contiguous run of units. Every SM therefore streams the same number of
+# weight bytes whatever N is, and BLOCK_N can be wide (the activation rows are
+# re-read from L2 once per unit, so a wide unit reads them less often) without
+# leaving SMs idle. An output tile whose K range is cut between programs is
+# summed by its last-arriving program: each contributor stores its fp32 partial,
+# then bumps the tile's counter; the one that sees the final count adds all
+# partials in program order (deterministic) and resets the counter for next time.
+@triton.jit(do_not_specialize=["M"])
+def _linear_streamk_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
+    M, N, K,
+    stride_xm, stride_wn, stride_ym,
+    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    USE_PDL: tl.constexpr = False, PREFETCH_BYTES: tl.constexpr = 0,
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    num_units = tl.cdiv(N, BLOCK_N) * k_tiles
+    first_unit = pid * num_units // num_programs  # int32: the launcher bounds the product
+    end_unit = (pid + 1) * num_units // num_programs
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_m = offs_m < M
+    offs_k = tl.arange(0, BLOCK_K)
+    tile_elems = BLOCK_M * BLOCK_N
+    part_offs = offs_m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    if USE_PDL:
+        n0 = (first_unit // k_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k0 = (first_unit % k_tiles) * BLOCK_K
+        _prefetch_then_wait(w_ptr + (n0 % N).to(tl.int64) * stride_wn + k0,
+                            (K - k0) * w_ptr.dtype.element_ty.primitive_bitwidth // 8,
+                            PREFETCH_BYTES)
+    unit = first_unit
+    while unit < end_unit:
+        n_tile = unit // k_tiles
+        k_lo = unit - n_tile * k_tiles
+        k_hi = tl.minimum(k_tiles, k_lo + (end_unit - unit))
+        # Weight rows past N wrap (modulo) so their loads need no mask; the
+        # store drops them.
+        offs_n = (n_tile * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :]
+        w_ptrs = (w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+                  + (k_lo * BLOCK_K + offs_k)[None, :])
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_tile in range(k_lo, k_hi):
+            if EVEN_K:
+                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+                w = tl.load(w_ptrs)
+            else:
+                k_mask = (k_tile * BLOCK_K + offs_k) < K
+                x = tl.load(x_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
+                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+            x_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        out_mask = mask_m[:, None] & (cols[None, :] < N)
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+        if k_lo == 0 and k_hi == k_tiles:  # the whole K range is ours
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            # Slot 0 holds a program's first segment, slot 1 its last: only
+            # those two can be partial.
+            slot = tl.where(unit == first_unit, 0, 1)
+            tl.store(part_ptr + (pid * 2 + slot).to(tl.int64) * tile_elems + part_offs, acc,
+                     mask=mask_m[:, None])
+            tile_first = n_tile * k_tiles
+            owner_lo = _streamk_owner(tile_first, num_units, num_programs)
+            owner_hi = _streamk_owner(tile_first + k_tiles - 1, num_units, num_programs)
+            tl.debug_barrier()  # every thread's partial is stored before the count moves
+            arrived = tl.atomic_add(count_ptr + n_tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == owner_hi - owner_lo:  # the last contributor sums them all
+                tl.debug_barrier()
+                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                for owner in range(owner_lo, owner_hi + 1):
+                    owner_first = owner * num_units // num_programs
+                    owner_slot = tl.where(owner_first >= tile_first, 0, 1)
+                    total += tl.load(part_ptr + (owner * 2 + owner_slot).to(tl.int64) * tile_elems
+                                     + part_offs, mask=mask_m[:, None], other=0.0)
+                if HAS_BIAS:
+                    total += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+                tl.atomic_xchg(count_ptr + n_tile, 0)
+        unit += k_hi - k_lo
 
 
 @triton.jit
@@ -173,8 +304,12 @@ def _linear_tma_kernel(
 @dataclasses.dataclass(frozen=True)
 class GemmConfig:
     """One launch recipe. ``kind`` is "stream" (pointer kernel, optional
-    split-K; ``use_dot=False`` multiplies on the CUDA cores, for 1-4 rows) or
-    "tma" (persistent tensor-descriptor kernel)."""
+    split-K; ``use_dot=False`` multiplies on the CUDA cores, for 1-4 rows),
+    "streamk" (decode, M <= block_m: ``programs_per_sm`` programs per SM share
+    the weight equally) or "tma" (persistent tensor-descriptor kernel).
+    ``pdl`` launches a stream/streamk kernel with programmatic dependent launch
+    (Hopper), prefetching ``prefetch_bytes`` of each weight row before it waits
+    for the previous kernel."""
 
     kind: str
     block_m: int
@@ -185,6 +320,9 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     use_dot: bool = True
+    programs_per_sm: int = 1
+    pdl: bool = False
+    prefetch_bytes: int = 0
 
 
 def _interpreting() -> bool:
@@ -391,7 +529,6 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     bias_arg = bias if bias is not None else y
     if config.kind == "tma":
         _set_tma_allocator(x.device)
-        num_tiles = triton.cdiv(M, config.block_m) * triton.cdiv(N, config.block_n)
         # Always one program per SM (programs past the last tile find no work): NUM_SMS is a
         # constexpr, and a grid sized by the tile count would compile a variant per count.
         num_programs = _num_sms_of(x.device)
@@ -400,6 +537,10 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             BLOCK_K=config.block_k, GROUP_M=config.group_m, NUM_SMS=num_programs,
             INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
+        return
+    pdl = _pdl_args(config, weight)
+    if config.kind == "streamk":
+        _launch_streamk(x, weight, bias, y, config, pdl)
         return
     split_k = max(1, min(config.split_k, triton.cdiv(K, config.block_k)))
     part = (torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
@@ -410,12 +551,75 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_DOT=config.use_dot, INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
+        USE_DOT=config.use_dot, INPUT_PRECISION=precision, num_warps=config.num_warps,
+        num_stages=config.num_stages, **pdl)
     if split_k > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
             part, bias_arg, y, M, N, y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block)
+
+
+# Tile counters of the stream-K kernel: zero between launches (the tile's last
+# contributor resets its counter), so one buffer per device serves every launch
+# on that device's forward stream. 65536 tiles of >= 16 rows cover any vocab.
+_STREAMK_MAX_TILES = 1 << 16
+
+
+@functools.lru_cache(maxsize=None)
+def _streamk_counters(device: torch.device) -> torch.Tensor:
+    return torch.zeros(_STREAMK_MAX_TILES, dtype=torch.int32, device=device)
+
+
+def streamk_num_programs(M: int, N: int, K: int, config: GemmConfig, device: torch.device) -> int:
+    """Programs of a stream-K launch: ``programs_per_sm`` per SM, at least one unit each."""
+    num_units = triton.cdiv(N, config.block_n) * triton.cdiv(K, config.block_k)
+    return max(1, min(num_units, config.programs_per_sm * _num_sms_of(device)))
+
+
+def _launch_streamk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    y: torch.Tensor, config: GemmConfig, pdl: dict) -> None:
+    M, K = x.shape
+    N = weight.shape[0]
+    if M > config.block_m:
+        raise ValueError(f"stream-K config takes at most {config.block_m} rows, got {M}")
+    if x.stride(1) != 1 or weight.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError("stream-K needs x, weight and y with unit last stride")
+    if triton.cdiv(N, config.block_n) > _STREAMK_MAX_TILES:
+        raise ValueError(f"N={N} has more than {_STREAMK_MAX_TILES} tiles of {config.block_n}")
+    num_programs = streamk_num_programs(M, N, K, config, x.device)
+    num_units = triton.cdiv(N, config.block_n) * triton.cdiv(K, config.block_k)
+    if (num_programs + 1) * num_units >= 2 ** 31:  # unit ranges are computed in int32
+        raise ValueError(f"stream-K: {num_units} units x {num_programs} programs overflow int32")
+    part = torch.empty((num_programs * 2, config.block_m * config.block_n),
+                       dtype=torch.float32, device=x.device)
+    _linear_streamk_kernel[(num_programs,)](
+        x, weight, bias if bias is not None else y, y, part, _streamk_counters(x.device),
+        M, N, K, x.stride(0), weight.stride(0), y.stride(0),
+        HAS_BIAS=bias is not None, EVEN_K=K % config.block_k == 0,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
+
+
+# PDL needs Hopper or newer and 16-byte aligned weight rows for the bulk
+# prefetch; STAGEWISE_PDL=0 turns it off (for A/B measurements).
+PDL_ENABLED = os.environ.get("STAGEWISE_PDL", "1") != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] >= 9
+
+
+def _pdl_args(config: GemmConfig, weight: torch.Tensor) -> dict:
+    """Kernel arguments for a PDL launch ({} when it does not apply)."""
+    if not (config.pdl and PDL_ENABLED) or weight.device.type != "cuda" or _interpreting():
+        return {}
+    if not _has_pdl(weight.device.index if weight.device.index is not None else torch.cuda.current_device()):
+        return {}
+    aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * weight.element_size()) % 16 == 0
+    return dict(USE_PDL=True, PREFETCH_BYTES=config.prefetch_bytes if aligned else 0, launch_pdl=True)
 
 
 def compile_prefill_tiles(weight: torch.Tensor) -> None:
