@@ -32,7 +32,7 @@ from bench_kernels import DTYPE, Ctx, gemm_shapes, median_us, rotating  # noqa: 
 
 def candidate_configs(M: int, kinds: set[str]) -> list:
     """Tensor-core tiles around the current table, GEMV tiles for tiny M, split-K,
-    and stream-K tiles (each at 1 and 2 programs per SM)."""
+    tensor-descriptor (TMA) tiles, and stream-K tiles (at 1 and 2 programs per SM)."""
     from triton_kernels.gemm import GemmConfig
 
     bm = max(16, 1 << (M - 1).bit_length())
@@ -52,6 +52,13 @@ def candidate_configs(M: int, kinds: set[str]) -> list:
                           (32, 128, 4, 4), (16, 256, 8, 4), (32, 256, 8, 4), (64, 128, 8, 3)]
             configs += [GemmConfig("stream", gm, bn, bk, num_warps=w, num_stages=s, use_dot=False)
                         for bn, bk, w, s in gemv_tiles]
+    if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
+        tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
+            (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
+            (256, 64, 8, 4),
+        ]
+        configs += [GemmConfig("tma", bm, bn, bk, group_m=1, num_warps=w, num_stages=s)
+                    for bn, bk, w, s in tma_tiles]
     if "streamk" in kinds:
         streamk_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 8, 4), (128, 128, 4, 4),
@@ -60,11 +67,6 @@ def candidate_configs(M: int, kinds: set[str]) -> list:
         configs += [GemmConfig("streamk", bm, bn, bk, num_warps=w, num_stages=s, programs_per_sm=pps)
                     for bn, bk, w, s in streamk_tiles for pps in (1, 2)]
     return configs
-
-
-def pdl_variants(config, prefetch: list[int]) -> list:
-    """The same tile launched with programmatic dependent launch, per prefetch size."""
-    return [dataclasses.replace(config, pdl=True, prefetch_bytes=b) for b in prefetch]
 
 
 def launch_on(inputs: tuple, config) -> None:
@@ -92,8 +94,7 @@ def time_config(ctx: Ctx, sets, x, w, y, expect, config) -> float | None:
         return None
 
 
-def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[str],
-              prefetch: list[int]) -> dict:
+def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[str]) -> dict:
     from triton_kernels import gemm
 
     _, num_bytes = gemm.flops_bytes(M, N, K, DTYPE)
@@ -116,10 +117,10 @@ def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[
     if table_config not in pdl_base:
         pdl_base.append(table_config)
     for base in pdl_base:
-        for config in pdl_variants(base, prefetch):
-            us = time_config(ctx, sets, x, w, y, expect, config)
-            if us is not None:
-                timings.append((us, config))
+        config = dataclasses.replace(base, pdl=True)
+        us = time_config(ctx, sets, x, w, y, expect, config)
+        if us is not None:
+            timings.append((us, config))
     timings.sort(key=lambda t: t[0])
     for us, config in timings[:top]:
         print(f"{name:16s} M={M:3d} cuBLAS {cublas_us:7.1f} table {table_us:7.1f} "
@@ -147,9 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,streamk", help="kernels to sweep: stream, streamk")
-    parser.add_argument("--prefetch", default="0,2048",
-                        help="PDL variants of the best tiles: bytes prefetched per weight row")
+    parser.add_argument("--kinds", default="stream,tma,streamk",
+                        help="kernels to sweep: stream, tma, streamk")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("sweep_gemm_decode.py needs a CUDA GPU")
@@ -162,8 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         if wanted and name not in wanted:
             continue
         for M in (int(m) for m in args.ms.split(",")):
-            results.append(sweep_one(ctx, name, N, K, M, args.top, set(args.kinds.split(",")),
-                                     [int(b) for b in args.prefetch.split(",") if b]))
+            results.append(sweep_one(ctx, name, N, K, M, args.top, set(args.kinds.split(","))))
             print(flush=True)
             write_report(props.name, results)  # after every case: a cut-short run keeps its data
             torch.cuda.empty_cache()

@@ -46,26 +46,13 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
-def _prefetch_l2(row_ptrs, row_bytes):
-    """Hopper bulk prefetch: ask L2 to fetch ``row_bytes`` (a multiple of 16;
-    <= 0 skips) from each 16-byte aligned address. Nothing lands in registers."""
-    tl.inline_asm_elementwise(
-        "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
-        "mov.u32 $0, 0; }",
-        "=r,l,r", [row_ptrs, row_bytes], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
-def _prefetch_then_wait(w_row_ptrs, row_bytes_left, PREFETCH_BYTES: tl.constexpr):
-    """Programmatic dependent launch (PDL). The kernel was launched while the
-    previous kernel in the stream may still be running, so before the wait it
-    touches only the weights, which no kernel writes: it starts the first
-    ``PREFETCH_BYTES`` of each of its weight rows on the way to L2 (never past
-    ``row_bytes_left``). ``gdc_wait`` then blocks until the previous kernel has
-    finished and its writes (our ``x``) are visible; only after it may we read
-    ``x`` or write anything. Then the next kernel may be launched early too."""
-    if PREFETCH_BYTES > 0:
-        _prefetch_l2(w_row_ptrs, tl.minimum(row_bytes_left, PREFETCH_BYTES))
+def _pdl_wait():
+    """Programmatic dependent launch (PDL, Hopper). A kernel launched with PDL may
+    start while the previous kernel in the stream is still running (its launch
+    and prologue overlap that kernel's tail). ``gdc_wait`` blocks until the
+    previous kernel has finished and its writes (our inputs) are visible: before
+    it the kernel may read nothing another kernel writes, and write nothing.
+    ``gdc_launch_dependents`` then lets the next PDL kernel start early in turn."""
     tl.extra.cuda.gdc_wait()
     tl.extra.cuda.gdc_launch_dependents()
 
@@ -79,7 +66,7 @@ def _linear_stream_kernel(
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH_BYTES: tl.constexpr = 0,
+    USE_PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -104,9 +91,7 @@ def _linear_stream_kernel(
     w_ptrs = (w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
               + (k_begin + offs_k)[None, :] * stride_wk)
     if USE_PDL:
-        _prefetch_then_wait(w_ptr + offs_n.to(tl.int64) * stride_wn + k_begin * stride_wk,
-                            (K - k_begin) * w_ptr.dtype.element_ty.primitive_bitwidth // 8,
-                            PREFETCH_BYTES)
+        _pdl_wait()
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_tile in range(k_tile_begin, k_tile_end):
         if EVEN_K:
@@ -174,7 +159,7 @@ def _linear_streamk_kernel(
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr = False, PREFETCH_BYTES: tl.constexpr = 0,
+    USE_PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -188,11 +173,7 @@ def _linear_streamk_kernel(
     tile_elems = BLOCK_M * BLOCK_N
     part_offs = offs_m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     if USE_PDL:
-        n0 = (first_unit // k_tiles) * BLOCK_N + tl.arange(0, BLOCK_N)
-        k0 = (first_unit % k_tiles) * BLOCK_K
-        _prefetch_then_wait(w_ptr + (n0 % N).to(tl.int64) * stride_wn + k0,
-                            (K - k0) * w_ptr.dtype.element_ty.primitive_bitwidth // 8,
-                            PREFETCH_BYTES)
+        _pdl_wait()
     unit = first_unit
     while unit < end_unit:
         n_tile = unit // k_tiles
@@ -269,8 +250,10 @@ def _linear_tma_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, NUM_SMS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:  # before the descriptors: they are written to global scratch
+        _pdl_wait()
     # Descriptors clip at the tensor edge: out-of-range loads read zeros and
     # out-of-range stores are dropped, so no masks are needed.
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
@@ -307,9 +290,7 @@ class GemmConfig:
     split-K; ``use_dot=False`` multiplies on the CUDA cores, for 1-4 rows),
     "streamk" (decode, M <= block_m: ``programs_per_sm`` programs per SM share
     the weight equally) or "tma" (persistent tensor-descriptor kernel).
-    ``pdl`` launches a stream/streamk kernel with programmatic dependent launch
-    (Hopper), prefetching ``prefetch_bytes`` of each weight row before it waits
-    for the previous kernel."""
+    ``pdl`` launches the kernel with programmatic dependent launch (Hopper)."""
 
     kind: str
     block_m: int
@@ -322,7 +303,6 @@ class GemmConfig:
     use_dot: bool = True
     programs_per_sm: int = 1
     pdl: bool = False
-    prefetch_bytes: int = 0
 
 
 def _interpreting() -> bool:
@@ -527,6 +507,7 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     N = weight.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     bias_arg = bias if bias is not None else y
+    pdl = _pdl_args(config, weight)
     if config.kind == "tma":
         _set_tma_allocator(x.device)
         # Always one program per SM (programs past the last tile find no work): NUM_SMS is a
@@ -536,9 +517,8 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             x, weight, bias_arg, y, M, N, K, x.stride(0), weight.stride(0), y.stride(0),
             HAS_BIAS=bias is not None, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
             BLOCK_K=config.block_k, GROUP_M=config.group_m, NUM_SMS=num_programs,
-            INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages)
+            INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
         return
-    pdl = _pdl_args(config, weight)
     if config.kind == "streamk":
         _launch_streamk(x, weight, bias, y, config, pdl)
         return
@@ -602,8 +582,7 @@ def _launch_streamk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
 
 
-# PDL needs Hopper or newer and 16-byte aligned weight rows for the bulk
-# prefetch; STAGEWISE_PDL=0 turns it off (for A/B measurements).
+# PDL needs Hopper or newer; STAGEWISE_PDL=0 turns it off (for A/B measurements).
 PDL_ENABLED = os.environ.get("STAGEWISE_PDL", "1") != "0"
 
 
@@ -618,8 +597,7 @@ def _pdl_args(config: GemmConfig, weight: torch.Tensor) -> dict:
         return {}
     if not _has_pdl(weight.device.index if weight.device.index is not None else torch.cuda.current_device()):
         return {}
-    aligned = weight.data_ptr() % 16 == 0 and (weight.stride(0) * weight.element_size()) % 16 == 0
-    return dict(USE_PDL=True, PREFETCH_BYTES=config.prefetch_bytes if aligned else 0, launch_pdl=True)
+    return dict(USE_PDL=True, launch_pdl=True)
 
 
 def compile_prefill_tiles(weight: torch.Tensor) -> None:

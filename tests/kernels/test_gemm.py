@@ -57,9 +57,12 @@ CONFIGS = [
     gemm.GemmConfig("tma", 32, 32, 32, group_m=2),
     gemm.GemmConfig("tma", 64, 64, 32, group_m=8),
 ]
+if ON_GPU:  # programmatic dependent launch exists only on the GPU (Hopper)
+    CONFIGS += [gemm.GemmConfig("stream", 16, 32, 32, split_k=3, pdl=True),
+                gemm.GemmConfig("tma", 64, 64, 32, group_m=8, pdl=True)]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.kind}-{c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}{'' if c.use_dot else 'gemv'}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.kind}-{c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}{'' if c.use_dot else 'gemv'}{'-pdl' if c.pdl else ''}")
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_each_kernel_path(device, dtype, config):
     """Split-K and TMA paths on an aligned shape with ragged tiles."""
@@ -90,8 +93,7 @@ def test_streamk_decode(device, dtype, case, pdl):
     the same bits on a second launch (partials added in a fixed order)."""
     M, N, K, block_n, block_k, per_sm = case
     block_m = max(16, 1 << (M - 1).bit_length())
-    config = gemm.GemmConfig("streamk", block_m, block_n, block_k, programs_per_sm=per_sm,
-                             pdl=pdl, prefetch_bytes=1024 if pdl else 0)
+    config = gemm.GemmConfig("streamk", block_m, block_n, block_k, programs_per_sm=per_sm, pdl=pdl)
     x, w, b = _inputs(M, N, K, dtype, device, bias=True)
     y = torch.full((M, N), float("nan"), dtype=dtype, device=device)
     gemm.launch_linear(x, w, b, y, config)
