@@ -143,14 +143,14 @@ def _streamk_owner(unit, num_units, num_programs):
 
 
 # Stream-K for decode: the weight is cut into units of BLOCK_N rows x BLOCK_K
-# columns, numbered n-tile-major, and each of the (few hundred) programs takes an
-# equal, contiguous run of units. Every SM therefore streams the same number of
-# weight bytes whatever N is, and BLOCK_N can be wide (the activation rows are
-# re-read from L2 once per unit, so a wide unit reads them less often) without
-# leaving SMs idle. An output tile whose K range is cut between programs is
-# summed by its last-arriving program: each contributor stores its fp32 partial,
-# then bumps the tile's counter; the one that sees the final count adds all
-# partials in program order (deterministic) and resets the counter for next time.
+# columns, numbered n-tile-major, and each program takes an equal, contiguous
+# run of units. Every SM therefore streams the same number of weight bytes
+# whatever N is, and one flat loop over the run keeps the load pipeline full
+# across output tiles (no refill per tile, no second wave). An output tile
+# whose K range is cut between programs is summed by its last-arriving
+# program: each contributor stores its fp32 partial, then bumps the tile's
+# counter; the one that sees the final count adds all partials in program
+# order (deterministic) after its loop, and resets the counter for next time.
 @triton.jit(do_not_specialize=["M"])
 def _linear_streamk_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
@@ -158,8 +158,7 @@ def _linear_streamk_kernel(
     stride_xm, stride_wn, stride_ym,
     HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    INPUT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -170,64 +169,94 @@ def _linear_streamk_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
     offs_k = tl.arange(0, BLOCK_K)
-    tile_elems = BLOCK_M * BLOCK_N
-    part_offs = offs_m[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
     if USE_PDL:
         _pdl_wait()
-    unit = first_unit
-    while unit < end_unit:
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    finish_head = -1  # tiles whose partials this program must sum after the loop
+    finish_tail = -1
+    for unit in tl.range(first_unit, end_unit):
         n_tile = unit // k_tiles
-        k_lo = unit - n_tile * k_tiles
-        k_hi = tl.minimum(k_tiles, k_lo + (end_unit - unit))
-        # Weight rows past N wrap (modulo) so their loads need no mask; the
-        # store drops them.
+        k_tile = unit - n_tile * k_tiles
+        # Weight rows past N wrap (modulo) so their loads need no mask; the store drops them.
         offs_n = (n_tile * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + (k_lo * BLOCK_K + offs_k)[None, :]
-        w_ptrs = (w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-                  + (k_lo * BLOCK_K + offs_k)[None, :])
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k_tile in range(k_lo, k_hi):
-            if EVEN_K:
-                x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-                w = tl.load(w_ptrs)
-            else:
-                k_mask = (k_tile * BLOCK_K + offs_k) < K
-                x = tl.load(x_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
-            x_ptrs += BLOCK_K
-            w_ptrs += BLOCK_K
-        cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-        out_mask = mask_m[:, None] & (cols[None, :] < N)
-        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + cols[None, :]
-        if k_lo == 0 and k_hi == k_tiles:  # the whole K range is ours
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+        cols_k = k_tile * BLOCK_K + offs_k
+        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + cols_k[None, :]
+        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + cols_k[None, :]
+        if EVEN_K:
+            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs)
         else:
-            # Slot 0 holds a program's first segment, slot 1 its last: only
-            # those two can be partial.
-            slot = tl.where(unit == first_unit, 0, 1)
-            tl.store(part_ptr + (pid * 2 + slot).to(tl.int64) * tile_elems + part_offs, acc,
-                     mask=mask_m[:, None])
+            x = tl.load(x_ptrs, mask=mask_m[:, None] & (cols_k < K)[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=(cols_k < K)[None, :], other=0.0)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        if (k_tile == k_tiles - 1) | (unit == end_unit - 1):  # this tile's segment ends here
             tile_first = n_tile * k_tiles
-            owner_lo = _streamk_owner(tile_first, num_units, num_programs)
-            owner_hi = _streamk_owner(tile_first + k_tiles - 1, num_units, num_programs)
-            tl.debug_barrier()  # every thread's partial is stored before the count moves
-            arrived = tl.atomic_add(count_ptr + n_tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == owner_hi - owner_lo:  # the last contributor sums them all
-                tl.debug_barrier()
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for owner in range(owner_lo, owner_hi + 1):
-                    owner_first = owner * num_units // num_programs
-                    owner_slot = tl.where(owner_first >= tile_first, 0, 1)
-                    total += tl.load(part_ptr + (owner * 2 + owner_slot).to(tl.int64) * tile_elems
-                                     + part_offs, mask=mask_m[:, None], other=0.0)
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-                tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
-                tl.atomic_xchg(count_ptr + n_tile, 0)
-        unit += k_hi - k_lo
+            if (first_unit <= tile_first) & (k_tile == k_tiles - 1):  # the whole K range is ours
+                _store_tile(acc, b_ptr, y_ptr, n_tile, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
+            else:
+                # Slot 0 holds a program's first segment, slot 1 its last: only those two
+                # can be partial.
+                slot = tl.where(first_unit >= tile_first, 0, 1)
+                _store_partial(acc, part_ptr, pid * 2 + slot, M, BLOCK_M, BLOCK_N)
+                contributors = (_streamk_owner(tile_first + k_tiles - 1, num_units, num_programs)
+                                - _streamk_owner(tile_first, num_units, num_programs) + 1)
+                tl.debug_barrier()  # every thread's partial is stored before the count moves
+                arrived = tl.atomic_add(count_ptr + n_tile, 1, sem="acq_rel", scope="gpu")
+                if arrived == contributors - 1:
+                    if slot == 0:
+                        finish_head = n_tile
+                    else:
+                        finish_tail = n_tile
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if finish_head >= 0:
+        _finish_tile(part_ptr, count_ptr, b_ptr, y_ptr, finish_head, k_tiles, num_units, num_programs,
+                     M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
+    if finish_tail >= 0:
+        _finish_tile(part_ptr, count_ptr, b_ptr, y_ptr, finish_tail, k_tiles, num_units, num_programs,
+                     M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _store_tile(acc, b_ptr, y_ptr, n_tile, M, N, stride_ym,
+                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y[:M, tile] = acc (+ bias), rounded once to y's dtype."""
+    rows = tl.arange(0, BLOCK_M)
+    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _partial_ptrs(part_ptr, slot_index, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    return part_ptr + slot_index.to(tl.int64) * (BLOCK_M * BLOCK_N) + offs
+
+
+@triton.jit
+def _store_partial(acc, part_ptr, slot_index, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.arange(0, BLOCK_M)
+    tl.store(_partial_ptrs(part_ptr, slot_index, BLOCK_M, BLOCK_N), acc, mask=(rows < M)[:, None])
+
+
+@triton.jit
+def _finish_tile(part_ptr, count_ptr, b_ptr, y_ptr, n_tile, k_tiles, num_units, num_programs,
+                 M, N, stride_ym, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Sum a cut tile's partials in program order, store it, re-arm its counter."""
+    tile_first = n_tile * k_tiles
+    rows = tl.arange(0, BLOCK_M)
+    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    owner_lo = _streamk_owner(tile_first, num_units, num_programs)
+    owner_hi = _streamk_owner(tile_first + k_tiles - 1, num_units, num_programs)
+    for owner in range(owner_lo, owner_hi + 1):
+        owner_first = owner * num_units // num_programs
+        slot = tl.where(owner_first >= tile_first, 0, 1)
+        # .cg: read from L2 (where the other programs' stores landed), never a stale L1 line.
+        total += tl.load(_partial_ptrs(part_ptr, owner * 2 + slot, BLOCK_M, BLOCK_N),
+                         mask=(rows < M)[:, None], other=0.0, cache_modifier=".cg")
+    _store_tile(total, b_ptr, y_ptr, n_tile, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
+    tl.atomic_xchg(count_ptr + n_tile, 0)
 
 
 @triton.jit
