@@ -149,7 +149,7 @@ def gemm_sweep_configs(M: int) -> list:
         sys.path.insert(0, str(Path(__file__).resolve().parent))
         from sweep_gemm_decode import candidate_configs
 
-        return candidate_configs(M, {"stream", "tma", "streamk"})
+        return candidate_configs(M, {"stream", "tma"})
     tma = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
            (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]
     out = [GemmConfig("tma", bm, bn, bk, group_m=8, num_warps=w, num_stages=s) for bm, bn, bk, w, s in tma]

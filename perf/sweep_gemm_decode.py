@@ -10,7 +10,9 @@ tiles with 16..64 rows, CUDA-core GEMV tiles for M <= 4, split-K), each
 checked against cuBLAS before it is timed. Timing is the same as in
 bench_kernels.py: median of CUDA-graph replays over rotated inputs (cold L2).
 Prints the best configs per (shape, M) and writes
-``perf/results/gemm-decode-sweep-<device>.json`` (and ``$OUT`` when set).
+``perf/results/gemm-decode-sweep-<device>.json`` (and ``$OUT`` when set). Candidates
+are launched with programmatic dependent launch, as the table launches them
+(``--no-pdl`` for the plain launch).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from bench_kernels import DTYPE, Ctx, gemm_shapes, median_us, rotating  # noqa: 
 
 def candidate_configs(M: int, kinds: set[str]) -> list:
     """Tensor-core tiles around the current table, GEMV tiles for tiny M, split-K,
-    tensor-descriptor (TMA) tiles, and stream-K tiles (at 1 and 2 programs per SM)."""
+    and tensor-descriptor (TMA) tiles."""
     from triton_kernels.gemm import GemmConfig
 
     bm = max(16, 1 << (M - 1).bit_length())
@@ -41,7 +43,8 @@ def candidate_configs(M: int, kinds: set[str]) -> list:
         dot_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 256, 4, 5), (32, 128, 4, 6),
             (32, 512, 4, 3), (32, 256, 8, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 128, 8, 5),
-            (64, 256, 8, 4), (128, 128, 8, 4),
+            (64, 256, 8, 4), (128, 128, 8, 4), (32, 128, 4, 8), (64, 64, 4, 8), (64, 128, 4, 6),
+            (128, 64, 4, 6), (128, 64, 8, 6), (128, 128, 4, 4), (256, 64, 8, 4), (64, 256, 4, 2),
         ]
         configs += [GemmConfig("stream", bm, bn, bk, num_warps=w, num_stages=s) for bn, bk, w, s in dot_tiles]
         configs += [GemmConfig("stream", bm, bn, bk, split_k=sk, num_warps=4, num_stages=4)
@@ -59,13 +62,6 @@ def candidate_configs(M: int, kinds: set[str]) -> list:
         ]
         configs += [GemmConfig("tma", bm, bn, bk, group_m=1, num_warps=w, num_stages=s)
                     for bn, bk, w, s in tma_tiles]
-    if "streamk" in kinds:
-        streamk_tiles = [  # (block_n, block_k, num_warps, num_stages)
-            (32, 256, 4, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 256, 8, 4), (128, 128, 4, 4),
-            (128, 128, 8, 4), (128, 64, 4, 6), (256, 64, 8, 4), (256, 128, 8, 3),
-        ]
-        configs += [GemmConfig("streamk", bm, bn, bk, num_warps=w, num_stages=s, programs_per_sm=pps)
-                    for bn, bk, w, s in streamk_tiles for pps in (1, 2)]
     return configs
 
 
@@ -94,7 +90,8 @@ def time_config(ctx: Ctx, sets, x, w, y, expect, config) -> float | None:
         return None
 
 
-def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[str]) -> dict:
+def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[str],
+              pdl: bool) -> dict:
     from triton_kernels import gemm
 
     _, num_bytes = gemm.flops_bytes(M, N, K, DTYPE)
@@ -107,17 +104,7 @@ def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[
     table_us = median_us(lambda: gemm.linear(*sets()[:2]), quick=True)
     timings = []
     for config in candidate_configs(M, kinds):
-        us = time_config(ctx, sets, x, w, y, expect, config)
-        if us is not None:
-            timings.append((us, config))
-    timings.sort(key=lambda t: t[0])
-    # PDL variants of the best few tiles (and of the table's own tile).
-    pdl_base = [c for _, c in timings[:top]]
-    table_config = gemm._pick_config(M, N, K, DTYPE, x.device, tma_ok=False)
-    if table_config not in pdl_base:
-        pdl_base.append(table_config)
-    for base in pdl_base:
-        config = dataclasses.replace(base, pdl=True)
+        config = dataclasses.replace(config, pdl=pdl)
         us = time_config(ctx, sets, x, w, y, expect, config)
         if us is not None:
             timings.append((us, config))
@@ -148,8 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma,streamk",
-                        help="kernels to sweep: stream, tma, streamk")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: stream, tma")
+    parser.add_argument("--no-pdl", action="store_true",
+                        help="launch candidates without programmatic dependent launch")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("sweep_gemm_decode.py needs a CUDA GPU")
@@ -162,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         if wanted and name not in wanted:
             continue
         for M in (int(m) for m in args.ms.split(",")):
-            results.append(sweep_one(ctx, name, N, K, M, args.top, set(args.kinds.split(","))))
+            results.append(sweep_one(ctx, name, N, K, M, args.top, set(args.kinds.split(",")),
+                                     pdl=not args.no_pdl))
             print(flush=True)
             write_report(props.name, results)  # after every case: a cut-short run keeps its data
             torch.cuda.empty_cache()

@@ -122,8 +122,11 @@ def _linear_stream_kernel(
 
 @triton.jit
 def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, M, N, stride_ym, stride_yn,
-                          HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+                          HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                          USE_PDL: tl.constexpr = False):
     """y[m, n] = sum_s part[s, m, n] (+ bias[n]), partials in fp32."""
+    if USE_PDL:
+        _pdl_wait()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -134,129 +137,6 @@ def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, M, N, stride_ym, stride_yn,
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(y_ptr + rows * stride_ym + cols * stride_yn, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _streamk_owner(unit, num_units, num_programs):
-    """The program whose unit range holds ``unit`` (ranges as in the kernel below)."""
-    return ((unit + 1) * num_programs + num_units - 1) // num_units - 1
-
-
-# Stream-K for decode: the weight is cut into units of BLOCK_N rows x BLOCK_K
-# columns, numbered n-tile-major, and each program takes an equal, contiguous
-# run of units. Every SM therefore streams the same number of weight bytes
-# whatever N is, and one flat loop over the run keeps the load pipeline full
-# across output tiles (no refill per tile, no second wave). An output tile
-# whose K range is cut between programs is summed by its last-arriving
-# program: each contributor stores its fp32 partial, then bumps the tile's
-# counter; the one that sees the final count adds all partials in program
-# order (deterministic) after its loop, and resets the counter for next time.
-@triton.jit(do_not_specialize=["M"])
-def _linear_streamk_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
-    M, N, K,
-    stride_xm, stride_wn, stride_ym,
-    HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
-):
-    pid = tl.program_id(0)
-    num_programs = tl.num_programs(0)
-    k_tiles = tl.cdiv(K, BLOCK_K)
-    num_units = tl.cdiv(N, BLOCK_N) * k_tiles
-    first_unit = pid * num_units // num_programs  # int32: the launcher bounds the product
-    end_unit = (pid + 1) * num_units // num_programs
-    offs_m = tl.arange(0, BLOCK_M)
-    mask_m = offs_m < M
-    offs_k = tl.arange(0, BLOCK_K)
-    if USE_PDL:
-        _pdl_wait()
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    finish_head = -1  # tiles whose partials this program must sum after the loop
-    finish_tail = -1
-    for unit in tl.range(first_unit, end_unit):
-        n_tile = unit // k_tiles
-        k_tile = unit - n_tile * k_tiles
-        # Weight rows past N wrap (modulo) so their loads need no mask; the store drops them.
-        offs_n = (n_tile * BLOCK_N + tl.arange(0, BLOCK_N)) % N
-        cols_k = k_tile * BLOCK_K + offs_k
-        x_ptrs = x_ptr + offs_m[:, None] * stride_xm + cols_k[None, :]
-        w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + cols_k[None, :]
-        if EVEN_K:
-            x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            w = tl.load(w_ptrs)
-        else:
-            x = tl.load(x_ptrs, mask=mask_m[:, None] & (cols_k < K)[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=(cols_k < K)[None, :], other=0.0)
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
-        if (k_tile == k_tiles - 1) | (unit == end_unit - 1):  # this tile's segment ends here
-            tile_first = n_tile * k_tiles
-            if (first_unit <= tile_first) & (k_tile == k_tiles - 1):  # the whole K range is ours
-                _store_tile(acc, b_ptr, y_ptr, n_tile, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
-            else:
-                # Slot 0 holds a program's first segment, slot 1 its last: only those two
-                # can be partial.
-                slot = tl.where(first_unit >= tile_first, 0, 1)
-                _store_partial(acc, part_ptr, pid * 2 + slot, M, BLOCK_M, BLOCK_N)
-                contributors = (_streamk_owner(tile_first + k_tiles - 1, num_units, num_programs)
-                                - _streamk_owner(tile_first, num_units, num_programs) + 1)
-                tl.debug_barrier()  # every thread's partial is stored before the count moves
-                arrived = tl.atomic_add(count_ptr + n_tile, 1, sem="acq_rel", scope="gpu")
-                if arrived == contributors - 1:
-                    if slot == 0:
-                        finish_head = n_tile
-                    else:
-                        finish_tail = n_tile
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if finish_head >= 0:
-        _finish_tile(part_ptr, count_ptr, b_ptr, y_ptr, finish_head, k_tiles, num_units, num_programs,
-                     M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
-    if finish_tail >= 0:
-        _finish_tile(part_ptr, count_ptr, b_ptr, y_ptr, finish_tail, k_tiles, num_units, num_programs,
-                     M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _store_tile(acc, b_ptr, y_ptr, n_tile, M, N, stride_ym,
-                HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """y[:M, tile] = acc (+ bias), rounded once to y's dtype."""
-    rows = tl.arange(0, BLOCK_M)
-    cols = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :],
-             acc.to(y_ptr.dtype.element_ty), mask=(rows < M)[:, None] & (cols < N)[None, :])
-
-
-@triton.jit
-def _partial_ptrs(part_ptr, slot_index, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    offs = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
-    return part_ptr + slot_index.to(tl.int64) * (BLOCK_M * BLOCK_N) + offs
-
-
-@triton.jit
-def _store_partial(acc, part_ptr, slot_index, M, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    rows = tl.arange(0, BLOCK_M)
-    tl.store(_partial_ptrs(part_ptr, slot_index, BLOCK_M, BLOCK_N), acc, mask=(rows < M)[:, None])
-
-
-@triton.jit
-def _finish_tile(part_ptr, count_ptr, b_ptr, y_ptr, n_tile, k_tiles, num_units, num_programs,
-                 M, N, stride_ym, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Sum a cut tile's partials in program order, store it, re-arm its counter."""
-    tile_first = n_tile * k_tiles
-    rows = tl.arange(0, BLOCK_M)
-    total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    owner_lo = _streamk_owner(tile_first, num_units, num_programs)
-    owner_hi = _streamk_owner(tile_first + k_tiles - 1, num_units, num_programs)
-    for owner in range(owner_lo, owner_hi + 1):
-        owner_first = owner * num_units // num_programs
-        slot = tl.where(owner_first >= tile_first, 0, 1)
-        # .cg: read from L2 (where the other programs' stores landed), never a stale L1 line.
-        total += tl.load(_partial_ptrs(part_ptr, owner * 2 + slot, BLOCK_M, BLOCK_N),
-                         mask=(rows < M)[:, None], other=0.0, cache_modifier=".cg")
-    _store_tile(total, b_ptr, y_ptr, n_tile, M, N, stride_ym, HAS_BIAS, BLOCK_M, BLOCK_N)
-    tl.atomic_xchg(count_ptr + n_tile, 0)
 
 
 @triton.jit
@@ -316,10 +196,9 @@ def _linear_tma_kernel(
 @dataclasses.dataclass(frozen=True)
 class GemmConfig:
     """One launch recipe. ``kind`` is "stream" (pointer kernel, optional
-    split-K; ``use_dot=False`` multiplies on the CUDA cores, for 1-4 rows),
-    "streamk" (decode, M <= block_m: ``programs_per_sm`` programs per SM share
-    the weight equally) or "tma" (persistent tensor-descriptor kernel).
-    ``pdl`` launches the kernel with programmatic dependent launch (Hopper)."""
+    split-K; ``use_dot=False`` multiplies on the CUDA cores, for 1-4 rows) or
+    "tma" (persistent tensor-descriptor kernel). ``pdl`` launches it with
+    programmatic dependent launch (Hopper; see ``_pdl_wait``)."""
 
     kind: str
     block_m: int
@@ -330,7 +209,6 @@ class GemmConfig:
     num_warps: int = 4
     num_stages: int = 3
     use_dot: bool = True
-    programs_per_sm: int = 1
     pdl: bool = False
 
 
@@ -461,7 +339,8 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
         bn, bk, split_k, warps, stages = tile
         if split_k == 1:
             split_k = _decode_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), num_sms)
-        return GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps, num_stages=stages)
+        return GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps, num_stages=stages,
+                          pdl=True)
     if tma_ok:
         return _prefill_config(M, N, num_sms)
     return GemmConfig("stream", 128, 128, 64, num_warps=8, num_stages=3)
@@ -548,9 +427,6 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             BLOCK_K=config.block_k, GROUP_M=config.group_m, NUM_SMS=num_programs,
             INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
         return
-    if config.kind == "streamk":
-        _launch_streamk(x, weight, bias, y, config, pdl)
-        return
     split_k = max(1, min(config.split_k, triton.cdiv(K, config.block_k)))
     part = (torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
             if split_k > 1 else y)
@@ -566,49 +442,7 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
             part, bias_arg, y, M, N, y.stride(0), y.stride(1),
-            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block)
-
-
-# Tile counters of the stream-K kernel: zero between launches (the tile's last
-# contributor resets its counter), so one buffer per device serves every launch
-# on that device's forward stream. 65536 tiles of >= 16 rows cover any vocab.
-_STREAMK_MAX_TILES = 1 << 16
-
-
-@functools.lru_cache(maxsize=None)
-def _streamk_counters(device: torch.device) -> torch.Tensor:
-    return torch.zeros(_STREAMK_MAX_TILES, dtype=torch.int32, device=device)
-
-
-def streamk_num_programs(M: int, N: int, K: int, config: GemmConfig, device: torch.device) -> int:
-    """Programs of a stream-K launch: ``programs_per_sm`` per SM, at least one unit each."""
-    num_units = triton.cdiv(N, config.block_n) * triton.cdiv(K, config.block_k)
-    return max(1, min(num_units, config.programs_per_sm * _num_sms_of(device)))
-
-
-def _launch_streamk(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                    y: torch.Tensor, config: GemmConfig, pdl: dict) -> None:
-    M, K = x.shape
-    N = weight.shape[0]
-    if M > config.block_m:
-        raise ValueError(f"stream-K config takes at most {config.block_m} rows, got {M}")
-    if x.stride(1) != 1 or weight.stride(1) != 1 or y.stride(1) != 1:
-        raise ValueError("stream-K needs x, weight and y with unit last stride")
-    if triton.cdiv(N, config.block_n) > _STREAMK_MAX_TILES:
-        raise ValueError(f"N={N} has more than {_STREAMK_MAX_TILES} tiles of {config.block_n}")
-    num_programs = streamk_num_programs(M, N, K, config, x.device)
-    num_units = triton.cdiv(N, config.block_n) * triton.cdiv(K, config.block_k)
-    if (num_programs + 1) * num_units >= 2 ** 31:  # unit ranges are computed in int32
-        raise ValueError(f"stream-K: {num_units} units x {num_programs} programs overflow int32")
-    part = torch.empty((num_programs * 2, config.block_m * config.block_n),
-                       dtype=torch.float32, device=x.device)
-    _linear_streamk_kernel[(num_programs,)](
-        x, weight, bias if bias is not None else y, y, part, _streamk_counters(x.device),
-        M, N, K, x.stride(0), weight.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, EVEN_K=K % config.block_k == 0,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
+            HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, **pdl)
 
 
 # PDL needs Hopper or newer; STAGEWISE_PDL=0 turns it off (for A/B measurements).

@@ -76,40 +76,6 @@ def test_each_kernel_path(device, dtype, config):
 
 
 
-# (M, N, K, block_n, block_k, programs_per_sm): units shared unevenly, programs
-# spanning several output tiles, tiles cut between several programs, ragged K.
-STREAMK_CASES_CPU = [(1, 37, 64, 16, 16, 1), (3, 100, 96, 32, 32, 2), (5, 64, 200, 16, 32, 3),
-                     (16, 50, 64, 16, 16, 4), (7, 33, 48, 32, 16, 1)]
-STREAMK_CASES_GPU = [(1, 6144, 4096, 32, 256, 1), (4, 4096, 4096, 128, 128, 2),
-                     (16, 1000, 4000, 64, 128, 1), (64, 4096, 14336, 256, 64, 1),
-                     (33, 257, 264, 64, 64, 3), (2, 151936, 4096, 64, 256, 2)]
-
-
-@pytest.mark.parametrize("case", STREAMK_CASES_GPU if ON_GPU else STREAMK_CASES_CPU, ids=str)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("pdl", [False, True] if ON_GPU else [False])
-def test_streamk_decode(device, dtype, case, pdl):
-    """Stream-K: every output tile summed exactly once (its counter back at zero after),
-    the same bits on a second launch (partials added in a fixed order)."""
-    M, N, K, block_n, block_k, per_sm = case
-    block_m = max(16, 1 << (M - 1).bit_length())
-    config = gemm.GemmConfig("streamk", block_m, block_n, block_k, programs_per_sm=per_sm, pdl=pdl)
-    x, w, b = _inputs(M, N, K, dtype, device, bias=True)
-    y = torch.full((M, N), float("nan"), dtype=dtype, device=device)
-    gemm.launch_linear(x, w, b, y, config)
-    assert_close(y, _float64(x, w, b), dtype, f"{config} vs float64")
-    again = torch.full_like(y, float("nan"))
-    gemm.launch_linear(x, w, b, again, config)
-    assert torch.equal(y, again), "stream-K is not deterministic"
-    assert int(gemm._streamk_counters(x.device).count_nonzero()) == 0
-
-
-def test_streamk_rejects_rows_past_the_tile(device):
-    x, w, _ = _inputs(20, 32, 32, torch.float32, device, bias=False)
-    y = torch.empty(20, 32, device=device)
-    with pytest.raises(ValueError, match="at most 16 rows"):
-        gemm.launch_linear(x, w, None, y, gemm.GemmConfig("streamk", 16, 16, 16))
-
 def test_leading_dims_and_strided_input(device):
     dtype = torch.float32
     x, w, _ = _inputs(6, 20, 48, dtype, device, bias=False)
