@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -32,9 +33,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_kernels import DTYPE, Ctx, gemm_shapes, median_us, rotating  # noqa: E402
 
 
+# Shared memory a Hopper block may use (227 KB), for the "grid" candidates.
+_SMEM_BYTES = 227 * 1024
+
+
 def candidate_configs(M: int, kinds: set[str]) -> list:
-    """Tensor-core tiles around the current table, GEMV tiles for tiny M, split-K,
-    and tensor-descriptor (TMA) tiles."""
+    """``stream``: tensor-core tiles around the current table, GEMV tiles for tiny
+    M, split-K; ``grid``: every stream tile of a wide grid that fits; ``tma``:
+    tensor-descriptor tiles."""
     from triton_kernels.gemm import GemmConfig
 
     bm = max(16, 1 << (M - 1).bit_length())
@@ -55,6 +61,12 @@ def candidate_configs(M: int, kinds: set[str]) -> list:
                           (32, 128, 4, 4), (16, 256, 8, 4), (32, 256, 8, 4), (64, 128, 8, 3)]
             configs += [GemmConfig("stream", gm, bn, bk, num_warps=w, num_stages=s, use_dot=False)
                         for bn, bk, w, s in gemv_tiles]
+    if "grid" in kinds:  # every stream tile whose pipeline fits in shared memory
+        for bn, bk, warps, stages, split_k in itertools.product(
+                (32, 64, 128, 256), (64, 128, 256), (4, 8), (2, 3, 4, 6), (1, 2)):
+            if (bm + bn) * bk * 2 * stages <= _SMEM_BYTES and bn * bk <= 256 * 128:
+                configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k,
+                                          num_warps=warps, num_stages=stages))
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
@@ -116,6 +128,30 @@ def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[
                 top=[dict(us=us, config=dataclasses.asdict(c)) for us, c in timings[:top]])
 
 
+def compile_only(ctx: Ctx, shapes: list[tuple[str, int, int]], ms: list[int], kinds: set[str],
+                 pdl: bool, shard: int, num_shards: int) -> None:
+    """Launch each candidate once (every ``num_shards``-th, from ``shard``) so that
+    parallel processes fill Triton's cache before the timed sweep."""
+    from triton_kernels import gemm
+
+    seen = set()
+    for _, N, K in shapes:
+        for M in ms:
+            x = torch.randn(M, K, device=ctx.device, dtype=DTYPE)
+            w = torch.randn(N, K, device=ctx.device, dtype=DTYPE)
+            y = torch.empty(M, N, device=ctx.device, dtype=DTYPE)
+            for i, config in enumerate(candidate_configs(M, kinds)):
+                config = dataclasses.replace(config, pdl=pdl)
+                if i % num_shards != shard or (config, K % config.block_k == 0) in seen:
+                    continue
+                seen.add((config, K % config.block_k == 0))
+                try:
+                    gemm.launch_linear(x, w, None, y, config)
+                except Exception:  # reported by the timed sweep
+                    pass
+    torch.cuda.synchronize()
+
+
 def write_report(device_name: str, results: list[dict]) -> None:
     import triton
 
@@ -135,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: stream, tma")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: stream, grid, tma")
+    parser.add_argument("--compile-only", default="", metavar="I/N",
+                        help="only compile shard I of N of the candidates (run N in parallel first)")
     parser.add_argument("--no-pdl", action="store_true",
                         help="launch candidates without programmatic dependent launch")
     args = parser.parse_args(argv)
@@ -145,11 +183,15 @@ def main(argv: list[str] | None = None) -> int:
     props = torch.cuda.get_device_properties(device)
     ctx = Ctx(device=device, l2_bytes=getattr(props, "L2_cache_size", 50 * 2 ** 20), quick=True)
     wanted = {s for s in args.shapes.split(",") if s}
+    shapes = [shape for shape in gemm_shapes() if not wanted or shape[0] in wanted]
+    ms = [int(m) for m in args.ms.split(",")]
+    if args.compile_only:
+        shard, num_shards = (int(v) for v in args.compile_only.split("/"))
+        compile_only(ctx, shapes, ms, set(args.kinds.split(",")), not args.no_pdl, shard, num_shards)
+        return 0
     results = []
-    for name, N, K in gemm_shapes():
-        if wanted and name not in wanted:
-            continue
-        for M in (int(m) for m in args.ms.split(",")):
+    for name, N, K in shapes:
+        for M in ms:
             results.append(sweep_one(ctx, name, N, K, M, args.top, set(args.kinds.split(",")),
                                      pdl=not args.no_pdl))
             print(flush=True)
