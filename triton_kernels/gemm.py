@@ -28,6 +28,18 @@ autotuning; under ``TRITON_INTERPRET`` a small cheap config):
   Hopper tensor descriptors (TMA). TMA needs 16-byte aligned base pointers
   and row strides; a misaligned descriptor can give silently wrong results,
   so the launcher checks and falls back to pointer loads.
+
+Decode launches use programmatic dependent launch (PDL, ``_pdl_wait``): the
+next kernel's programs start while this one's last programs still stream, so
+the gap between two kernels (launch, ramp-up, tail) partly overlaps; in the
+benchmark's back-to-back replay it is worth 0.5-1 us per call (3-7% on a
+12-16 us projection).
+
+Measured and not kept (H200, perf/sweep_gemm_decode.py): stream-K (every
+program an equal run of (BLOCK_N x BLOCK_K) units, cut tiles summed by their
+last-arriving program) ran 5-20% slower than the stream kernel on every
+decode shape; thin-M TMA tiles lost to pointer loads at M <= 16; an L2
+prefetch of the first weight bytes before the PDL wait slowed the stream.
 """
 from __future__ import annotations
 
@@ -235,14 +247,16 @@ def _num_sms_of(device: torch.device) -> int:
 #
 # _DECODE_TUNED: the projections of Llama-3.1-8B and Qwen3-8B, keyed by
 # (N, K, M bucket); each entry is the config whose worst time over M = 1, 4,
-# 16 (or 64) was lowest relative to cuBLAS. Which tile streams best depends on
-# how the program count falls into waves of SMs, so neighbouring shapes can
-# disagree (28672 x 4096 wants 64 x 256 tiles, 24576 x 4096 wants 64 x 128).
+# 16 (or 64) was lowest relative to cuBLAS, timed with PDL launches. Which
+# tile streams best depends on how the program count falls into waves of SMs
+# (programs per SM follow from the pipeline's shared memory), so neighbouring
+# shapes can disagree (28672 x 4096 wants 64 x 256 tiles, 24576 x 4096 wants
+# 64 x 128; at M = 64 it wants 64 x 64 x 64 tiles, 3 programs per SM).
 _DECODE_TUNED: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {
-    (6144, 4096, 16): (32, 128, 1, 4, 6),     # qkv (32 + 2 * 8 heads of 128)
-    (6144, 4096, 64): (64, 128, 1, 8, 5),
+    (6144, 4096, 16): (64, 128, 1, 4, 6),     # qkv (32 + 2 * 8 heads of 128)
+    (6144, 4096, 64): (64, 64, 1, 4, 8),
     (4096, 4096, 16): (32, 128, 1, 4, 6),     # o
-    (4096, 4096, 64): (32, 256, 1, 4, 4),
+    (4096, 4096, 64): (32, 128, 1, 8, 6),
     (28672, 4096, 16): (64, 256, 1, 4, 3),    # Llama-3.1-8B gate_up
     (28672, 4096, 64): (128, 128, 1, 8, 4),
     (4096, 14336, 16): (128, 128, 4, 4, 4),   # Llama-3.1-8B down
@@ -250,7 +264,7 @@ _DECODE_TUNED: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {
     (128256, 4096, 16): (64, 256, 1, 4, 3),   # Llama-3.1-8B lm_head
     (128256, 4096, 64): (128, 128, 1, 8, 4),
     (24576, 4096, 16): (64, 128, 1, 4, 4),    # Qwen3-8B gate_up
-    (24576, 4096, 64): (64, 128, 1, 8, 5),
+    (24576, 4096, 64): (64, 64, 1, 4, 4),     # 384 programs, 3 per SM: one wave
     (4096, 12288, 16): (128, 128, 4, 4, 4),   # Qwen3-8B down
     (4096, 12288, 64): (128, 128, 4, 4, 4),
     (151936, 4096, 16): (64, 256, 1, 4, 3),   # Qwen3-8B lm_head
