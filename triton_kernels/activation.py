@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton_kernels.pdl import pdl_args, pdl_wait
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _APPROXIMATIONS = ("none", "tanh")
 
@@ -34,7 +36,9 @@ def _tanh(x):
 
 @triton.jit
 def _gated_act_kernel(x_ptr, y_ptr, I, stride_xm, stride_ym,
-                      ACTIVATION: tl.constexpr, BLOCK: tl.constexpr):
+                      ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
+    if USE_PDL:
+        pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < I
@@ -70,7 +74,7 @@ def _launch(x: torch.Tensor, activation: str) -> torch.Tensor:
     block = min(2048, triton.next_power_of_2(inter))
     grid = (M, triton.cdiv(inter, block))
     _gated_act_kernel[grid](x, y, inter, x.stride(0), y.stride(0), ACTIVATION=activation,
-                            BLOCK=block, num_warps=max(1, min(8, block // 256)))
+                            BLOCK=block, num_warps=max(1, min(8, block // 256)), **pdl_args(x.device))
     return y
 
 

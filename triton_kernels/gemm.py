@@ -29,7 +29,7 @@ autotuning; under ``TRITON_INTERPRET`` a small cheap config):
   and row strides; a misaligned descriptor can give silently wrong results,
   so the launcher checks and falls back to pointer loads.
 
-Decode launches use programmatic dependent launch (PDL, ``_pdl_wait``): the
+Decode launches use programmatic dependent launch (PDL, triton_kernels/pdl.py): the
 next kernel's programs start while this one's last programs still stream, so
 the gap between two kernels (launch, ramp-up, tail) partly overlaps; in the
 benchmark's back-to-back replay it is worth 0.5-1 us per call (3-7% on a
@@ -51,22 +51,9 @@ import torch
 import triton
 import triton.language as tl
 
+from triton_kernels.pdl import pdl_args, pdl_wait
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-# ----------------------------------------------------------------------------- PDL
-
-
-@triton.jit
-def _pdl_wait():
-    """Programmatic dependent launch (PDL, Hopper). A kernel launched with PDL may
-    start while the previous kernel in the stream is still running (its launch
-    and prologue overlap that kernel's tail). ``gdc_wait`` blocks until the
-    previous kernel has finished and its writes (our inputs) are visible: before
-    it the kernel may read nothing another kernel writes, and write nothing.
-    ``gdc_launch_dependents`` then lets the next PDL kernel start early in turn."""
-    tl.extra.cuda.gdc_wait()
-    tl.extra.cuda.gdc_launch_dependents()
 
 
 # M is not specialised, so one compiled variant serves every decode batch size.
@@ -103,7 +90,7 @@ def _linear_stream_kernel(
     w_ptrs = (w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
               + (k_begin + offs_k)[None, :] * stride_wk)
     if USE_PDL:
-        _pdl_wait()
+        pdl_wait()
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_tile in range(k_tile_begin, k_tile_end):
         if EVEN_K:
@@ -138,7 +125,7 @@ def _splitk_reduce_kernel(part_ptr, b_ptr, y_ptr, M, N, stride_ym, stride_yn,
                           USE_PDL: tl.constexpr = False):
     """y[m, n] = sum_s part[s, m, n] (+ bias[n]), partials in fp32."""
     if USE_PDL:
-        _pdl_wait()
+        pdl_wait()
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -174,7 +161,7 @@ def _linear_tma_kernel(
     INPUT_PRECISION: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     if USE_PDL:  # before the descriptors: they are written to global scratch
-        _pdl_wait()
+        pdl_wait()
     # Descriptors clip at the tensor edge: out-of-range loads read zeros and
     # out-of-range stores are dropped, so no masks are needed.
     x_desc = tl.make_tensor_descriptor(x_ptr, shape=[M, K], strides=[stride_xm, 1],
@@ -210,7 +197,7 @@ class GemmConfig:
     """One launch recipe. ``kind`` is "stream" (pointer kernel, optional
     split-K; ``use_dot=False`` multiplies on the CUDA cores, for 1-4 rows) or
     "tma" (persistent tensor-descriptor kernel). ``pdl`` launches it with
-    programmatic dependent launch (Hopper; see ``_pdl_wait``)."""
+    programmatic dependent launch (Hopper; see triton_kernels/pdl.py)."""
 
     kind: str
     block_m: int
@@ -429,7 +416,7 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     N = weight.shape[0]
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     bias_arg = bias if bias is not None else y
-    pdl = _pdl_args(config, weight)
+    pdl = pdl_args(x.device) if config.pdl else {}
     if config.kind == "tma":
         _set_tma_allocator(x.device)
         # Always one program per SM (programs past the last tile find no work): NUM_SMS is a
@@ -457,24 +444,6 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
             part, bias_arg, y, M, N, y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, **pdl)
-
-
-# PDL needs Hopper or newer; STAGEWISE_PDL=0 turns it off (for A/B measurements).
-PDL_ENABLED = os.environ.get("STAGEWISE_PDL", "1") != "0"
-
-
-@functools.lru_cache(maxsize=None)
-def _has_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
-
-
-def _pdl_args(config: GemmConfig, weight: torch.Tensor) -> dict:
-    """Kernel arguments for a PDL launch ({} when it does not apply)."""
-    if not (config.pdl and PDL_ENABLED) or weight.device.type != "cuda" or _interpreting():
-        return {}
-    if not _has_pdl(weight.device.index if weight.device.index is not None else torch.cuda.current_device()):
-        return {}
-    return dict(USE_PDL=True, launch_pdl=True)
 
 
 def compile_prefill_tiles(weight: torch.Tensor) -> None:

@@ -24,12 +24,16 @@ import torch
 import triton
 import triton.language as tl
 
+from triton_kernels.pdl import pdl_args, pdl_wait
+
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, H, stride_xm, stride_rm, stride_ym, eps,
-                     HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
+                     HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr = False):
+    if USE_PDL:
+        pdl_wait()
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
@@ -97,7 +101,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty((M, H), dtype=x.dtype, device=x.device)
     block_h = triton.next_power_of_2(H)
     _rms_norm_kernel[(M,)](x, x, weight, y, H, x.stride(0), 0, y.stride(0), eps,
-                           HAS_RESIDUAL=False, BLOCK_H=block_h, num_warps=_warps_for(block_h))
+                           HAS_RESIDUAL=False, BLOCK_H=block_h, num_warps=_warps_for(block_h),
+                           **pdl_args(x.device))
     return y
 
 
@@ -110,7 +115,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     block_h = triton.next_power_of_2(H)
     _rms_norm_kernel[(M,)](x, residual, weight, y, H, x.stride(0), residual.stride(0),
                            y.stride(0), eps, HAS_RESIDUAL=True, BLOCK_H=block_h,
-                           num_warps=_warps_for(block_h))
+                           num_warps=_warps_for(block_h), **pdl_args(x.device))
     return y
 
 

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton_kernels.pdl import pdl_args, pdl_wait
+
 from triton_kernels.kv_cache import _check_store_kv, store_kv_reference
 from triton_kernels.norm import head_rms_norm_reference
 from triton_kernels.rotary import _check_rotary, apply_rotary_reference
@@ -72,8 +74,10 @@ def _qk_norm_rope_store_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
     stride_cs, stride_ch,
     D: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
-    IS_NEOX: tl.constexpr, HAS_NORM: tl.constexpr,
+    IS_NEOX: tl.constexpr, HAS_NORM: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:
+        pdl_wait()
     token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
@@ -151,7 +155,7 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         num_q_heads, num_k_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1),
         D=D, HALF=rotary_dim // 2, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
-        IS_NEOX=bool(is_neox), HAS_NORM=has_norm, num_warps=4)
+        IS_NEOX=bool(is_neox), HAS_NORM=has_norm, num_warps=4, **pdl_args(q.device))
 
 
 def qk_norm_rope_store_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

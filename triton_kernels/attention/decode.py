@@ -26,6 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
+from triton_kernels.pdl import pdl_args, pdl_wait
+
 from triton_kernels.attention.common import (
     LOG2E, block_d, check_batch_vectors, check_kv_pool, interpreting, soft_cap,
 )
@@ -61,7 +63,10 @@ def _decode_split_kernel(
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr, IS_FP32: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:
+        pdl_wait()
     req = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -128,8 +133,10 @@ def _decode_reduce_kernel(
     mid_o_ptr, mid_lse_ptr, o_ptr,
     stride_mb, stride_mh, stride_ms, stride_ob, stride_oh,
     NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
+    if USE_PDL:
+        pdl_wait()
     req = tl.program_id(0)
     head = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
@@ -194,13 +201,13 @@ def launch_decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices,
         NUM_SPLITS=num_kv_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=padded_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         USE_WINDOW=sliding_window > 0, USE_CAP=logit_cap > 0, IS_FP32=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **pdl_args(q.device),
     )
     _decode_reduce_kernel[(batch, num_q_heads)](
         mid_o, mid_lse, o, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         o.stride(0), o.stride(1),
         NUM_SPLITS=num_kv_splits, HEAD_DIM=head_dim,
         BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_D=padded_d,
-        num_warps=4,
+        num_warps=4, **pdl_args(q.device),
     )
     return o
