@@ -65,7 +65,7 @@ def _linear_stream_kernel(
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False, WEIGHT_EVICTION: tl.constexpr = "",
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -95,11 +95,11 @@ def _linear_stream_kernel(
     for k_tile in range(k_tile_begin, k_tile_end):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            w = tl.load(w_ptrs)
+            w = tl.load(w_ptrs, eviction_policy=WEIGHT_EVICTION)
         else:
             k_mask = (k_tile * BLOCK_K + offs_k) < K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy=WEIGHT_EVICTION)
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
         else:  # GEMV-style: products on the CUDA cores, for M of 1..4 rows
@@ -209,6 +209,7 @@ class GemmConfig:
     num_stages: int = 3
     use_dot: bool = True
     pdl: bool = False
+    weight_eviction: str = ""
 
 
 def _interpreting() -> bool:
@@ -437,8 +438,8 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_DOT=config.use_dot, INPUT_PRECISION=precision, num_warps=config.num_warps,
-        num_stages=config.num_stages, **pdl)
+        USE_DOT=config.use_dot, INPUT_PRECISION=precision, WEIGHT_EVICTION=config.weight_eviction,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
     if split_k > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
