@@ -67,19 +67,6 @@ def candidate_configs(M: int, kinds: set[str]) -> list:
             if (bm + bn) * bk * 2 * stages <= _SMEM_BYTES and bn * bk <= 256 * 128:
                 configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k,
                                           num_warps=warps, num_stages=stages))
-    if "wide" in kinds:  # wide tiles (the activation rows re-read less often) with split-K
-        for bn, bk, warps, stages, split_k in itertools.product(
-                (128, 256), (64, 128), (4, 8), (3, 4), (2, 3, 4, 6)):
-            if (bm + bn) * bk * 2 * stages <= _SMEM_BYTES:
-                configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k,
-                                          num_warps=warps, num_stages=stages))
-    if "evict" in kinds:  # the table's tile, weights loaded with an L2 eviction hint
-        from triton_kernels.gemm import _DECODE_TABLE
-        for tile in sorted(set(_DECODE_TABLE.values())):
-            bn, bk, split_k, warps, stages = tile
-            for policy in ("evict_first", "evict_last"):
-                configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
-                                          num_stages=stages, weight_eviction=policy))
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
@@ -184,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: stream, grid, wide, evict, tma")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: stream, grid, tma")
     parser.add_argument("--compile-only", default="", metavar="I/N",
                         help="only compile shard I of N of the candidates (run N in parallel first)")
     parser.add_argument("--no-pdl", action="store_true",

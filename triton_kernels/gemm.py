@@ -39,7 +39,10 @@ Measured and not kept (H200, perf/sweep_gemm_decode.py): stream-K (every
 program an equal run of (BLOCK_N x BLOCK_K) units, cut tiles summed by their
 last-arriving program) ran 5-20% slower than the stream kernel on every
 decode shape; thin-M TMA tiles lost to pointer loads at M <= 16; an L2
-prefetch of the first weight bytes before the PDL wait slowed the stream.
+prefetch of the first weight bytes before the PDL wait slowed the stream;
+wide tiles (128/256) with split-K at M = 64 were 5-15% slower (more partial
+traffic than the activation re-reads they save); L2 eviction hints on the
+weight loads changed nothing.
 """
 from __future__ import annotations
 
@@ -65,7 +68,7 @@ def _linear_stream_kernel(
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr = False, WEIGHT_EVICTION: tl.constexpr = "",
+    USE_PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -95,11 +98,11 @@ def _linear_stream_kernel(
     for k_tile in range(k_tile_begin, k_tile_end):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            w = tl.load(w_ptrs, eviction_policy=WEIGHT_EVICTION)
+            w = tl.load(w_ptrs)
         else:
             k_mask = (k_tile * BLOCK_K + offs_k) < K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0, eviction_policy=WEIGHT_EVICTION)
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
         if USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
         else:  # GEMV-style: products on the CUDA cores, for M of 1..4 rows
@@ -209,7 +212,6 @@ class GemmConfig:
     num_stages: int = 3
     use_dot: bool = True
     pdl: bool = False
-    weight_eviction: str = ""
 
 
 def _interpreting() -> bool:
@@ -438,8 +440,8 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_DOT=config.use_dot, INPUT_PRECISION=precision, WEIGHT_EVICTION=config.weight_eviction,
-        num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
+        USE_DOT=config.use_dot, INPUT_PRECISION=precision, num_warps=config.num_warps,
+        num_stages=config.num_stages, **pdl)
     if split_k > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
