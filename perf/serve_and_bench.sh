@@ -4,8 +4,10 @@
 #
 #   perf/serve_and_bench.sh MODEL_DIR OUTPUT_JSONL [RATES...]
 #
-# MODEL_DIR holds a config.json (e.g. Llama-3.1-8B-Instruct's) and any tokenizer:
-# prompts are sent as token ids. Defaults: rates 4 16 inf, 500 prompts of
+# MODEL_DIR holds a config.json (e.g. Llama-3.1-8B-Instruct's) and any tokenizer
+# (prompts are sent as token ids). Without tokenizer files there, the bundled demo
+# model's are copied in (models/demo: tokenizer.json, tokenizer_config.json,
+# special_tokens_map.json). Defaults: rates 4 16 inf, 500 prompts of
 # 1024 input / 256 output tokens (NUM_PROMPTS, INPUT_LEN, OUTPUT_LEN override),
 # the serving placement (two processes).
 set -euo pipefail
@@ -14,14 +16,22 @@ output=$2
 shift 2
 if [ $# -gt 0 ]; then rates=("$@"); else rates=(4 16 inf); fi
 port=${PORT:-30000}
+if [ ! -e "$model_dir/tokenizer.json" ] && [ ! -e "$model_dir/tokenizer.model" ]; then
+    demo=$(dirname "$0")/../models/demo
+    cp "$demo/tokenizer.json" "$demo/tokenizer_config.json" "$demo/special_tokens_map.json" "$model_dir/"
+fi
 python3 -m pipeline.cli serve --model-path "$model_dir" --load-format dummy --placement serving \
     --context-length 4096 --port "$port" --enable-metrics &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
-python3 - "$port" <<'PY'
-import sys, time, urllib.request
+python3 - "$port" "$server" <<'PY'
+import os, sys, time, urllib.request
 url = f"http://127.0.0.1:{sys.argv[1]}/health"
 for _ in range(600):
+    try:
+        os.kill(int(sys.argv[2]), 0)  # the server exited (bad config, missing tokenizer): stop waiting
+    except ProcessLookupError:
+        sys.exit("the server exited before it became healthy")
     try:
         if urllib.request.urlopen(url, timeout=2).status == 200:
             sys.exit(0)
