@@ -86,7 +86,7 @@ def launch_on(inputs: tuple, config) -> None:
     gemm.launch_linear(x, w, None, y, config)
 
 
-def time_config(ctx: Ctx, sets, x, w, y, expect, config) -> float | None:
+def time_config(sets, x, w, y, expect, config) -> float | None:
     """Median µs of one config (checked against cuBLAS first), None if it fails."""
     from triton_kernels import gemm
 
@@ -117,7 +117,7 @@ def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[
     timings = []
     for config in candidate_configs(M, kinds):
         config = dataclasses.replace(config, pdl=pdl)
-        us = time_config(ctx, sets, x, w, y, expect, config)
+        us = time_config(sets, x, w, y, expect, config)
         if us is not None:
             timings.append((us, config))
     timings.sort(key=lambda t: t[0])

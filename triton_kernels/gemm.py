@@ -29,20 +29,20 @@ autotuning; under ``TRITON_INTERPRET`` a small cheap config):
   and row strides; a misaligned descriptor can give silently wrong results,
   so the launcher checks and falls back to pointer loads.
 
-Decode launches use programmatic dependent launch (PDL, triton_kernels/pdl.py): the
-next kernel's programs start while this one's last programs still stream, so
-the gap between two kernels (launch, ramp-up, tail) partly overlaps; in the
+Decode launches use programmatic dependent launch (PDL, triton_kernels/pdl.py):
+the next kernel's programs start while this one's last programs still stream,
+so the gap between two kernels (launch, ramp-up, tail) partly overlaps; in the
 benchmark's back-to-back replay it is worth 0.5-1 us per call (3-7% on a
 12-16 us projection).
 
 Measured and not kept (H200, perf/sweep_gemm_decode.py; data in
 perf/results/gemm-decode-sweep-*.json): stream-K (every program an equal run
 of BLOCK_N x BLOCK_K units, cut tiles summed by their last-arriving program)
-ran 2-20% slower than the stream kernel on every decode shape; thin-M TMA tiles lost to pointer loads at M <= 16; an L2
-prefetch of the first weight bytes before the PDL wait slowed the stream;
-wide tiles (128/256) with split-K at M = 64 were 5-15% slower (more partial
-traffic than the activation re-reads they save); L2 eviction hints on the
-weight loads changed nothing.
+ran 2-20% slower than the stream kernel on every decode shape; thin-M TMA
+tiles lost to pointer loads at M <= 16; an L2 prefetch of the first weight
+bytes before the PDL wait slowed the stream; wide tiles (128/256) with split-K
+at M = 64 were 5-15% slower (more partial traffic than the activation re-reads
+they save); L2 eviction hints on the weight loads changed nothing.
 """
 from __future__ import annotations
 
