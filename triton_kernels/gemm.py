@@ -38,11 +38,13 @@ benchmark's back-to-back replay it is worth 0.5-1 us per call (3-7% on a
 Measured and not kept (H200, perf/sweep_gemm_decode.py; data in
 perf/results/gemm-decode-sweep-*.json): stream-K (every program an equal run
 of BLOCK_N x BLOCK_K units, cut tiles summed by their last-arriving program)
-ran 2-20% slower than the stream kernel on every decode shape; thin-M TMA
-tiles lost to pointer loads at M <= 16; an L2 prefetch of the first weight
-bytes before the PDL wait slowed the stream; wide tiles (128/256) with split-K
-at M = 64 were 5-15% slower (more partial traffic than the activation re-reads
-they save); L2 eviction hints on the weight loads changed nothing.
+came within 1% of the stream kernel on Llama's gate_up at M <= 16 and ran
+3-22% slower on the other decode shapes (a one-loop variant: 17-66% slower);
+thin-M TMA tiles lost to pointer loads at M <= 16; an L2 prefetch of the
+first weight bytes before the PDL wait slowed the stream; wide tiles
+(128/256) with split-K at M = 64 were 5-15% slower (more partial traffic than
+the activation re-reads they save); L2 eviction hints on the weight loads
+changed nothing.
 """
 from __future__ import annotations
 
