@@ -26,11 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.pdl import pdl_args, pdl_wait
-
 from triton_kernels.attention.common import (
     LOG2E, block_d, check_batch_vectors, check_kv_pool, interpreting, soft_cap,
 )
+from triton_kernels.pdl import pdl_args, pdl_wait
 
 MAX_KV_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256
