@@ -15,7 +15,8 @@ whose real yardstick is the last column (bytes moved at least once over the
 measured copy bandwidth). Times are medians of
 ``triton.testing.do_bench_cudagraph``: calls replayed from a CUDA graph, as the
 decode path runs, so host launch overhead stays out of the numbers for ours
-and the anchor alike; inputs smaller than twice L2 are rotated over several
+and the anchor alike. Ours and the anchor are timed in alternation
+(``--rounds``, default 3) and each keeps the median of its rounds. Inputs smaller than twice L2 are rotated over several
 copies so that no call finds its inputs in cache. Results go to
 ``perf/results/kernels-<device>.json`` (and ``$OUT`` when set).
 
@@ -33,6 +34,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -195,7 +197,7 @@ def gemm_sweep(ctx: Ctx, sweep_ms: list[int]) -> list[dict]:
                   f"({cublas_us / best_us:4.2f}x) {best}")
             results.append(dict(shape=name, M=M, N=N, K=K, cublas_us=cublas_us,
                                 top=[dict(us=us, config=dataclasses.asdict(c)) for us, c in timings[:4]]))
-            del x, w, y, expect, sets
+            del x, w, y, expect
             torch.cuda.empty_cache()
     return results
 
@@ -554,9 +556,17 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
     return 2 * src.numel() * 4 / (us * 1e-6) / 1e9
 
 
-def measure(case: Case, copy_gbps: float, quick: bool) -> dict:
-    ours_us = median_us(case.ours, quick)
-    anchor_us = median_us(case.anchor, quick) if case.anchor is not None else None
+def measure(case: Case, copy_gbps: float, quick: bool, rounds: int) -> dict:
+    """Ours and the anchor timed in alternation, ``rounds`` times each; each side
+    reports the median of its rounds, so a drift of clocks or of the memory
+    system during the run falls on both alike."""
+    ours_runs, anchor_runs = [], []
+    for _ in range(rounds):
+        ours_runs.append(median_us(case.ours, quick))
+        if case.anchor is not None:
+            anchor_runs.append(median_us(case.anchor, quick))
+    ours_us = statistics.median(ours_runs)
+    anchor_us = statistics.median(anchor_runs) if anchor_runs else None
     row = dict(family=case.family, kernel=case.kernel, shape=case.shape, ours_us=ours_us,
                anchor=case.anchor_name, anchor_us=anchor_us,
                ratio=(anchor_us / ours_us) if anchor_us else None,
@@ -593,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="", help="comma-separated families: " + ",".join(FAMILIES))
     parser.add_argument("--quick", action="store_true", help="fewer shapes, shorter timing")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds of ours and the anchor per row (median of each)")
     parser.add_argument("--sweep-gemm", default="", metavar="MS",
                         help="also time candidate gemm configs at these M (comma-separated)")
     parser.add_argument("--models-dir", type=Path, default=Path("/work/shared/models"))
@@ -616,11 +628,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
     ctx = Ctx(device=device, l2_bytes=getattr(props, "L2_cache_size", 50 * 2 ** 20), quick=args.quick)
     report = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
-                  copy_gbps=copy_gbps, dtype=str(DTYPE), time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                  copy_gbps=copy_gbps, dtype=str(DTYPE), rounds=args.rounds,
+                  time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   rows=[], sweep=[])
     for family in families:
         for case in FAMILIES[family](ctx):
-            report["rows"].append(measure(case, copy_gbps, args.quick))
+            report["rows"].append(measure(case, copy_gbps, args.quick, args.rounds))
         torch.cuda.empty_cache()
     print_table(report["rows"])
     for path in write_json(report, props.name):

@@ -37,10 +37,12 @@ from bench_kernels import DTYPE, Ctx, gemm_shapes, median_us, rotating  # noqa: 
 _SMEM_BYTES = 227 * 1024
 
 
-def candidate_configs(M: int, kinds: set[str]) -> list:
+def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
     """``stream``: tensor-core tiles around the current table, GEMV tiles for tiny
     M, split-K; ``grid``: every stream tile of a wide grid that fits; ``tma``:
-    tensor-descriptor tiles."""
+    tensor-descriptor tiles; ``splitsum``: split-K summed by the last K slice in
+    the kernel (no reduce kernel), at 2..6 slices, keeping (when N is given)
+    launches of 96..1024 programs."""
     from triton_kernels.gemm import GemmConfig
 
     bm = max(16, 1 << (M - 1).bit_length())
@@ -67,6 +69,15 @@ def candidate_configs(M: int, kinds: set[str]) -> list:
             if (bm + bn) * bk * 2 * stages <= _SMEM_BYTES and bn * bk <= 256 * 128:
                 configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k,
                                           num_warps=warps, num_stages=stages))
+    if "splitsum" in kinds:
+        for bn, bk, split_k in itertools.product((32, 64, 128, 256), (64, 128, 256), (2, 3, 4, 6)):
+            if bn * bk > 256 * 128 or (N is not None and not 96 <= -(-N // bn) * split_k <= 1024):
+                continue
+            fits = [st for st in (2, 3, 4, 6, 8) if (bm + bn) * bk * 2 * st <= _SMEM_BYTES]
+            warps = 8 if bn * bk >= 128 * 128 else 4
+            for stages in sorted({fits[-1], max(fits[0], fits[-1] // 2)}) if fits else ():
+                configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
+                                          num_stages=stages, reduce_in_kernel=True))
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
@@ -115,7 +126,7 @@ def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[
     cublas_us = median_us(lambda: torch.nn.functional.linear(*sets()[:2]), quick=True)
     table_us = median_us(lambda: gemm.linear(*sets()[:2]), quick=True)
     timings = []
-    for config in candidate_configs(M, kinds):
+    for config in candidate_configs(M, kinds, N):
         config = dataclasses.replace(config, pdl=pdl)
         us = time_config(sets, x, w, y, expect, config)
         if us is not None:
@@ -140,7 +151,7 @@ def compile_only(ctx: Ctx, shapes: list[tuple[str, int, int]], ms: list[int], ki
             x = torch.randn(M, K, device=ctx.device, dtype=DTYPE)
             w = torch.randn(N, K, device=ctx.device, dtype=DTYPE)
             y = torch.empty(M, N, device=ctx.device, dtype=DTYPE)
-            for i, config in enumerate(candidate_configs(M, kinds)):
+            for i, config in enumerate(candidate_configs(M, kinds, N)):
                 config = dataclasses.replace(config, pdl=pdl)
                 if i % num_shards != shard or (config, K % config.block_k == 0) in seen:
                     continue
@@ -152,7 +163,7 @@ def compile_only(ctx: Ctx, shapes: list[tuple[str, int, int]], ms: list[int], ki
     torch.cuda.synchronize()
 
 
-def write_report(device_name: str, results: list[dict]) -> None:
+def write_report(device_name: str, results: list[dict], name: str) -> None:
     import triton
 
     report = dict(device=device_name, torch=torch.__version__, triton=triton.__version__,
@@ -163,7 +174,7 @@ def write_report(device_name: str, results: list[dict]) -> None:
         out_dirs.append(Path(os.environ["OUT"]))
     for out_dir in out_dirs:
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / f"gemm-decode-sweep-{tag}.json").write_text(json.dumps(report, indent=1))
+        (out_dir / f"{name}-{tag}.json").write_text(json.dumps(report, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,9 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: stream, grid, tma")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: stream, grid, tma, splitsum")
     parser.add_argument("--compile-only", default="", metavar="I/N",
                         help="only compile shard I of N of the candidates (run N in parallel first)")
+    parser.add_argument("--out-name", default="gemm-decode-sweep",
+                        help="results file: perf/results/<name>-<device>.json")
     parser.add_argument("--no-pdl", action="store_true",
                         help="launch candidates without programmatic dependent launch")
     args = parser.parse_args(argv)
@@ -195,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             results.append(sweep_one(ctx, name, N, K, M, args.top, set(args.kinds.split(",")),
                                      pdl=not args.no_pdl))
             print(flush=True)
-            write_report(props.name, results)  # after every case: a cut-short run keeps its data
+            write_report(props.name, results, args.out_name)  # after every case: a cut-short run keeps its data
             torch.cuda.empty_cache()
     return 0
 

@@ -64,13 +64,13 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # M is not specialised, so one compiled variant serves every decode batch size.
 @triton.jit(do_not_specialize=["M"])
 def _linear_stream_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    REDUCE_IN_KERNEL: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -122,6 +122,36 @@ def _linear_stream_kernel(
     else:
         part_ptrs = part_ptr + (pid_k * M + rows.to(tl.int64))[:, None] * N + cols[None, :]
         tl.store(part_ptrs, acc, mask=out_mask)
+        if REDUCE_IN_KERNEL:
+            tile = pid_m * tl.num_programs(0) + pid_n
+            y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+            _sum_if_last_slice(part_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :],
+                               count_ptr + tile, b_ptr, y_ptrs, cols, N, out_mask, M.to(tl.int64) * N,
+                               HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _sum_if_last_slice(part_ptrs, count_ptr, b_ptr, y_ptrs, cols, N, out_mask, slice_stride,
+                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Split-K without a second kernel: each K slice has stored its fp32 partial
+    tile and now bumps the tile's counter; the slice that sees the count reach
+    SPLIT_K - 1 arrived last, so every partial is visible to it. It adds them in
+    slice order (the same sum whichever slice finishes last), stores y and sets
+    the counter back to zero for the next launch."""
+    tl.debug_barrier()  # every thread's partial is stored before the count moves
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT_K - 1:
+        tl.debug_barrier()
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for split in range(SPLIT_K):
+            # .cg reads L2: another SM wrote these, this SM's L1 may hold stale lines.
+            total += tl.load(part_ptrs + split * slice_stride, mask=out_mask, other=0.0,
+                             cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=out_mask)
+        tl.atomic_xchg(count_ptr, 0)
 
 
 @triton.jit
@@ -202,7 +232,9 @@ class GemmConfig:
     """One launch recipe. ``kind`` is "stream" (pointer kernel, optional
     split-K; ``use_dot=False`` multiplies on the CUDA cores, for 1-4 rows) or
     "tma" (persistent tensor-descriptor kernel). ``pdl`` launches it with
-    programmatic dependent launch (Hopper; see triton_kernels/pdl.py)."""
+    programmatic dependent launch (Hopper; see triton_kernels/pdl.py).
+    ``reduce_in_kernel``: the last K slice of a tile sums the split-K partials
+    (no reduce kernel)."""
 
     kind: str
     block_m: int
@@ -214,6 +246,7 @@ class GemmConfig:
     num_stages: int = 3
     use_dot: bool = True
     pdl: bool = False
+    reduce_in_kernel: bool = False
 
 
 def _interpreting() -> bool:
@@ -437,18 +470,36 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     part = (torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
             if split_k > 1 else y)
     grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m), split_k)
+    reduce_in_kernel = config.reduce_in_kernel and split_k > 1
+    counters = part
+    if reduce_in_kernel:
+        counters = _split_counters(x.device)
+        if grid[0] * grid[1] > counters.numel():
+            raise ValueError(f"{grid[0] * grid[1]} output tiles exceed the {counters.numel()} "
+                             "split-K counters; use a wider tile")
     _linear_stream_kernel[grid](
-        x, weight, bias_arg, y, part, M, N, K,
+        x, weight, bias_arg, y, part, counters, M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_DOT=config.use_dot, INPUT_PRECISION=precision, num_warps=config.num_warps,
-        num_stages=config.num_stages, **pdl)
-    if split_k > 1:
+        USE_DOT=config.use_dot, INPUT_PRECISION=precision, REDUCE_IN_KERNEL=reduce_in_kernel,
+        num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
+    if split_k > 1 and not reduce_in_kernel:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
             part, bias_arg, y, M, N, y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, **pdl)
+
+
+# Tile counters of the in-kernel split-K reduction. Each tile's last K slice sets
+# its counter back to zero, so between launches the buffer is all zeros and one
+# buffer per device serves every launch of the (single) forward stream.
+_SPLIT_COUNTERS = 1 << 16
+
+
+@functools.lru_cache(maxsize=None)
+def _split_counters(device: torch.device) -> torch.Tensor:
+    return torch.zeros(_SPLIT_COUNTERS, dtype=torch.int32, device=device)
 
 
 def compile_prefill_tiles(weight: torch.Tensor) -> None:
