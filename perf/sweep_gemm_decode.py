@@ -42,7 +42,8 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
     M, split-K; ``grid``: every stream tile of a wide grid that fits; ``tma``:
     tensor-descriptor tiles; ``splitsum``: split-K summed by the last K slice in
     the kernel (no reduce kernel), at 2..6 slices, keeping (when N is given)
-    launches of 96..1024 programs."""
+    launches of 96..1024 programs; ``swap``: tiles whose MMA computes W x^T
+    (weight rows on wgmma's 64-row side); ``deep``: 8..13-stage pipelines."""
     from triton_kernels.gemm import GemmConfig
 
     bm = max(16, 1 << (M - 1).bit_length())
@@ -78,6 +79,16 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
             for stages in sorted({fits[-1], max(fits[0], fits[-1] // 2)}) if fits else ():
                 configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
                                           num_stages=stages, reduce_in_kernel=True))
+    if "swap" in kinds or "deep" in kinds:  # swapped MMA operands; deep pipelines
+        for bn, bk, warps, stages in itertools.product((32, 64, 128, 256), (64, 128, 256), (4, 8),
+                                                       (3, 4, 6, 8, 10, 12, 13)):
+            if (bm + bn) * bk * 2 * stages > _SMEM_BYTES or bn * bk > 256 * 128:
+                continue
+            if "swap" in kinds and bn >= 64:
+                configs.append(GemmConfig("stream", bm, bn, bk, num_warps=warps, num_stages=stages,
+                                          swap_ab=True))
+            if "deep" in kinds and stages >= 8 and warps == 4:
+                configs.append(GemmConfig("stream", bm, bn, bk, num_warps=warps, num_stages=stages))
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
@@ -182,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: stream, grid, tma, splitsum")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: stream, grid, tma, splitsum, swap, deep")
     parser.add_argument("--compile-only", default="", metavar="I/N",
                         help="only compile shard I of N of the candidates (run N in parallel first)")
     parser.add_argument("--out-name", default="gemm-decode-sweep",

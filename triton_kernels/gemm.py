@@ -70,7 +70,8 @@ def _linear_stream_kernel(
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    REDUCE_IN_KERNEL: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    REDUCE_IN_KERNEL: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -96,7 +97,10 @@ def _linear_stream_kernel(
               + (k_begin + offs_k)[None, :] * stride_wk)
     if USE_PDL:
         pdl_wait()
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k_tile in range(k_tile_begin, k_tile_end):
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
@@ -105,12 +109,16 @@ def _linear_stream_kernel(
             k_mask = (k_tile * BLOCK_K + offs_k) < K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
-        if USE_DOT:
+        if SWAP_AB:  # y^T = W x^T: weight rows on the MMA's long side, tokens on its short one
+            acc = tl.dot(w, tl.trans(x), acc, input_precision=INPUT_PRECISION)
+        elif USE_DOT:
             acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
         else:  # GEMV-style: products on the CUDA cores, for M of 1..4 rows
             acc += tl.sum(x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
+    if SWAP_AB:
+        acc = tl.trans(acc)
     rows = offs_m
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     out_mask = mask_m[:, None] & (cols[None, :] < N)
@@ -234,7 +242,8 @@ class GemmConfig:
     "tma" (persistent tensor-descriptor kernel). ``pdl`` launches it with
     programmatic dependent launch (Hopper; see triton_kernels/pdl.py).
     ``reduce_in_kernel``: the last K slice of a tile sums the split-K partials
-    (no reduce kernel)."""
+    (no reduce kernel). ``swap_ab``: the MMA computes ``W x^T`` so that the
+    weight rows, not the few tokens, fill its 64-row side (Hopper's wgmma)."""
 
     kind: str
     block_m: int
@@ -247,6 +256,7 @@ class GemmConfig:
     use_dot: bool = True
     pdl: bool = False
     reduce_in_kernel: bool = False
+    swap_ab: bool = False
 
 
 def _interpreting() -> bool:
@@ -483,6 +493,7 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         USE_DOT=config.use_dot, INPUT_PRECISION=precision, REDUCE_IN_KERNEL=reduce_in_kernel,
+        SWAP_AB=config.swap_ab and config.use_dot,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
     if split_k > 1 and not reduce_in_kernel:
         block = 1024

@@ -57,16 +57,20 @@ CONFIGS = [
     gemm.GemmConfig("tma", 32, 32, 32, group_m=2),
     gemm.GemmConfig("tma", 64, 64, 32, group_m=8),
     gemm.GemmConfig("stream", 16, 32, 32, split_k=3, reduce_in_kernel=True),
+    gemm.GemmConfig("stream", 16, 32, 32, split_k=2, swap_ab=True),
 ]
 if ON_GPU:  # programmatic dependent launch exists only on the GPU (Hopper)
     CONFIGS += [gemm.GemmConfig("stream", 16, 32, 32, split_k=3, pdl=True),
                 gemm.GemmConfig("tma", 64, 64, 32, group_m=8, pdl=True),
-                gemm.GemmConfig("stream", 64, 64, 64, split_k=4, reduce_in_kernel=True, pdl=True)]
+                gemm.GemmConfig("stream", 64, 64, 64, split_k=4, reduce_in_kernel=True, pdl=True),
+                gemm.GemmConfig("stream", 16, 128, 128, swap_ab=True, num_stages=6, pdl=True),
+                gemm.GemmConfig("stream", 64, 64, 64, swap_ab=True, num_stages=8, pdl=True)]
 
 
 def _config_id(c: gemm.GemmConfig) -> str:
     return (f"{c.kind}-{c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}{'' if c.use_dot else 'gemv'}"
-            f"{'-sum-in-kernel' if c.reduce_in_kernel else ''}{'-pdl' if c.pdl else ''}")
+            f"{'-sum-in-kernel' if c.reduce_in_kernel else ''}{'-swap' if c.swap_ab else ''}"
+            f"{'-pdl' if c.pdl else ''}")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
