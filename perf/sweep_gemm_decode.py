@@ -10,9 +10,11 @@ tiles with 16..64 rows, CUDA-core GEMV tiles for M <= 4, split-K), each
 checked against cuBLAS before it is timed. Timing is the same as in
 bench_kernels.py: median of CUDA-graph replays over rotated inputs (cold L2).
 Prints the best configs per (shape, M) and writes
-``perf/results/gemm-decode-sweep-<device>.json`` (and ``$OUT`` when set). Candidates
-are launched with programmatic dependent launch, as the table launches them
-(``--no-pdl`` for the plain launch).
+``perf/results/gemm-decode-sweep-<device>.json`` (``--out-name``; and ``$OUT``
+when set). Candidates are launched with programmatic dependent launch, as the
+table launches them (``--pdl off`` for the plain launch, ``both`` for each).
+``--rounds R`` times cuBLAS, the table and every candidate in R alternating
+passes and keeps each one's median, so that drift falls on all alike.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import dataclasses
 import itertools
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,7 +46,8 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
     tensor-descriptor tiles; ``splitsum``: split-K summed by the last K slice in
     the kernel (no reduce kernel), at 2..6 slices, keeping (when N is given)
     launches of 96..1024 programs; ``swap``: tiles whose MMA computes W x^T
-    (weight rows on wgmma's 64-row side); ``deep``: 8..13-stage pipelines."""
+    (weight rows on wgmma's 64-row side); ``swaptop``: the few best of those;
+    ``deep``: 8..13-stage pipelines."""
     from triton_kernels.gemm import GemmConfig
 
     bm = max(16, 1 << (M - 1).bit_length())
@@ -89,6 +93,13 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
                                           swap_ab=True))
             if "deep" in kinds and stages >= 8 and warps == 4:
                 configs.append(GemmConfig("stream", bm, bn, bk, num_warps=warps, num_stages=stages))
+    if "swaptop" in kinds:  # the swapped tiles that led the "swap" sweep, a few with split-K
+        for bn, bk, warps, stages, split_k in ((64, 128, 4, 3, 1), (64, 128, 4, 4, 1), (64, 64, 4, 3, 1),
+                                               (128, 128, 4, 4, 1), (64, 128, 4, 4, 2),
+                                               (128, 128, 4, 4, 4)):
+            if bm <= 16 or split_k == 1:
+                configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
+                                          num_stages=stages if bm <= 16 else 4, swap_ab=True))
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
@@ -108,8 +119,8 @@ def launch_on(inputs: tuple, config) -> None:
     gemm.launch_linear(x, w, None, y, config)
 
 
-def time_config(sets, x, w, y, expect, config) -> float | None:
-    """Median µs of one config (checked against cuBLAS first), None if it fails."""
+def check_config(x, w, y, expect, config) -> bool:
+    """Run one config once and compare with cuBLAS; report and drop it if it fails."""
     from triton_kernels import gemm
 
     try:
@@ -118,14 +129,33 @@ def time_config(sets, x, w, y, expect, config) -> float | None:
         err = ((y.float() - expect).norm() / expect.norm()).item()
         if not err < 2e-2:
             raise RuntimeError(f"wrong result (rel err {err:.2e})")
-        return median_us(lambda c=config: launch_on(sets(), c), quick=True)
+        return True
     except Exception as exc:  # a config the chip cannot take: report, keep sweeping
         print(f"  {config}: {type(exc).__name__}: {str(exc)[:100]}")
-        return None
+        return False
+
+
+def configs_for(M: int, N: int, K: int, kinds: set[str], pdl_modes: tuple[bool, ...]) -> list:
+    """Candidates of ``kinds`` (``table``: the config gemm.linear picks), each
+    launched with and/or without PDL as ``pdl_modes`` says, without repeats."""
+    from triton_kernels import gemm
+
+    base = candidate_configs(M, kinds, N)
+    if "table" in kinds:
+        base.insert(0, gemm._pick_config(M, N, K, DTYPE, torch.device("cuda"), tma_ok=True))
+    out = []
+    for config in base:
+        for pdl in pdl_modes:
+            variant = dataclasses.replace(config, pdl=pdl)
+            if variant not in out:
+                out.append(variant)
+    return out
 
 
 def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[str],
-              pdl: bool) -> dict:
+              pdl_modes: tuple[bool, ...], rounds: int) -> dict:
+    """Check every candidate, then time cuBLAS, the table and every candidate in
+    ``rounds`` alternating passes; each keeps the median of its passes."""
     from triton_kernels import gemm
 
     _, num_bytes = gemm.flops_bytes(M, N, K, DTYPE)
@@ -134,24 +164,25 @@ def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[
                                   torch.empty(M, N, device=ctx.device, dtype=DTYPE)), num_bytes)
     x, w, y = sets()
     expect = torch.nn.functional.linear(x, w).float()
-    cublas_us = median_us(lambda: torch.nn.functional.linear(*sets()[:2]), quick=True)
-    table_us = median_us(lambda: gemm.linear(*sets()[:2]), quick=True)
-    timings = []
-    for config in candidate_configs(M, kinds, N):
-        config = dataclasses.replace(config, pdl=pdl)
-        us = time_config(sets, x, w, y, expect, config)
-        if us is not None:
-            timings.append((us, config))
-    timings.sort(key=lambda t: t[0])
+    configs = [c for c in configs_for(M, N, K, kinds, pdl_modes) if check_config(x, w, y, expect, c)]
+    runs: dict = {"cublas": [], "table": [], **{c: [] for c in configs}}
+    for _ in range(rounds):
+        runs["cublas"].append(median_us(lambda: torch.nn.functional.linear(*sets()[:2]), quick=True))
+        runs["table"].append(median_us(lambda: gemm.linear(*sets()[:2]), quick=True))
+        for config in configs:
+            runs[config].append(median_us(lambda c=config: launch_on(sets(), c), quick=True))
+    cublas_us = statistics.median(runs.pop("cublas"))
+    table_us = statistics.median(runs.pop("table"))
+    timings = sorted(((statistics.median(times), c) for c, times in runs.items()), key=lambda t: t[0])
     for us, config in timings[:top]:
         print(f"{name:16s} M={M:3d} cuBLAS {cublas_us:7.1f} table {table_us:7.1f} "
               f"cfg {us:7.1f} us ({cublas_us / us:4.2f}x) {config}")
-    return dict(shape=name, M=M, N=N, K=K, cublas_us=cublas_us, table_us=table_us,
+    return dict(shape=name, M=M, N=N, K=K, rounds=rounds, cublas_us=cublas_us, table_us=table_us,
                 top=[dict(us=us, config=dataclasses.asdict(c)) for us, c in timings[:top]])
 
 
 def compile_only(ctx: Ctx, shapes: list[tuple[str, int, int]], ms: list[int], kinds: set[str],
-                 pdl: bool, shard: int, num_shards: int) -> None:
+                 pdl_modes: tuple[bool, ...], shard: int, num_shards: int) -> None:
     """Launch each candidate once (every ``num_shards``-th, from ``shard``) so that
     parallel processes fill Triton's cache before the timed sweep."""
     from triton_kernels import gemm
@@ -162,8 +193,7 @@ def compile_only(ctx: Ctx, shapes: list[tuple[str, int, int]], ms: list[int], ki
             x = torch.randn(M, K, device=ctx.device, dtype=DTYPE)
             w = torch.randn(N, K, device=ctx.device, dtype=DTYPE)
             y = torch.empty(M, N, device=ctx.device, dtype=DTYPE)
-            for i, config in enumerate(candidate_configs(M, kinds, N)):
-                config = dataclasses.replace(config, pdl=pdl)
+            for i, config in enumerate(configs_for(M, N, K, kinds, pdl_modes)):
                 if i % num_shards != shard or (config, K % config.block_k == 0) in seen:
                     continue
                 seen.add((config, K % config.block_k == 0))
@@ -193,13 +223,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: stream, grid, tma, splitsum, swap, deep")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stream, grid, tma, splitsum, swap, swaptop, deep")
     parser.add_argument("--compile-only", default="", metavar="I/N",
                         help="only compile shard I of N of the candidates (run N in parallel first)")
     parser.add_argument("--out-name", default="gemm-decode-sweep",
                         help="results file: perf/results/<name>-<device>.json")
-    parser.add_argument("--no-pdl", action="store_true",
-                        help="launch candidates without programmatic dependent launch")
+    parser.add_argument("--pdl", choices=("on", "off", "both"), default="on",
+                        help="launch candidates with programmatic dependent launch, without, or both")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="alternating timing passes over all candidates (median of each)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("sweep_gemm_decode.py needs a CUDA GPU")
@@ -209,15 +241,16 @@ def main(argv: list[str] | None = None) -> int:
     wanted = {s for s in args.shapes.split(",") if s}
     shapes = [shape for shape in gemm_shapes() if not wanted or shape[0] in wanted]
     ms = [int(m) for m in args.ms.split(",")]
+    pdl_modes = {"on": (True,), "off": (False,), "both": (True, False)}[args.pdl]
     if args.compile_only:
         shard, num_shards = (int(v) for v in args.compile_only.split("/"))
-        compile_only(ctx, shapes, ms, set(args.kinds.split(",")), not args.no_pdl, shard, num_shards)
+        compile_only(ctx, shapes, ms, set(args.kinds.split(",")), pdl_modes, shard, num_shards)
         return 0
     results = []
     for name, N, K in shapes:
         for M in ms:
             results.append(sweep_one(ctx, name, N, K, M, args.top, set(args.kinds.split(",")),
-                                     pdl=not args.no_pdl))
+                                     pdl_modes, args.rounds))
             print(flush=True)
             write_report(props.name, results, args.out_name)  # after every case: a cut-short run keeps its data
             torch.cuda.empty_cache()

@@ -63,7 +63,7 @@ if ON_GPU:  # programmatic dependent launch exists only on the GPU (Hopper)
     CONFIGS += [gemm.GemmConfig("stream", 16, 32, 32, split_k=3, pdl=True),
                 gemm.GemmConfig("tma", 64, 64, 32, group_m=8, pdl=True),
                 gemm.GemmConfig("stream", 64, 64, 64, split_k=4, reduce_in_kernel=True, pdl=True),
-                gemm.GemmConfig("stream", 16, 128, 128, swap_ab=True, num_stages=6, pdl=True),
+                gemm.GemmConfig("stream", 16, 64, 128, swap_ab=True, num_stages=3, pdl=True),
                 gemm.GemmConfig("stream", 64, 64, 64, swap_ab=True, num_stages=8, pdl=True)]
 
 
