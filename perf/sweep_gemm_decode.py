@@ -43,9 +43,7 @@ _SMEM_BYTES = 227 * 1024
 def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
     """``stream``: tensor-core tiles around the current table, GEMV tiles for tiny
     M, split-K; ``grid``: every stream tile of a wide grid that fits; ``tma``:
-    tensor-descriptor tiles; ``splitsum``: split-K summed by the last K slice in
-    the kernel (no reduce kernel), at 2..6 slices, keeping (when N is given)
-    launches of 96..1024 programs; ``swap``: tiles whose MMA computes W x^T
+    tensor-descriptor tiles; ``swap``: tiles whose MMA computes W x^T
     (weight rows on wgmma's 64-row side); ``swaptop``: the few best of those;
     ``deep``: 8..13-stage pipelines."""
     from triton_kernels.gemm import GemmConfig
@@ -74,15 +72,6 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
             if (bm + bn) * bk * 2 * stages <= _SMEM_BYTES and bn * bk <= 256 * 128:
                 configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k,
                                           num_warps=warps, num_stages=stages))
-    if "splitsum" in kinds:
-        for bn, bk, split_k in itertools.product((32, 64, 128, 256), (64, 128, 256), (2, 3, 4, 6)):
-            if bn * bk > 256 * 128 or (N is not None and not 96 <= -(-N // bn) * split_k <= 1024):
-                continue
-            fits = [st for st in (2, 3, 4, 6, 8) if (bm + bn) * bk * 2 * st <= _SMEM_BYTES]
-            warps = 8 if bn * bk >= 128 * 128 else 4
-            for stages in sorted({fits[-1], max(fits[0], fits[-1] // 2)}) if fits else ():
-                configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
-                                          num_stages=stages, reduce_in_kernel=True))
     if "swap" in kinds or "deep" in kinds:  # swapped MMA operands; deep pipelines
         for bn, bk, warps, stages in itertools.product((32, 64, 128, 256), (64, 128, 256), (4, 8),
                                                        (3, 4, 6, 8, 10, 12, 13)):
@@ -223,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stream, grid, tma, splitsum, swap, swaptop, deep")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stream, grid, tma, swap, swaptop, deep")
     parser.add_argument("--compile-only", default="", metavar="I/N",
                         help="only compile shard I of N of the candidates (run N in parallel first)")
     parser.add_argument("--out-name", default="gemm-decode-sweep",

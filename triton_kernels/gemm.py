@@ -21,8 +21,11 @@ autotuning; under ``TRITON_INTERPRET`` a small cheap config):
   in M and narrow in N so that hundreds of programs stream disjoint weight
   rows at once; when N alone gives too few programs, K is split (``SPLIT_K``)
   and each slice writes fp32 partial sums that ``_splitk_reduce_kernel`` adds
-  up (deterministic, no atomics). The same kernel is the fallback for
-  prefill shapes that tensor descriptors cannot take.
+  up (deterministic, no atomics). With ``SWAP_AB`` the MMA computes
+  ``W x^T``: Hopper's wgmma needs 64 rows on one side, which 1-16 tokens
+  cannot fill but weight rows can (the layout cuBLAS picks for these shapes).
+  The same kernel is the fallback for prefill shapes that tensor descriptors
+  cannot take.
 * ``_linear_tma_kernel`` -- prefill: a persistent grid (one program per SM
   walking output tiles in grouped order for L2 reuse) that loads tiles with
   Hopper tensor descriptors (TMA). TMA needs 16-byte aligned base pointers
@@ -33,7 +36,7 @@ Decode launches use programmatic dependent launch (PDL, triton_kernels/pdl.py):
 the next kernel's programs start while this one's last programs still stream,
 so the gap between two kernels (launch, ramp-up, tail) partly overlaps; in the
 benchmark's back-to-back replay it is worth 0.5-1 us per call (3-7% on a
-12-16 us projection).
+12-16 us projection). One table entry runs without it (see _DECODE_TUNED).
 
 Measured and not kept (H200, perf/sweep_gemm_decode.py; data in
 perf/results/gemm-decode-sweep-*.json): stream-K (every program an equal run
@@ -43,14 +46,19 @@ came within 1% of the stream kernel on Llama's gate_up at M <= 16 and ran
 thin-M TMA tiles lost to pointer loads at M <= 16; an L2 prefetch of the
 first weight bytes before the PDL wait slowed the stream; wide tiles
 (128/256) with split-K at M = 64 were 5-15% slower (more partial traffic than
-the activation re-reads they save); L2 eviction hints on the weight loads
-changed nothing.
+the activation re-reads they save), and 3-20% slower again when the tile's
+last-arriving K slice summed the partials in place of the reduce kernel; L2
+eviction hints on the weight loads changed nothing; clusters (``num_ctas``
+2 or 4) slowed both kernels, and triton 3.6 exposes no TMA multicast, which
+is how cuBLAS (4-CTA clusters, warp-specialised) keeps M = 64 projections
+within 2% of their M = 1 time.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import triton
@@ -64,14 +72,13 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # M is not specialised, so one compiled variant serves every decode batch size.
 @triton.jit(do_not_specialize=["M"])
 def _linear_stream_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
+    x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    REDUCE_IN_KERNEL: tl.constexpr = False, SWAP_AB: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False,
+    SWAP_AB: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -130,36 +137,6 @@ def _linear_stream_kernel(
     else:
         part_ptrs = part_ptr + (pid_k * M + rows.to(tl.int64))[:, None] * N + cols[None, :]
         tl.store(part_ptrs, acc, mask=out_mask)
-        if REDUCE_IN_KERNEL:
-            tile = pid_m * tl.num_programs(0) + pid_n
-            y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
-            _sum_if_last_slice(part_ptr + rows.to(tl.int64)[:, None] * N + cols[None, :],
-                               count_ptr + tile, b_ptr, y_ptrs, cols, N, out_mask, M.to(tl.int64) * N,
-                               HAS_BIAS, SPLIT_K, BLOCK_M, BLOCK_N)
-
-
-@triton.jit
-def _sum_if_last_slice(part_ptrs, count_ptr, b_ptr, y_ptrs, cols, N, out_mask, slice_stride,
-                       HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Split-K without a second kernel: each K slice has stored its fp32 partial
-    tile and now bumps the tile's counter; the slice that sees the count reach
-    SPLIT_K - 1 arrived last, so every partial is visible to it. It adds them in
-    slice order (the same sum whichever slice finishes last), stores y and sets
-    the counter back to zero for the next launch."""
-    tl.debug_barrier()  # every thread's partial is stored before the count moves
-    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLIT_K - 1:
-        tl.debug_barrier()
-        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for split in range(SPLIT_K):
-            # .cg reads L2: another SM wrote these, this SM's L1 may hold stale lines.
-            total += tl.load(part_ptrs + split * slice_stride, mask=out_mask, other=0.0,
-                             cache_modifier=".cg")
-        if HAS_BIAS:
-            total += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptrs, total.to(y_ptrs.dtype.element_ty), mask=out_mask)
-        tl.atomic_xchg(count_ptr, 0)
 
 
 @triton.jit
@@ -241,8 +218,7 @@ class GemmConfig:
     split-K; ``use_dot=False`` multiplies on the CUDA cores, for 1-4 rows) or
     "tma" (persistent tensor-descriptor kernel). ``pdl`` launches it with
     programmatic dependent launch (Hopper; see triton_kernels/pdl.py).
-    ``reduce_in_kernel``: the last K slice of a tile sums the split-K partials
-    (no reduce kernel). ``swap_ab``: the MMA computes ``W x^T`` so that the
+    ``swap_ab``: the MMA computes ``W x^T`` so that the
     weight rows, not the few tokens, fill its 64-row side (Hopper's wgmma)."""
 
     kind: str
@@ -255,7 +231,6 @@ class GemmConfig:
     num_stages: int = 3
     use_dot: bool = True
     pdl: bool = False
-    reduce_in_kernel: bool = False
     swap_ab: bool = False
 
 
@@ -274,54 +249,68 @@ def _num_sms_of(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+class _Tile(NamedTuple):
+    """One decode-table entry (block_m is M rounded up to 16/32/64)."""
+
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    swap_ab: bool = False
+    pdl: bool = True
+
+
 # Decode tables (16-bit dtypes), from perf/sweep_gemm_decode.py on an H200
-# (perf/results/gemm-decode-sweep-nvidia-h200.json). Values are
-# (block_n, block_k, split_k, num_warps, num_stages); block_m is M rounded up
-# to 16/32/64. Narrow BLOCK_N gives hundreds of programs, each streaming a
-# disjoint slab of weight rows with several K tiles in flight (num_stages).
+# (perf/results/gemm-decode-sweep*-nvidia-h200.json). Narrow BLOCK_N gives
+# hundreds of programs, each streaming a disjoint slab of weight rows with
+# several K tiles in flight (num_stages). At M <= 16 most shapes stream best
+# with swapped operands (W x^T: weight rows fill wgmma's 64-row side, the few
+# tokens its narrow side; 1-3% over the plain tile in the swap-pdl sweep).
 #
 # _DECODE_TUNED: the projections of Llama-3.1-8B and Qwen3-8B, keyed by
 # (N, K, M bucket); each entry is the config whose worst time over M = 1, 4,
-# 16 (or 64) was lowest relative to cuBLAS, timed with PDL launches. Which
-# tile streams best depends on how the program count falls into waves of SMs
-# (programs per SM follow from the pipeline's shared memory), so neighbouring
-# shapes can disagree (28672 x 4096 wants 64 x 256 tiles, 24576 x 4096 wants
-# 64 x 128; at M = 64 it wants 64 x 64 x 64 tiles, 3 programs per SM).
-_DECODE_TUNED: dict[tuple[int, int, int], tuple[int, int, int, int, int]] = {
-    (6144, 4096, 16): (64, 128, 1, 4, 6),     # qkv (32 + 2 * 8 heads of 128)
-    (6144, 4096, 64): (64, 64, 1, 4, 8),
-    (4096, 4096, 16): (32, 128, 1, 4, 6),     # o
-    (4096, 4096, 64): (32, 128, 1, 8, 6),
-    (28672, 4096, 16): (64, 256, 1, 4, 3),    # Llama-3.1-8B gate_up
-    (28672, 4096, 64): (128, 128, 1, 8, 4),
-    (4096, 14336, 16): (128, 128, 4, 4, 4),   # Llama-3.1-8B down
-    (4096, 14336, 64): (128, 128, 4, 4, 4),
-    (128256, 4096, 16): (64, 256, 1, 4, 3),   # Llama-3.1-8B lm_head
-    (128256, 4096, 64): (128, 128, 1, 8, 4),
-    (24576, 4096, 16): (64, 128, 1, 4, 4),    # Qwen3-8B gate_up
-    (24576, 4096, 64): (64, 64, 1, 4, 4),     # 384 programs, 3 per SM: one wave
-    (4096, 12288, 16): (128, 128, 4, 4, 4),   # Qwen3-8B down
-    (4096, 12288, 64): (128, 128, 4, 4, 4),
-    (151936, 4096, 16): (64, 256, 1, 4, 3),   # Qwen3-8B lm_head
-    (151936, 4096, 64): (128, 128, 1, 8, 4),
+# 16 (or 64) was lowest relative to cuBLAS. Which tile streams best depends on
+# how the program count falls into waves of SMs (programs per SM follow from
+# the pipeline's shared memory), so neighbouring shapes can disagree (Qwen3's
+# 384 gate_up tiles of 64 rows run in one wave at 3 programs per SM, 3
+# stages; Llama's 448 want 4 stages). PDL helps every entry but qkv at M = 64,
+# whose 96 programs with 10-stage pipelines ran 2-3% faster without it.
+_DECODE_TUNED: dict[tuple[int, int, int], _Tile] = {
+    (6144, 4096, 16): _Tile(64, 128, 1, 4, 6),                # qkv (32 + 2 * 8 heads of 128)
+    (6144, 4096, 64): _Tile(64, 64, 1, 4, 10, pdl=False),
+    (4096, 4096, 16): _Tile(64, 128, 2, 4, 4, swap_ab=True),  # o
+    (4096, 4096, 64): _Tile(32, 128, 1, 8, 6),
+    (28672, 4096, 16): _Tile(64, 128, 1, 4, 4, swap_ab=True),  # Llama-3.1-8B gate_up
+    (28672, 4096, 64): _Tile(128, 128, 1, 8, 4),
+    (4096, 14336, 16): _Tile(128, 128, 4, 4, 4, swap_ab=True),  # Llama-3.1-8B down
+    (4096, 14336, 64): _Tile(128, 128, 4, 4, 4),
+    (128256, 4096, 16): _Tile(64, 128, 1, 4, 3, swap_ab=True),  # Llama-3.1-8B lm_head
+    (128256, 4096, 64): _Tile(128, 128, 1, 8, 4),
+    (24576, 4096, 16): _Tile(64, 128, 1, 4, 3, swap_ab=True),  # Qwen3-8B gate_up
+    (24576, 4096, 64): _Tile(64, 64, 1, 4, 4),                # 384 programs, 3 per SM
+    (4096, 12288, 16): _Tile(128, 128, 4, 4, 4, swap_ab=True),  # Qwen3-8B down
+    (4096, 12288, 64): _Tile(128, 128, 4, 4, 4),
+    (151936, 4096, 16): _Tile(64, 128, 1, 4, 3, swap_ab=True),  # Qwen3-8B lm_head
+    (151936, 4096, 64): _Tile(128, 128, 1, 8, 4),
 }
 # _DECODE_TABLE: every other shape, by (M bucket, shape class). "deep" when
 # K >= 2N (an MLP down projection: few output tiles, long rows, so K is split
 # 4 ways to give every SM work), else by N: "narrow" <= 4096, "mid" <= 8192,
 # "wide" above.
-_DECODE_TABLE: dict[tuple[int, str], tuple[int, int, int, int, int]] = {
-    (16, "deep"): (128, 128, 4, 4, 4),
-    (16, "narrow"): (32, 128, 1, 4, 6),
-    (16, "mid"): (32, 128, 1, 4, 6),
-    (16, "wide"): (64, 256, 1, 4, 3),
-    (32, "deep"): (128, 128, 4, 4, 4),
-    (32, "narrow"): (32, 256, 1, 4, 4),
-    (32, "mid"): (64, 128, 1, 8, 5),
-    (32, "wide"): (128, 128, 1, 8, 4),
-    (64, "deep"): (128, 128, 4, 4, 4),
-    (64, "narrow"): (32, 256, 1, 4, 4),
-    (64, "mid"): (64, 128, 1, 8, 5),
-    (64, "wide"): (128, 128, 1, 8, 4),
+_DECODE_TABLE: dict[tuple[int, str], _Tile] = {
+    (16, "deep"): _Tile(128, 128, 4, 4, 4, swap_ab=True),
+    (16, "narrow"): _Tile(64, 128, 1, 4, 4, swap_ab=True),
+    (16, "mid"): _Tile(32, 128, 1, 4, 6),
+    (16, "wide"): _Tile(64, 128, 1, 4, 3, swap_ab=True),
+    (32, "deep"): _Tile(128, 128, 4, 4, 4),
+    (32, "narrow"): _Tile(32, 256, 1, 4, 4),
+    (32, "mid"): _Tile(64, 128, 1, 8, 5),
+    (32, "wide"): _Tile(128, 128, 1, 8, 4),
+    (64, "deep"): _Tile(128, 128, 4, 4, 4),
+    (64, "narrow"): _Tile(32, 256, 1, 4, 4),
+    (64, "mid"): _Tile(64, 128, 1, 8, 5),
+    (64, "wide"): _Tile(128, 128, 1, 8, 4),
 }
 
 
@@ -385,11 +374,12 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     if M <= 64:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
         tile = _DECODE_TUNED.get((N, K, bm)) or _DECODE_TABLE[(bm, _decode_shape_class(N, K))]
-        bn, bk, split_k, warps, stages = tile
+        split_k = tile.split_k
         if split_k == 1:
-            split_k = _decode_split_k(triton.cdiv(N, bn), triton.cdiv(K, bk), num_sms)
-        return GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps, num_stages=stages,
-                          pdl=True)
+            split_k = _decode_split_k(triton.cdiv(N, tile.block_n), triton.cdiv(K, tile.block_k), num_sms)
+        return GemmConfig("stream", bm, tile.block_n, tile.block_k, split_k=split_k,
+                          num_warps=tile.num_warps, num_stages=tile.num_stages,
+                          swap_ab=tile.swap_ab, pdl=tile.pdl)
     if tma_ok:
         return _prefill_config(M, N, num_sms)
     return GemmConfig("stream", 128, 128, 64, num_warps=8, num_stages=3)
@@ -480,37 +470,18 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     part = (torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
             if split_k > 1 else y)
     grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m), split_k)
-    reduce_in_kernel = config.reduce_in_kernel and split_k > 1
-    counters = part
-    if reduce_in_kernel:
-        counters = _split_counters(x.device)
-        if grid[0] * grid[1] > counters.numel():
-            raise ValueError(f"{grid[0] * grid[1]} output tiles exceed the {counters.numel()} "
-                             "split-K counters; use a wider tile")
     _linear_stream_kernel[grid](
-        x, weight, bias_arg, y, part, counters, M, N, K,
+        x, weight, bias_arg, y, part, M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        USE_DOT=config.use_dot, INPUT_PRECISION=precision, REDUCE_IN_KERNEL=reduce_in_kernel,
-        SWAP_AB=config.swap_ab and config.use_dot,
+        USE_DOT=config.use_dot, INPUT_PRECISION=precision, SWAP_AB=config.swap_ab and config.use_dot,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
-    if split_k > 1 and not reduce_in_kernel:
+    if split_k > 1:
         block = 1024
         _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
             part, bias_arg, y, M, N, y.stride(0), y.stride(1),
             HAS_BIAS=bias is not None, SPLIT_K=split_k, BLOCK=block, **pdl)
-
-
-# Tile counters of the in-kernel split-K reduction. Each tile's last K slice sets
-# its counter back to zero, so between launches the buffer is all zeros and one
-# buffer per device serves every launch of the (single) forward stream.
-_SPLIT_COUNTERS = 1 << 16
-
-
-@functools.lru_cache(maxsize=None)
-def _split_counters(device: torch.device) -> torch.Tensor:
-    return torch.zeros(_SPLIT_COUNTERS, dtype=torch.int32, device=device)
 
 
 def compile_prefill_tiles(weight: torch.Tensor) -> None:
