@@ -571,6 +571,7 @@ def measure(case: Case, copy_gbps: float, quick: bool, rounds: int) -> dict:
                anchor=case.anchor_name, anchor_us=anchor_us,
                ratio=(anchor_us / ours_us) if anchor_us else None,
                tflops=case.flops / (ours_us * 1e-6) / 1e12 if case.flops else None,
+               ours_rounds_us=ours_runs, anchor_rounds_us=anchor_runs,
                pct_copy_bw=None)
     if case.bytes_moved:
         row["pct_copy_bw"] = 100 * case.bytes_moved / (ours_us * 1e-6) / 1e9 / copy_gbps
