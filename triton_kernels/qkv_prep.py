@@ -70,15 +70,15 @@ def _prep_rows(x_ptr, token, heads, num_heads, stride_t, stride_h, w_ptr, eps, c
 @triton.jit
 def _qk_norm_rope_store_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cache_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
-    q_norm_ptr, k_norm_ptr, eps, num_tokens, num_q_heads, num_k_heads,
+    q_norm_ptr, k_norm_ptr, eps, num_q_heads, num_k_heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
     stride_cs, stride_ch,
     D: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
-    BLOCK_TOKENS: tl.constexpr, IS_NEOX: tl.constexpr, HAS_NORM: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    IS_NEOX: tl.constexpr, HAS_NORM: tl.constexpr, USE_PDL: tl.constexpr = False,
 ):
     if USE_PDL:
         pdl_wait()
+    token = tl.program_id(0).to(tl.int64)
     head_block = tl.program_id(1)
     dims = tl.arange(0, BLOCK_D)
     rotating = dims < 2 * HALF
@@ -91,34 +91,26 @@ def _qk_norm_rope_store_kernel(
         partner = dims ^ 1
         sign = tl.where(dims % 2 == 0, -1.0, 1.0)
     partner = tl.where(rotating, partner, 0)
+    pos = tl.load(pos_ptr + token).to(tl.int64)
+    cos = tl.load(cache_ptr + pos * stride_cos + pair, mask=rotating, other=1.0).to(tl.float32)
+    sin = tl.load(cache_ptr + pos * stride_cos + HALF + pair, mask=rotating, other=0.0).to(tl.float32)
+    cos = cos[None, :]
+    sin = sin[None, :]
     sign = sign[None, :]
     num_q_blocks = tl.cdiv(num_q_heads, BLOCK_HEADS)
-    # A program walks BLOCK_TOKENS tokens: at prefill one token's head block is
-    # too little work for a program (launching them becomes the bottleneck).
-    first_token = tl.program_id(0).to(tl.int64) * BLOCK_TOKENS
-    for i in range(BLOCK_TOKENS):
-        token = first_token + i
-        if token < num_tokens:
-            pos = tl.load(pos_ptr + token).to(tl.int64)
-            cos = tl.load(cache_ptr + pos * stride_cos + pair, mask=rotating,
-                          other=1.0).to(tl.float32)[None, :]
-            sin = tl.load(cache_ptr + pos * stride_cos + HALF + pair, mask=rotating,
-                          other=0.0).to(tl.float32)[None, :]
-            if head_block < num_q_blocks:
-                heads = head_block * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
-                _prep_rows(q_ptr, token, heads, num_q_heads, stride_qt, stride_qh, q_norm_ptr,
-                           eps, cos, sin, dims, partner, sign, rotating, D, HAS_NORM)
-            else:
-                heads = (head_block - num_q_blocks) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
-                k, mask = _prep_rows(k_ptr, token, heads, num_k_heads, stride_kt, stride_kh,
-                                     k_norm_ptr, eps, cos, sin, dims, partner, sign, rotating, D,
-                                     HAS_NORM)
-                slot = tl.load(slots_ptr + token).to(tl.int64)
-                cache_offs = slot * stride_cs + heads[:, None] * stride_ch + dims[None, :]
-                tl.store(k_cache_ptr + cache_offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-                v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :],
-                            mask=mask)
-                tl.store(v_cache_ptr + cache_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if head_block < num_q_blocks:
+        heads = head_block * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
+        _prep_rows(q_ptr, token, heads, num_q_heads, stride_qt, stride_qh, q_norm_ptr, eps,
+                   cos, sin, dims, partner, sign, rotating, D, HAS_NORM)
+    else:
+        heads = (head_block - num_q_blocks) * BLOCK_HEADS + tl.arange(0, BLOCK_HEADS)
+        k, mask = _prep_rows(k_ptr, token, heads, num_k_heads, stride_kt, stride_kh, k_norm_ptr,
+                             eps, cos, sin, dims, partner, sign, rotating, D, HAS_NORM)
+        slot = tl.load(slots_ptr + token).to(tl.int64)
+        cache_offs = slot * stride_cs + heads[:, None] * stride_ch + dims[None, :]
+        tl.store(k_cache_ptr + cache_offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
+        tl.store(v_cache_ptr + cache_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def _check_norm_weights(q: torch.Tensor, q_norm_weight: torch.Tensor | None,
@@ -141,23 +133,6 @@ def _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots, q_norm_we
     return rotary_dim, _check_norm_weights(q, q_norm_weight, k_norm_weight)
 
 
-def _blocks(num_tokens: int, max_heads: int, block_d: int) -> tuple[int, int, int]:
-    """(heads per program, tokens per program, warps). Decode: one token and a
-    few heads per program, many programs. Prefill: whole rows of 8 heads and
-    several tokens per program, so that launching programs is not the bottleneck
-    (one token x 4 heads per program ran at 52% of copy bandwidth on an H200)."""
-    heads = min(triton.next_power_of_2(max_heads), max(1, 512 // block_d))
-    if num_tokens < PREFILL_TOKENS:
-        return heads, 1, 4
-    heads = min(triton.next_power_of_2(max_heads), max(1, 1024 // block_d))
-    return heads, BLOCK_TOKENS_PREFILL, 4
-
-
-# Token counts from which a program takes several tokens, and how many.
-PREFILL_TOKENS = 512
-BLOCK_TOKENS_PREFILL = 8
-
-
 def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
                        cos_sin_cache: torch.Tensor, is_neox: bool, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slots: torch.Tensor,
@@ -170,18 +145,17 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
     T, num_q_heads, D = q.shape
     num_k_heads = k.shape[1]
     block_d = triton.next_power_of_2(D)
-    block_heads, block_tokens, num_warps = _blocks(T, max(num_q_heads, num_k_heads), block_d)
-    grid = (triton.cdiv(T, block_tokens),
-            triton.cdiv(num_q_heads, block_heads) + triton.cdiv(num_k_heads, block_heads))
+    # Small head blocks: at decode (a few tokens) many programs beat few wide ones.
+    block_heads = min(triton.next_power_of_2(max(num_q_heads, num_k_heads)), max(1, 512 // block_d))
+    grid = (T, triton.cdiv(num_q_heads, block_heads) + triton.cdiv(num_k_heads, block_heads))
     norm_q = q_norm_weight if has_norm else cos_sin_cache  # any pointer when unused
     norm_k = k_norm_weight if has_norm else cos_sin_cache
     _qk_norm_rope_store_kernel[grid](
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots, norm_q, norm_k, float(eps),
-        T, num_q_heads, num_k_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        num_q_heads, num_k_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1),
         D=D, HALF=rotary_dim // 2, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
-        BLOCK_TOKENS=block_tokens, IS_NEOX=bool(is_neox), HAS_NORM=has_norm,
-        num_warps=num_warps, **pdl_args(q.device))
+        IS_NEOX=bool(is_neox), HAS_NORM=has_norm, num_warps=4, **pdl_args(q.device))
 
 
 def qk_norm_rope_store_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

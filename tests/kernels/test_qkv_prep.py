@@ -57,21 +57,6 @@ def test_matches_unfused_reference_and_float64(device, dtype, case, is_neox, nor
     assert torch.equal(v_cache[slots], v_rows), "the pool holds v"
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_programs_walking_several_tokens(device, dtype, monkeypatch):
-    """Prefill batches give each program BLOCK_TOKENS_PREFILL tokens; T is no
-    multiple of it. On CPU the prefill threshold is lowered to keep T small."""
-    if not ON_GPU:
-        monkeypatch.setattr(qkv_prep, "PREFILL_TOKENS", 4)
-    T = qkv_prep.PREFILL_TOKENS + 2 * qkv_prep.BLOCK_TOKENS_PREFILL + 3
-    case = (T, 5, 2, 64, 64) if not ON_GPU else (T, 32, 8, 128, 128)
-    assert qkv_prep._blocks(T, 5, 64)[1] > 1, "this T must take the several-tokens path"
-    out = _run(qkv_prep.qk_norm_rope_store, *case, dtype, device, True, True)
-    ref = _run(qkv_prep.qk_norm_rope_store_reference, *case, dtype, device, True, True)
-    for name, got, want in zip(("qkv", "k_cache", "v_cache"), out, ref):
-        assert_close(got, want, dtype, f"{name} vs unfused reference")
-
-
 def test_rejects_bad_input(device):
     _, (q, k, v, pos, cache), (kc, vc, slots), (qn, kn) = _inputs(2, 4, 2, 64, 64, torch.float32, device)
     with pytest.raises(ValueError, match="together"):
