@@ -10,7 +10,8 @@ from triton_kernels.rotary import build_cos_sin_cache
 
 # (T, Hq, Hk, D, rotary_dim): one token, odd head counts, D=80 (padded block), partial rotary.
 CASES = [(1, 4, 2, 64, 64), (5, 6, 3, 80, 80), (3, 8, 8, 128, 64)] if not ON_GPU else \
-        [(1, 32, 8, 128, 128), (77, 32, 8, 128, 128), (9, 40, 8, 80, 80), (300, 16, 4, 256, 128)]
+        [(1, 32, 8, 128, 128), (77, 32, 8, 128, 128), (9, 40, 8, 80, 80), (300, 16, 4, 256, 128),
+         (qkv_prep.PREFILL_TOKENS + 7, 40, 8, 128, 128)]  # prefill head blocks, a ragged last one
 
 
 def _inputs(T, Hq, Hk, D, rotary_dim, dtype, device, seed=0):
