@@ -122,3 +122,25 @@ def test_bad_inputs_raise_value_error(device):
         gemm.linear(x[:0], w)
     with pytest.raises(ValueError, match="not supported"):
         gemm.linear(x.double(), w.double())
+
+
+def test_decode_table_entries_fit_and_are_picked(monkeypatch):
+    """Every decode-table entry fits Hopper's shared memory at its M bucket, and
+    ``_pick_config`` hands out the tuned entry (swap and PDL flags included) for
+    the shapes it was tuned on."""
+    smem_limit = 227 * 1024
+    entries = [(bm, tile) for (_, _, bm), tile in gemm._DECODE_TUNED.items()]
+    entries += [(bm, tile) for (bm, _), tile in gemm._DECODE_TABLE.items()]
+    for bm, tile in entries:
+        stage_bytes = (bm + tile.block_n) * tile.block_k * 2
+        assert stage_bytes * tile.num_stages <= smem_limit, (bm, tile)
+        assert tile.split_k >= 1 and tile.num_warps in (4, 8)
+        assert not tile.swap_ab or tile.block_n >= 64, "wgmma needs 64 weight rows"
+    monkeypatch.setattr(gemm, "_interpreting", lambda: False)
+    monkeypatch.setattr(gemm, "_num_sms_of", lambda device: 132)
+    cuda = torch.device("cuda")
+    for (N, K, bm), tile in gemm._DECODE_TUNED.items():
+        config = gemm._pick_config(bm, N, K, torch.bfloat16, cuda, tma_ok=True)
+        picked = (config.kind, config.block_m, config.block_n, config.block_k, config.num_stages)
+        assert picked == ("stream", bm, tile.block_n, tile.block_k, tile.num_stages)
+        assert (config.swap_ab, config.pdl) == (tile.swap_ab, tile.pdl)
