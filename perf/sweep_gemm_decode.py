@@ -89,6 +89,8 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
             if bm <= 16 or split_k == 1:
                 configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
                                           num_stages=stages if bm <= 16 else 4, swap_ab=True))
+    if "stagger" in kinds:  # the table's tile, programs starting at staggered K offsets
+        configs += [("stagger", st) for st in (1, 3, 7, 13)]
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
@@ -129,9 +131,11 @@ def configs_for(M: int, N: int, K: int, kinds: set[str], pdl_modes: tuple[bool, 
     launched with and/or without PDL as ``pdl_modes`` says, without repeats."""
     from triton_kernels import gemm
 
-    base = candidate_configs(M, kinds, N)
+    table = gemm._pick_config(M, N, K, DTYPE, torch.device("cuda"), tma_ok=True)
+    base = [dataclasses.replace(table, stagger_k=c[1]) if isinstance(c, tuple) else c
+            for c in candidate_configs(M, kinds, N)]
     if "table" in kinds:
-        base.insert(0, gemm._pick_config(M, N, K, DTYPE, torch.device("cuda"), tma_ok=True))
+        base.insert(0, table)
     out = []
     for config in base:
         for pdl in pdl_modes:

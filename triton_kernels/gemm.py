@@ -80,7 +80,7 @@ def _linear_stream_kernel(
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    SWAP_AB: tl.constexpr = False, USE_PDL: tl.constexpr = False,
+    SWAP_AB: tl.constexpr = False, STAGGER_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -110,7 +110,15 @@ def _linear_stream_kernel(
         acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    num_k = tl.maximum(k_tile_end - k_tile_begin, 1)
+    shift = (pid_n * STAGGER_K) % num_k
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     for k_tile in range(k_tile_begin, k_tile_end):
+        if STAGGER_K > 0:  # neighbouring programs start at different K offsets
+            k_tile = k_tile_begin + (k_tile - k_tile_begin + shift) % num_k
+            x_ptrs = x_rows + (k_tile * BLOCK_K + offs_k)[None, :] * stride_xk
+            w_ptrs = w_rows + (k_tile * BLOCK_K + offs_k)[None, :] * stride_wk
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
             w = tl.load(w_ptrs)
@@ -234,6 +242,7 @@ class GemmConfig:
     use_dot: bool = True
     pdl: bool = False
     swap_ab: bool = False
+    stagger_k: int = 0
 
 
 def _interpreting() -> bool:
@@ -478,6 +487,7 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         USE_DOT=config.use_dot, INPUT_PRECISION=precision, SWAP_AB=config.swap_ab and config.use_dot,
+        STAGGER_K=config.stagger_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
     if split_k > 1:
         block = 1024
