@@ -57,6 +57,7 @@ CONFIGS = [
     gemm.GemmConfig("tma", 32, 32, 32, group_m=2),
     gemm.GemmConfig("tma", 64, 64, 32, group_m=8),
     gemm.GemmConfig("stream", 16, 32, 32, split_k=2, swap_ab=True),
+    gemm.GemmConfig("stream", 16, 16, 32, split_k=2, stagger_k=3),
 ]
 if ON_GPU:  # programmatic dependent launch exists only on the GPU (Hopper)
     CONFIGS += [gemm.GemmConfig("stream", 16, 32, 32, split_k=3, pdl=True),
@@ -67,7 +68,7 @@ if ON_GPU:  # programmatic dependent launch exists only on the GPU (Hopper)
 
 def _config_id(c: gemm.GemmConfig) -> str:
     return (f"{c.kind}-{c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}{'' if c.use_dot else 'gemv'}"
-            f"{'-swap' if c.swap_ab else ''}"
+            f"{'-swap' if c.swap_ab else ''}{f'-stagger{c.stagger_k}' if c.stagger_k else ''}"
             f"{'-pdl' if c.pdl else ''}")
 
 
@@ -143,4 +144,5 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
         config = gemm._pick_config(bm, N, K, torch.bfloat16, cuda, tma_ok=True)
         picked = (config.kind, config.block_m, config.block_n, config.block_k, config.num_stages)
         assert picked == ("stream", bm, tile.block_n, tile.block_k, tile.num_stages)
-        assert (config.swap_ab, config.pdl) == (tile.swap_ab, tile.pdl)
+        flags = (config.swap_ab, config.pdl, config.stagger_k)
+        assert flags == (tile.swap_ab, tile.pdl, tile.stagger_k)
