@@ -89,8 +89,6 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
             if bm <= 16 or split_k == 1:
                 configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
                                           num_stages=stages if bm <= 16 else 4, swap_ab=True))
-    if "stagger" in kinds:  # the table's tile, programs starting at staggered K offsets
-        configs += [("stagger", st) for st in (1, 3, 7, 13)]
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
@@ -127,13 +125,15 @@ def check_config(x, w, y, expect, config) -> bool:
 
 
 def configs_for(M: int, N: int, K: int, kinds: set[str], pdl_modes: tuple[bool, ...]) -> list:
-    """Candidates of ``kinds`` (``table``: the config gemm.linear picks), each
-    launched with and/or without PDL as ``pdl_modes`` says, without repeats."""
+    """Candidates of ``kinds`` (``table``: the config gemm.linear picks;
+    ``stagger``: that config with staggered K starts), each launched with
+    and/or without PDL as ``pdl_modes`` says, without repeats."""
     from triton_kernels import gemm
 
     table = gemm._pick_config(M, N, K, DTYPE, torch.device("cuda"), tma_ok=True)
-    base = [dataclasses.replace(table, stagger_k=c[1]) if isinstance(c, tuple) else c
-            for c in candidate_configs(M, kinds, N)]
+    base = candidate_configs(M, kinds, N)
+    if "stagger" in kinds:  # the table's tile, programs starting at staggered K offsets
+        base += [dataclasses.replace(table, stagger_k=st) for st in (1, 3, 7, 13)]
     if "table" in kinds:
         base.insert(0, table)
     out = []
@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stream, grid, tma, swap, swaptop, deep")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep")
     parser.add_argument("--compile-only", default="", metavar="I/N",
                         help="only compile shard I of N of the candidates (run N in parallel first)")
     parser.add_argument("--out-name", default="gemm-decode-sweep",
