@@ -48,7 +48,8 @@ first weight bytes before the PDL wait slowed the stream; wide tiles
 (128/256) with split-K at M = 64 were 5-15% slower (more partial traffic than
 the activation re-reads they save), and 3-20% slower again when the tile's
 last-arriving K slice summed the partials in place of the reduce kernel; L2
-eviction hints on the weight loads changed nothing; clusters (``num_ctas``
+eviction hints on the weight loads and L1 cache modifiers (.ca/.cg) on the
+activation loads changed nothing; clusters (``num_ctas``
 2 or 4) slowed both kernels; triton 3.6's automatic warp specialisation
 (``tl.range(warp_specialize=True)`` over a TMA stream) ran 5-45% slower and
 gave NaNs in one config. Triton 3.6 exposes no TMA multicast, which is how
