@@ -101,10 +101,10 @@ def _linear_stream_kernel(
     k_tile_begin = pid_k * tiles_per_split
     k_tile_end = tl.minimum(k_tile_begin + tiles_per_split, k_tiles)
     k_begin = k_tile_begin * BLOCK_K
-    x_ptrs = (x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-              + (k_begin + offs_k)[None, :] * stride_xk)
-    w_ptrs = (w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-              + (k_begin + offs_k)[None, :] * stride_wk)
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    x_ptrs = x_rows + (k_begin + offs_k)[None, :] * stride_xk
+    w_ptrs = w_rows + (k_begin + offs_k)[None, :] * stride_wk
     if USE_PDL:
         pdl_wait()
     if SWAP_AB:
@@ -113,8 +113,6 @@ def _linear_stream_kernel(
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     num_k = tl.maximum(k_tile_end - k_tile_begin, 1)
     shift = (pid_n * STAGGER_K) % num_k
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     for k_tile in range(k_tile_begin, k_tile_end):
         if STAGGER_K > 0:  # neighbouring programs start at different K offsets
             k_tile = k_tile_begin + (k_tile - k_tile_begin + shift) % num_k
