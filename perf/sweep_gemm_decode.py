@@ -45,8 +45,9 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
     M, split-K; ``grid``: every stream tile of a wide grid that fits; ``tma``:
     tensor-descriptor tiles; ``swap``: tiles whose MMA computes W x^T
     (weight rows on wgmma's 64-row side); ``swaptop``: the few best of those;
-    ``deep``: 8..13-stage pipelines."""
-    from triton_kernels.gemm import GemmConfig
+    ``deep``: 8..13-stage pipelines; ``rows``: N cut evenly into 1..4 programs
+    per SM, each owning fewer rows than its tile (plain and swapped)."""
+    from triton_kernels.gemm import GemmConfig, even_rows_per_program
 
     bm = max(16, 1 << (M - 1).bit_length())
     configs = []
@@ -89,6 +90,18 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
             if bm <= 16 or split_k == 1:
                 configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
                                           num_stages=stages if bm <= 16 else 4, swap_ab=True))
+    if "rows" in kinds and N is not None:
+        num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+        for per_sm, bk, warps, swap in itertools.product((1, 2, 3, 4), (64, 128), (4, 8), (False, True)):
+            rows_wanted = even_rows_per_program(N, per_sm * num_sms, 1 << 30)
+            bn = max(16, 1 << (rows_wanted - 1).bit_length())
+            rows = even_rows_per_program(N, per_sm * num_sms, bn)
+            if not rows or bn > 256 or (swap and bn < 64) or (warps == 8 and bn * bm < 128 * 64):
+                continue
+            most = min(13, (_SMEM_BYTES // per_sm - 2048) // ((bm + bn) * bk * 2))
+            for stages in sorted({most, most - 2} & set(range(2, 14))):
+                configs.append(GemmConfig("stream", bm, bn, bk, num_warps=warps, num_stages=stages,
+                                          swap_ab=swap, rows_per_program=rows))
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
@@ -216,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep, rows")
     parser.add_argument("--compile-only", default="", metavar="I/N",
                         help="only compile shard I of N of the candidates (run N in parallel first)")
     parser.add_argument("--out-name", default="gemm-decode-sweep",

@@ -73,15 +73,16 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 # M is not specialised, so one compiled variant serves every decode batch size.
-@triton.jit(do_not_specialize=["M"])
+@triton.jit(do_not_specialize=["M", "rows_per_program"])
 def _linear_stream_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
-    M, N, K,
+    M, N, K, rows_per_program,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    SWAP_AB: tl.constexpr = False, STAGGER_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
+    SWAP_AB: tl.constexpr = False, STAGGER_K: tl.constexpr = 0, PARTIAL_ROWS: tl.constexpr = False,
+    USE_PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -93,7 +94,16 @@ def _linear_stream_kernel(
     # 10-35% slower at M == 1 than at M == 4 on the same weights).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)) % N
+    if PARTIAL_ROWS:
+        # Each program owns rows_per_program (< BLOCK_N) weight rows, so that N splits
+        # evenly over the SMs; the tile's rows past that are masked (never read).
+        cols = pid_n * rows_per_program + tl.arange(0, BLOCK_N)
+        mask_n = (tl.arange(0, BLOCK_N) < rows_per_program) & (cols < N)
+        offs_n = cols
+    else:
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = cols < N
+        offs_n = cols % N
     offs_k = tl.arange(0, BLOCK_K)
     # This program's K slice, in whole BLOCK_K tiles.
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -120,11 +130,17 @@ def _linear_stream_kernel(
             w_ptrs = w_rows + (k_tile * BLOCK_K + offs_k)[None, :] * stride_wk
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            w = tl.load(w_ptrs)
+            if PARTIAL_ROWS:
+                w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
+            else:
+                w = tl.load(w_ptrs)
         else:
             k_mask = (k_tile * BLOCK_K + offs_k) < K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            if PARTIAL_ROWS:
+                w = tl.load(w_ptrs, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
+            else:
+                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
         if SWAP_AB:  # y^T = W x^T: weight rows on the MMA's long side, tokens on its short one
             acc = tl.dot(w, tl.trans(x), acc, input_precision=INPUT_PRECISION)
         elif USE_DOT:
@@ -136,11 +152,10 @@ def _linear_stream_kernel(
     if SWAP_AB:
         acc = tl.trans(acc)
     rows = offs_m
-    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    out_mask = mask_m[:, None] & (cols[None, :] < N)
+    out_mask = mask_m[:, None] & mask_n[None, :]
     if SPLIT_K == 1:
         if HAS_BIAS:
-            acc += tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(b_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
     else:
@@ -229,7 +244,9 @@ class GemmConfig:
     programmatic dependent launch (Hopper; see triton_kernels/pdl.py).
     ``swap_ab``: the MMA computes ``W x^T`` so that the
     weight rows, not the few tokens, fill its 64-row side (Hopper's wgmma).
-    ``stagger_k``: rotate each program's K loop by ``pid_n * stagger_k`` tiles."""
+    ``stagger_k``: rotate each program's K loop by ``pid_n * stagger_k`` tiles.
+    ``rows_per_program``: weight rows each program owns (0: ``block_n``); fewer
+    than ``block_n`` lets N split evenly over the SMs, the tile's spare rows masked."""
 
     kind: str
     block_m: int
@@ -243,6 +260,7 @@ class GemmConfig:
     pdl: bool = False
     swap_ab: bool = False
     stagger_k: int = 0
+    rows_per_program: int = 0
 
 
 def _interpreting() -> bool:
@@ -261,7 +279,9 @@ def _num_sms_of(device: torch.device) -> int:
 
 
 class _Tile(NamedTuple):
-    """One decode-table entry (block_m is M rounded up to 16/32/64)."""
+    """One decode-table entry (block_m is M rounded up to 16/32/64).
+    ``programs_per_sm`` > 0: N is cut into that many programs per SM, each owning
+    an equal run of rows (at most ``block_n``; see ``even_rows_per_program``)."""
 
     block_n: int
     block_k: int
@@ -271,6 +291,15 @@ class _Tile(NamedTuple):
     swap_ab: bool = False
     pdl: bool = True
     stagger_k: int = 0
+    programs_per_sm: int = 0
+
+
+def even_rows_per_program(N: int, num_programs: int, block_n: int) -> int:
+    """Weight rows per program when N is shared evenly by ``num_programs``
+    (rounded up to 8 so that output rows stay 16-byte aligned); 0 (whole
+    ``block_n`` tiles) when that does not fit the tile or fills it anyway."""
+    rows = triton.cdiv(triton.cdiv(N, num_programs), 8) * 8
+    return rows if rows < block_n else 0
 
 
 # Decode tables (16-bit dtypes), from perf/sweep_gemm_decode.py on an H200
@@ -392,9 +421,12 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
         split_k = tile.split_k
         if split_k == 1:
             split_k = _decode_split_k(triton.cdiv(N, tile.block_n), triton.cdiv(K, tile.block_k), num_sms)
+        rows = (even_rows_per_program(N, tile.programs_per_sm * num_sms, tile.block_n)
+                if tile.programs_per_sm else 0)
         return GemmConfig("stream", bm, tile.block_n, tile.block_k, split_k=split_k,
                           num_warps=tile.num_warps, num_stages=tile.num_stages,
-                          swap_ab=tile.swap_ab, pdl=tile.pdl, stagger_k=tile.stagger_k)
+                          swap_ab=tile.swap_ab, pdl=tile.pdl, stagger_k=tile.stagger_k,
+                          rows_per_program=rows)
     if tma_ok:
         return _prefill_config(M, N, num_sms)
     return GemmConfig("stream", 128, 128, 64, num_warps=8, num_stages=3)
@@ -484,14 +516,17 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     split_k = max(1, min(config.split_k, triton.cdiv(K, config.block_k)))
     part = (torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
             if split_k > 1 else y)
-    grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m), split_k)
+    rows = config.rows_per_program or config.block_n
+    if not 0 < rows <= config.block_n:
+        raise ValueError(f"rows_per_program {rows} must be in 1..block_n ({config.block_n})")
+    grid = (triton.cdiv(N, rows), triton.cdiv(M, config.block_m), split_k)
     _linear_stream_kernel[grid](
-        x, weight, bias_arg, y, part, M, N, K,
+        x, weight, bias_arg, y, part, M, N, K, rows,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         USE_DOT=config.use_dot, INPUT_PRECISION=precision, SWAP_AB=config.swap_ab and config.use_dot,
-        STAGGER_K=config.stagger_k,
+        STAGGER_K=config.stagger_k, PARTIAL_ROWS=rows < config.block_n,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
     if split_k > 1:
         block = 1024

@@ -58,18 +58,23 @@ CONFIGS = [
     gemm.GemmConfig("tma", 64, 64, 32, group_m=8),
     gemm.GemmConfig("stream", 16, 32, 32, split_k=2, swap_ab=True),
     gemm.GemmConfig("stream", 16, 16, 32, split_k=2, stagger_k=3),
+    gemm.GemmConfig("stream", 16, 32, 32, split_k=2, rows_per_program=24),
+    gemm.GemmConfig("stream", 16, 32, 32, swap_ab=True, rows_per_program=13),
 ]
 if ON_GPU:  # programmatic dependent launch exists only on the GPU (Hopper)
     CONFIGS += [gemm.GemmConfig("stream", 16, 32, 32, split_k=3, pdl=True),
                 gemm.GemmConfig("tma", 64, 64, 32, group_m=8, pdl=True),
                 gemm.GemmConfig("stream", 16, 64, 128, swap_ab=True, num_stages=3, pdl=True),
-                gemm.GemmConfig("stream", 64, 64, 64, swap_ab=True, num_stages=8, pdl=True)]
+                gemm.GemmConfig("stream", 64, 64, 64, swap_ab=True, num_stages=8, pdl=True),
+                gemm.GemmConfig("stream", 64, 64, 64, num_stages=8, rows_per_program=48),
+                gemm.GemmConfig("stream", 16, 128, 128, swap_ab=True, num_stages=4,
+                                rows_per_program=112, pdl=True)]
 
 
 def _config_id(c: gemm.GemmConfig) -> str:
     return (f"{c.kind}-{c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}{'' if c.use_dot else 'gemv'}"
             f"{'-swap' if c.swap_ab else ''}{f'-stagger{c.stagger_k}' if c.stagger_k else ''}"
-            f"{'-pdl' if c.pdl else ''}")
+            f"{f'-rows{c.rows_per_program}' if c.rows_per_program else ''}{'-pdl' if c.pdl else ''}")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
@@ -146,3 +151,22 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
         assert picked == ("stream", bm, tile.block_n, tile.block_k, tile.num_stages)
         flags = (config.swap_ab, config.pdl, config.stagger_k)
         assert flags == (tile.swap_ab, tile.pdl, tile.stagger_k)
+        if tile.programs_per_sm:  # an even share of N per program, inside the tile
+            rows = config.rows_per_program
+            assert 0 < rows < tile.block_n and rows * tile.programs_per_sm * 132 >= N
+
+
+def test_even_rows_per_program():
+    """N shared evenly by the programs, in multiples of 8 rows, only when that
+    leaves spare rows in the tile."""
+    assert gemm.even_rows_per_program(6144, 132, 64) == 48     # 46.5 rows -> 48
+    assert gemm.even_rows_per_program(28672, 264, 128) == 112  # 108.6 rows -> 112
+    assert gemm.even_rows_per_program(6144, 96, 64) == 0       # 64 rows: whole tiles
+    assert gemm.even_rows_per_program(6144, 32, 64) == 0       # 192 rows do not fit
+
+
+def test_bad_rows_per_program_raises(device):
+    x, w, _ = _inputs(3, 40, 32, torch.float32, device, bias=False)
+    y = torch.empty(3, 40, device=device)
+    with pytest.raises(ValueError, match="rows_per_program"):
+        gemm.launch_linear(x, w, None, y, gemm.GemmConfig("stream", 16, 32, 32, rows_per_program=40))
