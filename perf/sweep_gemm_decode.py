@@ -45,9 +45,9 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
     M, split-K; ``grid``: every stream tile of a wide grid that fits; ``tma``:
     tensor-descriptor tiles; ``swap``: tiles whose MMA computes W x^T
     (weight rows on wgmma's 64-row side); ``swaptop``: the few best of those;
-    ``deep``: 8..13-stage pipelines; ``rows``: N cut evenly into 1..4 programs
-    per SM, each owning fewer rows than its tile (plain and swapped)."""
-    from triton_kernels.gemm import GemmConfig, even_rows_per_program
+    ``deep``: 8..13-stage pipelines; ``ws``: the warp-specialised kernel, as many
+    stages as shared memory holds at 1..4 programs per SM."""
+    from triton_kernels.gemm import GemmConfig
 
     bm = max(16, 1 << (M - 1).bit_length())
     configs = []
@@ -90,18 +90,14 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
             if bm <= 16 or split_k == 1:
                 configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
                                           num_stages=stages if bm <= 16 else 4, swap_ab=True))
-    if "rows" in kinds and N is not None:
-        num_sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for per_sm, bk, warps, swap in itertools.product((1, 2, 3, 4), (64, 128), (4, 8), (False, True)):
-            rows_wanted = even_rows_per_program(N, per_sm * num_sms, 1 << 30)
-            bn = max(16, 1 << (rows_wanted - 1).bit_length())
-            rows = even_rows_per_program(N, per_sm * num_sms, bn)
-            if not rows or bn > 256 or (swap and bn < 64) or (warps == 8 and bn * bm < 128 * 64):
-                continue
-            most = min(13, (_SMEM_BYTES // per_sm - 2048) // ((bm + bn) * bk * 2))
-            for stages in sorted({most, most - 2} & set(range(2, 14))):
-                configs.append(GemmConfig("stream", bm, bn, bk, num_warps=warps, num_stages=stages,
-                                          swap_ab=swap, rows_per_program=rows))
+    if "ws" in kinds:  # the warp-specialised Gluon kernel (triton_kernels/gemm_ws.py)
+        for bn, bk, per_sm, warps, swap in itertools.product((64, 128, 256), (64, 128, 256), (1, 2, 3, 4),
+                                                             (4, 8), (False, True)):
+            tile_m = bm if swap else 64  # wgmma needs 64 rows on its long side
+            stages = min(16, (_SMEM_BYTES // per_sm - tile_m * bn * 2 - 1024) // ((tile_m + bn) * bk * 2))
+            if stages >= 2 and (warps == 4 or bn >= 128) and not (swap and bn > 128):
+                configs.append(GemmConfig("ws", tile_m, bn, bk, num_warps=warps, num_stages=stages,
+                                          swap_ab=swap))
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
@@ -229,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep, rows")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep, ws")
     parser.add_argument("--compile-only", default="", metavar="I/N",
                         help="only compile shard I of N of the candidates (run N in parallel first)")
     parser.add_argument("--out-name", default="gemm-decode-sweep",

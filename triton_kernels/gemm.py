@@ -73,16 +73,15 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 # M is not specialised, so one compiled variant serves every decode batch size.
-@triton.jit(do_not_specialize=["M", "rows_per_program"])
+@triton.jit(do_not_specialize=["M"])
 def _linear_stream_kernel(
     x_ptr, w_ptr, b_ptr, y_ptr, part_ptr,
-    M, N, K, rows_per_program,
+    M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    SWAP_AB: tl.constexpr = False, STAGGER_K: tl.constexpr = 0, PARTIAL_ROWS: tl.constexpr = False,
-    USE_PDL: tl.constexpr = False,
+    SWAP_AB: tl.constexpr = False, STAGGER_K: tl.constexpr = 0, USE_PDL: tl.constexpr = False,
 ):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -94,16 +93,9 @@ def _linear_stream_kernel(
     # 10-35% slower at M == 1 than at M == 4 on the same weights).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < M
-    if PARTIAL_ROWS:
-        # Each program owns rows_per_program (< BLOCK_N) weight rows, so that N splits
-        # evenly over the SMs; the tile's rows past that are masked (never read).
-        cols = pid_n * rows_per_program + tl.arange(0, BLOCK_N)
-        mask_n = (tl.arange(0, BLOCK_N) < rows_per_program) & (cols < N)
-        offs_n = cols
-    else:
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        mask_n = cols < N
-        offs_n = cols % N
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = cols < N
+    offs_n = cols % N
     offs_k = tl.arange(0, BLOCK_K)
     # This program's K slice, in whole BLOCK_K tiles.
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -130,17 +122,11 @@ def _linear_stream_kernel(
             w_ptrs = w_rows + (k_tile * BLOCK_K + offs_k)[None, :] * stride_wk
         if EVEN_K:
             x = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            if PARTIAL_ROWS:
-                w = tl.load(w_ptrs, mask=mask_n[:, None], other=0.0)
-            else:
-                w = tl.load(w_ptrs)
+            w = tl.load(w_ptrs)
         else:
             k_mask = (k_tile * BLOCK_K + offs_k) < K
             x = tl.load(x_ptrs, mask=mask_m[:, None] & k_mask[None, :], other=0.0)
-            if PARTIAL_ROWS:
-                w = tl.load(w_ptrs, mask=mask_n[:, None] & k_mask[None, :], other=0.0)
-            else:
-                w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[None, :], other=0.0)
         if SWAP_AB:  # y^T = W x^T: weight rows on the MMA's long side, tokens on its short one
             acc = tl.dot(w, tl.trans(x), acc, input_precision=INPUT_PRECISION)
         elif USE_DOT:
@@ -244,9 +230,7 @@ class GemmConfig:
     programmatic dependent launch (Hopper; see triton_kernels/pdl.py).
     ``swap_ab``: the MMA computes ``W x^T`` so that the
     weight rows, not the few tokens, fill its 64-row side (Hopper's wgmma).
-    ``stagger_k``: rotate each program's K loop by ``pid_n * stagger_k`` tiles.
-    ``rows_per_program``: weight rows each program owns (0: ``block_n``); fewer
-    than ``block_n`` lets N split evenly over the SMs, the tile's spare rows masked."""
+    ``stagger_k``: rotate each program's K loop by ``pid_n * stagger_k`` tiles."""
 
     kind: str
     block_m: int
@@ -260,7 +244,6 @@ class GemmConfig:
     pdl: bool = False
     swap_ab: bool = False
     stagger_k: int = 0
-    rows_per_program: int = 0
 
 
 def _interpreting() -> bool:
@@ -272,6 +255,17 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def _is_hopper(device: torch.device) -> bool:
+    """wgmma and the Gluon warp-specialised kernel are sm_90 only."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _capability(index)[0] == 9
+
+
 def _num_sms_of(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
@@ -279,9 +273,7 @@ def _num_sms_of(device: torch.device) -> int:
 
 
 class _Tile(NamedTuple):
-    """One decode-table entry (block_m is M rounded up to 16/32/64).
-    ``programs_per_sm`` > 0: N is cut into that many programs per SM, each owning
-    an equal run of rows (at most ``block_n``; see ``even_rows_per_program``)."""
+    """One decode-table entry (block_m is M rounded up to 16/32/64)."""
 
     block_n: int
     block_k: int
@@ -291,15 +283,6 @@ class _Tile(NamedTuple):
     swap_ab: bool = False
     pdl: bool = True
     stagger_k: int = 0
-    programs_per_sm: int = 0
-
-
-def even_rows_per_program(N: int, num_programs: int, block_n: int) -> int:
-    """Weight rows per program when N is shared evenly by ``num_programs``
-    (rounded up to 8 so that output rows stay 16-byte aligned); 0 (whole
-    ``block_n`` tiles) when that does not fit the tile or fills it anyway."""
-    rows = triton.cdiv(triton.cdiv(N, num_programs), 8) * 8
-    return rows if rows < block_n else 0
 
 
 # Decode tables (16-bit dtypes), from perf/sweep_gemm_decode.py on an H200
@@ -337,6 +320,20 @@ _DECODE_TUNED: dict[tuple[int, int, int], _Tile] = {
     (4096, 12288, 64): _Tile(128, 128, 4, 4, 4),
     (151936, 4096, 16): _Tile(64, 128, 1, 4, 3, swap_ab=True),  # Qwen3-8B lm_head
     (151936, 4096, 64): _Tile(128, 128, 1, 8, 4),
+}
+# _DECODE_WS: the shapes where the warp-specialised Gluon kernel
+# (triton_kernels/gemm_ws.py: a loader warp feeding a TMA ring, the wgmma
+# warpgroup never waiting on a load it issued) streams faster than the
+# pointer kernel: 1-3% in perf/results/gemm-decode-sweep-ws*-nvidia-h200.json.
+# It needs a Hopper GPU and TMA-aligned tensors; without them the entries above
+# apply. Plain tiles use 64 token rows (wgmma's long side), swapped tiles the
+# M bucket. Elsewhere it ties or loses (at M <= 16 the pointer kernel's tile
+# table is as good, and qkv there needs its staggered K starts).
+_DECODE_WS: dict[tuple[int, int, int], _Tile] = {
+    (6144, 4096, 64): _Tile(64, 128, 1, 4, 6, pdl=False),                # qkv
+    (28672, 4096, 16): _Tile(128, 128, 1, 4, 3, swap_ab=True, pdl=False),  # Llama-3.1-8B gate_up
+    (28672, 4096, 64): _Tile(128, 64, 1, 4, 4, pdl=False),
+    (24576, 4096, 64): _Tile(64, 64, 1, 4, 4),                           # Qwen3-8B gate_up
 }
 # _DECODE_TABLE: every other shape, by (M bucket, shape class). "deep" when
 # K >= 2N (an MLP down projection: few output tiles, long rows, so K is split
@@ -417,16 +414,18 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     num_sms = _num_sms_of(device)
     if M <= 64:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
+        ws_tile = _DECODE_WS.get((N, K, bm))
+        if ws_tile is not None and tma_ok and _is_hopper(device):
+            return GemmConfig("ws", bm if ws_tile.swap_ab else 64, ws_tile.block_n, ws_tile.block_k,
+                              num_warps=ws_tile.num_warps, num_stages=ws_tile.num_stages,
+                              swap_ab=ws_tile.swap_ab, pdl=ws_tile.pdl)
         tile = _DECODE_TUNED.get((N, K, bm)) or _DECODE_TABLE[(bm, _decode_shape_class(N, K))]
         split_k = tile.split_k
         if split_k == 1:
             split_k = _decode_split_k(triton.cdiv(N, tile.block_n), triton.cdiv(K, tile.block_k), num_sms)
-        rows = (even_rows_per_program(N, tile.programs_per_sm * num_sms, tile.block_n)
-                if tile.programs_per_sm else 0)
         return GemmConfig("stream", bm, tile.block_n, tile.block_k, split_k=split_k,
                           num_warps=tile.num_warps, num_stages=tile.num_stages,
-                          swap_ab=tile.swap_ab, pdl=tile.pdl, stagger_k=tile.stagger_k,
-                          rows_per_program=rows)
+                          swap_ab=tile.swap_ab, pdl=tile.pdl, stagger_k=tile.stagger_k)
     if tma_ok:
         return _prefill_config(M, N, num_sms)
     return GemmConfig("stream", 128, 128, 64, num_warps=8, num_stages=3)
@@ -513,20 +512,23 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             BLOCK_K=config.block_k, GROUP_M=config.group_m, NUM_SMS=num_programs,
             INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
         return
+    if config.kind == "ws":
+        from triton_kernels.gemm_ws import launch_linear_ws
+
+        launch_linear_ws(x, weight, bias, y, config.block_m, config.block_n, config.block_k,
+                         config.num_stages, config.num_warps, pdl=bool(pdl), swap_ab=config.swap_ab)
+        return
     split_k = max(1, min(config.split_k, triton.cdiv(K, config.block_k)))
     part = (torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)
             if split_k > 1 else y)
-    rows = config.rows_per_program or config.block_n
-    if not 0 < rows <= config.block_n:
-        raise ValueError(f"rows_per_program {rows} must be in 1..block_n ({config.block_n})")
-    grid = (triton.cdiv(N, rows), triton.cdiv(M, config.block_m), split_k)
+    grid = (triton.cdiv(N, config.block_n), triton.cdiv(M, config.block_m), split_k)
     _linear_stream_kernel[grid](
-        x, weight, bias_arg, y, part, M, N, K, rows,
+        x, weight, bias_arg, y, part, M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, SPLIT_K=split_k, EVEN_K=K % config.block_k == 0,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         USE_DOT=config.use_dot, INPUT_PRECISION=precision, SWAP_AB=config.swap_ab and config.use_dot,
-        STAGGER_K=config.stagger_k, PARTIAL_ROWS=rows < config.block_n,
+        STAGGER_K=config.stagger_k,
         num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
     if split_k > 1:
         block = 1024

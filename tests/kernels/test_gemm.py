@@ -58,23 +58,18 @@ CONFIGS = [
     gemm.GemmConfig("tma", 64, 64, 32, group_m=8),
     gemm.GemmConfig("stream", 16, 32, 32, split_k=2, swap_ab=True),
     gemm.GemmConfig("stream", 16, 16, 32, split_k=2, stagger_k=3),
-    gemm.GemmConfig("stream", 16, 32, 32, split_k=2, rows_per_program=24),
-    gemm.GemmConfig("stream", 16, 32, 32, swap_ab=True, rows_per_program=13),
 ]
 if ON_GPU:  # programmatic dependent launch exists only on the GPU (Hopper)
     CONFIGS += [gemm.GemmConfig("stream", 16, 32, 32, split_k=3, pdl=True),
                 gemm.GemmConfig("tma", 64, 64, 32, group_m=8, pdl=True),
                 gemm.GemmConfig("stream", 16, 64, 128, swap_ab=True, num_stages=3, pdl=True),
-                gemm.GemmConfig("stream", 64, 64, 64, swap_ab=True, num_stages=8, pdl=True),
-                gemm.GemmConfig("stream", 64, 64, 64, num_stages=8, rows_per_program=48),
-                gemm.GemmConfig("stream", 16, 128, 128, swap_ab=True, num_stages=4,
-                                rows_per_program=112, pdl=True)]
+                gemm.GemmConfig("stream", 64, 64, 64, swap_ab=True, num_stages=8, pdl=True)]
 
 
 def _config_id(c: gemm.GemmConfig) -> str:
     return (f"{c.kind}-{c.block_m}x{c.block_n}x{c.block_k}s{c.split_k}{'' if c.use_dot else 'gemv'}"
             f"{'-swap' if c.swap_ab else ''}{f'-stagger{c.stagger_k}' if c.stagger_k else ''}"
-            f"{f'-rows{c.rows_per_program}' if c.rows_per_program else ''}{'-pdl' if c.pdl else ''}")
+            f"{'-pdl' if c.pdl else ''}")
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
@@ -133,40 +128,76 @@ def test_bad_inputs_raise_value_error(device):
 def test_decode_table_entries_fit_and_are_picked(monkeypatch):
     """Every decode-table entry fits Hopper's shared memory at its M bucket, and
     ``_pick_config`` hands out the tuned entry (swap and PDL flags included) for
-    the shapes it was tuned on."""
+    the shapes it was tuned on: the warp-specialised one on Hopper with aligned
+    tensors, the pointer kernel's otherwise."""
     smem_limit = 227 * 1024
     entries = [(bm, tile) for (_, _, bm), tile in gemm._DECODE_TUNED.items()]
     entries += [(bm, tile) for (bm, _), tile in gemm._DECODE_TABLE.items()]
+    entries += [(bm if tile.swap_ab else 64, tile) for (_, _, bm), tile in gemm._DECODE_WS.items()]
     for bm, tile in entries:
         stage_bytes = (bm + tile.block_n) * tile.block_k * 2
-        assert stage_bytes * tile.num_stages <= smem_limit, (bm, tile)
+        assert stage_bytes * tile.num_stages + bm * tile.block_n * 2 <= smem_limit, (bm, tile)
         assert tile.split_k >= 1 and tile.num_warps in (4, 8)
         assert not tile.swap_ab or tile.block_n >= 64, "wgmma needs 64 weight rows"
     monkeypatch.setattr(gemm, "_interpreting", lambda: False)
     monkeypatch.setattr(gemm, "_num_sms_of", lambda device: 132)
     cuda = torch.device("cuda")
-    for (N, K, bm), tile in gemm._DECODE_TUNED.items():
-        config = gemm._pick_config(bm, N, K, torch.bfloat16, cuda, tma_ok=True)
-        picked = (config.kind, config.block_m, config.block_n, config.block_k, config.num_stages)
-        assert picked == ("stream", bm, tile.block_n, tile.block_k, tile.num_stages)
-        flags = (config.swap_ab, config.pdl, config.stagger_k)
-        assert flags == (tile.swap_ab, tile.pdl, tile.stagger_k)
-        if tile.programs_per_sm:  # an even share of N per program, inside the tile
-            rows = config.rows_per_program
-            assert 0 < rows < tile.block_n and rows * tile.programs_per_sm * 132 >= N
+    for hopper in (False, True):
+        monkeypatch.setattr(gemm, "_is_hopper", lambda device: hopper)
+        for (N, K, bm), tuned in gemm._DECODE_TUNED.items():
+            for tma_ok in (False, True):
+                config = gemm._pick_config(bm, N, K, torch.bfloat16, cuda, tma_ok=tma_ok)
+                ws = gemm._DECODE_WS.get((N, K, bm)) if hopper and tma_ok else None
+                tile = ws or tuned
+                if ws:
+                    assert config.kind == "ws" and config.block_m == (bm if ws.swap_ab else 64)
+                else:
+                    assert (config.kind, config.block_m) == ("stream", bm)
+                picked = (config.block_n, config.block_k, config.num_stages, config.num_warps)
+                assert picked == (tile.block_n, tile.block_k, tile.num_stages, tile.num_warps)
+                flags = (config.swap_ab, config.pdl, config.stagger_k)
+                assert flags == (tile.swap_ab, tile.pdl, tile.stagger_k)
 
 
-def test_even_rows_per_program():
-    """N shared evenly by the programs, in multiples of 8 rows, only when that
-    leaves spare rows in the tile."""
-    assert gemm.even_rows_per_program(6144, 132, 64) == 48     # 46.5 rows -> 48
-    assert gemm.even_rows_per_program(28672, 264, 128) == 112  # 108.6 rows -> 112
-    assert gemm.even_rows_per_program(6144, 96, 64) == 0       # 64 rows: whole tiles
-    assert gemm.even_rows_per_program(6144, 32, 64) == 0       # 192 rows do not fit
+# (block_m, block_n, block_k, num_warps, num_stages, swap_ab) of the warp-specialised kernel.
+WS_CONFIGS = [(64, 64, 64, 4, 3, False), (64, 128, 64, 8, 2, False), (16, 64, 64, 4, 4, True),
+              (64, 128, 128, 4, 2, True)]
 
 
-def test_bad_rows_per_program_raises(device):
-    x, w, _ = _inputs(3, 40, 32, torch.float32, device, bias=False)
-    y = torch.empty(3, 40, device=device)
-    with pytest.raises(ValueError, match="rows_per_program"):
-        gemm.launch_linear(x, w, None, y, gemm.GemmConfig("stream", 16, 32, 32, rows_per_program=40))
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU: the Gluon kernel has no interpreter path")
+@pytest.mark.parametrize("config", WS_CONFIGS, ids=lambda c: "x".join(map(str, c[:3])) + ("-swap" if c[5] else ""))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("pdl", [False, True])
+def test_warp_specialised_kernel(device, dtype, config, bias, pdl):
+    """Ragged N (not a multiple of the tile), K not a multiple of BLOCK_K, M from one
+    row to the full tile: the TMA ring, the clipped store and the bias epilogue."""
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        pytest.skip("needs sm_90 (wgmma)")
+    block_m, block_n, block_k, warps, stages, swap = config
+    for M in sorted({1, 5, block_m // 2 + 3, block_m} & set(range(1, block_m + 1))):
+        x, w, b = _inputs(M, 264, 1000, dtype, device, bias)
+        y = torch.full((M, 264), float("nan"), dtype=dtype, device=device)
+        gemm.launch_linear(x, w, b, y, gemm.GemmConfig("ws", block_m, block_n, block_k, num_warps=warps,
+                                                       num_stages=stages, swap_ab=swap, pdl=pdl))
+        assert_close(y, _float64(x, w, b), dtype, f"ws {config} M={M} vs float64")
+    with pytest.raises(ValueError, match="exceed"):
+        gemm.launch_linear(torch.zeros(block_m + 1, 1000, dtype=dtype, device=device), w, None,
+                           torch.empty(block_m + 1, 264, dtype=dtype, device=device),
+                           gemm.GemmConfig("ws", block_m, block_n, block_k))
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("M", [40, 64])
+def test_tuned_shape_takes_the_warp_specialised_kernel(device, M):
+    """linear() on a _DECODE_WS shape runs the Gluon kernel (on Hopper) and matches float64;
+    a misaligned copy of the same weight falls back to the pointer kernel."""
+    (N, K, _), = [key for key in gemm._DECODE_WS if key[2] == 64][:1]
+    x, w, _ = _inputs(M, N, K, torch.bfloat16, device, bias=False)
+    config = gemm._pick_config(M, N, K, torch.bfloat16, device, tma_ok=True)
+    assert config.kind == ("ws" if torch.cuda.get_device_capability(device)[0] == 9 else "stream")
+    assert_close(gemm.linear(x, w), _float64(x, w, None), torch.bfloat16, "tuned shape vs float64")
+    x_off = torch.empty(M * K + 1, dtype=torch.bfloat16, device=device)[1:].view(M, K)
+    x_off.copy_(x)
+    assert not gemm._tma_aligned(x_off)
+    assert_close(gemm.linear(x_off, w), _float64(x, w, None), torch.bfloat16, "misaligned x")

@@ -1,0 +1,169 @@
+"""Warp-specialised decode linear for Hopper, in Gluon (Triton's explicit-layout dialect).
+
+``y[M, N] = x[M, K] @ weight[N, K]^T (+ bias)`` for 16-bit dtypes and M <= 64.
+
+The pointer kernel in gemm.py issues its loads and its MMAs from the same
+warps: a warp waiting on an MMA cannot issue the next load, so the weight
+stream stalls a little every K step. Here the two jobs live in different warps
+of one program (warp specialisation, the structure cuBLAS uses for these
+shapes):
+
+* a *loader* warp walks K and, for each stage of a ring of ``STAGES`` shared
+  memory slots, waits until the slot is free, then starts two TMA copies (the
+  activation tile and the weight tile) that arrive on the slot's ``ready``
+  barrier;
+* the default warpgroup waits on ``ready``, issues the wgmma asynchronously,
+  and once the MMA of the previous step has finished marks that step's slot
+  free (its ``empty`` barrier). After the last step it adds the bias and
+  stores the tile with a TMA store (rows past M and columns past N are clipped
+  by the descriptor).
+
+Each program owns one ``[BLOCK_M, BLOCK_N]`` output tile and the whole K range,
+so no partial sums are written. Gluon needs Hopper and does not run under
+TRITON_INTERPRET; gemm.py only picks this kernel on a CUDA device with
+aligned tensors, and the CPU tests cover the pointer kernel instead.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+_GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+_SMEM_PER_SM = 227 * 1024      # Hopper: shared memory one SM can give its programs
+_REGISTERS_PER_SM = 64 * 1024
+# The TMA copies were renamed after triton 3.6 (async_copy_* -> async_load / async_store).
+_tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
+_tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
+
+
+@gluon.jit
+def _load_partition(x_desc, w_desc, x_bufs, w_bufs, ready, empty, off_n, k_tiles,
+                    BLOCK_K: gl.constexpr):
+    """Loader warp: fill the ring of stages, one K tile of x and W per stage."""
+    STAGES: gl.constexpr = x_bufs.type.shape[0]
+    for i in range(k_tiles):
+        slot = i % STAGES
+        # Barriers start in phase 0, so the first pass waits on phase 1 and goes through.
+        mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
+        bar = ready.index(slot)
+        mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+        _tma_load(x_desc, [0, i * BLOCK_K], bar, x_bufs.index(slot))
+        _tma_load(w_desc, [off_n, i * BLOCK_K], bar, w_bufs.index(slot))
+
+
+@gluon.jit
+def _mma_partition(x_bufs, w_bufs, ready, empty, k_tiles, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, SWAP_AB: gl.constexpr, num_warps: gl.constexpr):
+    """Default warpgroup(s): acc += x_tile @ w_tile^T per stage (with SWAP_AB the
+    transpose, w_tile @ x_tile^T), each stage's slot freed one step late."""
+    STAGES: gl.constexpr = x_bufs.type.shape[0]
+    if SWAP_AB:  # weight rows on wgmma's 64-row side, the few tokens on its narrow side
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
+        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=acc_layout)
+    else:  # one warpgroup per 64 token rows; a second one (8 warps) takes half the columns
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, num_warps // 4], instr_shape=[16, BLOCK_N // (num_warps // 4), 16])
+        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=acc_layout)
+    for i in range(k_tiles):
+        slot = i % STAGES
+        mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+        if SWAP_AB:
+            acc = warpgroup_mma(w_bufs.index(slot), x_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+        else:
+            acc = warpgroup_mma(x_bufs.index(slot), w_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+        # At most one MMA in flight: the previous step's is done, so its slot is free.
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
+    return (warpgroup_mma_wait(num_outstanding=0, deps=(acc, )), )  # results go out as a tuple
+
+
+@gluon.jit
+def _pdl_wait():
+    """Programmatic dependent launch (triton_kernels/pdl.py): wait for the previous
+    kernel's writes, then let the next kernel start launching."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [], dtype=gl.int32,
+                              is_pure=False, pack=1)
+
+
+@gluon.jit
+def _linear_ws_kernel(x_desc, w_desc, y_desc, b_ptr, N, K,
+                      HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, SWAP_AB: gl.constexpr,
+                      USE_PDL: gl.constexpr, num_warps: gl.constexpr):
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    off_n = gl.program_id(0) * BLOCK_N
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    if USE_PDL:  # before the first global memory access (the loader's TMA copies)
+        _pdl_wait()
+    acc = gl.warp_specialize([
+        (_mma_partition, (x_bufs, w_bufs, ready, empty, k_tiles, BLOCK_M, BLOCK_N, SWAP_AB, num_warps)),
+        (_load_partition, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, off_n, k_tiles, BLOCK_K)),
+    ], [1], [24])[0]
+    if SWAP_AB:
+        if HAS_BIAS:
+            cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc.type.layout))
+            acc = acc + gl.load(b_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[:, None]
+        acc = gl.permute(acc, [1, 0])
+    elif HAS_BIAS:
+        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc.type.layout))
+        acc = acc + gl.load(b_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[None, :]
+    y_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
+    y_smem.store(acc.to(y_desc.dtype))
+    fence_async_shared()
+    _tma_store(y_desc, [0, off_n], y_smem)
+    tma.store_wait(pendings=0)
+
+
+def _descriptor(t: torch.Tensor, block_shape: list[int]) -> TensorDescriptor:
+    layout = gl.NVMMASharedLayout.get_default_for(block_shape, _GL_DTYPES[t.dtype])
+    return TensorDescriptor.from_tensor(t, block_shape, layout)
+
+
+def _register_cap(block_m: int, block_n: int, block_k: int, stages: int, num_warps: int) -> int:
+    """Registers per thread that let as many programs share an SM as its shared
+    memory holds. A warp-specialised kernel otherwise reserves 256 per thread for
+    its default warps plus a warpgroup for the loader: the whole register file,
+    so one program per SM whatever the tile."""
+    smem_bytes = stages * (block_m + block_n) * block_k * 2 + block_m * block_n * 2 + 1024
+    programs = max(1, min(4, _SMEM_PER_SM // smem_bytes))
+    threads = programs * (num_warps + 4) * 32
+    return min(256, _REGISTERS_PER_SM // threads // 8 * 8)
+
+
+def launch_linear_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                     y: torch.Tensor, block_m: int, block_n: int, block_k: int, stages: int,
+                     num_warps: int = 4, pdl: bool = False, swap_ab: bool = False) -> None:
+    """Run the warp-specialised kernel: x[M, K] (M <= block_m), weight[N, K] -> y[M, N]."""
+    M, K = x.shape
+    N = weight.shape[0]
+    if M > block_m:
+        raise ValueError(f"M = {M} rows exceed the tile's {block_m}")
+    x_desc = _descriptor(x, [block_m, block_k])
+    w_desc = _descriptor(weight, [block_n, block_k])
+    y_desc = _descriptor(y, [block_m, block_n])
+    _linear_ws_kernel[(triton.cdiv(N, block_n),)](
+        x_desc, w_desc, y_desc, bias if bias is not None else y, N, K,
+        HAS_BIAS=bias is not None, STAGES=stages, SWAP_AB=swap_ab, USE_PDL=pdl, num_warps=num_warps,
+        maxnreg=_register_cap(block_m, block_n, block_k, stages, num_warps),
+        **({"launch_pdl": True} if pdl else {}))
