@@ -329,6 +329,12 @@ _DECODE_TUNED: dict[tuple[int, int, int], _Tile] = {
 # apply. Plain tiles use 64 token rows (wgmma's long side), swapped tiles the
 # M bucket. Elsewhere it ties or loses (at M <= 16 the pointer kernel's tile
 # table is as good, and qkv there needs its staggered K starts).
+# The activation tile's rows past M are zero-filled by the TMA unit, and that
+# costs: with 64-row tiles, M = 33 ran 25% slower than M = 64 and M = 1 40%
+# (perf/results/gemm-decode-table-ms-nvidia-h200.json). So a plain tile is
+# used only within _WS_MAX_PAD_ROWS of full (M >= 49); 16-row swapped tiles
+# showed no such cost.
+_WS_MAX_PAD_ROWS = 15
 _DECODE_WS: dict[tuple[int, int, int], _Tile] = {
     (6144, 4096, 64): _Tile(64, 128, 1, 4, 6, pdl=False),                # qkv
     (28672, 4096, 16): _Tile(128, 128, 1, 4, 3, swap_ab=True, pdl=False),  # Llama-3.1-8B gate_up
@@ -415,8 +421,9 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     if M <= 64:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
         ws_tile = _DECODE_WS.get((N, K, bm))
-        if ws_tile is not None and tma_ok and _is_hopper(device):
-            return GemmConfig("ws", bm if ws_tile.swap_ab else 64, ws_tile.block_n, ws_tile.block_k,
+        ws_rows = bm if ws_tile is not None and ws_tile.swap_ab else 64
+        if ws_tile is not None and tma_ok and ws_rows - M <= _WS_MAX_PAD_ROWS and _is_hopper(device):
+            return GemmConfig("ws", ws_rows, ws_tile.block_n, ws_tile.block_k,
                               num_warps=ws_tile.num_warps, num_stages=ws_tile.num_stages,
                               swap_ab=ws_tile.swap_ab, pdl=ws_tile.pdl)
         tile = _DECODE_TUNED.get((N, K, bm)) or _DECODE_TABLE[(bm, _decode_shape_class(N, K))]

@@ -41,6 +41,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 _SMEM_PER_SM = 227 * 1024      # Hopper: shared memory one SM can give its programs
 _REGISTERS_PER_SM = 64 * 1024
+_MIN_REGISTERS = 80            # per thread: 56 failed in ptxas for an 8-warp 64x128 tile
 # The TMA copies were renamed after triton 3.6 (async_copy_* -> async_load / async_store).
 _tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 _tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_shared_to_global
@@ -144,11 +145,12 @@ def _register_cap(block_m: int, block_n: int, block_k: int, stages: int, num_war
     """Registers per thread that let as many programs share an SM as its shared
     memory holds. A warp-specialised kernel otherwise reserves 256 per thread for
     its default warps plus a warpgroup for the loader: the whole register file,
-    so one program per SM whatever the tile."""
+    so one program per SM whatever the tile. Never below _MIN_REGISTERS (ptxas
+    cannot fit the accumulator and the pipeline's addresses in fewer)."""
     smem_bytes = stages * (block_m + block_n) * block_k * 2 + block_m * block_n * 2 + 1024
-    programs = max(1, min(4, _SMEM_PER_SM // smem_bytes))
-    threads = programs * (num_warps + 4) * 32
-    return min(256, _REGISTERS_PER_SM // threads // 8 * 8)
+    threads = (num_warps + 4) * 32
+    programs = max(1, min(4, _SMEM_PER_SM // smem_bytes, _REGISTERS_PER_SM // (threads * _MIN_REGISTERS)))
+    return min(256, _REGISTERS_PER_SM // (programs * threads) // 8 * 8)
 
 
 def launch_linear_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

@@ -1,6 +1,8 @@
 """linear: Triton kernels vs F.linear reference and vs float64, every code path."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -145,9 +147,13 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
     for hopper in (False, True):
         monkeypatch.setattr(gemm, "_is_hopper", lambda device: hopper)
         for (N, K, bm), tuned in gemm._DECODE_TUNED.items():
-            for tma_ok in (False, True):
-                config = gemm._pick_config(bm, N, K, torch.bfloat16, cuda, tma_ok=tma_ok)
+            for tma_ok, M in itertools.product((False, True), (bm, bm - 16)):
+                if M < 1 or (bm == 64 and M <= 32):
+                    continue
+                config = gemm._pick_config(M, N, K, torch.bfloat16, cuda, tma_ok=tma_ok)
                 ws = gemm._DECODE_WS.get((N, K, bm)) if hopper and tma_ok else None
+                if ws and not ws.swap_ab and M < 64 - gemm._WS_MAX_PAD_ROWS:
+                    ws = None  # too many zero-filled rows in the 64-row activation tile
                 tile = ws or tuned
                 if ws:
                     assert config.kind == "ws" and config.block_m == (bm if ws.swap_ab else 64)
@@ -188,14 +194,16 @@ def test_warp_specialised_kernel(device, dtype, config, bias, pdl):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
-@pytest.mark.parametrize("M", [40, 64])
+@pytest.mark.parametrize("M", [40, 57, 64])
 def test_tuned_shape_takes_the_warp_specialised_kernel(device, M):
-    """linear() on a _DECODE_WS shape runs the Gluon kernel (on Hopper) and matches float64;
-    a misaligned copy of the same weight falls back to the pointer kernel."""
+    """linear() on a _DECODE_WS shape runs the Gluon kernel (on Hopper, with few
+    zero-filled rows) and matches float64; a misaligned copy of x falls back to
+    the pointer kernel."""
     (N, K, _), = [key for key in gemm._DECODE_WS if key[2] == 64][:1]
     x, w, _ = _inputs(M, N, K, torch.bfloat16, device, bias=False)
     config = gemm._pick_config(M, N, K, torch.bfloat16, device, tma_ok=True)
-    assert config.kind == ("ws" if torch.cuda.get_device_capability(device)[0] == 9 else "stream")
+    hopper = torch.cuda.get_device_capability(device)[0] == 9
+    assert config.kind == ("ws" if hopper and 64 - M <= gemm._WS_MAX_PAD_ROWS else "stream")
     assert_close(gemm.linear(x, w), _float64(x, w, None), torch.bfloat16, "tuned shape vs float64")
     x_off = torch.empty(M * K + 1, dtype=torch.bfloat16, device=device)[1:].view(M, K)
     x_off.copy_(x)
