@@ -13,7 +13,7 @@ moved ``2*(M*K + N*K + M*N)`` (bf16), work ``2*M*N*K`` FLOPs. Decode shapes
 needs to be compute-bound: they are a *weight stream*, and the time to beat is
 ``N*K*2 bytes / bandwidth``. Prefill shapes (M >= 256) are compute-bound.
 
-Two kernels, chosen per shape by ``_pick_config`` (an explicit table, no
+Three kernels, chosen per shape by ``_pick_config`` (an explicit table, no
 autotuning; under ``TRITON_INTERPRET`` a small cheap config):
 
 * ``_linear_stream_kernel`` -- pointer loads, one program per
@@ -31,6 +31,10 @@ autotuning; under ``TRITON_INTERPRET`` a small cheap config):
   Hopper tensor descriptors (TMA). TMA needs 16-byte aligned base pointers
   and row strides; a misaligned descriptor can give silently wrong results,
   so the launcher checks and falls back to pointer loads.
+* ``triton_kernels/gemm_ws.py`` -- decode on Hopper: the same weight stream,
+  warp-specialised (a loader warp keeps a TMA ring full while a warpgroup runs
+  the wgmma), written in Gluon. It ties or beats the pointer kernel by 1-3% on
+  the shapes in ``_DECODE_WS`` and needs TMA-aligned tensors.
 
 Decode launches use programmatic dependent launch (PDL, triton_kernels/pdl.py):
 the next kernel's programs start while this one's last programs still stream,
@@ -49,12 +53,15 @@ first weight bytes before the PDL wait slowed the stream; wide tiles
 the activation re-reads they save), and 3-20% slower again when the tile's
 last-arriving K slice summed the partials in place of the reduce kernel; L2
 eviction hints on the weight loads and L1 cache modifiers (.ca/.cg) on the
-activation loads changed nothing; clusters (``num_ctas``
-2 or 4) slowed both kernels; triton 3.6's automatic warp specialisation
-(``tl.range(warp_specialize=True)`` over a TMA stream) ran 5-45% slower and
-gave NaNs in one config. Triton 3.6 exposes no TMA multicast, which is how
-cuBLAS (4-CTA clusters, warp-specialised) keeps M = 64 projections within 2%
-of their M = 1 time.
+activation loads changed nothing; giving every program an equal share of N
+(tiles with masked spare rows, so that N splits evenly over the SMs) and
+staggered K starts in the warp-specialised kernel were within 1%; clusters
+(``num_ctas`` 2 or 4) slowed both Triton kernels; triton 3.6's automatic warp
+specialisation (``tl.range(warp_specialize=True)`` over a TMA stream) ran
+5-45% slower and gave NaNs in one config (hence the hand-written Gluon one).
+Triton 3.6 has no TMA multicast (its Gluon lowering stops at "NYI: Support
+multicast"), which is how cuBLAS (4-CTA clusters, warp-specialised) keeps
+M = 64 projections within 2% of their M = 1 time.
 """
 from __future__ import annotations
 
@@ -225,8 +232,9 @@ def _linear_tma_kernel(
 @dataclasses.dataclass(frozen=True)
 class GemmConfig:
     """One launch recipe. ``kind`` is "stream" (pointer kernel, optional
-    split-K; ``use_dot=False`` multiplies on the CUDA cores, for 1-4 rows) or
-    "tma" (persistent tensor-descriptor kernel). ``pdl`` launches it with
+    split-K; ``use_dot=False`` multiplies on the CUDA cores, for 1-4 rows),
+    "tma" (persistent tensor-descriptor kernel) or "ws" (warp-specialised
+    Gluon kernel, gemm_ws.py; no split-K or stagger). ``pdl`` launches it with
     programmatic dependent launch (Hopper; see triton_kernels/pdl.py).
     ``swap_ab``: the MMA computes ``W x^T`` so that the
     weight rows, not the few tokens, fill its 64-row side (Hopper's wgmma).
