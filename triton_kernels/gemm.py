@@ -343,6 +343,8 @@ _DECODE_TUNED: dict[tuple[int, int, int], _Tile] = {
 # used only within _WS_MAX_PAD_ROWS of full (M >= 49); 16-row swapped tiles
 # showed no such cost.
 _WS_MAX_PAD_ROWS = 15
+# STAGEWISE_GEMM_WS=0 turns the warp-specialised entries off (for A/B measurements).
+_WS_ENABLED = os.environ.get("STAGEWISE_GEMM_WS", "1") != "0"
 _DECODE_WS: dict[tuple[int, int, int], _Tile] = {
     (6144, 4096, 64): _Tile(64, 128, 1, 4, 6, pdl=False),                # qkv
     (28672, 4096, 16): _Tile(128, 128, 1, 4, 3, swap_ab=True, pdl=False),  # Llama-3.1-8B gate_up
@@ -430,7 +432,8 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
         ws_tile = _DECODE_WS.get((N, K, bm))
         ws_rows = bm if ws_tile is not None and ws_tile.swap_ab else 64
-        if ws_tile is not None and tma_ok and ws_rows - M <= _WS_MAX_PAD_ROWS and _is_hopper(device):
+        if (ws_tile is not None and _WS_ENABLED and tma_ok and ws_rows - M <= _WS_MAX_PAD_ROWS
+                and _is_hopper(device)):
             return GemmConfig("ws", ws_rows, ws_tile.block_n, ws_tile.block_k,
                               num_warps=ws_tile.num_warps, num_stages=ws_tile.num_stages,
                               swap_ab=ws_tile.swap_ab, pdl=ws_tile.pdl)

@@ -143,6 +143,7 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
         assert not tile.swap_ab or tile.block_n >= 64, "wgmma needs 64 weight rows"
     monkeypatch.setattr(gemm, "_interpreting", lambda: False)
     monkeypatch.setattr(gemm, "_num_sms_of", lambda device: 132)
+    monkeypatch.setattr(gemm, "_WS_ENABLED", True)
     cuda = torch.device("cuda")
     for hopper in (False, True):
         monkeypatch.setattr(gemm, "_is_hopper", lambda device: hopper)
