@@ -347,6 +347,7 @@ _WS_MAX_PAD_ROWS = 15
 _WS_ENABLED = os.environ.get("STAGEWISE_GEMM_WS", "1") != "0"
 _DECODE_WS: dict[tuple[int, int, int], _Tile] = {
     (6144, 4096, 64): _Tile(64, 128, 1, 4, 6, pdl=False),                # qkv
+    (4096, 4096, 64): _Tile(64, 128, 1, 4, 6),                           # o
     (28672, 4096, 16): _Tile(128, 128, 1, 4, 3, swap_ab=True, pdl=False),  # Llama-3.1-8B gate_up
     (28672, 4096, 64): _Tile(128, 64, 1, 4, 4, pdl=False),
     (24576, 4096, 64): _Tile(64, 64, 1, 4, 4),                           # Qwen3-8B gate_up
