@@ -50,6 +50,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from triton_kernels.gemm import linear_reference as reference  # the same math as gemm.linear
+
+__all__ = ["launch_linear_ws", "reference"]
+
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 _SMEM_PER_SM = 227 * 1024      # Hopper: shared memory one SM can give its programs
 _REGISTERS_PER_SM = 64 * 1024
@@ -171,6 +175,9 @@ def launch_linear_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """Run the warp-specialised kernel: x[M, K] (M <= block_m), weight[N, K] -> y[M, N]."""
     M, K = x.shape
     N = weight.shape[0]
+    if x.dtype not in _GL_DTYPES or weight.dtype != x.dtype or y.dtype != x.dtype:
+        raise ValueError(f"x, weight and y must share one 16-bit dtype, got "
+                         f"{x.dtype}, {weight.dtype}, {y.dtype}")
     if M > block_m:
         raise ValueError(f"M = {M} rows exceed the tile's {block_m}")
     x_desc = _descriptor(x, [block_m, block_k])

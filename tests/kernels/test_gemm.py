@@ -188,6 +188,9 @@ def test_warp_specialised_kernel(device, dtype, config, bias, pdl):
         gemm.launch_linear(x, w, b, y, gemm.GemmConfig("ws", block_m, block_n, block_k, num_warps=warps,
                                                        num_stages=stages, swap_ab=swap, pdl=pdl))
         assert_close(y, _float64(x, w, b), dtype, f"ws {config} M={M} vs float64")
+    with pytest.raises(ValueError, match="16-bit dtype"):
+        gemm.launch_linear(x, w, None, torch.empty(M, 264, dtype=torch.float32, device=device),
+                           gemm.GemmConfig("ws", block_m, block_n, block_k))
     with pytest.raises(ValueError, match="exceed"):
         gemm.launch_linear(torch.zeros(block_m + 1, 1000, dtype=dtype, device=device), w, None,
                            torch.empty(block_m + 1, 264, dtype=dtype, device=device),
