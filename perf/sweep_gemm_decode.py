@@ -98,6 +98,11 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
             if stages >= 2 and (warps == 4 or bn >= 128) and not (swap and bn > 128):
                 configs.append(GemmConfig("ws", tile_m, bn, bk, num_warps=warps, num_stages=stages,
                                           swap_ab=swap))
+    if "ws8" in kinds and M <= 8:  # swapped warp-specialised tiles with 8 token columns
+        for bn, bk, per_sm in itertools.product((64, 128), (64, 128, 256), (1, 2, 3, 4)):
+            stages = min(16, (_SMEM_BYTES // per_sm - 8 * bn * 2 - 1024) // ((8 + bn) * bk * 2))
+            if stages >= 2:
+                configs.append(GemmConfig("ws", 8, bn, bk, num_warps=4, num_stages=stages, swap_ab=True))
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),

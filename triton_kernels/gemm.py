@@ -334,24 +334,40 @@ _DECODE_TUNED: dict[tuple[int, int, int], _Tile] = {
 # warpgroup never waiting on a load it issued) streams faster than the
 # pointer kernel: 1-3% in perf/results/gemm-decode-sweep-ws*-nvidia-h200.json.
 # It needs a Hopper GPU and TMA-aligned tensors; without them the entries above
-# apply. Plain tiles use 64 token rows (wgmma's long side), swapped tiles the
-# M bucket. Elsewhere it ties or loses (at M <= 16 the pointer kernel's tile
-# table is as good, and qkv there needs its staggered K starts).
-# The activation tile's rows past M are zero-filled by the TMA unit, and that
-# costs: with 64-row tiles, M = 33 ran 25% slower than M = 64 and M = 1 40%
-# (perf/results/gemm-decode-table-ms-nvidia-h200.json). So a plain tile is
-# used only within _WS_MAX_PAD_ROWS of full (M >= 49); 16-row swapped tiles
-# showed no such cost.
+# apply. Keyed by (N, K, token rows of the tile): plain tiles hold 64 token
+# rows (wgmma's long side), swapped ones 8 or 16 (the weight rows take the long
+# side); a batch takes the smallest tile that holds it. Elsewhere the kernel
+# ties or loses.
+# The tile's token rows past M are zero-filled by the TMA unit, and that costs:
+# with 64-row tiles, M = 33 ran 25% slower than M = 64 and M = 1 40%
+# (perf/results/gemm-decode-table-ms-nvidia-h200.json). So a tile is used only
+# within _WS_MAX_PAD_ROWS of full (64-row tiles from M = 49 on).
 _WS_MAX_PAD_ROWS = 15
 # STAGEWISE_GEMM_WS=0 turns the warp-specialised entries off (for A/B measurements).
 _WS_ENABLED = os.environ.get("STAGEWISE_GEMM_WS", "1") != "0"
+_WS_TILE_ROWS = (8, 16, 64)
 _DECODE_WS: dict[tuple[int, int, int], _Tile] = {
-    (6144, 4096, 64): _Tile(64, 128, 1, 4, 6, pdl=False),                # qkv
+    (6144, 4096, 8): _Tile(64, 128, 1, 4, 6, swap_ab=True),              # qkv
+    (6144, 4096, 64): _Tile(64, 128, 1, 4, 6, pdl=False),
     (4096, 4096, 64): _Tile(64, 128, 1, 4, 6),                           # o
-    (28672, 4096, 16): _Tile(128, 128, 1, 4, 3, swap_ab=True, pdl=False),  # Llama-3.1-8B gate_up
+    (28672, 4096, 8): _Tile(128, 256, 1, 4, 3, swap_ab=True),            # Llama-3.1-8B gate_up
+    (28672, 4096, 16): _Tile(128, 128, 1, 4, 3, swap_ab=True, pdl=False),
     (28672, 4096, 64): _Tile(128, 64, 1, 4, 4, pdl=False),
     (24576, 4096, 64): _Tile(64, 64, 1, 4, 4),                           # Qwen3-8B gate_up
 }
+
+
+def _ws_config(M: int, N: int, K: int) -> GemmConfig | None:
+    """The warp-specialised entry for this batch: the smallest listed tile that
+    holds M rows with at most _WS_MAX_PAD_ROWS zero-filled ones (None if none)."""
+    for rows in _WS_TILE_ROWS:
+        tile = _DECODE_WS.get((N, K, rows))
+        if tile is not None and 0 <= rows - M <= _WS_MAX_PAD_ROWS:
+            return GemmConfig("ws", rows, tile.block_n, tile.block_k, num_warps=tile.num_warps,
+                              num_stages=tile.num_stages, swap_ab=tile.swap_ab, pdl=tile.pdl)
+    return None
+
+
 # _DECODE_TABLE: every other shape, by (M bucket, shape class). "deep" when
 # K >= 2N (an MLP down projection: few output tiles, long rows, so K is split
 # 4 ways to give every SM work), else by N: "narrow" <= 4096, "mid" <= 8192,
@@ -431,13 +447,9 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     num_sms = _num_sms_of(device)
     if M <= 64:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
-        ws_tile = _DECODE_WS.get((N, K, bm))
-        ws_rows = bm if ws_tile is not None and ws_tile.swap_ab else 64
-        if (ws_tile is not None and _WS_ENABLED and tma_ok and ws_rows - M <= _WS_MAX_PAD_ROWS
-                and _is_hopper(device)):
-            return GemmConfig("ws", ws_rows, ws_tile.block_n, ws_tile.block_k,
-                              num_warps=ws_tile.num_warps, num_stages=ws_tile.num_stages,
-                              swap_ab=ws_tile.swap_ab, pdl=ws_tile.pdl)
+        ws = _ws_config(M, N, K) if _WS_ENABLED and tma_ok and _is_hopper(device) else None
+        if ws is not None:
+            return ws
         tile = _DECODE_TUNED.get((N, K, bm)) or _DECODE_TABLE[(bm, _decode_shape_class(N, K))]
         split_k = tile.split_k
         if split_k == 1:

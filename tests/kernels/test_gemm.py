@@ -135,12 +135,14 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
     smem_limit = 227 * 1024
     entries = [(bm, tile) for (_, _, bm), tile in gemm._DECODE_TUNED.items()]
     entries += [(bm, tile) for (bm, _), tile in gemm._DECODE_TABLE.items()]
-    entries += [(bm if tile.swap_ab else 64, tile) for (_, _, bm), tile in gemm._DECODE_WS.items()]
+    entries += [(rows, tile) for (_, _, rows), tile in gemm._DECODE_WS.items()]
     for bm, tile in entries:
         stage_bytes = (bm + tile.block_n) * tile.block_k * 2
         assert stage_bytes * tile.num_stages + bm * tile.block_n * 2 <= smem_limit, (bm, tile)
         assert tile.split_k >= 1 and tile.num_warps in (4, 8)
         assert not tile.swap_ab or tile.block_n >= 64, "wgmma needs 64 weight rows"
+    for (_, _, rows), tile in gemm._DECODE_WS.items():  # plain tiles put 64 tokens on wgmma's long side
+        assert rows in gemm._WS_TILE_ROWS and (tile.swap_ab or rows == 64)
     monkeypatch.setattr(gemm, "_interpreting", lambda: False)
     monkeypatch.setattr(gemm, "_num_sms_of", lambda device: 132)
     monkeypatch.setattr(gemm, "_WS_ENABLED", True)
@@ -148,27 +150,27 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
     for hopper in (False, True):
         monkeypatch.setattr(gemm, "_is_hopper", lambda device: hopper)
         for (N, K, bm), tuned in gemm._DECODE_TUNED.items():
-            for tma_ok, M in itertools.product((False, True), (bm, bm - 16)):
-                if M < 1 or (bm == 64 and M <= 32):
-                    continue
+            for tma_ok, M in itertools.product((False, True), range(bm // 2 + 1 if bm > 16 else 1, bm + 1)):
                 config = gemm._pick_config(M, N, K, torch.bfloat16, cuda, tma_ok=tma_ok)
-                ws = gemm._DECODE_WS.get((N, K, bm)) if hopper and tma_ok else None
-                if ws and not ws.swap_ab and M < 64 - gemm._WS_MAX_PAD_ROWS:
-                    ws = None  # too many zero-filled rows in the 64-row activation tile
-                tile = ws or tuned
-                if ws:
-                    assert config.kind == "ws" and config.block_m == (bm if ws.swap_ab else 64)
-                else:
-                    assert (config.kind, config.block_m) == ("stream", bm)
+                # the smallest warp-specialised tile holding M with <= 15 zero-filled rows
+                rows = next((r for r in (8, 16, 64) if (N, K, r) in gemm._DECODE_WS
+                             and 0 <= r - M <= 15), None) if hopper and tma_ok else None
+                tile = gemm._DECODE_WS[(N, K, rows)] if rows else tuned
+                assert (config.kind, config.block_m) == (("ws", rows) if rows else ("stream", bm))
                 picked = (config.block_n, config.block_k, config.num_stages, config.num_warps)
                 assert picked == (tile.block_n, tile.block_k, tile.num_stages, tile.num_warps)
                 flags = (config.swap_ab, config.pdl, config.stagger_k)
                 assert flags == (tile.swap_ab, tile.pdl, tile.stagger_k)
+    # Spot checks of that rule on Llama-3.1-8B's gate_up and qkv.
+    pick = lambda M, N: gemm._pick_config(M, N, 4096, torch.bfloat16, cuda, tma_ok=True)  # noqa: E731
+    assert (pick(4, 28672).kind, pick(4, 28672).block_m) == ("ws", 8)
+    assert (pick(12, 28672).kind, pick(12, 28672).block_m) == ("ws", 16)
+    assert pick(40, 6144).kind == "stream" and pick(57, 6144).block_m == 64
 
 
 # (block_m, block_n, block_k, num_warps, num_stages, swap_ab) of the warp-specialised kernel.
 WS_CONFIGS = [(64, 64, 64, 4, 3, False), (64, 128, 64, 8, 2, False), (16, 64, 64, 4, 4, True),
-              (64, 128, 128, 4, 2, True)]
+              (64, 128, 128, 4, 2, True), (8, 128, 256, 4, 3, True)]
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU: the Gluon kernel has no interpreter path")
