@@ -354,6 +354,7 @@ _DECODE_WS: dict[tuple[int, int, int], _Tile] = {
     (28672, 4096, 16): _Tile(128, 128, 1, 4, 3, swap_ab=True, pdl=False),
     (28672, 4096, 64): _Tile(128, 64, 1, 4, 4, pdl=False),
     (24576, 4096, 64): _Tile(64, 64, 1, 4, 4),                           # Qwen3-8B gate_up
+    (151936, 4096, 64): _Tile(128, 128, 1, 4, 4),                        # Qwen3-8B lm_head
 }
 
 
@@ -436,8 +437,10 @@ def _prefill_config(M: int, N: int, num_sms: int) -> GemmConfig:
 
 
 def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
-                 tma_ok: bool) -> GemmConfig:
-    """The explicit config table: per M bucket, N, dtype and device."""
+                 tma_ok: bool, ws_ok: bool | None = None) -> GemmConfig:
+    """The explicit config table: per M bucket, N, dtype and device. ``tma_ok``:
+    the tensors suit the prefill TMA kernel; ``ws_ok`` (default: the same) the
+    warp-specialised decode kernel."""
     if _interpreting() or device.type != "cuda":
         return GemmConfig("stream", block_m=32, block_n=32, block_k=32)
     if dtype == torch.float32:  # exact fp32 products: no tensor-core shapes to chase
@@ -447,7 +450,8 @@ def _pick_config(M: int, N: int, K: int, dtype: torch.dtype, device: torch.devic
     num_sms = _num_sms_of(device)
     if M <= 64:
         bm = 16 if M <= 16 else 32 if M <= 32 else 64
-        ws = _ws_config(M, N, K) if _WS_ENABLED and tma_ok and _is_hopper(device) else None
+        ws_ok = tma_ok if ws_ok is None else ws_ok
+        ws = _ws_config(M, N, K) if _WS_ENABLED and ws_ok and _is_hopper(device) else None
         if ws is not None:
             return ws
         tile = _DECODE_TUNED.get((N, K, bm)) or _DECODE_TABLE[(bm, _decode_shape_class(N, K))]
@@ -509,10 +513,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     M, K = x2d.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    # The TMA epilogue tile is sized for the input dtype: a wider output takes the pointer path.
-    tma_ok = (_tma_aligned(x2d, weight, y) and (bias is None or bias.stride(0) == 1)
-              and y.dtype == x.dtype)
-    config = _pick_config(M, N, K, x.dtype, x.device, tma_ok)
+    aligned = _tma_aligned(x2d, weight, y) and (bias is None or bias.stride(0) == 1)
+    # The prefill TMA kernel's epilogue tile is sized for the input dtype, so a wider
+    # output takes the pointer path there; the warp-specialised decode kernel takes both.
+    config = _pick_config(M, N, K, x.dtype, x.device, aligned and y.dtype == x.dtype, ws_ok=aligned)
     launch_linear(x2d, weight, bias, y, config)
     return y.reshape(*x.shape[:-1], N)
 

@@ -1,6 +1,7 @@
 """Warp-specialised decode linear for Hopper, in Gluon (Triton's explicit-layout dialect).
 
-``y[M, N] = x[M, K] @ weight[N, K]^T (+ bias)`` for 16-bit dtypes and M <= 64.
+``y[M, N] = x[M, K] @ weight[N, K]^T (+ bias)`` for 16-bit x and weight, M <= 64;
+y is x's dtype or float32 (the lm_head's logits).
 
 The pointer kernel in gemm.py issues its loads and its MMAs from the same
 warps: a warp waiting on an MMA cannot issue the next load, so the weight
@@ -55,6 +56,7 @@ from triton_kernels.gemm import linear_reference as reference  # the same math a
 __all__ = ["launch_linear_ws", "reference"]
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+_GL_OUT_DTYPES = {**_GL_DTYPES, torch.float32: gl.float32}  # fp32 logits for the lm_head
 _SMEM_PER_SM = 227 * 1024      # Hopper: shared memory one SM can give its programs
 _REGISTERS_PER_SM = 64 * 1024
 _MIN_REGISTERS = 80            # per thread: 56 failed in ptxas for an 8-warp 64x128 tile
@@ -153,17 +155,18 @@ def _linear_ws_kernel(x_desc, w_desc, y_desc, b_ptr, N, K,
 
 
 def _descriptor(t: torch.Tensor, block_shape: list[int]) -> TensorDescriptor:
-    layout = gl.NVMMASharedLayout.get_default_for(block_shape, _GL_DTYPES[t.dtype])
+    layout = gl.NVMMASharedLayout.get_default_for(block_shape, _GL_OUT_DTYPES[t.dtype])
     return TensorDescriptor.from_tensor(t, block_shape, layout)
 
 
-def _register_cap(block_m: int, block_n: int, block_k: int, stages: int, num_warps: int) -> int:
+def _register_cap(block_m: int, block_n: int, block_k: int, stages: int, num_warps: int,
+                  out_bytes: int = 2) -> int:
     """Registers per thread that let as many programs share an SM as its shared
     memory holds. A warp-specialised kernel otherwise reserves 256 per thread for
     its default warps plus a warpgroup for the loader: the whole register file,
     so one program per SM whatever the tile. Never below _MIN_REGISTERS (ptxas
     cannot fit the accumulator and the pipeline's addresses in fewer)."""
-    smem_bytes = stages * (block_m + block_n) * block_k * 2 + block_m * block_n * 2 + 1024
+    smem_bytes = stages * (block_m + block_n) * block_k * 2 + block_m * block_n * out_bytes + 1024
     threads = (num_warps + 4) * 32
     programs = max(1, min(4, _SMEM_PER_SM // smem_bytes, _REGISTERS_PER_SM // (threads * _MIN_REGISTERS)))
     return min(256, _REGISTERS_PER_SM // (programs * threads) // 8 * 8)
@@ -175,8 +178,8 @@ def launch_linear_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """Run the warp-specialised kernel: x[M, K] (M <= block_m), weight[N, K] -> y[M, N]."""
     M, K = x.shape
     N = weight.shape[0]
-    if x.dtype not in _GL_DTYPES or weight.dtype != x.dtype or y.dtype != x.dtype:
-        raise ValueError(f"x, weight and y must share one 16-bit dtype, got "
+    if x.dtype not in _GL_DTYPES or weight.dtype != x.dtype or y.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"x and weight must share one 16-bit dtype and y be that or float32, got "
                          f"{x.dtype}, {weight.dtype}, {y.dtype}")
     if M > block_m:
         raise ValueError(f"M = {M} rows exceed the tile's {block_m}")
@@ -186,5 +189,5 @@ def launch_linear_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     _linear_ws_kernel[(triton.cdiv(N, block_n),)](
         x_desc, w_desc, y_desc, bias if bias is not None else y, N, K,
         HAS_BIAS=bias is not None, STAGES=stages, SWAP_AB=swap_ab, USE_PDL=pdl, num_warps=num_warps,
-        maxnreg=_register_cap(block_m, block_n, block_k, stages, num_warps),
+        maxnreg=_register_cap(block_m, block_n, block_k, stages, num_warps, y.element_size()),
         **({"launch_pdl": True} if pdl else {}))

@@ -166,6 +166,9 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
     assert (pick(4, 28672).kind, pick(4, 28672).block_m) == ("ws", 8)
     assert (pick(12, 28672).kind, pick(12, 28672).block_m) == ("ws", 16)
     assert pick(40, 6144).kind == "stream" and pick(57, 6144).block_m == 64
+    # float32 logits: aligned tensors the prefill TMA kernel cannot take, the ws kernel can
+    logits = gemm._pick_config(64, 151936, 4096, torch.bfloat16, cuda, tma_ok=False, ws_ok=True)
+    assert logits.kind == "ws"
 
 
 # (block_m, block_n, block_k, num_warps, num_stages, swap_ab) of the warp-specialised kernel.
@@ -180,19 +183,22 @@ WS_CONFIGS = [(64, 64, 64, 4, 3, False), (64, 128, 64, 8, 2, False), (16, 64, 64
 @pytest.mark.parametrize("pdl", [False, True])
 def test_warp_specialised_kernel(device, dtype, config, bias, pdl):
     """Ragged N (not a multiple of the tile), K not a multiple of BLOCK_K, M from one
-    row to the full tile: the TMA ring, the clipped store and the bias epilogue."""
+    row to the full tile: the TMA ring, the clipped store and the bias epilogue,
+    with an output of x's dtype and a float32 one (the lm_head's logits)."""
     if torch.cuda.get_device_capability(device)[0] != 9:
         pytest.skip("needs sm_90 (wgmma)")
     block_m, block_n, block_k, warps, stages, swap = config
+    ws = gemm.GemmConfig("ws", block_m, block_n, block_k, num_warps=warps, num_stages=stages,
+                         swap_ab=swap, pdl=pdl)
     for M in sorted({1, 5, block_m // 2 + 3, block_m} & set(range(1, block_m + 1))):
         x, w, b = _inputs(M, 264, 1000, dtype, device, bias)
-        y = torch.full((M, 264), float("nan"), dtype=dtype, device=device)
-        gemm.launch_linear(x, w, b, y, gemm.GemmConfig("ws", block_m, block_n, block_k, num_warps=warps,
-                                                       num_stages=stages, swap_ab=swap, pdl=pdl))
-        assert_close(y, _float64(x, w, b), dtype, f"ws {config} M={M} vs float64")
+        for out_dtype in (dtype, torch.float32):
+            y = torch.full((M, 264), float("nan"), dtype=out_dtype, device=device)
+            gemm.launch_linear(x, w, b, y, ws)
+            assert_close(y, _float64(x, w, b), out_dtype, f"ws {config} M={M} -> {out_dtype} vs float64")
+    other = torch.float16 if dtype == torch.bfloat16 else torch.bfloat16
     with pytest.raises(ValueError, match="16-bit dtype"):
-        gemm.launch_linear(x, w, None, torch.empty(M, 264, dtype=torch.float32, device=device),
-                           gemm.GemmConfig("ws", block_m, block_n, block_k))
+        gemm.launch_linear(x, w, None, torch.empty(M, 264, dtype=other, device=device), ws)
     with pytest.raises(ValueError, match="exceed"):
         gemm.launch_linear(torch.zeros(block_m + 1, 1000, dtype=dtype, device=device), w, None,
                            torch.empty(block_m + 1, 264, dtype=dtype, device=device),
