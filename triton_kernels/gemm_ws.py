@@ -21,7 +21,7 @@ shapes):
 
 Each program owns one ``[BLOCK_M, BLOCK_N]`` output tile and the whole K range,
 so no partial sums are written. With ``SWAP_AB`` the MMA computes ``W x^T``
-(weight rows on wgmma's 64-row side, 16 tokens on its narrow one), as in
+(weight rows on wgmma's 64-row side, 8 or 16 tokens on its narrow one), as in
 gemm.py.
 
 Two things the measurements taught (H200, perf/results/gemm-decode-*ws*):
@@ -30,7 +30,7 @@ thread unless told otherwise, which caps a 3-stage tile at one program per SM
 (``_register_cap`` sizes the cap from the shared memory the tile needs); and
 the TMA unit's zero fill of activation rows past M is slow (a 64-row tile at
 M = 1 ran 40% slower than at M = 64), so gemm.py keeps plain tiles for M near
-64 and swaps operands (16-row tiles) below.
+64 and swaps operands (8- and 16-row tiles) below.
 
 Gluon needs Hopper and does not run under TRITON_INTERPRET; gemm.py picks this
 kernel only on an sm_90 device with aligned tensors, and the CPU tests cover
