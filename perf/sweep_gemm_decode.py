@@ -46,7 +46,8 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
     tensor-descriptor tiles; ``swap``: tiles whose MMA computes W x^T
     (weight rows on wgmma's 64-row side); ``swaptop``: the few best of those;
     ``deep``: 8..13-stage pipelines; ``ws``: the warp-specialised kernel, as many
-    stages as shared memory holds at 1..4 programs per SM."""
+    stages as shared memory holds at 1..4 programs per SM; ``ws8``: its swapped
+    tiles with 8 token columns (M <= 8)."""
     from triton_kernels.gemm import GemmConfig
 
     bm = max(16, 1 << (M - 1).bit_length())
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep, ws")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep, ws, ws8")
     parser.add_argument("--compile-only", default="", metavar="I/N",
                         help="only compile shard I of N of the candidates (run N in parallel first)")
     parser.add_argument("--out-name", default="gemm-decode-sweep",
