@@ -38,8 +38,6 @@ the pointer kernel instead.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 from triton.experimental import gluon
@@ -156,15 +154,9 @@ def _linear_ws_kernel(x_desc, w_desc, y_desc, b_ptr, N, K,
     tma.store_wait(pendings=0)
 
 
-@functools.lru_cache(maxsize=None)
-def _smem_layout(block_shape: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMASharedLayout:
-    """The swizzled shared-memory layout TMA and wgmma agree on (cached: a decode
-    step asks for the same few hundred times)."""
-    return gl.NVMMASharedLayout.get_default_for(list(block_shape), _GL_OUT_DTYPES[dtype])
-
-
 def _descriptor(t: torch.Tensor, block_shape: list[int]) -> TensorDescriptor:
-    return TensorDescriptor.from_tensor(t, block_shape, _smem_layout(tuple(block_shape), t.dtype))
+    layout = gl.NVMMASharedLayout.get_default_for(block_shape, _GL_OUT_DTYPES[t.dtype])
+    return TensorDescriptor.from_tensor(t, block_shape, layout)
 
 
 def _register_cap(block_m: int, block_n: int, block_k: int, stages: int, num_warps: int,
