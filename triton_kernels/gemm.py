@@ -74,7 +74,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.pdl import pdl_args, pdl_wait
+from triton_kernels.pdl import device_capability, pdl_args, pdl_wait
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -263,15 +263,9 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
 def _is_hopper(device: torch.device) -> bool:
     """wgmma and the Gluon warp-specialised kernel are sm_90 only."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return _capability(index)[0] == 9
+    return device_capability(device)[0] == 9
 
 
 def _num_sms_of(device: torch.device) -> int:

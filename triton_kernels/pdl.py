@@ -37,14 +37,19 @@ def pdl_wait():
 
 
 @functools.lru_cache(maxsize=None)
-def _has_pdl(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+def _capability_of(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device, looked up once per device."""
+    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def pdl_args(device: torch.device) -> dict:
     """Launch keywords for a PDL launch on ``device`` ({} where it does not apply)."""
     if not PDL_ENABLED or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
         return {}
-    if not _has_pdl(device.index if device.index is not None else torch.cuda.current_device()):
+    if device_capability(device)[0] < 9:
         return {}
     return {"USE_PDL": True, "launch_pdl": True}

@@ -33,10 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.pdl import pdl_args, pdl_wait
-
 from triton_kernels.kv_cache import _check_store_kv, store_kv_reference
 from triton_kernels.norm import head_rms_norm_reference
+from triton_kernels.pdl import pdl_args, pdl_wait
 from triton_kernels.rotary import _check_rotary, apply_rotary_reference
 
 

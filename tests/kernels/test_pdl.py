@@ -13,17 +13,25 @@ def test_pdl_applies_only_on_hopper_compiled_and_enabled(monkeypatch):
     with STAGEWISE_PDL not 0; everything else gets a plain launch."""
     cuda0 = torch.device("cuda", 0)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(pdl, "_has_pdl", lambda index: True)
+    monkeypatch.setattr(pdl, "_capability_of", lambda index: (9, 0))
     assert pdl.pdl_args(cuda0) == {"USE_PDL": True, "launch_pdl": True}
     assert pdl.pdl_args(torch.device("cpu")) == {}
-    monkeypatch.setattr(pdl, "_has_pdl", lambda index: False)  # pre-Hopper
+    monkeypatch.setattr(pdl, "_capability_of", lambda index: (8, 0))  # pre-Hopper
     assert pdl.pdl_args(cuda0) == {}
-    monkeypatch.setattr(pdl, "_has_pdl", lambda index: True)
+    monkeypatch.setattr(pdl, "_capability_of", lambda index: (9, 0))
     monkeypatch.setattr(pdl, "PDL_ENABLED", False)  # STAGEWISE_PDL=0
     assert pdl.pdl_args(cuda0) == {}
     monkeypatch.setattr(pdl, "PDL_ENABLED", True)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert pdl.pdl_args(cuda0) == {}
+
+
+def test_hopper_check_reads_the_shared_capability_lookup(monkeypatch):
+    """gemm's sm_90-only kernels (wgmma, the Gluon one) use the same cached lookup as PDL."""
+    cuda0 = torch.device("cuda", 0)
+    for capability, hopper in (((9, 0), True), ((8, 0), False), ((10, 0), False)):
+        monkeypatch.setattr(pdl, "_capability_of", lambda index, c=capability: c)
+        assert gemm._is_hopper(cuda0) is hopper
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA: PDL is a launch attribute of the GPU")
