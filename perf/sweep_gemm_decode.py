@@ -47,7 +47,9 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
     (weight rows on wgmma's 64-row side); ``swaptop``: the few best of those;
     ``deep``: 8..13-stage pipelines; ``ws``: the warp-specialised kernel, as many
     stages as shared memory holds at 1..4 programs per SM; ``ws8``: its swapped
-    tiles with 8 token columns (M <= 8)."""
+    tiles with 8 token columns (M <= 8); ``wstail``: its tiles of two
+    power-of-two slabs of weight rows (48, 96, 192, 320); ``wswide``: swapped
+    tiles of 192, 256 and 320 weight rows, one program per SM (M <= 16)."""
     from triton_kernels.gemm import GemmConfig
 
     bm = max(16, 1 << (M - 1).bit_length())
@@ -104,6 +106,24 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
             stages = min(16, (_SMEM_BYTES // per_sm - 8 * bn * 2 - 1024) // ((8 + bn) * bk * 2))
             if stages >= 2:
                 configs.append(GemmConfig("ws", 8, bn, bk, num_warps=4, num_stages=stages, swap_ab=True))
+    if "wstail" in kinds:  # warp-specialised tiles of two slabs (gemm_ws.split_block_n), so that
+        # the program count can match the SMs: 48 = 32 + 16 rows ... 320 = 256 + 64
+        for bn, bk, per_sm, warps, swap in itertools.product((48, 96, 192, 320), (64, 128, 256), (1, 2, 3),
+                                                             (4, 8), (False, True)):
+            if swap and (M > 16 or bn != 192 or warps != 4):  # the tail slab needs wgmma's 64 rows
+                continue
+            if not swap and M <= 48:  # zero-filling most of a 64-row tile is slow (see gemm.py)
+                continue
+            tile_m = (8 if M <= 8 else 16) if swap else 64
+            stages = min(16, (_SMEM_BYTES // per_sm - tile_m * bn * 2 - 1024) // ((tile_m + bn) * bk * 2))
+            if stages >= 2 and (warps == 4 or bn >= 96):
+                configs.append(GemmConfig("ws", tile_m, bn, bk, num_warps=warps, num_stages=stages,
+                                          swap_ab=swap))
+    if "wswide" in kinds and M <= 16:  # swapped warp-specialised tiles of 192..320 weight rows
+        for bn, bk, tile_m in itertools.product((192, 256, 320), (64, 128, 256), (8, 16)):
+            stages = min(16, (_SMEM_BYTES - tile_m * bn * 2 - 1024) // ((tile_m + bn) * bk * 2))
+            if stages >= 2 and tile_m >= M:
+                configs.append(GemmConfig("ws", tile_m, bn, bk, num_warps=4, num_stages=stages, swap_ab=True))
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
@@ -231,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep, ws, ws8")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep, ws, ws8, wstail, wswide")
     parser.add_argument("--compile-only", default="", metavar="I/N",
                         help="only compile shard I of N of the candidates (run N in parallel first)")
     parser.add_argument("--out-name", default="gemm-decode-sweep",

@@ -66,45 +66,82 @@ _tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_
 
 
 @gluon.jit
-def _load_partition(x_desc, w_desc, x_bufs, w_bufs, ready, empty, off_n, k_tiles,
-                    BLOCK_K: gl.constexpr):
-    """Loader warp: fill the ring of stages, one K tile of x and W per stage."""
+def _load_partition(x_desc, w_desc, tail_desc, x_bufs, w_bufs, tail_bufs, ready, empty, off_n, k_tiles,
+                    BLOCK_K: gl.constexpr, HAS_TAIL: gl.constexpr):
+    """Loader warp: fill the ring of stages, one K tile of x and W per stage (and
+    of the tail slab of W, when the program's rows are two slabs)."""
     STAGES: gl.constexpr = x_bufs.type.shape[0]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    stage_bytes: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes
+                                 + HAS_TAIL * tail_desc.block_type.nbytes)
     for i in range(k_tiles):
         slot = i % STAGES
         # Barriers start in phase 0, so the first pass waits on phase 1 and goes through.
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
         bar = ready.index(slot)
-        mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+        mbarrier.expect(bar, stage_bytes)
         _tma_load(x_desc, [0, i * BLOCK_K], bar, x_bufs.index(slot))
         _tma_load(w_desc, [off_n, i * BLOCK_K], bar, w_bufs.index(slot))
+        if HAS_TAIL:
+            _tma_load(tail_desc, [off_n + BLOCK_N, i * BLOCK_K], bar, tail_bufs.index(slot))
 
 
 @gluon.jit
-def _mma_partition(x_bufs, w_bufs, ready, empty, k_tiles, BLOCK_M: gl.constexpr,
-                   BLOCK_N: gl.constexpr, SWAP_AB: gl.constexpr, num_warps: gl.constexpr):
-    """Default warpgroup(s): acc += x_tile @ w_tile^T per stage (with SWAP_AB the
-    transpose, w_tile @ x_tile^T), each stage's slot freed one step late."""
-    STAGES: gl.constexpr = x_bufs.type.shape[0]
+def _accumulator(BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SWAP_AB: gl.constexpr,
+                 num_warps: gl.constexpr):
+    """A zeroed fp32 accumulator for BLOCK_N weight rows, in wgmma's register layout."""
     if SWAP_AB:  # weight rows on wgmma's 64-row side, the few tokens on its narrow side
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16])
-        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=acc_layout)
+        acc = gl.zeros((BLOCK_N, BLOCK_M), dtype=gl.float32, layout=layout)
     else:  # one warpgroup per 64 token rows; a second one (8 warps) takes half the columns
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, num_warps // 4], instr_shape=[16, BLOCK_N // (num_warps // 4), 16])
-        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=acc_layout)
+        acc = gl.zeros((BLOCK_M, BLOCK_N), dtype=gl.float32, layout=layout)
+    return acc
+
+
+@gluon.jit
+def _mma(x_buf, w_buf, acc, SWAP_AB: gl.constexpr):
+    """Start acc += x_buf @ w_buf^T (with SWAP_AB its transpose) on the tensor cores."""
+    if SWAP_AB:
+        acc = warpgroup_mma(w_buf, x_buf.permute((1, 0)), acc, is_async=True)
+    else:
+        acc = warpgroup_mma(x_buf, w_buf.permute((1, 0)), acc, is_async=True)
+    return acc
+
+
+@gluon.jit
+def _mma_partition(x_bufs, w_bufs, tail_bufs, ready, empty, k_tiles, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, TAIL_N: gl.constexpr, SWAP_AB: gl.constexpr,
+                   num_warps: gl.constexpr):
+    """Default warpgroup(s): acc += x_tile @ w_tile^T per stage (with SWAP_AB the
+    transpose, w_tile @ x_tile^T), each stage's slot freed one step late. With a
+    tail slab (TAIL_N > 0) a second accumulator takes its rows."""
+    STAGES: gl.constexpr = x_bufs.type.shape[0]
+    acc = _accumulator(BLOCK_M, BLOCK_N, SWAP_AB, num_warps)
+    if TAIL_N > 0:
+        tail = _accumulator(BLOCK_M, TAIL_N, SWAP_AB, num_warps)
+    else:
+        tail = acc  # unused
     for i in range(k_tiles):
         slot = i % STAGES
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-        if SWAP_AB:
-            acc = warpgroup_mma(w_bufs.index(slot), x_bufs.index(slot).permute((1, 0)), acc, is_async=True)
+        acc = _mma(x_bufs.index(slot), w_bufs.index(slot), acc, SWAP_AB)
+        if TAIL_N > 0:
+            tail = _mma(x_bufs.index(slot), tail_bufs.index(slot), tail, SWAP_AB)
+            # The previous step's two MMAs are done, so its slot is free.
+            acc, tail = warpgroup_mma_wait(num_outstanding=2, deps=(acc, tail))
         else:
-            acc = warpgroup_mma(x_bufs.index(slot), w_bufs.index(slot).permute((1, 0)), acc, is_async=True)
-        # At most one MMA in flight: the previous step's is done, so its slot is free.
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            # At most one MMA in flight: the previous step's is done, so its slot is free.
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
         mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
-    return (warpgroup_mma_wait(num_outstanding=0, deps=(acc, )), )  # results go out as a tuple
+    if TAIL_N > 0:
+        acc, tail = warpgroup_mma_wait(num_outstanding=0, deps=(acc, tail))
+    else:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        tail = acc
+    return (acc, tail)  # results go out as a tuple
 
 
 @gluon.jit
@@ -118,15 +155,41 @@ def _pdl_wait():
 
 
 @gluon.jit
-def _linear_ws_kernel(x_desc, w_desc, y_desc, b_ptr, N, K,
+def _store_tile(acc, y_desc, b_ptr, off_n, N, HAS_BIAS: gl.constexpr, SWAP_AB: gl.constexpr):
+    """Epilogue: add the bias, then write the tile through shared memory with a TMA
+    store (the descriptor clips rows past M and columns past N). The store is
+    waited for here: the shared buffer may be handed to the next tile's epilogue."""
+    if SWAP_AB:
+        if HAS_BIAS:
+            cols = off_n + gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, acc.type.layout))
+            acc = acc + gl.load(b_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[:, None]
+        acc = gl.permute(acc, [1, 0])
+    elif HAS_BIAS:
+        cols = off_n + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
+        acc = acc + gl.load(b_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[None, :]
+    y_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
+    y_smem.store(acc.to(y_desc.dtype))
+    fence_async_shared()
+    _tma_store(y_desc, [0, off_n], y_smem)
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _linear_ws_kernel(x_desc, w_desc, tail_desc, y_desc, y_tail_desc, b_ptr, N, K,
                       HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, SWAP_AB: gl.constexpr,
-                      USE_PDL: gl.constexpr, num_warps: gl.constexpr):
+                      TAIL_N: gl.constexpr, USE_PDL: gl.constexpr, num_warps: gl.constexpr):
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    off_n = gl.program_id(0) * BLOCK_N
+    HAS_TAIL: gl.constexpr = TAIL_N > 0
+    off_n = gl.program_id(0) * (BLOCK_N + TAIL_N)
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    if HAS_TAIL:
+        tail_bufs = gl.allocate_shared_memory(tail_desc.dtype, [STAGES] + tail_desc.block_type.shape,
+                                              tail_desc.layout)
+    else:
+        tail_bufs = w_bufs  # unused
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
@@ -135,23 +198,15 @@ def _linear_ws_kernel(x_desc, w_desc, y_desc, b_ptr, N, K,
     k_tiles = gl.cdiv(K, BLOCK_K)
     if USE_PDL:  # before the first global memory access (the loader's TMA copies)
         _pdl_wait()
-    acc = gl.warp_specialize([
-        (_mma_partition, (x_bufs, w_bufs, ready, empty, k_tiles, BLOCK_M, BLOCK_N, SWAP_AB, num_warps)),
-        (_load_partition, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, off_n, k_tiles, BLOCK_K)),
-    ], [1], [24])[0]
-    if SWAP_AB:
-        if HAS_BIAS:
-            cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, acc.type.layout))
-            acc = acc + gl.load(b_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[:, None]
-        acc = gl.permute(acc, [1, 0])
-    elif HAS_BIAS:
-        cols = off_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, acc.type.layout))
-        acc = acc + gl.load(b_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[None, :]
-    y_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
-    y_smem.store(acc.to(y_desc.dtype))
-    fence_async_shared()
-    _tma_store(y_desc, [0, off_n], y_smem)
-    tma.store_wait(pendings=0)
+    acc, tail = gl.warp_specialize([
+        (_mma_partition, (x_bufs, w_bufs, tail_bufs, ready, empty, k_tiles, BLOCK_M, BLOCK_N, TAIL_N,
+                          SWAP_AB, num_warps)),
+        (_load_partition, (x_desc, w_desc, tail_desc, x_bufs, w_bufs, tail_bufs, ready, empty, off_n,
+                           k_tiles, BLOCK_K, HAS_TAIL)),
+    ], [1], [24])
+    _store_tile(acc, y_desc, b_ptr, off_n, N, HAS_BIAS, SWAP_AB)
+    if HAS_TAIL:
+        _store_tile(tail, y_tail_desc, b_ptr, off_n + BLOCK_N, N, HAS_BIAS, SWAP_AB)
 
 
 def _descriptor(t: torch.Tensor, block_shape: list[int]) -> TensorDescriptor:
@@ -172,10 +227,23 @@ def _register_cap(block_m: int, block_n: int, block_k: int, stages: int, num_war
     return min(256, _REGISTERS_PER_SM // (programs * threads) // 8 * 8)
 
 
+def split_block_n(block_n: int) -> tuple[int, int]:
+    """A program's weight rows as (head, tail) slabs of power-of-two rows (register
+    tensors and TMA boxes want those): 192 -> (128, 64), 128 -> (128, 0). A
+    non-power-of-two tile lets the program count match the SMs (Qwen3-8B's
+    24576 gate_up rows: 128 programs of 192)."""
+    head = 1 << (block_n.bit_length() - 1)
+    tail = block_n - head
+    if tail & (tail - 1):
+        raise ValueError(f"block_n = {block_n} is not a power of two or a sum of two of them")
+    return head, tail
+
+
 def launch_linear_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      y: torch.Tensor, block_m: int, block_n: int, block_k: int, stages: int,
                      num_warps: int = 4, pdl: bool = False, swap_ab: bool = False) -> None:
-    """Run the warp-specialised kernel: x[M, K] (M <= block_m), weight[N, K] -> y[M, N]."""
+    """Run the warp-specialised kernel: x[M, K] (M <= block_m), weight[N, K] -> y[M, N].
+    block_n is a power of two or the sum of two (see split_block_n)."""
     M, K = x.shape
     N = weight.shape[0]
     if x.dtype not in _GL_DTYPES or weight.dtype != x.dtype or y.dtype not in (x.dtype, torch.float32):
@@ -183,11 +251,15 @@ def launch_linear_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                          f"{x.dtype}, {weight.dtype}, {y.dtype}")
     if M > block_m:
         raise ValueError(f"M = {M} rows exceed the tile's {block_m}")
+    head_n, tail_n = split_block_n(block_n)
     x_desc = _descriptor(x, [block_m, block_k])
-    w_desc = _descriptor(weight, [block_n, block_k])
-    y_desc = _descriptor(y, [block_m, block_n])
+    w_desc = _descriptor(weight, [head_n, block_k])
+    y_desc = _descriptor(y, [block_m, head_n])
+    tail_desc, y_tail_desc = ((_descriptor(weight, [tail_n, block_k]), _descriptor(y, [block_m, tail_n]))
+                              if tail_n else (w_desc, y_desc))
     _linear_ws_kernel[(triton.cdiv(N, block_n),)](
-        x_desc, w_desc, y_desc, bias if bias is not None else y, N, K,
-        HAS_BIAS=bias is not None, STAGES=stages, SWAP_AB=swap_ab, USE_PDL=pdl, num_warps=num_warps,
+        x_desc, w_desc, tail_desc, y_desc, y_tail_desc, bias if bias is not None else y, N, K,
+        HAS_BIAS=bias is not None, STAGES=stages, SWAP_AB=swap_ab, TAIL_N=tail_n, USE_PDL=pdl,
+        num_warps=num_warps,
         maxnreg=_register_cap(block_m, block_n, block_k, stages, num_warps, y.element_size()),
         **({"launch_pdl": True} if pdl else {}))

@@ -172,8 +172,20 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
 
 
 # (block_m, block_n, block_k, num_warps, num_stages, swap_ab) of the warp-specialised kernel.
+# block_n 192 = 128 + 64, 96 = 64 + 32 and 48 = 32 + 16: a head and a tail slab.
 WS_CONFIGS = [(64, 64, 64, 4, 3, False), (64, 128, 64, 8, 2, False), (16, 64, 64, 4, 4, True),
-              (64, 128, 128, 4, 2, True), (8, 128, 256, 4, 3, True)]
+              (64, 128, 128, 4, 2, True), (8, 128, 256, 4, 3, True), (64, 192, 64, 4, 3, False),
+              (64, 96, 64, 8, 2, False), (64, 48, 128, 4, 4, False), (8, 192, 128, 4, 3, True)]
+
+
+def test_ws_tile_rows_split_into_two_power_of_two_slabs():
+    """The warp-specialised kernel's non-power-of-two tiles: a head slab and a tail slab."""
+    from triton_kernels.gemm_ws import split_block_n
+
+    assert [split_block_n(n) for n in (64, 192, 96, 48, 320)] == [
+        (64, 0), (128, 64), (64, 32), (32, 16), (256, 64)]
+    with pytest.raises(ValueError, match="sum of two"):
+        split_block_n(112)  # 64 + 48
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU: the Gluon kernel has no interpreter path")
