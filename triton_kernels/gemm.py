@@ -56,7 +56,10 @@ eviction hints on the weight loads and L1 cache modifiers (.ca/.cg) on the
 activation loads changed nothing; giving every program an equal share of N
 (tiles with masked spare rows, so that N splits evenly over the SMs) and
 staggered K starts in the warp-specialised kernel were within 1%; clusters
-(``num_ctas`` 2 or 4) slowed both Triton kernels; triton 3.6's automatic warp
+(``num_ctas`` 2 or 4) slowed both Triton kernels; swapped warp-specialised
+tiles of 192-320 weight rows (one program per SM) for Llama's gate_up were
+not among the six best at M = 1 and 4 and 7-24% slower than the table's
+tile at M = 16; triton 3.6's automatic warp
 specialisation (``tl.range(warp_specialize=True)`` over a TMA stream) ran
 5-45% slower and gave NaNs in one config (hence the hand-written Gluon one).
 Triton 3.6 has no TMA multicast (its Gluon lowering stops at "NYI: Support
