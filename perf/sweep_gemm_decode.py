@@ -49,9 +49,7 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
     stages as shared memory holds at 1..4 programs per SM; ``ws8``: its swapped
     tiles with 8 token columns (M <= 8); ``wstail``: its tiles of two
     power-of-two slabs of weight rows (48, 96, 192, 320); ``wswide``: swapped
-    tiles of 192, 256 and 320 weight rows, one program per SM (M <= 16);
-    ``wslive``: its plain 64-row tiles at M <= 48 with 64-element K tiles,
-    whose TMA box fetches x's live rows only, weight slabs of 64..256 rows."""
+    tiles of 192, 256 and 320 weight rows, one program per SM (M <= 16)."""
     from triton_kernels.gemm import GemmConfig
 
     bm = max(16, 1 << (M - 1).bit_length())
@@ -126,11 +124,6 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
             stages = min(16, (_SMEM_BYTES - tile_m * bn * 2 - 1024) // ((tile_m + bn) * bk * 2))
             if stages >= 2 and tile_m >= M:
                 configs.append(GemmConfig("ws", tile_m, bn, bk, num_warps=4, num_stages=stages, swap_ab=True))
-    if "wslive" in kinds and M <= 48:  # plain warp-specialised tiles fetching x's live rows only
-        for bn, per_sm in itertools.product((64, 96, 112, 128, 160, 192, 224, 256), (1, 2, 3, 4)):
-            stages = min(16, (_SMEM_BYTES // per_sm - 64 * bn * 2 - 1024) // ((64 + bn) * 64 * 2))
-            if stages >= 2:
-                configs.append(GemmConfig("ws", 64, bn, 64, num_warps=4, num_stages=stages))
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
@@ -258,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep, ws, ws8, wstail, wswide, wslive")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep, ws, ws8, wstail, wswide")
     parser.add_argument("--compile-only", default="", metavar="I/N",
                         help="only compile shard I of N of the candidates (run N in parallel first)")
     parser.add_argument("--out-name", default="gemm-decode-sweep",

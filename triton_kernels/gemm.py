@@ -59,7 +59,12 @@ staggered K starts in the warp-specialised kernel were within 1%; clusters
 (``num_ctas`` 2 or 4) slowed both Triton kernels; swapped warp-specialised
 tiles of 192-320 weight rows (one program per SM) for Llama's gate_up were
 not among the six best at M = 1 and 4 and 7-24% slower than the table's
-tile at M = 16; triton 3.6's automatic warp
+tile at M = 16; plain 64-row tiles whose TMA box fetches only x's live
+rows (the rest of each slot zeroed once, which removes the zero-fill cost)
+with up to three weight slabs (224 = 128 + 64 + 32 rows: 128 programs for
+Llama's gate_up) tied or lost to the table at M = 1..16 (at best 0.4% ahead)
+and won 1-2.5% at M = 40, outside the benchmark (commit c22d5fd,
+gemm-decode-sweep-wslive); triton 3.6's automatic warp
 specialisation (``tl.range(warp_specialize=True)`` over a TMA stream) ran
 5-45% slower and gave NaNs in one config (hence the hand-written Gluon one).
 Triton 3.6 has no TMA multicast (its Gluon lowering stops at "NYI: Support

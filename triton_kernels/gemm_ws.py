@@ -66,32 +66,24 @@ _tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_
 
 
 @gluon.jit
-def _load_partition(x_desc, w0_desc, w1_desc, w2_desc, x_bufs, w0_bufs, w1_bufs, w2_bufs, ready, empty,
-                    off_n, k_tiles, N1: gl.constexpr, N2: gl.constexpr):
-    """Loader warp: fill the ring of stages, one K tile of x and of each weight
-    slab per stage. x's box may hold fewer rows than the slot (its live rows);
-    the rest of the slot stays zero."""
+def _load_partition(x_desc, w_desc, tail_desc, x_bufs, w_bufs, tail_bufs, ready, empty, off_n, k_tiles,
+                    BLOCK_K: gl.constexpr, HAS_TAIL: gl.constexpr):
+    """Loader warp: fill the ring of stages, one K tile of x and W per stage (and
+    of the tail slab of W, when the program's rows are two slabs)."""
     STAGES: gl.constexpr = x_bufs.type.shape[0]
-    X_ROWS: gl.constexpr = x_desc.block_type.shape[0]
-    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-    N0: gl.constexpr = w0_desc.block_type.shape[0]
-    stage_bytes: gl.constexpr = (x_desc.block_type.nbytes + w0_desc.block_type.nbytes
-                                 + (N1 > 0) * w1_desc.block_type.nbytes + (N2 > 0) * w2_desc.block_type.nbytes)
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    stage_bytes: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes
+                                 + HAS_TAIL * tail_desc.block_type.nbytes)
     for i in range(k_tiles):
         slot = i % STAGES
         # Barriers start in phase 0, so the first pass waits on phase 1 and goes through.
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
         bar = ready.index(slot)
         mbarrier.expect(bar, stage_bytes)
-        if X_ROWS < x_bufs.type.shape[1]:
-            _tma_load(x_desc, [0, i * BLOCK_K], bar, x_bufs.index(slot).slice(0, X_ROWS))
-        else:
-            _tma_load(x_desc, [0, i * BLOCK_K], bar, x_bufs.index(slot))
-        _tma_load(w0_desc, [off_n, i * BLOCK_K], bar, w0_bufs.index(slot))
-        if N1 > 0:
-            _tma_load(w1_desc, [off_n + N0, i * BLOCK_K], bar, w1_bufs.index(slot))
-        if N2 > 0:
-            _tma_load(w2_desc, [off_n + N0 + N1, i * BLOCK_K], bar, w2_bufs.index(slot))
+        _tma_load(x_desc, [0, i * BLOCK_K], bar, x_bufs.index(slot))
+        _tma_load(w_desc, [off_n, i * BLOCK_K], bar, w_bufs.index(slot))
+        if HAS_TAIL:
+            _tma_load(tail_desc, [off_n + BLOCK_N, i * BLOCK_K], bar, tail_bufs.index(slot))
 
 
 @gluon.jit
@@ -120,46 +112,36 @@ def _mma(x_buf, w_buf, acc, SWAP_AB: gl.constexpr):
 
 
 @gluon.jit
-def _mma_partition(x_bufs, w0_bufs, w1_bufs, w2_bufs, ready, empty, k_tiles, N0: gl.constexpr,
-                   N1: gl.constexpr, N2: gl.constexpr, SWAP_AB: gl.constexpr, num_warps: gl.constexpr):
-    """Default warpgroup(s): per stage, acc_j += x_tile @ w_tile_j^T for each weight
-    slab j (with SWAP_AB the transpose, w_tile_j @ x_tile^T), each stage's slot
-    freed one step late. Slabs 1 and 2 are absent when N1 / N2 are 0."""
+def _mma_partition(x_bufs, w_bufs, tail_bufs, ready, empty, k_tiles, BLOCK_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, TAIL_N: gl.constexpr, SWAP_AB: gl.constexpr,
+                   num_warps: gl.constexpr):
+    """Default warpgroup(s): acc += x_tile @ w_tile^T per stage (with SWAP_AB the
+    transpose, w_tile @ x_tile^T), each stage's slot freed one step late. With a
+    tail slab (TAIL_N > 0) a second accumulator takes its rows."""
     STAGES: gl.constexpr = x_bufs.type.shape[0]
-    BLOCK_M: gl.constexpr = x_bufs.type.shape[1]
-    acc0 = _accumulator(BLOCK_M, N0, SWAP_AB, num_warps)
-    acc1 = acc0  # placeholders for absent slabs
-    acc2 = acc0
-    if N1 > 0:
-        acc1 = _accumulator(BLOCK_M, N1, SWAP_AB, num_warps)
-    if N2 > 0:
-        acc2 = _accumulator(BLOCK_M, N2, SWAP_AB, num_warps)
+    acc = _accumulator(BLOCK_M, BLOCK_N, SWAP_AB, num_warps)
+    if TAIL_N > 0:
+        tail = _accumulator(BLOCK_M, TAIL_N, SWAP_AB, num_warps)
+    else:
+        tail = acc  # unused
     for i in range(k_tiles):
         slot = i % STAGES
         mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
-        x_buf = x_bufs.index(slot)
-        acc0 = _mma(x_buf, w0_bufs.index(slot), acc0, SWAP_AB)
-        # Wait until only this step's MMAs may still run: the previous step's slot is free.
-        if N2 > 0:
-            acc1 = _mma(x_buf, w1_bufs.index(slot), acc1, SWAP_AB)
-            acc2 = _mma(x_buf, w2_bufs.index(slot), acc2, SWAP_AB)
-            acc0, acc1, acc2 = warpgroup_mma_wait(num_outstanding=3, deps=(acc0, acc1, acc2))
-        elif N1 > 0:
-            acc1 = _mma(x_buf, w1_bufs.index(slot), acc1, SWAP_AB)
-            acc0, acc1 = warpgroup_mma_wait(num_outstanding=2, deps=(acc0, acc1))
+        acc = _mma(x_bufs.index(slot), w_bufs.index(slot), acc, SWAP_AB)
+        if TAIL_N > 0:
+            tail = _mma(x_bufs.index(slot), tail_bufs.index(slot), tail, SWAP_AB)
+            # The previous step's two MMAs are done, so its slot is free.
+            acc, tail = warpgroup_mma_wait(num_outstanding=2, deps=(acc, tail))
         else:
-            acc0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, ))
+            # At most one MMA in flight: the previous step's is done, so its slot is free.
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
         mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
-    if N2 > 0:
-        acc0, acc1, acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1, acc2))
-    elif N1 > 0:
-        acc0, acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, acc1))
-        acc2 = acc0
+    if TAIL_N > 0:
+        acc, tail = warpgroup_mma_wait(num_outstanding=0, deps=(acc, tail))
     else:
-        acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, ))
-        acc1 = acc0
-        acc2 = acc0
-    return (acc0, acc1, acc2)  # results go out as a tuple (absent slabs: unused)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        tail = acc
+    return (acc, tail)  # results go out as a tuple
 
 
 @gluon.jit
@@ -193,48 +175,38 @@ def _store_tile(acc, y_desc, b_ptr, off_n, N, HAS_BIAS: gl.constexpr, SWAP_AB: g
 
 
 @gluon.jit
-def _linear_ws_kernel(x_desc, w0_desc, w1_desc, w2_desc, y0_desc, y1_desc, y2_desc, b_ptr, N, K,
-                      BLOCK_M: gl.constexpr, N1: gl.constexpr, N2: gl.constexpr,
+def _linear_ws_kernel(x_desc, w_desc, tail_desc, y_desc, y_tail_desc, b_ptr, N, K,
                       HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, SWAP_AB: gl.constexpr,
-                      USE_PDL: gl.constexpr, num_warps: gl.constexpr):
-    X_ROWS: gl.constexpr = x_desc.block_type.shape[0]
+                      TAIL_N: gl.constexpr, USE_PDL: gl.constexpr, num_warps: gl.constexpr):
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
-    N0: gl.constexpr = w0_desc.block_type.shape[0]
-    off_n = gl.program_id(0) * (N0 + N1 + N2)
-    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES, BLOCK_M, BLOCK_K], x_desc.layout)
-    w0_bufs = gl.allocate_shared_memory(w0_desc.dtype, [STAGES] + w0_desc.block_type.shape, w0_desc.layout)
-    w1_bufs = w0_bufs  # unused unless N1 > 0
-    w2_bufs = w0_bufs  # unused unless N2 > 0
-    if N1 > 0:
-        w1_bufs = gl.allocate_shared_memory(w1_desc.dtype, [STAGES] + w1_desc.block_type.shape, w1_desc.layout)
-    if N2 > 0:
-        w2_bufs = gl.allocate_shared_memory(w2_desc.dtype, [STAGES] + w2_desc.block_type.shape, w2_desc.layout)
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    HAS_TAIL: gl.constexpr = TAIL_N > 0
+    off_n = gl.program_id(0) * (BLOCK_N + TAIL_N)
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    if HAS_TAIL:
+        tail_bufs = gl.allocate_shared_memory(tail_desc.dtype, [STAGES] + tail_desc.block_type.shape,
+                                              tail_desc.layout)
+    else:
+        tail_bufs = w_bufs  # unused
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     for s in gl.static_range(STAGES):
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
-    if X_ROWS < BLOCK_M:  # the TMA box brings x's live rows only: zero the others once
-        zero_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
-        zeros = gl.zeros([BLOCK_M, BLOCK_K], x_desc.dtype, zero_layout)
-        for s in gl.static_range(STAGES):
-            x_bufs.index(s).store(zeros)
-        fence_async_shared()  # these writes before the TMA unit's
-        gl.thread_barrier()
     k_tiles = gl.cdiv(K, BLOCK_K)
     if USE_PDL:  # before the first global memory access (the loader's TMA copies)
         _pdl_wait()
-    acc0, acc1, acc2 = gl.warp_specialize([
-        (_mma_partition, (x_bufs, w0_bufs, w1_bufs, w2_bufs, ready, empty, k_tiles, N0, N1, N2,
+    acc, tail = gl.warp_specialize([
+        (_mma_partition, (x_bufs, w_bufs, tail_bufs, ready, empty, k_tiles, BLOCK_M, BLOCK_N, TAIL_N,
                           SWAP_AB, num_warps)),
-        (_load_partition, (x_desc, w0_desc, w1_desc, w2_desc, x_bufs, w0_bufs, w1_bufs, w2_bufs, ready,
-                           empty, off_n, k_tiles, N1, N2)),
+        (_load_partition, (x_desc, w_desc, tail_desc, x_bufs, w_bufs, tail_bufs, ready, empty, off_n,
+                           k_tiles, BLOCK_K, HAS_TAIL)),
     ], [1], [24])
-    _store_tile(acc0, y0_desc, b_ptr, off_n, N, HAS_BIAS, SWAP_AB)
-    if N1 > 0:
-        _store_tile(acc1, y1_desc, b_ptr, off_n + N0, N, HAS_BIAS, SWAP_AB)
-    if N2 > 0:
-        _store_tile(acc2, y2_desc, b_ptr, off_n + N0 + N1, N, HAS_BIAS, SWAP_AB)
+    _store_tile(acc, y_desc, b_ptr, off_n, N, HAS_BIAS, SWAP_AB)
+    if HAS_TAIL:
+        _store_tile(tail, y_tail_desc, b_ptr, off_n + BLOCK_N, N, HAS_BIAS, SWAP_AB)
 
 
 def _descriptor(t: torch.Tensor, block_shape: list[int]) -> TensorDescriptor:
@@ -255,34 +227,23 @@ def _register_cap(block_m: int, block_n: int, block_k: int, stages: int, num_war
     return min(256, _REGISTERS_PER_SM // (programs * threads) // 8 * 8)
 
 
-def split_block_n(block_n: int) -> tuple[int, int, int]:
-    """A program's weight rows as up to three slabs of power-of-two rows (register
-    tensors and TMA boxes want those), largest first, 0 for an absent slab:
-    192 -> (128, 64, 0), 224 -> (128, 64, 32). A tile of any such size lets the
-    program count match the SMs (Qwen3-8B's 24576 gate_up rows: 128 programs of 192)."""
-    slabs = [1 << bit for bit in range(block_n.bit_length() - 1, -1, -1) if block_n >> bit & 1]
-    if not 1 <= len(slabs) <= 3:
-        raise ValueError(f"block_n = {block_n} is not a sum of at most three powers of two")
-    return tuple(slabs + [0] * (3 - len(slabs)))
-
-
-def live_rows(M: int, block_m: int, block_k: int, element_size: int, swap_ab: bool) -> int:
-    """Rows of x the TMA box fetches per stage. Zero-filling the rows past M is
-    slow in the TMA unit (a 64-row box at M = 1 ran 40% slower than at M = 64),
-    so a plain 64-row tile fetches the power of two >= M (at least 8) and keeps
-    the rest of its slots zero. Only for 128-byte K tiles, whose rows a slice of
-    the slot holds contiguously; swapped tiles (8 or 16 rows) fetch them all."""
-    if swap_ab or block_k * element_size != 128:
-        return block_m
-    return min(block_m, max(8, 1 << (M - 1).bit_length()))
+def split_block_n(block_n: int) -> tuple[int, int]:
+    """A program's weight rows as (head, tail) slabs of power-of-two rows (register
+    tensors and TMA boxes want those): 192 -> (128, 64), 128 -> (128, 0). A
+    non-power-of-two tile lets the program count match the SMs (Qwen3-8B's
+    24576 gate_up rows: 128 programs of 192)."""
+    head = 1 << (block_n.bit_length() - 1)
+    tail = block_n - head
+    if tail & (tail - 1):
+        raise ValueError(f"block_n = {block_n} is not a power of two or a sum of two of them")
+    return head, tail
 
 
 def launch_linear_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      y: torch.Tensor, block_m: int, block_n: int, block_k: int, stages: int,
                      num_warps: int = 4, pdl: bool = False, swap_ab: bool = False) -> None:
     """Run the warp-specialised kernel: x[M, K] (M <= block_m), weight[N, K] -> y[M, N].
-    block_n is a sum of at most three powers of two (see split_block_n); swapped
-    tiles need slabs of at least 64 rows (wgmma's long side)."""
+    block_n is a power of two or the sum of two (see split_block_n)."""
     M, K = x.shape
     N = weight.shape[0]
     if x.dtype not in _GL_DTYPES or weight.dtype != x.dtype or y.dtype not in (x.dtype, torch.float32):
@@ -290,17 +251,15 @@ def launch_linear_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
                          f"{x.dtype}, {weight.dtype}, {y.dtype}")
     if M > block_m:
         raise ValueError(f"M = {M} rows exceed the tile's {block_m}")
-    slabs = split_block_n(block_n)
-    if swap_ab and min(n for n in slabs if n) < 16 * num_warps:
-        raise ValueError(f"a swapped tile needs weight slabs of >= {16 * num_warps} rows, got {slabs}")
-    x_desc = _descriptor(x, [live_rows(M, block_m, block_k, x.element_size(), swap_ab), block_k])
-    w_descs = [_descriptor(weight, [n, block_k]) for n in slabs if n]
-    y_descs = [_descriptor(y, [block_m, n]) for n in slabs if n]
-    w_descs += w_descs[:1] * (3 - len(w_descs))  # absent slabs: placeholders, unused
-    y_descs += y_descs[:1] * (3 - len(y_descs))
+    head_n, tail_n = split_block_n(block_n)
+    x_desc = _descriptor(x, [block_m, block_k])
+    w_desc = _descriptor(weight, [head_n, block_k])
+    y_desc = _descriptor(y, [block_m, head_n])
+    tail_desc, y_tail_desc = ((_descriptor(weight, [tail_n, block_k]), _descriptor(y, [block_m, tail_n]))
+                              if tail_n else (w_desc, y_desc))
     _linear_ws_kernel[(triton.cdiv(N, block_n),)](
-        x_desc, *w_descs, *y_descs, bias if bias is not None else y, N, K,
-        BLOCK_M=block_m, N1=slabs[1], N2=slabs[2], HAS_BIAS=bias is not None, STAGES=stages,
-        SWAP_AB=swap_ab, USE_PDL=pdl, num_warps=num_warps,
+        x_desc, w_desc, tail_desc, y_desc, y_tail_desc, bias if bias is not None else y, N, K,
+        HAS_BIAS=bias is not None, STAGES=stages, SWAP_AB=swap_ab, TAIL_N=tail_n, USE_PDL=pdl,
+        num_warps=num_warps,
         maxnreg=_register_cap(block_m, block_n, block_k, stages, num_warps, y.element_size()),
         **({"launch_pdl": True} if pdl else {}))

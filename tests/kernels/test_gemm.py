@@ -172,32 +172,20 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
 
 
 # (block_m, block_n, block_k, num_warps, num_stages, swap_ab) of the warp-specialised kernel.
-# block_n 192 = 128 + 64, 96 = 64 + 32, 48 = 32 + 16, 224 = 128 + 64 + 32: weight
-# slabs; plain tiles with 64-element K tiles fetch only x's live rows at small M.
+# block_n 192 = 128 + 64, 96 = 64 + 32 and 48 = 32 + 16: a head and a tail slab.
 WS_CONFIGS = [(64, 64, 64, 4, 3, False), (64, 128, 64, 8, 2, False), (16, 64, 64, 4, 4, True),
               (64, 128, 128, 4, 2, True), (8, 128, 256, 4, 3, True), (64, 192, 64, 4, 3, False),
-              (64, 96, 64, 8, 2, False), (64, 48, 128, 4, 4, False), (8, 192, 128, 4, 3, True),
-              (64, 224, 64, 4, 3, False), (64, 112, 64, 8, 4, False)]
+              (64, 96, 64, 8, 2, False), (64, 48, 128, 4, 4, False), (8, 192, 128, 4, 3, True)]
 
 
-def test_ws_tile_rows_split_into_power_of_two_slabs():
-    """The warp-specialised kernel's non-power-of-two tiles: up to three slabs."""
+def test_ws_tile_rows_split_into_two_power_of_two_slabs():
+    """The warp-specialised kernel's non-power-of-two tiles: a head slab and a tail slab."""
     from triton_kernels.gemm_ws import split_block_n
 
-    assert [split_block_n(n) for n in (64, 192, 96, 48, 224, 112)] == [
-        (64, 0, 0), (128, 64, 0), (64, 32, 0), (32, 16, 0), (128, 64, 32), (64, 32, 16)]
-    with pytest.raises(ValueError, match="at most three"):
-        split_block_n(240)  # 128 + 64 + 32 + 16
-
-
-def test_ws_fetches_the_live_rows_of_x():
-    """A plain 64-row tile with 128-byte K tiles fetches the power of two >= M rows
-    (at least 8); other tiles fetch all of theirs."""
-    from triton_kernels.gemm_ws import live_rows
-
-    assert [live_rows(M, 64, 64, 2, False) for M in (1, 8, 9, 17, 33, 64)] == [8, 8, 16, 32, 64, 64]
-    assert live_rows(1, 64, 128, 2, False) == 64  # a 256-byte K tile: rows not contiguous in a slot
-    assert live_rows(1, 8, 64, 2, True) == 8 and live_rows(3, 16, 64, 2, True) == 16
+    assert [split_block_n(n) for n in (64, 192, 96, 48, 320)] == [
+        (64, 0), (128, 64), (64, 32), (32, 16), (256, 64)]
+    with pytest.raises(ValueError, match="sum of two"):
+        split_block_n(112)  # 64 + 48
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU: the Gluon kernel has no interpreter path")
@@ -227,10 +215,6 @@ def test_warp_specialised_kernel(device, dtype, config, bias, pdl):
         gemm.launch_linear(torch.zeros(block_m + 1, 1000, dtype=dtype, device=device), w, None,
                            torch.empty(block_m + 1, 264, dtype=dtype, device=device),
                            gemm.GemmConfig("ws", block_m, block_n, block_k))
-    if swap:
-        with pytest.raises(ValueError, match="slabs of >= 64"):
-            gemm.launch_linear(x, w, None, torch.empty(M, 264, dtype=dtype, device=device),
-                               gemm.GemmConfig("ws", block_m, 96, block_k, swap_ab=True))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
