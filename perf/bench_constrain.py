@@ -52,7 +52,7 @@ from stages.constrain.grammar import (CompiledGrammar, GrammarCompiler, GrammarS
 from stages.constrain.stage import ConstrainStage  # noqa: E402
 from stages.constrain.vocab import build_token_vocab  # noqa: E402
 
-DATA = Path("/work/shared/data/tinyshakespeare.txt")
+DATA = ROOT / "models" / "demo" / "tinyshakespeare.txt"  # the demo model's training text
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
@@ -61,7 +61,7 @@ def synthetic_tokenizer(vocab_size: int, seed: int = 0) -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    text = (DATA if DATA.exists() else ROOT / "models" / "demo" / "tinyshakespeare.txt").read_text()
+    text = DATA.read_text()
     base = Tokenizer(models.BPE())
     base.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,

@@ -23,7 +23,8 @@ allocation landed in DRAM. Results go to ``perf/results/kernels-<device>.json``
 (and ``$OUT`` when set).
 
 Shapes come from Llama-3.1-8B-Instruct and Qwen3-8B (config.json values
-copied below; checked against ``--models-dir`` when it exists).
+copied below; checked against the configs bundled in tests/models/configs,
+or ``--models-dir``).
 ``--sweep-gemm`` also times candidate gemm configs per shape and bucket: the
 data behind the explicit table in ``triton_kernels/gemm.py``.
 
@@ -97,10 +98,12 @@ def rotating(ctx: Ctx, make_inputs: Callable[[], tuple], set_bytes: int) -> Call
     return next_set
 
 
-def model_dims(models_dir: Path) -> dict[str, dict[str, int]]:
-    """The table above, checked against the real config.json files when present."""
+def model_dims(models_dir: Path | None) -> dict[str, dict[str, int]]:
+    """The table above, checked against the real config.json files: ``models_dir``'s
+    (``<name>/config.json``) when given, else those bundled in tests/models/configs."""
+    bundled = Path(__file__).resolve().parents[1] / "tests" / "models" / "configs"
     for name, dims in MODELS.items():
-        path = models_dir / name / "config.json"
+        path = models_dir / name / "config.json" if models_dir else bundled / f"{name}.json"
         if path.exists():
             config = json.loads(path.read_text())
             for key, value in dims.items():
@@ -613,7 +616,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="alternating rounds of ours and the anchor per row (median of each)")
     parser.add_argument("--sweep-gemm", default="", metavar="MS",
                         help="also time candidate gemm configs at these M (comma-separated)")
-    parser.add_argument("--models-dir", type=Path, default=Path("/work/shared/models"))
+    parser.add_argument("--models-dir", type=Path, default=None,
+                        help="check the shapes against <dir>/<model>/config.json (default: the bundled configs)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU: the timings mean nothing under the "

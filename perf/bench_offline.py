@@ -2,7 +2,7 @@
 
 Usage (GPU)::
 
-    python perf/bench_offline.py --models /work/shared/models/Qwen3-0.6B,/work/shared/models/Qwen3-8B
+    python perf/bench_offline.py --models Qwen3-0.6B,Qwen3-8B
 
 The public offline workload: 256 requests, input and output lengths uniform
 in [100, 1024], ``ignore_eos``, seed 0, greedy, random token ids as prompts
@@ -142,7 +142,8 @@ def record_compiles() -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="/work/shared/models/Qwen3-0.6B,/work/shared/models/Qwen3-8B")
+    parser.add_argument("--models", default="Qwen3-0.6B,Qwen3-8B",
+                        help="model directories or names of bundled configs (tests/models/configs)")
     parser.add_argument("--num-requests", type=int, default=256)
     parser.add_argument("--low", type=int, default=100)
     parser.add_argument("--high", type=int, default=1024)

@@ -2,7 +2,7 @@
 
 Usage (GPU)::
 
-    python perf/bench_one_batch.py --models /work/shared/models/Llama-3.1-8B-Instruct,/work/shared/models/Qwen3-8B \
+    python perf/bench_one_batch.py --models Llama-3.1-8B-Instruct,Qwen3-8B \
         --batch-sizes 1,16,64 --input-lens 256,1024 --decode-steps 32
 
 For each model (``--load-format dummy``: random weights of the real shapes)
@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -82,8 +84,30 @@ def copy_bandwidth_gbps(num_bytes: int = 1 << 30) -> float:
     return 2 * num_bytes / sorted(times[2:])[len(times[2:]) // 2] / 1e9
 
 
-def server_args(model_path: str, **overrides) -> ServerArgs:
-    fields = dict(model_path=model_path, load_format="dummy", device="cuda" if torch.cuda.is_available() else "cpu")
+# config.json of public models, bundled with the tests: dummy weights need no more.
+BUNDLED_CONFIGS = Path(__file__).resolve().parents[1] / "tests" / "models" / "configs"
+
+
+def model_dir(model: str) -> str:
+    """A model directory for dummy weights: ``model`` itself when it is a
+    directory; for the name of a bundled config (``Qwen3-8B``: see
+    tests/models/configs) a temporary directory holding it as config.json."""
+    if Path(model).is_dir():
+        return model
+    bundled = BUNDLED_CONFIGS / f"{model}.json"
+    if not bundled.exists():
+        names = ", ".join(sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.json")))
+        raise SystemExit(f"{model}: neither a model directory nor a bundled config ({names})")
+    directory = Path(tempfile.gettempdir()) / "stagewise-configs" / model
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(bundled, directory / "config.json")
+    return str(directory)
+
+
+def server_args(model: str, **overrides) -> ServerArgs:
+    """Dummy-weight ServerArgs for a model directory or a bundled config's name."""
+    fields = dict(model_path=model_dir(model), load_format="dummy",
+                  device="cuda" if torch.cuda.is_available() else "cpu")
     fields.update(overrides)
     return resolve(msgspec.structs.replace(ServerArgs(), **fields))
 
@@ -180,7 +204,8 @@ def run_each_model_alone(script: str, models: list[str], argv: list[str] | None)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", default="/work/shared/models/Llama-3.1-8B-Instruct,/work/shared/models/Qwen3-8B")
+    parser.add_argument("--models", default="Llama-3.1-8B-Instruct,Qwen3-8B",
+                        help="model directories or names of bundled configs (tests/models/configs)")
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--input-lens", default="256,1024")
     parser.add_argument("--decode-steps", type=int, default=32)

@@ -2,7 +2,7 @@
 
 Usage (GPU)::
 
-    python perf/kernel_audit.py [--model /work/shared/models/Qwen3-8B] [--batch 4] [--input-len 512]
+    python perf/kernel_audit.py [--model Qwen3-8B] [--batch 4] [--input-len 512]
 
 Runs the real forward and sample stages (dummy weights, CUDA graphs off so
 every launch is visible) on one prefill ForwardBatch and one decode
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from stages.sample import SampleStage
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="/work/shared/models/Qwen3-8B")
+    parser.add_argument("--model", default="Qwen3-8B",
+                        help="a model directory or the name of a bundled config (tests/models/configs)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--input-len", type=int, default=512)
     ns = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 
 Usage (GPU)::
 
-    python perf/profile_decode.py --model /work/shared/models/Llama-3.1-8B-Instruct --batch 1
+    python perf/profile_decode.py --model Llama-3.1-8B-Instruct --batch 1
 
 Runs the real forward and sample stages (dummy weights, CUDA graphs as the
 server runs them) for a few decode steps under ``torch.profiler`` and prints:
@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
     from stages.sample import SampleStage
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="/work/shared/models/Llama-3.1-8B-Instruct")
+    parser.add_argument("--model", default="Llama-3.1-8B-Instruct",
+                        help="a model directory or the name of a bundled config (tests/models/configs)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--input-len", type=int, default=256)
     parser.add_argument("--steps", type=int, default=8)

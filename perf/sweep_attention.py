@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
 from pathlib import Path

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-# Published config.json files (copied from /work/shared/models, plus Qwen1.5-MoE-A2.7B,
-# the Qwen2-MoE reference), kept here so the tests run on any machine.
+# Published config.json files of public models (Qwen1.5-MoE-A2.7B is the Qwen2-MoE
+# reference), kept here so the tests run on any machine without a model hub.
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
 

@@ -31,14 +31,12 @@ from stages.constrain.grammar import (CompiledGrammar, GrammarCompiler, GrammarE
 from stages.constrain.schema import SchemaError, schema_to_regex
 from stages.constrain.vocab import build_token_vocab, gpt2_byte_table, vocab_for_tokenizer
 
-DATA = Path("/work/shared/data/tinyshakespeare.txt")
-LOCAL_DATA = Path(__file__).resolve().parents[2] / "models" / "demo" / "tinyshakespeare.txt"
+DATA = Path(__file__).resolve().parents[2] / "models" / "demo" / "tinyshakespeare.txt"
 EXTRA_MODEL_IDS = 13  # the model's vocab is larger than the tokenizer's: padding ids never allowed
 
 
 def training_text() -> str:
-    path = DATA if DATA.exists() else LOCAL_DATA
-    text = path.read_text()[:150_000]
+    text = DATA.read_text()[:150_000]
     rng = random.Random(0)
     json_lines = [json.dumps({"name": rng.choice(["ann", "bo", "Zoë"]), "id": rng.randint(-999, 99999),
                               "tags": ["x", "y"][: rng.randint(0, 2)], "ok": rng.random() < 0.5,
