@@ -20,7 +20,9 @@ shapes):
   by the descriptor).
 
 Each program owns one ``[BLOCK_M, BLOCK_N]`` output tile and the whole K range,
-so no partial sums are written. With ``SWAP_AB`` the MMA computes ``W x^T``
+so no partial sums are written. BLOCK_N may be two power-of-two slabs of
+weight rows (192 = 128 + 64), each with its own TMA box and accumulator, so
+that the program count can match the SMs (``split_block_n``). With ``SWAP_AB`` the MMA computes ``W x^T``
 (weight rows on wgmma's 64-row side, 8 or 16 tokens on its narrow one), as in
 gemm.py.
 
@@ -252,6 +254,9 @@ def launch_linear_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if M > block_m:
         raise ValueError(f"M = {M} rows exceed the tile's {block_m}")
     head_n, tail_n = split_block_n(block_n)
+    if swap_ab and min(head_n, tail_n or head_n) < 16 * num_warps:
+        raise ValueError(f"a swapped tile needs weight slabs of >= {16 * num_warps} rows, "
+                         f"got {head_n} + {tail_n}")
     x_desc = _descriptor(x, [block_m, block_k])
     w_desc = _descriptor(weight, [head_n, block_k])
     y_desc = _descriptor(y, [block_m, head_n])

@@ -215,6 +215,10 @@ def test_warp_specialised_kernel(device, dtype, config, bias, pdl):
         gemm.launch_linear(torch.zeros(block_m + 1, 1000, dtype=dtype, device=device), w, None,
                            torch.empty(block_m + 1, 264, dtype=dtype, device=device),
                            gemm.GemmConfig("ws", block_m, block_n, block_k))
+    if swap:  # 96 = 64 + 32: the 32-row slab cannot fill wgmma's 64-row side
+        with pytest.raises(ValueError, match="slabs of >= 64"):
+            gemm.launch_linear(x, w, None, torch.empty(M, 264, dtype=dtype, device=device),
+                               gemm.GemmConfig("ws", block_m, 96, block_k, swap_ab=True))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
