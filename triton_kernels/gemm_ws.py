@@ -22,9 +22,9 @@ shapes):
 Each program owns one ``[BLOCK_M, BLOCK_N]`` output tile and the whole K range,
 so no partial sums are written. BLOCK_N may be two power-of-two slabs of
 weight rows (192 = 128 + 64), each with its own TMA box and accumulator, so
-that the program count can match the SMs (``split_block_n``). With ``SWAP_AB`` the MMA computes ``W x^T``
-(weight rows on wgmma's 64-row side, 8 or 16 tokens on its narrow one), as in
-gemm.py.
+that the program count can match the SMs (``split_block_n``). With
+``SWAP_AB`` the MMA computes ``W x^T`` (weight rows on wgmma's 64-row side,
+8 or 16 tokens on its narrow one), as in gemm.py.
 
 Two things the measurements taught (H200, perf/results/gemm-decode-*ws*):
 a warp-specialised program reserves registers for all its warps, 256 per
@@ -69,13 +69,13 @@ _tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_
 
 @gluon.jit
 def _load_partition(x_desc, w_desc, tail_desc, x_bufs, w_bufs, tail_bufs, ready, empty, off_n, k_tiles,
-                    BLOCK_K: gl.constexpr, HAS_TAIL: gl.constexpr):
+                    BLOCK_K: gl.constexpr, TAIL_N: gl.constexpr):
     """Loader warp: fill the ring of stages, one K tile of x and W per stage (and
     of the tail slab of W, when the program's rows are two slabs)."""
     STAGES: gl.constexpr = x_bufs.type.shape[0]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     stage_bytes: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes
-                                 + HAS_TAIL * tail_desc.block_type.nbytes)
+                                 + (TAIL_N > 0) * tail_desc.block_type.nbytes)
     for i in range(k_tiles):
         slot = i % STAGES
         # Barriers start in phase 0, so the first pass waits on phase 1 and goes through.
@@ -84,7 +84,7 @@ def _load_partition(x_desc, w_desc, tail_desc, x_bufs, w_bufs, tail_bufs, ready,
         mbarrier.expect(bar, stage_bytes)
         _tma_load(x_desc, [0, i * BLOCK_K], bar, x_bufs.index(slot))
         _tma_load(w_desc, [off_n, i * BLOCK_K], bar, w_bufs.index(slot))
-        if HAS_TAIL:
+        if TAIL_N > 0:
             _tma_load(tail_desc, [off_n + BLOCK_N, i * BLOCK_K], bar, tail_bufs.index(slot))
 
 
@@ -183,11 +183,10 @@ def _linear_ws_kernel(x_desc, w_desc, tail_desc, y_desc, y_tail_desc, b_ptr, N, 
     BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
     BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
-    HAS_TAIL: gl.constexpr = TAIL_N > 0
     off_n = gl.program_id(0) * (BLOCK_N + TAIL_N)
     x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
     w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
-    if HAS_TAIL:
+    if TAIL_N > 0:
         tail_bufs = gl.allocate_shared_memory(tail_desc.dtype, [STAGES] + tail_desc.block_type.shape,
                                               tail_desc.layout)
     else:
@@ -204,10 +203,10 @@ def _linear_ws_kernel(x_desc, w_desc, tail_desc, y_desc, y_tail_desc, b_ptr, N, 
         (_mma_partition, (x_bufs, w_bufs, tail_bufs, ready, empty, k_tiles, BLOCK_M, BLOCK_N, TAIL_N,
                           SWAP_AB, num_warps)),
         (_load_partition, (x_desc, w_desc, tail_desc, x_bufs, w_bufs, tail_bufs, ready, empty, off_n,
-                           k_tiles, BLOCK_K, HAS_TAIL)),
+                           k_tiles, BLOCK_K, TAIL_N)),
     ], [1], [24])
     _store_tile(acc, y_desc, b_ptr, off_n, N, HAS_BIAS, SWAP_AB)
-    if HAS_TAIL:
+    if TAIL_N > 0:
         _store_tile(tail, y_tail_desc, b_ptr, off_n + BLOCK_N, N, HAS_BIAS, SWAP_AB)
 
 
