@@ -49,7 +49,8 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
     stages as shared memory holds at 1..4 programs per SM; ``ws8``: its swapped
     tiles with 8 token columns (M <= 8); ``wstail``: its tiles of two
     power-of-two slabs of weight rows (48, 96, 192, 320); ``wswide``: swapped
-    tiles of 192, 256 and 320 weight rows, one program per SM (M <= 16)."""
+    tiles of 192, 256 and 320 weight rows, one program per SM (M <= 16);
+    ``wssk``: its stream-K form (gemm_ws.launch_linear_ws_split)."""
     from triton_kernels.gemm import GemmConfig
 
     bm = max(16, 1 << (M - 1).bit_length())
@@ -124,6 +125,15 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
             stages = min(16, (_SMEM_BYTES - tile_m * bn * 2 - 1024) // ((tile_m + bn) * bk * 2))
             if stages >= 2 and tile_m >= M:
                 configs.append(GemmConfig("ws", tile_m, bn, bk, num_warps=4, num_stages=stages, swap_ab=True))
+    if "wssk" in kinds:  # the stream-K warp-specialised kernel: one program per SM
+        for bn, bk, per_sm, swap in itertools.product((64, 128), (64, 128, 256), (1, 2), (True, False)):
+            tile_m = (8 if M <= 8 else 16) if swap else 64
+            if (not swap and M <= 48) or (swap and M > 16) or tile_m * bn > 128 * 64:
+                continue
+            stages = min(16, (_SMEM_BYTES // per_sm - tile_m * bn * 2 - 1024) // ((tile_m + bn) * bk * 2))
+            if stages >= 2:
+                configs.append(GemmConfig("ws", tile_m, bn, bk, num_warps=4, num_stages=stages,
+                                          swap_ab=swap, stream_k=True))
     if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
         tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
             (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
@@ -251,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ms", default="1,4,16,64")
     parser.add_argument("--shapes", default="", help="comma-separated names (default: all)")
     parser.add_argument("--top", type=int, default=3)
-    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep, ws, ws8, wstail, wswide")
+    parser.add_argument("--kinds", default="stream,tma", help="kernels to sweep: table, stagger, stream, grid, tma, swap, swaptop, deep, ws, ws8, wstail, wswide, wssk")
     parser.add_argument("--compile-only", default="", metavar="I/N",
                         help="only compile shard I of N of the candidates (run N in parallel first)")
     parser.add_argument("--out-name", default="gemm-decode-sweep",

@@ -246,7 +246,10 @@ class GemmConfig:
     programmatic dependent launch (Hopper; see triton_kernels/pdl.py).
     ``swap_ab``: the MMA computes ``W x^T`` so that the
     weight rows, not the few tokens, fill its 64-row side (Hopper's wgmma).
-    ``stagger_k``: rotate each program's K loop by ``pid_n * stagger_k`` tiles."""
+    ``stagger_k``: rotate each program's K loop by ``pid_n * stagger_k`` tiles.
+    ``stream_k`` (kind "ws"): one program per SM, each an equal run of (tile,
+    K tile) steps; a tile cut between two programs is summed in fp32
+    (gemm_ws.launch_linear_ws_split)."""
 
     kind: str
     block_m: int
@@ -260,6 +263,7 @@ class GemmConfig:
     pdl: bool = False
     swap_ab: bool = False
     stagger_k: int = 0
+    stream_k: bool = False
 
 
 def _interpreting() -> bool:
@@ -293,6 +297,7 @@ class _Tile(NamedTuple):
     swap_ab: bool = False
     pdl: bool = True
     stagger_k: int = 0
+    stream_k: bool = False
 
 
 # Decode tables (16-bit dtypes), from perf/sweep_gemm_decode.py on an H200
@@ -356,11 +361,13 @@ _DECODE_WS: dict[tuple[int, int, int], _Tile] = {
     (6144, 4096, 8): _Tile(64, 128, 1, 4, 6, swap_ab=True),              # qkv
     (6144, 4096, 64): _Tile(96, 64, 1, 4, 10),
     (4096, 4096, 64): _Tile(64, 128, 1, 4, 6),                           # o
-    (28672, 4096, 8): _Tile(128, 256, 1, 4, 3, swap_ab=True),            # Llama-3.1-8B gate_up
+    (28672, 4096, 8): _Tile(64, 256, 1, 4, 6, swap_ab=True, stream_k=True),  # Llama-3.1-8B gate_up
     (28672, 4096, 16): _Tile(128, 128, 1, 4, 3, swap_ab=True, pdl=False),
     (28672, 4096, 64): _Tile(128, 64, 1, 4, 4, pdl=False),
     (24576, 4096, 64): _Tile(192, 128, 1, 4, 3),                         # Qwen3-8B gate_up
     (151936, 4096, 64): _Tile(128, 128, 1, 4, 4),                        # Qwen3-8B lm_head
+    (4096, 14336, 8): _Tile(64, 256, 1, 4, 6, swap_ab=True, stream_k=True),  # Llama-3.1-8B down
+    (4096, 14336, 16): _Tile(64, 256, 1, 4, 5, swap_ab=True, stream_k=True),
 }
 
 
@@ -371,7 +378,8 @@ def _ws_config(M: int, N: int, K: int) -> GemmConfig | None:
         tile = _DECODE_WS.get((N, K, rows))
         if tile is not None and 0 <= rows - M <= _WS_MAX_PAD_ROWS:
             return GemmConfig("ws", rows, tile.block_n, tile.block_k, num_warps=tile.num_warps,
-                              num_stages=tile.num_stages, swap_ab=tile.swap_ab, pdl=tile.pdl)
+                              num_stages=tile.num_stages, swap_ab=tile.swap_ab, pdl=tile.pdl,
+                              stream_k=tile.stream_k)
     return None
 
 
@@ -554,10 +562,11 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             INPUT_PRECISION=precision, num_warps=config.num_warps, num_stages=config.num_stages, **pdl)
         return
     if config.kind == "ws":
-        from triton_kernels.gemm_ws import launch_linear_ws
+        from triton_kernels.gemm_ws import launch_linear_ws, launch_linear_ws_split
 
-        launch_linear_ws(x, weight, bias, y, config.block_m, config.block_n, config.block_k,
-                         config.num_stages, config.num_warps, pdl=bool(pdl), swap_ab=config.swap_ab)
+        launch = launch_linear_ws_split if config.stream_k else launch_linear_ws
+        launch(x, weight, bias, y, config.block_m, config.block_n, config.block_k,
+               config.num_stages, config.num_warps, pdl=bool(pdl), swap_ab=config.swap_ab)
         return
     split_k = max(1, min(config.split_k, triton.cdiv(K, config.block_k)))
     part = (torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)

@@ -55,7 +55,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from triton_kernels.gemm import linear_reference as reference  # the same math as gemm.linear
 
-__all__ = ["launch_linear_ws", "reference"]
+__all__ = ["launch_linear_ws", "launch_linear_ws_split", "reference"]
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 _GL_OUT_DTYPES = {**_GL_DTYPES, torch.float32: gl.float32}  # fp32 logits for the lm_head
@@ -68,24 +68,29 @@ _tma_store = tma.async_store if hasattr(tma, "async_store") else tma.async_copy_
 
 
 @gluon.jit
-def _load_partition(x_desc, w_desc, tail_desc, x_bufs, w_bufs, tail_bufs, ready, empty, off_n, k_tiles,
-                    BLOCK_K: gl.constexpr, TAIL_N: gl.constexpr):
+def _load_partition(x_desc, w_desc, tail_desc, x_bufs, w_bufs, tail_bufs, ready, empty, first_step,
+                    last_step, k_tiles, BLOCK_K: gl.constexpr, TAIL_N: gl.constexpr):
     """Loader warp: fill the ring of stages, one K tile of x and W per stage (and
-    of the tail slab of W, when the program's rows are two slabs)."""
+    of the tail slab of W, when the program's rows are two slabs). The program's
+    work is the run of steps [first_step, last_step) in (output tile, K tile)
+    order: step s is K tile s % k_tiles of output tile s // k_tiles."""
     STAGES: gl.constexpr = x_bufs.type.shape[0]
     BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
     stage_bytes: gl.constexpr = (x_desc.block_type.nbytes + w_desc.block_type.nbytes
                                  + (TAIL_N > 0) * tail_desc.block_type.nbytes)
-    for i in range(k_tiles):
+    for step in range(first_step, last_step):
+        i = step - first_step
         slot = i % STAGES
         # Barriers start in phase 0, so the first pass waits on phase 1 and goes through.
         mbarrier.wait(empty.index(slot), ((i // STAGES) & 1) ^ 1)
         bar = ready.index(slot)
         mbarrier.expect(bar, stage_bytes)
-        _tma_load(x_desc, [0, i * BLOCK_K], bar, x_bufs.index(slot))
-        _tma_load(w_desc, [off_n, i * BLOCK_K], bar, w_bufs.index(slot))
+        off_n = (step // k_tiles) * (BLOCK_N + TAIL_N)
+        off_k = (step % k_tiles) * BLOCK_K
+        _tma_load(x_desc, [0, off_k], bar, x_bufs.index(slot))
+        _tma_load(w_desc, [off_n, off_k], bar, w_bufs.index(slot))
         if TAIL_N > 0:
-            _tma_load(tail_desc, [off_n + BLOCK_N, i * BLOCK_K], bar, tail_bufs.index(slot))
+            _tma_load(tail_desc, [off_n + BLOCK_N, off_k], bar, tail_bufs.index(slot))
 
 
 @gluon.jit
@@ -157,7 +162,7 @@ def _pdl_wait():
 
 
 @gluon.jit
-def _store_tile(acc, y_desc, b_ptr, off_n, N, HAS_BIAS: gl.constexpr, SWAP_AB: gl.constexpr):
+def _write_tile(acc, y_smem, y_desc, b_ptr, off_n, N, HAS_BIAS: gl.constexpr, SWAP_AB: gl.constexpr):
     """Epilogue: add the bias, then write the tile through shared memory with a TMA
     store (the descriptor clips rows past M and columns past N). The store is
     waited for here: the shared buffer may be handed to the next tile's epilogue."""
@@ -169,11 +174,18 @@ def _store_tile(acc, y_desc, b_ptr, off_n, N, HAS_BIAS: gl.constexpr, SWAP_AB: g
     elif HAS_BIAS:
         cols = off_n + gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
         acc = acc + gl.load(b_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)[None, :]
-    y_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
     y_smem.store(acc.to(y_desc.dtype))
     fence_async_shared()
     _tma_store(y_desc, [0, off_n], y_smem)
     tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _store_tile(acc, y_desc, b_ptr, off_n, N, HAS_BIAS: gl.constexpr, SWAP_AB: gl.constexpr):
+    """_write_tile through a buffer allocated here, after the ring is dead (so the
+    two may share shared memory)."""
+    y_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
+    _write_tile(acc, y_smem, y_desc, b_ptr, off_n, N, HAS_BIAS, SWAP_AB)
 
 
 @gluon.jit
@@ -197,17 +209,124 @@ def _linear_ws_kernel(x_desc, w_desc, tail_desc, y_desc, y_tail_desc, b_ptr, N, 
         mbarrier.init(ready.index(s), count=1)
         mbarrier.init(empty.index(s), count=1)
     k_tiles = gl.cdiv(K, BLOCK_K)
+    first_step = gl.program_id(0) * k_tiles
     if USE_PDL:  # before the first global memory access (the loader's TMA copies)
         _pdl_wait()
     acc, tail = gl.warp_specialize([
         (_mma_partition, (x_bufs, w_bufs, tail_bufs, ready, empty, k_tiles, BLOCK_M, BLOCK_N, TAIL_N,
                           SWAP_AB, num_warps)),
-        (_load_partition, (x_desc, w_desc, tail_desc, x_bufs, w_bufs, tail_bufs, ready, empty, off_n,
-                           k_tiles, BLOCK_K, TAIL_N)),
+        (_load_partition, (x_desc, w_desc, tail_desc, x_bufs, w_bufs, tail_bufs, ready, empty, first_step,
+                           first_step + k_tiles, k_tiles, BLOCK_K, TAIL_N)),
     ], [1], [24])
     _store_tile(acc, y_desc, b_ptr, off_n, N, HAS_BIAS, SWAP_AB)
     if TAIL_N > 0:
         _store_tile(tail, y_tail_desc, b_ptr, off_n + BLOCK_N, N, HAS_BIAS, SWAP_AB)
+
+
+# ----------------------------------------------------------------------------- stream-K
+#
+# When the output tiles do not fill the SMs a whole number of times (Llama's
+# 28672 gate_up rows are 224 tiles of 128: 1.7 waves on 132 SMs), the last wave
+# streams on fewer SMs and the kernel ends later than the bytes need. The
+# stream-K kernel below gives each of its (one per SM) programs an equal run of
+# (tile, K tile) steps instead. A tile cut between two programs is summed in
+# fp32: the program that takes the tile's last K tiles runs them first (they
+# open its run), writes the partial sum to a workspace slot and raises a flag;
+# the program that takes the first K tiles runs them last (they close its run)
+# and by then finds the flag up. It adds the partial, lowers the flag for the
+# next launch and stores the tile. Runs are at least one tile long, so a tile
+# is cut at most once.
+
+
+@gluon.jit
+def _tile_offsets(acc):
+    """Row-major element offsets of a register tile, in the tile's own layout."""
+    rows = gl.arange(0, acc.shape[0], layout=gl.SliceLayout(1, acc.type.layout))
+    cols = gl.arange(0, acc.shape[1], layout=gl.SliceLayout(0, acc.type.layout))
+    return rows[:, None] * acc.shape[1] + cols[None, :]
+
+
+@gluon.jit
+def _publish_partial(acc, part_ptr, flag_ptr):
+    """Leave a partial tile in this program's workspace slot and raise its flag."""
+    slot = gl.program_id(0)
+    gl.store(part_ptr + slot * (acc.shape[0] * acc.shape[1]) + _tile_offsets(acc), acc)
+    gl.thread_barrier()  # every thread's stores happen before the release below
+    gl.atomic_xchg(flag_ptr + slot, 1, sem="release", scope="gpu")
+
+
+@gluon.jit
+def _collect_partial(acc, part_ptr, flag_ptr):
+    """acc + the partial the next program left in its slot; lowers its flag."""
+    slot = gl.program_id(0) + 1
+    while gl.atomic_cas(flag_ptr + slot, 1, 0, sem="acquire", scope="gpu") != 1:
+        pass
+    gl.thread_barrier()
+    # .cg: read from L2, where the other SM's stores are, not from this SM's L1.
+    partial = gl.load(part_ptr + slot * (acc.shape[0] * acc.shape[1]) + _tile_offsets(acc),
+                      cache_modifier=".cg")
+    return acc + partial
+
+
+@gluon.jit
+def _split_mma_partition(x_bufs, w_bufs, y_smem, ready, empty, y_desc, b_ptr, part_ptr, flag_ptr,
+                         first_step, last_step, k_tiles, N, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                         HAS_BIAS: gl.constexpr, SWAP_AB: gl.constexpr, num_warps: gl.constexpr):
+    """Default warpgroup of the stream-K kernel: the MMAs of the program's run, and
+    at the end of each tile's stretch of it, that stretch's epilogue (a stored
+    tile, a published partial or a collected one). The loader meanwhile keeps
+    filling the ring with the next tile's K tiles."""
+    STAGES: gl.constexpr = x_bufs.type.shape[0]
+    acc = _accumulator(BLOCK_M, BLOCK_N, SWAP_AB, num_warps)
+    for step in range(first_step, last_step):
+        i = step - first_step
+        slot = i % STAGES
+        mbarrier.wait(ready.index(slot), (i // STAGES) & 1)
+        acc = _mma(x_bufs.index(slot), w_bufs.index(slot), acc, SWAP_AB)
+        acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        mbarrier.arrive(empty.index((i + STAGES - 1) % STAGES), pred=i > 0)
+        k = step % k_tiles
+        if (k == k_tiles - 1) | (step == last_step - 1):  # this tile's stretch ends here
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            if step - k < first_step:  # the tile's last K tiles: its first ones ran elsewhere
+                _publish_partial(acc, part_ptr, flag_ptr)
+            else:
+                if k < k_tiles - 1:  # the tile's first K tiles: the rest ran in the next program
+                    acc = _collect_partial(acc, part_ptr, flag_ptr)
+                _write_tile(acc, y_smem, y_desc, b_ptr, (step // k_tiles) * BLOCK_N, N, HAS_BIAS, SWAP_AB)
+            acc = _accumulator(BLOCK_M, BLOCK_N, SWAP_AB, num_warps)
+
+
+@gluon.jit
+def _linear_ws_split_kernel(x_desc, w_desc, y_desc, b_ptr, part_ptr, flag_ptr, N, K,
+                            HAS_BIAS: gl.constexpr, STAGES: gl.constexpr, SWAP_AB: gl.constexpr,
+                            USE_PDL: gl.constexpr, num_warps: gl.constexpr):
+    BLOCK_M: gl.constexpr = x_desc.block_type.shape[0]
+    BLOCK_K: gl.constexpr = x_desc.block_type.shape[1]
+    BLOCK_N: gl.constexpr = w_desc.block_type.shape[0]
+    k_tiles = gl.cdiv(K, BLOCK_K)
+    total_steps = gl.cdiv(N, BLOCK_N) * k_tiles
+    pid = gl.program_id(0)
+    num_programs = gl.num_programs(0)
+    first_step = pid * total_steps // num_programs
+    last_step = (pid + 1) * total_steps // num_programs
+    x_bufs = gl.allocate_shared_memory(x_desc.dtype, [STAGES] + x_desc.block_type.shape, x_desc.layout)
+    w_bufs = gl.allocate_shared_memory(w_desc.dtype, [STAGES] + w_desc.block_type.shape, w_desc.layout)
+    y_smem = gl.allocate_shared_memory(y_desc.dtype, y_desc.block_type.shape, y_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    for s in gl.static_range(STAGES):
+        mbarrier.init(ready.index(s), count=1)
+        mbarrier.init(empty.index(s), count=1)
+    if USE_PDL:
+        _pdl_wait()
+    gl.warp_specialize([
+        (_split_mma_partition, (x_bufs, w_bufs, y_smem, ready, empty, y_desc, b_ptr, part_ptr, flag_ptr,
+                                first_step, last_step, k_tiles, N, BLOCK_M, BLOCK_N, HAS_BIAS, SWAP_AB,
+                                num_warps)),
+        (_load_partition, (x_desc, w_desc, w_desc, x_bufs, w_bufs, w_bufs, ready, empty, first_step,
+                           last_step, k_tiles, BLOCK_K, 0)),
+    ], [1], [24])
 
 
 def _descriptor(t: torch.Tensor, block_shape: list[int]) -> TensorDescriptor:
@@ -240,22 +359,28 @@ def split_block_n(block_n: int) -> tuple[int, int]:
     return head, tail
 
 
+def _check_ws(x: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, block_m: int,
+              block_n: int, num_warps: int, swap_ab: bool) -> tuple[int, int]:
+    """Typed errors for what the kernels cannot take; the tile's (head, tail) slabs."""
+    if x.dtype not in _GL_DTYPES or weight.dtype != x.dtype or y.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"x and weight must share one 16-bit dtype and y be that or float32, got "
+                         f"{x.dtype}, {weight.dtype}, {y.dtype}")
+    if x.shape[0] > block_m:
+        raise ValueError(f"M = {x.shape[0]} rows exceed the tile's {block_m}")
+    head_n, tail_n = split_block_n(block_n)
+    if swap_ab and min(head_n, tail_n or head_n) < 16 * num_warps:
+        raise ValueError(f"a swapped tile needs weight slabs of >= {16 * num_warps} rows, "
+                         f"got {head_n} + {tail_n}")
+    return head_n, tail_n
+
+
 def launch_linear_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      y: torch.Tensor, block_m: int, block_n: int, block_k: int, stages: int,
                      num_warps: int = 4, pdl: bool = False, swap_ab: bool = False) -> None:
     """Run the warp-specialised kernel: x[M, K] (M <= block_m), weight[N, K] -> y[M, N].
     block_n is a power of two or the sum of two (see split_block_n)."""
-    M, K = x.shape
-    N = weight.shape[0]
-    if x.dtype not in _GL_DTYPES or weight.dtype != x.dtype or y.dtype not in (x.dtype, torch.float32):
-        raise ValueError(f"x and weight must share one 16-bit dtype and y be that or float32, got "
-                         f"{x.dtype}, {weight.dtype}, {y.dtype}")
-    if M > block_m:
-        raise ValueError(f"M = {M} rows exceed the tile's {block_m}")
-    head_n, tail_n = split_block_n(block_n)
-    if swap_ab and min(head_n, tail_n or head_n) < 16 * num_warps:
-        raise ValueError(f"a swapped tile needs weight slabs of >= {16 * num_warps} rows, "
-                         f"got {head_n} + {tail_n}")
+    N, K = weight.shape
+    head_n, tail_n = _check_ws(x, weight, y, block_m, block_n, num_warps, swap_ab)
     x_desc = _descriptor(x, [block_m, block_k])
     w_desc = _descriptor(weight, [head_n, block_k])
     y_desc = _descriptor(y, [block_m, head_n])
@@ -265,5 +390,51 @@ def launch_linear_ws(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
         x_desc, w_desc, tail_desc, y_desc, y_tail_desc, bias if bias is not None else y, N, K,
         HAS_BIAS=bias is not None, STAGES=stages, SWAP_AB=swap_ab, TAIL_N=tail_n, USE_PDL=pdl,
         num_warps=num_warps,
+        maxnreg=_register_cap(block_m, block_n, block_k, stages, num_warps, y.element_size()),
+        **({"launch_pdl": True} if pdl else {}))
+
+
+# Stream-K workspace, one per device, allocated once at its largest (so that CUDA
+# graphs captured earlier keep valid pointers): a partial-sum slot and a flag per
+# program. Launches on one device share it, so they must not run concurrently
+# on two streams (the engine runs its forward on one).
+_SPLIT_TILE_ELEMS = 128 * 64
+_split_workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _split_workspace(device: torch.device, num_programs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _split_workspaces:
+        slots = torch.cuda.get_device_properties(index).multi_processor_count
+        _split_workspaces[index] = (
+            torch.empty(slots * _SPLIT_TILE_ELEMS, dtype=torch.float32, device=device),
+            torch.zeros(slots, dtype=torch.int32, device=device))
+    partials, flags = _split_workspaces[index]
+    if num_programs > flags.numel():
+        raise ValueError(f"{num_programs} stream-K programs exceed the {flags.numel()} SMs")
+    return partials, flags
+
+
+def launch_linear_ws_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                           y: torch.Tensor, block_m: int, block_n: int, block_k: int, stages: int,
+                           num_warps: int = 4, pdl: bool = False, swap_ab: bool = False,
+                           num_programs: int | None = None) -> None:
+    """Run the stream-K warp-specialised kernel (one program per SM, or
+    ``num_programs``; never more than there are tiles): x[M, K] (M <= block_m),
+    weight[N, K] -> y[M, N]. block_n is a power of two and block_m * block_n at
+    most _SPLIT_TILE_ELEMS."""
+    N, K = weight.shape
+    _, tail_n = _check_ws(x, weight, y, block_m, block_n, num_warps, swap_ab)
+    if tail_n or block_m * block_n > _SPLIT_TILE_ELEMS:
+        raise ValueError(f"a stream-K tile is a power of two of at most {_SPLIT_TILE_ELEMS} elements, "
+                         f"got {block_m} x {block_n}")
+    num_tiles = triton.cdiv(N, block_n)
+    programs = min(num_programs or torch.cuda.get_device_properties(x.device).multi_processor_count,
+                   num_tiles)
+    partials, flags = _split_workspace(x.device, programs)
+    _linear_ws_split_kernel[(programs,)](
+        _descriptor(x, [block_m, block_k]), _descriptor(weight, [block_n, block_k]),
+        _descriptor(y, [block_m, block_n]), bias if bias is not None else y, partials, flags, N, K,
+        HAS_BIAS=bias is not None, STAGES=stages, SWAP_AB=swap_ab, USE_PDL=pdl, num_warps=num_warps,
         maxnreg=_register_cap(block_m, block_n, block_k, stages, num_warps, y.element_size()),
         **({"launch_pdl": True} if pdl else {}))

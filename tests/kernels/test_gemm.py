@@ -132,6 +132,8 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
     ``_pick_config`` hands out the tuned entry (swap and PDL flags included) for
     the shapes it was tuned on: the warp-specialised one on Hopper with aligned
     tensors, the pointer kernel's otherwise."""
+    from triton_kernels.gemm_ws import _SPLIT_TILE_ELEMS
+
     smem_limit = 227 * 1024
     entries = [(bm, tile) for (_, _, bm), tile in gemm._DECODE_TUNED.items()]
     entries += [(bm, tile) for (bm, _), tile in gemm._DECODE_TABLE.items()]
@@ -143,6 +145,8 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
         assert not tile.swap_ab or tile.block_n >= 64, "wgmma needs 64 weight rows"
     for (_, _, rows), tile in gemm._DECODE_WS.items():  # plain tiles put 64 tokens on wgmma's long side
         assert rows in gemm._WS_TILE_ROWS and (tile.swap_ab or rows == 64)
+        if tile.stream_k:  # one power-of-two slab whose partial sum fits a workspace slot
+            assert tile.block_n & (tile.block_n - 1) == 0 and rows * tile.block_n <= _SPLIT_TILE_ELEMS
     monkeypatch.setattr(gemm, "_interpreting", lambda: False)
     monkeypatch.setattr(gemm, "_num_sms_of", lambda device: 132)
     monkeypatch.setattr(gemm, "_WS_ENABLED", True)
@@ -159,12 +163,13 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
                 assert (config.kind, config.block_m) == (("ws", rows) if rows else ("stream", bm))
                 picked = (config.block_n, config.block_k, config.num_stages, config.num_warps)
                 assert picked == (tile.block_n, tile.block_k, tile.num_stages, tile.num_warps)
-                flags = (config.swap_ab, config.pdl, config.stagger_k)
-                assert flags == (tile.swap_ab, tile.pdl, tile.stagger_k)
+                flags = (config.swap_ab, config.pdl, config.stagger_k, config.stream_k)
+                assert flags == (tile.swap_ab, tile.pdl, tile.stagger_k, tile.stream_k)
     # Spot checks of that rule on Llama-3.1-8B's gate_up and qkv.
     pick = lambda M, N: gemm._pick_config(M, N, 4096, torch.bfloat16, cuda, tma_ok=True)  # noqa: E731
     assert (pick(4, 28672).kind, pick(4, 28672).block_m) == ("ws", 8)
     assert (pick(12, 28672).kind, pick(12, 28672).block_m) == ("ws", 16)
+    assert pick(4, 28672).stream_k and not pick(12, 28672).stream_k
     assert pick(40, 6144).kind == "stream" and pick(57, 6144).block_m == 64
     # float32 logits: aligned tensors the prefill TMA kernel cannot take, the ws kernel can
     logits = gemm._pick_config(64, 151936, 4096, torch.bfloat16, cuda, tma_ok=False, ws_ok=True)
@@ -219,6 +224,52 @@ def test_warp_specialised_kernel(device, dtype, config, bias, pdl):
         with pytest.raises(ValueError, match="slabs of >= 64"):
             gemm.launch_linear(x, w, None, torch.empty(M, 264, dtype=dtype, device=device),
                                gemm.GemmConfig("ws", block_m, 96, block_k, swap_ab=True))
+
+
+# (block_m, block_n, block_k, num_warps, num_stages, swap_ab) of the stream-K kernel.
+WS_SPLIT_CONFIGS = [(8, 128, 256, 4, 3, True), (16, 64, 64, 4, 4, True), (64, 64, 64, 4, 3, False),
+                    (64, 128, 64, 8, 2, False)]
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a Hopper GPU: the Gluon kernel has no interpreter path")
+@pytest.mark.parametrize("config", WS_SPLIT_CONFIGS,
+                         ids=lambda c: "x".join(map(str, c[:3])) + ("-swap" if c[5] else ""))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("bias", [False, True])
+def test_stream_k_kernel(device, dtype, config, bias):
+    """The stream-K kernel at program counts that cut tiles at different K steps
+    (and at none), ragged N and K, one row to the full tile, both output dtypes;
+    repeated launches and a CUDA-graph replay find the cut tiles' flags lowered
+    again (a stale flag would add an old partial)."""
+    if torch.cuda.get_device_capability(device)[0] != 9:
+        pytest.skip("needs sm_90 (wgmma)")
+    from triton_kernels.gemm_ws import launch_linear_ws_split
+
+    block_m, block_n, block_k, warps, stages, swap = config
+    N, K = 1000, 1000  # 8..16 tiles of 64..128 rows, 4..16 K tiles
+    for M in sorted({1, 5, block_m} & set(range(1, block_m + 1))):
+        x, w, b = _inputs(M, N, K, dtype, device, bias)
+        expected = _float64(x, w, b)
+        for programs, out_dtype in itertools.product((1, 3, 5, 7, 1000), (dtype, torch.float32)):
+            for attempt in range(2):
+                y = torch.full((M, N), float("nan"), dtype=out_dtype, device=device)
+                launch_linear_ws_split(x, w, b, y, block_m, block_n, block_k, stages, warps,
+                                       swap_ab=swap, num_programs=programs)
+                assert_close(y, expected, out_dtype,
+                             f"stream-K {config} M={M} programs={programs} try {attempt} -> {out_dtype}")
+    y = torch.empty(M, N, dtype=dtype, device=device)
+    ws = gemm.GemmConfig("ws", block_m, block_n, block_k, num_warps=warps, num_stages=stages,
+                         swap_ab=swap, pdl=True, stream_k=True)
+    gemm.launch_linear(x, w, b, y, ws)  # compile outside the capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gemm.launch_linear(x, w, b, y, ws)
+    for _ in range(3):
+        y.fill_(float("nan"))
+        graph.replay()
+        assert_close(y, expected, dtype, f"stream-K {config} graph replay")
+    with pytest.raises(ValueError, match="power of two"):
+        launch_linear_ws_split(x, w, b, y, block_m, 192, block_k, stages, warps, swap_ab=swap)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
