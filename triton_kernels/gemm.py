@@ -34,7 +34,9 @@ autotuning; under ``TRITON_INTERPRET`` a small cheap config):
 * ``triton_kernels/gemm_ws.py`` -- decode on Hopper: the same weight stream,
   warp-specialised (a loader warp keeps a TMA ring full while a warpgroup runs
   the wgmma), written in Gluon. It ties or beats the pointer kernel by 1-3% on
-  the shapes in ``_DECODE_WS`` and needs TMA-aligned tensors.
+  the shapes in ``_DECODE_WS`` and needs TMA-aligned tensors. Its stream-K
+  form (one program per SM, each an equal run of (tile, K tile) steps) serves
+  shapes whose tiles fall unevenly into waves of SMs.
 
 Decode launches use programmatic dependent launch (PDL, triton_kernels/pdl.py):
 the next kernel's programs start while this one's last programs still stream,
@@ -353,6 +355,13 @@ _DECODE_TUNED: dict[tuple[int, int, int], _Tile] = {
 # with 64-row tiles, M = 33 ran 25% slower than M = 64 and M = 1 40%
 # (perf/results/gemm-decode-table-ms-nvidia-h200.json). So a tile is used only
 # within _WS_MAX_PAD_ROWS of full (64-row tiles from M = 49 on).
+# ``stream_k`` entries run gemm_ws's stream-K kernel. Llama's gate_up is 224
+# tiles of 128 rows, 1.7 waves on 132 SMs, so its second wave streams on 92
+# SMs; equal runs of 64-row K steps on every SM made it 2-3% faster than that
+# plain tile at M = 1..8, and Llama's down 2-3% faster than the split-K
+# pointer kernel at M <= 16 (perf/results/gemm-decode-sweep-wssk-nvidia-h200.json).
+# At M = 16 gate_up's plain tile stayed 1% ahead, and on shapes whose tiles
+# already fill the SMs evenly the plain kernels won.
 _WS_MAX_PAD_ROWS = 15
 # STAGEWISE_GEMM_WS=0 turns the warp-specialised entries off (for A/B measurements).
 _WS_ENABLED = os.environ.get("STAGEWISE_GEMM_WS", "1") != "0"

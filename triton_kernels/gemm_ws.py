@@ -26,6 +26,12 @@ that the program count can match the SMs (``split_block_n``). With
 ``SWAP_AB`` the MMA computes ``W x^T`` (weight rows on wgmma's 64-row side,
 8 or 16 tokens on its narrow one), as in gemm.py.
 
+A second kernel, the stream-K form (``launch_linear_ws_split``), runs one
+program per SM and gives each an equal run of (tile, K tile) steps, so that a
+weight whose tiles fall unevenly into waves of SMs still streams on all of
+them to the end; the one tile cut between two neighbouring programs is summed
+in fp32 through a small workspace (see the section below).
+
 Two things the measurements taught (H200, perf/results/gemm-decode-*ws*):
 a warp-specialised program reserves registers for all its warps, 256 per
 thread unless told otherwise, which caps a 3-stage tile at one program per SM
