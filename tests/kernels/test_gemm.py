@@ -288,3 +288,18 @@ def test_tuned_shape_takes_the_warp_specialised_kernel(device, M):
     x_off.copy_(x)
     assert not gemm._tma_aligned(x_off)
     assert_close(gemm.linear(x_off, w), _float64(x, w, None), torch.bfloat16, "misaligned x")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
+@pytest.mark.parametrize("M", [1, 3, 8, 13])
+def test_stream_k_table_entries_at_full_size(device, M):
+    """linear() on the stream-K table shapes (Llama-3.1-8B's down and gate_up, real
+    sizes: cut tiles on every SM boundary) matches float64, bias included."""
+    hopper = torch.cuda.get_device_capability(device)[0] == 9
+    shapes = {(N, K) for (N, K, rows), tile in gemm._DECODE_WS.items() if tile.stream_k and M <= rows}
+    assert shapes, "no stream-K entry holds this M"
+    for N, K in sorted(shapes):
+        x, w, b = _inputs(M, N, K, torch.bfloat16, device, bias=True)
+        config = gemm._pick_config(M, N, K, torch.bfloat16, device, tma_ok=True)
+        assert config.stream_k == hopper  # the smallest tile holding M is a stream-K one
+        assert_close(gemm.linear(x, w, b), _float64(x, w, b), torch.bfloat16, f"N={N} K={K} M={M}")
