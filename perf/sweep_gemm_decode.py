@@ -126,9 +126,11 @@ def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
             if stages >= 2 and tile_m >= M:
                 configs.append(GemmConfig("ws", tile_m, bn, bk, num_warps=4, num_stages=stages, swap_ab=True))
     if "wssk" in kinds:  # the stream-K warp-specialised kernel: one program per SM
+        from triton_kernels.gemm_ws import _SPLIT_TILE_ELEMS
+
         for bn, bk, per_sm, swap in itertools.product((64, 128), (64, 128, 256), (1, 2), (True, False)):
             tile_m = (8 if M <= 8 else 16) if swap else 64
-            if (not swap and M <= 48) or (swap and M > 16) or tile_m * bn > 128 * 64:
+            if (not swap and M <= 48) or (swap and M > 16) or tile_m * bn > _SPLIT_TILE_ELEMS:
                 continue
             stages = min(16, (_SMEM_BYTES // per_sm - tile_m * bn * 2 - 1024) // ((tile_m + bn) * bk * 2))
             if stages >= 2:

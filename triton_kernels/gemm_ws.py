@@ -408,17 +408,14 @@ _SPLIT_TILE_ELEMS = 128 * 64
 _split_workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _split_workspace(device: torch.device, num_programs: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _split_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _split_workspaces:
         slots = torch.cuda.get_device_properties(index).multi_processor_count
         _split_workspaces[index] = (
             torch.empty(slots * _SPLIT_TILE_ELEMS, dtype=torch.float32, device=device),
             torch.zeros(slots, dtype=torch.int32, device=device))
-    partials, flags = _split_workspaces[index]
-    if num_programs > flags.numel():
-        raise ValueError(f"{num_programs} stream-K programs exceed the {flags.numel()} SMs")
-    return partials, flags
+    return _split_workspaces[index]
 
 
 def launch_linear_ws_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -434,10 +431,10 @@ def launch_linear_ws_split(x: torch.Tensor, weight: torch.Tensor, bias: torch.Te
     if tail_n or block_m * block_n > _SPLIT_TILE_ELEMS:
         raise ValueError(f"a stream-K tile is a power of two of at most {_SPLIT_TILE_ELEMS} elements, "
                          f"got {block_m} x {block_n}")
-    num_tiles = triton.cdiv(N, block_n)
-    programs = min(num_programs or torch.cuda.get_device_properties(x.device).multi_processor_count,
-                   num_tiles)
-    partials, flags = _split_workspace(x.device, programs)
+    partials, flags = _split_workspace(x.device)  # a slot and a flag per SM
+    programs = min(num_programs or flags.numel(), triton.cdiv(N, block_n))
+    if programs > flags.numel():
+        raise ValueError(f"{programs} stream-K programs exceed the {flags.numel()} SMs")
     _linear_ws_split_kernel[(programs,)](
         _descriptor(x, [block_m, block_k]), _descriptor(weight, [block_n, block_k]),
         _descriptor(y, [block_m, block_n]), bias if bias is not None else y, partials, flags, N, K,

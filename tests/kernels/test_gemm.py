@@ -270,6 +270,11 @@ def test_stream_k_kernel(device, dtype, config, bias):
         assert_close(y, expected, dtype, f"stream-K {config} graph replay")
     with pytest.raises(ValueError, match="power of two"):
         launch_linear_ws_split(x, w, b, y, block_m, 192, block_k, stages, warps, swap_ab=swap)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    w_big = torch.zeros(block_n * (sms + 1), K, dtype=dtype, device=device)
+    with pytest.raises(ValueError, match="exceed"):  # a workspace slot per SM, no more
+        launch_linear_ws_split(x, w_big, None, torch.empty(M, w_big.shape[0], dtype=dtype, device=device),
+                               block_m, block_n, block_k, stages, warps, swap_ab=swap, num_programs=sms + 1)
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
