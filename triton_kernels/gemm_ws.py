@@ -59,6 +59,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from triton_kernels.gemm import _num_sms
 from triton_kernels.gemm import linear_reference as reference  # the same math as gemm.linear
 
 __all__ = ["launch_linear_ws", "launch_linear_ws_split", "reference"]
@@ -411,7 +412,7 @@ _split_workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 def _split_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _split_workspaces:
-        slots = torch.cuda.get_device_properties(index).multi_processor_count
+        slots = _num_sms(index)
         _split_workspaces[index] = (
             torch.empty(slots * _SPLIT_TILE_ELEMS, dtype=torch.float32, device=device),
             torch.zeros(slots, dtype=torch.int32, device=device))
