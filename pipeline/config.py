@@ -63,6 +63,8 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     random_seed: int = 0
     # ours
     kernel_backend: Literal["auto", "triton", "reference"] = "auto"
+    disable_gemm_ws: bool = False  # no warp-specialised (Gluon) gemm tiles on Hopper (A/B measurements)
+    disable_pdl: bool = False  # no programmatic dependent launch between kernels (A/B measurements)
     placement: Literal["single", "serving"] = "single"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     record_path: str = ""  # record every channel's traffic to this file

@@ -69,10 +69,7 @@ class StageDriver:
         self.stage = stage
         if stage.inbox is None:
             stage.inbox = in_thread_channel(f"{stage.name}.inbox", object, HARNESS_CAPACITY)
-        for name, channel in list(stage.outboxes.items()):
-            if channel is None:
-                stage.outboxes[name] = in_thread_channel(f"{stage.name}.{name}", object, HARNESS_CAPACITY)
-        self.outputs: dict[str, list[Any]] = {name: [] for name in stage.outboxes}
+        self.outputs: dict[str, list[Any]] = {name: [] for name in stage.doors}
 
     def feed(self, *messages_in: Any) -> StageDriver:
         for message in messages_in:
@@ -81,7 +78,7 @@ class StageDriver:
 
     def step(self, num_steps: int = 1, max_messages: int = 256) -> dict[str, list[Any]]:
         """Step ``num_steps`` times; returns what each outbox got during these steps."""
-        new: dict[str, list[Any]] = {name: [] for name in self.stage.outboxes}
+        new: dict[str, list[Any]] = {name: [] for name in self.stage.doors}
         for _ in range(num_steps):
             self.stage.step(max_messages)
             self._collect(new)
@@ -89,7 +86,7 @@ class StageDriver:
 
     def run_until_idle(self, max_steps: int = 10_000, timeout_s: float = 30.0) -> dict[str, list[Any]]:
         """Step until ``has_work()`` is false; returns what each outbox got meanwhile."""
-        new: dict[str, list[Any]] = {name: [] for name in self.stage.outboxes}
+        new: dict[str, list[Any]] = {name: [] for name in self.stage.doors}
         deadline = time.monotonic() + timeout_s
         for _ in range(max_steps):
             self.stage.step()
@@ -107,8 +104,8 @@ class StageDriver:
         return taken
 
     def _collect(self, new: dict[str, list[Any]]) -> None:
-        for name, channel in self.stage.outboxes.items():
-            got = channel.drain(HARNESS_CAPACITY)
+        for name, door in self.stage.doors.items():
+            got = door.channel.drain(HARNESS_CAPACITY)
             new.setdefault(name, []).extend(got)
             self.outputs.setdefault(name, []).extend(got)
 
@@ -321,9 +318,9 @@ def replay(path: str, stage_name: str, factory: str | None = None) -> Difference
         for payload in batch:
             stage.inbox.put(decode(payload))
         stage.step(max_messages=len(batch))
-        for channel in stage.outboxes.values():
-            replayed.setdefault(channel.name, []).extend(
-                (step, messages.encode(m)) for m in channel.drain(HARNESS_CAPACITY))
+        for door in stage.doors.values():
+            replayed.setdefault(door.channel.name, []).extend(
+                (step, messages.encode(m)) for m in door.channel.drain(HARNESS_CAPACITY))
         step += 1
     stage.close()
     return first_difference(recorded, replayed)

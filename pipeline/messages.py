@@ -422,7 +422,42 @@ class EngineStats(Message, frozen=True, kw_only=True):
     cache_hit_rate: float
     gen_throughput: float
     max_total_num_tokens: int
-    stage_counters: dict[str, dict[str, float]] = {}
+
+
+class ProcessCounters(Message, frozen=True, kw_only=True):
+    """process runner -> ingest: what each stage of one process has done so far (for /metrics)."""
+
+    process: str
+    time_s: float
+    stages: dict[str, dict[str, float]]  # stage name -> StageCounters fields
+
+
+# --------------------------------------------------------------------------
+# Construction records: what the assembly hands to stage constructors
+# --------------------------------------------------------------------------
+
+
+class ModelInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """forward -> (at construction) schedule, constrain: the model and its KV pool as loaded.
+
+    The forward stage measures the pool after loading the weights; the
+    assembly passes this record to the stages built after it in the same
+    process. It is data, so a recording can rebuild those stages.
+    """
+
+    num_slots: int  # KV pool slots, page 0 (the padding page) included
+    num_rows: int  # rows of req_to_token, row 0 (dummy) included
+    context_len: int  # longest sequence (prompt + output) a request may reach
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]  # model config + generation_config eos ids
+
+
+class ServerInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """assembly -> ingest (at construction): versions and device for /get_server_info."""
+
+    torch_version: str
+    triton_version: str
+    device_name: str
 
 
 # --------------------------------------------------------------------------
@@ -438,12 +473,12 @@ SampleInbox = Union[Logits, TokenMask]
 # Detokenize also sees each TokenizedRequest (from tokenize: its stop strings and
 # decoding options) and relays the schedule stage's EngineStats to ingest.
 DetokenizeInbox = Union[TokenOutputBatch, ErrorOutput, TokenizedRequest, EngineStats]
-IngestInbox = Union[TextOutput, ErrorOutput, EngineStats]
+IngestInbox = Union[TextOutput, ErrorOutput, EngineStats, ProcessCounters]
 
 ALL_MESSAGE_TYPES: tuple[type[Message], ...] = (
     GenerateRequest, TokenizedRequest, Abort, FlushCache, ForwardBatch, Logits,
     GrammarCompile, GrammarReady, GrammarRelease, TokenMask, SampledTokens,
-    TokenOutputBatch, TextOutput, ErrorOutput, EngineStats,
+    TokenOutputBatch, TextOutput, ErrorOutput, EngineStats, ProcessCounters,
 )
 
 

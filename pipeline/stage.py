@@ -1,12 +1,21 @@
-"""Stage: one door in, named doors out, and a ``step()`` that moves messages through.
+"""Stage: one door in, typed doors out, and a ``step()`` that moves messages through.
 
 A stage owns its state and nothing else. It reads messages from one inbox
-channel and writes to named outbox channels; it never holds a reference to
-another stage (``pipeline/placement.py`` wires the channels). A subclass
-writes two methods:
+channel and writes to its outboxes; it never holds a reference to another
+stage (the assembly wires the channels). A stage class declares its doors:
+
+* ``Inbox``: the union its ``handle`` takes (an alias from ``pipeline.messages``);
+* ``Outboxes``: a small frozen record, one ``Outbox[T]`` field per door out,
+  e.g. ``out: Outbox[TokenizedRequest | Abort | FlushCache]``. A door whose
+  field defaults to ``None`` is optional.
+
+A door checks every message against its declared type before it reaches the
+channel, so a stage that emits the wrong message fails at once, under the
+harness as in a live run. A subclass writes two methods:
 
 * ``handle(message)``: one inbox message, dispatched with an exhaustive
-  ``match`` on the inbox union; results go out with ``emit(outbox, message)``.
+  ``match`` on the inbox union; results go out with
+  ``self.outboxes.<door>.put(message)``.
 * ``tick()`` (optional): work after the inbox is handled, e.g. the scheduler
   forming the next batch. ``has_work()`` says whether more ticks are needed
   without new messages (e.g. requests still running).
@@ -19,7 +28,7 @@ worker thread finishes something for ``tick()`` calls ``wake()``. A stage
 that needs its own thread (an asyncio HTTP server) is ``start()``-ed instead
 and runs ``run()`` until ``stop()``.
 
-Backpressure: ``emit`` on a cross-thread or cross-process outbox blocks while
+Backpressure: a put on a cross-thread or cross-process outbox blocks while
 it is full. An in-thread outbox cannot be emptied while this thread waits, so
 ``step`` takes at most as many messages as the fullest in-thread outbox has
 free slots (its consumer steps later in the same loop); a stage that emits
@@ -33,12 +42,17 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import Any
+import types
+import typing
+from typing import Any, ClassVar, Generic, Mapping, TypeVar
 
-from pipeline.channel import Channel, MessageRejected
+from pipeline.channel import Channel, MessageRejected, in_thread_channel, type_name
+
+T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
+UNWIRED_CAPACITY = 1 << 20  # a door wired to None gets an in-thread channel this big (the harness)
 IDLE_WAIT_S = 0.05  # a threaded stage with nothing to do re-checks stop this often
 
 
@@ -56,13 +70,115 @@ class StageCounters:
         return {k: float(v) for k, v in dataclasses.asdict(self).items()}
 
 
+class Outbox(Generic[T]):
+    """One typed door out of a stage: checks the type, records, counts, puts on the channel."""
+
+    def __init__(self, name: str, message_type: Any, channel: Channel) -> None:
+        self.name = name
+        self.message_type = message_type
+        self.channel = channel
+        self.owner: Stage | None = None  # set by the stage that owns this door
+        self._accept = _classes_of(message_type)
+
+    def _admit(self, message: Any) -> Stage | None:
+        if not isinstance(message, self._accept):
+            owner = self.owner.name if self.owner is not None else "?"
+            raise TypeError(f"stage {owner!r} put a {type(message).__name__} on its outbox {self.name!r}, "
+                            f"which carries {type_name(self.message_type)}")
+        owner = self.owner
+        if owner is not None and owner.recorder is not None:
+            owner.recorder.record_output(owner, self.name, self.channel.name, message)
+        return owner
+
+    def put(self, message: T) -> None:
+        """Send ``message`` (blocks while a cross-thread or cross-process channel is full)."""
+        owner = self._admit(message)
+        self.channel.put(message)
+        if owner is not None:
+            owner.counters.messages_out += 1
+
+    async def aput(self, message: T) -> None:
+        """``put`` for an event loop: waits for room without blocking the loop."""
+        owner = self._admit(message)
+        await self.channel.aput(message)
+        if owner is not None:
+            owner.counters.messages_out += 1
+
+    def __repr__(self) -> str:
+        return f"<Outbox {self.name!r} {type_name(self.message_type)} -> {self.channel.name!r}>"
+
+
+def _classes_of(message_type: Any) -> tuple[type, ...]:
+    union = typing.get_origin(message_type) in (typing.Union, types.UnionType)
+    members = typing.get_args(message_type) if union else (message_type,)
+    if not all(isinstance(m, type) for m in members):
+        raise TypeError(f"an outbox carries classes or a union of classes, not {message_type!r}")
+    return tuple(members)
+
+
+@dataclasses.dataclass(frozen=True)
+class Outboxes:
+    """Base of a stage's record of doors out: each field is an ``Outbox[T]`` (``None`` if optional)."""
+
+    def doors(self) -> dict[str, Outbox]:
+        """The wired doors by name (optional doors left unwired are absent)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+
+    @classmethod
+    def declared(cls) -> dict[str, tuple[Any, bool]]:
+        """door name -> (message type, required)."""
+        hints = typing.get_type_hints(cls)
+        declared: dict[str, tuple[Any, bool]] = {}
+        for field in dataclasses.fields(cls):
+            declared[field.name] = (_outbox_message_type(cls, field.name, hints[field.name]),
+                                    field.default is dataclasses.MISSING)
+        return declared
+
+    @classmethod
+    def wire(cls, channels: Mapping[str, Channel]) -> "Outboxes":
+        """The record whose doors put on ``channels`` (door name -> channel; None: a new in-thread one)."""
+        declared = cls.declared()
+        unknown = sorted(set(channels) - set(declared))
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no door {unknown[0]!r} (it has {sorted(declared)})")
+        missing = [name for name, (_, required) in declared.items() if required and name not in channels]
+        if missing:
+            raise ValueError(f"{cls.__name__}: door {missing[0]!r} is not wired")
+        return cls(**{name: Outbox(name, declared[name][0], channel if channel is not None
+                                    else in_thread_channel(name, declared[name][0], UNWIRED_CAPACITY))
+                      for name, channel in channels.items()})
+
+
+def _outbox_message_type(record: type, name: str, hint: Any) -> Any:
+    """``Outbox[X]`` or ``Outbox[X] | None`` -> X."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next((h for h in typing.get_args(hint) if h is not type(None)), hint)
+    if typing.get_origin(hint) is not Outbox:
+        raise TypeError(f"{record.__name__}.{name} must be annotated Outbox[T], not {hint!r}")
+    return typing.get_args(hint)[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOutboxes(Outboxes):
+    """The record of a stage that only consumes."""
+
+
 class Stage:
     """Base class of the eight stages (see the module docstring)."""
 
-    def __init__(self, name: str, inbox: Channel | None, outboxes: dict[str, Channel]) -> None:
+    Inbox: ClassVar[Any] = object  # the union handle() takes
+    Outboxes: ClassVar[type[Outboxes]] = NoOutboxes  # the record of doors out
+
+    def __init__(self, name: str, inbox: Channel | None, outboxes: Outboxes | Mapping[str, Channel]) -> None:
         self.name = name
         self.inbox = inbox
-        self.outboxes: dict[str, Channel] = dict(outboxes)
+        if not isinstance(outboxes, Outboxes):
+            outboxes = self.Outboxes.wire(outboxes) if self.Outboxes is not NoOutboxes or not outboxes \
+                else _LegacyOutboxes(outboxes)
+        self.outboxes = outboxes
+        self.doors: dict[str, Outbox] = outboxes.doors()
+        for door in self.doors.values():
+            door.owner = self
         self.counters = StageCounters()
         self.failure: BaseException | None = None  # what ended run(), if it raised
         self._thread: threading.Thread | None = None
@@ -103,16 +219,13 @@ class Stage:
 
     # -- what the base provides -----------------------------------------------
     def emit(self, outbox: str, message: Any) -> None:
-        """Put ``message`` on the named outbox (blocks while a cross-thread/process one is full)."""
+        """Put ``message`` on the named door (transitional; stages use ``self.outboxes.<door>.put``)."""
         try:
-            channel = self.outboxes[outbox]
+            door = self.doors[outbox]
         except KeyError:
             raise KeyError(f"stage {self.name!r} has no outbox {outbox!r} "
-                           f"(it has {sorted(self.outboxes)})") from None
-        if self.recorder is not None:
-            self.recorder.record_output(self, outbox, channel.name, message)
-        channel.put(message)
-        self.counters.messages_out += 1
+                           f"(it has {sorted(self.doors)})") from None
+        door.put(message)
 
     def step(self, max_messages: int = 256) -> int:
         """Drain up to ``max_messages`` from the inbox, handle each, tick; returns how many."""
@@ -148,7 +261,8 @@ class Stage:
     def _outbox_room(self) -> int:
         """Free slots of the fullest in-thread outbox (those cannot block; see the module docstring)."""
         room = 1 << 30
-        for channel in self.outboxes.values():
+        for door in self.doors.values():
+            channel = door.channel
             if channel.transport == "in-thread":
                 room = min(room, channel.capacity - len(channel))
         return room
@@ -294,3 +408,28 @@ class StageLoop:
         """(messages in, messages out) over the loop's stages."""
         return (sum(s.counters.messages_in for s in self.stages),
                 sum(s.counters.messages_out for s in self.stages))
+
+
+class _LegacyOutboxes(Outboxes):
+    """Doors of a stage that declares no Outboxes record (transitional: typed by their channels)."""
+
+    def __init__(self, channels: Mapping[str, Channel]) -> None:
+        channels = {name: channel if channel is not None else in_thread_channel(name, object, UNWIRED_CAPACITY)
+                    for name, channel in channels.items()}
+        object.__setattr__(self, "_doors", {name: Outbox(name, object, channel)
+                                            for name, channel in channels.items()})
+
+    def doors(self) -> dict[str, Outbox]:
+        return dict(self._doors)
+
+    def __getattr__(self, name: str) -> Outbox:
+        try:
+            return self.__dict__["_doors"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._doors
+
+    def __getitem__(self, name: str) -> Channel:
+        return self._doors[name].channel

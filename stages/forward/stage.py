@@ -32,7 +32,7 @@ from pipeline.stage import Stage
 from stages.forward.graphs import DecodeGraphs, pad_decode
 from stages.forward.inputs import pack_batch, unpack, write_req_to_token
 from stages.staging import Uploader
-from stages.schedule.model_info import ModelInfo
+from pipeline.messages import ModelInfo
 from triton_kernels import load_ops
 
 logger = logging.getLogger(__name__)

@@ -1,5 +1,5 @@
 """The schedule stage: queues, KV bookkeeping, radix cache, batching (see ``stage.py``)."""
-from stages.schedule.model_info import ModelInfo
+from pipeline.messages import ModelInfo
 from stages.schedule.stage import ScheduleStage
 
 __all__ = ["ModelInfo", "ScheduleStage"]

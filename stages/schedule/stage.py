@@ -42,7 +42,7 @@ from stages.schedule.batch import (
     PlannedRow, build_forward_batch, plan_decodes, plan_prefills,
 )
 from stages.schedule.kv_manager import KVManager
-from stages.schedule.model_info import ModelInfo
+from pipeline.messages import ModelInfo
 from stages.schedule.req_table import Phase, Req
 
 STATS_INTERVAL_S = 1.0

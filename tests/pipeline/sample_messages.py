@@ -57,8 +57,8 @@ def every_message() -> list[m.Message]:
                      finish_reason=m.FinishReason(type="length"), prompt_tokens=9, completion_tokens=4),
         m.ErrorOutput(rid="req-4", status_code=400, message="prompt too long", param="messages"),
         m.EngineStats(time_s=12.5, num_running_reqs=3, num_queue_reqs=1, token_usage=0.25, cache_hit_rate=0.5,
-                      gen_throughput=123.4, max_total_num_tokens=4096,
-                      stage_counters={"schedule": {"messages_in": 10.0, "busy_s": 0.5}}),
+                      gen_throughput=123.4, max_total_num_tokens=4096),
+        m.ProcessCounters(process="engine", time_s=12.5, stages={"schedule": {"messages_in": 10.0, "busy_s": 0.5}}),
     ]
     assert [type(x) for x in built] == list(m.ALL_MESSAGE_TYPES)
     return built

@@ -13,7 +13,8 @@ from pipeline.messages import (
     Abort, ErrorOutput, ForwardBatch, GrammarCompile, GrammarReady, GrammarRelease, SampledTokens,
     SamplingParams, ScheduleInbox, TokenizedRequest, TokenOutputBatch,
 )
-from stages.schedule import ModelInfo, ScheduleStage
+from pipeline.messages import ModelInfo
+from stages.schedule import ScheduleStage
 
 EOS = 1
 

@@ -23,7 +23,8 @@ from pipeline.messages import (
     Abort, ErrorOutput, FlushCache, ForwardBatch, SampledTokens, SamplingParams, ScheduleInbox,
     TokenizedRequest, TokenOutputBatch,
 )
-from stages.schedule import ModelInfo, ScheduleStage
+from pipeline.messages import ModelInfo
+from stages.schedule import ScheduleStage
 
 EOS = 1
 VOCAB = 100
