@@ -18,23 +18,25 @@ stagewise:num_running_reqs, num_queue_reqs,    gauge      EngineStats from the s
   max_total_num_tokens
 =============================================  =========  ==========================================
 
-Pipeline series, read at scrape time (``PipelineCollector``), labelled ``stage``
-or ``channel``: ``stagewise:stage_messages_in_total``,
+Pipeline series, read at scrape time (``PipelineCollector``), labelled
+``process`` and ``stage`` (or ``channel``): ``stagewise:stage_messages_in_total``,
 ``stagewise:stage_messages_out_total``, ``stagewise:stage_busy_seconds_total``,
-``stagewise:stage_steps_total`` and ``stagewise:channel_queue_depth``. Stages
-living in this process are read directly; those of an engine process arrive
-inside ``EngineStats.stage_counters`` (``{stage: {messages_in, messages_out,
-busy_s, steps, queue_depth}}``), so one ``/metrics`` shows both processes.
+``stagewise:stage_steps_total``, ``stagewise:stage_messages_rejected_total``
+and ``stagewise:channel_queue_depth``. They come from ``ProcessCounters``:
+the runner of each process sends one a second to the ingest stage with the
+counters of every stage it runs (``stage_counters(stage)`` below builds one
+stage's entry); ``set_process_counters`` keeps the latest per process, so
+one ``/metrics`` shows every process.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
-from pipeline.messages import EngineStats
+from pipeline.messages import EngineStats, ProcessCounters
 
 PREFIX = "stagewise:"
 # SGLang's buckets (seconds).
@@ -48,44 +50,43 @@ ENGINE_GAUGES = ("num_running_reqs", "num_queue_reqs", "token_usage", "cache_hit
                  "max_total_num_tokens")
 
 
+STAGE_SERIES = (  # counter key -> (series name, help)
+    ("messages_in", "stage_messages_in", "Messages a stage took from its inbox"),
+    ("messages_out", "stage_messages_out", "Messages a stage emitted"),
+    ("busy_s", "stage_busy_seconds", "Seconds a stage spent stepping"),
+    ("steps", "stage_steps", "Steps a stage ran"),
+    ("messages_rejected", "stage_messages_rejected", "Malformed messages a stage dropped at a process border"),
+)
+
+
 class PipelineCollector:
-    """Stage and channel series, read from live stages and the last EngineStats at scrape time."""
+    """Stage and channel series from the latest ProcessCounters of each process, read at scrape time."""
 
-    def __init__(self, local_stages: Callable[[], Iterable[Any]], engine_counters: Callable[[], dict]) -> None:
-        self.local_stages = local_stages
-        self.engine_counters = engine_counters
+    def __init__(self) -> None:
+        self.latest: dict[str, ProcessCounters] = {}  # process -> its latest report
 
-    def snapshot(self) -> dict[str, dict[str, float]]:
-        """{stage: {messages_in, messages_out, busy_s, steps, queue_depth}} over both processes."""
-        counters = {name: dict(values) for name, values in (self.engine_counters() or {}).items()}
-        for stage in self.local_stages():
-            counters[stage.name] = stage_counters(stage)
-        return counters
+    def update(self, counters: ProcessCounters) -> None:
+        self.latest[counters.process] = counters
 
     def collect(self) -> Iterable[Any]:
-        counters = self.snapshot()
-        families = {
-            "messages_in": CounterMetricFamily(PREFIX + "stage_messages_in", "Messages a stage took from its inbox",
-                                               labels=["stage"]),
-            "messages_out": CounterMetricFamily(PREFIX + "stage_messages_out", "Messages a stage emitted",
-                                                labels=["stage"]),
-            "busy_s": CounterMetricFamily(PREFIX + "stage_busy_seconds", "Seconds a stage spent stepping",
-                                          labels=["stage"]),
-            "steps": CounterMetricFamily(PREFIX + "stage_steps", "Steps a stage ran", labels=["stage"]),
-        }
+        labels = ["process", "stage"]
+        families = {key: CounterMetricFamily(PREFIX + name, help_text, labels=labels)
+                    for key, name, help_text in STAGE_SERIES}
         depth = GaugeMetricFamily(PREFIX + "channel_queue_depth", "Messages waiting in a stage's inbox channel",
-                                  labels=["channel"])
-        for name in sorted(counters):
-            values = counters[name]
-            for key, family in families.items():
-                family.add_metric([name], float(values.get(key, 0.0)))
-            depth.add_metric([name], float(values.get("queue_depth", 0.0)))
+                                  labels=["process", "channel"])
+        for process in sorted(self.latest):
+            stages = self.latest[process].stages
+            for name in sorted(stages):
+                values = stages[name]
+                for key, family in families.items():
+                    family.add_metric([process, name], float(values.get(key, 0.0)))
+                depth.add_metric([process, name], float(values.get("queue_depth", 0.0)))
         yield from families.values()
         yield depth
 
 
 def stage_counters(stage: Any) -> dict[str, float]:
-    """One stage's counters plus its inbox depth, as plain floats (what EngineStats carries)."""
+    """One stage's counters plus its inbox depth, as plain floats (one entry of ProcessCounters.stages)."""
     values = stage.counters.as_dict() if hasattr(stage.counters, "as_dict") else dict(vars(stage.counters))
     values = {k: float(v) for k, v in values.items()}
     inbox = getattr(stage, "inbox", None)
@@ -96,7 +97,7 @@ def stage_counters(stage: Any) -> dict[str, float]:
 class ServerMetrics:
     """Every metric of one server, in its own registry; ``render()`` is the /metrics body."""
 
-    def __init__(self, model_name: str, local_stages: Callable[[], Iterable[Any]] = lambda: ()) -> None:
+    def __init__(self, model_name: str) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         labels = ["model_name"]
@@ -115,8 +116,7 @@ class ServerMetrics:
         self.engine = {name: Gauge(PREFIX + name, f"EngineStats.{name}", labels,
                                    registry=self.registry).labels(model_name) for name in ENGINE_GAUGES}
         self.last_stats: EngineStats | None = None
-        self.pipeline = PipelineCollector(local_stages, lambda: self.last_stats.stage_counters
-                                          if self.last_stats is not None else {})
+        self.pipeline = PipelineCollector()
         self.registry.register(self.pipeline)
 
     # -- fed by the ingest stage --------------------------------------------------
@@ -141,6 +141,9 @@ class ServerMetrics:
         self.last_stats = stats
         for name, gauge in self.engine.items():
             gauge.set(float(getattr(stats, name)))
+
+    def set_process_counters(self, counters: ProcessCounters) -> None:
+        self.pipeline.update(counters)
 
     def render(self) -> tuple[bytes, str]:
         """(body, content type) of the Prometheus text exposition."""

@@ -3,14 +3,15 @@
 Inbox ``DetokenizeInbox``: TokenOutputBatch and ErrorOutput from schedule,
 ``TokenizedRequest`` copies from the tokenize stage (they register each
 sequence's stop strings and decoding options before its first token) and
-EngineStats to relay; outboxes:
+EngineStats to relay; outboxes (``DetokenizeOutboxes``):
 
-* ``"out"`` -> ingest: one ``TextOutput`` per sequence per step (the last one
+* ``out`` -> ingest: one ``TextOutput`` per sequence per step (the last one
   carries ``finish_reason``); every ``ErrorOutput`` and ``EngineStats`` (the
-  schedule stage's snapshot, when wired through here) passed through;
-* ``"abort"`` -> schedule: ``Abort(rid, reason="stop")`` the moment a stop
-  string matches, so the engine stops spending steps (and frees the KV) on a
-  sequence whose client already has its answer.
+  schedule stage's snapshot) passed through;
+* ``abort`` -> tokenize (and on, down the request path, to schedule):
+  ``Abort(rid, reason="stop")`` the moment a stop string matches, so the
+  engine stops spending steps (and frees the KV) on a sequence whose client
+  already has its answer.
 
 Incremental decoding (the offset-window method of vLLM/SGLang)
 ----------------------------------------------------------------
@@ -41,19 +42,23 @@ ignored. A stop *token* (``matched`` an int) is dropped from the text unless
 ``no_stop_trim``.
 
 State owned: one ``SequenceState`` per live sequence, the registered decoding
-options, and a bounded set of sequences finished here by a stop string.
+options, and a bounded set of sequences finished here by a stop string. The
+tokenizer is the one the assembly loaded; this stage never loads one.
 """
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from typing import Any
 
 import msgspec
 
+from pipeline.channel import Channel
 from pipeline.config import ServerArgs
-from pipeline.messages import (Abort, EngineStats, ErrorOutput, FinishReason, SamplingParams, TextOutput, TokenizedRequest,
-                               TokenOutput, TokenOutputBatch)
-from pipeline.stage import Stage
+from pipeline.messages import (Abort, DetokenizeInbox, EngineStats, ErrorOutput, FinishReason, SamplingParams,
+                               TextOutput, TokenizedRequest, TokenOutput, TokenOutputBatch)
+from pipeline.stage import Outbox, Outboxes, Stage
+from stages.tokenizer import special_token_ids
 
 REPLACEMENT_CHAR = "\ufffd"
 MAX_REMEMBERED_STOPPED = 65536
@@ -72,15 +77,6 @@ class DecodeOptions(msgspec.Struct, frozen=True, kw_only=True):
         return cls(stop=list(sampling.stop), skip_special_tokens=sampling.skip_special_tokens,
                    spaces_between_special_tokens=sampling.spaces_between_special_tokens,
                    no_stop_trim=sampling.no_stop_trim)
-
-
-def special_token_ids(tokenizer: Any) -> frozenset[int]:
-    """Ids of every special token (BOS/EOS/chat markers) of a Hugging Face tokenizer."""
-    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
-    for token_id, token in (getattr(tokenizer, "added_tokens_decoder", {}) or {}).items():
-        if getattr(token, "special", False):
-            ids.add(int(token_id))
-    return frozenset(ids)
 
 
 def decode_ids(tokenizer: Any, ids: list[int], skip_special_tokens: bool = True,
@@ -228,15 +224,22 @@ class SequenceState:
         return released, finish
 
 
+@dataclasses.dataclass(frozen=True)
+class DetokenizeOutboxes(Outboxes):
+    out: Outbox[TextOutput | ErrorOutput | EngineStats]  # -> ingest
+    abort: Outbox[Abort]  # -> tokenize: a stop string ended the sequence
+
+
 class DetokenizeStage(Stage):
     """TokenOutputBatch -> TextOutput per sequence; stop strings -> Abort(reason="stop") upstream."""
 
-    def __init__(self, args: ServerArgs, inbox: Any, outboxes: dict[str, Any], tokenizer: Any = None) -> None:
-        super().__init__("detokenize", inbox, outboxes)
-        if tokenizer is None:
-            from stages.tokenize import load_tokenizer
+    Inbox = DetokenizeInbox
+    Outboxes = DetokenizeOutboxes
+    outboxes: DetokenizeOutboxes
 
-            tokenizer = load_tokenizer(args.tokenizer_path or args.model_path)
+    def __init__(self, args: ServerArgs, inbox: Channel | None,
+                 outboxes: DetokenizeOutboxes | dict[str, Channel | None], *, tokenizer: Any) -> None:
+        super().__init__("detokenize", inbox, outboxes)
         self.tokenizer = tokenizer
         self.special_ids = special_token_ids(tokenizer)
         self.options: dict[str, DecodeOptions] = {}
@@ -247,16 +250,16 @@ class DetokenizeStage(Stage):
         """Remember a sequence's stop strings and decoding options (before its first token)."""
         self.options[rid] = DecodeOptions.from_sampling(sampling)
 
-    def handle(self, message: TokenOutputBatch | ErrorOutput | TokenizedRequest | EngineStats) -> None:
+    def handle(self, message: DetokenizeInbox) -> None:
         match message:
             case TokenOutputBatch():
                 for output in message.outputs:
                     self._handle_output(output)
             case ErrorOutput():
                 self._forget(message.rid)
-                self.emit("out", message)
+                self.outboxes.out.put(message)
             case EngineStats():  # the schedule stage's snapshot rides this channel to ingest
-                self.emit("out", message)
+                self.outboxes.out.put(message)
             case TokenizedRequest():
                 self.register(message.rid, message.sampling)
             case _:
@@ -272,12 +275,12 @@ class DetokenizeStage(Stage):
             options = self.options.pop(output.rid, None) or DecodeOptions()
             state = self.sequences[output.rid] = SequenceState(self.tokenizer, options, self.special_ids)
         text, finish = state.step(output)
-        self.emit("out", _text_output(output, text, finish))
+        self.outboxes.out.put(_text_output(output, text, finish))
         if finish is not None:
             del self.sequences[output.rid]
             if output.finish_reason is None:  # we ended it: tell the engine, ignore the rest
                 self._remember_stopped(output.rid)
-                self.emit("abort", Abort(rid=output.rid, reason="stop"))
+                self.outboxes.abort.put(Abort(rid=output.rid, reason="stop"))
 
     def _remember_stopped(self, rid: str) -> None:
         self.stopped[rid] = None

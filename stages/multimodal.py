@@ -1,8 +1,9 @@
 """Multimodal stage: where images would become pixels and placeholder tokens.
 
-Inbox ``MultimodalInbox`` (TokenizedRequest | Abort | FlushCache); outboxes:
+Inbox ``MultimodalInbox`` (TokenizedRequest | Abort | FlushCache); outboxes
+(``MultimodalOutboxes``):
 
-* ``"out"`` -> schedule: the same messages, in order.
+* ``out`` -> schedule: the same messages, in order.
 
 Requests with image URLs are refused earlier, by the tokenize stage (400),
 since no supported model reads images yet.
@@ -16,22 +17,33 @@ State owned: none.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
+from pipeline.channel import Channel
 from pipeline.config import ServerArgs
-from pipeline.messages import Abort, FlushCache, TokenizedRequest
-from pipeline.stage import Stage
+from pipeline.messages import Abort, FlushCache, MultimodalInbox, TokenizedRequest
+from pipeline.stage import Outbox, Outboxes, Stage
+
+
+@dataclasses.dataclass(frozen=True)
+class MultimodalOutboxes(Outboxes):
+    out: Outbox[TokenizedRequest | Abort | FlushCache]  # -> schedule
 
 
 class MultimodalStage(Stage):
     """TokenizedRequest -> TokenizedRequest (text passes through); Abort and FlushCache pass through."""
 
-    def __init__(self, args: ServerArgs, inbox: Any, outboxes: dict[str, Any]) -> None:
+    Inbox = MultimodalInbox
+    Outboxes = MultimodalOutboxes
+    outboxes: MultimodalOutboxes
+
+    def __init__(self, args: ServerArgs, inbox: Channel | None,
+                 outboxes: MultimodalOutboxes | dict[str, Channel | None]) -> None:
         super().__init__("multimodal", inbox, outboxes)
 
-    def handle(self, message: TokenizedRequest | Abort | FlushCache) -> None:
+    def handle(self, message: MultimodalInbox) -> None:
         match message:
             case TokenizedRequest() | Abort() | FlushCache():
-                self.emit("out", message)
+                self.outboxes.out.put(message)
             case _:
                 raise TypeError(f"multimodal stage got an unexpected {type(message).__name__}")

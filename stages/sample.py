@@ -1,8 +1,8 @@
 """SampleStage: logits of a batch -> one token per request.
 
-Inbox (``SampleInbox``): Logits, TokenMask. Outboxes: ``schedule``
-(SampledTokens) and ``constrain`` (the same SampledTokens, only for batches
-with a constrained row, so grammar states advance).
+Inbox (``SampleInbox``): Logits, TokenMask. Outboxes (``SampleOutboxes``):
+``schedule`` (SampledTokens) and ``constrain`` (the same SampledTokens, only
+for batches with a constrained row, so grammar states advance).
 
 Per row, in order (``triton_kernels/sampling.py``; their PyTorch references
 on the CPU backend):
@@ -28,11 +28,14 @@ synchronized once.
 from __future__ import annotations
 
 import collections
+import dataclasses
 
 import torch
 
-from pipeline.messages import Logits, SampledTokens, SamplingBatch, TokenMask
-from pipeline.stage import Stage
+from pipeline.channel import Channel
+from pipeline.config import ServerArgs
+from pipeline.messages import Logits, SampledTokens, SampleInbox, SamplingBatch, TokenMask
+from pipeline.stage import Outbox, Outboxes, Stage
 from stages.staging import Downloader, Uploader
 
 SEED_MASK = (1 << 63) - 1
@@ -66,10 +69,21 @@ class PenaltyCounts:
         return row
 
 
+@dataclasses.dataclass(frozen=True)
+class SampleOutboxes(Outboxes):
+    schedule: Outbox[SampledTokens]
+    constrain: Outbox[SampledTokens]  # batches with a constrained row: grammar states advance
+
+
 class SampleStage(Stage):
     """Penalties, grammar masks, sampling and logprobs for one batch at a time."""
 
-    def __init__(self, args, inbox, outboxes: dict) -> None:
+    Inbox = SampleInbox
+    Outboxes = SampleOutboxes
+    outboxes: SampleOutboxes
+
+    def __init__(self, args: ServerArgs, inbox: Channel | None,
+                 outboxes: SampleOutboxes | dict[str, Channel | None]) -> None:
         super().__init__("sample", inbox, outboxes)
         self.args = args
         self.backend = args.kernel_backend
@@ -91,7 +105,7 @@ class SampleStage(Stage):
         self.downloader = Downloader()
 
     # ----------------------------------------------------------- messages
-    def handle(self, message) -> None:
+    def handle(self, message: SampleInbox) -> None:
         match message:
             case Logits():
                 if any(message.sampling.constrained) and message.batch_id not in self.pending_masks:
@@ -110,9 +124,9 @@ class SampleStage(Stage):
     def _finish(self, message: Logits, mask: TokenMask | None) -> None:
         self.last_done_batch_id = max(self.last_done_batch_id, message.batch_id)
         out = self.sample_batch(message.batch_id, message.rids, message.logits, message.sampling, mask)
-        self.emit("schedule", out)
-        if any(message.sampling.constrained) and "constrain" in self.outboxes:
-            self.emit("constrain", out)
+        self.outboxes.schedule.put(out)
+        if any(message.sampling.constrained):
+            self.outboxes.constrain.put(out)
 
     # ------------------------------------------------------------ sampling
     @torch.inference_mode()

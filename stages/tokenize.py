@@ -1,15 +1,19 @@
 """Tokenize stage: turn a client's request into the token ids of each sequence to generate.
 
-Inbox ``TokenizeInbox`` (GenerateRequest | Abort | FlushCache); outboxes:
+Inbox ``TokenizeInbox`` (GenerateRequest | Abort | FlushCache); outboxes
+(``TokenizeOutboxes``):
 
-* ``"out"`` -> multimodal: one ``TokenizedRequest`` per sequence, and the
-  ``Abort`` messages, passed through in order;
-* ``"errors"`` -> ingest: an ``ErrorOutput`` (HTTP 400) when the request is
+* ``out`` -> multimodal: one ``TokenizedRequest`` per sequence, and the
+  ``Abort`` and ``FlushCache`` messages, passed through in order;
+* ``errors`` -> ingest: an ``ErrorOutput`` (HTTP 400) when the request is
   empty, has no chat template, holds ids outside the vocabulary, or asks for
   more tokens than the context length holds;
-* ``"detokenize"`` (optional) -> detokenize: a copy of each
-  ``TokenizedRequest`` so the detokenize stage learns the sequence's stop
-  strings and decoding options before its first token arrives.
+* ``detokenize`` -> detokenize: a copy of each ``TokenizedRequest`` so the
+  detokenize stage learns the sequence's stop strings and decoding options
+  before its first token arrives.
+
+Constructed with the tokenizer and the vocabulary size (the model's, which
+may be padded past the tokenizer's) that the assembly loaded once.
 
 What it does, per request:
 
@@ -32,22 +36,24 @@ loop keeps streaming other requests meanwhile. ``handle`` submits the work,
 request still being tokenized waits until that request has been emitted, so
 the schedule stage always sees a request before its abort.
 
-State owned: the tokenizer and the list of requests in flight in the pool.
-It never touches KV memory, sampling or detokenization.
+State owned: the list of requests in flight in the pool. It never loads
+the tokenizer, and never touches KV memory, sampling or detokenization.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import msgspec
 
+from pipeline.channel import Channel
 from pipeline.config import ServerArgs
-from pipeline.messages import Abort, ChatMessage, ErrorOutput, FlushCache, GenerateRequest, TokenizedRequest
-from pipeline.stage import Stage
+from pipeline.messages import (Abort, ChatMessage, ErrorOutput, FlushCache, GenerateRequest, TokenizedRequest,
+                               TokenizeInbox)
+from pipeline.stage import Outbox, Outboxes, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -59,23 +65,6 @@ class RequestError(ValueError):
         super().__init__(message)
         self.message = message
         self.param = param
-
-
-def load_tokenizer(path: str | Path) -> Any:
-    """The Hugging Face tokenizer of a local model directory (no hub access)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-
-
-def model_vocab_size(model_path: str | Path) -> int:
-    """``vocab_size`` from the model's config.json (0 when absent): the embedding may be padded."""
-    config_path = Path(model_path) / "config.json"
-    if not config_path.is_file():
-        return 0
-    config = json.loads(config_path.read_text())
-    text_config = config.get("text_config", config)
-    return int(text_config.get("vocab_size", 0) or 0)
 
 
 # --------------------------------------------------------------------------- prompt -> ids
@@ -186,32 +175,43 @@ def tokenize_request(tokenizer: Any, request: GenerateRequest, context_length: i
 # --------------------------------------------------------------------------- the stage
 
 
+@dataclasses.dataclass(frozen=True)
+class TokenizeOutboxes(Outboxes):
+    out: Outbox[TokenizedRequest | Abort | FlushCache]  # -> multimodal
+    errors: Outbox[ErrorOutput]  # -> ingest
+    detokenize: Outbox[TokenizedRequest]  # -> detokenize: stop strings and decoding options
+
+
 class TokenizeStage(Stage):
     """GenerateRequest -> TokenizedRequest(s) on a worker pool; Abort passes through in order."""
 
-    def __init__(self, args: ServerArgs, inbox: Any, outboxes: dict[str, Any], tokenizer: Any = None,
+    Inbox = TokenizeInbox
+    Outboxes = TokenizeOutboxes
+    outboxes: TokenizeOutboxes
+
+    def __init__(self, args: ServerArgs, inbox: Channel | None,
+                 outboxes: TokenizeOutboxes | dict[str, Channel | None], *, tokenizer: Any, vocab_size: int,
                  num_workers: int = 2) -> None:
+        """``num_workers=0`` tokenizes inline (deterministic stepping in the harness and replays)."""
         super().__init__("tokenize", inbox, outboxes)
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(
-            args.tokenizer_path or args.model_path)
+        self.tokenizer = tokenizer
         self.context_length = args.context_length
-        self.vocab_size = max(len(self.tokenizer), model_vocab_size(args.model_path))
-        # num_workers == 0 tokenizes inline (deterministic stepping in the harness).
+        self.vocab_size = vocab_size
         self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="tokenize") if num_workers else None
         self.in_flight: list[tuple[GenerateRequest, Future]] = []
         self.held_aborts: list[Abort] = []
 
-    def handle(self, message: GenerateRequest | Abort | FlushCache) -> None:
+    def handle(self, message: TokenizeInbox) -> None:
         match message:
             case GenerateRequest():
                 self._submit(message)
             case FlushCache():
-                self.emit("out", message)
+                self.outboxes.out.put(message)
             case Abort():
                 if self._is_in_flight(message.rid):
                     self.held_aborts.append(message)
                 else:
-                    self.emit("out", message)
+                    self.outboxes.out.put(message)
             case _:
                 raise TypeError(f"tokenize stage got an unexpected {type(message).__name__}")
 
@@ -225,9 +225,7 @@ class TokenizeStage(Stage):
                 future.set_exception(error)
         else:
             future = self.pool.submit(tokenize_request, *args)
-            wake = getattr(self, "wake", None)  # wake the loop stepping this stage when the result is in
-            if wake is not None:
-                future.add_done_callback(lambda _: wake())
+            future.add_done_callback(lambda _: self.wake())  # the loop stepping this stage emits it
         self.in_flight.append((request, future))
 
     def _is_in_flight(self, rid: str) -> bool:
@@ -255,18 +253,17 @@ class TokenizeStage(Stage):
         try:
             sequences = future.result()
         except RequestError as error:
-            self.emit("errors", ErrorOutput(rid=request.rid, status_code=400, message=error.message,
-                                            param=error.param))
+            self.outboxes.errors.put(ErrorOutput(rid=request.rid, status_code=400, message=error.message,
+                                                 param=error.param))
             return
         except Exception as error:  # a tokenizer bug must still answer the client
             logger.exception("tokenizing request %s failed", request.rid)
-            self.emit("errors", ErrorOutput(rid=request.rid, status_code=500, error_type="internal_error",
-                                            message=f"tokenization failed: {error}"))
+            self.outboxes.errors.put(ErrorOutput(rid=request.rid, status_code=500, error_type="internal_error",
+                                                 message=f"tokenization failed: {error}"))
             return
         for sequence in sequences:
-            if "detokenize" in self.outboxes:
-                self.emit("detokenize", sequence)
-            self.emit("out", sequence)
+            self.outboxes.detokenize.put(sequence)
+            self.outboxes.out.put(sequence)
 
     def has_work(self) -> bool:
         """Inbox messages, or finished tokenizations to emit (a running one wakes the loop when done)."""
@@ -279,8 +276,6 @@ class TokenizeStage(Stage):
 
     def wait_for_work(self, timeout_s: float) -> None:
         """Block until some tokenization finishes (for a loop with nothing else to do)."""
-        from concurrent.futures import FIRST_COMPLETED, wait
-
         if self.in_flight:
             wait([future for _, future in self.in_flight], timeout=timeout_s, return_when=FIRST_COMPLETED)
 

@@ -3,11 +3,11 @@
 Inbox (``ConstrainInbox``):
 
 * ``GrammarCompile(rid, kind, spec)`` from schedule: compile on the thread
-  pool (cached); when done, reply ``GrammarReady(rid, error)`` on "schedule"
+  pool (cached); when done, reply ``GrammarReady(rid, error)`` on ``schedule``
   (``error`` is the compiler's reason, which ends the request as HTTP 400).
   The schedule stage keeps that request waiting; other requests run on.
 * ``ForwardBatch`` from schedule: emit exactly one ``TokenMask`` with the same
-  ``batch_id`` on "sample": one packed row per row that is ``constrained``
+  ``batch_id`` on ``sample``: one packed row per row that is ``constrained``
   and ``need_sample`` (``bitmask`` None when there is none).
 * ``SampledTokens`` from sample: advance each constrained request by its token.
 * ``GrammarRelease(rid)`` from schedule: drop the request's state.
@@ -19,26 +19,29 @@ before the SampledTokens of the previous batch; such a batch waits in
 (``awaiting`` maps rid -> batch whose token is still owed). Batches leave in
 arrival order, so TokenMasks leave in ForwardBatch order.
 
+Outboxes (``ConstrainOutboxes``): ``schedule`` (GrammarReady), ``sample``
+(TokenMask). Constructed with the tokenizer (token bytes for the automata)
+and the forward stage's ``ModelInfo`` (logits width, EOS ids).
+
 State owned: compiled grammars (through ``GrammarCompiler``), one
 ``GrammarState`` per live constrained rid. The stage never samples, never
 touches logits and never blocks on a compile.
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from collections import deque
 from concurrent.futures import Future
-from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
-from pipeline.messages import (ForwardBatch, GrammarCompile, GrammarReady, GrammarRelease, SampledTokens,
-                               TokenMask)
-from pipeline.stage import Stage
+from pipeline.messages import (ConstrainInbox, ForwardBatch, GrammarCompile, GrammarReady, GrammarRelease, ModelInfo,
+                               SampledTokens, TokenMask)
+from pipeline.stage import Outbox, Outboxes, Stage
 from stages.constrain.bitmask import bitmask_words
 from stages.constrain.grammar import GrammarCompiler, GrammarError, GrammarState
 from stages.constrain.sandbox import CompileSandbox
@@ -47,17 +50,26 @@ from stages.constrain.vocab import TokenVocab, vocab_for_tokenizer
 logger = logging.getLogger(__name__)
 
 
+@dataclasses.dataclass(frozen=True)
+class ConstrainOutboxes(Outboxes):
+    schedule: Outbox[GrammarReady]
+    sample: Outbox[TokenMask]
+
+
 class ConstrainStage(Stage):
     """Per-request grammar automata; one TokenMask per ForwardBatch (see module docstring)."""
 
-    def __init__(self, args: ServerArgs, tokenizer: Any, inbox: Channel | None,
-                 outboxes: dict[str, Channel], *, vocab_size: int | None = None,
-                 eos_token_ids: Iterable[int] | None = None, max_workers: int = 2) -> None:
+    Inbox = ConstrainInbox
+    Outboxes = ConstrainOutboxes
+    outboxes: ConstrainOutboxes
+
+    def __init__(self, args: ServerArgs, inbox: Channel | None,
+                 outboxes: ConstrainOutboxes | dict[str, Channel | None], *, tokenizer: Any,
+                 model_info: ModelInfo, max_workers: int = 2) -> None:
         """``max_workers=0`` compiles inline in ``handle`` (deterministic replays; stalls the loop)."""
         super().__init__("constrain", inbox, outboxes)
-        eos_ids = list(eos_token_ids) if eos_token_ids is not None else _generation_eos_ids(args)
-        self.vocab: TokenVocab = vocab_for_tokenizer(tokenizer, eos_ids or None)
-        self.vocab_size = vocab_size or _model_vocab_size(args) or self.vocab.tokenizer_size
+        self.vocab: TokenVocab = vocab_for_tokenizer(tokenizer, list(model_info.eos_token_ids) or None)
+        self.vocab_size = model_info.vocab_size or self.vocab.tokenizer_size
         self.num_words = bitmask_words(self.vocab_size)
         # Threads wait on a sandboxed compile process; inline compiles (replays, tests) stay in-process.
         sandbox = CompileSandbox(self.vocab.eos_token_id, self.vocab.token_bytes) if max_workers > 0 else None
@@ -69,7 +81,7 @@ class ConstrainStage(Stage):
 
     # ------------------------------------------------------------------ inbox
 
-    def handle(self, message: Any) -> None:
+    def handle(self, message: ConstrainInbox) -> None:
         match message:
             case GrammarCompile():
                 self._start_compile(message)
@@ -120,10 +132,10 @@ class ConstrainStage(Stage):
             error = future.exception()
             if error is None:
                 self.states[rid] = GrammarState(future.result(), self.vocab)
-                self.emit("schedule", GrammarReady(rid=rid))
+                self.outboxes.schedule.put(GrammarReady(rid=rid))
             else:
                 reason = str(error) if isinstance(error, GrammarError) else f"grammar compile failed: {error!r}"
-                self.emit("schedule", GrammarReady(rid=rid, error=reason))
+                self.outboxes.schedule.put(GrammarReady(rid=rid, error=reason))
 
     def _release(self, rid: str) -> None:
         self.states.pop(rid, None)
@@ -148,7 +160,7 @@ class ConstrainStage(Stage):
 
     def _emit_ready_masks(self) -> None:
         while self._head_batch_ready():
-            self.emit("sample", self._build_mask(self.pending_batches.popleft()))
+            self.outboxes.sample.put(self._build_mask(self.pending_batches.popleft()))
 
     def _build_mask(self, batch: ForwardBatch) -> TokenMask:
         row_indices = []
@@ -177,26 +189,3 @@ class ConstrainStage(Stage):
             if state is not None and token_id >= 0:
                 state.advance(token_id)
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _model_vocab_size(args: ServerArgs) -> int | None:
-    """The model's vocab_size (logits width) from config.json, if there is one."""
-    config = _read_json(Path(args.model_path or args.model_dir) / "config.json")
-    size = config.get("vocab_size") or config.get("text_config", {}).get("vocab_size")
-    return int(size) if size else None
-
-
-def _generation_eos_ids(args: ServerArgs) -> list[int]:
-    """Every EOS id the model may end with (generation_config.json, else config.json)."""
-    model_dir = Path(args.model_path or args.model_dir)
-    for name in ("generation_config.json", "config.json"):
-        eos = _read_json(model_dir / name).get("eos_token_id")
-        if eos is not None:
-            return [int(i) for i in (eos if isinstance(eos, list) else [eos])]
-    return []

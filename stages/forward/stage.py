@@ -1,7 +1,13 @@
 """ForwardStage: run the model on a ForwardBatch, return next-token logits.
 
-Inbox: ForwardBatch. Outbox ``sample``: Logits (one row per request, fp32,
-a process-local tensor), carrying the batch's SamplingBatch along.
+Inbox (``ForwardInbox``): ForwardBatch. Outbox (``ForwardOutboxes``)
+``sample``: Logits (one row per request, fp32, a process-local tensor),
+carrying the batch's SamplingBatch along.
+
+The one stage that loads something itself: the model weights (from
+``--model-path``, or random with ``--load-format dummy``). What it measured
+(KV slots, rows, context length, vocabulary, EOS ids) is ``model_info``,
+which the assembly hands to the schedule and constrain stages.
 
 Owns: the model weights, the KV pool tensors (``models.batch.KVCache``), the
 ``req_to_token`` table and the CUDA graphs. Does NOT own which slots are
@@ -21,18 +27,20 @@ CUDA graph for decode batches up to ``--cuda-graph-max-bs``).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
 
 from models.batch import KVCache
 from models.loader import load_model, resolve_dtype
-from pipeline.messages import ForwardBatch, Logits
-from pipeline.stage import Stage
+from pipeline.channel import Channel
+from pipeline.config import ServerArgs
+from pipeline.messages import ForwardBatch, ForwardInbox, Logits, ModelInfo
+from pipeline.stage import Outbox, Outboxes, Stage
 from stages.forward.graphs import DecodeGraphs, pad_decode
 from stages.forward.inputs import pack_batch, unpack, write_req_to_token
 from stages.staging import Uploader
-from pipeline.messages import ModelInfo
 from triton_kernels import load_ops
 
 logger = logging.getLogger(__name__)
@@ -40,10 +48,20 @@ logger = logging.getLogger(__name__)
 CPU_DEFAULT_TOKENS = 8192
 
 
+@dataclasses.dataclass(frozen=True)
+class ForwardOutboxes(Outboxes):
+    sample: Outbox[Logits]
+
+
 class ForwardStage(Stage):
     """Model + KV tensors + CUDA graphs; ForwardBatch in, Logits out."""
 
-    def __init__(self, args, inbox, outboxes: dict) -> None:
+    Inbox = ForwardInbox
+    Outboxes = ForwardOutboxes
+    outboxes: ForwardOutboxes
+
+    def __init__(self, args: ServerArgs, inbox: Channel | None,
+                 outboxes: ForwardOutboxes | dict[str, Channel | None]) -> None:
         super().__init__("forward", inbox, outboxes)
         self.args = args
         self.device = torch.device(args.device if args.device != "auto" else "cpu")
@@ -105,12 +123,12 @@ class ForwardStage(Stage):
                          eos_token_ids=tuple(self.config.eos_token_ids))
 
     # --------------------------------------------------------------- step
-    def handle(self, message) -> None:
+    def handle(self, message: ForwardInbox) -> None:
         match message:
             case ForwardBatch():
                 logits = self.run_batch(message)
-                self.emit("sample", Logits(batch_id=message.batch_id, rids=message.rids, logits=logits,
-                                           sampling=message.sampling))
+                self.outboxes.sample.put(Logits(batch_id=message.batch_id, rids=message.rids, logits=logits,
+                                                sampling=message.sampling))
             case _:
                 raise TypeError(f"forward: unexpected message {type(message).__name__}")
 

@@ -1,44 +1,44 @@
 """ServerContext: what every HTTP route needs, handed over through ``app[CTX]``.
 
-It holds the resolved ServerArgs, the IngestStage (request table), the
-tokenizer helpers used by responses (token strings for logprobs, prompt text
-for ``echo``), the metrics, and the readiness flag behind ``/health``.
+It holds the resolved ServerArgs, the ingest stage (as ``Frontend``: the
+request table), the tokenizer helpers used by responses (token strings for
+logprobs, prompt text for ``echo``), the metrics, and the readiness flag
+behind ``/health``. The tokenizer, vocabulary size, metrics and server info
+are the ingest stage's own: the HTTP side loads nothing.
 """
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from pipeline.config import ServerArgs
 from pipeline.messages import GenerateRequest
 from stages.ingest.parsing import make_parsing
 from stages.ingest.responses import TokenText
-from stages.ingest.stage import IngestStage
+from stages.ingest.streams import Frontend
 
 
 class ServerContext:
     """Shared, read-mostly state of one running HTTP server."""
 
-    def __init__(self, args: ServerArgs, ingest: IngestStage, tokenizer: Any, metrics: Any = None) -> None:
+    def __init__(self, args: ServerArgs, ingest: Frontend) -> None:
         self.args = args
         self.ingest = ingest
-        self.tokenizer = tokenizer
-        self.token_text = TokenText(tokenizer)
-        self.metrics = metrics
+        self.tokenizer = ingest.tokenizer
+        self.vocab_size = ingest.vocab_size
+        self.token_text = TokenText(ingest.tokenizer)
+        self.metrics = ingest.metrics
         self.started_s = int(time.time())
         self.ready = False  # set once warm-up finished: /health answers 200
 
     def server_info(self) -> dict[str, Any]:
-        """Extra /get_server_info fields the process that runs the server provides (versions, device)."""
-        provide: Callable[[], dict[str, Any]] | None = getattr(self.ingest, "server_info", None)
-        return provide() if provide is not None else {}
-
-    def vocab_size(self) -> int:
-        from stages.tokenize import model_vocab_size
-
-        return max(len(self.tokenizer), model_vocab_size(self.args.model_path))
+        """/get_server_info fields beyond the args: versions and device, and every stage's counters."""
+        info: dict[str, Any] = msgspec.to_builtins(self.ingest.server_info)
+        info["stage_counters"] = self.ingest.stage_counters()
+        return info
 
     def prompt_text(self, request: GenerateRequest) -> str:
         """The prompt as text (for echo): the text itself, or the decoded ids."""

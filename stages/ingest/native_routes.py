@@ -127,7 +127,7 @@ async def get_model_info(request: web.Request) -> web.Response:
     args = ctx.args
     return web.json_response({"model_path": args.model_path, "tokenizer_path": args.tokenizer_path,
                               "served_model_name": args.served_model_name, "is_generation": True,
-                              "context_length": args.context_length, "vocab_size": ctx.vocab_size()})
+                              "context_length": args.context_length, "vocab_size": ctx.vocab_size})
 
 
 async def get_server_info(request: web.Request) -> web.Response:
@@ -136,10 +136,12 @@ async def get_server_info(request: web.Request) -> web.Response:
     ctx: ServerContext = request.app[CTX]
     info: dict[str, Any] = msgspec.to_builtins(ctx.args)
     info.pop("api_key", None)
+    info.update(ctx.server_info())
     stats = ctx.ingest.engine_stats
     info["engine_stats"] = msgspec.to_builtins(stats) if stats is not None else None
+    if stats is not None:  # also beside the engine's gauges, where clients read them before
+        info["engine_stats"]["stage_counters"] = info["stage_counters"]
     info["num_requests_in_flight"] = len(ctx.ingest.streams)
-    info.update(ctx.server_info())
     return web.json_response(info)
 
 

@@ -17,13 +17,16 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from aiohttp import web
 
 from pipeline.messages import GenerateRequest, SamplingParams
 from stages.ingest.app import build_app
 from stages.ingest.context import ServerContext
+from stages.ingest.native_routes import one_token_generation
+from stages.ingest.streaming import collect
+from stages.ingest.streams import Frontend
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +39,10 @@ WARMUP_NEW_TOKENS = 4
 class HttpServer:
     """One aiohttp site bound to ``--host``/``--port``, serving the ingest stage's routes."""
 
-    def __init__(self, stage: Any) -> None:
-        from stages.tokenize import load_tokenizer
-
+    def __init__(self, stage: Frontend) -> None:
         self.stage = stage
         self.args = stage.args
-        tokenizer = stage.tokenizer if getattr(stage, "tokenizer", None) is not None else load_tokenizer(
-            self.args.tokenizer_path or self.args.model_path)
-        self.ctx = ServerContext(self.args, stage, tokenizer, stage.metrics)
+        self.ctx = ServerContext(self.args, stage)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.site: web.TCPSite | None = None
         self.ready = threading.Event()  # set after warm-up (or on failure, with .error)
@@ -78,8 +77,6 @@ class HttpServer:
     async def _warm_up(self) -> None:
         """One generation through every stage (must succeed); on a GPU also prompts of several
         lengths, so the Triton kernels of common prefill shapes compile before the first client."""
-        from stages.ingest.native_routes import one_token_generation
-
         start_s = time.perf_counter()
         await one_token_generation(self.ctx, f"warmup-{time.time_ns()}")
         if self.args.device == "cuda":
@@ -90,11 +87,9 @@ class HttpServer:
 
     async def _compile_shapes(self) -> None:
         """Best effort: a failure here is logged, the server still starts."""
-        from stages.ingest.streaming import collect
-
         limit = self.args.context_length - WARMUP_NEW_TOKENS - 1
         lengths = [n for n in WARMUP_PROMPT_LENS if n <= limit]
-        vocab_size = max(self.ctx.vocab_size(), 2)
+        vocab_size = max(self.ctx.vocab_size, 2)
         requests = [GenerateRequest(
             rid=f"warmup-{n}-{time.time_ns()}", input_ids=[(i * 7919 + n) % vocab_size for i in range(n)],
             sampling=SamplingParams(max_new_tokens=WARMUP_NEW_TOKENS, temperature=0.0, ignore_eos=True))

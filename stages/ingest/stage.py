@@ -1,136 +1,79 @@
 """IngestStage: the request table between HTTP handlers and the pipeline.
 
-Inbox ``IngestInbox`` (TextOutput | ErrorOutput | EngineStats); outboxes:
+Inbox ``IngestInbox`` (TextOutput | ErrorOutput | EngineStats |
+ProcessCounters); outboxes (``IngestOutboxes``):
 
-* ``"out"`` -> tokenize: ``GenerateRequest`` for each client request,
+* ``out`` -> tokenize: ``GenerateRequest`` for each client request,
   ``Abort`` when a client goes away or asks for it, and ``FlushCache``.
 
 Every HTTP handler ``submit``-s a GenerateRequest and gets back a
-``RequestStream``: an async iterator of that request's TextOutputs (all of
-its ``n`` sequences) that ends after each sequence's final output, or raises
-``ApiError`` on an ErrorOutput. The stage's ``pump`` task reads the inbox on
-the event loop and routes each output by ``parent_rid``; the handlers never
-touch a channel. If a handler ends before its request does (the client
-disconnected, or a stream was cut short), ``RequestStream.close`` sends an
-``Abort`` so the engine frees the request's KV at once; outputs that arrive
-later for it are dropped.
+``RequestStream`` (``streams.py``). The stage's ``pump`` task reads the
+inbox on the event loop and routes each output by ``parent_rid``; the
+handlers never touch a channel. Outputs that arrive for a request already
+closed are dropped.
+
+Constructed with the tokenizer the assembly loaded (the server never loads
+one: token strings for logprobs, ``echo``, the warm-up prompt) and the
+``ServerInfo`` (versions, device) for ``/get_server_info``. ``--enable-metrics``
+builds a ``ServerMetrics`` here.
 
 State owned: the table of live requests (rid -> RequestStream), the last
-EngineStats snapshot, and the request timing that feeds ``ServerMetrics``.
+EngineStats snapshot, the latest ``ProcessCounters`` of each process (every
+stage's counters, for ``/metrics`` and ``/get_server_info``), and the
+request timing that feeds ``ServerMetrics``.
 """
 from __future__ import annotations
 
-import asyncio
+import dataclasses
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import Any
 
-from pipeline.channel import ChannelClosed
+from pipeline.channel import Channel, ChannelClosed
 from pipeline.config import ServerArgs
 from pipeline.messages import (Abort, EngineStats, ErrorOutput, FinishReason, FlushCache, GenerateRequest,
-                               TextOutput)
-from pipeline.stage import Stage
-from stages.ingest.errors import ApiError, from_error_output
+                               IngestInbox, ProcessCounters, ServerInfo, TextOutput)
+from pipeline.metrics import ServerMetrics
+from pipeline.stage import Outbox, Outboxes, Stage
+from stages.ingest.errors import ApiError
+from stages.ingest.server import HttpServer
+from stages.ingest.streams import RequestStream
 
 logger = logging.getLogger(__name__)
 
 
-class RequestStream:
-    """Outputs of one GenerateRequest (n sequences), consumed by one HTTP handler."""
-
-    def __init__(self, stage: "IngestStage", request: GenerateRequest) -> None:
-        self.stage = stage
-        self.rid = request.rid
-        self.num_sequences = request.sampling.n
-        self.arrival_s = time.perf_counter()
-        self.queue: asyncio.Queue[TextOutput | ErrorOutput] = asyncio.Queue()
-        self.num_finished = 0
-        self.finished = False  # every sequence ended or the request failed
-        self.aborted = False  # an Abort for it went to the engine
-        self.failed = False  # ended by an ErrorOutput
-        self.first_token_s: list[float | None] = [None] * self.num_sequences
-        self.last_token_s: list[float | None] = [None] * self.num_sequences
-
-    def push(self, message: TextOutput | ErrorOutput) -> None:
-        self.queue.put_nowait(message)
-
-    def __aiter__(self) -> AsyncIterator[TextOutput]:
-        return self._outputs()
-
-    async def _outputs(self) -> AsyncIterator[TextOutput]:
-        while not self.finished:
-            message = await self.queue.get()
-            if isinstance(message, ErrorOutput):
-                self.failed = True
-                self.finished = True
-                self.stage.forget(self.rid)
-                raise from_error_output(message)
-            self._observe(message)
-            if message.finish_reason is not None:
-                self.num_finished += 1
-                if self.num_finished == self.num_sequences:
-                    self.finished = True
-                    self.stage.forget(self.rid)
-            yield message
-
-    def _observe(self, output: TextOutput) -> None:
-        """Per-sequence timing for TTFT / inter-token latency / e2e (in the handler's task)."""
-        metrics = self.stage.metrics
-        now_s = time.perf_counter()
-        index = min(output.index, self.num_sequences - 1)
-        num_new = len(output.token_ids_delta)
-        if num_new and self.first_token_s[index] is None:
-            self.first_token_s[index] = now_s
-            if metrics is not None:
-                metrics.observe_first_token(now_s - self.arrival_s)
-        elif num_new and metrics is not None and self.last_token_s[index] is not None:
-            metrics.observe_inter_token((now_s - self.last_token_s[index]) / num_new)
-        if num_new:
-            self.last_token_s[index] = now_s
-        if metrics is not None:
-            metrics.count_tokens(0, num_new)
-            if output.finish_reason is not None:
-                metrics.observe_finished(output.finish_reason.type, output.prompt_tokens, now_s - self.arrival_s)
-
-    async def close(self) -> None:
-        """End the request: unless every sequence finished, abort it in the engine (frees its KV)."""
-        if not self.finished:
-            self.finished = True
-            self.stage.forget(self.rid)
-        if self.num_finished < self.num_sequences and not self.aborted:
-            self.aborted = True
-            if self.stage.metrics is not None:  # sequences that never finished: client gone, or failed
-                reason = "error" if self.failed else "abort"
-                for _ in range(self.num_sequences - self.num_finished):
-                    self.stage.metrics.observe_finished(reason, 0, time.perf_counter() - self.arrival_s)
-            await self.stage.abort(self.rid)
+@dataclasses.dataclass(frozen=True)
+class IngestOutboxes(Outboxes):
+    out: Outbox[GenerateRequest | Abort | FlushCache]  # -> tokenize
 
 
 class IngestStage(Stage):
     """HTTP-side request table: submit GenerateRequests, route outputs back to handlers."""
 
-    def __init__(self, args: ServerArgs, inbox: Any, outboxes: dict[str, Any], metrics: Any = None,
-                 tokenizer: Any = None) -> None:
+    Inbox = IngestInbox
+    Outboxes = IngestOutboxes
+    outboxes: IngestOutboxes
+
+    def __init__(self, args: ServerArgs, inbox: Channel | None,
+                 outboxes: IngestOutboxes | dict[str, Channel | None], *, tokenizer: Any,
+                 server_info: ServerInfo, vocab_size: int = 0) -> None:
+        """``vocab_size``: the model's (maybe padded) vocabulary; 0 means ``len(tokenizer)``."""
         super().__init__("ingest", inbox, outboxes)
         self.args = args
-        if metrics is None and args.enable_metrics:
-            from pipeline.metrics import ServerMetrics
-
-            metrics = ServerMetrics(args.served_model_name)
-        self.metrics = metrics
-        self.tokenizer = tokenizer  # None: the HTTP server loads it from --tokenizer-path
-        self.server_info: Any = None  # optional () -> dict merged into /get_server_info
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size or len(tokenizer)
+        self.server_info = server_info
+        self.metrics = ServerMetrics(args.served_model_name) if args.enable_metrics else None
         self.streams: dict[str, RequestStream] = {}
         self.engine_stats: EngineStats | None = None
+        self.process_counters: dict[str, ProcessCounters] = {}  # process -> its latest counters
         self.num_sequences_in_flight = 0
         self.draining = False  # shutting down: new requests get 503, running ones finish
-        self.server: Any = None  # stages.ingest.server.HttpServer while run() serves
+        self.server: HttpServer | None = None  # while run() serves
 
     # -- running (own thread: the aiohttp event loop) ----------------------------
     def run(self) -> None:
         """Serve HTTP on this thread's event loop until ``stop()`` (see stages/ingest/server.py)."""
-        from stages.ingest.server import HttpServer
-
         self.server = HttpServer(self)
         self.server.run_until_stopped(lambda: self.stopping)
 
@@ -165,7 +108,7 @@ class IngestStage(Stage):
         self.streams[request.rid] = stream
         self.num_sequences_in_flight += stream.num_sequences
         try:
-            await self.aemit("out", request)
+            await self.outboxes.out.aput(request)
         except ChannelClosed as error:
             self.forget(request.rid)
             raise ApiError(503, "the server is shutting down", "server_unavailable") from error
@@ -179,7 +122,7 @@ class IngestStage(Stage):
     async def abort(self, rid: str) -> None:
         """Tell the pipeline to drop ``rid`` (a parent rid aborts all of its sequences)."""
         try:
-            await self.aemit("out", Abort(rid=rid))
+            await self.outboxes.out.aput(Abort(rid=rid))
         except ChannelClosed:
             pass
 
@@ -196,19 +139,18 @@ class IngestStage(Stage):
 
     async def flush_cache(self) -> bool:
         """Send FlushCache down the request path (tokenize -> multimodal -> schedule)."""
-        await self.aemit("out", FlushCache(request_id=f"flush-{time.time_ns()}"))
+        await self.outboxes.out.aput(FlushCache(request_id=f"flush-{time.time_ns()}"))
         return True
 
-    async def aemit(self, outbox: str, message: Any) -> None:
-        """``emit`` for the event loop: never blocks it (recorded like any stage output)."""
-        channel = self.outboxes[outbox]
-        if self.recorder is not None:
-            self.recorder.record_output(self, outbox, channel.name, message)
-        await channel.aput(message)
-        self.counters.messages_out += 1
+    def stage_counters(self) -> dict[str, dict[str, float]]:
+        """{stage: counters} over every process that reported (processes in name order)."""
+        merged: dict[str, dict[str, float]] = {}
+        for process in sorted(self.process_counters):
+            merged.update(self.process_counters[process].stages)
+        return merged
 
     # -- inbox side ---------------------------------------------------------------
-    def handle(self, message: TextOutput | ErrorOutput | EngineStats) -> None:
+    def handle(self, message: IngestInbox) -> None:
         match message:
             case TextOutput():
                 stream = self.streams.get(message.parent_rid)
@@ -222,6 +164,10 @@ class IngestStage(Stage):
                 self.engine_stats = message
                 if self.metrics is not None:
                     self.metrics.set_engine_stats(message)
+            case ProcessCounters():
+                self.process_counters[message.process] = message
+                if self.metrics is not None:
+                    self.metrics.set_process_counters(message)
             case _:
                 raise TypeError(f"ingest stage got an unexpected {type(message).__name__}")
 

@@ -24,7 +24,7 @@ from pipeline.messages import TextOutput
 from stages.ingest.errors import ApiError, from_decode_error
 from stages.ingest.protocol import decode_body
 from stages.ingest.responses import SequenceResult
-from stages.ingest.stage import RequestStream
+from stages.ingest.streams import RequestStream
 
 
 async def read_body(request: web.Request, body_type: type) -> Any:

@@ -1,5 +1,4 @@
 """The schedule stage: queues, KV bookkeeping, radix cache, batching (see ``stage.py``)."""
-from pipeline.messages import ModelInfo
-from stages.schedule.stage import ScheduleStage
+from stages.schedule.stage import ScheduleOutboxes, ScheduleStage
 
-__all__ = ["ModelInfo", "ScheduleStage"]
+__all__ = ["ScheduleOutboxes", "ScheduleStage"]

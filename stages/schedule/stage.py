@@ -1,10 +1,13 @@
 """ScheduleStage: who runs next, where their KV lives, and when they stop.
 
 Inbox (``ScheduleInbox``): TokenizedRequest, Abort, FlushCache,
-SampledTokens, GrammarReady. Outboxes: ``forward`` (ForwardBatch),
-``constrain`` (GrammarCompile / GrammarRelease, and the ForwardBatch when a
-row is constrained), ``detokenize`` (TokenOutputBatch, ErrorOutput) and,
-when wired, ``stats`` (EngineStats).
+SampledTokens, GrammarReady. Outboxes (``ScheduleOutboxes``): ``forward``
+(ForwardBatch), ``constrain`` (GrammarCompile / GrammarRelease, and the
+ForwardBatch when a row is constrained), ``detokenize`` (TokenOutputBatch,
+ErrorOutput) and ``stats`` (EngineStats, once a second).
+
+Constructed with the ``ModelInfo`` the forward stage measured (KV slots,
+rows, context length, vocabulary, EOS ids).
 
 State owned here and nowhere else: the waiting queue, the running set, the
 KV page pool, the radix cache and the ``req_to_token`` row table (through
@@ -29,29 +32,45 @@ tokens arrive (no overlap scheduling).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
 
+from pipeline.channel import Channel
+from pipeline.config import ServerArgs
 from pipeline.messages import (
     Abort, EngineStats, ErrorOutput, FinishReason, FlushCache, ForwardBatch, GrammarCompile,
-    GrammarReady, GrammarRelease, RowWrite, SampledTokens, TokenizedRequest, TokenOutput, TokenOutputBatch,
+    GrammarReady, GrammarRelease, ModelInfo, RowWrite, SampledTokens, SamplingParams, ScheduleInbox,
+    TokenizedRequest, TokenOutput, TokenOutputBatch,
 )
-from pipeline.stage import Stage
+from pipeline.stage import Outbox, Outboxes, Stage
 from stages.schedule.batch import (
     PlannedRow, build_forward_batch, plan_decodes, plan_prefills,
 )
 from stages.schedule.kv_manager import KVManager
-from pipeline.messages import ModelInfo
 from stages.schedule.req_table import Phase, Req
 
 STATS_INTERVAL_S = 1.0
 
 
+@dataclasses.dataclass(frozen=True)
+class ScheduleOutboxes(Outboxes):
+    forward: Outbox[ForwardBatch]
+    constrain: Outbox[GrammarCompile | GrammarRelease | ForwardBatch]
+    detokenize: Outbox[TokenOutputBatch | ErrorOutput]
+    stats: Outbox[EngineStats]  # -> ingest (relayed by detokenize)
+
+
 class ScheduleStage(Stage):
     """Continuous batching with chunked prefill, a radix prefix cache and retraction."""
 
-    def __init__(self, args, model_info: ModelInfo, inbox, outboxes: dict) -> None:
+    Inbox = ScheduleInbox
+    Outboxes = ScheduleOutboxes
+    outboxes: ScheduleOutboxes
+
+    def __init__(self, args: ServerArgs, inbox: Channel | None,
+                 outboxes: ScheduleOutboxes | dict[str, Channel | None], *, model_info: ModelInfo) -> None:
         super().__init__("schedule", inbox, outboxes)
         self.args = args
         self.info = model_info
@@ -76,7 +95,7 @@ class ScheduleStage(Stage):
         self.prefill_budget = max(1, min(budget, args.max_prefill_tokens))
 
     # ------------------------------------------------------------ messages
-    def handle(self, message) -> None:
+    def handle(self, message: ScheduleInbox) -> None:
         match message:
             case SampledTokens():
                 self._on_sampled(message)
@@ -115,13 +134,9 @@ class ScheduleStage(Stage):
         if grammar is None:
             self.waiting.append(req)
             return
-        if "constrain" not in self.outboxes:
-            self.live_rids.discard(req.rid)
-            self._emit_error(msg.rid, "structured output is not available in this engine", grammar[0])
-            return
         req.constrained, req.phase = True, Phase.GRAMMAR
         self.grammar_wait[req.rid] = req
-        self.emit("constrain", GrammarCompile(rid=req.rid, kind=grammar[0], spec=grammar[1]))
+        self.outboxes.constrain.put(GrammarCompile(rid=req.rid, kind=grammar[0], spec=grammar[1]))
 
     def _check_request(self, msg: TokenizedRequest) -> str | None:
         num = len(msg.input_ids)
@@ -145,7 +160,7 @@ class ScheduleStage(Stage):
         if msg.error:
             self.live_rids.discard(req.rid)
             self._emit_error(req.rid, f"invalid grammar: {msg.error}", _grammar_of(req.sampling)[0])
-            self.emit("constrain", GrammarRelease(rid=req.rid))
+            self.outboxes.constrain.put(GrammarRelease(rid=req.rid))
             return
         req.phase = Phase.WAITING
         self.waiting.append(req)
@@ -180,9 +195,9 @@ class ScheduleStage(Stage):
         batch = self._plan()
         if batch is None:
             return
-        self.emit("forward", batch)
+        self.outboxes.forward.put(batch)
         if any(batch.sampling.constrained):
-            self.emit("constrain", batch)
+            self.outboxes.constrain.put(batch)
 
     def _plan(self) -> ForwardBatch | None:
         rows_of = {id(r): r.row for r in self.running_reqs}
@@ -310,7 +325,7 @@ class ScheduleStage(Stage):
         req.phase = Phase.DONE
         self.live_rids.discard(req.rid)
         if req.constrained:
-            self.emit("constrain", GrammarRelease(rid=req.rid))
+            self.outboxes.constrain.put(GrammarRelease(rid=req.rid))
 
     def _finish(self, req: Req, reason: FinishReason, keep_in_cache: bool = True) -> TokenOutput:
         self._release(req, keep_in_cache)
@@ -327,20 +342,20 @@ class ScheduleStage(Stage):
 
     def _emit_outputs(self, outputs: list[TokenOutput]) -> None:
         if outputs:
-            self.emit("detokenize", TokenOutputBatch(outputs=outputs))
+            self.outboxes.detokenize.put(TokenOutputBatch(outputs=outputs))
 
     def _emit_error(self, rid: str, message: str, param: str | None) -> None:
-        self.emit("detokenize", ErrorOutput(rid=rid, status_code=400, message=message, param=param))
+        self.outboxes.detokenize.put(ErrorOutput(rid=rid, status_code=400, message=message, param=param))
 
     # ---------------------------------------------------------------- stats
     def _maybe_emit_stats(self, force: bool = False) -> None:
         now = time.monotonic()
-        if "stats" not in self.outboxes or (not force and now - self._stats_at_s < STATS_INTERVAL_S):
+        if not force and now - self._stats_at_s < STATS_INTERVAL_S:
             return
         elapsed = max(now - self._stats_at_s, 1e-9)
         throughput = (self.num_generated - self._stats_generated) / elapsed
         self._stats_at_s, self._stats_generated = now, self.num_generated
-        self.emit("stats", EngineStats(
+        self.outboxes.stats.put(EngineStats(
             time_s=time.time(), num_running_reqs=len(self.running_reqs), num_queue_reqs=len(self.waiting),
             token_usage=self.kv.used_tokens() / self.kv.capacity_tokens,
             cache_hit_rate=self.kv.tree.hit_rate, gen_throughput=throughput,
@@ -350,7 +365,7 @@ class ScheduleStage(Stage):
         self.kv.check_integrity()
 
 
-def _grammar_of(params) -> tuple[str, str] | None:
+def _grammar_of(params: SamplingParams) -> tuple[str, str] | None:
     if params.json_schema is not None:
         return "json_schema", params.json_schema
     if params.regex is not None:

@@ -1,0 +1,125 @@
+"""RequestStream and ``Frontend``: what an HTTP handler holds and what it may call.
+
+Every HTTP handler ``submit``-s a GenerateRequest to the ingest stage and
+gets back a ``RequestStream``: an async iterator of that request's
+TextOutputs (all of its ``n`` sequences) that ends after each sequence's
+final output, or raises ``ApiError`` on an ErrorOutput. If a handler ends
+before its request does (the client disconnected, or a stream was cut
+short), ``RequestStream.close`` sends an ``Abort`` so the engine frees the
+request's KV at once.
+
+``Frontend`` is the part of the ingest stage that the streams, the routes
+and the server use, as a Protocol: those modules depend on this file, not
+on ``stage.py``, and ``stage.py`` (which starts the server) sits on top of
+them all, so the package imports form no cycle.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, AsyncIterator, Protocol
+
+from pipeline.config import ServerArgs
+from pipeline.messages import EngineStats, ErrorOutput, GenerateRequest, ServerInfo, TextOutput
+from stages.ingest.errors import from_error_output
+
+
+class Frontend(Protocol):
+    """The ingest stage as the HTTP side sees it (``stages.ingest.stage.IngestStage`` implements it)."""
+
+    args: ServerArgs
+    tokenizer: Any
+    vocab_size: int
+    server_info: ServerInfo
+    metrics: Any  # pipeline.metrics.ServerMetrics, or None when --enable-metrics is off
+    streams: dict[str, RequestStream]
+    engine_stats: EngineStats | None
+
+    def check_capacity(self, num_sequences: int) -> None: ...
+
+    async def submit(self, request: GenerateRequest) -> RequestStream: ...
+
+    def forget(self, rid: str) -> None: ...
+
+    async def abort(self, rid: str) -> None: ...
+
+    async def abort_by_client(self, rid: str) -> bool: ...
+
+    async def flush_cache(self) -> bool: ...
+
+    def stage_counters(self) -> dict[str, dict[str, float]]: ...
+
+    async def pump(self) -> None: ...
+
+    def fail_all(self, message: str) -> None: ...
+
+
+class RequestStream:
+    """Outputs of one GenerateRequest (n sequences), consumed by one HTTP handler."""
+
+    def __init__(self, stage: Frontend, request: GenerateRequest) -> None:
+        self.stage = stage
+        self.rid = request.rid
+        self.num_sequences = request.sampling.n
+        self.arrival_s = time.perf_counter()
+        self.queue: asyncio.Queue[TextOutput | ErrorOutput] = asyncio.Queue()
+        self.num_finished = 0
+        self.finished = False  # every sequence ended or the request failed
+        self.aborted = False  # an Abort for it went to the engine
+        self.failed = False  # ended by an ErrorOutput
+        self.first_token_s: list[float | None] = [None] * self.num_sequences
+        self.last_token_s: list[float | None] = [None] * self.num_sequences
+
+    def push(self, message: TextOutput | ErrorOutput) -> None:
+        self.queue.put_nowait(message)
+
+    def __aiter__(self) -> AsyncIterator[TextOutput]:
+        return self._outputs()
+
+    async def _outputs(self) -> AsyncIterator[TextOutput]:
+        while not self.finished:
+            message = await self.queue.get()
+            if isinstance(message, ErrorOutput):
+                self.failed = True
+                self.finished = True
+                self.stage.forget(self.rid)
+                raise from_error_output(message)
+            self._observe(message)
+            if message.finish_reason is not None:
+                self.num_finished += 1
+                if self.num_finished == self.num_sequences:
+                    self.finished = True
+                    self.stage.forget(self.rid)
+            yield message
+
+    def _observe(self, output: TextOutput) -> None:
+        """Per-sequence timing for TTFT / inter-token latency / e2e (in the handler's task)."""
+        metrics = self.stage.metrics
+        now_s = time.perf_counter()
+        index = min(output.index, self.num_sequences - 1)
+        num_new = len(output.token_ids_delta)
+        if num_new and self.first_token_s[index] is None:
+            self.first_token_s[index] = now_s
+            if metrics is not None:
+                metrics.observe_first_token(now_s - self.arrival_s)
+        elif num_new and metrics is not None and self.last_token_s[index] is not None:
+            metrics.observe_inter_token((now_s - self.last_token_s[index]) / num_new)
+        if num_new:
+            self.last_token_s[index] = now_s
+        if metrics is not None:
+            metrics.count_tokens(0, num_new)
+            if output.finish_reason is not None:
+                metrics.observe_finished(output.finish_reason.type, output.prompt_tokens, now_s - self.arrival_s)
+
+    async def close(self) -> None:
+        """End the request: unless every sequence finished, abort it in the engine (frees its KV)."""
+        if not self.finished:
+            self.finished = True
+            self.stage.forget(self.rid)
+        if self.num_finished < self.num_sequences and not self.aborted:
+            self.aborted = True
+            if self.stage.metrics is not None:  # sequences that never finished: client gone, or failed
+                reason = "error" if self.failed else "abort"
+                for _ in range(self.num_sequences - self.num_finished):
+                    self.stage.metrics.observe_finished(reason, 0, time.perf_counter() - self.arrival_s)
+            await self.stage.abort(self.rid)
