@@ -1,4 +1,4 @@
-"""The ingest stage in-process against a fake engine: overload 503, abort, errors mid-stream, health."""
+"""The ingest stage in-process against a fake engine: overload 503, abort, errors mid-stream, health, info."""
 from __future__ import annotations
 
 import asyncio
@@ -7,15 +7,21 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from pipeline.channel import thread_channel
+from pipeline.thread_channel import thread_channel
 from pipeline.config import ServerArgs
-from pipeline.messages import (Abort, ErrorOutput, FinishReason, GenerateRequest, IngestInbox, TextOutput,
-                               TokenizeInbox)
+from pipeline.messages import (Abort, ErrorOutput, FinishReason, GenerateRequest, IngestInbox, ProcessCounters,
+                               ServerInfo, TextOutput, TokenizeInbox)
 from stages.ingest import IngestStage, ServerContext, build_app
+
+
+SERVER_INFO = ServerInfo(torch_version="2.x", triton_version="3.x", device_name="cpu")
 
 
 class FakeTokenizer:
     bos_token_id = 0
+
+    def __len__(self) -> int:
+        return 50
 
     def decode(self, ids, skip_special_tokens=False):
         return "".join(f"<{i}>" for i in ids)
@@ -58,8 +64,8 @@ async def with_app(mode: str, test, **arg_overrides) -> list:
     args = ServerArgs(model_path="/nonexistent", served_model_name="fake", **arg_overrides)
     requests = thread_channel("tokenize", TokenizeInbox, 64)
     outputs = thread_channel("ingest", IngestInbox, 64)
-    ingest = IngestStage(args, outputs, {"out": requests})
-    ctx = ServerContext(args, ingest, FakeTokenizer())
+    ingest = IngestStage(args, outputs, {"out": requests}, tokenizer=FakeTokenizer(), server_info=SERVER_INFO)
+    ctx = ServerContext(args, ingest)
     ctx.ready = True
     seen: list = []
     tasks = [asyncio.ensure_future(ingest.pump()), asyncio.ensure_future(fake_engine(requests, outputs, seen, mode))]
@@ -187,3 +193,27 @@ def test_forced_tool_choice_constrains_output():
 
     [request] = run("echo", test)
     assert json.loads(request.sampling.json_schema) == TOOLS[0]["function"]["parameters"]
+
+
+def test_server_info_and_metrics_carry_process_counters():
+    counters = {"engine": ProcessCounters(process="engine", time_s=1.0, stages={
+                    "forward": {"messages_in": 7.0, "messages_out": 7.0, "busy_s": 0.5, "steps": 9.0}}),
+                "main": ProcessCounters(process="main", time_s=1.0, stages={
+                    "tokenize": {"messages_in": 2.0, "queue_depth": 1.0}})}
+
+    async def test(client, ctx):
+        info = await (await client.get("/get_server_info")).json()
+        assert info["stage_counters"] == {}
+        assert info["device_name"] == "cpu" and info["torch_version"] == "2.x"
+        for message in counters.values():
+            ctx.ingest.handle(message)
+        ctx.ingest.handle(ProcessCounters(process="engine", time_s=2.0, stages={"forward": {"messages_in": 8.0}}))
+        info = await (await client.get("/get_server_info")).json()
+        assert info["stage_counters"] == {"forward": {"messages_in": 8.0}, "tokenize": counters["main"].stages["tokenize"]}
+        model = await (await client.get("/get_model_info")).json()
+        assert model["vocab_size"] == 50
+        text = await (await client.get("/metrics")).text()
+        assert 'stagewise:stage_messages_in_total{process="engine",stage="forward"} 8.0' in text
+        assert 'stagewise:channel_queue_depth{channel="tokenize",process="main"} 1.0' in text
+
+    run("echo", test, enable_metrics=True)

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import ServerArgs
 from pipeline.harness import drive, wiring
-from pipeline.messages import (ConstrainInbox, ForwardBatch, GrammarCompile, GrammarReady, GrammarRelease,
+from pipeline.messages import (ConstrainInbox, ForwardBatch, GrammarCompile, GrammarReady, GrammarRelease, ModelInfo,
                                SampledTokens, SamplingBatch, TokenMask)
 from stages.constrain.bitmask import apply_token_bitmask_reference, bitmask_words, unpack_bitmask
 from stages.constrain.stage import ConstrainStage
@@ -25,13 +25,17 @@ SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1
                                            "tag": {"enum": ["a", "b"]}}, "required": ["n", "tag"]}
 
 
+def model_info(vocab_size: int, eos_token_ids: tuple[int, ...]) -> ModelInfo:
+    return ModelInfo(num_slots=64, num_rows=9, context_len=256, vocab_size=vocab_size, eos_token_ids=eos_token_ids)
+
+
 @pytest.fixture
 def stage(tiny_tokenizer):
     im_end = tiny_tokenizer.convert_tokens_to_ids("<|im_end|>")
     vocab_size = len(tiny_tokenizer) + EXTRA_MODEL_IDS
     inbox, outboxes = wiring(ConstrainInbox, "sample", "schedule")
-    constrain = ConstrainStage(ServerArgs(), tiny_tokenizer, inbox, outboxes, vocab_size=vocab_size,
-                               eos_token_ids=[tiny_tokenizer.eos_token_id, im_end])
+    constrain = ConstrainStage(ServerArgs(), inbox, outboxes, tokenizer=tiny_tokenizer,
+                               model_info=model_info(vocab_size, (tiny_tokenizer.eos_token_id, im_end)))
     yield constrain
     constrain.close()
 
@@ -124,8 +128,9 @@ def test_release_drops_state_and_pending_reply(stage):
 
 def test_inline_compiles_without_threads(tiny_tokenizer):
     inbox, outboxes = wiring(ConstrainInbox, "sample", "schedule")
-    constrain = ConstrainStage(ServerArgs(), tiny_tokenizer, inbox, outboxes, vocab_size=len(tiny_tokenizer),
-                               eos_token_ids=[tiny_tokenizer.eos_token_id], max_workers=0)
+    constrain = ConstrainStage(ServerArgs(), inbox, outboxes, tokenizer=tiny_tokenizer,
+                               model_info=model_info(len(tiny_tokenizer), (tiny_tokenizer.eos_token_id,)),
+                               max_workers=0)
     out = drive(constrain, GrammarCompile(rid="x", kind="regex", spec="x+"),
                 GrammarCompile(rid="y", kind="regex", spec="(")).step()
     assert out["schedule"][0] == GrammarReady(rid="x") and "invalid regex" in out["schedule"][1].error

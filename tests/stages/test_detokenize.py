@@ -10,7 +10,7 @@ from pipeline.config import ServerArgs
 from pipeline.messages import (Abort, ErrorOutput, FinishReason, SamplingParams, TextOutput, TokenizedRequest,
                                TokenOutput, TokenOutputBatch)
 from stages.detokenize import DetokenizeStage, IncrementalDetokenizer, StopStringMatcher, decode_ids
-from stages.tokenize import load_tokenizer
+from stages.tokenizer import load_tokenizer
 from tests.server.tiny_model import TRAINING_LINES, save_tiny_tokenizer
 
 

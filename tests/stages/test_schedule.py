@@ -10,10 +10,9 @@ import msgspec
 from pipeline.config import ServerArgs
 from pipeline.harness import StageDriver, wiring
 from pipeline.messages import (
-    Abort, ErrorOutput, ForwardBatch, GrammarCompile, GrammarReady, GrammarRelease, SampledTokens,
+    Abort, ErrorOutput, ForwardBatch, GrammarCompile, GrammarReady, GrammarRelease, ModelInfo, SampledTokens,
     SamplingParams, ScheduleInbox, TokenizedRequest, TokenOutputBatch,
 )
-from pipeline.messages import ModelInfo
 from stages.schedule import ScheduleStage
 
 EOS = 1
@@ -22,8 +21,8 @@ EOS = 1
 def _stage(num_slots: int = 512, **kwargs) -> StageDriver:
     args = msgspec.structs.replace(ServerArgs(), **kwargs)
     info = ModelInfo(num_slots=num_slots, num_rows=9, context_len=256, vocab_size=100, eos_token_ids=(EOS,))
-    inbox, outboxes = wiring(ScheduleInbox, "forward", "constrain", "detokenize")
-    return StageDriver(ScheduleStage(args, info, inbox, outboxes))
+    inbox, outboxes = wiring(ScheduleInbox, "forward", "constrain", "detokenize", "stats")
+    return StageDriver(ScheduleStage(args, inbox, outboxes, model_info=info))
 
 
 def _req(rid: str, length: int, parent: str | None = None, first: int = 10, **params) -> TokenizedRequest:
@@ -177,7 +176,7 @@ def test_flush_cache_and_engine_stats(monkeypatch) -> None:
     args = msgspec.structs.replace(ServerArgs())
     info = ModelInfo(num_slots=512, num_rows=9, context_len=256, vocab_size=100, eos_token_ids=(EOS,))
     inbox, outboxes = wiring(ScheduleInbox, "forward", "constrain", "detokenize", "stats")
-    driver = StageDriver(ScheduleStage(args, info, inbox, outboxes))
+    driver = StageDriver(ScheduleStage(args, inbox, outboxes, model_info=info))
     driver.feed(_req("a", 20, max_new_tokens=1))
     _answer(driver, _batch(driver))
     kv = driver.stage.kv

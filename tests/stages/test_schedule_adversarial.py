@@ -20,10 +20,9 @@ import pytest
 from pipeline.config import ServerArgs
 from pipeline.harness import StageDriver, wiring
 from pipeline.messages import (
-    Abort, ErrorOutput, FlushCache, ForwardBatch, SampledTokens, SamplingParams, ScheduleInbox,
+    Abort, ErrorOutput, FlushCache, ForwardBatch, ModelInfo, SampledTokens, SamplingParams, ScheduleInbox,
     TokenizedRequest, TokenOutputBatch,
 )
-from pipeline.messages import ModelInfo
 from stages.schedule import ScheduleStage
 
 EOS = 1
@@ -34,8 +33,8 @@ def _stage(num_slots: int, num_rows: int = 9, **kwargs) -> StageDriver:
     args = msgspec.structs.replace(ServerArgs(), **kwargs)
     info = ModelInfo(num_slots=num_slots, num_rows=num_rows, context_len=256, vocab_size=VOCAB,
                      eos_token_ids=(EOS,))
-    inbox, outboxes = wiring(ScheduleInbox, "forward", "constrain", "detokenize")
-    return StageDriver(ScheduleStage(args, info, inbox, outboxes))
+    inbox, outboxes = wiring(ScheduleInbox, "forward", "constrain", "detokenize", "stats")
+    return StageDriver(ScheduleStage(args, inbox, outboxes, model_info=info))
 
 
 def _req(rid: str, ids: list[int], parent: str | None = None, index: int = 0, **params) -> TokenizedRequest:

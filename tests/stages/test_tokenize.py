@@ -7,8 +7,8 @@ from pipeline.channel import in_thread_channel
 from pipeline.config import ServerArgs
 from pipeline.messages import (Abort, ChatMessage, ErrorOutput, GenerateRequest, SamplingParams, TokenizedRequest,
                                TokenizeInbox)
-from stages.tokenize import (RequestError, TokenizeStage, check_length, load_tokenizer, prompt_ids,
-                             tokenize_request)
+from stages.tokenize import RequestError, TokenizeStage, check_length, prompt_ids, tokenize_request
+from stages.tokenizer import load_tokenizer
 from tests.server.tiny_model import save_tiny_tokenizer
 
 
@@ -31,7 +31,7 @@ def make_stage(tokenizer, context_length: int = 64, num_workers: int = 0):
     errors = in_thread_channel("ingest", object, 64)
     detok = in_thread_channel("detokenize", object, 64)
     stage = TokenizeStage(args, inbox, {"out": out, "errors": errors, "detokenize": detok}, tokenizer=tokenizer,
-                          num_workers=num_workers)
+                          vocab_size=len(tokenizer), num_workers=num_workers)
     return stage, inbox, out, errors, detok
 
 
