@@ -31,7 +31,9 @@ from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.channel import Channel, ChannelClosed, in_thread_channel, process_channel, thread_channel  # noqa: E402
+from pipeline.channel import Channel, ChannelClosed, in_thread_channel  # noqa: E402
+from pipeline.process_channel import process_channel  # noqa: E402
+from pipeline.thread_channel import thread_channel  # noqa: E402
 from pipeline.messages import SampledTokens  # noqa: E402
 
 CAPACITY = 1024

@@ -6,9 +6,10 @@ Usage (GPU)::
 
 The public offline workload: 256 requests, input and output lengths uniform
 in [100, 1024], ``ignore_eos``, seed 0, greedy, random token ids as prompts
-(the configs come without tokenizers, so text stages are left out: this is
-the engine core -- schedule, forward, sample -- in its own loop, exactly as the
-Engine ticks it). Dummy weights of the real shapes. A short warm-up workload
+(the configs come without tokenizers, so the text stages are played by this
+script: it is the engine core of the one assembly -- multimodal, forward,
+constrain, sample, schedule -- stepped in its own loop, exactly as the Engine
+ticks it). Dummy weights of the real shapes. A short warm-up workload
 (48 prompts, 2 output tokens) runs first, so Triton compiles are not timed.
 
 Printed per model: wall time, output tok/s, total (input + output) tok/s,
@@ -30,10 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_one_batch import environment, run_each_model_alone, server_args, write_result  # noqa: E402
-from pipeline.channel import in_thread_channel  # noqa: E402
-from pipeline.messages import (  # noqa: E402
-    ForwardInbox, SampleInbox, SamplingParams, ScheduleInbox, TokenizedRequest, TokenOutputBatch,
-)
+from pipeline.assembly import pipeline_spec  # noqa: E402
+from pipeline.messages import SamplingParams, TokenizedRequest  # noqa: E402
+from pipeline.placement import MAIN, played_by_caller, single, wire_process  # noqa: E402
+
+# Played by this script: token ids in, token ids out. The configs come without tokenizers, so
+# there is no grammar either (no request is constrained; nothing reaches constrain's doors).
+PLAYED_STAGES = ("ingest", "tokenize", "detokenize", "constrain")
 
 
 def workload(num_requests: int, low: int, high: int, vocab: int, seed: int) -> list[TokenizedRequest]:
@@ -48,23 +52,16 @@ def workload(num_requests: int, low: int, high: int, vocab: int, seed: int) -> l
 
 
 class Core:
-    """schedule -> forward -> sample -> schedule on in-thread channels (the Engine's loop, minus text)."""
+    """The engine stages of the one assembly, built in this process and stepped by hand."""
 
     def __init__(self, args) -> None:
-        from stages.forward import ForwardStage
-        from stages.sample import SampleStage
-        from stages.schedule import ScheduleStage
-
-        cap = 1 << 16
-        self.schedule_in = in_thread_channel("schedule", ScheduleInbox, cap)
-        forward_in = in_thread_channel("forward", ForwardInbox, cap)
-        sample_in = in_thread_channel("sample", SampleInbox, cap)
-        self.outputs = in_thread_channel("detokenize", TokenOutputBatch, cap)
-        self.forward = ForwardStage(args, forward_in, {"sample": sample_in})
-        self.schedule = ScheduleStage(args, self.forward.model_info, self.schedule_in,
-                                      {"forward": forward_in, "detokenize": self.outputs})
-        self.sample = SampleStage(args, sample_in, {"schedule": self.schedule_in})
-        self.stages = [self.schedule, self.forward, self.sample]
+        spec = pipeline_spec(args)
+        channels: dict = {}
+        self.stages = wire_process(spec, played_by_caller(single(spec), *PLAYED_STAGES), MAIN, channels)
+        by_name = {stage.name: stage for stage in self.stages}
+        self.forward, self.schedule = by_name["forward"], by_name["schedule"]
+        self.requests = channels["multimodal"]  # what tokenize's out door would feed
+        self.outputs = channels["detokenize"]  # what detokenize would read (TokenOutputBatch, EngineStats)
 
     def _timed(self) -> list:
         """Wrap forward.run_batch to record CUDA events around it (no sync): GPU time per forward."""
@@ -85,7 +82,7 @@ class Core:
     def run(self, requests: list[TokenizedRequest]) -> dict:
         events = self._timed()
         for request in requests:
-            self.schedule_in.put(request)
+            self.requests.put(request)
         finished, output_tokens, steps = 0, 0, 0
         first_batch = self.schedule.next_batch_id
         busy_before = {s.name: s.counters.busy_s for s in self.stages}
@@ -95,7 +92,7 @@ class Core:
                 stage.step(1 << 16)
             steps += 1
             for batch in self.outputs.drain(1 << 16):
-                for out in batch.outputs:
+                for out in getattr(batch, "outputs", ()):  # TokenOutputBatch; EngineStats pass by
                     output_tokens += len(out.new_token_ids)
                     finished += out.finish_reason is not None
         torch.cuda.synchronize()

@@ -28,15 +28,15 @@ Semantics shared by all transports
 Where each transport lives
 --------------------------
 This file holds the interface, the errors and the in-thread transport;
-``pipeline/thread_channel.py`` the cross-thread one and
-``pipeline/process_channel.py`` the cross-process one (the msgpack border,
-credit-based backpressure and close across processes are described there).
+``pipeline/thread_channel.py`` the cross-thread one (``thread_channel``) and
+``pipeline/process_channel.py`` the cross-process one (``process_channel``;
+the msgpack border, credit-based backpressure and close across processes are
+described there). Each transport imports this file, never the other way.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
-import multiprocessing
 import threading
 import types
 import typing
@@ -255,18 +255,3 @@ class InThreadChannel(Channel[T]):
 def in_thread_channel(name: str, message_type: Any, capacity: int = DEFAULT_CAPACITY) -> Channel:
     """A channel whose producer and consumer run on the same thread."""
     return InThreadChannel(name, message_type, capacity)
-
-
-def thread_channel(name: str, message_type: Any, capacity: int = DEFAULT_CAPACITY) -> Channel:
-    """A channel between threads of one process (asyncio-safe on either end)."""
-    from pipeline.thread_channel import ThreadChannel
-
-    return ThreadChannel(name, message_type, capacity)
-
-
-def process_channel(name: str, message_type: Any, capacity: int = DEFAULT_CAPACITY,
-                    context: multiprocessing.context.BaseContext | None = None) -> Channel:
-    """A channel whose handle is passed to a spawn child; msgpack against ``message_type``."""
-    from pipeline.process_channel import ProcessChannel
-
-    return ProcessChannel(name, message_type, capacity, context)

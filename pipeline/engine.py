@@ -6,21 +6,20 @@
         out = engine.generate("To be, or not", {"max_new_tokens": 32, "temperature": 0})
         print(out["text"], out["meta_info"])
 
-Assembly: a ``pipeline.placement`` description of the stages and channels,
-started under the ``single`` placement -- every stage in this process, joined
-by in-thread channels and stepped in pipeline order by one ``StageLoop`` on a
-background thread::
+Assembly: the one pipeline description of ``pipeline/assembly.py``, started
+under the ``single`` placement with the ingest stage played by the Engine
+itself -- the seven other stages in this process, stepped in pipeline order
+by one ``StageLoop`` on a background thread::
 
-    tokenize -> multimodal -> schedule -> forward -> constrain -> sample -> detokenize
-       ^ requests (thread channel)                                           | TextOutput
-       Engine.submit                                      Engine.wait <------+ (routed by rid)
+    Engine.submit -> [tokenize] -> multimodal -> schedule -> forward -> constrain -> sample -> schedule
+                                                    |
+    Engine.wait  <-- [ingest] <------ detokenize <--+      (TextOutput routed by rid)
 
-A loop round steps each stage once (tokenize, multimodal, forward, constrain,
-sample, schedule, detokenize): the ForwardBatch that schedule emitted at the
-end of round i is run, sampled and taken back by schedule in round i+1, which
-also emits the next one. A router thread hands every TextOutput / ErrorOutput
-of the exit channel to the queue of its request. When no stage has work, the
-loop sleeps on a waker shared by every inbox.
+The Engine puts into the channel ingest's ``out`` door would feed (tokenize)
+and reads the channel ingest would read. A router thread hands every
+TextOutput / ErrorOutput to the queue of its request and keeps the latest
+EngineStats and ProcessCounters. When no stage has work, the loop sleeps on a
+waker shared by every inbox.
 
 The caller's thread only builds messages and waits on its queue; it never
 touches a stage.
@@ -53,19 +52,17 @@ from typing import Any, Iterator
 
 import msgspec
 
+from pipeline.assembly import pipeline_spec
 from pipeline.channel import ChannelClosed
-from pipeline.placement import ChannelSpec, Pipeline, PipelineSpec, StageSpec, single
 from pipeline.config import ServerArgs, resolve
-from pipeline.messages import (
-    Abort, ConstrainInbox, DetokenizeInbox, EngineStats, ErrorOutput, FlushCache, ForwardInbox, GenerateRequest,
-    IngestInbox, MultimodalInbox, SampleInbox, SamplingParams, SamplingParamsError, ScheduleInbox,
-    TextOutput, TokenizeInbox,
-)
+from pipeline.launch import Pipeline
+from pipeline.messages import (Abort, EngineStats, ErrorOutput, FlushCache, GenerateRequest, ProcessCounters,
+                               SamplingParams, SamplingParamsError, TextOutput)
+from pipeline.placement import played_by_caller, single
 
 logger = logging.getLogger(__name__)
 
 ROUTER_WAIT_S = 0.1
-LOOP_CAPACITY = 1 << 16
 
 
 class GenerateError(ValueError):
@@ -115,82 +112,17 @@ class Engine:
         self._stop = threading.Event()
         self.failure: str | None = None
         self.last_stats: EngineStats | None = None
-        self._model_info = None
-        from stages.tokenize import load_tokenizer
-
-        self.tokenizer = load_tokenizer(self.args.tokenizer_path or self.args.model_path)
-        spec = self._spec()
-        self.pipeline = Pipeline(spec, single(spec), record_path=self.args.record_path,
+        self.stage_counters: dict[str, dict[str, float]] = {}  # stage -> counters, from the runner
+        self.spec = pipeline_spec(self.args)
+        placement = played_by_caller(single(self.spec), "ingest")
+        self.pipeline = Pipeline(self.spec, placement, record_path=self.args.record_path,
                                  on_failure=self._on_failure).start()
         self.stages = {stage.name: stage for stage in self.pipeline.stages}
-        self.schedule, self.forward = self.stages["schedule"], self.stages["forward"]
-        self.requests = self.pipeline.entry("tokenize")
-        self.outputs = self.pipeline.exit("ingest")
+        self.schedule = self.stages["schedule"]
+        self.requests = self.pipeline.entry("tokenize")  # what ingest's out door would feed
+        self.outputs = self.pipeline.exit("ingest")  # what ingest would read
         self._router = threading.Thread(target=self._route_outputs, name="stagewise-engine-router", daemon=True)
         self._router.start()
-
-    # -------------------------------------------------------------- assembly
-    def _spec(self) -> PipelineSpec:
-        """The stages in loop order and the channels between them (``single`` placement)."""
-        make = {"tokenize": self._make_tokenize, "multimodal": self._make_multimodal,
-                "forward": self._make_forward, "constrain": self._make_constrain,
-                "sample": self._make_sample, "schedule": self._make_schedule,
-                "detokenize": self._make_detokenize}
-        stages = tuple(StageSpec(name, factory) for name, factory in make.items())
-        channels = (
-            ChannelSpec("tokenize", TokenizeInbox, (), "tokenize", LOOP_CAPACITY),
-            ChannelSpec("multimodal", MultimodalInbox, ("tokenize.out",), "multimodal", LOOP_CAPACITY),
-            ChannelSpec("schedule", ScheduleInbox, ("multimodal.out", "sample.schedule", "constrain.schedule",
-                                                    "detokenize.abort"), "schedule", LOOP_CAPACITY),
-            ChannelSpec("forward", ForwardInbox, ("schedule.forward",), "forward", LOOP_CAPACITY),
-            ChannelSpec("constrain", ConstrainInbox, ("schedule.constrain", "sample.constrain"), "constrain",
-                        LOOP_CAPACITY),
-            ChannelSpec("sample", SampleInbox, ("forward.sample", "constrain.sample"), "sample", LOOP_CAPACITY),
-            ChannelSpec("detokenize", DetokenizeInbox,
-                        ("schedule.detokenize", "schedule.stats", "tokenize.detokenize"), "detokenize",
-                        LOOP_CAPACITY),
-            ChannelSpec("ingest", IngestInbox, ("detokenize.out", "tokenize.errors"), None, LOOP_CAPACITY),
-        )
-        return PipelineSpec(stages, channels)
-
-    def _make_tokenize(self, inbox, outboxes):
-        from stages.tokenize import TokenizeStage
-
-        return TokenizeStage(self.args, inbox, outboxes, tokenizer=self.tokenizer)
-
-    def _make_multimodal(self, inbox, outboxes):
-        from stages.multimodal import MultimodalStage
-
-        return MultimodalStage(self.args, inbox, outboxes)
-
-    def _make_forward(self, inbox, outboxes):
-        from stages.forward import ForwardStage
-
-        stage = ForwardStage(self.args, inbox, outboxes)
-        self._model_info = stage.model_info  # the schedule and constrain stages are built after it
-        return stage
-
-    def _make_constrain(self, inbox, outboxes):
-        from stages.constrain import ConstrainStage
-
-        info = self._model_info
-        return ConstrainStage(self.args, self.tokenizer, inbox, outboxes, vocab_size=info.vocab_size,
-                              eos_token_ids=info.eos_token_ids)
-
-    def _make_sample(self, inbox, outboxes):
-        from stages.sample import SampleStage
-
-        return SampleStage(self.args, inbox, outboxes)
-
-    def _make_schedule(self, inbox, outboxes):
-        from stages.schedule import ScheduleStage
-
-        return ScheduleStage(self.args, self._model_info, inbox, outboxes)
-
-    def _make_detokenize(self, inbox, outboxes):
-        from stages.detokenize import DetokenizeStage
-
-        return DetokenizeStage(self.args, inbox, outboxes, tokenizer=self.tokenizer)
 
     # ---------------------------------------------------------------- router
     def _route_outputs(self) -> None:
@@ -203,6 +135,9 @@ class Engine:
                 return
             if isinstance(message, EngineStats):
                 self.last_stats = message
+                continue
+            if isinstance(message, ProcessCounters):
+                self.stage_counters.update(message.stages)
                 continue
             key = message.parent_rid if isinstance(message, TextOutput) else message.rid
             with self._lock:

@@ -46,6 +46,8 @@ import msgspec
 
 from pipeline import messages
 from pipeline.channel import Channel, in_thread_channel
+from pipeline.placement import (PipelineSpec, StageSpec, build_stage, object_path, process_of, resolve_object,
+                                resolve_type)
 from pipeline.stage import Stage
 
 HARNESS_CAPACITY = 1 << 20
@@ -133,6 +135,15 @@ class StageRecord(msgspec.Struct, frozen=True, tag="stage"):
     kwargs_error: str | None
     inbox: str | None
     outboxes: dict[str, str]  # outbox -> channel name
+    context: str | None = None  # "module:callable" of the spec's per-process context
+
+
+class BuiltRecord(msgspec.Struct, frozen=True, tag="built"):
+    """Written by a stage's process once the stage is built: the context it was built from."""
+
+    stage: str
+    process: str
+    context_json: bytes | None  # the context's snapshot(); None when the spec has no context
 
 
 class TrafficRecord(msgspec.Struct, frozen=True, tag="msg"):
@@ -145,7 +156,7 @@ class TrafficRecord(msgspec.Struct, frozen=True, tag="msg"):
     payload: bytes
 
 
-Record = ChannelRecord | StageRecord | TrafficRecord
+Record = ChannelRecord | StageRecord | BuiltRecord | TrafficRecord
 _FRAME = struct.Struct("<I")
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODER = msgspec.msgpack.Decoder(Record)
@@ -168,17 +179,13 @@ def read_records(path: str) -> Iterator[Record]:
 
 
 def type_paths(message_type: Any) -> list[str]:
-    from pipeline.placement import object_path, resolve_type
-
     resolved = resolve_type(message_type)
     members = resolved.__args__ if hasattr(resolved, "__args__") else (resolved,)
     return [object_path(m) for m in members]
 
 
-def write_header(path: str, spec: Any, placement: dict[str, list[str]]) -> None:
+def write_header(path: str, spec: PipelineSpec, placement: dict[str, list[str]]) -> None:
     """Start a recording: truncate ``path`` and describe every channel and stage."""
-    from pipeline.placement import object_path, process_of
-
     where = process_of(placement)
     frames = [_frame(ChannelRecord(name=c.name, message_types=type_paths(c.message_type),
                                    producers=list(c.producers), consumer=c.consumer)) for c in spec.channels]
@@ -196,7 +203,8 @@ def write_header(path: str, spec: Any, placement: dict[str, list[str]]) -> None:
             kwargs_error=kwargs_error,
             inbox=next((c.name for c in spec.channels if c.consumer == stage.name), None),
             outboxes={p.partition(".")[2]: c.name for c in spec.channels for p in c.producers
-                      if p.partition(".")[0] == stage.name})))
+                      if p.partition(".")[0] == stage.name},
+            context=spec.context)))
     with open(path, "wb") as file:
         file.write(b"".join(frames))
 
@@ -204,14 +212,21 @@ def write_header(path: str, spec: Any, placement: dict[str, list[str]]) -> None:
 class Recorder:
     """Appends what each stage takes and emits to the recording (thread- and process-safe)."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, process: str = "main") -> None:
         self.path = path
+        self.process = process
         self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         self._lock = threading.Lock()
 
-    def record_inputs(self, stage: Stage, batch: list[Any]) -> None:
+    def stage_built(self, stage: Stage, context: Any) -> None:
+        """Note the context ``stage`` was built from (``context.snapshot()``: JSON data)."""
+        snapshot = msgspec.json.encode(context.snapshot()) if context is not None else None
+        self._write(_frame(BuiltRecord(stage=stage.name, process=self.process, context_json=snapshot)))
+
+    def record_inputs(self, stage: Stage, batch: list[Any], channel: str | None = None) -> None:
+        """What ``stage`` took this step (``channel``: a side door other than its inbox)."""
         if batch:
-            channel = stage.inbox.name if stage.inbox is not None else ""
+            channel = channel or (stage.inbox.name if stage.inbox is not None else "")
             self._write(b"".join(self._traffic(stage, "in", channel, "", m) for m in batch))
 
     def record_output(self, stage: Stage, outbox: str, channel: str, message: Any) -> None:
@@ -233,6 +248,19 @@ class Recorder:
             if self._fd >= 0:
                 os.close(self._fd)
                 self._fd = -1
+
+
+class Capture:
+    """A recorder kept in memory: what a replayed stage emits, per channel, with its step."""
+
+    def __init__(self) -> None:
+        self.outputs: dict[str, list[tuple[int, bytes]]] = {}
+
+    def record_inputs(self, stage: Stage, batch: list[Any], channel: str | None = None) -> None:
+        pass
+
+    def record_output(self, stage: Stage, outbox: str, channel: str, message: Any) -> None:
+        self.outputs.setdefault(channel, []).append((stage.counters.steps, messages.encode(message)))
 
 
 # -- replay ---------------------------------------------------------------------------
@@ -258,6 +286,7 @@ class Recording:
     def __init__(self, path: str) -> None:
         self.channels: dict[str, ChannelRecord] = {}
         self.stages: dict[str, StageRecord] = {}
+        self.built: dict[str, BuiltRecord] = {}
         self.traffic: list[TrafficRecord] = []
         for record in read_records(path):
             match record:
@@ -265,18 +294,26 @@ class Recording:
                     self.channels[record.name] = record
                 case StageRecord():
                     self.stages[record.name] = record
+                case BuiltRecord():
+                    self.built[record.stage] = record
                 case TrafficRecord():
                     self.traffic.append(record)
 
     def message_type(self, channel: str) -> Any:
-        from pipeline.placement import resolve_type
-
         return resolve_type(self.channels[channel].message_types)
+
+    def context(self, stage: str) -> Any:
+        """The stage's context rebuilt from its snapshot, for a replay (None if the spec had none)."""
+        record = self.stages[stage]
+        if record.context is None:
+            return None
+        built = self.built.get(stage)
+        if built is None or built.context_json is None:
+            raise ValueError(f"stage {stage!r} was never built in the recorded run (no context to rebuild it from)")
+        return resolve_object(record.context)(**msgspec.json.decode(built.context_json), replay=True)
 
     def build(self, stage: str, factory: str | None = None) -> Stage:
         """A fresh instance of the recorded stage, wired to in-thread channels of the recorded types."""
-        from pipeline.placement import StageSpec, build_stage
-
         record = self.stages[stage]
         if record.kwargs_error is not None and (record.kwargs_json is None or factory is None):
             raise ValueError(f"stage {stage!r} cannot be rebuilt: {record.kwargs_error}")
@@ -285,11 +322,22 @@ class Recording:
                  if record.inbox else None)
         outboxes = {name: in_thread_channel(channel, self.message_type(channel), HARNESS_CAPACITY)
                     for name, channel in record.outboxes.items()}
-        return build_stage(StageSpec(stage, factory or record.factory, kwargs), inbox, outboxes)
+        return build_stage(StageSpec(stage, factory or record.factory, kwargs), inbox, outboxes,
+                           self.context(stage))
+
+
+# Wall-clock snapshots: what they hold depends on when they were taken, not on a stage's inputs.
+TELEMETRY = (messages.EngineStats, messages.ProcessCounters)
 
 
 def replay(path: str, stage_name: str, factory: str | None = None) -> Difference | None:
-    """Feed a recorded stage's inputs into a fresh one; the first difference, or None."""
+    """Feed a recorded stage's inputs into a fresh one; the first difference, or None.
+
+    Inputs go in at the step they were taken in the recorded run; inputs that
+    came through a side door (not the inbox, e.g. the ingest stage's HTTP
+    clients) go to ``stage.replay_input(channel, message)``. Telemetry
+    (``TELEMETRY``) is left out of the comparison.
+    """
     recording = Recording(path)
     if stage_name not in recording.stages:
         raise KeyError(f"no stage {stage_name!r} in {path} (stages: {sorted(recording.stages)})")
@@ -299,31 +347,61 @@ def replay(path: str, stage_name: str, factory: str | None = None) -> Difference
         raise
     except Exception as exc:  # the factory itself failed: say which stage and why
         raise ValueError(f"cannot build stage {stage_name!r}: {type(exc).__name__}: {exc}") from exc
+    capture = Capture()
+    stage.recorder = capture
     mine = [t for t in recording.traffic if t.stage == stage_name]
-    inputs: dict[int, list[bytes]] = {}
+    inputs: dict[int, list[TrafficRecord]] = {}
     recorded: dict[str, list[tuple[int, bytes]]] = {}
     for traffic in mine:
         if traffic.direction == "in":
-            inputs.setdefault(traffic.step, []).append(traffic.payload)
+            inputs.setdefault(traffic.step, []).append(traffic)
         else:
             recorded.setdefault(traffic.channel, []).append((traffic.step, traffic.payload))
-    decode = messages.decoder(stage.inbox.message_type).decode if stage.inbox is not None else None
-    replayed: dict[str, list[tuple[int, bytes]]] = {}
+    inbox_name = stage.inbox.name if stage.inbox is not None else None
+    decoders: dict[str, Any] = {}
     last_step = max((t.step for t in mine), default=-1)
     step = 0
-    # The recorded steps, then a bounded tail while the fresh stage still has work in hand
-    # (a stage that finishes work between steps may trail the recording by a step or two).
-    while step <= last_step or (step <= last_step + REPLAY_TAIL_STEPS and stage.has_work()):
-        batch = inputs.get(step, [])
-        for payload in batch:
-            stage.inbox.put(decode(payload))
-        stage.step(max_messages=len(batch))
-        for door in stage.doors.values():
-            replayed.setdefault(door.channel.name, []).extend(
-                (step, messages.encode(m)) for m in door.channel.drain(HARNESS_CAPACITY))
-        step += 1
-    stage.close()
-    return first_difference(recorded, replayed)
+    try:
+        # The recorded steps, then a bounded tail while the fresh stage still has work in hand
+        # (a stage that finishes work between steps may trail the recording by a step or two).
+        while step <= last_step or (step <= last_step + REPLAY_TAIL_STEPS and stage.has_work()):
+            taken = 0
+            for traffic in inputs.get(step, []):
+                message = _decode(recording, decoders, traffic)
+                if traffic.channel == inbox_name:
+                    stage.inbox.put(message)
+                    taken += 1
+                else:
+                    stage.replay_input(traffic.channel, message)
+            stage.step(max_messages=taken)
+            for door in stage.doors.values():
+                door.channel.drain(HARNESS_CAPACITY)
+            step += 1
+    finally:
+        stage.close()
+    return first_difference(_without_telemetry(recorded), _without_telemetry(capture.outputs))
+
+
+def _decode(recording: Recording, decoders: dict[str, Any], traffic: TrafficRecord) -> Any:
+    if traffic.channel not in decoders:
+        message_type = (recording.message_type(traffic.channel) if traffic.channel in recording.channels
+                        else messages.AnyMessage)
+        decoders[traffic.channel] = messages.decoder(message_type)
+    return decoders[traffic.channel].decode(traffic.payload)
+
+
+def _without_telemetry(outputs: dict[str, list[tuple[int, bytes]]]) -> dict[str, list[tuple[int, bytes]]]:
+    names = {t.__name__ for t in TELEMETRY}
+    kept = {}
+    for channel, items in outputs.items():
+        kept[channel] = [(step, payload) for step, payload in items
+                         if _type_tag(payload) not in names]
+    return kept
+
+
+def _type_tag(payload: bytes) -> str | None:
+    value = msgspec.msgpack.decode(payload)
+    return value.get("type") if isinstance(value, dict) else None
 
 
 def first_difference(recorded: dict[str, list[tuple[int, bytes]]],

@@ -30,14 +30,18 @@ from typing import Any, Callable
 
 import msgspec
 
-from pipeline.channel import Channel, ChannelClosed, ChannelFull, process_channel
-from pipeline.placement import (MAIN, ChannelSpec, PipelineSpec, PlacementError, _touches, make_channel,
-                                process_of, transport_of, wire_process)
+from pipeline.channel import Channel, ChannelClosed, ChannelFull
+from pipeline.harness import Recorder, write_header
+from pipeline.messages import ProcessCounters
+from pipeline.placement import (CALLER, MAIN, ChannelSpec, PipelineSpec, PlacementError, make_channel, process_of,
+                                touches, transport_of, wire_process)
+from pipeline.process_channel import process_channel
 from pipeline.stage import Stage, StageLoop
 
 logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.2  # how often a running pipeline checks that its children are alive
+COUNTERS_INTERVAL_S = 1.0  # how often each process's runner publishes its stages' counters
 PARENT_POLL_S = 0.2  # how often a child checks that its parent is alive
 
 
@@ -99,9 +103,16 @@ def child_main(process: str, spec: PipelineSpec, placement: dict[str, list[str]]
     logging.basicConfig(level=logging.INFO, format=f"[{process}] %(levelname)s %(name)s: %(message)s")
     stages: list[Stage] = []
     try:
-        stages = wire_process(spec, placement, process, dict(channels))
-        runner = ProcessRunner(process, stages, record_path, _own_thread(spec))
-        runner.loop.poll = lambda: _answer_control(runner, control_in, control_out, parent_pid)
+        recorder = Recorder(record_path, process) if record_path else None
+        stages = wire_process(spec, placement, process, dict(channels),
+                              on_built=recorder.stage_built if recorder else None)
+        runner = ProcessRunner(process, stages, recorder, _own_thread(spec), _counters_channel(spec, channels))
+
+        def poll() -> None:
+            _answer_control(runner, control_in, control_out, parent_pid)
+            runner.publish_counters()
+
+        runner.loop.poll = poll
         runner.loop.watch(control_in)
         runner.start_threads()
         control_out.put(Report(process=process, seq=0, idle=True))
@@ -141,21 +152,37 @@ def _answer_control(runner: ProcessRunner, control_in: Channel, control_out: Cha
 
 
 class ProcessRunner:
-    """The stages of one process: a StageLoop for most, a thread each for ``own_thread`` ones."""
+    """The stages of one process: a StageLoop for most, a thread each for ``own_thread`` ones.
 
-    def __init__(self, process: str, stages: list[Stage], record_path: str = "",
-                 own_thread: frozenset[str] = frozenset()) -> None:
+    The runner owns its stages, so it is the one that reports what they did:
+    every ``COUNTERS_INTERVAL_S`` (from the loop's poll) it puts one
+    ``ProcessCounters`` on the spec's counters channel, if there is one.
+    """
+
+    def __init__(self, process: str, stages: list[Stage], recorder: Recorder | None = None,
+                 own_thread: frozenset[str] = frozenset(), counters: Channel | None = None) -> None:
         self.process = process
         self.stages = stages
         self.threaded = [s for s in stages if s.name in own_thread]
         self.loop = StageLoop([s for s in stages if s not in self.threaded])
-        self.recorder = None
-        if record_path:
-            from pipeline.harness import Recorder  # only when recording
+        self.recorder = recorder
+        self.counters = counters
+        self._counters_at_s = 0.0
+        for stage in stages:
+            stage.recorder = recorder
 
-            self.recorder = Recorder(record_path)
-            for stage in stages:
-                stage.recorder = self.recorder
+    def publish_counters(self, force: bool = False) -> None:
+        """Put this process's stage counters on the counters channel (at most once a second)."""
+        now = time.monotonic()
+        if self.counters is None or (not force and now - self._counters_at_s < COUNTERS_INTERVAL_S):
+            return
+        self._counters_at_s = now
+        report = ProcessCounters(process=self.process, time_s=time.time(),
+                                 stages={s.name: s.counters.as_dict() for s in self.stages})
+        try:
+            self.counters.put_nowait(report)
+        except (ChannelFull, ChannelClosed):
+            pass  # a snapshot: the next one replaces it
 
     def start_threads(self) -> None:
         for stage in self.threaded:
@@ -180,6 +207,10 @@ class ProcessRunner:
 
 def _own_thread(spec: PipelineSpec) -> frozenset[str]:
     return frozenset(s.name for s in spec.stages if s.own_thread)
+
+
+def _counters_channel(spec: PipelineSpec, channels: dict[str, Channel]) -> Channel | None:
+    return next((channels[c.name] for c in spec.channels if c.counters and c.name in channels), None)
 
 
 # -- the running pipeline ------------------------------------------------------------
@@ -214,12 +245,15 @@ class Pipeline:
         self.failure: str | None = None
 
     def entry(self, name: str) -> Channel:
-        """The channel named ``name`` that the caller puts into (it has no producer stage)."""
-        return self._endpoint(name, lambda c: not c.producers, "an entry")
+        """The channel named ``name`` that the caller puts into (no producer stage, or one the caller plays)."""
+        played = set(self.placement.get(CALLER, ()))
+        return self._endpoint(name, lambda c: not c.producers or any(p.partition(".")[0] in played
+                                                                      for p in c.producers), "an entry")
 
     def exit(self, name: str) -> Channel:
-        """The channel named ``name`` that the caller reads (it has no consumer stage)."""
-        return self._endpoint(name, lambda c: c.consumer is None, "an exit")
+        """The channel named ``name`` that the caller reads (no consumer stage, or one the caller plays)."""
+        played = set(self.placement.get(CALLER, ()))
+        return self._endpoint(name, lambda c: c.consumer is None or c.consumer in played, "an exit")
 
     def _endpoint(self, name: str, test: Callable[[ChannelSpec], bool], what: str) -> Channel:
         matches = [c for c in self.spec.channels if c.name == name and test(c)]
@@ -237,15 +271,22 @@ class Pipeline:
         for channel in self.spec.channels:
             if transport_of(channel, self.spec, where) == "cross-process":
                 self.channels[channel.name] = make_channel(channel, "cross-process")
+        recorder = None
         if self.record_path:
-            from pipeline.harness import write_header
-
             write_header(self.record_path, self.spec, self.placement)
+            recorder = Recorder(self.record_path, MAIN)
         for process in self.placement:
-            if process != MAIN:
+            if process not in (MAIN, CALLER):
                 self._spawn(process)
-        self._runner = ProcessRunner(MAIN, wire_process(self.spec, self.placement, MAIN, self.channels),
-                                     self.record_path, _own_thread(self.spec))
+        try:
+            stages = wire_process(self.spec, self.placement, MAIN, self.channels,
+                                  on_built=recorder.stage_built if recorder else None)
+        except BaseException:
+            self._stop_children_now()
+            raise
+        self._runner = ProcessRunner(MAIN, stages, recorder, _own_thread(self.spec),
+                                     _counters_channel(self.spec, self.channels))
+        self._runner.loop.poll = self._runner.publish_counters
         self.started = True
         for process in self.children:
             self._wait_ready(process)
@@ -276,7 +317,7 @@ class Pipeline:
         control_out = process_channel(f"{process}.reports", Report, 16)
         where = process_of(self.placement)
         mine = {name: ch for name, ch in self.channels.items()
-                if _touches(next(c for c in self.spec.channels if c.name == name), process, where)}
+                if touches(next(c for c in self.spec.channels if c.name == name), process, where)}
         child = ctx.Process(target=child_main, name=f"stagewise-{process}", daemon=True,
                             args=(process, self.spec, self.placement, mine, control_in, control_out,
                                   os.getpid(), self.record_path,
@@ -359,7 +400,7 @@ class Pipeline:
         if not self.started:
             return True
         self.started = False
-        for channel in self.spec.channels:
+        for channel in self.spec.channels:  # a channel a stage also feeds stays open until the end
             if not channel.producers and channel.name in self.channels:
                 self.channels[channel.name].close()
         drained = self.wait_idle(timeout)
@@ -393,6 +434,14 @@ class Pipeline:
                 errors.append(RuntimeError(f"the main stage loop failed: {self._runner.loop.failure!r}"))
         if errors:
             raise errors[0]
+
+    def _stop_children_now(self) -> None:
+        """Start-up failed in this process: stop the children already spawned."""
+        for process, child in self.children.items():
+            self._stop_child(process, child)
+        for control_in, control_out in self._control.values():
+            control_in.close()
+            control_out.close()
 
     def _stop_child(self, process: str, child: multiprocessing.process.BaseProcess) -> None:
         try:

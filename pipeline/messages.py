@@ -480,6 +480,7 @@ ALL_MESSAGE_TYPES: tuple[type[Message], ...] = (
     GrammarCompile, GrammarReady, GrammarRelease, TokenMask, SampledTokens,
     TokenOutputBatch, TextOutput, ErrorOutput, EngineStats, ProcessCounters,
 )
+AnyMessage = Union[ALL_MESSAGE_TYPES]  # any message, told apart by its "type" tag
 
 
 # --------------------------------------------------------------------------

@@ -4,15 +4,25 @@ The description says *what* exists; the placement says *where* it runs:
 
 * ``StageSpec(name, factory, kwargs, own_thread)``: how to build a stage.
   ``factory`` is ``"module:callable"`` (or the callable); it is called as
-  ``factory(inbox=..., outboxes=..., **kwargs)`` (plus ``name=`` if it takes
-  one). ``kwargs`` should be JSON data so a recording can rebuild the stage; a
-  dict given for a parameter annotated with a msgspec Struct (``args:
-  ServerArgs``) is converted to that Struct.
-* ``ChannelSpec(name, message_type, producers, consumer, capacity)``:
+  ``factory(inbox=..., outboxes=..., **kwargs)``, plus ``name=`` and
+  ``context=`` if it takes them. ``kwargs`` should be JSON data so a
+  recording can rebuild the stage; a dict given for a parameter annotated
+  with a msgspec Struct (``args: ServerArgs``) is converted to that Struct.
+* ``ChannelSpec(name, message_type, producers, consumer, capacity, counters)``:
   ``producers`` are ``"stage.outbox"`` strings; no producers makes an *entry*
   the caller puts into; ``consumer`` None makes an *exit* the caller reads.
+  ``counters=True`` marks the one channel where every process's runner also
+  puts its ``ProcessCounters``.
+* ``PipelineSpec(stages, channels, context, context_kwargs)``: ``context``
+  (``"module:callable"``) is called once in every process with
+  ``context_kwargs`` (JSON data); each factory that takes ``context`` gets
+  that object. It holds what several stages of one process share (a
+  tokenizer loaded once, the model info the forward stage measured), and
+  ``snapshot()`` returns it as JSON data for a recording.
 * A placement maps process names to stage names. ``"main"`` is the calling
-  process; every other process is a ``multiprocessing`` spawn child.
+  process; ``"caller"`` lists stages the caller plays itself (the offline
+  Engine plays ingest: it puts into ingest's outbox channels and reads its
+  inbox); every other process is a ``multiprocessing`` spawn child.
 
 From that, each channel gets the cheapest transport that is correct: in-thread
 when its ends share one stage loop, cross-thread when an end is the caller or
@@ -20,8 +30,7 @@ a stage on its own thread, cross-process when its ends are in different
 processes. Inside a process the stages run as one ``StageLoop``.
 
 Running a description under a placement is ``pipeline/launch.py``
-(``Pipeline``: start, drain-then-stop, child processes); ``Pipeline`` is
-importable from here too.
+(``Pipeline``: start, drain-then-stop, child processes).
 """
 from __future__ import annotations
 
@@ -33,12 +42,16 @@ from typing import Any, Callable
 
 import msgspec
 
-from pipeline.channel import DEFAULT_CAPACITY, Channel, in_thread_channel, process_channel, thread_channel
+from pipeline.channel import DEFAULT_CAPACITY, Channel, in_thread_channel
+from pipeline.process_channel import process_channel
 from pipeline.stage import Stage
+from pipeline.thread_channel import thread_channel
 
 MAIN = "main"
-FRONT_END_STAGES = ("ingest", "tokenize", "multimodal", "detokenize")
-ENGINE_STAGES = ("schedule", "forward", "constrain", "sample")
+CALLER = "caller"  # stages the caller plays itself: their channels are its entries and exits
+# The serving front end: HTTP, text in, text out. Multimodal stays with the engine so that
+# the schedule inbox has producers in the engine process only (its hot path stays in-thread).
+FRONT_END_STAGES = ("ingest", "tokenize", "detokenize")
 
 
 class PlacementError(ValueError):
@@ -60,12 +73,15 @@ class ChannelSpec:
     producers: tuple[str, ...] = ()  # "stage.outbox"; empty: an entry the caller puts into
     consumer: str | None = None  # the stage whose inbox this is; None: an exit the caller reads
     capacity: int = DEFAULT_CAPACITY
+    counters: bool = False  # every process's runner also puts its ProcessCounters here
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineSpec:
     stages: tuple[StageSpec, ...]
     channels: tuple[ChannelSpec, ...]
+    context: str | None = None  # "module:callable" building each process's shared context
+    context_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def stage(self, name: str) -> StageSpec:
         for spec in self.stages:
@@ -80,6 +96,8 @@ class PipelineSpec:
         _unique([c.name for c in self.channels], "channel")
         _unique([c.consumer for c in self.channels if c.consumer is not None], "inbox of stage")
         _unique([p for c in self.channels for p in c.producers], "outbox")
+        if sum(c.counters for c in self.channels) > 1:
+            raise PlacementError("only one channel may carry the runners' counters")
         for channel in self.channels:
             ends = [p.partition(".")[0] for p in channel.producers] + [channel.consumer]
             for stage in ends:
@@ -112,6 +130,13 @@ def serving(spec: PipelineSpec, front_end: tuple[str, ...] = FRONT_END_STAGES) -
             "engine": [s.name for s in spec.stages if s.name not in front_end]}
 
 
+def played_by_caller(placement: dict[str, list[str]], *stage_names: str) -> dict[str, list[str]]:
+    """``placement`` with ``stage_names`` taken out of their processes and played by the caller."""
+    moved = {process: [n for n in names if n not in stage_names] for process, names in placement.items()}
+    moved[CALLER] = list(stage_names)
+    return moved
+
+
 PLACEMENTS: dict[str, Callable[[PipelineSpec], dict[str, list[str]]]] = {"single": single, "serving": serving}
 
 
@@ -126,16 +151,29 @@ def process_of(placement: dict[str, list[str]]) -> dict[str, str]:
     return where
 
 
-def transport_of(channel: ChannelSpec, spec: PipelineSpec, where: dict[str, str]) -> str:
-    """'in-thread', 'cross-thread' or 'cross-process' for this channel under this placement."""
+def ends_of(channel: ChannelSpec, where: dict[str, str]) -> tuple[set[str], bool]:
+    """(processes with an end of this channel, whether the caller holds an end)."""
     stage_ends = [p.partition(".")[0] for p in channel.producers]
     if channel.consumer is not None:
         stage_ends.append(channel.consumer)
-    external = not channel.producers or channel.consumer is None
-    processes = {where[s] for s in stage_ends} | ({MAIN} if external else set())
+    processes = {where[s] for s in stage_ends}
+    if channel.counters:  # every process's runner produces
+        processes |= set(where.values())
+    caller = not channel.producers or channel.consumer is None or CALLER in processes
+    processes.discard(CALLER)
+    if caller:
+        processes.add(MAIN)
+    return processes, caller
+
+
+def transport_of(channel: ChannelSpec, spec: PipelineSpec, where: dict[str, str]) -> str:
+    """'in-thread', 'cross-thread' or 'cross-process' for this channel under this placement."""
+    processes, caller = ends_of(channel, where)
     if len(processes) > 1:
         return "cross-process"
-    if external or any(spec.stage(s).own_thread for s in stage_ends):
+    stage_ends = [p.partition(".")[0] for p in channel.producers] + [channel.consumer]
+    threaded = any(s is not None and where.get(s) != CALLER and spec.stage(s).own_thread for s in stage_ends)
+    if caller or threaded or channel.counters:
         return "cross-thread"
     return "in-thread"
 
@@ -176,12 +214,20 @@ def object_path(obj: Any) -> str:
     return f"{obj.__module__}:{obj.__qualname__}"
 
 
-def build_stage(spec: StageSpec, inbox: Channel | None, outboxes: dict[str, Channel]) -> Stage:
+def build_context(spec: PipelineSpec) -> Any:
+    """The shared context of one process's stages (None when the spec declares none)."""
+    return resolve_object(spec.context)(**spec.context_kwargs) if spec.context else None
+
+
+def build_stage(spec: StageSpec, inbox: Channel | None, outboxes: dict[str, Channel], context: Any = None) -> Stage:
     """Call the spec's factory with its wiring and kwargs; the stage takes the spec's name."""
     factory = resolve_object(spec.factory)
     call_kwargs = dict(_typed_kwargs(factory, spec.kwargs), inbox=inbox, outboxes=outboxes)
-    if "name" in _parameters(factory):
+    parameters = _parameters(factory)
+    if "name" in parameters:
         call_kwargs["name"] = spec.name
+    if "context" in parameters:
+        call_kwargs["context"] = context
     stage = factory(**call_kwargs)
     if not isinstance(stage, Stage):
         raise PlacementError(f"factory of stage {spec.name!r} returned {type(stage).__name__}, not a Stage")
@@ -212,34 +258,38 @@ def _typed_kwargs(factory: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def wire_process(spec: PipelineSpec, placement: dict[str, list[str]], process: str,
-                 channels: dict[str, Channel]) -> list[Stage]:
-    """Build this process's stages; make its local channels (``channels`` gains them)."""
+                 channels: dict[str, Channel], on_built: Callable[[Stage, Any], None] | None = None) -> list[Stage]:
+    """Build this process's stages in declaration order; make its local channels (``channels`` gains them).
+
+    ``on_built(stage, context)`` runs after each stage is built (a recording
+    notes the context it was built from).
+    """
     where = process_of(placement)
     for channel in spec.channels:
-        if channel.name not in channels and _touches(channel, process, where):
+        if channel.name not in channels and touches(channel, process, where):
             channels[channel.name] = make_channel(channel, transport_of(channel, spec, where))
+    names = placement.get(process, [])
+    context = build_context(spec) if names else None
     stages = []
-    for name in placement.get(process, []):
-        inbox = next((channels[c.name] for c in spec.channels if c.consumer == name), None)
-        outboxes = {p.partition(".")[2]: channels[c.name]
-                    for c in spec.channels for p in c.producers if p.partition(".")[0] == name}
-        stages.append(build_stage(spec.stage(name), inbox, outboxes))
+    for stage_spec in spec.stages:
+        if stage_spec.name not in names:
+            continue
+        inbox, outboxes = doors_of(spec, stage_spec.name, channels)
+        stage = build_stage(stage_spec, inbox, outboxes, context)
+        if on_built is not None:
+            on_built(stage, context)
+        stages.append(stage)
     return stages
 
 
-def _touches(channel: ChannelSpec, process: str, where: dict[str, str]) -> bool:
-    ends = {where[p.partition(".")[0]] for p in channel.producers}
-    if channel.consumer is not None:
-        ends.add(where[channel.consumer])
-    if not channel.producers or channel.consumer is None:
-        ends.add(MAIN)
-    return process in ends
+def doors_of(spec: PipelineSpec, stage: str, channels: dict[str, Channel]) -> tuple[Channel | None, dict[str, Channel]]:
+    """(inbox, {door: channel}) of a stage, from the channels built so far."""
+    inbox = next((channels[c.name] for c in spec.channels if c.consumer == stage), None)
+    outboxes = {p.partition(".")[2]: channels[c.name]
+                for c in spec.channels for p in c.producers if p.partition(".")[0] == stage}
+    return inbox, outboxes
 
 
-def __getattr__(name: str) -> Any:
-    """``Pipeline`` and ``ProcessRunner`` live in pipeline/launch.py (which imports this module)."""
-    if name in ("Pipeline", "ProcessRunner"):
-        from pipeline import launch
-
-        return getattr(launch, name)
-    raise AttributeError(f"module 'pipeline.placement' has no attribute {name!r}")
+def touches(channel: ChannelSpec, process: str, where: dict[str, str]) -> bool:
+    """Whether ``process`` holds an end of ``channel`` (the caller's ends live in main)."""
+    return process in ends_of(channel, where)[0]

@@ -33,7 +33,7 @@ from typing import Any
 import msgspec
 
 from pipeline import messages
-from pipeline.channel import Channel, ChannelFull, MessageRejected, T, type_name
+from pipeline.channel import DEFAULT_CAPACITY, Channel, ChannelFull, MessageRejected, T, type_name
 from pipeline.thread_channel import ThreadChannel
 
 _CREDIT_POLL_S = 0.05  # how often a producer blocked on credits re-checks close
@@ -249,3 +249,9 @@ def _process_alive(pid: int) -> bool:
             return stat.read().rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
     except OSError:
         return True  # no procfs: trust kill()
+
+
+def process_channel(name: str, message_type: Any, capacity: int = DEFAULT_CAPACITY,
+                    context: multiprocessing.context.BaseContext | None = None) -> Channel:
+    """A channel whose handle is passed to a spawn child; msgpack against ``message_type``."""
+    return ProcessChannel(name, message_type, capacity, context)

@@ -5,30 +5,15 @@
     stagewise serve                                   # the bundled demo model
     stagewise serve --model-path DIR --port 30000 --placement serving
 
-One pipeline description (``serving_spec``) runs under either placement:
+The pipeline is the one description of ``pipeline/assembly.py``, run under
+the placement ``--placement`` names:
 
 * ``single``: every stage in this process. The ingest stage serves HTTP on
   its own thread (its asyncio loop); the other seven run as one stage loop
   on a background thread.
 * ``serving``: a front-end process (this one: ingest, tokenize, detokenize)
-  and an engine process (multimodal, forward, constrain, sample, schedule).
-  Multimodal sits with the engine so its output reaches the scheduler
-  without crossing a process border; aborts from detokenize take the
-  request path (tokenize -> multimodal -> schedule), so the schedule inbox
-  has producers in one process only.
-
-Channels (``producer.outbox -> channel``)::
-
-    ingest.out, detokenize.abort          -> tokenize     GenerateRequest | Abort | FlushCache
-    tokenize.out                          -> multimodal   TokenizedRequest | Abort | FlushCache
-    multimodal.out, sample.schedule,
-      constrain.schedule                  -> schedule
-    schedule.forward                      -> forward
-    schedule.constrain, sample.constrain  -> constrain
-    forward.sample, constrain.sample      -> sample
-    schedule.detokenize, schedule.stats,
-      tokenize.detokenize                 -> detokenize
-    detokenize.out, tokenize.errors       -> ingest
+  and an engine process (multimodal, forward, constrain, sample, schedule);
+  see ``placement.serving``.
 
 Start-up logs the address, model, dtype and KV capacity; ``/health`` is 503
 until a warm-up generation went through. SIGTERM/SIGINT: stop listening,
@@ -44,152 +29,24 @@ import threading
 import time
 from typing import Any
 
-import msgspec
-
+from pipeline.assembly import pipeline_spec
 from pipeline.config import ConfigError, ServerArgs, parse_args
-from pipeline.messages import (ConstrainInbox, DetokenizeInbox, EngineStats, ForwardInbox, IngestInbox,
-                               MultimodalInbox, SampleInbox, ScheduleInbox, TokenizeInbox)
-from pipeline.placement import ChannelSpec, Pipeline, PipelineSpec, StageSpec
+from pipeline.launch import Pipeline
+from pipeline.placement import PLACEMENTS
 
 logger = logging.getLogger("stagewise.serve")
 
 DRAIN_TIMEOUT_S = 30.0
 READY_TIMEOUT_S = 900.0
-CAPACITY = 1 << 14
-ENGINE_PROCESS_STAGES = ("multimodal", "forward", "constrain", "sample", "schedule")
-
-# Assembly hand-off inside one process: the forward stage measures the KV pool
-# after loading weights; the schedule stage (built after it) needs that
-# ModelInfo, and its EngineStats report the counters of its neighbours.
-_ASSEMBLY: dict[str, Any] = {"stages": []}
-
-
-# --------------------------------------------------------------------------- stage factories
-
-
-def _registered(stage: Any) -> Any:
-    _ASSEMBLY["stages"].append(stage)
-    return stage
-
-
-def make_ingest(args: ServerArgs, inbox: Any, outboxes: dict) -> Any:
-    from stages.ingest import IngestStage
-
-    return IngestStage(args, inbox, outboxes)
-
-
-def make_tokenize(args: ServerArgs, inbox: Any, outboxes: dict) -> Any:
-    from stages.tokenize import TokenizeStage
-
-    return _registered(TokenizeStage(args, inbox, outboxes))
-
-
-def make_tokenize_inline(args: ServerArgs, inbox: Any, outboxes: dict) -> Any:
-    """Tokenize on the stepping thread (deterministic): for replaying a recording of the stage."""
-    from stages.tokenize import TokenizeStage
-
-    return _registered(TokenizeStage(args, inbox, outboxes, num_workers=0))
-
-
-def make_multimodal(args: ServerArgs, inbox: Any, outboxes: dict) -> Any:
-    from stages.multimodal import MultimodalStage
-
-    return _registered(MultimodalStage(args, inbox, outboxes))
-
-
-def make_forward(args: ServerArgs, inbox: Any, outboxes: dict) -> Any:
-    from stages.forward import ForwardStage
-
-    stage = _registered(ForwardStage(args, inbox, outboxes))
-    _ASSEMBLY["model_info"] = stage.model_info
-    return stage
-
-
-def make_constrain(args: ServerArgs, inbox: Any, outboxes: dict) -> Any:
-    from stages.constrain import ConstrainStage
-    from stages.tokenize import load_tokenizer
-
-    info = _ASSEMBLY["model_info"]
-    return _registered(ConstrainStage(args, load_tokenizer(args.tokenizer_path), inbox, outboxes,
-                                      vocab_size=info.vocab_size, eos_token_ids=info.eos_token_ids))
-
-
-def make_sample(args: ServerArgs, inbox: Any, outboxes: dict) -> Any:
-    from stages.sample import SampleStage
-
-    return _registered(SampleStage(args, inbox, outboxes))
-
-
-def make_schedule(args: ServerArgs, inbox: Any, outboxes: dict) -> Any:
-    from stages.schedule import ScheduleStage
-
-    class ReportingScheduleStage(ScheduleStage):
-        """The schedule stage, whose EngineStats also carry this process's stage counters."""
-
-        def emit(self, outbox: str, message: Any) -> None:
-            if outbox == "stats" and isinstance(message, EngineStats):
-                message = msgspec.structs.replace(message, stage_counters=process_stage_counters(self))
-            super().emit(outbox, message)
-
-    return _registered(ReportingScheduleStage(args, _ASSEMBLY["model_info"], inbox, outboxes))
-
-
-def make_detokenize(args: ServerArgs, inbox: Any, outboxes: dict) -> Any:
-    from stages.detokenize import DetokenizeStage
-
-    return _registered(DetokenizeStage(args, inbox, outboxes))
-
-
-def process_stage_counters(schedule: Any) -> dict[str, dict[str, float]]:
-    from pipeline.metrics import stage_counters
-
-    stages = {id(s): s for s in _ASSEMBLY["stages"]}
-    stages[id(schedule)] = schedule
-    return {stage.name: stage_counters(stage) for stage in stages.values()}
-
-
-# --------------------------------------------------------------------------- the pipeline
-
-
-def serving_spec(args: ServerArgs) -> PipelineSpec:
-    """The eight stages and their channels (see the module docstring)."""
-    kwargs = {"args": msgspec.to_builtins(args)}
-    here = "pipeline.serve:"
-    stages = [StageSpec("ingest", here + "make_ingest", kwargs, own_thread=True)] + [
-        StageSpec(name, f"{here}make_{name}", kwargs)
-        for name in ("tokenize", "multimodal", "forward", "constrain", "sample", "schedule", "detokenize")]
-    schedule_producers = ("multimodal.out", "sample.schedule", "constrain.schedule")
-    channels = [
-        ChannelSpec("tokenize", TokenizeInbox, ("ingest.out", "detokenize.abort"), "tokenize", CAPACITY),
-        ChannelSpec("multimodal", MultimodalInbox, ("tokenize.out",), "multimodal", CAPACITY),
-        ChannelSpec("schedule", ScheduleInbox, schedule_producers, "schedule", CAPACITY),
-        ChannelSpec("forward", ForwardInbox, ("schedule.forward",), "forward", CAPACITY),
-        ChannelSpec("constrain", ConstrainInbox, ("schedule.constrain", "sample.constrain"), "constrain", CAPACITY),
-        ChannelSpec("sample", SampleInbox, ("forward.sample", "constrain.sample"), "sample", CAPACITY),
-        ChannelSpec("detokenize", DetokenizeInbox, ("schedule.detokenize", "schedule.stats",
-                                                      "tokenize.detokenize"), "detokenize", CAPACITY),
-        ChannelSpec("ingest", IngestInbox, ("detokenize.out", "tokenize.errors"), "ingest", CAPACITY),
-    ]
-    return PipelineSpec(tuple(stages), tuple(channels))
-
-
-def placement_for(args: ServerArgs, spec: PipelineSpec) -> dict[str, list[str]]:
-    names = [s.name for s in spec.stages]
-    if args.placement == "single":
-        return {"main": names}
-    return {"main": [n for n in names if n not in ENGINE_PROCESS_STAGES],
-            "engine": [n for n in names if n in ENGINE_PROCESS_STAGES]}
 
 
 class Server:
     """A started pipeline plus its HTTP front door (usable from tests and notebooks)."""
 
     def __init__(self, args: ServerArgs) -> None:
-        _ASSEMBLY.clear()  # a fresh hand-off for the stages this server builds in this process
-        _ASSEMBLY["stages"] = []
         self.args = args
-        self.spec = serving_spec(args)
-        self.pipeline = Pipeline(self.spec, placement_for(args, self.spec), record_path=args.record_path,
+        self.spec = pipeline_spec(args)
+        self.pipeline = Pipeline(self.spec, PLACEMENTS[args.placement](self.spec), record_path=args.record_path,
                                  on_failure=self.fail_requests)
         self.ingest: Any = None
 
@@ -198,9 +55,6 @@ class Server:
         self.pipeline.start()
         try:
             self.ingest = next(s for s in self.pipeline.stages if s.name == "ingest")
-            self.ingest.server_info = lambda: runtime_info(self.args)
-            if self.ingest.metrics is not None:
-                self.ingest.metrics.pipeline.local_stages = lambda: list(self.pipeline.stages)
             self._wait_ready(ready_timeout_s)
         except BaseException:
             self.pipeline.stop(timeout=5.0)
@@ -262,15 +116,6 @@ class Server:
             logger.warning("%d requests still running after %.0f s; stopping anyway", len(self.ingest.streams),
                            drain_timeout_s)
         return self.pipeline.stop(timeout=stop_timeout_s) and answered
-
-
-def runtime_info(args: ServerArgs) -> dict[str, Any]:
-    """Versions and device for /get_server_info (benchmarks store them with their numbers)."""
-    import torch
-    import triton
-
-    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    return {"torch_version": torch.__version__, "triton_version": triton.__version__, "device_name": device_name}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -202,6 +202,13 @@ class Stage:
     def close(self) -> None:
         """Release resources (subclass, optional); called once the stage has stopped."""
 
+    def replay_input(self, door: str, message: Any) -> None:
+        """Take a recorded message that came in through a side door (not the inbox) during a replay.
+
+        Only a stage with such a door (the ingest stage's HTTP clients) overrides this.
+        """
+        raise TypeError(f"stage {self.name!r} has no side door {door!r} to replay")
+
     def wake(self) -> None:
         """Wake the loop that runs this stage (call from a worker thread whose result tick() emits)."""
         self._waker.set()

@@ -13,7 +13,7 @@ import threading
 import time
 from typing import Any
 
-from pipeline.channel import Channel, ChannelFull, T
+from pipeline.channel import DEFAULT_CAPACITY, Channel, ChannelFull, T
 
 
 class ThreadChannel(Channel[T]):
@@ -197,3 +197,8 @@ class ThreadChannel(Channel[T]):
 def _resolve(future: asyncio.Future) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def thread_channel(name: str, message_type: Any, capacity: int = DEFAULT_CAPACITY) -> Channel:
+    """A channel between threads of one process (asyncio-safe on either end)."""
+    return ThreadChannel(name, message_type, capacity)

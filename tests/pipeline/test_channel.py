@@ -12,8 +12,9 @@ import pytest
 
 import torch
 
-from pipeline.channel import (Channel, ChannelClosed, ChannelFull, MessageRejected, in_thread_channel,
-                              process_channel, thread_channel)
+from pipeline.channel import Channel, ChannelClosed, ChannelFull, MessageRejected, in_thread_channel
+from pipeline.process_channel import process_channel
+from pipeline.thread_channel import thread_channel
 from pipeline.messages import (ALL_MESSAGE_TYPES, Abort, ErrorOutput, FlushCache, SamplingParams, ScheduleInbox,
                                TokenizedRequest, encode)
 from tests.pipeline.sample_messages import every_message

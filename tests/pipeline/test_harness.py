@@ -10,7 +10,8 @@ import pytest
 
 from pipeline.harness import Recording, drive, replay, wiring
 from pipeline.harness import main as harness_main
-from pipeline.placement import Pipeline, StageSpec, build_stage
+from pipeline.launch import Pipeline
+from pipeline.placement import StageSpec, build_stage
 from tests.pipeline.toy_stages import TOY, TOY_SERVING, AddAndHold, Item, toy_spec
 
 REPO = Path(__file__).resolve().parents[2]

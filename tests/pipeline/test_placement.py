@@ -13,8 +13,9 @@ import pytest
 
 from pipeline.config import ServerArgs
 from pipeline.messages import Abort
-from pipeline.placement import (ChannelSpec, Pipeline, PipelineSpec, PlacementError, StageSpec, build_stage,
-                                serving, single, transport_of)
+from pipeline.launch import Pipeline
+from pipeline.placement import (ChannelSpec, PipelineSpec, PlacementError, StageSpec, build_stage, serving, single,
+                                transport_of)
 from tests.pipeline.toy_stages import TOY, TOY_SERVING, Item, toy_spec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -109,7 +110,7 @@ def test_two_processes_stop_with_messages_in_flight_loses_none_and_leaves_no_orp
 PARENT_SCRIPT = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from pipeline.placement import Pipeline
+from pipeline.launch import Pipeline
 from tests.pipeline.toy_stages import TOY_SERVING, toy_spec
 if __name__ == "__main__":
     pipe = Pipeline(toy_spec(), TOY_SERVING).start()

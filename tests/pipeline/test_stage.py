@@ -6,7 +6,9 @@ import time
 
 import pytest
 
-from pipeline.channel import in_thread_channel, process_channel, thread_channel
+from pipeline.channel import in_thread_channel
+from pipeline.process_channel import process_channel
+from pipeline.thread_channel import thread_channel
 from pipeline.harness import drive, wiring
 from pipeline.stage import Stage, StageLoop
 from tests.pipeline.toy_stages import AddAndHold, Forward, Item

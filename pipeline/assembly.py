@@ -1,0 +1,203 @@
+"""The assembly: the eight stages and the channels between them, declared once.
+
+Every entry point builds the pipeline from ``pipeline_spec(args)``: the
+offline ``Engine`` (which plays the ingest stage itself), ``stagewise serve``
+(under the ``single`` or ``serving`` placement), ``stagewise generate`` (the
+Engine), ``stagewise replay`` (one stage rebuilt from a recording) and the
+perf scripts. A placement (``pipeline/placement.py``) then says which process
+runs which stage; the declaration below never changes with it.
+
+::
+
+    HTTP -> ingest -> tokenize -> multimodal -> schedule -> forward -> sample -> schedule
+              ^          ^                      |   ^                  ^  |
+              |          +------ abort ------+  |   +--- constrain ----+--+
+              +------------------ detokenize <--+
+
+Channels (``producer.door -> channel``, the channel named after its consumer)::
+
+    ingest.out, detokenize.abort           -> tokenize     GenerateRequest | Abort | FlushCache
+    tokenize.out                           -> multimodal   TokenizedRequest | Abort | FlushCache
+    multimodal.out, sample.schedule,
+      constrain.schedule                   -> schedule     + SampledTokens | GrammarReady
+    schedule.forward                       -> forward      ForwardBatch
+    schedule.constrain, sample.constrain   -> constrain    GrammarCompile | GrammarRelease | ForwardBatch | SampledTokens
+    forward.sample, constrain.sample       -> sample       Logits | TokenMask
+    schedule.detokenize, schedule.stats,
+      tokenize.detokenize                  -> detokenize   TokenOutputBatch | ErrorOutput | TokenizedRequest | EngineStats
+    detokenize.out, tokenize.errors,
+      every process's runner               -> ingest       TextOutput | ErrorOutput | EngineStats | ProcessCounters
+
+A stop string found by detokenize becomes an Abort on the request path
+(tokenize -> multimodal -> schedule), so under the serving placement the
+schedule inbox has producers in the engine process only.
+
+What a stage needs beyond its doors comes from ``ProcessContext``, built once
+in every process: the server arguments, the tokenizer (loaded once per
+process), the vocabulary size, the server info for ``/get_server_info``, and
+the ``ModelInfo`` that the forward stage measures after loading the weights
+(stages are built in declaration order, so forward comes before constrain
+and schedule). Its ``snapshot()`` is what a recording keeps to rebuild any
+stage for a replay.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import msgspec
+
+from pipeline.channel import Channel
+from pipeline.config import ServerArgs
+from pipeline.messages import (ConstrainInbox, DetokenizeInbox, ForwardInbox, IngestInbox, ModelInfo,
+                               MultimodalInbox, SampleInbox, ScheduleInbox, ServerInfo, TokenizeInbox)
+from pipeline.placement import ChannelSpec, PipelineSpec, StageSpec
+from stages.constrain import ConstrainStage
+from stages.detokenize import DetokenizeStage
+from stages.forward import ForwardStage
+from stages.ingest import IngestStage
+from stages.multimodal import MultimodalStage
+from stages.sample import SampleStage
+from stages.schedule import ScheduleStage
+from stages.tokenize import TokenizeStage
+from stages.tokenizer import load_tokenizer, model_vocab_size
+
+CAPACITY = 1 << 14  # messages per channel
+TOKENIZE_WORKERS = 2  # threads tokenizing off the stage loop
+GRAMMAR_WORKERS = 2  # threads waiting on grammar compiles
+
+
+class ProcessContext:
+    """What the stages of one process are built from; computed once, passed to constructors.
+
+    ``replay=True`` builds stages that step deterministically (no worker
+    threads), for ``stagewise replay``.
+    """
+
+    def __init__(self, args: ServerArgs | dict[str, Any], server_info: ServerInfo | dict | None = None,
+                 model_info: ModelInfo | dict | None = None, replay: bool = False) -> None:
+        self.args = args if isinstance(args, ServerArgs) else msgspec.convert(args, ServerArgs)
+        self._server_info = _as(ServerInfo, server_info)
+        self.model_info = _as(ModelInfo, model_info)  # set by build_forward in the engine's process
+        self.replay = replay
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        return load_tokenizer(self.args.tokenizer_path or self.args.model_path)
+
+    @functools.cached_property
+    def vocab_size(self) -> int:
+        """Token ids a request may carry: the tokenizer's and the model's vocabulary, whichever is larger."""
+        return max(len(self.tokenizer), model_vocab_size(self.args.model_path))
+
+    @property
+    def server_info(self) -> ServerInfo:
+        if self._server_info is None:
+            self._server_info = measure_server_info(self.args)
+        return self._server_info
+
+    def require_model_info(self, stage: str) -> ModelInfo:
+        if self.model_info is None:
+            raise RuntimeError(f"the {stage} stage needs the model info of a forward stage built before it "
+                               f"in the same process")
+        return self.model_info
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON data that rebuilds this context: ``ProcessContext(**snapshot)``."""
+        return msgspec.to_builtins({"args": self.args, "server_info": self._server_info,
+                                    "model_info": self.model_info})
+
+
+def _as(struct: type, value: Any) -> Any:
+    return msgspec.convert(value, struct) if isinstance(value, dict) else value
+
+
+def measure_server_info(args: ServerArgs) -> ServerInfo:
+    """Versions and device, for /get_server_info (benchmarks store them with their numbers)."""
+    import torch
+    import triton
+
+    device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
+    return ServerInfo(torch_version=torch.__version__, triton_version=triton.__version__, device_name=device_name)
+
+
+# --------------------------------------------------------------------------- stage factories
+# One per stage: the context in, the stage out. Nothing else reaches a constructor.
+
+
+def build_ingest(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel]) -> IngestStage:
+    return IngestStage(context.args, inbox, outboxes, tokenizer=context.tokenizer, server_info=context.server_info)
+
+
+def build_tokenize(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel]) -> TokenizeStage:
+    return TokenizeStage(context.args, inbox, outboxes, tokenizer=context.tokenizer, vocab_size=context.vocab_size,
+                         num_workers=0 if context.replay else TOKENIZE_WORKERS)
+
+
+def build_multimodal(context: ProcessContext, inbox: Channel | None,
+                     outboxes: dict[str, Channel]) -> MultimodalStage:
+    return MultimodalStage(context.args, inbox, outboxes)
+
+
+def build_forward(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel]) -> ForwardStage:
+    stage = ForwardStage(context.args, inbox, outboxes)
+    context.model_info = stage.model_info  # measured from the loaded weights and the KV pool
+    return stage
+
+
+def build_constrain(context: ProcessContext, inbox: Channel | None,
+                    outboxes: dict[str, Channel]) -> ConstrainStage:
+    return ConstrainStage(context.args, inbox, outboxes, tokenizer=context.tokenizer,
+                          model_info=context.require_model_info("constrain"),
+                          max_workers=0 if context.replay else GRAMMAR_WORKERS)
+
+
+def build_sample(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel]) -> SampleStage:
+    return SampleStage(context.args, inbox, outboxes)
+
+
+def build_schedule(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel]) -> ScheduleStage:
+    return ScheduleStage(context.args, inbox, outboxes, model_info=context.require_model_info("schedule"))
+
+
+def build_detokenize(context: ProcessContext, inbox: Channel | None,
+                     outboxes: dict[str, Channel]) -> DetokenizeStage:
+    return DetokenizeStage(context.args, inbox, outboxes, tokenizer=context.tokenizer)
+
+
+# --------------------------------------------------------------------------- the declaration
+
+HERE = "pipeline.assembly:"
+
+# Declaration order is build order (forward before constrain and schedule) and the
+# order one stage loop steps them in: a ForwardBatch that schedule emits at the end of
+# round i is run, sampled and taken back by schedule in round i + 1.
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("ingest", HERE + "build_ingest", own_thread=True),  # the HTTP server's event loop
+    StageSpec("tokenize", HERE + "build_tokenize"),
+    StageSpec("multimodal", HERE + "build_multimodal"),
+    StageSpec("forward", HERE + "build_forward"),
+    StageSpec("constrain", HERE + "build_constrain"),
+    StageSpec("sample", HERE + "build_sample"),
+    StageSpec("schedule", HERE + "build_schedule"),
+    StageSpec("detokenize", HERE + "build_detokenize"),
+)
+
+CHANNELS: tuple[ChannelSpec, ...] = (
+    ChannelSpec("tokenize", TokenizeInbox, ("ingest.out", "detokenize.abort"), "tokenize", CAPACITY),
+    ChannelSpec("multimodal", MultimodalInbox, ("tokenize.out",), "multimodal", CAPACITY),
+    ChannelSpec("schedule", ScheduleInbox, ("multimodal.out", "sample.schedule", "constrain.schedule"), "schedule",
+                CAPACITY),
+    ChannelSpec("forward", ForwardInbox, ("schedule.forward",), "forward", CAPACITY),
+    ChannelSpec("constrain", ConstrainInbox, ("schedule.constrain", "sample.constrain"), "constrain", CAPACITY),
+    ChannelSpec("sample", SampleInbox, ("forward.sample", "constrain.sample"), "sample", CAPACITY),
+    ChannelSpec("detokenize", DetokenizeInbox, ("schedule.detokenize", "schedule.stats", "tokenize.detokenize"),
+                "detokenize", CAPACITY),
+    ChannelSpec("ingest", IngestInbox, ("detokenize.out", "tokenize.errors"), "ingest", CAPACITY, counters=True),
+)
+
+
+def pipeline_spec(args: ServerArgs) -> PipelineSpec:
+    """The one pipeline description, for a resolved ``ServerArgs``."""
+    return PipelineSpec(STAGES, CHANNELS, context=HERE + "ProcessContext",
+                        context_kwargs={"args": msgspec.to_builtins(args)})
