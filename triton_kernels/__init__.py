@@ -60,15 +60,30 @@ the layer just computed, so one kernel serves pure prefill and prefix-hit
 extend. Slot 0 is never allocated to a request: padded rows (CUDA graphs) write
 there.
 
-Sampling (``sampling.py``) and the scheduler's index helpers (``indexing.py``)
-are used by the sample and forward stages, not by models; their launchers are
-documented in their own files.
+Two sibling tables, built the same way, serve the stages that launch kernels
+outside the model: ``SamplingOps`` (``load_sampling_ops``: the sample stage's
+penalties, grammar mask, sampling and logprobs; ``sampling/``) and ``IndexOps``
+(``load_index_ops``: the forward stage's ``req_to_token`` helpers;
+``indexing.py``). Their launchers are documented in their own files.
+
+``KernelOptions`` (``runtime.py``) holds the Triton backend's A/B switches
+(the warp-specialised decode gemm, programmatic dependent launch). The
+loaders bind them once: a launcher that takes the keyword ``gemm_ws`` or
+``pdl`` is wrapped in ``functools.partial`` with the option's value, so no
+kernel file reads a switch from the environment or from module state.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
+import inspect
 from typing import Callable, Literal
+
+from triton_kernels.runtime import KernelOptions
+
+__all__ = ["IndexOps", "KernelBackend", "KernelOps", "KernelOptions", "SamplingOps", "load_index_ops",
+           "load_ops", "load_sampling_ops"]
 
 KernelBackend = Literal["triton", "reference"]
 
@@ -89,6 +104,10 @@ OP_FAMILIES: dict[str, str] = {
     "moe_topk": "moe",
     "fused_moe": "moe",
 }
+SAMPLING_OPS: dict[str, str] = {op: "sampling" for op in (
+    "apply_penalties", "apply_token_bitmask", "sample", "greedy", "compute_logprobs")}
+INDEX_OPS: dict[str, str] = {op: "indexing" for op in (
+    "write_req_to_token", "extend_positions", "gather_req_slots")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,13 +131,59 @@ class KernelOps:
     fused_moe: Callable
 
 
-def load_ops(backend: KernelBackend) -> KernelOps:
-    """Bind every op of OP_FAMILIES to the chosen backend."""
+@dataclasses.dataclass(frozen=True)
+class SamplingOps:
+    """The sample stage's ops (triton_kernels/sampling/), bound to one backend."""
+
+    backend: str
+    apply_penalties: Callable
+    apply_token_bitmask: Callable
+    sample: Callable
+    greedy: Callable
+    compute_logprobs: Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexOps:
+    """The forward stage's index helpers (triton_kernels/indexing.py), bound to one backend."""
+
+    backend: str
+    write_req_to_token: Callable
+    extend_positions: Callable
+    gather_req_slots: Callable
+
+
+def _bind(families: dict[str, str], backend: KernelBackend, options: KernelOptions) -> dict[str, Callable]:
+    """op name -> launcher of the chosen backend; Triton launchers that take an
+    option's keyword (``gemm_ws``, ``pdl``) get it bound to the option's value."""
     if backend not in ("triton", "reference"):
         raise ValueError(f"unknown kernel backend {backend!r}; expected 'triton' or 'reference'")
-    suffix = "" if backend == "triton" else "_reference"
+    if not isinstance(options, KernelOptions):
+        raise TypeError(f"options must be a KernelOptions, got {type(options).__name__}")
+    switches = dataclasses.asdict(options)
     ops: dict[str, Callable] = {}
-    for op, family in OP_FAMILIES.items():
+    for op, family in families.items():
         module = importlib.import_module(f"triton_kernels.{family}")
-        ops[op] = getattr(module, op + suffix)
-    return KernelOps(backend=backend, **ops)
+        if backend == "reference":
+            ops[op] = getattr(module, op + "_reference")
+            continue
+        fn = getattr(module, op)
+        params = inspect.signature(fn).parameters
+        bound = {name: value for name, value in switches.items() if name in params}
+        ops[op] = functools.partial(fn, **bound) if bound else fn
+    return ops
+
+
+def load_ops(backend: KernelBackend, options: KernelOptions = KernelOptions()) -> KernelOps:
+    """Bind every op of OP_FAMILIES to the chosen backend (and, for Triton, the options)."""
+    return KernelOps(backend=backend, **_bind(OP_FAMILIES, backend, options))
+
+
+def load_sampling_ops(backend: KernelBackend, options: KernelOptions = KernelOptions()) -> SamplingOps:
+    """The sample stage's table, chosen the same way as ``load_ops``."""
+    return SamplingOps(backend=backend, **_bind(SAMPLING_OPS, backend, options))
+
+
+def load_index_ops(backend: KernelBackend, options: KernelOptions = KernelOptions()) -> IndexOps:
+    """The forward stage's index table, chosen the same way as ``load_ops``."""
+    return IndexOps(backend=backend, **_bind(INDEX_OPS, backend, options))

@@ -67,21 +67,21 @@ def _check_gated(x: torch.Tensor) -> None:
         raise ValueError(f"x must be contiguous in its last dim (stride {x.stride(1)})")
 
 
-def _launch(x: torch.Tensor, activation: str) -> torch.Tensor:
+def _launch(x: torch.Tensor, activation: str, pdl: bool) -> torch.Tensor:
     M, two_i = x.shape
     inter = two_i // 2
     y = torch.empty((M, inter), dtype=x.dtype, device=x.device)
     block = min(2048, triton.next_power_of_2(inter))
     grid = (M, triton.cdiv(inter, block))
     _gated_act_kernel[grid](x, y, inter, x.stride(0), y.stride(0), ACTIVATION=activation,
-                            BLOCK=block, num_warps=max(1, min(8, block // 256)), **pdl_args(x.device))
+                            BLOCK=block, num_warps=max(1, min(8, block // 256)), **pdl_args(x.device, pdl))
     return y
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+def silu_and_mul(x: torch.Tensor, *, pdl: bool = True) -> torch.Tensor:
     """y[M, I] = silu(x[:, :I]) * x[:, I:]."""
     _check_gated(x)
-    return _launch(x, "silu")
+    return _launch(x, "silu", pdl)
 
 
 def _check_approximate(approximate: str) -> None:
@@ -89,11 +89,11 @@ def _check_approximate(approximate: str) -> None:
         raise ValueError(f"approximate must be one of {_APPROXIMATIONS}, got {approximate!r}")
 
 
-def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+def gelu_and_mul(x: torch.Tensor, approximate: str = "none", *, pdl: bool = True) -> torch.Tensor:
     """y[M, I] = gelu(x[:, :I], approximate) * x[:, I:]."""
     _check_gated(x)
     _check_approximate(approximate)
-    return _launch(x, "gelu" if approximate == "none" else "gelu_tanh")
+    return _launch(x, "gelu" if approximate == "none" else "gelu_tanh", pdl)
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:

@@ -1,9 +1,15 @@
-"""Warp-specialised decode linear for Hopper, in Gluon (Triton's explicit-layout dialect).
+"""The advanced Hopper path: a warp-specialised decode linear, in Gluon
+(Triton's explicit-layout dialect).
 
 ``y[M, N] = x[M, K] @ weight[N, K]^T (+ bias)`` for 16-bit x and weight, M <= 64;
-y is x's dtype or float32 (the lm_head's logits).
+y is x's dtype or float32 (the lm_head's logits). Read gemm.py (the blocked
+algorithm) and gemm_decode.py (the weight stream) first: this file does the
+same work with Hopper's explicit machinery (TMA copies, mbarriers, async
+wgmma, warp specialisation), which Triton otherwise schedules for you.
+``gemm.linear`` picks it from gemm_tables.DECODE_WS (``KernelOptions.gemm_ws``
+turns it off); its reference is ``gemm.linear_reference``.
 
-The pointer kernel in gemm.py issues its loads and its MMAs from the same
+The pointer kernel in gemm_decode.py issues its loads and its MMAs from the same
 warps: a warp waiting on an MMA cannot issue the next load, so the weight
 stream stalls a little every K step. Here the two jobs live in different warps
 of one program (warp specialisation, the structure cuBLAS uses for these
@@ -24,7 +30,7 @@ so no partial sums are written. BLOCK_N may be two power-of-two slabs of
 weight rows (192 = 128 + 64), each with its own TMA box and accumulator, so
 that the program count can match the SMs (``split_block_n``). With
 ``SWAP_AB`` the MMA computes ``W x^T`` (weight rows on wgmma's 64-row side,
-8 or 16 tokens on its narrow one), as in gemm.py.
+8 or 16 tokens on its narrow one), as in gemm_decode.py.
 
 A second kernel, the stream-K form (``launch_linear_ws_split``), runs one
 program per SM and gives each an equal run of (tile, K tile) steps, so that a
@@ -32,17 +38,17 @@ weight whose tiles fall unevenly into waves of SMs still streams on all of
 them to the end; the one tile cut between two neighbouring programs is summed
 in fp32 through a small workspace (see the section below).
 
-Two things the measurements taught (H200, perf/results/gemm-decode-*ws*):
+Two things the measurements taught (H200; perf/notes/gemm.md):
 a warp-specialised program reserves registers for all its warps, 256 per
 thread unless told otherwise, which caps a 3-stage tile at one program per SM
 (``_register_cap`` sizes the cap from the shared memory the tile needs); and
 the TMA unit's zero fill of activation rows past M is slow (a 64-row tile at
-M = 1 ran 40% slower than at M = 64), so gemm.py keeps plain tiles for M near
-64 and swaps operands (8- and 16-row tiles) below.
+M = 1 ran 40% slower than at M = 64), so gemm_tables.DECODE_WS keeps plain
+tiles for M near 64 and swaps operands (8- and 16-row tiles) below.
 
 Gluon needs Hopper and does not run under TRITON_INTERPRET; gemm.py picks this
 kernel only on an sm_90 device with aligned tensors, and the CPU tests cover
-the pointer kernel instead.
+the pointer kernels instead.
 """
 from __future__ import annotations
 
@@ -59,10 +65,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from triton_kernels.gemm import _num_sms
-from triton_kernels.gemm import linear_reference as reference  # the same math as gemm.linear
+from triton_kernels.runtime import num_sms
 
-__all__ = ["launch_linear_ws", "launch_linear_ws_split", "reference"]
+__all__ = ["launch_linear_ws", "launch_linear_ws_split", "split_block_n"]
 
 _GL_DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 _GL_OUT_DTYPES = {**_GL_DTYPES, torch.float32: gl.float32}  # fp32 logits for the lm_head
@@ -412,7 +417,7 @@ _split_workspaces: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 def _split_workspace(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _split_workspaces:
-        slots = _num_sms(index)
+        slots = num_sms(torch.device("cuda", index))
         _split_workspaces[index] = (
             torch.empty(slots * _SPLIT_TILE_ELEMS, dtype=torch.float32, device=device),
             torch.zeros(slots, dtype=torch.int32, device=device))

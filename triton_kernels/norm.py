@@ -94,20 +94,20 @@ def _warps_for(num_elements: int) -> int:
 # ----------------------------------------------------------------------------- launchers
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y[M, H] = weight * rmsnorm(x) (HF rounding)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, pdl: bool = True) -> torch.Tensor:
+    """y[M, H] = weight * rmsnorm(x) (HF rounding). ``pdl``: see triton_kernels/pdl.py."""
     _check_rows("x", x, weight, 2)
     M, H = x.shape
     y = torch.empty((M, H), dtype=x.dtype, device=x.device)
     block_h = triton.next_power_of_2(H)
     _rms_norm_kernel[(M,)](x, x, weight, y, H, x.stride(0), 0, y.stride(0), eps,
                            HAS_RESIDUAL=False, BLOCK_H=block_h, num_warps=_warps_for(block_h),
-                           **pdl_args(x.device))
+                           **pdl_args(x.device, pdl))
     return y
 
 
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                       eps: float) -> torch.Tensor:
+                       eps: float, *, pdl: bool = True) -> torch.Tensor:
     """residual += x (in place); return weight * rmsnorm(residual)."""
     _check_fused_add(x, residual, weight)
     M, H = x.shape
@@ -115,7 +115,7 @@ def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Te
     block_h = triton.next_power_of_2(H)
     _rms_norm_kernel[(M,)](x, residual, weight, y, H, x.stride(0), residual.stride(0),
                            y.stride(0), eps, HAS_RESIDUAL=True, BLOCK_H=block_h,
-                           num_warps=_warps_for(block_h), **pdl_args(x.device))
+                           num_warps=_warps_for(block_h), **pdl_args(x.device, pdl))
     return y
 
 

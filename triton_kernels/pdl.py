@@ -13,20 +13,19 @@ still reading that the allocator may hand to us). ``gdc_launch_dependents``
 then allows the *next* PDL kernel to be scheduled early in turn; a kernel
 that is not launched with PDL, or a copy, serialises as usual.
 
-``pdl_args(device)`` gives the launch keywords (``USE_PDL`` for the kernel's
-constexpr, ``launch_pdl`` for Triton): empty off Hopper, under the
-interpreter, or with ``STAGEWISE_PDL=0`` (for A/B measurements).
+``pdl_args(device, enabled)`` gives the launch keywords (``USE_PDL`` for the
+kernel's constexpr, ``launch_pdl`` for Triton): empty off Hopper, under the
+interpreter, or with ``enabled=False``. Each launcher that uses PDL takes a
+``pdl: bool = True`` keyword and passes it here; ``load_ops`` binds it from
+``KernelOptions.pdl`` (``--disable-pdl`` turns it off for A/B measurements).
 """
 from __future__ import annotations
-
-import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-PDL_ENABLED = os.environ.get("STAGEWISE_PDL", "1") != "0"
+from triton_kernels.runtime import device_capability, interpreting
 
 
 @triton.jit
@@ -36,19 +35,9 @@ def pdl_wait():
     tl.extra.cuda.gdc_launch_dependents()
 
 
-@functools.lru_cache(maxsize=None)
-def _capability_of(device_index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(device_index)
-
-
-def device_capability(device: torch.device) -> tuple[int, int]:
-    """(major, minor) compute capability of a CUDA device, looked up once per device."""
-    return _capability_of(device.index if device.index is not None else torch.cuda.current_device())
-
-
-def pdl_args(device: torch.device) -> dict:
+def pdl_args(device: torch.device, enabled: bool = True) -> dict:
     """Launch keywords for a PDL launch on ``device`` ({} where it does not apply)."""
-    if not PDL_ENABLED or device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if not enabled or device.type != "cuda" or interpreting():
         return {}
     if device_capability(device)[0] < 9:
         return {}

@@ -140,9 +140,10 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
                        cos_sin_cache: torch.Tensor, is_neox: bool, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slots: torch.Tensor,
                        q_norm_weight: torch.Tensor | None = None,
-                       k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6) -> None:
+                       k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6, *,
+                       pdl: bool = True) -> None:
     """In place: q, k <- rope(head_rms_norm(q, k)) (norm only with weights); then
-    k_cache[slots] = k, v_cache[slots] = v."""
+    k_cache[slots] = k, v_cache[slots] = v. ``pdl``: see triton_kernels/pdl.py."""
     rotary_dim, has_norm = _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots,
                                   q_norm_weight, k_norm_weight)
     T, num_q_heads, D = q.shape
@@ -163,7 +164,7 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         num_q_heads, num_k_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1),
         D=D, HALF=rotary_dim // 2, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
-        IS_NEOX=bool(is_neox), HAS_NORM=has_norm, num_warps=4, **pdl_args(q.device))
+        IS_NEOX=bool(is_neox), HAS_NORM=has_norm, num_warps=4, **pdl_args(q.device, pdl))
 
 
 def qk_norm_rope_store_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

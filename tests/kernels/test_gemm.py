@@ -1,13 +1,14 @@
 """linear: Triton kernels vs F.linear reference and vs float64, every code path."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import pytest
 import torch
 
 from tests.kernels.util import DTYPES, ON_GPU, assert_close
-from triton_kernels import gemm
+from triton_kernels import gemm, gemm_tables, runtime
 
 # (M, N, K): single token, odd sizes, non-multiples of every block.
 SHAPES_CPU = [(1, 40, 72), (3, 33, 64), (37, 50, 96), (70, 24, 40)]
@@ -53,6 +54,8 @@ def test_fp32_output_keeps_the_accumulator(device, dtype):
 
 
 CONFIGS = [
+    gemm.GemmConfig("tiled", 32, 32, 32, group_m=2),
+    gemm.GemmConfig("tiled", 16, 64, 32, group_m=8),
     gemm.GemmConfig("stream", 16, 32, 32, split_k=3),
     gemm.GemmConfig("stream", 32, 16, 64, split_k=1),
     gemm.GemmConfig("stream", 4, 16, 64, split_k=2, use_dot=False),
@@ -62,7 +65,8 @@ CONFIGS = [
     gemm.GemmConfig("stream", 16, 16, 32, split_k=2, stagger_k=3),
 ]
 if ON_GPU:  # programmatic dependent launch exists only on the GPU (Hopper)
-    CONFIGS += [gemm.GemmConfig("stream", 16, 32, 32, split_k=3, pdl=True),
+    CONFIGS += [gemm.GemmConfig("tiled", 64, 64, 32, pdl=True),
+                gemm.GemmConfig("stream", 16, 32, 32, split_k=3, pdl=True),
                 gemm.GemmConfig("tma", 64, 64, 32, group_m=8, pdl=True),
                 gemm.GemmConfig("stream", 16, 64, 128, swap_ab=True, num_stages=3, pdl=True),
                 gemm.GemmConfig("stream", 64, 64, 64, swap_ab=True, num_stages=8, pdl=True)]
@@ -77,7 +81,7 @@ def _config_id(c: gemm.GemmConfig) -> str:
 @pytest.mark.parametrize("config", CONFIGS, ids=_config_id)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_each_kernel_path(device, dtype, config):
-    """Split-K, swapped-operand, CUDA-core and TMA paths on an aligned shape with ragged tiles."""
+    """Tiled, split-K, swapped-operand, CUDA-core and TMA paths on an aligned shape with ragged tiles."""
     M, N, K = (5, 72, 200) if not ON_GPU else (77, 264, 1000)
     if not config.use_dot:
         M = 3  # the CUDA-core path is for a handful of rows
@@ -127,6 +131,14 @@ def test_bad_inputs_raise_value_error(device):
         gemm.linear(x.double(), w.double())
 
 
+def _as_cuda_device(monkeypatch, hopper: bool) -> torch.device:
+    """Make the config picker see a compiled run on a 132-SM CUDA device (Hopper or not)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(runtime, "_num_sms", lambda index: 132)
+    monkeypatch.setattr(runtime, "_capability_of", lambda index: (9, 0) if hopper else (8, 0))
+    return torch.device("cuda", 0)
+
+
 def test_decode_table_entries_fit_and_are_picked(monkeypatch):
     """Every decode-table entry fits Hopper's shared memory at its M bucket, and
     ``_pick_config`` hands out the tuned entry (swap and PDL flags included) for
@@ -135,31 +147,27 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
     from triton_kernels.gemm_ws import _SPLIT_TILE_ELEMS
 
     smem_limit = 227 * 1024
-    entries = [(bm, tile) for (_, _, bm), tile in gemm._DECODE_TUNED.items()]
-    entries += [(bm, tile) for (bm, _), tile in gemm._DECODE_TABLE.items()]
-    entries += [(rows, tile) for (_, _, rows), tile in gemm._DECODE_WS.items()]
+    entries = [(bm, tile) for (_, _, bm), tile in gemm_tables.DECODE_TUNED.items()]
+    entries += [(bm, tile) for (bm, _), tile in gemm_tables.DECODE_TABLE.items()]
+    entries += [(rows, tile) for (_, _, rows), tile in gemm_tables.DECODE_WS.items()]
     for bm, tile in entries:
         stage_bytes = (bm + tile.block_n) * tile.block_k * 2
         assert stage_bytes * tile.num_stages + bm * tile.block_n * 2 <= smem_limit, (bm, tile)
         assert tile.split_k >= 1 and tile.num_warps in (4, 8)
         assert not tile.swap_ab or tile.block_n >= 64, "wgmma needs 64 weight rows"
-    for (_, _, rows), tile in gemm._DECODE_WS.items():  # plain tiles put 64 tokens on wgmma's long side
-        assert rows in gemm._WS_TILE_ROWS and (tile.swap_ab or rows == 64)
+    for (_, _, rows), tile in gemm_tables.DECODE_WS.items():  # plain tiles put 64 tokens on wgmma's long side
+        assert rows in gemm_tables.WS_TILE_ROWS and (tile.swap_ab or rows == 64)
         if tile.stream_k:  # one power-of-two slab whose partial sum fits a workspace slot
             assert tile.block_n & (tile.block_n - 1) == 0 and rows * tile.block_n <= _SPLIT_TILE_ELEMS
-    monkeypatch.setattr(gemm, "_interpreting", lambda: False)
-    monkeypatch.setattr(gemm, "_num_sms_of", lambda device: 132)
-    monkeypatch.setattr(gemm, "_WS_ENABLED", True)
-    cuda = torch.device("cuda")
     for hopper in (False, True):
-        monkeypatch.setattr(gemm, "_is_hopper", lambda device: hopper)
-        for (N, K, bm), tuned in gemm._DECODE_TUNED.items():
+        cuda = _as_cuda_device(monkeypatch, hopper)
+        for (N, K, bm), tuned in gemm_tables.DECODE_TUNED.items():
             for tma_ok, M in itertools.product((False, True), range(bm // 2 + 1 if bm > 16 else 1, bm + 1)):
                 config = gemm._pick_config(M, N, K, torch.bfloat16, cuda, tma_ok=tma_ok)
                 # the smallest warp-specialised tile holding M with <= 15 zero-filled rows
-                rows = next((r for r in (8, 16, 64) if (N, K, r) in gemm._DECODE_WS
+                rows = next((r for r in (8, 16, 64) if (N, K, r) in gemm_tables.DECODE_WS
                              and 0 <= r - M <= 15), None) if hopper and tma_ok else None
-                tile = gemm._DECODE_WS[(N, K, rows)] if rows else tuned
+                tile = gemm_tables.DECODE_WS[(N, K, rows)] if rows else tuned
                 assert (config.kind, config.block_m) == (("ws", rows) if rows else ("stream", bm))
                 picked = (config.block_n, config.block_k, config.num_stages, config.num_warps)
                 assert picked == (tile.block_n, tile.block_k, tile.num_stages, tile.num_warps)
@@ -174,6 +182,40 @@ def test_decode_table_entries_fit_and_are_picked(monkeypatch):
     # float32 logits: aligned tensors the prefill TMA kernel cannot take, the ws kernel can
     logits = gemm._pick_config(64, 151936, 4096, torch.bfloat16, cuda, tma_ok=False, ws_ok=True)
     assert logits.kind == "ws"
+
+
+def test_options_turn_off_the_warp_specialised_kernel_and_pdl(monkeypatch):
+    """``gemm_ws=False`` never picks the Gluon kernel (the stream table's tile instead);
+    ``pdl=False`` never launches with PDL; prefill and fallback picks do not change."""
+    cuda = _as_cuda_device(monkeypatch, hopper=True)
+    shapes = [(N, K) for N, K, _ in gemm_tables.DECODE_WS] + [(N, K) for N, K, _ in gemm_tables.DECODE_TUNED]
+    for (N, K), M in itertools.product(shapes, (1, 4, 8, 13, 16, 40, 57, 64, 300, 2048)):
+        on = gemm._pick_config(M, N, K, torch.bfloat16, cuda, tma_ok=True)
+        no_ws = gemm._pick_config(M, N, K, torch.bfloat16, cuda, tma_ok=True, gemm_ws=False)
+        no_pdl = gemm._pick_config(M, N, K, torch.bfloat16, cuda, tma_ok=True, pdl=False)
+        assert no_ws.kind != "ws" and not no_ws.stream_k
+        if M <= 64:  # the pointer kernel's decode tile, as for tensors TMA cannot take
+            assert no_ws == gemm._pick_config(M, N, K, torch.bfloat16, cuda, tma_ok=True, ws_ok=False)
+        else:
+            assert no_ws == on
+        assert not no_pdl.pdl and dataclasses.replace(on, pdl=False) == no_pdl
+    assert any(gemm._pick_config(M, N, K, torch.bfloat16, cuda, tma_ok=True).kind == "ws"
+               for N, K, M in gemm_tables.DECODE_WS), "the default must still take the ws kernel"
+
+
+def test_linear_passes_its_switches_to_the_picker(monkeypatch, device):
+    """linear(..., gemm_ws=False, pdl=False) hands both switches to _pick_config."""
+    seen = []
+    real = gemm._pick_config
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["gemm_ws"], kwargs["pdl"]))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(gemm, "_pick_config", spy)
+    x, w, _ = _inputs(3, 40, 64, torch.float32, device, bias=False)
+    gemm.linear(x, w)
+    gemm.linear(x, w, gemm_ws=False, pdl=False)
+    assert seen == [(True, True), (False, False)]
 
 
 # (block_m, block_n, block_k, num_warps, num_stages, swap_ab) of the warp-specialised kernel.
@@ -283,11 +325,11 @@ def test_tuned_shape_takes_the_warp_specialised_kernel(device, M):
     """linear() on a _DECODE_WS shape runs the Gluon kernel (on Hopper, with few
     zero-filled rows) and matches float64; a misaligned copy of x falls back to
     the pointer kernel."""
-    (N, K, _), = [key for key in gemm._DECODE_WS if key[2] == 64][:1]
+    (N, K, _), = [key for key in gemm_tables.DECODE_WS if key[2] == 64][:1]
     x, w, _ = _inputs(M, N, K, torch.bfloat16, device, bias=False)
     config = gemm._pick_config(M, N, K, torch.bfloat16, device, tma_ok=True)
     hopper = torch.cuda.get_device_capability(device)[0] == 9
-    assert config.kind == ("ws" if hopper and 64 - M <= gemm._WS_MAX_PAD_ROWS else "stream")
+    assert config.kind == ("ws" if hopper and 64 - M <= gemm_tables.WS_MAX_PAD_ROWS else "stream")
     assert_close(gemm.linear(x, w), _float64(x, w, None), torch.bfloat16, "tuned shape vs float64")
     x_off = torch.empty(M * K + 1, dtype=torch.bfloat16, device=device)[1:].view(M, K)
     x_off.copy_(x)
@@ -301,7 +343,7 @@ def test_stream_k_table_entries_at_full_size(device, M):
     """linear() on the stream-K table shapes (Llama-3.1-8B's down and gate_up, real
     sizes: cut tiles on every SM boundary) matches float64, bias included."""
     hopper = torch.cuda.get_device_capability(device)[0] == 9
-    shapes = {(N, K) for (N, K, rows), tile in gemm._DECODE_WS.items() if tile.stream_k and M <= rows}
+    shapes = {(N, K) for (N, K, rows), tile in gemm_tables.DECODE_WS.items() if tile.stream_k and M <= rows}
     assert shapes, "no stream-K entry holds this M"
     for N, K in sorted(shapes):
         x, w, b = _inputs(M, N, K, torch.bfloat16, device, bias=True)

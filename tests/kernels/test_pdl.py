@@ -5,23 +5,21 @@ import pytest
 import torch
 
 from tests.kernels.util import ON_GPU, assert_close
-from triton_kernels import activation, gemm, norm, pdl
+from triton_kernels import activation, gemm, norm, pdl, runtime
 
 
 def test_pdl_applies_only_on_hopper_compiled_and_enabled(monkeypatch):
     """Launch keywords only for a compiled run on a CUDA device of compute capability >= 9
-    with STAGEWISE_PDL not 0; everything else gets a plain launch."""
+    with PDL enabled; everything else gets a plain launch."""
     cuda0 = torch.device("cuda", 0)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(pdl, "_capability_of", lambda index: (9, 0))
+    monkeypatch.setattr(runtime, "_capability_of", lambda index: (9, 0))
     assert pdl.pdl_args(cuda0) == {"USE_PDL": True, "launch_pdl": True}
     assert pdl.pdl_args(torch.device("cpu")) == {}
-    monkeypatch.setattr(pdl, "_capability_of", lambda index: (8, 0))  # pre-Hopper
+    assert pdl.pdl_args(cuda0, enabled=False) == {}  # KernelOptions(pdl=False)
+    monkeypatch.setattr(runtime, "_capability_of", lambda index: (8, 0))  # pre-Hopper
     assert pdl.pdl_args(cuda0) == {}
-    monkeypatch.setattr(pdl, "_capability_of", lambda index: (9, 0))
-    monkeypatch.setattr(pdl, "PDL_ENABLED", False)  # STAGEWISE_PDL=0
-    assert pdl.pdl_args(cuda0) == {}
-    monkeypatch.setattr(pdl, "PDL_ENABLED", True)
+    monkeypatch.setattr(runtime, "_capability_of", lambda index: (9, 0))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert pdl.pdl_args(cuda0) == {}
 
@@ -30,8 +28,9 @@ def test_hopper_check_reads_the_shared_capability_lookup(monkeypatch):
     """gemm's sm_90-only kernels (wgmma, the Gluon one) use the same cached lookup as PDL."""
     cuda0 = torch.device("cuda", 0)
     for capability, hopper in (((9, 0), True), ((8, 0), False), ((10, 0), False)):
-        monkeypatch.setattr(pdl, "_capability_of", lambda index, c=capability: c)
-        assert gemm._is_hopper(cuda0) is hopper
+        monkeypatch.setattr(runtime, "_capability_of", lambda index, c=capability: c)
+        assert runtime.is_hopper(cuda0) is hopper
+    assert runtime.is_hopper(torch.device("cpu")) is False
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA: PDL is a launch attribute of the GPU")

@@ -1,19 +1,12 @@
 """Input checks and small Triton helpers shared by extend and decode attention."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 LOG2E = 1.4426950408889634
-
-
-def interpreting() -> bool:
-    """True when kernels run under the Triton CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def check_kv_pool(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

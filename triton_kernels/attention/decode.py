@@ -27,9 +27,10 @@ import triton
 import triton.language as tl
 
 from triton_kernels.attention.common import (
-    LOG2E, block_d, check_batch_vectors, check_kv_pool, interpreting, soft_cap,
+    LOG2E, block_d, check_batch_vectors, check_kv_pool, soft_cap,
 )
 from triton_kernels.pdl import pdl_args, pdl_wait
+from triton_kernels.runtime import interpreting
 
 MAX_KV_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 256
@@ -156,22 +157,25 @@ def _decode_reduce_kernel(
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                      seq_lens: torch.Tensor, sm_scale: float, sliding_window: int = -1,
-                     logit_cap: float = 0.0, num_kv_splits: int | None = None) -> torch.Tensor:
+                     logit_cap: float = 0.0, num_kv_splits: int | None = None, *,
+                     pdl: bool = True) -> torch.Tensor:
     """One query per request over its first seq_lens[b] keys in the pool.
 
     q: [B, Hq, D]; k_cache, v_cache: [num_slots, Hk, D]; req_to_token: [R, L] int32;
     req_pool_indices, seq_lens: [B] int. num_kv_splits: fixed split count (a
-    CUDA-graph friendly constant), default `default_num_kv_splits`.
+    CUDA-graph friendly constant), default `default_num_kv_splits`. ``pdl``:
+    launch with programmatic dependent launch where the GPU has it (pdl.py).
     Returns o: [B, Hq, D] in q's dtype.
     """
     return launch_decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices,
-                                   seq_lens, sm_scale, sliding_window, logit_cap, num_kv_splits)
+                                   seq_lens, sm_scale, sliding_window, logit_cap, num_kv_splits,
+                                   pdl=pdl)
 
 
 def launch_decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                             sm_scale, sliding_window=-1, logit_cap=0.0, num_kv_splits=None,
                             block_n: int | None = None, num_warps: int = 4,
-                            num_stages: int = 2) -> torch.Tensor:
+                            num_stages: int = 2, pdl: bool = True) -> torch.Tensor:
     """`decode_attention` with explicit tiles (benchmarks)."""
     num_q_heads, num_kv_heads, head_dim = check_kv_pool(q, k_cache, v_cache, req_to_token)
     batch = q.shape[0]
@@ -200,13 +204,13 @@ def launch_decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices,
         NUM_SPLITS=num_kv_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=padded_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         USE_WINDOW=sliding_window > 0, USE_CAP=logit_cap > 0, IS_FP32=q.dtype == torch.float32,
-        num_warps=num_warps, num_stages=num_stages, **pdl_args(q.device),
+        num_warps=num_warps, num_stages=num_stages, **pdl_args(q.device, pdl),
     )
     _decode_reduce_kernel[(batch, num_q_heads)](
         mid_o, mid_lse, o, mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
         o.stride(0), o.stride(1),
         NUM_SPLITS=num_kv_splits, HEAD_DIM=head_dim,
         BLOCK_S=triton.next_power_of_2(num_kv_splits), BLOCK_D=padded_d,
-        num_warps=4, **pdl_args(q.device),
+        num_warps=4, **pdl_args(q.device, pdl),
     )
     return o

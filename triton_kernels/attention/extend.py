@@ -41,8 +41,9 @@ import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
 from triton_kernels.attention.common import (
-    LOG2E, block_d, check_batch_vectors, check_kv_pool, interpreting, soft_cap,
+    LOG2E, block_d, check_batch_vectors, check_kv_pool, soft_cap,
 )
+from triton_kernels.runtime import ensure_tma_allocator, interpreting
 
 
 @dataclasses.dataclass(frozen=True)
@@ -366,13 +367,6 @@ def _tma_ok(padded_d: int, *tensors: torch.Tensor) -> bool:
     return True
 
 
-def _set_tma_allocator(device: torch.device) -> None:
-    """Tensor descriptors built on the device need a small global scratch."""
-    def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:
-        return torch.empty(size, dtype=torch.int8, device=device)
-    triton.set_allocator(alloc)
-
-
 def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
@@ -416,7 +410,7 @@ def launch_extend_attention(q, k, v, k_cache, v_cache, req_to_token, req_pool_in
     config = config or pick_extend_config(padded_d, q.dtype)
     use_tma = config.tma and _tma_ok(padded_d, q, k, v, o)
     if use_tma:
-        _set_tma_allocator(q.device)
+        ensure_tma_allocator(q.device)
     host_kv_desc = (use_tma and config.kv_desc_on_host
                     and k.stride(1) == head_dim and v.stride(1) == head_dim)
     k_src, v_src = k, v

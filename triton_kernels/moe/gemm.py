@@ -11,13 +11,13 @@ an explicit table keyed by the number of pairs.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from triton_kernels.moe.routing import moe_align_block_size
+from triton_kernels.runtime import interpreting
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -32,7 +32,7 @@ class MoeConfig:
 
 
 def _pick_config(num_pairs: int, dtype: torch.dtype) -> MoeConfig:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         return MoeConfig(16, 64, 64, 4, 1)
     if dtype == torch.float32:
         return MoeConfig(32, 32, 32, 4, 2)

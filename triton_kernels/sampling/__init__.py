@@ -49,8 +49,6 @@ kernels), this file (launchers), ``reference.py`` (PyTorch references).
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 
@@ -58,6 +56,7 @@ from triton_kernels.sampling.kernels import (
     argmax_partial_kernel, argmax_reduce_kernel, bitmask_kernel, logprobs_kernel,
     penalties_kernel, sample_kernel,
 )
+from triton_kernels.runtime import interpreting
 from triton_kernels.sampling.reference import (  # noqa: F401
     apply_penalties_reference, apply_token_bitmask_reference, compute_logprobs_reference,
     greedy_reference, philox_uniform_reference, sample_reference, sampling_bytes,
@@ -73,7 +72,7 @@ CAPACITY = 16384
 
 def _blocks(vocab_size: int, capacity: int) -> tuple[int, int, int]:
     """(BLOCK over the row, BLOCK over the candidates, num_warps)."""
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":  # few, large tiles
+    if interpreting():  # few, large tiles
         block = min(4096, triton.next_power_of_2(vocab_size))
         return block, min(block, triton.next_power_of_2(capacity)), 4
     # H200, B=128, V=151936: 2048/8 beat 1024/8 by 1.2-1.3x and 4096/16 on top-p rows.
