@@ -4,8 +4,8 @@ Inbox (``SampleInbox``): Logits, TokenMask. Outboxes (``SampleOutboxes``):
 ``schedule`` (SampledTokens) and ``constrain`` (the same SampledTokens, only
 for batches with a constrained row, so grammar states advance).
 
-Per row, in order (``triton_kernels/sampling.py``; their PyTorch references
-on the CPU backend):
+Per row, in order (the ``SamplingOps`` table of ``--kernel-backend``:
+``triton_kernels/sampling/`` or their PyTorch references):
 
 1. penalties (repetition / frequency / presence) from the counts of tokens
    this request generated so far. Counts live on the device in a
@@ -37,6 +37,7 @@ from pipeline.config import ServerArgs
 from pipeline.messages import Logits, SampledTokens, SampleInbox, SamplingBatch, TokenMask
 from pipeline.stage import Outbox, Outboxes, Stage
 from stages.staging import Downloader, Uploader
+from triton_kernels import KernelOptions, load_sampling_ops
 
 SEED_MASK = (1 << 63) - 1
 
@@ -86,15 +87,8 @@ class SampleStage(Stage):
                  outboxes: SampleOutboxes | dict[str, Channel | None]) -> None:
         super().__init__("sample", inbox, outboxes)
         self.args = args
-        self.backend = args.kernel_backend
-        from triton_kernels import sampling
-
-        suffix = "" if self.backend == "triton" else "_reference"
-        self.apply_penalties = getattr(sampling, "apply_penalties" + suffix)
-        self.apply_token_bitmask = getattr(sampling, "apply_token_bitmask" + suffix)
-        self.sample = getattr(sampling, "sample" + suffix)
-        self.greedy = getattr(sampling, "greedy" + suffix)
-        self.compute_logprobs = getattr(sampling, "compute_logprobs" + suffix)
+        self.ops = load_sampling_ops(args.kernel_backend,
+                                     KernelOptions(gemm_ws=not args.disable_gemm_ws, pdl=not args.disable_pdl))
         self.penalty_rows = args.max_running_requests + 1  # every running request keeps its row (LRU)
         self.penalties: PenaltyCounts | None = None
         self.pending_logits: dict[int, Logits] = {}
@@ -139,14 +133,14 @@ class SampleStage(Stage):
             rows_t = self.uploader.upload(penalized, torch.int64)
             floats = self.uploader.upload([params.repetition_penalties, params.frequency_penalties,
                                            params.presence_penalties], torch.float32)
-            self.apply_penalties(logits, self.penalties.counts.index_select(0, rows_t),
+            self.ops.apply_penalties(logits, self.penalties.counts.index_select(0, rows_t),
                                  floats[0], floats[1], floats[2])
         if mask is not None and mask.bitmask is not None and mask.row_indices:
             if penalized is None:
                 logits = logits.clone()
             rows = self.uploader.upload(mask.row_indices, torch.int64)
             bitmask = self.uploader.upload(mask.bitmask, torch.int32)
-            self.apply_token_bitmask(logits, bitmask, rows)
+            self.ops.apply_token_bitmask(logits, bitmask, rows)
         if params.banned_token_ids:
             if penalized is None and mask is None:
                 logits = logits.clone()
@@ -155,7 +149,7 @@ class SampleStage(Stage):
         if penalized is not None:
             self._count(token_ids, rows_t, params)
         top_n = max(params.top_logprobs_nums) if any(params.return_logprob) else 0
-        logprobs = self.compute_logprobs(logits, token_ids, top_n) if any(params.return_logprob) else None
+        logprobs = self.ops.compute_logprobs(logits, token_ids, top_n) if any(params.return_logprob) else None
         return self._to_host(batch_id, rids, token_ids, logprobs, params)
 
     def _penalty_rows(self, rids: list[str], params: SamplingBatch,
@@ -187,16 +181,16 @@ class SampleStage(Stage):
                     word = int(words[k, token // 32]) & 0xFFFFFFFF
                     word &= ~(1 << (token % 32))
                     words[k, token // 32] = word - (1 << 32) if word >= 1 << 31 else word
-        self.apply_token_bitmask(logits, self.uploader.upload(words, torch.int32),
+        self.ops.apply_token_bitmask(logits, self.uploader.upload(words, torch.int32),
                                  self.uploader.upload(rows, torch.int64))
 
     def _draw(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
         if all(t <= 0 for t in params.temperatures):
-            return self.greedy(logits)  # every row greedy: argmax, no parameters to upload
+            return self.ops.greedy(logits)  # every row greedy: argmax, no parameters to upload
         floats = self.uploader.upload([params.temperatures, params.top_ps, params.min_ps], torch.float32)
         ints = self.uploader.upload([params.top_ks, [s & SEED_MASK for s in params.seeds], params.steps],
                                     torch.int64)
-        return self.sample(logits, floats[0], ints[0], floats[1], floats[2], ints[1], ints[2])
+        return self.ops.sample(logits, floats[0], ints[0], floats[1], floats[2], ints[1], ints[2])
 
     def _count(self, token_ids: torch.Tensor, rows_t: torch.Tensor, params: SamplingBatch) -> None:
         keep = self.uploader.upload(params.need_sample, torch.bool) & (rows_t > 0)

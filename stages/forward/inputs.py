@@ -14,11 +14,12 @@ each field padded to an even length, so every field is 16-byte aligned)::
 
 ``req_to_token`` is then updated on the device: first the row writes
 (cached-prefix slots, from the radix cache), then every new token's slot at
-its position (``triton_kernels.indexing.write_req_to_token``).
+its position (``write_req_to_token`` of the backend's ``IndexOps``).
 """
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 
@@ -96,13 +97,12 @@ def unpack(buffer: torch.Tensor, batch: ForwardBatch, num_writes: int, num_write
     return DeviceBatch(input_ids, positions, meta, row_writes)
 
 
-def write_req_to_token(ops_backend: str, device_batch: DeviceBatch) -> None:
-    """Apply row writes, then store each new token's slot at its position."""
+def write_req_to_token(write: Callable, device_batch: DeviceBatch) -> None:
+    """Apply row writes, then store each new token's slot at its position.
+
+    ``write`` is the backend's ``write_req_to_token`` (``triton_kernels.IndexOps``).
+    """
     meta = device_batch.meta
-    if ops_backend == "triton":
-        from triton_kernels.indexing import write_req_to_token as write
-    else:
-        from triton_kernels.indexing import write_req_to_token_reference as write
     if device_batch.row_writes is not None:
         rows, starts, ends, offsets, slots = device_batch.row_writes
         write(meta.req_to_token, rows, starts, ends, slots, offsets)

@@ -41,7 +41,7 @@ from pipeline.stage import Outbox, Outboxes, Stage
 from stages.forward.graphs import DecodeGraphs, pad_decode
 from stages.forward.inputs import pack_batch, unpack, write_req_to_token
 from stages.staging import Uploader
-from triton_kernels import load_ops
+from triton_kernels import KernelOptions, load_index_ops, load_ops
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +65,12 @@ class ForwardStage(Stage):
         super().__init__("forward", inbox, outboxes)
         self.args = args
         self.device = torch.device(args.device if args.device != "auto" else "cpu")
-        self.ops = load_ops(args.kernel_backend)
+        options = KernelOptions(gemm_ws=not args.disable_gemm_ws, pdl=not args.disable_pdl)
+        self.ops = load_ops(args.kernel_backend, options)
+        self.index_ops = load_index_ops(args.kernel_backend, options)
+        # A captured graph replays device work only, and the reference write reads positions on
+        # the host: captured decode steps always take the Triton write.
+        self.graph_index_ops = load_index_ops("triton", options) if self.device.type == "cuda" else None
         self.model, self.config = load_model(args.model_path, self.ops, args.dtype, self.device,
                                              args.load_format, seed=args.random_seed)
         self.context_len = min(args.context_length or self.config.context_length,
@@ -145,12 +150,10 @@ class ForwardStage(Stage):
         packed, num_writes, num_write_slots = pack_batch(batch)
         device_batch = unpack(self.uploader.upload(packed, torch.int64), batch, num_writes, num_write_slots,
                               self.req_to_token)
-        write_req_to_token(self.ops.backend, device_batch)
+        write_req_to_token(self.index_ops.write_req_to_token, device_batch)
         return self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,
                                   self.kv_cache)
 
     def _write_decode(self, meta) -> None:
-        from triton_kernels.indexing import write_req_to_token as write
-
-        write(meta.req_to_token, meta.req_pool_indices, meta.prefix_lens, meta.seq_lens,
-              meta.out_cache_loc, meta.extend_start_loc)
+        self.graph_index_ops.write_req_to_token(meta.req_to_token, meta.req_pool_indices, meta.prefix_lens,
+                                                meta.seq_lens, meta.out_cache_loc, meta.extend_start_loc)

@@ -93,7 +93,7 @@ def _cheap_stages() -> list[Stage]:
             TokenizeStage(args, *wired(TokenizeStage), tokenizer=_Tokenizer(), vocab_size=100, num_workers=0),
             MultimodalStage(args, *wired(MultimodalStage)),
             ScheduleStage(args, *wired(ScheduleStage), model_info=info),
-            SampleStage(msgspec.structs.replace(args, device="cpu"), *wired(SampleStage)),
+            SampleStage(msgspec.structs.replace(args, device="cpu", kernel_backend="reference"), *wired(SampleStage)),
             DetokenizeStage(args, *wired(DetokenizeStage), tokenizer=_Tokenizer())]
 
 
