@@ -76,7 +76,7 @@ def test_options_are_frozen_and_default_on():
         options.pdl = False
 
 
-def test_disabled_ws_never_takes_the_ws_path(monkeypatch):
+def test_disabled_ws_never_takes_the_ws_path(monkeypatch, device):
     """load_ops(..., KernelOptions(gemm_ws=False)).linear never picks the Gluon kernel
     (nor a PDL launch with pdl=False), while the default options do, on DECODE_WS
     shapes. The bound linear runs on CPU tensors; its picker is asked the same
@@ -103,9 +103,9 @@ def test_disabled_ws_never_takes_the_ws_path(monkeypatch):
     for options in (KernelOptions(), KernelOptions(gemm_ws=False), KernelOptions(gemm_ws=False, pdl=False)):
         linear = load_ops("triton", options).linear
         picked.clear()
-        for N, K, M in shapes:  # tiny CPU tensors; the picker sees the real (N, K)
+        for N, K, M in shapes:  # small fp32 tensors; the picker sees the real (N, K)
             monkeypatch.setattr(gemm, "_pick_config", pick_as_hopper(N, K))
-            x, w = torch.randn(M, 16), torch.randn(8, 16)
+            x, w = torch.randn(M, 16, device=device), torch.randn(8, 16, device=device)
             torch.testing.assert_close(linear(x, w), x @ w.T, rtol=1e-4, atol=1e-4)
         assert len(picked) == len(shapes)
         assert any(c.kind == "ws" for c in picked) is options.gemm_ws, options
