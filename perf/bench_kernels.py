@@ -23,10 +23,12 @@ allocation landed in DRAM. Results go to ``perf/results/kernels-<device>.json``
 (and ``$OUT`` when set).
 
 Shapes come from Llama-3.1-8B-Instruct and Qwen3-8B (config.json values
-copied below; checked against the configs bundled in tests/models/configs,
-or ``--models-dir``).
+copied in perf/gemm_shapes.py; checked against the configs bundled in
+tests/models/configs, or ``--models-dir``). Our launchers are bound with
+``load_ops`` as the server binds them; ``--disable-gemm-ws`` and
+``--disable-pdl`` set the matching ``KernelOptions`` for A/B runs.
 ``--sweep-gemm`` also times candidate gemm configs per shape and bucket: the
-data behind the explicit table in ``triton_kernels/gemm.py``.
+data behind the explicit tables in ``triton_kernels/gemm_tables.py``.
 
 Structure: a family is a function returning a list of ``Case``; FAMILIES maps
 names to them; one printer and one JSON writer serve all families.
@@ -45,18 +47,16 @@ from typing import Callable
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# config.json fields that set the kernel shapes (bf16 checkpoints).
-MODELS: dict[str, dict[str, int]] = {
-    "Llama-3.1-8B-Instruct": dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
-                                  num_key_value_heads=8, head_dim=128, vocab_size=128256),
-    "Qwen3-8B": dict(hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, vocab_size=151936),
-}
+from gemm_shapes import (  # noqa: E402
+    DTYPE, MODELS, Ctx, candidate_configs, gemm_shapes, median_us, rotating,
+)
+from triton_kernels import KernelOptions, load_ops  # noqa: E402
+
 GEMM_MS = (1, 4, 16, 64, 256, 1024, 4096)
 QUICK_GEMM_MS = (1, 16, 64, 1024, 4096)
-DTYPE = torch.bfloat16
 
 
 @dataclasses.dataclass
@@ -71,31 +71,6 @@ class Case:
     anchor_name: str
     bytes_moved: int = 0        # minimum bytes (each input read once, output written once)
     flops: int = 0
-
-
-@dataclasses.dataclass
-class Ctx:
-    """What case builders need: device facts and run options."""
-
-    device: torch.device
-    l2_bytes: int
-    quick: bool
-
-
-def rotating(ctx: Ctx, make_inputs: Callable[[], tuple], set_bytes: int) -> Callable[[], tuple]:
-    """Return a function that hands out input sets round-robin: enough copies
-    that consecutive calls never find their inputs in L2, and at least three,
-    so that a time does not hang on where one allocation landed in DRAM (with
-    a single copy, one gemm config measured 53.6 to 55.9 us from process to
-    process on an H200 while each process repeated its own time within 0.2%)."""
-    num_sets = max(3, min(8, -(-2 * ctx.l2_bytes // max(set_bytes, 1))))
-    sets = [make_inputs() for _ in range(num_sets)]
-    counter = [0]
-
-    def next_set() -> tuple:
-        counter[0] += 1
-        return sets[counter[0] % num_sets]
-    return next_set
 
 
 def model_dims(models_dir: Path | None) -> dict[str, dict[str, int]]:
@@ -117,25 +92,10 @@ def model_dims(models_dir: Path | None) -> dict[str, dict[str, int]]:
 # ----------------------------------------------------------------------------- gemm
 
 
-def gemm_shapes() -> list[tuple[str, int, int]]:
-    """(name, N, K) of every projection, Llama first; Qwen3 adds its MLP and lm_head."""
-    shapes = []
-    for model, d in MODELS.items():
-        tag = "llama" if model.startswith("Llama") else "qwen3"
-        q_kv = (d["num_attention_heads"] + 2 * d["num_key_value_heads"]) * d["head_dim"]
-        rows = [("qkv", q_kv, d["hidden_size"]), ("o", d["hidden_size"], d["num_attention_heads"] * d["head_dim"]),
-                ("gate_up", 2 * d["intermediate_size"], d["hidden_size"]),
-                ("down", d["hidden_size"], d["intermediate_size"]),
-                ("lm_head", d["vocab_size"], d["hidden_size"])]
-        for name, N, K in rows:
-            if (N, K) not in [(n, k) for _, n, k in shapes]:
-                shapes.append((f"{tag}.{name}", N, K))
-    return shapes
-
-
 def gemm_cases(ctx: Ctx) -> list[Case]:
     from triton_kernels import gemm
 
+    linear = load_ops("triton", ctx.options).linear
     cases = []
     for name, N, K in gemm_shapes():
         for M in (QUICK_GEMM_MS if ctx.quick else GEMM_MS):
@@ -144,27 +104,24 @@ def gemm_cases(ctx: Ctx) -> list[Case]:
                                           torch.randn(N, K, device=ctx.device, dtype=DTYPE) / K ** 0.5)
             inputs = rotating(ctx, make, num_bytes)
             cases.append(Case("gemm", f"linear {name}", f"M={M} N={N} K={K}",
-                              ours=lambda f=inputs: gemm.linear(*f()),
+                              ours=lambda f=inputs: linear(*f()),
                               anchor=lambda f=inputs: torch.nn.functional.linear(*f()),
                               anchor_name="cuBLAS", bytes_moved=num_bytes, flops=flops))
     return cases
 
 
 def gemm_sweep_configs(M: int) -> list:
-    """Candidates around the table of triton_kernels/gemm.py: decode shapes (M <= 64)
-    take the grid of perf/sweep_gemm_decode.py; prefill shapes the TMA tiles below."""
-    from triton_kernels.gemm import GemmConfig
+    """Candidates around the tables of triton_kernels/gemm_tables.py: decode shapes
+    (M <= 64) take the grid of perf/gemm_shapes.py; prefill shapes the tiles below."""
+    from triton_kernels.gemm_tables import GemmConfig
 
     if M <= 64:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from sweep_gemm_decode import candidate_configs
-
         return candidate_configs(M, {"stream", "tma"})
     tma = [(128, 256, 64, 8, 3), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 64, 4, 4),
            (128, 128, 128, 8, 3), (256, 128, 64, 8, 3)]
     out = [GemmConfig("tma", bm, bn, bk, group_m=8, num_warps=w, num_stages=s) for bm, bn, bk, w, s in tma]
     out += [GemmConfig("stream", 64, 128, 64, split_k=2, num_warps=4, num_stages=4),
-            GemmConfig("stream", 128, 128, 64, num_warps=8, num_stages=3)]
+            GemmConfig("tiled", 128, 128, 64, num_warps=8, num_stages=3)]
     return out
 
 
@@ -221,6 +178,7 @@ def _with_no_bias(xwy: tuple) -> tuple:
 def norm_cases(ctx: Ctx) -> list[Case]:
     from triton_kernels import norm
 
+    ops = load_ops("triton", ctx.options)
     cases = []
     H = MODELS["Llama-3.1-8B-Instruct"]["hidden_size"]
     w = torch.randn(H, device=ctx.device, dtype=DTYPE)
@@ -228,13 +186,13 @@ def norm_cases(ctx: Ctx) -> list[Case]:
         _, nb = norm.flops_bytes(M, H, DTYPE)
         xs = rotating(ctx, lambda: (torch.randn(M, H, device=ctx.device, dtype=DTYPE),), nb)
         cases.append(Case("norm", "rms_norm", f"M={M} H={H}",
-                          lambda s=xs: norm.rms_norm(s()[0], w, 1e-5),
+                          lambda s=xs: ops.rms_norm(s()[0], w, 1e-5),
                           lambda s=xs: norm.rms_norm_reference(s()[0], w, 1e-5), "torch", nb))
         _, nb2 = norm.flops_bytes(M, H, DTYPE, fused_add=True)
         pairs = rotating(ctx, lambda: (torch.randn(M, H, device=ctx.device, dtype=DTYPE),
                                        torch.randn(M, H, device=ctx.device, dtype=DTYPE)), nb2)
         cases.append(Case("norm", "fused_add_rms_norm", f"M={M} H={H}",
-                          lambda s=pairs: norm.fused_add_rms_norm(*s(), w, 1e-5),
+                          lambda s=pairs: ops.fused_add_rms_norm(*s(), w, 1e-5),
                           lambda s=pairs: norm.fused_add_rms_norm_reference(*s(), w, 1e-5), "torch", nb2))
         d = MODELS["Qwen3-8B"]
         heads, D = d["num_attention_heads"], d["head_dim"]
@@ -272,8 +230,9 @@ def rotary_cases(ctx: Ctx) -> list[Case]:
 
 def qkv_prep_cases(ctx: Ctx) -> list[Case]:
     """q/k norm + RoPE + KV write in one kernel vs the three Triton kernels it replaces (Qwen3-8B)."""
-    from triton_kernels import kv_cache, norm, qkv_prep, rotary
+    from triton_kernels import kv_cache, norm, rotary
 
+    ops = load_ops("triton", ctx.options)
     d = MODELS["Qwen3-8B"]
     hq, hk, D = d["num_attention_heads"], d["num_key_value_heads"], d["head_dim"]
     cache = rotary.build_cos_sin_cache(D, 40960, 1000000.0, None, torch.float32, ctx.device)
@@ -293,7 +252,7 @@ def qkv_prep_cases(ctx: Ctx) -> list[Case]:
 
         def fused(s=sets):
             q, k, v, pos, kc, vc, slots = s()
-            qkv_prep.qk_norm_rope_store(q, k, v, pos, cache, True, kc, vc, slots, q_w, q_w, 1e-6)
+            ops.qk_norm_rope_store(q, k, v, pos, cache, True, kc, vc, slots, q_w, q_w, 1e-6)
 
         def unfused(s=sets):
             q, k, v, pos, kc, vc, slots = s()
@@ -308,6 +267,7 @@ def qkv_prep_cases(ctx: Ctx) -> list[Case]:
 def activation_cases(ctx: Ctx) -> list[Case]:
     from triton_kernels import activation
 
+    ops = load_ops("triton", ctx.options)
     inter = MODELS["Llama-3.1-8B-Instruct"]["intermediate_size"]
     cases = []
     for M in ((1, 4096) if ctx.quick else (1, 256, 4096, 16384)):
@@ -318,10 +278,10 @@ def activation_cases(ctx: Ctx) -> list[Case]:
             gate, up = s()[0].chunk(2, dim=-1)
             return torch.nn.functional.silu(gate) * up
         cases.append(Case("activation", "silu_and_mul", f"M={M} I={inter}",
-                          lambda s=xs: activation.silu_and_mul(s()[0]), torch_silu, "torch", nb))
+                          lambda s=xs: ops.silu_and_mul(s()[0]), torch_silu, "torch", nb))
         if not ctx.quick:
             cases.append(Case("activation", "gelu_and_mul tanh", f"M={M} I={inter}",
-                              lambda s=xs: activation.gelu_and_mul(s()[0], "tanh"),
+                              lambda s=xs: ops.gelu_and_mul(s()[0], "tanh"),
                               lambda s=xs: activation.gelu_and_mul_reference(s()[0], "tanh"), "torch", nb))
     return cases
 
@@ -405,6 +365,7 @@ def attention_cases(ctx: Ctx) -> list[Case]:
     vs SDPA and the copy roofline."""
     from triton_kernels import attention
 
+    ops = load_ops("triton", ctx.options)
     cases = []
     seen = set()
     for model, (hq, hk, D) in ATTN_MODELS.items():
@@ -444,7 +405,7 @@ def attention_cases(ctx: Ctx) -> list[Case]:
             q4, k4, v4, enable_gqa=True)
         cases.append(Case("attention", "decode llama3.1-8b", f"B={batch} ctx={ctx_len} (shuffled slots)",
                           ours=lambda q=q, k=k_cache, v=v_cache, r=req_to_token, i=rows, s=seq_lens:
-                          attention.decode_attention(q, k, v, r, i, s, D ** -0.5),
+                          ops.decode_attention(q, k, v, r, i, s, D ** -0.5),
                           anchor=sdpa, anchor_name="SDPA contiguous KV", bytes_moved=int(nbytes),
                           flops=int(flops)))
         del k4, v4
@@ -545,13 +506,6 @@ FAMILIES.update(attention=attention_cases, moe=moe_cases, sampling=sampling_case
 # ----------------------------------------------------------------------------- timing, table, JSON
 
 
-def median_us(fn: Callable[[], object], quick: bool) -> float:
-    """Median time of one call, replayed from a CUDA graph (no host overhead)."""
-    import triton.testing
-
-    return 1e3 * triton.testing.do_bench_cudagraph(fn, rep=10 if quick else 20, return_mode="median")
-
-
 def copy_bandwidth_gbps(device: torch.device) -> float:
     """Device-to-device copy of 1 GiB: (bytes read + bytes written) / time.
     Timed with plain do_bench: inside a CUDA graph the copy becomes a memcpy
@@ -616,6 +570,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="alternating rounds of ours and the anchor per row (median of each)")
     parser.add_argument("--sweep-gemm", default="", metavar="MS",
                         help="also time candidate gemm configs at these M (comma-separated)")
+    parser.add_argument("--disable-gemm-ws", action="store_true",
+                        help="KernelOptions(gemm_ws=False): decode linears skip the warp-specialised kernel")
+    parser.add_argument("--disable-pdl", action="store_true",
+                        help="KernelOptions(pdl=False): launch every kernel without PDL")
     parser.add_argument("--models-dir", type=Path, default=None,
                         help="check the shapes against <dir>/<model>/config.json (default: the bundled configs)")
     args = parser.parse_args(argv)
@@ -636,9 +594,12 @@ def main(argv: list[str] | None = None) -> int:
           f"triton {triton.__version__}")
     copy_gbps = copy_bandwidth_gbps(device)
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
-    ctx = Ctx(device=device, l2_bytes=getattr(props, "L2_cache_size", 50 * 2 ** 20), quick=args.quick)
+    options = KernelOptions(gemm_ws=not args.disable_gemm_ws, pdl=not args.disable_pdl)
+    ctx = Ctx(device=device, l2_bytes=getattr(props, "L2_cache_size", 50 * 2 ** 20), quick=args.quick,
+              options=options)
     report = dict(device=props.name, torch=torch.__version__, triton=triton.__version__,
                   copy_gbps=copy_gbps, dtype=str(DTYPE), rounds=args.rounds,
+                  options=dataclasses.asdict(options),
                   time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                   rows=[], sweep=[])
     for family in families:

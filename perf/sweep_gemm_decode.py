@@ -1,10 +1,10 @@
-"""Decode gemm config sweep: the data behind ``_DECODE_TABLE`` in triton_kernels/gemm.py.
+"""Decode gemm config sweep: the data behind the decode tables in triton_kernels/gemm_tables.py.
 
 Usage (GPU only)::
 
     python perf/sweep_gemm_decode.py [--ms 1,4,16,64] [--shapes llama.qkv,...] [--top 3]
 
-For every projection of Llama-3.1-8B and Qwen3-8B (``bench_kernels.gemm_shapes``)
+For every projection of Llama-3.1-8B and Qwen3-8B (``gemm_shapes.gemm_shapes``)
 and every M, times cuBLAS and a grid of stream-kernel configs (tensor-core
 tiles with 16..64 rows, CUDA-core GEMV tiles for M <= 4, split-K), each
 checked against cuBLAS before it is timed. Timing is the same as in
@@ -15,12 +15,13 @@ when set). Candidates are launched with programmatic dependent launch, as the
 table launches them (``--pdl off`` for the plain launch, ``both`` for each).
 ``--rounds R`` times cuBLAS, the table and every candidate in R alternating
 passes and keeps each one's median, so that drift falls on all alike.
+``--disable-gemm-ws`` times the table as ``KernelOptions(gemm_ws=False)`` binds
+it (no warp-specialised entries). The candidate grids are in perf/gemm_shapes.py.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import itertools
 import json
 import os
 import statistics
@@ -33,117 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_kernels import DTYPE, Ctx, gemm_shapes, median_us, rotating  # noqa: E402
-
-
-# Shared memory a Hopper block may use (227 KB), for the "grid" candidates.
-_SMEM_BYTES = 227 * 1024
-
-
-def candidate_configs(M: int, kinds: set[str], N: int | None = None) -> list:
-    """``stream``: tensor-core tiles around the current table, GEMV tiles for tiny
-    M, split-K; ``grid``: every stream tile of a wide grid that fits; ``tma``:
-    tensor-descriptor tiles; ``swap``: tiles whose MMA computes W x^T
-    (weight rows on wgmma's 64-row side); ``swaptop``: the few best of those;
-    ``deep``: 8..13-stage pipelines; ``ws``: the warp-specialised kernel, as many
-    stages as shared memory holds at 1..4 programs per SM; ``ws8``: its swapped
-    tiles with 8 token columns (M <= 8); ``wstail``: its tiles of two
-    power-of-two slabs of weight rows (48, 96, 192, 320); ``wswide``: swapped
-    tiles of 192, 256 and 320 weight rows, one program per SM (M <= 16);
-    ``wssk``: its stream-K form (gemm_ws.launch_linear_ws_split)."""
-    from triton_kernels.gemm import GemmConfig
-
-    bm = max(16, 1 << (M - 1).bit_length())
-    configs = []
-    if "stream" in kinds:
-        dot_tiles = [  # (block_n, block_k, num_warps, num_stages)
-            (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 4), (32, 256, 4, 5), (32, 128, 4, 6),
-            (32, 512, 4, 3), (32, 256, 8, 4), (64, 128, 4, 4), (64, 256, 4, 3), (64, 128, 8, 5),
-            (64, 256, 8, 4), (128, 128, 8, 4), (32, 128, 4, 8), (64, 64, 4, 8), (64, 128, 4, 6),
-            (128, 64, 4, 6), (128, 64, 8, 6), (128, 128, 4, 4), (256, 64, 8, 4), (64, 256, 4, 2),
-        ]
-        configs += [GemmConfig("stream", bm, bn, bk, num_warps=w, num_stages=s) for bn, bk, w, s in dot_tiles]
-        configs += [GemmConfig("stream", bm, bn, bk, split_k=sk, num_warps=4, num_stages=4)
-                    for bn, bk, sk in ((32, 256, 2), (64, 128, 2), (64, 256, 2), (128, 128, 4))]
-        if M <= 4:
-            gm = 1 << (M - 1).bit_length()
-            gemv_tiles = [(8, 512, 4, 3), (16, 256, 4, 4), (16, 512, 4, 3), (32, 256, 4, 3),
-                          (32, 128, 4, 4), (16, 256, 8, 4), (32, 256, 8, 4), (64, 128, 8, 3)]
-            configs += [GemmConfig("stream", gm, bn, bk, num_warps=w, num_stages=s, use_dot=False)
-                        for bn, bk, w, s in gemv_tiles]
-    if "grid" in kinds:  # every stream tile whose pipeline fits in shared memory
-        for bn, bk, warps, stages, split_k in itertools.product(
-                (32, 64, 128, 256), (64, 128, 256), (4, 8), (2, 3, 4, 6), (1, 2)):
-            if (bm + bn) * bk * 2 * stages <= _SMEM_BYTES and bn * bk <= 256 * 128:
-                configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k,
-                                          num_warps=warps, num_stages=stages))
-    if "swap" in kinds or "deep" in kinds:  # swapped MMA operands; deep pipelines
-        for bn, bk, warps, stages in itertools.product((32, 64, 128, 256), (64, 128, 256), (4, 8),
-                                                       (3, 4, 6, 8, 10, 12, 13)):
-            if (bm + bn) * bk * 2 * stages > _SMEM_BYTES or bn * bk > 256 * 128:
-                continue
-            if "swap" in kinds and bn >= 64:
-                configs.append(GemmConfig("stream", bm, bn, bk, num_warps=warps, num_stages=stages,
-                                          swap_ab=True))
-            if "deep" in kinds and stages >= 8 and warps == 4:
-                configs.append(GemmConfig("stream", bm, bn, bk, num_warps=warps, num_stages=stages))
-    if "swaptop" in kinds:  # the swapped tiles that led the "swap" sweep, a few with split-K
-        for bn, bk, warps, stages, split_k in ((64, 128, 4, 3, 1), (64, 128, 4, 4, 1), (64, 64, 4, 3, 1),
-                                               (128, 128, 4, 4, 1), (64, 128, 4, 4, 2),
-                                               (128, 128, 4, 4, 4)):
-            if bm <= 16 or split_k == 1:
-                configs.append(GemmConfig("stream", bm, bn, bk, split_k=split_k, num_warps=warps,
-                                          num_stages=stages if bm <= 16 else 4, swap_ab=True))
-    if "ws" in kinds:  # the warp-specialised Gluon kernel (triton_kernels/gemm_ws.py)
-        for bn, bk, per_sm, warps, swap in itertools.product((64, 128, 256), (64, 128, 256), (1, 2, 3, 4),
-                                                             (4, 8), (False, True)):
-            tile_m = bm if swap else 64  # wgmma needs 64 rows on its long side
-            stages = min(16, (_SMEM_BYTES // per_sm - tile_m * bn * 2 - 1024) // ((tile_m + bn) * bk * 2))
-            if stages >= 2 and (warps == 4 or bn >= 128) and not (swap and bn > 128):
-                configs.append(GemmConfig("ws", tile_m, bn, bk, num_warps=warps, num_stages=stages,
-                                          swap_ab=swap))
-    if "ws8" in kinds and M <= 8:  # swapped warp-specialised tiles with 8 token columns
-        for bn, bk, per_sm in itertools.product((64, 128), (64, 128, 256), (1, 2, 3, 4)):
-            stages = min(16, (_SMEM_BYTES // per_sm - 8 * bn * 2 - 1024) // ((8 + bn) * bk * 2))
-            if stages >= 2:
-                configs.append(GemmConfig("ws", 8, bn, bk, num_warps=4, num_stages=stages, swap_ab=True))
-    if "wstail" in kinds:  # warp-specialised tiles of two slabs (gemm_ws.split_block_n), so that
-        # the program count can match the SMs: 48 = 32 + 16 rows ... 320 = 256 + 64
-        for bn, bk, per_sm, warps, swap in itertools.product((48, 96, 192, 320), (64, 128, 256), (1, 2, 3),
-                                                             (4, 8), (False, True)):
-            if swap and (M > 16 or bn != 192 or warps != 4):  # the tail slab needs wgmma's 64 rows
-                continue
-            if not swap and M <= 48:  # zero-filling most of a 64-row tile is slow (see gemm.py)
-                continue
-            tile_m = (8 if M <= 8 else 16) if swap else 64
-            stages = min(16, (_SMEM_BYTES // per_sm - tile_m * bn * 2 - 1024) // ((tile_m + bn) * bk * 2))
-            if stages >= 2 and (warps == 4 or bn >= 96):
-                configs.append(GemmConfig("ws", tile_m, bn, bk, num_warps=warps, num_stages=stages,
-                                          swap_ab=swap))
-    if "wswide" in kinds and M <= 16:  # swapped warp-specialised tiles of 192..320 weight rows
-        for bn, bk, tile_m in itertools.product((192, 256, 320), (64, 128, 256), (8, 16)):
-            stages = min(16, (_SMEM_BYTES - tile_m * bn * 2 - 1024) // ((tile_m + bn) * bk * 2))
-            if stages >= 2 and tile_m >= M:
-                configs.append(GemmConfig("ws", tile_m, bn, bk, num_warps=4, num_stages=stages, swap_ab=True))
-    if "wssk" in kinds:  # the stream-K warp-specialised kernel: one program per SM
-        from triton_kernels.gemm_ws import _SPLIT_TILE_ELEMS
-
-        for bn, bk, per_sm, swap in itertools.product((64, 128), (64, 128, 256), (1, 2), (True, False)):
-            tile_m = (8 if M <= 8 else 16) if swap else 64
-            if (not swap and M <= 48) or (swap and M > 16) or tile_m * bn > _SPLIT_TILE_ELEMS:
-                continue
-            stages = min(16, (_SMEM_BYTES // per_sm - tile_m * bn * 2 - 1024) // ((tile_m + bn) * bk * 2))
-            if stages >= 2:
-                configs.append(GemmConfig("ws", tile_m, bn, bk, num_warps=4, num_stages=stages,
-                                          swap_ab=swap, stream_k=True))
-    if "tma" in kinds:  # the persistent tensor-descriptor kernel with a thin M tile
-        tma_tiles = [  # (block_n, block_k, num_warps, num_stages)
-            (32, 256, 4, 6), (64, 128, 4, 6), (64, 256, 4, 4), (128, 128, 4, 4), (128, 64, 4, 6),
-            (256, 64, 8, 4),
-        ]
-        configs += [GemmConfig("tma", bm, bn, bk, group_m=1, num_warps=w, num_stages=s)
-                    for bn, bk, w, s in tma_tiles]
-    return configs
+from gemm_shapes import DTYPE, Ctx, candidate_configs, gemm_shapes, median_us, rotating  # noqa: E402
+from triton_kernels import KernelOptions, load_ops  # noqa: E402
 
 
 def launch_on(inputs: tuple, config) -> None:
@@ -171,13 +63,15 @@ def check_config(x, w, y, expect, config) -> bool:
         return False
 
 
-def configs_for(M: int, N: int, K: int, kinds: set[str], pdl_modes: tuple[bool, ...]) -> list:
+def configs_for(M: int, N: int, K: int, kinds: set[str], pdl_modes: tuple[bool, ...],
+                options: KernelOptions = KernelOptions()) -> list:
     """Candidates of ``kinds`` (``table``: the config gemm.linear picks;
     ``stagger``: that config with staggered K starts), each launched with
     and/or without PDL as ``pdl_modes`` says, without repeats."""
     from triton_kernels import gemm
 
-    table = gemm._pick_config(M, N, K, DTYPE, torch.device("cuda"), tma_ok=True)
+    table = gemm._pick_config(M, N, K, DTYPE, torch.device("cuda"), tma_ok=True,
+                              gemm_ws=options.gemm_ws, pdl=options.pdl)
     base = candidate_configs(M, kinds, N)
     if "stagger" in kinds:  # the table's tile, programs starting at staggered K offsets
         base += [dataclasses.replace(table, stagger_k=st) for st in (1, 3, 7, 13)]
@@ -204,11 +98,13 @@ def sweep_one(ctx: Ctx, name: str, N: int, K: int, M: int, top: int, kinds: set[
                                   torch.empty(M, N, device=ctx.device, dtype=DTYPE)), num_bytes)
     x, w, y = sets()
     expect = torch.nn.functional.linear(x, w).float()
-    configs = [c for c in configs_for(M, N, K, kinds, pdl_modes) if check_config(x, w, y, expect, c)]
+    configs = [c for c in configs_for(M, N, K, kinds, pdl_modes, ctx.options)
+               if check_config(x, w, y, expect, c)]
+    linear = load_ops("triton", ctx.options).linear
     runs: dict = {"cublas": [], "table": [], **{c: [] for c in configs}}
     for _ in range(rounds):
         runs["cublas"].append(median_us(lambda: torch.nn.functional.linear(*sets()[:2]), quick=True))
-        runs["table"].append(median_us(lambda: gemm.linear(*sets()[:2]), quick=True))
+        runs["table"].append(median_us(lambda: linear(*sets()[:2]), quick=True))
         for config in configs:
             runs[config].append(median_us(lambda c=config: launch_on(sets(), c), quick=True))
     cublas_us = statistics.median(runs.pop("cublas"))
@@ -233,7 +129,7 @@ def compile_only(ctx: Ctx, shapes: list[tuple[str, int, int]], ms: list[int], ki
             x = torch.randn(M, K, device=ctx.device, dtype=DTYPE)
             w = torch.randn(N, K, device=ctx.device, dtype=DTYPE)
             y = torch.empty(M, N, device=ctx.device, dtype=DTYPE)
-            for i, config in enumerate(configs_for(M, N, K, kinds, pdl_modes)):
+            for i, config in enumerate(configs_for(M, N, K, kinds, pdl_modes, ctx.options)):
                 if i % num_shards != shard or (config, K % config.block_k == 0) in seen:
                     continue
                 seen.add((config, K % config.block_k == 0))
@@ -270,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="results file: perf/results/<name>-<device>.json")
     parser.add_argument("--pdl", choices=("on", "off", "both"), default="on",
                         help="launch candidates with programmatic dependent launch, without, or both")
+    parser.add_argument("--disable-gemm-ws", action="store_true",
+                        help="time the table as KernelOptions(gemm_ws=False) binds it")
     parser.add_argument("--rounds", type=int, default=1,
                         help="alternating timing passes over all candidates (median of each)")
     args = parser.parse_args(argv)
@@ -277,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("sweep_gemm_decode.py needs a CUDA GPU")
     device = torch.device("cuda")
     props = torch.cuda.get_device_properties(device)
-    ctx = Ctx(device=device, l2_bytes=getattr(props, "L2_cache_size", 50 * 2 ** 20), quick=True)
+    ctx = Ctx(device=device, l2_bytes=getattr(props, "L2_cache_size", 50 * 2 ** 20), quick=True,
+              options=KernelOptions(gemm_ws=not args.disable_gemm_ws))
     wanted = {s for s in args.shapes.split(",") if s}
     shapes = [shape for shape in gemm_shapes() if not wanted or shape[0] in wanted]
     ms = [int(m) for m in args.ms.split(",")]
