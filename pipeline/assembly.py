@@ -118,7 +118,8 @@ def measure_server_info(args: ServerArgs) -> ServerInfo:
     import triton
 
     device_name = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
-    return ServerInfo(torch_version=torch.__version__, triton_version=triton.__version__, device_name=device_name)
+    return ServerInfo(torch_version=str(torch.__version__), triton_version=str(triton.__version__),
+                      device_name=device_name)
 
 
 # --------------------------------------------------------------------------- stage factories

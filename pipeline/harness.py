@@ -46,7 +46,7 @@ import msgspec
 
 from pipeline import messages
 from pipeline.channel import Channel, in_thread_channel
-from pipeline.placement import (PipelineSpec, StageSpec, build_stage, object_path, process_of, resolve_object,
+from pipeline.placement import (CALLER, PipelineSpec, StageSpec, build_stage, object_path, process_of, resolve_object,
                                 resolve_type)
 from pipeline.stage import Stage
 
@@ -185,11 +185,13 @@ def type_paths(message_type: Any) -> list[str]:
 
 
 def write_header(path: str, spec: PipelineSpec, placement: dict[str, list[str]]) -> None:
-    """Start a recording: truncate ``path`` and describe every channel and stage."""
+    """Start a recording: truncate ``path`` and describe every channel and every stage we build."""
     where = process_of(placement)
     frames = [_frame(ChannelRecord(name=c.name, message_types=type_paths(c.message_type),
                                    producers=list(c.producers), consumer=c.consumer)) for c in spec.channels]
     for stage in spec.stages:
+        if where[stage.name] == CALLER:
+            continue  # the caller plays it: no stage of ours to rebuild
         factory = stage.factory if isinstance(stage.factory, str) else object_path(stage.factory)
         try:
             kwargs_json, kwargs_error = msgspec.json.encode(stage.kwargs), None
