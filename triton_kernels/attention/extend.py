@@ -58,7 +58,8 @@ class ExtendConfig:
 
 
 # padded head dim -> tiles (bf16/fp16), from perf/sweep_attention.py on an H200 (triton 3.6;
-# perf/results/attention-extend-*nvidia-h200.json). D=128 at S=1k/2k/4k/8k: 128x64 w4 s2
+# perf/results/attention-extend-nvidia-h200.json; earlier sweeps in git at e9fc771, 3e350c2).
+# D=128 at S=1k/2k/4k/8k: 128x64 w4 s2
 # 246/415/459/491 TFLOP/s = 0.89/0.99/0.93/0.89x SDPA. Its shared memory (q 32 KB +
 # 2 stages x 32 KB of k/v) lets two programs share an SM, one's softmax hiding behind the
 # other's tensor-core work; 128x128 w8 s3 (one per SM) 0.96/0.84/0.89/0.87x. Descriptors
