@@ -68,9 +68,6 @@ class ForwardStage(Stage):
         options = KernelOptions(gemm_ws=not args.disable_gemm_ws, pdl=not args.disable_pdl)
         self.ops = load_ops(args.kernel_backend, options)
         self.index_ops = load_index_ops(args.kernel_backend, options)
-        # A captured graph replays device work only, and the reference write reads positions on
-        # the host: captured decode steps always take the Triton write.
-        self.graph_index_ops = load_index_ops("triton", options) if self.device.type == "cuda" else None
         self.model, self.config = load_model(args.model_path, self.ops, args.dtype, self.device,
                                              args.load_format, seed=args.random_seed)
         self.context_len = min(args.context_length or self.config.context_length,
@@ -155,5 +152,5 @@ class ForwardStage(Stage):
                                   self.kv_cache)
 
     def _write_decode(self, meta) -> None:
-        self.graph_index_ops.write_req_to_token(meta.req_to_token, meta.req_pool_indices, meta.prefix_lens,
-                                                meta.seq_lens, meta.out_cache_loc, meta.extend_start_loc)
+        self.index_ops.write_req_to_token(meta.req_to_token, meta.req_pool_indices, meta.prefix_lens,
+                                          meta.seq_lens, meta.out_cache_loc, meta.extend_start_loc)

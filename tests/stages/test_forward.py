@@ -73,3 +73,28 @@ def test_forward_matches_transformers_through_prefill_decode_and_prefix_hit(tiny
     assert message.rids == ["r3"] and message.batch_id == 2
     torch.testing.assert_close(message.logits.cpu(), _hf_last_logits(tiny_llama, [c]), **tol)
     assert driver.stage.req_to_token[3, :7].tolist() == slots_a[:5] + [30, 31]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (decode graphs)")
+def test_captured_decode_equals_eager(tiny_llama) -> None:
+    """A decode batch replayed through a captured graph (req_to_token written by the IndexOps table
+    inside it) gives the eager step's logits. Triton backend only: the PyTorch references read
+    lengths on the host, which a graph capture cannot do."""
+    backend = "triton"
+    def stage(disable_cuda_graph: bool) -> StageDriver:
+        args = resolve(msgspec.structs.replace(ServerArgs(), model_path=str(tiny_llama), device="cuda",
+                                               kernel_backend=backend, max_total_tokens=256, dtype="float32",
+                                               disable_cuda_graph=disable_cuda_graph, cuda_graph_max_bs=4))
+        return StageDriver(ForwardStage(args, *wiring(ForwardInbox, "sample")))
+
+    graphs, eager = stage(False), stage(True)
+    assert graphs.stage.graphs is not None and eager.stage.graphs is None
+    a, b = [0, 5, 9, 33, 7], [0, 17, 250]
+    outputs = []
+    for driver in (graphs, eager):
+        driver.feed(_batch(0, "extend", [(1, a, 0, list(range(1, 6))), (2, b, 0, [20, 21, 22])]))
+        driver.step()
+        driver.feed(_batch(1, "decode", [(1, [11], 5, [6]), (2, [12], 3, [23])]))
+        outputs.append(driver.step()["sample"][0].logits.cpu())
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
+    assert graphs.stage.req_to_token[1, :6].tolist() == [1, 2, 3, 4, 5, 6]
