@@ -91,7 +91,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer(model_dir: Path):
-    from stages.tokenize import load_tokenizer
+    from stages.tokenizer import load_tokenizer
 
     return load_tokenizer(model_dir)
 
