@@ -322,7 +322,7 @@ def test_stream_k_kernel(device, dtype, config, bias):
 @pytest.mark.skipif(not ON_GPU, reason="needs CUDA")
 @pytest.mark.parametrize("M", [40, 57, 64])
 def test_tuned_shape_takes_the_warp_specialised_kernel(device, M):
-    """linear() on a _DECODE_WS shape runs the Gluon kernel (on Hopper, with few
+    """linear() on a DECODE_WS shape runs the Gluon kernel (on Hopper, with few
     zero-filled rows) and matches float64; a misaligned copy of x falls back to
     the pointer kernel."""
     (N, K, _), = [key for key in gemm_tables.DECODE_WS if key[2] == 64][:1]
