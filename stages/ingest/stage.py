@@ -7,7 +7,10 @@ ProcessCounters); outboxes (``IngestOutboxes``):
   ``Abort`` when a client goes away or asks for it, and ``FlushCache``.
 
 Every HTTP handler ``submit``-s a GenerateRequest and gets back a
-``RequestStream`` (``streams.py``). The stage's ``pump`` task reads the
+``RequestStream`` (``streams.py``). What the handlers send enters through a
+side door, ``"http"``: a recording notes each such message as an input of
+that door, and a replay hands it back to ``replay_input``, which sends it on
+as the live stage did. The stage's ``pump`` task reads the
 inbox on the event loop and routes each output by ``parent_rid``; the
 handlers never touch a channel. Outputs that arrive for a request already
 closed are dropped.
@@ -40,6 +43,8 @@ from stages.ingest.server import HttpServer
 from stages.ingest.streams import RequestStream
 
 logger = logging.getLogger(__name__)
+
+HTTP_DOOR = "http"  # the side door the HTTP handlers' messages come in by (recordings, replays)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +113,7 @@ class IngestStage(Stage):
         self.streams[request.rid] = stream
         self.num_sequences_in_flight += stream.num_sequences
         try:
-            await self.outboxes.out.aput(request)
+            await self._send(request)
         except ChannelClosed as error:
             self.forget(request.rid)
             raise ApiError(503, "the server is shutting down", "server_unavailable") from error
@@ -122,7 +127,7 @@ class IngestStage(Stage):
     async def abort(self, rid: str) -> None:
         """Tell the pipeline to drop ``rid`` (a parent rid aborts all of its sequences)."""
         try:
-            await self.outboxes.out.aput(Abort(rid=rid))
+            await self._send(Abort(rid=rid))
         except ChannelClosed:
             pass
 
@@ -139,8 +144,21 @@ class IngestStage(Stage):
 
     async def flush_cache(self) -> bool:
         """Send FlushCache down the request path (tokenize -> multimodal -> schedule)."""
-        await self.outboxes.out.aput(FlushCache(request_id=f"flush-{time.time_ns()}"))
+        await self._send(FlushCache(request_id=f"flush-{time.time_ns()}"))
         return True
+
+    async def _send(self, message: GenerateRequest | Abort | FlushCache) -> None:
+        """A handler's message into the pipeline, noted as an input of the side door when recording."""
+        if self.recorder is not None:
+            self.recorder.record_inputs(self, [message], channel=HTTP_DOOR)
+        await self.outboxes.out.aput(message)
+
+    def replay_input(self, door: str, message: Any) -> None:
+        """A replay's recorded handler message: sent on as the live stage sent it."""
+        if door != HTTP_DOOR:
+            super().replay_input(door, message)
+            return
+        self.outboxes.out.put(message)
 
     def stage_counters(self) -> dict[str, dict[str, float]]:
         """{stage: counters} over every process that reported (processes in name order)."""

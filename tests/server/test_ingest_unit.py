@@ -217,3 +217,14 @@ def test_server_info_and_metrics_carry_process_counters():
         assert 'stagewise:channel_queue_depth{channel="tokenize",process="main"} 1.0' in text
 
     run("echo", test, enable_metrics=True)
+
+
+def test_replayed_handler_messages_go_out_as_sent():
+    args = ServerArgs(model_path="/nonexistent")
+    requests = thread_channel("tokenize", TokenizeInbox, 8)
+    ingest = IngestStage(args, thread_channel("ingest", IngestInbox, 8), {"out": requests},
+                         tokenizer=FakeTokenizer(), server_info=SERVER_INFO)
+    ingest.replay_input("http", Abort(rid="r"))
+    assert requests.drain(8) == [Abort(rid="r")] and ingest.counters.messages_out == 1
+    with pytest.raises(TypeError, match="side door"):
+        ingest.replay_input("elsewhere", Abort(rid="r"))
