@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 from pipeline.config import ServerArgs  # noqa: E402
 from pipeline.harness import wiring  # noqa: E402
-from pipeline.messages import (ConstrainInbox, ForwardBatch, GrammarCompile, SampledTokens,  # noqa: E402
+from pipeline.messages import (ConstrainInbox, ForwardBatch, GrammarCompile, ModelInfo, SampledTokens,  # noqa: E402
                                SamplingBatch)
 from stages.constrain.bitmask import apply_token_bitmask_reference, bitmask_words  # noqa: E402
 from stages.constrain.grammar import (CompiledGrammar, GrammarCompiler, GrammarState,  # noqa: E402
@@ -194,8 +194,9 @@ def random_allowed_token(bitmask_row: torch.Tensor, state: GrammarState, vocab: 
 def bench_stage(tokenizer: Any, spec: str, vocab_size: int, batch: int, constrained: int, repeats: int) -> dict:
     """ForwardBatch -> TokenMask and SampledTokens -> advance through ConstrainStage."""
     inbox, outboxes = wiring(ConstrainInbox, "sample", "schedule")
-    stage = ConstrainStage(ServerArgs(), tokenizer, inbox, outboxes, vocab_size=vocab_size,
-                           eos_token_ids=[tokenizer.eos_token_id])
+    model_info = ModelInfo(num_slots=1, num_rows=batch + 1, context_len=1 << 16, vocab_size=vocab_size,
+                           eos_token_ids=(tokenizer.eos_token_id,))
+    stage = ConstrainStage(ServerArgs(), inbox, outboxes, tokenizer=tokenizer, model_info=model_info)
     rids = [f"r{i}" for i in range(batch)]
     flags = [i % (batch // constrained) == 0 for i in range(batch)][:batch]
     for rid, flag in zip(rids, flags):

@@ -127,7 +127,8 @@ def measure_server_info(args: ServerArgs) -> ServerInfo:
 
 
 def build_ingest(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel]) -> IngestStage:
-    return IngestStage(context.args, inbox, outboxes, tokenizer=context.tokenizer, server_info=context.server_info)
+    return IngestStage(context.args, inbox, outboxes, tokenizer=context.tokenizer, server_info=context.server_info,
+                       vocab_size=context.vocab_size)
 
 
 def build_tokenize(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel]) -> TokenizeStage:

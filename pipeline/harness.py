@@ -2,35 +2,37 @@
 
 Driving (tests, notebooks, debugging)::
 
-    stage = TokenizeStage(args, *wiring(TokenizeInbox, "out", "errors", "detokenize"))
+    stage = TokenizeStage(args, *wiring(TokenizeInbox, "out", "errors", "detokenize"),
+                          tokenizer=tokenizer, vocab_size=len(tokenizer), num_workers=0)
     outputs = drive(stage, request).run_until_idle()     # {"out": [...], "errors": [...]}
 
 ``drive`` feeds messages into the stage's inbox, steps it, and collects what
-each outbox received, in order. Channels left as ``None`` get an in-thread
-channel.
+each door put on its channel, in order. Doors wired to ``None`` get an
+in-thread channel; every door checks its declared message type.
 
 Recording: a pipeline started with a ``record_path`` (``--record-path``)
-writes a header (every channel's message type, every stage's factory and
-kwargs as JSON, its inbox and outboxes) and then, for every step of every
-stage, what it took from its inbox and what it emitted, each with the stage's
-step number, a timestamp and the message bytes (``pipeline.messages.encode``;
-tensors included). That is every channel's traffic: entries appear as the
-consumer's inputs, exits as the producer's outputs. Records are
+writes a header (every channel's message type, every stage's factory and its
+inbox and doors) and then, from each process: once a stage is built, the
+snapshot of the context it was built from (``BuiltRecord``: server args, the
+model info the forward stage measured, ...); for every step of every stage,
+what it took and what it put out, each with the stage's step number, a
+timestamp and the message bytes (``pipeline.messages.encode``; tensors
+included). Messages a stage takes through a side door (the ingest stage's
+HTTP clients) are recorded as inputs of that door. Records are
 length-prefixed msgpack frames appended with one ``write`` each, so several
 processes can share the file.
 
 Replaying::
 
-    python -m pipeline.harness replay run.rec --stage tokenize [--factory mod:callable]
-    stagewise replay run.rec --stage tokenize          # the same
+    stagewise replay run.rec --stage schedule [--factory mod:callable]
     python -m pipeline.harness info run.rec
 
-builds a fresh stage from the recorded factory and kwargs (or ``--factory``),
-feeds it the recorded inputs step by step, and compares what it emits with
-what was recorded: exit 0 when equal, else the first difference (channel,
-message index, field path) and exit 1. Exact for stages whose outputs depend
-only on their inputs and step boundaries (worker threads must be disabled,
-e.g. ``num_workers=0``).
+rebuilds the stage from its recorded factory and context (with
+``replay=True``: no worker threads, so steps are deterministic), feeds it the
+recorded inputs step by step, and compares what it puts out with what was
+recorded: exit 0 when equal, else the first difference (channel, message
+index, field path) and exit 1. Wall-clock telemetry (``EngineStats``,
+``ProcessCounters``) is left out of the comparison.
 """
 from __future__ import annotations
 

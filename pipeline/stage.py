@@ -173,8 +173,7 @@ class Stage:
         self.name = name
         self.inbox = inbox
         if not isinstance(outboxes, Outboxes):
-            outboxes = self.Outboxes.wire(outboxes) if self.Outboxes is not NoOutboxes or not outboxes \
-                else _LegacyOutboxes(outboxes)
+            outboxes = self.Outboxes.wire(outboxes)
         self.outboxes = outboxes
         self.doors: dict[str, Outbox] = outboxes.doors()
         for door in self.doors.values():
@@ -225,15 +224,6 @@ class Stage:
         return self._stepping or self.has_work()
 
     # -- what the base provides -----------------------------------------------
-    def emit(self, outbox: str, message: Any) -> None:
-        """Put ``message`` on the named door (transitional; stages use ``self.outboxes.<door>.put``)."""
-        try:
-            door = self.doors[outbox]
-        except KeyError:
-            raise KeyError(f"stage {self.name!r} has no outbox {outbox!r} "
-                           f"(it has {sorted(self.doors)})") from None
-        door.put(message)
-
     def step(self, max_messages: int = 256) -> int:
         """Drain up to ``max_messages`` from the inbox, handle each, tick; returns how many."""
         start_s = time.perf_counter()
@@ -416,27 +406,3 @@ class StageLoop:
         return (sum(s.counters.messages_in for s in self.stages),
                 sum(s.counters.messages_out for s in self.stages))
 
-
-class _LegacyOutboxes(Outboxes):
-    """Doors of a stage that declares no Outboxes record (transitional: typed by their channels)."""
-
-    def __init__(self, channels: Mapping[str, Channel]) -> None:
-        channels = {name: channel if channel is not None else in_thread_channel(name, object, UNWIRED_CAPACITY)
-                    for name, channel in channels.items()}
-        object.__setattr__(self, "_doors", {name: Outbox(name, object, channel)
-                                            for name, channel in channels.items()})
-
-    def doors(self) -> dict[str, Outbox]:
-        return dict(self._doors)
-
-    def __getattr__(self, name: str) -> Outbox:
-        try:
-            return self.__dict__["_doors"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._doors
-
-    def __getitem__(self, name: str) -> Channel:
-        return self._doors[name].channel

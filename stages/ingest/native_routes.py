@@ -139,8 +139,6 @@ async def get_server_info(request: web.Request) -> web.Response:
     info.update(ctx.server_info())
     stats = ctx.ingest.engine_stats
     info["engine_stats"] = msgspec.to_builtins(stats) if stats is not None else None
-    if stats is not None:  # also beside the engine's gauges, where clients read them before
-        info["engine_stats"]["stage_counters"] = info["stage_counters"]
     info["num_requests_in_flight"] = len(ctx.ingest.streams)
     return web.json_response(info)
 

@@ -11,7 +11,8 @@ from pipeline.process_channel import process_channel
 from pipeline.thread_channel import thread_channel
 from pipeline.harness import drive, wiring
 from pipeline.stage import Stage, StageLoop
-from tests.pipeline.toy_stages import AddAndHold, Forward, Item
+from pipeline.messages import Abort
+from tests.pipeline.toy_stages import AddAndHold, Forward, Item, ItemOutboxes
 
 
 def items(count: int) -> list[Item]:
@@ -36,10 +37,16 @@ def test_step_takes_at_most_max_messages() -> None:
     assert [m.value for m in driver.run_until_idle()["out"]] == list(range(4, 10))
 
 
-def test_emit_to_an_unknown_outbox_names_the_stage_and_its_outboxes() -> None:
-    stage = Forward("fwd", *wiring(Item, "other"))
-    with pytest.raises(KeyError, match="'fwd' has no outbox 'out'.*'other'"):
-        drive(stage, Item(key="a", value=1)).step()
+def test_wiring_an_undeclared_door_names_the_record_and_its_doors() -> None:
+    with pytest.raises(ValueError, match="ItemOutboxes has no door 'other'.*'again', 'out'"):
+        Forward("fwd", *wiring(Item, "other"))
+
+
+def test_a_door_refuses_a_message_of_another_type() -> None:
+    stage = Forward("fwd", *wiring(Item, "out"))
+    with pytest.raises(TypeError, match="stage 'fwd' put a Abort on its outbox 'out', which carries Item"):
+        stage.outboxes.out.put(Abort(rid="x"))
+    assert len(stage.outboxes.out.channel) == 0 and stage.counters.messages_out == 0
 
 
 def test_step_never_overfills_an_in_thread_outbox() -> None:
@@ -124,6 +131,8 @@ def test_wake_lets_a_worker_thread_rouse_an_idle_loop() -> None:
     class Background(Stage):
         """Hands each item to a thread; tick() emits results as they come back."""
 
+        Outboxes = ItemOutboxes
+
         def __init__(self, name, inbox, outboxes) -> None:
             super().__init__(name, inbox, outboxes)
             self.results: list[Item] = []
@@ -142,7 +151,7 @@ def test_wake_lets_a_worker_thread_rouse_an_idle_loop() -> None:
             with self.lock:
                 ready, self.results = self.results, []
             for item in ready:
-                self.emit("out", item)
+                self.outboxes.out.put(item)
 
     inbox, out = thread_channel("in", Item, 4), thread_channel("out", Item, 4)
     loop = StageLoop([Background("bg", inbox, {"out": out})], idle_wait_s=10.0)

@@ -1,6 +1,7 @@
 """Toy stages and process bodies for the fabric tests (importable by spawn children)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import msgspec
@@ -8,7 +9,7 @@ import msgspec
 from pipeline.channel import Channel, ChannelClosed, MessageRejected
 from pipeline.config import ServerArgs
 from pipeline.messages import ErrorOutput
-from pipeline.stage import Stage
+from pipeline.stage import Outbox, Outboxes, Stage
 
 
 class Item(msgspec.Struct, frozen=True, tag=True):
@@ -19,14 +20,25 @@ class Item(msgspec.Struct, frozen=True, tag=True):
     hops: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class ItemOutboxes(Outboxes):
+    """The toy stages' doors; both optional, so a toy stage can be built unwired."""
+
+    out: Outbox[Item] | None = None
+    again: Outbox[Item] | None = None
+
+
 class Forward(Stage):
     """Passes every Item to "out" unchanged."""
+
+    Inbox = Item
+    Outboxes = ItemOutboxes
 
     def __init__(self, name: str, inbox: Channel | None, outboxes: dict[str, Channel]) -> None:
         super().__init__(name, inbox, outboxes)
 
     def handle(self, message: Item) -> None:
-        self.emit("out", message)
+        self.outboxes.out.put(message)
 
 
 class AddAndHold(Stage):
@@ -35,6 +47,9 @@ class AddAndHold(Stage):
     Items with fewer than ``loops`` hops go to "again" (back upstream) with hops+1;
     the others go to "out". Holding makes work that only ticks finish.
     """
+
+    Inbox = Item
+    Outboxes = ItemOutboxes
 
     def __init__(self, name: str, inbox: Channel | None, outboxes: dict[str, Channel],
                  amount: int = 1, hold_steps: int = 2, loops: int = 0, sleep_s: float = 0.0) -> None:
@@ -58,9 +73,9 @@ class AddAndHold(Stage):
             if steps_left > 0:
                 still_held.append((steps_left - 1, item))
             elif item.hops < self.loops:
-                self.emit("again", Item(key=item.key, value=item.value, hops=item.hops + 1))
+                self.outboxes.again.put(Item(key=item.key, value=item.value, hops=item.hops + 1))
             else:
-                self.emit("out", item)
+                self.outboxes.out.put(item)
         self.held = still_held
 
     def has_work(self) -> bool:

@@ -117,11 +117,11 @@ def test_sigterm_answers_in_flight_request_then_exits(server):
     assert "stopped" in server.log_text()
 
 
-@pytest.mark.parametrize("stage, factory", [("tokenize", "pipeline.serve:make_tokenize_inline"),
-                                            ("multimodal", None), ("detokenize", None)])
-def test_recorded_traffic_replays_into_one_stage(server, stage, factory):
-    """Runs after the SIGTERM test: the whole two-process run was recorded; each stage replays identically."""
+@pytest.mark.parametrize("stage", ["ingest", "tokenize", "multimodal", "schedule", "detokenize"])
+def test_recorded_traffic_replays_into_one_stage(server, stage):
+    """Runs after the SIGTERM test: the whole two-process run was recorded, a drain under SIGTERM included;
+    each stage replays identically (every stage, on another workload: tests/server/test_replay.py)."""
     from pipeline.harness import replay
 
     assert server.process.poll() is not None, "the server must have stopped (recording complete)"
-    assert replay(str(server.record_path), stage, factory) is None
+    assert replay(str(server.record_path), stage) is None
