@@ -24,9 +24,14 @@ Channels (``producer.door -> channel``, the channel named after its consumer)::
     schedule.constrain, sample.constrain   -> constrain    GrammarCompile | GrammarRelease | ForwardBatch | SampledTokens
     forward.sample, constrain.sample       -> sample       Logits | TokenMask
     schedule.detokenize, schedule.stats,
-      tokenize.detokenize                  -> detokenize   TokenOutputBatch | ErrorOutput | TokenizedRequest | EngineStats
-    detokenize.out, tokenize.errors,
-      every process's runner               -> ingest       TextOutput | ErrorOutput | EngineStats | ProcessCounters
+      tokenize.detokenize,
+      every process's runner               -> detokenize   TokenOutputBatch | ErrorOutput | TokenizedRequest
+                                                           | EngineStats | ProcessCounters
+    detokenize.out, tokenize.errors        -> ingest       TextOutput | ErrorOutput | EngineStats | ProcessCounters
+
+Every process's runner puts its stage counters on the detokenize channel,
+which already crosses from the engine to the front end, so the text path
+(detokenize -> ingest) stays inside the front-end process.
 
 A stop string found by detokenize becomes an Abort on the request path
 (tokenize -> multimodal -> schedule), so under the serving placement the
@@ -194,8 +199,8 @@ CHANNELS: tuple[ChannelSpec, ...] = (
     ChannelSpec("constrain", ConstrainInbox, ("schedule.constrain", "sample.constrain"), "constrain", CAPACITY),
     ChannelSpec("sample", SampleInbox, ("forward.sample", "constrain.sample"), "sample", CAPACITY),
     ChannelSpec("detokenize", DetokenizeInbox, ("schedule.detokenize", "schedule.stats", "tokenize.detokenize"),
-                "detokenize", CAPACITY),
-    ChannelSpec("ingest", IngestInbox, ("detokenize.out", "tokenize.errors"), "ingest", CAPACITY, counters=True),
+                "detokenize", CAPACITY, counters=True),
+    ChannelSpec("ingest", IngestInbox, ("detokenize.out", "tokenize.errors"), "ingest", CAPACITY),
 )
 
 

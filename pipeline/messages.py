@@ -425,7 +425,7 @@ class EngineStats(Message, frozen=True, kw_only=True):
 
 
 class ProcessCounters(Message, frozen=True, kw_only=True):
-    """process runner -> ingest: what each stage of one process has done so far (for /metrics)."""
+    """process runner -> detokenize -> ingest: what each stage of one process has done so far (/metrics)."""
 
     process: str
     time_s: float
@@ -471,8 +471,9 @@ ForwardInbox = ForwardBatch
 ConstrainInbox = Union[GrammarCompile, GrammarRelease, ForwardBatch, SampledTokens]
 SampleInbox = Union[Logits, TokenMask]
 # Detokenize also sees each TokenizedRequest (from tokenize: its stop strings and
-# decoding options) and relays the schedule stage's EngineStats to ingest.
-DetokenizeInbox = Union[TokenOutputBatch, ErrorOutput, TokenizedRequest, EngineStats]
+# decoding options) and relays the schedule stage's EngineStats and every process
+# runner's ProcessCounters to ingest.
+DetokenizeInbox = Union[TokenOutputBatch, ErrorOutput, TokenizedRequest, EngineStats, ProcessCounters]
 IngestInbox = Union[TextOutput, ErrorOutput, EngineStats, ProcessCounters]
 
 ALL_MESSAGE_TYPES: tuple[type[Message], ...] = (

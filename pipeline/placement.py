@@ -157,8 +157,8 @@ def ends_of(channel: ChannelSpec, where: dict[str, str]) -> tuple[set[str], bool
     if channel.consumer is not None:
         stage_ends.append(channel.consumer)
     processes = {where[s] for s in stage_ends}
-    if channel.counters:  # every process's runner produces
-        processes |= set(where.values())
+    if channel.counters:  # every process's runner produces (the caller runs none)
+        processes |= set(where.values()) - {CALLER}
     caller = not channel.producers or channel.consumer is None or CALLER in processes
     processes.discard(CALLER)
     if caller:
@@ -173,7 +173,7 @@ def transport_of(channel: ChannelSpec, spec: PipelineSpec, where: dict[str, str]
         return "cross-process"
     stage_ends = [p.partition(".")[0] for p in channel.producers] + [channel.consumer]
     threaded = any(s is not None and where.get(s) != CALLER and spec.stage(s).own_thread for s in stage_ends)
-    if caller or threaded or channel.counters:
+    if caller or threaded:
         return "cross-thread"
     return "in-thread"
 

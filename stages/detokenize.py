@@ -3,11 +3,12 @@
 Inbox ``DetokenizeInbox``: TokenOutputBatch and ErrorOutput from schedule,
 ``TokenizedRequest`` copies from the tokenize stage (they register each
 sequence's stop strings and decoding options before its first token) and
-EngineStats to relay; outboxes (``DetokenizeOutboxes``):
+EngineStats and ProcessCounters to relay; outboxes (``DetokenizeOutboxes``):
 
 * ``out`` -> ingest: one ``TextOutput`` per sequence per step (the last one
-  carries ``finish_reason``); every ``ErrorOutput`` and ``EngineStats`` (the
-  schedule stage's snapshot) passed through;
+  carries ``finish_reason``); every ``ErrorOutput``, ``EngineStats`` (the
+  schedule stage's snapshot) and ``ProcessCounters`` (each process runner's)
+  passed through;
 * ``abort`` -> tokenize (and on, down the request path, to schedule):
   ``Abort(rid, reason="stop")`` the moment a stop string matches, so the
   engine stops spending steps (and frees the KV) on a sequence whose client
@@ -55,8 +56,8 @@ import msgspec
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
-from pipeline.messages import (Abort, DetokenizeInbox, EngineStats, ErrorOutput, FinishReason, SamplingParams,
-                               TextOutput, TokenizedRequest, TokenOutput, TokenOutputBatch)
+from pipeline.messages import (Abort, DetokenizeInbox, EngineStats, ErrorOutput, FinishReason, ProcessCounters,
+                               SamplingParams, TextOutput, TokenizedRequest, TokenOutput, TokenOutputBatch)
 from pipeline.stage import Outbox, Outboxes, Stage
 from stages.tokenizer import special_token_ids
 
@@ -226,7 +227,7 @@ class SequenceState:
 
 @dataclasses.dataclass(frozen=True)
 class DetokenizeOutboxes(Outboxes):
-    out: Outbox[TextOutput | ErrorOutput | EngineStats]  # -> ingest
+    out: Outbox[TextOutput | ErrorOutput | EngineStats | ProcessCounters]  # -> ingest
     abort: Outbox[Abort]  # -> tokenize: a stop string ended the sequence
 
 
@@ -258,7 +259,7 @@ class DetokenizeStage(Stage):
             case ErrorOutput():
                 self._forget(message.rid)
                 self.outboxes.out.put(message)
-            case EngineStats():  # the schedule stage's snapshot rides this channel to ingest
+            case EngineStats() | ProcessCounters():  # snapshots riding this channel to ingest
                 self.outboxes.out.put(message)
             case TokenizedRequest():
                 self.register(message.rid, message.sampling)

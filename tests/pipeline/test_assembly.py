@@ -43,7 +43,7 @@ def test_the_declaration_has_eight_stages_each_with_an_inbox(args):
     assert [s.name for s in spec.stages] == ["ingest", "tokenize", "multimodal", "forward", "constrain", "sample",
                                              "schedule", "detokenize"]
     assert sorted(c.consumer for c in spec.channels) == sorted(s.name for s in spec.stages)
-    assert [c.name for c in spec.channels if c.counters] == ["ingest"]
+    assert [c.name for c in spec.channels if c.counters] == ["detokenize"]
 
 
 def test_the_engine_builds_from_the_assembly(args, tmp_path):
@@ -112,7 +112,7 @@ def test_a_context_rebuilds_from_its_snapshot(args):
 
 
 def test_the_caller_can_play_a_stage(args):
-    from pipeline.placement import played_by_caller, single, transport_of
+    from pipeline.placement import played_by_caller, serving, single, transport_of
 
     spec = pipeline_spec(args)
     placement = played_by_caller(single(spec), "ingest")
@@ -120,7 +120,10 @@ def test_the_caller_can_play_a_stage(args):
     assert where["ingest"] == CALLER
     transports = {c.name: transport_of(c, spec, where) for c in spec.channels}
     assert transports["tokenize"] == "cross-thread" and transports["ingest"] == "cross-thread"
-    assert transports["forward"] == "in-thread"
+    assert transports["forward"] == "in-thread" and transports["detokenize"] == "in-thread"
+    served = process_of(serving(spec))
+    assert {c.name for c in spec.channels if transport_of(c, spec, served) == "cross-process"} == \
+        {"multimodal", "detokenize"}
 
 
 def test_no_other_module_declares_stages_or_channels():

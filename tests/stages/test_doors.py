@@ -38,7 +38,7 @@ DOORS: dict[type[Stage], tuple[typing.Any, dict[str, set[type]]]] = {
     ForwardStage: (m.ForwardInbox, {"sample": {m.Logits}}),
     ConstrainStage: (m.ConstrainInbox, {"schedule": {m.GrammarReady}, "sample": {m.TokenMask}}),
     SampleStage: (m.SampleInbox, {"schedule": {m.SampledTokens}, "constrain": {m.SampledTokens}}),
-    DetokenizeStage: (m.DetokenizeInbox, {"out": {m.TextOutput, m.ErrorOutput, m.EngineStats},
+    DetokenizeStage: (m.DetokenizeInbox, {"out": {m.TextOutput, m.ErrorOutput, m.EngineStats, m.ProcessCounters},
                                           "abort": {m.Abort}}),
 }
 STAGES = list(DOORS)
