@@ -151,16 +151,14 @@ def step_s(forward, sample, batch: ForwardBatch) -> tuple[float, list[int]]:
 
 def bench_model(model_path: str, batch_sizes: list[int], input_lens: list[int], decode_steps: int,
                 max_prefill_tokens: int) -> dict:
-    from pipeline.assembly import ProcessContext, build_forward, build_sample
+    from pipeline.assembly import forward_and_sample
 
     max_bs = max(batch_sizes)
     total = max_bs * (max(input_lens) + 1024) + 1
     args = server_args(model_path, max_total_tokens=total, max_running_requests=max_bs, cuda_graph_max_bs=max_bs,
                        context_length=max(input_lens) + 1024)
     load_start = time.perf_counter()
-    context = ProcessContext(args)  # the one assembly's factories; doors left unwired (driven by hand)
-    forward = build_forward(context, None, {"sample": None})
-    sample = build_sample(context, None, {"schedule": None, "constrain": None})
+    forward, sample = forward_and_sample(args)
     setup_s = time.perf_counter() - load_start
     weight_bytes = sum(p.numel() * p.element_size() for p in forward.model.parameters())
     vocab = forward.config.vocab_size

@@ -60,8 +60,7 @@ def gpu_kernels(prof) -> dict[str, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages.forward import ForwardStage
-    from stages.sample import SampleStage
+    from pipeline.assembly import forward_and_sample
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="Qwen3-8B",
@@ -74,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args = server_args(ns.model, max_total_tokens=ns.batch * (ns.input_len + 1024) + 1, disable_cuda_graph=True,
                        max_running_requests=ns.batch, context_length=ns.input_len + 1024)
-    forward, sample = ForwardStage(args, None, {}), SampleStage(args, None, {})
+    forward, sample = forward_and_sample(args)
     vocab = forward.config.vocab_size
 
     def one_prefill_and_decode(first_id: int) -> None:

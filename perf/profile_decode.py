@@ -32,8 +32,7 @@ from bench_one_batch import decode_batch, prefill_batch, server_args, step_s  # 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stages.forward import ForwardStage
-    from stages.sample import SampleStage
+    from pipeline.assembly import forward_and_sample
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="Llama-3.1-8B-Instruct",
@@ -49,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     args = server_args(ns.model, max_total_tokens=ns.batch * (ns.input_len + 1024) + 1,
                        max_running_requests=ns.batch, cuda_graph_max_bs=max(ns.batch, 1),
                        context_length=ns.input_len + 1024)
-    forward, sample = ForwardStage(args, None, {}), SampleStage(args, None, {})
+    forward, sample = forward_and_sample(args)
     vocab = forward.config.vocab_size
     _, tokens = step_s(forward, sample, prefill_batch(0, ns.batch, ns.input_len, vocab))
     position = ns.input_len

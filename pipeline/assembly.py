@@ -204,6 +204,13 @@ CHANNELS: tuple[ChannelSpec, ...] = (
 )
 
 
+def forward_and_sample(args: ServerArgs) -> tuple[ForwardStage, SampleStage]:
+    """The forward and sample stages alone, their doors unwired: for scripts that drive one batch by hand."""
+    context = ProcessContext(args)
+    return (build_forward(context, None, {"sample": None}),
+            build_sample(context, None, {"schedule": None, "constrain": None}))
+
+
 def pipeline_spec(args: ServerArgs) -> PipelineSpec:
     """The one pipeline description, for a resolved ``ServerArgs``."""
     return PipelineSpec(STAGES, CHANNELS, context=HERE + "ProcessContext",
