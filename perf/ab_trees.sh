@@ -13,7 +13,7 @@
 #              --dataset-name random --random-input-len 4096 --random-output-len 2048
 #              --random-range-ratio 0 --num-prompts 500 --request-rate inf (NUM_PROMPTS overrides)
 # Results: RESULTS_DIR/one_batch-{base,new}/*.json, RESULTS_DIR/serving.jsonl (tag base|new),
-# RESULTS_DIR/*.log; RESULTS_DIR/done is written last.
+# RESULTS_DIR/*.log; RESULTS_DIR/done is written last. ONLY=one_batch|serving runs one half.
 set -uo pipefail
 base=$(cd "$1" && pwd)
 results=$2
@@ -52,8 +52,6 @@ serving() {  # tree name
 }
 
 mkdir -p "$results/one_batch-base" "$results/one_batch-new"
-one_batch "$base" base
-one_batch "$new" new
-serving "$base" base
-serving "$new" new
+if [ "${ONLY:-all}" != serving ]; then one_batch "$base" base; one_batch "$new" new; fi
+if [ "${ONLY:-all}" != one_batch ]; then serving "$base" base; serving "$new" new; fi
 date > "$results/done"
