@@ -6,7 +6,10 @@ Public entry point::
     logits = model.forward(input_ids, positions, attn_meta, kv_cache)   # [B, vocab] fp32
 
 ``model.num_layers``, ``num_kv_heads``, ``head_dim`` and ``dtype`` size the KV
-pool (``models.batch.KVCache.allocate``). Errors are ``ModelLoadError``
+pool (``models.batch.KVCache.allocate``). Tensor parallelism: each rank calls
+``load_model(..., tp=TPGroup(rank, size, group, ep_size))`` (``models.parallel``),
+gets its slice of the weights, and ``num_kv_heads`` is then the rank's count;
+every rank runs the same forward in lockstep and returns the full logits. Errors are ``ModelLoadError``
 subclasses (``models.errors``). Imports are lazy: ``import models.batch``
 stays cheap for stages that never build a model.
 """
@@ -29,20 +32,32 @@ if TYPE_CHECKING:
     import torch
 
     from models.config import ModelConfig
+    from models.parallel import TPGroup
     from triton_kernels import KernelOps
 
 __all__ = [
-    "load_model", "load_config", "supported_architectures",
+    "load_model", "load_config", "supported_architectures", "TPGroup",
     "ModelLoadError", "ModelNotFoundError", "ModelConfigError", "UnsupportedArchitectureError",
     "MissingWeightsError", "UnexpectedWeightsError", "WeightShapeError", "CorruptWeightsError",
 ]
 
 
 def load_model(model_path: Any, ops: "KernelOps", dtype: "torch.dtype | str", device: Any,
-               load_format: str = "auto", seed: int = 0) -> "tuple[torch.nn.Module, ModelConfig]":
-    """Build and fill the model of a local HF directory (see ``models.loader``)."""
+               load_format: str = "auto", seed: int = 0, tp: "TPGroup | None" = None
+               ) -> "tuple[torch.nn.Module, ModelConfig]":
+    """Build and fill the model of a local HF directory (see ``models.loader``);
+    with `tp`, this rank's slice of it (see ``models.parallel``)."""
     from models.loader import load_model as _load_model
-    return _load_model(model_path, ops, dtype, device, load_format=load_format, seed=seed)
+    from models.parallel import TPGroup
+    return _load_model(model_path, ops, dtype, device, load_format=load_format, seed=seed,
+                       tp=tp if tp is not None else TPGroup())
+
+
+def __getattr__(name: str) -> Any:
+    if name == "TPGroup":                     # lazy, like the rest of the package
+        from models.parallel import TPGroup
+        return TPGroup
+    raise AttributeError(f"module 'models' has no attribute {name!r}")
 
 
 def load_config(model_path: Any) -> "ModelConfig":

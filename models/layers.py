@@ -7,9 +7,15 @@ Face names, with projections fused the way the kernels want them:
 * ``gate_up_proj``: gate rows over up rows, ``[2 * I, hidden]``, so that
   ``silu_and_mul`` reads ``silu(x[:, :I]) * x[:, I:]``;
 
-and its ``forward`` calls only ops of the ``KernelOps`` table it was built with.
-Shapes: T new tokens in the batch, H hidden size, Hq / Hk query / kv heads,
-D head dim. Activations keep the model dtype; only the final logits are fp32.
+and its ``forward`` calls only ops of the ``KernelOps`` table it was built with,
+plus the collectives of its ``TPGroup`` (``models/parallel.py``). Under tensor
+parallelism the parameters are this rank's slice: ``qkv_proj`` and
+``gate_up_proj`` hold its heads / intermediate rows (column-parallel, no
+communication), ``o_proj`` and ``down_proj`` the matching input columns
+(``RowParallelLinear``: partial sums, then one ``all_reduce``).
+Shapes: T new tokens in the batch, H hidden size, Hq / Hk query / kv heads
+(this rank's), D head dim, I intermediate size (this rank's). Activations
+keep the model dtype; only the final logits are fp32.
 """
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from torch import nn
 
 from models.batch import AttentionMetadata
 from models.config import ModelConfig
+from models.parallel import TPGroup, head_ranges, shard_range
 from triton_kernels import KernelOps
 
 
@@ -42,6 +49,21 @@ class Linear(nn.Module):
         return self.ops.linear(x, self.weight, self.bias)
 
 
+class RowParallelLinear(Linear):
+    """Input-split linear: each rank holds ``weight[N, K/tp]`` and sees its K/tp slice
+    of x; the partial products are summed by ``all_reduce``. The bias (full, on
+    every rank) is added by rank 0 only, so the sum holds it once."""
+
+    def __init__(self, ops: KernelOps, tp: TPGroup, in_features: int, out_features: int,
+                 bias: bool, dtype: torch.dtype, device: torch.device | str) -> None:
+        super().__init__(ops, in_features, out_features, bias, dtype, device)
+        self.tp = tp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.tp.rank == 0 else None
+        return self.tp.all_reduce(self.ops.linear(x, self.weight, bias))
+
+
 class RMSNorm(nn.Module):
     """HF RMSNorm; with ``residual`` it is the fused ``residual += x; norm(residual)``."""
 
@@ -58,14 +80,20 @@ class RMSNorm(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down_proj(silu(gate_proj x) * up_proj x)."""
+    """SwiGLU feed-forward: down_proj(silu(gate_proj x) * up_proj x).
+
+    Under TP each rank holds I/tp gate rows over I/tp up rows, so
+    ``silu_and_mul`` still reads ``[gate | up]`` locally; down_proj reduces.
+    """
 
     def __init__(self, ops: KernelOps, hidden_size: int, intermediate_size: int, bias: bool,
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str, tp: TPGroup = TPGroup()) -> None:
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = Linear(ops, hidden_size, 2 * intermediate_size, bias, dtype, device)
-        self.down_proj = Linear(ops, intermediate_size, hidden_size, bias, dtype, device)
+        start, end = shard_range(intermediate_size, tp.rank, tp.size, "intermediate_size")
+        local = end - start
+        self.gate_up_proj = Linear(ops, hidden_size, 2 * local, bias, dtype, device)
+        self.down_proj = RowParallelLinear(ops, tp, local, hidden_size, bias, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -79,15 +107,19 @@ class Attention(nn.Module):
     k (Qwen3), RoPE in place, k and v stored at ``attn_meta.out_cache_loc``
     -> extend attention (cached prefix from the pool, new tokens' k/v from the
     views) or decode attention (every key from the pool) -> o_proj.
+
+    Under TP a rank computes only its query heads and their kv heads (its KV
+    pool holds those kv heads only), and o_proj reduces over the ranks.
     """
 
     def __init__(self, ops: KernelOps, config: ModelConfig, layer_idx: int,
                  cos_sin_cache: torch.Tensor, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, tp: TPGroup = TPGroup()) -> None:
         super().__init__()
         self.ops = ops
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
+        (q0, q1), (k0, k1) = head_ranges(config.num_attention_heads, config.num_key_value_heads, tp)
+        self.num_heads = q1 - q0
+        self.num_kv_heads = k1 - k0
         self.head_dim = config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -96,7 +128,7 @@ class Attention(nn.Module):
         self.cos_sin_cache = cos_sin_cache          # shared by all layers, not a parameter
         H = config.hidden_size
         self.qkv_proj = Linear(ops, H, self.q_size + 2 * self.kv_size, config.qkv_bias, dtype, device)
-        self.o_proj = Linear(ops, self.q_size, H, config.o_proj_bias, dtype, device)
+        self.o_proj = RowParallelLinear(ops, tp, self.q_size, H, config.o_proj_bias, dtype, device)
         if config.qk_norm:
             self.q_norm = RMSNorm(ops, self.head_dim, config.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(ops, self.head_dim, config.rms_norm_eps, dtype, device)

@@ -23,6 +23,14 @@ or B decode tokens)::
     logits = lm_head(h[logits_indices]), stored in fp32            [B, vocab]
 
 Only the rows of each request's last new token reach the LM head.
+
+Tensor parallelism (``tp``, ``models/parallel.py``): every rank runs this
+same forward on the same batch. The embedding holds the rank's vocabulary
+rows (ids outside them read 0) and is summed by ``all_reduce``; attention and
+MLP are split as ``models/layers.py`` says; the LM head holds the same
+vocabulary rows (one tensor when tied) and its fp32 logits are gathered, so
+every rank returns the full ``[B, vocab]``. ``num_kv_heads`` is the rank's
+count: the forward stage sizes each rank's KV pool with it.
 The MoE models (``models/qwen_moe.py``) subclass this and replace ``build_mlp``.
 """
 from __future__ import annotations
@@ -32,7 +40,8 @@ from torch import nn
 
 from models.batch import AttentionMetadata, KVCache
 from models.config import ModelConfig
-from models.layers import MLP, Attention, Linear, RMSNorm, weight
+from models.layers import MLP, Attention, RMSNorm, weight
+from models.parallel import TPGroup, head_ranges, vocab_range
 from models.weights import Shard, dense_layout
 from triton_kernels import KernelOps
 from triton_kernels.rotary import build_cos_sin_cache
@@ -43,11 +52,11 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, ops: KernelOps, config: ModelConfig, layer_idx: int, mlp: nn.Module,
                  cos_sin_cache: torch.Tensor, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, tp: TPGroup = TPGroup()) -> None:
         super().__init__()
         H, eps = config.hidden_size, config.rms_norm_eps
         self.input_layernorm = RMSNorm(ops, H, eps, dtype, device)
-        self.self_attn = Attention(ops, config, layer_idx, cos_sin_cache, dtype, device)
+        self.self_attn = Attention(ops, config, layer_idx, cos_sin_cache, dtype, device, tp)
         self.post_attention_layernorm = RMSNorm(ops, H, eps, dtype, device)
         self.mlp = mlp
 
@@ -69,18 +78,21 @@ class DecoderModel(nn.Module):
     """Token embedding, the layer stack and the final norm (HF ``model.*``)."""
 
     def __init__(self, ops: KernelOps, config: ModelConfig, layers: list[DecoderLayer],
-                 dtype: torch.dtype, device: torch.device | str) -> None:
+                 dtype: torch.dtype, device: torch.device | str, tp: TPGroup = TPGroup()) -> None:
         super().__init__()
-        self.ops = ops
+        self.ops, self.tp = ops, tp
+        self.vocab_start, vocab_end, rows = vocab_range(config.vocab_size, tp)
+        padded = vocab_end - self.vocab_start < rows       # rows past the vocabulary stay 0
         self.embed_tokens = nn.Module()
-        self.embed_tokens.weight = weight(config.vocab_size, config.hidden_size, dtype=dtype,
-                                          device=device)
+        self.embed_tokens.weight = weight(rows, config.hidden_size, dtype=dtype, device=device,
+                                          zeros=padded)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps, dtype, device)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
-        hidden = self.ops.embedding(input_ids, self.embed_tokens.weight)
+        hidden = self.ops.embedding(input_ids, self.embed_tokens.weight, self.vocab_start)
+        hidden = self.tp.all_reduce(hidden)                 # each token's row from its rank
         residual = None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(positions, hidden, residual, attn_meta,
@@ -92,19 +104,22 @@ class LlamaForCausalLM(nn.Module):
     """Decoder + LM head; ``forward`` returns fp32 logits of each request's last token."""
 
     def __init__(self, config: ModelConfig, ops: KernelOps, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, tp: TPGroup = TPGroup()) -> None:
         super().__init__()
-        self.config, self.ops, self.dtype = config, ops, dtype
+        self.config, self.ops, self.dtype, self.tp = config, ops, dtype, tp
         self.device = torch.device(device)
         self.cos_sin_cache = build_rope_cache(config, dtype, self.device)
-        layers = [DecoderLayer(ops, config, i, self.build_mlp(i), self.cos_sin_cache, dtype, device)
+        layers = [DecoderLayer(ops, config, i, self.build_mlp(i), self.cos_sin_cache, dtype, device,
+                               tp)
                   for i in range(config.num_hidden_layers)]
-        self.model = DecoderModel(ops, config, layers, dtype, device)
+        self.model = DecoderModel(ops, config, layers, dtype, device, tp)
         if config.tie_word_embeddings:
             self.lm_head = nn.Module()
             self.lm_head.weight = self.model.embed_tokens.weight
-        else:
-            self.lm_head = Linear(ops, config.hidden_size, config.vocab_size, False, dtype, device)
+        else:                                   # the same vocabulary rows as the embedding
+            self.lm_head = nn.Module()
+            self.lm_head.weight = weight(*self.model.embed_tokens.weight.shape, dtype=dtype,
+                                         device=device, zeros=config.vocab_size % tp.size != 0)
 
     # ---- what the forward stage needs to size the KV pool
     @property
@@ -113,7 +128,10 @@ class LlamaForCausalLM(nn.Module):
 
     @property
     def num_kv_heads(self) -> int:
-        return self.config.num_key_value_heads
+        """KV heads held by THIS rank (all of them at tp size 1)."""
+        c = self.config
+        (_, _), (k0, k1) = head_ranges(c.num_attention_heads, c.num_key_value_heads, self.tp)
+        return k1 - k0
 
     @property
     def head_dim(self) -> int:
@@ -126,11 +144,12 @@ class LlamaForCausalLM(nn.Module):
     def build_mlp(self, layer_idx: int) -> nn.Module:
         """The feed-forward block of one layer (MoE models override this)."""
         c = self.config
-        return MLP(self.ops, c.hidden_size, c.intermediate_size, c.mlp_bias, self.dtype, self.device)
+        return MLP(self.ops, c.hidden_size, c.intermediate_size, c.mlp_bias, self.dtype, self.device,
+                   self.tp)
 
     def checkpoint_layout(self) -> dict[str, Shard]:
-        """Checkpoint tensor name -> where it lands in our (fused) parameters."""
-        return dense_layout(dict(self.named_parameters()), self.config)
+        """Checkpoint tensor name -> where this rank's slice lands in our (fused) parameters."""
+        return dense_layout(dict(self.named_parameters()), self.config, self.tp)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
@@ -139,7 +158,11 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.model(input_ids, positions, attn_meta, kv_cache)       # [T, H]
         # Gathering rows of `hidden` is an embedding lookup with `hidden` as the table.
         last = self.ops.embedding(attn_meta.logits_indices, hidden)          # [B, H]
-        return self.ops.linear(last, self.lm_head.weight, None, torch.float32)  # [B, vocab] fp32
+        logits = self.ops.linear(last, self.lm_head.weight, None, torch.float32)  # [B, vocab/tp] fp32
+        if self.tp.size == 1:
+            return logits
+        # [B, tp * ceil(vocab/tp)] -> [B, vocab]: drop the padding rows' logits
+        return self.tp.all_gather(logits, dim=-1)[:, : self.config.vocab_size].contiguous()
 
 
 def build_rope_cache(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -18,15 +18,23 @@ Steps, in order, so that a bad checkpoint fails before any byte is copied:
    into its (fused) slot. The whole model never sits in CPU memory.
    Progress (tensors, bytes) is logged every few seconds on long loads.
 
+Tensor parallelism (``tp``, ``models/parallel.py``): the model is built with
+this rank's parameter shapes and its layout names each checkpoint tensor's
+slice for the rank; ``get_slice`` reads just that slice (whole tensors only
+for the replicated ones), so a rank never holds another rank's weights.
+
 ``load_format="dummy"`` skips 2-3 and fills the same parameters with random
 values of realistic scale on the device (normal, std 0.02; norm weights 1),
-for benchmarks of shapes whose weights are not at hand.
+for benchmarks of shapes whose weights are not at hand. Values are drawn per
+checkpoint tensor, whole, from a generator seeded by (seed, tensor name), and
+each rank keeps its slice: any tp size gets the slices of the same weights.
 """
 from __future__ import annotations
 
 import logging
 import re
 import time
+import zlib
 from pathlib import Path
 
 import torch
@@ -43,6 +51,7 @@ from models.errors import (
     WeightShapeError,
     name_list,
 )
+from models.parallel import TPGroup
 from models.registry import model_class
 from models.weights import IGNORED, Shard, fused_alias
 from triton_kernels import KernelOps
@@ -68,9 +77,10 @@ def resolve_dtype(dtype: torch.dtype | str, config: ModelConfig) -> torch.dtype:
 
 
 def load_model(model_path: str | Path, ops: KernelOps, dtype: torch.dtype | str,
-               device: torch.device | str, load_format: str = "auto", seed: int = 0
-               ) -> tuple[torch.nn.Module, ModelConfig]:
-    """Build the model of `model_path`'s config on `device` and fill its weights."""
+               device: torch.device | str, load_format: str = "auto", seed: int = 0,
+               tp: TPGroup = TPGroup()) -> tuple[torch.nn.Module, ModelConfig]:
+    """Build the model of `model_path`'s config on `device` and fill its weights
+    (this rank's slice of them under tensor parallelism)."""
     if load_format not in LOAD_FORMATS:
         raise ModelConfigError(f"unknown load_format {load_format!r}; expected {', '.join(LOAD_FORMATS)}")
     config = load_config(model_path)
@@ -79,7 +89,7 @@ def load_model(model_path: str | Path, ops: KernelOps, dtype: torch.dtype | str,
     dtype = resolve_dtype(dtype, config)
     device = torch.device(device)
     files = [] if load_format == "dummy" else weight_files(Path(model_path))
-    model = model_class(config.architecture)(config, ops, dtype, device)
+    model = model_class(config.architecture)(config, ops, dtype, device, tp)
     model.eval()
     if load_format == "dummy":
         init_dummy(model, seed)
@@ -120,6 +130,7 @@ class _Plan:
         self.params = dict(model.named_parameters())
         self.layout = model.checkpoint_layout()
         self.architecture = model.config.architecture
+        self.num_experts = model.config.num_experts
         self.tied = bool(model.config.tie_word_embeddings)
         self.entries: list[tuple[Path, str, Shard]] = []
         self.seen: set[str] = set()
@@ -134,22 +145,27 @@ class _Plan:
 
     def _add(self, path: Path, name: str, tensor_slice) -> None:
         shard = self.layout.get(name)
+        shards = [shard] if shard is not None else []
         if shard is None:
-            alias = fused_alias(name, self.params)
+            alias = fused_alias(name, self.layout, self.num_experts)
             if alias is None:
                 if not (IGNORED.fullmatch(name) or (self.tied and name == "lm_head.weight")):
                     self.unexpected.append(name)
                 return
-            shard, pattern = alias
+            shards, pattern = alias
             self.covered_patterns.append(pattern)
-        target = shard.view(self.params)
         shape = tuple(tensor_slice.get_shape())
-        if shape != tuple(target.shape):
-            raise WeightShapeError(f"{path.name}: tensor {name} has shape {list(shape)}, the config "
-                                   f"implies {list(target.shape)} (for {shard.param})")
+        for shard in shards:
+            if shape != shard.shape:
+                raise WeightShapeError(f"{path.name}: tensor {name} has shape {list(shape)}, the "
+                                       f"config implies {list(shard.shape)} (for {shard.param})")
+            target = shard.view(self.params)
+            assert _sliced_shape(shape, shard.source) == tuple(target.shape), (
+                f"{name}{list(shape)}[{shard.source}] does not fit {shard.param}[{shard.index}] "
+                f"{list(target.shape)}")
+            self.entries.append((path, name, shard))
+            self.total_bytes += target.numel() * _element_size(tensor_slice.get_dtype())
         self.seen.add(name)
-        self.entries.append((path, name, shard))
-        self.total_bytes += target.numel() * _element_size(tensor_slice.get_dtype())
 
     def check(self, model_dir: str) -> None:
         if self.unexpected:
@@ -161,6 +177,11 @@ class _Plan:
         if missing:
             raise MissingWeightsError(f"{model_dir}: {len(missing)} tensors missing from the "
                                       f"checkpoint: {name_list(missing)}")
+
+
+def _sliced_shape(shape: tuple[int, ...], source: tuple) -> tuple[int, ...]:
+    """Shape of ``torch.empty(shape)[source]`` without allocating it."""
+    return tuple(torch.empty(shape, device="meta")[source].shape)
 
 
 def _element_size(safetensors_dtype: str) -> int:
@@ -191,7 +212,9 @@ def load_safetensors(model: torch.nn.Module, files: list[Path], device: torch.de
             with safe_open(str(path), framework="pt", device=open_device) as f:
                 for name, shard in entries:
                     target = shard.view(plan.params)
-                    target.copy_(f.get_tensor(name))   # casts to the model dtype on the device
+                    # only this rank's slice is read; copy_ casts to the model dtype
+                    source = f.get_slice(name)[shard.source] if shard.source else f.get_tensor(name)
+                    target.copy_(source)
                     progress.update(target.numel() * target.element_size())
     progress.done()
 
@@ -235,23 +258,23 @@ def init_dummy(model: torch.nn.Module, seed: int = 0) -> None:
     """Random weights on the device: normal(0, 0.02), norm weights 1, untouched padding 0.
 
     Only the regions the checkpoint layout names are filled, so padding that
-    must stay zero (the zero expert of Qwen2-MoE's shared gate) stays zero.
+    must stay zero (the zero expert of Qwen2-MoE's shared gate, vocabulary
+    padding) stays zero. Each checkpoint tensor is drawn whole from its own
+    generator, seeded by `seed` and its name, and the rank keeps its slice:
+    a tensor-parallel rank holds exactly the slice of the tp=1 weights.
     """
     params = dict(model.named_parameters())
     layout = model.checkpoint_layout()
-    generator = torch.Generator(device=next(iter(params.values())).device).manual_seed(seed)
-    shards_of: dict[str, list[Shard]] = {}
-    for name, shard in layout.items():
-        shards_of.setdefault(shard.param, []).append(shard)
+    device = next(iter(params.values())).device
     with torch.no_grad():
-        for param_name, shards in shards_of.items():
-            param = params[param_name]
-            whole = sum(s.view(params).numel() for s in shards) == param.numel()
-            regions = [param] if whole else [s.view(params) for s in shards]
-            for region in regions:
-                if _NORM.fullmatch(param_name):
-                    region.fill_(1.0)
-                else:
-                    region.normal_(0.0, DUMMY_STD, generator=generator)
+        for name, shard in layout.items():
+            region = shard.view(params)
+            if _NORM.fullmatch(shard.param):
+                region.fill_(1.0)
+                continue
+            generator = torch.Generator(device=device).manual_seed(
+                (seed << 32) ^ zlib.crc32(name.encode()))
+            whole = torch.empty(shard.shape, dtype=region.dtype, device=device)
+            whole.normal_(0.0, DUMMY_STD, generator=generator)
+            region.copy_(whole[shard.source] if shard.source else whole)
     logger.info("initialised %d parameters with dummy weights (seed %d)", len(params), seed)
-

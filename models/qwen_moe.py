@@ -26,6 +26,19 @@ table has, ``residual += x`` inside ``fused_add_rms_norm`` (its normed output
 is dropped). The price is computing the zero expert (twice the shared
 expert's FLOPs) and one spare norm; what it buys is a hot path of kernel
 launches only.
+
+Tensor / expert parallelism (``models/parallel.py``): the router is
+replicated; each rank holds experts ``[e0, e1)`` (all E unless
+``ep_size > 1``) with its ``moe_tp_rank`` slice of their intermediate size
+(w13 rows of gate and of up, w2 columns), and the shared expert split like a
+dense MLP over the whole group. Every rank routes every token (the hidden
+states are replicated after attention's all_reduce) and keeps the pairs
+whose expert it holds; the partial outputs, routed and shared, are summed by
+ONE ``all_reduce``. With ``ep_size > 1``, the pairs of other ranks' experts
+are pointed at local expert 0 with weight 0: a few elementwise torch ops
+outside the kernel table (``fused_moe`` has no "skip this pair" id), and
+those pairs still cost expert-0 FLOPs. A kernel-side skip of ids outside
+``[0, E_local)`` (SGLang's -1) would remove both.
 """
 from __future__ import annotations
 
@@ -35,6 +48,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.layers import MLP, Linear, weight
 from models.llama import LlamaForCausalLM
+from models.parallel import TPGroup, expert_range, shard_range
 from models.weights import Shard, dense_layout
 from triton_kernels import KernelOps
 
@@ -55,20 +69,25 @@ class SparseMoeBlock(nn.Module):
     """Router + routed experts (+ the gated shared expert of Qwen2-MoE)."""
 
     def __init__(self, ops: KernelOps, config: ModelConfig, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, tp: TPGroup = TPGroup()) -> None:
         super().__init__()
         H = config.hidden_size
-        self.ops = ops
+        self.ops, self.tp = ops, tp
         self.top_k = config.num_experts_per_tok
         self.renormalize = config.norm_topk_prob
         self.gate = Linear(ops, H, config.num_experts, False, dtype, device)
-        self.experts = Experts(config.num_experts, H, config.moe_intermediate_size, dtype, device)
+        self.expert_start, expert_end = expert_range(config.num_experts, tp)
+        self.num_local_experts = expert_end - self.expert_start
+        i0, i1 = shard_range(config.moe_intermediate_size, tp.moe_tp_rank, tp.moe_tp_size,
+                             "moe_intermediate_size", "tp size / ep size")
+        self.experts = Experts(self.num_local_experts, H, i1 - i0, dtype, device)
         self.shared_expert = self.shared_expert_gate = None
         self.eps = config.rms_norm_eps
         if config.shared_expert_intermediate_size > 0:
             # expert 0: the shared expert; expert 1: zeros (see the module docstring)
-            self.shared_expert = Experts(2, H, config.shared_expert_intermediate_size, dtype,
-                                         device, zeros=True)
+            s0, s1 = shard_range(config.shared_expert_intermediate_size, tp.rank, tp.size,
+                                 "shared_expert_intermediate_size")
+            self.shared_expert = Experts(2, H, s1 - s0, dtype, device, zeros=True)
             self.shared_expert_gate = nn.Module()
             self.shared_expert_gate.weight = weight(2, H, dtype=dtype, device=device, zeros=True)
             self.register_buffer("unit_norm", torch.ones(H, dtype=dtype, device=device))
@@ -76,15 +95,25 @@ class SparseMoeBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         router_logits = self.gate(x)                                            # [T, E]
         topk_weights, topk_ids = self.ops.moe_topk(router_logits, self.top_k, self.renormalize)
+        if self.tp.ep_size > 1:
+            topk_weights, topk_ids = self._local_pairs(topk_weights, topk_ids)
         y = self.ops.fused_moe(x, self.experts.w13, self.experts.w2, topk_weights, topk_ids)
-        if self.shared_expert is None:
-            return y
-        gate_logits = self.ops.linear(x, self.shared_expert_gate.weight, None)  # [T, 2] = [g, 0]
-        gate_weights, gate_ids = self.ops.moe_topk(gate_logits, 2, False)       # sigmoid(+-g)
-        shared = self.ops.fused_moe(x, self.shared_expert.w13, self.shared_expert.w2,
-                                    gate_weights, gate_ids)
-        self.ops.fused_add_rms_norm(shared, y, self.unit_norm, self.eps)        # y += shared
-        return y
+        if self.shared_expert is not None:
+            gate_logits = self.ops.linear(x, self.shared_expert_gate.weight, None)  # [T, 2] = [g, 0]
+            gate_weights, gate_ids = self.ops.moe_topk(gate_logits, 2, False)       # sigmoid(+-g)
+            shared = self.ops.fused_moe(x, self.shared_expert.w13, self.shared_expert.w2,
+                                        gate_weights, gate_ids)
+            self.ops.fused_add_rms_norm(shared, y, self.unit_norm, self.eps)        # y += shared
+        return self.tp.all_reduce(y)            # partial sums over experts / intermediate slices
+
+    def _local_pairs(self, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """EP dispatch: global expert ids -> this rank's [0, E_local); pairs of experts
+        held elsewhere -> local expert 0 with weight 0 (torch ops: see the module docstring)."""
+        local = topk_ids - self.expert_start
+        mine = (local >= 0) & (local < self.num_local_experts)
+        ids = torch.where(mine, local, torch.zeros_like(local))
+        return torch.where(mine, topk_weights, torch.zeros_like(topk_weights)), ids
 
 
 class Qwen3MoeForCausalLM(LlamaForCausalLM):
@@ -93,23 +122,32 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
     def build_mlp(self, layer_idx: int) -> nn.Module:
         c = self.config
         if c.is_moe_layer(layer_idx):
-            return SparseMoeBlock(self.ops, c, self.dtype, self.device)
-        return MLP(self.ops, c.hidden_size, c.intermediate_size, False, self.dtype, self.device)
+            return SparseMoeBlock(self.ops, c, self.dtype, self.device, self.tp)
+        return MLP(self.ops, c.hidden_size, c.intermediate_size, False, self.dtype, self.device,
+                   self.tp)
 
     def checkpoint_layout(self) -> dict[str, Shard]:
         params = dict(self.named_parameters())
         shared = {n: p for n, p in params.items() if ".shared_expert" in n}
-        layout = dense_layout({n: p for n, p in params.items() if n not in shared}, self.config)
-        for name in shared:
+        layout = dense_layout({n: p for n, p in params.items() if n not in shared}, self.config,
+                              self.tp)
+        rank, H = self.tp.rank, self.config.hidden_size
+        for name, param in shared.items():
             prefix = name.rsplit(".", 1)[0]                   # ...mlp.shared_expert(_gate)
-            if name.endswith("shared_expert_gate.weight"):
-                layout[name] = Shard(name, None, slice(0, 1))
-            elif name.endswith(".w13"):
-                half = shared[name].shape[1] // 2
-                layout[f"{prefix}.gate_proj.weight"] = Shard(name, 0, slice(0, half))
-                layout[f"{prefix}.up_proj.weight"] = Shard(name, 0, slice(half, 2 * half))
+            if name.endswith("shared_expert_gate.weight"):    # [2, H]: row 1 stays zero
+                layout[name] = Shard(name, (slice(0, 1),), (), (1, H))
+                continue
+            local = param.shape[2] if name.endswith(".w2") else param.shape[1] // 2
+            rows = slice(rank * local, (rank + 1) * local)  # this rank's intermediate range
+            full = local * self.tp.size
+            if name.endswith(".w13"):
+                layout[f"{prefix}.gate_proj.weight"] = Shard(name, (0, slice(0, local)), (rows,),
+                                                             (full, H))
+                layout[f"{prefix}.up_proj.weight"] = Shard(name, (0, slice(local, 2 * local)),
+                                                           (rows,), (full, H))
             else:
-                layout[f"{prefix}.down_proj.weight"] = Shard(name, 0, None)
+                layout[f"{prefix}.down_proj.weight"] = Shard(name, (0,), (slice(None), rows),
+                                                             (H, full))
         return layout
 
 
