@@ -14,9 +14,16 @@ stagewise:prompt_tokens_total                  counter    ingest, per finished s
 stagewise:generation_tokens_total              counter    ingest, per output
 stagewise:num_requests_total{finish_reason}    counter    ingest, per finished sequence
 stagewise:num_running_reqs, num_queue_reqs,    gauge      EngineStats from the schedule stage
-  token_usage, cache_hit_rate, gen_throughput,
+  token_usage, cache_hit_rate, gen_throughput,             of each engine replica
   max_total_num_tokens
 =============================================  =========  ==========================================
+
+Data parallelism (``--dp-size N``, N > 1): the engine gauges carry a second
+label, ``dp_rank``, one series per replica (``EngineStats.dp_rank``), as
+SGLang labels its per-rank scheduler gauges; sum them for the whole server
+(``sum without (dp_rank) (stagewise:num_running_reqs)``). With one replica
+the label is left off, so the series are the same as before data
+parallelism existed.
 
 Pipeline series, read at scrape time (``PipelineCollector``), labelled
 ``process`` and ``stage`` (or ``channel``): ``stagewise:stage_messages_in_total``,
@@ -97,9 +104,10 @@ def stage_counters(stage: Any) -> dict[str, float]:
 class ServerMetrics:
     """Every metric of one server, in its own registry; ``render()`` is the /metrics body."""
 
-    def __init__(self, model_name: str) -> None:
+    def __init__(self, model_name: str, dp_size: int = 1) -> None:
         self.registry = CollectorRegistry()
         self.model_name = model_name
+        self.dp_size = dp_size
         labels = ["model_name"]
         self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token",
                               labels, buckets=TTFT_BUCKETS_S, registry=self.registry).labels(model_name)
@@ -113,9 +121,10 @@ class ServerMetrics:
                                          registry=self.registry).labels(model_name)
         self.num_requests = Counter(PREFIX + "num_requests", "Finished sequences by finish reason",
                                     labels + ["finish_reason"], registry=self.registry)
-        self.engine = {name: Gauge(PREFIX + name, f"EngineStats.{name}", labels,
-                                   registry=self.registry).labels(model_name) for name in ENGINE_GAUGES}
-        self.last_stats: EngineStats | None = None
+        engine_labels = labels + ["dp_rank"] if dp_size > 1 else labels
+        self.engine = {name: Gauge(PREFIX + name, f"EngineStats.{name} of an engine replica", engine_labels,
+                                   registry=self.registry) for name in ENGINE_GAUGES}
+        self.last_stats: dict[int, EngineStats] = {}  # dp_rank -> that replica's latest snapshot
         self.pipeline = PipelineCollector()
         self.registry.register(self.pipeline)
 
@@ -138,9 +147,11 @@ class ServerMetrics:
         self.e2e.observe(e2e_s)
 
     def set_engine_stats(self, stats: EngineStats) -> None:
-        self.last_stats = stats
+        """One replica's snapshot: its ``dp_rank`` series (the only series when dp_size is 1)."""
+        self.last_stats[stats.dp_rank] = stats
+        label_values = (self.model_name, str(stats.dp_rank)) if self.dp_size > 1 else (self.model_name,)
         for name, gauge in self.engine.items():
-            gauge.set(float(getattr(stats, name)))
+            gauge.labels(*label_values).set(float(getattr(stats, name)))
 
     def set_process_counters(self, counters: ProcessCounters) -> None:
         self.pipeline.update(counters)

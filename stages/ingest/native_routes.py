@@ -137,8 +137,11 @@ async def get_server_info(request: web.Request) -> web.Response:
     info: dict[str, Any] = msgspec.to_builtins(ctx.args)
     info.pop("api_key", None)
     info.update(ctx.server_info())
-    stats = ctx.ingest.engine_stats
+    stats = ctx.ingest.engine_stats  # the whole server's (the sum over replicas when --dp-size > 1)
     info["engine_stats"] = msgspec.to_builtins(stats) if stats is not None else None
+    per_rank = ctx.ingest.engine_stats_by_rank
+    info["engine_stats_per_dp_rank"] = [msgspec.to_builtins(per_rank[rank]) for rank in sorted(per_rank)]
+    info["max_total_num_tokens"] = stats.max_total_num_tokens if stats is not None else None
     info["num_requests_in_flight"] = len(ctx.ingest.streams)
     return web.json_response(info)
 

@@ -21,8 +21,10 @@ one: token strings for logprobs, ``echo``, the warm-up prompt) and the
 builds a ``ServerMetrics`` here.
 
 State owned: the table of live requests (rid -> RequestStream), the last
-EngineStats snapshot, the latest ``ProcessCounters`` of each process (every
-stage's counters, for ``/metrics`` and ``/get_server_info``), and the
+EngineStats snapshot of each engine replica (by ``dp_rank``; one unless
+``--dp-size`` > 1) and their sum (``engine_stats``, see
+``combine_engine_stats``), the latest ``ProcessCounters`` of each process
+(every stage's counters, for ``/metrics`` and ``/get_server_info``), and the
 request timing that feeds ``ServerMetrics``.
 """
 from __future__ import annotations
@@ -68,9 +70,10 @@ class IngestStage(Stage):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size or len(tokenizer)
         self.server_info = server_info
-        self.metrics = ServerMetrics(args.served_model_name) if args.enable_metrics else None
+        self.metrics = ServerMetrics(args.served_model_name, args.dp_size) if args.enable_metrics else None
         self.streams: dict[str, RequestStream] = {}
-        self.engine_stats: EngineStats | None = None
+        self.engine_stats_by_rank: dict[int, EngineStats] = {}  # dp_rank -> that replica's latest snapshot
+        self.engine_stats: EngineStats | None = None  # the whole server's: combine_engine_stats of the above
         self.process_counters: dict[str, ProcessCounters] = {}  # process -> its latest counters
         self.num_sequences_in_flight = 0
         self.draining = False  # shutting down: new requests get 503, running ones finish
@@ -179,7 +182,9 @@ class IngestStage(Stage):
                 if stream is not None:
                     stream.push(message)
             case EngineStats():
-                self.engine_stats = message
+                self.engine_stats_by_rank[message.dp_rank] = message
+                self.engine_stats = combine_engine_stats(
+                    [self.engine_stats_by_rank[rank] for rank in sorted(self.engine_stats_by_rank)])
                 if self.metrics is not None:
                     self.metrics.set_engine_stats(message)
             case ProcessCounters():
@@ -211,6 +216,30 @@ class IngestStage(Stage):
         """Answer every live request with a 503 (the engine died or the server is stopping)."""
         for rid, stream in list(self.streams.items()):
             stream.push(ErrorOutput(rid=rid, status_code=503, error_type="server_unavailable", message=message))
+
+
+def combine_engine_stats(per_replica: list[EngineStats]) -> EngineStats:
+    """The whole server's load from each replica's latest snapshot (one replica: its snapshot unchanged).
+
+    Requests, KV tokens and throughput add up; ``token_usage`` is the used
+    fraction of all replicas' KV tokens together; ``cache_hit_rate`` is the
+    replicas' mean; ``time_s`` is the oldest snapshot's (so "newer than t"
+    means every replica reported after t); ``dp_rank`` is -1 (no one replica).
+    """
+    if len(per_replica) == 1:
+        return per_replica[0]
+    max_tokens = sum(stats.max_total_num_tokens for stats in per_replica)
+    used_tokens = sum(stats.token_usage * stats.max_total_num_tokens for stats in per_replica)
+    return EngineStats(
+        time_s=min(stats.time_s for stats in per_replica),
+        num_running_reqs=sum(stats.num_running_reqs for stats in per_replica),
+        num_queue_reqs=sum(stats.num_queue_reqs for stats in per_replica),
+        token_usage=used_tokens / max_tokens if max_tokens else 0.0,
+        cache_hit_rate=sum(stats.cache_hit_rate for stats in per_replica) / len(per_replica),
+        gen_throughput=sum(stats.gen_throughput for stats in per_replica),
+        max_total_num_tokens=max_tokens,
+        dp_rank=-1,
+    )
 
 
 def _abort_output(rid: str, index: int, num_sequences: int) -> TextOutput:

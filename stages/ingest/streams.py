@@ -33,7 +33,8 @@ class Frontend(Protocol):
     server_info: ServerInfo
     metrics: Any  # pipeline.metrics.ServerMetrics, or None when --enable-metrics is off
     streams: dict[str, RequestStream]
-    engine_stats: EngineStats | None
+    engine_stats: EngineStats | None  # the whole server's (summed over data-parallel replicas)
+    engine_stats_by_rank: dict[int, EngineStats]  # dp_rank -> that replica's latest snapshot
 
     def check_capacity(self, num_sequences: int) -> None: ...
 

@@ -9,8 +9,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from pipeline.thread_channel import thread_channel
 from pipeline.config import ServerArgs
-from pipeline.messages import (Abort, ErrorOutput, FinishReason, GenerateRequest, IngestInbox, ProcessCounters,
-                               ServerInfo, TextOutput, TokenizeInbox)
+from pipeline.messages import (Abort, EngineStats, ErrorOutput, FinishReason, GenerateRequest, IngestInbox,
+                               ProcessCounters, ServerInfo, TextOutput, TokenizeInbox)
 from stages.ingest import IngestStage, ServerContext, build_app
 
 
@@ -215,6 +215,55 @@ def test_server_info_and_metrics_carry_process_counters():
         text = await (await client.get("/metrics")).text()
         assert 'stagewise:stage_messages_in_total{process="engine",stage="forward"} 8.0' in text
         assert 'stagewise:channel_queue_depth{channel="tokenize",process="main"} 1.0' in text
+
+    run("echo", test, enable_metrics=True)
+
+
+def engine_stats(dp_rank: int, running: int, queued: int, usage: float, max_tokens: int, time_s: float) -> EngineStats:
+    return EngineStats(time_s=time_s, num_running_reqs=running, num_queue_reqs=queued, token_usage=usage,
+                       cache_hit_rate=0.5 * dp_rank, gen_throughput=10.0, max_total_num_tokens=max_tokens,
+                       dp_rank=dp_rank)
+
+
+def test_server_info_and_metrics_report_each_data_parallel_replica():
+    replica1 = engine_stats(1, running=2, queued=1, usage=0.5, max_tokens=300, time_s=2.0)
+    replica0_old = engine_stats(0, running=9, queued=9, usage=0.0, max_tokens=100, time_s=1.0)
+    replica0 = engine_stats(0, running=3, queued=0, usage=0.25, max_tokens=100, time_s=3.0)
+
+    async def test(client, ctx):
+        info = await (await client.get("/get_server_info")).json()
+        assert info["engine_stats"] is None and info["engine_stats_per_dp_rank"] == []
+        assert info["max_total_num_tokens"] is None
+        for message in (replica1, replica0_old, replica0):  # the latest of each replica counts
+            ctx.ingest.handle(message)
+        info = await (await client.get("/get_server_info")).json()
+        assert [s["dp_rank"] for s in info["engine_stats_per_dp_rank"]] == [0, 1]
+        assert info["engine_stats_per_dp_rank"][0]["num_running_reqs"] == 3
+        assert info["engine_stats_per_dp_rank"][1]["token_usage"] == 0.5
+        assert info["max_total_num_tokens"] == 400
+        total = info["engine_stats"]
+        assert (total["num_running_reqs"], total["num_queue_reqs"], total["max_total_num_tokens"]) == (5, 1, 400)
+        assert total["token_usage"] == (0.25 * 100 + 0.5 * 300) / 400 and total["time_s"] == 2.0
+        assert total["gen_throughput"] == 20.0 and total["dp_rank"] == -1
+        text = await (await client.get("/metrics")).text()
+        assert 'stagewise:num_running_reqs{dp_rank="0",model_name="fake"} 3.0' in text
+        assert 'stagewise:num_running_reqs{dp_rank="1",model_name="fake"} 2.0' in text
+        assert 'stagewise:max_total_num_tokens{dp_rank="1",model_name="fake"} 300.0' in text
+        assert 'stagewise:cache_hit_rate{dp_rank="1",model_name="fake"} 0.5' in text
+
+    run("echo", test, enable_metrics=True, dp_size=2)
+
+
+def test_one_replica_keeps_its_snapshot_and_unlabelled_series():
+    stats = engine_stats(0, running=1, queued=2, usage=0.125, max_tokens=64, time_s=5.0)
+
+    async def test(client, ctx):
+        ctx.ingest.handle(stats)
+        info = await (await client.get("/get_server_info")).json()
+        assert info["engine_stats"] == info["engine_stats_per_dp_rank"][0] and info["engine_stats"]["dp_rank"] == 0
+        assert info["max_total_num_tokens"] == 64 and ctx.ingest.engine_stats is stats
+        text = await (await client.get("/metrics")).text()
+        assert 'stagewise:num_queue_reqs{model_name="fake"} 2.0' in text and "dp_rank" not in text
 
     run("echo", test, enable_metrics=True)
 
