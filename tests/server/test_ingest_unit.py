@@ -219,7 +219,8 @@ def test_server_info_and_metrics_carry_process_counters():
     run("echo", test, enable_metrics=True)
 
 
-def engine_stats(dp_rank: int, running: int, queued: int, usage: float, max_tokens: int, time_s: float) -> EngineStats:
+def engine_stats(dp_rank: int, running: int, queued: int, usage: float, max_tokens: int,
+                 time_s: float) -> EngineStats:
     return EngineStats(time_s=time_s, num_running_reqs=running, num_queue_reqs=queued, token_usage=usage,
                        cache_hit_rate=0.5 * dp_rank, gen_throughput=10.0, max_total_num_tokens=max_tokens,
                        dp_rank=dp_rank)
