@@ -53,7 +53,7 @@ from models.errors import (
 )
 from models.parallel import TPGroup
 from models.registry import model_class
-from models.weights import IGNORED, Shard, fused_alias
+from models.weights import IGNORED, Shard, fused_alias, held_elsewhere
 from triton_kernels import KernelOps
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,9 @@ class _Plan:
         if shard is None:
             alias = fused_alias(name, self.layout, self.num_experts)
             if alias is None:
-                if not (IGNORED.fullmatch(name) or (self.tied and name == "lm_head.weight")):
+                if held_elsewhere(name, self.params, self.num_experts):
+                    self.seen.add(name)                   # another EP rank's expert
+                elif not (IGNORED.fullmatch(name) or (self.tied and name == "lm_head.weight")):
                     self.unexpected.append(name)
                 return
             shards, pattern = alias

@@ -175,5 +175,14 @@ def fused_alias(name: str, layout: dict[str, Shard], num_experts: int
     return shards, rf"{re.escape(prefix)}\.\d+\.{group}\.weight"
 
 
+_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def held_elsewhere(name: str, params: dict[str, torch.Tensor], num_experts: int) -> bool:
+    """An expert tensor of an MoE layer whose expert another EP rank holds (not ours to load)."""
+    match = _EXPERT.fullmatch(name)
+    return bool(match) and f"{match[1]}.w13" in params and int(match[2]) < num_experts
+
+
 # Names that checkpoints carry but no model needs (buffers saved by old transformers).
 IGNORED = re.compile(r".*\.rotary_emb\.inv_freq|.*\.attn\.bias|.*\.attn\.masked_bias")
