@@ -47,7 +47,10 @@ stage for a replay.
 """
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import functools
+import socket
 from typing import Any
 
 import msgspec
@@ -55,19 +58,23 @@ import msgspec
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
 from pipeline.messages import (ConstrainInbox, DetokenizeInbox, ForwardInbox, IngestInbox, ModelInfo,
-                               MultimodalInbox, SampleInbox, ScheduleInbox, ServerInfo, TokenizeInbox)
+                               MultimodalInbox, RouterInbox, SampleInbox, ScheduleInbox, ServerInfo, TokenizeInbox)
 from pipeline.placement import ChannelSpec, PipelineSpec, StageSpec
 from stages.constrain import ConstrainStage
 from stages.detokenize import DetokenizeStage
-from stages.forward import ForwardStage
+from models.parallel import TPGroup
+from stages.forward import ForwardRankStage, ForwardStage
+from stages.forward.peers import BatchBroadcast
 from stages.ingest import IngestStage
 from stages.multimodal import MultimodalStage
+from stages.router import RouterStage
 from stages.sample import SampleStage
 from stages.schedule import ScheduleStage
 from stages.tokenize import TokenizeStage
 from stages.tokenizer import load_tokenizer, model_vocab_size
 
 CAPACITY = 1 << 14  # messages per channel
+RANK_TIMEOUT_S = 120  # a collective waiting longer than this on a silent rank fails
 TOKENIZE_WORKERS = 2  # threads tokenizing off the stage loop
 GRAMMAR_WORKERS = 2  # threads waiting on grammar compiles
 
@@ -100,6 +107,27 @@ class ProcessContext:
         if self._server_info is None:
             self._server_info = measure_server_info(self.args)
         return self._server_info
+
+    @functools.cache
+    def tensor_parallel(self, rank: int, dist_init_addr: str) -> tuple[TPGroup, BatchBroadcast | None]:
+        """This process's rank in its replica's tensor-parallel group (joined once), and the batch broadcast."""
+        args = self.args
+        if args.tp_size == 1:
+            return TPGroup(), None
+        if self.replay:
+            raise RuntimeError("a tensor-parallel forward stage runs with its other ranks; it cannot replay alone")
+        import torch.distributed as dist
+
+        backend = "nccl" if args.device == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{dist_init_addr}", rank=rank,
+                                world_size=args.tp_size, timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
+        if backend == "nccl":
+            import torch
+
+            torch.cuda.set_device(rank)
+        cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
+        tp = TPGroup(rank=rank, size=args.tp_size, group=dist.group.WORLD, ep_size=args.ep_size)
+        return tp, BatchBroadcast(cpu_group)
 
     def require_model_info(self, stage: str) -> ModelInfo:
         if self.model_info is None:
@@ -146,10 +174,18 @@ def build_multimodal(context: ProcessContext, inbox: Channel | None,
     return MultimodalStage(context.args, inbox, outboxes)
 
 
-def build_forward(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel]) -> ForwardStage:
-    stage = ForwardStage(context.args, inbox, outboxes)
+def build_forward(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel],
+                  dist_init_addr: str = "") -> ForwardStage:
+    tp, peers = context.tensor_parallel(0, dist_init_addr)
+    stage = ForwardStage(context.args, inbox, outboxes, tp=tp, peers=peers)
     context.model_info = stage.model_info  # measured from the loaded weights and the KV pool
     return stage
+
+
+def build_forward_rank(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel],
+                       tp_rank: int, dist_init_addr: str) -> ForwardRankStage:
+    tp, peers = context.tensor_parallel(tp_rank, dist_init_addr)
+    return ForwardRankStage(context.args, inbox, outboxes, tp=tp, peers=peers)
 
 
 def build_constrain(context: ProcessContext, inbox: Channel | None,
@@ -163,8 +199,14 @@ def build_sample(context: ProcessContext, inbox: Channel | None, outboxes: dict[
     return SampleStage(context.args, inbox, outboxes)
 
 
-def build_schedule(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel]) -> ScheduleStage:
-    return ScheduleStage(context.args, inbox, outboxes, model_info=context.require_model_info("schedule"))
+def build_schedule(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel],
+                   dp_rank: int = 0) -> ScheduleStage:
+    return ScheduleStage(context.args, inbox, outboxes, model_info=context.require_model_info("schedule"),
+                         dp_rank=dp_rank)
+
+
+def build_router(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel]) -> RouterStage:
+    return RouterStage(context.args, inbox, outboxes, dp_size=context.args.dp_size)
 
 
 def build_detokenize(context: ProcessContext, inbox: Channel | None,
@@ -211,7 +253,92 @@ def forward_and_sample(args: ServerArgs) -> tuple[ForwardStage, SampleStage]:
             build_sample(context, None, {"schedule": None, "constrain": None}))
 
 
+ENGINE_STAGES = ("multimodal", "forward", "constrain", "sample", "schedule")  # one set per data-parallel replica
+
+
 def pipeline_spec(args: ServerArgs) -> PipelineSpec:
-    """The one pipeline description, for a resolved ``ServerArgs``."""
-    return PipelineSpec(STAGES, CHANNELS, context=HERE + "ProcessContext",
+    """The one pipeline description for a resolved ``ServerArgs``: ``STAGES`` and ``CHANNELS``,
+    with ``--tp-size`` ranks and ``--dp-size`` replicas added by the two functions below."""
+    if args.dp_size == 1:
+        ranks = tensor_parallel_ranks(args, "forward")
+        stages = tuple(ranks[-1] if ranks and s.name == "forward" else s for s in STAGES) + ranks[:-1]
+        channels = CHANNELS
+    else:
+        stages, channels = data_parallel(args)
+    return PipelineSpec(stages, channels, context=HERE + "ProcessContext",
                         context_kwargs={"args": msgspec.to_builtins(args)})
+
+
+def tensor_parallel_ranks(args: ServerArgs, forward: str, replica: int = 0) -> tuple[StageSpec, ...]:
+    """``--tp-size N`` beside the stage named ``forward``: ranks 1..N-1 (one doorless stage each, in a
+    process of its own), then rank 0 (the forward stage itself), all given one process group's
+    address: ``--dist-init-addr`` (its port + the replica's index), or a free local port."""
+    if args.tp_size == 1:
+        return ()
+    if args.dist_init_addr:
+        host, _, port = args.dist_init_addr.rpartition(":")
+        address = f"{host}:{int(port) + replica}"
+    else:
+        address = f"127.0.0.1:{_free_port()}"
+    suffix = f"_dp{replica}" if args.dp_size > 1 else ""
+    ranks = tuple(StageSpec(f"{forward}_rank{rank}", HERE + "build_forward_rank",
+                            {"tp_rank": rank, "dist_init_addr": address}, own_thread=True,
+                            own_process=f"tp{rank}{suffix}") for rank in range(1, args.tp_size))
+    return ranks + (StageSpec(forward, HERE + "build_forward", {"dist_init_addr": address}),)
+
+
+def data_parallel(args: ServerArgs) -> tuple[tuple[StageSpec, ...], tuple[ChannelSpec, ...]]:
+    """``--dp-size N``: the engine stages once per replica ("schedule@dp1"), each replica in a process
+    of its own, and a router stage between tokenize and the replicas.
+
+    Channel by channel: an engine stage's inbox is copied per replica with its producers renamed;
+    tokenize feeds the router, whose door ``replicas.d`` feeds replica d's multimodal; each
+    replica's schedule reports its load to the router, which relays the reports to detokenize.
+    """
+    def rename(end: str, replica: int) -> str:
+        stage, dot, door = end.partition(".")
+        return f"{stage}@dp{replica}{dot}{door}" if stage in ENGINE_STAGES else end
+
+    replicas = range(args.dp_size)
+    stages: list[StageSpec] = []
+    for spec in STAGES:
+        if spec.name == "multimodal":
+            stages.append(StageSpec("router", HERE + "build_router"))
+        if spec.name not in ENGINE_STAGES:
+            stages.append(spec)
+    for replica in replicas:
+        engine = [dataclasses.replace(spec, name=rename(spec.name, replica), own_process=f"engine_dp{replica}",
+                                      kwargs={**spec.kwargs, "dp_rank": replica} if spec.name == "schedule"
+                                      else spec.kwargs)
+                  for spec in STAGES if spec.name in ENGINE_STAGES]
+        ranks = tensor_parallel_ranks(args, f"forward@dp{replica}", replica)
+        if ranks:  # rank 0 (the forward stage, with its process group's address) replaces the plain one
+            engine = [dataclasses.replace(ranks[-1], own_process=f"engine_dp{replica}") if s.name == ranks[-1].name
+                      else s for s in engine]
+        stages += engine + list(ranks[:-1])
+    channels: list[ChannelSpec] = [ChannelSpec("router", RouterInbox, ("tokenize.out",) + tuple(
+        f"schedule@dp{replica}.stats" for replica in replicas), "router", CAPACITY)]
+    for channel in CHANNELS:
+        if channel.consumer in ENGINE_STAGES:
+            for replica in replicas:
+                producers = tuple(f"router.replicas.{replica}" if p == "tokenize.out" else rename(p, replica)
+                                  for p in channel.producers)
+                channels.append(dataclasses.replace(channel, name=rename(channel.name, replica),
+                                                    producers=producers, consumer=rename(channel.consumer, replica)))
+        else:
+            producers: list[str] = []
+            for producer in channel.producers:
+                if producer == "schedule.stats":
+                    producers.append("router.stats")
+                elif producer.partition(".")[0] in ENGINE_STAGES:
+                    producers += [rename(producer, replica) for replica in replicas]
+                else:
+                    producers.append(producer)
+            channels.append(dataclasses.replace(channel, producers=tuple(producers)))
+    return tuple(stages), tuple(channels)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -59,8 +59,13 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     # forward
     cuda_graph_max_bs: int = 160
     disable_cuda_graph: bool = False
-    tp_size: int = 1
     random_seed: int = 0
+    # parallelism
+    tp_size: int = 1  # tensor parallel: one engine process per rank, each with a shard of the weights
+    ep_size: int = 1  # expert parallel (MoE): experts split over this many of the TP ranks
+    dp_size: int = 1  # data parallel: this many engine replicas behind one front end
+    load_balance_method: Literal["round_robin", "shortest_queue", "cache_aware"] = "round_robin"
+    dist_init_addr: str = ""  # host:port of the ranks' process group ("": a free local port)
     # ours
     kernel_backend: Literal["auto", "triton", "reference"] = "auto"
     disable_gemm_ws: bool = False  # no warp-specialised (Gluon) gemm tiles on Hopper (A/B measurements)
@@ -150,8 +155,12 @@ def _check_ranges(args: ServerArgs) -> None:
         raise ConfigError(f"--max-running-requests must be >= 1, got {args.max_running_requests}")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
-    if args.tp_size != 1:
-        raise ConfigError("--tp-size > 1 is not supported yet")
+    if args.tp_size < 1:
+        raise ConfigError(f"--tp-size must be >= 1, got {args.tp_size}")
+    if args.dp_size < 1:
+        raise ConfigError(f"--dp-size must be >= 1, got {args.dp_size}")
+    if args.ep_size < 1 or args.tp_size % args.ep_size:
+        raise ConfigError(f"--ep-size must divide --tp-size ({args.tp_size}), got {args.ep_size}")
 
 
 def _read_model_config(model_dir: Path) -> dict[str, Any]:

@@ -118,7 +118,7 @@ class Engine:
         self.pipeline = Pipeline(self.spec, placement, record_path=self.args.record_path,
                                  on_failure=self._on_failure).start()
         self.stages = {stage.name: stage for stage in self.pipeline.stages}
-        self.schedule = self.stages["schedule"]
+        self.schedule = self.stages.get("schedule")  # None with --dp-size > 1: replicas run in their processes
         self.requests = self.pipeline.entry("tokenize")  # what ingest's out door would feed
         self.outputs = self.pipeline.exit("ingest")  # what ingest would read
         self._router = threading.Thread(target=self._route_outputs, name="stagewise-engine-router", daemon=True)
@@ -253,6 +253,8 @@ class Engine:
 
     def check_integrity(self) -> None:
         """KV pool + radix cache bookkeeping adds up (call when idle)."""
+        if self.schedule is None:
+            raise RuntimeError("the schedule stages of --dp-size > 1 run in their own processes")
         self.schedule.check_integrity()
 
     def shutdown(self, timeout_s: float = 30.0) -> None:

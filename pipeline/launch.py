@@ -323,6 +323,7 @@ class Pipeline:
                                   os.getpid(), self.record_path,
                                   threading.current_thread() is threading.main_thread()))
         child.start()
+        logger.info("process %s started (pid %d)", process, child.pid)
         self.children[process] = child
         self._control[process] = (control_in, control_out)
 
@@ -413,7 +414,12 @@ class Pipeline:
         return drained and self.failure is None
 
     def _stop_processes(self) -> None:
-        """Stop the main loop and threads, then each child; every step runs even if one fails."""
+        """Stop and close the main process's stages, then each child in placement order.
+
+        Every step runs even if one fails. Main's stages close first: a stage
+        that leads other processes (tensor-parallel rank 0) tells them to end
+        when it closes, before they are asked to stop.
+        """
         errors: list[BaseException] = []
         if self._runner is not None:
             for stop in (lambda: self._runner.loop.stop(timeout=10.0), self._runner.stop_threads):
@@ -422,14 +428,14 @@ class Pipeline:
                 except Exception as exc:  # keep going: the children must still be stopped
                     logger.error("stopping the main process's stages: %s", exc)
                     errors.append(exc)
+            for stage in self._runner.stages:
+                stage.close()
         for process, child in self.children.items():
             self._stop_child(process, child)
         for control_in, control_out in self._control.values():
             control_in.close()
             control_out.close()
         if self._runner is not None:
-            for stage in self._runner.stages:
-                stage.close()
             if self._runner.loop.failure is not None:
                 errors.append(RuntimeError(f"the main stage loop failed: {self._runner.loop.failure!r}"))
         if errors:

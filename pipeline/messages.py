@@ -413,7 +413,7 @@ class ErrorOutput(Message, frozen=True, kw_only=True):
 
 
 class EngineStats(Message, frozen=True, kw_only=True):
-    """schedule -> ingest: a periodic snapshot for /metrics and /get_server_info."""
+    """schedule -> (router ->) detokenize -> ingest: a periodic snapshot for /metrics and /get_server_info."""
 
     time_s: float
     num_running_reqs: int
@@ -422,6 +422,7 @@ class EngineStats(Message, frozen=True, kw_only=True):
     cache_hit_rate: float
     gen_throughput: float
     max_total_num_tokens: int
+    dp_rank: int = 0  # which data-parallel engine replica took this snapshot
 
 
 class ProcessCounters(Message, frozen=True, kw_only=True):
@@ -465,6 +466,9 @@ class ServerInfo(msgspec.Struct, frozen=True, kw_only=True):
 # --------------------------------------------------------------------------
 
 TokenizeInbox = Union[GenerateRequest, Abort, FlushCache]
+# The data-parallel router (``--dp-size N``) sits between tokenize and the N engine
+# replicas; each replica's schedule stage reports its load to it.
+RouterInbox = Union[TokenizedRequest, Abort, FlushCache, EngineStats]
 MultimodalInbox = Union[TokenizedRequest, Abort, FlushCache]
 ScheduleInbox = Union[TokenizedRequest, Abort, FlushCache, SampledTokens, GrammarReady]
 ForwardInbox = ForwardBatch

@@ -51,7 +51,7 @@ MAIN = "main"
 CALLER = "caller"  # stages the caller plays itself: their channels are its entries and exits
 # The serving front end: HTTP, text in, text out. Multimodal stays with the engine so that
 # the schedule inbox has producers in the engine process only (its hot path stays in-thread).
-FRONT_END_STAGES = ("ingest", "tokenize", "detokenize")
+FRONT_END_STAGES = ("ingest", "tokenize", "router", "detokenize")
 
 
 class PlacementError(ValueError):
@@ -64,6 +64,7 @@ class StageSpec:
     factory: str | Callable[..., Stage]
     kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     own_thread: bool = False  # run() on its own thread instead of the process's stage loop
+    own_process: str | None = None  # every placement runs it in a process of this name (a TP rank)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,14 +121,23 @@ def _unique(names: list[Any], what: str) -> None:
 
 
 def single(spec: PipelineSpec) -> dict[str, list[str]]:
-    """Everything in the calling process (tests, CPU demo, notebooks)."""
-    return {MAIN: [s.name for s in spec.stages]}
+    """Everything in the calling process (tests, CPU demo, notebooks), but stages that need their own."""
+    return _with_own_processes(spec, {MAIN: [s.name for s in spec.stages if s.own_process is None]})
 
 
 def serving(spec: PipelineSpec, front_end: tuple[str, ...] = FRONT_END_STAGES) -> dict[str, list[str]]:
     """Front-end stages in the calling process, every other stage in one engine process."""
-    return {MAIN: [s.name for s in spec.stages if s.name in front_end],
-            "engine": [s.name for s in spec.stages if s.name not in front_end]}
+    placed = [s for s in spec.stages if s.own_process is None]
+    return _with_own_processes(spec, {MAIN: [s.name for s in placed if s.name in front_end],
+                                      "engine": [s.name for s in placed if s.name not in front_end]})
+
+
+def _with_own_processes(spec: PipelineSpec, placement: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Add each ``own_process`` stage in its process, after the others (it is stopped after them)."""
+    for stage in spec.stages:
+        if stage.own_process is not None:
+            placement.setdefault(stage.own_process, []).append(stage.name)
+    return {process: names for process, names in placement.items() if names or process == MAIN}
 
 
 def played_by_caller(placement: dict[str, list[str]], *stage_names: str) -> dict[str, list[str]]:

@@ -118,44 +118,73 @@ def _classes_of(message_type: Any) -> tuple[type, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Outboxes:
-    """Base of a stage's record of doors out: each field is an ``Outbox[T]`` (``None`` if optional)."""
+    """Base of a stage's record of doors out.
+
+    Each field is an ``Outbox[T]`` (``Outbox[T] | None = None`` if optional),
+    or ``tuple[Outbox[T], ...]``: a family of doors, one per replica, wired
+    from door names ``"<field>.0"``, ``"<field>.1"``, ... (the router's door
+    to each data-parallel engine).
+    """
 
     def doors(self) -> dict[str, Outbox]:
-        """The wired doors by name (optional doors left unwired are absent)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is not None}
+        """The wired doors by name (optional doors left unwired are absent; a family's as ``field.k``)."""
+        found: dict[str, Outbox] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, tuple):
+                found.update({door.name: door for door in value})
+            elif value is not None:
+                found[field.name] = value
+        return found
 
     @classmethod
-    def declared(cls) -> dict[str, tuple[Any, bool]]:
-        """door name -> (message type, required)."""
+    def declared(cls) -> dict[str, tuple[Any, bool, bool]]:
+        """field name -> (message type, required, a family of doors)."""
         hints = typing.get_type_hints(cls)
-        declared: dict[str, tuple[Any, bool]] = {}
+        declared: dict[str, tuple[Any, bool, bool]] = {}
         for field in dataclasses.fields(cls):
-            declared[field.name] = (_outbox_message_type(cls, field.name, hints[field.name]),
-                                    field.default is dataclasses.MISSING)
+            message_type, family = _outbox_message_type(cls, field.name, hints[field.name])
+            declared[field.name] = (message_type, field.default is dataclasses.MISSING and not family, family)
         return declared
 
     @classmethod
-    def wire(cls, channels: Mapping[str, Channel]) -> "Outboxes":
+    def wire(cls, channels: Mapping[str, Channel | None]) -> "Outboxes":
         """The record whose doors put on ``channels`` (door name -> channel; None: a new in-thread one)."""
         declared = cls.declared()
-        unknown = sorted(set(channels) - set(declared))
-        if unknown:
-            raise ValueError(f"{cls.__name__} has no door {unknown[0]!r} (it has {sorted(declared)})")
-        missing = [name for name, (_, required) in declared.items() if required and name not in channels]
+        fields: dict[str, Any] = {}
+        for door, channel in channels.items():
+            field, _, index = door.partition(".")
+            if field not in declared or declared[field][2] != bool(index) or (index and not index.isdigit()):
+                raise ValueError(f"{cls.__name__} has no door {door!r} (it has {sorted(declared)})")
+            outbox = Outbox(door, declared[field][0], channel if channel is not None
+                            else in_thread_channel(door, declared[field][0], UNWIRED_CAPACITY))
+            if index:
+                fields.setdefault(field, {})[int(index)] = outbox
+            else:
+                fields[field] = outbox
+        missing = [name for name, (_, required, _) in declared.items() if required and name not in fields]
         if missing:
             raise ValueError(f"{cls.__name__}: door {missing[0]!r} is not wired")
-        return cls(**{name: Outbox(name, declared[name][0], channel if channel is not None
-                                    else in_thread_channel(name, declared[name][0], UNWIRED_CAPACITY))
-                      for name, channel in channels.items()})
+        for name, (_, _, family) in declared.items():
+            if family:
+                members = fields.get(name, {})
+                if sorted(members) != list(range(len(members))):
+                    raise ValueError(f"{cls.__name__}: doors {name}.0 .. {name}.{len(members) - 1} must all be wired")
+                fields[name] = tuple(members[i] for i in range(len(members)))
+        return cls(**fields)
 
 
-def _outbox_message_type(record: type, name: str, hint: Any) -> Any:
-    """``Outbox[X]`` or ``Outbox[X] | None`` -> X."""
+def _outbox_message_type(record: type, name: str, hint: Any) -> tuple[Any, bool]:
+    """``Outbox[X]``, ``Outbox[X] | None`` -> (X, False); ``tuple[Outbox[X], ...]`` -> (X, True)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         hint = next((h for h in typing.get_args(hint) if h is not type(None)), hint)
+    family = typing.get_origin(hint) is tuple
+    if family:
+        hint = typing.get_args(hint)[0]
     if typing.get_origin(hint) is not Outbox:
-        raise TypeError(f"{record.__name__}.{name} must be annotated Outbox[T], not {hint!r}")
-    return typing.get_args(hint)[0]
+        raise TypeError(f"{record.__name__}.{name} must be annotated Outbox[T] or tuple[Outbox[T], ...], "
+                        f"not {hint!r}")
+    return typing.get_args(hint)[0], family
 
 
 @dataclasses.dataclass(frozen=True)

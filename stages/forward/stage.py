@@ -23,7 +23,15 @@ KV pool size (measured once, here, after the weights are loaded):
 
 One step: pack the batch's ints, one host->device copy, write
 ``req_to_token`` (Triton index helper), run the model (or replay a captured
-CUDA graph for decode batches up to ``--cuda-graph-max-bs``).
+CUDA graph for decode batches up to ``--cuda-graph-max-bs``). The model, the
+pool and the graphs are a ``ModelRunner`` (``runner.py``).
+
+Tensor parallel (``--tp-size N``): this stage is rank 0. Every other rank is
+a ``ForwardRankStage`` (``rank.py``) in a process of its own, holding its
+shard of the weights and of the KV heads. Before running a batch, rank 0
+broadcasts it (``peers.py``); every rank then runs the same forward in
+lockstep, the layers' collectives joining them, and rank 0 hands the logits
+on. Closing rank 0 tells the other ranks to end.
 """
 from __future__ import annotations
 
@@ -32,20 +40,15 @@ import logging
 
 import torch
 
-from models.batch import KVCache
-from models.loader import load_model, resolve_dtype
+from models.parallel import TPGroup
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
 from pipeline.messages import ForwardBatch, ForwardInbox, Logits, ModelInfo
 from pipeline.stage import Outbox, Outboxes, Stage
-from stages.forward.graphs import DecodeGraphs, pad_decode
-from stages.forward.inputs import pack_batch, unpack, write_req_to_token
-from stages.staging import Uploader
-from triton_kernels import KernelOptions, load_index_ops, load_ops
+from stages.forward.peers import BatchBroadcast
+from stages.forward.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
-
-CPU_DEFAULT_TOKENS = 8192
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,74 +57,28 @@ class ForwardOutboxes(Outboxes):
 
 
 class ForwardStage(Stage):
-    """Model + KV tensors + CUDA graphs; ForwardBatch in, Logits out."""
+    """Model + KV tensors + CUDA graphs; ForwardBatch in, Logits out (tensor-parallel rank 0)."""
 
     Inbox = ForwardInbox
     Outboxes = ForwardOutboxes
     outboxes: ForwardOutboxes
 
     def __init__(self, args: ServerArgs, inbox: Channel | None,
-                 outboxes: ForwardOutboxes | dict[str, Channel | None]) -> None:
+                 outboxes: ForwardOutboxes | dict[str, Channel | None], *, tp: TPGroup = TPGroup(),
+                 peers: BatchBroadcast | None = None) -> None:
         super().__init__("forward", inbox, outboxes)
+        if tp.rank != 0:
+            raise ValueError(f"the forward stage is tensor-parallel rank 0, not rank {tp.rank}")
         self.args = args
-        self.device = torch.device(args.device if args.device != "auto" else "cpu")
-        options = KernelOptions(gemm_ws=not args.disable_gemm_ws, pdl=not args.disable_pdl)
-        self.ops = load_ops(args.kernel_backend, options)
-        self.index_ops = load_index_ops(args.kernel_backend, options)
-        self.model, self.config = load_model(args.model_path, self.ops, args.dtype, self.device,
-                                             args.load_format, seed=args.random_seed)
-        self.context_len = min(args.context_length or self.config.context_length,
-                               self.config.context_length)
-        kv_dtype = resolve_dtype(args.kv_cache_dtype, self.config)
-        num_slots = self._kv_slots(kv_dtype)
-        self.kv_cache = KVCache.allocate(self.config.num_hidden_layers, num_slots,
-                                         self.config.num_key_value_heads, self.config.head_dim,
-                                         kv_dtype, self.device)
-        self.num_rows = args.max_running_requests + 1
-        row_len = min(self.context_len, num_slots) + args.page_size
-        self.req_to_token = torch.zeros((self.num_rows, row_len), dtype=torch.int32, device=self.device)
-        logger.info("KV pool: %d slots (page size %d), req_to_token %s", num_slots, args.page_size,
-                    tuple(self.req_to_token.shape))
-        self.uploader = Uploader(self.device)
-        if self.device.type == "cuda" and args.kernel_backend == "triton":
-            self._compile_gemm_tiles()
-        self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0:
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, self.req_to_token, self._write_decode,
-                                       min(args.cuda_graph_max_bs, args.max_running_requests), self.device,
-                                       self.uploader)
-            self.graphs.capture_all()
-
-    def _compile_gemm_tiles(self) -> None:
-        """Every prefill gemm tile for every weight shape, before the first request."""
-        from triton_kernels.gemm import compile_prefill_tiles
-
-        shapes_done = set()
-        for name, param in self.model.named_parameters():  # the lm_head's fp32 logits take no TMA
-            if name.endswith("proj.weight") and param.dim() == 2 and param.shape not in shapes_done:
-                shapes_done.add(param.shape)
-                compile_prefill_tiles(param)
-
-    # ------------------------------------------------------------- sizing
-    def _kv_slots(self, kv_dtype: torch.dtype) -> int:
-        page = self.args.page_size
-        requested = self.args.max_total_tokens
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            free_bytes, _ = torch.cuda.mem_get_info(self.device)
-            per_token = KVCache.bytes_per_token(self.config.num_hidden_layers,
-                                                self.config.num_key_value_heads,
-                                                self.config.head_dim, kv_dtype)
-            fit = int(free_bytes * self.args.mem_fraction_static) // per_token
-            tokens = min(requested, fit) if requested > 0 else fit
-        else:
-            tokens = requested if requested > 0 else CPU_DEFAULT_TOKENS
-        return (tokens // page + 1) * page  # + page 0, the padding page
+        self.runner = ModelRunner(args, tp)
+        self.peers = peers  # the other ranks (None: a single rank)
+        self.model, self.config, self.device = self.runner.model, self.runner.config, self.runner.device
 
     @property
     def model_info(self) -> ModelInfo:
-        return ModelInfo(num_slots=self.kv_cache.num_slots, num_rows=self.num_rows,
-                         context_len=self.context_len, vocab_size=self.config.vocab_size,
+        runner = self.runner
+        return ModelInfo(num_slots=runner.kv_cache.num_slots, num_rows=runner.num_rows,
+                         context_len=runner.context_len, vocab_size=self.config.vocab_size,
                          eos_token_ids=tuple(self.config.eos_token_ids))
 
     # --------------------------------------------------------------- step
@@ -134,23 +91,14 @@ class ForwardStage(Stage):
             case _:
                 raise TypeError(f"forward: unexpected message {type(message).__name__}")
 
-    @torch.inference_mode()
     def run_batch(self, batch: ForwardBatch) -> torch.Tensor:
-        """logits[B, vocab] fp32 of each request's last new token."""
-        num_reqs = len(batch.rids)
-        if self.graphs is not None and batch.mode == "decode" and not batch.row_writes:
-            size = self.graphs.size_for(num_reqs)
-            if size is not None:
-                packed = pad_decode(batch.input_ids, batch.positions, batch.out_cache_loc,
-                                    batch.req_pool_indices, batch.seq_lens, size)
-                return self.graphs.replay(packed, size, num_reqs)
-        packed, num_writes, num_write_slots = pack_batch(batch)
-        device_batch = unpack(self.uploader.upload(packed, torch.int64), batch, num_writes, num_write_slots,
-                              self.req_to_token)
-        write_req_to_token(self.index_ops.write_req_to_token, device_batch)
-        return self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,
-                                  self.kv_cache)
+        """logits[B, vocab] fp32 of each request's last new token (every rank runs it too)."""
+        if self.peers is not None:
+            self.peers.send(batch)
+        return self.runner.run_batch(batch)
 
-    def _write_decode(self, meta) -> None:
-        self.index_ops.write_req_to_token(meta.req_to_token, meta.req_pool_indices, meta.prefix_lens,
-                                          meta.seq_lens, meta.out_cache_loc, meta.extend_start_loc)
+    def close(self) -> None:
+        """Tell the other ranks to end (they wait for the next batch)."""
+        if self.peers is not None:
+            self.peers.send(None)
+            self.peers = None

@@ -97,7 +97,7 @@ class IngestStage(Stage):
         400 for a request with more sequences than running and queued requests together allow."""
         if self.draining:
             raise ApiError(503, "the server is shutting down", "server_unavailable")
-        running_cap = self.args.max_running_requests
+        running_cap = self.args.max_running_requests * self.args.dp_size  # every replica runs its own batch
         most = running_cap + self.args.max_queued_requests
         if num_sequences > most:  # never fits, even on an idle server: the client's mistake, not a retry
             raise ApiError(400, f"the request asks for {num_sequences} sequences (prompts x n); this server takes at "

@@ -70,9 +70,11 @@ class ScheduleStage(Stage):
     outboxes: ScheduleOutboxes
 
     def __init__(self, args: ServerArgs, inbox: Channel | None,
-                 outboxes: ScheduleOutboxes | dict[str, Channel | None], *, model_info: ModelInfo) -> None:
+                 outboxes: ScheduleOutboxes | dict[str, Channel | None], *, model_info: ModelInfo,
+                 dp_rank: int = 0) -> None:
         super().__init__("schedule", inbox, outboxes)
         self.args = args
+        self.dp_rank = dp_rank  # which data-parallel replica this is (named in its EngineStats)
         self.info = model_info
         self.kv = KVManager(model_info.num_slots, args.page_size, model_info.num_rows,
                             args.disable_radix_cache)
@@ -359,7 +361,7 @@ class ScheduleStage(Stage):
             time_s=time.time(), num_running_reqs=len(self.running_reqs), num_queue_reqs=len(self.waiting),
             token_usage=self.kv.used_tokens() / self.kv.capacity_tokens,
             cache_hit_rate=self.kv.tree.hit_rate, gen_throughput=throughput,
-            max_total_num_tokens=self.kv.capacity_tokens))
+            max_total_num_tokens=self.kv.capacity_tokens, dp_rank=self.dp_rank))
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()

@@ -1,6 +1,7 @@
 """Stage base and StageLoop: step/emit/counters, own-thread running, idle loops that do not spin."""
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 
@@ -10,7 +11,7 @@ from pipeline.channel import in_thread_channel
 from pipeline.process_channel import process_channel
 from pipeline.thread_channel import thread_channel
 from pipeline.harness import drive, wiring
-from pipeline.stage import Stage, StageLoop
+from pipeline.stage import Outbox, Outboxes, Stage, StageLoop
 from pipeline.messages import Abort
 from tests.pipeline.toy_stages import AddAndHold, Forward, Item, ItemOutboxes
 
@@ -159,3 +160,23 @@ def test_wake_lets_a_worker_thread_rouse_an_idle_loop() -> None:
     inbox.put(Item(key="a", value=1))
     assert out.get(timeout=2.0) == Item(key="a", value=1)  # well before the 10 s idle wait
     loop.stop(timeout=15.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class FanOutOutboxes(Outboxes):
+    replicas: tuple[Outbox[Item], ...]
+    log: Outbox[Item] | None = None
+
+
+def test_a_door_family_is_wired_from_numbered_door_names() -> None:
+    channels = {f"replicas.{i}": in_thread_channel(f"r{i}", Item, 4) for i in range(3)}
+    record = FanOutOutboxes.wire(channels)
+    assert [door.channel.name for door in record.replicas] == ["r0", "r1", "r2"]
+    assert sorted(record.doors()) == ["replicas.0", "replicas.1", "replicas.2"]
+    assert FanOutOutboxes.declared() == {"replicas": (Item, False, True), "log": (Item, False, False)}
+    with pytest.raises(ValueError, match="replicas.0 .. replicas.1 must all be wired"):
+        FanOutOutboxes.wire({"replicas.0": None, "replicas.2": None})
+    with pytest.raises(ValueError, match="has no door 'replicas'"):
+        FanOutOutboxes.wire({"replicas": None})
+    with pytest.raises(TypeError, match="carries Item"):
+        record.replicas[1].put(Abort(rid="x"))

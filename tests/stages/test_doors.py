@@ -22,6 +22,7 @@ from stages.forward import ForwardStage
 from stages.ingest import IngestStage
 from stages.multimodal import MultimodalStage
 from stages.sample import SampleStage
+from stages.router import RouterStage
 from stages.schedule import ScheduleStage
 from stages.tokenize import TokenizeStage
 from tests.pipeline.sample_messages import every_message
@@ -38,6 +39,7 @@ DOORS: dict[type[Stage], tuple[typing.Any, dict[str, set[type]]]] = {
     ForwardStage: (m.ForwardInbox, {"sample": {m.Logits}}),
     ConstrainStage: (m.ConstrainInbox, {"schedule": {m.GrammarReady}, "sample": {m.TokenMask}}),
     SampleStage: (m.SampleInbox, {"schedule": {m.SampledTokens}, "constrain": {m.SampledTokens}}),
+    RouterStage: (m.RouterInbox, {"replicas": {m.TokenizedRequest, m.Abort, m.FlushCache}, "stats": {m.EngineStats}}),
     DetokenizeStage: (m.DetokenizeInbox, {"out": {m.TextOutput, m.ErrorOutput, m.EngineStats, m.ProcessCounters},
                                           "abort": {m.Abort}}),
 }
@@ -53,17 +55,19 @@ def test_outboxes_record_declares_exactly_the_wired_doors(stage_class):
     inbox, doors = DOORS[stage_class]
     assert stage_class.Inbox == inbox
     declared = stage_class.Outboxes.declared()
-    assert {name: _members(message_type) for name, (message_type, _) in declared.items()} == doors
-    assert all(required for _, required in declared.values()), "every door is wired in the assembly"
+    assert {name: _members(message_type) for name, (message_type, _, _) in declared.items()} == doors
+    assert all(required or family for _, required, family in declared.values()), "every door is wired"
 
 
 @pytest.mark.parametrize("stage_class", STAGES, ids=lambda c: c.__name__)
 def test_a_door_refuses_any_other_message_type(stage_class):
     _, doors = DOORS[stage_class]
-    outboxes = stage_class.Outboxes.wire(dict.fromkeys(doors))
+    declared = stage_class.Outboxes.declared()
+    names = [door for name in doors for door in ([f"{name}.0", f"{name}.1"] if declared[name][2] else [name])]
+    outboxes = stage_class.Outboxes.wire(dict.fromkeys(names))
     for name, door in outboxes.doors().items():
         for message in every_message():
-            if type(message) in doors[name]:
+            if type(message) in doors[name.partition(".")[0]]:
                 door.put(message)
                 assert door.channel.drain(1) == [message]
             else:

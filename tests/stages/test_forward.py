@@ -72,7 +72,7 @@ def test_forward_matches_transformers_through_prefill_decode_and_prefix_hit(tiny
     message = driver.step()["sample"][0]
     assert message.rids == ["r3"] and message.batch_id == 2
     torch.testing.assert_close(message.logits.cpu(), _hf_last_logits(tiny_llama, [c]), **tol)
-    assert driver.stage.req_to_token[3, :7].tolist() == slots_a[:5] + [30, 31]
+    assert driver.stage.runner.req_to_token[3, :7].tolist() == slots_a[:5] + [30, 31]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (decode graphs)")
@@ -88,7 +88,7 @@ def test_captured_decode_equals_eager(tiny_llama) -> None:
         return StageDriver(ForwardStage(args, *wiring(ForwardInbox, "sample")))
 
     graphs, eager = stage(False), stage(True)
-    assert graphs.stage.graphs is not None and eager.stage.graphs is None
+    assert graphs.stage.runner.graphs is not None and eager.stage.runner.graphs is None
     a, b = [0, 5, 9, 33, 7], [0, 17, 250]
     outputs = []
     for driver in (graphs, eager):
@@ -97,4 +97,4 @@ def test_captured_decode_equals_eager(tiny_llama) -> None:
         driver.feed(_batch(1, "decode", [(1, [11], 5, [6]), (2, [12], 3, [23])]))
         outputs.append(driver.step()["sample"][0].logits.cpu())
     torch.testing.assert_close(outputs[0], outputs[1], atol=1e-4, rtol=1e-4)
-    assert graphs.stage.req_to_token[1, :6].tolist() == [1, 2, 3, 4, 5, 6]
+    assert graphs.stage.runner.req_to_token[1, :6].tolist() == [1, 2, 3, 4, 5, 6]

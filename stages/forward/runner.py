@@ -1,0 +1,125 @@
+"""ModelRunner: the model, its KV pool, the req_to_token table and the decode CUDA graphs.
+
+What every tensor-parallel rank holds (rank 0 inside the forward stage, the
+others inside ``ForwardRankStage``): its shard of the weights, a KV pool of
+its share of the KV heads, the same ``req_to_token`` table, and the same
+captured graphs. ``run_batch`` is one step of the model on one ForwardBatch.
+
+KV pool size (measured once, after the weights are loaded):
+
+* GPU: ``--mem-fraction-static`` of the memory still free after the weights
+  goes to K and V (``2 * layers * local kv heads * head_dim * dtype bytes``
+  per token), unless ``--max-total-tokens`` asks for less; under tensor
+  parallelism every rank takes the smallest count any rank measured, so the
+  slots the scheduler hands out exist on every rank;
+* CPU: ``--max-total-tokens``, or ``CPU_DEFAULT_TOKENS`` when 0.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from models.batch import KVCache
+from models.loader import load_model, resolve_dtype
+from models.parallel import TPGroup
+from pipeline.config import ServerArgs
+from pipeline.messages import ForwardBatch
+from stages.forward.graphs import DecodeGraphs, pad_decode
+from stages.forward.inputs import pack_batch, unpack, write_req_to_token
+from stages.staging import Uploader
+from triton_kernels import KernelOptions, load_index_ops, load_ops
+
+logger = logging.getLogger(__name__)
+
+CPU_DEFAULT_TOKENS = 8192
+
+
+class ModelRunner:
+    """One rank's model, KV pool and graphs; ``run_batch`` runs one ForwardBatch."""
+
+    def __init__(self, args: ServerArgs, tp: TPGroup = TPGroup()) -> None:
+        self.args = args
+        self.tp = tp
+        self.device = torch.device(args.device if args.device != "auto" else "cpu")
+        options = KernelOptions(gemm_ws=not args.disable_gemm_ws, pdl=not args.disable_pdl)
+        self.ops = load_ops(args.kernel_backend, options)
+        self.index_ops = load_index_ops(args.kernel_backend, options)
+        self.model, self.config = load_model(args.model_path, self.ops, args.dtype, self.device,
+                                             args.load_format, seed=args.random_seed, tp=tp)
+        self.context_len = min(args.context_length or self.config.context_length,
+                               self.config.context_length)
+        kv_dtype = resolve_dtype(args.kv_cache_dtype, self.config)
+        num_slots = self._kv_slots(kv_dtype)
+        self.kv_cache = KVCache.allocate(self.config.num_hidden_layers, num_slots, self.model.num_kv_heads,
+                                         self.config.head_dim, kv_dtype, self.device)
+        self.num_rows = args.max_running_requests + 1
+        row_len = min(self.context_len, num_slots) + args.page_size
+        self.req_to_token = torch.zeros((self.num_rows, row_len), dtype=torch.int32, device=self.device)
+        logger.info("KV pool: %d slots (page size %d, %d KV heads on rank %d of %d), req_to_token %s", num_slots,
+                    args.page_size, self.model.num_kv_heads, tp.rank, tp.size, tuple(self.req_to_token.shape))
+        self.uploader = Uploader(self.device)
+        if self.device.type == "cuda" and args.kernel_backend == "triton":
+            self._compile_gemm_tiles()
+        self.graphs: DecodeGraphs | None = None
+        if self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0:
+            self.graphs = DecodeGraphs(self.model, self.kv_cache, self.req_to_token, self._write_decode,
+                                       min(args.cuda_graph_max_bs, args.max_running_requests), self.device,
+                                       self.uploader)
+            self.graphs.capture_all()
+
+    def _compile_gemm_tiles(self) -> None:
+        """Every prefill gemm tile for every weight shape, before the first request."""
+        from triton_kernels.gemm import compile_prefill_tiles
+
+        shapes_done = set()
+        for name, param in self.model.named_parameters():  # the lm_head's fp32 logits take no TMA
+            if name.endswith("proj.weight") and param.dim() == 2 and param.shape not in shapes_done:
+                shapes_done.add(param.shape)
+                compile_prefill_tiles(param)
+
+    def _kv_slots(self, kv_dtype: torch.dtype) -> int:
+        page = self.args.page_size
+        requested = self.args.max_total_tokens
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            free_bytes, _ = torch.cuda.mem_get_info(self.device)
+            per_token = KVCache.bytes_per_token(self.config.num_hidden_layers, self.model.num_kv_heads,
+                                                self.config.head_dim, kv_dtype)
+            fit = int(free_bytes * self.args.mem_fraction_static) // per_token
+            tokens = _smallest_on_any_rank(self.tp, min(requested, fit) if requested > 0 else fit, self.device)
+        else:
+            tokens = requested if requested > 0 else CPU_DEFAULT_TOKENS
+        return (tokens // page + 1) * page  # + page 0, the padding page
+
+    @torch.inference_mode()
+    def run_batch(self, batch: ForwardBatch) -> torch.Tensor:
+        """logits[B, vocab] fp32 of each request's last new token."""
+        num_reqs = len(batch.rids)
+        if self.graphs is not None and batch.mode == "decode" and not batch.row_writes:
+            size = self.graphs.size_for(num_reqs)
+            if size is not None:
+                packed = pad_decode(batch.input_ids, batch.positions, batch.out_cache_loc,
+                                    batch.req_pool_indices, batch.seq_lens, size)
+                return self.graphs.replay(packed, size, num_reqs)
+        packed, num_writes, num_write_slots = pack_batch(batch)
+        device_batch = unpack(self.uploader.upload(packed, torch.int64), batch, num_writes, num_write_slots,
+                              self.req_to_token)
+        write_req_to_token(self.index_ops.write_req_to_token, device_batch)
+        return self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,
+                                  self.kv_cache)
+
+    def _write_decode(self, meta) -> None:
+        self.index_ops.write_req_to_token(meta.req_to_token, meta.req_pool_indices, meta.prefix_lens,
+                                          meta.seq_lens, meta.out_cache_loc, meta.extend_start_loc)
+
+
+def _smallest_on_any_rank(tp: TPGroup, value: int, device: torch.device) -> int:
+    """The minimum of ``value`` over the tensor-parallel ranks (every rank calls this)."""
+    if tp.size == 1:
+        return value
+    import torch.distributed as dist
+
+    smallest = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(smallest, op=dist.ReduceOp.MIN, group=tp.group)
+    return int(smallest.item())
