@@ -202,6 +202,7 @@ def test_rank_holds_its_slice_and_local_kv_heads(tiny_checkpoint):
     assert (single.num_kv_heads, half.num_kv_heads) == (2, 1)
     V, D, q = config.vocab_size, config.head_dim, config.num_attention_heads * config.head_dim
     assert torch.equal(half.model.embed_tokens.weight, single.model.embed_tokens.weight[V // 2:])
-    qkv, full = half.model.layers[0].self_attn.qkv_proj.weight, single.model.layers[0].self_attn.qkv_proj.weight
+    qkv = half.model.layers[0].self_attn.qkv_proj.weight
+    full = single.model.layers[0].self_attn.qkv_proj.weight
     assert torch.equal(qkv[: q // 2], full[q // 2: q])                 # q heads 2, 3
     assert torch.equal(qkv[q // 2: q // 2 + D], full[q + D: q + 2 * D])  # kv head 1
