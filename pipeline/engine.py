@@ -258,11 +258,21 @@ class Engine:
         self.schedule.check_integrity()
 
     def shutdown(self, timeout_s: float = 30.0) -> None:
-        """Finish what is in flight (up to ``timeout_s``), stop the loop, release the stages."""
+        """Finish what is in flight (up to ``timeout_s``), stop the loop, release the stages.
+
+        After a failure (a stage loop or a process died) nothing will drain:
+        stop at once, and report what stopping raised in the log, not to the
+        caller, who already had the failure as the error of its requests.
+        """
         if self._stop.is_set():
             return
+        failed = self.failure is not None or self.pipeline.failure is not None
         try:
-            self.pipeline.stop(timeout_s)
+            self.pipeline.stop(2.0 if failed else timeout_s)
+        except Exception as error:
+            if not failed:
+                raise
+            logger.warning("stopping the failed engine: %s", error)
         finally:
             self._stop.set()
             self._router.join(timeout=5)

@@ -41,6 +41,13 @@ class BatchBroadcast:
         if batch is not None:
             dist.broadcast(torch.frombuffer(bytearray(payload), dtype=torch.uint8), src=self.src, group=self.group)
 
+    def leave(self) -> None:
+        """Leave the ranks' process group (this process may join another one later)."""
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
     def receive(self) -> ForwardBatch | None:
         """Any other rank: the batch rank ``src`` sent next (None: the end)."""
         import torch.distributed as dist

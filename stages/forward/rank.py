@@ -45,6 +45,7 @@ class ForwardRankStage(Stage):
         while True:
             batch = self.peers.receive()
             if batch is None:
+                self.peers.leave()
                 return
             self.runner.run_batch(batch)
             self.steps_run += 1

@@ -98,7 +98,12 @@ class ForwardStage(Stage):
         return self.runner.run_batch(batch)
 
     def close(self) -> None:
-        """Tell the other ranks to end (they wait for the next batch)."""
-        if self.peers is not None:
-            self.peers.send(None)
-            self.peers = None
+        """Tell the other ranks to end (they wait for the next batch), then leave the process group."""
+        if self.peers is None:
+            return
+        peers, self.peers = self.peers, None
+        try:
+            peers.send(None)
+        except RuntimeError as error:  # a rank already gone: nobody left to tell
+            logger.warning("could not tell the other tensor-parallel ranks to end: %s", error)
+        peers.leave()
