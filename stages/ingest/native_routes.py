@@ -95,6 +95,8 @@ async def health(request: web.Request) -> web.Response:
     ctx: ServerContext = request.app[CTX]
     if not ctx.ready:
         return web.json_response({"status": "starting"}, status=503)
+    if ctx.ingest.unhealthy is not None:  # a process or a tensor-parallel rank is down
+        return web.json_response({"status": "unhealthy", "message": ctx.ingest.unhealthy}, status=503)
     return web.json_response({"status": "ok"})
 
 

@@ -77,6 +77,7 @@ class IngestStage(Stage):
         self.process_counters: dict[str, ProcessCounters] = {}  # process -> its latest counters
         self.num_sequences_in_flight = 0
         self.draining = False  # shutting down: new requests get 503, running ones finish
+        self.unhealthy: str | None = None  # why the pipeline cannot serve any more (a process or rank died)
         self.server: HttpServer | None = None  # while run() serves
 
     # -- running (own thread: the aiohttp event loop) ----------------------------
@@ -213,7 +214,8 @@ class IngestStage(Stage):
             self.counters.busy_s += time.perf_counter() - start_s
 
     def fail_all(self, message: str) -> None:
-        """Answer every live request with a 503 (the engine died or the server is stopping)."""
+        """Answer every live request with a 503 (the engine died or the server is stopping); /health says so."""
+        self.unhealthy = message
         for rid, stream in list(self.streams.items()):
             stream.push(ErrorOutput(rid=rid, status_code=503, error_type="server_unavailable", message=message))
 

@@ -35,6 +35,7 @@ class Frontend(Protocol):
     streams: dict[str, RequestStream]
     engine_stats: EngineStats | None  # the whole server's (summed over data-parallel replicas)
     engine_stats_by_rank: dict[int, EngineStats]  # dp_rank -> that replica's latest snapshot
+    unhealthy: str | None  # why the pipeline cannot serve any more (/health answers 503 with it)
 
     def check_capacity(self, num_sequences: int) -> None: ...
 

@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -185,6 +186,13 @@ def test_killing_a_rank_ends_the_request_with_an_error_and_leaves_no_process(che
         events, seconds_after_kill = asyncio.run(asyncio.wait_for(stream_until_killed(), 60))
         assert seconds_after_kill < 10
         assert any(b"error" in event for event in events[2:]), events[-3:]
+        try:  # unhealthy until the server has stopped
+            status = urllib.request.urlopen(server.url + "/health", timeout=5).status
+        except urllib.error.HTTPError as error:
+            status = error.code
+        except OSError:
+            status = None  # already stopped
+        assert status in (503, None)
         assert server.process.wait(60) is not None  # the server notices the dead rank and stops
     for pid in children.values():
         deadline = time.monotonic() + 10
@@ -200,3 +208,33 @@ def test_a_dead_rank_fails_engine_requests(checkpoint):
         engine.pipeline.children["tp1"].kill()
         with pytest.raises(GenerateError):
             engine.generate(input_ids=PROMPTS[0], sampling_params={"max_new_tokens": 200, "ignore_eos": True})
+
+
+def test_sigterm_drains_every_rank_and_replica(checkpoint, tmp_path):
+    """--tp-size 2 --dp-size 2 under the serving placement: four engine processes; SIGTERM finishes the
+    running request, exits 0, and leaves none of them."""
+    model_dir = checkpoint("llama3.1")
+    flags = ["--tp-size", "2", "--dp-size", "2", "--placement", "serving"]
+    with running_server(model_dir, tmp_path / "server.log", *flags) as server:
+        children = _child_pids(server.log_text())
+        assert {"engine_dp0", "engine_dp1", "tp1_dp0", "tp1_dp1"} <= set(children), children
+
+        async def stream_through_sigterm() -> list[bytes]:
+            body = {"input_ids": PROMPTS[1], "stream": True,
+                    "sampling_params": {"max_new_tokens": 24, "ignore_eos": True}}
+            events: list[bytes] = []
+            async with aiohttp.ClientSession() as session:
+                async with session.post(server.url + "/generate", json=body) as response:
+                    async for line in response.content:
+                        if line.startswith(b"data:"):
+                            events.append(line.strip())
+                            if len(events) == 1:
+                                server.process.send_signal(signal.SIGTERM)
+            return events
+
+        events = asyncio.run(asyncio.wait_for(stream_through_sigterm(), 60))
+        assert events[-1] == b"data: [DONE]"
+        assert json.loads(events[-2][5:])["meta_info"]["completion_tokens"] == 24
+        assert server.process.wait(60) == 0
+    for pid in children.values():
+        assert not _alive(pid), f"process {pid} outlived the server"
