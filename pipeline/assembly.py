@@ -121,13 +121,16 @@ class ProcessContext:
         backend = "nccl" if args.device == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{dist_init_addr}", rank=rank,
                                 world_size=args.tp_size, timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
-        if backend == "nccl":
-            import torch
-
-            torch.cuda.set_device(rank)
         cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
         tp = TPGroup(rank=rank, size=args.tp_size, group=dist.group.WORLD, ep_size=args.ep_size)
         return tp, BatchBroadcast(cpu_group)
+
+    def use_gpu(self, dp_rank: int, tp_rank: int) -> None:
+        """Run this process's model on GPU ``dp_rank * tp_size + tp_rank`` (each rank and replica its own)."""
+        if self.args.device == "cuda":
+            import torch
+
+            torch.cuda.set_device(dp_rank * self.args.tp_size + tp_rank)
 
     def require_model_info(self, stage: str) -> ModelInfo:
         if self.model_info is None:
@@ -175,7 +178,8 @@ def build_multimodal(context: ProcessContext, inbox: Channel | None,
 
 
 def build_forward(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel],
-                  dist_init_addr: str = "") -> ForwardStage:
+                  dist_init_addr: str = "", dp_rank: int = 0) -> ForwardStage:
+    context.use_gpu(dp_rank, 0)
     tp, peers = context.tensor_parallel(0, dist_init_addr)
     stage = ForwardStage(context.args, inbox, outboxes, tp=tp, peers=peers)
     context.model_info = stage.model_info  # measured from the loaded weights and the KV pool
@@ -183,7 +187,8 @@ def build_forward(context: ProcessContext, inbox: Channel | None, outboxes: dict
 
 
 def build_forward_rank(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel],
-                       tp_rank: int, dist_init_addr: str) -> ForwardRankStage:
+                       tp_rank: int, dist_init_addr: str, dp_rank: int = 0) -> ForwardRankStage:
+    context.use_gpu(dp_rank, tp_rank)
     tp, peers = context.tensor_parallel(tp_rank, dist_init_addr)
     return ForwardRankStage(context.args, inbox, outboxes, tp=tp, peers=peers)
 
@@ -282,9 +287,9 @@ def tensor_parallel_ranks(args: ServerArgs, forward: str, replica: int = 0) -> t
         address = f"127.0.0.1:{_free_port()}"
     suffix = f"_dp{replica}" if args.dp_size > 1 else ""
     ranks = tuple(StageSpec(f"{forward}_rank{rank}", HERE + "build_forward_rank",
-                            {"tp_rank": rank, "dist_init_addr": address}, own_thread=True,
+                            {"tp_rank": rank, "dist_init_addr": address, "dp_rank": replica}, own_thread=True,
                             own_process=f"tp{rank}{suffix}") for rank in range(1, args.tp_size))
-    return ranks + (StageSpec(forward, HERE + "build_forward", {"dist_init_addr": address}),)
+    return ranks + (StageSpec(forward, HERE + "build_forward", {"dist_init_addr": address, "dp_rank": replica}),)
 
 
 def data_parallel(args: ServerArgs) -> tuple[tuple[StageSpec, ...], tuple[ChannelSpec, ...]]:
@@ -308,8 +313,8 @@ def data_parallel(args: ServerArgs) -> tuple[tuple[StageSpec, ...], tuple[Channe
             stages.append(spec)
     for replica in replicas:
         engine = [dataclasses.replace(spec, name=rename(spec.name, replica), own_process=f"engine_dp{replica}",
-                                      kwargs={**spec.kwargs, "dp_rank": replica} if spec.name == "schedule"
-                                      else spec.kwargs)
+                                      kwargs={**spec.kwargs, "dp_rank": replica}
+                                      if spec.name in ("schedule", "forward") else spec.kwargs)
                   for spec in STAGES if spec.name in ENGINE_STAGES]
         ranks = tensor_parallel_ranks(args, f"forward@dp{replica}", replica)
         if ranks:  # rank 0 (the forward stage, with its process group's address) replaces the plain one

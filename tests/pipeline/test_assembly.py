@@ -17,7 +17,7 @@ import pytest
 from pipeline.assembly import CHANNELS, STAGES, ProcessContext, pipeline_spec
 from pipeline.config import ServerArgs, resolve
 from pipeline.harness import Recording, type_paths
-from pipeline.placement import CALLER, FRONT_END_STAGES, MAIN, PLACEMENTS, process_of
+from pipeline.placement import CALLER, FRONT_END_STAGES, MAIN, PLACEMENTS, process_of, single
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = str(REPO / "models" / "demo")
@@ -139,3 +139,38 @@ def test_no_other_module_declares_stages_or_channels():
     assert set(declaring) == {"pipeline/assembly.py", "pipeline/harness.py"}
     harness = (REPO / "pipeline/harness.py").read_text()
     assert harness.count("StageSpec(") == 1 and "ChannelSpec(" not in harness
+
+
+def test_tensor_and_data_parallel_extend_the_one_declaration(args):
+    spec = pipeline_spec(msgspec.structs.replace(args, tp_size=2, dp_size=2))
+    spec.validate()
+    engine = ["multimodal", "forward", "constrain", "sample", "schedule"]
+    assert [s.name for s in spec.stages] == (
+        ["ingest", "tokenize", "router", "detokenize"]
+        + [f"{name}@dp0" for name in engine] + ["forward@dp0_rank1"]
+        + [f"{name}@dp1" for name in engine] + ["forward@dp1_rank1"])
+    from pipeline.placement import serving
+
+    placement = serving(spec)
+    assert placement == {MAIN: ["ingest", "tokenize", "router", "detokenize"],
+                         "engine_dp0": [f"{name}@dp0" for name in engine], "tp1_dp0": ["forward@dp0_rank1"],
+                         "engine_dp1": [f"{name}@dp1" for name in engine], "tp1_dp1": ["forward@dp1_rank1"]}
+    channels = {c.name: c for c in spec.channels}
+    assert channels["router"].producers == ("tokenize.out", "schedule@dp0.stats", "schedule@dp1.stats")
+    assert channels["multimodal@dp1"].producers == ("router.replicas.1",)
+    assert channels["schedule@dp1"].producers == ("multimodal@dp1.out", "sample@dp1.schedule",
+                                                  "constrain@dp1.schedule")
+    assert channels["detokenize"].producers == ("schedule@dp0.detokenize", "schedule@dp1.detokenize", "router.stats",
+                                                "tokenize.detokenize")
+    stages = {s.name: s for s in spec.stages}
+    assert stages["schedule@dp1"].kwargs == {"dp_rank": 1}
+    rank0, rank1 = stages["forward@dp1"].kwargs, stages["forward@dp1_rank1"].kwargs
+    assert rank0["dp_rank"] == rank1["dp_rank"] == 1 and rank1["tp_rank"] == 1
+    assert rank0["dist_init_addr"] == rank1["dist_init_addr"] != stages["forward@dp0"].kwargs["dist_init_addr"]
+
+
+def test_tensor_parallel_alone_keeps_the_plain_names(args):
+    spec = pipeline_spec(msgspec.structs.replace(args, tp_size=3))
+    assert [s.name for s in spec.stages] == [s.name for s in STAGES] + ["forward_rank1", "forward_rank2"]
+    assert summary((), spec.channels)[1] == ASSEMBLY[1]
+    assert single(spec) == {MAIN: [s.name for s in STAGES], "tp1": ["forward_rank1"], "tp2": ["forward_rank2"]}
