@@ -39,7 +39,8 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     # server
     host: str = "127.0.0.1"
     port: int = 30000
-    api_key: str = ""
+    api_key: str = ""  # also $STAGEWISE_API_KEY, or --api-key-file (either keeps it off the command line)
+    api_key_file: str = ""  # a file whose first line is the API key
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     enable_metrics: bool = False
     max_queued_requests: int = 4096

@@ -1,20 +1,34 @@
-"""The aiohttp application: routes plus two middlewares.
+"""The aiohttp application: routes plus three middlewares.
 
-* ``api_key_middleware`` (when ``--api-key`` is set): every route except
+* ``api_key_middleware`` (when a key is set: ``--api-key``, else the
+  ``STAGEWISE_API_KEY`` environment variable, else the first line of
+  ``--api-key-file``; see ``resolve_api_key``): every route except
   ``/health*`` and ``/metrics`` needs ``Authorization: Bearer <key>`` (or an
-  ``x-api-key`` header); otherwise 401.
+  ``x-api-key`` header); otherwise 401, also for header bytes that are not
+  UTF-8. The key is never logged nor shown by ``/get_server_info``.
 * ``error_middleware``: every failure leaves as an OpenAI error body.
   ``ApiError`` keeps its status; aiohttp's own HTTP errors (404, 405, body
   too large) keep theirs; anything else is our bug: logged, answered 500.
+* ``json_body_middleware``: a POST body must be declared
+  ``application/json`` (parameters such as ``charset`` allowed), else 415.
+  A web page can send ``text/plain`` or form bodies to any address without
+  a CORS preflight, so accepting those as JSON would let any site drive a
+  local server. One exception: ``POST /flush_cache`` with an empty body,
+  whatever its content type (SGLang's clients send it bare; aiohttp's label
+  an empty POST ``application/octet-stream``); a page can cause at most a
+  cache flush with it.
 """
 from __future__ import annotations
 
 import hmac
 import logging
+import os
+from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from aiohttp import web
 
+from pipeline.config import ConfigError, ServerArgs
 from stages.ingest.context import CTX, ServerContext
 from stages.ingest.errors import ApiError
 from stages.ingest.native_routes import add_native_routes
@@ -24,6 +38,9 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OPEN_PATHS = ("/health", "/metrics")
 MAX_BODY_BYTES = 64 * 1024 * 1024
+API_KEY_ENV = "STAGEWISE_API_KEY"
+JSON_TYPE = "application/json"
+BARE_POST_PATHS = ("/flush_cache",)  # may be POSTed with an empty body and any content type
 
 
 @web.middleware
@@ -44,14 +61,52 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return ApiError(500, "internal server error", "internal_error").response()
 
 
+def resolve_api_key(args: ServerArgs) -> str:
+    """The key clients must send ("" for none): --api-key, else $STAGEWISE_API_KEY, else --api-key-file.
+
+    The environment and the file keep the key out of ``/proc/<pid>/cmdline``.
+    Errors name the file, never the key.
+    """
+    if args.api_key:
+        return args.api_key
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV]
+    if not args.api_key_file:
+        return ""
+    try:
+        lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeError) as error:
+        raise ConfigError(f"--api-key-file {args.api_key_file!r} cannot be read: {type(error).__name__}") from None
+    key = lines[0].strip() if lines else ""
+    if not key:
+        raise ConfigError(f"--api-key-file {args.api_key_file!r} is empty")
+    return key
+
+
+def _header_bytes(value: str) -> bytes:
+    """A header as sent: bytes that are not UTF-8 arrive as surrogate escapes (never a 500)."""
+    return value.encode("utf-8", "surrogateescape")
+
+
+def _given_key(request: web.Request) -> bytes:
+    authorization = request.headers.get("Authorization", "")
+    if authorization.lower().startswith("bearer "):
+        return _header_bytes(authorization[7:])
+    return _header_bytes(request.headers.get("x-api-key", ""))
+
+
 def api_key_middleware(api_key: str) -> Any:
+    expected = api_key.encode("utf-8")
+
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.method == "OPTIONS" or request.path.startswith(OPEN_PATHS):
             return await handler(request)
-        given = request.headers.get("Authorization", "")
-        given = given[7:] if given.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
+        try:
+            given = _given_key(request)
+        except UnicodeError:
+            given = b""
+        if not hmac.compare_digest(given, expected):
             return ApiError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                             "authentication_error").response()
         return await handler(request)
@@ -59,10 +114,25 @@ def api_key_middleware(api_key: str) -> Any:
     return check_key
 
 
+@web.middleware
+async def json_body_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method != "POST":
+        return await handler(request)
+    declared = request.headers.get("Content-Type")
+    if not request.body_exists and request.path in BARE_POST_PATHS:  # no body: nothing to misread
+        return await handler(request)
+    if declared is None or request.content_type.lower() != JSON_TYPE:
+        shown = "none" if declared is None else repr(declared[:100])
+        raise ApiError(415, f"request body must be JSON sent with 'Content-Type: {JSON_TYPE}' (got {shown})",
+                       param="Content-Type")
+    return await handler(request)
+
+
 def build_app(ctx: ServerContext) -> web.Application:
-    middlewares = [error_middleware]
-    if ctx.args.api_key:
-        middlewares.insert(0, api_key_middleware(ctx.args.api_key))
+    middlewares = [error_middleware, json_body_middleware]
+    api_key = resolve_api_key(ctx.args)
+    if api_key:
+        middlewares.insert(0, api_key_middleware(api_key))
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CTX] = ctx
     add_openai_routes(app)

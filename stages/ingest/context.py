@@ -8,6 +8,7 @@ are the ingest stage's own: the HTTP side loads nothing.
 """
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -33,6 +34,7 @@ class ServerContext:
         self.metrics = ingest.metrics
         self.started_s = int(time.time())
         self.ready = False  # set once warm-up finished: /health answers 200
+        self.health_probe: asyncio.Future | None = None  # the one /health_generate generation running, if any
 
     def server_info(self) -> dict[str, Any]:
         """/get_server_info fields beyond the args: versions and device, and every stage's counters."""

@@ -116,6 +116,15 @@ def completion_prompts(prompt: str | list[Any]) -> list[dict[str, Any]]:
                       "token id lists (token ids are integers in [0, 2**63))", "prompt")
 
 
+def check_vocabulary(requests: list[GenerateRequest], vocab_size: int, param: str) -> None:
+    """Token-id prompts hold only ids the model has: checked before anything decodes them (echo) or sends them."""
+    for k, request in enumerate(requests):
+        for position, token_id in enumerate(request.input_ids or []):
+            if not 0 <= token_id < vocab_size:
+                where = f"[{position}]" if len(requests) == 1 else f"[{k}][{position}]"
+                raise bad_request(f"{param}{where}={token_id} is outside the vocabulary [0, {vocab_size})", param)
+
+
 def _is_token_id(value: Any) -> bool:
     """An int that fits the engine's 64-bit ids (whether it is in the vocabulary is tokenize's check)."""
     return isinstance(value, int) and not isinstance(value, bool) and INT64_MIN <= value <= INT64_MAX
@@ -190,8 +199,25 @@ def chat_request(body: ChatCompletionRequest, rid: str, arrival_time_s: float) -
                            image_urls=[url for _, urls in converted for url in urls], arrival_time_s=arrival_time_s)
 
 
+MAX_SCHEMA_DEPTH = 64  # tool parameter schemas nest this deep at most (grammar compilers recurse)
+
+
+def _depth(value: Any) -> int:
+    """How deeply objects and arrays nest in a decoded JSON value (without recursion)."""
+    deepest, pending = 0, [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        pending.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def check_tools(tools: list[dict[str, Any]]) -> None:
-    """Each tool is ``{"type": "function", "function": {"name": str, "parameters"?: object}}``."""
+    """Each tool is ``{"type": "function", "function": {"name": str, "parameters"?: object}}``, the
+    parameters nested at most ``MAX_SCHEMA_DEPTH`` deep."""
     for position, tool in enumerate(tools):
         param = f"tools[{position}]"
         function = tool.get("function")
@@ -201,6 +227,9 @@ def check_tools(tools: list[dict[str, Any]]) -> None:
             raise bad_request("a tool's function needs a non-empty string name", f"{param}.function.name")
         if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
             raise bad_request("a tool's function parameters must be a JSON schema object",
+                              f"{param}.function.parameters")
+        if _depth(function.get("parameters")) > MAX_SCHEMA_DEPTH:
+            raise bad_request(f"a tool's function parameters are nested more than {MAX_SCHEMA_DEPTH} deep",
                               f"{param}.function.parameters")
 
 

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from pipeline.messages import GenerateRequest, SamplingParams
 from stages.ingest.context import CTX, ServerContext
-from stages.ingest.convert import native_requests
+from stages.ingest.convert import check_vocabulary, native_requests
 from stages.ingest.errors import ApiError
 from stages.ingest.protocol import AbortRequestBody, NativeGenerateRequest
 from stages.ingest.responses import SequenceResult, native_result
@@ -33,13 +33,13 @@ async def generate(request: web.Request) -> web.StreamResponse:
     rid = body.rid or uuid.uuid4().hex
     start_s = time.perf_counter()
     generate_requests = native_requests(body, rid, time.time())
-    ctx.ingest.check_capacity(sum(r.sampling.n for r in generate_requests))
-    streams = [await ctx.ingest.submit(r) for r in generate_requests]
+    check_vocabulary(generate_requests, ctx.vocab_size, "input_ids")
+    streams = await ctx.ingest.submit(rid, generate_requests)
     try:
         if body.stream:
             return await _stream_generate(request, body, streams, start_s)
         results = await collect(streams)
-        items = [native_result(_sequence_rid(s.rid, r.index, s.num_sequences), r,
+        items = [native_result(_sequence_rid(s.public_rid, r.index, s.num_sequences), r,
                                time.perf_counter() - start_s, body.return_logprob)
                  for s, group in _grouped(streams, results) for r in group]
         single = isinstance(body.text, str) or (body.input_ids is not None and _is_flat(body.input_ids))
@@ -77,7 +77,7 @@ async def _stream_generate(request: web.Request, body: NativeGenerateRequest, st
             if not (output.text_delta or output.finish_reason or output.token_ids_delta):
                 continue
             stream = streams[position]
-            item = native_result(_sequence_rid(stream.rid, output.index, stream.num_sequences), result,
+            item = native_result(_sequence_rid(stream.public_rid, output.index, stream.num_sequences), result,
                                  time.perf_counter() - start_s, body.return_logprob)
             item["index"] = position * max(stream.num_sequences, 1) + output.index
             await writer.send(item)
@@ -101,22 +101,31 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def health_generate(request: web.Request) -> web.Response:
+    """Open to all (no API key), so at most one probe generation runs at a time: callers that arrive
+    while one runs wait for it and share its answer."""
     ctx: ServerContext = request.app[CTX]
     if not ctx.ready:
         return web.json_response({"status": "starting"}, status=503)
+    if ctx.health_probe is None or ctx.health_probe.done():
+        ctx.health_probe = asyncio.ensure_future(_health_probe(ctx))
+    status, body = await asyncio.shield(ctx.health_probe)  # a caller that leaves does not cancel the probe
+    return web.json_response(body, status=status)
+
+
+async def _health_probe(ctx: ServerContext) -> tuple[int, dict[str, str]]:
     try:
         await asyncio.wait_for(one_token_generation(ctx, f"health-{uuid.uuid4().hex}"), HEALTH_GENERATE_TIMEOUT_S)
     except (ApiError, asyncio.TimeoutError) as error:
-        return web.json_response({"status": "unhealthy", "message": str(error)}, status=503)
-    return web.json_response({"status": "ok"})
+        return 503, {"status": "unhealthy", "message": str(error)}
+    return 200, {"status": "ok"}
 
 
-async def one_token_generation(ctx: ServerContext, rid: str) -> SequenceResult:
+async def one_token_generation(ctx: ServerContext, label: str) -> SequenceResult:
     """Generate one token from a one-token prompt through the whole pipeline (warm-up, health)."""
     first_id = ctx.tokenizer.bos_token_id if ctx.tokenizer.bos_token_id is not None else 0
-    request = GenerateRequest(rid=rid, input_ids=[first_id],
+    request = GenerateRequest(rid=label, input_ids=[first_id],
                               sampling=SamplingParams(max_new_tokens=1, temperature=0.0))
-    stream = await ctx.ingest.submit(request)
+    [stream] = await ctx.ingest.submit(label, [request])
     try:
         [result] = await collect([stream])
     finally:
@@ -137,7 +146,8 @@ async def get_server_info(request: web.Request) -> web.Response:
 
     ctx: ServerContext = request.app[CTX]
     info: dict[str, Any] = msgspec.to_builtins(ctx.args)
-    info.pop("api_key", None)
+    info.pop("api_key", None)  # never shown, whatever its source
+    info.pop("api_key_file", None)
     info.update(ctx.server_info())
     stats = ctx.ingest.engine_stats  # the whole server's (the sum over replicas when --dp-size > 1)
     info["engine_stats"] = msgspec.to_builtins(stats) if stats is not None else None
@@ -145,6 +155,7 @@ async def get_server_info(request: web.Request) -> web.Response:
     info["engine_stats_per_dp_rank"] = [msgspec.to_builtins(per_rank[rank]) for rank in sorted(per_rank)]
     info["max_total_num_tokens"] = stats.max_total_num_tokens if stats is not None else None
     info["num_requests_in_flight"] = len(ctx.ingest.streams)
+    info["num_sequences_in_flight"] = ctx.ingest.num_sequences_in_flight
     return web.json_response(info)
 
 
@@ -154,7 +165,7 @@ async def get_server_info(request: web.Request) -> web.Response:
 async def abort_request(request: web.Request) -> web.Response:
     ctx: ServerContext = request.app[CTX]
     body: AbortRequestBody = await read_body(request, AbortRequestBody)
-    rids = list(ctx.ingest.streams) if body.abort_all else [body.rid]
+    rids = list(ctx.ingest.labels) if body.abort_all else [body.rid]
     if not body.abort_all and not body.rid:
         raise ApiError(400, "give rid or abort_all", param="rid")
     aborted = [rid for rid in rids if await ctx.ingest.abort_by_client(rid)]

@@ -14,7 +14,7 @@ from typing import Any
 from aiohttp import web
 
 from stages.ingest.context import CTX, ServerContext
-from stages.ingest.convert import chat_request, completion_requests
+from stages.ingest.convert import chat_request, check_vocabulary, completion_requests
 from stages.ingest.errors import ApiError
 from stages.ingest.protocol import ChatCompletionRequest, CompletionRequest
 from stages.ingest.responses import (SequenceResult, chat_logprobs, chat_response, completion_logprobs,
@@ -38,9 +38,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body: CompletionRequest = await read_body(request, CompletionRequest)
     rid = body.rid or new_id("cmpl")
     generate_requests = completion_requests(body, rid, time.time())
-    ctx.ingest.check_capacity(sum(r.sampling.n for r in generate_requests))
+    check_vocabulary(generate_requests, ctx.vocab_size, "prompt")
     echo_prompts = [ctx.prompt_text(r) for r in generate_requests] if body.echo else []
-    streams = [await ctx.ingest.submit(r) for r in generate_requests]
+    streams = await ctx.ingest.submit(rid, generate_requests)
     try:
         if body.stream:
             return await _stream_completion(ctx, request, body, rid, streams, echo_prompts)
@@ -103,8 +103,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
     rid = body.rid or new_id("chatcmpl")
     generate_request = chat_request(body, rid, time.time())
-    ctx.ingest.check_capacity(generate_request.sampling.n)
-    stream = await ctx.ingest.submit(generate_request)
+    [stream] = await ctx.ingest.submit(rid, [generate_request])
     try:
         if body.stream:
             return await _stream_chat(ctx, request, body, rid, stream)

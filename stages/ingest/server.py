@@ -96,7 +96,7 @@ class HttpServer:
             for n in lengths]
         try:
             for request in requests:  # one at a time: each prefill has its own token count
-                stream = await self.stage.submit(request)
+                [stream] = await self.stage.submit(request.rid, [request])
                 try:
                     await collect([stream])
                 finally:

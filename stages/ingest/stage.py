@@ -15,12 +15,21 @@ inbox on the event loop and routes each output by ``parent_rid``; the
 handlers never touch a channel. Outputs that arrive for a request already
 closed are dropped.
 
+Request ids: the ``rid`` every message downstream carries is the server's
+own (a fresh uuid per submitted batch, ``"<uuid>-<k>"`` for prompt ``k`` of a
+batch; tokenize fans ``n`` out as ``"<rid>.<i>"``). A client's ``rid`` is
+only a *label*: unique among live requests, checked and registered for the
+whole batch in one step before anything is sent, shown back in responses,
+and the key of ``/abort_request``. No client input reaches another
+request's id.
+
 Constructed with the tokenizer the assembly loaded (the server never loads
 one: token strings for logprobs, ``echo``, the warm-up prompt) and the
 ``ServerInfo`` (versions, device) for ``/get_server_info``. ``--enable-metrics``
 builds a ``ServerMetrics`` here.
 
-State owned: the table of live requests (rid -> RequestStream), the last
+State owned: the table of live requests (internal rid -> RequestStream), the
+live labels (client rid -> that batch's streams), the last
 EngineStats snapshot of each engine replica (by ``dp_rank``; one unless
 ``--dp-size`` > 1) and their sum (``engine_stats``, see
 ``combine_engine_stats``), the latest ``ProcessCounters`` of each process
@@ -29,10 +38,14 @@ request timing that feeds ``ServerMetrics``.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
+import uuid
 from typing import Any
+
+import msgspec
 
 from pipeline.channel import Channel, ChannelClosed
 from pipeline.config import ServerArgs
@@ -71,7 +84,8 @@ class IngestStage(Stage):
         self.vocab_size = vocab_size or len(tokenizer)
         self.server_info = server_info
         self.metrics = ServerMetrics(args.served_model_name, args.dp_size) if args.enable_metrics else None
-        self.streams: dict[str, RequestStream] = {}
+        self.streams: dict[str, RequestStream] = {}  # internal rid -> stream
+        self.labels: dict[str, list[RequestStream]] = {}  # client rid -> its batch's live streams
         self.engine_stats_by_rank: dict[int, EngineStats] = {}  # dp_rank -> that replica's latest snapshot
         self.engine_stats: EngineStats | None = None  # the whole server's: combine_engine_stats of the above
         self.process_counters: dict[str, ProcessCounters] = {}  # process -> its latest counters
@@ -110,40 +124,76 @@ class IngestStage(Stage):
                                 f"--max-queued-requests={self.args.max_queued_requests}; retry later",
                            "server_overloaded")
 
-    async def submit(self, request: GenerateRequest) -> RequestStream:
-        if request.rid in self.streams:
-            raise ApiError(400, f"a request with rid {request.rid!r} is already running", param="rid")
-        stream = RequestStream(self, request)
-        self.streams[request.rid] = stream
-        self.num_sequences_in_flight += stream.num_sequences
+    async def submit(self, label: str, requests: list[GenerateRequest]) -> list[RequestStream]:
+        """Admit one client request (a batch of prompts) under ``label``, the client's rid; one stream each.
+
+        Each request gets a server-made rid (whatever rid it came with is
+        replaced). The label check, the capacity check and the table entries
+        happen with no ``await`` between them, so a refused batch leaves
+        nothing behind and two handlers cannot both take one label.
+        """
+        if label in self.labels:
+            raise ApiError(400, f"a request with rid {label!r} is already running", param="rid")
+        self.check_capacity(sum(request.sampling.n for request in requests))
+        base = uuid.uuid4().hex
+        requests = [msgspec.structs.replace(request, rid=base if len(requests) == 1 else f"{base}-{k}")
+                    for k, request in enumerate(requests)]
+        streams = [RequestStream(self, request, label, label if len(requests) == 1 else f"{label}-{k}")
+                   for k, request in enumerate(requests)]
+        self.labels[label] = list(streams)
+        for stream in streams:
+            self.streams[stream.rid] = stream
+            self.num_sequences_in_flight += stream.num_sequences
+        num_sent = 0
         try:
-            await self._send(request)
-        except ChannelClosed as error:
-            self.forget(request.rid)
-            raise ApiError(503, "the server is shutting down", "server_unavailable") from error
-        return stream
+            for request in requests:
+                await self._send(request)
+                num_sent += 1
+        except BaseException as error:  # channel closed, or the handler cancelled mid-send
+            for stream in streams:
+                self.forget(stream.rid)
+            for stream in streams[:num_sent]:  # already in the pipeline: free them there
+                asyncio.ensure_future(self.abort(stream.rid))
+            if isinstance(error, ChannelClosed):
+                raise ApiError(503, "the server is shutting down", "server_unavailable") from error
+            raise
+        return streams
 
     def forget(self, rid: str) -> None:
+        """Drop a stream (by internal rid) from the table; its label is free once the batch's last one goes."""
         stream = self.streams.pop(rid, None)
-        if stream is not None:
-            self.num_sequences_in_flight -= stream.num_sequences
+        if stream is None:
+            return
+        self.num_sequences_in_flight -= stream.num_sequences
+        group = self.labels.get(stream.label)
+        if group is not None and stream in group:  # not a later batch that reused an aborted label
+            group.remove(stream)
+            if not group:
+                del self.labels[stream.label]
 
     async def abort(self, rid: str) -> None:
-        """Tell the pipeline to drop ``rid`` (a parent rid aborts all of its sequences)."""
+        """Tell the pipeline to drop ``rid`` (an internal rid; a parent rid aborts all of its sequences)."""
         try:
             await self._send(Abort(rid=rid))
         except ChannelClosed:
             pass
 
-    async def abort_by_client(self, rid: str) -> bool:
-        """POST /abort_request: end the stream with finish_reason abort; False if unknown or already aborted."""
-        stream = self.streams.get(rid)
-        if stream is None or stream.aborted:
+    async def abort_by_client(self, label: str) -> bool:
+        """POST /abort_request: end every stream of the batch labelled ``label`` with finish_reason abort.
+
+        False if no live request has that label. The label is free again at
+        once (a new request may reuse it while the aborted streams wind down).
+        """
+        streams = self.labels.pop(label, None)
+        if not streams:
             return False
-        stream.aborted = True  # a second abort (concurrent, or before the handler saw the first) is a 404
-        await self.abort(rid)
-        for index in range(stream.num_sequences):
-            stream.push(_abort_output(rid, index, stream.num_sequences))
+        for stream in streams:
+            if stream.aborted:
+                continue
+            stream.aborted = True
+            await self.abort(stream.rid)
+            for index in range(stream.num_sequences):
+                stream.push(_abort_output(stream.rid, index, stream.num_sequences))
         return True
 
     async def flush_cache(self) -> bool:

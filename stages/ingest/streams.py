@@ -32,20 +32,22 @@ class Frontend(Protocol):
     vocab_size: int
     server_info: ServerInfo
     metrics: Any  # pipeline.metrics.ServerMetrics, or None when --enable-metrics is off
-    streams: dict[str, RequestStream]
+    streams: dict[str, RequestStream]  # internal rid -> stream
+    labels: dict[str, list[RequestStream]]  # client rid -> the live streams of its batch
+    num_sequences_in_flight: int
     engine_stats: EngineStats | None  # the whole server's (summed over data-parallel replicas)
     engine_stats_by_rank: dict[int, EngineStats]  # dp_rank -> that replica's latest snapshot
     unhealthy: str | None  # why the pipeline cannot serve any more (/health answers 503 with it)
 
     def check_capacity(self, num_sequences: int) -> None: ...
 
-    async def submit(self, request: GenerateRequest) -> RequestStream: ...
+    async def submit(self, label: str, requests: list[GenerateRequest]) -> list[RequestStream]: ...
 
     def forget(self, rid: str) -> None: ...
 
     async def abort(self, rid: str) -> None: ...
 
-    async def abort_by_client(self, rid: str) -> bool: ...
+    async def abort_by_client(self, label: str) -> bool: ...
 
     async def flush_cache(self) -> bool: ...
 
@@ -57,11 +59,18 @@ class Frontend(Protocol):
 
 
 class RequestStream:
-    """Outputs of one GenerateRequest (n sequences), consumed by one HTTP handler."""
+    """Outputs of one GenerateRequest (n sequences), consumed by one HTTP handler.
 
-    def __init__(self, stage: Frontend, request: GenerateRequest) -> None:
+    ``rid`` is the server's id (the pipeline's key); ``label`` the client's
+    rid for the whole batch; ``public_rid`` what responses show for this
+    prompt (the label, or ``f"{label}-{k}"`` for prompt ``k`` of a batch).
+    """
+
+    def __init__(self, stage: Frontend, request: GenerateRequest, label: str, public_rid: str) -> None:
         self.stage = stage
         self.rid = request.rid
+        self.label = label
+        self.public_rid = public_rid
         self.num_sequences = request.sampling.n
         self.arrival_s = time.perf_counter()
         self.queue: asyncio.Queue[TextOutput | ErrorOutput] = asyncio.Queue()

@@ -21,6 +21,13 @@ USER = [{"role": "user", "content": "hi"}]
 INT64_OVER = 1 << 63
 
 
+def deep_tools_body(**fields) -> bytes:
+    """A chat body whose one tool's parameters nest ~900 JSON levels deep (too deep for json.dumps)."""
+    schema = '{"type": "array", "items": ' * 900 + '{"type": "string"}' + "}" * 900
+    tools = '[{"type": "function", "function": {"name": "f", "parameters": ' + schema + "}}]"
+    return json.dumps(chat(tools="TOOLS", **fields)).replace('"TOOLS"', tools).encode()
+
+
 def completion(**fields) -> dict:
     return {"prompt": "Hello", "max_tokens": 2, **fields}
 
@@ -54,10 +61,15 @@ BAD_REQUESTS = [
     (C, completion(prompt=[]), 400, "prompt", "must not be empty"),
     (C, completion(prompt=[1, "a"]), 400, "prompt", "list of token ids"),
     (C, completion(prompt=[[1], [INT64_OVER]]), 400, "prompt", "2**63"),
-    (C, completion(prompt=[10 ** 9]), 400, "input_ids", "outside the vocabulary"),
+    (C, completion(prompt=[10 ** 9]), 400, "prompt", "outside the vocabulary"),  # checked in ingest
     (GEN, native(text=["a", ""]), 400, "text[1]", "must not be empty"),
     (GEN, {"input_ids": [INT64_OVER]}, 400, "input_ids", "2**63"),
     (GEN, {"input_ids": []}, 400, "input_ids", "must not be empty"),
+    # token ids the model has no row for: never decoded (echo) or embedded, whatever their size
+    *[(C, completion(prompt=[1, bad], **echo), 400, "prompt", "outside the vocabulary")
+      for bad in (-1, 1 << 32, INT64_OVER - 1) for echo in ({}, {"echo": True})],
+    (C, completion(prompt=[[1], [2, -5]], echo=True, logprobs=1), 400, "prompt", "outside the vocabulary"),
+    *[(GEN, {"input_ids": [1, bad]}, 400, "input_ids", "outside the vocabulary") for bad in (-1, 1 << 32)],
     # ints beyond 64 bits never reach the engine (a huge top_k used to kill the sampler)
     (C, completion(top_k=1 << 64), 400, "top_k", "64-bit"),
     (C, completion(seed=INT64_OVER), 400, "seed", "64-bit"),
@@ -84,6 +96,8 @@ BAD_REQUESTS = [
     (CHAT, chat(tools=[tool({"name": ""})]), 400, "tools[0].function.name", "name"),
     (CHAT, chat(tools=[tool({"name": "f", "parameters": 5})]), 400, "tools[0].function.parameters", "schema"),
     (CHAT, chat(tool_choice="required"), 400, "tool_choice", "needs tools"),
+    (CHAT, deep_tools_body(tool_choice="required"), 400, "tools[0].function.parameters", "nested"),
+    (CHAT, deep_tools_body(), 400, "tools[0].function.parameters", "nested"),
     (C, completion(response_format={"type": "json_schema", "json_schema": {"name": "x"}}), 400,
      "response_format.json_schema", "schema"),
     (C, completion(regex="("), 400, "regex", "invalid regex"),
@@ -111,15 +125,18 @@ def server(model_dir, tmp_path_factory):
         yield process
 
 
-async def _request(url: str, method: str, body: dict | bytes | None) -> tuple[int, str]:
+async def _request(url: str, method: str, body: dict | bytes | None, headers: dict | None = None) -> tuple[int, str]:
     data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"} if headers is None and method == "POST" else headers
     async with aiohttp.ClientSession() as session:
-        async with session.request(method, url, data=data, timeout=aiohttp.ClientTimeout(total=60)) as response:
+        async with session.request(method, url, data=data, headers=headers,
+                                   timeout=aiohttp.ClientTimeout(total=60)) as response:
             return response.status, await response.text()
 
 
-def call(server, path: str, body: dict | bytes | None = None, method: str = "POST") -> tuple[int, str]:
-    return asyncio.run(_request(server.url + path, method, body))
+def call(server, path: str, body: dict | bytes | None = None, method: str = "POST",
+         headers: dict | None = None) -> tuple[int, str]:
+    return asyncio.run(_request(server.url + path, method, body, headers))
 
 
 def engine_stats(server) -> dict:
@@ -202,9 +219,134 @@ def test_concurrent_aborts_of_one_request(server, kv_baseline):
     assert json.loads(events[-2][5:])["choices"][0]["finish_reason"] == "abort"
 
 
+JSON_POST_ROUTES = [C, CHAT, GEN, "/abort_request", "/flush_cache"]
+
+
+@pytest.mark.parametrize("path", JSON_POST_ROUTES)
+@pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "multipart/form-data",
+                                          None])
+def test_post_body_must_be_declared_json(server, path, content_type):
+    """A page on any site can POST text/plain or a form without a CORS preflight: those are 415, not JSON."""
+    body = json.dumps({"prompt": "Hi", "max_tokens": 1, "rid": "csrf"}).encode()
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    status, text = call(server, path, body, headers=headers)
+    error = json.loads(text)["error"]
+    assert (status, error["code"], error["param"]) == (415, 415, "Content-Type"), text
+
+
+def test_json_with_charset_and_bare_flush_are_served(server):
+    body = {"prompt": "Hi", "max_tokens": 1}
+    assert call(server, C, body, headers={"Content-Type": "Application/JSON; charset=utf-8"})[0] == 200
+    assert call(server, "/flush_cache", None, headers={})[0] == 200  # SGLang's clients POST it bare
+    assert call(server, "/flush_cache", b"", headers={"Content-Type": "text/plain"})[0] == 200  # still no body
+    assert call(server, "/flush_cache", b"{}", headers={"Content-Type": "text/plain"})[0] == 415
+    assert call(server, GEN, None, headers={})[0] == 415  # bare elsewhere: no
+
+
+async def _stream_until_running(session, body: dict, path: str = C):
+    """Start a streamed request; return once its first token came, with the task that collects its events."""
+    running = asyncio.Event()
+
+    async def stream():
+        events = []
+        async with session.post(path, json=body) as response:
+            async for line in response.content:
+                if line.startswith(b"data:"):
+                    events.append(line)
+                    running.set()
+        return events
+
+    task = asyncio.ensure_future(stream())
+    await asyncio.wait_for(running.wait(), 60)
+    return task
+
+
+def test_rid_clash_in_a_batch_leaves_nothing_behind(server, kv_baseline):
+    """rid "dup" with two prompts while "dup-1" runs used to leave "dup-0" in the table forever."""
+    async def go():
+        async with aiohttp.ClientSession(server.url) as session:
+            long = {"prompt": "Hi", "max_tokens": 600, "ignore_eos": True, "stream": True}
+            victim = await _stream_until_running(session, dict(long, rid="dup-1"))
+            clashes = []
+            for _ in range(20):  # more than --max-queued-requests' worth of leaks would need
+                async with session.post("/generate", json={"text": ["a", "b"], "rid": "dup-1",
+                                                           "sampling_params": {"max_new_tokens": 1}}) as response:
+                    clashes.append((response.status, (await response.json())["error"]["param"]))
+            async with session.post("/abort_request", json={"rid": "dup-1"}) as response:
+                assert response.status == 200
+            events = await asyncio.wait_for(victim, 60)
+            async with session.post("/v1/completions", json={"prompt": ["a", "b"], "max_tokens": 1,
+                                                             "rid": "dup"}) as response:
+                batch = await response.json()
+            return clashes, events, batch
+
+    clashes, events, batch = asyncio.run(go())
+    assert clashes == [(400, "rid")] * 20
+    assert json.loads(events[-2][5:])["choices"][0]["finish_reason"] == "abort"
+    assert batch["id"] == "dup" and len(batch["choices"]) == 2
+    info = wait_idle(server)
+    assert (info["num_requests_in_flight"], info["num_sequences_in_flight"]) == (0, 0)
+
+
+def test_a_rid_cannot_reach_another_clients_request(server, kv_baseline):
+    """rid "victim.0" (the victim's sequence 0 under the old scheme) neither aborts nor fails the victim."""
+    async def go():
+        async with aiohttp.ClientSession(server.url) as session:
+            victim_body = {"prompt": "Hi", "max_tokens": 40, "ignore_eos": True, "n": 2, "stream": True,
+                           "rid": "victim"}
+            victim = await _stream_until_running(session, victim_body)
+            attacks = []
+            for rid in ("victim.0", "victim.1", "victim-0", "victim"):  # refused late (tokenize) or at once
+                body = {"prompt": [10 ** 9], "max_tokens": 1, "rid": rid}
+                async with session.post("/v1/completions", json=body) as response:
+                    attacks.append(response.status)
+                body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 10 ** 6, "rid": rid}
+                async with session.post("/v1/chat/completions", json=body) as response:
+                    attacks.append(response.status)
+            return attacks, await asyncio.wait_for(victim, 60)
+
+    attacks, events = asyncio.run(go())
+    assert attacks == [400] * 8
+    finishes = [choice["finish_reason"] for line in events[:-1] for choice in json.loads(line[5:])["choices"]
+                if choice["finish_reason"]]
+    assert "error" not in b"".join(events).decode() and finishes == ["length", "length"]
+    info = wait_idle(server)
+    assert (info["num_requests_in_flight"], info["num_sequences_in_flight"]) == (0, 0)
+
+
+def test_reusing_a_rid_right_after_its_abort(server, kv_baseline):
+    """The pipeline's Abort for the old request must not end the new one with the same rid."""
+    async def go():
+        async with aiohttp.ClientSession(server.url) as session:
+            body = {"prompt": "Hi", "max_tokens": 600, "ignore_eos": True, "stream": True, "rid": "again"}
+            first = await _stream_until_running(session, body)
+            async with session.post("/abort_request", json={"rid": "again"}) as response:
+                assert response.status == 200
+            async with session.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 4, "ignore_eos": True,
+                                                             "rid": "again"}) as response:
+                second = await response.json()
+            return await asyncio.wait_for(first, 60), second
+
+    first, second = asyncio.run(go())
+    assert json.loads(first[-2][5:])["choices"][0]["finish_reason"] == "abort"
+    assert second["id"] == "again" and second["choices"][0]["finish_reason"] == "length", second
+    info = wait_idle(server)
+    assert (info["num_requests_in_flight"], info["num_sequences_in_flight"]) == (0, 0)
+
+
+def wait_idle(server, timeout_s: float = 20.0) -> dict:
+    """Server info once the request table is empty (handlers finish just after their last byte)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = engine_stats(server)
+        if info["num_requests_in_flight"] == 0 or time.monotonic() > deadline:
+            return info
+        time.sleep(0.05)
+
+
 def test_nothing_leaked(server, kv_baseline):
     """Runs last: after every bad request the server is healthy and holds no request and no KV."""
     assert call(server, "/health", method="GET")[0] == 200
     used, info = settled_kv_use(server)
-    assert info["num_requests_in_flight"] == 0
+    assert info["num_requests_in_flight"] == 0 and info["num_sequences_in_flight"] == 0
     assert used == kv_baseline

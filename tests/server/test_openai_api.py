@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.server.conftest import running_server
 
 PROMPT = "First Citizen: Before we proceed"
+JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def post(server, path: str, body: dict | bytes) -> tuple[int, dict]:
     async def go():
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         async with aiohttp.ClientSession() as session:
-            async with session.post(server.url + path, data=data) as response:
+            async with session.post(server.url + path, data=data, headers=JSON_HEADERS) as response:
                 return response.status, await response.json(content_type=None)
 
     return asyncio.run(go())
