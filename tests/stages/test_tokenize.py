@@ -1,6 +1,8 @@
 """Tokenize stage: prompt -> ids, chat template, length check, n fan-out, abort ordering, errors."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pipeline.channel import in_thread_channel
@@ -35,12 +37,16 @@ def make_stage(tokenizer, context_length: int = 64, num_workers: int = 0):
     return stage, inbox, out, errors, detok
 
 
-def run_until_idle(stage) -> None:
-    for _ in range(1000):
+def run_until_idle(stage, timeout_s: float = 60.0) -> None:
+    """Step until idle. A deadline, not a step count: while a later request is tokenized but an earlier
+    one is not, wait_for_work returns at once, and a loaded machine may take many such rounds."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
         stage.step()
         if not stage.busy:
             return
         stage.wait_for_work(0.1)
+        time.sleep(0.001)
     raise AssertionError("tokenize stage never went idle")
 
 
