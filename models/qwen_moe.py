@@ -31,14 +31,29 @@ Tensor / expert parallelism (``models/parallel.py``): the router is
 replicated; each rank holds experts ``[e0, e1)`` (all E unless
 ``ep_size > 1``) with its ``moe_tp_rank`` slice of their intermediate size
 (w13 rows of gate and of up, w2 columns), and the shared expert split like a
-dense MLP over the whole group. Every rank routes every token (the hidden
-states are replicated after attention's all_reduce) and keeps the pairs
-whose expert it holds; the partial outputs, routed and shared, are summed by
-ONE ``all_reduce``. With ``ep_size > 1``, the pairs of other ranks' experts
-are pointed at local expert 0 with weight 0: a few elementwise torch ops
-outside the kernel table (``fused_moe`` has no "skip this pair" id), and
-those pairs still cost expert-0 FLOPs. A kernel-side skip of ids outside
-``[0, E_local)`` (SGLang's -1) would remove both.
+dense MLP over the whole group.
+
+* ``ep_size == tp_size > 1`` (``_forward_dispatch``): each rank routes its
+  1/ep slice of the tokens, all-to-all sends each (token, expert) pair to the
+  rank holding the expert, runs ``fused_moe`` there with k = 1 and local ids,
+  and all-to-all brings the weighted outputs back to be summed per token;
+  the routed slices are then all-gathered, or, with a shared expert, added
+  into its partial output and summed by one ``all_reduce``.
+* otherwise every rank routes every token (the hidden states are replicated
+  after attention's all_reduce) and keeps the pairs whose expert it holds;
+  the partial outputs, routed and shared, are summed by ONE ``all_reduce``.
+  With ``ep_size > 1``, the pairs of other ranks' experts are
+  pointed at local expert 0 with weight 0: a few elementwise torch ops
+  outside the kernel table (``fused_moe`` has no "skip this pair" id), and
+  those pairs still cost expert-0 FLOPs.
+
+CUDA-graph capture of decode (``stages/forward/graphs.py``) takes the second
+path even at ``ep_size == tp_size``: dispatch reads the pair counts on the
+host (``.tolist()`` for the split sizes) and its shapes follow the routing,
+neither of which a graph can hold. So on GPU, eager prefill/extend batches
+dispatch and graph-replayed decode batches all-reduce; both give the same
+sums. A capturable dispatch needs fixed-capacity buffers and a kernel that
+skips padding pairs (SGLang's DeepEP low-latency mode).
 """
 from __future__ import annotations
 
@@ -48,7 +63,7 @@ from torch import nn
 from models.config import ModelConfig
 from models.layers import MLP, Linear, weight
 from models.llama import LlamaForCausalLM
-from models.parallel import TPGroup, expert_range, shard_range
+from models.parallel import ExpertDispatch, TPGroup, expert_range, shard_range
 from models.weights import Shard, dense_layout
 from triton_kernels import KernelOps
 
@@ -93,22 +108,50 @@ class SparseMoeBlock(nn.Module):
             self.register_buffer("unit_norm", torch.ones(H, dtype=dtype, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.ep_dispatch and not (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            return self._forward_dispatch(x)
         router_logits = self.gate(x)                                            # [T, E]
         topk_weights, topk_ids = self.ops.moe_topk(router_logits, self.top_k, self.renormalize)
         if self.tp.ep_size > 1:
             topk_weights, topk_ids = self._local_pairs(topk_weights, topk_ids)
         y = self.ops.fused_moe(x, self.experts.w13, self.experts.w2, topk_weights, topk_ids)
         if self.shared_expert is not None:
-            gate_logits = self.ops.linear(x, self.shared_expert_gate.weight, None)  # [T, 2] = [g, 0]
-            gate_weights, gate_ids = self.ops.moe_topk(gate_logits, 2, False)       # sigmoid(+-g)
-            shared = self.ops.fused_moe(x, self.shared_expert.w13, self.shared_expert.w2,
-                                        gate_weights, gate_ids)
-            self.ops.fused_add_rms_norm(shared, y, self.unit_norm, self.eps)        # y += shared
+            self.ops.fused_add_rms_norm(self._shared(x), y, self.unit_norm, self.eps)  # y += shared
         return self.tp.all_reduce(y)            # partial sums over experts / intermediate slices
+
+    def _forward_dispatch(self, x: torch.Tensor) -> torch.Tensor:
+        """ep == tp: route this rank's token slice, all-to-all its pairs to the ranks
+        holding their experts and back, then every rank gets all T rows again."""
+        T = x.shape[0]
+        start, end = self.tp.token_range(T)
+        mine = x[start:end]                                                     # [t, H]
+        if end > start:
+            topk_weights, topk_ids = self.ops.moe_topk(self.gate(mine), self.top_k,
+                                                       self.renormalize)        # [t, k]
+        else:                                   # ragged T: no tokens here, but join the collectives
+            topk_weights = x.new_empty((0, self.top_k), dtype=torch.float32)
+            topk_ids = x.new_empty((0, self.top_k), dtype=torch.int32)
+        plan, rows, weights, ids = ExpertDispatch.send(self.tp, mine, topk_weights, topk_ids,
+                                                       self.num_local_experts)  # rows [N, H]
+        out = (self.ops.fused_moe(rows, self.experts.w13, self.experts.w2, weights, ids)
+               if rows.shape[0] else rows)      # one pair per row: weights[N, 1], ids[N, 1]
+        y = plan.combine(out)                                                   # [t, H]
+        if self.shared_expert is None:
+            return self.tp.all_gather_tokens(y, T)
+        shared = self._shared(x)                # [T, H], a partial sum over the group
+        shared[start:end] += y                  # fold the routed slice in: one all_reduce
+        return self.tp.all_reduce(shared)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """sigmoid(shared_expert_gate(x)) * shared_expert(x) (this rank's intermediate slice)."""
+        gate_logits = self.ops.linear(x, self.shared_expert_gate.weight, None)  # [T, 2] = [g, 0]
+        gate_weights, gate_ids = self.ops.moe_topk(gate_logits, 2, False)       # sigmoid(+-g)
+        return self.ops.fused_moe(x, self.shared_expert.w13, self.shared_expert.w2,
+                                  gate_weights, gate_ids)
 
     def _local_pairs(self, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """EP dispatch: global expert ids -> this rank's [0, E_local); pairs of experts
+        """All-reduce EP: global expert ids -> this rank's [0, E_local); pairs of experts
         held elsewhere -> local expert 0 with weight 0 (torch ops: see the module docstring)."""
         local = topk_ids - self.expert_start
         mine = (local >= 0) & (local < self.num_local_experts)

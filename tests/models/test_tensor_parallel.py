@@ -12,9 +12,11 @@ prefill and a few greedy decode steps. The parent then checks, per case:
 Cases cover Llama (dense, GQA, biases on the row-parallel projections, one kv
 head replicated over both ranks), Qwen3 (q/k norm; tied embeddings with a
 vocabulary of 1001, padded to 2 x 501), Qwen2-MoE (shared expert, a dense
-layer) and Qwen3-MoE at ep 1 and 2, a fused 3-D expert checkpoint, dummy
-weights, and the Triton kernels under the interpreter. The size errors need
-no second process.
+layer) and Qwen3-MoE at ep 1 and 2 (ep 2 == tp: all-to-all dispatch, also
+with one prompt, so prefill has 5 tokens and decode 1 and rank 1 routes
+none), a fused 3-D expert checkpoint, dummy weights, and the Triton kernels
+under the interpreter. ``test_expert_parallel.py`` drives one MoE block with
+chosen routing and 4 ranks. The size errors need no second process.
 """
 from __future__ import annotations
 
@@ -64,6 +66,8 @@ CASES = [
     Case("qwen2_moe_ep2", "qwen2_moe", ep_size=2),
     Case("qwen3_moe", "qwen3_moe"),
     Case("qwen3_moe_ep2", "qwen3_moe", ep_size=2),
+    Case("qwen2_moe_ep2_one_prompt", "qwen2_moe", ep_size=2, prompt_lens=(5,)),
+    Case("qwen3_moe_ep2_one_prompt", "qwen3_moe", ep_size=2, prompt_lens=(5,)),
     Case("qwen3_moe_fused_experts", "qwen3_moe", fused_experts=True),
     Case("dummy_qwen2_moe_ep2", "qwen2_moe", ep_size=2, load_format="dummy"),
     Case("dummy_qwen3_tied_vocab1001", "qwen3_tied", (("vocab_size", 1001),), load_format="dummy"),
