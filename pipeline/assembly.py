@@ -50,7 +50,9 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import functools
-import socket
+import os
+import tempfile
+import uuid
 from typing import Any
 
 import msgspec
@@ -119,11 +121,13 @@ class ProcessContext:
         import torch.distributed as dist
 
         backend = "nccl" if args.device == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method=f"tcp://{dist_init_addr}", rank=rank,
+        init_method = dist_init_addr if "://" in dist_init_addr else f"tcp://{dist_init_addr}"
+        dist.init_process_group(backend, init_method=init_method, rank=rank,
                                 world_size=args.tp_size, timeout=datetime.timedelta(seconds=RANK_TIMEOUT_S))
         cpu_group = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
         tp = TPGroup(rank=rank, size=args.tp_size, group=dist.group.WORLD, ep_size=args.ep_size)
-        return tp, BatchBroadcast(cpu_group)
+        rendezvous_file = init_method.removeprefix("file://") if init_method.startswith("file://") else None
+        return tp, BatchBroadcast(cpu_group, rendezvous_file=rendezvous_file)
 
     def use_gpu(self, dp_rank: int, tp_rank: int) -> None:
         """Run this process's model on GPU ``dp_rank * tp_size + tp_rank`` (each rank and replica its own)."""
@@ -277,14 +281,15 @@ def pipeline_spec(args: ServerArgs) -> PipelineSpec:
 def tensor_parallel_ranks(args: ServerArgs, forward: str, replica: int = 0) -> tuple[StageSpec, ...]:
     """``--tp-size N`` beside the stage named ``forward``: ranks 1..N-1 (one doorless stage each, in a
     process of its own), then rank 0 (the forward stage itself), all given one process group's
-    address: ``--dist-init-addr`` (its port + the replica's index), or a free local port."""
+    rendezvous: ``--dist-init-addr`` host:port (its port + the replica's index), or a fresh file in the
+    temporary directory (one host; no port to race for)."""
     if args.tp_size == 1:
         return ()
     if args.dist_init_addr:
         host, _, port = args.dist_init_addr.rpartition(":")
         address = f"{host}:{int(port) + replica}"
     else:
-        address = f"127.0.0.1:{_free_port()}"
+        address = "file://" + os.path.join(tempfile.gettempdir(), f"stagewise-tp-{uuid.uuid4().hex}")
     suffix = f"_dp{replica}" if args.dp_size > 1 else ""
     ranks = tuple(StageSpec(f"{forward}_rank{rank}", HERE + "build_forward_rank",
                             {"tp_rank": rank, "dist_init_addr": address, "dp_rank": replica}, own_thread=True,
@@ -341,9 +346,3 @@ def data_parallel(args: ServerArgs) -> tuple[tuple[StageSpec, ...], tuple[Channe
                     producers.append(producer)
             channels.append(dataclasses.replace(channel, producers=tuple(producers)))
     return tuple(stages), tuple(channels)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

@@ -13,6 +13,7 @@ NCCL, while this small control traffic stays off the GPU streams.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -27,9 +28,10 @@ _DECODE_BATCH = messages.decoder(ForwardBatch)
 class BatchBroadcast:
     """One end of the batch broadcast (``src`` sends, every other rank receives)."""
 
-    def __init__(self, cpu_group: Any, src: int = 0) -> None:
+    def __init__(self, cpu_group: Any, src: int = 0, rendezvous_file: str | None = None) -> None:
         self.group = cpu_group
         self.src = src
+        self.rendezvous_file = rendezvous_file  # the group's file:// rendezvous, which rank src removes
 
     def send(self, batch: ForwardBatch | None) -> None:
         """Rank ``src``: the next batch for every other rank (None: the end)."""
@@ -46,7 +48,13 @@ class BatchBroadcast:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            is_src = dist.get_rank() == self.src
             dist.destroy_process_group()
+            if is_src and self.rendezvous_file:
+                try:
+                    os.remove(self.rendezvous_file)
+                except FileNotFoundError:
+                    pass
 
     def receive(self) -> ForwardBatch | None:
         """Any other rank: the batch rank ``src`` sent next (None: the end)."""
