@@ -40,12 +40,15 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 
 
 async def fake_engine(requests, outputs, seen: list, mode: str) -> None:
-    """Answer each GenerateRequest: 'echo' -> one token per sequence; 'hold' -> nothing; 'fail' -> error."""
+    """Answer each GenerateRequest: 'echo' -> one token per sequence ('slow': after 0.3 s, 'hold-first': all
+    but the first message); 'hold' -> nothing; 'fail' -> error."""
     while True:
         message = await requests.aget()
         seen.append(message)
-        if not isinstance(message, GenerateRequest) or mode == "hold":
+        if not isinstance(message, GenerateRequest) or mode == "hold" or (mode == "hold-first" and len(seen) == 1):
             continue
+        if mode == "slow":
+            await asyncio.sleep(0.3)
         for index in range(message.sampling.n):
             if mode == "tool":
                 pieces = [TOOL_TEXT[i:i + 5] for i in range(0, len(TOOL_TEXT), 5)]
@@ -278,3 +281,73 @@ def test_replayed_handler_messages_go_out_as_sent():
     assert requests.drain(8) == [Abort(rid="r")] and ingest.counters.messages_out == 1
     with pytest.raises(TypeError, match="side door"):
         ingest.replay_input("elsewhere", Abort(rid="r"))
+
+
+def test_one_health_generate_probe_at_a_time():
+    """/health_generate needs no key: concurrent calls share one probe generation instead of one each."""
+    async def test(client, ctx):
+        responses = await asyncio.gather(*(client.get("/health_generate") for _ in range(20)))
+        assert [r.status for r in responses] == [200] * 20
+        again = await client.get("/health_generate")  # the probe ended: the next call runs a new one
+        assert again.status == 200
+
+    seen = run("slow", test)
+    assert len([m for m in seen if isinstance(m, GenerateRequest)]) == 2
+
+
+def test_client_rids_are_labels_and_a_clashing_batch_leaves_nothing():
+    async def test(client, ctx):
+        held = asyncio.ensure_future(client.post("/generate", json={"text": "x", "rid": "dup-1"}))
+        while "dup-1" not in ctx.ingest.labels:
+            await asyncio.sleep(0.01)
+        for rid in ("dup-1", "dup-1"):
+            response = await client.post("/generate", json={"text": ["a", "b"], "rid": rid})
+            assert response.status == 400 and (await response.json())["error"]["param"] == "rid"
+        response = await client.post("/generate", json={"text": ["a", "b"], "rid": "dup"})  # "dup-1" shown, not taken
+        assert response.status == 200 and [item["meta_info"]["id"] for item in await response.json()] == [
+            "dup-0", "dup-1"]
+        assert list(ctx.ingest.labels) == ["dup-1"] and ctx.ingest.num_sequences_in_flight == 1
+        assert (await client.post("/abort_request", json={"rid": "dup-1"})).status == 200
+        await held
+        assert (ctx.ingest.streams, ctx.ingest.labels, ctx.ingest.num_sequences_in_flight) == ({}, {}, 0)
+
+    seen = run("hold-first", test)
+    requests = [m for m in seen if isinstance(m, GenerateRequest)]
+    assert len(requests) == 3 and not any(r.rid.startswith("dup") for r in requests)
+    assert len({r.rid for r in requests}) == 3
+
+
+@pytest.mark.parametrize("flag, env, file_text, expected", [
+    ("flag-key", "env-key", "file-key\n", "flag-key"), ("", "env-key", "file-key\n", "env-key"),
+    ("", "", "file-key\nignored\n", "file-key"), ("", "", None, "")])
+def test_api_key_sources(tmp_path, monkeypatch, flag, env, file_text, expected):
+    from stages.ingest.app import resolve_api_key
+
+    monkeypatch.setenv("STAGEWISE_API_KEY", env)
+    path = ""
+    if file_text is not None:
+        (tmp_path / "key").write_text(file_text)
+        path = str(tmp_path / "key")
+    assert resolve_api_key(ServerArgs(api_key=flag, api_key_file=path)) == expected
+
+
+def test_empty_or_missing_key_file_is_a_config_error(tmp_path, monkeypatch):
+    from pipeline.config import ConfigError
+    from stages.ingest.app import resolve_api_key
+
+    monkeypatch.delenv("STAGEWISE_API_KEY", raising=False)
+    (tmp_path / "empty").write_text("\n")
+    for path in (tmp_path / "empty", tmp_path / "missing"):
+        with pytest.raises(ConfigError, match="--api-key-file"):
+            resolve_api_key(ServerArgs(api_key_file=str(path)))
+
+
+def test_api_key_from_the_environment_guards_the_routes(monkeypatch):
+    monkeypatch.setenv("STAGEWISE_API_KEY", "env-secret")
+
+    async def test(client, ctx):
+        assert (await client.get("/v1/models")).status == 401
+        assert (await client.get("/v1/models", headers={"x-api-key": "env-secret"})).status == 200
+        assert (await client.get("/health")).status == 200
+
+    run("echo", test)

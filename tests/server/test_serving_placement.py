@@ -21,7 +21,9 @@ ENGINE_STAGES = ("schedule", "forward", "sample", "multimodal")
 @pytest.fixture(scope="module")
 def server(model_dir, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    with running_server(model_dir, logs / "serving.log", "--placement", "serving", "--api-key", API_KEY,
+    key_file = logs / "api_key"
+    key_file.write_text(API_KEY + "\n")  # a file keeps the key off the command line (/proc/<pid>/cmdline)
+    with running_server(model_dir, logs / "serving.log", "--placement", "serving", "--api-key-file", str(key_file),
                         "--record-path", str(logs / "traffic.rec")) as process:
         process.record_path = logs / "traffic.rec"
         yield process
@@ -79,6 +81,41 @@ def test_api_key_required(server):
     assert asyncio.run(go()) == [(401, "authentication_error"), (401, "authentication_error"), (200, None)]
     with pytest.raises(openai.AuthenticationError):
         openai.OpenAI(base_url=server.url + "/v1", api_key="nope", max_retries=0).models.list()
+
+
+def test_non_utf8_key_header_is_a_json_401(server):
+    """Raw header bytes that are not UTF-8 (Authorization or x-api-key) used to be a 500 with a text body."""
+    async def send(header: bytes) -> tuple[bytes, bytes]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + header + b"\r\n\r\n")
+        await writer.drain()
+        reply = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        head, _, body = reply.partition(b"\r\n\r\n")
+        return head.split(b"\r\n")[0], body
+
+    for header in (b"Authorization: Bearer \xff\xfe" + API_KEY.encode(), b"x-api-key: \xc3\x28",
+                   b"Authorization: \xff"):
+        status_line, body = asyncio.run(send(header))
+        assert b" 401 " in status_line, (header, status_line, body)
+        assert json.loads(body)["error"]["type"] == "authentication_error"
+
+
+def test_api_key_is_never_shown(server, client):
+    """Not on the command line (read from --api-key-file), not in the log, not in /get_server_info."""
+    async def info():
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
+            async with session.get(server.url + "/get_server_info") as response:
+                return response.status, await response.text()
+
+    status, text = asyncio.run(info())
+    assert status == 200 and API_KEY not in text and "api_key" not in json.loads(text)
+    assert API_KEY.encode() not in open(f"/proc/{server.process.pid}/cmdline", "rb").read()
+    deadline = time.monotonic() + 15
+    while "serving " not in server.log_path.read_text() and time.monotonic() < deadline:  # the start-up line
+        time.sleep(0.1)
+    log = server.log_path.read_text()
+    assert "serving " in log and API_KEY not in log
 
 
 def test_metrics_cover_both_processes(server, client):
