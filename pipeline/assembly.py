@@ -143,9 +143,10 @@ class ProcessContext:
         return self.model_info
 
     def snapshot(self) -> dict[str, Any]:
-        """JSON data that rebuilds this context: ``ProcessContext(**snapshot)``."""
-        return msgspec.to_builtins({"args": self.args, "server_info": self._server_info,
-                                    "model_info": self.model_info})
+        """JSON data that rebuilds this context: ``ProcessContext(**snapshot)`` (a recording keeps it,
+        so the API key is left out: no stage's messages depend on it)."""
+        args = msgspec.structs.replace(self.args, api_key="")
+        return msgspec.to_builtins({"args": args, "server_info": self._server_info, "model_info": self.model_info})
 
 
 def _as(struct: type, value: Any) -> Any:

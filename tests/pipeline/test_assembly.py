@@ -103,9 +103,11 @@ def test_the_offline_benchmark_builds_the_engine_stages_from_the_assembly(args):
 
 
 def test_a_context_rebuilds_from_its_snapshot(args):
-    context = ProcessContext(args)
+    context = ProcessContext(msgspec.structs.replace(args, api_key="sk-secret"))
     context.model_info = None
-    again = ProcessContext(**context.snapshot(), replay=True)
+    snapshot = context.snapshot()
+    assert "sk-secret" not in str(snapshot)  # a recording never holds the key
+    again = ProcessContext(**snapshot, replay=True)
     assert again.args == args and again.replay
     with pytest.raises(RuntimeError, match="schedule stage needs the model info"):
         again.require_model_info("schedule")
