@@ -42,6 +42,11 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     api_key: str = ""  # also $STAGEWISE_API_KEY, or --api-key-file (either keeps it off the command line)
     api_key_file: str = ""  # a file whose first line is the API key
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_requests: bool = False  # one log line per finished request (rid, tokens, TTFT, latency, finish reason)
+    shutdown_timeout: float = 30.0  # seconds SIGTERM lets running requests finish before aborting them
+    watchdog_timeout: float = 300.0  # seconds without engine progress (work queued) before /health fails
+    grammar_cache_size_mb: int = 256  # bytes the compiled-grammar cache may hold (emptied by /flush_cache)
+    allow_request_chat_template: bool = False  # accept chat_template_kwargs.chat_template from clients
     enable_metrics: bool = False
     max_queued_requests: int = 4096
     tool_call_parser: Literal["", "qwen25", "qwen3", "llama3"] = ""
