@@ -1,4 +1,4 @@
-"""The aiohttp application: routes plus three middlewares.
+"""The aiohttp application: routes plus four middlewares.
 
 * ``api_key_middleware`` (when a key is set: ``--api-key``, else the
   ``STAGEWISE_API_KEY`` environment variable, else the first line of
@@ -17,9 +17,15 @@
   whatever its content type (SGLang's clients send it bare; aiohttp's label
   an empty POST ``application/octet-stream``); a page can cause at most a
   cache flush with it.
+* ``body_timeout_middleware``: a POST body must arrive whole within
+  ``BODY_READ_TIMEOUT_S`` (else 408), so a client
+  that sends headers and then trickles or withholds the body cannot hold a
+  connection and a handler forever. The body is read once and cached
+  (``request.read()``); handlers read it from there.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -40,6 +46,7 @@ OPEN_PATHS = ("/health", "/metrics")
 MAX_BODY_BYTES = 64 * 1024 * 1024
 API_KEY_ENV = "STAGEWISE_API_KEY"
 JSON_TYPE = "application/json"
+BODY_READ_TIMEOUT_S = 30.0
 BARE_POST_PATHS = ("/flush_cache",)  # may be POSTed with an empty body and any content type
 
 
@@ -128,8 +135,19 @@ async def json_body_middleware(request: web.Request, handler: Handler) -> web.St
     return await handler(request)
 
 
+@web.middleware
+async def body_timeout_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.method == "POST" and request.body_exists:
+        try:
+            await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {BODY_READ_TIMEOUT_S:.0f} s",
+                           "request_timeout") from None
+    return await handler(request)
+
+
 def build_app(ctx: ServerContext) -> web.Application:
-    middlewares = [error_middleware, json_body_middleware]
+    middlewares = [error_middleware, json_body_middleware, body_timeout_middleware]
     api_key = resolve_api_key(ctx.args)
     if api_key:
         middlewares.insert(0, api_key_middleware(api_key))
