@@ -8,6 +8,12 @@ before its request does (the client disconnected, or a stream was cut
 short), ``RequestStream.close`` sends an ``Abort`` so the engine frees the
 request's KV at once.
 
+With ``--log-requests`` every sequence that ends (finished, aborted or
+failed) writes one INFO line, ``request_log_line``: the client's rid (for
+``n > 1`` or a batch, the rid responses show for that sequence), prompt and
+completion tokens, time to first token and latency (seconds, from
+``submit``), and the finish reason.
+
 ``Frontend`` is the part of the ingest stage that the streams, the routes
 and the server use, as a Protocol: those modules depend on this file, not
 on ``stage.py``, and ``stage.py`` (which starts the server) sits on top of
@@ -16,12 +22,15 @@ them all, so the package imports form no cycle.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, AsyncIterator, Protocol
 
 from pipeline.config import ServerArgs
 from pipeline.messages import EngineStats, ErrorOutput, GenerateRequest, ServerInfo, TextOutput
 from stages.ingest.errors import from_error_output
+
+logger = logging.getLogger(__name__)
 
 
 class Frontend(Protocol):
@@ -80,6 +89,9 @@ class RequestStream:
         self.failed = False  # ended by an ErrorOutput
         self.first_token_s: list[float | None] = [None] * self.num_sequences
         self.last_token_s: list[float | None] = [None] * self.num_sequences
+        self.num_prompt_tokens = len(request.input_ids or ())  # replaced by what the outputs report
+        self.num_completion_tokens = [0] * self.num_sequences
+        self.sequence_done = [False] * self.num_sequences
 
     def push(self, message: TextOutput | ErrorOutput) -> None:
         self.queue.put_nowait(message)
@@ -117,6 +129,10 @@ class RequestStream:
             metrics.observe_inter_token((now_s - self.last_token_s[index]) / num_new)
         if num_new:
             self.last_token_s[index] = now_s
+        self.num_prompt_tokens = output.prompt_tokens or self.num_prompt_tokens
+        self.num_completion_tokens[index] = max(self.num_completion_tokens[index], output.completion_tokens)
+        if output.finish_reason is not None:
+            self._log_finished(index, output.finish_reason.type, now_s)
         if metrics is not None:
             metrics.count_tokens(0, num_new)
             if output.finish_reason is not None:
@@ -129,8 +145,32 @@ class RequestStream:
             self.stage.forget(self.rid)
         if self.num_finished < self.num_sequences and not self.aborted:
             self.aborted = True
-            if self.stage.metrics is not None:  # sequences that never finished: client gone, or failed
-                reason = "error" if self.failed else "abort"
+            reason = "error" if self.failed else "abort"  # sequences that never finished: client gone, or failed
+            now_s = time.perf_counter()
+            for index in range(self.num_sequences):
+                self._log_finished(index, reason, now_s)
+            if self.stage.metrics is not None:
                 for _ in range(self.num_sequences - self.num_finished):
-                    self.stage.metrics.observe_finished(reason, 0, time.perf_counter() - self.arrival_s)
+                    self.stage.metrics.observe_finished(reason, 0, now_s - self.arrival_s)
             await self.stage.abort(self.rid)
+
+    def _log_finished(self, index: int, finish_reason: str, now_s: float) -> None:
+        """The --log-requests line of sequence ``index``, once (the first end it sees)."""
+        if self.sequence_done[index]:
+            return
+        self.sequence_done[index] = True
+        if not self.stage.args.log_requests:
+            return
+        first_s = self.first_token_s[index]
+        rid = self.public_rid if self.num_sequences == 1 else f"{self.public_rid}.{index}"
+        logger.info(request_log_line(rid, self.num_prompt_tokens, self.num_completion_tokens[index],
+                                     None if first_s is None else first_s - self.arrival_s,
+                                     now_s - self.arrival_s, finish_reason))
+
+
+def request_log_line(rid: str, prompt_tokens: int, completion_tokens: int, ttft_s: float | None,
+                     latency_s: float, finish_reason: str) -> str:
+    """One finished request as ``key=value`` fields (``ttft_s=none``: it ended before its first token)."""
+    ttft = "none" if ttft_s is None else f"{ttft_s:.4f}"
+    return (f"Finished request rid={rid} prompt_tokens={prompt_tokens} completion_tokens={completion_tokens} "
+            f"ttft_s={ttft} latency_s={latency_s:.4f} finish_reason={finish_reason}")

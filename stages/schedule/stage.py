@@ -4,7 +4,10 @@ Inbox (``ScheduleInbox``): TokenizedRequest, Abort, FlushCache,
 SampledTokens, GrammarReady. Outboxes (``ScheduleOutboxes``): ``forward``
 (ForwardBatch), ``constrain`` (GrammarCompile / GrammarRelease, and the
 ForwardBatch when a row is constrained), ``detokenize`` (TokenOutputBatch,
-ErrorOutput) and ``stats`` (EngineStats, once a second).
+ErrorOutput) and ``stats`` (EngineStats, once a second). While busy it
+also logs one INFO line at most every ``LOG_INTERVAL_S`` (SGLang's decode
+batch line: running and queued requests, KV tokens in use, generation
+throughput over the busy time since the last line, radix cache hit rate).
 
 Constructed with the ``ModelInfo`` the forward stage measured (KV slots,
 rows, context length, vocabulary, EOS ids).
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 import time
 
@@ -51,7 +55,10 @@ from stages.schedule.batch import (
 from stages.schedule.kv_manager import KVManager
 from stages.schedule.req_table import Phase, Req
 
+logger = logging.getLogger(__name__)
+
 STATS_INTERVAL_S = 1.0
+LOG_INTERVAL_S = 3.0  # SGLang logs every 40 decode steps; we log by time, so a slow CPU is not noisy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +99,7 @@ class ScheduleStage(Stage):
         self.num_generated = 0
         self._stats_at_s = time.monotonic()
         self._stats_generated = 0
+        self._log_window: tuple[float, int] | None = None  # (start, num_generated then) while busy
         self._checked_idle = True
         budget = args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 62
         self.prefill_budget = max(1, min(budget, args.max_prefill_tokens))
@@ -192,8 +200,10 @@ class ScheduleStage(Stage):
             if not self._checked_idle:
                 self.kv.check_integrity()
                 self._checked_idle = True
+            self._log_window = None  # idle time does not count toward the next line's throughput
             return
         self._checked_idle = False
+        self._maybe_log_batch()
         batch = self._plan()
         if batch is None:
             return
@@ -362,6 +372,21 @@ class ScheduleStage(Stage):
             token_usage=self.kv.used_tokens() / self.kv.capacity_tokens,
             cache_hit_rate=self.kv.tree.hit_rate, gen_throughput=throughput,
             max_total_num_tokens=self.kv.capacity_tokens, dp_rank=self.dp_rank))
+
+    def _maybe_log_batch(self) -> None:
+        """SGLang's periodic batch line, at most every LOG_INTERVAL_S of busy time."""
+        now = time.monotonic()
+        if self._log_window is None:
+            self._log_window = (now, self.num_generated)
+            return
+        start_s, generated = self._log_window
+        if now - start_s < LOG_INTERVAL_S:
+            return
+        self._log_window = (now, self.num_generated)
+        logger.info("Decode batch. #running-req: %d, #queue-req: %d, #token: %d, token usage: %.2f, "
+                    "gen throughput (token/s): %.2f, cache hit rate: %.2f%%", len(self.running_reqs),
+                    len(self.waiting), self.kv.used_tokens(), self.kv.used_tokens() / self.kv.capacity_tokens,
+                    (self.num_generated - generated) / (now - start_s), 100.0 * self.kv.tree.hit_rate)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
