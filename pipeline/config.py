@@ -11,8 +11,11 @@ measured by the forward stage after the weights are loaded and logged once.
 from __future__ import annotations
 
 import argparse
+import ast
+import io
 import json
 import os
+import tokenize
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,13 +101,73 @@ def build_parser(prog: str = "stagewise", description: str = "") -> argparse.Arg
 
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     defaults = ServerArgs()
+    docs = field_docs()
     for field in msgspec.structs.fields(ServerArgs):
         default = getattr(defaults, field.name)
+        text = _help_text(field.name, docs.get(field.name, ""), default)
         if isinstance(default, bool):
-            parser.add_argument(_flag(field.name), action="store_true", default=default)
+            parser.add_argument(_flag(field.name), action="store_true", default=default, help=text)
             continue
         choices = _literal_choices(field.type)
-        parser.add_argument(_flag(field.name), type=type(default), default=default, choices=choices)
+        parser.add_argument(_flag(field.name), type=type(default), default=default, choices=choices, help=text)
+
+
+def field_docs() -> dict[str, str]:
+    """{field: its comment} from ServerArgs's source: a field's trailing comment is its ``--help`` text.
+
+    ``FIELD_HELP`` gives the fields whose comment is missing or only says
+    what a special value means a sentence first, so every flag says something.
+    """
+    source = Path(__file__).read_text(encoding="utf-8")
+    body = next(node for node in ast.parse(source).body if isinstance(node, ast.ClassDef) and node.name == "ServerArgs")
+    lines = {node.lineno: node.target.id for node in body.body
+             if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)}
+    docs = dict(FIELD_HELP)
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT and token.start[0] in lines:
+            name, comment = lines[token.start[0]], token.string.lstrip("#").strip()
+            docs[name] = f"{docs[name]}; {comment}" if name in docs else comment
+    return docs
+
+
+def _help_text(name: str, doc: str, default: Any) -> str:
+    shown = "off" if default is False else repr(default) if default == "" else default
+    return f"{doc} (default: {shown})".strip().replace("%", "%%")
+
+
+FIELD_HELP = {  # flags whose ServerArgs line has no comment
+    "model_path": "model directory (HF layout: config.json, *.safetensors, tokenizer); empty: the bundled demo",
+    "tokenizer_path": "tokenizer directory; empty: --model-path",
+    "served_model_name": "model name in the API (the 'model' field); empty: the model directory's name",
+    "dtype": "weight and activation dtype; auto: the model's on a GPU, float32 on the CPU",
+    "load_format": "how weights load; dummy: random weights of the right shapes (benchmarks)",
+    "context_length": "longest sequence (prompt plus output) in tokens",
+    "api_key": "the key clients must send (Authorization: Bearer KEY)",
+    "max_total_tokens": "KV cache capacity in tokens",
+    "chunked_prefill_size": "prompt tokens per prefill chunk",
+    "trust_remote_code": "allow model/tokenizer code from the model directory",
+    "host": "address to listen on",
+    "port": "TCP port to listen on (0: any free port)",
+    "log_level": "logging level",
+    "enable_metrics": "serve Prometheus metrics at /metrics",
+    "max_queued_requests": "requests that may wait for a running slot; more get 503",
+    "tool_call_parser": "parse tool calls out of generated text in this model family's format",
+    "reasoning_parser": "split reasoning ('thinking') text from the answer in this format",
+    "mem_fraction_static": "fraction of GPU memory for weights plus KV cache",
+    "page_size": "tokens per KV cache page",
+    "kv_cache_dtype": "KV cache dtype; auto: --dtype",
+    "max_running_requests": "requests decoded together at most",
+    "max_prefill_tokens": "prompt tokens prefilled in one forward at most",
+    "schedule_policy": "order of waiting requests: fcfs (arrival) or lpm (longest cached prefix first)",
+    "disable_radix_cache": "no prefix sharing between requests",
+    "cuda_graph_max_bs": "largest decode batch captured as a CUDA graph",
+    "disable_cuda_graph": "run decode without CUDA graphs",
+    "random_seed": "seed of sampling and dummy weights",
+    "load_balance_method": "how --dp-size replicas share requests",
+    "kernel_backend": "kernels: triton (GPU, or CPU with TRITON_INTERPRET=1), reference (PyTorch); auto: by device",
+    "placement": "which stages share a process: single (one process) or serving (front end + engine)",
+    "device": "where the model runs; auto: cuda if available, else cpu",
+}
 
 
 def _literal_choices(annotation: Any) -> list[Any] | None:
