@@ -47,14 +47,13 @@ from typing import Any
 from pipeline.assembly import pipeline_spec
 from pipeline.config import ConfigError, ServerArgs, parse_args
 from pipeline.launch import Pipeline
-from pipeline.placement import PLACEMENTS
+from pipeline.placement import FRONT_END_STAGES, PLACEMENTS  # front-end stages are not the engine (watchdog)
 
 logger = logging.getLogger("stagewise.serve")
 
 READY_TIMEOUT_S = 900.0
 ABORT_GRACE_S = 2.0  # after aborting at the shutdown deadline: time for the aborted streams to end
 STOP_TIMEOUT_S = 5.0  # then: time for the pipeline to go idle before its processes are stopped anyway
-FRONT_END_STAGES = frozenset({"ingest", "tokenize", "detokenize"})  # not the engine (watchdog)
 SHUTTING_DOWN = "the server is shutting down"
 
 
@@ -252,10 +251,21 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_fd_limit()
     stop_requested = threading.Event()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: stop_requested.set())
     try:
-        server = Server(args).start()
+        server = Server(args)
+    except Exception as error:
+        logger.error("could not start the server: %s", error)
+        return 1
+
+    def on_signal(*_: Any) -> None:  # the drain shows on /health at once, even while start-up finishes
+        stop_requested.set()
+        if server.ingest is not None:
+            server.begin_drain()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    try:
+        server.start()
     except Exception as error:
         if _caused_by_port_in_use(error):  # taken between the check and the bind
             print(f"port {args.port} is already in use", file=sys.stderr)
