@@ -99,3 +99,7 @@ class MaskRowCache:
         while self.num_bytes > self.max_bytes:
             _, evicted = self.rows.popitem(last=False)
             self.num_bytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        self.rows.clear()
+        self.num_bytes = 0

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import pickle
 import re
 import threading
 from collections import OrderedDict
@@ -39,7 +40,7 @@ import torch
 from outlines_core import Guide, Index
 
 from stages.constrain.bitmask import BITS_PER_WORD, MaskRowCache, bitmask_words
-from stages.constrain.sandbox import CompileBudgetError, CompileSandbox
+from stages.constrain.sandbox import CompileBudgetError, CompileCancelled, CompileSandbox
 from stages.constrain.schema import SchemaError, schema_to_regex
 from stages.constrain.vocab import TokenVocab
 
@@ -160,16 +161,25 @@ def response_format_to_sampling(response_format: dict[str, Any] | None) -> dict[
 # --------------------------------------------------------------------------
 
 
-def build_index(regex: str, vocab: TokenVocab, sandbox: CompileSandbox | None = None) -> Index:
-    """Compile ``regex`` against ``vocab`` (slow: seconds for big schemas on big vocabularies).
+def build_index(regex: str, vocab: TokenVocab, sandbox: CompileSandbox | None = None,
+                cancel: threading.Event | None = None) -> Index:
+    """Compile ``regex`` against ``vocab`` (slow: seconds for big schemas on big vocabularies)."""
+    return build_index_sized(regex, vocab, sandbox, cancel)[0]
 
-    With a ``sandbox`` the build runs in its child process under a time and
-    memory budget (``sandbox.py``); a grammar past the budget is a GrammarError.
+
+def build_index_sized(regex: str, vocab: TokenVocab, sandbox: CompileSandbox | None = None,
+                      cancel: threading.Event | None = None) -> tuple[Index, int]:
+    """(Index, its serialized size in bytes), the size standing for its memory in the grammar cache.
+
+    With a ``sandbox`` the build runs in one of its child processes under a
+    time and memory budget (``sandbox.py``); a grammar past the budget is a
+    GrammarError; ``cancel`` set ends the build early (CompileCancelled).
     """
     try:
         if sandbox is not None:
-            return sandbox.build_index(regex)
-        return Index(regex, vocab.outlines_vocabulary())
+            return sandbox.build_index_sized(regex, cancel)
+        index = Index(regex, vocab.outlines_vocabulary())
+        return index, len(pickle.dumps(index))
     except ValueError as error:
         raise GrammarError(_index_error_reason(regex, str(error))) from None
     except CompileBudgetError as error:
@@ -194,57 +204,123 @@ class CompiledGrammar:
     grammar_id: int
     index: Index
     mask_cache: MaskRowCache | None = None
+    num_bytes: int = 0  # serialized Index size: the cache's estimate of its memory
+
+
+@dataclass
+class _CacheEntry:
+    future: Future
+    cancel: threading.Event
+    waiters: int = 0
+    num_bytes: int = 0
 
 
 class GrammarCompiler:
-    """Compiles grammars for one vocabulary on a thread pool, with an LRU cache.
+    """Compiles grammars for one vocabulary on a thread pool, with a cache bounded in entries and bytes.
 
     ``submit`` returns a Future resolving to a ``CompiledGrammar`` or raising
     ``GrammarError``; concurrent submits of the same grammar share one
-    compile. Failures are cached too (a bad schema fails fast the next time).
+    compile, and ``release`` says one waiter left: a compile nobody waits for
+    is cancelled (its sandbox worker killed) and forgotten. Failures are
+    cached too (a bad schema fails fast the next time). The cache keeps the
+    most recently used grammars while their Index sizes sum to at most
+    ``cache_bytes`` (the newest one always stays); ``clear`` empties it.
+    Grammars in use by requests stay alive through their states either way.
     """
 
     def __init__(self, vocab: TokenVocab, max_workers: int = 2, cache_size: int = 256,
-                 sandbox: CompileSandbox | None = None) -> None:
+                 sandbox: CompileSandbox | None = None, cache_bytes: int = 256 << 20) -> None:
         """``max_workers=0``: compile inline, in the caller's thread (futures come back done).
 
-        ``sandbox``: build indexes in a child process under a time/memory budget
+        ``sandbox``: build indexes in child processes under a time/memory budget
         (the serving path; a pathological grammar then costs a 400, not the server).
         """
         self.vocab = vocab
         self.sandbox = sandbox
         self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grammar") \
             if max_workers > 0 else None
-        self._cache: OrderedDict[tuple[str, str, str], Future[CompiledGrammar]] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str, str], _CacheEntry] = OrderedDict()
         self._lock = threading.Lock()
         self.num_compiles = 0
+        self.num_bytes = 0  # sum of num_bytes over finished cached entries
         self._grammar_ids = itertools.count()
         self.mask_cache = MaskRowCache()
 
     def submit(self, kind: str, spec: str) -> Future[CompiledGrammar]:
         key = (kind, spec, self.vocab.key)
         with self._lock:
-            future = self._cache.get(key)
-            if future is not None:
+            entry = self._cache.get(key)
+            if entry is not None:
                 self._cache.move_to_end(key)
-                return future
-            future = self._executor.submit(self._compile, kind, spec) if self._executor else \
-                _run_inline(self._compile, kind, spec)
-            self._cache[key] = future
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
-            return future
+                entry.waiters += 1
+                return entry.future
+            entry = _CacheEntry(future=Future(), cancel=threading.Event(), waiters=1)
+            self._cache[key] = entry
+        if self._executor is not None:
+            entry.future = self._executor.submit(self._compile, kind, spec, entry.cancel)
+        else:
+            entry.future = _run_inline(self._compile, kind, spec, entry.cancel)
+        entry.future.add_done_callback(lambda future: self._account(key, entry, future))
+        return entry.future
+
+    def release(self, future: Future) -> None:
+        """One waiter of ``future`` is gone; with none left, a compile still running is cancelled."""
+        with self._lock:
+            for key, entry in self._cache.items():
+                if entry.future is future:
+                    break
+            else:
+                return
+            entry.waiters = max(0, entry.waiters - 1)
+            if entry.waiters or future.done():
+                return
+            del self._cache[key]
+        entry.cancel.set()
+        future.cancel()  # still queued: never starts; running: the sandbox sees the event
+
+    def _account(self, key: tuple[str, str, str], entry: _CacheEntry, future: Future) -> None:
+        """A compile finished: count its bytes, then evict least recently used entries over the bounds."""
+        if not future.cancelled() and future.exception() is None:
+            entry.num_bytes = future.result().num_bytes
+        with self._lock:
+            if self._cache.get(key) is not entry:
+                return  # released or cleared meanwhile
+            if future.cancelled() or isinstance(future.exception(), CompileCancelled):
+                del self._cache[key]
+                return
+            self.num_bytes += entry.num_bytes
+            self._evict()
+
+    def _evict(self) -> None:
+        for key in list(self._cache):
+            if len(self._cache) <= self.cache_size and self.num_bytes <= self.cache_bytes:
+                return
+            entry = self._cache[key]
+            if not entry.future.done() or key == next(reversed(self._cache)):
+                continue  # in flight, or the newest (kept even when alone over the bound)
+            del self._cache[key]
+            self.num_bytes -= entry.num_bytes
+
+    def clear(self) -> None:
+        """Forget every finished grammar and every cached mask row (FlushCache); compiles in flight stay."""
+        with self._lock:
+            for key, entry in list(self._cache.items()):
+                if entry.future.done():
+                    del self._cache[key]
+            self.num_bytes = 0
+            self.mask_cache.clear()
 
     def compile(self, kind: str, spec: str) -> CompiledGrammar:
         """Blocking compile (through the cache)."""
         return self.submit(kind, spec).result()
 
-    def _compile(self, kind: str, spec: str) -> CompiledGrammar:
-        grammar_id = next(self._grammar_ids)  # atomic under the GIL; submit() may hold _lock here
+    def _compile(self, kind: str, spec: str, cancel: threading.Event | None = None) -> CompiledGrammar:
+        grammar_id = next(self._grammar_ids)  # atomic under the GIL
         self.num_compiles += 1
-        index = build_index(grammar_regex(kind, spec), self.vocab, self.sandbox)
-        return CompiledGrammar(grammar_id=grammar_id, index=index, mask_cache=self.mask_cache)
+        index, num_bytes = build_index_sized(grammar_regex(kind, spec), self.vocab, self.sandbox, cancel)
+        return CompiledGrammar(grammar_id=grammar_id, index=index, mask_cache=self.mask_cache, num_bytes=num_bytes)
 
     def close(self) -> None:
         if self._executor is not None:

@@ -8,7 +8,10 @@ in the server process, one such request would take the whole server down
 process whose address space is capped (``RLIMIT_AS``) and whose work is
 timed: a compile past either budget kills the child (a fresh one starts on
 the next compile) and fails that grammar with a clear reason, which the
-client receives as an HTTP 400.
+client receives as an HTTP 400. Several children (a small pool) serve
+compiles side by side, so one slow grammar does not hold up another
+request's; a compile nobody waits for any more (its request was aborted) is
+cancelled by killing its child.
 
 The child is a plain ``python this_file.py`` subprocess (the engine process
 is itself a daemon, which ``multiprocessing`` may not give children). Frames
@@ -28,6 +31,7 @@ import ctypes
 import logging
 import os
 import pickle
+import queue
 import select
 import struct
 import subprocess
@@ -42,6 +46,7 @@ COMPILE_TIMEOUT_S = 60.0
 COMPILE_MEMORY_BYTES = 8 << 30
 PARENT_POLL_S = 0.2  # how often the child checks that its parent is alive
 _HEADER = struct.Struct("<Q")
+_CANCEL_POLL_S = 0.05
 
 
 class CompileBudgetError(RuntimeError):
@@ -70,82 +75,104 @@ def _read_frame(stream: BinaryIO) -> Any:
     return pickle.loads(_read_exact(stream, size))
 
 
+class CompileCancelled(RuntimeError):
+    """Every request waiting on the compile went away; its worker was killed."""
+
+
 class CompileSandbox:
-    """One compile worker process at a time, restarted whenever a compile breaks its budget."""
+    """A pool of ``num_workers`` compile processes; each compile holds one for its duration.
+
+    A slow grammar ties up only its own worker: another request's compile
+    takes a free one. A worker whose compile breaks the time or memory budget,
+    or is cancelled (``cancel`` event set: the request was aborted), is killed;
+    a fresh one starts on that slot's next compile.
+    """
 
     def __init__(self, eos_token_id: int, token_bytes: dict[bytes, list[int]],
-                 timeout_s: float = COMPILE_TIMEOUT_S, memory_bytes: int = COMPILE_MEMORY_BYTES) -> None:
+                 timeout_s: float = COMPILE_TIMEOUT_S, memory_bytes: int = COMPILE_MEMORY_BYTES,
+                 num_workers: int = 2) -> None:
         self.init_frame = (eos_token_id, token_bytes, memory_bytes)
         self.timeout_s = timeout_s
-        self._worker: subprocess.Popen | None = None
-        self._lock = threading.Lock()  # one compile in the worker at a time
+        self._workers: list[subprocess.Popen | None] = [None] * max(1, num_workers)
+        self._idle: queue.SimpleQueue[int] = queue.SimpleQueue()  # free slots
+        for slot in range(len(self._workers)):
+            self._idle.put(slot)
         self._closed = False
 
-    def build_index(self, regex: str) -> Any:
-        """Compile in the child; raise ValueError (compiler's reason) or CompileBudgetError."""
-        with self._lock:
-            worker = self._ensure_worker()
-            _write_frame(worker.stdin, regex)
-            deadline = time.monotonic() + self.timeout_s
-            ready, _, _ = select.select([worker.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                self._kill()
-                raise CompileBudgetError(
-                    f"grammar too complex: compiling it took longer than {self.timeout_s:.0f} s")
-            try:
-                ok, result = _read_frame(worker.stdout)
-            except EOFError:
-                self._kill()
-                if self._closed:
-                    raise CompileBudgetError("the server is shutting down: grammar compile cancelled") from None
-                raise CompileBudgetError("grammar too complex: compiling it ran out of memory") from None
+    @property
+    def num_workers(self) -> int:
+        return len(self._workers)
+
+    def build_index(self, regex: str, cancel: threading.Event | None = None) -> Any:
+        """Compile in a free worker; raise ValueError (compiler's reason), CompileBudgetError or CompileCancelled."""
+        return self.build_index_sized(regex, cancel)[0]
+
+    def build_index_sized(self, regex: str, cancel: threading.Event | None = None) -> tuple[Any, int]:
+        """(Index, serialized bytes): the size estimates the Index's memory for the grammar cache."""
+        slot = self._idle.get()
+        try:
+            ok, result = self._run(slot, regex, cancel)
+        finally:
+            self._idle.put(slot)
         if not ok:
             raise ValueError(result)
-        return pickle.loads(result)
+        return pickle.loads(result), len(result)
 
-    def _ensure_worker(self) -> subprocess.Popen:
+    def _run(self, slot: int, regex: str, cancel: threading.Event | None) -> tuple[bool, Any]:
         if self._closed:
-            raise CompileBudgetError("the server is shutting down: no more grammar compiles")
-        if self._worker is None or self._worker.poll() is not None:
-            self._worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(os.getpid())],
-                                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-            logger.info("process grammar-sandbox started (pid %d)", self._worker.pid)
-            _write_frame(self._worker.stdin, self.init_frame)
-        return self._worker
+            raise CompileCancelled("the grammar compiler is shut down")
+        worker = self._ensure_worker(slot)
+        _write_frame(worker.stdin, regex)
+        deadline = time.monotonic() + self.timeout_s
+        while True:  # short waits so that a cancel is seen within _CANCEL_POLL_S
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._kill(slot)
+                raise CompileBudgetError(
+                    f"grammar too complex: compiling it took longer than {self.timeout_s:.0f} s")
+            if cancel is not None and cancel.is_set():
+                self._kill(slot)
+                raise CompileCancelled("compile cancelled: no request waits for it")
+            ready, _, _ = select.select([worker.stdout], [], [], min(left, _CANCEL_POLL_S))
+            if ready:
+                break
+        try:
+            return _read_frame(worker.stdout)
+        except EOFError:
+            self._kill(slot)
+            if self._closed:
+                raise CompileCancelled("the grammar compiler is shut down") from None
+            raise CompileBudgetError("grammar too complex: compiling it ran out of memory") from None
 
-    def _kill(self) -> None:
-        worker, self._worker = self._worker, None
+    def _ensure_worker(self, slot: int) -> subprocess.Popen:
+        worker = self._workers[slot]
+        if worker is None or worker.poll() is not None:
+            worker = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
+                                      stdout=subprocess.PIPE, bufsize=0)
+            _write_frame(worker.stdin, self.init_frame)
+            self._workers[slot] = worker
+        return worker
+
+    def _kill(self, slot: int) -> None:
+        worker = self._workers[slot]
         if worker is not None:
             worker.kill()
             worker.wait()
+            self._workers[slot] = None
+
+    def worker_pids(self) -> list[int | None]:
+        """Process id per slot (None: not started); for tests and debugging."""
+        return [w.pid if w is not None and w.poll() is None else None for w in self._workers]
 
     def close(self) -> None:
-        """Kill the worker now, even mid-compile (that compile fails); later compiles are refused."""
+        """Stop every worker, busy or not (a compile in flight then fails)."""
         self._closed = True
-        worker = self._worker  # not under the lock: a compile in progress holds it
-        if worker is not None:
-            worker.kill()
-        with self._lock:
-            if self._worker is not None:
-                self._worker.stdin.close()
-                self._kill()
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Child: end when the process that started us dies (kernel signal, and a polling thread)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG = 1, SIGKILL = 9
-    except (OSError, AttributeError):
-        pass  # not Linux: the polling thread still ends us
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-    def watch_parent() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(PARENT_POLL_S)
-        os._exit(1)
-
-    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+        for slot, worker in enumerate(self._workers):
+            if worker is not None:
+                worker.stdin.close()
+                worker.kill()
+                worker.wait()
+                self._workers[slot] = None
 
 
 def _worker_main() -> None:

@@ -10,7 +10,8 @@ Inbox (``ConstrainInbox``):
   ``batch_id`` on ``sample``: one packed row per row that is ``constrained``
   and ``need_sample`` (``bitmask`` None when there is none).
 * ``SampledTokens`` from sample: advance each constrained request by its token.
-* ``GrammarRelease(rid)`` from schedule: drop the request's state.
+* ``GrammarRelease(rid)`` from schedule: drop the request's state; a compile
+  that no other request waits for is cancelled (its sandbox worker killed).
 
 Ordering invariant: the mask of a request for step N+1 depends on its token of
 step N. If the scheduler runs one batch ahead, a ForwardBatch can arrive
@@ -23,7 +24,8 @@ Outboxes (``ConstrainOutboxes``): ``schedule`` (GrammarReady), ``sample``
 (TokenMask). Constructed with the tokenizer (token bytes for the automata)
 and the forward stage's ``ModelInfo`` (logits width, EOS ids).
 
-State owned: compiled grammars (through ``GrammarCompiler``), one
+State owned: compiled grammars (through ``GrammarCompiler``: a cache bounded
+by ``args.grammar_cache_size_mb``, emptied by ``clear_cache``), one
 ``GrammarState`` per live constrained rid. The stage never samples, never
 touches logits and never blocks on a compile.
 """
@@ -72,8 +74,11 @@ class ConstrainStage(Stage):
         self.vocab_size = model_info.vocab_size or self.vocab.tokenizer_size
         self.num_words = bitmask_words(self.vocab_size)
         # Threads wait on a sandboxed compile process; inline compiles (replays, tests) stay in-process.
-        sandbox = CompileSandbox(self.vocab.eos_token_id, self.vocab.token_bytes) if max_workers > 0 else None
-        self.compiler = GrammarCompiler(self.vocab, max_workers=max_workers, sandbox=sandbox)
+        # One sandbox process per compile thread: a slow grammar holds up only its own worker.
+        sandbox = CompileSandbox(self.vocab.eos_token_id, self.vocab.token_bytes,
+                                 num_workers=max_workers) if max_workers > 0 else None
+        self.compiler = GrammarCompiler(self.vocab, max_workers=max_workers, sandbox=sandbox,
+                                        cache_bytes=args.grammar_cache_size_mb << 20)
         self.states: dict[str, GrammarState] = {}
         self.compiling: dict[str, Future] = {}
         self.awaiting: dict[str, int] = {}  # rid -> batch_id whose sampled token is owed
@@ -113,6 +118,10 @@ class ConstrainStage(Stage):
     def close(self) -> None:
         self.compiler.close()
 
+    def clear_cache(self) -> None:
+        """Forget compiled grammars and cached mask rows (live requests keep theirs)."""
+        self.compiler.clear()
+
     # ------------------------------------------------------------------ grammars
 
     def _start_compile(self, message: GrammarCompile) -> None:
@@ -140,7 +149,9 @@ class ConstrainStage(Stage):
     def _release(self, rid: str) -> None:
         self.states.pop(rid, None)
         self.awaiting.pop(rid, None)
-        self.compiling.pop(rid, None)  # never cancel: the cached compile may serve other requests
+        future = self.compiling.pop(rid, None)
+        if future is not None:  # cancelled (worker killed) only when no other request waits on it
+            self.compiler.release(future)
 
     # ------------------------------------------------------------------ masks
 
