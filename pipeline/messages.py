@@ -472,7 +472,7 @@ RouterInbox = Union[TokenizedRequest, Abort, FlushCache, EngineStats]
 MultimodalInbox = Union[TokenizedRequest, Abort, FlushCache]
 ScheduleInbox = Union[TokenizedRequest, Abort, FlushCache, SampledTokens, GrammarReady]
 ForwardInbox = ForwardBatch
-ConstrainInbox = Union[GrammarCompile, GrammarRelease, ForwardBatch, SampledTokens]
+ConstrainInbox = Union[GrammarCompile, GrammarRelease, ForwardBatch, SampledTokens, FlushCache]
 SampleInbox = Union[Logits, TokenMask]
 # Detokenize also sees each TokenizedRequest (from tokenize: its stop strings and
 # decoding options) and relays the schedule stage's EngineStats and every process

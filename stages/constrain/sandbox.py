@@ -147,8 +147,10 @@ class CompileSandbox:
     def _ensure_worker(self, slot: int) -> subprocess.Popen:
         worker = self._workers[slot]
         if worker is None or worker.poll() is not None:
-            worker = subprocess.Popen([sys.executable, os.path.abspath(__file__)], stdin=subprocess.PIPE,
-                                      stdout=subprocess.PIPE, bufsize=0)
+            # the parent's pid on the command line: the worker dies with this process
+            worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(os.getpid())],
+                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+            logger.info("process grammar-sandbox-%d started (pid %d)", slot, worker.pid)
             _write_frame(worker.stdin, self.init_frame)
             self._workers[slot] = worker
         return worker
@@ -173,6 +175,23 @@ class CompileSandbox:
                 worker.kill()
                 worker.wait()
                 self._workers[slot] = None
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Child: end when the process that started us dies (kernel signal, and a polling thread)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG = 1, SIGKILL = 9
+    except (OSError, AttributeError):
+        pass  # not Linux: the polling thread still ends us
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+    def watch_parent() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
 
 
 def _worker_main() -> None:

@@ -41,8 +41,8 @@ import torch
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
-from pipeline.messages import (ConstrainInbox, ForwardBatch, GrammarCompile, GrammarReady, GrammarRelease, ModelInfo,
-                               SampledTokens, TokenMask)
+from pipeline.messages import (ConstrainInbox, FlushCache, ForwardBatch, GrammarCompile, GrammarReady,
+                               GrammarRelease, ModelInfo, SampledTokens, TokenMask)
 from pipeline.stage import Outbox, Outboxes, Stage
 from stages.constrain.bitmask import bitmask_words
 from stages.constrain.grammar import GrammarCompiler, GrammarError, GrammarState
@@ -96,6 +96,8 @@ class ConstrainStage(Stage):
                 self._advance(message)
             case GrammarRelease():
                 self._release(message.rid)
+            case FlushCache():  # /flush_cache: compiled grammars go too (running requests keep theirs)
+                self.clear_cache()
             case _:
                 raise TypeError(f"constrain stage got an unexpected {type(message).__name__}")
 

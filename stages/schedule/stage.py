@@ -64,7 +64,7 @@ LOG_INTERVAL_S = 3.0  # SGLang logs every 40 decode steps; we log by time, so a 
 @dataclasses.dataclass(frozen=True)
 class ScheduleOutboxes(Outboxes):
     forward: Outbox[ForwardBatch]
-    constrain: Outbox[GrammarCompile | GrammarRelease | ForwardBatch]
+    constrain: Outbox[GrammarCompile | GrammarRelease | ForwardBatch | FlushCache]
     detokenize: Outbox[TokenOutputBatch | ErrorOutput]
     stats: Outbox[EngineStats]  # -> ingest (relayed by detokenize)
 
@@ -117,6 +117,7 @@ class ScheduleStage(Stage):
                 self._on_grammar_ready(message)
             case FlushCache():
                 self.kv.flush()
+                self.outboxes.constrain.put(message)  # the compiled grammars are a cache too
             case _:
                 raise TypeError(f"schedule: unexpected message {type(message).__name__}")
 

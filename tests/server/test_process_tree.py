@@ -49,7 +49,7 @@ def test_sigkill_of_the_server_kills_every_descendant(model_dir, tmp_path):
         with urllib.request.urlopen(request, timeout=60) as response:
             assert response.status == 200
         started = {name: int(pid) for name, pid in STARTED.findall(server.log_text())}
-        assert "grammar-sandbox" in started and "engine" in started, started
+        assert any(name.startswith("grammar-sandbox") for name in started) and "engine" in started, started
         assert all(alive(pid) for pid in started.values())
         below = descendants(server.process.pid)
         assert set(started.values()) <= below, (started, below)

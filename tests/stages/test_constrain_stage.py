@@ -15,7 +15,7 @@ import torch
 
 from pipeline.config import ServerArgs
 from pipeline.harness import drive, wiring
-from pipeline.messages import (ConstrainInbox, ForwardBatch, GrammarCompile, GrammarReady, GrammarRelease, ModelInfo,
+from pipeline.messages import (ConstrainInbox, FlushCache, ForwardBatch, GrammarCompile, GrammarReady, GrammarRelease, ModelInfo,
                                SampledTokens, SamplingBatch, TokenMask)
 from stages.constrain.bitmask import apply_token_bitmask_reference, bitmask_words, unpack_bitmask
 from stages.constrain.stage import ConstrainStage
@@ -79,6 +79,19 @@ def test_compile_replies_ready_or_error(stage):
     assert set(stage.states) == {"ok"}
     again = drive(stage, GrammarCompile(rid="ok2", kind="json_schema", spec=json.dumps(SCHEMA))).step()
     assert again["schedule"] == [GrammarReady(rid="ok2")]  # cache hit: same step
+
+
+def test_flush_cache_forgets_compiled_grammars(stage):
+    """A cache hit replies in the same step; after FlushCache the same grammar compiles again."""
+    driver = drive(stage, GrammarCompile(rid="a", kind="json_schema", spec=json.dumps(SCHEMA)))
+    wait_ready(driver, 1)
+    hit = drive(stage, GrammarCompile(rid="b", kind="json_schema", spec=json.dumps(SCHEMA))).step()
+    assert hit["schedule"] == [GrammarReady(rid="b")]
+    assert drive(stage, FlushCache(request_id="f")).step() == {"schedule": [], "sample": []}
+    assert stage.compiler.num_bytes == 0 and "a" in stage.states  # live requests keep their grammars
+    driver = drive(stage, GrammarCompile(rid="c", kind="json_schema", spec=json.dumps(SCHEMA)))
+    assert driver.step()["schedule"] == []  # compiled again, not a same-step cache hit
+    assert wait_ready(driver, 1)["c"].error is None
 
 
 def test_one_mask_per_batch_only_constrained_rows(stage):
