@@ -196,6 +196,7 @@ class TokenizeStage(Stage):
         super().__init__("tokenize", inbox, outboxes)
         self.tokenizer = tokenizer
         self.context_length = args.context_length
+        self.allow_request_chat_template = args.allow_request_chat_template
         self.vocab_size = vocab_size
         self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="tokenize") if num_workers else None
         self.in_flight: list[tuple[GenerateRequest, Future]] = []
@@ -217,8 +218,15 @@ class TokenizeStage(Stage):
 
     def _submit(self, request: GenerateRequest) -> None:
         args = (self.tokenizer, request, self.context_length, self.vocab_size)
-        if self.pool is None:
-            future: Future = Future()
+        future: Future
+        if "chat_template" in request.chat_template_kwargs and not self.allow_request_chat_template:
+            future = Future()  # refused in order, like any other request error
+            future.set_exception(RequestError(
+                "a chat template sent by the client is not rendered on this server (it would run unbounded "
+                "in the server process); start it with --allow-request-chat-template to accept one",
+                "chat_template_kwargs.chat_template"))
+        elif self.pool is None:
+            future = Future()
             try:
                 future.set_result(tokenize_request(*args))
             except Exception as error:

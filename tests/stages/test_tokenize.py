@@ -180,3 +180,24 @@ def test_template_error_is_a_request_error(tokenizer_dir):
     tokenizer.chat_template = "{{ raise_exception('roles must alternate user/assistant') }}"
     with pytest.raises(RequestError, match="roles must alternate"):
         prompt_ids(tokenizer, GenerateRequest(rid="t", messages=[ChatMessage(role="user", content="hi")]), 10)
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_a_client_chat_template_needs_the_server_flag(tokenizer, allowed):
+    """chat_template_kwargs.chat_template is refused (400 naming it) unless --allow-request-chat-template."""
+    stage, inbox, out, errors, _ = make_stage(tokenizer)
+    stage.allow_request_chat_template = allowed
+    template = "{% for m in messages %}<{{ m['content'] }}>{% endfor %}"
+    inbox.put(GenerateRequest(rid="t", messages=[ChatMessage(role="user", content="hi")],
+                              sampling=SamplingParams(max_new_tokens=2),
+                              chat_template_kwargs={"chat_template": template}))
+    run_until_idle(stage)
+    if allowed:
+        [request] = [m for m in out.drain(10) if isinstance(m, TokenizedRequest)]
+        assert tokenizer.decode(request.input_ids) == "<hi>"
+        assert errors.drain(10) == []
+    else:
+        [error] = errors.drain(10)
+        assert error.status_code == 400 and error.param == "chat_template_kwargs.chat_template"
+        assert "--allow-request-chat-template" in error.message
+        assert out.drain(10) == []
