@@ -47,6 +47,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_requests: bool = False  # one log line per finished request (rid, tokens, TTFT, latency, finish reason)
     shutdown_timeout: float = 30.0  # seconds SIGTERM lets running requests finish before aborting them
+    watchdog_timeout: float = 300.0  # seconds without engine progress (work queued) before /health fails
     grammar_cache_size_mb: int = 256  # bytes the compiled-grammar cache may hold (emptied by /flush_cache)
     allow_request_chat_template: bool = False  # accept chat_template_kwargs.chat_template from clients
     enable_metrics: bool = False

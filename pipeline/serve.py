@@ -26,7 +26,10 @@ requests get up to ``--shutdown-timeout`` seconds, then what is left ends
 with finish_reason abort; the pipeline stops (a grammar compile in progress
 is killed, not waited for) and the process exits 0 a few seconds later.
 
-A dead process is a failure of its own:
+Watchdog (``--watchdog-timeout``): while requests run, the engine must show
+progress (a new ``EngineStats`` or moving counters of an engine stage); after
+the timeout without any, ``/health`` answers 503 and the stall is logged;
+progress makes it healthy again. A dead process is a failure of its own:
 every running request gets a 503 and the server exits 1.
 """
 from __future__ import annotations
@@ -44,7 +47,7 @@ from typing import Any
 from pipeline.assembly import pipeline_spec
 from pipeline.config import ConfigError, ServerArgs, parse_args
 from pipeline.launch import Pipeline
-from pipeline.placement import PLACEMENTS
+from pipeline.placement import FRONT_END_STAGES, PLACEMENTS  # front-end stages are not the engine (watchdog)
 
 logger = logging.getLogger("stagewise.serve")
 
@@ -63,6 +66,9 @@ class Server:
         self.pipeline = Pipeline(self.spec, PLACEMENTS[args.placement](self.spec), record_path=args.record_path,
                                  on_failure=self.fail_requests)
         self.ingest: Any = None
+        self._progress: tuple = ()  # the watchdog's last view of engine progress
+        self._progress_at_s = time.monotonic()
+        self._stalled: str | None = None  # the watchdog's complaint while it is on /health
 
     def start(self, ready_timeout_s: float = READY_TIMEOUT_S) -> "Server":
         start_s = time.perf_counter()
@@ -116,10 +122,38 @@ class Server:
         if server is not None and server.loop is not None and not server.loop.is_closed():
             server.loop.call_soon_threadsafe(self.ingest.fail_all, reason)
 
+    def check_progress(self) -> None:
+        """Watchdog tick: /health 503 when requests run and the engine showed no progress for
+        ``--watchdog-timeout`` seconds; healthy again once it moves."""
+        now_s = time.monotonic()
+        progress = self._engine_progress()
+        if progress != self._progress or not self.ingest.streams:
+            self._progress, self._progress_at_s = progress, now_s
+            if self._stalled is not None:
+                logger.warning("watchdog: the engine is making progress again")
+                if self.ingest.unhealthy == self._stalled:
+                    self.ingest.unhealthy = None
+                self._stalled = None
+            return
+        stalled_s = now_s - self._progress_at_s
+        if self._stalled is None and stalled_s > self.args.watchdog_timeout and self.ingest.unhealthy is None:
+            self._stalled = (f"watchdog: the engine made no progress for {stalled_s:.0f} s with "
+                             f"{len(self.ingest.streams)} requests running (--watchdog-timeout "
+                             f"{self.args.watchdog_timeout:g})")
+            logger.error("%s; /health answers 503", self._stalled)
+            self.ingest.unhealthy = self._stalled
+
+    def _engine_progress(self) -> tuple:
+        """What changes while the engine works: its last EngineStats and its stages' counters."""
+        stats = self.ingest.engine_stats
+        counters = sorted((name, c.get("steps", 0), c.get("messages_in", 0), c.get("messages_out", 0))
+                          for name, c in self.ingest.stage_counters().items() if name not in FRONT_END_STAGES)
+        return (stats.time_s if stats is not None else None, tuple(counters))
+
     def begin_drain(self) -> None:
         """/health and new requests answer 503 from now on; the socket stays open so clients see it."""
         self.ingest.draining = True
-        if self.ingest.unhealthy is None:
+        if self.ingest.unhealthy is None or self.ingest.unhealthy == self._stalled:
             self.ingest.unhealthy = SHUTTING_DOWN
 
     def shutdown(self, drain_timeout_s: float | None = None) -> bool:
@@ -254,6 +288,7 @@ def serve_until_stopped(server: Server, stop_requested: threading.Event) -> str:
             logger.error("%s; answering every running request with 503 and stopping", problem)
             server.fail_requests(problem)
             return problem
+        server.check_progress()
     return ""
 
 
