@@ -75,7 +75,7 @@ def _is_union(message_type: Any) -> bool:
     return typing.get_origin(message_type) in (typing.Union, types.UnionType)
 
 
-def _member_classes(message_type: Any) -> tuple[type, ...] | None:
+def member_classes(message_type: Any) -> tuple[type, ...] | None:
     """Classes an isinstance check can use, or None when the type is too loose to check."""
     members = typing.get_args(message_type) if _is_union(message_type) else (message_type,)
     if not all(isinstance(m, type) for m in members) or object in members:
@@ -100,7 +100,7 @@ class Channel(Generic[T]):
         self.name = name
         self.message_type = message_type
         self.capacity = capacity
-        self._accept = _member_classes(message_type)
+        self._accept = member_classes(message_type)
 
     def _check_type(self, message: Any) -> None:
         if self._accept is not None and not isinstance(message, self._accept):

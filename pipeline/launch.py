@@ -16,11 +16,9 @@ pipeline runs (``on_failure``). ``Pipeline`` is the running object.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
 import os
-import signal
 import sys
 import threading
 import time
@@ -32,6 +30,7 @@ import msgspec
 
 from pipeline.channel import Channel, ChannelClosed, ChannelFull
 from pipeline.harness import Recorder, write_header
+from pipeline.lifetime import die_with_parent
 from pipeline.messages import ProcessCounters
 from pipeline.placement import (CALLER, MAIN, ChannelSpec, PipelineSpec, PlacementError, make_channel, process_of,
                                 touches, transport_of, wire_process)
@@ -42,7 +41,6 @@ logger = logging.getLogger(__name__)
 
 WATCH_INTERVAL_S = 0.2  # how often a running pipeline checks that its children are alive
 COUNTERS_INTERVAL_S = 1.0  # how often each process's runner publishes its stages' counters
-PARENT_POLL_S = 0.2  # how often a child checks that its parent is alive
 
 
 # -- child processes ----------------------------------------------------------------
@@ -70,29 +68,6 @@ class Report(msgspec.Struct, frozen=True, tag=True):
 
 
 ControlInbox = typing.Union[Probe, Shutdown]
-
-
-def die_with_parent(parent_pid: int, use_death_signal: bool) -> None:
-    """End this process when its parent dies, even if every other thread is blocked.
-
-    The kernel's PR_SET_PDEATHSIG fires when the parent *thread* that spawned
-    us exits, so it is only asked for when the parent spawned from its main
-    thread; a daemon thread polling the parent pid covers every case.
-    """
-    if use_death_signal:
-        try:
-            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-        except (OSError, AttributeError):
-            pass  # not Linux: the polling thread still ends us
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-    def watch_parent() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(PARENT_POLL_S)
-        os._exit(1)
-
-    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
 
 
 def child_main(process: str, spec: PipelineSpec, placement: dict[str, list[str]],

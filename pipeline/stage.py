@@ -46,7 +46,7 @@ import types
 import typing
 from typing import Any, ClassVar, Generic, Mapping, TypeVar
 
-from pipeline.channel import Channel, MessageRejected, in_thread_channel, type_name
+from pipeline.channel import Channel, MessageRejected, in_thread_channel, member_classes, type_name
 
 T = TypeVar("T")
 
@@ -78,7 +78,10 @@ class Outbox(Generic[T]):
         self.message_type = message_type
         self.channel = channel
         self.owner: Stage | None = None  # set by the stage that owns this door
-        self._accept = _classes_of(message_type)
+        accept = member_classes(message_type)
+        if accept is None:
+            raise TypeError(f"an outbox carries classes or a union of classes, not {message_type!r}")
+        self._accept = accept
 
     def _admit(self, message: Any) -> Stage | None:
         if not isinstance(message, self._accept):
@@ -106,14 +109,6 @@ class Outbox(Generic[T]):
 
     def __repr__(self) -> str:
         return f"<Outbox {self.name!r} {type_name(self.message_type)} -> {self.channel.name!r}>"
-
-
-def _classes_of(message_type: Any) -> tuple[type, ...]:
-    union = typing.get_origin(message_type) in (typing.Union, types.UnionType)
-    members = typing.get_args(message_type) if union else (message_type,)
-    if not all(isinstance(m, type) for m in members):
-        raise TypeError(f"an outbox carries classes or a union of classes, not {message_type!r}")
-    return tuple(members)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,6 @@ fails with ``CompileBudgetError``.
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import pickle
@@ -44,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 COMPILE_TIMEOUT_S = 60.0
 COMPILE_MEMORY_BYTES = 8 << 30
-PARENT_POLL_S = 0.2  # how often the child checks that its parent is alive
 _HEADER = struct.Struct("<Q")
 _CANCEL_POLL_S = 0.05
 
@@ -177,27 +175,12 @@ class CompileSandbox:
                 self._workers[slot] = None
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Child: end when the process that started us dies (kernel signal, and a polling thread)."""
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, 9)  # PR_SET_PDEATHSIG = 1, SIGKILL = 9
-    except (OSError, AttributeError):
-        pass  # not Linux: the polling thread still ends us
-    if os.getppid() != parent_pid:
-        os._exit(1)
-
-    def watch_parent() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(PARENT_POLL_S)
-        os._exit(1)
-
-    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
-
-
 def _worker_main() -> None:
     """Child: cap memory, build the Vocabulary once, then compile regexes until stdin closes."""
     if len(sys.argv) > 1:
-        _die_with_parent(int(sys.argv[1]))
+        from pipeline.lifetime import die_with_parent  # stdlib only: the worker starts fast
+
+        die_with_parent(int(sys.argv[1]))
     from outlines_core import Index, Vocabulary
 
     stdin, stdout = sys.stdin.buffer, sys.stdout.buffer
@@ -220,5 +203,6 @@ def _worker_main() -> None:
             _write_frame(stdout, (False, str(error) if isinstance(error, ValueError) else "out of memory"))
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # run as a script: make the project importable (pipeline.lifetime)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     _worker_main()
