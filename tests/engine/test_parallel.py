@@ -148,6 +148,24 @@ def test_data_parallel_server_reports_each_replica(checkpoint, tmp_path):
         assert [s["dp_rank"] for s in info["engine_stats_per_dp_rank"]] == [0, 1]
 
 
+def _stream_events(url: str, prompt: list[int], max_new_tokens: int, after_events: int, then) -> list[bytes]:
+    """A streamed /generate's data lines; ``then()`` runs once ``after_events`` lines have arrived."""
+    async def stream() -> list[bytes]:
+        body = {"input_ids": prompt, "stream": True,
+                "sampling_params": {"max_new_tokens": max_new_tokens, "ignore_eos": True}}
+        events: list[bytes] = []
+        async with aiohttp.ClientSession() as session:
+            async with session.post(url + "/generate", json=body) as response:
+                async for line in response.content:
+                    if line.startswith(b"data:"):
+                        events.append(line.strip())
+                        if len(events) == after_events:
+                            then()
+        return events
+
+    return asyncio.run(asyncio.wait_for(stream(), 60))
+
+
 def _child_pids(log_text: str) -> dict[str, int]:
     return {name: int(pid) for name, pid in re.findall(r"process (\S+) started \(pid (\d+)\)", log_text)}
 
@@ -169,21 +187,14 @@ def test_killing_a_rank_ends_the_request_with_an_error_and_leaves_no_process(che
         children = _child_pids(server.log_text())
         assert "tp1" in children, server.log_text()
 
-        async def stream_until_killed() -> tuple[list[bytes], float]:
-            body = {"input_ids": PROMPTS[0], "stream": True,
-                    "sampling_params": {"max_new_tokens": 4000, "ignore_eos": True}}
-            events: list[bytes] = []
-            async with aiohttp.ClientSession() as session:
-                async with session.post(server.url + "/generate", json=body) as response:
-                    async for line in response.content:
-                        if line.startswith(b"data:"):
-                            events.append(line.strip())
-                            if len(events) == 2:
-                                os.kill(children["tp1"], signal.SIGKILL)
-                                killed_at = time.monotonic()
-            return events, time.monotonic() - killed_at
+        killed_at: list[float] = []
 
-        events, seconds_after_kill = asyncio.run(asyncio.wait_for(stream_until_killed(), 60))
+        def kill_rank() -> None:
+            os.kill(children["tp1"], signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+        events = _stream_events(server.url, PROMPTS[0], 4000, after_events=2, then=kill_rank)
+        seconds_after_kill = time.monotonic() - killed_at[0]
         assert seconds_after_kill < 10
         assert any(b"error" in event for event in events[2:]), events[-3:]
         try:  # unhealthy until the server has stopped
@@ -219,20 +230,8 @@ def test_sigterm_drains_every_rank_and_replica(checkpoint, tmp_path):
         children = _child_pids(server.log_text())
         assert {"engine_dp0", "engine_dp1", "tp1_dp0", "tp1_dp1"} <= set(children), children
 
-        async def stream_through_sigterm() -> list[bytes]:
-            body = {"input_ids": PROMPTS[1], "stream": True,
-                    "sampling_params": {"max_new_tokens": 24, "ignore_eos": True}}
-            events: list[bytes] = []
-            async with aiohttp.ClientSession() as session:
-                async with session.post(server.url + "/generate", json=body) as response:
-                    async for line in response.content:
-                        if line.startswith(b"data:"):
-                            events.append(line.strip())
-                            if len(events) == 1:
-                                server.process.send_signal(signal.SIGTERM)
-            return events
-
-        events = asyncio.run(asyncio.wait_for(stream_through_sigterm(), 60))
+        events = _stream_events(server.url, PROMPTS[1], 24, after_events=1,
+                                then=lambda: server.process.send_signal(signal.SIGTERM))
         assert events[-1] == b"data: [DONE]"
         assert json.loads(events[-2][5:])["meta_info"]["completion_tokens"] == 24
         assert server.process.wait(60) == 0
