@@ -27,6 +27,7 @@ Conventions
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal, Union
 
 import msgspec
@@ -93,6 +94,14 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     json_schema: str | None = None
     regex: str | None = None
     choices: list[str] | None = None
+    # Added per token id to the logits before sampling (OpenAI's logit_bias, values in [-100, 100]).
+    logit_bias: dict[int, float] = {}
+    # Regular expressions matched on the decoded output, like stop strings (SGLang's stop_regex).
+    stop_regex: list[str] = []
+    # Keep only the last k prompt tokens (vLLM's truncate_prompt_tokens; -1: the context length).
+    truncate_prompt_tokens: int | None = None
+    # Send the prompt's and the output's token ids back (vLLM's return_token_ids).
+    return_token_ids: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -120,6 +129,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
                f"must be in [0, {MAX_TOP_LOGPROBS}]", self.top_logprobs_num)
         self._validate_stops()
         self._validate_grammar()
+        self._validate_extras()
 
     def _validate_stops(self) -> None:
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop",
@@ -139,6 +149,28 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         if self.choices is not None:
             _check(len(self.choices) > 0 and all(self.choices), "choices",
                    "must be a non-empty list of non-empty strings", self.choices)
+
+    def _validate_extras(self) -> None:
+        for token_id, bias in self.logit_bias.items():
+            _check(token_id >= 0, "logit_bias", "token ids must be >= 0", token_id)
+            _check(_finite(bias) and -100.0 <= bias <= 100.0, "logit_bias", "biases must be in [-100, 100]", bias)
+        _check(len(self.stop_regex) <= MAX_STOP_STRINGS, "stop_regex",
+               f"at most {MAX_STOP_STRINGS} stop regexes", len(self.stop_regex))
+        for pattern in self.stop_regex:
+            _check(0 < len(pattern) <= MAX_STOP_STRING_CHARS, "stop_regex",
+                   f"each stop regex must have 1 to {MAX_STOP_STRING_CHARS} characters", pattern)
+            _check(_compiles(pattern), "stop_regex", "must be a valid regular expression", pattern)
+        _check(self.truncate_prompt_tokens is None or self.truncate_prompt_tokens == -1
+               or self.truncate_prompt_tokens >= 1, "truncate_prompt_tokens", "must be -1 or >= 1",
+               self.truncate_prompt_tokens)
+
+
+def _compiles(pattern: str) -> bool:
+    try:
+        re.compile(pattern)
+    except re.error:
+        return False
+    return True
 
 
 def _finite(value: float) -> bool:
@@ -190,6 +222,7 @@ class GenerateRequest(Message, frozen=True, kw_only=True):
     chat_template_kwargs: dict[str, Any] = {}
     image_urls: list[str] = []
     arrival_time_s: float = 0.0
+    continue_final_message: bool = False  # render the last (assistant) turn open, to be continued
 
 
 class ImageInput(msgspec.Struct, frozen=True, kw_only=True):
@@ -266,6 +299,8 @@ class SamplingBatch(msgspec.Struct, frozen=True, kw_only=True):
     # Per row, token ids that must not be picked this step (stop ids while a
     # request is still under min_new_tokens); empty when no row bans anything.
     banned_token_ids: list[list[int]] = []
+    # Per row, token id -> bias added to the logits (logit_bias); empty when no row has one.
+    logit_biases: list[dict[int, float]] = []
 
 
 class ForwardBatch(Message, frozen=True, kw_only=True):
@@ -400,6 +435,7 @@ class TextOutput(Message, frozen=True, kw_only=True):
     token_logprobs: list[float] = []
     top_token_ids: list[list[int]] = []
     top_logprobs: list[list[float]] = []
+    prompt_token_ids: list[int] = []  # on a sequence's first output, when return_token_ids asks for them
 
 
 class ErrorOutput(Message, frozen=True, kw_only=True):
