@@ -41,6 +41,7 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOP_LOGPROBS = 20
+MAX_TOKEN_IDS_LOGPROB = 64
 MAX_N = 128
 
 
@@ -102,6 +103,12 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     truncate_prompt_tokens: int | None = None
     # Send the prompt's and the output's token ids back (vLLM's return_token_ids).
     return_token_ids: bool = False
+    # Prompt logprobs: from this prompt position on (-1: none; needs return_logprob), with the
+    # top prompt_top_logprobs_num alternatives per position.
+    logprob_start_len: int = -1
+    prompt_top_logprobs_num: int = 0
+    # Also report the logprobs of these token ids at every position (SGLang's token_ids_logprob).
+    token_ids_logprob: list[int] = []
 
     def __post_init__(self) -> None:
         self.validate()
@@ -130,6 +137,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         self._validate_stops()
         self._validate_grammar()
         self._validate_extras()
+        self._validate_logprob_options()
 
     def _validate_stops(self) -> None:
         _check(len(self.stop) <= MAX_STOP_STRINGS, "stop",
@@ -163,6 +171,20 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
         _check(self.truncate_prompt_tokens is None or self.truncate_prompt_tokens == -1
                or self.truncate_prompt_tokens >= 1, "truncate_prompt_tokens", "must be -1 or >= 1",
                self.truncate_prompt_tokens)
+
+    def _validate_logprob_options(self) -> None:
+        _check(self.logprob_start_len >= -1, "logprob_start_len", "must be -1 (none) or >= 0",
+               self.logprob_start_len)
+        _check(0 <= self.prompt_top_logprobs_num <= MAX_TOP_LOGPROBS, "prompt_top_logprobs_num",
+               f"must be in [0, {MAX_TOP_LOGPROBS}]", self.prompt_top_logprobs_num)
+        _check(len(self.token_ids_logprob) <= MAX_TOKEN_IDS_LOGPROB, "token_ids_logprob",
+               f"at most {MAX_TOKEN_IDS_LOGPROB} token ids", len(self.token_ids_logprob))
+        for token_id in self.token_ids_logprob:
+            _check(token_id >= 0, "token_ids_logprob", "token ids must be >= 0", token_id)
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.return_logprob and self.logprob_start_len >= 0
 
 
 def _compiles(pattern: str) -> bool:
@@ -301,6 +323,15 @@ class SamplingBatch(msgspec.Struct, frozen=True, kw_only=True):
     banned_token_ids: list[list[int]] = []
     # Per row, token id -> bias added to the logits (logit_bias); empty when no row has one.
     logit_biases: list[dict[int, float]] = []
+    # Prompt logprobs (empty when no row wants any this step). Row b's entry lists the
+    # prompt tokens whose logprobs this chunk computes: the next token of each of the
+    # chunk's last len(...) positions, counted back from the chunk's last token (when the
+    # row does not sample) or from the one before it (when it samples: the last position
+    # predicts the first output token). The forward stage returns logits for those rows.
+    prompt_logprob_ids: list[list[int]] = []
+    prompt_top_logprobs_nums: list[int] = []
+    # Per row, token ids whose logprobs are reported at every position (token_ids_logprob).
+    token_ids_logprobs: list[list[int]] = []
 
 
 class ForwardBatch(Message, frozen=True, kw_only=True):
@@ -335,6 +366,8 @@ class Logits(Message, frozen=True, kw_only=True):
     rids: list[str]
     logits: torch.Tensor  # [num_reqs, vocab] float32
     sampling: SamplingBatch
+    # Logits of the prompt positions sampling.prompt_logprob_ids asks for, row by row.
+    prompt_logits: torch.Tensor | None = None  # [sum of their lengths, vocab] float32
 
 
 class GrammarCompile(Message, frozen=True, kw_only=True):
@@ -383,6 +416,27 @@ class SampledTokens(Message, frozen=True, kw_only=True):
     token_logprobs: list[float] = []
     top_token_ids: list[list[int]] = []
     top_logprobs: list[list[float]] = []
+    # Per row (empty when no row wants them): this chunk's prompt logprobs (None for a row without).
+    prompt_logprobs: list[PromptLogprobs | None] = []
+    # Per row (empty when no row asks): logprobs of the row's token_ids_logprob at the sampled position.
+    ids_logprobs: list[list[float]] = []
+
+
+class PromptLogprobs(msgspec.Struct, frozen=True, kw_only=True):
+    """Logprobs of prompt tokens ``start, start+1, ...`` (sample -> schedule -> detokenize -> ingest).
+
+    Entry i is about prompt token ``start + i``: how likely the model found it
+    after the tokens before it. Prompt token 0 has no logprob (nothing comes
+    before it): its entries are None / empty lists.
+    """
+
+    start: int = 0
+    token_ids: list[int] = []
+    logprobs: list[float | None] = []
+    ranks: list[int | None] = []  # 1 + how many tokens were more likely (vLLM's rank)
+    top_token_ids: list[list[int]] = []
+    top_logprobs: list[list[float]] = []
+    ids_logprobs: list[list[float]] = []  # the request's token_ids_logprob, in its order
 
 
 # --------------------------------------------------------------------------
@@ -412,6 +466,8 @@ class TokenOutput(msgspec.Struct, frozen=True, kw_only=True):
     token_logprobs: list[float] = []
     top_token_ids: list[list[int]] = []
     top_logprobs: list[list[float]] = []
+    prompt_logprobs: PromptLogprobs | None = None  # all of them, on the sequence's first output
+    ids_logprobs: list[list[float]] = []  # per new token: the request's token_ids_logprob
 
 
 class TokenOutputBatch(Message, frozen=True, kw_only=True):
@@ -436,6 +492,8 @@ class TextOutput(Message, frozen=True, kw_only=True):
     top_token_ids: list[list[int]] = []
     top_logprobs: list[list[float]] = []
     prompt_token_ids: list[int] = []  # on a sequence's first output, when return_token_ids asks for them
+    prompt_logprobs: PromptLogprobs | None = None  # on a sequence's first output, when asked for
+    ids_logprobs: list[list[float]] = []  # per new token: the request's token_ids_logprob
 
 
 class ErrorOutput(Message, frozen=True, kw_only=True):
