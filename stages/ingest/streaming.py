@@ -3,8 +3,10 @@
 ``read_body`` decodes a JSON body into a protocol Struct: a 400 on bad JSON
 (naming NaN/Infinity and unpaired surrogate escapes, which Python's json
 module writes but JSON forbids), a wrong type, bytes that are not UTF-8, or
-nesting too deep for the decoder. ``collect`` gathers whole results; ``merged`` interleaves the outputs of
-several streams (a batch of prompts); ``SseWriter`` writes
+nesting deeper than ``MAX_BODY_DEPTH`` (checked on the raw bytes before decoding,
+so the answer does not depend on how deep a given msgspec and Python recurse).
+``collect`` gathers whole results; ``merged`` interleaves the outputs of several
+streams (a batch of prompts); ``SseWriter`` writes
 ``data: {...}\\n\\n`` events and the final ``data: [DONE]``.
 
 A streamed response is only started (status 200 and headers sent) once the
@@ -18,6 +20,7 @@ import re
 from typing import Any, AsyncIterator
 
 import msgspec
+import numpy as np
 from aiohttp import web
 
 from pipeline.messages import TextOutput
@@ -27,10 +30,15 @@ from stages.ingest.responses import SequenceResult
 from stages.ingest.streams import RequestStream
 
 
+MAX_BODY_DEPTH = 512  # JSON nesting a body may have (the decoder recurses once per level)
+
+
 async def read_body(request: web.Request, body_type: type) -> Any:
     raw = await request.read()
     if not raw.strip():
         raise ApiError(400, "request body is empty; send a JSON object")
+    if json_depth_exceeds(raw, MAX_BODY_DEPTH):
+        raise ApiError(400, f"request body is nested too deeply (more than {MAX_BODY_DEPTH} levels)")
     try:
         return decode_body(raw, body_type)
     except msgspec.MsgspecError as error:
@@ -42,6 +50,33 @@ async def read_body(request: web.Request, body_type: type) -> Any:
         raise ApiError(400, f"request body is not valid UTF-8: {error}") from error
     except RecursionError as error:
         raise ApiError(400, "request body is nested too deeply") from error
+
+
+_NOT_A_BRACKET = bytes(b for b in range(256) if b not in b"[]{}")
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")  # step + 1: opener 2, closer 0
+_DEPTH_CHUNK = 1 << 20
+
+
+def json_depth_exceeds(raw: bytes, limit: int) -> bool:
+    """Whether arrays and objects in the JSON text ``raw`` nest more than ``limit`` deep.
+
+    String contents are dropped first: escaped backslashes and quotes are removed (left to
+    right, as JSON pairs them), then every other piece of a split on the quote is a string.
+    What is left are the brackets, whose running sum is the depth (bytes methods and numpy,
+    no Python loop per byte; a chunk at a time to bound memory).
+    """
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(unescaped.split(b'"')[::2]).translate(None, _NOT_A_BRACKET)
+    if brackets.count(b"[") + brackets.count(b"{") <= limit:
+        return False
+    level = 0
+    for start in range(0, len(brackets), _DEPTH_CHUNK):
+        steps = np.frombuffer(brackets[start:start + _DEPTH_CHUNK].translate(_BRACKET_STEPS), dtype=np.uint8)
+        levels = np.cumsum(steps.astype(np.int64) - 1) + level
+        if int(levels.max()) > limit:
+            return True
+        level = int(levels[-1])
+    return False
 
 
 _NON_JSON_NUMBER = re.compile(rb"[:\[,]\s*-?(NaN|Infinity)\b")

@@ -226,15 +226,35 @@ def test_plain_greedy_requests_equal_transformers(tiny_llama) -> None:
 
 
 def test_closing_a_stream_early_aborts_its_request(tiny_llama) -> None:
-    params = {"temperature": 0.0, "max_new_tokens": 200, "ignore_eos": True}
+    """The Abort sent by closing the stream reaches the scheduler while the request still runs.
+
+    The request asks for nearly the whole context (ignore_eos) and each sampled step is slowed
+    by a millisecond, so on any device the close lands long before the request could finish by
+    itself; a spy on the scheduler's abort handler tells an abort that arrived from none.
+    """
+    max_new_tokens = 500  # prompt 4 + 500 <= 512 positions and 512 KV slots
+    params = {"temperature": 0.0, "max_new_tokens": max_new_tokens, "ignore_eos": True}
     with _engine(tiny_llama, max_total_tokens=512) as engine:
-        kv = engine.schedule.kv
+        schedule, kv = engine.schedule, engine.schedule.kv
         free_before = kv.pool.num_free_tokens + kv.tree.evictable_size
+        aborts_while_live: list[bool] = []
+        on_abort, on_sampled = schedule._on_abort, schedule._on_sampled
+
+        def spy_abort(msg) -> None:
+            aborts_while_live.append(msg.rid in schedule.live_rids)
+            on_abort(msg)
+
+        def slow_sampled(msg) -> None:
+            time.sleep(0.001)
+            on_sampled(msg)
+
+        schedule._on_abort, schedule._on_sampled = spy_abort, slow_sampled
         stream = engine.generate_stream(input_ids=[0, 5, 6, 7], sampling_params=params)
         first = [next(stream), next(stream)]
         stream.close()
         _wait_idle(engine)
-        assert engine.schedule.num_generated < 100, "the closed stream kept generating"
+        assert aborts_while_live == [True], "the abort did not reach the scheduler while the request ran"
+        assert schedule.num_generated < max_new_tokens, "the closed stream kept generating"
         assert all(c["finish_reason"] is None for c in first)
         engine.check_integrity()
         assert kv.pool.num_free_tokens + kv.tree.evictable_size == free_before

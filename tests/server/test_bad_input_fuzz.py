@@ -14,6 +14,7 @@ import time
 import aiohttp
 import pytest
 
+from stages.ingest.streaming import MAX_BODY_DEPTH, json_depth_exceeds
 from tests.server.conftest import running_server
 
 C, CHAT, GEN = "/v1/completions", "/v1/chat/completions", "/generate"
@@ -22,8 +23,9 @@ INT64_OVER = 1 << 63
 
 
 def deep_tools_body(**fields) -> bytes:
-    """A chat body whose one tool's parameters nest ~900 JSON levels deep (too deep for json.dumps)."""
-    schema = '{"type": "array", "items": ' * 900 + '{"type": "string"}' + "}" * 900
+    """A chat body whose one tool's parameters nest ~300 JSON levels deep: past the schema limit (64),
+    within the body limit (MAX_BODY_DEPTH), so the tool check answers."""
+    schema = '{"type": "array", "items": ' * 300 + '{"type": "string"}' + "}" * 300
     tools = '[{"type": "function", "function": {"name": "f", "parameters": ' + schema + "}}]"
     return json.dumps(chat(tools="TOOLS", **fields)).replace('"TOOLS"', tools).encode()
 
@@ -107,9 +109,15 @@ BAD_REQUESTS = [
     (C, b'{"prompt": "\xff\xfe"}', 400, None, "UTF-8"),
     (C, b'{"prompt": "\\ud800"}', 400, None, "unpaired UTF-16 surrogate"),
     (CHAT, b'{"messages": [{"role": "user", "content": "\\udfff"}]}', 400, None, "unpaired UTF-16 surrogate"),
+    # nesting is checked on the raw body before anything else (msgspec's own limit varies with Python)
     (C, b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400, None, "nested too deeply"),
     (CHAT, b'{"messages": [], "chat_template_kwargs": ' + b'{"a": ' * 5000 + b"1" + b"}" * 5001, 400, None,
      "nested too deeply"),
+    (CHAT, b'{"messages": [], "chat_template_kwargs": ' + b'{"a": ' * MAX_BODY_DEPTH + b"1" + b"}" * 513,
+     400, None, "nested too deeply"),
+    (CHAT, b'{"messages": [], "chat_template_kwargs": ' + b'{"a": ' * (MAX_BODY_DEPTH - 1) + b"1" + b"}" * 512,
+     400, "messages", "must not be empty"),
+    (C, b'{"prompt": "' + b"[" * 5000 + b'\\"{{", "max_tokens": "2"}', 400, "max_tokens", "Expected `int"),
     (C, b"", 400, None, "empty"),
     (C, b'{"prompt": "' + b"a" * (65 << 20) + b'"}', 413, None, "Too Large"),
     (C, b"[]", 400, None, "Expected `object`"),
@@ -170,6 +178,17 @@ def test_bad_request_is_a_named_client_error(server, kv_baseline, path, body, st
     assert (got_status, error["code"]) == (status, status), text
     assert error["param"] == param, text
     assert message in error["message"], text
+
+
+@pytest.mark.parametrize("raw,limit,deeper", [
+    (b'{"a": "[[[", "b": [1, {"c": "\\"]"}]}', 2, True), (b'{"a": "[[[", "b": [1, {"c": "\\"]"}]}', 3, False),
+    (b'{"a": "\\\\", "b": [[["x"]]]}', 3, True), (b'{"a": "\\\\", "b": [[["x"]]]}', 4, False),
+    (b"[]" * 5000, 1, False), (b"[" * 5000 + b"]" * 5000, 4999, True), (b"[" * 5000 + b"]" * 5000, 5000, False),
+    (b"[" * (3 << 20) + b"]" * (3 << 20) + b"[[]]", 2, True), (b"[]" * (3 << 20) + b"[[[]]]", 2, True),
+])
+def test_body_depth_counts_brackets_outside_strings(raw, limit, deeper):
+    """Brackets inside strings (escaped quotes and backslashes included) do not nest; depth spans chunks."""
+    assert json_depth_exceeds(raw, limit) is deeper
 
 
 @pytest.mark.parametrize("path", [C, CHAT, GEN, "/abort_request", "/flush_cache"])
