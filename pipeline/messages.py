@@ -109,6 +109,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     prompt_top_logprobs_num: int = 0
     # Also report the logprobs of these token ids at every position (SGLang's token_ids_logprob).
     token_ids_logprob: list[int] = []
+    # With --reasoning-parser: the grammar above applies only once the model's think block has
+    # ended (set for chat requests that separate reasoning and did not turn thinking off).
+    grammar_after_reasoning: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -376,6 +379,10 @@ class GrammarCompile(Message, frozen=True, kw_only=True):
     rid: str
     kind: Literal["json_schema", "regex", "choices"]
     spec: str  # schema JSON, regex, or JSON list of choices
+    # SamplingParams.grammar_after_reasoning, and the prompt's last token ids (whether the chat
+    # template already opened or closed the think block).
+    after_reasoning: bool = False
+    prompt_tail_ids: list[int] = []
 
 
 class GrammarReady(Message, frozen=True, kw_only=True):

@@ -26,8 +26,11 @@ and the forward stage's ``ModelInfo`` (logits width, EOS ids).
 
 State owned: compiled grammars (through ``GrammarCompiler``: a cache bounded
 by ``args.grammar_cache_size_mb``, emptied by ``clear_cache``), one
-``GrammarState`` per live constrained rid. The stage never samples, never
-touches logits and never blocks on a compile.
+``GrammarState`` per live constrained rid, and the think phase of each request
+whose grammar waits for the end of its think block (``think_gate.py``: such a
+row gets no mask while it thinks, but its sampled token is still awaited, since
+it decides the next mask). The stage never samples, never touches logits and
+never blocks on a compile.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ from collections import deque
 from concurrent.futures import Future
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline.channel import Channel
@@ -47,6 +51,7 @@ from pipeline.stage import Outbox, Outboxes, Stage
 from stages.constrain.bitmask import bitmask_words
 from stages.constrain.grammar import GrammarCompiler, GrammarError, GrammarState
 from stages.constrain.sandbox import CompileSandbox
+from stages.constrain.think_gate import ThinkPhase, next_phase, starting_phase, think_tokens
 from stages.constrain.vocab import TokenVocab, vocab_for_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -80,6 +85,9 @@ class ConstrainStage(Stage):
         self.compiler = GrammarCompiler(self.vocab, max_workers=max_workers, sandbox=sandbox,
                                         cache_bytes=args.grammar_cache_size_mb << 20)
         self.states: dict[str, GrammarState] = {}
+        self.reasoning_parser = args.reasoning_parser
+        self.think = think_tokens(tokenizer, self.vocab)
+        self.phases: dict[str, ThinkPhase] = {}  # rid -> THINKING / MAY_THINK (absent: GRAMMAR)
         self.compiling: dict[str, Future] = {}
         self.awaiting: dict[str, int] = {}  # rid -> batch_id whose sampled token is owed
         self.pending_batches: deque[ForwardBatch] = deque()
@@ -128,6 +136,9 @@ class ConstrainStage(Stage):
 
     def _start_compile(self, message: GrammarCompile) -> None:
         self._release(message.rid)
+        phase = starting_phase(self.think, self.reasoning_parser, message.after_reasoning, message.prompt_tail_ids)
+        if phase is not ThinkPhase.GRAMMAR:
+            self.phases[message.rid] = phase
         future = self.compiler.submit(message.kind, message.spec)
         self.compiling[message.rid] = future
         if future.done():
@@ -150,6 +161,7 @@ class ConstrainStage(Stage):
 
     def _release(self, rid: str) -> None:
         self.states.pop(rid, None)
+        self.phases.pop(rid, None)
         self.awaiting.pop(rid, None)
         future = self.compiling.pop(rid, None)
         if future is not None:  # cancelled (worker killed) only when no other request waits on it
@@ -178,11 +190,14 @@ class ConstrainStage(Stage):
     def _build_mask(self, batch: ForwardBatch) -> TokenMask:
         row_indices = []
         for row in self._constrained_rows(batch):
-            if batch.rids[row] in self.states:
-                row_indices.append(row)
-            else:
+            rid = batch.rids[row]
+            if rid not in self.states:
                 logger.warning("batch %d row %d (%s) is constrained but has no grammar; left unconstrained",
-                               batch.batch_id, row, batch.rids[row])
+                               batch.batch_id, row, rid)
+            elif self.phases.get(rid) is ThinkPhase.THINKING:
+                self.awaiting[rid] = batch.batch_id  # no mask, but its token may end the think block
+            else:
+                row_indices.append(row)
         if not row_indices:
             return TokenMask(batch_id=batch.batch_id, row_indices=[], bitmask=None)
         bitmask = torch.empty(len(row_indices), self.num_words, dtype=torch.int32)
@@ -190,6 +205,9 @@ class ConstrainStage(Stage):
         for i, row in enumerate(row_indices):
             rid = batch.rids[row]
             self.states[rid].write_mask(rows_view[i], self.vocab_size)
+            start_id = self.think.start_id
+            if self.phases.get(rid) is ThinkPhase.MAY_THINK and start_id < self.vocab_size:  # grammar or <think>
+                rows_view[i].view(np.uint32)[start_id // 32] |= np.uint32(1 << (start_id % 32))
             self.awaiting[rid] = batch.batch_id
         return TokenMask(batch_id=batch.batch_id, row_indices=row_indices, bitmask=bitmask)
 
@@ -199,6 +217,15 @@ class ConstrainStage(Stage):
                 continue
             del self.awaiting[rid]
             state = self.states.get(rid)
-            if state is not None and token_id >= 0:
+            if state is None or token_id < 0:
+                continue
+            phase = self.phases.pop(rid, ThinkPhase.GRAMMAR)
+            if phase is ThinkPhase.GRAMMAR:
+                state.advance(token_id)
+                continue
+            after = next_phase(self.think, phase, token_id)
+            if after is not ThinkPhase.GRAMMAR:
+                self.phases[rid] = after
+            elif phase is ThinkPhase.MAY_THINK:  # answered without thinking: the token is the grammar's first
                 state.advance(token_id)
 

@@ -58,6 +58,7 @@ from stages.schedule.req_table import Phase, Req
 logger = logging.getLogger(__name__)
 
 STATS_INTERVAL_S = 1.0
+PROMPT_TAIL_LEN = 16  # prompt tokens a GrammarCompile carries when the grammar waits for the think block
 LOG_INTERVAL_S = 3.0  # SGLang logs every 40 decode steps; we log by time, so a slow CPU is not noisy
 
 
@@ -147,7 +148,10 @@ class ScheduleStage(Stage):
             return
         req.constrained, req.phase = True, Phase.GRAMMAR
         self.grammar_wait[req.rid] = req
-        self.outboxes.constrain.put(GrammarCompile(rid=req.rid, kind=grammar[0], spec=grammar[1]))
+        after = params.grammar_after_reasoning  # the constrain stage leaves the think block free
+        self.outboxes.constrain.put(GrammarCompile(
+            rid=req.rid, kind=grammar[0], spec=grammar[1], after_reasoning=after,
+            prompt_tail_ids=req.input_ids[-PROMPT_TAIL_LEN:] if after else []))
 
     def _check_request(self, msg: TokenizedRequest) -> str | None:
         num = len(msg.input_ids)
