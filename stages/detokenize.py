@@ -304,4 +304,5 @@ def _text_output(output: TokenOutput, text: str, finish: FinishReason | None) ->
         token_ids_delta=list(output.new_token_ids), finish_reason=finish, prompt_tokens=output.prompt_tokens,
         completion_tokens=output.completion_tokens, cached_tokens=output.cached_tokens,
         token_logprobs=list(output.token_logprobs), top_token_ids=[list(t) for t in output.top_token_ids],
-        top_logprobs=[list(t) for t in output.top_logprobs])
+        top_logprobs=[list(t) for t in output.top_logprobs],
+        prompt_logprobs=output.prompt_logprobs, ids_logprobs=[list(v) for v in output.ids_logprobs])

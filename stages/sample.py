@@ -19,7 +19,14 @@ Per row, in order (the ``SamplingOps`` table of ``--kernel-backend``:
    (``seed``, ``step``): greedy when temperature is 0; the same seed and
    step give the same token whatever else is in the batch;
 4. logprobs of the chosen token (and the top-n) on request, from the
-   penalized, masked logits before temperature.
+   penalized, masked logits before temperature; the logprobs of the row's
+   ``token_ids_logprob`` ids from the same logits.
+
+Prompt logprobs (``Logits.prompt_logits``, rows of prompt positions the
+schedule stage asked for): the log-softmax of the raw logits at each prompt
+token that follows (``SamplingBatch.prompt_logprob_ids``), its rank in the
+vocabulary, the top-n and the ``token_ids_logprob`` ids, per row a
+``PromptLogprobs``.
 
 Exactly one device->host synchronization per batch: every result is copied
 into pinned host buffers with non-blocking copies, then the stream is
@@ -30,11 +37,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+import msgspec
 import torch
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
-from pipeline.messages import Logits, SampledTokens, SampleInbox, SamplingBatch, TokenMask
+from pipeline.messages import Logits, PromptLogprobs, SampledTokens, SampleInbox, SamplingBatch, TokenMask
 from pipeline.stage import Outbox, Outboxes, Stage
 from stages.staging import Downloader, Uploader
 from triton_kernels import KernelOptions, load_sampling_ops
@@ -118,6 +126,8 @@ class SampleStage(Stage):
     def _finish(self, message: Logits, mask: TokenMask | None) -> None:
         self.last_done_batch_id = max(self.last_done_batch_id, message.batch_id)
         out = self.sample_batch(message.batch_id, message.rids, message.logits, message.sampling, mask)
+        if message.sampling.token_ids_logprobs or message.prompt_logits is not None:
+            out = self._with_logprob_options(out, message)
         self.outboxes.schedule.put(out)
         if any(message.sampling.constrained):
             self.outboxes.constrain.put(out)
@@ -151,6 +161,54 @@ class SampleStage(Stage):
         top_n = max(params.top_logprobs_nums) if any(params.return_logprob) else 0
         logprobs = self.ops.compute_logprobs(logits, token_ids, top_n) if any(params.return_logprob) else None
         return self._to_host(batch_id, rids, token_ids, logprobs, params)
+
+    # ----------------------------------------------- prompt logprobs, token_ids_logprob
+    @torch.inference_mode()
+    def _with_logprob_options(self, out: SampledTokens, message: Logits) -> SampledTokens:
+        """Add prompt logprobs and token_ids_logprob values to a batch's SampledTokens."""
+        params = message.sampling
+        tensors: list[torch.Tensor] = []
+        if params.token_ids_logprobs:
+            tensors.append(self._ids_logprobs(message.logits.float().contiguous(), params.token_ids_logprobs))
+        prompt = message.prompt_logits is not None and bool(params.prompt_logprob_ids)
+        if prompt:
+            tensors += self._prompt_tensors(message.prompt_logits.float().contiguous(), params)
+        host = [self.downloader.start(100 + slot, t) for slot, t in enumerate(tensors)]
+        if tensors and tensors[0].device.type == "cuda":
+            torch.cuda.current_stream(tensors[0].device).synchronize()
+        host = [t.tolist() for t in host]
+        changes: dict = {}
+        if params.token_ids_logprobs:
+            changes["ids_logprobs"] = _split(host.pop(0), [len(ids) for ids in params.token_ids_logprobs])
+        if prompt:
+            changes["prompt_logprobs"] = _prompt_results(params, *host)
+        return msgspec.structs.replace(out, **changes)
+
+    def _ids_logprobs(self, logits: torch.Tensor, ids_per_row: list[list[int]]) -> torch.Tensor:
+        """log_softmax(logits[row])[id] for each (row, id) pair, flattened row by row."""
+        rows = [row for row, ids in enumerate(ids_per_row) for _ in ids]
+        ids = [token for token_ids in ids_per_row for token in token_ids]
+        if not rows:
+            return torch.empty(0, dtype=torch.float32, device=logits.device)
+        vocab_size = logits.shape[1]
+        ids = [token if token < vocab_size else 0 for token in ids]  # out-of-vocabulary ids: refused upstream
+        index = self.uploader.upload([rows, ids], torch.int64)
+        repeated = logits.index_select(0, index[0])
+        return self.ops.compute_logprobs(repeated, index[1], 0)[0]
+
+    def _prompt_tensors(self, logits: torch.Tensor, params: SamplingBatch) -> list[torch.Tensor]:
+        """[logprob, rank, top ids, top logprobs, token_ids_logprob values] of the prompt rows."""
+        targets = self.uploader.upload([t for ids in params.prompt_logprob_ids for t in ids], torch.int64)
+        top_n = max((n for n, ids in zip(params.prompt_top_logprobs_nums, params.prompt_logprob_ids) if ids),
+                    default=0)
+        token_lp, top_ids, top_lp = self.ops.compute_logprobs(logits, targets, top_n)
+        chosen = logits.gather(1, targets[:, None])
+        ranks = (logits > chosen).sum(dim=1) + 1
+        per_position: list[list[int]] = []
+        for b, ids in enumerate(params.prompt_logprob_ids):
+            wanted = params.token_ids_logprobs[b] if params.token_ids_logprobs else []
+            per_position += [wanted] * len(ids)
+        return [token_lp, ranks, top_ids, top_lp, self._ids_logprobs(logits, per_position)]
 
     def _penalty_rows(self, rids: list[str], params: SamplingBatch,
                       logits: torch.Tensor) -> list[int] | None:
@@ -210,3 +268,33 @@ class SampleStage(Stage):
         return SampledTokens(batch_id=batch_id, rids=rids, token_ids=ids,
                              token_logprobs=host[1].tolist(), top_token_ids=host[2].tolist(),
                              top_logprobs=host[3].tolist())
+
+
+def _split(values: list, sizes: list[int]) -> list[list]:
+    """Cut a flat list into consecutive pieces of the given sizes."""
+    out, start = [], 0
+    for size in sizes:
+        out.append(values[start:start + size])
+        start += size
+    return out
+
+
+def _prompt_results(params: SamplingBatch, token_lp: list[float], ranks: list[int], top_ids: list[list[int]],
+                    top_lp: list[list[float]], ids_lp: list[float]) -> list[PromptLogprobs | None]:
+    """One PromptLogprobs per row (None for rows without prompt positions this step)."""
+    results: list[PromptLogprobs | None] = []
+    position, ids_at = 0, 0
+    for b, ids in enumerate(params.prompt_logprob_ids):
+        if not ids:
+            results.append(None)
+            continue
+        n, top = len(ids), params.prompt_top_logprobs_nums[b]
+        wanted = len(params.token_ids_logprobs[b]) if params.token_ids_logprobs else 0
+        span = slice(position, position + n)
+        results.append(PromptLogprobs(
+            token_ids=list(ids), logprobs=token_lp[span], ranks=ranks[span],
+            top_token_ids=[row[:top] for row in top_ids[span]], top_logprobs=[row[:top] for row in top_lp[span]],
+            ids_logprobs=_split(ids_lp[ids_at:ids_at + n * wanted], [wanted] * n) if wanted else []))
+        position += n
+        ids_at += n * wanted
+    return results

@@ -36,7 +36,16 @@ loop keeps streaming other requests meanwhile. ``handle`` submits the work,
 request still being tokenized waits until that request has been emitted, so
 the schedule stage always sees a request before its abort.
 
-State owned: the list of requests in flight in the pool. It never loads
+A chat template sent by the client (``chat_template_kwargs.chat_template``,
+accepted only with ``--allow-request-chat-template``) is a program from the
+outside: it renders in ``stages.template_sandbox`` worker processes, under a
+time limit, a memory cap and a cap on the rendered length
+(``TEMPLATE_CHARS_PER_TOKEN`` per context token), and such a request runs on
+the sandbox's own threads, so a template that loops or balloons answers its
+own client with a 400 and holds up nobody else. The tokenizer's template
+renders in-process.
+
+State owned: the list of requests in flight in the pool (and the template sandbox). It never loads
 the tokenizer, and never touches KV memory, sampling or detokenization.
 """
 from __future__ import annotations
@@ -54,8 +63,11 @@ from pipeline.config import ServerArgs
 from pipeline.messages import (Abort, ChatMessage, ErrorOutput, FlushCache, GenerateRequest, TokenizedRequest,
                                TokenizeInbox)
 from pipeline.stage import Outbox, Outboxes, Stage
+from stages.template_sandbox import TemplateRenderError, TemplateSandbox
 
 logger = logging.getLogger(__name__)
+
+TEMPLATE_CHARS_PER_TOKEN = 64  # a client template's text may be this many characters per context token
 
 
 class RequestError(ValueError):
@@ -90,8 +102,41 @@ def _tool_call_dict(call: Any) -> dict[str, Any]:
     return {"id": call.id, "type": call.type, "function": {"name": call.function.name, "arguments": arguments}}
 
 
-def render_chat(tokenizer: Any, request: GenerateRequest) -> str:
-    """The chat template applied to the request's messages (raises RequestError on a template error)."""
+CLIENT_TEMPLATE_PARAM = "chat_template_kwargs.chat_template"
+
+
+def client_template(tokenizer: Any, request: GenerateRequest) -> str | None:
+    """The template text a client sent, or None (none sent, or the name of one of the tokenizer's own)."""
+    template = request.chat_template_kwargs.get("chat_template")
+    if template is None or (isinstance(tokenizer.chat_template, dict) and template in tokenizer.chat_template):
+        return None
+    if not isinstance(template, str):
+        raise RequestError("chat_template must be a string (a Jinja template)", CLIENT_TEMPLATE_PARAM)
+    return template
+
+
+def render_client_template(sandbox: TemplateSandbox, request: GenerateRequest, template: str) -> str:
+    """A client's template, rendered in the sandbox (its time, memory and length limits)."""
+    kwargs = {k: v for k, v in request.chat_template_kwargs.items() if k != "chat_template"}
+    try:
+        return sandbox.render(chat_message_dicts(request.messages or []), template, tools=request.tools,
+                              add_generation_prompt=request.add_generation_prompt,
+                              continue_final_message=request.continue_final_message, template_kwargs=kwargs)
+    except TemplateRenderError as error:
+        raise RequestError(str(error), CLIENT_TEMPLATE_PARAM) from error
+
+
+def render_chat(tokenizer: Any, request: GenerateRequest, sandbox: TemplateSandbox | None = None) -> str:
+    """The chat template applied to the request's messages (raises RequestError on a template error).
+
+    The tokenizer's template renders here; a client's renders in ``sandbox`` (refused without one).
+    """
+    template = client_template(tokenizer, request)
+    if template is not None:
+        if sandbox is None:
+            raise RequestError("a chat template sent by the client is not rendered on this server; start it with "
+                               "--allow-request-chat-template to accept one", CLIENT_TEMPLATE_PARAM)
+        return render_client_template(sandbox, request, template)
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model has no chat template; use /v1/completions with a plain prompt",
                            "messages")
@@ -103,7 +148,8 @@ def render_chat(tokenizer: Any, request: GenerateRequest) -> str:
         raise RequestError(f"chat template failed: {error}", "messages") from error
 
 
-def prompt_ids(tokenizer: Any, request: GenerateRequest, vocab_size: int) -> list[int]:
+def prompt_ids(tokenizer: Any, request: GenerateRequest, vocab_size: int,
+               sandbox: TemplateSandbox | None = None) -> list[int]:
     """Token ids of the request's prompt; exactly one of text / messages / input_ids must be set."""
     if request.image_urls:
         raise RequestError("this model does not accept image inputs", "messages")
@@ -117,7 +163,7 @@ def prompt_ids(tokenizer: Any, request: GenerateRequest, vocab_size: int) -> lis
     if request.messages is not None:
         if not request.messages:
             raise RequestError("messages must not be empty", "messages")
-        return tokenizer.encode(render_chat(tokenizer, request), add_special_tokens=False)
+        return tokenizer.encode(render_chat(tokenizer, request, sandbox), add_special_tokens=False)
     return checked_input_ids(request.input_ids or [], vocab_size)
 
 
@@ -157,10 +203,10 @@ def fan_out(request: GenerateRequest, input_ids: list[int]) -> list[TokenizedReq
     return sequences
 
 
-def tokenize_request(tokenizer: Any, request: GenerateRequest, context_length: int,
-                     vocab_size: int) -> list[TokenizedRequest]:
+def tokenize_request(tokenizer: Any, request: GenerateRequest, context_length: int, vocab_size: int,
+                     sandbox: TemplateSandbox | None = None) -> list[TokenizedRequest]:
     """The whole job for one request (pure; runs on a worker thread). Raises RequestError."""
-    input_ids = prompt_ids(tokenizer, request, vocab_size)
+    input_ids = prompt_ids(tokenizer, request, vocab_size, sandbox)
     check_length(len(input_ids), request.sampling.max_new_tokens, context_length)
     if request.sampling.max_new_tokens is None:  # OpenAI's "no max_tokens": up to the context length
         room = context_length - len(input_ids)
@@ -201,6 +247,8 @@ class TokenizeStage(Stage):
         self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="tokenize") if num_workers else None
         self.in_flight: list[tuple[GenerateRequest, Future]] = []
         self.held_aborts: list[Abort] = []
+        self.template_sandbox: TemplateSandbox | None = None  # started by the first client template
+        self.template_max_chars = max(1 << 20, TEMPLATE_CHARS_PER_TOKEN * args.context_length)
 
     def handle(self, message: TokenizeInbox) -> None:
         match message:
@@ -216,8 +264,21 @@ class TokenizeStage(Stage):
             case _:
                 raise TypeError(f"tokenize stage got an unexpected {type(message).__name__}")
 
+    def _sandbox_for(self, request: GenerateRequest) -> TemplateSandbox | None:
+        """The template sandbox when the request brings a template of its own and the server accepts one."""
+        try:
+            if not self.allow_request_chat_template or client_template(self.tokenizer, request) is None:
+                return None
+        except RequestError:  # not a string: refused when the request is tokenized
+            return None
+        if self.template_sandbox is None:
+            self.template_sandbox = TemplateSandbox(self.tokenizer.special_tokens_map,
+                                                    max_chars=self.template_max_chars)
+        return self.template_sandbox
+
     def _submit(self, request: GenerateRequest) -> None:
-        args = (self.tokenizer, request, self.context_length, self.vocab_size)
+        sandbox = self._sandbox_for(request)
+        args = (self.tokenizer, request, self.context_length, self.vocab_size, sandbox)
         future: Future
         if "chat_template" in request.chat_template_kwargs and not self.allow_request_chat_template:
             future = Future()  # refused in order, like any other request error
@@ -232,7 +293,8 @@ class TokenizeStage(Stage):
             except Exception as error:
                 future.set_exception(error)
         else:
-            future = self.pool.submit(tokenize_request, *args)
+            # a client template runs on the sandbox's own threads: a slow one holds no tokenize thread
+            future = (self.pool if sandbox is None else sandbox.render_pool).submit(tokenize_request, *args)
             future.add_done_callback(lambda _: self.wake())  # the loop stepping this stage emits it
         self.in_flight.append((request, future))
 
@@ -290,3 +352,5 @@ class TokenizeStage(Stage):
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.template_sandbox is not None:
+            self.template_sandbox.close()

@@ -9,8 +9,13 @@ Packed layout (B requests, T new tokens, W row writes, S row-write slots;
 each field padded to an even length, so every field is 16-byte aligned)::
 
     input_ids[T] positions[T] out_cache_loc[T]
-    req_pool_indices[B] prefix_lens[B] extend_lens[B] extend_start_loc[B] seq_lens[B] logits_indices[B]
+    req_pool_indices[B] prefix_lens[B] extend_lens[B] extend_start_loc[B] seq_lens[B] logits_indices[B+P]
     write_rows[W] write_starts[W] write_ends[W] write_offsets[W] write_slots[S]
+
+``logits_indices`` holds each request's last row, then the P prompt rows
+whose logits a prompt-logprob request wants (``prompt_logit_rows``; P is 0
+unless some request asks), so the model's one gather before the LM head
+serves both.
 
 ``req_to_token`` is then updated on the device: first the row writes
 (cached-prefix slots, from the radix cache), then every new token's slot at
@@ -59,6 +64,7 @@ def pack_batch(batch: ForwardBatch) -> tuple[list[int], int, int]:
         extend_start.append(offset)
         offset += length
         logits_indices.append(offset - 1)
+    logits_indices += prompt_logit_rows(batch, extend_start)
     fields = [batch.input_ids, batch.positions, batch.out_cache_loc, batch.req_pool_indices,
               batch.prefix_lens, batch.extend_lens, extend_start, batch.seq_lens, logits_indices]
     writes = batch.row_writes
@@ -78,7 +84,7 @@ def unpack(buffer: torch.Tensor, batch: ForwardBatch, num_writes: int, num_write
            req_to_token: torch.Tensor, max_seq_len: int | None = None) -> DeviceBatch:
     """Slice the packed device buffer into the model's inputs (views, no kernels)."""
     T, B = len(batch.input_ids), len(batch.rids)
-    sizes = [T, T, T, B, B, B, B, B, B]
+    sizes = [T, T, T, B, B, B, B, B, B + num_prompt_logit_rows(batch)]
     if num_writes:
         sizes += [num_writes] * 4 + [num_write_slots]
     parts, offset = [], 0
@@ -95,6 +101,25 @@ def unpack(buffer: torch.Tensor, batch: ForwardBatch, num_writes: int, num_write
         max_seq_len=max_seq_len if max_seq_len is not None else max(batch.seq_lens))
     row_writes = tuple(parts[9:]) if num_writes else None
     return DeviceBatch(input_ids, positions, meta, row_writes)
+
+
+def num_prompt_logit_rows(batch: ForwardBatch) -> int:
+    return sum(len(ids) for ids in batch.sampling.prompt_logprob_ids)
+
+
+def prompt_logit_rows(batch: ForwardBatch, extend_start: list[int]) -> list[int]:
+    """q rows of the prompt positions whose logits are wanted (``SamplingBatch.prompt_logprob_ids``).
+
+    Request b's rows are a suffix of its chunk: ending at its last row, or at
+    the row before it when that last row samples the first output token.
+    """
+    rows: list[int] = []
+    sampling = batch.sampling
+    for b, ids in enumerate(sampling.prompt_logprob_ids):
+        if ids:
+            end = extend_start[b] + batch.extend_lens[b] - (1 if sampling.need_sample[b] else 0)
+            rows.extend(range(end - len(ids), end))
+    return rows
 
 
 def write_req_to_token(write: Callable, device_batch: DeviceBatch) -> None:

@@ -86,13 +86,17 @@ class ForwardStage(Stage):
         match message:
             case ForwardBatch():
                 logits = self.run_batch(message)
+                num_reqs, prompt_logits = len(message.rids), None
+                if logits.shape[0] > num_reqs:  # prompt-logprob rows follow the last rows
+                    logits, prompt_logits = logits[:num_reqs], logits[num_reqs:]
                 self.outboxes.sample.put(Logits(batch_id=message.batch_id, rids=message.rids, logits=logits,
-                                                sampling=message.sampling))
+                                                sampling=message.sampling, prompt_logits=prompt_logits))
             case _:
                 raise TypeError(f"forward: unexpected message {type(message).__name__}")
 
     def run_batch(self, batch: ForwardBatch) -> torch.Tensor:
-        """logits[B, vocab] fp32 of each request's last new token (every rank runs it too)."""
+        """logits[B, vocab] fp32 of each request's last new token (every rank runs it too), then
+        the rows of the prompt positions ``sampling.prompt_logprob_ids`` asks for."""
         if self.peers is not None:
             self.peers.send(batch)
         return self.runner.run_batch(batch)

@@ -17,7 +17,9 @@
    (``NEW_TOKEN_RATIO`` of their remaining max_new_tokens), so that
    retractions stay rare.
 3. **Batch.** Prefill rows then decode rows; mode ``extend`` if any prefill
-   row, else ``decode``. Only a prompt's last chunk samples a token.
+   row, else ``decode``. Only a prompt's last chunk samples a token. A chunk
+   of a request that wants prompt logprobs lists the prompt tokens its rows
+   predict (``SamplingBatch.prompt_logprob_ids``, see ``prompt_logprobs.py``).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import math
 from pipeline.messages import ForwardBatch, RowWrite, SamplingBatch
 from stages.schedule.kv_manager import KVManager
 from stages.schedule.policy import order_waiting
+from stages.schedule.prompt_logprobs import chunk_targets
 from stages.schedule.req_table import Phase, Req
 
 NEW_TOKEN_RATIO = 0.3
@@ -38,6 +41,7 @@ class PlannedRow:
     extend_len: int
     need_sample: bool
     is_prefill: bool
+    prompt_first: int = 0  # prompt position of the first logprob this row computes (if any)
 
 
 def plan_decodes(kv: KVManager, running: list[Req]) -> tuple[list[PlannedRow], list[Req], list[Req]]:
@@ -185,7 +189,32 @@ def sampling_batch(rows: list[PlannedRow]) -> SamplingBatch:
         top_logprobs_nums=[p.top_logprobs_num for p in params],
         constrained=[r.constrained for r in reqs],
         banned_token_ids=_banned_token_ids(rows),
+        **_logprob_options(rows),
     )
+
+
+def _logprob_options(rows: list[PlannedRow]) -> dict:
+    """prompt_logprob_ids (and the top-n per row) for chunks owing prompt logprobs; token_ids_logprobs.
+
+    Sets each such row's ``prompt_first``; empty lists when no row needs them.
+    """
+    options: dict = {}
+    targets: list[list[int]] = []
+    for row in rows:
+        req = row.req
+        ids: list[int] = []
+        if row.is_prefill and req.logprob_owed is not None:
+            end = req.kv_len
+            row.prompt_first = max(req.logprob_owed, end - row.extend_len + 1)
+            ids = chunk_targets(req.input_ids, req.logprob_owed, end - row.extend_len, end)
+        targets.append(ids)
+    if any(targets):
+        options["prompt_logprob_ids"] = targets
+        options["prompt_top_logprobs_nums"] = [r.req.sampling.prompt_top_logprobs_num for r in rows]
+    if any(r.req.sampling.return_logprob and r.req.sampling.token_ids_logprob for r in rows):
+        options["token_ids_logprobs"] = [list(r.req.sampling.token_ids_logprob) if r.req.sampling.return_logprob
+                                         else [] for r in rows]
+    return options
 
 
 def _banned_token_ids(rows: list[PlannedRow]) -> list[list[int]]:

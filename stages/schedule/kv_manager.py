@@ -9,7 +9,7 @@ pages, ``C = cached_len``; see ``req_table.Req``):
 ==================  =====================================================
 event               slots
 ==================  =====================================================
-admit               ``slots = match_prefix(fill_ids[:-1])``; lock node;
+admit               ``slots = match_prefix(matchable_ids)``; lock node;
                     the row's first ``C`` entries need a RowWrite
 extend (alloc)      append slots for the new tokens (evict LRU leaves first
                     when the pool is short)
@@ -62,7 +62,7 @@ class KVManager:
     # ---------------------------------------------------------------- admit
     def match(self, req: Req, count: bool = False) -> int:
         """Length of the cached prefix a (waiting) request would get; no side effects but LRU."""
-        slots, _ = self.tree.match_prefix(req.fill_ids[:-1], count=count)
+        slots, _ = self.tree.match_prefix(req.matchable_ids, count=count)
         return len(slots)
 
     def admit(self, req: Req) -> list[RowWrite] | None:
@@ -70,7 +70,7 @@ class KVManager:
         row = self.rows.alloc()
         if row is None:
             return None
-        slots, node = self.tree.match_prefix(req.fill_ids[:-1], count=not req.admitted_once)
+        slots, node = self.tree.match_prefix(req.matchable_ids, count=not req.admitted_once)
         self.tree.inc_lock_ref(node)
         req.row, req.slots, req.cached_len, req.last_node = row, list(slots), len(slots), node
         self.holders[req.rid] = req

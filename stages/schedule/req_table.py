@@ -58,10 +58,21 @@ class Req:
     num_retractions: int = 0
     finish_reason: FinishReason | None = None
     constrained: bool = False
+    # Prompt logprobs (stages/schedule/prompt_logprobs.py): the first prompt position still
+    # owed (None: none), and what came back so far.
+    logprob_owed: int | None = None
+    prompt_logprobs: Any = None
 
     @property
     def fill_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
+
+    @property
+    def matchable_ids(self) -> list[int]:
+        """The tokens a radix-cache match may cover: all but the last, and none whose logits are owed."""
+        if self.logprob_owed is None:
+            return self.fill_ids[:-1]
+        return self.input_ids[:max(self.logprob_owed - 1, 0)]
 
     @property
     def seq_len(self) -> int:

@@ -52,6 +52,7 @@ from pipeline.stage import Outbox, Outboxes, Stage
 from stages.schedule.batch import (
     PlannedRow, build_forward_batch, plan_decodes, plan_prefills,
 )
+from stages.schedule.prompt_logprobs import start_request, take_chunk, with_extras
 from stages.schedule.kv_manager import KVManager
 from stages.schedule.req_table import Phase, Req
 
@@ -138,7 +139,8 @@ class ScheduleStage(Stage):
                   arrival_order=self.arrivals,
                   stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids))
         self.arrivals += 1
-        if req.max_new_tokens == 0:
+        start_request(req)
+        if req.max_new_tokens == 0 and req.prompt_logprobs is None:
             self._emit_outputs([self._finish(req, FinishReason(type="length"))])
             return
         self.live_rids.add(req.rid)
@@ -166,6 +168,10 @@ class ScheduleStage(Stage):
             return f"the prompt has {num} tokens; the KV cache holds only {self.kv.capacity_tokens}"
         if any(t < 0 or t >= self.info.vocab_size for t in msg.input_ids):
             return f"input_ids must be in [0, {self.info.vocab_size})"
+        if msg.sampling.wants_prompt_logprobs and msg.sampling.logprob_start_len >= num:
+            return f"logprob_start_len ({msg.sampling.logprob_start_len}) must be less than the prompt length ({num})"
+        if any(t >= self.info.vocab_size for t in msg.sampling.token_ids_logprob):
+            return f"token_ids_logprob must be in [0, {self.info.vocab_size})"
         return None
 
     def _on_grammar_ready(self, msg: GrammarReady) -> None:
@@ -293,10 +299,17 @@ class ScheduleStage(Stage):
         finished = []
         has_logprobs = bool(msg.token_logprobs)
         running = Phase.RUNNING
-        for row, token in zip(rows, msg.token_ids):
+        for i, (row, token) in enumerate(zip(rows, msg.token_ids)):
             req = row.req
             if req.phase is not running:
                 continue  # aborted while its batch was in flight
+            if msg.prompt_logprobs and msg.prompt_logprobs[i] is not None:
+                take_chunk(req, row.prompt_first, msg.prompt_logprobs[i])
+            if row.is_prefill and req.max_new_tokens == 0 and row.need_sample:  # prompt logprobs only
+                done = self._token_output(req, [], FinishReason(type="length"), [], [], [])
+                outputs.append(with_extras(done, req, msg, i))
+                finished.append(req)
+                continue
             if row.is_prefill:
                 self.pending_row_writes.extend(self.kv.cache_prefix(req))
                 if not row.need_sample:
@@ -310,6 +323,8 @@ class ScheduleStage(Stage):
                     rid=req.rid, parent_rid=req.parent_rid, index=req.index, new_token_ids=[token],
                     finish_reason=reason, prompt_tokens=len(req.input_ids),
                     completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens))
+            if req.sampling.return_logprob:
+                outputs[-1] = with_extras(outputs[-1], req, msg, i)
             if reason is not None:
                 finished.append(req)
         self.num_generated += len(outputs)
