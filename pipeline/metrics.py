@@ -34,6 +34,38 @@ the runner of each process sends one a second to the ingest stage with the
 counters of every stage it runs (``stage_counters(stage)`` below builds one
 stage's entry); ``set_process_counters`` keeps the latest per process, so
 one ``/metrics`` shows every process.
+
+Peer names. Dashboards and autoscalers written for SGLang or vLLM query
+their own families, so the same observations are also exported under the
+names and labels those projects use (``PEER_FAMILIES`` lists them). Every
+observation feeds all three prefixes in one call, so their values agree:
+``sglang:prompt_tokens_total == vllm:prompt_tokens_total ==
+stagewise:prompt_tokens_total`` at any scrape.
+
+==========================================  =======================================  ========================
+ours                                        SGLang (``model_name``)                  vLLM (``model_name``,
+                                                                                     ``engine``)
+==========================================  =======================================  ========================
+time_to_first_token_seconds                 same name                                same name
+inter_token_latency_seconds                 same name                                same name, and
+                                                                                     time_per_output_token_seconds
+(per sequence: (e2e - TTFT) / (tokens - 1)) time_per_output_token_seconds            --
+e2e_request_latency_seconds                 same name                                same name
+prompt_tokens_total, generation_tokens_     same names                               same names
+total
+num_requests_total{finish_reason}           num_requests_total (no reason label)     request_success_total
+                                                                                     {finished_reason}
+(per sequence token counts)                 --                                       request_prompt_tokens,
+                                                                                     request_generation_tokens
+num_running_reqs, num_queue_reqs            same names                               num_requests_running,
+                                                                                     num_requests_waiting
+token_usage                                 same name                                kv_cache_usage_perc
+cache_hit_rate, gen_throughput,             same names                               --
+max_total_num_tokens
+==========================================  =======================================  ========================
+
+vLLM's ``engine`` label is the data-parallel rank (``"0"`` with one
+replica); the SGLang gauges take ``dp_rank`` exactly as ours do.
 """
 from __future__ import annotations
 
@@ -101,6 +133,33 @@ def stage_counters(stage: Any) -> dict[str, float]:
     return values
 
 
+SGLANG_PREFIX = "sglang:"
+VLLM_PREFIX = "vllm:"
+TOKEN_COUNT_BUCKETS = tuple(float(m * 10 ** e) for e in range(6) for m in (1, 2, 5))  # vLLM's 1-2-5 ladder
+SGLANG_ENGINE_GAUGES = ENGINE_GAUGES  # SGLang's scheduler gauges carry our names
+VLLM_ENGINE_GAUGES = (("num_running_reqs", "num_requests_running"), ("num_queue_reqs", "num_requests_waiting"),
+                      ("token_usage", "kv_cache_usage_perc"))  # (EngineStats field, vLLM name)
+
+
+class RequestSeries:
+    """Per-request histograms and counters under one prefix, bound to that project's labels."""
+
+    def __init__(self, registry: CollectorRegistry, prefix: str, labels: dict[str, str]) -> None:
+        names, values = list(labels), list(labels.values())
+
+        def histogram(name: str, help_text: str, buckets: tuple[float, ...]) -> Any:
+            return Histogram(prefix + name, help_text, names, buckets=buckets, registry=registry).labels(*values)
+
+        def counter(name: str, help_text: str) -> Any:
+            return Counter(prefix + name, help_text, names, registry=registry).labels(*values)
+
+        self.ttft = histogram("time_to_first_token_seconds", "Time to first token", TTFT_BUCKETS_S)
+        self.itl = histogram("inter_token_latency_seconds", "Time between two output tokens", ITL_BUCKETS_S)
+        self.e2e = histogram("e2e_request_latency_seconds", "Arrival to last token of a sequence", E2E_BUCKETS_S)
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of finished sequences")
+        self.generation_tokens = counter("generation_tokens", "Generated tokens")
+
+
 class ServerMetrics:
     """Every metric of one server, in its own registry; ``render()`` is the /metrics body."""
 
@@ -108,43 +167,79 @@ class ServerMetrics:
         self.registry = CollectorRegistry()
         self.model_name = model_name
         self.dp_size = dp_size
-        labels = ["model_name"]
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time to first token",
-                              labels, buckets=TTFT_BUCKETS_S, registry=self.registry).labels(model_name)
-        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between two output tokens",
-                             labels, buckets=ITL_BUCKETS_S, registry=self.registry).labels(model_name)
-        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Arrival to last token of a sequence",
-                             labels, buckets=E2E_BUCKETS_S, registry=self.registry).labels(model_name)
-        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished sequences", labels,
-                                     registry=self.registry).labels(model_name)
-        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens", labels,
-                                         registry=self.registry).labels(model_name)
+        labels = {"model_name": model_name}
+        self.ours = RequestSeries(self.registry, PREFIX, labels)
+        self.sglang = RequestSeries(self.registry, SGLANG_PREFIX, labels)
+        self.vllm = RequestSeries(self.registry, VLLM_PREFIX, {"model_name": model_name, "engine": "0"})
+        self.series = (self.ours, self.sglang, self.vllm)
+        self.ttft, self.itl, self.e2e = self.ours.ttft, self.ours.itl, self.ours.e2e
+        self.prompt_tokens, self.generation_tokens = self.ours.prompt_tokens, self.ours.generation_tokens
         self.num_requests = Counter(PREFIX + "num_requests", "Finished sequences by finish reason",
-                                    labels + ["finish_reason"], registry=self.registry)
-        engine_labels = labels + ["dp_rank"] if dp_size > 1 else labels
+                                    ["model_name", "finish_reason"], registry=self.registry)
+        self._add_peer_request_series()
+        engine_labels = ["model_name", "dp_rank"] if dp_size > 1 else ["model_name"]
         self.engine = {name: Gauge(PREFIX + name, f"EngineStats.{name} of an engine replica", engine_labels,
                                    registry=self.registry) for name in ENGINE_GAUGES}
+        self.sglang_engine = {name: Gauge(SGLANG_PREFIX + name, f"EngineStats.{name} of an engine replica",
+                                          engine_labels, registry=self.registry) for name in SGLANG_ENGINE_GAUGES}
+        self.vllm_engine = {field: Gauge(VLLM_PREFIX + name, f"EngineStats.{field} of an engine replica",
+                                         ["model_name", "engine"], registry=self.registry)
+                            for field, name in VLLM_ENGINE_GAUGES}
         self.last_stats: dict[int, EngineStats] = {}  # dp_rank -> that replica's latest snapshot
         self.pipeline = PipelineCollector()
         self.registry.register(self.pipeline)
 
+    def _add_peer_request_series(self) -> None:
+        """The peer families that have no stagewise twin (see the table in the module docstring)."""
+        vllm_labels = ["model_name", "engine"]
+        self.sglang_tpot = Histogram(SGLANG_PREFIX + "time_per_output_token_seconds",
+                                     "Per sequence: (e2e - TTFT) / (generated tokens - 1)", ["model_name"],
+                                     buckets=ITL_BUCKETS_S, registry=self.registry).labels(self.model_name)
+        self.sglang_requests = Counter(SGLANG_PREFIX + "num_requests", "Finished sequences", ["model_name"],
+                                       registry=self.registry).labels(self.model_name)
+        self.vllm_tpot = Histogram(VLLM_PREFIX + "time_per_output_token_seconds", "Time between two output tokens",
+                                   vllm_labels, buckets=ITL_BUCKETS_S,
+                                   registry=self.registry).labels(self.model_name, "0")
+        self.vllm_success = Counter(VLLM_PREFIX + "request_success", "Finished sequences by finish reason",
+                                    vllm_labels + ["finished_reason"], registry=self.registry)
+        self.vllm_prompt_lengths = Histogram(VLLM_PREFIX + "request_prompt_tokens", "Prompt tokens per sequence",
+                                             vllm_labels, buckets=TOKEN_COUNT_BUCKETS,
+                                             registry=self.registry).labels(self.model_name, "0")
+        self.vllm_generation_lengths = Histogram(VLLM_PREFIX + "request_generation_tokens",
+                                                 "Generated tokens per sequence", vllm_labels,
+                                                 buckets=TOKEN_COUNT_BUCKETS,
+                                                 registry=self.registry).labels(self.model_name, "0")
+
     # -- fed by the ingest stage --------------------------------------------------
     def observe_first_token(self, seconds: float) -> None:
-        self.ttft.observe(seconds)
+        for series in self.series:
+            series.ttft.observe(seconds)
 
     def observe_inter_token(self, seconds: float) -> None:
-        self.itl.observe(seconds)
+        for series in self.series:
+            series.itl.observe(seconds)
+        self.vllm_tpot.observe(seconds)
 
     def count_tokens(self, num_prompt_tokens: int, num_generated_tokens: int) -> None:
-        if num_prompt_tokens:
-            self.prompt_tokens.inc(num_prompt_tokens)
-        if num_generated_tokens:
-            self.generation_tokens.inc(num_generated_tokens)
+        for series in self.series:
+            if num_prompt_tokens:
+                series.prompt_tokens.inc(num_prompt_tokens)
+            if num_generated_tokens:
+                series.generation_tokens.inc(num_generated_tokens)
 
-    def observe_finished(self, finish_reason: str, num_prompt_tokens: int, e2e_s: float) -> None:
+    def observe_finished(self, finish_reason: str, num_prompt_tokens: int, e2e_s: float,
+                         ttft_s: float | None = None, num_generated_tokens: int = 0) -> None:
+        """One sequence ended; ``ttft_s`` is None when it ended before its first token."""
         self.num_requests.labels(self.model_name, finish_reason).inc()
+        self.sglang_requests.inc()
+        self.vllm_success.labels(self.model_name, "0", finish_reason).inc()
         self.count_tokens(num_prompt_tokens, 0)
-        self.e2e.observe(e2e_s)
+        for series in self.series:
+            series.e2e.observe(e2e_s)
+        self.vllm_prompt_lengths.observe(num_prompt_tokens)
+        self.vllm_generation_lengths.observe(num_generated_tokens)
+        if ttft_s is not None and num_generated_tokens > 1:
+            self.sglang_tpot.observe((e2e_s - ttft_s) / (num_generated_tokens - 1))
 
     def set_engine_stats(self, stats: EngineStats) -> None:
         """One replica's snapshot: its ``dp_rank`` series (the only series when dp_size is 1)."""
@@ -152,6 +247,10 @@ class ServerMetrics:
         label_values = (self.model_name, str(stats.dp_rank)) if self.dp_size > 1 else (self.model_name,)
         for name, gauge in self.engine.items():
             gauge.labels(*label_values).set(float(getattr(stats, name)))
+        for name, gauge in self.sglang_engine.items():
+            gauge.labels(*label_values).set(float(getattr(stats, name)))
+        for field, gauge in self.vllm_engine.items():
+            gauge.labels(self.model_name, str(stats.dp_rank)).set(float(getattr(stats, field)))
 
     def set_process_counters(self, counters: ProcessCounters) -> None:
         self.pipeline.update(counters)

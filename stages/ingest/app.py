@@ -1,4 +1,8 @@
-"""The aiohttp application: routes plus four middlewares.
+"""The aiohttp application: routes (OpenAI, SGLang-native, the small peer endpoints, Ollama) plus middlewares.
+
+* ``cors_middleware`` (outermost; see cors.py): answers browsers' CORS
+  preflights per ``--allowed-origins`` and friends; every response gets the
+  ``Access-Control-Allow-*`` headers of an allowed origin.
 
 * ``api_key_middleware`` (when a key is set: ``--api-key``, else the
   ``STAGEWISE_API_KEY`` environment variable, else the first line of
@@ -36,8 +40,11 @@ from aiohttp import web
 
 from pipeline.config import ConfigError, ServerArgs
 from stages.ingest.context import CTX, ServerContext
+from stages.ingest.cors import CorsPolicy, cors_middleware, install_cors
 from stages.ingest.errors import ApiError
+from stages.ingest.misc_routes import add_misc_routes
 from stages.ingest.native_routes import add_native_routes
+from stages.ingest.ollama_routes import add_ollama_routes
 from stages.ingest.openai_routes import add_openai_routes
 
 logger = logging.getLogger(__name__)
@@ -151,8 +158,13 @@ def build_app(ctx: ServerContext) -> web.Application:
     api_key = resolve_api_key(ctx.args)
     if api_key:
         middlewares.insert(0, api_key_middleware(api_key))
+    cors = CorsPolicy(ctx.args)
+    middlewares.insert(0, cors_middleware(cors))  # outermost: preflights need no key
     app = web.Application(middlewares=middlewares, client_max_size=MAX_BODY_BYTES)
     app[CTX] = ctx
+    install_cors(app, cors)
     add_openai_routes(app)
     add_native_routes(app)
+    add_misc_routes(app)
+    add_ollama_routes(app)
     return app

@@ -5,7 +5,11 @@
 "meta_info"}`` per sequence (a list for a batch or ``n > 1``); streamed, each
 event carries the text so far, as SGLang does. ``/health`` is 503 until the
 warm-up request went through, then 200; ``/health_generate`` runs a one-token
-generation through the whole pipeline.
+generation through the whole pipeline (``/ping`` is ``/health`` for
+SageMaker). ``/flush_cache`` answers POST and GET, as SGLang's does.
+``/get_server_info`` (also ``/server_info``) carries SGLang's top-level
+``max_total_num_tokens`` (the KV capacity the engine reported) and
+``version``.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from pipeline.messages import GenerateRequest, SamplingParams
 from stages.ingest.context import CTX, ServerContext
 from stages.ingest.convert import check_vocabulary, native_requests
 from stages.ingest.errors import ApiError
+from stages.ingest.misc_routes import stagewise_version
 from stages.ingest.protocol import AbortRequestBody, NativeGenerateRequest
 from stages.ingest.responses import SequenceResult, native_result
 from stages.ingest.streaming import SseWriter, collect, merged, read_body
@@ -153,7 +158,9 @@ async def get_server_info(request: web.Request) -> web.Response:
     info["engine_stats"] = msgspec.to_builtins(stats) if stats is not None else None
     per_rank = ctx.ingest.engine_stats_by_rank
     info["engine_stats_per_dp_rank"] = [msgspec.to_builtins(per_rank[rank]) for rank in sorted(per_rank)]
-    info["max_total_num_tokens"] = stats.max_total_num_tokens if stats is not None else None
+    configured_tokens = ctx.args.max_total_tokens or None  # until the engine reports its measured capacity
+    info["max_total_num_tokens"] = stats.max_total_num_tokens if stats is not None else configured_tokens
+    info["version"] = stagewise_version()
     info["num_requests_in_flight"] = len(ctx.ingest.streams)
     info["num_sequences_in_flight"] = ctx.ingest.num_sequences_in_flight
     return web.json_response(info)
@@ -198,4 +205,6 @@ def add_native_routes(app: web.Application) -> None:
     app.router.add_get("/server_info", get_server_info)
     app.router.add_post("/abort_request", abort_request)
     app.router.add_post("/flush_cache", flush_cache)
+    app.router.add_get("/flush_cache", flush_cache)  # SGLang serves both methods
+    app.router.add_get("/ping", health)  # SageMaker's health check
     app.router.add_get("/metrics", metrics)

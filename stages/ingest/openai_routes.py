@@ -22,12 +22,16 @@ from stages.ingest.responses import (SequenceResult, chat_logprobs, chat_respons
 from stages.ingest.streaming import SseWriter, collect, merged, read_body
 
 
+def model_card(ctx: ServerContext) -> dict[str, Any]:
+    """The served model as OpenAI's Model object (plus SGLang's and vLLM's root and max_model_len)."""
+    args = ctx.args
+    return {"id": args.served_model_name, "object": "model", "created": ctx.started_s, "owned_by": "stagewise",
+            "root": args.model_path, "max_model_len": args.context_length}
+
+
 async def list_models(request: web.Request) -> web.Response:
     ctx: ServerContext = request.app[CTX]
-    args = ctx.args
-    return web.json_response({"object": "list", "data": [{
-        "id": args.served_model_name, "object": "model", "created": ctx.started_s, "owned_by": "stagewise",
-        "root": args.model_path, "max_model_len": args.context_length}]})
+    return web.json_response({"object": "list", "data": [model_card(ctx)]})
 
 
 # --------------------------------------------------------------------------- /v1/completions

@@ -136,7 +136,10 @@ class RequestStream:
         if metrics is not None:
             metrics.count_tokens(0, num_new)
             if output.finish_reason is not None:
-                metrics.observe_finished(output.finish_reason.type, output.prompt_tokens, now_s - self.arrival_s)
+                first_s = self.first_token_s[index]
+                metrics.observe_finished(output.finish_reason.type, output.prompt_tokens, now_s - self.arrival_s,
+                                         None if first_s is None else first_s - self.arrival_s,
+                                         self.num_completion_tokens[index])
 
     async def close(self) -> None:
         """End the request: unless every sequence finished, abort it in the engine (frees its KV)."""
