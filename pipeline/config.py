@@ -87,6 +87,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     allowed_methods: str = "*"  # HTTP methods a cross-origin page may use
     allowed_headers: str = "*"  # request headers a cross-origin page may send
     allow_credentials: bool = False  # let cross-origin pages send cookies and HTTP auth
+    file_store_max_mb: int = 512  # MiB that /v1/files may hold in all (uploads and batch results); one upload <= 64 MiB
 
     @property
     def model_dir(self) -> Path:

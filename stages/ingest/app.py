@@ -20,7 +20,9 @@
   local server. One exception: ``POST /flush_cache`` with an empty body,
   whatever its content type (SGLang's clients send it bare; aiohttp's label
   an empty POST ``application/octet-stream``); a page can cause at most a
-  cache flush with it.
+  cache flush with it. Two: ``POST /v1/files`` is a multipart/form-data
+  upload (OpenAI's clients send files so); a page can at most add a file to
+  the bounded file store with it (running a batch needs a JSON POST).
 * ``body_timeout_middleware``: a POST body must arrive whole within
   ``BODY_READ_TIMEOUT_S`` (else 408), so a client
   that sends headers and then trickles or withholds the body cannot hold a
@@ -39,6 +41,7 @@ from typing import Any, Awaitable, Callable
 from aiohttp import web
 
 from pipeline.config import ConfigError, ServerArgs
+from stages.ingest.batch_api import add_batch_routes
 from stages.ingest.context import CTX, ServerContext
 from stages.ingest.cors import CorsPolicy, cors_middleware, install_cors
 from stages.ingest.errors import ApiError
@@ -46,6 +49,7 @@ from stages.ingest.misc_routes import add_misc_routes
 from stages.ingest.native_routes import add_native_routes
 from stages.ingest.ollama_routes import add_ollama_routes
 from stages.ingest.openai_routes import add_openai_routes
+from stages.ingest.responses_api import add_responses_routes
 
 logger = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -55,6 +59,7 @@ API_KEY_ENV = "STAGEWISE_API_KEY"
 JSON_TYPE = "application/json"
 BODY_READ_TIMEOUT_S = 30.0
 BARE_POST_PATHS = ("/flush_cache",)  # may be POSTed with an empty body and any content type
+FORM_POST_PATHS = ("/v1/files",)  # take multipart/form-data uploads (batch_api.py)
 
 
 @web.middleware
@@ -135,6 +140,8 @@ async def json_body_middleware(request: web.Request, handler: Handler) -> web.St
     declared = request.headers.get("Content-Type")
     if not request.body_exists and request.path in BARE_POST_PATHS:  # no body: nothing to misread
         return await handler(request)
+    if request.path in FORM_POST_PATHS and request.content_type.lower() == "multipart/form-data":
+        return await handler(request)
     if declared is None or request.content_type.lower() != JSON_TYPE:
         shown = "none" if declared is None else repr(declared[:100])
         raise ApiError(415, f"request body must be JSON sent with 'Content-Type: {JSON_TYPE}' (got {shown})",
@@ -164,6 +171,8 @@ def build_app(ctx: ServerContext) -> web.Application:
     app[CTX] = ctx
     install_cors(app, cors)
     add_openai_routes(app)
+    add_responses_routes(app)
+    add_batch_routes(app)
     add_native_routes(app)
     add_misc_routes(app)
     add_ollama_routes(app)
