@@ -340,7 +340,9 @@ def replay(path: str, stage_name: str, factory: str | None = None) -> Difference
     Inputs go in at the step they were taken in the recorded run; inputs that
     came through a side door (not the inbox, e.g. the ingest stage's HTTP
     clients) go to ``stage.replay_input(channel, message)``. Telemetry
-    (``TELEMETRY``) is left out of the comparison.
+    (``TELEMETRY``) is left out of the comparison. A stage whose class sets
+    ``ordered_per_request`` (tokenize: each request leaves when it is ready)
+    is compared request by request, in order within each request.
     """
     recording = Recording(path)
     if stage_name not in recording.stages:
@@ -383,7 +385,10 @@ def replay(path: str, stage_name: str, factory: str | None = None) -> Difference
             step += 1
     finally:
         stage.close()
-    return first_difference(_without_telemetry(recorded), _without_telemetry(capture.outputs))
+    recorded, replayed = _without_telemetry(recorded), _without_telemetry(capture.outputs)
+    if getattr(stage, "ordered_per_request", False):  # its contract orders outputs within a request only
+        recorded, replayed = _by_request(recorded), _by_request(replayed)
+    return first_difference(recorded, replayed)
 
 
 def _decode(recording: Recording, decoders: dict[str, Any], traffic: TrafficRecord) -> Any:
@@ -401,6 +406,18 @@ def _without_telemetry(outputs: dict[str, list[tuple[int, bytes]]]) -> dict[str,
         kept[channel] = [(step, payload) for step, payload in items
                          if _type_tag(payload) not in names]
     return kept
+
+
+def _by_request(outputs: dict[str, list[tuple[int, bytes]]]) -> dict[str, list[tuple[int, bytes]]]:
+    """Each channel's messages grouped by request (parent rid, else rid), in order within a request."""
+    return {channel: sorted(items, key=lambda item: _request_key(item[1])) for channel, items in outputs.items()}
+
+
+def _request_key(payload: bytes) -> str:
+    value = msgspec.msgpack.decode(payload)
+    if not isinstance(value, dict):
+        return ""
+    return str(value.get("parent_rid") or value.get("rid") or "")
 
 
 def _type_tag(payload: bytes) -> str | None:

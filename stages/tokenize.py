@@ -25,6 +25,10 @@ What it does, per request:
 2. **length check.** ``prompt_tokens + max_new_tokens <= context_length``,
    else a 400 that gives the three numbers; ``max_new_tokens=None`` (a chat
    request without ``max_tokens``) becomes whatever room the context leaves.
+   A prompt whose size alone proves it too long is refused the same way
+   before it is encoded (``early_length_error``): ``input_ids`` by their
+   count, a text prompt (or the user turns of a chat) by its UTF-8 bytes,
+   since no token covers more than ``max_bytes_per_token(tokenizer)`` bytes.
 3. **n fan-out.** ``n > 1`` becomes ``n`` sequences ``f"{rid}.{i}"`` with
    ``parent_rid=rid`` and ``index=i`` (a given seed becomes ``seed + i`` so the
    samples differ yet stay reproducible); ``n == 1`` keeps ``rid``.
@@ -32,9 +36,13 @@ What it does, per request:
 Tokenization runs on a small thread pool, never on the caller's loop: a 100k
 token prompt takes tens of milliseconds to encode, and the front end's event
 loop keeps streaming other requests meanwhile. ``handle`` submits the work,
-``tick`` emits finished results in arrival order. An ``Abort`` for a
-request still being tokenized waits until that request has been emitted, so
-the schedule stage always sees a request before its abort.
+``tick`` emits each result as soon as it is ready: a two-token request is
+not held behind a 20 MB prompt that arrived first. Order is kept per
+request only (its sequences, then its abort). An ``Abort`` for a request
+still being tokenized waits until that request has been emitted, so the
+schedule stage always sees a request before its abort. A replay tokenizes
+inline, in arrival order, so it compares outputs per request
+(``ordered_per_request``).
 
 A chat template sent by the client (``chat_template_kwargs.chat_template``,
 accepted only with ``--allow-request-chat-template``) is a program from the
@@ -64,6 +72,7 @@ from pipeline.messages import (Abort, ChatMessage, ErrorOutput, FlushCache, Gene
                                TokenizeInbox)
 from pipeline.stage import Outbox, Outboxes, Stage
 from stages.template_sandbox import TemplateRenderError, TemplateSandbox
+from stages.tokenizer import max_bytes_per_token
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +197,51 @@ def check_length(num_prompt_tokens: int, max_new_tokens: int | None, context_len
                            f"of {context_length} tokens; shorten the prompt or lower max_tokens", "max_tokens")
 
 
+def prompt_num_bytes(request: GenerateRequest) -> int | None:
+    """UTF-8 bytes the encoded text surely holds: the text prompt, or a chat's user turns (None: no bound).
+
+    A chat template may drop or rewrite earlier assistant turns, never a
+    user's words; a client-sent template may do anything, so it gets no bound.
+    """
+    if request.text is not None:
+        return len(request.text) if request.text.isascii() else len(request.text.encode("utf-8", "surrogatepass"))
+    if request.messages is None or "chat_template" in request.chat_template_kwargs:
+        return None
+    return sum(len(m.content.encode("utf-8", "surrogatepass")) for m in request.messages
+               if m.role == "user" and m.content)
+
+
+def early_length_error(request: GenerateRequest, bytes_per_token: int | None,
+                       context_length: int) -> RequestError | None:
+    """The length check's 400 when the prompt's size alone proves it too long, before any encoding.
+
+    ``input_ids`` are counted as they are; a text needs at least
+    ceil(bytes / bytes_per_token) tokens (``stages.tokenizer.max_bytes_per_token``).
+    """
+    if getattr(request.sampling, "truncate_prompt_tokens", None) is not None:
+        return None  # only the prompt's last tokens will be kept: its size proves nothing
+    max_new_tokens = request.sampling.max_new_tokens
+    if request.input_ids is not None and request.text is None and request.messages is None:
+        try:
+            check_length(len(request.input_ids), max_new_tokens, context_length)
+        except RequestError as error:
+            return error
+        return None
+    num_bytes = prompt_num_bytes(request)
+    if bytes_per_token is None or num_bytes is None:
+        return None
+    at_least = -(-num_bytes // bytes_per_token)
+    why = f"at least {at_least} tokens (its {num_bytes} bytes, and no token covers more than {bytes_per_token})"
+    if at_least >= context_length:
+        return RequestError(f"the prompt has {why}, which is not less than the model's context length of "
+                            f"{context_length} tokens", "messages_or_prompt")
+    if max_new_tokens is not None and at_least + max_new_tokens > context_length:
+        return RequestError(f"the prompt has {why}; with {max_new_tokens} max_tokens that is more than the "
+                            f"model's context length of {context_length} tokens; shorten the prompt or lower "
+                            "max_tokens", "max_tokens")
+    return None
+
+
 def fan_out(request: GenerateRequest, input_ids: list[int]) -> list[TokenizedRequest]:
     """One TokenizedRequest per sample: rid itself when n == 1, f"{rid}.{i}" otherwise."""
     n = request.sampling.n
@@ -234,6 +288,7 @@ class TokenizeStage(Stage):
     Inbox = TokenizeInbox
     Outboxes = TokenizeOutboxes
     outboxes: TokenizeOutboxes
+    ordered_per_request = True  # results leave as they finish: a replay compares them request by request
 
     def __init__(self, args: ServerArgs, inbox: Channel | None,
                  outboxes: TokenizeOutboxes | dict[str, Channel | None], *, tokenizer: Any, vocab_size: int,
@@ -244,6 +299,7 @@ class TokenizeStage(Stage):
         self.context_length = args.context_length
         self.allow_request_chat_template = args.allow_request_chat_template
         self.vocab_size = vocab_size
+        self.bytes_per_token = max_bytes_per_token(tokenizer)  # None: no early length check by bytes
         self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="tokenize") if num_workers else None
         self.in_flight: list[tuple[GenerateRequest, Future]] = []
         self.held_aborts: list[Abort] = []
@@ -286,6 +342,9 @@ class TokenizeStage(Stage):
                 "a chat template sent by the client is not rendered on this server (it would run unbounded "
                 "in the server process); start it with --allow-request-chat-template to accept one",
                 "chat_template_kwargs.chat_template"))
+        elif (too_long := early_length_error(request, self.bytes_per_token, self.context_length)) is not None:
+            future = Future()  # refused before a long encode
+            future.set_exception(too_long)
         elif self.pool is None:
             future = Future()
             try:
@@ -302,18 +361,19 @@ class TokenizeStage(Stage):
         return any(rid == request.rid or rid.startswith(request.rid + ".") for request, _ in self.in_flight)
 
     def tick(self) -> None:
-        """Emit finished tokenizations in arrival order, then the aborts no longer waiting on one.
+        """Emit every finished tokenization (arrival order among those), then the aborts no longer waiting.
 
-        Arrival order (a request waits for the ones before it) keeps admission
-        first-come first-served and makes a recorded run replay identically
-        with inline tokenization (``pipeline.serve:make_tokenize_inline``).
+        A request never waits for an earlier one still encoding; among those
+        finished, the earlier arrival goes first.
         """
-        done = 0
-        while done < len(self.in_flight) and self.in_flight[done][1].done():
-            self._emit_result(*self.in_flight[done])
-            done += 1
-        if done:
-            self.in_flight = self.in_flight[done:]
+        if any(future.done() for _, future in self.in_flight):
+            still_running = []
+            for request, future in self.in_flight:
+                if future.done():
+                    self._emit_result(request, future)
+                else:
+                    still_running.append((request, future))
+            self.in_flight = still_running
         if self.held_aborts:
             held, self.held_aborts = self.held_aborts, []
             for abort in held:
@@ -337,7 +397,7 @@ class TokenizeStage(Stage):
 
     def has_work(self) -> bool:
         """Inbox messages, or finished tokenizations to emit (a running one wakes the loop when done)."""
-        return super().has_work() or bool(self.in_flight and self.in_flight[0][1].done())
+        return super().has_work() or any(future.done() for _, future in self.in_flight)
 
     @property
     def busy(self) -> bool:

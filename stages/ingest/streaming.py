@@ -101,7 +101,13 @@ async def collect(streams: list[RequestStream]) -> list[SequenceResult]:
             results[output.index].add(output)
         return results
 
-    per_stream = await asyncio.gather(*(one(stream) for stream in streams))
+    tasks = [asyncio.ensure_future(one(stream)) for stream in streams]
+    try:
+        per_stream = await asyncio.gather(*tasks)
+    finally:  # one stream failed (or the handler was cancelled): end the others' tasks, not leave them pending
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     return [result for results in per_stream for result in results]
 
 
