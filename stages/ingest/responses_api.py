@@ -383,6 +383,8 @@ class Turn:
                     delta = parser.merge(delta, parser.finish())
                 await items.feed(delta)
             status = item_status(result)
+            if not items.done and items.open is None:  # no text at all: one empty message, as the whole body has
+                await items.open_text("message", "output_text")
             await items.close(status)
             kind = "response.incomplete" if status == "incomplete" else "response.completed"
             await events.send(kind, response=self.finish(result, items.done))
@@ -439,17 +441,21 @@ class StreamedItems:
         part_kind, delta_event = (("output_text", "response.output_text.delta") if kind == "message"
                                   else ("reasoning_text", "response.reasoning_text.delta"))
         if self.open is None or self.open["type"] != kind:
-            item = message_item("", "in_progress") if kind == "message" else reasoning_item("")
-            item["content"], item["status"] = [], "in_progress"
-            await self._open(item)
-            part = {"type": part_kind, "text": ""} | ({"annotations": []} if kind == "message" else {})
-            await self.events.send("response.content_part.added", item_id=item["id"], output_index=len(self.done),
-                                   content_index=0, part=part)
-            item["text"] = ""
+            await self.open_text(kind, part_kind)
         self.open["text"] += text
         extra = {"logprobs": []} if kind == "message" else {}
         await self.events.send(delta_event, item_id=self.open["id"], output_index=len(self.done), content_index=0,
                                delta=text, **extra)
+
+    async def open_text(self, kind: str, part_kind: str) -> None:
+        """Open a message or reasoning item and its one content part."""
+        item = message_item("", "in_progress") if kind == "message" else reasoning_item("")
+        item["content"], item["status"] = [], "in_progress"
+        await self._open(item)
+        part = {"type": part_kind, "text": ""} | ({"annotations": []} if kind == "message" else {})
+        await self.events.send("response.content_part.added", item_id=item["id"], output_index=len(self.done),
+                               content_index=0, part=part)
+        item["text"] = ""
 
     async def _call(self, call: dict[str, Any]) -> None:
         if call.get("id") is not None and call["index"] != self.open_call_index:
