@@ -17,7 +17,8 @@ from typing import Any
 
 import msgspec
 
-from pipeline.messages import ChatMessage, FunctionCall, GenerateRequest, SamplingParams, SamplingParamsError, ToolCall
+from pipeline.messages import (MAX_TOP_LOGPROBS, ChatMessage, FunctionCall, GenerateRequest, SamplingParams,
+                               SamplingParamsError, ToolCall)
 from stages.ingest.errors import ApiError, bad_request, from_sampling_error
 from stages.ingest.protocol import (ChatCompletionRequest, ChatMessageIn, CompletionRequest, NativeGenerateRequest,
                                     SamplingFields)
@@ -138,6 +139,9 @@ def completion_requests(body: CompletionRequest, rid: str, arrival_time_s: float
     params = _common_sampling(body, _max_tokens(body.max_tokens, default=COMPLETION_DEFAULT_MAX_TOKENS))
     if body.logprobs is not None:
         params.update(return_logprob=True, top_logprobs_num=body.logprobs)
+        if body.echo:  # the prompt's tokens are part of the echoed text: their logprobs too
+            params.update(logprob_start_len=0, prompt_top_logprobs_num=body.logprobs)
+    params.update(_prompt_logprobs(body, params))
     sampling = make_sampling(params)
     prompts = completion_prompts(body.prompt)
     return [GenerateRequest(rid=rid if len(prompts) == 1 else f"{rid}-{k}", sampling=sampling, stream=body.stream,
@@ -187,6 +191,7 @@ def chat_request(body: ChatCompletionRequest, rid: str, arrival_time_s: float) -
     elif body.top_logprobs:
         raise bad_request("top_logprobs needs logprobs set to true", "top_logprobs")
     check_tools(body.tools or [])
+    params.update(_prompt_logprobs(body, params))
     params.update(_forced_tool_grammar(body, params))
     names = dict(OPENAI_NAMES, top_logprobs_num="top_logprobs")
     sampling = make_sampling(params, names)
@@ -197,6 +202,18 @@ def chat_request(body: ChatCompletionRequest, rid: str, arrival_time_s: float) -
     return GenerateRequest(rid=rid, messages=[m for m, _ in converted], sampling=sampling, stream=body.stream,
                            add_generation_prompt=add_generation_prompt, tools=tools, chat_template_kwargs=kwargs,
                            image_urls=[url for _, urls in converted for url in urls], arrival_time_s=arrival_time_s)
+
+
+def _prompt_logprobs(body: SamplingFields, params: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's prompt_logprobs: every prompt token's logprob with that many alternatives."""
+    if body.prompt_logprobs is None:
+        return {}
+    if not 0 <= body.prompt_logprobs <= MAX_TOP_LOGPROBS:
+        raise bad_request(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "prompt_logprobs")
+    if body.stream:
+        raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs")
+    top = max(body.prompt_logprobs, params.get("prompt_top_logprobs_num", 0))
+    return {"return_logprob": True, "logprob_start_len": 0, "prompt_top_logprobs_num": top}
 
 
 MAX_SCHEMA_DEPTH = 64  # tool parameter schemas nest this deep at most (grammar compilers recurse)
@@ -260,7 +277,9 @@ def native_requests(body: NativeGenerateRequest, rid: str, arrival_time_s: float
     if unknown:
         raise bad_request(f"unknown sampling_params field(s) {unknown}", f"sampling_params.{unknown[0]}")
     if body.return_logprob:
-        raw.update(return_logprob=True, top_logprobs_num=body.top_logprobs_num)
+        raw.update(return_logprob=True, top_logprobs_num=body.top_logprobs_num,
+                   logprob_start_len=body.logprob_start_len, prompt_top_logprobs_num=body.top_logprobs_num,
+                   token_ids_logprob=list(body.token_ids_logprob or []))
     try:
         sampling = msgspec.convert(raw, SamplingParams)
     except msgspec.ValidationError as error:

@@ -45,13 +45,18 @@ async def generate(request: web.Request) -> web.StreamResponse:
             return await _stream_generate(request, body, streams, start_s)
         results = await collect(streams)
         items = [native_result(_sequence_rid(s.public_rid, r.index, s.num_sequences), r,
-                               time.perf_counter() - start_s, body.return_logprob)
+                               time.perf_counter() - start_s, body.return_logprob, *_logprob_text(ctx, body))
                  for s, group in _grouped(streams, results) for r in group]
         single = isinstance(body.text, str) or (body.input_ids is not None and _is_flat(body.input_ids))
         return web.json_response(items[0] if single and len(items) == 1 else items)
     finally:
         for stream in streams:
             await stream.close()
+
+
+def _logprob_text(ctx: ServerContext, body: NativeGenerateRequest) -> tuple[Any, list[int]]:
+    """(token texts for logprob entries when return_text_in_logprobs, the token_ids_logprob ids)."""
+    return (ctx.token_text if body.return_text_in_logprobs else None), list(body.token_ids_logprob or [])
 
 
 def _is_flat(input_ids: list[Any]) -> bool:
@@ -83,7 +88,8 @@ async def _stream_generate(request: web.Request, body: NativeGenerateRequest, st
                 continue
             stream = streams[position]
             item = native_result(_sequence_rid(stream.public_rid, output.index, stream.num_sequences), result,
-                                 time.perf_counter() - start_s, body.return_logprob)
+                                 time.perf_counter() - start_s, body.return_logprob,
+                                 *_logprob_text(request.app[CTX], body))
             item["index"] = position * max(stream.num_sequences, 1) + output.index
             await writer.send(item)
     except ApiError as error:

@@ -18,7 +18,8 @@ from stages.ingest.convert import chat_request, check_vocabulary, completion_req
 from stages.ingest.errors import ApiError
 from stages.ingest.protocol import ChatCompletionRequest, CompletionRequest
 from stages.ingest.responses import (SequenceResult, chat_logprobs, chat_response, completion_logprobs,
-                                     completion_response, new_id, openai_finish_reason, usage)
+                                     completion_response, new_id, openai_finish_reason, usage,
+                                     vllm_prompt_logprobs)
 from stages.ingest.streaming import SseWriter, collect, merged, read_body
 
 
@@ -51,7 +52,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         results = await collect(streams)
         return web.json_response(completion_response(rid, ctx.args.served_model_name, results,
                                                      len(generate_requests), ctx.token_text,
-                                                     body.logprobs is not None, echo_prompts))
+                                                     body.logprobs is not None, echo_prompts,
+                                                     body.prompt_logprobs is not None))
     finally:
         for stream in streams:
             await stream.close()
@@ -67,12 +69,14 @@ async def _stream_completion(ctx: ServerContext, request: web.Request, body: Com
             result = results.setdefault(index, SequenceResult(index=index))
             prefix = echo_prompts[position] if echo_prompts and not result.text and not result.token_ids else ""
             result.add(output)
-            if not (output.text_delta or output.finish_reason or prefix or output.token_logprobs):
+            if not (output.text_delta or output.finish_reason or prefix or output.token_logprobs
+                    or output.prompt_logprobs):
                 continue
             choice: dict[str, Any] = {"index": index, "text": prefix + output.text_delta, "logprobs": None,
                                       "finish_reason": openai_finish_reason(output.finish_reason)}
             if body.logprobs is not None:
-                choice["logprobs"] = completion_logprobs(ctx.token_text, output, output.token_ids_delta)
+                choice["logprobs"] = completion_logprobs(ctx.token_text, output, output.token_ids_delta,
+                                                         echo=body.echo)
             await writer.send(_chunk(rid, "text_completion", ctx, [choice], _running_usage(body, results)))
         if body.stream_options is not None and body.stream_options.include_usage:
             ordered = [results[i] for i in sorted(results)]
@@ -114,8 +118,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         results = await collect([stream])
         parse = ctx.output_parsing(body)
         messages = [parse.whole(result.text) for result in results]
-        return web.json_response(chat_response(rid, ctx.args.served_model_name, results, ctx.token_text,
-                                               body.logprobs, messages))
+        response = chat_response(rid, ctx.args.served_model_name, results, ctx.token_text, body.logprobs, messages)
+        if body.prompt_logprobs is not None:  # vLLM: one prompt per chat request, so at the top level
+            response["prompt_logprobs"] = vllm_prompt_logprobs(ctx.token_text, results[0].prompt_logprobs)
+        return web.json_response(response)
     finally:
         await stream.close()
 

@@ -64,6 +64,7 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     rid: str | None = None
+    prompt_logprobs: int | None = None  # vLLM: logprobs of the prompt's tokens, with this many alternatives
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -129,6 +130,7 @@ class NativeGenerateRequest(msgspec.Struct, kw_only=True):
     top_logprobs_num: int = 0
     logprob_start_len: int = -1
     return_text_in_logprobs: bool = False
+    token_ids_logprob: list[int] | None = None
     rid: str | None = None
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import msgspec
 
-from pipeline.messages import FinishReason, TextOutput
+from pipeline.messages import FinishReason, PromptLogprobs, TextOutput
 
 
 def new_id(prefix: str) -> str:
@@ -44,8 +44,13 @@ class SequenceResult(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_logprobs: PromptLogprobs | None = None
+    ids_logprobs: list[list[float]] = []
 
     def add(self, output: TextOutput) -> None:
+        if output.prompt_logprobs is not None:
+            self.prompt_logprobs = output.prompt_logprobs
+        self.ids_logprobs.extend(output.ids_logprobs)
         self.text += output.text_delta
         self.token_ids.extend(output.token_ids_delta)
         self.token_logprobs.extend(output.token_logprobs)
@@ -77,17 +82,62 @@ def usage(results: list[SequenceResult], num_prompts: int = 1) -> dict[str, Any]
 
 
 def completion_logprobs(texts: TokenText, output: TextOutput | SequenceResult, token_ids: list[int],
-                        text_start: int = 0) -> dict[str, Any]:
-    """OpenAI /v1/completions logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+                        text_start: int = 0, echo: bool = False) -> dict[str, Any]:
+    """OpenAI /v1/completions logprobs: tokens, token_logprobs, top_logprobs, text_offset.
+
+    Each top_logprobs entry holds the chosen token and the top-n (n may be 0:
+    then just the chosen token, as vLLM answers ``logprobs: 0``). With
+    ``echo``, the prompt's tokens come first (the first one's entries null),
+    when the output carries them.
+    """
+    prompt = output.prompt_logprobs if echo else None
+    token_ids = (list(prompt.token_ids) if prompt is not None else []) + list(token_ids)
     tokens = [texts.text(t) for t in token_ids]
-    offsets, position = [], text_start
+    offsets, position = [], text_start if prompt is None else 0
     for token in tokens:
         offsets.append(position)
         position += len(token)
-    tops = [{texts.text(t): lp for t, lp in zip(ids, lps)} for ids, lps in zip(output.top_token_ids,
-                                                                              output.top_logprobs)]
-    return {"tokens": tokens, "token_logprobs": list(output.token_logprobs),
-            "top_logprobs": tops or None, "text_offset": offsets}
+    logprobs: list[float | None] = list(prompt.logprobs) if prompt is not None else []
+    tops: list[dict[str, float] | None] = []
+    if prompt is not None:
+        tops = [_top_dict(texts, t, lp, ids, lps) if lp is not None else None for t, lp, ids, lps in
+                zip(prompt.token_ids, prompt.logprobs, prompt.top_token_ids, prompt.top_logprobs)]
+    output_ids = token_ids[len(logprobs):]
+    tops += [_top_dict(texts, t, lp, ids, lps) for t, lp, ids, lps in
+             zip(output_ids, output.token_logprobs, _padded(output.top_token_ids, len(output_ids)),
+                 _padded(output.top_logprobs, len(output_ids)))]
+    logprobs += list(output.token_logprobs)
+    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _top_dict(texts: TokenText, token_id: int, logprob: float, ids: list[int], lps: list[float]
+              ) -> dict[str, float]:
+    top = {texts.text(token_id): logprob}
+    top.update((texts.text(t), lp) for t, lp in zip(ids, lps))
+    return top
+
+
+def _padded(rows: list[list], length: int) -> list[list]:
+    return list(rows) + [[]] * (length - len(rows))
+
+
+def vllm_prompt_logprobs(texts: TokenText, prompt: PromptLogprobs | None) -> list[dict[str, Any] | None] | None:
+    """vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {logprob, rank,
+    decoded_token}} for the token itself and the top-n."""
+    if prompt is None:
+        return None
+    out: list[dict[str, Any] | None] = []
+    for token_id, logprob, rank, ids, lps in zip(prompt.token_ids, prompt.logprobs, prompt.ranks,
+                                                 prompt.top_token_ids, prompt.top_logprobs):
+        if logprob is None:
+            out.append(None)
+            continue
+        entry = {str(token_id): {"logprob": logprob, "rank": rank, "decoded_token": texts.text(token_id)}}
+        for position, (top_id, top_lp) in enumerate(zip(ids, lps)):
+            entry.setdefault(str(top_id), {"logprob": top_lp, "rank": position + 1,
+                                           "decoded_token": texts.text(top_id)})
+        out.append(entry)
+    return out
 
 
 def chat_logprobs(texts: TokenText, output: TextOutput | SequenceResult, token_ids: list[int]) -> dict[str, Any]:
@@ -107,7 +157,8 @@ def chat_logprobs(texts: TokenText, output: TextOutput | SequenceResult, token_i
 
 
 def completion_response(rid: str, model: str, results: list[SequenceResult], num_prompts: int,
-                        texts: TokenText, want_logprobs: bool, echo_prompts: list[str]) -> dict[str, Any]:
+                        texts: TokenText, want_logprobs: bool, echo_prompts: list[str],
+                        prompt_logprobs: bool = False) -> dict[str, Any]:
     choices = []
     per_prompt = len(results) // max(num_prompts, 1) or 1
     for i, result in enumerate(results):
@@ -116,7 +167,10 @@ def completion_response(rid: str, model: str, results: list[SequenceResult], num
                   "finish_reason": openai_finish_reason(result.finish_reason),
                   "matched_stop": result.finish_reason.matched if result.finish_reason else None}
         if want_logprobs:
-            choice["logprobs"] = completion_logprobs(texts, result, result.token_ids, len(prefix))
+            choice["logprobs"] = completion_logprobs(texts, result, result.token_ids, len(prefix),
+                                                     echo=bool(echo_prompts))
+        if prompt_logprobs:
+            choice["prompt_logprobs"] = vllm_prompt_logprobs(texts, result.prompt_logprobs)
         choices.append(choice)
     return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
             "choices": choices, "usage": usage(results, num_prompts)}
@@ -150,8 +204,37 @@ def native_finish_reason(finish: FinishReason | None, completion_tokens: int) ->
     return body
 
 
+def native_logprobs(result: SequenceResult, texts: TokenText | None, token_ids_logprob: list[int]
+                    ) -> dict[str, Any]:
+    """SGLang's logprob fields of meta_info: [logprob, token id, text] triples (text only with
+    ``texts``, i.e. return_text_in_logprobs); prompt token 0's entries are None."""
+    def triple(logprob: float | None, token_id: int) -> list:
+        return [logprob, token_id, texts.text(token_id) if texts is not None else None]
+
+    def tops(ids: list[int], lps: list[float]) -> list:
+        return [triple(lp, t) for t, lp in zip(ids, lps)]
+
+    def by_id(values: list[float]) -> list:
+        return [triple(lp, t) for t, lp in zip(token_ids_logprob, values)]
+
+    prompt = result.prompt_logprobs or PromptLogprobs()
+    first = [lp is None for lp in prompt.logprobs]
+    fields = {
+        "input_token_logprobs": [triple(lp, t) for lp, t in zip(prompt.logprobs, prompt.token_ids)],
+        "output_token_logprobs": [triple(lp, t) for lp, t in zip(result.token_logprobs, result.token_ids)],
+        "input_top_logprobs": [None if none else tops(ids, lps) for none, ids, lps in
+                               zip(first, prompt.top_token_ids, prompt.top_logprobs)],
+        "output_top_logprobs": [tops(ids, lps) for ids, lps in zip(result.top_token_ids, result.top_logprobs)],
+    }
+    if token_ids_logprob:
+        fields["input_token_ids_logprobs"] = [None if none else by_id(values) for none, values in
+                                              zip(first, prompt.ids_logprobs)]
+        fields["output_token_ids_logprobs"] = [by_id(values) for values in result.ids_logprobs]
+    return fields
+
+
 def native_result(rid: str, result: SequenceResult, e2e_latency_s: float, return_logprob: bool,
-                  texts: TokenText | None = None) -> dict[str, Any]:
+                  texts: TokenText | None = None, token_ids_logprob: list[int] | None = None) -> dict[str, Any]:
     """SGLang's /generate item: text, output_ids and meta_info."""
     meta: dict[str, Any] = {
         "id": rid, "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
@@ -160,7 +243,5 @@ def native_result(rid: str, result: SequenceResult, e2e_latency_s: float, return
         "e2e_latency": e2e_latency_s,
     }
     if return_logprob:
-        meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(result.token_logprobs, result.token_ids)]
-        meta["output_top_logprobs"] = [[[lp, t, None] for t, lp in zip(ids, lps)]
-                                       for ids, lps in zip(result.top_token_ids, result.top_logprobs)]
+        meta.update(native_logprobs(result, texts, token_ids_logprob or []))
     return {"text": result.text, "output_ids": list(result.token_ids), "meta_info": meta}
