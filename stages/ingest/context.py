@@ -50,7 +50,8 @@ class ServerContext:
 
     def output_parsing(self, body: Any) -> Any:
         return make_parsing(self.args.tool_call_parser, self.args.reasoning_parser, getattr(body, "tools", None),
-                            getattr(body, "separate_reasoning", True), getattr(body, "tool_choice", None))
+                            getattr(body, "separate_reasoning", True), getattr(body, "tool_choice", None),
+                            getattr(body, "parallel_tool_calls", None) is not False)
 
 
 CTX = web.AppKey("ctx", ServerContext)  # request.app[CTX] in every route

@@ -193,6 +193,7 @@ def chat_request(body: ChatCompletionRequest, rid: str, arrival_time_s: float) -
     check_tools(body.tools or [])
     params.update(_prompt_logprobs(body, params))
     params.update(_forced_tool_grammar(body, params))
+    params.update(_grammar_after_reasoning(body, params))
     names = dict(OPENAI_NAMES, top_logprobs_num="top_logprobs")
     sampling = make_sampling(params, names)
     converted = [chat_message(m, i) for i, m in enumerate(body.messages)]
@@ -255,9 +256,10 @@ def _forced_tool_grammar(body: ChatCompletionRequest, params: dict[str, Any]) ->
     from stages.parsers.tool_calls import ToolParserError, tool_choice_to_json_schema
 
     try:
-        schema = tool_choice_to_json_schema(body.tools, body.tool_choice) if body.tools else None
-    except ToolParserError as error:
-        raise bad_request(str(error), "tool_choice") from error
+        schema = tool_choice_to_json_schema(body.tools, body.tool_choice, body.parallel_tool_calls is not False) \
+            if body.tools else None
+    except ToolParserError as error:  # e.g. two tools defining one $defs name differently: param "tools"
+        raise bad_request(str(error), error.param) from error
     if body.tool_choice not in (None, "auto", "none") and not body.tools:
         raise bad_request("tool_choice needs tools", "tool_choice")
     if schema is None:
@@ -265,6 +267,17 @@ def _forced_tool_grammar(body: ChatCompletionRequest, params: dict[str, Any]) ->
     if any(params.get(name) is not None for name in ("json_schema", "regex")):
         raise bad_request("tool_choice cannot be combined with response_format or regex", "tool_choice")
     return {"json_schema": schema}
+
+
+def _grammar_after_reasoning(body: ChatCompletionRequest, params: dict[str, Any]) -> dict[str, Any]:
+    """A grammar (forced tool call, response_format, regex) waits for the end of the think block
+    (with --reasoning-parser; the constrain stage decides) unless reasoning is not separated or the
+    client turned thinking off (``enable_thinking``/``thinking`` false in chat_template_kwargs)."""
+    if not any(params.get(name) is not None for name in ("json_schema", "regex", "choices", "ebnf")):
+        return {}
+    kwargs = body.chat_template_kwargs or {}
+    thinking_off = kwargs.get("enable_thinking") is False or kwargs.get("thinking") is False
+    return {"grammar_after_reasoning": body.separate_reasoning and not thinking_off}
 
 
 # --------------------------------------------------------------------------- /generate

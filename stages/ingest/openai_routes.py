@@ -19,7 +19,7 @@ from stages.ingest.errors import ApiError
 from stages.ingest.protocol import ChatCompletionRequest, CompletionRequest
 from stages.ingest.responses import (SequenceResult, chat_logprobs, chat_response, completion_logprobs,
                                      completion_response, new_id, openai_finish_reason, usage,
-                                     vllm_prompt_logprobs)
+                                     vllm_prompt_logprobs, with_reasoning)
 from stages.ingest.streaming import SseWriter, collect, merged, read_body
 
 
@@ -138,7 +138,7 @@ async def _stream_chat(ctx: ServerContext, request: web.Request, body: ChatCompl
                 results[index] = SequenceResult(index=index)
                 parsers[index] = ctx.output_parsing(body).incremental()
                 await writer.send(_chunk(rid, "chat.completion.chunk", ctx, [
-                    {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                    {"index": index, "delta": with_reasoning({"role": "assistant", "content": ""}), "logprobs": None,
                      "finish_reason": None}]))
             results[index].add(output)
             await _send_chat_delta(ctx, writer, body, rid, output, parsers[index], results)
@@ -160,14 +160,14 @@ async def _send_chat_delta(ctx: ServerContext, writer: SseWriter, body: ChatComp
     logprobs = chat_logprobs(ctx.token_text, output, output.token_ids_delta) if body.logprobs else None
     if delta or (logprobs and logprobs["content"]):
         await writer.send(_chunk(rid, "chat.completion.chunk", ctx, [
-            {"index": output.index, "delta": delta, "logprobs": logprobs, "finish_reason": None}],
+            {"index": output.index, "delta": with_reasoning(delta), "logprobs": logprobs, "finish_reason": None}],
             _running_usage(body, results)))
     if output.finish_reason is not None:
         finish = openai_finish_reason(output.finish_reason)
         if parser.made_tool_calls and finish == "stop":
             finish = "tool_calls"
         await writer.send(_chunk(rid, "chat.completion.chunk", ctx, [
-            {"index": output.index, "delta": {}, "logprobs": None, "finish_reason": finish,
+            {"index": output.index, "delta": with_reasoning({}), "logprobs": None, "finish_reason": finish,
              "matched_stop": output.finish_reason.matched}]))
 
 

@@ -47,11 +47,12 @@ class PlainParsing:
 
 
 def make_parsing(tool_call_parser: str, reasoning_parser: str, tools: list | None, separate_reasoning: bool,
-                 tool_choice: object = None) -> object:
+                 tool_choice: object = None, parallel_tool_calls: bool = True) -> object:
     """The parsing for one chat request (plain unless a parser is configured and applies).
 
     ``tool_choice`` "required" or a named function forces tool calls whatever
-    ``--tool-call-parser`` says (the output was constrained to their JSON).
+    ``--tool-call-parser`` says (the output was constrained to their JSON);
+    ``parallel_tool_calls`` False keeps only the first call.
     """
     forced = tool_choice if tools and tool_choice not in (None, "auto", "none") else None
     reasoning = reasoning_parser if separate_reasoning else ""
@@ -60,4 +61,4 @@ def make_parsing(tool_call_parser: str, reasoning_parser: str, tools: list | Non
         return PlainParsing()
     from stages.ingest.parser_bridge import ParserParsing
 
-    return ParserParsing(tool_parser, reasoning, forced)
+    return ParserParsing(tool_parser, reasoning, forced, parallel_tool_calls)

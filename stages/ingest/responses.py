@@ -7,6 +7,7 @@ come from ``TokenText`` (one decode per token id, cached).
 from __future__ import annotations
 
 import functools
+import json
 import time
 import uuid
 from typing import Any
@@ -176,11 +177,46 @@ def completion_response(rid: str, model: str, results: list[SequenceResult], num
             "choices": choices, "usage": usage(results, num_prompts)}
 
 
+def with_reasoning(fields: dict[str, Any]) -> dict[str, Any]:
+    """A message or delta with ``reasoning_content`` always present (null when none) and vLLM's ``reasoning``.
+
+    Clients read ``message.reasoning_content`` / ``delta.reasoning_content``
+    as attributes, which fails when the key is missing; vLLM clients read
+    ``reasoning``. Both carry the same text.
+    """
+    reasoning = fields.get("reasoning_content")
+    return {**fields, "reasoning_content": reasoning, "reasoning": reasoning}
+
+
+def drop_unfinished_calls(message: dict[str, Any]) -> dict[str, Any]:
+    """A message cut by max_tokens: tool calls whose arguments are not complete JSON are dropped.
+
+    A call the model never finished is not a call (OpenAI and vLLM return
+    ``tool_calls: []`` and empty content then); complete calls before it stay.
+    """
+    calls = message.get("tool_calls")
+    if not calls:
+        return message
+    kept = [call for call in calls if _is_json(call["function"]["arguments"])]
+    if len(kept) == len(calls):
+        return message
+    return {**message, "tool_calls": kept, "content": message.get("content") or ""}
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
 def chat_response(rid: str, model: str, results: list[SequenceResult], texts: TokenText, want_logprobs: bool,
                   messages: list[dict[str, Any]]) -> dict[str, Any]:
     choices = []
     for result, message in zip(results, messages):
         finish = openai_finish_reason(result.finish_reason)
+        message = with_reasoning(drop_unfinished_calls(message) if finish == "length" else message)
         if message.get("tool_calls") and finish == "stop":
             finish = "tool_calls"
         choices.append({"index": result.index, "message": message,

@@ -59,7 +59,11 @@ TOOL_FORMATS: dict[str, ToolFormat] = {"qwen25": QWEN, "qwen3": QWEN, "llama3": 
 
 
 class ToolParserError(ValueError):
-    """Unknown --tool-call-parser or a bad tools/tool_choice request (message says which)."""
+    """Unknown --tool-call-parser or a bad tools/tool_choice request (message says which, ``param`` where)."""
+
+    def __init__(self, message: str, param: str = "tool_choice") -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)
@@ -341,13 +345,17 @@ def forced_function_name(tool_choice: Any) -> str | None:
     return None
 
 
-def tool_choice_to_json_schema(tools: list[dict[str, Any]] | None, tool_choice: Any) -> str | None:
+def tool_choice_to_json_schema(tools: list[dict[str, Any]] | None, tool_choice: Any,
+                               parallel: bool = True) -> str | None:
     """JSON schema that forces the tool calls ``tool_choice`` asks for, or None.
 
     * a named function: the output is that function's arguments object
       (its ``parameters`` schema);
-    * ``"required"``: the output is a JSON array of one or more
-      ``{"name": <a tool>, "parameters": <its schema>}`` objects.
+    * ``"required"``: the output is a JSON array of one or more (exactly one
+      when ``parallel`` is False: ``parallel_tool_calls: false``)
+      ``{"name": <a tool>, "parameters": <its schema>}`` objects. Each tool's
+      ``$defs``/``definitions`` move to the array schema's root, where its
+      ``#/$defs/...`` references point (see ``_nest_parameters``).
     ``"auto"``/``"none"``/None constrain nothing. The constrained output is
     turned into tool calls by ``forced_tool_parser``.
     """
@@ -363,9 +371,51 @@ def tool_choice_to_json_schema(tools: list[dict[str, Any]] | None, tool_choice: 
         raise ToolParserError(f"tool_choice must be 'none', 'auto', 'required' or a function, got {tool_choice!r}")
     if not table:
         raise ToolParserError("tool_choice 'required' needs at least one tool")
-    calls = [{"type": "object", "properties": {"name": {"type": "string", "enum": [fn]}, "parameters": params},
-              "required": ["name", "parameters"]} for fn, params in table.items()]
-    return json.dumps({"type": "array", "minItems": 1, "items": {"anyOf": calls}})
+    definitions: dict[str, dict[str, Any]] = {}
+    calls = [{"type": "object", "properties": {
+        "name": {"type": "string", "enum": [fn]},
+        "parameters": _nest_parameters(params, f"#/items/anyOf/{i}/properties/parameters", definitions, fn)},
+        "required": ["name", "parameters"]} for i, (fn, params) in enumerate(table.items())]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+    if not parallel:
+        schema["maxItems"] = 1
+    schema.update({key: defs for key, defs in definitions.items() if defs})
+    return json.dumps(schema)
+
+
+DEFINITION_KEYS = ("$defs", "definitions")
+
+
+def _nest_parameters(params: dict[str, Any], path: str, definitions: dict[str, dict[str, Any]],
+                     function: str) -> dict[str, Any]:
+    """One tool's parameters as a subschema at ``path`` of the combined schema.
+
+    Its root ``$defs``/``definitions`` are merged into ``definitions`` (one
+    map per key; a name two tools define differently is a ToolParserError,
+    the same definition twice is kept once), so ``#/$defs/X`` references keep
+    pointing at them from the combined root. Other local references
+    (``#``, ``#/properties/...``) are rewritten to start at ``path``.
+    """
+    nested = {key: value for key, value in params.items() if key not in DEFINITION_KEYS}
+    for key in DEFINITION_KEYS:
+        merged = definitions.setdefault(key, {})
+        for name, definition in (params.get(key) or {}).items():
+            if name in merged and merged[name] != definition:
+                raise ToolParserError(f"tools define {key}/{name} differently (function {function!r}); rename one "
+                                      f"of them", "tools")
+            merged[name] = definition
+    rewrite = lambda ref: ref if ref.startswith(tuple(f"#/{k}/" for k in DEFINITION_KEYS)) else path + ref[1:]
+    return _map_refs(nested, rewrite)
+
+
+def _map_refs(value: Any, rewrite: Callable[[str], str]) -> Any:
+    """A copy of ``value`` with every local ``$ref`` ("#..." string) passed through ``rewrite``."""
+    if isinstance(value, dict):
+        return {key: rewrite(item) if key == "$ref" and isinstance(item, str) and item.startswith("#")
+                else _map_refs(item, rewrite) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_map_refs(item, rewrite) for item in value]
+    return value
 
 
 class NamedToolCallParser:
@@ -377,16 +427,19 @@ class NamedToolCallParser:
         self.started = False
 
     def feed(self, text: str) -> ParserDelta:
+        """The call's id and name come with its first text (not before: the model may still be thinking)."""
         delta = ParserDelta()
+        if not text:
+            return delta
         if not self.started:
             self.started = True
             delta.tool_calls.append(ToolCallDelta(index=0, id=self.make_id(0), name=self.name))
-        if text:
-            delta.tool_calls.append(ToolCallDelta(index=0, arguments=text))
+        delta.tool_calls.append(ToolCallDelta(index=0, arguments=text))
         return delta
 
     def finish(self) -> ParserDelta:
-        return self.feed("") if not self.started else ParserDelta()
+        """Nothing to release: an output with no text made no call."""
+        return ParserDelta()
 
 
 def forced_tool_parser(tool_choice: Any, make_id: Callable[[int], str] = new_call_id

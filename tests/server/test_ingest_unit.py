@@ -175,7 +175,7 @@ def test_reasoning_and_tool_call_parsers():
         events = [json.loads(line[5:]) async for line in response.content
                   if line.startswith(b"data:") and b"[DONE]" not in line]
         deltas = [e["choices"][0]["delta"] for e in events]
-        assert "".join(d.get("reasoning_content", "") for d in deltas) == "weather?"
+        assert "".join(d["reasoning_content"] or "" for d in deltas) == "weather?"
         assert "".join(d.get("content", "") for d in deltas) == "Checking."
         arguments = "".join(c["function"]["arguments"] for d in deltas for c in d.get("tool_calls", []))
         assert arguments == '{"city": "Paris"}'
