@@ -112,6 +112,7 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
     # With --reasoning-parser: the grammar above applies only once the model's think block has
     # ended (set for chat requests that separate reasoning and did not turn thinking off).
     grammar_after_reasoning: bool = False
+    ebnf: str | None = None  # structured output as an EBNF grammar (one of json_schema, regex, choices, ebnf)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -154,9 +155,9 @@ class SamplingParams(msgspec.Struct, frozen=True, kw_only=True):
             _check(token_id >= 0, "stop_token_ids", "token ids must be >= 0", token_id)
 
     def _validate_grammar(self) -> None:
-        given = [name for name in ("json_schema", "regex", "choices") if getattr(self, name) is not None]
+        given = [name for name in ("json_schema", "regex", "choices", "ebnf") if getattr(self, name) is not None]
         _check(len(given) <= 1, given[-1] if given else "json_schema",
-               "at most one of json_schema, regex, choices may be set", given)
+               "at most one of json_schema, regex, choices, ebnf may be set", given)
         if self.choices is not None:
             _check(len(self.choices) > 0 and all(self.choices), "choices",
                    "must be a non-empty list of non-empty strings", self.choices)
@@ -377,8 +378,8 @@ class GrammarCompile(Message, frozen=True, kw_only=True):
     """schedule -> constrain: compile this request's grammar (off the engine loop)."""
 
     rid: str
-    kind: Literal["json_schema", "regex", "choices"]
-    spec: str  # schema JSON, regex, or JSON list of choices
+    kind: Literal["json_schema", "regex", "choices", "ebnf"]
+    spec: str  # schema JSON, regex, JSON list of choices, or EBNF grammar
     # SamplingParams.grammar_after_reasoning, and the prompt's last token ids (whether the chat
     # template already opened or closed the think block).
     after_reasoning: bool = False

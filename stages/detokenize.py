@@ -42,6 +42,11 @@ sequence finishes with ``FinishReason(type="stop", matched=stop_string)``, an
 ignored. A stop *token* (``matched`` an int) is dropped from the text unless
 ``no_stop_trim``.
 
+Stop regexes (``stop_regex``) are searched on the released text the same
+way; a match ends the sequence with ``matched`` set to the pattern and cuts
+the text at the match (kept with ``no_stop_trim``). Text is not held back
+for them (see ``StopRegexMatcher``).
+
 State owned: one ``SequenceState`` per live sequence, the registered decoding
 options, and a bounded set of sequences finished here by a stop string. The
 tokenizer is the one the assembly loaded; this stage never loads one.
@@ -49,6 +54,7 @@ tokenizer is the one the assembly loaded; this stage never loads one.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections import OrderedDict
 from typing import Any
 
@@ -72,12 +78,13 @@ class DecodeOptions(msgspec.Struct, frozen=True, kw_only=True):
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     no_stop_trim: bool = False
+    stop_regex: list[str] = []
 
     @classmethod
     def from_sampling(cls, sampling: SamplingParams) -> "DecodeOptions":
         return cls(stop=list(sampling.stop), skip_special_tokens=sampling.skip_special_tokens,
                    spaces_between_special_tokens=sampling.spaces_between_special_tokens,
-                   no_stop_trim=sampling.no_stop_trim)
+                   no_stop_trim=sampling.no_stop_trim, stop_regex=list(sampling.stop_regex))
 
 
 def decode_ids(tokenizer: Any, ids: list[int], skip_special_tokens: bool = True,
@@ -178,6 +185,44 @@ class StopStringMatcher:
         return held
 
 
+class StopRegexMatcher:
+    """Finds the first match of any stop regex in the text generated so far (SGLang's stop_regex).
+
+    Each new piece of text is searched together with the text before it, up
+    to ``lookback_chars`` back, so a match may span several deltas. Unlike a
+    stop string, nothing is held back: a regex has no finite set of prefixes,
+    so text already released stays released even when a later match starts
+    inside it (only the unreleased part can still be trimmed).
+    """
+
+    def __init__(self, patterns: list[str], no_stop_trim: bool = False, lookback_chars: int = 1024) -> None:
+        self.patterns = [(pattern, re.compile(pattern)) for pattern in patterns]
+        self.no_stop_trim = no_stop_trim
+        self.lookback_chars = lookback_chars
+        self.tail = ""  # the last released text: lookback_chars of it, plus one char once cut
+        self.cut = False  # tail starts inside the text (its first char only gives context to ^ and \b)
+
+    def feed(self, text: str) -> tuple[str, str | None]:
+        """Return (text safe to release, the pattern that matched or None)."""
+        if not self.patterns or not text:
+            return text, None
+        released = len(self.tail)
+        whole = self.tail + text
+        best: tuple[int, int, str] | None = None
+        for pattern, compiled in self.patterns:
+            found = compiled.search(whole, 1 if self.cut else 0)
+            if found is not None and found.end() > released and (best is None or found.start() < best[0]):
+                best = (found.start(), found.end(), pattern)
+        end = len(whole) if best is None else best[1] if self.no_stop_trim else max(best[0], released)
+        self._keep(whole[:end])
+        return whole[released:end], None if best is None else best[2]
+
+    def _keep(self, text: str) -> None:
+        if len(text) > self.lookback_chars + 1:
+            text, self.cut = text[-(self.lookback_chars + 1):], True
+        self.tail = text
+
+
 def _first_match(text: str, stops: list[str]) -> tuple[int, str | None]:
     best_at, best = len(text) + 1, None
     for stop in stops:
@@ -206,6 +251,7 @@ class SequenceState:
         self.detokenizer = IncrementalDetokenizer(tokenizer, options.skip_special_tokens,
                                                   options.spaces_between_special_tokens, special_ids)
         self.stops = StopStringMatcher(options.stop, options.no_stop_trim)
+        self.regexes = StopRegexMatcher(options.stop_regex, options.no_stop_trim)
 
     def step(self, output: TokenOutput) -> tuple[str, FinishReason | None]:
         """Text to release for this output and the (possibly new) finish reason."""
@@ -218,10 +264,13 @@ class SequenceState:
         if finish is not None:
             text += self.detokenizer.finish()
         released, matched = self.stops.feed(text)
+        if finish is not None and matched is None:
+            released += self.stops.flush()
+        released, matched_regex = self.regexes.feed(released)
+        if matched_regex is not None:
+            return released, FinishReason(type="stop", matched=matched_regex)
         if matched is not None:
             return released, FinishReason(type="stop", matched=matched)
-        if finish is not None:
-            released += self.stops.flush()
         return released, finish
 
 
@@ -244,12 +293,16 @@ class DetokenizeStage(Stage):
         self.tokenizer = tokenizer
         self.special_ids = special_token_ids(tokenizer)
         self.options: dict[str, DecodeOptions] = {}
+        self.prompt_ids: dict[str, list[int]] = {}  # return_token_ids: sent with the first output
         self.sequences: dict[str, SequenceState] = {}
         self.stopped: OrderedDict[str, None] = OrderedDict()  # finished here; ignore later outputs
 
-    def register(self, rid: str, sampling: SamplingParams) -> None:
-        """Remember a sequence's stop strings and decoding options (before its first token)."""
+    def register(self, rid: str, sampling: SamplingParams, prompt_ids: list[int] | None = None) -> None:
+        """Remember a sequence's stop strings and decoding options (before its first token), and its
+        prompt ids when ``return_token_ids`` asks for them on the first output."""
         self.options[rid] = DecodeOptions.from_sampling(sampling)
+        if sampling.return_token_ids and prompt_ids is not None:
+            self.prompt_ids[rid] = list(prompt_ids)
 
     def handle(self, message: DetokenizeInbox) -> None:
         match message:
@@ -262,7 +315,7 @@ class DetokenizeStage(Stage):
             case EngineStats() | ProcessCounters():  # snapshots riding this channel to ingest
                 self.outboxes.out.put(message)
             case TokenizedRequest():
-                self.register(message.rid, message.sampling)
+                self.register(message.rid, message.sampling, message.input_ids)
             case _:
                 raise TypeError(f"detokenize stage got an unexpected {type(message).__name__}")
 
@@ -276,7 +329,7 @@ class DetokenizeStage(Stage):
             options = self.options.pop(output.rid, None) or DecodeOptions()
             state = self.sequences[output.rid] = SequenceState(self.tokenizer, options, self.special_ids)
         text, finish = state.step(output)
-        self.outboxes.out.put(_text_output(output, text, finish))
+        self.outboxes.out.put(_text_output(output, text, finish, self.prompt_ids.pop(output.rid, [])))
         if finish is not None:
             del self.sequences[output.rid]
             if output.finish_reason is None:  # we ended it: tell the engine, ignore the rest
@@ -289,20 +342,22 @@ class DetokenizeStage(Stage):
             self.stopped.popitem(last=False)
 
     def _forget(self, rid: str) -> None:
-        for table in (self.options, self.sequences):
+        for table in (self.options, self.sequences, self.prompt_ids):
             for key in [k for k in table if k == rid or k.startswith(rid + ".")]:
                 del table[key]
 
     def close(self) -> None:
         self.sequences.clear()
         self.options.clear()
+        self.prompt_ids.clear()
 
 
-def _text_output(output: TokenOutput, text: str, finish: FinishReason | None) -> TextOutput:
+def _text_output(output: TokenOutput, text: str, finish: FinishReason | None,
+                 prompt_ids: list[int]) -> TextOutput:
     return TextOutput(
         rid=output.rid, parent_rid=output.parent_rid, index=output.index, text_delta=text,
         token_ids_delta=list(output.new_token_ids), finish_reason=finish, prompt_tokens=output.prompt_tokens,
         completion_tokens=output.completion_tokens, cached_tokens=output.cached_tokens,
         token_logprobs=list(output.token_logprobs), top_token_ids=[list(t) for t in output.top_token_ids],
-        top_logprobs=[list(t) for t in output.top_logprobs],
+        top_logprobs=[list(t) for t in output.top_logprobs], prompt_token_ids=prompt_ids,
         prompt_logprobs=output.prompt_logprobs, ids_logprobs=[list(v) for v in output.ids_logprobs])

@@ -15,6 +15,7 @@ Per row, in order (the ``SamplingOps`` table of ``--kernel-backend``:
    it is allocated only once some request asks for a penalty;
 2. the grammar bitmask of constrained rows (from the TokenMask with the same
    ``batch_id``: the stage waits for it when a row is constrained);
+   then ``logit_bias`` (a sparse add of each row's token biases);
 3. temperature, top-k, top-p, min-p and a seeded Gumbel-max draw
    (``seed``, ``step``): greedy when temperature is 0; the same seed and
    step give the same token whatever else is in the batch;
@@ -152,7 +153,7 @@ class SampleStage(Stage):
             bitmask = self.uploader.upload(mask.bitmask, torch.int32)
             self.ops.apply_token_bitmask(logits, bitmask, rows)
         if params.banned_token_ids:
-            if penalized is None and mask is None:
+            if penalized is None and mask is None and not params.logit_biases:
                 logits = logits.clone()
             self._apply_bans(logits, params.banned_token_ids)
         token_ids = self._draw(logits, params)
@@ -227,6 +228,8 @@ class SampleStage(Stage):
 
     def _apply_bans(self, logits: torch.Tensor, banned: list[list[int]]) -> None:
         """Ban tokens per row (min_new_tokens): clear their bits in an all-allowed bitmask
+        if params.logit_biases:
+            logits = self._apply_logit_bias(logits, params.logit_biases)
         and apply it with the same kernel as grammar masks."""
         rows = [i for i, ids in enumerate(banned) if ids]
         if not rows:
@@ -298,3 +301,21 @@ def _prompt_results(params: SamplingBatch, token_lp: list[float], ranks: list[in
         position += n
         ids_at += n * wanted
     return results
+    def _apply_logit_bias(self, logits: torch.Tensor, biases: list[dict[int, float]]) -> torch.Tensor:
+        """logit_bias: one sparse add of (row, token id, bias) triples into a copy of the logits.
+
+        Runs after the grammar mask, so a bias never re-allows a token the
+        grammar ruled out (a masked -inf plus a finite bias stays -inf)."""
+        rows, cols, values = [], [], []
+        for row, bias in enumerate(biases):
+            for token_id, value in bias.items():
+                if 0 <= token_id < logits.shape[1]:
+                    rows.append(row)
+                    cols.append(token_id)
+                    values.append(value)
+        logits = logits.clone()
+        if rows:
+            index = self.uploader.upload([rows, cols], torch.int64)
+            logits.index_put_((index[0], index[1]), self.uploader.upload(values, torch.float32), accumulate=True)
+        return logits
+

@@ -22,6 +22,8 @@ What it does, per request:
    from the tokenizer config, ``add_generation_prompt`` and ``tools`` passed
    through, then encoded without adding specials, since templates write their
    own BOS) or ``input_ids`` (checked against the vocabulary).
+   ``truncate_prompt_tokens`` keeps only the prompt's last tokens; a
+   ``continue_final_message`` chat leaves its last (assistant) turn open.
 2. **length check.** ``prompt_tokens + max_new_tokens <= context_length``,
    else a 400 that gives the three numbers; ``max_new_tokens=None`` (a chat
    request without ``max_tokens``) becomes whatever room the context leaves.
@@ -152,7 +154,8 @@ def render_chat(tokenizer: Any, request: GenerateRequest, sandbox: TemplateSandb
     try:
         return tokenizer.apply_chat_template(
             chat_message_dicts(request.messages or []), tools=request.tools, tokenize=False,
-            add_generation_prompt=request.add_generation_prompt, **request.chat_template_kwargs)
+            add_generation_prompt=request.add_generation_prompt,
+            continue_final_message=request.continue_final_message, **request.chat_template_kwargs)
     except Exception as error:  # jinja raise_exception(...) in templates, bad kwargs
         raise RequestError(f"chat template failed: {error}", "messages") from error
 
@@ -184,6 +187,24 @@ def checked_input_ids(input_ids: list[int], vocab_size: int) -> list[int]:
             raise RequestError(f"input_ids[{position}]={token_id} is outside the vocabulary [0, {vocab_size})",
                                "input_ids")
     return list(input_ids)
+
+
+def truncated(input_ids: list[int], keep: int | None, context_length: int) -> list[int]:
+    """vLLM's truncate_prompt_tokens: keep the last ``keep`` prompt tokens (-1: the context length)."""
+    if keep is None:
+        return input_ids
+    keep = context_length if keep == -1 else keep
+    if keep > context_length:
+        raise RequestError(f"truncate_prompt_tokens={keep} is more than the model's context length of "
+                           f"{context_length} tokens", "truncate_prompt_tokens")
+    return input_ids[-keep:]
+
+
+def check_logit_bias(logit_bias: dict[int, float], vocab_size: int) -> None:
+    for token_id in logit_bias:
+        if not 0 <= token_id < vocab_size:
+            raise RequestError(f"logit_bias token id {token_id} is outside the vocabulary [0, {vocab_size})",
+                               "logit_bias")
 
 
 def check_length(num_prompt_tokens: int, max_new_tokens: int | None, context_length: int) -> None:
@@ -260,7 +281,9 @@ def fan_out(request: GenerateRequest, input_ids: list[int]) -> list[TokenizedReq
 def tokenize_request(tokenizer: Any, request: GenerateRequest, context_length: int, vocab_size: int,
                      sandbox: TemplateSandbox | None = None) -> list[TokenizedRequest]:
     """The whole job for one request (pure; runs on a worker thread). Raises RequestError."""
-    input_ids = prompt_ids(tokenizer, request, vocab_size, sandbox)
+    input_ids = truncated(prompt_ids(tokenizer, request, vocab_size, sandbox),
+                          request.sampling.truncate_prompt_tokens, context_length)
+    check_logit_bias(request.sampling.logit_bias, vocab_size)
     check_length(len(input_ids), request.sampling.max_new_tokens, context_length)
     if request.sampling.max_new_tokens is None:  # OpenAI's "no max_tokens": up to the context length
         room = context_length - len(input_ids)

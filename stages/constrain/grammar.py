@@ -6,7 +6,8 @@ Three steps, each cheap to reason about:
    schema goes through outlines-core's ``build_regex_from_schema`` (one
    optional space as whitespace, so a model cannot stall in a whitespace
    loop) plus our numeric bounds (``schema.py``); choices become an
-   alternation of escaped literals.
+   alternation of escaped literals; an EBNF grammar without recursive rules
+   is inlined into one regex (``ebnf.py``).
 2. ``GrammarCompiler.compile``: regex + ``TokenVocab`` -> outlines-core
    ``Index``, a DFA over *token ids* (which tokens lead from which state to
    which). This is the expensive part (seconds for a large schema on a 150k
@@ -40,12 +41,13 @@ import torch
 from outlines_core import Guide, Index
 
 from stages.constrain.bitmask import BITS_PER_WORD, MaskRowCache, bitmask_words
+from stages.constrain.ebnf import EbnfError, ebnf_to_regex, escape_literal
 from stages.constrain.sandbox import CompileBudgetError, CompileCancelled, CompileSandbox
 from stages.constrain.schema import SchemaError, schema_to_regex
 from stages.constrain.vocab import TokenVocab
 
-GrammarKind = Literal["json_schema", "regex", "choices"]
-GRAMMAR_KINDS: tuple[str, ...] = ("json_schema", "regex", "choices")
+GrammarKind = Literal["json_schema", "regex", "choices", "ebnf"]
+GRAMMAR_KINDS: tuple[str, ...] = ("json_schema", "regex", "choices", "ebnf")
 
 # OpenAI's response_format {"type": "json_object"}: any JSON object whose values are
 # scalars, or arrays/objects of scalars. outlines' unbounded {"type": "object"}
@@ -64,15 +66,6 @@ class GrammarError(ValueError):
 # --------------------------------------------------------------------------
 # Step 1: every grammar is a regex
 # --------------------------------------------------------------------------
-
-# Characters with a meaning in the Rust regex syntax outlines-core parses.
-_REGEX_META = frozenset("\\.+*?()|[]{}^$#&-~")
-
-
-def escape_literal(text: str) -> str:
-    """``text`` as a regex matching exactly itself (Rust regex syntax)."""
-    return "".join("\\" + char if char in _REGEX_META else char for char in text)
-
 
 def choices_regex(choices: list[str]) -> str:
     """An alternation matching exactly one of ``choices``."""
@@ -113,6 +106,11 @@ def grammar_regex(kind: str, spec: str) -> str:
         if not isinstance(choices, list):
             raise GrammarError("choices spec must be a JSON list of strings")
         return choices_regex(choices)
+    if kind == "ebnf":
+        try:
+            return ebnf_to_regex(spec)
+        except EbnfError as error:
+            raise GrammarError(f"ebnf: {error}") from None
     raise GrammarError(f"unknown grammar kind {kind!r}; expected one of {GRAMMAR_KINDS}")
 
 

@@ -7,12 +7,22 @@ OpenAI names map onto SGLang's (``max_tokens`` -> ``max_new_tokens``,
 broken one becomes a 400 that names the field by the API's name. JSON ints
 are unbounded, so ints that do not fit the engine's 64 bits are refused here
 (``check_int64``), as are tools that are not function tools with a name. Things we do
-not implement (``logit_bias``, ``suffix``, ``best_of`` > n, images) are refused
+not implement (``suffix``, ``best_of`` > n, images) are refused
 with a 400 rather than silently ignored.
+
+The same holds for every declared request field (``refuse_unserved``): OpenAI
+fields served only at their default (``store``, ``service_tier``,
+``metadata``, ``modalities``), the legacy ``functions``/``function_call``
+(mapped onto ``tools``/``tool_choice``), and the SGLang/vLLM extensions:
+``stop_regex``, ``ebnf``, vLLM's ``structured_outputs`` and ``guided_*``
+(onto json_schema / regex / choices / ebnf), ``truncate_prompt_tokens``,
+``return_token_ids``, ``continue_final_message``. ``logit_bias`` keys are
+token ids as strings, values clamped to [-100, 100] (OpenAI's range).
 """
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import msgspec
@@ -28,11 +38,12 @@ CHAT_DEFAULT_MAX_TOKENS = None  # OpenAI: no max_tokens means up to the context 
 OPENAI_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens", "top_logprobs_num": "logprobs"}
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 SAMPLING_FIELD_NAMES = frozenset(f.name for f in msgspec.structs.fields(SamplingParams))
+# /generate's sampling_params: SGLang's names (prompt and output ids are in every /generate answer already)
+NATIVE_SAMPLING_NAMES = SAMPLING_FIELD_NAMES - {"return_token_ids"}
 
 
 def _common_sampling(body: SamplingFields, max_new_tokens: int) -> dict[str, Any]:
-    if body.logit_bias:
-        raise bad_request("logit_bias is not supported", "logit_bias")
+    refuse_unserved(body)
     if body.stream_options is not None and not body.stream:
         raise bad_request("stream_options is only allowed when stream is true", "stream_options")
     params: dict[str, Any] = {
@@ -48,15 +59,100 @@ def _common_sampling(body: SamplingFields, max_new_tokens: int) -> dict[str, Any
     if body.top_k is not None:
         params["top_k"] = -1 if body.top_k == 0 else body.top_k  # 0 means "off" for OpenAI-style clients
     params.update(_grammar(body))
+    params.update(_extensions(body))
+    return params
+
+
+SERVICE_TIERS = (None, "auto", "default")
+
+
+def refuse_unserved(body: SamplingFields) -> None:
+    """OpenAI fields this server serves only at their default value: anything else is a 400 naming it."""
+    if body.store:
+        raise bad_request("store is not supported: this server keeps no completions", "store")
+    if body.metadata is not None:
+        raise bad_request("metadata is not supported: it only tags stored completions, and this server "
+                          "stores none", "metadata")
+    if body.service_tier not in SERVICE_TIERS:
+        raise bad_request(f"service_tier {body.service_tier!r} is not supported (only 'auto' or 'default')",
+                          "service_tier")
+
+
+def logit_bias(raw: dict[str, float]) -> dict[int, float]:
+    """OpenAI's logit_bias: token ids as decimal strings, biases clamped to [-100, 100]."""
+    out = {}
+    for key, value in raw.items():
+        if not key.strip().isdigit():
+            raise bad_request(f"logit_bias keys must be token ids (decimal strings), got {key!r}", "logit_bias")
+        if not math.isfinite(value):
+            raise bad_request(f"logit_bias values must be finite numbers, got {value!r}", "logit_bias")
+        out[int(key)] = min(100.0, max(-100.0, value))
+    return out
+
+
+def _extensions(body: SamplingFields) -> dict[str, Any]:
+    """logit_bias and the SGLang/vLLM sampling extensions that map one to one."""
+    params: dict[str, Any] = {}
+    if body.logit_bias:
+        params["logit_bias"] = logit_bias(body.logit_bias)
+    if body.stop_regex is not None:
+        params["stop_regex"] = [body.stop_regex] if isinstance(body.stop_regex, str) else list(body.stop_regex)
+    if body.truncate_prompt_tokens is not None:
+        params["truncate_prompt_tokens"] = body.truncate_prompt_tokens
+    if body.return_token_ids:
+        params["return_token_ids"] = True
     return params
 
 
 def _grammar(body: SamplingFields) -> dict[str, Any]:
+    """Every way a client asks for structured output -> at most one SamplingParams grammar field."""
+    grammars = [(name, grammar) for name, grammar in _grammar_requests(body) if grammar]
+    if len(grammars) > 1:
+        raise bad_request(f"at most one structured output constraint may be given, got "
+                          f"{[name for name, _ in grammars]}", grammars[1][0])
+    return grammars[0][1] if grammars else {}
+
+
+def _grammar_requests(body: SamplingFields) -> list[tuple[str, dict[str, Any]]]:
+    return [("regex", {"regex": body.regex} if body.regex is not None else {}),
+            ("json_schema", {"json_schema": body.json_schema} if body.json_schema is not None else {}),
+            ("ebnf", {"ebnf": body.ebnf} if body.ebnf is not None else {}),
+            ("response_format", _response_format(body)),
+            ("structured_outputs", _structured_outputs(body)),
+            *_guided(body)]
+
+
+def _schema_text(schema: str | dict[str, Any]) -> str:
+    return schema if isinstance(schema, str) else json.dumps(schema)
+
+
+def _structured_outputs(body: SamplingFields) -> dict[str, Any]:
+    """vLLM's structured_outputs {json, regex, choice, grammar, json_object}: exactly one of them."""
+    spec = body.structured_outputs
+    if spec is None:
+        return {}
+    given = {name: value for name, value in (
+        ("json", spec.json), ("regex", spec.regex), ("choice", spec.choice), ("grammar", spec.grammar),
+        ("json_object", spec.json_object or None)) if value is not None}
+    if len(given) != 1:
+        raise bad_request(f"structured_outputs needs exactly one of json, regex, choice, grammar, json_object "
+                          f"(got {sorted(given)})", "structured_outputs")
+    [(name, value)] = given.items()
+    return {"json": lambda: {"json_schema": _schema_text(value)}, "regex": lambda: {"regex": value},
+            "choice": lambda: {"choices": list(value)}, "grammar": lambda: {"ebnf": value},
+            "json_object": lambda: {"json_schema": json.dumps({"type": "object"})}}[name]()
+
+
+def _guided(body: SamplingFields) -> list[tuple[str, dict[str, Any]]]:
+    """vLLM's older guided_json / guided_regex / guided_choice / guided_grammar."""
+    return [("guided_json", {"json_schema": _schema_text(body.guided_json)} if body.guided_json is not None else {}),
+            ("guided_regex", {"regex": body.guided_regex} if body.guided_regex is not None else {}),
+            ("guided_choice", {"choices": list(body.guided_choice)} if body.guided_choice is not None else {}),
+            ("guided_grammar", {"ebnf": body.guided_grammar} if body.guided_grammar is not None else {})]
+
+
+def _response_format(body: SamplingFields) -> dict[str, Any]:
     grammar: dict[str, Any] = {}
-    if body.regex is not None:
-        grammar["regex"] = body.regex
-    if body.json_schema is not None:
-        grammar["json_schema"] = body.json_schema
     format_ = body.response_format
     if format_ is None or format_.type == "text":
         return grammar
@@ -199,10 +295,26 @@ def chat_request(body: ChatCompletionRequest, rid: str, arrival_time_s: float) -
     converted = [chat_message(m, i) for i, m in enumerate(body.messages)]
     tools = body.tools if body.tool_choice != "none" else None
     kwargs = dict(body.chat_template_kwargs or {})
-    add_generation_prompt = body.add_generation_prompt and not body.continue_final_message
     return GenerateRequest(rid=rid, messages=[m for m, _ in converted], sampling=sampling, stream=body.stream,
-                           add_generation_prompt=add_generation_prompt, tools=tools, chat_template_kwargs=kwargs,
-                           image_urls=[url for _, urls in converted for url in urls], arrival_time_s=arrival_time_s)
+                           add_generation_prompt=_add_generation_prompt(body), tools=tools,
+                           chat_template_kwargs=kwargs, image_urls=[url for _, urls in converted for url in urls],
+                           arrival_time_s=arrival_time_s, continue_final_message=body.continue_final_message)
+
+
+def _refuse_unserved_chat(body: ChatCompletionRequest) -> None:
+    """Chat fields served only at their default value."""
+    if body.modalities is not None and body.modalities != ["text"]:
+        raise bad_request(f"modalities {body.modalities} are not supported: this server answers with text only",
+                          "modalities")
+
+
+def _add_generation_prompt(body: ChatCompletionRequest) -> bool:
+    """True unless the last turn is to be continued (both at once is a 400, as in vLLM)."""
+    _refuse_unserved_chat(body)
+    if body.continue_final_message and body.add_generation_prompt:
+        raise bad_request("continue_final_message and add_generation_prompt cannot both be true",
+                          "continue_final_message")
+    return not body.continue_final_message if body.add_generation_prompt is None else body.add_generation_prompt
 
 
 def _prompt_logprobs(body: SamplingFields, params: dict[str, Any]) -> dict[str, Any]:
@@ -286,9 +398,16 @@ def _grammar_after_reasoning(body: ChatCompletionRequest, params: dict[str, Any]
 def native_requests(body: NativeGenerateRequest, rid: str, arrival_time_s: float) -> list[GenerateRequest]:
     """SGLang's /generate: sampling_params by SGLang names (unknown names are a 400)."""
     raw = dict(body.sampling_params or {})
-    unknown = sorted(set(raw) - SAMPLING_FIELD_NAMES)
+    unknown = sorted(set(raw) - NATIVE_SAMPLING_NAMES)
     if unknown:
         raise bad_request(f"unknown sampling_params field(s) {unknown}", f"sampling_params.{unknown[0]}")
+    if isinstance(raw.get("logit_bias"), dict):  # token ids arrive as JSON object keys (strings)
+        try:
+            raw["logit_bias"] = {str(k): float(v) for k, v in raw["logit_bias"].items()}
+        except (TypeError, ValueError) as error:
+            raise bad_request("sampling_params.logit_bias values must be numbers",
+                              "sampling_params.logit_bias") from error
+        raw["logit_bias"] = logit_bias(raw["logit_bias"])
     if body.return_logprob:
         raw.update(return_logprob=True, top_logprobs_num=body.top_logprobs_num,
                    logprob_start_len=body.logprob_start_len, prompt_top_logprobs_num=body.top_logprobs_num,

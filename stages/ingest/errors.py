@@ -48,6 +48,7 @@ def from_sampling_error(error: SamplingParamsError, names: dict[str, str] | None
 
 
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
+_UNKNOWN_FIELD = re.compile(r"unknown field `([^`]*)`")
 
 
 def from_decode_error(error: msgspec.MsgspecError) -> ApiError:
@@ -57,4 +58,8 @@ def from_decode_error(error: msgspec.MsgspecError) -> ApiError:
         return bad_request(f"request body is not valid JSON: {text}")
     match = _PATH.search(text)
     param = match.group(1) if match else None
+    unknown = _UNKNOWN_FIELD.search(text)
+    if unknown is not None:  # a parameter this server does not serve: name it, never ignore it
+        name = f"{param}.{unknown.group(1)}" if param else unknown.group(1)
+        return bad_request(f"unsupported parameter {name}: this server does not serve it", name)
     return bad_request(f"invalid request body: {text}", param or None)

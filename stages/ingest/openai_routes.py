@@ -19,7 +19,7 @@ from stages.ingest.errors import ApiError
 from stages.ingest.protocol import ChatCompletionRequest, CompletionRequest
 from stages.ingest.responses import (SequenceResult, chat_logprobs, chat_response, completion_logprobs,
                                      completion_response, new_id, openai_finish_reason, usage,
-                                     vllm_prompt_logprobs, with_reasoning)
+                                     vllm_prompt_logprobs, with_reasoning, add_token_ids)
 from stages.ingest.streaming import SseWriter, collect, merged, read_body
 
 
@@ -50,10 +50,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
         if body.stream:
             return await _stream_completion(ctx, request, body, rid, streams, echo_prompts)
         results = await collect(streams)
-        return web.json_response(completion_response(rid, ctx.args.served_model_name, results,
-                                                     len(generate_requests), ctx.token_text,
-                                                     body.logprobs is not None, echo_prompts,
-                                                     body.prompt_logprobs is not None))
+        response = completion_response(rid, ctx.args.served_model_name, results, len(generate_requests),
+                                       ctx.token_text, body.logprobs is not None, echo_prompts,
+                                       body.prompt_logprobs is not None)
+        return web.json_response(add_token_ids(response, results, chat=False) if body.return_token_ids
+                                 else response)
     finally:
         for stream in streams:
             await stream.close()
@@ -77,6 +78,8 @@ async def _stream_completion(ctx: ServerContext, request: web.Request, body: Com
             if body.logprobs is not None:
                 choice["logprobs"] = completion_logprobs(ctx.token_text, output, output.token_ids_delta,
                                                          echo=body.echo)
+            if body.return_token_ids:
+                choice.update(_streamed_token_ids(output))
             await writer.send(_chunk(rid, "text_completion", ctx, [choice], _running_usage(body, results)))
         if body.stream_options is not None and body.stream_options.include_usage:
             ordered = [results[i] for i in sorted(results)]
@@ -88,9 +91,19 @@ async def _stream_completion(ctx: ServerContext, request: web.Request, body: Com
     return await writer.finish()
 
 
+def _streamed_token_ids(output: Any) -> dict[str, Any]:
+    """return_token_ids in a stream: the chunk's token ids, and the prompt's with a sequence's first chunk."""
+    ids: dict[str, Any] = {"token_ids": list(output.token_ids_delta)}
+    if output.prompt_token_ids:
+        ids["prompt_token_ids"] = list(output.prompt_token_ids)
+    return ids
+
+
 def _running_usage(body: Any, results: dict[int, SequenceResult]) -> dict | None:
-    """Usage so far, on every chunk, when stream_options.continuous_usage_stats asks for it."""
-    if body.stream_options is None or not body.stream_options.continuous_usage_stats:
+    """Usage so far, on every chunk, when stream_options asks for it with both include_usage and
+    continuous_usage_stats (vLLM's rule: no usage at all without include_usage)."""
+    options = body.stream_options
+    if options is None or not (options.include_usage and options.continuous_usage_stats):
         return None
     return usage([results[i] for i in sorted(results)])
 
@@ -121,6 +134,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         response = chat_response(rid, ctx.args.served_model_name, results, ctx.token_text, body.logprobs, messages)
         if body.prompt_logprobs is not None:  # vLLM: one prompt per chat request, so at the top level
             response["prompt_logprobs"] = vllm_prompt_logprobs(ctx.token_text, results[0].prompt_logprobs)
+        if body.return_token_ids:
+            add_token_ids(response, results, chat=True)
         return web.json_response(response)
     finally:
         await stream.close()
@@ -158,10 +173,11 @@ async def _send_chat_delta(ctx: ServerContext, writer: SseWriter, body: ChatComp
     if output.finish_reason is not None:
         delta = parser.merge(delta, parser.finish())
     logprobs = chat_logprobs(ctx.token_text, output, output.token_ids_delta) if body.logprobs else None
-    if delta or (logprobs and logprobs["content"]):
+    ids = _streamed_token_ids(output) if body.return_token_ids else {}
+    if delta or (logprobs and logprobs["content"]) or ids.get("token_ids"):
         await writer.send(_chunk(rid, "chat.completion.chunk", ctx, [
-            {"index": output.index, "delta": with_reasoning(delta), "logprobs": logprobs, "finish_reason": None}],
-            _running_usage(body, results)))
+            {"index": output.index, "delta": with_reasoning(delta), "logprobs": logprobs, "finish_reason": None,
+             **ids}], _running_usage(body, results)))
     if output.finish_reason is not None:
         finish = openai_finish_reason(output.finish_reason)
         if parser.made_tool_calls and finish == "stop":

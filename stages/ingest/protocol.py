@@ -3,9 +3,12 @@
 Decoding a body against these types is the first validation: a wrong type
 fails with msgspec's message, which names the JSON path
 (``Expected `float`, got `str` - at `$.temperature```), and becomes a 400 whose
-``param`` is that path. Unknown top-level fields are ignored, as OpenAI's
-server does for forward compatibility. Range checks happen when the fields
-become ``SamplingParams`` (see ``stages/ingest/convert.py``).
+``param`` is that path. A top-level field these Structs do not declare is a
+400 naming it (``forbid_unknown_fields``): a parameter we do not serve is
+never silently ignored. Declared fields are either honoured or refused with a
+400 by ``stages/ingest/convert.py`` (e.g. ``store: true``, ``modalities`` other
+than text); ``tests/server/test_request_fields.py`` walks every field.
+Range checks happen when the fields become ``SamplingParams``.
 
 msgspec allows one array type per union, so fields that OpenAI lets be
 "a string, a list of strings, a list of ids or a list of id lists"
@@ -35,7 +38,17 @@ class ResponseFormat(msgspec.Struct, kw_only=True):
     json_schema: JsonSchemaFormat | None = None
 
 
-class SamplingFields(msgspec.Struct, kw_only=True):
+class StructuredOutputs(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM's ``structured_outputs``: one of json (a schema), regex, choice, grammar (EBNF), json_object."""
+
+    json: str | dict[str, Any] | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+
+class SamplingFields(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Fields shared by /v1/completions and /v1/chat/completions (SGLang extensions included)."""
 
     model: str = ""
@@ -65,6 +78,23 @@ class SamplingFields(msgspec.Struct, kw_only=True):
     user: str | None = None
     rid: str | None = None
     prompt_logprobs: int | None = None  # vLLM: logprobs of the prompt's tokens, with this many alternatives
+    # SGLang and vLLM extensions
+    stop_regex: str | list[str] | None = None
+    ebnf: str | None = None
+    structured_outputs: StructuredOutputs | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    truncate_prompt_tokens: int | None = None
+    return_token_ids: bool | None = None
+    # OpenAI fields served only at their default value (anything else is a 400)
+    service_tier: str | None = None
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    # OpenAI hints with nothing to do here: accepted, they do not change the output
+    prompt_cache_key: str | None = None  # prefix caching is automatic (radix cache)
+    safety_identifier: str | None = None  # an end-user id, like ``user``
 
 
 class CompletionRequest(SamplingFields, kw_only=True):
@@ -101,6 +131,19 @@ class ChatMessageIn(msgspec.Struct, kw_only=True):
     tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    function_call: FunctionCallIn | None = None  # legacy form of one tool call
+
+    def __post_init__(self) -> None:
+        if self.function_call is not None and not self.tool_calls:
+            self.tool_calls = [ToolCallIn(function=self.function_call)]
+
+
+class FunctionDef(msgspec.Struct, kw_only=True):
+    """A legacy ``functions`` entry (OpenAI's pre-tools API)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
 
 
 class ChatCompletionRequest(SamplingFields, kw_only=True):
@@ -114,12 +157,28 @@ class ChatCompletionRequest(SamplingFields, kw_only=True):
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool | None = None  # None: true, unless continue_final_message
     continue_final_message: bool = False
     separate_reasoning: bool = True
+    functions: list[FunctionDef] | None = None  # legacy: becomes tools
+    function_call: str | dict[str, Any] | None = None  # legacy: becomes tool_choice
+    modalities: list[str] | None = None  # only ["text"]
+
+    def __post_init__(self) -> None:
+        """The legacy ``functions`` / ``function_call`` become ``tools`` / ``tool_choice``."""
+        if self.functions is not None:
+            if self.tools is not None:
+                raise ValueError("give tools or the legacy functions, not both")
+            self.tools = [{"type": "function", "function": {k: v for k, v in msgspec.structs.asdict(function).items()
+                                                             if v is not None}} for function in self.functions]
+        if self.function_call is not None:
+            if self.tool_choice is not None:
+                raise ValueError("give tool_choice or the legacy function_call, not both")
+            call = self.function_call
+            self.tool_choice = call if isinstance(call, str) else {"type": "function", "function": dict(call)}
 
 
-class NativeGenerateRequest(msgspec.Struct, kw_only=True):
+class NativeGenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """POST /generate (SGLang native): text or input_ids, sampling_params by SGLang's names."""
 
     text: str | list[str] | None = None

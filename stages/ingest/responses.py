@@ -45,6 +45,7 @@ class SequenceResult(msgspec.Struct, kw_only=True):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
+    prompt_token_ids: list[int] = []  # return_token_ids: the first output brings them
     prompt_logprobs: PromptLogprobs | None = None
     ids_logprobs: list[list[float]] = []
 
@@ -54,6 +55,8 @@ class SequenceResult(msgspec.Struct, kw_only=True):
         self.ids_logprobs.extend(output.ids_logprobs)
         self.text += output.text_delta
         self.token_ids.extend(output.token_ids_delta)
+        if output.prompt_token_ids:
+            self.prompt_token_ids = list(output.prompt_token_ids)
         self.token_logprobs.extend(output.token_logprobs)
         self.top_token_ids.extend(output.top_token_ids)
         self.top_logprobs.extend(output.top_logprobs)
@@ -62,6 +65,18 @@ class SequenceResult(msgspec.Struct, kw_only=True):
         self.cached_tokens = max(self.cached_tokens, output.cached_tokens)
         if output.finish_reason is not None:
             self.finish_reason = output.finish_reason
+
+
+def add_token_ids(response: dict[str, Any], results: list[SequenceResult], chat: bool) -> dict[str, Any]:
+    """vLLM's return_token_ids: each choice's ``token_ids``, and the prompt's ``prompt_token_ids`` (per choice
+    for completions, once at the top for chat, which has one prompt)."""
+    for choice, result in zip(response["choices"], results):
+        choice["token_ids"] = list(result.token_ids)
+        if not chat:
+            choice["prompt_token_ids"] = list(result.prompt_token_ids)
+    if chat:
+        response["prompt_token_ids"] = list(results[0].prompt_token_ids) if results else []
+    return response
 
 
 def openai_finish_reason(finish: FinishReason | None) -> str | None:

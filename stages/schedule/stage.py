@@ -420,3 +420,5 @@ def _grammar_of(params: SamplingParams) -> tuple[str, str] | None:
     if params.choices is not None:
         return "choices", json.dumps(params.choices)
     return None
+    if params.ebnf is not None:
+        return "ebnf", params.ebnf
