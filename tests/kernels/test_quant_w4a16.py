@@ -1,0 +1,81 @@
+"""W4A16 GEMM: the Triton kernel vs its PyTorch reference vs a float64 dequantised matmul.
+
+Shapes are odd on purpose (N and M not multiples of any block, K a multiple of 8
+as the packing needs but not of the block); group sizes that do and do not
+divide the kernel's K step, and act-order ``g_idx`` (a permuted group map).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.util import DTYPES, ON_GPU, assert_close
+from triton_kernels import quant_w4a16 as w4
+
+SHAPES_CPU = [(1, 40, 64, 32), (5, 33, 136, 8), (37, 97, 96, 64)]      # (M, N, K, group_size)
+SHAPES_GPU = [(1, 4096, 4096, 128), (7, 1000, 4096, 128), (300, 1100, 2048, 128), (129, 257, 264, 8)]
+
+
+def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """[K, N] ints in [0, 15] -> [K // 8, N] int32, row k at nibble k % 8 (the kernel layout)."""
+    K, N = q.shape
+    q = q.to(torch.int64).view(K // 8, 8, N)
+    packed = torch.zeros(K // 8, N, dtype=torch.int64)
+    for j in range(8):
+        packed |= q[:, j, :] << (4 * j)
+    return (packed - ((packed >> 31) << 32)).to(torch.int32)     # wrap to signed int32
+
+
+def _inputs(M, N, K, group, dtype, act_order, device):
+    gen = torch.Generator().manual_seed(M * 131 + N * 7 + K + group)
+    G = -(-K // group)
+    q = torch.randint(0, 16, (K, N), generator=gen)
+    scales = (torch.rand(G, N, generator=gen) * 0.02 + 0.005).to(dtype)
+    zeros = torch.randint(0, 16, (G, N), generator=gen).to(torch.uint8)
+    g_idx = None
+    if act_order:
+        g_idx = (torch.arange(K) // group)[torch.randperm(K, generator=gen)].to(torch.int32)
+    x = torch.randn(M, K, generator=gen).to(dtype)
+    bias = torch.randn(N, generator=gen).to(dtype)
+    to = dict(device=device)
+    return (x.to(**to), pack_int4_rows(q).to(**to), scales.to(**to), zeros.to(**to),
+            None if g_idx is None else g_idx.to(**to), bias.to(**to), q)
+
+
+def test_unpack_inverts_the_packing():
+    q = torch.randint(0, 16, (24, 5))
+    assert torch.equal(w4.unpack_int4_rows(pack_int4_rows(q)), q.to(torch.int32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_GPU if ON_GPU else SHAPES_CPU)
+@pytest.mark.parametrize("act_order", [False, True])
+def test_w4a16_matches_reference_and_float64(device, dtype, shape, act_order):
+    M, N, K, group = shape
+    x, qw, s, z, g_idx, bias, q = _inputs(M, N, K, group, dtype, act_order, device)
+    y = w4.w4a16_linear(x, qw, s, z, g_idx, group, bias)
+    assert y.shape == (M, N) and y.dtype == dtype
+    g = g_idx.long().cpu() if g_idx is not None else torch.arange(K) // group
+    w64 = (q - z.cpu()[g].long()).double() * s.cpu()[g].double()            # [K, N]
+    exact = x.cpu().double() @ w64 + bias.cpu().double()
+    assert_close(y, exact, dtype, "w4a16 vs float64")
+    assert_close(y, w4.w4a16_linear_reference(x, qw, s, z, g_idx, group, bias), dtype,
+                 "w4a16 vs reference")
+
+
+def test_fp32_output_and_no_bias(device):
+    x, qw, s, z, _, _, _ = _inputs(3, 40, 64, 32, torch.float16, False, device)
+    y = w4.w4a16_linear(x, qw, s, z, None, 32, None, out_dtype=torch.float32)
+    assert y.dtype == torch.float32
+    ref = w4.w4a16_linear_reference(x, qw, s, z, None, 32, None, out_dtype=torch.float32)
+    assert_close(y, ref, torch.float32 if not ON_GPU else torch.float16, "fp32 out")
+
+
+def test_bad_shapes_name_the_tensor(device):
+    x, qw, s, z, _, _, _ = _inputs(2, 40, 64, 32, torch.float32, False, device)
+    with pytest.raises(ValueError, match="qweight rows"):
+        w4.w4a16_linear(x[:, :56], qw, s, z, None, 32)
+    with pytest.raises(ValueError, match="zeros"):
+        w4.w4a16_linear(x, qw, s, z.to(torch.int32), None, 32)
+    with pytest.raises(ValueError, match="g_idx"):
+        w4.w4a16_linear(x, qw, s, z, torch.zeros(8, dtype=torch.int32, device=device), 32)

@@ -1,0 +1,103 @@
+"""FP8 / INT8 W8A8 GEMMs with fused dynamic activation quantisation: the Triton kernels
+vs their PyTorch references (same quantisation, so tight), and vs the unquantised
+float64 matmul (loose: the 8-bit rounding error itself, stated per scheme)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.util import ON_GPU, assert_close, rel_err
+from triton_kernels import quant_w8a8 as q8
+
+DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
+SHAPES_CPU = [(1, 40, 72), (5, 33, 160), (37, 97, 96)]                     # (M, N, K)
+SHAPES_GPU = [(1, 4096, 4096), (7, 1000, 4096), (300, 1100, 2048), (1024, 4096, 4096), (129, 257, 264)]
+# Relative error of 8-bit quantisation of both operands vs the exact product
+# (random normal data): fp8 e4m3 has a 3-bit mantissa (~4% per value, averaging
+# down over K), int8 with per-row scales ~1%.
+QUANT_ERROR = {torch.float8_e4m3fn: 0.06, torch.int8: 0.02}
+
+
+def _quantize_weight_per_channel(w: torch.Tensor, dtype: torch.dtype):
+    qmax = q8.INT8_MAX if dtype == torch.int8 else q8.FP8_MAX
+    scale = w.abs().amax(dim=1).clamp_min(1e-10) / qmax
+    v = w / scale[:, None]
+    wq = torch.round(v).clamp(-128, 127).to(torch.int8) if dtype == torch.int8 else v.to(dtype)
+    return wq, scale.float()
+
+
+def _quantize_weight_blocks(w: torch.Tensor, bn: int, bk: int):
+    N, K = w.shape
+    gn, gk = -(-N // bn), -(-K // bk)
+    padded = torch.nn.functional.pad(w, (0, gk * bk - K, 0, gn * bn - N))
+    blocks = padded.view(gn, bn, gk, bk)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-10) / q8.FP8_MAX          # [gn, gk]
+    wq = (blocks / scale[:, None, :, None]).view(gn * bn, gk * bk)[:N, :K]
+    return wq.to(torch.float8_e4m3fn), scale.float()
+
+
+def _inputs(M, N, K, dtype, device):
+    gen = torch.Generator().manual_seed(M * 17 + N * 3 + K)
+    x = torch.randn(M, K, generator=gen)
+    x[0, 0] = 8.0                                     # an outlier: the scales must follow it
+    w = torch.randn(N, K, generator=gen) / K ** 0.5
+    bias = torch.randn(N, generator=gen)
+    return x.to(dtype).to(device), w, bias.to(dtype).to(device)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_GPU if ON_GPU else SHAPES_CPU)
+def test_channel_kernel(device, wdtype, dtype, shape):
+    M, N, K = shape
+    x, w, bias = _inputs(M, N, K, dtype, device)
+    wq, ws = _quantize_weight_per_channel(w, wdtype)
+    wq, ws = wq.to(device), ws.to(device)
+    y = q8.w8a8_linear(x, wq, ws, bias)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias), dtype, f"{wdtype} kernel vs reference")
+    exact = x.cpu().double() @ w.double().t() + bias.cpu().double()
+    assert rel_err(y, exact) < QUANT_ERROR[wdtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES_GPU if ON_GPU else SHAPES_CPU)
+@pytest.mark.parametrize("block", [(128, 128), (16, 32)] if not ON_GPU else [(128, 128)])
+def test_block_kernel(device, dtype, shape, block):
+    M, N, K = shape
+    x, w, bias = _inputs(M, N, K, dtype, device)
+    wq, ws = _quantize_weight_blocks(w, *block)
+    wq, ws = wq.to(device), ws.to(device)
+    y = q8.fp8_block_linear(x, wq, ws, block, bias)
+    assert y.shape == (M, N) and y.dtype == dtype
+    assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias), dtype,
+                 "fp8 block kernel vs reference")
+    exact = x.cpu().double() @ w.double().t() + bias.cpu().double()
+    assert rel_err(y, exact) < QUANT_ERROR[torch.float8_e4m3fn]
+
+
+def test_zero_rows_and_fp32_output(device):
+    """An all-zero token gets a finite scale and a zero output (plus bias)."""
+    x, w, bias = _inputs(3, 40, 64, torch.float16, device)
+    x[1] = 0
+    wq, ws = _quantize_weight_per_channel(w, torch.int8)
+    y = q8.w8a8_linear(x, wq.to(device), ws.to(device), bias, out_dtype=torch.float32)
+    assert y.dtype == torch.float32 and torch.isfinite(y).all()
+    assert torch.allclose(y[1], bias.float())
+
+
+def test_int8_rounding_is_half_up():
+    xq, xs = q8.quantize_rows_reference(torch.tensor([[127.0, 0.5, -0.5, 1.5]]), torch.int8)
+    assert xs.item() == 1.0 and xq.tolist() == [[127.0, 1.0, 0.0, 2.0]]
+
+
+def test_bad_inputs_name_the_tensor(device):
+    x, w, _ = _inputs(2, 40, 64, torch.float32, device)
+    wq, ws = _quantize_weight_per_channel(w, torch.int8)
+    with pytest.raises(ValueError, match="weight_scale"):
+        q8.w8a8_linear(x, wq.to(device), ws[:5].to(device))
+    with pytest.raises(ValueError, match="weight must be"):
+        q8.w8a8_linear(x, w.to(device), ws.to(device))
+    wb, sb = _quantize_weight_blocks(w, 16, 32)
+    with pytest.raises(ValueError, match="weight_scale"):
+        q8.fp8_block_linear(x, wb.to(device), sb.to(device), (32, 32))

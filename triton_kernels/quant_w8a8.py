@@ -1,0 +1,309 @@
+"""8-bit weights and 8-bit activations: FP8 (e4m3) and INT8 GEMMs with the activation
+quantisation fused into the kernel.
+
+``y[M, N] = x[M, K] @ W[N, K]^T (+ bias)`` where the weight is stored 8-bit with
+fp32 scales and x (bf16/fp16/fp32) is quantised on the fly, per token:
+
+=============  ============================  =====================================
+scheme         weight, scale                 activation scale (dynamic)
+=============  ============================  =====================================
+channel fp8    W fp8e4m3 [N, K], ws [N]      xs[m] = max|x[m, :]| / 448
+channel int8   W int8 [N, K], ws [N]         xs[m] = max|x[m, :]| / 127
+block fp8      W fp8e4m3 [N, K],             xs[m, j] = max|x[m, j*bk:(j+1)*bk]| / 448
+               ws [ceil(N/bn), ceil(K/bk)]   (per token and K group, DeepSeek-V3 style)
+=============  ============================  =====================================
+
+Quantising ``v = x / xs``: fp8 rounds to nearest even (saturating at 448); int8
+rounds half up (``floor(v + 0.5)``) and clamps to [-128, 127]. Per-tensor
+weight scales are per-channel scales that happen to be equal (the loader
+expands them). The products ``xq @ Wq^T`` run on the 8-bit tensor cores (fp32
+accumulation for fp8, int32 for int8) and the scales multiply the sum:
+
+    channel:  y[m, n] = xs[m] * ws[n] * sum_k xq[m, k] Wq[n, k]
+    block:    y[m, n] = sum_j xs[m, j] * ws[n // bn, j] * sum_{k in group j} xq[m, k] Wq[n, k]
+
+Fusion: the channel kernel first walks K once over its x rows to find each
+row's max (x is small beside W at decode, and read again anyway), then runs
+the matmul quantising each x tile as it loads it; the block kernel takes
+``BLOCK_K = bk`` so each K step is one scale group and quantises in registers.
+No quantised copy of x is ever written to memory.
+
+Roofline: the weight stream is ``N*K`` bytes, half of bf16's, so batch-1
+decode can approach 2x; prefill runs at the 8-bit tensor-core rate (2x bf16
+on Hopper). FLOPs ``2*M*N*K``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from triton_kernels.gemm import _grouped_tile
+from triton_kernels.runtime import interpreting
+
+__all__ = ["FP8_MAX", "INT8_MAX", "flops_bytes", "fp8_block_linear", "fp8_block_linear_reference",
+           "quantize_rows_reference", "w8a8_linear", "w8a8_linear_reference"]
+FP8_MAX = 448.0          # largest finite float8_e4m3fn
+INT8_MAX = 127.0
+SCALE_EPS = 1e-10        # floor of a row's max, so an all-zero row gets a finite scale
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.int8)
+
+
+@triton.jit
+def _round_to_fp8(v):
+    """fp32 v in [-448, 448] -> the nearest e4m3 value (ties to even), still fp32.
+
+    The cast below would round by itself on a GPU, but the Triton interpreter
+    (3.9) drops the carry when rounding crosses a power of two (124.8 -> 64),
+    so the rounding is done here in plain fp32 bit arithmetic and the cast only
+    converts exact values. Normal range: keep 3 mantissa bits; below 2**-6
+    (subnormals) round to a multiple of 2**-9 with the 1.5 * 2**23 trick.
+    """
+    bits = v.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
+    subnormal = ((v * 512.0 + 12582912.0) - 12582912.0) / 512.0
+    return tl.where(tl.abs(v) < 0.015625, subnormal, normal)
+
+
+@triton.jit
+def _quantize(x, scale, IS_INT8: tl.constexpr):
+    """x [BM, BK] fp32, scale [BM, 1] -> 8-bit values of x / scale (see the module doc)."""
+    v = x / scale
+    if IS_INT8:
+        v = tl.minimum(tl.maximum(tl.floor(v + 0.5), -128.0), 127.0)
+        return v.to(tl.int8)
+    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+    return _round_to_fp8(v).to(tl.float8e4nv)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _w8a8_channel_kernel(
+    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
+    IS_INT8: tl.constexpr, QMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    # Pass 1: each row's max |x| -> its scale                               [BLOCK_M, 1]
+    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & (kk < K)[None, :],
+                    other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+    x_scale = (tl.maximum(amax, 1e-10) / QMAX)[:, None]
+    # Pass 2: quantise each x tile as it loads, 8-bit products, exact integer / fp32 sums.
+    if IS_INT8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(w_rows + kk[None, :] * stride_wk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(_quantize(x, x_scale, IS_INT8), tl.trans(w), acc)
+    w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+    out = acc.to(tl.float32) * x_scale * w_scale[None, :]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _fp8_block_kernel(
+    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
+    BLOCK_SIZE_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """BLOCK_K is the scale group along K; BLOCK_N divides BLOCK_SIZE_N or is a multiple."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    s_rows = ws_ptr + (offs_n // BLOCK_SIZE_N) * stride_sn       # each column's scale row [BLOCK_N]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for j in range(0, tl.cdiv(K, BLOCK_K)):
+        kk = j * BLOCK_K + offs_k
+        mask_k = kk < K
+        x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :],
+                    other=0.0).to(tl.float32)
+        x_scale = (tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0)[:, None]   # [BLOCK_M, 1]
+        w = tl.load(w_rows + kk[None, :] * stride_wk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        partial = tl.dot(_quantize(x, x_scale, False), tl.trans(w))
+        w_scale = tl.load(s_rows + j * stride_sk, mask=mask_n, other=0.0)            # [BLOCK_N]
+        acc += partial * x_scale * w_scale[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x dtype {x.dtype} not supported; expected bf16, fp16 or fp32")
+    if weight.dim() != 2 or weight.dtype not in _WEIGHT_DTYPES:
+        raise ValueError(f"weight must be float8_e4m3fn or int8 [N, K], got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x last dim {x.shape[-1]} != weight in_features {weight.shape[1]}")
+    if x.numel() == 0:
+        raise ValueError(f"x has no rows (shape {tuple(x.shape)}): empty batch")
+    N = weight.shape[0]
+    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
+        raise ValueError(f"bias must be {x.dtype} [{N}], got {bias.dtype} {tuple(bias.shape)}")
+
+
+def _check_channel_scale(weight: torch.Tensor, weight_scale: torch.Tensor) -> None:
+    if weight_scale.shape != (weight.shape[0],) or weight_scale.dtype != torch.float32:
+        raise ValueError(f"weight_scale must be float32 [{weight.shape[0]}], got "
+                         f"{weight_scale.dtype} {tuple(weight_scale.shape)}")
+
+
+def _check_block_scale(weight: torch.Tensor, weight_scale: torch.Tensor,
+                       block_size: tuple[int, int]) -> None:
+    if weight.dtype != torch.float8_e4m3fn:
+        raise ValueError(f"block-scaled weight must be float8_e4m3fn, got {weight.dtype}")
+    bn, bk = block_size
+    if bn < 1 or bk < 16 or bk & (bk - 1):
+        raise ValueError(f"block_size {block_size}: the K block must be a power of 2 >= 16")
+    N, K = weight.shape
+    want = (-(-N // bn), -(-K // bk))
+    if tuple(weight_scale.shape) != want or weight_scale.dtype != torch.float32:
+        raise ValueError(f"weight_scale must be float32 {list(want)}, got {weight_scale.dtype} "
+                         f"{list(weight_scale.shape)}")
+
+
+def _tiles(M: int, device: torch.device) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K is chosen per kernel."""
+    if interpreting() or device.type != "cuda":
+        return 32, 32, 4, 1
+    if M <= 16:
+        return 16, 64, 4, 4
+    if M <= 64:
+        return 64, 64, 4, 3
+    return 128, 128, 8, 3
+
+
+def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-channel fp8 or int8 weight (by its dtype), dynamic per-token activation scales."""
+    _check(x, weight, bias)
+    _check_channel_scale(weight, weight_scale)
+    x2d = x.reshape(-1, x.shape[-1])
+    M, K = x2d.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    block_m, block_n, warps, stages = _tiles(M, x.device)
+    block_k = 32 if interpreting() else 128
+    is_int8 = weight.dtype == torch.int8
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _w8a8_channel_kernel[grid](
+        x2d, weight, weight_scale, bias if bias is not None else y, y, M, N, K,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
+        IS_INT8=is_int8, QMAX=INT8_MAX if is_int8 else FP8_MAX, HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+        num_warps=warps, num_stages=stages)
+    return y.reshape(*x.shape[:-1], N)
+
+
+def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                     block_size: tuple[int, int], bias: torch.Tensor | None = None,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Block-scaled fp8 weight (``weight_scale_inv`` [ceil(N/bn), ceil(K/bk)]), activations
+    quantised per token and K group of ``bk``."""
+    _check(x, weight, bias)
+    _check_block_scale(weight, weight_scale, block_size)
+    x2d = x.reshape(-1, x.shape[-1])
+    M, K = x2d.shape
+    N = weight.shape[0]
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    block_m, block_n, warps, stages = _tiles(M, x.device)
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    _fp8_block_kernel[grid](
+        x2d, weight, weight_scale, bias if bias is not None else y, y, M, N, K,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
+        weight_scale.stride(0), weight_scale.stride(1), y.stride(0), y.stride(1),
+        BLOCK_SIZE_N=block_size[0], HAS_BIAS=bias is not None,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_size[1], GROUP_M=8,
+        num_warps=warps, num_stages=stages)
+    return y.reshape(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def quantize_rows_reference(x: torch.Tensor, dtype: torch.dtype,
+                            group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] as fp32 values of `dtype`, scale [M, K / group] fp32):
+    dynamic symmetric quantisation per row (group None) or per row and K group."""
+    x = x.float()
+    M, K = x.shape
+    group = group or K
+    pad = -K % group
+    xg = torch.nn.functional.pad(x, (0, pad)).view(M, -1, group)             # [M, G, group]
+    qmax = INT8_MAX if dtype == torch.int8 else FP8_MAX
+    scale = xg.abs().amax(dim=-1, keepdim=True).clamp_min(SCALE_EPS) / qmax  # [M, G, 1]
+    v = xg / scale
+    if dtype == torch.int8:
+        q = torch.floor(v + 0.5).clamp(-128, 127)
+    else:
+        q = v.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
+    return q.view(M, -1)[:, :K], scale.squeeze(-1)
+
+
+def w8a8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                          bias: torch.Tensor | None = None,
+                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The same quantisation in PyTorch, then fp32 (exact for int8 at these sizes) math."""
+    _check(x, weight, bias)
+    _check_channel_scale(weight, weight_scale)
+    x2d = x.reshape(-1, x.shape[-1])
+    xq, xs = quantize_rows_reference(x2d, weight.dtype)
+    y = (xq @ weight.float().t()) * xs * weight_scale[None, :]
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def fp8_block_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                               block_size: tuple[int, int], bias: torch.Tensor | None = None,
+                               out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Per-(token, K group) quantised x times the block-dequantised weight, in fp32."""
+    _check(x, weight, bias)
+    _check_block_scale(weight, weight_scale, block_size)
+    bn, bk = block_size
+    N, K = weight.shape
+    x2d = x.reshape(-1, K)
+    xq, xs = quantize_rows_reference(x2d, torch.float8_e4m3fn, bk)
+    x_deq = xq * xs.repeat_interleave(bk, dim=1)[:, :K]
+    w_deq = weight.float() * weight_scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:N, :K]
+    y = x_deq @ w_deq.t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(out_dtype or x.dtype).reshape(*x.shape[:-1], N)
+
+
+def flops_bytes(M: int, N: int, K: int, dtype: torch.dtype = torch.bfloat16) -> tuple[int, int]:
+    """(FLOPs, minimum bytes moved): 8-bit weight, 16-bit x and y, scales neglected."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return 2 * M * N * K, N * K + size * (M * K + M * N)
