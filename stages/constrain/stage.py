@@ -205,11 +205,15 @@ class ConstrainStage(Stage):
         for i, row in enumerate(row_indices):
             rid = batch.rids[row]
             self.states[rid].write_mask(rows_view[i], self.vocab_size)
-            start_id = self.think.start_id
-            if self.phases.get(rid) is ThinkPhase.MAY_THINK and start_id < self.vocab_size:  # grammar or <think>
-                rows_view[i].view(np.uint32)[start_id // 32] |= np.uint32(1 << (start_id % 32))
+            if self.phases.get(rid) is ThinkPhase.MAY_THINK:  # the grammar's tokens, or <think>
+                self._allow(rows_view[i], self.think.start_id)
             self.awaiting[rid] = batch.batch_id
         return TokenMask(batch_id=batch.batch_id, row_indices=row_indices, bitmask=bitmask)
+
+    def _allow(self, row: np.ndarray, token_id: int) -> None:
+        """Set ``token_id``'s bit in a packed int32 mask row (ids past the logits width stay off)."""
+        if token_id < self.vocab_size:
+            row.view(np.uint32)[token_id // 32] |= np.uint32(1 << (token_id % 32))
 
     def _advance(self, sampled: SampledTokens) -> None:
         for rid, token_id in zip(sampled.rids, sampled.token_ids):

@@ -31,6 +31,7 @@ from pipeline.config import ServerArgs
 from pipeline.messages import FinishReason, GenerateRequest, IngestInbox, TextOutput, TokenizeInbox
 from pipeline.thread_channel import thread_channel
 from stages.ingest import IngestStage, ServerContext, build_app
+from stages.parsers.tool_calls import ToolParserError, tool_choice_to_json_schema
 from tests.server.conftest import running_server
 from tests.server.test_ingest_unit import SERVER_INFO, FakeTokenizer
 
@@ -309,6 +310,28 @@ def test_live_required_without_parallel_calls_makes_one_call(client):
     choice = ask(client, [WEATHER, PING], "required", parallel_tool_calls=False, max_tokens=120,
                  extra_body=NO_THINKING).choices[0]
     assert choice.finish_reason == "tool_calls" and len(choice.message.tool_calls) == 1
+
+
+def test_required_schema_moves_defs_to_the_root():
+    """Each tool's $defs end at the combined schema's root; other local refs point into the tool's place."""
+    relative = {"type": "function", "function": {"name": "tag", "parameters": {
+        "type": "object", "properties": {"label": {"type": "string", "maxLength": 3},
+                                         "alias": {"$ref": "#/properties/label"}}, "required": ["alias"]}}}
+    twin = json.loads(json.dumps(DEFS_TOOL))
+    twin["function"]["name"] = "book2"
+    schema = json.loads(tool_choice_to_json_schema([DEFS_TOOL, twin, relative], "required"))
+    assert schema["$defs"] == DEFS_TOOL["function"]["parameters"]["$defs"]
+    assert all("$defs" not in item["properties"]["parameters"] for item in schema["items"]["anyOf"])
+    jsonschema.validate([{"name": "book", "parameters": {"where": {"city": "Oslo"}, "nights": 2}},
+                         {"name": "tag", "parameters": {"alias": "abc"}}], schema)
+    for bad in ({"name": "book", "parameters": {"where": {"city": "Lima"}, "nights": 2}},
+                {"name": "tag", "parameters": {"alias": "abcd"}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate([bad], schema)
+    twin["function"]["parameters"]["$defs"]["Place"]["required"] = []
+    with pytest.raises(ToolParserError, match="Place") as error:
+        tool_choice_to_json_schema([DEFS_TOOL, twin], "required")
+    assert error.value.param == "tools"
 
 
 def test_live_conflicting_defs_are_a_400(client):
