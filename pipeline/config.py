@@ -82,6 +82,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     placement: Literal["single", "serving"] = "single"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     record_path: str = ""  # record every channel's traffic to this file
+    disable_overlap_schedule: bool = False  # plan each step only after the previous step's tokens reach the host
     # CORS (vLLM's flags): each list is comma-separated or a JSON list; "*" allows any
     allowed_origins: str = "*"  # origins whose web pages may call the API (narrow it on a desktop without a key)
     allowed_methods: str = "*"  # HTTP methods a cross-origin page may use

@@ -361,6 +361,12 @@ class ForwardBatch(Message, frozen=True, kw_only=True):
     seq_lens: list[int]
     row_writes: list[RowWrite] = []
     sampling: SamplingBatch
+    # Overlap scheduling: the sample stage keeps this batch's tokens on the device
+    # (by row) for the batch planned before they reach the host, and may report them
+    # one step late. ``future_input``: some input_ids are ``-row``, that row's token
+    # from the batch before (resolved on the device; triton_kernels/future.py).
+    overlap: bool = False
+    future_input: bool = False
 
 
 class Logits(Message, frozen=True, kw_only=True):
@@ -370,6 +376,9 @@ class Logits(Message, frozen=True, kw_only=True):
     rids: list[str]
     logits: torch.Tensor  # [num_reqs, vocab] float32
     sampling: SamplingBatch
+    # An overlap batch: store each row's token at future_tokens[future_rows[b]].
+    future_tokens: torch.Tensor | None = None  # [rows] int64, the forward stage's buffer
+    future_rows: torch.Tensor | None = None  # [num_reqs] int64, the batch's req_pool_indices
     # Logits of the prompt positions sampling.prompt_logprob_ids asks for, row by row.
     prompt_logits: torch.Tensor | None = None  # [sum of their lengths, vocab] float32
 

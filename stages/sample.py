@@ -32,6 +32,16 @@ vocabulary, the top-n and the ``token_ids_logprob`` ids, per row a
 Exactly one device->host synchronization per batch: every result is copied
 into pinned host buffers with non-blocking copies, then the stream is
 synchronized once.
+
+Overlap batches (``Logits.future_tokens`` set; see the schedule stage):
+the chosen tokens are also stored on the device at ``future_tokens[row]``
+(``store_future_tokens``), where the next batch, planned before these
+tokens reach the host, reads them. The synchronization is put off: the
+results wait here (``ahead``) and are reported at the end of a later
+``step`` -- the step that sampled the next batch (the GPU already has that
+batch's work queued, so waiting costs it nothing), or the next step with no
+new batch at all (the scheduler could not run ahead). SampledTokens always
+leave in batch order.
 """
 from __future__ import annotations
 
@@ -49,6 +59,30 @@ from stages.staging import Downloader, Uploader
 from triton_kernels import KernelOptions, load_sampling_ops
 
 SEED_MASK = (1 << 63) - 1
+DEFERRED_SLOTS = 200  # Downloader slots of deferred results (two sets of 8)
+
+
+@dataclasses.dataclass(eq=False)
+class _Deferred:
+    """An overlap batch sampled on the device whose results are still on their way to the host."""
+
+    batch_id: int
+    rids: list[str]
+    token_ids: torch.Tensor  # device
+    host: list[torch.Tensor]  # pinned copies: token ids, then logprobs / top ids / top logprobs
+    params: SamplingBatch
+    done: "torch.cuda.Event | None"  # recorded after the copies (None on a CPU device)
+    step: int  # the stage step that sampled it
+    message: Logits | None = None
+
+    def result(self) -> SampledTokens:
+        host, params = self.host, self.params
+        ids = [t if need else -1 for t, need in zip(host[0].tolist(), params.need_sample)]
+        if len(host) == 1:
+            return SampledTokens(batch_id=self.batch_id, rids=self.rids, token_ids=ids)
+        return SampledTokens(batch_id=self.batch_id, rids=self.rids, token_ids=ids,
+                             token_logprobs=host[1].tolist(), top_token_ids=host[2].tolist(),
+                             top_logprobs=host[3].tolist())
 
 
 class PenaltyCounts:
@@ -106,6 +140,7 @@ class SampleStage(Stage):
         device = torch.device(args.device if args.device != "auto" else "cpu")
         self.uploader = Uploader(device)      # pinned host buffers, reused every step
         self.downloader = Downloader()
+        self.ahead: collections.deque[_Deferred] = collections.deque()  # overlap batches not reported yet
 
     # ----------------------------------------------------------- messages
     def handle(self, message: SampleInbox) -> None:
@@ -126,7 +161,48 @@ class SampleStage(Stage):
 
     def _finish(self, message: Logits, mask: TokenMask | None) -> None:
         self.last_done_batch_id = max(self.last_done_batch_id, message.batch_id)
+        if message.future_tokens is not None:
+            self._sample_ahead(message, mask)
+            return
+        self._report_ahead()
         out = self.sample_batch(message.batch_id, message.rids, message.logits, message.sampling, mask)
+        if message.sampling.token_ids_logprobs or message.prompt_logits is not None:
+            out = self._with_logprob_options(out, message)
+        self.outboxes.schedule.put(out)
+        if any(message.sampling.constrained):
+            self.outboxes.constrain.put(out)
+
+    # ------------------------------------------------------ overlap batches
+    def _sample_ahead(self, message: Logits, mask: TokenMask | None) -> None:
+        """Sample, store the tokens for the next batch on the device, report later."""
+        pending = self.sample_batch(message.batch_id, message.rids, message.logits, message.sampling, mask,
+                                    defer=True)
+        with torch.inference_mode():
+            self.ops.store_future_tokens(message.future_tokens, message.future_rows, pending.token_ids)
+        pending.message = message
+        self.ahead.append(pending)
+        if message.sampling.token_ids_logprobs or message.prompt_logits is not None:
+            self._report_ahead()  # their extra results are read on the host at once
+
+    def tick(self) -> None:
+        """Report every batch sampled before this step's newest (or all, if none is new)."""
+        ahead = self.ahead
+        newest = ahead[-1] if ahead and ahead[-1].step == self.counters.steps else None
+        while ahead and ahead[0] is not newest:
+            self._report(ahead.popleft())
+
+    def has_work(self) -> bool:
+        return super().has_work() or bool(self.ahead)
+
+    def _report_ahead(self) -> None:
+        while self.ahead:
+            self._report(self.ahead.popleft())
+
+    def _report(self, pending: "_Deferred") -> None:
+        if pending.done is not None:
+            pending.done.synchronize()
+        out = pending.result()
+        message = pending.message
         if message.sampling.token_ids_logprobs or message.prompt_logits is not None:
             out = self._with_logprob_options(out, message)
         self.outboxes.schedule.put(out)
@@ -136,7 +212,7 @@ class SampleStage(Stage):
     # ------------------------------------------------------------ sampling
     @torch.inference_mode()
     def sample_batch(self, batch_id: int, rids: list[str], logits: torch.Tensor, params: SamplingBatch,
-                     mask: TokenMask | None) -> SampledTokens:
+                     mask: TokenMask | None, defer: bool = False) -> "SampledTokens | _Deferred":
         logits = logits.float().contiguous()
         penalized = self._penalty_rows(rids, params, logits)
         if penalized is not None:
@@ -161,6 +237,8 @@ class SampleStage(Stage):
             self._count(token_ids, rows_t, params)
         top_n = max(params.top_logprobs_nums) if any(params.return_logprob) else 0
         logprobs = self.ops.compute_logprobs(logits, token_ids, top_n) if any(params.return_logprob) else None
+        if defer:
+            return self._start_to_host(batch_id, rids, token_ids, logprobs, params)
         return self._to_host(batch_id, rids, token_ids, logprobs, params)
 
     # ----------------------------------------------- prompt logprobs, token_ids_logprob
@@ -257,6 +335,22 @@ class SampleStage(Stage):
         keep = self.uploader.upload(params.need_sample, torch.bool) & (rows_t > 0)
         ones = keep.to(torch.int32)
         self.penalties.counts.index_put_((rows_t, token_ids), ones, accumulate=True)
+
+    def _start_to_host(self, batch_id: int, rids: list[str], token_ids: torch.Tensor, logprobs,
+                       params: SamplingBatch) -> "_Deferred":
+        """Begin copying the results to the host; an event marks when they are there.
+
+        Two batches may wait at once (the one reported next and the newest), so
+        their pinned buffers alternate between two sets of download slots.
+        """
+        tensors = [token_ids] + (list(logprobs) if logprobs is not None else [])
+        base = DEFERRED_SLOTS + 8 * (batch_id % 2)
+        host = [self.downloader.start(base + slot, t) for slot, t in enumerate(tensors)]
+        done = None
+        if token_ids.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return _Deferred(batch_id, rids, token_ids, host, params, done, self.counters.steps)
 
     def _to_host(self, batch_id: int, rids: list[str], token_ids: torch.Tensor, logprobs, params: SamplingBatch
                  ) -> SampledTokens:

@@ -64,7 +64,8 @@ Two sibling tables, built the same way, serve the stages that launch kernels
 outside the model: ``SamplingOps`` (``load_sampling_ops``: the sample stage's
 penalties, grammar mask, sampling and logprobs; ``sampling/``) and ``IndexOps``
 (``load_index_ops``: the forward stage's ``req_to_token`` helpers;
-``indexing.py``). Their launchers are documented in their own files.
+``indexing.py``), plus the future-token pair of ``future.py`` (overlap
+scheduling). Their launchers are documented in their own files.
 
 ``KernelOptions`` (``runtime.py``) holds the Triton backend's A/B switches
 (the warp-specialised decode gemm, programmatic dependent launch). The
@@ -106,8 +107,10 @@ OP_FAMILIES: dict[str, str] = {
 }
 SAMPLING_OPS: dict[str, str] = {op: "sampling" for op in (
     "apply_penalties", "apply_token_bitmask", "sample", "greedy", "compute_logprobs")}
+SAMPLING_OPS["store_future_tokens"] = "future"
 INDEX_OPS: dict[str, str] = {op: "indexing" for op in (
     "write_req_to_token", "extend_positions", "gather_req_slots")}
+INDEX_OPS["resolve_future_tokens"] = "future"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +144,7 @@ class SamplingOps:
     sample: Callable
     greedy: Callable
     compute_logprobs: Callable
+    store_future_tokens: Callable  # future.py: tokens kept on the device for the next step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,6 +155,7 @@ class IndexOps:
     write_req_to_token: Callable
     extend_positions: Callable
     gather_req_slots: Callable
+    resolve_future_tokens: Callable  # future.py: placeholders of the next step's inputs
 
 
 def _bind(families: dict[str, str], backend: KernelBackend, options: KernelOptions) -> dict[str, Callable]:

@@ -47,9 +47,10 @@ class DecodeGraphs:
     """Captured decode steps, one per batch size, sharing one memory pool."""
 
     def __init__(self, model, kv_cache: KVCache, req_to_token: torch.Tensor, write_fn,
-                 max_bs: int, device: torch.device, uploader) -> None:
+                 max_bs: int, device: torch.device, uploader, resolve_fn=None) -> None:
         self.model, self.kv_cache, self.req_to_token = model, kv_cache, req_to_token
         self.write_fn = write_fn
+        self.resolve_fn = resolve_fn  # input_ids -> None: future token ids resolved in place
         self.device = device
         self.uploader = uploader  # stages.staging.Uploader: pinned host buffers, reused
         self.sizes = capture_sizes(max_bs)
@@ -97,7 +98,17 @@ class DecodeGraphs:
                 return size
         return None
 
-    def replay(self, packed: list[int], size: int, batch_size: int) -> torch.Tensor:
-        self.uploader.upload_into(packed, self.buffers[size])
+    def replay(self, packed: list[int], size: int, batch_size: int,
+               future_input: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits of the first ``batch_size`` rows, their req_pool_indices), both views of static tensors.
+
+        With ``future_input`` the placeholders in the static input ids are resolved
+        (one small kernel) before the replay; the graph itself never changes.
+        """
+        buffer = self.buffers[size]
+        self.uploader.upload_into(packed, buffer)
+        fields = buffer.view(FIELDS, size)
+        if future_input:
+            self.resolve_fn(fields[0])
         self.graphs[size].replay()
-        return self.outputs[size][:batch_size]
+        return self.outputs[size][:batch_size], fields[3][:batch_size]

@@ -56,6 +56,10 @@ class ModelRunner:
         self.num_rows = args.max_running_requests + 1
         row_len = min(self.context_len, num_slots) + args.page_size
         self.req_to_token = torch.zeros((self.num_rows, row_len), dtype=torch.int32, device=self.device)
+        # Overlap scheduling: the token each row sampled last, written by the sample stage
+        # on the device and read through -row placeholders (triton_kernels/future.py).
+        self.future_tokens = torch.zeros(self.num_rows, dtype=torch.int64, device=self.device)
+        self.batch_rows: torch.Tensor | None = None  # req_pool_indices of the batch run last (device)
         logger.info("KV pool: %d slots (page size %d, %d KV heads on rank %d of %d), req_to_token %s", num_slots,
                     args.page_size, self.model.num_kv_heads, tp.rank, tp.size, tuple(self.req_to_token.shape))
         self.uploader = Uploader(self.device)
@@ -65,7 +69,7 @@ class ModelRunner:
         if self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.req_to_token, self._write_decode,
                                        min(args.cuda_graph_max_bs, args.max_running_requests), self.device,
-                                       self.uploader)
+                                       self.uploader, self._resolve_futures)
             self.graphs.capture_all()
 
     def _compile_gemm_tiles(self) -> None:
@@ -101,13 +105,28 @@ class ModelRunner:
             if size is not None:
                 packed = pad_decode(batch.input_ids, batch.positions, batch.out_cache_loc,
                                     batch.req_pool_indices, batch.seq_lens, size)
-                return self.graphs.replay(packed, size, num_reqs)
+                logits, self.batch_rows = self.graphs.replay(packed, size, num_reqs, batch.future_input)
+                return logits
         packed, num_writes, num_write_slots = pack_batch(batch)
         device_batch = unpack(self.uploader.upload(packed, torch.int64), batch, num_writes, num_write_slots,
                               self.req_to_token)
+        self.batch_rows = device_batch.meta.req_pool_indices
+        if batch.future_input:
+            self._resolve_futures(device_batch.input_ids)
         write_req_to_token(self.index_ops.write_req_to_token, device_batch)
         return self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,
                                   self.kv_cache)
+
+    def _resolve_futures(self, input_ids: torch.Tensor) -> None:
+        """Replace ``-row`` placeholders by the tokens the sample stage stored (rank 0), then
+        hand the resolved ids to the other tensor-parallel ranks, whose buffers are empty."""
+        if self.tp.rank == 0:
+            self.index_ops.resolve_future_tokens(input_ids, self.future_tokens)
+        if self.tp.size > 1:
+            import torch.distributed as dist
+
+            src = 0 if self.tp.group is None else dist.get_global_rank(self.tp.group, 0)
+            dist.broadcast(input_ids, src=src, group=self.tp.group)
 
     def _write_decode(self, meta) -> None:
         self.index_ops.write_req_to_token(meta.req_to_token, meta.req_pool_indices, meta.prefix_lens,

@@ -26,6 +26,13 @@ One step: pack the batch's ints, one host->device copy, write
 CUDA graph for decode batches up to ``--cuda-graph-max-bs``). The model, the
 pool and the graphs are a ``ModelRunner`` (``runner.py``).
 
+Overlap scheduling (see the schedule stage): a batch planned before the
+tokens of the batch in flight reached the host feeds ``-row`` placeholders;
+the runner resolves them on the device from ``future_tokens[row]``, which
+the sample stage filled when it sampled that batch (the Logits of an
+``overlap`` batch carry the buffer and the batch's rows there). No host
+synchronization sits between the two steps.
+
 Tensor parallel (``--tp-size N``): this stage is rank 0. Every other rank is
 a ``ForwardRankStage`` (``rank.py``) in a process of its own, holding its
 shard of the weights and of the KV heads. Before running a batch, rank 0
@@ -89,8 +96,10 @@ class ForwardStage(Stage):
                 num_reqs, prompt_logits = len(message.rids), None
                 if logits.shape[0] > num_reqs:  # prompt-logprob rows follow the last rows
                     logits, prompt_logits = logits[:num_reqs], logits[num_reqs:]
+                future = (self.runner.future_tokens, self.runner.batch_rows) if message.overlap else (None, None)
                 self.outboxes.sample.put(Logits(batch_id=message.batch_id, rids=message.rids, logits=logits,
-                                                sampling=message.sampling, prompt_logits=prompt_logits))
+                                                sampling=message.sampling, prompt_logits=prompt_logits,
+                                                future_tokens=future[0], future_rows=future[1]))
             case _:
                 raise TypeError(f"forward: unexpected message {type(message).__name__}")
 

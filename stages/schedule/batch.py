@@ -26,6 +26,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import msgspec
+
 from pipeline.messages import ForwardBatch, RowWrite, SamplingBatch
 from stages.schedule.kv_manager import KVManager
 from stages.schedule.policy import order_waiting
@@ -125,8 +127,37 @@ def plan_prefills(kv: KVManager, running: list[Req], waiting: list[Req], policy:
     return rows, admitted, writes
 
 
-def build_forward_batch(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite]) -> ForwardBatch:
-    """Flatten planned rows (their slots already allocated) into the plain-int ForwardBatch."""
+def build_forward_batch(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite],
+                        overlap: bool = False) -> ForwardBatch:
+    """Flatten planned rows (their slots already allocated) into the plain-int ForwardBatch.
+
+    A request whose last token is still in flight (``pending_tokens``) feeds
+    ``-row``: the forward stage reads that token on the device. ``overlap``:
+    the sample stage keeps this batch's tokens there for the next batch.
+    """
+    batch = _build(batch_id, rows, row_writes)
+    future_input = any(row.req.pending_tokens for row in rows)
+    if overlap or future_input:
+        batch = msgspec.structs.replace(batch, overlap=overlap, future_input=future_input)
+    return batch
+
+
+def _token_at(req: Req, position: int) -> int:
+    """Token ``position`` of ``fill_ids``, or ``-row`` for the one still in flight."""
+    num_input = len(req.input_ids)
+    if position < num_input:
+        return req.input_ids[position]
+    if position - num_input == len(req.output_ids):
+        return -req.row
+    return req.output_ids[position - num_input]
+
+
+def _last_token(req: Req) -> int:
+    """The token a decode feeds: the last generated one, or ``-row`` while it is in flight."""
+    return -req.row if req.pending_tokens else req.output_ids[-1]
+
+
+def _build(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite]) -> ForwardBatch:
     if not any(row.is_prefill for row in rows):
         return _decode_batch(batch_id, rows, row_writes)
     input_ids: list[int] = []
@@ -138,8 +169,7 @@ def build_forward_batch(batch_id: int, rows: list[PlannedRow], row_writes: list[
         end = req.kv_len
         start = end - n
         if n == 1:
-            num_input = len(req.input_ids)
-            input_ids.append(req.output_ids[start - num_input] if start >= num_input else req.input_ids[start])
+            input_ids.append(_token_at(req, start))
             positions.append(start)
             out_cache_loc.append(req.slots[start])
         else:
@@ -164,7 +194,7 @@ def _decode_batch(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWri
     positions = [len(r.slots) - 1 for r in reqs]
     return ForwardBatch(
         batch_id=batch_id, mode="decode", rids=[r.rid for r in reqs],
-        input_ids=[r.output_ids[-1] for r in reqs], positions=positions,
+        input_ids=[_last_token(r) for r in reqs], positions=positions,
         out_cache_loc=[r.slots[-1] for r in reqs], req_pool_indices=[r.row for r in reqs],
         prefix_lens=positions, extend_lens=[1] * len(reqs), seq_lens=[p + 1 for p in positions],
         row_writes=row_writes, sampling=sampling_batch(rows))
@@ -182,9 +212,9 @@ def sampling_batch(rows: list[PlannedRow]) -> SamplingBatch:
         frequency_penalties=[p.frequency_penalty for p in params],
         presence_penalties=[p.presence_penalty for p in params],
         seeds=[r.seed for r in reqs],
-        steps=[len(r.output_ids) for r in reqs],
+        steps=[r.output_len for r in reqs],
         need_sample=[row.need_sample for row in rows],
-        first_step=[row.need_sample and not r.output_ids for row, r in zip(rows, reqs)],
+        first_step=[row.need_sample and r.output_len == 0 for row, r in zip(rows, reqs)],
         return_logprob=[p.return_logprob for p in params],
         top_logprobs_nums=[p.top_logprobs_num for p in params],
         constrained=[r.constrained for r in reqs],
@@ -229,4 +259,4 @@ def _banned_token_ids(rows: list[PlannedRow]) -> list[list[int]]:
 
 def _under_min_tokens(row: PlannedRow) -> bool:
     req = row.req
-    return row.need_sample and not req.constrained and len(req.output_ids) < req.sampling.min_new_tokens
+    return row.need_sample and not req.constrained and req.output_len < req.sampling.min_new_tokens

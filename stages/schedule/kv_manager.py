@@ -138,6 +138,17 @@ class KVManager:
         req.last_node, req.cached_len = node, aligned
         return writes
 
+    def trim(self, req: Req, num_tokens: int) -> None:
+        """Give back the slots past ``num_tokens`` (never cached ones): a step planned ahead
+        for a request that has finished meanwhile. Pages starting past the cut go free."""
+        if req.rid not in self.holders or req.kv_len <= num_tokens:
+            return
+        keep = max(num_tokens, req.cached_len)
+        first_free = -(-keep // self.page_size) * self.page_size  # the first page start at or after keep
+        if first_free < req.kv_len:
+            self.pool.free_slots(req.slots[first_free:])
+        del req.slots[keep:]
+
     def release(self, req: Req, keep_in_cache: bool) -> None:
         """Finish, retract (``keep_in_cache``) or abort: give back the row and owned slots."""
         if req.rid not in self.holders:

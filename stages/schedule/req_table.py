@@ -58,6 +58,9 @@ class Req:
     num_retractions: int = 0
     finish_reason: FinishReason | None = None
     constrained: bool = False
+    # Tokens sampled by batches in flight whose values have not reached the host (0 or 1,
+    # see overlap scheduling in stage.py); a batch planned meanwhile feeds ``-row`` for it.
+    pending_tokens: int = 0
     # Prompt logprobs (stages/schedule/prompt_logprobs.py): the first prompt position still
     # owed (None: none), and what came back so far.
     logprob_owed: int | None = None
@@ -87,8 +90,13 @@ class Req:
         return self.kv_len < self.prefill_target
 
     @property
+    def output_len(self) -> int:
+        """Tokens generated, counting those sampled by batches in flight (not on the host yet)."""
+        return len(self.output_ids) + self.pending_tokens
+
+    @property
     def remaining_new_tokens(self) -> int:
-        return max(0, self.max_new_tokens - len(self.output_ids))
+        return max(0, self.max_new_tokens - self.output_len)
 
 
 class RowTable:

@@ -23,6 +23,49 @@ ForwardBatch. ``SampledTokens`` closes the step: append tokens, check finish
 conditions, cache computed prefixes, emit one TokenOutputBatch. Every
 request ends with exactly one final TokenOutput (or an ErrorOutput).
 
+Overlap scheduling (on unless ``--disable-overlap-schedule``; SGLang's
+``event_loop_overlap``). Without it the GPU idles while the host turns
+step N's tokens into step N+1: the sample stage synchronizes, this stage
+checks finishes and plans, the forward stage packs and uploads. With it the
+host plans step N+1 while the GPU still runs step N, so that work hides
+behind the GPU's::
+
+    host:  plan N | plan N+1 | wait N, finish checks N | plan N+2 | wait N+1 ...
+    GPU:          |  run N   |        run N+1          |        run N+2 ...
+
+Step N+1 needs what step N samples. Each request decoding in step N has one
+*pending* token (``Req.pending_tokens``); step N+1 feeds it the placeholder
+``-row`` (its ``req_to_token`` row, >= 1, never a token id). The sample
+stage stores step N's tokens on the device at ``future_tokens[row]`` and the
+forward stage resolves the placeholders there before the model runs
+(``triton_kernels/future.py``); stream order does the rest, and no
+synchronization sits between the two steps. Everything that counts
+generated tokens (the seeded sampler's step, min_new_tokens, the KV
+reserve) counts pending ones too, so a step planned ahead is the step the
+synchronous loop would have planned.
+
+At most one batch runs ahead, and only when planning it cannot change what
+the batch in flight decides:
+
+* the batch in flight is all decodes (a prefill chunk's end inserts into the
+  radix cache when its tokens arrive, and the first decode after it waits);
+* no request is constrained, running or waiting (a grammar mask for step
+  N+1 needs the grammar advanced by step N's token, on the host: such
+  batches simply run synchronously);
+* it needs no retraction (KV short: wait, then plan synchronously, when the
+  pending tokens are known);
+* a request whose pending token is its last (``max_new_tokens``) is left
+  out: it is known to finish.
+
+A request can still finish at step N (a stop token) after step N+1 was
+planned with it. When step N's tokens arrive it finishes exactly as it
+would have: its output ends there, the slot taken for step N+1 is given
+back (``KVManager.trim``; the GPU's write into it happens before any later
+step can reuse it, by stream order), and the token step N+1 computes for it
+is dropped on arrival, like that of a request aborted in flight. Stop
+strings and aborts arrive as messages and act on the host state, whatever
+is in flight.
+
 Where the time goes per step (CPU): planning is O(running requests) list
 work; flattening the batch is O(new tokens); the radix tree is touched only
 on admission, chunk ends, finish and retraction. No tensors are built here.
@@ -31,10 +74,11 @@ pinned buffer, one CUDA-graph launch and one device->host sync. Measured on
 an H200 (Llama-3.1-8B, batch 1, ``perf/profile_decode.py``): 4.56 ms of GPU
 kernels in a 4.64-4.84 ms step; the rest is that launch and sync, during
 which the GPU idles because the next step is planned only after this one's
-tokens arrive (no overlap scheduling).
+tokens arrive (with overlap scheduling off; see above).
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -92,7 +136,8 @@ class ScheduleStage(Stage):
         self.running_reqs: list[Req] = []
         self.grammar_wait: dict[str, Req] = {}
         self.live_rids: set[str] = set()  # every request not finished yet (rids must be unique)
-        self.inflight: tuple[int, list[PlannedRow]] | None = None
+        self.in_flight: collections.deque[tuple[int, list[PlannedRow]]] = collections.deque()  # oldest first
+        self.overlap = not args.disable_overlap_schedule
         self.pending_row_writes: list[RowWrite] = []  # tree slots replacing a request's own
         self.next_batch_id = 0
         self.arrivals = 0
@@ -124,7 +169,7 @@ class ScheduleStage(Stage):
                 raise TypeError(f"schedule: unexpected message {type(message).__name__}")
 
     def has_work(self) -> bool:
-        return super().has_work() or bool(self.waiting or self.running_reqs or self.inflight)
+        return super().has_work() or bool(self.waiting or self.running_reqs or self.in_flight)
 
     def _on_request(self, msg: TokenizedRequest) -> None:
         error = self._check_request(msg)
@@ -204,7 +249,8 @@ class ScheduleStage(Stage):
 
     # --------------------------------------------------------------- steps
     def tick(self) -> None:
-        if self.inflight is not None:
+        ahead = bool(self.in_flight)
+        if ahead and not self._can_run_ahead():
             return
         self._maybe_emit_stats()
         if not (self.waiting or self.running_reqs):
@@ -215,16 +261,30 @@ class ScheduleStage(Stage):
             return
         self._checked_idle = False
         self._maybe_log_batch()
-        batch = self._plan()
+        batch = self._plan(ahead)
         if batch is None:
             return
         self.outboxes.forward.put(batch)
         if any(batch.sampling.constrained):
             self.outboxes.constrain.put(batch)
 
-    def _plan(self) -> ForwardBatch | None:
+    def _can_run_ahead(self) -> bool:
+        """Plan the next batch before the one in flight returns? (see the module docstring)"""
+        if not self.overlap or len(self.in_flight) != 1:
+            return False
+        if any(row.is_prefill for row in self.in_flight[0][1]):
+            return False
+        return not any(r.constrained for r in self.running_reqs) and not any(r.constrained for r in self.waiting)
+
+    def _plan(self, ahead: bool = False) -> ForwardBatch | None:
+        """The next batch; ``ahead``: planned while one is in flight (never retracts)."""
+        running = self.running_reqs
+        if ahead:
+            running = [r for r in running if r.output_len < r.max_new_tokens]  # the rest finish in flight
+            if self.kv.decode_need([r for r in running if not r.is_prefilling]) > self.kv.available_tokens:
+                return None
         rows_of = {id(r): r.row for r in self.running_reqs}
-        decode_rows, retracted, failed = plan_decodes(self.kv, self.running_reqs)
+        decode_rows, retracted, failed = plan_decodes(self.kv, running)
         if retracted and self.pending_row_writes:
             # A retracted request's row is free now and may go to a request admitted below:
             # its pending writes must not land there.
@@ -249,14 +309,20 @@ class ScheduleStage(Stage):
             self._emit_outputs(outputs)
         rows = prefill_rows + decode_rows
         if not rows:
-            self._unblock()
+            if not ahead:
+                self._unblock()
             return None
         batch_id = self.next_batch_id
         self.next_batch_id += 1
-        self.inflight = (batch_id, rows)
+        self.in_flight.append((batch_id, rows))
         row_writes = self.pending_row_writes + row_writes
         self.pending_row_writes = []
-        return build_forward_batch(batch_id, rows, row_writes)
+        overlap = self.overlap and not any(row.req.constrained for row in rows)
+        batch = build_forward_batch(batch_id, rows, row_writes, overlap)
+        for row in rows:
+            if row.need_sample:
+                row.req.pending_tokens += 1
+        return batch
 
     def _unblock(self) -> None:
         """Nothing could run: only prefilling requests, none of which could get KV for its chunk.
@@ -290,11 +356,13 @@ class ScheduleStage(Stage):
         self.num_retractions += 1
 
     def _on_sampled(self, msg: SampledTokens) -> None:
-        if self.inflight is None or self.inflight[0] != msg.batch_id:
+        if not self.in_flight or self.in_flight[0][0] != msg.batch_id:
             raise RuntimeError(f"schedule: SampledTokens for batch {msg.batch_id}, "
-                               f"in flight: {self.inflight and self.inflight[0]}")
-        rows = self.inflight[1]
-        self.inflight = None
+                               f"in flight: {[batch_id for batch_id, _ in self.in_flight]}")
+        rows = self.in_flight.popleft()[1]
+        for row in rows:
+            if row.need_sample:
+                row.req.pending_tokens -= 1
         outputs = []
         finished = []
         has_logprobs = bool(msg.token_logprobs)
@@ -351,6 +419,7 @@ class ScheduleStage(Stage):
         return None
 
     def _release(self, req: Req, keep_in_cache: bool) -> None:
+        self.kv.trim(req, req.seq_len - 1)  # a step planned ahead took a slot for a token never fed
         if req.row and self.pending_row_writes:
             self.pending_row_writes = [w for w in self.pending_row_writes if w.row != req.row]
         self.kv.release(req, keep_in_cache)

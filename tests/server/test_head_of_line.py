@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import time
 
 import aiohttp
 import pytest
 from tokenizers import AddedToken, Tokenizer, models, normalizers, pre_tokenizers
 
+from pipeline.channel import in_thread_channel
 from pipeline.config import ServerArgs
-from pipeline.messages import ChatMessage, ErrorOutput, GenerateRequest, SamplingParams, TextOutput
+from pipeline.messages import (Abort, ChatMessage, ErrorOutput, GenerateRequest, SamplingParams, TextOutput,
+                               TokenizeInbox)
 from stages.ingest.errors import ApiError
 from stages.ingest.streaming import collect
 from stages.ingest.streams import RequestStream
-from stages.tokenize import RequestError, early_length_error
+from stages.tokenize import RequestError, TokenizeStage, early_length_error
 from stages.tokenizer import max_bytes_per_token
 from tests.server.conftest import running_server
 
@@ -126,6 +129,58 @@ def test_early_length_error_by_bytes_and_by_ids():
     if "truncate_prompt_tokens" in SamplingParams.__struct_fields__:
         keep_last = GenerateRequest(rid="r", text="a" * 20_000, sampling=SamplingParams(truncate_prompt_tokens=100))
         assert early_length_error(keep_last, 17, 1024) is None  # the prompt is cut to its last 100 tokens
+
+
+# --------------------------------------------------------------------------- release when ready, in process
+
+
+class _GatedTokenizer:
+    """Encodes "BIG..." only once ``gate`` is set; everything else at once (one id per character)."""
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+
+    def __len__(self) -> int:
+        return 1000
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        if text.startswith("BIG"):
+            assert self.gate.wait(30), "the test never opened the gate"
+        return [ord(c) % 1000 for c in text]
+
+
+def test_tokenize_stage_releases_a_small_request_while_a_big_one_encodes():
+    tokenizer = _GatedTokenizer()
+    args = ServerArgs(model_path="/nonexistent", context_length=1 << 20)
+    inbox = in_thread_channel("tokenize", TokenizeInbox, 64)
+    out, errors, detok = (in_thread_channel(name, object, 64) for name in ("out", "errors", "detokenize"))
+    stage = TokenizeStage(args, inbox, {"out": out, "errors": errors, "detokenize": detok}, tokenizer=tokenizer,
+                          vocab_size=1000, num_workers=2)
+    try:
+        inbox.put(GenerateRequest(rid="big", text="BIG" + "x" * 1000, sampling=SamplingParams(max_new_tokens=1)))
+        inbox.put(GenerateRequest(rid="small", text="hi", sampling=SamplingParams(max_new_tokens=1, n=2)))
+        inbox.put(Abort(rid="big"))  # held until "big" itself has left
+        emitted = _step_until(stage, out, lambda got: len(got) >= 2)
+        assert [(type(m).__name__, m.rid) for m in emitted] == [("TokenizedRequest", "small.0"),
+                                                               ("TokenizedRequest", "small.1")]
+        tokenizer.gate.set()
+        emitted = _step_until(stage, out, lambda got: len(got) >= 2)
+        assert [(type(m).__name__, m.rid) for m in emitted] == [("TokenizedRequest", "big"), ("Abort", "big")]
+        assert errors.drain(10) == []
+    finally:
+        tokenizer.gate.set()
+        stage.close()
+
+
+def _step_until(stage: TokenizeStage, out, enough, timeout_s: float = 30.0) -> list:
+    got: list = []
+    deadline = time.monotonic() + timeout_s
+    while not enough(got):
+        assert time.monotonic() < deadline, got
+        stage.step()
+        got += out.drain(64)
+        stage.wait_for_work(0.05)
+    return got
 
 
 # --------------------------------------------------------------------------- a failing batch, in process

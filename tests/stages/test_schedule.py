@@ -19,6 +19,7 @@ EOS = 1
 
 
 def _stage(num_slots: int = 512, **kwargs) -> StageDriver:
+    kwargs.setdefault("disable_overlap_schedule", True)  # one batch at a time (overlap: tests/engine/test_overlap.py)
     args = msgspec.structs.replace(ServerArgs(), **kwargs)
     info = ModelInfo(num_slots=num_slots, num_rows=9, context_len=256, vocab_size=100, eos_token_ids=(EOS,))
     inbox, outboxes = wiring(ScheduleInbox, "forward", "constrain", "detokenize", "stats")
@@ -173,7 +174,7 @@ def test_flush_cache_and_engine_stats(monkeypatch) -> None:
     from pipeline.messages import EngineStats, FlushCache
 
     monkeypatch.setattr(stage_module, "STATS_INTERVAL_S", 0.0)
-    args = msgspec.structs.replace(ServerArgs())
+    args = msgspec.structs.replace(ServerArgs(), disable_overlap_schedule=True)
     info = ModelInfo(num_slots=512, num_rows=9, context_len=256, vocab_size=100, eos_token_ids=(EOS,))
     inbox, outboxes = wiring(ScheduleInbox, "forward", "constrain", "detokenize", "stats")
     driver = StageDriver(ScheduleStage(args, inbox, outboxes, model_info=info))

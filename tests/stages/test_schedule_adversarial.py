@@ -30,6 +30,7 @@ VOCAB = 100
 
 
 def _stage(num_slots: int, num_rows: int = 9, **kwargs) -> StageDriver:
+    kwargs.setdefault("disable_overlap_schedule", True)  # one batch at a time (overlap: tests/engine/test_overlap.py)
     args = msgspec.structs.replace(ServerArgs(), **kwargs)
     info = ModelInfo(num_slots=num_slots, num_rows=num_rows, context_len=256, vocab_size=VOCAB,
                      eos_token_ids=(EOS,))
