@@ -228,6 +228,8 @@ class SampleStage(Stage):
             rows = self.uploader.upload(mask.row_indices, torch.int64)
             bitmask = self.uploader.upload(mask.bitmask, torch.int32)
             self.ops.apply_token_bitmask(logits, bitmask, rows)
+        if params.logit_biases:
+            logits = self._apply_logit_bias(logits, params.logit_biases)
         if params.banned_token_ids:
             if penalized is None and mask is None and not params.logit_biases:
                 logits = logits.clone()
@@ -304,10 +306,26 @@ class SampleStage(Stage):
             out[i] = row
         return out
 
+    def _apply_logit_bias(self, logits: torch.Tensor, biases: list[dict[int, float]]) -> torch.Tensor:
+        """logit_bias: one sparse add of (row, token id, bias) triples into a copy of the logits.
+
+        Runs after the grammar mask, so a bias never re-allows a token the
+        grammar ruled out (a masked -inf plus a finite bias stays -inf)."""
+        rows, cols, values = [], [], []
+        for row, bias in enumerate(biases):
+            for token_id, value in bias.items():
+                if 0 <= token_id < logits.shape[1]:
+                    rows.append(row)
+                    cols.append(token_id)
+                    values.append(value)
+        logits = logits.clone()
+        if rows:
+            index = self.uploader.upload([rows, cols], torch.int64)
+            logits.index_put_((index[0], index[1]), self.uploader.upload(values, torch.float32), accumulate=True)
+        return logits
+
     def _apply_bans(self, logits: torch.Tensor, banned: list[list[int]]) -> None:
         """Ban tokens per row (min_new_tokens): clear their bits in an all-allowed bitmask
-        if params.logit_biases:
-            logits = self._apply_logit_bias(logits, params.logit_biases)
         and apply it with the same kernel as grammar masks."""
         rows = [i for i, ids in enumerate(banned) if ids]
         if not rows:
@@ -395,21 +413,3 @@ def _prompt_results(params: SamplingBatch, token_lp: list[float], ranks: list[in
         position += n
         ids_at += n * wanted
     return results
-    def _apply_logit_bias(self, logits: torch.Tensor, biases: list[dict[int, float]]) -> torch.Tensor:
-        """logit_bias: one sparse add of (row, token id, bias) triples into a copy of the logits.
-
-        Runs after the grammar mask, so a bias never re-allows a token the
-        grammar ruled out (a masked -inf plus a finite bias stays -inf)."""
-        rows, cols, values = [], [], []
-        for row, bias in enumerate(biases):
-            for token_id, value in bias.items():
-                if 0 <= token_id < logits.shape[1]:
-                    rows.append(row)
-                    cols.append(token_id)
-                    values.append(value)
-        logits = logits.clone()
-        if rows:
-            index = self.uploader.upload([rows, cols], torch.int64)
-            logits.index_put_((index[0], index[1]), self.uploader.upload(values, torch.float32), accumulate=True)
-        return logits
-

@@ -219,6 +219,7 @@ def sampling_batch(rows: list[PlannedRow]) -> SamplingBatch:
         top_logprobs_nums=[p.top_logprobs_num for p in params],
         constrained=[r.constrained for r in reqs],
         banned_token_ids=_banned_token_ids(rows),
+        logit_biases=[dict(p.logit_bias) for p in params] if any(p.logit_bias for p in params) else [],
         **_logprob_options(rows),
     )
 
@@ -249,7 +250,6 @@ def _logprob_options(rows: list[PlannedRow]) -> dict:
 
 def _banned_token_ids(rows: list[PlannedRow]) -> list[list[int]]:
     """Stop ids are banned while a request is under min_new_tokens (SGLang's rule).
-        logit_biases=[dict(p.logit_bias) for p in params] if any(p.logit_bias for p in params) else [],
 
     Constrained rows are left alone: their grammar decides when EOS may come.
     """

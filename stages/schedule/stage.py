@@ -488,6 +488,6 @@ def _grammar_of(params: SamplingParams) -> tuple[str, str] | None:
         return "regex", params.regex
     if params.choices is not None:
         return "choices", json.dumps(params.choices)
-    return None
     if params.ebnf is not None:
         return "ebnf", params.ebnf
+    return None
