@@ -22,7 +22,9 @@ or B decode tokens)::
     h = norm(h + residual)                                        [T, H]
     logits = lm_head(h[logits_indices]), stored in fp32            [B, vocab]
 
-Only the rows of each request's last new token reach the LM head.
+Only the rows of each request's last new token reach the LM head, plus the
+prompt rows a prompt-logprob request asked for (``logits_indices`` then has
+``B + P`` entries, and so has the result; see ``stages/forward/inputs.py``).
 
 Tensor parallelism (``tp``, ``models/parallel.py``): every rank runs this
 same forward on the same batch. The embedding holds the rank's vocabulary
@@ -154,7 +156,8 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
-        """input_ids[T], positions[T] -> logits[B, vocab] fp32 at attn_meta.logits_indices."""
+        """input_ids[T], positions[T] -> logits fp32 at attn_meta.logits_indices ([B, vocab], or
+        [B + P, vocab] with P prompt-logprob rows)."""
         hidden = self.model(input_ids, positions, attn_meta, kv_cache)       # [T, H]
         # Gathering rows of `hidden` is an embedding lookup with `hidden` as the table.
         last = self.ops.embedding(attn_meta.logits_indices, hidden)          # [B, H]
