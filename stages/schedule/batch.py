@@ -35,6 +35,9 @@ from stages.schedule.prompt_logprobs import chunk_targets
 from stages.schedule.req_table import Phase, Req
 
 NEW_TOKEN_RATIO = 0.3
+# Prompt tokens owing logprobs per step, over the whole batch: each brings an fp32 logits row
+# (vocab wide) to the LM head and the sample stage, so a long prompt is scored in slices.
+PROMPT_LOGPROB_ROWS = 2048
 
 
 @dataclasses.dataclass
@@ -79,12 +82,14 @@ def plan_prefills(kv: KVManager, running: list[Req], waiting: list[Req], policy:
     """(prefill rows, newly admitted requests, their row writes) within the token budget."""
     rows: list[PlannedRow] = []
     prefilling_parents: set[str] = set()
+    logit_rows = PROMPT_LOGPROB_ROWS
     for req in running:
         if req.is_prefilling and budget > 0:
-            chunk = min(req.prefill_target - req.kv_len, budget)
-            if kv.grow(req, chunk) is None:
+            chunk = _logprob_cap(req, min(req.prefill_target - req.kv_len, budget), logit_rows)
+            if chunk <= 0 or kv.grow(req, chunk) is None:
                 continue
             budget -= chunk
+            logit_rows -= chunk if req.logprob_owed is not None else 0
             rows.append(PlannedRow(req, chunk, req.kv_len == req.prefill_target, True))
             prefilling_parents.add(req.parent_rid)
     admitted: list[Req] = []
@@ -100,7 +105,9 @@ def plan_prefills(kv: KVManager, running: list[Req], waiting: list[Req], policy:
             continue  # a sibling is prefilling the shared prompt: wait for its cache entry
         target = req.seq_len
         cached = kv.match(req)
-        chunk = min(target - cached, budget)
+        chunk = _logprob_cap(req, min(target - cached, budget), logit_rows)
+        if chunk <= 0:
+            continue
         need = kv.tokens_to_grow_from(cached, chunk)
         req_reserve = math.ceil(req.remaining_new_tokens * NEW_TOKEN_RATIO)
         busy = num_running > 0 or bool(rows)
@@ -119,12 +126,18 @@ def plan_prefills(kv: KVManager, running: list[Req], waiting: list[Req], policy:
             req.cached_tokens = req.cached_len
             req.admitted_once = True
         budget -= chunk
+        logit_rows -= chunk if req.logprob_owed is not None else 0
         reserve += req_reserve
         num_running += 1
         admitted.append(req)
         rows.append(PlannedRow(req, chunk, req.kv_len == req.prefill_target, True))
         prefilling_parents.add(req.parent_rid)
     return rows, admitted, writes
+
+
+def _logprob_cap(req: Req, chunk: int, logit_rows: int) -> int:
+    """A chunk owing prompt logprobs takes at most ``logit_rows`` tokens (one logits row each)."""
+    return chunk if req.logprob_owed is None else min(chunk, logit_rows)
 
 
 def build_forward_batch(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite],

@@ -52,18 +52,24 @@ def _prompt_logprobs(engine, prompt: list[int], **params):
     return found[0], outputs
 
 
-@pytest.mark.parametrize("chunk", [8, 0])
-def test_engine_prompt_logprobs_match_transformers(tiny_dir, chunk):
+@pytest.mark.parametrize("chunk, logit_rows", [(8, 2048), (0, 2048), (0, 10)])
+def test_engine_prompt_logprobs_match_transformers(tiny_dir, chunk, logit_rows, monkeypatch):
+    """Chunks of 8, one whole prompt, and whole prompts cut to 10 tokens per step for their logits rows."""
     from pipeline.engine import Engine
 
+    monkeypatch.setattr("stages.schedule.batch.PROMPT_LOGPROB_ROWS", logit_rows)
     rng = random.Random(chunk)
     prompt = [rng.randrange(2, 400) for _ in range(37)]
     reference = _hf_logprobs(tiny_dir, prompt)
     with Engine(str(tiny_dir), max_total_tokens=4096, kernel_backend="reference", device="cpu", page_size=1,
                 chunked_prefill_size=chunk) as engine:
-        for start in (0, 5, 36, 0):  # the later requests find the prompt in the radix cache
+        for k, start in enumerate((0, 5, 36, 0)):  # the later requests find the prompt in the radix cache
+            first_batch = engine.schedule.next_batch_id
             got, outputs = _prompt_logprobs(engine, prompt, max_new_tokens=2, logprob_start_len=start,
                                             prompt_top_logprobs_num=3, token_ids_logprob=[5, 7])
+            if k == 0:  # prefill steps (37 tokens, at most chunk / logit_rows a step) + one decode
+                per_step = min(chunk or len(prompt), logit_rows)
+                assert engine.schedule.next_batch_id - first_batch == -(-len(prompt) // per_step) + 1
             assert got.start == start and got.token_ids == prompt[start:]
             assert len(got.logprobs) == len(prompt) - start
             for i, (token, logprob) in enumerate(zip(got.token_ids, got.logprobs)):
