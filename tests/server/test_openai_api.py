@@ -59,8 +59,8 @@ def test_completion_stream_equals_whole(client, tokenizer):
     prompt_tokens = len(tokenizer.encode(PROMPT))
     assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (prompt_tokens, 12)
     assert chunks[-1].usage.completion_tokens == 12 and chunks[-1].usage.prompt_tokens == prompt_tokens
-    running = list(client.completions.create(stream=True, stream_options={"continuous_usage_stats": True},
-                                             **kwargs))
+    running = list(client.completions.create(stream=True, stream_options={"include_usage": True,
+                                                                          "continuous_usage_stats": True}, **kwargs))
     counts = [c.usage.completion_tokens for c in running]
     assert counts == sorted(counts) and counts[-1] == 12
 
