@@ -9,7 +9,7 @@ from pipeline.channel import in_thread_channel
 from pipeline.config import ServerArgs
 from pipeline.messages import (Abort, ErrorOutput, FinishReason, SamplingParams, TextOutput, TokenizedRequest,
                                TokenOutput, TokenOutputBatch)
-from stages.detokenize import DetokenizeStage, IncrementalDetokenizer, StopStringMatcher, decode_ids
+from stages.detokenize import DetokenizeStage, IncrementalDetokenizer, StopRegexMatcher, StopStringMatcher, decode_ids
 from stages.tokenizer import load_tokenizer
 from tests.server.tiny_model import TRAINING_LINES, save_tiny_tokenizer
 
@@ -136,3 +136,15 @@ def test_no_stop_trim_keeps_stop_string_and_errors_pass(tokenizer):
     inbox.put(error)
     stage.step()
     assert out.drain(10) == [error]
+
+
+def test_stop_regex_matches_across_deltas_and_cuts_only_unreleased_text():
+    matcher = StopRegexMatcher([r"\d+\.", "never"])
+    assert matcher.feed("count 12") == ("count 12", None)  # a regex holds nothing back
+    assert matcher.feed("3. more") == ("", r"\d+\.")  # the match began in released text: cut at the boundary
+    kept = StopRegexMatcher([r"[A-Z]{2}"], no_stop_trim=True)
+    assert kept.feed("abc DEf") == ("abc DE", "[A-Z]{2}")
+    anchored = StopRegexMatcher([r"^x", r"\bend"], lookback_chars=4)
+    assert anchored.feed("abcdefgh") == ("abcdefgh", None)
+    assert anchored.feed("x") == ("x", None)  # ^ stays the start of the output, not of the lookback window
+    assert anchored.feed(" end") == (" ", r"\bend")
