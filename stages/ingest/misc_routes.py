@@ -118,7 +118,7 @@ def _chat_ids(ctx: ServerContext, body: TokenizeBody) -> list[int]:
     """The ids a chat request with these messages would be prompted with."""
     chat = ChatCompletionRequest(messages=body.messages or [], tools=body.tools,
                                  chat_template_kwargs=body.chat_template_kwargs,
-                                 add_generation_prompt=body.add_generation_prompt,
+                                 add_generation_prompt=body.add_generation_prompt and not body.continue_final_message,
                                  continue_final_message=body.continue_final_message)
     generate = chat_request(chat, "tokenize", time.time())
     if "chat_template" in generate.chat_template_kwargs and not ctx.args.allow_request_chat_template:
