@@ -321,5 +321,10 @@ def _accumulate(result: dict[str, Any], message: TextOutput) -> None:
     if message.top_logprobs:
         meta.setdefault("output_top_logprobs", []).extend(
             [list(zip(lps, ids)) for lps, ids in zip(message.top_logprobs, message.top_token_ids)])
+    prompt = message.prompt_logprobs  # logprob_start_len >= 0: the prompt's, on the first output
+    if prompt is not None:
+        meta["input_token_logprobs"] = [[lp, tid] for lp, tid in zip(prompt.logprobs, prompt.token_ids)]
+        meta["input_top_logprobs"] = [list(zip(lps, ids)) for lps, ids in zip(prompt.top_logprobs,
+                                                                             prompt.top_token_ids)]
     if message.finish_reason is not None:
         result["finish_reason"] = _finish_dict(message.finish_reason)

@@ -86,6 +86,19 @@ def test_engine_prompt_logprobs_match_transformers(tiny_dir, chunk, logit_rows, 
         engine.check_integrity()
 
 
+def test_engine_generate_returns_input_logprobs(tiny_dir):
+    from pipeline.engine import Engine
+
+    prompt = list(range(40, 60))
+    with Engine(str(tiny_dir), max_total_tokens=4096, kernel_backend="reference", device="cpu") as engine:
+        result = engine.generate(input_ids=prompt, sampling_params=dict(
+            max_new_tokens=2, temperature=0.0, return_logprob=True, logprob_start_len=3, prompt_top_logprobs_num=2))
+    meta = result["meta_info"]
+    assert [tid for _, tid in meta["input_token_logprobs"]] == prompt[3:]
+    assert all(lp < 0.0 for lp, _ in meta["input_token_logprobs"])
+    assert [len(tops) for tops in meta["input_top_logprobs"]] == [2] * (len(prompt) - 3)
+
+
 def test_engine_max_new_tokens_zero_still_scores_the_prompt(tiny_dir):
     from pipeline.engine import Engine
 
