@@ -232,6 +232,10 @@ class ChatMessage(msgspec.Struct, frozen=True, kw_only=True):
     tool_calls: list[ToolCall] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
+    # A turn with images or videos: its content as ordered parts, {"type": "text", "text": ...},
+    # {"type": "image"} or {"type": "video"}, which a vision model's chat template renders
+    # into its placeholders (``content`` keeps the text parts joined).
+    content_parts: list[dict[str, str]] | None = None
 
 
 class GenerateRequest(Message, frozen=True, kw_only=True):
@@ -249,6 +253,27 @@ class GenerateRequest(Message, frozen=True, kw_only=True):
     image_urls: list[str] = []
     arrival_time_s: float = 0.0
     continue_final_message: bool = False  # render the last (assistant) turn open, to be continued
+    # Images and videos as the client sent them, already fetched (in the order their
+    # placeholders appear in the prompt); ``image_urls`` above is what ingest still has to fetch.
+    media: list[MediaInput] = []
+
+
+class MediaInput(msgspec.Struct, frozen=True, kw_only=True):
+    """One image or video as the client sent it, as bytes (ingest -> tokenize -> multimodal).
+
+    ``data`` is one encoded file (PNG/JPEG/WebP/GIF for an image; a video
+    container, read with PyAV, for a video); a video sent as a list of
+    pictures has ``frames`` (each an encoded image) and empty ``data``.
+    ``param`` names where it came from in the request (``messages[0].content[1]``,
+    ``image_data[0]``), so a 400 about it can say so. ``fps``: for a video,
+    the rate its ``frames`` were taken at (None: the processor's default).
+    """
+
+    modality: Literal["image", "video"]
+    data: bytes = b""
+    frames: list[bytes] = []
+    param: str = ""
+    fps: float | None = None
 
 
 class ImageInput(msgspec.Struct, frozen=True, kw_only=True):
@@ -257,6 +282,46 @@ class ImageInput(msgspec.Struct, frozen=True, kw_only=True):
     dtype: str
     shape: list[int]
     data: bytes
+
+
+class MultimodalItem(msgspec.Struct, frozen=True, kw_only=True):
+    """One preprocessed image or video of a request (multimodal -> schedule -> forward).
+
+    * ``modality``: "image" or "video".
+    * ``content_hash``: hex SHA-256 of ``pixel_values.data`` (plus ``grid_thw``): two
+      items with the same hash give the same vision embeddings (the mm cache's key).
+    * ``pixel_values``: float32 ``[num_patches, C * temporal_patch * patch * patch]``,
+      patchified exactly as Hugging Face's Qwen2-VL image / Qwen3-VL video processor
+      emits ``pixel_values`` / ``pixel_values_videos``; ``num_patches = t * h * w``.
+    * ``grid_thw``: ``[t, h, w]`` in patches, before the 2x2 (``merge_size``) merge.
+    * ``offset``: index in ``TokenizedRequest.input_ids`` of the item's first pad token;
+      ``length``: how many pad tokens it has, ``t * h * w // merge_size**2``.
+      The vision encoder's output rows ``0..length-1`` replace the token embeddings at
+      ``input_ids[offset : offset + length]``.
+    * ``pad_token_id``: the real pad id (``<|image_pad|>`` or ``<|video_pad|>``);
+      ``input_ids`` holds this id at every pad position, so every prompt token stays
+      in the vocabulary (the embedding lookup, logprobs and penalties need no change).
+      ``pad_value``: an id derived from ``content_hash`` (``MM_PAD_VALUE_BASE`` plus
+      30 bits of the hash, SGLang's pad_value): a prefix cache keys the pad positions
+      by it, so prompts with different images never share a cached prefix.
+    * Video only: ``second_per_grid_t`` is the seconds one temporal grid step spans
+      (Qwen2.5-VL's ``second_per_grid_ts``); ``timestamps_s`` the time of each temporal
+      grid step (Qwen3-VL writes them into the prompt as ``<t seconds>``).
+    """
+
+    modality: Literal["image", "video"]
+    content_hash: str
+    pixel_values: ImageInput
+    grid_thw: list[int]
+    offset: int
+    length: int
+    pad_token_id: int
+    pad_value: int
+    second_per_grid_t: float = 0.0
+    timestamps_s: list[float] = []
+
+
+MM_PAD_VALUE_BASE = 1 << 30  # MultimodalItem.pad_value >= this: never a real token id
 
 
 class TokenizedRequest(Message, frozen=True, kw_only=True):
@@ -270,6 +335,16 @@ class TokenizedRequest(Message, frozen=True, kw_only=True):
     stream: bool = False
     images: list[ImageInput] = []
     arrival_time_s: float = 0.0
+    # Multimodal: ``media`` (raw, from tokenize) is what the multimodal stage turns into
+    # ``mm_items`` (it sends the request on with ``media`` empty). ``mrope_positions`` is
+    # None for a text-only prompt, else M-RoPE's three rows (temporal, height, width),
+    # each ``len(input_ids)`` long, as Hugging Face's ``get_rope_index`` computes them;
+    # a token generated at sequence index ``i >= len(input_ids)`` has position
+    # ``i + mrope_position_delta`` in all three rows.
+    media: list[MediaInput] = []
+    mm_items: list[MultimodalItem] = []
+    mrope_positions: list[list[int]] | None = None
+    mrope_position_delta: int = 0
 
 
 class Abort(Message, frozen=True, kw_only=True):
