@@ -188,6 +188,8 @@ def build_forward(context: ProcessContext, inbox: Channel | None, outboxes: dict
     tp, peers = context.tensor_parallel(0, dist_init_addr)
     stage = ForwardStage(context.args, inbox, outboxes, tp=tp, peers=peers)
     context.model_info = stage.model_info  # measured from the loaded weights and the KV pool
+    # The stages built after this one see the running-request limit the KV pool allows (0 meant "auto").
+    context.args = msgspec.structs.replace(context.args, max_running_requests=stage.model_info.num_rows - 1)
     return stage
 
 

@@ -60,9 +60,9 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     page_size: int = 1
     kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     # scheduling
-    max_running_requests: int = 256
+    max_running_requests: int = 0  # 0: from the KV capacity (SGLang's rule, see running_requests_limit)
     max_prefill_tokens: int = 16384
-    chunked_prefill_size: int = 8192  # <= 0 disables chunking
+    chunked_prefill_size: int = 4096  # <= 0 disables chunking; a step stalls decodes for at most one chunk
     schedule_policy: Literal["fcfs", "lpm"] = "fcfs"
     disable_radix_cache: bool = False
     # forward
@@ -89,6 +89,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     allowed_headers: str = "*"  # request headers a cross-origin page may send
     allow_credentials: bool = False  # let cross-origin pages send cookies and HTTP auth
     file_store_max_mb: int = 512  # MiB that /v1/files may hold in all (uploads and batch results); one upload <= 64 MiB
+    enable_mixed_chunk: bool = False  # decode rows ride along prefill chunks (off: a step is all prefill or all decode)
 
     @property
     def model_dir(self) -> Path:
@@ -163,7 +164,7 @@ FIELD_HELP = {  # flags whose ServerArgs line has no comment
     "mem_fraction_static": "fraction of GPU memory for weights plus KV cache",
     "page_size": "tokens per KV cache page",
     "kv_cache_dtype": "KV cache dtype; auto: --dtype",
-    "max_running_requests": "requests decoded together at most",
+    "max_running_requests": "requests decoded together at most (the engine logs the figure it uses)",
     "max_prefill_tokens": "prompt tokens prefilled in one forward at most",
     "schedule_policy": "order of waiting requests: fcfs (arrival) or lpm (longest cached prefix first)",
     "disable_radix_cache": "no prefix sharing between requests",
@@ -227,8 +228,9 @@ def _check_ranges(args: ServerArgs) -> None:
         raise ConfigError(f"--mem-fraction-static must be in (0, 1), got {args.mem_fraction_static}")
     if args.page_size < 1:
         raise ConfigError(f"--page-size must be >= 1, got {args.page_size}")
-    if args.max_running_requests < 1:
-        raise ConfigError(f"--max-running-requests must be >= 1, got {args.max_running_requests}")
+    if args.max_running_requests < 0:
+        raise ConfigError(f"--max-running-requests must be >= 1 (0: from the KV capacity), "
+                          f"got {args.max_running_requests}")
     if not 0 < args.port < 65536:
         raise ConfigError(f"--port must be in 1..65535, got {args.port}")
     if args.tp_size < 1:
@@ -237,6 +239,33 @@ def _check_ranges(args: ServerArgs) -> None:
         raise ConfigError(f"--dp-size must be >= 1, got {args.dp_size}")
     if args.ep_size < 1 or args.tp_size % args.ep_size:
         raise ConfigError(f"--ep-size must divide --tp-size ({args.tp_size}), got {args.ep_size}")
+
+
+AUTO_RUNNING_REQUESTS_MIN = 2048  # the automatic --max-running-requests lies in this range,
+AUTO_RUNNING_REQUESTS_MAX = 4096  # unless the KV pool is smaller than twice the bound
+
+
+def running_requests_limit(requested: int, kv_tokens: int, context_len: int) -> int:
+    """Requests that may run at once, from the KV capacity (SGLang's rule).
+
+    ``requested`` 0: ``kv_tokens / context_len * 512`` clamped to
+    [AUTO_RUNNING_REQUESTS_MIN, AUTO_RUNNING_REQUESTS_MAX]; an explicit
+    ``--max-running-requests`` is taken as given. Either way at most half the
+    KV tokens, since a running request holds at least its prompt and one
+    generated token.
+    """
+    if requested > 0:
+        wanted = requested
+    else:
+        wanted = int(kv_tokens / max(context_len, 1) * 512)
+        wanted = min(max(wanted, AUTO_RUNNING_REQUESTS_MIN), AUTO_RUNNING_REQUESTS_MAX)
+    return max(1, min(wanted, kv_tokens // 2))
+
+
+def running_requests_bound(args: ServerArgs) -> int:
+    """The most requests one engine may run: the flag, or the automatic rule's upper end
+    (for processes, such as the front end, that never see the KV capacity)."""
+    return args.max_running_requests or AUTO_RUNNING_REQUESTS_MAX
 
 
 def _read_model_config(model_dir: Path) -> dict[str, Any]:

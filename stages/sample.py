@@ -52,7 +52,7 @@ import msgspec
 import torch
 
 from pipeline.channel import Channel
-from pipeline.config import ServerArgs
+from pipeline.config import ServerArgs, running_requests_bound
 from pipeline.messages import Logits, PromptLogprobs, SampledTokens, SampleInbox, SamplingBatch, TokenMask
 from pipeline.stage import Outbox, Outboxes, Stage
 from stages.staging import Downloader, Uploader
@@ -132,7 +132,7 @@ class SampleStage(Stage):
         self.args = args
         self.ops = load_sampling_ops(args.kernel_backend,
                                      KernelOptions(gemm_ws=not args.disable_gemm_ws, pdl=not args.disable_pdl))
-        self.penalty_rows = args.max_running_requests + 1  # every running request keeps its row (LRU)
+        self.penalty_rows = running_requests_bound(args) + 1  # every running request keeps its row (LRU)
         self.penalties: PenaltyCounts | None = None
         self.pending_logits: dict[int, Logits] = {}
         self.pending_masks: dict[int, TokenMask] = {}

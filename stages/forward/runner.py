@@ -13,6 +13,10 @@ KV pool size (measured once, after the weights are loaded):
   parallelism every rank takes the smallest count any rank measured, so the
   slots the scheduler hands out exist on every rank;
 * CPU: ``--max-total-tokens``, or ``CPU_DEFAULT_TOKENS`` when 0.
+
+Rows of ``req_to_token`` (requests that may run at once) follow from the
+pool: ``--max-running-requests``, or when 0 SGLang's rule
+(``pipeline.config.running_requests_limit``), logged once.
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ import torch
 from models.batch import KVCache
 from models.loader import load_model, resolve_dtype
 from models.parallel import TPGroup
-from pipeline.config import ServerArgs
+from pipeline.config import ServerArgs, running_requests_limit
 from pipeline.messages import ForwardBatch
 from stages.forward.graphs import DecodeGraphs, pad_decode
 from stages.forward.inputs import pack_batch, unpack, write_req_to_token
@@ -53,7 +57,9 @@ class ModelRunner:
         num_slots = self._kv_slots(kv_dtype)
         self.kv_cache = KVCache.allocate(self.config.num_hidden_layers, num_slots, self.model.num_kv_heads,
                                          self.config.head_dim, kv_dtype, self.device)
-        self.num_rows = args.max_running_requests + 1
+        self.max_running_requests = running_requests_limit(args.max_running_requests, num_slots - args.page_size,
+                                                           self.context_len)
+        self.num_rows = self.max_running_requests + 1
         row_len = min(self.context_len, num_slots) + args.page_size
         self.req_to_token = torch.zeros((self.num_rows, row_len), dtype=torch.int32, device=self.device)
         # Overlap scheduling: the token each row sampled last, written by the sample stage
@@ -62,13 +68,16 @@ class ModelRunner:
         self.batch_rows: torch.Tensor | None = None  # req_pool_indices of the batch run last (device)
         logger.info("KV pool: %d slots (page size %d, %d KV heads on rank %d of %d), req_to_token %s", num_slots,
                     args.page_size, self.model.num_kv_heads, tp.rank, tp.size, tuple(self.req_to_token.shape))
+        logger.info("max_running_requests=%d (%s; %d KV tokens, context length %d)", self.max_running_requests,
+                    "--max-running-requests" if args.max_running_requests else "from the KV capacity",
+                    num_slots - args.page_size, self.context_len)
         self.uploader = Uploader(self.device)
         if self.device.type == "cuda" and args.kernel_backend == "triton":
             self._compile_gemm_tiles()
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0:
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.req_to_token, self._write_decode,
-                                       min(args.cuda_graph_max_bs, args.max_running_requests), self.device,
+                                       min(args.cuda_graph_max_bs, self.max_running_requests), self.device,
                                        self.uploader, self._resolve_futures)
             self.graphs.capture_all()
 

@@ -48,7 +48,7 @@ from typing import Any
 import msgspec
 
 from pipeline.channel import Channel, ChannelClosed
-from pipeline.config import ServerArgs
+from pipeline.config import ServerArgs, running_requests_bound
 from pipeline.messages import (Abort, EngineStats, ErrorOutput, FinishReason, FlushCache, GenerateRequest,
                                IngestInbox, ProcessCounters, ServerInfo, TextOutput)
 from pipeline.metrics import ServerMetrics
@@ -112,7 +112,7 @@ class IngestStage(Stage):
         400 for a request with more sequences than running and queued requests together allow."""
         if self.draining:
             raise ApiError(503, "the server is shutting down", "server_unavailable")
-        running_cap = self.args.max_running_requests * self.args.dp_size  # every replica runs its own batch
+        running_cap = running_requests_bound(self.args) * self.args.dp_size  # every replica runs its own batch
         most = running_cap + self.args.max_queued_requests
         if num_sequences > most:  # never fits, even on an idle server: the client's mistake, not a retry
             raise ApiError(400, f"the request asks for {num_sequences} sequences (prompts x n); this server takes at "

@@ -47,6 +47,7 @@ class PlannedRow:
     need_sample: bool
     is_prefill: bool
     prompt_first: int = 0  # prompt position of the first logprob this row computes (if any)
+    kv_end: int = 0  # the request's KV length once this row is computed (prefill rows)
 
 
 def plan_decodes(kv: KVManager, running: list[Req]) -> tuple[list[PlannedRow], list[Req], list[Req]]:
@@ -90,7 +91,7 @@ def plan_prefills(kv: KVManager, running: list[Req], waiting: list[Req], policy:
                 continue
             budget -= chunk
             logit_rows -= chunk if req.logprob_owed is not None else 0
-            rows.append(PlannedRow(req, chunk, req.kv_len == req.prefill_target, True))
+            rows.append(PlannedRow(req, chunk, req.kv_len == req.prefill_target, True, kv_end=req.kv_len))
             prefilling_parents.add(req.parent_rid)
     admitted: list[Req] = []
     writes: list[RowWrite] = []
@@ -130,7 +131,7 @@ def plan_prefills(kv: KVManager, running: list[Req], waiting: list[Req], policy:
         reserve += req_reserve
         num_running += 1
         admitted.append(req)
-        rows.append(PlannedRow(req, chunk, req.kv_len == req.prefill_target, True))
+        rows.append(PlannedRow(req, chunk, req.kv_len == req.prefill_target, True, kv_end=req.kv_len))
         prefilling_parents.add(req.parent_rid)
     return rows, admitted, writes
 

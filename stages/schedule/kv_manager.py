@@ -113,11 +113,15 @@ class KVManager:
         return True
 
     # --------------------------------------------------------------- caching
-    def cache_prefix(self, req: Req) -> list[RowWrite]:
-        """Insert the request's computed whole pages into the tree; re-lock its deepest node."""
+    def cache_prefix(self, req: Req, num_kv: int | None = None) -> list[RowWrite]:
+        """Insert the request's computed whole pages into the tree; re-lock its deepest node.
+
+        ``num_kv``: tokens computed so far (default all its slots); less when a
+        later chunk, planned ahead, holds slots whose KV is still being computed.
+        """
         if self.tree.disabled:
             return []
-        num_kv = req.kv_len
+        num_kv = req.kv_len if num_kv is None else num_kv
         aligned = num_kv - num_kv % self.page_size
         if aligned <= req.cached_len:
             return []

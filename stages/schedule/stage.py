@@ -148,6 +148,9 @@ class ScheduleStage(Stage):
         self._stats_generated = 0
         self._log_window: tuple[float, int] | None = None  # (start, num_generated then) while busy
         self._checked_idle = True
+        # The assembly passes the figure the forward stage sized its rows for; a stage built
+        # alone (tests, replay) may still hold 0 ("from the KV capacity"): the rows decide.
+        self.max_running = min(args.max_running_requests or model_info.num_rows, model_info.num_rows - 1)
         budget = args.chunked_prefill_size if args.chunked_prefill_size > 0 else 1 << 62
         self.prefill_budget = max(1, min(budget, args.max_prefill_tokens))
 
@@ -272,41 +275,33 @@ class ScheduleStage(Stage):
         """Plan the next batch before the one in flight returns? (see the module docstring)"""
         if not self.overlap or len(self.in_flight) != 1:
             return False
-        if any(row.is_prefill for row in self.in_flight[0][1]):
-            return False
+        prefill_rows = [row for row in self.in_flight[0][1] if row.is_prefill]
+        if prefill_rows and (self.waiting or any(row.req.logprob_owed is not None for row in prefill_rows)):
+            return False  # an admission would miss the chunk's cache entry; owed logprobs move on arrival
         return not any(r.constrained for r in self.running_reqs) and not any(r.constrained for r in self.waiting)
 
     def _plan(self, ahead: bool = False) -> ForwardBatch | None:
-        """The next batch; ``ahead``: planned while one is in flight (never retracts)."""
+        """The next batch; ``ahead``: planned while one is in flight (never retracts).
+
+        ``--enable-mixed-chunk``: decodes first, then prefill chunks in the same
+        batch. Off (the default, as in SGLang): prefill chunks when any can be
+        planned, else the decodes; a step is one or the other.
+        """
         running = self.running_reqs
         if ahead:
             running = [r for r in running if r.output_len < r.max_new_tokens]  # the rest finish in flight
             if self.kv.decode_need([r for r in running if not r.is_prefilling]) > self.kv.available_tokens:
                 return None
-        rows_of = {id(r): r.row for r in self.running_reqs}
-        decode_rows, retracted, failed = plan_decodes(self.kv, running)
-        if retracted and self.pending_row_writes:
-            # A retracted request's row is free now and may go to a request admitted below:
-            # its pending writes must not land there.
-            freed = {rows_of[id(r)] for r in retracted}
-            self.pending_row_writes = [w for w in self.pending_row_writes if w.row not in freed]
-        for req in retracted:
-            self.running_reqs.remove(req)
-            req.phase, req.num_retractions = Phase.WAITING, req.num_retractions + 1
-            self.waiting.append(req)
-            self.num_retractions += 1
-        outputs = []
-        for req in failed:
-            self.running_reqs.remove(req)
-            outputs.append(self._finish(req, FinishReason(type="length", message="KV cache full")))
-        prefill_rows, admitted, row_writes = plan_prefills(
-            self.kv, self.running_reqs, self.waiting, self.args.schedule_policy, self.prefill_budget,
-            self.args.max_running_requests)
-        for req in admitted:
-            self.waiting.remove(req)
-            self.running_reqs.append(req)
-        if outputs:
-            self._emit_outputs(outputs)
+        mixed = self.args.enable_mixed_chunk
+        prefill_rows: list[PlannedRow] = []
+        row_writes: list[RowWrite] = []
+        if not mixed:
+            prefill_rows, row_writes = self._plan_prefills(self.prefill_budget)
+        decode_rows: list[PlannedRow] = []
+        if mixed or not prefill_rows:
+            decode_rows = self._plan_decodes(running)
+        if mixed:  # the decode rows take their share of the step's token budget (as in SGLang)
+            prefill_rows, row_writes = self._plan_prefills(self.prefill_budget - len(decode_rows))
         rows = prefill_rows + decode_rows
         if not rows:
             if not ahead:
@@ -323,6 +318,37 @@ class ScheduleStage(Stage):
             if row.need_sample:
                 row.req.pending_tokens += 1
         return batch
+
+    def _plan_prefills(self, budget: int) -> tuple[list[PlannedRow], list[RowWrite]]:
+        """Prefill chunks within ``budget`` tokens (admitting waiting requests) and their row writes."""
+        prefill_rows, admitted, row_writes = plan_prefills(
+            self.kv, self.running_reqs, self.waiting, self.args.schedule_policy, budget, self.max_running)
+        for req in admitted:
+            self.waiting.remove(req)
+            self.running_reqs.append(req)
+        return prefill_rows, row_writes
+
+    def _plan_decodes(self, running: list[Req]) -> list[PlannedRow]:
+        """One token for each decoding request in ``running``, retracting (or failing) some if KV is short."""
+        rows_of = {id(r): r.row for r in self.running_reqs}
+        decode_rows, retracted, failed = plan_decodes(self.kv, running)
+        if retracted and self.pending_row_writes:
+            # A retracted request's row is free now and may go to a request admitted below:
+            # its pending writes must not land there.
+            freed = {rows_of[id(r)] for r in retracted}
+            self.pending_row_writes = [w for w in self.pending_row_writes if w.row not in freed]
+        for req in retracted:
+            self.running_reqs.remove(req)
+            req.phase, req.num_retractions = Phase.WAITING, req.num_retractions + 1
+            self.waiting.append(req)
+            self.num_retractions += 1
+        outputs = []
+        for req in failed:
+            self.running_reqs.remove(req)
+            outputs.append(self._finish(req, FinishReason(type="length", message="KV cache full")))
+        if outputs:
+            self._emit_outputs(outputs)
+        return decode_rows
 
     def _unblock(self) -> None:
         """Nothing could run: only prefilling requests, none of which could get KV for its chunk.
@@ -378,8 +404,8 @@ class ScheduleStage(Stage):
                 outputs.append(with_extras(done, req, msg, i))
                 finished.append(req)
                 continue
-            if row.is_prefill:
-                self.pending_row_writes.extend(self.kv.cache_prefix(req))
+            if row.is_prefill:  # the chunk's KV is computed now (a later chunk may be in flight)
+                self.pending_row_writes.extend(self.kv.cache_prefix(req, row.kv_end))
                 if not row.need_sample:
                     continue
             req.output_ids.append(token)

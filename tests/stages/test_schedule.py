@@ -55,8 +55,9 @@ def _finals(outputs: list) -> dict[str, str]:
     return {o.rid: o.finish_reason.type for o in outputs if getattr(o, "finish_reason", None)}
 
 
-def test_chunked_prefill_interleaves_with_decodes_in_mixed_batches() -> None:
-    driver = _stage(chunked_prefill_size=16)
+def _chunk_shapes(**kwargs) -> list[tuple]:
+    """A short request decoding while a 40-token prompt is prefilled in chunks of 16: each step's shape."""
+    driver = _stage(chunked_prefill_size=16, **kwargs)
     driver.feed(_req("short", 4, max_new_tokens=10))
     first = _batch(driver)
     assert first.mode == "extend" and first.extend_lens == [4] and first.sampling.need_sample == [True]
@@ -68,10 +69,25 @@ def test_chunked_prefill_interleaves_with_decodes_in_mixed_batches() -> None:
         batch = _batch(driver)
         shapes.append((batch.mode, batch.rids, batch.extend_lens, batch.sampling.need_sample))
         _answer(driver, batch)
-    assert shapes[0] == ("extend", ["long", "short"], [16, 1], [False, True])
-    assert shapes[1] == ("extend", ["long", "short"], [16, 1], [False, True])
-    assert shapes[2] == ("extend", ["long", "short"], [8, 1], [True, True])
+    driver.stage.check_integrity()
+    return shapes
+
+
+def test_mixed_chunk_decodes_ride_along_prefill_chunks() -> None:
+    """--enable-mixed-chunk: every chunk carries the decodes, which take their share of the budget."""
+    shapes = _chunk_shapes(enable_mixed_chunk=True)
+    assert shapes[0] == ("extend", ["long", "short"], [15, 1], [False, True])
+    assert shapes[1] == ("extend", ["long", "short"], [15, 1], [False, True])
+    assert shapes[2] == ("extend", ["long", "short"], [10, 1], [True, True])
     assert shapes[3][0] == "decode" and shapes[3][2] == [1, 1]
+
+
+def test_without_mixed_chunk_a_step_is_all_prefill_or_all_decode() -> None:
+    """The default (SGLang's): prefill chunks run alone; the decode waits for the prompt's last chunk."""
+    shapes = _chunk_shapes()
+    assert shapes[:3] == [("extend", ["long"], [16], [False]), ("extend", ["long"], [16], [False]),
+                          ("extend", ["long"], [8], [True])]
+    assert shapes[3] == ("decode", ["short", "long"], [1, 1], [True, True])
 
 
 def test_finish_on_eos_stop_ids_length_and_min_new_tokens() -> None:

@@ -131,9 +131,11 @@ def moe_align_block_size(topk_ids: torch.Tensor, num_experts: int,
     num_tokens_post_padded[1] int32); entries past num_tokens_post_padded are unused."""
     numel = _check_ids(topk_ids, num_experts)
     max_pairs = max_padded_pairs(numel, num_experts, block_m)
-    sorted_ids = torch.full((max_pairs,), numel, dtype=torch.int32, device=topk_ids.device)
-    expert_ids = torch.full((max_pairs // block_m,), -1, dtype=torch.int32, device=topk_ids.device)
-    num_post_pad = torch.zeros(1, dtype=torch.int32, device=topk_ids.device)
+    # No fill: the kernel writes every entry below num_post_pad (pairs, sentinels, block owners,
+    # the count itself), and the MoE GEMMs read nothing past it.
+    sorted_ids = torch.empty((max_pairs,), dtype=torch.int32, device=topk_ids.device)
+    expert_ids = torch.empty((max_pairs // block_m,), dtype=torch.int32, device=topk_ids.device)
+    num_post_pad = torch.empty(1, dtype=torch.int32, device=topk_ids.device)
     _moe_align_kernel[(num_experts,)](
         topk_ids, sorted_ids, expert_ids, num_post_pad, numel, num_experts,
         BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts + 1), TILE=1024, num_warps=4)
