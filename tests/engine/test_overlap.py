@@ -196,3 +196,69 @@ def test_future_token_kernels(backend) -> None:
     if backend == "triton":
         with pytest.raises(ValueError):
             resolve(ids.to(torch.int32), buffer)
+
+
+def _spy_ahead_after_prefill(engine: Engine) -> list[int]:
+    """Count batches planned ahead while a batch with a prefill row was in flight."""
+    schedule = engine.schedule
+    count = [0]
+    plan = schedule._plan
+
+    def spying(ahead: bool = False):
+        after_prefill = ahead and any(row.is_prefill for row in schedule.in_flight[0][1])
+        batch = plan(ahead)
+        count[0] += after_prefill and batch is not None
+        return batch
+
+    schedule._plan = spying
+    return count
+
+
+@pytest.mark.parametrize("mixed", [True, False], ids=["mixed", "prefill-or-decode"])
+def test_mixed_chunk_on_and_off_same_outputs_with_overlap_on_and_off(tiny_llama, mixed) -> None:
+    """Chunked prompts (chunk 16) beside running decodes: every configuration gives the same tokens,
+    and with overlap on the step after a prefill chunk is planned ahead."""
+    prompts = random_prompts(6, seed=21, low=20, high=70)
+    params = [{"temperature": 0.0, "max_new_tokens": 6 + 3 * i, "ignore_eos": True} for i in range(6)]
+    with _engine(tiny_llama, False, chunked_prefill_size=16, enable_mixed_chunk=False) as engine:
+        reference = _results(engine, prompts, params)
+    with _engine(tiny_llama, True, chunked_prefill_size=16, enable_mixed_chunk=mixed) as engine:
+        after_prefill = _spy_ahead_after_prefill(engine)
+        free_before = engine.schedule.kv.pool.num_free_tokens
+        assert _results(engine, prompts, params) == reference
+        staggered = []  # a long prompt arriving while another request decodes: chunks run ahead too
+        rid = engine.submit(input_ids=prompts[0], sampling_params=params[5], stream=True)
+        for i, chunk in enumerate(engine.stream(rid)):
+            if i == 1:
+                staggered = engine.generate(input_ids=prompts[3], sampling_params=params[3])["output_ids"]
+        assert staggered == reference[3][0]
+        assert after_prefill[0] > 0
+        _assert_clean(engine, free_before)
+    with _engine(tiny_llama, False, chunked_prefill_size=16, enable_mixed_chunk=True) as engine:
+        assert _results(engine, prompts, params) == reference
+
+
+def test_max_running_requests_from_kv_capacity_and_the_flag_overrides(tiny_llama, caplog) -> None:
+    from pipeline.config import running_requests_limit
+
+    assert running_requests_limit(0, 442_000, 131_072) == 2048        # Llama-3.1-8B on an H100: the floor
+    assert running_requests_limit(0, 1_000_000, 32_768) == 4096       # kv/context*512 = 15625: the ceiling
+    assert running_requests_limit(0, 400_000, 65_536) == 3125         # in between
+    assert running_requests_limit(0, 3000, 512) == 1500               # a small pool: half its tokens
+    assert running_requests_limit(300, 442_000, 131_072) == 300       # the flag wins
+    assert running_requests_limit(10_000, 1000, 512) == 500           # but never past half the tokens
+    with caplog.at_level("INFO", logger="stages.forward.runner"):
+        with _engine(tiny_llama, True, max_total_tokens=3000) as engine:
+            assert engine.schedule.max_running == 1500 == engine.stages["forward"].runner.num_rows - 1
+    assert any("max_running_requests=1500 (from the KV capacity" in r.getMessage() for r in caplog.records)
+    with _engine(tiny_llama, True, max_total_tokens=3000, max_running_requests=2) as engine:
+        widest = [0]
+        run_batch = engine.stages["forward"].run_batch
+
+        def widest_batch(batch):
+            widest[0] = max(widest[0], len(batch.rids))
+            return run_batch(batch)
+
+        engine.stages["forward"].run_batch = widest_batch
+        _results(engine, random_prompts(5, seed=22, low=4, high=20), GREEDY)
+        assert engine.schedule.max_running == 2 and widest[0] == 2
