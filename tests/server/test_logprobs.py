@@ -52,16 +52,18 @@ def _prompt_logprobs(engine, prompt: list[int], **params):
     return found[0], outputs
 
 
-@pytest.mark.parametrize("chunk, logit_rows", [(8, 2048), (0, 2048), (0, 10)])
-def test_engine_prompt_logprobs_match_transformers(tiny_dir, chunk, logit_rows, monkeypatch):
-    """Chunks of 8, one whole prompt, and whole prompts cut to 10 tokens per step for their logits rows."""
+@pytest.mark.parametrize("chunk, logit_rows, backend", [(8, 2048, "reference"), (0, 2048, "reference"),
+                                                        (0, 10, "reference"), (8, 2048, "triton")])
+def test_engine_prompt_logprobs_match_transformers(tiny_dir, chunk, logit_rows, backend, monkeypatch):
+    """Chunks of 8, one whole prompt, and whole prompts cut to 10 tokens per step for their logits rows
+    (the Triton kernels run under the interpreter on a CPU)."""
     from pipeline.engine import Engine
 
     monkeypatch.setattr("stages.schedule.batch.PROMPT_LOGPROB_ROWS", logit_rows)
     rng = random.Random(chunk)
     prompt = [rng.randrange(2, 400) for _ in range(37)]
     reference = _hf_logprobs(tiny_dir, prompt)
-    with Engine(str(tiny_dir), max_total_tokens=4096, kernel_backend="reference", device="cpu", page_size=1,
+    with Engine(str(tiny_dir), max_total_tokens=4096, kernel_backend=backend, device="cpu", page_size=1,
                 chunked_prefill_size=chunk) as engine:
         for k, start in enumerate((0, 5, 36, 0)):  # the later requests find the prompt in the radix cache
             first_batch = engine.schedule.next_batch_id
