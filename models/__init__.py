@@ -43,14 +43,15 @@ __all__ = [
 
 
 def load_model(model_path: Any, ops: "KernelOps", dtype: "torch.dtype | str", device: Any,
-               load_format: str = "auto", seed: int = 0, tp: "TPGroup | None" = None
-               ) -> "tuple[torch.nn.Module, ModelConfig]":
+               load_format: str = "auto", seed: int = 0, tp: "TPGroup | None" = None,
+               quantization: str = "") -> "tuple[torch.nn.Module, ModelConfig]":
     """Build and fill the model of a local HF directory (see ``models.loader``);
-    with `tp`, this rank's slice of it (see ``models.parallel``)."""
+    with `tp`, this rank's slice of it (see ``models.parallel``); `quantization`
+    as ``--quantization`` (see ``models.quantization``)."""
     from models.loader import load_model as _load_model
     from models.parallel import TPGroup
     return _load_model(model_path, ops, dtype, device, load_format=load_format, seed=seed,
-                       tp=tp if tp is not None else TPGroup())
+                       tp=tp if tp is not None else TPGroup(), quantization=quantization)
 
 
 def __getattr__(name: str) -> Any:

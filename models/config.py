@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import ModelConfigError, ModelNotFoundError
+from models.quantization import QuantConfig, parse_checkpoint_quantization
 from models.registry import family_of
 
 DEFAULT_ROPE_THETA = 10_000.0
@@ -82,6 +83,8 @@ class ModelConfig:
     shared_expert_intermediate_size: int = 0
     decoder_sparse_step: int = 1
     mlp_only_layers: tuple[int, ...] = ()
+    # quantized weights (models/quantization.py); None: the checkpoint's dtype
+    quantization: QuantConfig | None = None
 
     @property
     def rotary_dim(self) -> int:
@@ -161,6 +164,7 @@ def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None,
         eos_token_ids=_eos_ids(raw.get("eos_token_id"), generation.get("eos_token_id")),
         generation=_generation_defaults(generation),
         **_bias_flags(raw, family), **_moe_fields(raw, family, field),
+        quantization=parse_checkpoint_quantization(raw.get("quantization_config"), source),
     )
 
 

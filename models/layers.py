@@ -25,6 +25,7 @@ from torch import nn
 from models.batch import AttentionMetadata
 from models.config import ModelConfig
 from models.parallel import TPGroup, head_ranges, shard_range
+from models.quantization import QuantConfig, QuantLinear
 from triton_kernels import KernelOps
 
 
@@ -64,6 +65,18 @@ class RowParallelLinear(Linear):
         return self.tp.all_reduce(self.ops.linear(x, self.weight, bias))
 
 
+def make_linear(ops: KernelOps, in_features: int, out_features: int, bias: bool, dtype: torch.dtype,
+                device: torch.device | str, quant: QuantConfig | None = None,
+                row_parallel: TPGroup | None = None) -> nn.Module:
+    """A projection: 16-bit (``Linear`` / ``RowParallelLinear``) or, with ``quant``, a
+    ``QuantLinear`` of that scheme (``models/quantization.py``)."""
+    if quant is not None:
+        return QuantLinear(ops, quant, in_features, out_features, bias, dtype, device, row_parallel)
+    if row_parallel is not None:
+        return RowParallelLinear(ops, row_parallel, in_features, out_features, bias, dtype, device)
+    return Linear(ops, in_features, out_features, bias, dtype, device)
+
+
 class RMSNorm(nn.Module):
     """HF RMSNorm; with ``residual`` it is the fused ``residual += x; norm(residual)``."""
 
@@ -87,13 +100,14 @@ class MLP(nn.Module):
     """
 
     def __init__(self, ops: KernelOps, hidden_size: int, intermediate_size: int, bias: bool,
-                 dtype: torch.dtype, device: torch.device | str, tp: TPGroup = TPGroup()) -> None:
+                 dtype: torch.dtype, device: torch.device | str, tp: TPGroup = TPGroup(),
+                 quant: QuantConfig | None = None) -> None:
         super().__init__()
         self.ops = ops
         start, end = shard_range(intermediate_size, tp.rank, tp.size, "intermediate_size")
         local = end - start
-        self.gate_up_proj = Linear(ops, hidden_size, 2 * local, bias, dtype, device)
-        self.down_proj = RowParallelLinear(ops, tp, local, hidden_size, bias, dtype, device)
+        self.gate_up_proj = make_linear(ops, hidden_size, 2 * local, bias, dtype, device, quant)
+        self.down_proj = make_linear(ops, local, hidden_size, bias, dtype, device, quant, row_parallel=tp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -127,8 +141,11 @@ class Attention(nn.Module):
         self.sliding_window = config.sliding_windows[layer_idx]
         self.cos_sin_cache = cos_sin_cache          # shared by all layers, not a parameter
         H = config.hidden_size
-        self.qkv_proj = Linear(ops, H, self.q_size + 2 * self.kv_size, config.qkv_bias, dtype, device)
-        self.o_proj = RowParallelLinear(ops, tp, self.q_size, H, config.o_proj_bias, dtype, device)
+        quant = config.quantization
+        self.qkv_proj = make_linear(ops, H, self.q_size + 2 * self.kv_size, config.qkv_bias, dtype, device,
+                                    quant)
+        self.o_proj = make_linear(ops, self.q_size, H, config.o_proj_bias, dtype, device, quant,
+                                  row_parallel=tp)
         if config.qk_norm:
             self.q_norm = RMSNorm(ops, self.head_dim, config.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(ops, self.head_dim, config.rms_norm_eps, dtype, device)

@@ -147,7 +147,7 @@ class LlamaForCausalLM(nn.Module):
         """The feed-forward block of one layer (MoE models override this)."""
         c = self.config
         return MLP(self.ops, c.hidden_size, c.intermediate_size, c.mlp_bias, self.dtype, self.device,
-                   self.tp)
+                   self.tp, quant=c.quantization)
 
     def checkpoint_layout(self) -> dict[str, Shard]:
         """Checkpoint tensor name -> where this rank's slice lands in our (fused) parameters."""

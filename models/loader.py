@@ -31,7 +31,9 @@ each rank keeps its slice: any tp size gets the slices of the same weights.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import re
 import time
 import zlib
@@ -52,8 +54,17 @@ from models.errors import (
     name_list,
 )
 from models.parallel import TPGroup
+from models.quantization import (
+    check_ignored,
+    check_servable,
+    finalize_quantized,
+    init_dummy_quantized,
+    quant_modules,
+    quantized_layout,
+    resolve_quantization,
+)
 from models.registry import model_class
-from models.weights import IGNORED, Shard, fused_alias, held_elsewhere
+from models.weights import IGNORED, Shard, dense_layout, fused_alias, held_elsewhere
 from triton_kernels import KernelOps
 
 logger = logging.getLogger(__name__)
@@ -78,12 +89,16 @@ def resolve_dtype(dtype: torch.dtype | str, config: ModelConfig) -> torch.dtype:
 
 def load_model(model_path: str | Path, ops: KernelOps, dtype: torch.dtype | str,
                device: torch.device | str, load_format: str = "auto", seed: int = 0,
-               tp: TPGroup = TPGroup()) -> tuple[torch.nn.Module, ModelConfig]:
+               tp: TPGroup = TPGroup(), quantization: str = "") -> tuple[torch.nn.Module, ModelConfig]:
     """Build the model of `model_path`'s config on `device` and fill its weights
-    (this rank's slice of them under tensor parallelism)."""
+    (this rank's slice of them under tensor parallelism). `quantization`: as
+    ``--quantization`` ("" = as the checkpoint says; ``models/quantization.py``)."""
     if load_format not in LOAD_FORMATS:
         raise ModelConfigError(f"unknown load_format {load_format!r}; expected {', '.join(LOAD_FORMATS)}")
     config = load_config(model_path)
+    quant = resolve_quantization(config.quantization, quantization, str(model_path))
+    check_servable(quant, config.num_experts, tp.size, str(model_path))
+    config = dataclasses.replace(config, quantization=quant)
     if config.hidden_act != "silu":
         raise ModelConfigError(f"{model_path}: hidden_act {config.hidden_act!r} is not supported (silu only)")
     dtype = resolve_dtype(dtype, config)
@@ -91,11 +106,18 @@ def load_model(model_path: str | Path, ops: KernelOps, dtype: torch.dtype | str,
     files = [] if load_format == "dummy" else weight_files(Path(model_path))
     model = model_class(config.architecture)(config, ops, dtype, device, tp)
     model.eval()
+    check_ignored(model, quant)
     if load_format == "dummy":
         init_dummy(model, seed)
     else:
         load_safetensors(model, files, device)
+        finalize_quantized(model)       # checkpoint tensors -> the quantized kernels' layout
     return model, config
+
+
+def checkpoint_layout(model: torch.nn.Module) -> dict[str, Shard]:
+    """The model's layout, with quantized projections' own checkpoint tensors."""
+    return quantized_layout(model, model.checkpoint_layout(), dense_layout, model.config, model.tp)
 
 
 def weight_files(model_dir: Path) -> list[Path]:
@@ -128,7 +150,7 @@ class _Plan:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.params = dict(model.named_parameters())
-        self.layout = model.checkpoint_layout()
+        self.layout = checkpoint_layout(model)
         self.architecture = model.config.architecture
         self.num_experts = model.config.num_experts
         self.tied = bool(model.config.tie_word_embeddings)
@@ -158,10 +180,16 @@ class _Plan:
             self.covered_patterns.append(pattern)
         shape = tuple(tensor_slice.get_shape())
         for shard in shards:
-            if shape != shard.shape:
+            if shape != shard.shape and not shard.broadcast:
                 raise WeightShapeError(f"{path.name}: tensor {name} has shape {list(shape)}, the "
                                        f"config implies {list(shard.shape)} (for {shard.param})")
             target = shard.view(self.params)
+            if shard.broadcast:            # one value fills the region (a per-tensor scale)
+                if math.prod(shape) != 1:
+                    raise WeightShapeError(f"{path.name}: tensor {name} has shape {list(shape)}, "
+                                           f"expected one value (for {shard.param})")
+                self.entries.append((path, name, shard))
+                continue
             assert _sliced_shape(shape, shard.source) == tuple(target.shape), (
                 f"{name}{list(shape)}[{shard.source}] does not fit {shard.param}[{shard.index}] "
                 f"{list(target.shape)}")
@@ -216,7 +244,7 @@ def load_safetensors(model: torch.nn.Module, files: list[Path], device: torch.de
                     target = shard.view(plan.params)
                     # only this rank's slice is read; copy_ casts to the model dtype
                     source = f.get_slice(name)[shard.source] if shard.source else f.get_tensor(name)
-                    target.copy_(source)
+                    target.copy_(source.reshape(()) if shard.broadcast else source)
                     progress.update(target.numel() * target.element_size())
     progress.done()
 
@@ -266,7 +294,9 @@ def init_dummy(model: torch.nn.Module, seed: int = 0) -> None:
     a tensor-parallel rank holds exactly the slice of the tp=1 weights.
     """
     params = dict(model.named_parameters())
-    layout = model.checkpoint_layout()
+    quantized = {f"{name}.{p}" for name, m in quant_modules(model).items()
+                 for p, _ in m.named_parameters() if p != "bias"}
+    layout = {n: s for n, s in model.checkpoint_layout().items() if s.param not in quantized}
     device = next(iter(params.values())).device
     with torch.no_grad():
         for name, shard in layout.items():
@@ -279,4 +309,5 @@ def init_dummy(model: torch.nn.Module, seed: int = 0) -> None:
             whole = torch.empty(shard.shape, dtype=region.dtype, device=device)
             whole.normal_(0.0, DUMMY_STD, generator=generator)
             region.copy_(whole[shard.source] if shard.source else whole)
+    init_dummy_quantized(model, seed, DUMMY_STD)     # quantized projections: quantize random weights
     logger.info("initialised %d parameters with dummy weights (seed %d)", len(params), seed)

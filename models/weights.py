@@ -46,12 +46,15 @@ class Shard(NamedTuple):
     config implies it, checked against the file's header. With tensor
     parallelism ``source`` is the rank's slice (safetensors ``get_slice`` reads
     only that), and dummy weights draw the whole ``shape`` then keep ``source``.
+    With ``broadcast`` the checkpoint tensor holds one value (any shape of one
+    element) that fills ``param[index]``.
     """
 
     param: str
     index: tuple = ()
     source: tuple = ()
     shape: tuple[int, ...] = ()
+    broadcast: bool = False     # one value (a per-tensor scale) fills the whole region
 
     def view(self, params: dict[str, torch.Tensor]) -> torch.Tensor:
         return params[self.param][self.index]

@@ -1,0 +1,509 @@
+"""Quantized linear layers: which checkpoint formats we serve and how each becomes a kernel's layout.
+
+A checkpoint says how it is quantized in ``config.json``'s
+``quantization_config``; ``--quantization`` may ask for online quantization of
+a 16-bit checkpoint. Either way one ``QuantConfig`` results, and every
+projection of the decoder (``qkv_proj``, ``o_proj``, ``gate_up_proj``,
+``down_proj``) is built as a ``QuantLinear`` of its scheme. The embedding and
+the LM head stay in the model dtype (as in every format served here).
+
+=====================  ===========================================  ==========================
+format                 checkpoint tensors per projection            kernel (triton_kernels/)
+=====================  ===========================================  ==========================
+fp8, block-wise        ``weight`` fp8 [N, K],                       quant_w8a8.fp8_block_linear
+(``quant_method: fp8``  ``weight_scale_inv`` fp32 [N/bn, K/bk]
++ weight_block_size)   (W = weight * weight_scale_inv per block)
+compressed-tensors     ``weight`` fp8 or int8 [N, K],               quant_w8a8.w8a8_linear
+W8A8 (fp8 / int8)      ``weight_scale`` [N, 1] (channel) or [1]
+                       (tensor: expanded to every row)
+AWQ (GEMM, 4-bit)      ``qweight`` int32 [K, N/8], ``qzeros``       quant_w4a16.w4a16_linear
+                       int32 [K/g, N/8], ``scales`` [K/g, N]
+GPTQ (4-bit)           ``qweight`` int32 [K/8, N], ``qzeros``       quant_w4a16.w4a16_linear
+                       [K/g, N/8] (stored z - 1), ``scales``
+                       [K/g, N], ``g_idx`` int32 [K]
+online fp8 / int8      ``weight`` 16-bit [N, K], quantized per      quant_w8a8.w8a8_linear
+                       output channel after loading
+=====================  ===========================================  ==========================
+
+Packing (4 bits, 8 values per int32). GPTQ packs along K: input row ``k`` is
+nibble ``k % 8`` of ``qweight[k // 8]`` (that is also our kernel layout), and
+``qzeros`` packs along N the same way. AWQ packs along N in the interleaved
+order of its GEMM kernel: output column ``8c + j`` of a packed word sits at
+bit ``4 * AWQ_ORDER.index(j)``, AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7). Loading
+keeps the checkpoint's own tensors (fused along the output axis like the
+16-bit weights); ``finalize_quantized`` then converts them once into the
+kernel's tensors (module buffers: ``named_parameters`` lists only biases).
+
+Activations (W8A8) are quantized dynamically per token inside the kernel;
+checkpoints whose activations use static scales are refused, as are formats
+and options not listed above, each with an error naming it.
+
+On ``--kernel-backend reference`` each kernel's PyTorch reference runs the
+same math (dequantize, then the fp32 matmul; W8A8 quantizes the activations
+the same way), so CPU tests cover every format.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from models.errors import ModelConfigError
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)      # packed slot i holds column AWQ_ORDER[i] of the 8
+ONLINE = ("fp8", "w8a8_fp8", "w8a8_int8")
+CHECKPOINT_METHODS = ("fp8", "compressed-tensors", "awq", "gptq")
+QUANTIZATION_CHOICES = ("", *ONLINE, "awq", "gptq", "compressed-tensors")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """One served quantization scheme, resolved from config.json and/or --quantization.
+
+    ``scheme``: ``fp8_block`` | ``w8a8`` | ``w4a16`` | ``online``.
+    ``weight_dtype``: torch dtype of the 8-bit weight (w8a8, online).
+    ``weight_strategy``: ``channel`` or ``tensor`` (w8a8 checkpoints).
+    ``packing``: ``awq`` | ``gptq`` (w4a16); ``zero_offset`` is added to stored zeros.
+    ``ignore``: module names / ``re:`` patterns left unquantized by the checkpoint.
+    """
+
+    method: str
+    scheme: str
+    weight_dtype: Any = torch.float8_e4m3fn
+    block_size: tuple[int, int] = (128, 128)
+    weight_strategy: str = "channel"
+    packing: str = ""
+    group_size: int = 128
+    desc_act: bool = False
+    zero_offset: int = 0
+    ignore: tuple[str, ...] = ()
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def parse_checkpoint_quantization(raw: Any, source: str) -> QuantConfig | None:
+    """config.json's ``quantization_config`` -> QuantConfig (None: not quantized)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{source}: quantization_config must be an object, got {type(raw).__name__}")
+    method = str(raw.get("quant_method", "")).lower()
+    parsers = {"fp8": _parse_fp8, "compressed-tensors": _parse_compressed_tensors,
+               "awq": _parse_awq, "gptq": _parse_gptq}
+    if method not in parsers:
+        raise ModelConfigError(f"{source}: quantization method {method!r} is not served; served: "
+                               f"{', '.join(CHECKPOINT_METHODS)}")
+    return parsers[method](raw, source)
+
+
+def _ignore_list(raw: dict, *keys: str) -> tuple[str, ...]:
+    names: list[str] = []
+    for key in keys:
+        names += [str(n) for n in raw.get(key) or ()]
+    return tuple(names)
+
+
+def _parse_fp8(raw: dict, source: str) -> QuantConfig:
+    if raw.get("activation_scheme", "dynamic") != "dynamic":
+        raise ModelConfigError(f"{source}: fp8 activation_scheme {raw.get('activation_scheme')!r} is not "
+                               "served (dynamic only)")
+    fmt = raw.get("fmt", "e4m3")
+    if fmt != "e4m3":
+        raise ModelConfigError(f"{source}: fp8 fmt {fmt!r} is not served (e4m3 only)")
+    block = raw.get("weight_block_size")
+    ignore = _ignore_list(raw, "ignored_layers", "modules_to_not_convert")
+    if block is None:    # per-tensor fp8 weights (weight_scale [1]), dynamic activations
+        return QuantConfig("fp8", "w8a8", weight_strategy="tensor", ignore=ignore)
+    if (not isinstance(block, list) or len(block) != 2 or not all(isinstance(b, int) for b in block)
+            or block[1] < 16 or block[1] & (block[1] - 1)):
+        raise ModelConfigError(f"{source}: weight_block_size {block!r} is not served "
+                               "([bn, bk] with bk a power of 2 >= 16)")
+    return QuantConfig("fp8", "fp8_block", block_size=(block[0], block[1]), ignore=ignore)
+
+
+def _parse_compressed_tensors(raw: dict, source: str) -> QuantConfig:
+    groups = raw.get("config_groups") or {}
+    if raw.get("format") not in ("float-quantized", "int-quantized", "naive-quantized") or len(groups) != 1:
+        raise ModelConfigError(f"{source}: compressed-tensors format {raw.get('format')!r} with "
+                               f"{len(groups)} config groups is not served (one float-/int-quantized group)")
+    group = next(iter(groups.values()))
+    weights, acts = group.get("weights") or {}, group.get("input_activations") or {}
+    kind = weights.get("type")
+    if weights.get("num_bits") != 8 or kind not in ("float", "int") or not weights.get("symmetric", True):
+        raise ModelConfigError(f"{source}: compressed-tensors weights {weights!r} are not served "
+                               "(symmetric 8-bit float or int)")
+    if weights.get("strategy") not in ("channel", "tensor"):
+        raise ModelConfigError(f"{source}: compressed-tensors weight strategy {weights.get('strategy')!r} "
+                               "is not served (channel, tensor)")
+    if not acts or not acts.get("dynamic") or acts.get("strategy") != "token" or acts.get("num_bits") != 8:
+        raise ModelConfigError(f"{source}: compressed-tensors input_activations {acts!r} are not served "
+                               "(dynamic 8-bit per token)")
+    dtype = torch.float8_e4m3fn if kind == "float" else torch.int8
+    return QuantConfig("compressed-tensors", "w8a8", weight_dtype=dtype,
+                       weight_strategy=weights["strategy"], ignore=_ignore_list(raw, "ignore"))
+
+
+def _group_size(raw: dict, source: str) -> int:
+    group = raw.get("group_size", raw.get("q_group_size", 128))
+    if not isinstance(group, int) or (group < 8 and group != -1) or (group > 0 and group % 8):
+        raise ModelConfigError(f"{source}: group_size {group!r} is not served (-1 or a multiple of 8)")
+    return group
+
+
+def _parse_awq(raw: dict, source: str) -> QuantConfig:
+    bits = raw.get("bits", raw.get("w_bit"))
+    version = str(raw.get("version", "gemm")).lower()
+    if bits != 4 or version != "gemm" or not raw.get("zero_point", True):
+        raise ModelConfigError(f"{source}: AWQ bits={bits!r} version={version!r} zero_point="
+                               f"{raw.get('zero_point')!r} is not served (4-bit GEMM with zero points)")
+    return QuantConfig("awq", "w4a16", packing="awq", group_size=_group_size(raw, source),
+                       ignore=_ignore_list(raw, "modules_to_not_convert"))
+
+
+def _parse_gptq(raw: dict, source: str) -> QuantConfig:
+    bits = raw.get("bits")
+    fmt = str(raw.get("checkpoint_format", "gptq")).lower()
+    if bits != 4 or fmt not in ("gptq", "gptq_v2"):
+        raise ModelConfigError(f"{source}: GPTQ bits={bits!r} checkpoint_format={fmt!r} is not served "
+                               "(4-bit, gptq or gptq_v2)")
+    return QuantConfig("gptq", "w4a16", packing="gptq", group_size=_group_size(raw, source),
+                       desc_act=bool(raw.get("desc_act", False)), zero_offset=1 if fmt == "gptq" else 0,
+                       ignore=_ignore_list(raw, "modules_to_not_convert"))
+
+
+def resolve_quantization(checkpoint: QuantConfig | None, requested: str, source: str) -> QuantConfig | None:
+    """Combine the checkpoint's quantization with ``--quantization`` ("" = as the checkpoint)."""
+    if requested not in QUANTIZATION_CHOICES:
+        raise ModelConfigError(f"--quantization {requested!r} is not served; choose from "
+                               f"{', '.join(c for c in QUANTIZATION_CHOICES if c)}")
+    if not requested:
+        return checkpoint
+    if checkpoint is not None:
+        if requested in (checkpoint.method, "w8a8_fp8" if checkpoint.method == "fp8" else None):
+            return checkpoint
+        raise ModelConfigError(f"{source}: --quantization {requested} conflicts with the checkpoint's "
+                               f"quantization_config (quant_method {checkpoint.method!r})")
+    if requested not in ONLINE:
+        raise ModelConfigError(f"{source}: --quantization {requested} needs a checkpoint in that format "
+                               f"(config.json has no quantization_config); online: {', '.join(ONLINE)}")
+    dtype = torch.int8 if requested == "w8a8_int8" else torch.float8_e4m3fn
+    return QuantConfig(requested, "online", weight_dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- parameters
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadParam:
+    """A checkpoint tensor of one projection: its local shape rule and where the output
+    (N) and input (K) dimensions sit in it, in units of ``out_unit`` / ``in_unit``
+    elements (a packed int32 holds 8 columns; a scale row covers a group).
+    ``broadcast``: one checkpoint value fills every row (per-tensor scales)."""
+
+    suffix: str
+    dtype: Any
+    out_axis: int | None
+    out_unit: int
+    in_axis: int | None
+    in_unit: int
+    ndim: int = 2
+    broadcast: bool = False
+
+    def local_shape(self, N: int, K: int) -> tuple[int, ...]:
+        shape = [1] * self.ndim
+        if self.out_axis is not None:
+            shape[self.out_axis] = -(-N // self.out_unit)
+        if self.in_axis is not None:
+            shape[self.in_axis] = -(-K // self.in_unit)
+        return tuple(shape)
+
+
+def load_params(quant: QuantConfig, dtype: torch.dtype) -> list[LoadParam]:
+    """The checkpoint tensors (besides ``bias``) one projection of this scheme reads."""
+    if quant.scheme == "fp8_block":
+        bn, bk = quant.block_size
+        return [LoadParam("weight", torch.float8_e4m3fn, 0, 1, 1, 1),
+                LoadParam("weight_scale_inv", torch.float32, 0, bn, 1, bk)]
+    if quant.scheme == "w8a8":
+        scale = (LoadParam("weight_scale", torch.float32, 0, 1, None, 1, broadcast=True, ndim=1)
+                 if quant.weight_strategy == "tensor" else LoadParam("weight_scale", torch.float32, 0, 1, None, 1))
+        return [LoadParam("weight", quant.weight_dtype, 0, 1, 1, 1), scale]
+    if quant.scheme == "online":
+        return [LoadParam("weight", dtype, 0, 1, 1, 1)]
+    g = quant.group_size
+    if quant.packing == "awq":
+        return [LoadParam("qweight", torch.int32, 1, 8, 0, 1), LoadParam("qzeros", torch.int32, 1, 8, 0, g),
+                LoadParam("scales", dtype, 1, 1, 0, g)]
+    return [LoadParam("qweight", torch.int32, 1, 1, 0, 8), LoadParam("qzeros", torch.int32, 1, 8, 0, g),
+            LoadParam("scales", dtype, 1, 1, 0, g), LoadParam("g_idx", torch.int32, None, 1, 0, 1, ndim=1)]
+
+
+def _kernel(backend: str, family: str, name: str) -> Callable:
+    module = importlib.import_module(f"triton_kernels.{family}")
+    return getattr(module, name + ("_reference" if backend == "reference" else ""))
+
+
+class QuantLinear(nn.Module):
+    """y = x @ W^T (+ bias) with W stored quantized; ``tp`` set: a row-parallel layer
+    (bias on rank 0, partial sums reduced), as ``RowParallelLinear``.
+
+    Before ``finalize()`` the module holds the checkpoint's tensors as parameters
+    (``load_params``); after, the kernel's tensors as buffers.
+    """
+
+    def __init__(self, ops: Any, quant: QuantConfig, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype, device: torch.device | str, tp: Any = None) -> None:
+        super().__init__()
+        self.quant, self.dtype, self.tp = quant, dtype, tp
+        self.in_features, self.out_features = in_features, out_features
+        self._check_shape(in_features, out_features)
+        for p in load_params(quant, dtype):
+            shape = p.local_shape(out_features, in_features)
+            setattr(self, p.suffix, nn.Parameter(torch.zeros(shape, dtype=p.dtype, device=device),
+                                                 requires_grad=False))
+        self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+                     if bias else None)
+        family, name = (("quant_w4a16", "w4a16_linear") if quant.scheme == "w4a16" else
+                        ("quant_w8a8", "fp8_block_linear") if quant.scheme == "fp8_block" else
+                        ("quant_w8a8", "w8a8_linear"))
+        self.kernel = _kernel(ops.backend, family, name)
+        self.finalized = False
+
+    def _check_shape(self, K: int, N: int) -> None:
+        q = self.quant
+        if q.scheme == "w4a16" and (K % 8 or N % 8 or (q.group_size > 0 and K % q.group_size)):
+            raise ModelConfigError(f"a [{N}, {K}] projection does not fit 4-bit packing with group size "
+                                   f"{q.group_size} (K and N multiples of 8, K of the group size)")
+
+    @property
+    def group_size(self) -> int:
+        return self.quant.group_size if self.quant.group_size > 0 else self.in_features
+
+    def finalize(self) -> None:
+        """Checkpoint tensors -> kernel tensors (once, after loading)."""
+        if self.finalized:
+            return
+        q = self.quant
+        if q.scheme == "w4a16":
+            unpack = awq_to_kernel if q.packing == "awq" else gptq_to_kernel
+            tensors = unpack(self, q)
+        elif q.scheme == "online":
+            wq, ws = quantize_per_channel(self.weight.data, q.weight_dtype)
+            tensors = {"weight_q": wq, "weight_scale_q": ws}
+        elif q.scheme == "w8a8":
+            tensors = {"weight_q": self.weight.data, "weight_scale_q": self.weight_scale.data.float().reshape(-1)
+                       .expand(self.out_features).contiguous()}
+        else:
+            tensors = {"weight_q": self.weight.data, "weight_scale_q": self.weight_scale_inv.data}
+        self.set_kernel_tensors(tensors)
+
+    def set_kernel_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for p in load_params(self.quant, self.dtype):
+            delattr(self, p.suffix)
+        for name, t in tensors.items():
+            self.register_buffer(name, t, persistent=False)
+        self.finalized = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias if self.tp is None or self.tp.rank == 0 else None
+        if self.quant.scheme == "w4a16":
+            y = self.kernel(x, self.qweight_k, self.scales_k, self.zeros_k, self.g_idx_k, self.group_size, bias)
+        elif self.quant.scheme == "fp8_block":
+            y = self.kernel(x, self.weight_q, self.weight_scale_q, self.quant.block_size, bias)
+        else:
+            y = self.kernel(x, self.weight_q, self.weight_scale_q, bias)
+        return y if self.tp is None else self.tp.all_reduce(y)
+
+
+# ----------------------------------------------------------------------------- format conversion
+
+
+def _unpack_cols(packed: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
+    """[R, C/8] int32 packed along columns -> [R, C] int32; slot i holds column order[i]."""
+    slots = torch.stack([(packed >> (4 * i)) & 0xF for i in range(8)], dim=-1)      # [R, C/8, 8]
+    cols = torch.empty_like(slots)
+    cols[..., list(order)] = slots
+    return cols.reshape(packed.shape[0], -1)
+
+
+def _pack_rows(q: torch.Tensor) -> torch.Tensor:
+    """[K, N] ints in [0, 15] -> [K/8, N] int32, row k at nibble k % 8 (the kernel layout)."""
+    K, N = q.shape
+    q = q.to(torch.int64).view(K // 8, 8, N)
+    packed = sum(q[:, j, :] << (4 * j) for j in range(8))
+    return (packed - ((packed >> 31) << 32)).to(torch.int32)
+
+
+def awq_to_kernel(m: QuantLinear, quant: QuantConfig) -> dict[str, torch.Tensor]:
+    q = _unpack_cols(m.qweight.data, AWQ_ORDER)                                       # [K, N]
+    zeros = _unpack_cols(m.qzeros.data, AWQ_ORDER) + quant.zero_offset
+    return {"qweight_k": _pack_rows(q), "scales_k": m.scales.data.contiguous(),
+            "zeros_k": zeros.to(torch.uint8), "g_idx_k": None}
+
+
+def gptq_to_kernel(m: QuantLinear, quant: QuantConfig) -> dict[str, torch.Tensor]:
+    zeros = _unpack_cols(m.qzeros.data) + quant.zero_offset
+    g_idx = m.g_idx.data.to(torch.int32)
+    plain = torch.arange(g_idx.numel(), device=g_idx.device, dtype=torch.int32) // m.group_size
+    return {"qweight_k": m.qweight.data.contiguous(), "scales_k": m.scales.data.contiguous(),
+            "zeros_k": zeros.to(torch.uint8), "g_idx_k": None if torch.equal(g_idx, plain) else g_idx}
+
+
+def quantize_per_channel(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (8-bit weight [N, K], fp32 scale [N]): symmetric, one scale per output row."""
+    w = w.float()
+    qmax = 127.0 if dtype == torch.int8 else 448.0
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / qmax
+    v = w / scale[:, None]
+    wq = torch.round(v).clamp(-128, 127).to(torch.int8) if dtype == torch.int8 else v.clamp(-448, 448).to(dtype)
+    return wq, scale
+
+
+def quantize_int4_groups(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, ...]:
+    """w [N, K] -> kernel tensors (qweight [K/8, N], scales [G, N], zeros [G, N] uint8):
+    asymmetric 4-bit per group of input rows (dummy weights of a 4-bit format)."""
+    wt = w.float().t()                                                                  # [K, N]
+    K, N = wt.shape
+    groups = wt.reshape(K // group_size, group_size, N)
+    lo, hi = groups.amin(dim=1), groups.amax(dim=1)
+    scales = ((hi - lo) / 15).clamp_min(1e-8)
+    zeros = torch.round(-lo / scales).clamp(0, 15)
+    q = torch.round(groups / scales[:, None] + zeros[:, None]).clamp(0, 15).reshape(K, N)
+    return _pack_rows(q), scales.to(w.dtype), zeros.to(torch.uint8)
+
+
+def quantize_fp8_blocks(w: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (fp8 [N, K], fp32 scale [ceil(N/bn), ceil(K/bk)]), one scale per block."""
+    bn, bk = block
+    N, K = w.shape
+    gn, gk = -(-N // bn), -(-K // bk)
+    blocks = nn.functional.pad(w.float(), (0, gk * bk - K, 0, gn * bn - N)).view(gn, bn, gk, bk)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(1e-12) / 448.0
+    wq = (blocks / scale[:, None, :, None]).view(gn * bn, gk * bk)[:N, :K]
+    return wq.clamp(-448, 448).to(torch.float8_e4m3fn), scale
+
+
+def set_from_dense(m: QuantLinear, w: torch.Tensor) -> None:
+    """Quantize a 16-bit weight [N, K] straight into the kernel tensors (dummy weights)."""
+    q = m.quant
+    if q.scheme == "w4a16":
+        qweight, scales, zeros = quantize_int4_groups(w, m.group_size)
+        m.set_kernel_tensors({"qweight_k": qweight, "scales_k": scales, "zeros_k": zeros, "g_idx_k": None})
+    elif q.scheme == "fp8_block":
+        wq, ws = quantize_fp8_blocks(w, q.block_size)
+        m.set_kernel_tensors({"weight_q": wq, "weight_scale_q": ws})
+    else:
+        wq, ws = quantize_per_channel(w, q.weight_dtype)
+        m.set_kernel_tensors({"weight_q": wq, "weight_scale_q": ws})
+
+
+# ----------------------------------------------------------------------------- model-wide steps
+
+
+def quant_modules(model: nn.Module) -> dict[str, QuantLinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+
+
+def check_servable(quant: QuantConfig | None, num_experts: int, tp_size: int, source: str) -> None:
+    """What the quantized path does not serve yet, refused before any weight is read."""
+    if quant is None:
+        return
+    if num_experts:
+        raise ModelConfigError(f"{source}: quantized mixture-of-experts models ({quant.method}) are not "
+                               "served yet")
+    if tp_size > 1:
+        raise ModelConfigError(f"{source}: quantization ({quant.method}) with tensor parallelism is not "
+                               "served yet (use --tp-size 1)")
+
+
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def check_ignored(model: nn.Module, quant: QuantConfig | None) -> None:
+    """A checkpoint that leaves one of our quantized projections in 16 bits is refused."""
+    if quant is None or not quant.ignore:
+        return
+    patterns = [re.compile(p[3:]) for p in quant.ignore if p.startswith("re:")]
+    names = {p for p in quant.ignore if not p.startswith("re:")}
+    for name in quant_modules(model):
+        prefix, _, leaf = name.rpartition(".")
+        for part in _FUSED.get(leaf, (leaf,)):
+            full = f"{prefix}.{part}"
+            if full in names or any(p.fullmatch(full) for p in patterns):
+                raise ModelConfigError(f"the checkpoint leaves {full} unquantized ({quant.method} ignore "
+                                       "list); per-layer exceptions are not served yet")
+
+
+def _as_pair(region: tuple) -> list[slice]:
+    """A Shard region (``()``, rows, or rows + cols) as [rows, cols] slices."""
+    pair = list(region) + [slice(None)] * (2 - len(region))
+    return pair[:2]
+
+
+def _scaled(sl: slice, unit: int, full: int, what: str) -> slice:
+    if sl == slice(None):
+        return sl
+    start, stop = sl.start or 0, sl.stop
+    if start % unit or (stop % unit and stop != full):
+        raise ModelConfigError(f"{what}: rows [{start}, {stop}) do not align with its quantization "
+                               f"block of {unit}")
+    return slice(start // unit, -(-stop // unit))
+
+
+def quantized_layout(model: nn.Module, layout: dict, dense_layout: Callable, config: Any, tp: Any) -> dict:
+    """The checkpoint layout with each quantized projection's tensors: the 16-bit layout of a
+    ``weight`` [N, K] of the same shape, each region rescaled to every checkpoint tensor's
+    units and axes (``LoadParam``)."""
+    modules = {n: m for n, m in quant_modules(model).items() if not m.finalized}
+    if not modules:
+        return layout
+    out = {k: s for k, s in layout.items() if s.param.rpartition(".")[0] not in modules
+           or s.param.endswith(".bias")}
+    for name, m in modules.items():
+        probe = {f"{name}.weight": torch.empty(m.out_features, m.in_features, device="meta")}
+        for ckpt_name, shard in dense_layout(probe, config, tp).items():
+            base = ckpt_name.rpartition(".")[0]
+            rows_i, cols_i = _as_pair(shard.index)
+            rows_s, cols_s = _as_pair(shard.source)
+            Nf, Kf = shard.shape
+            for p in load_params(m.quant, m.dtype):
+                index, source = [slice(None)] * p.ndim, [slice(None)] * p.ndim
+                what = f"{base}.{p.suffix}"
+                if p.out_axis is not None and not p.broadcast:
+                    index[p.out_axis] = _scaled(rows_i, p.out_unit, m.out_features, what)
+                    source[p.out_axis] = _scaled(rows_s, p.out_unit, Nf, what)
+                elif p.broadcast:
+                    index[p.out_axis] = rows_i
+                if p.in_axis is not None:
+                    index[p.in_axis] = _scaled(cols_i, p.in_unit, m.in_features, what)
+                    source[p.in_axis] = _scaled(cols_s, p.in_unit, Kf, what)
+                shape = (1,) if p.broadcast else p.local_shape(Nf, Kf)
+                out[what] = shard._replace(param=f"{name}.{p.suffix}", index=tuple(index),
+                                           source=() if p.broadcast else tuple(source), shape=shape,
+                                           broadcast=p.broadcast)
+    return out
+
+
+def finalize_quantized(model: nn.Module) -> None:
+    """Every quantized projection: checkpoint tensors -> kernel tensors."""
+    for m in quant_modules(model).values():
+        m.finalize()
+
+
+def init_dummy_quantized(model: nn.Module, seed: int, std: float) -> None:
+    """Random 16-bit weights (normal(0, std), seeded per module) quantized into every projection."""
+    import zlib
+
+    for name, m in quant_modules(model).items():
+        device = m.bias.device if m.bias is not None else next(m.parameters()).device
+        generator = torch.Generator(device=device).manual_seed((seed << 32) ^ zlib.crc32(name.encode()))
+        w = torch.empty(m.out_features, m.in_features, dtype=m.dtype, device=device)
+        w.normal_(0.0, std, generator=generator)
+        set_from_dense(m, w)
+        if m.bias is not None:
+            m.bias.data.normal_(0.0, std, generator=generator)
