@@ -48,6 +48,11 @@ moe_topk             moe            (router_logits[T,E], top_k, renormalize) ->
                                     (topk_weights[T,k] fp32, topk_ids[T,k] int32)
 fused_moe            moe            (x[T,H], w13[E,2I,H], w2[E,H,I], topk_weights,
                                     topk_ids) -> y[T,H]
+mrope_cos_sin        rotary         (positions[S,T] int, cos_sin_cache[P, rotary_dim], sections,
+                                    interleaved) -> rows[T, rotary_dim]: per-token cos/sin
+                                    rows of M-RoPE (and the vision 2D rotary)
+vision_attention     vision_attn    (q[N,H,D], k[N,H,D], v[N,H,D], cu_seqlens[S+1] i32,
+                                    max_seqlen, sm_scale) -> o[N,H,D], non-causal per segment
 ==================== ============== ===================================================
 
 KV pool layout: one ``[num_slots, num_kv_heads, head_dim]`` tensor for K and
@@ -104,6 +109,8 @@ OP_FAMILIES: dict[str, str] = {
     "decode_attention": "attention",
     "moe_topk": "moe",
     "fused_moe": "moe",
+    "mrope_cos_sin": "rotary",
+    "vision_attention": "vision_attention",
 }
 SAMPLING_OPS: dict[str, str] = {op: "sampling" for op in (
     "apply_penalties", "apply_token_bitmask", "sample", "greedy", "compute_logprobs")}
@@ -132,6 +139,8 @@ class KernelOps:
     decode_attention: Callable
     moe_topk: Callable
     fused_moe: Callable
+    mrope_cos_sin: Callable
+    vision_attention: Callable
 
 
 @dataclasses.dataclass(frozen=True)

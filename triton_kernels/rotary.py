@@ -160,6 +160,122 @@ def flops_bytes(num_tokens: int, num_q_heads: int, num_k_heads: int, rotary_dim:
 
 
 
+# ----------------------------------------------------------------------------- multi-section rows
+#
+# M-RoPE (Qwen2-VL and later): a token has one position per section (time,
+# height, width), ``positions[S, T]``, and rotary pair i takes its angle from
+# the position of the section that owns i. ``mrope_cos_sin`` gathers, per
+# token, the cos/sin row that mixes the sections, ``rows[T, rotary_dim]``;
+# ``apply_rotary`` / ``qk_norm_rope_store`` then rotate with
+# ``positions = arange(T)`` and ``rows`` as the cache. Which section owns pair i
+# (``sections = (s0, s1, s2)``, summing to rotary_dim / 2):
+#
+# * contiguous (Qwen2-VL, Qwen2.5-VL): [0, s0) time, [s0, s0+s1) height, rest width;
+# * interleaved (Qwen3-VL): i % 3 == 1 and i < 3*s1 height, i % 3 == 2 and
+#   i < 3*s2 width, every other pair time.
+#
+# A text token has the same position in every section, so its row equals the
+# plain ``cos_sin_cache[p]``. The vision towers' 2D rotary is the same gather
+# with two sections (height, width) over a table whose halves repeat the
+# frequencies (``build_axial_cos_sin_cache``).
+
+
+@triton.jit
+def _mrope_cos_sin_kernel(pos_ptr, cache_ptr, out_ptr, num_tokens, stride_ps, stride_cache,
+                          stride_out, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                          BLOCK_T: tl.constexpr, SECTION0: tl.constexpr, SECTION1: tl.constexpr,
+                          SECTION2: tl.constexpr, INTERLEAVED: tl.constexpr):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    pair = tl.arange(0, BLOCK_HALF)
+    if INTERLEAVED:
+        phase = pair % 3
+        section = tl.where((phase == 1) & (pair < 3 * SECTION1), 1,
+                           tl.where((phase == 2) & (pair < 3 * SECTION2), 2, 0))
+    else:
+        section = (pair >= SECTION0).to(tl.int32) + (pair >= SECTION0 + SECTION1).to(tl.int32)
+    mask = (tokens[:, None] < num_tokens) & (pair[None, :] < HALF)
+    pos = tl.load(pos_ptr + section[None, :] * stride_ps + tokens[:, None], mask=mask, other=0)
+    row = cache_ptr + pos.to(tl.int64) * stride_cache + pair[None, :]
+    out = out_ptr + tokens[:, None].to(tl.int64) * stride_out + pair[None, :]
+    tl.store(out, tl.load(row, mask=mask, other=0.0), mask=mask)
+    tl.store(out + HALF, tl.load(row + HALF, mask=mask, other=0.0), mask=mask)
+
+
+def _check_mrope(positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                 sections: tuple[int, ...], interleaved: bool) -> tuple[int, int, int]:
+    """Validate; return the three section sizes (0 for an absent third)."""
+    if positions.dim() != 2 or positions.shape[1] == 0 or positions.stride(1) != 1:
+        raise ValueError(f"positions must be a [sections, T] tensor with contiguous rows, got "
+                         f"{tuple(positions.shape)}")
+    if positions.dtype not in (torch.int64, torch.int32) or positions.device != cos_sin_cache.device:
+        raise ValueError(f"positions must be int64/int32 on {cos_sin_cache.device}, got "
+                         f"{positions.dtype} on {positions.device}")
+    if cos_sin_cache.dim() != 2 or cos_sin_cache.stride(-1) != 1:
+        raise ValueError("cos_sin_cache must be a contiguous [P, rotary_dim] tensor")
+    sizes = tuple(int(s) for s in sections) + (0,) * (3 - len(sections))
+    if len(sections) != positions.shape[0] or len(sizes) != 3 or min(sizes) < 0:
+        raise ValueError(f"sections {tuple(sections)} must give one size per row of positions "
+                         f"({positions.shape[0]} rows, at most 3)")
+    if 2 * sum(sizes) != cos_sin_cache.shape[1]:
+        raise ValueError(f"sections {tuple(sections)} must sum to rotary_dim / 2 = "
+                         f"{cos_sin_cache.shape[1] // 2}")
+    if interleaved and len(sections) != 3:
+        raise ValueError("interleaved sections need 3 rows of positions (time, height, width)")
+    return sizes
+
+
+def mrope_cos_sin(positions: torch.Tensor, cos_sin_cache: torch.Tensor, sections: tuple[int, ...],
+                  interleaved: bool) -> torch.Tensor:
+    """rows[T, rotary_dim]: each token's cos/sin row mixed from its per-section positions."""
+    s0, s1, s2 = _check_mrope(positions, cos_sin_cache, sections, interleaved)
+    T, rotary_dim = positions.shape[1], cos_sin_cache.shape[1]
+    out = torch.empty((T, rotary_dim), dtype=cos_sin_cache.dtype, device=cos_sin_cache.device)
+    half = rotary_dim // 2
+    block_half = triton.next_power_of_2(half)
+    block_t = max(1, min(64, 4096 // block_half))
+    _mrope_cos_sin_kernel[(triton.cdiv(T, block_t),)](
+        positions, cos_sin_cache, out, T, positions.stride(0), cos_sin_cache.stride(0), out.stride(0),
+        HALF=half, BLOCK_HALF=block_half, BLOCK_T=block_t, SECTION0=s0, SECTION1=s1, SECTION2=s2,
+        INTERLEAVED=bool(interleaved), num_warps=4)
+    return out
+
+
+def mrope_section_of_pairs(half: int, sizes: tuple[int, int, int], interleaved: bool) -> torch.Tensor:
+    """Which section owns each rotary pair, [half] int64 (the reference's table)."""
+    pair = torch.arange(half)
+    if interleaved:
+        phase = pair % 3
+        return torch.where((phase == 1) & (pair < 3 * sizes[1]), 1,
+                           torch.where((phase == 2) & (pair < 3 * sizes[2]), 2, 0))
+    return (pair >= sizes[0]).long() + (pair >= sizes[0] + sizes[1]).long()
+
+
+def mrope_cos_sin_reference(positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+                            sections: tuple[int, ...], interleaved: bool) -> torch.Tensor:
+    """Plain PyTorch, same gather."""
+    sizes = _check_mrope(positions, cos_sin_cache, sections, interleaved)
+    half = cos_sin_cache.shape[1] // 2
+    owner = mrope_section_of_pairs(half, sizes, interleaved).to(positions.device)      # [half]
+    pos = positions.long()[owner].t()                                                  # [T, half]
+    pair = torch.arange(half, device=positions.device)
+    return torch.cat((cos_sin_cache[pos, pair], cos_sin_cache[pos, half + pair]), dim=-1)
+
+
+def build_axial_cos_sin_cache(head_dim: int, max_position: int, base: float, dtype: torch.dtype,
+                              device: torch.device | str) -> torch.Tensor:
+    """[max_position, head_dim] table of the vision towers' 2D rotary (HF "axial" rope):
+    frequencies over head_dim / 2, each half holding them twice, so that
+    ``mrope_cos_sin`` with sections (head_dim/4, head_dim/4) over (height,
+    width) positions yields HF's ``cat(freqs_h, freqs_w)`` rows."""
+    if head_dim % 4:
+        raise ValueError(f"head_dim must be a multiple of 4 for 2D rotary, got {head_dim}")
+    spatial = head_dim // 2
+    inv_freq = 1.0 / (base ** (torch.arange(0, spatial, 2, dtype=torch.float) / spatial))
+    freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)   # [P, D/4]
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat((cos, cos, sin, sin), dim=-1).to(dtype=dtype, device=device)
+
+
 # ----------------------------------------------------------------------------- cos/sin cache
 #
 # Init-time, plain torch (not the hot path). Each function returns
