@@ -90,6 +90,9 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     allow_credentials: bool = False  # let cross-origin pages send cookies and HTTP auth
     file_store_max_mb: int = 512  # MiB that /v1/files may hold in all (uploads and batch results); one upload <= 64 MiB
     enable_mixed_chunk: bool = False  # decode rows ride along prefill chunks (off: a step is all prefill or all decode)
+    # weights stored in fewer bits ("": as the checkpoint's quantization_config says;
+    # fp8 / w8a8_int8: quantize a 16-bit checkpoint at load; see models/quantization.py)
+    quantization: Literal["", "fp8", "w8a8_fp8", "w8a8_int8", "awq", "gptq", "compressed-tensors"] = ""
 
     @property
     def model_dir(self) -> Path:
@@ -164,6 +167,8 @@ FIELD_HELP = {  # flags whose ServerArgs line has no comment
     "mem_fraction_static": "fraction of GPU memory for weights plus KV cache",
     "page_size": "tokens per KV cache page",
     "kv_cache_dtype": "KV cache dtype; auto: --dtype",
+    "quantization": "quantized weights: the checkpoint's format (awq, gptq, compressed-tensors, fp8) or "
+                    "online quantization of a 16-bit checkpoint (fp8, w8a8_int8); default: as config.json says",
     "max_running_requests": "requests decoded together at most (the engine logs the figure it uses)",
     "max_prefill_tokens": "prompt tokens prefilled in one forward at most",
     "schedule_policy": "order of waiting requests: fcfs (arrival) or lpm (longest cached prefix first)",

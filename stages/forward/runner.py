@@ -50,7 +50,8 @@ class ModelRunner:
         self.ops = load_ops(args.kernel_backend, options)
         self.index_ops = load_index_ops(args.kernel_backend, options)
         self.model, self.config = load_model(args.model_path, self.ops, args.dtype, self.device,
-                                             args.load_format, seed=args.random_seed, tp=tp)
+                                             args.load_format, seed=args.random_seed, tp=tp,
+                                             quantization=args.quantization)
         self.context_len = min(args.context_length or self.config.context_length,
                                self.config.context_length)
         kv_dtype = resolve_dtype(args.kv_cache_dtype, self.config)
