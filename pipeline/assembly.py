@@ -24,7 +24,7 @@ Channels (``producer.door -> channel``, the channel named after its consumer)::
     schedule.constrain, sample.constrain   -> constrain    GrammarCompile | GrammarRelease | ForwardBatch | SampledTokens
     forward.sample, constrain.sample       -> sample       Logits | TokenMask
     schedule.detokenize, schedule.stats,
-      tokenize.detokenize,
+      tokenize.detokenize, multimodal.errors,
       every process's runner               -> detokenize   TokenOutputBatch | ErrorOutput | TokenizedRequest
                                                            | EngineStats | ProcessCounters
     detokenize.out, tokenize.errors        -> ingest       TextOutput | ErrorOutput | EngineStats | ProcessCounters
@@ -252,8 +252,8 @@ CHANNELS: tuple[ChannelSpec, ...] = (
     ChannelSpec("forward", ForwardInbox, ("schedule.forward",), "forward", CAPACITY),
     ChannelSpec("constrain", ConstrainInbox, ("schedule.constrain", "sample.constrain"), "constrain", CAPACITY),
     ChannelSpec("sample", SampleInbox, ("forward.sample", "constrain.sample"), "sample", CAPACITY),
-    ChannelSpec("detokenize", DetokenizeInbox, ("schedule.detokenize", "schedule.stats", "tokenize.detokenize"),
-                "detokenize", CAPACITY, counters=True),
+    ChannelSpec("detokenize", DetokenizeInbox, ("schedule.detokenize", "schedule.stats", "tokenize.detokenize",
+                                                "multimodal.errors"), "detokenize", CAPACITY, counters=True),
     ChannelSpec("ingest", IngestInbox, ("detokenize.out", "tokenize.errors"), "ingest", CAPACITY),
 )
 

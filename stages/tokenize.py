@@ -31,7 +31,14 @@ What it does, per request:
    before it is encoded (``early_length_error``): ``input_ids`` by their
    count, a text prompt (or the user turns of a chat) by its UTF-8 bytes,
    since no token covers more than ``max_bytes_per_token(tokenizer)`` bytes.
-3. **n fan-out.** ``n > 1`` becomes ``n`` sequences ``f"{rid}.{i}"`` with
+3. **media.** Images and videos (``GenerateRequest.media``, fetched by
+   ingest) are served only when the model's config.json has a
+   ``vision_config``; a chat turn's ``content_parts`` go to the template, which
+   writes one placeholder per picture. The media ride on each
+   ``TokenizedRequest`` to the multimodal stage, which expands the
+   placeholders and checks the expanded length (so a chat without
+   ``max_tokens`` keeps ``max_new_tokens=None`` until then).
+4. **n fan-out.** ``n > 1`` becomes ``n`` sequences ``f"{rid}.{i}"`` with
    ``parent_rid=rid`` and ``index=i`` (a given seed becomes ``seed + i`` so the
    samples differ yet stay reproducible); ``n == 1`` keeps ``rid``.
 
@@ -64,6 +71,7 @@ import dataclasses
 import json
 import logging
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -99,6 +107,8 @@ def chat_message_dicts(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     for message in messages:
         turn = {k: v for k, v in msgspec.structs.asdict(message).items() if v is not None}
         turn.setdefault("content", "")
+        if message.content_parts is not None:  # images or videos: the template places their placeholders
+            turn["content"] = turn.pop("content_parts")
         if message.tool_calls:
             turn["tool_calls"] = [_tool_call_dict(call) for call in message.tool_calls]
         turns.append(turn)
@@ -160,11 +170,30 @@ def render_chat(tokenizer: Any, request: GenerateRequest, sandbox: TemplateSandb
         raise RequestError(f"chat template failed: {error}", "messages") from error
 
 
+def is_vision_model(model_dir: Path) -> bool:
+    """Whether the model reads images (its config.json has a vision_config, as Qwen-VL's)."""
+    path = model_dir / "config.json"
+    try:
+        return isinstance(json.loads(path.read_text()).get("vision_config"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_media(request: GenerateRequest, accepts_media: bool) -> None:
+    """Images and videos only for a vision model; every URL must have been fetched by ingest."""
+    if not (request.media or request.image_urls):
+        return
+    param = request.media[0].param if request.media and request.media[0].param else "messages"
+    if not accepts_media:
+        raise RequestError("this model does not accept image or video inputs", param)
+    if request.image_urls:
+        raise RequestError("image URLs must be fetched before tokenization (send the request through the "
+                           "HTTP API, or pass the image bytes)", "messages")
+
+
 def prompt_ids(tokenizer: Any, request: GenerateRequest, vocab_size: int,
                sandbox: TemplateSandbox | None = None) -> list[int]:
     """Token ids of the request's prompt; exactly one of text / messages / input_ids must be set."""
-    if request.image_urls:
-        raise RequestError("this model does not accept image inputs", "messages")
     given = [name for name in ("text", "messages", "input_ids") if getattr(request, name) is not None]
     if len(given) != 1:
         raise RequestError(f"exactly one of text, messages, input_ids must be given (got {given or 'none'})")
@@ -274,18 +303,23 @@ def fan_out(request: GenerateRequest, input_ids: list[int]) -> list[TokenizedReq
         sequences.append(TokenizedRequest(
             rid=request.rid if n == 1 else f"{request.rid}.{index}", parent_rid=request.rid, index=index,
             input_ids=input_ids, sampling=sampling, stream=request.stream,
-            arrival_time_s=request.arrival_time_s))
+            arrival_time_s=request.arrival_time_s, media=request.media))
     return sequences
 
 
 def tokenize_request(tokenizer: Any, request: GenerateRequest, context_length: int, vocab_size: int,
-                     sandbox: TemplateSandbox | None = None) -> list[TokenizedRequest]:
-    """The whole job for one request (pure; runs on a worker thread). Raises RequestError."""
+                     sandbox: TemplateSandbox | None = None, accepts_media: bool = False) -> list[TokenizedRequest]:
+    """The whole job for one request (pure; runs on a worker thread). Raises RequestError.
+
+    With media, ``max_new_tokens=None`` stays None: the multimodal stage resolves it once the
+    images' pad tokens are counted.
+    """
+    check_media(request, accepts_media)
     input_ids = truncated(prompt_ids(tokenizer, request, vocab_size, sandbox),
                           request.sampling.truncate_prompt_tokens, context_length)
     check_logit_bias(request.sampling.logit_bias, vocab_size)
     check_length(len(input_ids), request.sampling.max_new_tokens, context_length)
-    if request.sampling.max_new_tokens is None:  # OpenAI's "no max_tokens": up to the context length
+    if request.sampling.max_new_tokens is None and not request.media:  # OpenAI's "no max_tokens": up to the context
         room = context_length - len(input_ids)
         if request.sampling.min_new_tokens > room:
             raise RequestError(f"min_tokens={request.sampling.min_new_tokens} is more than the {room} tokens the "
@@ -322,6 +356,7 @@ class TokenizeStage(Stage):
         self.context_length = args.context_length
         self.allow_request_chat_template = args.allow_request_chat_template
         self.vocab_size = vocab_size
+        self.accepts_media = is_vision_model(args.model_dir)
         self.bytes_per_token = max_bytes_per_token(tokenizer)  # None: no early length check by bytes
         self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="tokenize") if num_workers else None
         self.in_flight: list[tuple[GenerateRequest, Future]] = []
@@ -357,7 +392,7 @@ class TokenizeStage(Stage):
 
     def _submit(self, request: GenerateRequest) -> None:
         sandbox = self._sandbox_for(request)
-        args = (self.tokenizer, request, self.context_length, self.vocab_size, sandbox)
+        args = (self.tokenizer, request, self.context_length, self.vocab_size, sandbox, self.accepts_media)
         future: Future
         if "chat_template" in request.chat_template_kwargs and not self.allow_request_chat_template:
             future = Future()  # refused in order, like any other request error
@@ -415,7 +450,7 @@ class TokenizeStage(Stage):
                                                  message=f"tokenization failed: {error}"))
             return
         for sequence in sequences:
-            self.outboxes.detokenize.put(sequence)
+            self.outboxes.detokenize.put(msgspec.structs.replace(sequence, media=[]) if sequence.media else sequence)
             self.outboxes.out.put(sequence)
 
     def has_work(self) -> bool:

@@ -1,49 +1,145 @@
-"""Multimodal stage: where images would become pixels and placeholder tokens.
+"""Multimodal stage: images and videos become pixel patches, pad tokens and M-RoPE positions.
 
 Inbox ``MultimodalInbox`` (TokenizedRequest | Abort | FlushCache); outboxes
 (``MultimodalOutboxes``):
 
-* ``out`` -> schedule: the same messages, in order.
+* ``out`` -> schedule: every request, with its ``media`` turned into
+  ``mm_items`` (``prepare.py``), and the Abort and FlushCache messages;
+* ``errors`` -> detokenize (which relays it to ingest): an ``ErrorOutput``
+  (HTTP 400) when a picture cannot be decoded, is empty or too large, the
+  prompt's placeholders do not match the images, or the images do not fit in
+  the context. The stage runs beside the engine; detokenize is the channel
+  back to the front end the schedule stage uses for its errors too.
 
-Requests with image URLs are refused earlier, by the tokenize stage (400),
-since no supported model reads images yet.
+The model is read once at construction: a model whose config.json has a
+``vision_config`` gets its placeholder ids and preprocessing rules
+(``VisionModel``); any other model refuses media with a 400. A request
+without media passes straight through, in order with the rest.
 
-For a text model this stage is a pass-through: it exists so the pipeline has
-one place where image decoding, resizing, normalisation and placeholder
-expansion go (off the event loop, like tokenization), and so a vision model
-changes one stage, not the tokenizer or the scheduler.
+Decoding and resizing take milliseconds to seconds per picture, so they run
+on a small thread pool, never on the loop that also steps the engine:
+``handle`` submits, ``tick`` emits each result once ready (like the tokenize
+stage). An Abort for a request still being prepared waits until that request
+has been emitted, so the schedule stage always sees a request before its
+abort. The ``n`` sequences of one request each prepare their own copy (the
+same pictures give the same items); only the first reports an error, so the
+client gets one.
 
-State owned: none.
+State owned: the requests in flight on the pool and the aborts held for them.
+It never touches the tokenizer, KV memory or the vision encoder (the model's).
 """
 from __future__ import annotations
 
 import dataclasses
+import logging
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
-from pipeline.messages import Abort, FlushCache, MultimodalInbox, TokenizedRequest
+from pipeline.messages import Abort, ErrorOutput, FlushCache, MultimodalInbox, TokenizedRequest
 from pipeline.stage import Outbox, Outboxes, Stage
+from stages.multimodal.prepare import VisionModel, load_vision_model, prepare
+from stages.multimodal.processor import MediaError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
 class MultimodalOutboxes(Outboxes):
     out: Outbox[TokenizedRequest | Abort | FlushCache]  # -> schedule
+    errors: Outbox[ErrorOutput]  # -> detokenize -> ingest
 
 
 class MultimodalStage(Stage):
-    """TokenizedRequest -> TokenizedRequest (text passes through); Abort and FlushCache pass through."""
+    """TokenizedRequest (+ media) -> TokenizedRequest (+ mm_items) on a worker pool; the rest passes through."""
 
     Inbox = MultimodalInbox
     Outboxes = MultimodalOutboxes
     outboxes: MultimodalOutboxes
+    ordered_per_request = True  # a request with pictures may leave after a later text-only one
 
     def __init__(self, args: ServerArgs, inbox: Channel | None,
-                 outboxes: MultimodalOutboxes | dict[str, Channel | None]) -> None:
+                 outboxes: MultimodalOutboxes | dict[str, Channel | None], *,
+                 vision: VisionModel | None = None, num_workers: int = 2) -> None:
+        """``vision`` defaults to what ``args.model_dir`` holds; ``num_workers=0`` prepares inline."""
         super().__init__("multimodal", inbox, outboxes)
+        self.vision = vision if vision is not None else load_vision_model(args.model_dir)
+        self.context_length = args.context_length
+        self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="multimodal") if num_workers else None
+        self.in_flight: list[tuple[TokenizedRequest, Future]] = []
+        self.held_aborts: list[Abort] = []
 
     def handle(self, message: MultimodalInbox) -> None:
         match message:
-            case TokenizedRequest() | Abort() | FlushCache():
+            case TokenizedRequest() if message.media:
+                self._submit(message)
+            case TokenizedRequest() | FlushCache():
                 self.outboxes.out.put(message)
+            case Abort():
+                if self._is_in_flight(message.rid):
+                    self.held_aborts.append(message)
+                else:
+                    self.outboxes.out.put(message)
             case _:
                 raise TypeError(f"multimodal stage got an unexpected {type(message).__name__}")
+
+    def _submit(self, request: TokenizedRequest) -> None:
+        future: Future
+        if self.pool is None:
+            future = Future()
+            try:
+                future.set_result(prepare(request, self.vision, self.context_length))
+            except Exception as error:
+                future.set_exception(error)
+        else:
+            future = self.pool.submit(prepare, request, self.vision, self.context_length)
+            future.add_done_callback(lambda _: self.wake())
+        self.in_flight.append((request, future))
+
+    def _is_in_flight(self, rid: str) -> bool:
+        return any(rid in (request.rid, request.parent_rid) for request, _ in self.in_flight)
+
+    def tick(self) -> None:
+        """Emit every prepared request (arrival order among them), then the aborts no longer waiting."""
+        if any(future.done() for _, future in self.in_flight):
+            still_running = []
+            for request, future in self.in_flight:
+                if future.done():
+                    self._emit_result(request, future)
+                else:
+                    still_running.append((request, future))
+            self.in_flight = still_running
+        if self.held_aborts:
+            held, self.held_aborts = self.held_aborts, []
+            for abort in held:
+                self.handle(abort)
+
+    def _emit_result(self, request: TokenizedRequest, future: Future) -> None:
+        try:
+            self.outboxes.out.put(future.result())
+        except MediaError as error:
+            self._error(request, ErrorOutput(rid=request.parent_rid, status_code=400, message=error.message,
+                                             param=error.param))
+        except Exception as error:  # a decoder bug must still answer the client
+            logger.exception("preparing the images of request %s failed", request.rid)
+            self._error(request, ErrorOutput(rid=request.parent_rid, status_code=500, error_type="internal_error",
+                                             message=f"image preprocessing failed: {error}"))
+
+    def _error(self, request: TokenizedRequest, error: ErrorOutput) -> None:
+        if request.index == 0:
+            self.outboxes.errors.put(error)
+
+    def has_work(self) -> bool:
+        return super().has_work() or any(future.done() for _, future in self.in_flight)
+
+    @property
+    def busy(self) -> bool:
+        return super().busy or bool(self.in_flight or self.held_aborts)
+
+    def wait_for_work(self, timeout_s: float) -> None:
+        if self.in_flight:
+            wait([future for _, future in self.in_flight], timeout=timeout_s, return_when=FIRST_COMPLETED)
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)

@@ -163,7 +163,8 @@ def test_tensor_and_data_parallel_extend_the_one_declaration(args):
     assert channels["schedule@dp1"].producers == ("multimodal@dp1.out", "sample@dp1.schedule",
                                                   "constrain@dp1.schedule")
     assert channels["detokenize"].producers == ("schedule@dp0.detokenize", "schedule@dp1.detokenize", "router.stats",
-                                                "tokenize.detokenize")
+                                                "tokenize.detokenize", "multimodal@dp0.errors",
+                                                "multimodal@dp1.errors")
     stages = {s.name: s for s in spec.stages}
     assert stages["schedule@dp1"].kwargs == {"dp_rank": 1}
     rank0, rank1 = stages["forward@dp1"].kwargs, stages["forward@dp1_rank1"].kwargs

@@ -32,7 +32,7 @@ DOORS: dict[type[Stage], tuple[typing.Any, dict[str, set[type]]]] = {
     IngestStage: (m.IngestInbox, {"out": {m.GenerateRequest, m.Abort, m.FlushCache}}),
     TokenizeStage: (m.TokenizeInbox, {"out": {m.TokenizedRequest, m.Abort, m.FlushCache},
                                       "errors": {m.ErrorOutput}, "detokenize": {m.TokenizedRequest}}),
-    MultimodalStage: (m.MultimodalInbox, {"out": {m.TokenizedRequest, m.Abort, m.FlushCache}}),
+    MultimodalStage: (m.MultimodalInbox, {"out": {m.TokenizedRequest, m.Abort, m.FlushCache}, "errors": {m.ErrorOutput}}),
     ScheduleStage: (m.ScheduleInbox, {"forward": {m.ForwardBatch},
                                       "constrain": {m.GrammarCompile, m.GrammarRelease, m.ForwardBatch,
                                                     m.FlushCache},
@@ -114,8 +114,8 @@ def test_a_stage_putting_a_wrong_message_names_itself_and_the_door():
         stage.close()
 
 
-def test_multimodal_passes_its_inbox_through_its_one_door():
-    stage = MultimodalStage(ServerArgs(), *wiring(m.MultimodalInbox, "out"))
+def test_multimodal_passes_text_requests_through_its_out_door():
+    stage = MultimodalStage(ServerArgs(), *wiring(m.MultimodalInbox, "out", "errors"))
     request = m.TokenizedRequest(rid="r", parent_rid="r", input_ids=[1, 2], sampling=m.SamplingParams())
     for message in (request, m.Abort(rid="r"), m.FlushCache(request_id="f")):
         stage.inbox.put(message)

@@ -1,0 +1,176 @@
+"""One request's images and videos -> pixel patches, expanded pad tokens and M-RoPE positions.
+
+``prepare(request, vision, context_length)`` is the multimodal stage's whole
+job for one ``TokenizedRequest`` (pure; it runs on a worker thread):
+
+1. decode every ``MediaInput`` (``processor.py``) into pixel patches + grid;
+2. match the k-th image with the prompt's k-th ``<|image_pad|>`` (videos with
+   ``<|video_pad|>``) and expand that one token into the item's
+   ``t*h*w/merge^2`` pad tokens, recording ``offset`` and ``length``;
+3. check the expanded prompt against the context length (images are what
+   make it long: the 400 says how many tokens they took);
+4. compute the M-RoPE positions and decode delta (``mrope.py``).
+
+A request without media passes unchanged. ``VisionModel`` is what the stage
+reads once from the model's config.json; ``None`` means a text model, which
+refuses media with a 400.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from pipeline.messages import MM_PAD_VALUE_BASE, ImageInput, MediaInput, MultimodalItem, TokenizedRequest
+from stages.multimodal.mrope import rope_index
+from stages.multimodal.processor import (MediaError, VisionPreprocess, image_patches, load_preprocess, open_image,
+                                         video_patches)
+from stages.multimodal.video import decode_video
+
+MAX_ITEMS = 64  # images and videos per request
+
+
+class VisionModel(msgspec.Struct, frozen=True, kw_only=True):
+    """A Qwen-VL model's placeholder ids and preprocessing, from config.json + preprocessor_config.json."""
+
+    model_type: str
+    image_token_id: int
+    video_token_id: int
+    merge_size: int
+    tokens_per_second: float  # Qwen2.5-VL's temporal spacing of video positions
+    rules: VisionPreprocess
+
+    @property
+    def splits_video_frames(self) -> bool:
+        """Qwen3-VL writes a timestamp before each temporal step of a video (one item per step)."""
+        return self.model_type.startswith("qwen3")
+
+
+def load_vision_model(model_dir: str | Path) -> VisionModel | None:
+    """The vision side of the model at ``model_dir``; None for a text model (no vision_config)."""
+    path = Path(model_dir) / "config.json"
+    config: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    vision = config.get("vision_config")
+    if not isinstance(vision, dict):
+        return None
+    rules = load_preprocess(model_dir, vision)
+    return VisionModel(model_type=str(config.get("model_type", "")),
+                       image_token_id=int(config.get("image_token_id", 151655)),
+                       video_token_id=int(config.get("video_token_id", 151656)),
+                       merge_size=int(vision.get("spatial_merge_size", rules.merge_size)),
+                       tokens_per_second=float(vision.get("tokens_per_second", 1)), rules=rules)
+
+
+class Decoded(msgspec.Struct, frozen=True, kw_only=True):
+    """One media input turned into patches (before it has a place in the prompt)."""
+
+    modality: str
+    patches: np.ndarray
+    grid_thw: list[int]
+    second_per_grid_t: float = 0.0
+
+
+def decode(media: MediaInput, vision: VisionModel, what: str) -> Decoded:
+    rules = vision.rules
+    if media.modality == "image":
+        patches, grid = image_patches(open_image(media.data, what), rules)
+        return Decoded(modality="image", patches=patches, grid_thw=grid)
+    if vision.splits_video_frames:
+        raise MediaError(f"{what}: video input is not served for {vision.model_type} models yet (images are)")
+    fps = media.fps or rules.video_fps
+    if media.frames:
+        frames = [open_image(frame, f"{what} frame {i}") for i, frame in enumerate(media.frames)]
+    else:
+        frames, fps = decode_video(media.data, rules.video_fps, what)
+    patches, grid = video_patches(frames, rules)
+    return Decoded(modality="video", patches=patches, grid_thw=grid,
+                   second_per_grid_t=rules.temporal_patch_size / fps)
+
+
+def _decoded(media: MediaInput, vision: VisionModel, index: int) -> Decoded:
+    try:
+        return decode(media, vision, media.param or f"{media.modality} {index}")
+    except MediaError as error:
+        raise MediaError(error.message, error.param or media.param or "messages") from None
+
+
+def content_hash(decoded: Decoded) -> str:
+    digest = hashlib.sha256(decoded.patches.tobytes())
+    digest.update(np.asarray(decoded.grid_thw, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def placeholder_positions(input_ids: list[int], token_id: int) -> list[int]:
+    return [i for i, token in enumerate(input_ids) if token == token_id]
+
+
+def expand(request: TokenizedRequest, decoded: list[Decoded],
+           vision: VisionModel) -> tuple[list[int], list[MultimodalItem]]:
+    """Each item's one placeholder token -> its run of pad tokens; the items with offset and length."""
+    where: dict[int, tuple[int, Decoded]] = {}
+    for modality, token_id in (("image", vision.image_token_id), ("video", vision.video_token_id)):
+        mine = [(i, d) for i, d in enumerate(decoded) if d.modality == modality]
+        found = placeholder_positions(request.input_ids, token_id)
+        if len(found) != len(mine):
+            raise MediaError(f"the prompt has {len(found)} {modality} placeholder(s) for {len(mine)} "
+                             f"{modality}(s); each {modality} needs exactly one")
+        where.update({position: (index, d) for position, (index, d) in zip(found, mine)})
+    input_ids: list[int] = []
+    items: list[tuple[int, MultimodalItem]] = []
+    for position, token in enumerate(request.input_ids):
+        if position not in where:
+            input_ids.append(token)
+            continue
+        index, d = where[position]
+        length = vision.rules.tokens_for(d.grid_thw)
+        items.append((index, make_item(d, offset=len(input_ids), length=length, pad_token_id=token)))
+        input_ids.extend([token] * length)
+    return input_ids, [item for _, item in sorted(items, key=lambda pair: pair[1].offset)]
+
+
+def make_item(d: Decoded, offset: int, length: int, pad_token_id: int) -> MultimodalItem:
+    digest = content_hash(d)
+    pixels = ImageInput(dtype="float32", shape=list(d.patches.shape), data=d.patches.tobytes())
+    return MultimodalItem(modality=d.modality, content_hash=digest, pixel_values=pixels, grid_thw=list(d.grid_thw),
+                          offset=offset, length=length, pad_token_id=pad_token_id,
+                          pad_value=MM_PAD_VALUE_BASE + int(digest[:8], 16) % (1 << 30),
+                          second_per_grid_t=d.second_per_grid_t)
+
+
+def check_length(request: TokenizedRequest, input_ids: list[int], items: list[MultimodalItem],
+                 context_length: int) -> TokenizedRequest:
+    """The expanded prompt must leave room for the output; max_new_tokens None becomes that room."""
+    num_vision = sum(item.length for item in items)
+    room = context_length - len(input_ids)
+    sampling = request.sampling
+    wanted = sampling.max_new_tokens if sampling.max_new_tokens is not None else max(sampling.min_new_tokens, 1)
+    if wanted > room:
+        raise MediaError(f"the prompt takes {len(input_ids)} tokens ({num_vision} of them for {len(items)} "
+                         f"image/video item(s)); with {wanted} tokens to generate that is more than the model's "
+                         f"context length of {context_length} tokens: send fewer or smaller images, or lower "
+                         "max_tokens", "max_tokens" if sampling.max_new_tokens else "messages")
+    if sampling.max_new_tokens is None:
+        sampling = msgspec.structs.replace(sampling, max_new_tokens=room)
+    return msgspec.structs.replace(request, input_ids=input_ids, sampling=sampling)
+
+
+def prepare(request: TokenizedRequest, vision: VisionModel | None, context_length: int) -> TokenizedRequest:
+    """The request with its media turned into mm_items, pads expanded and M-RoPE positions (raises MediaError)."""
+    if not request.media:
+        return request
+    if vision is None:
+        raise MediaError("this model does not accept image or video inputs", request.media[0].param or "messages")
+    if len(request.media) > MAX_ITEMS:
+        raise MediaError(f"{len(request.media)} images/videos in one request; at most {MAX_ITEMS}", "messages")
+    decoded = [_decoded(media, vision, i) for i, media in enumerate(request.media)]
+    input_ids, items = expand(request, decoded, vision)
+    request = check_length(request, input_ids, items, context_length)
+    spans = [(item.offset, item.grid_thw, vision.tokens_per_second * item.second_per_grid_t if item.modality == "video"
+              else 1.0) for item in items]
+    positions, delta = rope_index(len(input_ids), spans, vision.merge_size)
+    return msgspec.structs.replace(request, media=[], mm_items=items, mrope_positions=positions,
+                                   mrope_position_delta=delta)
