@@ -409,9 +409,12 @@ def native_requests(body: NativeGenerateRequest, rid: str, arrival_time_s: float
                               "sampling_params.logit_bias") from error
         raw["logit_bias"] = logit_bias(raw["logit_bias"])
     if body.return_logprob:
-        raw.update(return_logprob=True, top_logprobs_num=body.top_logprobs_num,
-                   logprob_start_len=body.logprob_start_len, prompt_top_logprobs_num=body.top_logprobs_num,
-                   token_ids_logprob=list(body.token_ids_logprob or []))
+        logprob_options = dict(return_logprob=True, top_logprobs_num=body.top_logprobs_num,
+                               logprob_start_len=body.logprob_start_len,
+                               prompt_top_logprobs_num=body.top_logprobs_num,
+                               token_ids_logprob=list(body.token_ids_logprob or []))
+        make_sampling(logprob_options, {"prompt_top_logprobs_num": "top_logprobs_num"})  # 400s name top-level fields
+        raw.update(logprob_options)
     try:
         sampling = msgspec.convert(raw, SamplingParams)
     except msgspec.ValidationError as error:

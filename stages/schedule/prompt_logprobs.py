@@ -25,6 +25,16 @@ import msgspec
 from pipeline.messages import PromptLogprobs, SampledTokens, SamplingParams, TokenOutput
 
 
+def check_logprob_options(params: SamplingParams, prompt_len: int, vocab_size: int) -> tuple[str, str] | None:
+    """(message, param) when the logprob options do not fit this prompt or vocabulary."""
+    if params.wants_prompt_logprobs and params.logprob_start_len >= prompt_len:
+        return (f"logprob_start_len ({params.logprob_start_len}) must be less than the prompt length "
+                f"({prompt_len})", "logprob_start_len")
+    if any(t >= vocab_size for t in params.token_ids_logprob):
+        return f"token_ids_logprob must be in [0, {vocab_size})", "token_ids_logprob"
+    return None
+
+
 def first_owed(params: SamplingParams, prompt_len: int) -> int | None:
     """The first prompt position whose logprob is wanted (None: none)."""
     if not params.wants_prompt_logprobs or params.logprob_start_len >= prompt_len:

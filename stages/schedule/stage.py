@@ -96,7 +96,7 @@ from pipeline.stage import Outbox, Outboxes, Stage
 from stages.schedule.batch import (
     PlannedRow, build_forward_batch, plan_decodes, plan_prefills,
 )
-from stages.schedule.prompt_logprobs import start_request, take_chunk, with_extras
+from stages.schedule.prompt_logprobs import check_logprob_options, start_request, take_chunk, with_extras
 from stages.schedule.kv_manager import KVManager
 from stages.schedule.req_table import Phase, Req
 
@@ -179,6 +179,10 @@ class ScheduleStage(Stage):
         if error:
             self._emit_error(msg.rid, error, "input_ids")
             return
+        bad_option = check_logprob_options(msg.sampling, len(msg.input_ids), self.info.vocab_size)
+        if bad_option:
+            self._emit_error(msg.rid, *bad_option)
+            return
         params = msg.sampling
         room = self.info.context_len - len(msg.input_ids)
         seed = params.seed if params.seed is not None else self.rng.getrandbits(62)
@@ -216,10 +220,6 @@ class ScheduleStage(Stage):
             return f"the prompt has {num} tokens; the KV cache holds only {self.kv.capacity_tokens}"
         if any(t < 0 or t >= self.info.vocab_size for t in msg.input_ids):
             return f"input_ids must be in [0, {self.info.vocab_size})"
-        if msg.sampling.wants_prompt_logprobs and msg.sampling.logprob_start_len >= num:
-            return f"logprob_start_len ({msg.sampling.logprob_start_len}) must be less than the prompt length ({num})"
-        if any(t >= self.info.vocab_size for t in msg.sampling.token_ids_logprob):
-            return f"token_ids_logprob must be in [0, {self.info.vocab_size})"
         return None
 
     def _on_grammar_ready(self, msg: GrammarReady) -> None:

@@ -274,10 +274,12 @@ def test_chat_prompt_logprobs_and_top_logprobs_zero(client):
     (dict(return_logprob=True, logprob_start_len=-2), "logprob_start_len"),
     (dict(return_logprob=True, logprob_start_len=10_000), "logprob_start_len"),
     (dict(return_logprob=True, token_ids_logprob=[10 ** 7]), "token_ids_logprob"),
+    (dict(return_logprob=True, token_ids_logprob=[-1]), "token_ids_logprob"),
+    (dict(return_logprob=True, top_logprobs_num=21), "top_logprobs_num"),
 ])
 def test_generate_refuses_bad_logprob_options(server, body, param):
     status, reply = post(server, "/generate", dict(text=PROMPT, sampling_params=GREEDY, **body))
-    assert status == 400 and param in json.dumps(reply)
+    assert status == 400 and param in reply["error"]["message"] and reply["error"]["param"].endswith(param), reply
 
 
 @pytest.mark.parametrize("extra", [{"prompt_logprobs": 21}, {"prompt_logprobs": -1}])
