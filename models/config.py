@@ -85,6 +85,8 @@ class ModelConfig:
     mlp_only_layers: tuple[int, ...] = ()
     # quantized weights (models/quantization.py); None: the checkpoint's dtype
     quantization: QuantConfig | None = None
+    # vision-language models: vision_config, token ids, M-RoPE layout (None: text only)
+    multimodal: dict[str, Any] | None = None
 
     @property
     def rotary_dim(self) -> int:
@@ -131,6 +133,7 @@ def load_config(model_dir: str | Path) -> ModelConfig:
 def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None,
                  source: str = "config.json") -> ModelConfig:
     """Resolve a config.json dict (and a generation_config.json dict) into a ModelConfig."""
+    raw, multimodal = _split_multimodal(raw)
     field = _FieldReader(raw, source)
     architectures = raw.get("architectures") or []
     if isinstance(architectures, str):
@@ -163,9 +166,37 @@ def parse_config(raw: dict[str, Any], generation: dict[str, Any] | None = None,
         bos_token_id=_first_int(generation.get("bos_token_id", raw.get("bos_token_id"))),
         eos_token_ids=_eos_ids(raw.get("eos_token_id"), generation.get("eos_token_id")),
         generation=_generation_defaults(generation),
-        **_bias_flags(raw, family), **_moe_fields(raw, family, field),
+        **_bias_flags(raw, family), **_moe_fields(raw, family, field), multimodal=multimodal,
         quantization=parse_checkpoint_quantization(raw.get("quantization_config"), source),
     )
+
+
+_MULTIMODAL_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id",
+                    "vision_end_token_id")
+
+
+def _split_multimodal(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """A vision-language config.json (``text_config`` + ``vision_config``) -> the language
+    model's fields as a text config (the top level's architectures, dtype and tying win)
+    and the multimodal part: vision_config, the token ids, and the M-RoPE sections."""
+    text, vision = raw.get("text_config"), raw.get("vision_config")
+    if not isinstance(text, dict) or not isinstance(vision, dict):
+        return raw, None
+    merged = dict(text)
+    for key in ("architectures", "model_type", "tie_word_embeddings", "torch_dtype", "dtype",
+                "quantization_config"):
+        if key in raw:
+            merged[key] = raw[key]
+    if str(raw.get("model_type", "")).endswith("_moe"):
+        merged.setdefault("norm_topk_prob", True)        # the VL MoE router always renormalises
+    rope = dict(text.get("rope_parameters") or text.get("rope_scaling") or {})
+    if rope.get("rope_type", rope.get("type")) == "mrope":     # older spelling of plain M-RoPE
+        merged["rope_parameters"] = {k: v for k, v in rope.items() if k != "type"} | {"rope_type": "default"}
+        merged.pop("rope_scaling", None)
+    multimodal = {key: raw[key] for key in _MULTIMODAL_KEYS if key in raw}
+    multimodal.update(vision_config=dict(vision), mrope_section=list(rope.get("mrope_section") or ()),
+                      mrope_interleaved=bool(rope.get("mrope_interleaved", False)))
+    return merged, multimodal
 
 
 class _FieldReader:

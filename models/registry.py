@@ -27,6 +27,13 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen3ForCausalLM": Architecture("qwen3", "models.llama", "Qwen3ForCausalLM"),
     "Qwen3MoeForCausalLM": Architecture("qwen3_moe", "models.qwen_moe", "Qwen3MoeForCausalLM"),
     "Qwen2MoeForCausalLM": Architecture("qwen2_moe", "models.qwen_moe", "Qwen2MoeForCausalLM"),
+    # vision-language: the language model's family, plus a vision tower (models/qwen_vl.py)
+    "Qwen2_5_VLForConditionalGeneration": Architecture("qwen2", "models.qwen_vl",
+                                                       "Qwen2_5_VLForConditionalGeneration"),
+    "Qwen3VLForConditionalGeneration": Architecture("qwen3", "models.qwen_vl",
+                                                    "Qwen3VLForConditionalGeneration"),
+    "Qwen3VLMoeForConditionalGeneration": Architecture("qwen3_moe", "models.qwen_vl",
+                                                       "Qwen3VLMoeForConditionalGeneration"),
 }
 
 
@@ -34,6 +41,8 @@ ARCHITECTURES: dict[str, Architecture] = {
 MODEL_TYPES: dict[str, str] = {
     "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM", "qwen3_moe": "Qwen3MoeForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
 }
 
 
