@@ -202,7 +202,8 @@ def resolve_quantization(checkpoint: QuantConfig | None, requested: str, source:
 class LoadParam:
     """A checkpoint tensor of one projection: its local shape rule and where the output
     (N) and input (K) dimensions sit in it, in units of ``out_unit`` / ``in_unit``
-    elements (a packed int32 holds 8 columns; a scale row covers a group).
+    elements (a packed int32 holds 8 columns; a scale row covers a group;
+    ``in_unit`` 0: one row covers all of K, as GPTQ's group_size -1).
     ``broadcast``: one checkpoint value fills every row (per-tensor scales)."""
 
     suffix: str
@@ -219,7 +220,7 @@ class LoadParam:
         if self.out_axis is not None:
             shape[self.out_axis] = -(-N // self.out_unit)
         if self.in_axis is not None:
-            shape[self.in_axis] = -(-K // self.in_unit)
+            shape[self.in_axis] = -(-K // self.in_unit) if self.in_unit else 1
         return tuple(shape)
 
 
@@ -235,7 +236,7 @@ def load_params(quant: QuantConfig, dtype: torch.dtype) -> list[LoadParam]:
         return [LoadParam("weight", quant.weight_dtype, 0, 1, 1, 1), scale]
     if quant.scheme == "online":
         return [LoadParam("weight", dtype, 0, 1, 1, 1)]
-    g = quant.group_size
+    g = max(quant.group_size, 0)          # 0: one group over all of K (group_size -1)
     if quant.packing == "awq":
         return [LoadParam("qweight", torch.int32, 1, 8, 0, 1), LoadParam("qzeros", torch.int32, 1, 8, 0, g),
                 LoadParam("scales", dtype, 1, 1, 0, g)]
@@ -446,8 +447,8 @@ def _as_pair(region: tuple) -> list[slice]:
 
 
 def _scaled(sl: slice, unit: int, full: int, what: str) -> slice:
-    if sl == slice(None):
-        return sl
+    if sl == slice(None) or unit == 0:
+        return slice(None)
     start, stop = sl.start or 0, sl.stop
     if start % unit or (stop % unit and stop != full):
         raise ModelConfigError(f"{what}: rows [{start}, {stop}) do not align with its quantization "

@@ -155,6 +155,8 @@ FORMATS = {
     "gptq_asym_act_order": (lambda w: gptq(w, False, True), {"quant_method": "gptq", "bits": 4,
                                                              "group_size": 128, "sym": False,
                                                              "desc_act": True}),
+    "gptq_channel": (lambda w: gptq(w, True, False, group=w.shape[1]),
+                     {"quant_method": "gptq", "bits": 4, "group_size": -1, "sym": True, "desc_act": False}),
     "fp8_block": (fp8_block, {"quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
                               "weight_block_size": [128, 128]}),
     "ct_fp8_channel": (lambda w: w8a8(w, torch.float8_e4m3fn, "channel"),
@@ -163,7 +165,7 @@ FORMATS = {
                       _compressed_tensors_config("float", "tensor")),
     "ct_int8_channel": (lambda w: w8a8(w, torch.int8, "channel"), _compressed_tensors_config("int", "channel")),
 }
-WEIGHT_ONLY = ("awq", "gptq_sym", "gptq_asym_act_order")
+WEIGHT_ONLY = ("awq", "gptq_sym", "gptq_asym_act_order", "gptq_channel")
 
 
 def write_pair(tmp: Path, family: str, fmt: str, hf: torch.nn.Module | None = None,
