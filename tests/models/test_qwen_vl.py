@@ -226,3 +226,20 @@ def test_text_only_positions_take_the_plain_path(checkpoint):
     with torch.no_grad():
         expected = hf(input_ids=ids[None]).logits[0].float()
     assert (plain - expected).abs().max().item() <= 1e-3 * expected.abs().max().item()
+
+
+def test_triton_backend_matches_transformers(checkpoint):
+    """The Triton kernels (interpreted on CPU) through the whole model: vision_attention,
+    mrope_cos_sin and the fused rotary on one image, every prompt logit against HF."""
+    kind, directory, hf = checkpoint
+    p = _prompt(hf, [(1, 4, 6)], False, seed=3)
+    model, _ = models.load_model(directory, load_ops("triton"), torch.float32, "cpu")
+    encoded = model.encode(p.pixels, p.grids)
+    with torch.no_grad():
+        hf_embeds, _ = _hf_vision(hf, p)
+        expected = hf(**_hf_inputs(p)).logits[0].float()
+    torch.testing.assert_close(encoded.embeds, hf_embeds, rtol=1e-4, atol=1e-4)
+    positions, _ = _hf_positions(hf, p)
+    L = p.input_ids.shape[0]
+    logits = OneRequest(model, L).extend(p.input_ids, positions, _mm_for_rows(p, encoded, 0, L))
+    assert (logits - expected).abs().max().item() <= 1e-3 * expected.abs().max().item()
