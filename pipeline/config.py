@@ -90,6 +90,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     allow_credentials: bool = False  # let cross-origin pages send cookies and HTTP auth
     file_store_max_mb: int = 512  # MiB that /v1/files may hold in all (uploads and batch results); one upload <= 64 MiB
     enable_mixed_chunk: bool = False  # decode rows ride along prefill chunks (off: a step is all prefill or all decode)
+    allowed_local_media_path: str = ""  # images/videos may be read from files under this directory ("": none)
     # weights stored in fewer bits ("": as the checkpoint's quantization_config says;
     # fp8 / w8a8_int8: quantize a 16-bit checkpoint at load; see models/quantization.py)
     quantization: Literal["", "fp8", "w8a8_fp8", "w8a8_int8", "awq", "gptq", "compressed-tensors"] = ""

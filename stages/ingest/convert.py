@@ -262,8 +262,8 @@ def chat_message(message: ChatMessageIn, position: int) -> tuple[ChatMessage, li
                     raise bad_request("a content part of type text needs a text field",
                                       f"messages[{position}].content")
                 texts.append(part.text)
-            elif part.type == "image_url":
-                images.append(str((part.image_url or {}).get("url", "")))
+            elif part.type in ("image_url", "video_url", "video"):  # fetched by stages/ingest/media.py
+                images.append(str((part.image_url or part.video_url or {}).get("url", part.video)))
             else:
                 raise bad_request(f"unsupported content part type {part.type!r}", f"messages[{position}].content")
         content = "".join(texts)
@@ -274,7 +274,15 @@ def chat_message(message: ChatMessageIn, position: int) -> tuple[ChatMessage, li
             else json.dumps(call.function.arguments))) for i, call in enumerate(message.tool_calls)]
     role = "system" if message.role == "developer" else message.role
     return ChatMessage(role=role, content=content, name=message.name, tool_calls=tool_calls,
-                       tool_call_id=message.tool_call_id, reasoning_content=message.reasoning_content), images
+                       tool_call_id=message.tool_call_id, reasoning_content=message.reasoning_content,
+                       content_parts=_content_parts(message.content) if images else None), images
+
+
+def _content_parts(parts: list[Any]) -> list[dict[str, str]]:
+    """Text, image and video parts in order, as a vision model's chat template reads them."""
+    kinds = {"image_url": "image", "video_url": "video", "video": "video"}
+    return [{"type": "text", "text": part.text or ""} if part.type == "text" else {"type": kinds[part.type]}
+            for part in parts]
 
 
 def chat_request(body: ChatCompletionRequest, rid: str, arrival_time_s: float) -> GenerateRequest:

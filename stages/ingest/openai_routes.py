@@ -11,11 +11,13 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from stages.ingest.context import CTX, ServerContext
 from stages.ingest.convert import chat_request, check_vocabulary, completion_requests
 from stages.ingest.errors import ApiError
+from stages.ingest.media import chat_media
 from stages.ingest.protocol import ChatCompletionRequest, CompletionRequest
 from stages.ingest.responses import (SequenceResult, chat_logprobs, chat_response, completion_logprobs,
                                      completion_response, new_id, openai_finish_reason, usage,
@@ -124,6 +126,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body: ChatCompletionRequest = await read_body(request, ChatCompletionRequest)
     rid = body.rid or new_id("chatcmpl")
     generate_request = chat_request(body, rid, time.time())
+    if generate_request.image_urls:  # images and videos: fetched here, decoded by the multimodal stage
+        media = await chat_media(body.messages, ctx.args.allowed_local_media_path)
+        generate_request = msgspec.structs.replace(generate_request, media=media, image_urls=[])
     [stream] = await ctx.ingest.submit(rid, [generate_request])
     try:
         if body.stream:

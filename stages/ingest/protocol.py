@@ -111,6 +111,8 @@ class ContentPart(msgspec.Struct, kw_only=True):
     type: str
     text: str | None = None
     image_url: dict[str, Any] | None = None
+    video_url: dict[str, Any] | None = None  # {"url": ...}: a video file
+    video: list[str] | None = None  # {"type": "video", "video": [frame URL, ...]}: a video as frames
 
 
 class FunctionCallIn(msgspec.Struct, kw_only=True):
