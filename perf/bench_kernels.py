@@ -498,6 +498,37 @@ def sampling_cases(ctx: Ctx) -> list[Case]:
 
 FAMILIES.update(attention=attention_cases, moe=moe_cases, sampling=sampling_cases)
 
+
+QWEN25_VL_VISION = dict(num_heads=16, head_dim=80)   # Qwen2.5-VL-7B vision tower (hidden 1280)
+
+
+def vision_attention_cases(ctx: Ctx) -> list[Case]:
+    """Packed non-causal attention over equal segments vs SDPA on the same segments as a batch
+    (the varlen anchor: with equal lengths a [S, H, L, D] batch is exactly the packed problem).
+    Shapes of a 1024x768 image in Qwen2.5-VL-7B: 4144 patches (74 x 56) under full attention,
+    and its 8 x 8-patch windows."""
+    from triton_kernels import vision_attention as va
+
+    H, D = QWEN25_VL_VISION["num_heads"], QWEN25_VL_VISION["head_dim"]
+    cases = []
+    shapes = ((1, 4144), (64, 64), (8, 1024)) if not ctx.quick else ((1, 4144), (64, 64))
+    for segments, L in shapes:
+        N = segments * L
+        qkv = torch.randn(N, 3 * H * D, device=ctx.device, dtype=DTYPE)
+        q, k, v = (qkv[:, i * H * D:(i + 1) * H * D].view(N, H, D) for i in range(3))
+        cu = torch.arange(0, N + 1, L, dtype=torch.int32, device=ctx.device)
+        q4, k4, v4 = (t.view(segments, L, H, D).transpose(1, 2).contiguous() for t in (q, k, v))
+        flops, nbytes = va.flops_bytes([L] * segments, H, D, DTYPE)
+        cases.append(Case("vision_attention", "vision_attention", f"S={segments} L={L} H={H} D={D}",
+                          ours=lambda q=q, k=k, v=v, cu=cu, L=L: va.vision_attention(q, k, v, cu, L, D ** -0.5),
+                          anchor=lambda q4=q4, k4=k4, v4=v4: torch.nn.functional.scaled_dot_product_attention(
+                              q4, k4, v4),
+                          anchor_name="SDPA batch of segments", bytes_moved=int(nbytes), flops=int(flops)))
+    return cases
+
+
+FAMILIES.update(vision_attention=vision_attention_cases)
+
 # ============================================================================
 # End of the attention / moe / sampling section.
 # ============================================================================
