@@ -226,6 +226,10 @@ def resolve(args: ServerArgs) -> ServerArgs:
         dtype=dtype,
         kv_cache_dtype=dtype if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
         context_length=context_length,
+        # A recording runs the synchronous loop: under overlap a step's input ids are
+        # resolved on the device from the step before, so a stage replayed alone could
+        # not see them.
+        disable_overlap_schedule=args.disable_overlap_schedule or bool(args.record_path),
     )
 
 
