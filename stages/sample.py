@@ -265,8 +265,10 @@ class SampleStage(Stage):
             changes["prompt_logprobs"] = _prompt_results(params, *host)
         return msgspec.structs.replace(out, **changes)
 
-    def _ids_logprobs(self, logits: torch.Tensor, ids_per_row: list[list[int]]) -> torch.Tensor:
-        """log_softmax(logits[row])[id] for each (row, id) pair, flattened row by row."""
+    def _ids_logprobs(self, logits: torch.Tensor, ids_per_row: list[list[int]],
+                      logsumexp: torch.Tensor | None = None) -> torch.Tensor:
+        """log_softmax(logits[row])[id] for each (row, id) pair, flattened row by row:
+        ``logits[row, id] - logsumexp(logits[row])``, no row copied."""
         rows = [row for row, ids in enumerate(ids_per_row) for _ in ids]
         ids = [token for token_ids in ids_per_row for token in token_ids]
         if not rows:
@@ -274,8 +276,10 @@ class SampleStage(Stage):
         vocab_size = logits.shape[1]
         ids = [token if token < vocab_size else 0 for token in ids]  # out-of-vocabulary ids: refused upstream
         index = self.uploader.upload([rows, ids], torch.int64)
-        repeated = logits.index_select(0, index[0])
-        return self.ops.compute_logprobs(repeated, index[1], 0)[0]
+        if logsumexp is None:  # from the kernel's logprob of token 0: logits[:, 0] - logprob
+            first = torch.zeros(logits.shape[0], dtype=torch.int64, device=logits.device)
+            logsumexp = logits[:, 0] - self.ops.compute_logprobs(logits, first, 0)[0]
+        return logits[index[0], index[1]] - logsumexp[index[0]]
 
     def _prompt_tensors(self, logits: torch.Tensor, params: SamplingBatch) -> list[torch.Tensor]:
         """[logprob, rank, top ids, top logprobs, token_ids_logprob values] of the prompt rows."""
@@ -289,7 +293,8 @@ class SampleStage(Stage):
         for b, ids in enumerate(params.prompt_logprob_ids):
             wanted = params.token_ids_logprobs[b] if params.token_ids_logprobs else []
             per_position += [wanted] * len(ids)
-        return [token_lp, ranks, top_ids, top_lp, self._ids_logprobs(logits, per_position)]
+        logsumexp = chosen[:, 0] - token_lp
+        return [token_lp, ranks, top_ids, top_lp, self._ids_logprobs(logits, per_position, logsumexp)]
 
     def _penalty_rows(self, rids: list[str], params: SamplingBatch,
                       logits: torch.Tensor) -> list[int] | None:
