@@ -152,9 +152,33 @@ async def upload_file(request: web.Request) -> web.Response:
 
 
 async def list_files(request: web.Request) -> web.Response:
+    """``purpose`` filters; ``order`` (desc by default, as OpenAI), ``after`` and ``limit`` page."""
     purpose = request.query.get("purpose")
     records = [r for r in request.app[BATCHES].files.files.values() if purpose in (None, r.purpose)]
-    return web.json_response({"object": "list", "data": [r.to_json() for r in records], "has_more": False})
+    order = request.query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise bad_request("order must be 'asc' or 'desc'", "order")
+    if order == "desc":  # the dict keeps upload order
+        records.reverse()
+    return web.json_response(page_of(records, request, default_limit=10_000, max_limit=10_000))
+
+
+def page_of(items: list[Any], request: web.Request, default_limit: int, max_limit: int) -> dict[str, Any]:
+    """One page of a list response: items after the ``after`` id, at most ``limit`` of them."""
+    after = request.query.get("after")
+    if after is not None:
+        ids = [item.id for item in items]
+        items = items[ids.index(after) + 1:] if after in ids else []
+    try:
+        limit = int(request.query.get("limit", str(default_limit)))
+    except ValueError:
+        raise bad_request("limit must be an integer", "limit") from None
+    if not 1 <= limit <= max_limit:
+        raise bad_request(f"limit must be between 1 and {max_limit}", "limit")
+    page = items[:limit]
+    return {"object": "list", "data": [item.to_json() for item in page],
+            "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None,
+            "has_more": len(items) > limit}
 
 
 async def retrieve_file(request: web.Request) -> web.Response:
@@ -434,20 +458,7 @@ async def retrieve_batch(request: web.Request) -> web.Response:
 async def list_batches(request: web.Request) -> web.Response:
     """Newest first; ``after`` (a batch id) and ``limit`` page through them."""
     batches = list(reversed(request.app[BATCHES].batches.values()))  # the dict keeps creation order
-    after = request.query.get("after")
-    if after is not None:
-        ids = [b.id for b in batches]
-        batches = batches[ids.index(after) + 1:] if after in ids else []
-    try:
-        limit = int(request.query.get("limit", "20"))
-    except ValueError:
-        raise bad_request("limit must be an integer", "limit") from None
-    if not 1 <= limit <= 100:
-        raise bad_request("limit must be between 1 and 100", "limit")
-    page = batches[:limit]
-    return web.json_response({"object": "list", "data": [b.to_json() for b in page],
-                              "first_id": page[0].id if page else None, "last_id": page[-1].id if page else None,
-                              "has_more": len(batches) > limit})
+    return web.json_response(page_of(batches, request, default_limit=20, max_limit=100))
 
 
 async def cancel_batch(request: web.Request) -> web.Response:

@@ -157,3 +157,15 @@ def test_files_live_in_a_temp_dir_removed_at_exit(model_dir, tmp_path, monkeypat
         assert [p.name for p in directory.iterdir()] == [uploaded.id]
     assert process.process.returncode == 0
     assert not directory.exists()
+
+
+def test_file_listing_pages_and_orders(client):
+    uploaded = [upload(client, jsonl(chat_line(f"f{k}", "hi"))).id for k in range(3)]
+    newest_first = [f.id for f in client.files.list(purpose="batch").data]
+    assert [i for i in newest_first if i in uploaded] == uploaded[::-1]
+    oldest_first = [f.id for f in client.files.list(purpose="batch", order="asc").data]
+    assert [i for i in oldest_first if i in uploaded] == uploaded
+    page = client.files.list(purpose="batch", order="asc", limit=1, after=uploaded[0])
+    assert [f.id for f in page.data] == [uploaded[1]] and page.has_more
+    with pytest.raises(openai.BadRequestError, match="order"):
+        client.files.list(order="sideways")
