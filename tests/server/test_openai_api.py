@@ -347,7 +347,11 @@ def test_bench_serving_runs_against_the_server(server, tmp_path):
 
 
 def test_huge_prompt_does_not_stall_other_streams(server):
-    """A ~150k-token prompt is tokenized off the event loop: a running stream keeps flowing."""
+    """A ~150k-token prompt is tokenized off the event loop: a running stream keeps flowing.
+
+    ``truncate_prompt_tokens`` keeps the prompt past the early byte-length refusal, so
+    the whole text is really tokenized (then cut to its last 16 tokens and served).
+    """
     huge = "First Citizen: Before we proceed any further, hear me speak. " * 7000
 
     async def go():
@@ -369,7 +373,8 @@ def test_huge_prompt_does_not_stall_other_streams(server):
             async def huge_request():
                 await started.wait()
                 start = time.perf_counter()
-                async with session.post(server.url + "/v1/completions", json={"prompt": huge}) as response:
+                huge_body = {"prompt": huge, "max_tokens": 1, "truncate_prompt_tokens": 16}
+                async with session.post(server.url + "/v1/completions", json=huge_body) as response:
                     reply = await response.json()
                 return response.status, reply, time.perf_counter() - start
 
@@ -377,7 +382,7 @@ def test_huge_prompt_does_not_stall_other_streams(server):
             return gaps, status, reply, huge_s
 
     gaps, status, reply, huge_s = asyncio.run(go())
-    assert status == 400 and "context length" in reply["error"]["message"]
+    assert status == 200 and reply["usage"]["prompt_tokens"] == 16, reply
     assert huge_s > 0.1  # it really took a while to tokenize...
     assert max(gaps) < max(0.5 * huge_s, 0.3), (max(gaps), huge_s)  # ...and the stream never waited for it
 
