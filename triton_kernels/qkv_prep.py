@@ -25,7 +25,9 @@ once as is and once permuted to its rotation partner (``x[i + half]`` beside
 Shapes: q[T, Hq, D], k and v[T, Hk, D] (views into the qkv output are fine:
 only the last dim must be contiguous), positions[T], cos_sin_cache[P,
 rotary_dim] (``rotary.build_cos_sin_cache``), k_cache/v_cache[S, Hk, D],
-slots[T]; norm weights [D] or None.
+slots[T]; norm weights [D] or None. An FP8 pool (``float8_e4m3fn``) stores k and
+v quantised with the per-tensor ``k_scale`` / ``v_scale`` (``kv_fp8.py``); k is
+rounded to its own dtype first, exactly as the unfused path stores it.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels.kv_cache import _check_store_kv, store_kv_reference
+from triton_kernels.kv_fp8 import check_kv_scales, is_fp8_cache, store_kv_values
 from triton_kernels.norm import head_rms_norm_reference
 from triton_kernels.pdl import pdl_args, pdl_wait
 from triton_kernels.rotary import _check_rotary, apply_rotary_reference
@@ -71,9 +74,10 @@ def _qk_norm_rope_store_kernel(
     q_ptr, k_ptr, v_ptr, pos_ptr, cache_ptr, k_cache_ptr, v_cache_ptr, slots_ptr,
     q_norm_ptr, k_norm_ptr, eps, num_q_heads, num_k_heads,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos,
-    stride_cs, stride_ch,
+    stride_cs, stride_ch, k_scale, v_scale,
     D: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HEADS: tl.constexpr,
-    IS_NEOX: tl.constexpr, HAS_NORM: tl.constexpr, USE_PDL: tl.constexpr = False,
+    IS_NEOX: tl.constexpr, HAS_NORM: tl.constexpr, KV_FP8: tl.constexpr,
+    USE_PDL: tl.constexpr = False,
 ):
     if USE_PDL:
         pdl_wait()
@@ -107,9 +111,11 @@ def _qk_norm_rope_store_kernel(
                              eps, cos, sin, dims, partner, sign, rotating, D, HAS_NORM)
         slot = tl.load(slots_ptr + token).to(tl.int64)
         cache_offs = slot * stride_cs + heads[:, None] * stride_ch + dims[None, :]
-        tl.store(k_cache_ptr + cache_offs, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        k = store_kv_values(k.to(k_ptr.dtype.element_ty), k_scale, k_cache_ptr.dtype.element_ty, KV_FP8)
+        tl.store(k_cache_ptr + cache_offs, k, mask=mask)
         v = tl.load(v_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :], mask=mask)
-        tl.store(v_cache_ptr + cache_offs, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+        v = store_kv_values(v, v_scale, v_cache_ptr.dtype.element_ty, KV_FP8)
+        tl.store(v_cache_ptr + cache_offs, v, mask=mask)
 
 
 def _check_norm_weights(q: torch.Tensor, q_norm_weight: torch.Tensor | None,
@@ -140,12 +146,14 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
                        cos_sin_cache: torch.Tensor, is_neox: bool, k_cache: torch.Tensor,
                        v_cache: torch.Tensor, slots: torch.Tensor,
                        q_norm_weight: torch.Tensor | None = None,
-                       k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6, *,
-                       pdl: bool = True) -> None:
+                       k_norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                       k_scale: float = 1.0, v_scale: float = 1.0, *, pdl: bool = True) -> None:
     """In place: q, k <- rope(head_rms_norm(q, k)) (norm only with weights); then
-    k_cache[slots] = k, v_cache[slots] = v. ``pdl``: see triton_kernels/pdl.py."""
+    k_cache[slots] = k, v_cache[slots] = v (quantised with k_scale / v_scale for an
+    FP8 pool). ``pdl``: see triton_kernels/pdl.py."""
     rotary_dim, has_norm = _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots,
                                   q_norm_weight, k_norm_weight)
+    check_kv_scales(k_scale, v_scale)
     T, num_q_heads, D = q.shape
     num_k_heads = k.shape[1]
     block_d = triton.next_power_of_2(D)
@@ -163,8 +171,10 @@ def qk_norm_rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positi
         q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots, norm_q, norm_k, float(eps),
         num_q_heads, num_k_heads, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), cos_sin_cache.stride(0), k_cache.stride(0), k_cache.stride(1),
+        float(k_scale), float(v_scale),
         D=D, HALF=rotary_dim // 2, BLOCK_D=block_d, BLOCK_HEADS=block_heads,
-        IS_NEOX=bool(is_neox), HAS_NORM=has_norm, num_warps=4, **pdl_args(q.device, pdl))
+        IS_NEOX=bool(is_neox), HAS_NORM=has_norm, KV_FP8=is_fp8_cache(k_cache), num_warps=4,
+        **pdl_args(q.device, pdl))
 
 
 def qk_norm_rope_store_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -172,7 +182,8 @@ def qk_norm_rope_store_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  is_neox: bool, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                  slots: torch.Tensor, q_norm_weight: torch.Tensor | None = None,
                                  k_norm_weight: torch.Tensor | None = None,
-                                 eps: float = 1e-6) -> None:
+                                 eps: float = 1e-6, k_scale: float = 1.0,
+                                 v_scale: float = 1.0) -> None:
     """The three unfused references in sequence (same math, in place)."""
     _, has_norm = _check(q, k, v, positions, cos_sin_cache, k_cache, v_cache, slots,
                          q_norm_weight, k_norm_weight)
@@ -180,4 +191,4 @@ def qk_norm_rope_store_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         q.copy_(head_rms_norm_reference(q, q_norm_weight, eps))
         k.copy_(head_rms_norm_reference(k, k_norm_weight, eps))
     apply_rotary_reference(q, k, positions, cos_sin_cache, is_neox)
-    store_kv_reference(k_cache, v_cache, k, v, slots)
+    store_kv_reference(k_cache, v_cache, k, v, slots, k_scale, v_scale)

@@ -51,7 +51,7 @@ _WEIGHT_DTYPES = (torch.float8_e4m3fn, torch.int8)
 
 
 @triton.jit
-def _round_to_fp8(v):
+def round_to_fp8(v):
     """fp32 v in [-448, 448] -> the nearest e4m3 value (ties to even), still fp32.
 
     The cast below would round by itself on a GPU, but the Triton interpreter
@@ -75,7 +75,7 @@ def _quantize(x, scale, IS_INT8: tl.constexpr):
         v = tl.minimum(tl.maximum(tl.floor(v + 0.5), -128.0), 127.0)
         return v.to(tl.int8)
     v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-    return _round_to_fp8(v).to(tl.float8e4nv)
+    return round_to_fp8(v).to(tl.float8e4nv)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -20,6 +20,12 @@ window of W sees W keys). Dtypes: q, k_cache, v_cache share fp16, bf16 or
 fp32; the output has q's dtype. Head dims up to 256 (64/80/96/128/256 ...):
 the kernels pad to the next power of two and mask.
 
+FP8 KV pool (``--kv-cache-dtype fp8_e4m3``): k_cache/v_cache may be
+``float8_e4m3fn`` whatever q's dtype; every tile read from the pool is
+dequantised in registers, ``k = float(k_cache) * k_scale`` (``v_scale`` alike,
+per-tensor scales passed by keyword, ``kv_fp8.py``), before the dot products.
+The new tokens' k/v of an extend step come unquantised from the layer.
+
 * ``extend_attention`` (``extend.py``): a ragged batch; request ``b`` has
   ``prefix_lens[b]`` cached tokens (in the pool) and ``extend_lens[b]`` new ones
   whose rows of ``q``, ``k``, ``v`` start at ``extend_start_loc[b]``. Pure prefill (prefix 0),

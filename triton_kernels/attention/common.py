@@ -17,9 +17,10 @@ def check_kv_pool(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     if k_cache.dim() != 3 or v_cache.shape != k_cache.shape:
         raise ValueError(f"k_cache/v_cache must both be [num_slots, Hk, D], got "
                          f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
-    if q.dtype not in ATTENTION_DTYPES or k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
-        raise ValueError(f"q, k_cache, v_cache must share fp16/bf16/fp32, got "
-                         f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
+    cache_ok = k_cache.dtype in (q.dtype, torch.float8_e4m3fn) and v_cache.dtype == k_cache.dtype
+    if q.dtype not in ATTENTION_DTYPES or not cache_ok:
+        raise ValueError(f"q, k_cache, v_cache must share fp16/bf16/fp32 (or the pool be "
+                         f"float8_e4m3fn), got {q.dtype}, {k_cache.dtype}, {v_cache.dtype}")
     num_q_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[1]
     if k_cache.shape[2] != head_dim:

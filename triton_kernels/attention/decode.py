@@ -29,6 +29,7 @@ import triton.language as tl
 from triton_kernels.attention.common import (
     LOG2E, block_d, check_batch_vectors, check_kv_pool, soft_cap,
 )
+from triton_kernels.kv_fp8 import check_kv_scales, dequantize_kv, is_fp8_cache
 from triton_kernels.pdl import pdl_args, pdl_wait
 from triton_kernels.runtime import interpreting
 
@@ -59,11 +60,11 @@ def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, req_to_token_ptr, req_pool_indices_ptr, seq_lens_ptr,
     mid_o_ptr, mid_lse_ptr, qk_scale, logit_cap, sliding_window,
     stride_qb, stride_qh, stride_ks, stride_kh, stride_req,
-    stride_mb, stride_mh, stride_ms,
+    stride_mb, stride_mh, stride_ms, k_scale, v_scale,
     NUM_SPLITS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr, IS_FP32: tl.constexpr,
-    USE_PDL: tl.constexpr = False,
+    KV_FP8: tl.constexpr = False, USE_PDL: tl.constexpr = False,
 ):
     if USE_PDL:
         pdl_wait()
@@ -99,8 +100,10 @@ def _decode_split_kernel(
         slots = tl.load(slot_row_ptr + k_pos, mask=in_split, other=0).to(tl.int64)
         kv_offs = kv_base + slots[:, None] * stride_ks + offs_d[None, :]
         kv_mask = in_split[:, None] & mask_d[None, :]
-        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
-        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        k = dequantize_kv(tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0), k_scale,
+                          q.dtype, KV_FP8)
+        v = dequantize_kv(tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0), v_scale,
+                          q.dtype, KV_FP8)
         if IS_FP32:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
@@ -157,27 +160,31 @@ def _decode_reduce_kernel(
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                      seq_lens: torch.Tensor, sm_scale: float, sliding_window: int = -1,
-                     logit_cap: float = 0.0, num_kv_splits: int | None = None, *,
+                     logit_cap: float = 0.0, num_kv_splits: int | None = None,
+                     k_scale: float = 1.0, v_scale: float = 1.0, *,
                      pdl: bool = True) -> torch.Tensor:
     """One query per request over its first seq_lens[b] keys in the pool.
 
     q: [B, Hq, D]; k_cache, v_cache: [num_slots, Hk, D]; req_to_token: [R, L] int32;
     req_pool_indices, seq_lens: [B] int. num_kv_splits: fixed split count (a
-    CUDA-graph friendly constant), default `default_num_kv_splits`. ``pdl``:
+    CUDA-graph friendly constant), default `default_num_kv_splits`. An FP8 pool
+    is read as ``float(cache) * k_scale`` (``v_scale``). ``pdl``:
     launch with programmatic dependent launch where the GPU has it (pdl.py).
     Returns o: [B, Hq, D] in q's dtype.
     """
     return launch_decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices,
                                    seq_lens, sm_scale, sliding_window, logit_cap, num_kv_splits,
-                                   pdl=pdl)
+                                   k_scale=k_scale, v_scale=v_scale, pdl=pdl)
 
 
 def launch_decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                             sm_scale, sliding_window=-1, logit_cap=0.0, num_kv_splits=None,
                             block_n: int | None = None, num_warps: int = 4,
-                            num_stages: int = 2, pdl: bool = True) -> torch.Tensor:
+                            num_stages: int = 2, pdl: bool = True, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> torch.Tensor:
     """`decode_attention` with explicit tiles (benchmarks)."""
     num_q_heads, num_kv_heads, head_dim = check_kv_pool(q, k_cache, v_cache, req_to_token)
+    check_kv_scales(k_scale, v_scale)
     batch = q.shape[0]
     check_batch_vectors(batch, req_pool_indices=req_pool_indices, seq_lens=seq_lens)
     if k_cache.stride() != v_cache.stride():
@@ -200,10 +207,11 @@ def launch_decode_attention(q, k_cache, v_cache, req_to_token, req_pool_indices,
         q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens, mid_o, mid_lse,
         sm_scale * (1.0 if logit_cap > 0 else LOG2E), float(logit_cap), int(sliding_window),
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), req_to_token.stride(0),
-        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2),
+        mid_o.stride(0), mid_o.stride(1), mid_o.stride(2), float(k_scale), float(v_scale),
         NUM_SPLITS=num_kv_splits, GROUP=group, HEAD_DIM=head_dim, BLOCK_D=padded_d,
         BLOCK_H=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n,
         USE_WINDOW=sliding_window > 0, USE_CAP=logit_cap > 0, IS_FP32=q.dtype == torch.float32,
+        KV_FP8=is_fp8_cache(k_cache),
         num_warps=num_warps, num_stages=num_stages, **pdl_args(q.device, pdl),
     )
     _decode_reduce_kernel[(batch, num_q_heads)](

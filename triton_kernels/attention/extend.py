@@ -43,6 +43,7 @@ from triton.tools.tensor_descriptor import TensorDescriptor
 from triton_kernels.attention.common import (
     LOG2E, block_d, check_batch_vectors, check_kv_pool, soft_cap,
 )
+from triton_kernels.kv_fp8 import check_kv_scales, dequantize_kv, is_fp8_cache
 from triton_kernels.runtime import ensure_tma_allocator, interpreting
 
 
@@ -132,9 +133,9 @@ def _qk(q, k, IS_FP32: tl.constexpr):
 @triton.jit
 def _prefix_block(acc, l_i, m_i, q, q_pos, start_n, prefix_len, slot_row_ptr,
                   k_cache_ptr, v_cache_ptr, kv_head_off, stride_ks, stride_vs,
-                  qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d,
+                  qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d, k_scale, v_scale,
                   MASKED: tl.constexpr, USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr,
-                  IS_FP32: tl.constexpr, EVEN_D: tl.constexpr):
+                  IS_FP32: tl.constexpr, EVEN_D: tl.constexpr, KV_FP8: tl.constexpr):
     """Phase A: keys start_n.. of the cached prefix, gathered from the pool by slot."""
     k_pos = start_n + offs_n
     in_prefix = k_pos < prefix_len
@@ -152,6 +153,8 @@ def _prefix_block(acc, l_i, m_i, q, q_pos, start_n, prefix_len, slot_row_ptr,
     else:
         k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
         v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    k = dequantize_kv(k, k_scale, q.dtype, KV_FP8)
+    v = dequantize_kv(v, v_scale, q.dtype, KV_FP8)
     qk = _qk(q, k, IS_FP32)
     visible = in_prefix[None, :]
     if USE_WINDOW:
@@ -198,10 +201,11 @@ def _query_block(pid_m, extend_len, prefix_len, slot_row_ptr, kv_head_off,
                  k_desc, v_desc, kv_row0, kv_col0, q_rows_ptr, o_rows_ptr, k_rows_ptr, v_rows_ptr,
                  k_cache_ptr, v_cache_ptr, qk_scale, logit_cap, sliding_window,
                  stride_qt, stride_kt, stride_vt, stride_ks, stride_vs, stride_ot,
+                 k_scale, v_scale,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr, IS_FP32: tl.constexpr,
-                 EVEN_D: tl.constexpr, USE_TMA: tl.constexpr):
+                 EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, KV_FP8: tl.constexpr):
     """BLOCK_M query rows (extend indices pid_m * BLOCK_M ..) of one head: A, B, store."""
     m_start = pid_m * BLOCK_M
     offs_m = tl.arange(0, BLOCK_M)
@@ -230,14 +234,14 @@ def _query_block(pid_m, extend_len, prefix_len, slot_row_ptr, kv_head_off,
         acc, l_i, m_i = _prefix_block(
             acc, l_i, m_i, q, q_pos, start_n, prefix_len, slot_row_ptr,
             k_cache_ptr, v_cache_ptr, kv_head_off, stride_ks, stride_vs,
-            qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d,
-            False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D)
+            qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d, k_scale, v_scale,
+            False, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, KV_FP8)
     for start_n in range(a_unmasked_end, prefix_len, BLOCK_N):
         acc, l_i, m_i = _prefix_block(
             acc, l_i, m_i, q, q_pos, start_n, prefix_len, slot_row_ptr,
             k_cache_ptr, v_cache_ptr, kv_head_off, stride_ks, stride_vs,
-            qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d,
-            True, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D)
+            qk_scale, logit_cap, sliding_window, offs_n, offs_d, mask_d, k_scale, v_scale,
+            True, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, KV_FP8)
 
     # ---- phase B: the new tokens, from k/v
     if USE_WINDOW:
@@ -272,12 +276,12 @@ def _extend_attention_kernel(
     req_pool_indices_ptr, prefix_lens_ptr, extend_lens_ptr, extend_start_loc_ptr,
     qk_scale, logit_cap, sliding_window, num_m_blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_ks, stride_kcache_h, stride_vs, stride_ot, stride_oh, stride_req,
+    stride_ks, stride_kcache_h, stride_vs, stride_ot, stride_oh, stride_req, k_scale, v_scale,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_CAP: tl.constexpr, IS_FP32: tl.constexpr,
     EVEN_D: tl.constexpr, USE_TMA: tl.constexpr, HOST_KV_DESC: tl.constexpr,
-    PAIR_BLOCKS: tl.constexpr,
+    PAIR_BLOCKS: tl.constexpr, KV_FP8: tl.constexpr = False,
 ):
     head = tl.program_id(0)
     pid = tl.program_id(1)
@@ -325,16 +329,17 @@ def _extend_attention_kernel(
                      k_desc, v_desc, kv_row0, kv_col0, q_rows_ptr, o_rows_ptr, k_rows_ptr,
                      v_rows_ptr, k_cache_ptr, v_cache_ptr, qk_scale, logit_cap, sliding_window,
                      stride_qt, stride_kt, stride_vt, stride_ks, stride_vs, stride_ot,
+                     k_scale, v_scale,
                      HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, USE_WINDOW, USE_CAP, IS_FP32,
-                     EVEN_D, USE_TMA)
+                     EVEN_D, USE_TMA, KV_FP8)
         if PAIR_BLOCKS:
             if pid < first_block:
                 _query_block(pid, extend_len, prefix_len, slot_row_ptr, kv_head_off,
                              k_desc, v_desc, kv_row0, kv_col0, q_rows_ptr, o_rows_ptr,
                              k_rows_ptr, v_rows_ptr, k_cache_ptr, v_cache_ptr, qk_scale, logit_cap,
                              sliding_window, stride_qt, stride_kt, stride_vt, stride_ks,
-                             stride_vs, stride_ot, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                             USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA)
+                             stride_vs, stride_ot, k_scale, v_scale, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             BLOCK_N, USE_WINDOW, USE_CAP, IS_FP32, EVEN_D, USE_TMA, KV_FP8)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -373,7 +378,8 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                      prefix_lens: torch.Tensor, extend_lens: torch.Tensor,
                      extend_start_loc: torch.Tensor, max_extend_len: int, sm_scale: float,
-                     sliding_window: int = -1, logit_cap: float = 0.0) -> torch.Tensor:
+                     sliding_window: int = -1, logit_cap: float = 0.0, k_scale: float = 1.0,
+                     v_scale: float = 1.0) -> torch.Tensor:
     """Attention of the new tokens of a ragged batch over their prefix and themselves.
 
     q: [T, Hq, D] (T = sum of extend_lens); k, v: [T, Hk, D], the new tokens'
@@ -382,20 +388,24 @@ def extend_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     holding the prefixes; req_to_token: [R, L] int32 (only the first
     ``prefix_lens[b]`` entries of a row are read); req_pool_indices,
     prefix_lens, extend_lens, extend_start_loc: [B] int; max_extend_len: an
-    upper bound of extend_lens (sets the grid; no device sync).
+    upper bound of extend_lens (sets the grid; no device sync). An FP8 pool is
+    read as ``float(cache) * k_scale`` (``v_scale``); k, v stay in q's dtype.
     Returns o: [T, Hq, D] in q's dtype.
     """
     return launch_extend_attention(q, k, v, k_cache, v_cache, req_to_token, req_pool_indices,
                                    prefix_lens, extend_lens, extend_start_loc, max_extend_len,
-                                   sm_scale, sliding_window, logit_cap, config=None)
+                                   sm_scale, sliding_window, logit_cap, config=None,
+                                   k_scale=k_scale, v_scale=v_scale)
 
 
 def launch_extend_attention(q, k, v, k_cache, v_cache, req_to_token, req_pool_indices,
                             prefix_lens, extend_lens, extend_start_loc, max_extend_len,
                             sm_scale, sliding_window=-1, logit_cap=0.0,
-                            config: ExtendConfig | None = None) -> torch.Tensor:
+                            config: ExtendConfig | None = None, k_scale: float = 1.0,
+                            v_scale: float = 1.0) -> torch.Tensor:
     """`extend_attention` with an optional explicit tile config (benchmarks)."""
     num_q_heads, num_kv_heads, head_dim = check_kv_pool(q, k_cache, v_cache, req_to_token)
+    check_kv_scales(k_scale, v_scale)
     check_new_kv(q, k, v, k_cache)
     batch = req_pool_indices.shape[0] if req_pool_indices.dim() == 1 else -1
     check_batch_vectors(batch, req_pool_indices=req_pool_indices, prefix_lens=prefix_lens,
@@ -429,12 +439,13 @@ def launch_extend_attention(q, k, v, k_cache, v_cache, req_to_token, req_pool_in
         num_m_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), o.stride(0), o.stride(1),
-        req_to_token.stride(0),
+        req_to_token.stride(0), float(k_scale), float(v_scale),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=padded_d,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         USE_WINDOW=sliding_window > 0, USE_CAP=logit_cap > 0,
         IS_FP32=q.dtype == torch.float32, EVEN_D=head_dim == padded_d,
         USE_TMA=use_tma, HOST_KV_DESC=host_kv_desc, PAIR_BLOCKS=config.pair_blocks,
+        KV_FP8=is_fp8_cache(k_cache),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return o

@@ -4,6 +4,8 @@ Same signatures as the Triton launchers. One request at a time: gather its
 keys from the pool through ``req_to_token`` (extend: the prefix from the pool,
 the new tokens from ``k``/``v``), expand kv heads to q heads,
 masked softmax in fp32 (or the input's dtype if wider), cast at the end.
+An FP8 pool's rows are dequantised to q's dtype first (``kv_fp8.py``), as the
+kernels do in registers.
 These are also the CPU backend of the models.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import torch
 
 from triton_kernels.attention.common import check_batch_vectors, check_kv_pool
 from triton_kernels.attention.extend import check_new_kv
+from triton_kernels.kv_fp8 import check_kv_scales, dequantize_kv_reference
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor,
@@ -38,12 +41,14 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def extend_attention_reference(q, k, v, k_cache, v_cache, req_to_token, req_pool_indices,
                                prefix_lens, extend_lens, extend_start_loc, max_extend_len,
-                               sm_scale, sliding_window=-1, logit_cap=0.0) -> torch.Tensor:
+                               sm_scale, sliding_window=-1, logit_cap=0.0, k_scale=1.0,
+                               v_scale=1.0) -> torch.Tensor:
     """Reference of `extend_attention` (same signature and math): the prefix's keys
     gathered from the pool, the new tokens' keys taken from k/v."""
     if q.dtype != torch.float64:
         check_kv_pool(q, k_cache, v_cache, req_to_token)
     check_new_kv(q, k, v, k_cache)
+    check_kv_scales(k_scale, v_scale)
     batch = req_pool_indices.shape[0] if req_pool_indices.dim() == 1 else -1
     check_batch_vectors(batch, req_pool_indices=req_pool_indices, prefix_lens=prefix_lens,
                         extend_lens=extend_lens, extend_start_loc=extend_start_loc)
@@ -56,8 +61,8 @@ def extend_attention_reference(q, k, v, k_cache, v_cache, req_to_token, req_pool
             continue
         slots = req_to_token[row, :prefix_len].long()
         new = slice(start, start + extend_len)
-        keys = torch.cat([k_cache[slots], k[new]]).to(cdt)
-        values = torch.cat([v_cache[slots], v[new]]).to(cdt)
+        keys = torch.cat([dequantize_kv_reference(k_cache[slots], k_scale, q.dtype), k[new]]).to(cdt)
+        values = torch.cat([dequantize_kv_reference(v_cache[slots], v_scale, q.dtype), v[new]]).to(cdt)
         q_pos = torch.arange(prefix_len, prefix_len + extend_len, device=q.device)
         out = _attend(q[new].to(cdt), keys, values, q_pos, sm_scale, sliding_window, logit_cap)
         o[new] = out.to(q.dtype)
@@ -66,11 +71,12 @@ def extend_attention_reference(q, k, v, k_cache, v_cache, req_to_token, req_pool
 
 def decode_attention_reference(q, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
                                sm_scale, sliding_window=-1, logit_cap=0.0,
-                               num_kv_splits=None) -> torch.Tensor:
+                               num_kv_splits=None, k_scale=1.0, v_scale=1.0) -> torch.Tensor:
     """Reference of `decode_attention` (num_kv_splits is ignored: it changes no math)."""
     if q.dtype != torch.float64:
         check_kv_pool(q, k_cache, v_cache, req_to_token)
     check_batch_vectors(q.shape[0], req_pool_indices=req_pool_indices, seq_lens=seq_lens)
+    check_kv_scales(k_scale, v_scale)
     cdt = _compute_dtype(q.dtype)
     o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     for b in range(q.shape[0]):
@@ -79,8 +85,9 @@ def decode_attention_reference(q, k_cache, v_cache, req_to_token, req_pool_indic
             continue
         slots = req_to_token[row, :seq_len].long()
         q_pos = torch.tensor([seq_len - 1], device=q.device)
-        out = _attend(q[b:b + 1].to(cdt), k_cache[slots].to(cdt), v_cache[slots].to(cdt),
-                      q_pos, sm_scale, sliding_window, logit_cap)
+        keys = dequantize_kv_reference(k_cache[slots], k_scale, q.dtype).to(cdt)
+        values = dequantize_kv_reference(v_cache[slots], v_scale, q.dtype).to(cdt)
+        out = _attend(q[b:b + 1].to(cdt), keys, values, q_pos, sm_scale, sliding_window, logit_cap)
         o[b] = out[0].to(q.dtype)
     return o
 
