@@ -150,6 +150,21 @@ def _residual(p: torch.Tensor, q: torch.Tensor | None, x: int, without_replaceme
     return residual / total, q
 
 
+def split_slots(slots: list[int], verdict: Verdict) -> tuple[list[int], list[int]]:
+    """The KV slots of one request's tree nodes -> (kept, freed).
+
+    Kept, in sequence order: the root and the accepted drafts (their K/V were
+    written at positions ``prefix_len + depth``, which along one path are
+    consecutive, so they are exactly the sequence's next entries). Freed: every
+    other node's slot. The bonus token has no K/V yet (the next step computes
+    it, as the next tree's root).
+    """
+    kept_nodes = [0] + verdict.accepted_nodes
+    kept = [slots[i] for i in kept_nodes]
+    chosen = set(kept_nodes)
+    return kept, [slot for i, slot in enumerate(slots) if i not in chosen]
+
+
 def _check_rows(t: torch.Tensor, num_nodes: int, name: str) -> None:
     if t.dim() != 2 or t.shape[0] != num_nodes:
         raise ValueError(f"{name} must be [num_nodes={num_nodes}, V], got {tuple(t.shape)}")

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from stages.speculative.tree import chain_parents
-from stages.speculative.verify import target_probs, verify_greedy, verify_tree_sampling
+from stages.speculative.verify import split_slots, target_probs, verify_greedy, verify_tree_sampling
 
 V = 5
 NUM_SAMPLES = 12_000
@@ -133,3 +133,13 @@ def test_identical_draft_and_target_accepts_everything():
 def test_shapes_are_checked():
     with pytest.raises(ValueError, match="target must be"):
         verify_tree_sampling([0, 1], [-1, 0], torch.ones(3, V) / V, None, torch.Generator())
+
+
+def test_split_slots_keeps_the_accepted_path():
+    tokens, parents = [9, 4, 2, 0, 1], [-1, 0, 0, 1, 2]
+    logits = torch.full((5, V), -1.0)
+    for node, best in enumerate([2, 3, 1, 0, 4]):
+        logits[node, best] = 1.0
+    verdict = verify_greedy(tokens, parents, logits)           # accepts nodes 2, 4
+    kept, freed = split_slots([40, 41, 42, 43, 44], verdict)
+    assert kept == [40, 42, 44] and freed == [41, 43]
