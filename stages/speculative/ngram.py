@@ -80,7 +80,8 @@ class NgramIndex:
         end = len(self.tokens)
         for n in range(min(self.params.max_match, end), self.params.min_match - 1, -1):
             found = self._index[n].get(tuple(self.tokens[end - n:]), [])
-            earlier = [pos for pos in reversed(found) if pos < end]
+            recent = found[-(self.params.max_matches + 1):]   # the last may be `end` itself
+            earlier = [pos for pos in reversed(recent) if pos < end]
             if earlier:
                 return earlier[: self.params.max_matches]
         return []
