@@ -58,11 +58,11 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     mem_fraction_static: float = 0.85
     max_total_tokens: int = 0  # 0: from memory (GPU) or a default (CPU)
     page_size: int = 1
-    kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    kv_cache_dtype: Literal["auto", "bfloat16", "float16", "float32", "fp8_e4m3"] = "auto"
     # scheduling
     max_running_requests: int = 0  # 0: from the KV capacity (SGLang's rule, see running_requests_limit)
     max_prefill_tokens: int = 16384
-    chunked_prefill_size: int = 4096  # <= 0 disables chunking; a step stalls decodes for at most one chunk
+    chunked_prefill_size: int = 8192  # <= 0 disables chunking; a step stalls decodes for at most one chunk
     schedule_policy: Literal["fcfs", "lpm"] = "fcfs"
     disable_radix_cache: bool = False
     # forward
@@ -94,6 +94,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     # weights stored in fewer bits ("": as the checkpoint's quantization_config says;
     # fp8 / w8a8_int8: quantize a 16-bit checkpoint at load; see models/quantization.py)
     quantization: Literal["", "fp8", "w8a8_fp8", "w8a8_int8", "awq", "gptq", "compressed-tensors"] = ""
+    mm_cache_size: int = 256  # MB of vision embeddings kept by image hash (LRU), so a repeated image is not re-encoded; 0: none
 
     @property
     def model_dir(self) -> Path:
@@ -167,7 +168,7 @@ FIELD_HELP = {  # flags whose ServerArgs line has no comment
     "reasoning_parser": "split reasoning ('thinking') text from the answer in this format",
     "mem_fraction_static": "fraction of GPU memory for weights plus KV cache",
     "page_size": "tokens per KV cache page",
-    "kv_cache_dtype": "KV cache dtype; auto: --dtype",
+    "kv_cache_dtype": "KV cache dtype; auto: --dtype; fp8_e4m3: FP8 pool with per-layer k/v scales (twice the tokens)",
     "quantization": "quantized weights: the checkpoint's format (awq, gptq, compressed-tensors, fp8) or "
                     "online quantization of a 16-bit checkpoint (fp8, w8a8_int8); default: as config.json says",
     "max_running_requests": "requests decoded together at most (the engine logs the figure it uses)",

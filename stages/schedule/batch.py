@@ -17,7 +17,8 @@
    (``NEW_TOKEN_RATIO`` of their remaining max_new_tokens), so that
    retractions stay rare.
 3. **Batch.** Prefill rows then decode rows; mode ``extend`` if any prefill
-   row, else ``decode``. Only a prompt's last chunk samples a token. A chunk
+   row, else ``decode``. The schedule stage decides whether both kinds share
+   a batch (``--enable-mixed-chunk``) or a step is one kind only. Only a prompt's last chunk samples a token. A chunk
    of a request that wants prompt logprobs lists the prompt tokens its rows
    predict (``SamplingBatch.prompt_logprob_ids``, see ``prompt_logprobs.py``).
 """

@@ -17,9 +17,13 @@ KV page pool, the radix cache and the ``req_to_token`` row table (through
 ``KVManager``). The forward stage owns the KV *tensors*; it learns which
 slots to use only from ForwardBatch fields.
 
-One step (``tick``), when no batch is in flight: plan decodes (retracting if
-KV is short), plan prefill chunks (admitting waiting requests), emit one
-ForwardBatch. ``SampledTokens`` closes the step: append tokens, check finish
+One step (``tick``), when no batch is in flight: plan prefill chunks
+(admitting waiting requests) and, if there are none, the decodes
+(retracting if KV is short); emit one ForwardBatch. With
+``--enable-mixed-chunk`` the decodes come first and prefill chunks fill the
+rest of the token budget in the same batch (SGLang's flag; off by default,
+as there). ``--max-running-requests`` 0 takes the figure the forward stage
+derived from the KV capacity (``ModelInfo.num_rows - 1``). ``SampledTokens`` closes the step: append tokens, check finish
 conditions, cache computed prefixes, emit one TokenOutputBatch. Every
 request ends with exactly one final TokenOutput (or an ErrorOutput).
 
@@ -47,8 +51,11 @@ synchronous loop would have planned.
 At most one batch runs ahead, and only when planning it cannot change what
 the batch in flight decides:
 
-* the batch in flight is all decodes (a prefill chunk's end inserts into the
-  radix cache when its tokens arrive, and the first decode after it waits);
+* the batch in flight is all decodes, or nothing waits for admission (a
+  chunk's KV enters the radix cache when its batch returns, and a request
+  admitted before that would miss it); the chunk caches only the tokens it
+  computed (``PlannedRow.kv_end``), not the next chunk planned ahead, and
+  no chunk in flight owes prompt logprobs;
 * no request is constrained, running or waiting (a grammar mask for step
   N+1 needs the grammar advanced by step N's token, on the host: such
   batches simply run synchronously);
@@ -98,6 +105,7 @@ from stages.schedule.batch import (
 )
 from stages.schedule.prompt_logprobs import check_logprob_options, start_request, take_chunk, with_extras
 from stages.schedule.kv_manager import KVManager
+from stages.schedule.multimodal import RequestMedia, attach as attach_media
 from stages.schedule.req_table import Phase, Req
 
 logger = logging.getLogger(__name__)
@@ -139,6 +147,7 @@ class ScheduleStage(Stage):
         self.in_flight: collections.deque[tuple[int, list[PlannedRow]]] = collections.deque()  # oldest first
         self.overlap = not args.disable_overlap_schedule
         self.pending_row_writes: list[RowWrite] = []  # tree slots replacing a request's own
+        self.mm_released: list[str] = []  # rids whose partly prefilled image embeddings forward may drop
         self.next_batch_id = 0
         self.arrivals = 0
         self.rng = random.Random(args.random_seed)
@@ -188,7 +197,7 @@ class ScheduleStage(Stage):
         seed = params.seed if params.seed is not None else self.rng.getrandbits(62)
         req = Req(rid=msg.rid, parent_rid=msg.parent_rid, index=msg.index, input_ids=list(msg.input_ids),
                   sampling=params, max_new_tokens=room if params.max_new_tokens is None else min(params.max_new_tokens, room), seed=seed,
-                  arrival_order=self.arrivals,
+                  arrival_order=self.arrivals, media=RequestMedia.of(msg),
                   stop_ids=frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids))
         self.arrivals += 1
         start_request(req)
@@ -313,7 +322,8 @@ class ScheduleStage(Stage):
         row_writes = self.pending_row_writes + row_writes
         self.pending_row_writes = []
         overlap = self.overlap and not any(row.req.constrained for row in rows)
-        batch = build_forward_batch(batch_id, rows, row_writes, overlap)
+        batch = attach_media(build_forward_batch(batch_id, rows, row_writes, overlap),
+                             [row.req for row in rows], self.mm_released)
         for row in rows:
             if row.need_sample:
                 row.req.pending_tokens += 1
@@ -448,6 +458,8 @@ class ScheduleStage(Stage):
         self.kv.trim(req, req.seq_len - 1)  # a step planned ahead took a slot for a token never fed
         if req.row and self.pending_row_writes:
             self.pending_row_writes = [w for w in self.pending_row_writes if w.row != req.row]
+        if req.media is not None and req.media.unfinished(req.kv_len):
+            self.mm_released.append(req.rid)
         self.kv.release(req, keep_in_cache)
         req.phase = Phase.DONE
         self.live_rids.discard(req.rid)
