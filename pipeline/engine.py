@@ -55,6 +55,7 @@ import msgspec
 from pipeline.assembly import pipeline_spec
 from pipeline.channel import ChannelClosed
 from pipeline.config import ServerArgs, resolve
+from pipeline.engine_media import MediaArgumentError, engine_media
 from pipeline.launch import Pipeline
 from pipeline.messages import (Abort, EngineStats, ErrorOutput, FlushCache, GenerateRequest, ProcessCounters,
                                SamplingParams, SamplingParamsError, TextOutput)
@@ -159,8 +160,14 @@ class Engine:
 
     # ------------------------------------------------------------------- API
     def submit(self, prompt: str | None = None, sampling_params: dict | SamplingParams | None = None,
-               input_ids: list[int] | None = None, rid: str | None = None, stream: bool = False) -> str:
-        """Queue one request; returns its rid (wait with ``wait`` / ``stream``)."""
+               input_ids: list[int] | None = None, rid: str | None = None, stream: bool = False,
+               image_data: Any = None, video_data: Any = None) -> str:
+        """Queue one request; returns its rid (wait with ``wait`` / ``stream``).
+
+        ``image_data`` / ``video_data`` (vision models): one image/video or a list, in
+        the order of the prompt's placeholders (``pipeline/engine_media.py`` says what
+        each may be).
+        """
         if self.failure is not None:
             raise GenerateError(f"engine failed: {self.failure}", 500)
         if self._stop.is_set():
@@ -168,11 +175,15 @@ class Engine:
         params = sampling_params_from(sampling_params)
         if (prompt is None) == (input_ids is None):
             raise GenerateError("give exactly one of prompt and input_ids", param="prompt")
+        try:
+            media = engine_media(image_data, video_data)
+        except MediaArgumentError as error:
+            raise GenerateError(str(error), param=error.param) from None
         rid = rid or uuid.uuid4().hex
         with self._lock:
             self._collectors[rid] = _Collector(params.n)
         self.requests.put(GenerateRequest(rid=rid, text=prompt, input_ids=input_ids, sampling=params,
-                                          stream=stream, arrival_time_s=time.time()))
+                                          stream=stream, arrival_time_s=time.time(), media=media))
         return rid
 
     def abort(self, rid: str) -> None:
@@ -226,16 +237,24 @@ class Engine:
 
     def generate(self, prompt: str | list[str] | None = None,
                  sampling_params: dict | list[dict] | None = None,
-                 input_ids: list[int] | list[list[int]] | None = None) -> dict | list[dict]:
-        """Generate for one prompt (a dict) or a batch (a list of dicts, one per sequence)."""
+                 input_ids: list[int] | list[list[int]] | None = None,
+                 image_data: Any = None, video_data: Any = None) -> dict | list[dict]:
+        """Generate for one prompt (a dict) or a batch (a list of dicts, one per sequence).
+
+        Media of a batch: ``image_data`` / ``video_data`` as one entry per prompt
+        (each what ``submit`` takes); of a single prompt: what ``submit`` takes.
+        """
         prompts, ids, single = _normalize_inputs(prompt, input_ids)
         count = len(prompts) if prompts is not None else len(ids)
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * count
         if len(params) != count:
             raise GenerateError(f"{len(params)} sampling_params for {count} prompts", param="sampling_params")
         checked = [sampling_params_from(p) for p in params]
+        images = _per_prompt(image_data, count, single, "image_data")
+        videos = _per_prompt(video_data, count, single, "video_data")
         rids = [self.submit(prompts[i] if prompts is not None else None, checked[i],
-                            ids[i] if ids is not None else None) for i in range(count)]
+                            ids[i] if ids is not None else None, image_data=images[i], video_data=videos[i])
+                for i in range(count)]
         results = list(itertools.chain.from_iterable(self.wait(rid) for rid in rids))
         return results[0] if single and len(results) == 1 else results
 
@@ -283,6 +302,17 @@ class Engine:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.shutdown()
+
+
+def _per_prompt(value: Any, count: int, single: bool, name: str) -> list[Any]:
+    """A batch's media argument, one entry per prompt."""
+    if value is None:
+        return [None] * count
+    if single:
+        return [value]
+    if not isinstance(value, list) or len(value) != count:
+        raise GenerateError(f"a batch of {count} prompts needs a list of {count} entries", param=name)
+    return value
 
 
 def _normalize_inputs(prompt, input_ids) -> tuple[list[str] | None, list[list[int]] | None, bool]:

@@ -442,6 +442,40 @@ class ForwardBatch(Message, frozen=True, kw_only=True):
     # from the batch before (resolved on the device; triton_kernels/future.py).
     overlap: bool = False
     future_input: bool = False
+    # Vision-language models: what this batch needs besides token ids (None: text only).
+    mm: "MultimodalBatch | None" = None
+
+
+class MultimodalSlice(msgspec.Struct, frozen=True, kw_only=True):
+    """Pad rows of one image/video that fall in one prefill chunk (inside a MultimodalBatch).
+
+    The vision embeddings ``item_start .. item_start + count - 1`` of ``item``
+    replace the token embeddings of batch q rows ``batch_row .. batch_row + count - 1``.
+    ``last``: the chunk reaches the item's end, so the forward stage may stop
+    keeping its embeddings for ``rid``.
+    """
+
+    rid: str
+    item: MultimodalItem
+    batch_row: int
+    item_start: int
+    count: int
+    last: bool
+
+
+class MultimodalBatch(msgspec.Struct, frozen=True, kw_only=True):
+    """schedule -> forward: vision inputs and M-RoPE positions of one ForwardBatch.
+
+    ``mrope_positions``: three rows (time, height, width), one entry per batch
+    token, for an extend batch; None for a decode batch (its ``positions``
+    already hold ``seq_len + mrope_position_delta``). ``released``: rids whose
+    per-request embeddings the forward stage may drop (finished or aborted
+    while an image was only partly prefilled).
+    """
+
+    mrope_positions: list[list[int]] | None = None
+    slices: list[MultimodalSlice] = []
+    released: list[str] = []
 
 
 class Logits(Message, frozen=True, kw_only=True):

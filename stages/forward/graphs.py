@@ -39,8 +39,9 @@ def pad_decode(input_ids: list[int], positions: list[int], out_cache_loc: list[i
     zeros = [0] * pad
     ones = [1] * pad
     index = list(range(size))
+    prefix_lens = [n - 1 for n in seq_lens]  # not ``positions``: M-RoPE decode shifts those by a delta
     return (input_ids + zeros + positions + zeros + out_cache_loc + zeros + rows + zeros
-            + positions + zeros + [1] * size + index + seq_lens + ones + index)
+            + prefix_lens + zeros + [1] * size + index + seq_lens + ones + index)
 
 
 class DecodeGraphs:

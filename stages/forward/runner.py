@@ -24,13 +24,14 @@ import logging
 
 import torch
 
-from models.batch import KVCache
+from models.batch import KV_ONLY_DTYPES, KVCache
 from models.loader import load_model, resolve_dtype
 from models.parallel import TPGroup
 from pipeline.config import ServerArgs, running_requests_limit
 from pipeline.messages import ForwardBatch
 from stages.forward.graphs import DecodeGraphs, pad_decode
 from stages.forward.inputs import pack_batch, unpack, write_req_to_token
+from stages.forward.multimodal import MultimodalInputs
 from stages.staging import Uploader
 from triton_kernels import KernelOptions, load_index_ops, load_ops
 
@@ -54,7 +55,7 @@ class ModelRunner:
                                              quantization=args.quantization)
         self.context_len = min(args.context_length or self.config.context_length,
                                self.config.context_length)
-        kv_dtype = resolve_dtype(args.kv_cache_dtype, self.config)
+        kv_dtype = KV_ONLY_DTYPES.get(args.kv_cache_dtype) or resolve_dtype(args.kv_cache_dtype, self.config)
         num_slots = self._kv_slots(kv_dtype)
         self.kv_cache = KVCache.allocate(self.config.num_hidden_layers, num_slots, self.model.num_kv_heads,
                                          self.config.head_dim, kv_dtype, self.device)
@@ -73,6 +74,9 @@ class ModelRunner:
                     "--max-running-requests" if args.max_running_requests else "from the KV capacity",
                     num_slots - args.page_size, self.context_len)
         self.uploader = Uploader(self.device)
+        # Vision-language models: the encoder's cache and each batch's image rows (multimodal.py).
+        self.multimodal = (MultimodalInputs(self.model, self.device, args.mm_cache_size)
+                           if hasattr(self.model, "encode") else None)
         if self.device.type == "cuda" and args.kernel_backend == "triton":
             self._compile_gemm_tiles()
         self.graphs: DecodeGraphs | None = None
@@ -124,6 +128,10 @@ class ModelRunner:
         if batch.future_input:
             self._resolve_futures(device_batch.input_ids)
         write_req_to_token(self.index_ops.write_req_to_token, device_batch)
+        if batch.mm is not None and self.multimodal is not None:
+            positions, embeds = self.multimodal.prepare(batch.mm, device_batch.positions)
+            return self.model.forward(device_batch.input_ids, positions, device_batch.meta, self.kv_cache,
+                                      mm=embeds)
         return self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,
                                   self.kv_cache)
 

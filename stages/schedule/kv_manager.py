@@ -125,7 +125,7 @@ class KVManager:
         aligned = num_kv - num_kv % self.page_size
         if aligned <= req.cached_len:
             return []
-        tokens = req.fill_ids[:aligned]
+        tokens = req.key_ids[:aligned]
         already = self.tree.insert(tokens, req.slots[:aligned])
         writes: list[RowWrite] = []
         if already > req.cached_len:

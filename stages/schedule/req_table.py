@@ -65,17 +65,24 @@ class Req:
     # owed (None: none), and what came back so far.
     logprob_owed: int | None = None
     prompt_logprobs: Any = None
+    # Images / videos (``stages/schedule/multimodal.py``'s ``RequestMedia``); None: text only.
+    media: Any = None
 
     @property
     def fill_ids(self) -> list[int]:
         return self.input_ids + self.output_ids
 
     @property
+    def key_ids(self) -> list[int]:
+        """The radix cache's keys for ``fill_ids``: an image's pad positions hold its ``pad_value``."""
+        return self.fill_ids if self.media is None else self.media.prompt_keys + self.output_ids
+
+    @property
     def matchable_ids(self) -> list[int]:
         """The tokens a radix-cache match may cover: all but the last, and none whose logits are owed."""
         if self.logprob_owed is None:
-            return self.fill_ids[:-1]
-        return self.input_ids[:max(self.logprob_owed - 1, 0)]
+            return self.key_ids[:-1]
+        return self.key_ids[:max(self.logprob_owed - 1, 0)]
 
     @property
     def seq_len(self) -> int:
