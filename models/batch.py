@@ -23,7 +23,11 @@ max_seq_len         int          max(seq_lens), host int
 ==================  ===========  ============================================
 
 ``KVCache`` holds, per layer, one ``[num_slots, num_kv_heads, head_dim]`` tensor
-for K and one for V. The tensors belong to the forward stage; which slots are
+for K and one for V, in the model's dtype or, with ``--kv-cache-dtype
+fp8_e4m3``, in ``float8_e4m3fn`` (one byte a value, so twice the tokens fit;
+the kernels quantise on store and dequantise on read with each layer's
+``k_scale`` / ``v_scale``, see triton_kernels/kv_fp8.py). The tensors belong
+to the forward stage; which slots are
 free belongs to the schedule stage.
 """
 from __future__ import annotations
@@ -31,6 +35,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+
+# --kv-cache-dtype names that are not model dtypes (the others resolve like --dtype).
+KV_ONLY_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclasses.dataclass(frozen=True)

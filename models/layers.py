@@ -139,6 +139,10 @@ class Attention(nn.Module):
         self.kv_size = self.num_kv_heads * self.head_dim
         self.sm_scale = self.head_dim ** -0.5
         self.sliding_window = config.sliding_windows[layer_idx]
+        # FP8 KV cache: per-tensor scales of this layer's K and V (checkpoint k_scale /
+        # v_scale, set by quantization.load_kv_scales; other pools ignore them).
+        self.k_scale = 1.0
+        self.v_scale = 1.0
         self.cos_sin_cache = cos_sin_cache          # shared by all layers, not a parameter
         H = config.hidden_size
         quant = config.quantization
@@ -163,7 +167,8 @@ class Attention(nn.Module):
         q_norm_w, k_norm_w, eps = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
                                    if self.q_norm is not None else (None, None, 1e-6))
         self.ops.qk_norm_rope_store(q, k, v, positions, self.cos_sin_cache, True, k_cache, v_cache,
-                                    attn_meta.out_cache_loc, q_norm_w, k_norm_w, eps)
+                                    attn_meta.out_cache_loc, q_norm_w, k_norm_w, eps,
+                                    k_scale=self.k_scale, v_scale=self.v_scale)
         o = self._attend(q, k, v, attn_meta, k_cache, v_cache)               # [T, Hq, D]
         return self.o_proj(o.view(T, self.q_size))
 
@@ -176,10 +181,11 @@ class Attention(nn.Module):
         if m.mode == "decode":
             return self.ops.decode_attention(
                 q, k_cache, v_cache, m.req_to_token, m.req_pool_indices, m.seq_lens,
-                self.sm_scale, sliding_window=self.sliding_window)
+                self.sm_scale, sliding_window=self.sliding_window, k_scale=self.k_scale,
+                v_scale=self.v_scale)
         if m.mode != "extend":
             raise ValueError(f"attn_meta.mode must be 'extend' or 'decode', got {m.mode!r}")
         return self.ops.extend_attention(
             q, k, v, k_cache, v_cache, m.req_to_token, m.req_pool_indices, m.prefix_lens,
             m.extend_lens, m.extend_start_loc, m.max_extend_len, self.sm_scale,
-            sliding_window=self.sliding_window)
+            sliding_window=self.sliding_window, k_scale=self.k_scale, v_scale=self.v_scale)

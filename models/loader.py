@@ -59,6 +59,7 @@ from models.quantization import (
     check_servable,
     finalize_quantized,
     init_dummy_quantized,
+    load_kv_scales,
     quant_modules,
     quantized_layout,
     resolve_quantization,
@@ -112,6 +113,7 @@ def load_model(model_path: str | Path, ops: KernelOps, dtype: torch.dtype | str,
     else:
         load_safetensors(model, files, device)
         finalize_quantized(model)       # checkpoint tensors -> the quantized kernels' layout
+        load_kv_scales(model, files)    # FP8 KV cache: per-layer k_scale / v_scale, if stored
     return model, config
 
 

@@ -508,3 +508,35 @@ def init_dummy_quantized(model: nn.Module, seed: int, std: float) -> None:
         set_from_dense(m, w)
         if m.bias is not None:
             m.bias.data.normal_(0.0, std, generator=generator)
+
+
+# ----------------------------------------------------------------------------- FP8 KV-cache scales
+
+# Per-tensor K/V scales of an FP8 KV cache, as FP8 checkpoints store them: on the
+# attention module or on k_proj / v_proj (``model.layers.3.self_attn.k_proj.k_scale``).
+KV_SCALE = re.compile(r"(.*\.layers\.(\d+))\.self_attn\.(?:(?:k_proj|v_proj|attn)\.)?([kv])_scale")
+
+
+def load_kv_scales(model: nn.Module, files: list) -> int:
+    """Set each attention layer's ``k_scale`` / ``v_scale`` (Python floats the KV store
+    and attention kernels take; 1.0 when absent, as SGLang) from the checkpoint's
+    ``k_scale`` / ``v_scale`` tensors. Returns how many it found."""
+    from safetensors import safe_open
+
+    layers = {int(m.group(1)): module for name, module in model.named_modules()
+              if (m := re.search(r"layers\.(\d+)\.self_attn$", name)) and hasattr(module, "k_scale")}
+    found = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                match = KV_SCALE.fullmatch(name)
+                if match is None:
+                    continue
+                layer, which = int(match.group(2)), match.group(3)
+                value = f.get_tensor(name).float()
+                if layer not in layers or value.numel() != 1 or not float(value) > 0:
+                    raise ModelConfigError(f"{path}: {name} must be one positive value of a layer "
+                                           f"the model has, got shape {list(value.shape)}")
+                setattr(layers[layer], f"{which}_scale", float(value))
+                found += 1
+    return found

@@ -188,4 +188,5 @@ def held_elsewhere(name: str, params: dict[str, torch.Tensor], num_experts: int)
 
 
 # Names that checkpoints carry but no model needs (buffers saved by old transformers).
-IGNORED = re.compile(r".*\.rotary_emb\.inv_freq|.*\.attn\.bias|.*\.attn\.masked_bias")
+IGNORED = re.compile(r".*\.rotary_emb\.inv_freq|.*\.attn\.bias|.*\.attn\.masked_bias"
+                     r"|.*\.self_attn\.(?:(?:k_proj|v_proj|attn)\.)?[kv]_scale")  # quantization.load_kv_scales
