@@ -56,7 +56,8 @@ def test_forward_matches_transformers_through_prefill_decode_and_prefix_hit(tiny
                                            disable_cuda_graph=True))
     driver = StageDriver(ForwardStage(args, *wiring(ForwardInbox, "sample")))
     tol = dict(atol=2e-4, rtol=1e-4) if device.type == "cpu" else dict(atol=5e-3, rtol=5e-3)  # tf32 GEMMs
-    assert driver.stage.model_info.num_slots == 257 and driver.stage.model_info.num_rows == 257
+    # 256 KV tokens: at most 128 running requests (half the KV tokens) -> 128 rows + row 0
+    assert driver.stage.model_info.num_slots == 257 and driver.stage.model_info.num_rows == 129
     a, b = [0, 5, 9, 33, 7, 120, 41], [0, 17, 250, 3]
     slots_a, slots_b = list(range(1, 8)), list(range(20, 24))
     driver.feed(_batch(0, "extend", [(1, a, 0, slots_a), (2, b, 0, slots_b)]))
