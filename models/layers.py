@@ -157,7 +157,11 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = None
 
     def forward(self, positions: torch.Tensor, x: torch.Tensor, attn_meta: AttentionMetadata,
-                k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+                k_cache: torch.Tensor, v_cache: torch.Tensor,
+                cos_sin_table: torch.Tensor | None = None) -> torch.Tensor:
+        """``positions`` index ``cos_sin_table`` (default: the layer's RoPE cache; M-RoPE
+        passes per-batch rows and their table, see models/qwen_vl.py)."""
+        table = self.cos_sin_cache if cos_sin_table is None else cos_sin_table
         T = x.shape[0]
         qkv = self.qkv_proj(x)                                               # [T, (Hq+2Hk)*D]
         q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
@@ -166,7 +170,7 @@ class Attention(nn.Module):
         # In place on the qkv views: q/k head norm (Qwen3), RoPE; then k, v into the pool.
         q_norm_w, k_norm_w, eps = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
                                    if self.q_norm is not None else (None, None, 1e-6))
-        self.ops.qk_norm_rope_store(q, k, v, positions, self.cos_sin_cache, True, k_cache, v_cache,
+        self.ops.qk_norm_rope_store(q, k, v, positions, table, True, k_cache, v_cache,
                                     attn_meta.out_cache_loc, q_norm_w, k_norm_w, eps,
                                     k_scale=self.k_scale, v_scale=self.v_scale)
         o = self._attend(q, k, v, attn_meta, k_cache, v_cache)               # [T, Hq, D]

@@ -68,17 +68,7 @@ class MRopeAttention(Attention):
 
     def forward(self, rope: RopeRows, x: torch.Tensor, attn_meta: AttentionMetadata,
                 k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        T = x.shape[0]
-        qkv = self.qkv_proj(x)                                               # [T, (Hq+2Hk)*D]
-        q = qkv[:, : self.q_size].view(T, self.num_heads, self.head_dim)
-        k = qkv[:, self.q_size: self.q_size + self.kv_size].view(T, self.num_kv_heads, self.head_dim)
-        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        q_norm_w, k_norm_w, eps = ((self.q_norm.weight, self.k_norm.weight, self.q_norm.eps)
-                                   if self.q_norm is not None else (None, None, 1e-6))
-        self.ops.qk_norm_rope_store(q, k, v, rope.rows, rope.table, True, k_cache, v_cache,
-                                    attn_meta.out_cache_loc, q_norm_w, k_norm_w, eps)
-        o = self._attend(q, k, v, attn_meta, k_cache, v_cache)               # [T, Hq, D]
-        return self.o_proj(o.view(T, self.q_size))
+        return super().forward(rope.rows, x, attn_meta, k_cache, v_cache, cos_sin_table=rope.table)
 
 
 class VisionLanguageMixin:
