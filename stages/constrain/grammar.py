@@ -41,9 +41,10 @@ import torch
 from outlines_core import Guide, Index
 
 from stages.constrain.bitmask import BITS_PER_WORD, MaskRowCache, bitmask_words
+from stages.constrain.bounded import BoundedStrings, BoundedUnsupported, analyze
 from stages.constrain.ebnf import EbnfError, ebnf_to_regex, escape_literal
 from stages.constrain.sandbox import CompileBudgetError, CompileCancelled, CompileSandbox
-from stages.constrain.schema import SchemaError, schema_to_regex
+from stages.constrain.schema import SchemaError, SchemaRegexes, schema_regexes
 from stages.constrain.vocab import TokenVocab
 
 GrammarKind = Literal["json_schema", "regex", "choices", "ebnf"]
@@ -75,7 +76,12 @@ def choices_regex(choices: list[str]) -> str:
 
 
 def json_schema_regex(schema: str) -> str:
-    """outlines-core's regex for a JSON schema (a JSON text)."""
+    """outlines-core's regex for a JSON schema (a JSON text), string lengths bounded in the regex."""
+    return json_schema_regexes(schema).exact
+
+
+def json_schema_regexes(schema: str) -> SchemaRegexes:
+    """Exact, unbounded and marked regexes of a JSON schema (a JSON text); see ``schema.py``."""
     try:
         parsed = json.loads(schema)
     except json.JSONDecodeError as error:
@@ -85,7 +91,7 @@ def json_schema_regex(schema: str) -> str:
     if parsed == {"type": "object"}:  # any object: the bounded-depth form (see JSON_OBJECT_SCHEMA)
         parsed = json.loads(JSON_OBJECT_SCHEMA)
     try:
-        return schema_to_regex(parsed)
+        return schema_regexes(parsed)
     except SchemaError as error:
         raise GrammarError(str(error)) from None
 
@@ -203,6 +209,7 @@ class CompiledGrammar:
     index: Index
     mask_cache: MaskRowCache | None = None
     num_bytes: int = 0  # serialized Index size: the cache's estimate of its memory
+    bounded: BoundedStrings | None = None  # string lengths counted beside ``index`` (``bounded.py``)
 
 
 @dataclass
@@ -317,8 +324,25 @@ class GrammarCompiler:
     def _compile(self, kind: str, spec: str, cancel: threading.Event | None = None) -> CompiledGrammar:
         grammar_id = next(self._grammar_ids)  # atomic under the GIL
         self.num_compiles += 1
-        index, num_bytes = build_index_sized(grammar_regex(kind, spec), self.vocab, self.sandbox, cancel)
-        return CompiledGrammar(grammar_id=grammar_id, index=index, mask_cache=self.mask_cache, num_bytes=num_bytes)
+        bounded, regex = self._bounded_strings(kind, spec)
+        index, num_bytes = build_index_sized(regex, self.vocab, self.sandbox, cancel)
+        if bounded is not None:
+            num_bytes += bounded.num_bytes
+        return CompiledGrammar(grammar_id=grammar_id, index=index, mask_cache=self.mask_cache, num_bytes=num_bytes,
+                               bounded=bounded)
+
+    def _bounded_strings(self, kind: str, spec: str) -> tuple[BoundedStrings | None, str]:
+        """(counter, regex to index): a schema's bounded strings are counted beside an unbounded
+        regex when that is exact (``bounded.py``), else bounded in the regex itself."""
+        if kind != "json_schema":
+            return None, grammar_regex(kind, spec)
+        regexes = json_schema_regexes(spec)
+        if not regexes.bounds:
+            return None, regexes.exact
+        try:
+            return analyze(regexes.marked, regexes.bounds, self.vocab), regexes.unbounded
+        except BoundedUnsupported:
+            return None, regexes.exact
 
     def close(self) -> None:
         if self._executor is not None:
@@ -356,6 +380,9 @@ class GrammarState:
         self.finished = False
         self.broken = False
         self.num_tokens = 0
+        bounded = grammar.bounded
+        self.string_state = bounded.initial if bounded is not None else -1  # state of the marked byte automaton
+        self.string_len = 0  # characters so far in the bounded string being written
 
     @property
     def accepting(self) -> bool:
@@ -383,13 +410,19 @@ class GrammarState:
 
     def _write_grammar_bits(self, bits: np.ndarray, vocab_size: int) -> None:
         cache = self.grammar.mask_cache
-        key = (self.grammar.grammar_id, self.guide.get_state(), vocab_size)
+        bounded = self.grammar.bounded
+        key = (self.grammar.grammar_id, self._state_key(), vocab_size)
         cached = cache.get(key) if cache is not None else None
         if cached is not None:
             bits[:] = cached
             return
         tokenizer_words = bitmask_words(self.vocab.tokenizer_size)
-        if bits.size >= tokenizer_words:
+        if bounded is not None:  # the Index's row (cached per Index state) AND the length rule
+            allowed = self._index_bits(tokenizer_words) & bounded.allowed_words(self.string_state, self.string_len)
+            words = min(bits.size, tokenizer_words)
+            bits[:words] = allowed[:words]
+            bits[words:] = 0
+        elif bits.size >= tokenizer_words:
             self.guide.write_mask_into(bits.ctypes.data, bits.size, 4)
         else:  # outlines writes by token id: give it room for every id, keep the model's part
             scratch = np.empty(tokenizer_words, dtype=np.uint32)
@@ -399,6 +432,30 @@ class GrammarState:
             _clear_from(bits, vocab_size)
         if cache is not None:
             cache.put(key, bits)
+
+    def _state_key(self) -> Any:
+        """What the mask row depends on: the Index state, plus the bounded-string state and count."""
+        bounded = self.grammar.bounded
+        if bounded is None:
+            return self.guide.get_state()
+        current = int(bounded.string_of[self.string_state])
+        length = self.string_len if current >= 0 else 0
+        if current >= 0 and bounded.max_len[current] == bounded.max_len[-1]:  # no maxLength: only min matters
+            length = min(length, int(bounded.min_len[current]))
+        return self.guide.get_state(), self.string_state, length
+
+    def _index_bits(self, words: int) -> np.ndarray:
+        """The Index's packed row for the tokenizer's ids (cached per Index state)."""
+        cache = self.grammar.mask_cache
+        key = (self.grammar.grammar_id, ("index", self.guide.get_state()), -1)
+        cached = cache.get(key) if cache is not None else None
+        if cached is not None:
+            return cached
+        row = np.empty(words, dtype=np.uint32)
+        self.guide.write_mask_into(row.ctypes.data, row.size, 4)
+        if cache is not None:
+            cache.put(key, row)
+        return row
 
     def advance(self, token_id: int) -> None:
         """Feed the sampled token (a stop token in an accepting state finishes the grammar)."""
@@ -412,11 +469,25 @@ class GrammarState:
             self.guide.advance(token_id, return_tokens=False)
         except ValueError:
             self.broken = True
+            return
+        bounded = self.grammar.bounded
+        if bounded is not None:
+            data = bounded.tables.token_bytes[token_id] if token_id < len(bounded.tables.token_bytes) else None
+            walked = bounded.advance(self.string_state, self.string_len, data) if data is not None else None
+            if walked is None:  # a token the length rule forbids (never one from our mask)
+                self.broken = True
+            else:
+                self.string_state, self.string_len = walked
 
     def allowed_token_ids(self) -> list[int]:
         """Allowed ids in the current state (slow path for tests and debugging)."""
         if self.broken or self.finished:
             return list(self.vocab.stop_token_ids)
+        if self.grammar.bounded is not None:
+            row = np.zeros(bitmask_words(self.vocab.tokenizer_size), dtype=np.uint32)
+            self.write_mask(row, self.vocab.tokenizer_size)
+            bits = np.unpackbits(row.view(np.uint8), bitorder="little")
+            return np.nonzero(bits)[0].tolist()
         allowed = set(self.guide.get_tokens())
         allowed.discard(self.vocab.eos_token_id)
         if self.guide.is_finished():

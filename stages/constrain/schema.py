@@ -18,12 +18,22 @@ integer is rounded inward (sound: every output validates; ``0.5 <= x <= 0.9``
 is rejected as unsupported), while an exclusive integer bound keeps its open
 unit interval (``exclusiveMinimum: 0`` allows ``0.25``). Bounded numbers are
 written without exponents.
+
+Strings with ``minLength``/``maxLength`` get placeholders too (``@@sN@@``).
+outlines renders them as a bounded repeat, ``"(char){0,200}"``, whose
+automaton has a state per count and takes minutes to compile on a large
+vocabulary. ``schema_regexes`` therefore returns three regexes: the exact one
+(bounded repeats, what outlines would build), one with every bounded body
+unbounded (``"(char)*"``, compiles fast) and one whose bounded bodies open
+with a marker (``"\x01N\x02(char)*"``) naming the string; ``bounded.py``
+counts the characters of each bounded string outside the automaton.
 """
 from __future__ import annotations
 
 import copy
 import json
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from outlines_core.json_schema import build_regex_from_schema
@@ -33,6 +43,10 @@ ZERO_FRACTION = r"(\.0+)?"
 _SUBSCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
 _SUBSCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties")
 _SUBSCHEMA_SINGLE = ("items", "additionalProperties", "not", "contains")
+# One character of a JSON string as outlines renders it: any char but '"', '\\' and
+# controls, or a two-byte escape (no \\uXXXX). ``bounded.py`` relies on this shape.
+STRING_CHAR = r'([^"\\\x00-\x1F\x7F-\x9F]|\\["\\/bfnrt])'
+_STRING_KEYS = ("pattern", "format", "enum", "const")
 
 
 class SchemaError(ValueError):
@@ -189,12 +203,33 @@ def _numeric_regex(schema: dict[str, Any]) -> str:
     return integer_range_regex(lo, hi)
 
 
-def _rewrite(node: Any, placeholders: list[str]) -> Any:
-    """Copy of ``node`` with bounded numeric schemas swapped for placeholder string schemas."""
+def _length_bounds(node: dict[str, Any]) -> tuple[int, int | None] | None:
+    """(minLength, maxLength or None) of a plain bounded string schema, else None (left to outlines)."""
+    if node.get("type") != "string" or any(key in node for key in _STRING_KEYS):
+        return None
+    low, high = node.get("minLength", 0), node.get("maxLength")
+    if "minLength" not in node and high is None:
+        return None
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (low, high) if v is not None):
+        return None
+    if high is not None and low > high:
+        raise SchemaError(f"minLength {low} > maxLength {high}: no string fits")
+    return low, high
+
+
+def _rewrite(node: Any, placeholders: list[str], strings: list[tuple[int, int | None]] | None = None) -> Any:
+    """Copy of ``node`` with bounded numeric schemas (and, given ``strings``, bounded strings)
+    swapped for placeholder string schemas."""
     if not isinstance(node, dict):
         return node
-    if isinstance(node.get("type"), list) and _has_bounds(node) and "enum" not in node and "const" not in node:
-        return _rewrite({"anyOf": [{**node, "type": kind} for kind in node["type"]]}, placeholders)
+    bounds = _length_bounds(node) if strings is not None else None
+    if bounds is not None:
+        strings.append(bounds)
+        return {"type": "string", "pattern": f"@@s{len(strings) - 1}@@"}
+    has_lengths = strings is not None and ("minLength" in node or "maxLength" in node)
+    if isinstance(node.get("type"), list) and (_has_bounds(node) or has_lengths) and "enum" not in node \
+            and "const" not in node:
+        return _rewrite({"anyOf": [{**node, "type": kind} for kind in node["type"]]}, placeholders, strings)
     if node.get("type") in ("integer", "number") and _has_bounds(node) and "enum" not in node \
             and "const" not in node:
         placeholders.append(_numeric_regex(node))
@@ -202,22 +237,39 @@ def _rewrite(node: Any, placeholders: list[str]) -> Any:
     out = dict(node)
     for key in _SUBSCHEMA_LISTS:
         if isinstance(node.get(key), list):
-            out[key] = [_rewrite(child, placeholders) for child in node[key]]
+            out[key] = [_rewrite(child, placeholders, strings) for child in node[key]]
     for key in _SUBSCHEMA_MAPS:
         if isinstance(node.get(key), dict):
-            out[key] = {name: _rewrite(child, placeholders) for name, child in node[key].items()}
+            out[key] = {name: _rewrite(child, placeholders, strings) for name, child in node[key].items()}
     for key in _SUBSCHEMA_SINGLE:
         if key in node:
             child = node[key]
-            out[key] = [_rewrite(c, placeholders) for c in child] if isinstance(child, list) \
-                else _rewrite(child, placeholders)
+            out[key] = [_rewrite(c, placeholders, strings) for c in child] if isinstance(child, list) \
+                else _rewrite(child, placeholders, strings)
     return out
 
 
-def schema_to_regex(schema: Any, whitespace_pattern: str | None = None) -> str:
-    """Regex matching exactly the JSON texts valid under ``schema`` (a parsed schema)."""
+@dataclass(frozen=True)
+class SchemaRegexes:
+    """The regexes of one schema (see the module docstring); ``bounds[N]`` is string N's
+    (minLength, maxLength or None). Without bounded strings all three regexes are equal."""
+
+    exact: str
+    unbounded: str
+    marked: str
+    bounds: tuple[tuple[int, int | None], ...]
+
+
+def string_marker(number: int) -> str:
+    """The regex of bounded string ``number``'s marker (the bytes ``\\x01``, its digits, ``\\x02``)."""
+    return rf"\x01{number}\x02"
+
+
+def schema_regexes(schema: Any, whitespace_pattern: str | None = None) -> SchemaRegexes:
+    """Exact, unbounded and marked regexes of ``schema`` (a parsed schema)."""
     placeholders: list[str] = []
-    rewritten = _rewrite(copy.deepcopy(schema), placeholders)
+    strings: list[tuple[int, int | None]] | None = [] if _renders_strings_as_expected() else None
+    rewritten = _rewrite(copy.deepcopy(schema), placeholders, strings)
     try:
         regex = build_regex_from_schema(json.dumps(rewritten), whitespace_pattern)
     except (ValueError, TypeError, RuntimeError) as error:
@@ -227,4 +279,24 @@ def schema_to_regex(schema: Any, whitespace_pattern: str | None = None) -> str:
         if rendered not in regex:
             raise SchemaError(f"internal: bounded number placeholder {number} not found in the regex")
         regex = regex.replace(rendered, f"({numeric})")
-    return regex
+    exact = unbounded = marked = regex
+    for number, (low, high) in enumerate(strings or []):
+        rendered = f'("@@s{number}@@")'
+        if rendered not in regex:
+            raise SchemaError(f"internal: bounded string placeholder {number} not found in the regex")
+        repeat = f"{{{low},{high if high is not None else ''}}}"
+        exact = exact.replace(rendered, f'("{STRING_CHAR}{repeat}")')
+        unbounded = unbounded.replace(rendered, f'("{STRING_CHAR}*")')
+        marked = marked.replace(rendered, f'("{string_marker(number)}{STRING_CHAR}*")')
+    return SchemaRegexes(exact=exact, unbounded=unbounded, marked=marked, bounds=tuple(strings or ()))
+
+
+def _renders_strings_as_expected() -> bool:
+    """True if outlines writes a bounded string as ``"STRING_CHAR{m,n}"`` (what the counting assumes)."""
+    rendered = build_regex_from_schema(json.dumps({"type": "string", "minLength": 1, "maxLength": 2}))
+    return rendered == f'"{STRING_CHAR}{{1,2}}"'
+
+
+def schema_to_regex(schema: Any, whitespace_pattern: str | None = None) -> str:
+    """Regex matching exactly the JSON texts valid under ``schema`` (a parsed schema)."""
+    return schema_regexes(schema, whitespace_pattern).exact

@@ -28,7 +28,7 @@ import hashlib
 import json
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 import msgspec
 from outlines_core import Vocabulary
@@ -97,6 +97,7 @@ class TokenVocab:
     key: str = ""
     _outlines: Vocabulary | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _derived: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.key:
@@ -112,6 +113,13 @@ class TokenVocab:
             if self._outlines is None:
                 self._outlines = Vocabulary(self.eos_token_id, self.token_bytes)
             return self._outlines
+
+    def derived(self, name: str, build: Callable[[TokenVocab], Any]) -> Any:
+        """``build(self)``, computed once per vocabulary and kept (e.g. per-token tables of ``bounded.py``)."""
+        with self._lock:
+            if name not in self._derived:
+                self._derived[name] = build(self)
+            return self._derived[name]
 
 
 def _fingerprint(token_bytes: dict[bytes, list[int]], stop_token_ids: tuple[int, ...]) -> str:
