@@ -20,6 +20,15 @@ Measured:
   [64, V] float32 logits: PyTorch reference on CPU; the Triton kernel too when
   CUDA is present).
 
+Bounded strings (``bounded``): on a synthetic byte-level vocabulary of 151k
+tokens built directly as token bytes (all 256 bytes, words of the demo text
+with and without a leading space, UTF-8 pieces of several scripts, JSON
+punctuation and quote pieces like ``",`` ``"}`` ``\"``, then random joins of
+those), the compile of ``{"type": "string", "maxLength": 200}`` and of an
+object with four bounded strings (``compile_*_s``: lengths counted beside an
+unbounded automaton, ``bounded.py``), and the mask of a state inside a
+bounded string (``mask_in_string``: first visit of a count, and cached).
+
 Anchor: one decode step of an 8B model on an H100 takes ~6-8 ms, so a mask
 step should stay well under 1 ms. Results go to ``perf/results/constrain-<device>.json``.
 
@@ -37,6 +46,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,8 +59,9 @@ from pipeline.messages import (ConstrainInbox, ForwardBatch, GrammarCompile, Mod
 from stages.constrain.bitmask import apply_token_bitmask_reference, bitmask_words  # noqa: E402
 from stages.constrain.grammar import (CompiledGrammar, GrammarCompiler, GrammarState,  # noqa: E402
                                       response_format_to_sampling)
+from stages.constrain.bounded import token_tables  # noqa: E402
 from stages.constrain.stage import ConstrainStage  # noqa: E402
-from stages.constrain.vocab import build_token_vocab  # noqa: E402
+from stages.constrain.vocab import TokenVocab, build_token_vocab  # noqa: E402
 
 DATA = ROOT / "models" / "demo" / "tinyshakespeare.txt"  # the demo model's training text
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -83,6 +94,72 @@ def synthetic_tokenizer(vocab_size: int, seed: int = 0) -> Any:
     tokenizer.add_special_tokens(SPECIAL)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>",
                                    additional_special_tokens=SPECIAL[1:])
+
+
+def synthetic_vocab(size: int = 151_000, seed: int = 0) -> TokenVocab:
+    """A byte-level TokenVocab of ``size`` text tokens from real-looking pieces (module docstring)."""
+    rng = random.Random(seed)
+    pieces: dict[bytes, None] = {bytes([b]): None for b in range(256)}
+    for word in sorted(set(DATA.read_text().split())):
+        for variant in (word, " " + word, word.lower(), " " + word.capitalize()):
+            pieces[variant.encode()] = None
+    scripts = "éèüößñçàâ" + "абвгдежзик" + "αβγδεζηθ" + "中文字的是不了人我在有他这" + "日本語のテスト" + "😀🎉👍🚀"
+    for _ in range(8000):
+        text = "".join(rng.choice(scripts) for _ in range(rng.randint(1, 3)))
+        pieces[(" " if rng.random() < 0.3 else "").encode() + text.encode()] = None
+        pieces[text.encode()[: rng.randint(1, 3)]] = None  # pieces ending inside a UTF-8 character
+    for punct in ['",', '"}', '\\"', '":', '":"', '","', '"]', '{"', ' "', '"\n', '\\n', '\\\\', '"},{"', '["',
+                  '": "', '", "', '"}]', '\\u', '\\t', "{\n", "},\n", '"\n}', ': ', ', ', '\n  "']:
+        pieces[punct.encode()] = None
+    base = list(pieces)
+    while len(pieces) < size:
+        joined = rng.choice(base) + rng.choice(base)
+        if len(joined) <= 16:
+            pieces[joined] = None
+    token_bytes = {data: [i] for i, data in enumerate(list(pieces)[:size])}
+    return TokenVocab(token_bytes=token_bytes, eos_token_id=size, stop_token_ids=(size,), tokenizer_size=size + 1,
+                      kind="byte_level")
+
+
+def bounded_object_schema() -> dict[str, Any]:
+    return {"type": "object", "properties": {
+        "title": {"type": "string", "maxLength": 20}, "summary": {"type": "string", "maxLength": 200},
+        "code": {"type": "string", "minLength": 3, "maxLength": 10}, "tags": {"type": "array", "maxItems": 3,
+                                                                              "items": {"type": "string", "maxLength": 12}},
+        "year": {"type": "integer", "minimum": 1900, "maximum": 2100}}, "required": ["title", "summary", "code"]}
+
+
+def bench_bounded(size: int, repeats: int) -> dict[str, Any]:
+    """Compile and mask costs of bounded JSON strings on a synthetic ``size``-token vocabulary."""
+    start = time.perf_counter()
+    vocab = synthetic_vocab(size)
+    build_s = time.perf_counter() - start
+    compiler = GrammarCompiler(vocab, max_workers=0)
+    start = time.perf_counter()
+    token_tables(vocab)
+    tables_s = time.perf_counter() - start
+    result: dict[str, Any] = {"vocab_tokens": vocab.num_text_tokens, "vocab_build_s": round(build_s, 2),
+                              "token_tables_s": round(tables_s, 3)}
+    for name, schema in (("max_length_200", {"type": "string", "maxLength": 200}),
+                         ("bounded_object", bounded_object_schema())):
+        start = time.perf_counter()
+        grammar = compiler.compile("json_schema", json.dumps(schema))
+        result[f"compile_{name}_s"] = round(time.perf_counter() - start, 3)
+        result[f"{name}_counted"] = grammar.bounded is not None
+    grammar = compiler.compile("json_schema", json.dumps({"type": "string", "maxLength": 200}))
+    state = GrammarState(grammar, vocab)
+    state.advance(vocab.token_bytes[b'"'][0])
+    letter = vocab.token_bytes[b"a"][0]
+    row = np.zeros(bitmask_words(vocab.tokenizer_size), dtype=np.uint32)
+    fresh = []
+    for _ in range(min(repeats, 150)):  # each count is a new row: the uncached path
+        begin = time.perf_counter()
+        state.write_mask(row, vocab.tokenizer_size)
+        fresh.append((time.perf_counter() - begin) * 1e6)
+        state.advance(letter)
+    result["mask_in_string_uncached"] = {"median_us": statistics.median(fresh), "p90_us": sorted(fresh)[int(0.9 * len(fresh))]}
+    result["mask_in_string_cached"] = timed_us(lambda: state.write_mask(row, vocab.tokenizer_size), repeats)
+    return result
 
 
 def twenty_field_schema() -> dict[str, Any]:
@@ -252,9 +329,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--constrained", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--out", default=str(ROOT / "perf" / "results"))
+    parser.add_argument("--bounded-vocab-size", type=int, default=151_000)
+    parser.add_argument("--only-bounded", action="store_true", help="measure bounded strings only")
     args = parser.parse_args(argv)
     import outlines_core  # noqa: F401
     from importlib.metadata import version
+
+    bounded = bench_bounded(args.bounded_vocab_size, args.repeats)
+    print(json.dumps({"bounded": bounded}, indent=2), flush=True)
+    if args.only_bounded:
+        return {"bounded": bounded}
 
     start = time.perf_counter()
     tokenizer = synthetic_tokenizer(args.vocab_size)
@@ -280,6 +364,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch": args.batch, "constrained_rows": args.constrained,
         "vocab_build_s": round(vocab_build_s, 3), "compile_20_fields_s": round(compile_s, 3),
         "compile_json_object_s": round(compile_object_s, 3), "step": step, "stage_step": stage_step,
+        "bounded": bounded,
         "anchor": "8B decode step on an H100 ~6-8 ms; mask work should be < 1 ms",
     }
     print(json.dumps(result, indent=2))

@@ -13,11 +13,16 @@ Three steps, each cheap to reason about:
    which). This is the expensive part (seconds for a large schema on a 150k
    vocabulary), so it runs on a thread pool (outlines releases the GIL) and is
    cached by ``(kind, spec, vocabulary fingerprint)``; the same schema sent by
-   many requests compiles once.
+   many requests compiles once. A schema's strings with minLength/maxLength
+   are indexed unbounded and their characters counted beside the Index
+   (``bounded.py``: a bounded repeat costs a state per count, minutes at
+   150k tokens), unless counting cannot be exact; then the bounds stay in the
+   regex.
 3. ``GrammarState``: one request's cursor in the Index (an outlines
    ``Guide``). Each step it writes its allowed-token row into the batch
    bitmask and advances by the sampled token. The EOS ids are allowed exactly
-   in accepting states. Rows are cached per (grammar, state) in the
+   in accepting states; with counted strings the row is the Index's row AND
+   the length rule, and the state adds the count. Rows are cached per (grammar, state) in the
    compiler's ``MaskRowCache``: outlines walks every allowed token to write a
    row (~0.8 ms inside a JSON string at 150k tokens), a cached row is a copy.
 
@@ -324,25 +329,23 @@ class GrammarCompiler:
     def _compile(self, kind: str, spec: str, cancel: threading.Event | None = None) -> CompiledGrammar:
         grammar_id = next(self._grammar_ids)  # atomic under the GIL
         self.num_compiles += 1
-        bounded, regex = self._bounded_strings(kind, spec)
-        index, num_bytes = build_index_sized(regex, self.vocab, self.sandbox, cancel)
-        if bounded is not None:
-            num_bytes += bounded.num_bytes
-        return CompiledGrammar(grammar_id=grammar_id, index=index, mask_cache=self.mask_cache, num_bytes=num_bytes,
-                               bounded=bounded)
-
-    def _bounded_strings(self, kind: str, spec: str) -> tuple[BoundedStrings | None, str]:
-        """(counter, regex to index): a schema's bounded strings are counted beside an unbounded
-        regex when that is exact (``bounded.py``), else bounded in the regex itself."""
-        if kind != "json_schema":
-            return None, grammar_regex(kind, spec)
-        regexes = json_schema_regexes(spec)
-        if not regexes.bounds:
-            return None, regexes.exact
+        regexes = json_schema_regexes(spec) if kind == "json_schema" else None
+        if regexes is None or not regexes.bounds:
+            regex = regexes.exact if regexes is not None else grammar_regex(kind, spec)
+            index, num_bytes = build_index_sized(regex, self.vocab, self.sandbox, cancel)
+            return CompiledGrammar(grammar_id=grammar_id, index=index, mask_cache=self.mask_cache,
+                                   num_bytes=num_bytes)
+        # Bounded strings: index the unbounded regex (in the sandbox, so a pathological schema fails
+        # there first), then label its marked twin; if counting cannot be exact, index the bounded regex.
+        index, num_bytes = build_index_sized(regexes.unbounded, self.vocab, self.sandbox, cancel)
         try:
-            return analyze(regexes.marked, regexes.bounds, self.vocab), regexes.unbounded
+            bounded = analyze(regexes.marked, regexes.bounds, self.vocab)
         except BoundedUnsupported:
-            return None, regexes.exact
+            index, num_bytes = build_index_sized(regexes.exact, self.vocab, self.sandbox, cancel)
+            return CompiledGrammar(grammar_id=grammar_id, index=index, mask_cache=self.mask_cache,
+                                   num_bytes=num_bytes)
+        return CompiledGrammar(grammar_id=grammar_id, index=index, mask_cache=self.mask_cache,
+                               num_bytes=num_bytes + bounded.num_bytes, bounded=bounded)
 
     def close(self) -> None:
         if self._executor is not None:
