@@ -95,6 +95,12 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     # fp8 / w8a8_int8: quantize a 16-bit checkpoint at load; see models/quantization.py)
     quantization: Literal["", "fp8", "w8a8_fp8", "w8a8_int8", "awq", "gptq", "compressed-tensors"] = ""
     mm_cache_size: int = 256  # MB of vision embeddings kept by image hash (LRU), so a repeated image is not re-encoded; 0: none
+    # speculative decoding (SGLang's flags; see stages/schedule/speculative.py)
+    speculative_algorithm: Literal["", "NGRAM", "EAGLE", "EAGLE3"] = ""  # "": off; NGRAM drafts from each request's own tokens
+    speculative_draft_model_path: str = ""  # EAGLE / EAGLE3 draft head checkpoint
+    speculative_num_steps: int = 0  # draft depth (0: --speculative-num-draft-tokens - 1)
+    speculative_eagle_topk: int = 1  # branches per draft node (1: a chain, the only layout served)
+    speculative_num_draft_tokens: int = 0  # draft tokens verified per step, the root included (0: 8)
 
     @property
     def model_dir(self) -> Path:
@@ -250,6 +256,23 @@ def _check_ranges(args: ServerArgs) -> None:
         raise ConfigError(f"--dp-size must be >= 1, got {args.dp_size}")
     if args.ep_size < 1 or args.tp_size % args.ep_size:
         raise ConfigError(f"--ep-size must divide --tp-size ({args.tp_size}), got {args.ep_size}")
+    if args.mm_cache_size < 0:
+        raise ConfigError(f"--mm-cache-size must be >= 0 (MB; 0: no multimodal cache), got {args.mm_cache_size}")
+    _check_speculative(args)
+
+
+def _check_speculative(args: ServerArgs) -> None:
+    """Speculative decoding: NGRAM with chain drafts is served; the rest is refused by name."""
+    if not args.speculative_algorithm:
+        return
+    if args.speculative_algorithm != "NGRAM":
+        raise ConfigError(f"--speculative-algorithm {args.speculative_algorithm} is not served yet (NGRAM is)")
+    if args.speculative_eagle_topk != 1:
+        raise ConfigError(f"--speculative-eagle-topk must be 1 (chain drafts), got {args.speculative_eagle_topk}")
+    if args.speculative_num_draft_tokens < 0 or args.speculative_num_steps < 0:
+        raise ConfigError("--speculative-num-draft-tokens and --speculative-num-steps must be >= 0")
+    if args.speculative_num_draft_tokens == 1:
+        raise ConfigError("--speculative-num-draft-tokens must be >= 2 (the root and one draft)")
 
 
 AUTO_RUNNING_REQUESTS_MIN = 2048  # the automatic --max-running-requests lies in this range,

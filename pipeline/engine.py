@@ -345,6 +345,8 @@ def _accumulate(result: dict[str, Any], message: TextOutput) -> None:
     meta = result["meta_info"]
     meta.update(prompt_tokens=message.prompt_tokens, completion_tokens=message.completion_tokens,
                 cached_tokens=message.cached_tokens)
+    if message.spec_verify_ct:  # speculative decoding: verify steps and accepted drafts so far
+        meta.update(spec_verify_ct=message.spec_verify_ct, spec_accepted_tokens=message.spec_accepted_tokens)
     if message.token_logprobs:
         meta.setdefault("output_token_logprobs", []).extend(
             [lp, tid] for lp, tid in zip(message.token_logprobs, message.token_ids_delta))

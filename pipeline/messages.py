@@ -411,6 +411,9 @@ class SamplingBatch(msgspec.Struct, frozen=True, kw_only=True):
     prompt_top_logprobs_nums: list[int] = []
     # Per row, token ids whose logprobs are reported at every position (token_ids_logprob).
     token_ids_logprobs: list[list[int]] = []
+    # Speculative decoding (empty when no row drafts): per row, the draft tokens fed after
+    # the row's last token (a chain); the row is verified instead of sampled once.
+    draft_ids: list[list[int]] = []
 
 
 class ForwardBatch(Message, frozen=True, kw_only=True):
@@ -490,6 +493,8 @@ class Logits(Message, frozen=True, kw_only=True):
     future_rows: torch.Tensor | None = None  # [num_reqs] int64, the batch's req_pool_indices
     # Logits of the prompt positions sampling.prompt_logprob_ids asks for, row by row.
     prompt_logits: torch.Tensor | None = None  # [sum of their lengths, vocab] float32
+    # Logits of the positions before each draft token (sampling.draft_ids), row by row.
+    draft_logits: torch.Tensor | None = None  # [sum of the draft lengths, vocab] float32
 
 
 class GrammarCompile(Message, frozen=True, kw_only=True):
@@ -546,6 +551,9 @@ class SampledTokens(Message, frozen=True, kw_only=True):
     prompt_logprobs: list[PromptLogprobs | None] = []
     # Per row (empty when no row asks): logprobs of the row's token_ids_logprob at the sampled position.
     ids_logprobs: list[list[float]] = []
+    # Per row (empty when no row drafted): the tokens a verified row emits (accepted drafts, then
+    # the target's own token); token_ids holds their first. Empty list: the row emits token_ids[b].
+    spec_token_ids: list[list[int]] = []
 
 
 class PromptLogprobs(msgspec.Struct, frozen=True, kw_only=True):
@@ -594,6 +602,8 @@ class TokenOutput(msgspec.Struct, frozen=True, kw_only=True):
     top_logprobs: list[list[float]] = []
     prompt_logprobs: PromptLogprobs | None = None  # all of them, on the sequence's first output
     ids_logprobs: list[list[float]] = []  # per new token: the request's token_ids_logprob
+    spec_verify_ct: int = 0  # speculative verify steps of the sequence so far (SGLang's meta_info name)
+    spec_accepted_tokens: int = 0  # draft tokens accepted so far
 
 
 class TokenOutputBatch(Message, frozen=True, kw_only=True):
@@ -620,6 +630,8 @@ class TextOutput(Message, frozen=True, kw_only=True):
     prompt_token_ids: list[int] = []  # on a sequence's first output, when return_token_ids asks for them
     prompt_logprobs: PromptLogprobs | None = None  # on a sequence's first output, when asked for
     ids_logprobs: list[list[float]] = []  # per new token: the request's token_ids_logprob
+    spec_verify_ct: int = 0  # speculative verify steps of the sequence so far
+    spec_accepted_tokens: int = 0  # draft tokens accepted so far
 
 
 class ErrorOutput(Message, frozen=True, kw_only=True):

@@ -325,6 +325,11 @@ class DetokenizeStage(Stage):
                 del self.stopped[output.rid]
             return
         state = self.sequences.get(output.rid)
+        if len(output.new_token_ids) > 1 and not output.token_logprobs and _watches_text(
+                state.options if state is not None else self.options.get(output.rid)):
+            for single in _one_token_each(output):  # a stop string cuts a multi-token output exactly
+                self._handle_output(single)
+            return
         if state is None:
             options = self.options.pop(output.rid, None) or DecodeOptions()
             state = self.sequences[output.rid] = SequenceState(self.tokenizer, options, self.special_ids)
@@ -352,6 +357,20 @@ class DetokenizeStage(Stage):
         self.prompt_ids.clear()
 
 
+def _watches_text(options: DecodeOptions | None) -> bool:
+    return options is not None and bool(options.stop or options.stop_regex)
+
+
+def _one_token_each(output: TokenOutput) -> list[TokenOutput]:
+    """A multi-token output (a verified speculative run) as one output per token; the last
+    keeps the finish reason."""
+    ids = output.new_token_ids
+    return [msgspec.structs.replace(output, new_token_ids=[token], completion_tokens=output.completion_tokens
+                                    - (len(ids) - 1 - k), finish_reason=output.finish_reason
+                                    if k == len(ids) - 1 else None)
+            for k, token in enumerate(ids)]
+
+
 def _text_output(output: TokenOutput, text: str, finish: FinishReason | None,
                  prompt_ids: list[int]) -> TextOutput:
     return TextOutput(
@@ -360,4 +379,5 @@ def _text_output(output: TokenOutput, text: str, finish: FinishReason | None,
         completion_tokens=output.completion_tokens, cached_tokens=output.cached_tokens,
         token_logprobs=list(output.token_logprobs), top_token_ids=[list(t) for t in output.top_token_ids],
         top_logprobs=[list(t) for t in output.top_logprobs], prompt_token_ids=prompt_ids,
-        prompt_logprobs=output.prompt_logprobs, ids_logprobs=[list(v) for v in output.ids_logprobs])
+        prompt_logprobs=output.prompt_logprobs, ids_logprobs=[list(v) for v in output.ids_logprobs],
+        spec_verify_ct=output.spec_verify_ct, spec_accepted_tokens=output.spec_accepted_tokens)

@@ -55,6 +55,7 @@ from pipeline.channel import Channel
 from pipeline.config import ServerArgs, running_requests_bound
 from pipeline.messages import Logits, PromptLogprobs, SampledTokens, SampleInbox, SamplingBatch, TokenMask
 from pipeline.stage import Outbox, Outboxes, Stage
+from stages.speculative import chain_verify
 from stages.staging import Downloader, Uploader
 from triton_kernels import KernelOptions, load_sampling_ops
 
@@ -165,7 +166,10 @@ class SampleStage(Stage):
             self._sample_ahead(message, mask)
             return
         self._report_ahead()
-        out = self.sample_batch(message.batch_id, message.rids, message.logits, message.sampling, mask)
+        if message.sampling.draft_ids:
+            out = self._verify(message, mask)
+        else:
+            out = self.sample_batch(message.batch_id, message.rids, message.logits, message.sampling, mask)
         if message.sampling.token_ids_logprobs or message.prompt_logits is not None:
             out = self._with_logprob_options(out, message)
         self.outboxes.schedule.put(out)
@@ -242,6 +246,22 @@ class SampleStage(Stage):
         if defer:
             return self._start_to_host(batch_id, rids, token_ids, logprobs, params)
         return self._to_host(batch_id, rids, token_ids, logprobs, params)
+
+    def _verify(self, message: Logits, mask: TokenMask | None) -> SampledTokens:
+        """A batch with draft rows (speculative decoding, never an overlap batch): sample every
+        verified position as a row of its own, keep each row's matching drafts
+        (``stages/speculative/chain_verify.py``)."""
+        rids, logits, params, mask, expansion = chain_verify.expand(
+            message.rids, message.logits, message.draft_logits, message.sampling, mask)
+        out = self.sample_batch(message.batch_id, rids, logits, params, mask)
+        emitted = chain_verify.accept(out.token_ids, expansion)
+        return SampledTokens(
+            batch_id=message.batch_id, rids=message.rids,
+            token_ids=[tokens[0] for tokens in emitted],
+            spec_token_ids=[tokens if ids else [] for tokens, ids in zip(emitted, expansion.drafts)],
+            token_logprobs=chain_verify.compact(out.token_logprobs, expansion),
+            top_token_ids=chain_verify.compact(out.top_token_ids, expansion),
+            top_logprobs=chain_verify.compact(out.top_logprobs, expansion))
 
     # ----------------------------------------------- prompt logprobs, token_ids_logprob
     @torch.inference_mode()

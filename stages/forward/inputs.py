@@ -65,6 +65,7 @@ def pack_batch(batch: ForwardBatch) -> tuple[list[int], int, int]:
         offset += length
         logits_indices.append(offset - 1)
     logits_indices += prompt_logit_rows(batch, extend_start)
+    logits_indices += draft_logit_rows(batch, extend_start)
     fields = [batch.input_ids, batch.positions, batch.out_cache_loc, batch.req_pool_indices,
               batch.prefix_lens, batch.extend_lens, extend_start, batch.seq_lens, logits_indices]
     writes = batch.row_writes
@@ -84,7 +85,7 @@ def unpack(buffer: torch.Tensor, batch: ForwardBatch, num_writes: int, num_write
            req_to_token: torch.Tensor, max_seq_len: int | None = None) -> DeviceBatch:
     """Slice the packed device buffer into the model's inputs (views, no kernels)."""
     T, B = len(batch.input_ids), len(batch.rids)
-    sizes = [T, T, T, B, B, B, B, B, B + num_prompt_logit_rows(batch)]
+    sizes = [T, T, T, B, B, B, B, B, B + num_prompt_logit_rows(batch) + num_draft_logit_rows(batch)]
     if num_writes:
         sizes += [num_writes] * 4 + [num_write_slots]
     parts, offset = [], 0
@@ -119,6 +120,22 @@ def prompt_logit_rows(batch: ForwardBatch, extend_start: list[int]) -> list[int]
         if ids:
             end = extend_start[b] + batch.extend_lens[b] - (1 if sampling.need_sample[b] else 0)
             rows.extend(range(end - len(ids), end))
+    return rows
+
+
+def num_draft_logit_rows(batch: ForwardBatch) -> int:
+    return sum(len(ids) for ids in batch.sampling.draft_ids)
+
+
+def draft_logit_rows(batch: ForwardBatch, extend_start: list[int]) -> list[int]:
+    """q rows whose logits verify draft tokens (``SamplingBatch.draft_ids``), after the prompt rows.
+
+    Row b feeds its last token then its d drafts: the first d of those
+    positions predict the drafts (the last one is the row's usual last row).
+    """
+    rows: list[int] = []
+    for b, ids in enumerate(batch.sampling.draft_ids):
+        rows.extend(range(extend_start[b], extend_start[b] + len(ids)))
     return rows
 
 

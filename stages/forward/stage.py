@@ -52,6 +52,7 @@ from pipeline.channel import Channel
 from pipeline.config import ServerArgs
 from pipeline.messages import ForwardBatch, ForwardInbox, Logits, ModelInfo
 from pipeline.stage import Outbox, Outboxes, Stage
+from stages.forward.inputs import num_draft_logit_rows
 from stages.forward.peers import BatchBroadcast
 from stages.forward.runner import ModelRunner
 
@@ -93,12 +94,16 @@ class ForwardStage(Stage):
         match message:
             case ForwardBatch():
                 logits = self.run_batch(message)
-                num_reqs, prompt_logits = len(message.rids), None
+                num_reqs, prompt_logits, draft_logits = len(message.rids), None, None
+                num_drafts = num_draft_logit_rows(message)
+                if num_drafts:  # draft-verifying rows come last
+                    logits, draft_logits = logits[:-num_drafts], logits[-num_drafts:]
                 if logits.shape[0] > num_reqs:  # prompt-logprob rows follow the last rows
                     logits, prompt_logits = logits[:num_reqs], logits[num_reqs:]
                 future = (self.runner.future_tokens, self.runner.batch_rows) if message.overlap else (None, None)
                 self.outboxes.sample.put(Logits(batch_id=message.batch_id, rids=message.rids, logits=logits,
                                                 sampling=message.sampling, prompt_logits=prompt_logits,
+                                                draft_logits=draft_logits,
                                                 future_tokens=future[0], future_rows=future[1]))
             case _:
                 raise TypeError(f"forward: unexpected message {type(message).__name__}")

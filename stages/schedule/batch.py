@@ -49,6 +49,7 @@ class PlannedRow:
     is_prefill: bool
     prompt_first: int = 0  # prompt position of the first logprob this row computes (if any)
     kv_end: int = 0  # the request's KV length once this row is computed (prefill rows)
+    drafts: list[int] = dataclasses.field(default_factory=list)  # speculative tokens fed after the last one
 
 
 def plan_decodes(kv: KVManager, running: list[Req]) -> tuple[list[PlannedRow], list[Req], list[Req]]:
@@ -173,7 +174,7 @@ def _last_token(req: Req) -> int:
 
 
 def _build(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite]) -> ForwardBatch:
-    if not any(row.is_prefill for row in rows):
+    if not any(row.is_prefill or row.drafts for row in rows):
         return _decode_batch(batch_id, rows, row_writes)
     input_ids: list[int] = []
     positions: list[int] = []
@@ -183,7 +184,12 @@ def _build(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite]) ->
         req, n = row.req, row.extend_len
         end = req.kv_len
         start = end - n
-        if n == 1:
+        if row.drafts:  # the last token, then the drafts at the positions after it
+            input_ids.append(_token_at(req, start))
+            input_ids.extend(row.drafts)
+            positions.extend(range(start, end))
+            out_cache_loc.extend(req.slots[start:end])
+        elif n == 1:
             input_ids.append(_token_at(req, start))
             positions.append(start)
             out_cache_loc.append(req.slots[start])
@@ -195,7 +201,7 @@ def _build(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite]) ->
         extend_lens.append(n)
         seq_lens.append(end)
     reqs = [row.req for row in rows]
-    mode = "extend" if any(row.is_prefill for row in rows) else "decode"
+    mode = "extend"
     return ForwardBatch(
         batch_id=batch_id, mode=mode, rids=[r.rid for r in reqs], input_ids=input_ids,
         positions=positions, out_cache_loc=out_cache_loc, req_pool_indices=[r.row for r in reqs],
@@ -235,6 +241,7 @@ def sampling_batch(rows: list[PlannedRow]) -> SamplingBatch:
         constrained=[r.constrained for r in reqs],
         banned_token_ids=_banned_token_ids(rows),
         logit_biases=[dict(p.logit_bias) for p in params] if any(p.logit_bias for p in params) else [],
+        draft_ids=[list(row.drafts) for row in rows] if any(row.drafts for row in rows) else [],
         **_logprob_options(rows),
     )
 

@@ -107,6 +107,7 @@ from stages.schedule.prompt_logprobs import check_logprob_options, start_request
 from stages.schedule.kv_manager import KVManager
 from stages.schedule.multimodal import RequestMedia, attach as attach_media
 from stages.schedule.req_table import Phase, Req
+from stages.schedule.speculative import Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -146,6 +147,7 @@ class ScheduleStage(Stage):
         self.live_rids: set[str] = set()  # every request not finished yet (rids must be unique)
         self.in_flight: collections.deque[tuple[int, list[PlannedRow]]] = collections.deque()  # oldest first
         self.overlap = not args.disable_overlap_schedule
+        self.spec = Speculator.of(args)  # speculative decoding (None: off); see speculative.py
         self.pending_row_writes: list[RowWrite] = []  # tree slots replacing a request's own
         self.mm_released: list[str] = []  # rids whose partly prefilled image embeddings forward may drop
         self.next_batch_id = 0
@@ -287,6 +289,8 @@ class ScheduleStage(Stage):
         prefill_rows = [row for row in self.in_flight[0][1] if row.is_prefill]
         if prefill_rows and (self.waiting or any(row.req.logprob_owed is not None for row in prefill_rows)):
             return False  # an admission would miss the chunk's cache entry; owed logprobs move on arrival
+        if self.spec is not None and self.spec.any_eligible(self.running_reqs):
+            return False  # speculative steps run synchronously: drafts need the last token on the host
         return not any(r.constrained for r in self.running_reqs) and not any(r.constrained for r in self.waiting)
 
     def _plan(self, ahead: bool = False) -> ForwardBatch | None:
@@ -311,6 +315,8 @@ class ScheduleStage(Stage):
             decode_rows = self._plan_decodes(running)
         if mixed:  # the decode rows take their share of the step's token budget (as in SGLang)
             prefill_rows, row_writes = self._plan_prefills(self.prefill_budget - len(decode_rows))
+        if self.spec is not None and not ahead:
+            self.spec.add_drafts(self.kv, decode_rows)
         rows = prefill_rows + decode_rows
         if not rows:
             if not ahead:
@@ -321,7 +327,7 @@ class ScheduleStage(Stage):
         self.in_flight.append((batch_id, rows))
         row_writes = self.pending_row_writes + row_writes
         self.pending_row_writes = []
-        overlap = self.overlap and not any(row.req.constrained for row in rows)
+        overlap = self.overlap and not any(row.req.constrained or row.drafts for row in rows)
         batch = attach_media(build_forward_batch(batch_id, rows, row_writes, overlap),
                              [row.req for row in rows], self.mm_released)
         for row in rows:
@@ -418,26 +424,38 @@ class ScheduleStage(Stage):
                 self.pending_row_writes.extend(self.kv.cache_prefix(req, row.kv_end))
                 if not row.need_sample:
                     continue
-            req.output_ids.append(token)
-            reason = self._finish_reason(req, token)
+            verified = msg.spec_token_ids[i] if msg.spec_token_ids and msg.spec_token_ids[i] else [token]
+            new_ids, reason = self._append_tokens(req, verified)
             if has_logprobs and req.sampling.return_logprob:
                 outputs.append(self._with_logprobs(req, token, reason, msg, len(outputs)))
             else:
                 outputs.append(TokenOutput(
-                    rid=req.rid, parent_rid=req.parent_rid, index=req.index, new_token_ids=[token],
+                    rid=req.rid, parent_rid=req.parent_rid, index=req.index, new_token_ids=new_ids,
                     finish_reason=reason, prompt_tokens=len(req.input_ids),
                     completion_tokens=len(req.output_ids), cached_tokens=req.cached_tokens))
             if req.sampling.return_logprob:
                 outputs[-1] = with_extras(outputs[-1], req, msg, i)
+            if self.spec is not None:
+                self.spec.after_step(self.kv, req, len(row.drafts), verified, len(new_ids), reason)
+                outputs[-1] = self.spec.annotate(outputs[-1])
             if reason is not None:
                 finished.append(req)
-        self.num_generated += len(outputs)
+        self.num_generated += sum(len(out.new_token_ids) for out in outputs)
         if finished:
             done = set(map(id, finished))
             self.running_reqs = [r for r in self.running_reqs if id(r) not in done]
             for req in finished:
                 self._release(req, keep_in_cache=True)
         self._emit_outputs(outputs)
+
+    def _append_tokens(self, req: Req, tokens: list[int]) -> tuple[list[int], FinishReason | None]:
+        """Append a step's tokens (several for a verified draft run) up to the first finish."""
+        for count, token in enumerate(tokens, 1):
+            req.output_ids.append(token)
+            reason = self._finish_reason(req, token)
+            if reason is not None:
+                return tokens[:count], reason
+        return tokens, None
 
     def _with_logprobs(self, req: Req, token: int, reason, msg: SampledTokens, _: int) -> TokenOutput:
         i = msg.rids.index(req.rid)
@@ -463,6 +481,8 @@ class ScheduleStage(Stage):
         self.kv.release(req, keep_in_cache)
         req.phase = Phase.DONE
         self.live_rids.discard(req.rid)
+        if self.spec is not None:
+            self.spec.forget(req.rid)
         if req.constrained:
             self.outboxes.constrain.put(GrammarRelease(rid=req.rid))
 

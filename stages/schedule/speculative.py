@@ -1,0 +1,157 @@
+"""Speculative decoding in the schedule stage: draft, take KV for the drafts, keep what was accepted.
+
+``--speculative-algorithm NGRAM``: every decode step, each eligible request
+proposes a chain of up to ``--speculative-num-steps`` tokens from its own
+history (``stages/speculative/ngram.py``: the most frequent continuation of
+the longest suffix seen before). Its row then feeds the last token and the
+drafts (``PlannedRow.drafts``, ``SamplingBatch.draft_ids``), one target
+forward computes all of them -- causal attention over a chain is the draft
+tree's mask, so the ordinary extend path serves it -- and the sample stage
+verifies (``stages/speculative/chain_verify.py``). A row emits between 1
+and ``drafts + 1`` tokens.
+
+KV. The drafts get slots at their sequence positions (``KVManager.grow``),
+so the accepted drafts' K/V is already where the sequence needs it and
+nothing moves; after verification the slots past the accepted run are
+given back (``KVManager.trim``). Drafts only take KV that is free (or
+evictable) after the ordinary decode planning -- retraction decides over
+one token per request as without speculation, and under KV pressure rows
+simply draft fewer tokens (or none).
+
+Who drafts (``eligible``): a running decode that is not grammar-constrained
+(its mask needs the grammar advanced token by token on the host), asks for
+no penalties (their counts would have to include the drafts) and no
+logprobs, has no media (M-RoPE positions), is past ``min_new_tokens`` and has
+room for at least two more tokens. The rest decode as usual in the same
+batch.
+
+Overlap scheduling. A step planned ahead would have to draft before the
+step in flight returns its token. The rule here is the simple exact one:
+while any running request may draft, steps are planned synchronously (no
+run-ahead); overlap resumes when none can.
+
+Exactness. Stop tokens, EOS and ``max_new_tokens`` are checked token by
+token over an accepted run, and the first finish cuts the rest; stop
+strings are cut by the detokenizer as for any multi-token output.
+
+Metrics: per request, verify steps (SGLang's ``spec_verify_ct``) and
+accepted drafts, on every TokenOutput; ``accept_lengths`` collects the
+tokens each verify step emitted for the /metrics histogram.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import msgspec
+
+from pipeline.config import ServerArgs
+from pipeline.messages import FinishReason, TokenOutput
+from stages.schedule.kv_manager import KVManager
+from stages.schedule.req_table import Req
+from stages.speculative.ngram import NgramIndex, NgramParams
+
+DEFAULT_NUM_DRAFT_TOKENS = 8  # root + 7 drafts when neither size flag is given
+
+
+@dataclasses.dataclass
+class _SpecState:
+    index: NgramIndex
+    verify_ct: int = 0
+    accepted: int = 0
+
+
+def num_drafts(args: ServerArgs) -> int:
+    """Draft tokens per step: --speculative-num-steps, else --speculative-num-draft-tokens - 1."""
+    if args.speculative_num_steps > 0:
+        if args.speculative_num_draft_tokens > 0:
+            return min(args.speculative_num_steps, args.speculative_num_draft_tokens - 1)
+        return args.speculative_num_steps
+    return (args.speculative_num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS) - 1
+
+
+class Speculator:
+    """Per-request n-gram indexes and counts; drafts for planned decode rows."""
+
+    def __init__(self, args: ServerArgs) -> None:
+        self.max_drafts = num_drafts(args)
+        self.params = NgramParams(num_draft_tokens=self.max_drafts + 1, branch_top_k=1)
+        self.states: dict[str, _SpecState] = {}
+        self.accept_lengths: list[int] = []  # tokens emitted per verify step, since last taken
+        self.total_verify_ct = 0  # over every request served (tests and logs)
+        self.total_accepted = 0
+
+    @staticmethod
+    def of(args: ServerArgs) -> "Speculator | None":
+        return Speculator(args) if args.speculative_algorithm else None
+
+    # ------------------------------------------------------------ planning
+    def eligible(self, req: Req) -> bool:
+        params = req.sampling
+        return (not req.constrained and req.media is None and not params.return_logprob
+                and params.repetition_penalty == 1.0 and params.frequency_penalty == 0.0
+                and params.presence_penalty == 0.0 and req.output_len >= params.min_new_tokens
+                and req.max_new_tokens - req.output_len >= 2)
+
+    def any_eligible(self, reqs: list[Req]) -> bool:
+        return any(not r.is_prefilling and self.eligible(r) for r in reqs)
+
+    def add_drafts(self, kv: KVManager, rows: list) -> None:
+        """Draft for each eligible decode row (``PlannedRow``), taking KV slots for the drafts."""
+        for row in rows:
+            req = row.req
+            if row.is_prefill or req.pending_tokens or not self.eligible(req):
+                continue
+            drafts = self._propose(req)[: req.max_new_tokens - req.output_len - 1]
+            while drafts and kv.tokens_to_grow(req, len(drafts)) > kv.available_tokens:
+                drafts.pop()
+            if drafts and kv.grow(req, len(drafts)) is not None:
+                row.drafts = drafts
+                row.extend_len = 1 + len(drafts)
+
+    def _propose(self, req: Req) -> list[int]:
+        state = self.states.get(req.rid)
+        if state is None:
+            state = self.states[req.rid] = _SpecState(NgramIndex(self.params))
+        index = state.index
+        history = len(req.input_ids) + len(req.output_ids)
+        if len(index) < history:  # catch up with the tokens emitted since the last draft
+            index.extend((req.input_ids + req.output_ids)[len(index):])
+        tree = index.propose()
+        chain, node = [], 0
+        for child, parent in enumerate(tree.parents):
+            if parent == node:  # a chain (branch_top_k = 1): each node has at most one child
+                chain.append(tree.tokens[child])
+                node = child
+        return chain
+
+    # ------------------------------------------------------------ results
+    def after_step(self, kv: KVManager, req: Req, drafted: int, verified: list[int], emitted: int,
+                   reason: FinishReason | None) -> None:
+        """Count a verify step of ``drafted`` drafts whose row produced ``verified`` (accepted
+        drafts, then the target's token) of which ``emitted`` were kept (a finish cuts the
+        rest); give back the KV of the rejected drafts (a finished request frees it all)."""
+        if not drafted:
+            return
+        state = self.states[req.rid]
+        accepted = min(len(verified) - 1, emitted)
+        state.verify_ct += 1
+        state.accepted += accepted
+        self.total_verify_ct += 1
+        self.total_accepted += accepted
+        self.accept_lengths.append(emitted)
+        if reason is None:
+            kv.trim(req, req.seq_len - 1)  # the last emitted token is fed (and stored) next step
+
+    def annotate(self, output: TokenOutput) -> TokenOutput:
+        state = self.states.get(output.rid)
+        if state is None or not state.verify_ct:
+            return output
+        return msgspec.structs.replace(output, spec_verify_ct=state.verify_ct,
+                                       spec_accepted_tokens=state.accepted)
+
+    def forget(self, rid: str) -> None:
+        self.states.pop(rid, None)
+
+    def take_accept_lengths(self) -> list[int]:
+        lengths, self.accept_lengths = self.accept_lengths, []
+        return lengths
