@@ -37,6 +37,7 @@ Usage: ``python perf/bench_constrain.py [--vocab-size 150000] [--out perf/result
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import random
@@ -209,7 +210,7 @@ def bench_step(grammar: CompiledGrammar, vocab: Any, vocab_size: int, batch: int
     """Mask build (without and with the row cache), advance and apply for one engine step."""
     rng = random.Random(0)
     words = bitmask_words(vocab_size)
-    uncached = CompiledGrammar(grammar_id=grammar.grammar_id, index=grammar.index, mask_cache=None)
+    uncached = dataclasses.replace(grammar, mask_cache=None)
     cold_states = advanced_states(uncached, vocab, constrained, rng)
     warm_states = advanced_states(grammar, vocab, constrained, random.Random(0))
 
