@@ -21,7 +21,7 @@ from outlines_core import Guide, Index
 from stages.constrain.bounded import token_tables
 from stages.constrain.grammar import GrammarCompiler, GrammarState, json_schema_regexes
 from stages.constrain.schema import STRING_CHAR, schema_regexes
-from stages.constrain.vocab import build_token_vocab
+from stages.constrain.vocab import TokenVocab, build_token_vocab
 from tests.stages.test_constrain import train_tiny_tokenizer
 
 COUNTED_SCHEMAS = [
@@ -203,3 +203,43 @@ def test_token_tables_count_characters(vocab):
             continue
         chars = sum(1 for byte in data if byte & 0xC0 != 0x80)  # UTF-8 continuation bytes count 0
         assert bits[chars, ids[0]] == 1 and (chars == 0 or bits[chars - 1, ids[0]] == 0)
+
+
+def tricky_vocab(size: int = 2500, seed: int = 0) -> TokenVocab:
+    """All bytes, quote/escape/punctuation pieces, UTF-8 pieces (whole and cut), and random joins of them."""
+    rng = random.Random(seed)
+    pieces: dict[bytes, None] = {bytes([b]): None for b in range(256)}
+    for text in ['",', '"}', '\\"', '":"', '","', '"]', '{"', '["', '"},{"', '\\n', '\\\\', 'n"', '"a', 'ab"',
+                 '\\"x', 'é', 'ab', 'xyz', ' the', '中文', '😀', ': ', ', ', '"\\', '""', 'true', '1']:
+        pieces[text.encode()] = None
+    for char in "éü中😀ж":
+        data = char.encode()
+        for cut in range(1, len(data)):
+            pieces[data[:cut]] = None
+            pieces[data[cut:]] = None
+    base = list(pieces)
+    while len(pieces) < size:
+        joined = rng.choice(base) + rng.choice(base)
+        if len(joined) <= 8:
+            pieces[joined] = None
+    token_bytes = {data: [i] for i, data in enumerate(pieces)}
+    return TokenVocab(token_bytes=token_bytes, eos_token_id=size, stop_token_ids=(size,), tokenizer_size=size + 1,
+                      kind="byte_level")
+
+
+def test_tokens_that_close_and_open_strings_are_counted_exactly():
+    """Quote, escape and cut UTF-8 pieces (``"},{"``, ``\\"x``, half a character) against the exact Index."""
+    vocab = tricky_vocab()
+    compiler = GrammarCompiler(vocab, max_workers=0)
+    schema = {"type": "array", "items": {"type": "object", "properties": {
+        "a": {"type": "string", "minLength": 1, "maxLength": 3}, "b": {"type": "string", "maxLength": 2}},
+        "required": ["a", "b"]}, "minItems": 1, "maxItems": 3}
+    spec = json.dumps(schema)
+    grammar = compiler.compile("json_schema", spec)
+    assert grammar.bounded is not None
+    exact = Index(json_schema_regexes(spec).exact, vocab.outlines_vocabulary())
+    graph = distances(exact)
+    rng = random.Random(11)
+    for walk in range(15):
+        text = lockstep_walk(grammar, exact, graph, vocab, rng, free_steps=walk * 2)
+        jsonschema.validate(json.loads(text.decode("utf-8")), schema)
