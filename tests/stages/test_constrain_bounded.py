@@ -20,6 +20,7 @@ from outlines_core import Guide, Index
 
 from stages.constrain.bounded import token_tables
 from stages.constrain.grammar import GrammarCompiler, GrammarState, json_schema_regexes
+from stages.constrain.sandbox import CompileSandbox
 from stages.constrain.schema import STRING_CHAR, schema_regexes
 from stages.constrain.vocab import TokenVocab, build_token_vocab
 from tests.stages.test_constrain import train_tiny_tokenizer
@@ -243,3 +244,18 @@ def test_tokens_that_close_and_open_strings_are_counted_exactly():
     for walk in range(15):
         text = lockstep_walk(grammar, exact, graph, vocab, rng, free_steps=walk * 2)
         jsonschema.validate(json.loads(text.decode("utf-8")), schema)
+
+
+def test_long_max_length_compiles_in_the_sandbox_within_a_short_budget(vocab):
+    """The serving path (sandboxed compile, 5 s budget here): the bounded regex would run out of time."""
+    sandbox = CompileSandbox(vocab.eos_token_id, vocab.token_bytes, timeout_s=5.0, num_workers=1)
+    compiler = GrammarCompiler(vocab, max_workers=1, sandbox=sandbox)
+    try:
+        grammar = compiler.compile("json_schema", json.dumps({"type": "string", "minLength": 5, "maxLength": 300}))
+        assert grammar.bounded is not None
+        state = GrammarState(grammar, vocab)
+        quote = vocab.token_bytes[b'"'][0]
+        state.advance(quote)
+        assert quote not in state.allowed_token_ids()  # minLength 5 not reached
+    finally:
+        compiler.close()
