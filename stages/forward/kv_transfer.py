@@ -1,0 +1,225 @@
+"""KV transfer: move one request's KV slots, layer by layer, from one engine's pool to another's.
+
+Prefill/decode disaggregation computes a prompt's KV on a prefill engine and
+decodes on a decode engine; between them the request's K and V rows move
+here. The interface is small and explicit:
+
+* ``KVTransfer.start_send(transfer_id, peer, slots)``: gather ``k[slots]``
+  and ``v[slots]`` of every layer into staging tensors and post one send
+  per layer and per K/V (``2 * num_layers`` messages, in layer order);
+* ``KVTransfer.start_recv(transfer_id, peer, slots)``: post the matching
+  receives into staging tensors; when all arrive, scatter them into
+  ``k[slots]``, ``v[slots]`` of this pool;
+* ``KVTransfer.poll()``: the transfers that ended since the last poll
+  (``TransferRecord``: bytes, seconds, ok or the error), never blocking.
+
+Both ends say the same ``transfer_id`` (the decode engine picks it when it
+accepts a request; the prefill engine learns it from the accept), and the
+slot lists have the same length (the prompt's tokens). Send and receive are
+asynchronous, so an engine keeps running batches while its transfers are in
+the wire, and a receiver posts all its receives at once: no order of sends
+between several engines can deadlock. A small pool of waiter threads waits
+on each transfer's messages (gloo reports a point-to-point message complete
+only to a ``wait``), so ``poll`` itself never blocks.
+
+A ``Transport`` moves tensors between peers. ``TorchP2P`` is
+``torch.distributed`` point-to-point (``isend``/``irecv``): gloo on CPU,
+NCCL between GPUs, one process group of every engine of the topology,
+message tags ``transfer_id * 2 * num_layers + i`` so concurrent transfers
+between the same two engines never mix.
+
+A transfer that has not ended ``timeout_s`` after it started fails. Its
+staging tensors are kept (``abandoned``) rather than freed: the transport
+may still write into them later, and it must not write into memory that
+was reused.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import datetime
+import time
+from typing import Protocol
+
+import torch
+
+from models.batch import KVCache
+
+TAG_SPACE = 1 << 20  # transfer ids wrap here (tags stay well inside 32 bits for small layer counts)
+WAITERS = 8  # threads waiting on transfers (a transfer waits for all its messages in one of them)
+
+
+class Pending(Protocol):
+    """An asynchronous send or receive (``torch.distributed.Work`` fits)."""
+
+    def wait(self, timeout: datetime.timedelta = ...) -> bool: ...
+
+
+class Transport(Protocol):
+    """Point-to-point tensor messages between engines named by rank."""
+
+    rank: int
+
+    def send(self, tensor: torch.Tensor, peer: int, tag: int) -> Pending: ...
+
+    def recv(self, tensor: torch.Tensor, peer: int, tag: int) -> Pending: ...
+
+
+class TorchP2P:
+    """``torch.distributed`` isend/irecv in a process group of all the topology's engines."""
+
+    def __init__(self, rank: int, world_size: int, init_method: str, backend: str = "gloo",
+                 timeout_s: float = 120.0) -> None:
+        import torch.distributed as dist
+
+        self.rank = rank
+        self.world_size = world_size
+        if not dist.is_initialized():
+            dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
+        self._dist = dist
+
+    def send(self, tensor: torch.Tensor, peer: int, tag: int) -> Pending:
+        return self._dist.isend(tensor, peer, tag=tag)
+
+    def recv(self, tensor: torch.Tensor, peer: int, tag: int) -> Pending:
+        return self._dist.irecv(tensor, peer, tag=tag)
+
+    def close(self) -> None:
+        if self._dist.is_initialized():
+            self._dist.destroy_process_group()
+
+
+@dataclasses.dataclass
+class TransferRecord:
+    """One ended transfer: what moved, how long it took, and whether it arrived."""
+
+    transfer_id: int
+    direction: str  # "send" or "recv"
+    peer: int
+    num_tokens: int
+    num_bytes: int
+    seconds: float
+    ok: bool
+    error: str = ""
+
+    @property
+    def gbps(self) -> float:
+        """Gigabytes per second (0 for a failed or empty transfer)."""
+        return self.num_bytes / self.seconds / 1e9 if self.ok and self.seconds > 0 else 0.0
+
+
+@dataclasses.dataclass
+class _Transfer:
+    transfer_id: int
+    direction: str
+    peer: int
+    slots: list[int]
+    staging: list[torch.Tensor]  # per layer K, then V: [tokens, kv heads, head dim]
+    works: list[Pending]
+    started_s: float
+    waited: concurrent.futures.Future | None = None  # the waiter's outcome: "" (arrived) or the error
+
+
+class KVTransfer:
+    """Sends and receives of request KV between this engine's pool and its peers'."""
+
+    def __init__(self, kv_cache: KVCache, transport: Transport, timeout_s: float = 60.0) -> None:
+        self.kv = kv_cache
+        self.transport = transport
+        self.timeout_s = timeout_s
+        self.active: dict[tuple[str, int], _Transfer] = {}
+        self.abandoned: list[_Transfer] = []  # timed out: their staging stays alive (see module docstring)
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.seconds_total = 0.0
+        self.num_failed = 0
+        self._waiters = concurrent.futures.ThreadPoolExecutor(WAITERS, thread_name_prefix="kv-transfer")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.kv.k)
+
+    def _tag(self, transfer_id: int, index: int) -> int:
+        return (transfer_id % TAG_SPACE) * 2 * self.num_layers + index
+
+    def _layers(self) -> list[torch.Tensor]:
+        return [t for pair in zip(self.kv.k, self.kv.v) for t in pair]  # K0, V0, K1, V1, ...
+
+    def start_send(self, transfer_id: int, peer: int, slots: list[int]) -> None:
+        """Post the sends of ``slots``' K and V, every layer (the receiver posts the same id)."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.kv.k[0].device)
+        staging = [layer.index_select(0, index) for layer in self._layers()]
+        works = [self.transport.send(t, peer, self._tag(transfer_id, i)) for i, t in enumerate(staging)]
+        self._track(_Transfer(transfer_id, "send", peer, list(slots), staging, works, time.monotonic()))
+
+    def start_recv(self, transfer_id: int, peer: int, slots: list[int]) -> None:
+        """Post the receives of ``len(slots)`` tokens' K and V, every layer, landing in ``slots``."""
+        staging = [torch.empty((len(slots),) + tuple(layer.shape[1:]), dtype=layer.dtype, device=layer.device)
+                   for layer in self._layers()]
+        works = [self.transport.recv(t, peer, self._tag(transfer_id, i)) for i, t in enumerate(staging)]
+        self._track(_Transfer(transfer_id, "recv", peer, list(slots), staging, works, time.monotonic()))
+
+    def _track(self, transfer: _Transfer) -> None:
+        transfer.waited = self._waiters.submit(_wait_all, transfer.works, self.timeout_s)
+        self.active[(transfer.direction, transfer.transfer_id)] = transfer
+
+    def cancel(self, direction: str, transfer_id: int) -> None:
+        """Forget a transfer whose request went away; its buffers stay alive until the wire is done."""
+        transfer = self.active.pop((direction, transfer_id), None)
+        if transfer is not None:
+            self.abandoned.append(transfer)
+
+    def poll(self) -> list[TransferRecord]:
+        """Transfers that ended (arrived, or timed out) since the last poll; never blocks."""
+        now = time.monotonic()
+        ended: list[TransferRecord] = []
+        for key, transfer in list(self.active.items()):
+            done = transfer.waited is not None and transfer.waited.done()
+            if not done and now - transfer.started_s < self.timeout_s:
+                continue
+            del self.active[key]
+            ended.append(self._end(transfer, transfer.waited.result() if done else None, now))
+        self.abandoned = [t for t in self.abandoned if t.waited is not None and not t.waited.done()]
+        return ended
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.active)
+
+    def close(self) -> None:
+        self._waiters.shutdown(wait=False, cancel_futures=True)
+
+    def _end(self, transfer: _Transfer, error: str | None, now: float) -> TransferRecord:
+        """``error``: None (still waiting: timed out), "" (arrived) or what the transport raised."""
+        num_bytes = sum(t.numel() * t.element_size() for t in transfer.staging)
+        seconds = now - transfer.started_s
+        if error is None or error:
+            if error is None:
+                self.abandoned.append(transfer)
+                error = f"KV transfer {transfer.transfer_id} timed out after {seconds:.1f} s"
+            self.num_failed += 1
+            return TransferRecord(transfer.transfer_id, transfer.direction, transfer.peer, len(transfer.slots),
+                                  num_bytes, seconds, ok=False, error=error)
+        if transfer.direction == "recv":
+            index = torch.tensor(transfer.slots, dtype=torch.long, device=self.kv.k[0].device)
+            for layer, staged in zip(self._layers(), transfer.staging):
+                layer.index_copy_(0, index, staged)
+            self.bytes_received += num_bytes
+        else:
+            self.bytes_sent += num_bytes
+        self.seconds_total += seconds
+        return TransferRecord(transfer.transfer_id, transfer.direction, transfer.peer, len(transfer.slots),
+                              num_bytes, seconds, ok=True)
+
+
+def _wait_all(works: list[Pending], timeout_s: float) -> str:
+    """Wait for every message of one transfer (a waiter thread); "" when all arrived, else the error."""
+    deadline = time.monotonic() + timeout_s
+    try:
+        for work in works:
+            left = max(deadline - time.monotonic(), 0.001)
+            work.wait(timeout=datetime.timedelta(seconds=left))
+    except RuntimeError as error:
+        return f"KV transfer failed: {error}"
+    return ""
