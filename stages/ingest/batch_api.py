@@ -27,6 +27,13 @@ server refuses) becomes a line of the error file with ``error: {"code",
 "message"}`` (and ``response`` with the HTTP status and error body, when the
 request itself was answered with an error). ``request_counts`` says how many
 lines there were, how many succeeded and how many failed.
+
+Nothing is silently ignored: a key of the create body, of an input line or of
+a line's ``body`` that its Struct does not declare, an upload's form field
+other than ``file`` and ``purpose``, and a list query parameter other than
+``purpose``/``order``/``after``/``limit`` (files) or ``after``/``limit``
+(batches) is a 400 (or, for a line, an error record) naming it. ``metadata``
+is kept and shown on the batch.
 """
 from __future__ import annotations
 
@@ -137,10 +144,25 @@ def form_parts(raw: bytes, content_type: str) -> dict[str, tuple[str | None, byt
     return parts
 
 
+FORM_FIELDS = ("file", "purpose")  # an upload's form fields (OpenAI's expires_after is not served)
+FILE_QUERY = ("purpose", "order", "after", "limit")  # GET /v1/files
+BATCH_QUERY = ("after", "limit")  # GET /v1/batches
+
+
+def check_names(given: Any, served: tuple[str, ...], what: str) -> None:
+    """A form field or query parameter we do not serve is a 400 naming it, never ignored."""
+    for name in given:
+        if name not in served:
+            raise bad_request(f"unsupported {what} {name}: this server does not serve it (served: "
+                              f"{', '.join(served)})", name)
+
+
 async def upload_file(request: web.Request) -> web.Response:
     if request.content_type.lower() != "multipart/form-data":
         raise ApiError(415, "a file upload must be sent as multipart/form-data", param="Content-Type")
+    check_names(request.query, (), "query parameter")
     parts = form_parts(await request.read(), request.headers.get("Content-Type", ""))
+    check_names(parts, FORM_FIELDS, "form field")
     if "file" not in parts:
         raise bad_request("the upload has no file field", "file")
     purpose = parts.get("purpose", (None, b""))[1].decode("utf-8", "replace")
@@ -153,6 +175,7 @@ async def upload_file(request: web.Request) -> web.Response:
 
 async def list_files(request: web.Request) -> web.Response:
     """``purpose`` filters; ``order`` (desc by default, as OpenAI), ``after`` and ``limit`` page."""
+    check_names(request.query, FILE_QUERY, "query parameter")
     purpose = request.query.get("purpose")
     records = [r for r in request.app[BATCHES].files.files.values() if purpose in (None, r.purpose)]
     order = request.query.get("order", "desc")
@@ -199,7 +222,7 @@ async def delete_file(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- batches
 
 
-class BatchCreate(msgspec.Struct, kw_only=True):
+class BatchCreate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """POST /v1/batches."""
 
     input_file_id: str
@@ -209,7 +232,7 @@ class BatchCreate(msgspec.Struct, kw_only=True):
     output_expires_after: Any = None
 
 
-class BatchLine(msgspec.Struct, kw_only=True):
+class BatchLine(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """One input line."""
 
     custom_id: str
@@ -457,6 +480,7 @@ async def retrieve_batch(request: web.Request) -> web.Response:
 
 async def list_batches(request: web.Request) -> web.Response:
     """Newest first; ``after`` (a batch id) and ``limit`` page through them."""
+    check_names(request.query, BATCH_QUERY, "query parameter")
     batches = list(reversed(request.app[BATCHES].batches.values()))  # the dict keeps creation order
     return web.json_response(page_of(batches, request, default_limit=20, max_limit=100))
 

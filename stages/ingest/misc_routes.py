@@ -26,8 +26,10 @@
   completion, one with ``prompt`` a completion (vLLM's rule; SGLang takes only
   chat); neither is a 400. ``GET /ping`` answers as ``/health`` does.
 
-Every body is checked by its msgspec Struct: a wrong type or a token id
-outside the vocabulary is a 400 naming the field.
+Every body is checked by its msgspec Struct: a wrong type, a field the
+Struct does not declare or a token id outside the vocabulary is a 400 naming
+the field. ``model`` is accepted and not checked, as on the generation routes
+(one model is served).
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ def stagewise_version() -> str:
         return UNKNOWN_VERSION
 
 
-class TokenizeBody(msgspec.Struct, kw_only=True):
+class TokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """POST /tokenize: SGLang's (prompt, a string or a list) or vLLM's (prompt or messages) body."""
 
     model: str = ""
@@ -70,7 +72,7 @@ class TokenizeBody(msgspec.Struct, kw_only=True):
     return_token_strs: bool = False
 
 
-class DetokenizeBody(msgspec.Struct, kw_only=True):
+class DetokenizeBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """POST /detokenize: ``tokens`` as ids or a list of id lists."""
 
     model: str = ""

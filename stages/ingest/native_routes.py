@@ -6,7 +6,9 @@
 event carries the text so far, as SGLang does. ``/health`` is 503 until the
 warm-up request went through, then 200; ``/health_generate`` runs a one-token
 generation through the whole pipeline (``/ping`` is ``/health`` for
-SageMaker). ``/flush_cache`` answers POST and GET, as SGLang's does.
+SageMaker). ``/flush_cache`` answers POST and GET, as SGLang's does, and
+takes no parameters (one given is a 400 naming it); ``/abort_request``'s
+body has ``rid`` or ``abort_all`` and nothing else.
 ``/get_server_info`` (also ``/server_info``) carries SGLang's top-level
 ``max_total_num_tokens`` (the KV capacity the engine reported) and
 ``version``.
@@ -188,7 +190,13 @@ async def abort_request(request: web.Request) -> web.Response:
 
 
 async def flush_cache(request: web.Request) -> web.Response:
+    """Takes no parameters: a query parameter or a non-empty body is a 400 naming what was sent."""
     ctx: ServerContext = request.app[CTX]
+    for name in request.query:
+        raise ApiError(400, f"unsupported parameter {name}: /flush_cache takes none", param=name)
+    if (await request.read()).strip():
+        for name in await read_body(request, dict):
+            raise ApiError(400, f"unsupported parameter {name}: /flush_cache takes none", param=name)
     if not await ctx.ingest.flush_cache():
         raise ApiError(503, "cache flush is not wired in this placement", "server_unavailable")
     return web.json_response({"status": "ok", "message": "cache flush requested"})

@@ -31,9 +31,14 @@ object also carries the whole text.
 (repetition penalty). ``format`` is ``"json"`` (any JSON object) or a JSON
 schema, enforced by the grammar stage. Any other option, and ``images``,
 ``suffix``, ``template``, ``context``, ``think``, ``logprobs``, non-empty
-``tools``, is a 400 naming it; ``keep_alive`` is accepted (the model stays
-loaded whatever it says). The model name is not checked by generate/chat,
-as on the OpenAI routes (one model is served).
+``tools``, is a 400 naming it, and so is a body or message key these
+Structs do not declare. ``keep_alive`` (how long the model stays loaded
+after the request) is honoured as Ollama reads it: this server keeps its one
+model loaded for as long as it runs, so every positive duration and every
+negative one ("forever") is met; ``0`` asks for an unload now, which this
+server cannot do, so it is a 400 naming ``keep_alive`` (that is what
+``ollama stop`` sends). The model name is not checked by generate/chat, as
+on the OpenAI routes (one model is served).
 
 Errors are Ollama's body, ``{"error": "<message>"}`` with the HTTP status (a
 failure after the stream started is one last ``{"error"}`` line), which the
@@ -43,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import time
 import uuid
 from datetime import datetime, timezone
@@ -61,6 +67,8 @@ from stages.ingest.responses import SequenceResult
 from stages.ingest.streaming import read_body
 
 NDJSON_TYPE = "application/x-ndjson"
+_NUMBER = re.compile(r"-?\d+(\.\d*)?")  # keep_alive in seconds
+_GO_DURATION = re.compile(r"-?(\d+(\.\d*)?(ns|us|µs|ms|s|m|h))+")  # keep_alive as Go writes durations
 OPTION_NAMES = {  # Ollama option -> SamplingParams field
     "temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p", "seed": "seed",
     "stop": "stop", "num_predict": "max_new_tokens", "presence_penalty": "presence_penalty",
@@ -88,7 +96,7 @@ class OllamaToolCall(msgspec.Struct, kw_only=True):
     function: FunctionCallIn
 
 
-class OllamaMessage(msgspec.Struct, kw_only=True):
+class OllamaMessage(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     role: Literal["system", "user", "assistant", "tool"]
     content: str = ""
     images: list[str] | None = None
@@ -97,7 +105,7 @@ class OllamaMessage(msgspec.Struct, kw_only=True):
     thinking: str | None = None
 
 
-class OllamaBody(msgspec.Struct, kw_only=True):
+class OllamaBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Fields shared by /api/generate and /api/chat (and the ones refused when given)."""
 
     model: str
@@ -125,7 +133,7 @@ class OllamaChatBody(OllamaBody, kw_only=True):
     tools: list[dict[str, Any]] | None = None
 
 
-class OllamaShowBody(msgspec.Struct, kw_only=True):
+class OllamaShowBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     model: str
 
 
@@ -155,10 +163,24 @@ def timestamp() -> str:
 
 def check_unserved(body: OllamaBody, extra: dict[str, Any]) -> None:
     """A field we do not serve, when given, is a 400 naming it."""
+    check_keep_alive(body.keep_alive)
     given = {"think": body.think, "logprobs": body.logprobs or None, "top_logprobs": body.top_logprobs, **extra}
     for name, value in given.items():
         if value not in (None, False, "", [], {}):
             raise bad_request(f"{name} is not supported by this server", name)
+
+
+def check_keep_alive(keep_alive: float | str | None) -> None:
+    """The model is always loaded, which meets any keep_alive except 0 (unload now): that one is a 400."""
+    if keep_alive is None:
+        return
+    text = str(keep_alive).strip()
+    if not (_NUMBER.fullmatch(text) or _GO_DURATION.fullmatch(text)):
+        raise bad_request(f"keep_alive {keep_alive!r} is not a duration (e.g. 300, \"5m\", \"1h30m\", -1)",
+                          "keep_alive")
+    if all(float(number) == 0 for number in re.findall(r"\d+(?:\.\d*)?", text)):
+        raise bad_request("keep_alive 0 (unload the model now) is not supported: this server keeps its model "
+                          "loaded while it runs", "keep_alive")
 
 
 def sampling_params(body: OllamaBody) -> dict[str, Any]:
@@ -319,6 +341,9 @@ async def api_generate(request: web.Request) -> web.StreamResponse:
     ctx: ServerContext = request.app[CTX]
     body: OllamaGenerateBody = await read_body(request, OllamaGenerateBody)
     if not body.prompt and not body.system:  # Ollama's "load the model" call
+        check_unserved(body, {"suffix": body.suffix, "template": body.template, "context": body.context,
+                              "images": body.images})
+        sampling_params(body)  # options and format are checked even when nothing is generated
         loaded = {"model": body.model, "created_at": timestamp(), "response": "", "done": True,
                   "done_reason": "load"}
         return web.json_response(loaded) if not body.stream else await _one_line(request, loaded)

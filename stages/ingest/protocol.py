@@ -126,7 +126,11 @@ class ToolCallIn(msgspec.Struct, kw_only=True):
     function: FunctionCallIn
 
 
-class ChatMessageIn(msgspec.Struct, kw_only=True):
+class ChatMessageIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """One chat turn. Keys clients send back with an earlier answer but that have no meaning for the
+    prompt (``MESSAGE_KEYS_UNUSED``) are declared, accepted and not read; any other undeclared key is a
+    400 naming it. vLLM's ``reasoning`` is read as ``reasoning_content``."""
+
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -134,10 +138,26 @@ class ChatMessageIn(msgspec.Struct, kw_only=True):
     tool_call_id: str | None = None
     reasoning_content: str | None = None
     function_call: FunctionCallIn | None = None  # legacy form of one tool call
+    reasoning: str | None = None  # vLLM's name for reasoning_content (our answers carry both)
+    # accepted and not read, by design (see MESSAGE_KEYS_UNUSED)
+    refusal: Any = None
+    annotations: Any = None
+    audio: Any = None
 
     def __post_init__(self) -> None:
+        if self.reasoning_content is None:
+            self.reasoning_content = self.reasoning
         if self.function_call is not None and not self.tool_calls:
             self.tool_calls = [ToolCallIn(function=self.function_call)]
+
+
+# ChatMessageIn keys accepted and not read, and why: an OpenAI client sends an earlier answer's message back
+# as it received it (``message.model_dump()``), and these keys say nothing the prompt can use.
+MESSAGE_KEYS_UNUSED = {
+    "refusal": "the model's refusal text of an earlier answer; this server never writes one (always null)",
+    "annotations": "URL citations of an earlier answer's web search, which this server does not run",
+    "audio": "an earlier answer's audio output; this server answers with text only (always null)",
+}
 
 
 class FunctionDef(msgspec.Struct, kw_only=True):
@@ -195,7 +215,7 @@ class NativeGenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=
     rid: str | None = None
 
 
-class AbortRequestBody(msgspec.Struct, kw_only=True):
+class AbortRequestBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """POST /abort_request: one rid, or every request with abort_all."""
 
     rid: str = ""

@@ -26,7 +26,14 @@ bounded in-memory store (the ``STORE_SIZE`` most recent): ``GET
 /v1/responses/{id}`` returns it and ``previous_response_id`` continues the
 conversation (the earlier input and output, never its ``instructions``).
 Fields we do not serve (``background``, ``reasoning``, ``include``,
-``truncation: auto``, ...) are a 400 naming them.
+``truncation: auto``, ...) are a 400 naming them, and so is a field the
+request Struct does not declare. Inside ``input``, ``text`` and ``tools``
+each item's keys are checked the same way (``INPUT_KEYS``, ``PART_KEYS``,
+``TOOL_KEYS``): a key outside those lists is a 400 naming its path. The keys
+a client sends back with earlier output items but that have no meaning for
+the next turn (``ACCEPTED_UNUSED``: an item's ``id`` and ``status``, an
+output part's ``annotations`` and ``logprobs``, an image's ``detail``) are
+accepted and not used, by design.
 """
 from __future__ import annotations
 
@@ -48,7 +55,7 @@ from stages.ingest.streaming import SseWriter, collect, merged, read_body
 STORE_SIZE = 1024  # stored responses kept (oldest dropped first)
 
 
-class ResponsesRequest(msgspec.Struct, kw_only=True):
+class ResponsesRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """POST /v1/responses (OpenAI names; top_k, min_p, repetition_penalty and seed as SGLang extensions)."""
 
     input: str | list[Any]
@@ -127,6 +134,31 @@ def check_served(body: ResponsesRequest) -> None:
             raise bad_request(f"{name} is not supported by this server", name)
 
 
+# Keys read from each kind of input item / content part / tool, and the ones accepted but unused by design
+# (what a client sends back with earlier output: ids, statuses, annotations and logprobs of output text).
+INPUT_KEYS = {"message": {"type", "role", "content"}, "function_call": {"type", "call_id", "name", "arguments"},
+              "function_call_output": {"type", "call_id", "output"},
+              "reasoning": {"type", "summary", "content", "encrypted_content"}}  # reasoning: not sent back
+PART_KEYS = {"input_text": {"type", "text"}, "output_text": {"type", "text"}, "text": {"type", "text"},
+             "refusal": {"type", "refusal"}, "input_image": {"type", "image_url"}}
+TOOL_KEYS = {"type", "name", "description", "parameters", "strict"}  # the chat tool's function keys
+ACCEPTED_UNUSED = {
+    "id": "an earlier item's id: the conversation is rebuilt from its content",
+    "status": "an earlier item's status: only finished items can be sent back",
+    "annotations": "citations attached to earlier output text; the text itself is used",
+    "logprobs": "logprobs of earlier output text; the text itself is used",
+    "detail": "image detail level: images are always read at the resolution the model's processor picks",
+}
+
+
+def check_keys(item: dict[str, Any], known: set[str], param: str) -> None:
+    """A key that is neither read nor accepted-unused is a 400 naming it, never dropped unread."""
+    for key in item:
+        if key not in known and key not in ACCEPTED_UNUSED:
+            raise bad_request(f"unsupported parameter {param}.{key}: this server does not serve it",
+                              f"{param}.{key}")
+
+
 def _field(item: dict[str, Any], name: str, param: str, kind: type = str) -> Any:
     value = item.get(name)
     if not isinstance(value, kind):
@@ -144,6 +176,8 @@ def _content(content: Any, param: str) -> str | list[dict[str, Any]]:
     for k, part in enumerate(content):
         where = f"{param}.content[{k}]"
         kind = part.get("type") if isinstance(part, dict) else None
+        if kind in PART_KEYS:
+            check_keys(part, PART_KEYS[kind], where)
         if kind in ("input_text", "output_text", "text", "refusal"):
             parts.append({"type": "text", "text": _field(part, "refusal" if kind == "refusal" else "text", where)})
         elif kind == "input_image":
@@ -172,6 +206,8 @@ def input_messages(input_: str | list[Any]) -> list[dict[str, Any]]:
         if not isinstance(item, dict):
             raise bad_request(f"{param} must be an object", param)
         kind = item.get("type", "message")
+        if kind in INPUT_KEYS:
+            check_keys(item, INPUT_KEYS[kind], param)
         if kind == "message":
             role = _field(item, "role", param)
             messages.append({"role": role, "content": _content(item.get("content"), param)})
@@ -198,7 +234,8 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | Non
         if not isinstance(tool, dict) or tool.get("type") != "function":
             kind = tool.get("type") if isinstance(tool, dict) else None
             raise bad_request(f"only function tools are supported (got {kind!r})", f"tools[{k}].type")
-        function = {key: tool[key] for key in ("name", "description", "parameters") if key in tool}
+        check_keys(tool, TOOL_KEYS, f"tools[{k}]")
+        function = {key: tool[key] for key in TOOL_KEYS - {"type"} if key in tool}
         converted.append({"type": "function", "function": function})
     return converted
 
@@ -214,6 +251,7 @@ def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any
 
 def response_format(text: dict[str, Any] | None) -> ResponseFormat | None:
     """``text.format`` (text, json_object, or json_schema with name/schema at the top) -> response_format."""
+    check_keys(text or {}, {"format"}, "text")
     format_ = (text or {}).get("format")
     if format_ is None:
         return None

@@ -103,6 +103,8 @@ HONOURED = {
     "logprob_start_len": f"{HERE}::test_prompt_logprob_fields",
     "return_text_in_logprobs": f"{HERE}::test_prompt_logprob_fields",
     "token_ids_logprob": f"{HERE}::test_prompt_logprob_fields",
+    "image_data": "tests/server/test_vl_server.py::test_native_generate_image_data",
+    "video_data": "tests/server/test_vl_server.py::test_native_generate_image_data",
 }
 
 # Field -> a value that must be refused with a 400 naming the field (values we do not serve).
@@ -121,7 +123,7 @@ UNDECLARED = {
                        "web_search_options": {}, "reasoning_effort": "low", "verbosity": "low",
                        "documents": [], "chat_template": "{{ 1 }}", "mm_processor_kwargs": {},
                        "stream_reasoning": True, "echo": True, "not_a_field": 1},
-    GENERATE: {"image_data": "x", "lora_path": "x", "return_hidden_states": True, "custom_logit_processor": "x",
+    GENERATE: {"lora_path": "x", "return_hidden_states": True, "custom_logit_processor": "x",
                "session_params": {}, "modalities": ["text"], "not_a_field": 1},
 }
 
@@ -133,7 +135,12 @@ def declared(struct: type) -> set[str]:
 def test_every_declared_field_is_honoured_or_refused():
     missing = {path: sorted(declared(struct) - set(HONOURED) - set(REFUSED)) for path, struct in STRUCTS.items()}
     assert all(not names for names in missing.values()), f"fields with neither a behaviour test nor a refusal: {missing}"
-    for field, where in HONOURED.items():
+    assert_behaviour_tests(HONOURED)
+
+
+def assert_behaviour_tests(honoured: dict[str, str]) -> None:
+    """Each ``field: "path::test"`` names a test function that exists and whose source mentions the field."""
+    for field, where in honoured.items():
         path, name = where.split("::")
         if not (REPO / path).is_file():
             pytest.fail(f"{field}: {path} does not exist")
