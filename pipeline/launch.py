@@ -153,7 +153,7 @@ class ProcessRunner:
             return
         self._counters_at_s = now
         report = ProcessCounters(process=self.process, time_s=time.time(),
-                                 stages={s.name: s.counters.as_dict() for s in self.stages})
+                                 stages={s.name: {**s.counters.as_dict(), **s.telemetry()} for s in self.stages})
         try:
             self.counters.put_nowait(report)
         except (ChannelFull, ChannelClosed):

@@ -13,6 +13,7 @@ stagewise:e2e_request_latency_seconds          histogram  ingest, arrival -> fin
 stagewise:prompt_tokens_total                  counter    ingest, per finished sequence
 stagewise:generation_tokens_total              counter    ingest, per output
 stagewise:num_requests_total{finish_reason}    counter    ingest, per finished sequence
+stagewise:spec_accept_length                   histogram  ingest, tokens per verify step of a sequence
 stagewise:num_running_reqs, num_queue_reqs,    gauge      EngineStats from the schedule stage
   token_usage, cache_hit_rate, gen_throughput,             of each engine replica
   max_total_num_tokens
@@ -29,7 +30,11 @@ Pipeline series, read at scrape time (``PipelineCollector``), labelled
 ``process`` and ``stage`` (or ``channel``): ``stagewise:stage_messages_in_total``,
 ``stagewise:stage_messages_out_total``, ``stagewise:stage_busy_seconds_total``,
 ``stagewise:stage_steps_total``, ``stagewise:stage_messages_rejected_total``
-and ``stagewise:channel_queue_depth``. They come from ``ProcessCounters``:
+and ``stagewise:channel_queue_depth``; for a vision-language model also the
+forward stage's ``stagewise:mm_images_encoded_total``, ``mm_videos_encoded_total``,
+``mm_encode_seconds_total``, ``mm_cache_lookups_total``, ``mm_cache_hits_total``
+and the gauge ``mm_cache_hit_rate`` (``MM_SERIES``; the stage's ``telemetry()``).
+They come from ``ProcessCounters``:
 the runner of each process sends one a second to the ingest stage with the
 counters of every stage it runs (``stage_counters(stage)`` below builds one
 stage's entry); ``set_process_counters`` keeps the latest per process, so
@@ -97,6 +102,26 @@ STAGE_SERIES = (  # counter key -> (series name, help)
     ("messages_rejected", "stage_messages_rejected", "Malformed messages a stage dropped at a process border"),
 )
 
+MM_SERIES = (  # the forward stage's multimodal counters (stages/forward/multimodal.py): key -> (series, help)
+    ("mm_images_encoded", "mm_images_encoded", "Images the vision encoder encoded"),
+    ("mm_videos_encoded", "mm_videos_encoded", "Videos the vision encoder encoded"),
+    ("mm_encode_s", "mm_encode_seconds", "Seconds the vision encoder ran"),
+    ("mm_cache_lookups", "mm_cache_lookups", "Images and videos looked up in the multimodal embedding cache"),
+    ("mm_cache_hits", "mm_cache_hits", "Multimodal embedding cache lookups that found the embeddings"),
+)
+
+
+def multimodal_summary(stages: dict[str, dict[str, float]]) -> dict[str, float] | None:
+    """The multimodal counters summed over the stages that report them (one forward stage per
+    data-parallel replica), with the cache hit rate; None when no stage reports them (a text model)."""
+    reporting = [values for values in stages.values() if "mm_images_encoded" in values]
+    if not reporting:
+        return None
+    totals = {key: sum(values.get(key, 0.0) for values in reporting) for key, _, _ in MM_SERIES}
+    lookups = totals["mm_cache_lookups"]
+    totals["mm_cache_hit_rate"] = totals["mm_cache_hits"] / lookups if lookups else 0.0
+    return totals
+
 
 class PipelineCollector:
     """Stage and channel series from the latest ProcessCounters of each process, read at scrape time."""
@@ -113,6 +138,9 @@ class PipelineCollector:
                     for key, name, help_text in STAGE_SERIES}
         depth = GaugeMetricFamily(PREFIX + "channel_queue_depth", "Messages waiting in a stage's inbox channel",
                                   labels=["process", "channel"])
+        mm = {key: CounterMetricFamily(PREFIX + name, help_text, labels=labels) for key, name, help_text in MM_SERIES}
+        hit_rate = GaugeMetricFamily(PREFIX + "mm_cache_hit_rate", "Multimodal embedding cache hits per lookup",
+                                     labels=labels)
         for process in sorted(self.latest):
             stages = self.latest[process].stages
             for name in sorted(stages):
@@ -120,14 +148,23 @@ class PipelineCollector:
                 for key, family in families.items():
                     family.add_metric([process, name], float(values.get(key, 0.0)))
                 depth.add_metric([process, name], float(values.get("queue_depth", 0.0)))
+                if "mm_images_encoded" in values:  # a vision-language model's forward stage
+                    for key, family in mm.items():
+                        family.add_metric([process, name], float(values.get(key, 0.0)))
+                    lookups = values.get("mm_cache_lookups", 0.0)
+                    hit_rate.add_metric([process, name], values.get("mm_cache_hits", 0.0) / lookups if lookups else 0.0)
         yield from families.values()
         yield depth
+        if mm["mm_images_encoded"].samples:
+            yield from mm.values()
+            yield hit_rate
 
 
 def stage_counters(stage: Any) -> dict[str, float]:
     """One stage's counters plus its inbox depth, as plain floats (one entry of ProcessCounters.stages)."""
     values = stage.counters.as_dict() if hasattr(stage.counters, "as_dict") else dict(vars(stage.counters))
     values = {k: float(v) for k, v in values.items()}
+    values.update(stage.telemetry() if hasattr(stage, "telemetry") else {})
     inbox = getattr(stage, "inbox", None)
     values["queue_depth"] = float(len(inbox)) if inbox is not None else 0.0
     return values
@@ -135,6 +172,7 @@ def stage_counters(stage: Any) -> dict[str, float]:
 
 SGLANG_PREFIX = "sglang:"
 VLLM_PREFIX = "vllm:"
+SPEC_ACCEPT_BUCKETS = (1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 10.0)
 TOKEN_COUNT_BUCKETS = tuple(float(m * 10 ** e) for e in range(6) for m in (1, 2, 5))  # vLLM's 1-2-5 ladder
 SGLANG_ENGINE_GAUGES = ENGINE_GAUGES  # SGLang's scheduler gauges carry our names
 VLLM_ENGINE_GAUGES = (("num_running_reqs", "num_requests_running"), ("num_queue_reqs", "num_requests_waiting"),
@@ -188,6 +226,9 @@ class ServerMetrics:
         self.last_stats: dict[int, EngineStats] = {}  # dp_rank -> that replica's latest snapshot
         self.pipeline = PipelineCollector()
         self.registry.register(self.pipeline)
+        self.spec_accept_length = Histogram(
+            PREFIX + "spec_accept_length", "Tokens emitted per speculative verify step, per sequence",
+            ["model_name"], buckets=SPEC_ACCEPT_BUCKETS, registry=self.registry).labels(model_name)
 
     def _add_peer_request_series(self) -> None:
         """The peer families that have no stagewise twin (see the table in the module docstring)."""
@@ -240,6 +281,10 @@ class ServerMetrics:
         self.vllm_generation_lengths.observe(num_generated_tokens)
         if ttft_s is not None and num_generated_tokens > 1:
             self.sglang_tpot.observe((e2e_s - ttft_s) / (num_generated_tokens - 1))
+
+    def observe_spec_accept_length(self, verify_ct: int, accepted: int) -> None:
+        """A finished sequence that ran speculative steps: its tokens per verify step."""
+        self.spec_accept_length.observe((verify_ct + accepted) / verify_ct)
 
     def set_engine_stats(self, stats: EngineStats) -> None:
         """One replica's snapshot: its ``dp_rank`` series (the only series when dp_size is 1)."""

@@ -225,6 +225,12 @@ class Stage:
     def close(self) -> None:
         """Release resources (subclass, optional); called once the stage has stopped."""
 
+    def telemetry(self) -> dict[str, float]:
+        """Counters of the stage's own work beyond ``counters`` (subclass, optional): published with them
+        in ProcessCounters, so they reach /metrics and /get_server_info (e.g. the forward stage's
+        vision-encoder and multimodal-cache counts)."""
+        return {}
+
     def replay_input(self, door: str, message: Any) -> None:
         """Take a recorded message that came in through a side door (not the inbox) during a replay.
 

@@ -49,6 +49,12 @@ class MultimodalStats:
     def hit_rate(self) -> float:
         return self.cache_hits / self.cache_lookups if self.cache_lookups else 0.0
 
+    def as_counters(self) -> dict[str, float]:
+        """The counters as the forward stage publishes them (pipeline/metrics.py MM_SERIES)."""
+        return {"mm_images_encoded": float(self.images_encoded), "mm_videos_encoded": float(self.videos_encoded),
+                "mm_encode_s": self.encode_s, "mm_cache_lookups": float(self.cache_lookups),
+                "mm_cache_hits": float(self.cache_hits)}
+
 
 class EmbeddingCache:
     """Vision outputs by content hash, least recently used dropped past ``capacity_bytes``."""

@@ -89,6 +89,10 @@ class ForwardStage(Stage):
                          context_len=runner.context_len, vocab_size=self.config.vocab_size,
                          eos_token_ids=tuple(self.config.eos_token_ids))
 
+    def telemetry(self) -> dict[str, float]:
+        """A vision-language model's encoder and multimodal-cache counters (none for a text model)."""
+        return self.runner.multimodal.stats.as_counters() if self.runner.multimodal is not None else {}
+
     # --------------------------------------------------------------- step
     def handle(self, message: ForwardInbox) -> None:
         match message:

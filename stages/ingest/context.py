@@ -17,6 +17,7 @@ from aiohttp import web
 
 from pipeline.config import ServerArgs
 from pipeline.messages import GenerateRequest
+from pipeline.metrics import multimodal_summary
 from stages.ingest.parsing import make_parsing
 from stages.ingest.responses import TokenText
 from stages.ingest.streams import Frontend
@@ -40,6 +41,7 @@ class ServerContext:
         """/get_server_info fields beyond the args: versions and device, and every stage's counters."""
         info: dict[str, Any] = msgspec.to_builtins(self.ingest.server_info)
         info["stage_counters"] = self.ingest.stage_counters()
+        info["multimodal"] = multimodal_summary(info["stage_counters"])  # None for a text model
         return info
 
     def prompt_text(self, request: GenerateRequest) -> str:

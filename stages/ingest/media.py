@@ -106,6 +106,13 @@ def _local_file(source: str, param: str, allowed_dir: str) -> bytes:
     return resolved.read_bytes()
 
 
+def base64_media(payload: Any, param: str) -> MediaInput:
+    """One image sent as base64 text (Ollama's ``images``), never a URL or a path."""
+    if not isinstance(payload, str) or not payload:
+        raise bad_request("an image must be non-empty base64 text", param)
+    return MediaInput(modality="image", data=_base64(payload, param), param=param)
+
+
 # --------------------------------------------------------------------------- chat content parts
 
 
@@ -144,14 +151,45 @@ async def media_input(modality: str, source: Any, param: str, allowed_dir: str,
     return MediaInput(modality=modality, data=await load_bytes(source, param, allowed_dir, session), param=param)
 
 
-async def native_media(image_data: Any, video_data: Any, allowed_dir: str) -> list[MediaInput]:
-    """SGLang's /generate ``image_data`` / ``video_data`` (one reference or a list) -> MediaInputs."""
+async def native_media(image_data: Any, video_data: Any, allowed_dir: str, where: str = "") -> list[MediaInput]:
+    """One prompt's SGLang /generate ``image_data`` / ``video_data`` (a reference or a list) -> MediaInputs.
+
+    A video is one reference (a file) or a list of frame references; ``where`` is the prompt's index
+    in a batch (``"[2]"``), so that a 400 names ``image_data[2][0]``.
+    """
     media: list[MediaInput] = []
     for name, modality, value in (("image_data", "image", image_data), ("video_data", "video", video_data)):
         if value is None:
             continue
         items = value if isinstance(value, list) else [value]
         if len(items) > MAX_MEDIA_ITEMS:
-            raise bad_request(f"at most {MAX_MEDIA_ITEMS} items", name)
-        media += [await media_input(modality, item, f"{name}[{k}]", allowed_dir) for k, item in enumerate(items)]
+            raise bad_request(f"at most {MAX_MEDIA_ITEMS} items", name + where)
+        async with aiohttp.ClientSession() as session:
+            media += [await media_input(modality, item, f"{name}{where}[{k}]", allowed_dir, session)
+                      for k, item in enumerate(items)]
     return media
+
+
+async def native_prompt_media(image_data: Any, video_data: Any, num_prompts: int, batched: bool,
+                              allowed_dir: str) -> list[list[MediaInput]]:
+    """The media of each prompt of a /generate request, as SGLang shapes them.
+
+    One prompt: ``image_data`` is one reference or a list of them (in the order of the prompt's
+    placeholders). A batch (``text`` a list, or ``input_ids`` a list of lists): a list with one
+    entry per prompt, each one reference, a list or null.
+    """
+    if not batched:
+        return [await native_media(image_data, video_data, allowed_dir)]
+    per_prompt = [_per_prompt(value, num_prompts, name)
+                  for name, value in (("image_data", image_data), ("video_data", video_data))]
+    return [await native_media(images, videos, allowed_dir, f"[{k}]")
+            for k, (images, videos) in enumerate(zip(*per_prompt))]
+
+
+def _per_prompt(value: Any, num_prompts: int, name: str) -> list[Any]:
+    if value is None:
+        return [None] * num_prompts
+    if not isinstance(value, list) or len(value) != num_prompts:
+        raise bad_request(f"a batch of {num_prompts} prompts needs a list of {num_prompts} entries "
+                          "(one per prompt: a reference, a list of them, or null)", name)
+    return value
