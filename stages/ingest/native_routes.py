@@ -9,7 +9,10 @@ generation through the whole pipeline (``/ping`` is ``/health`` for
 SageMaker). ``/flush_cache`` answers POST and GET, as SGLang's does, and
 takes no parameters (one given is a 400 naming it); ``/abort_request``'s
 body has ``rid`` or ``abort_all`` and nothing else.
-``/get_server_info`` (also ``/server_info``) carries SGLang's top-level
+``image_data`` / ``video_data`` (vision models) are SGLang's: per prompt one
+reference or a list, fetched here (``stages/ingest/media.py``) and placed at
+the prompt's ``<|image_pad|>`` / ``<|video_pad|>`` placeholders by the
+multimodal stage. ``/get_server_info`` (also ``/server_info``) carries SGLang's top-level
 ``max_total_num_tokens`` (the KV capacity the engine reported) and
 ``version``.
 """
@@ -20,12 +23,14 @@ import time
 import uuid
 from typing import Any
 
+import msgspec
 from aiohttp import web
 
 from pipeline.messages import GenerateRequest, SamplingParams
 from stages.ingest.context import CTX, ServerContext
 from stages.ingest.convert import check_vocabulary, native_requests
 from stages.ingest.errors import ApiError
+from stages.ingest.media import native_prompt_media
 from stages.ingest.misc_routes import stagewise_version
 from stages.ingest.protocol import AbortRequestBody, NativeGenerateRequest
 from stages.ingest.responses import SequenceResult, native_result
@@ -41,6 +46,8 @@ async def generate(request: web.Request) -> web.StreamResponse:
     start_s = time.perf_counter()
     generate_requests = native_requests(body, rid, time.time())
     check_vocabulary(generate_requests, ctx.vocab_size, "input_ids")
+    if body.image_data is not None or body.video_data is not None:
+        generate_requests = await _with_media(ctx, body, generate_requests)
     streams = await ctx.ingest.submit(rid, generate_requests)
     try:
         if body.stream:
@@ -54,6 +61,15 @@ async def generate(request: web.Request) -> web.StreamResponse:
     finally:
         for stream in streams:
             await stream.close()
+
+
+async def _with_media(ctx: ServerContext, body: NativeGenerateRequest,
+                      requests: list[GenerateRequest]) -> list[GenerateRequest]:
+    """Each prompt's image_data / video_data fetched into its request (a 400 names the bad item)."""
+    batched = isinstance(body.text, list) or (body.input_ids is not None and not _is_flat(body.input_ids))
+    media = await native_prompt_media(body.image_data, body.video_data, len(requests), batched,
+                                      ctx.args.allowed_local_media_path)
+    return [msgspec.structs.replace(request, media=items) for request, items in zip(requests, media)]
 
 
 def _logprob_text(ctx: ServerContext, body: NativeGenerateRequest) -> tuple[Any, list[int]]:
@@ -155,8 +171,6 @@ async def get_model_info(request: web.Request) -> web.Response:
 
 
 async def get_server_info(request: web.Request) -> web.Response:
-    import msgspec
-
     ctx: ServerContext = request.app[CTX]
     info: dict[str, Any] = msgspec.to_builtins(ctx.args)
     info.pop("api_key", None)  # never shown, whatever its source

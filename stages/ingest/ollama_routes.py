@@ -29,7 +29,9 @@ object also carries the whole text.
 ``min_p``, ``seed``, ``stop``, ``num_predict`` (-1 or -2: up to the context),
 ``presence_penalty``, ``frequency_penalty`` and ``repeat_penalty``
 (repetition penalty). ``format`` is ``"json"`` (any JSON object) or a JSON
-schema, enforced by the grammar stage. Any other option, and ``images``,
+schema, enforced by the grammar stage. ``images`` (base64, on /api/generate
+and on /api/chat messages) go before the turn's text for a vision-language
+model, and are a 400 naming them for a text model. Any other option, and
 ``suffix``, ``template``, ``context``, ``think``, ``logprobs``, non-empty
 ``tools``, is a 400 naming it, and so is a body or message key these
 Structs do not declare. ``keep_alive`` (how long the model stays loaded
@@ -57,12 +59,13 @@ from typing import Any, Awaitable, Callable, Literal
 import msgspec
 from aiohttp import web
 
-from pipeline.messages import GenerateRequest
+from pipeline.messages import GenerateRequest, MediaInput
 from stages.ingest.context import CTX, ServerContext
 from stages.ingest.convert import chat_message, make_sampling
 from stages.ingest.errors import ApiError, bad_request
+from stages.ingest.media import base64_media
 from stages.ingest.misc_routes import stagewise_version
-from stages.ingest.protocol import ChatMessageIn, FunctionCallIn, ToolCallIn
+from stages.ingest.protocol import ChatMessageIn, ContentPart, FunctionCallIn, ToolCallIn
 from stages.ingest.responses import SequenceResult
 from stages.ingest.streaming import read_body
 
@@ -219,39 +222,63 @@ def _format_grammar(format_: str | dict[str, Any] | None) -> dict[str, Any]:
 
 
 def generate_request(ctx: ServerContext, body: OllamaGenerateBody, rid: str) -> GenerateRequest:
-    check_unserved(body, {"suffix": body.suffix, "template": body.template, "context": body.context,
-                          "images": body.images})
+    check_unserved(body, {"suffix": body.suffix, "template": body.template, "context": body.context})
+    images = _images(ctx, [("images", body.images)])
     sampling = make_sampling(sampling_params(body), ERROR_NAMES)
-    if body.raw or not getattr(ctx.tokenizer, "chat_template", None):
+    if body.raw or not getattr(ctx.tokenizer, "chat_template", None):  # raw: the prompt holds the placeholders
         text = f"{body.system}\n\n{body.prompt}" if body.system else body.prompt
         return GenerateRequest(rid=rid, text=text, sampling=sampling, stream=body.stream,
-                               arrival_time_s=time.time())
+                               arrival_time_s=time.time(), media=images)
     turns = ([OllamaMessage(role="system", content=body.system)] if body.system else []) + [
-        OllamaMessage(role="user", content=body.prompt)]
-    return _chat_generate_request(turns, sampling, body.stream, rid)
+        OllamaMessage(role="user", content=body.prompt, images=body.images)]
+    return _chat_generate_request(turns, sampling, body.stream, rid, images)
 
 
-def chat_generate_request(body: OllamaChatBody, rid: str) -> GenerateRequest:
+def chat_generate_request(body: OllamaChatBody, rid: str, ctx: ServerContext | None = None) -> GenerateRequest:
     check_unserved(body, {"tools": body.tools})
     if not body.messages:
         raise bad_request("messages must not be empty", "messages")
-    for position, message in enumerate(body.messages):
-        if message.images:
-            raise bad_request("images are not supported by this server", f"messages[{position}].images")
+    images = _images(ctx, [(f"messages[{i}].images", m.images) for i, m in enumerate(body.messages)])
     sampling = make_sampling(sampling_params(body), ERROR_NAMES)
-    return _chat_generate_request(body.messages, sampling, body.stream, rid)
+    return _chat_generate_request(body.messages, sampling, body.stream, rid, images)
 
 
-def _chat_generate_request(messages: list[OllamaMessage], sampling: Any, stream: bool, rid: str) -> GenerateRequest:
+def _images(ctx: ServerContext | None, lists: list[tuple[str, list[str] | None]]) -> list[MediaInput]:
+    """Ollama's base64 ``images`` lists, in prompt order; a 400 naming the field for a text model."""
+    given = [(name, images) for name, images in lists if images]
+    if given and not accepts_images(ctx):
+        raise bad_request(f"{given[0][0]}: images are not supported by this model (it has no vision encoder)",
+                          given[0][0])
+    return [base64_media(image, f"{name}[{k}]") for name, images in given for k, image in enumerate(images)]
+
+
+def accepts_images(ctx: ServerContext | None) -> bool:
+    """A vision-language model: its config.json has a vision_config."""
+    if ctx is None:
+        return False
+    try:
+        return isinstance(json.loads((ctx.args.model_dir / "config.json").read_text()).get("vision_config"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _chat_generate_request(messages: list[OllamaMessage], sampling: Any, stream: bool, rid: str,
+                           images: list[MediaInput]) -> GenerateRequest:
     converted = [chat_message(_openai_message(m, i), i)[0] for i, m in enumerate(messages)]
-    return GenerateRequest(rid=rid, messages=converted, sampling=sampling, stream=stream, arrival_time_s=time.time())
+    return GenerateRequest(rid=rid, messages=converted, sampling=sampling, stream=stream, arrival_time_s=time.time(),
+                           media=images)
 
 
 def _openai_message(message: OllamaMessage, position: int) -> ChatMessageIn:
+    """An Ollama turn as an OpenAI one; its images go before its text, one image part each."""
     calls = [ToolCallIn(id=f"call_{position}_{i}", function=call.function)
              for i, call in enumerate(message.tool_calls or [])]
     tool_call_id = (message.tool_name or "tool") if message.role == "tool" else None
-    return ChatMessageIn(role=message.role, content=message.content, tool_calls=calls or None,
+    content: str | list[ContentPart] = message.content
+    if message.images:
+        content = [ContentPart(type="image_url", image_url={"url": f"images[{k}]"}) for k in range(len(message.images))]
+        content.append(ContentPart(type="text", text=message.content))
+    return ChatMessageIn(role=message.role, content=content, tool_calls=calls or None,
                          tool_call_id=tool_call_id, name=message.tool_name, reasoning_content=message.thinking)
 
 
@@ -341,8 +368,8 @@ async def api_generate(request: web.Request) -> web.StreamResponse:
     ctx: ServerContext = request.app[CTX]
     body: OllamaGenerateBody = await read_body(request, OllamaGenerateBody)
     if not body.prompt and not body.system:  # Ollama's "load the model" call
-        check_unserved(body, {"suffix": body.suffix, "template": body.template, "context": body.context,
-                              "images": body.images})
+        check_unserved(body, {"suffix": body.suffix, "template": body.template, "context": body.context})
+        _images(ctx, [("images", body.images)])
         sampling_params(body)  # options and format are checked even when nothing is generated
         loaded = {"model": body.model, "created_at": timestamp(), "response": "", "done": True,
                   "done_reason": "load"}
@@ -362,7 +389,7 @@ async def _one_line(request: web.Request, payload: dict[str, Any]) -> web.Stream
 async def api_chat(request: web.Request) -> web.StreamResponse:
     ctx: ServerContext = request.app[CTX]
     body: OllamaChatBody = await read_body(request, OllamaChatBody)
-    generate = chat_generate_request(body, f"ollama-{uuid.uuid4().hex}")
+    generate = chat_generate_request(body, f"ollama-{uuid.uuid4().hex}", ctx)
     return await run_request(request, ctx, generate, lambda text: {
         "model": body.model, "created_at": timestamp(), "message": {"role": "assistant", "content": text}})
 

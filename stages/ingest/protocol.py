@@ -213,6 +213,10 @@ class NativeGenerateRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=
     return_text_in_logprobs: bool = False
     token_ids_logprob: list[int] | None = None
     rid: str | None = None
+    # vision models: per prompt one reference or a list (URL, data URL, base64, allowed local path);
+    # a video is a file reference or a list of frame references (stages/ingest/media.py)
+    image_data: Any = None
+    video_data: Any = None
 
 
 class AbortRequestBody(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
