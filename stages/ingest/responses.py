@@ -48,6 +48,8 @@ class SequenceResult(msgspec.Struct, kw_only=True):
     prompt_token_ids: list[int] = []  # return_token_ids: the first output brings them
     prompt_logprobs: PromptLogprobs | None = None
     ids_logprobs: list[list[float]] = []
+    spec_verify_ct: int = 0  # speculative decoding: verify steps and accepted drafts
+    spec_accepted_tokens: int = 0
 
     def add(self, output: TextOutput) -> None:
         if output.prompt_logprobs is not None:
@@ -63,6 +65,8 @@ class SequenceResult(msgspec.Struct, kw_only=True):
         self.prompt_tokens = output.prompt_tokens or self.prompt_tokens
         self.completion_tokens = max(self.completion_tokens, output.completion_tokens)
         self.cached_tokens = max(self.cached_tokens, output.cached_tokens)
+        self.spec_verify_ct = max(self.spec_verify_ct, output.spec_verify_ct)
+        self.spec_accepted_tokens = max(self.spec_accepted_tokens, output.spec_accepted_tokens)
         if output.finish_reason is not None:
             self.finish_reason = output.finish_reason
 
@@ -293,6 +297,8 @@ def native_result(rid: str, result: SequenceResult, e2e_latency_s: float, return
         "finish_reason": native_finish_reason(result.finish_reason, result.completion_tokens),
         "e2e_latency": e2e_latency_s,
     }
+    if result.spec_verify_ct:  # SGLang's name; accepted drafts beside it
+        meta.update(spec_verify_ct=result.spec_verify_ct, spec_accepted_tokens=result.spec_accepted_tokens)
     if return_logprob:
         meta.update(native_logprobs(result, texts, token_ids_logprob or []))
     return {"text": result.text, "output_ids": list(result.token_ids), "meta_info": meta}

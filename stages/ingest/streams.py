@@ -140,6 +140,8 @@ class RequestStream:
                 metrics.observe_finished(output.finish_reason.type, output.prompt_tokens, now_s - self.arrival_s,
                                          None if first_s is None else first_s - self.arrival_s,
                                          self.num_completion_tokens[index])
+                if output.spec_verify_ct:
+                    metrics.observe_spec_accept_length(output.spec_verify_ct, output.spec_accepted_tokens)
 
     async def close(self) -> None:
         """End the request: unless every sequence finished, abort it in the engine (frees its KV)."""
