@@ -79,6 +79,8 @@ class Speculator:
         self.accept_lengths: list[int] = []  # tokens emitted per verify step, since last taken
         self.total_verify_ct = 0  # over every request served (tests and logs)
         self.total_accepted = 0
+        # (req, max drafts) -> drafts, replacing the n-gram lookup (perf/bench_speculative.py's oracle)
+        self.proposer = None
 
     @staticmethod
     def of(args: ServerArgs) -> "Speculator | None":
@@ -112,6 +114,8 @@ class Speculator:
         state = self.states.get(req.rid)
         if state is None:
             state = self.states[req.rid] = _SpecState(NgramIndex(self.params))
+        if self.proposer is not None:
+            return list(self.proposer(req, self.max_drafts))
         index = state.index
         history = len(req.input_ids) + len(req.output_ids)
         if len(index) < history:  # catch up with the tokens emitted since the last draft
