@@ -4,7 +4,7 @@ The checkpoint is tests/engine/vl_checkpoint.py's (random weights, byte-level BP
 tokenizer with Qwen's vision tokens). Greedy tokens equal transformers'
 ``generate`` for one image (a data URL), two images of odd sizes in one
 message, a video sent as frames and an image-less chat, with the radix cache on
-and off; streamed and whole answers agree. The same image sent twice is served
+and off and with prefill chunks of 16 tokens that cut through the images; streamed and whole answers agree. The same image sent twice is served
 from the multimodal cache, which /metrics and /get_server_info show. Bad media
 is a 400 naming the content part, and the server goes on serving. SGLang's
 native ``/generate`` takes ``image_data`` / ``video_data``; Ollama's /api/chat
@@ -81,16 +81,18 @@ def expected(checkpoint) -> dict[str, list[int]]:
             for case, (_, text, images, videos) in CASES.items()}
 
 
-@pytest.fixture(scope="module", params=["radix", "no_radix"])
+@pytest.fixture(scope="module", params=["radix", "no_radix", "chunk16"])
 def server(request, checkpoint, tmp_path_factory):
     path, _ = checkpoint
     media_dir = tmp_path_factory.mktemp("media")
     flags = ["--allowed-local-media-path", str(media_dir)]
     if request.param == "no_radix":
         flags.append("--disable-radix-cache")
+    if request.param == "chunk16":  # prefill chunks of 16 tokens cut through every image
+        flags += ["--chunked-prefill-size", "16"]
     with running_server(path, tmp_path_factory.mktemp("logs") / f"{request.param}.log", *flags) as process:
         process.media_dir = media_dir
-        process.radix = request.param == "radix"
+        process.radix = request.param != "no_radix"
         yield process
 
 
