@@ -107,7 +107,7 @@ class CompletionRequest(SamplingFields, kw_only=True):
     best_of: int | None = None
 
 
-class ContentPart(msgspec.Struct, kw_only=True):
+class ContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     type: str
     text: str | None = None
     image_url: dict[str, Any] | None = None
@@ -115,15 +115,19 @@ class ContentPart(msgspec.Struct, kw_only=True):
     video: list[str] | None = None  # {"type": "video", "video": [frame URL, ...]}: a video as frames
 
 
-class FunctionCallIn(msgspec.Struct, kw_only=True):
+class FunctionCallIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: str
     arguments: str | dict[str, Any] = "{}"
+    # accepted and not read: the openai client's parse() helpers add the arguments decoded, which
+    # ``arguments`` already carries
+    parsed_arguments: Any = None
 
 
-class ToolCallIn(msgspec.Struct, kw_only=True):
+class ToolCallIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     id: str = ""
     type: str = "function"
     function: FunctionCallIn
+    index: int | None = None  # accepted and not read: a streamed call's position, which the list order gives
 
 
 class ChatMessageIn(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

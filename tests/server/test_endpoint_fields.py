@@ -29,9 +29,10 @@ import openai
 import pytest
 
 from stages.ingest import batch_api, ollama_routes, responses_api
-from stages.ingest.convert import make_sampling
+from stages.ingest.convert import chat_request, make_sampling
 from stages.ingest.misc_routes import DetokenizeBody, TokenizeBody
-from stages.ingest.protocol import MESSAGE_KEYS_UNUSED, AbortRequestBody, ChatMessageIn
+from stages.ingest.protocol import (MESSAGE_KEYS_UNUSED, AbortRequestBody, ChatCompletionRequest, ChatMessageIn,
+                                    ContentPart, FunctionCallIn, ToolCallIn)
 from tests.server.conftest import running_server
 from tests.server.test_request_fields import assert_behaviour_tests, declared
 
@@ -139,6 +140,10 @@ WALK = {
         "function_call": f"{HERE}::test_chat_message_keys",
         **{key: f"{HERE}::test_chat_message_keys" for key in MESSAGE_KEYS_UNUSED},
     }, {}),
+    ContentPart: ({key: f"{HERE}::test_content_parts_are_read" for key in ("type", "text", "image_url", "video_url",
+                                                                           "video")}, {}),
+    ToolCallIn: ({key: f"{HERE}::test_tool_call_keys" for key in ("id", "type", "function", "index")}, {}),
+    FunctionCallIn: ({key: f"{HERE}::test_tool_call_keys" for key in ("name", "arguments", "parsed_arguments")}, {}),
 }
 
 # Key lists checked by hand (dicts, forms, query strings): each key -> its behaviour test.
@@ -462,6 +467,38 @@ def test_chat_message_keys(client, server):
     assert named.choices[0].message is not None
     assert_named_400(server, "/v1/chat/completions", {"max_tokens": 2, "messages": [
         {"role": "tool", "content": "ok"}]}, "tool_call_id")
+
+
+def test_content_parts_are_read(server):
+    parts = [{"type": "text", "text": "look "}, {"type": "image_url", "image_url": {"url": "http://h/a.png"}},
+             {"type": "video_url", "video_url": {"url": "http://h/b.mp4"}},
+             {"type": "video", "video": ["http://h/f0.png", "http://h/f1.png"]}, {"type": "text", "text": "now"}]
+    body = msgspec.convert({"messages": [{"role": "user", "content": parts}]}, ChatCompletionRequest)
+    request = chat_request(body, "r", 0.0)
+    assert request.messages[0].content == "look now"  # the text parts, joined
+    assert request.image_urls == ["http://h/a.png", "http://h/b.mp4", str(["http://h/f0.png", "http://h/f1.png"])]
+    assert_named_400(server, "/v1/chat/completions", {"max_tokens": 2, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "hi", "cache_control": {"type": "ephemeral"}}]}]}, "cache_control")
+
+
+def test_tool_call_keys(client, server):
+    """A tool call sent back as a streamed or parse()d answer holds it (with index, parsed_arguments) prompts
+    the model as the call alone does: id, type, function name and arguments are read."""
+    call_of = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    extra = {"id": "c1", "type": "function", "index": 0,
+             "function": {"name": "f", "arguments": '{"a": 1}', "parsed_arguments": {"a": 1}}}
+    prompts = []
+    for tool_call in (call_of, extra):
+        reply = client.chat.completions.create(model="m", max_tokens=1, extra_body={"return_token_ids": True},
+                                               messages=[CHAT[0], {"role": "assistant", "tool_calls": [tool_call]},
+                                                         {"role": "tool", "tool_call_id": "c1", "content": "2"}])
+        prompts.append(reply.model_dump()["prompt_token_ids"])
+    assert prompts[0] == prompts[1]
+    body = msgspec.convert({"messages": [CHAT[0], {"role": "assistant", "tool_calls": [extra]}]}, ChatCompletionRequest)
+    [read] = chat_request(body, "r", 0.0).messages[1].tool_calls  # what the template is given
+    assert (read.id, read.type, read.function.name, read.function.arguments) == ("c1", "function", "f", '{"a": 1}')
+    assert_named_400(server, "/v1/chat/completions", {"max_tokens": 2, "messages": [
+        {"role": "assistant", "tool_calls": [dict(call_of, mood=1)]}]}, "messages[0].tool_calls[0].mood")
 
 
 # --------------------------------------------------------------------------- batches, files, control
