@@ -59,19 +59,23 @@ import msgspec
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
-from pipeline.messages import (ConstrainInbox, DetokenizeInbox, ForwardInbox, IngestInbox, ModelInfo,
-                               MultimodalInbox, RouterInbox, SampleInbox, ScheduleInbox, ServerInfo, TokenizeInbox)
+from pipeline.messages import (ConstrainInbox, DecodeScheduleInbox, DetokenizeInbox, ForwardInbox, IngestInbox,
+                               ModelInfo, MultimodalInbox, PrefillScheduleInbox, RouterInbox, SampleInbox,
+                               ScheduleInbox, ServerInfo, TokenizeInbox, TransferInbox)
 from pipeline.placement import ChannelSpec, PipelineSpec, StageSpec
 from stages.constrain import ConstrainStage
 from stages.detokenize import DetokenizeStage
 from models.parallel import TPGroup
 from stages.forward import ForwardRankStage, ForwardStage
+from stages.forward.kv_transfer import KVTransfer, TorchP2P
 from stages.forward.peers import BatchBroadcast
+from stages.forward.transfer_stage import TransferStage
 from stages.ingest import IngestStage
 from stages.multimodal import MultimodalStage
 from stages.router import RouterStage
 from stages.sample import SampleStage
 from stages.schedule import ScheduleStage
+from stages.schedule.disagg import DecodeScheduleStage, PrefillScheduleStage
 from stages.tokenize import TokenizeStage
 from stages.tokenizer import load_tokenizer, model_vocab_size
 
@@ -93,6 +97,7 @@ class ProcessContext:
         self.args = args if isinstance(args, ServerArgs) else msgspec.convert(args, ServerArgs)
         self._server_info = _as(ServerInfo, server_info)
         self.model_info = _as(ModelInfo, model_info)  # set by build_forward in the engine's process
+        self.kv_cache: Any = None  # the forward stage's KV pool (build_forward): a KV transfer stage moves pages of it
         self.replay = replay
 
     @functools.cached_property
@@ -188,6 +193,7 @@ def build_forward(context: ProcessContext, inbox: Channel | None, outboxes: dict
     tp, peers = context.tensor_parallel(0, dist_init_addr)
     stage = ForwardStage(context.args, inbox, outboxes, tp=tp, peers=peers)
     context.model_info = stage.model_info  # measured from the loaded weights and the KV pool
+    context.kv_cache = stage.runner.kv_cache
     # The stages built after this one see the running-request limit the KV pool allows (0 meant "auto").
     context.args = msgspec.structs.replace(context.args, max_running_requests=stage.model_info.num_rows - 1)
     return stage
@@ -271,7 +277,9 @@ ENGINE_STAGES = ("multimodal", "forward", "constrain", "sample", "schedule")  # 
 def pipeline_spec(args: ServerArgs) -> PipelineSpec:
     """The one pipeline description for a resolved ``ServerArgs``: ``STAGES`` and ``CHANNELS``,
     with ``--tp-size`` ranks and ``--dp-size`` replicas added by the two functions below."""
-    if args.dp_size == 1:
+    if args.pd_prefill:
+        stages, channels = prefill_decode(args, STAGES, CHANNELS, ENGINE_STAGES)
+    elif args.dp_size == 1:
         ranks = tensor_parallel_ranks(args, "forward")
         stages = tuple(ranks[-1] if ranks and s.name == "forward" else s for s in STAGES) + ranks[:-1]
         channels = CHANNELS
@@ -349,3 +357,148 @@ def data_parallel(args: ServerArgs) -> tuple[tuple[StageSpec, ...], tuple[Channe
                     producers.append(producer)
             channels.append(dataclasses.replace(channel, producers=tuple(producers)))
     return tuple(stages), tuple(channels)
+
+
+# --------------------------------------------------------------------------- prefill/decode disaggregation
+# ``--pd-prefill N --pd-decode M`` on one host, built from STAGES and CHANNELS by prefill_decode()::
+#
+#     ingest ─► tokenize ─► router ─┬─► prefill engine k (multimodal, forward, constrain, sample,
+#                                   │      schedule = PrefillScheduleStage, transfer)
+#                                   │        │ KVHandoff ▲ KVAccept          one process each,
+#                                   │        ▼           │                   "engine_prefill{k}"
+#                                   └─► decode engine j (forward, constrain, sample,
+#                                          schedule = DecodeScheduleStage, transfer)
+#                                                                            "engine_decode{j}"
+#
+# * The router (``stages/router.py``, cache-aware or as ``--load-balance-method``
+#   says) picks a prefill engine per request (``replicas.k``); every Abort and
+#   FlushCache also goes to each decode engine (``decoders.j``).
+# * A prefill engine's schedule hands each request, its first token sampled,
+#   to a decode engine (``handoff.j``: the one with the fewest unfinished
+#   handoffs from it); the decode engine answers ``accept.k`` when it has
+#   allocated the pages (``stages/schedule/disagg.py``).
+# * The transfer stages of all engines form one ``torch.distributed`` group
+#   (prefill engines are ranks ``0..N-1``, decode engines ``N..N+M-1``; gloo
+#   on CPU, NCCL on GPU) and move the KV (``stages/forward/kv_transfer.py``).
+# * Both roles' schedule stages report EngineStats with their role: prefill
+#   engines through the router (their load feeds its policy), decode engines
+#   to detokenize directly. Outputs flow from each engine to detokenize.
+#
+# Every engine runs on the same device (GPU 0 when on CUDA): the single-host,
+# single-GPU layout of the tests and benchmarks.
+
+
+PREFILL_STAGES = ("multimodal", "forward", "constrain", "sample", "schedule", "transfer")
+DECODE_STAGES = ("forward", "constrain", "sample", "schedule", "transfer")
+
+
+def build_pd_router(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel]) -> RouterStage:
+    return RouterStage(context.args, inbox, outboxes, dp_size=context.args.pd_prefill)
+
+
+def build_prefill_schedule(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel],
+                           engine: int = 0) -> PrefillScheduleStage:
+    return PrefillScheduleStage(context.args, inbox, outboxes, model_info=context.require_model_info("schedule"),
+                                engine=engine)
+
+
+def build_decode_schedule(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel],
+                          engine: int = 0, rank: int = 0) -> DecodeScheduleStage:
+    return DecodeScheduleStage(context.args, inbox, outboxes, model_info=context.require_model_info("schedule"),
+                               engine=engine, rank=rank)
+
+
+def build_transfer(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel], rank: int = 0,
+                   world_size: int = 2, address: str = "") -> TransferStage:
+    args = context.args
+    if context.kv_cache is None:
+        raise RuntimeError("the transfer stage needs the KV pool of a forward stage built before it")
+    backend = "nccl" if args.device == "cuda" else "gloo"
+    transport = TorchP2P(rank, world_size, address, backend)
+    transfer = KVTransfer(context.kv_cache, transport, timeout_s=args.disaggregation_transfer_timeout_s)
+    return TransferStage(args, inbox, outboxes, transfer=transfer)
+
+
+def _address(args: ServerArgs) -> str:
+    """The transfer group's rendezvous: the bootstrap port on this host, or a fresh file."""
+    if args.disaggregation_bootstrap_port:
+        return f"tcp://127.0.0.1:{args.disaggregation_bootstrap_port}"
+    return "file://" + os.path.join(tempfile.gettempdir(), f"stagewise-pd-{uuid.uuid4().hex}")
+
+
+def prefill_decode(args: ServerArgs, stages: tuple[StageSpec, ...], channels: tuple[ChannelSpec, ...],
+                   engine_stages: tuple[str, ...]) -> tuple[tuple[StageSpec, ...], tuple[ChannelSpec, ...]]:
+    """The stages and channels of ``--pd-prefill N --pd-decode M`` (see the comment above)."""
+    num_prefill, num_decode = args.pd_prefill, args.pd_decode
+    world, address = num_prefill + num_decode, _address(args)
+    by_name = {spec.name: spec for spec in stages}
+    engines = [(f"p{k}", f"engine_prefill{k}", PREFILL_STAGES) for k in range(num_prefill)]
+    engines += [(f"d{j}", f"engine_decode{j}", DECODE_STAGES) for j in range(num_decode)]
+
+    out: list[StageSpec] = []
+    for spec in stages:
+        if spec.name == "multimodal":
+            out.append(StageSpec("router", HERE + "build_pd_router"))
+        if spec.name not in engine_stages:
+            out.append(spec)
+    for rank, (tag, process, names) in enumerate(engines):
+        for name in names:
+            out.append(_engine_stage(name, tag, process, rank, world, address, num_prefill, by_name))
+
+    def rename(end: str, tag: str) -> str:
+        stage, dot, door = end.partition(".")
+        return f"{stage}@{tag}{dot}{door}"
+
+    wired: list[ChannelSpec] = [ChannelSpec("router", RouterInbox, ("tokenize.out",) + tuple(
+        f"schedule@p{k}.stats" for k in range(num_prefill)), "router", CAPACITY)]
+    for channel in channels:
+        if channel.consumer not in engine_stages:
+            producers: list[str] = []
+            for producer in channel.producers:
+                stage = producer.partition(".")[0]
+                if producer == "schedule.stats":
+                    producers += ["router.stats"] + [rename(producer, f"d{j}") for j in range(num_decode)]
+                elif stage in engine_stages:
+                    producers += [rename(producer, tag) for tag, _, names in engines if stage in names]
+                else:
+                    producers.append(producer)
+            wired.append(dataclasses.replace(channel, producers=tuple(producers)))
+            continue
+        for tag, _, names in engines:
+            if channel.consumer not in names:
+                continue
+            producers = [rename(p, tag) for p in channel.producers if p.partition(".")[0] in names]
+            message_type = channel.message_type
+            if channel.consumer == "multimodal":
+                producers = [f"router.replicas.{tag[1:]}"]
+            elif channel.consumer == "schedule" and tag.startswith("p"):
+                message_type = PrefillScheduleInbox
+                producers += [f"schedule@d{j}.accept.{tag[1:]}" for j in range(num_decode)]
+                producers.append(f"transfer@{tag}.schedule")
+            elif channel.consumer == "schedule":
+                message_type = DecodeScheduleInbox
+                producers.append(f"router.decoders.{tag[1:]}")
+                producers += [f"schedule@p{k}.handoff.{tag[1:]}" for k in range(num_prefill)]
+                producers.append(f"transfer@{tag}.schedule")
+            wired.append(dataclasses.replace(channel, name=f"{channel.name}@{tag}", message_type=message_type,
+                                             producers=tuple(producers), consumer=f"{channel.consumer}@{tag}"))
+        if channel.consumer == "forward":  # the transfer stage's inbox sits beside the forward stage's
+            for tag, _, _ in engines:
+                wired.append(ChannelSpec(f"transfer@{tag}", TransferInbox, (f"schedule@{tag}.transfer",),
+                                         f"transfer@{tag}", CAPACITY))
+    return tuple(out), tuple(wired)
+
+
+def _engine_stage(name: str, tag: str, process: str, rank: int, world: int, address: str, num_prefill: int,
+                  by_name: dict[str, StageSpec]) -> StageSpec:
+    """One stage of one engine: the assembly's, or its prefill/decode variant."""
+    full = f"{name}@{tag}"
+    if name == "transfer":
+        return StageSpec(full, HERE + "build_transfer", {"rank": rank, "world_size": world, "address": address},
+                         own_process=process)
+    if name == "schedule" and tag.startswith("p"):
+        return StageSpec(full, HERE + "build_prefill_schedule", {"engine": rank}, own_process=process)
+    if name == "schedule":
+        return StageSpec(full, HERE + "build_decode_schedule", {"engine": rank, "rank": rank},
+                         own_process=process)
+    return dataclasses.replace(by_name[name], name=full, own_process=process)

@@ -101,6 +101,13 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     speculative_num_steps: int = 0  # draft depth (0: --speculative-num-draft-tokens - 1)
     speculative_eagle_topk: int = 1  # branches per draft node (1: a chain, the only layout served)
     speculative_num_draft_tokens: int = 0  # draft tokens verified per step, the root included (0: 8)
+    # prefill/decode disaggregation (SGLang's flag names; see pipeline/disagg.py)
+    pd_prefill: int = 0  # one host: this many prefill engines (with --pd-decode; 0: not disaggregated)
+    pd_decode: int = 0  # one host: this many decode engines (with --pd-prefill)
+    disaggregation_mode: Literal["null", "prefill", "decode"] = "null"  # an engine's role (set per engine by the topology)
+    disaggregation_transfer_backend: Literal["torch"] = "torch"  # torch.distributed point-to-point (gloo on CPU, NCCL on GPU)
+    disaggregation_bootstrap_port: int = 0  # port of the engines' KV transfer process group (0: a rendezvous file, one host)
+    disaggregation_transfer_timeout_s: float = 60.0  # a KV transfer not done after this long fails its request
 
     @property
     def model_dir(self) -> Path:
@@ -259,6 +266,7 @@ def _check_ranges(args: ServerArgs) -> None:
     if args.mm_cache_size < 0:
         raise ConfigError(f"--mm-cache-size must be >= 0 (MB; 0: no multimodal cache), got {args.mm_cache_size}")
     _check_speculative(args)
+    _check_disaggregation(args)
 
 
 def _check_speculative(args: ServerArgs) -> None:
@@ -274,6 +282,23 @@ def _check_speculative(args: ServerArgs) -> None:
     if args.speculative_num_draft_tokens == 1:
         raise ConfigError("--speculative-num-draft-tokens must be >= 2 (the root and one draft)")
 
+
+
+def _check_disaggregation(args: ServerArgs) -> None:
+    """--pd-prefill N --pd-decode M on one host is served; separate per-role commands are refused by name."""
+    if args.disaggregation_mode != "null" and not (args.pd_prefill or args.pd_decode):
+        raise ConfigError(f"--disaggregation-mode {args.disaggregation_mode} as a separate command (engines on "
+                          f"several hosts) is not served yet; use --pd-prefill N --pd-decode M on one host")
+    if not (args.pd_prefill or args.pd_decode):
+        return
+    if args.pd_prefill < 1 or args.pd_decode < 1:
+        raise ConfigError(f"--pd-prefill and --pd-decode must both be >= 1, got {args.pd_prefill} and {args.pd_decode}")
+    if args.tp_size != 1 or args.dp_size != 1:
+        raise ConfigError("--pd-prefill/--pd-decode engines run with --tp-size 1 and --dp-size 1")
+    if args.speculative_algorithm:
+        raise ConfigError("--speculative-algorithm is not served with --pd-prefill/--pd-decode yet")
+    if args.disaggregation_transfer_timeout_s <= 0:
+        raise ConfigError(f"--disaggregation-transfer-timeout-s must be > 0, got {args.disaggregation_transfer_timeout_s}")
 
 AUTO_RUNNING_REQUESTS_MIN = 2048  # the automatic --max-running-requests lies in this range,
 AUTO_RUNNING_REQUESTS_MAX = 4096  # unless the KV pool is smaller than twice the bound

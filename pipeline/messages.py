@@ -755,3 +755,74 @@ def encode(message: Any) -> bytes:
 def decoder(message_type: Any) -> msgspec.msgpack.Decoder:
     """A decoder that accepts exactly ``message_type`` (a struct or tagged union)."""
     return msgspec.msgpack.Decoder(message_type, dec_hook=_dec_hook)
+
+
+# --------------------------------------------------------------------------
+# Prefill/decode disaggregation (``--pd-prefill N --pd-decode M``; pipeline/disagg.py)
+# --------------------------------------------------------------------------
+
+
+class KVHandoff(Message, frozen=True, kw_only=True):
+    """prefill schedule -> decode schedule: a prefilled request, its first token sampled, to continue.
+
+    From this message on the decode engine answers for the request: it emits
+    ``first`` (the prefill's first output: token, logprobs, prompt logprobs)
+    once the KV has arrived, then the rest.
+    """
+
+    rid: str
+    parent_rid: str
+    index: int = 0
+    input_ids: list[int]
+    sampling: SamplingParams
+    max_new_tokens: int  # clipped to the context length already
+    seed: int  # the sampler's seed (drawn by the prefill engine when the request had none)
+    first: TokenOutput
+    prefill_engine: int  # which prefill engine holds the KV (its accept door and transport rank)
+
+
+class KVAccept(Message, frozen=True, kw_only=True):
+    """decode schedule -> prefill schedule: pages are allocated; send the prompt's KV from ``skip`` on."""
+
+    rid: str
+    transfer_id: int
+    decode_rank: int  # the decode engine's transport rank
+    skip: int = 0  # leading prompt tokens the decode engine had cached already
+
+
+class KVSend(Message, frozen=True, kw_only=True):
+    """prefill schedule -> transfer: send these slots' K and V, every layer, to ``peer``."""
+
+    rid: str
+    transfer_id: int
+    peer: int
+    slots: list[int]
+
+
+class KVRecv(Message, frozen=True, kw_only=True):
+    """decode schedule -> transfer: receive ``len(slots)`` tokens' K and V from ``peer`` into these slots."""
+
+    rid: str
+    transfer_id: int
+    peer: int
+    slots: list[int]
+
+
+class KVTransferDone(Message, frozen=True, kw_only=True):
+    """transfer -> schedule: a send or receive ended (``ok``, or ``error`` says why not)."""
+
+    rid: str
+    transfer_id: int
+    direction: Literal["send", "recv"]
+    ok: bool
+    error: str = ""
+    num_bytes: int = 0
+    seconds: float = 0.0
+
+
+PrefillScheduleInbox = Union[TokenizedRequest, Abort, FlushCache, SampledTokens, GrammarReady, KVAccept,
+                             KVTransferDone]
+DecodeScheduleInbox = Union[Abort, FlushCache, SampledTokens, GrammarReady, KVHandoff, KVTransferDone]
+TransferInbox = Union[KVSend, KVRecv]
+ALL_MESSAGE_TYPES = ALL_MESSAGE_TYPES + (KVHandoff, KVAccept, KVSend, KVRecv, KVTransferDone)
+AnyMessage = Union[ALL_MESSAGE_TYPES]  # noqa: F811 -- the disaggregation messages included

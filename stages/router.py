@@ -93,6 +93,9 @@ MAX_ROUTED_RIDS = 1 << 16  # rid -> replica entries kept (least recently routed 
 class RouterOutboxes(Outboxes):
     replicas: tuple[Outbox[TokenizedRequest | Abort | FlushCache], ...]  # -> replica k's multimodal ("replicas.k")
     stats: Outbox[EngineStats]  # -> detokenize (-> ingest), relayed unchanged
+    # Prefill/decode disaggregation (pipeline/disagg.py): each decode engine's schedule gets every
+    # Abort and FlushCache too ("decoders.j"; none wired otherwise).
+    decoders: tuple[Outbox[Abort | FlushCache], ...] = ()
 
 
 class RouterStage(Stage):
@@ -127,7 +130,7 @@ class RouterStage(Stage):
             case FlushCache():
                 for tree in self.trees:
                     tree.reset()
-                for door in self.outboxes.replicas:
+                for door in self.outboxes.replicas + self.outboxes.decoders:
                     door.put(message)
             case EngineStats():
                 self._on_stats(message)
@@ -147,7 +150,7 @@ class RouterStage(Stage):
     def _abort(self, abort: Abort) -> None:
         replica = self.routes.pop(abort.rid, None)
         doors = self.outboxes.replicas if replica is None else (self.outboxes.replicas[replica],)
-        for door in doors:
+        for door in doors + self.outboxes.decoders:
             door.put(abort)
 
     def _on_stats(self, stats: EngineStats) -> None:

@@ -39,7 +39,7 @@ import concurrent.futures
 import dataclasses
 import datetime
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 
@@ -124,8 +124,11 @@ class _Transfer:
 class KVTransfer:
     """Sends and receives of request KV between this engine's pool and its peers'."""
 
-    def __init__(self, kv_cache: KVCache, transport: Transport, timeout_s: float = 60.0) -> None:
+    def __init__(self, kv_cache: KVCache, transport: Transport, timeout_s: float = 60.0,
+                 on_done: Callable[[], None] | None = None) -> None:
+        """``on_done``: called (from a waiter thread) whenever a transfer's wait ends: time to poll."""
         self.kv = kv_cache
+        self.on_done = on_done
         self.transport = transport
         self.timeout_s = timeout_s
         self.active: dict[tuple[str, int], _Transfer] = {}
@@ -162,6 +165,9 @@ class KVTransfer:
 
     def _track(self, transfer: _Transfer) -> None:
         transfer.waited = self._waiters.submit(_wait_all, transfer.works, self.timeout_s)
+        if self.on_done is not None:
+            on_done = self.on_done
+            transfer.waited.add_done_callback(lambda _: on_done())
         self.active[(transfer.direction, transfer.transfer_id)] = transfer
 
     def cancel(self, direction: str, transfer_id: int) -> None:

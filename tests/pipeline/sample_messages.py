@@ -59,6 +59,14 @@ def every_message() -> list[m.Message]:
         m.EngineStats(time_s=12.5, num_running_reqs=3, num_queue_reqs=1, token_usage=0.25, cache_hit_rate=0.5,
                       gen_throughput=123.4, max_total_num_tokens=4096),
         m.ProcessCounters(process="engine", time_s=12.5, stages={"schedule": {"messages_in": 10.0, "busy_s": 0.5}}),
+        m.KVHandoff(rid="req-5.1", parent_rid="req-5", index=1, input_ids=[1, 2, 3], sampling=params,
+                    max_new_tokens=16, seed=7, prefill_engine=0,
+                    first=m.TokenOutput(rid="req-5.1", parent_rid="req-5", index=1, new_token_ids=[42],
+                                        prompt_tokens=3, completion_tokens=1, token_logprobs=[-0.5])),
+        m.KVAccept(rid="req-5.1", transfer_id=3, decode_rank=1, skip=2),
+        m.KVSend(rid="req-5.1", transfer_id=3, peer=1, slots=[17]),
+        m.KVRecv(rid="req-5.1", transfer_id=3, peer=0, slots=[5]),
+        m.KVTransferDone(rid="req-5.1", transfer_id=3, direction="recv", ok=True, num_bytes=256, seconds=0.01),
     ]
     assert [type(x) for x in built] == list(m.ALL_MESSAGE_TYPES)
     return built

@@ -1,0 +1,328 @@
+"""Prefill and decode roles of the schedule stage (``--pd-prefill N --pd-decode M``).
+
+A request's life under disaggregation::
+
+    prefill engine                               decode engine
+    --------------                               -------------
+    chunked prefill (radix cache), sample token 1
+    KVHandoff (state + first output)  ───────►   queue; when a row and pages are free:
+                                                 allocate (cached prefix reused), post the receive
+                                      ◄───────   KVAccept (transfer id, cached tokens to skip)
+    KVSend -> transfer stage                     KVRecv -> transfer stage
+         ... K and V of every layer move (stages/forward/kv_transfer.py) ...
+    KVTransferDone: free (prompt stays cached)   KVTransferDone: emit the first output, decode on
+
+``PrefillScheduleStage`` is the ordinary schedule stage (``stage.py``) with
+one change: a request whose first token does not finish it leaves the
+running set after that token and is handed to a decode engine; its output
+(the token, its logprobs and the prompt logprobs) travels in the handoff
+and the decode engine emits it. The prefill engine holds the request's
+pages until its send ended, then releases them with the prompt cached.
+Overlap scheduling is off on prefill engines: a decode step planned ahead
+would run on the prefill engine for a request that leaves.
+
+``DecodeScheduleStage`` takes ``KVHandoff`` instead of tokenized requests.
+Backpressure: a handoff waits in ``accepting`` (first come, first served)
+until a row, a running-request place and the prompt's pages are free; the
+prefill engine keeps the KV meanwhile, nothing is dropped. On accept the
+prompt's cached prefix (its own radix cache) is reused and only the rest is
+transferred. When the KV has arrived the request joins the running set as
+a decoding request with one generated token, so every count that follows
+(the seeded sampler's step, ``min_new_tokens``, ``max_new_tokens``) goes on
+from where the prefill engine left it.
+
+Which decode engine: the prefill engine picks the one it has the fewest
+unfinished handoffs with (ties: the lowest index).
+
+Faults: a transfer that fails or times out ends its request with finish
+reason ``abort`` and the error as its message (decode side); the prefill
+side frees its pages either way. An abort reaches both roles (the router
+sends every Abort to all engines): the prefill engine releases a handed-off
+request once no send of it is in flight; the decode engine finishes it
+(exactly one final output) and frees its pages once its receive ended. An
+abort that reaches the decode engine before the handoff is remembered
+(``aborted``, bounded), and the handoff is then finished at once.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from pipeline.channel import Channel
+from pipeline.config import ServerArgs
+from pipeline.messages import (
+    Abort, DecodeScheduleInbox, FinishReason, KVAccept, KVHandoff, KVRecv, KVSend, KVTransferDone, ModelInfo,
+    PrefillScheduleInbox, RowWrite, SampledTokens, TokenOutput, TokenOutputBatch,
+)
+from pipeline.stage import Outbox
+from stages.schedule.req_table import Phase, Req
+from stages.schedule.stage import ScheduleOutboxes, ScheduleStage
+
+MAX_ABORTED_RIDS = 1 << 12  # decode: aborts remembered for handoffs still on their way
+
+
+@dataclasses.dataclass
+class TransferStats:
+    """KV moved by one engine so far (its EngineStats and /metrics)."""
+
+    num_transfers: int = 0
+    num_failed: int = 0
+    num_bytes: int = 0
+    seconds: float = 0.0
+
+    def add(self, done: KVTransferDone) -> None:
+        self.num_transfers += 1
+        self.num_failed += 0 if done.ok else 1
+        self.num_bytes += done.num_bytes
+        self.seconds += done.seconds
+
+
+# ------------------------------------------------------------------------- prefill
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillOutboxes(ScheduleOutboxes):
+    handoff: tuple[Outbox[KVHandoff], ...]  # -> decode engine j's schedule ("handoff.j")
+    transfer: Outbox[KVSend]  # -> this engine's transfer stage
+
+
+@dataclasses.dataclass(eq=False)
+class _Handing:
+    req: Req
+    decode: int
+    sending: bool = False
+    aborted: bool = False
+
+
+class PrefillScheduleStage(ScheduleStage):
+    """The schedule stage of a prefill engine: prefill, sample the first token, hand off."""
+
+    Inbox = PrefillScheduleInbox
+    Outboxes = PrefillOutboxes
+    outboxes: PrefillOutboxes
+
+    def __init__(self, args: ServerArgs, inbox: Channel | None,
+                 outboxes: PrefillOutboxes | dict[str, Channel | None], *, model_info: ModelInfo,
+                 engine: int = 0) -> None:
+        super().__init__(args, inbox, outboxes, model_info=model_info, dp_rank=engine)
+        self.engine = engine
+        self.overlap = False  # see the module docstring
+        self.handing: dict[str, _Handing] = {}  # rid -> handed off, pages still held here
+        self.outstanding = [0] * len(self.outboxes.handoff)  # unfinished handoffs per decode engine
+        self.transfers = TransferStats()
+        self._captured: list[TokenOutput] | None = None
+        if not self.outboxes.handoff:
+            raise ValueError("a prefill schedule stage needs at least one decode engine (doors handoff.0 ..)")
+
+    def handle(self, message: PrefillScheduleInbox) -> None:
+        match message:
+            case KVAccept():
+                self._on_accept(message)
+            case KVTransferDone():
+                self._on_sent(message)
+            case SampledTokens():
+                self._on_sampled_handing_off(message)
+            case _:
+                super().handle(message)
+
+    def has_work(self) -> bool:
+        return super().has_work() or any(h.sending for h in self.handing.values())
+
+    # ------------------------------------------------------------ hand off
+    def _emit_outputs(self, outputs: list[TokenOutput]) -> None:
+        if self._captured is not None:
+            self._captured.extend(outputs)
+        else:
+            super()._emit_outputs(outputs)
+
+    def _on_sampled_handing_off(self, msg: SampledTokens) -> None:
+        """The ordinary step, then every request that got its first token (and goes on) leaves."""
+        self._captured = []
+        try:
+            super()._on_sampled(msg)
+        finally:
+            outputs, self._captured = self._captured, None
+        running = {req.rid: req for req in self.running_reqs}
+        keep: list[TokenOutput] = []
+        leaving: list[Req] = []
+        for output in outputs:
+            req = running.get(output.rid)
+            if (req is not None and output.finish_reason is None and len(req.output_ids) == 1
+                    and output.new_token_ids and not req.is_prefilling):
+                leaving.append(req)
+                self._hand_off(req, output)
+            else:
+                keep.append(output)
+        if leaving:
+            gone = set(map(id, leaving))
+            self.running_reqs = [r for r in self.running_reqs if id(r) not in gone]
+        super()._emit_outputs(keep)
+
+    def _hand_off(self, req: Req, first: TokenOutput) -> None:
+        decode = self.outstanding.index(min(self.outstanding))
+        self.outstanding[decode] += 1
+        self.handing[req.rid] = _Handing(req, decode)
+        self.outboxes.handoff[decode].put(KVHandoff(
+            rid=req.rid, parent_rid=req.parent_rid, index=req.index, input_ids=req.input_ids,
+            sampling=req.sampling, max_new_tokens=req.max_new_tokens, seed=req.seed, first=first,
+            prefill_engine=self.engine))
+
+    def _on_accept(self, msg: KVAccept) -> None:
+        handing = self.handing.get(msg.rid)
+        if handing is None or handing.aborted:
+            self._drop(msg.rid)
+            return  # the decode engine learns of the abort itself; its receive times out otherwise
+        handing.sending = True
+        slots = handing.req.slots[msg.skip:len(handing.req.input_ids)]
+        self.outboxes.transfer.put(KVSend(rid=msg.rid, transfer_id=msg.transfer_id, peer=msg.decode_rank,
+                                          slots=slots))
+
+    def _on_sent(self, msg: KVTransferDone) -> None:
+        self.transfers.add(msg)
+        self._drop(msg.rid)
+
+    def _drop(self, rid: str) -> None:
+        """The request's pages are no longer needed here: release them (the prompt stays cached)."""
+        handing = self.handing.pop(rid, None)
+        if handing is None:
+            return
+        self.outstanding[handing.decode] -= 1
+        self._release(handing.req, keep_in_cache=True)
+
+    def _on_abort(self, msg: Abort) -> None:
+        super()._on_abort(msg)
+        for rid, handing in list(self.handing.items()):
+            if rid == msg.rid or handing.req.parent_rid == msg.rid:
+                handing.aborted = True
+                if not handing.sending:
+                    self._drop(rid)
+
+
+# ------------------------------------------------------------------------- decode
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOutboxes(ScheduleOutboxes):
+    accept: tuple[Outbox[KVAccept], ...]  # -> prefill engine k's schedule ("accept.k")
+    transfer: Outbox[KVRecv]  # -> this engine's transfer stage
+
+
+class DecodeScheduleStage(ScheduleStage):
+    """The schedule stage of a decode engine: accept handoffs as room allows, receive KV, decode."""
+
+    Inbox = DecodeScheduleInbox
+    Outboxes = DecodeOutboxes
+    outboxes: DecodeOutboxes
+
+    def __init__(self, args: ServerArgs, inbox: Channel | None,
+                 outboxes: DecodeOutboxes | dict[str, Channel | None], *, model_info: ModelInfo,
+                 engine: int = 0, rank: int = 0) -> None:
+        super().__init__(args, inbox, outboxes, model_info=model_info, dp_rank=engine)
+        self.rank = rank  # this engine's transport rank (prefill engines come first)
+        self.accepting: collections.deque[KVHandoff] = collections.deque()
+        self.receiving: dict[int, tuple[Req, KVHandoff]] = {}  # transfer id -> request, its handoff
+        self.aborted: collections.OrderedDict[str, None] = collections.OrderedDict()
+        self.next_transfer_id = 1
+        self.transfers = TransferStats()
+
+    def handle(self, message: DecodeScheduleInbox) -> None:
+        match message:
+            case KVHandoff():
+                if message.rid in self.aborted or message.parent_rid in self.aborted:
+                    self._emit_outputs([_final(message, FinishReason(type="abort", message="aborted"))])
+                else:
+                    self.accepting.append(message)
+            case KVTransferDone():
+                self._on_received(message)
+            case _:
+                super().handle(message)
+
+    def has_work(self) -> bool:
+        return super().has_work() or bool(self.accepting)
+
+    def tick(self) -> None:
+        while self.accepting and self._accept(self.accepting[0]):
+            self.accepting.popleft()
+        super().tick()
+
+    # ------------------------------------------------------------ accept
+    def _room_for(self, num_tokens: int) -> bool:
+        running = len(self.running_reqs) + len(self.receiving)
+        reserve = self.kv.page_size * (len(self.running_reqs) + 1)  # each running request's next token
+        return (running < self.max_running and self.kv.rows.num_free > 0
+                and self.kv.available_tokens >= self.kv.tokens_to_grow_from(0, num_tokens) + reserve)
+
+    def _accept(self, handoff: KVHandoff) -> bool:
+        """Allocate the request's pages and post the receive; False (nothing taken) when there is no room."""
+        num = len(handoff.input_ids)
+        if num + 1 > self.kv.capacity_tokens or not self._room_for(num):
+            return False
+        req = Req(rid=handoff.rid, parent_rid=handoff.parent_rid, index=handoff.index,
+                  input_ids=list(handoff.input_ids), sampling=handoff.sampling,
+                  max_new_tokens=handoff.max_new_tokens, seed=handoff.seed, arrival_order=self.arrivals,
+                  stop_ids=frozenset(handoff.sampling.stop_token_ids)
+                  | (frozenset() if handoff.sampling.ignore_eos else self.eos_ids))
+        self.arrivals += 1
+        writes = self.kv.admit(req)
+        if writes is None:
+            return False
+        cached = req.kv_len
+        new_slots = self.kv.grow(req, num - cached)
+        if new_slots is None:
+            self.kv.release(req, keep_in_cache=False)
+            return False
+        req.admitted_once, req.prefill_target, req.phase = True, num, Phase.RUNNING
+        self.pending_row_writes += writes + [RowWrite(row=req.row, start=cached, slots=list(new_slots))]
+        self.live_rids.add(req.rid)
+        transfer_id = self.next_transfer_id
+        self.next_transfer_id += 1
+        self.receiving[transfer_id] = (req, handoff)
+        self.outboxes.transfer.put(KVRecv(rid=req.rid, transfer_id=transfer_id, peer=handoff.prefill_engine,
+                                          slots=list(new_slots)))
+        self.outboxes.accept[handoff.prefill_engine].put(KVAccept(
+            rid=req.rid, transfer_id=transfer_id, decode_rank=self.rank, skip=cached))
+        return True
+
+    def _on_received(self, msg: KVTransferDone) -> None:
+        self.transfers.add(msg)
+        entry = self.receiving.pop(msg.transfer_id, None)
+        if entry is None:
+            return
+        req, handoff = entry
+        if req.phase is Phase.DONE:  # aborted while its KV was on the way: its output went already
+            self.kv.release(req, keep_in_cache=False)
+            return
+        if not msg.ok:
+            self._emit_outputs([self._finish(req, FinishReason(type="abort", message=msg.error),
+                                             keep_in_cache=False)])
+            return
+        req.output_ids = list(handoff.first.new_token_ids)
+        self.running_reqs.append(req)
+        self.num_generated += 1
+        self._emit_outputs([handoff.first])
+
+    def _on_abort(self, msg: Abort) -> None:
+        super()._on_abort(msg)
+        self.aborted[msg.rid] = None
+        while len(self.aborted) > MAX_ABORTED_RIDS:
+            self.aborted.popitem(last=False)
+        reason = FinishReason(type="abort", message=msg.reason)
+        outputs = []
+        for handoff in [h for h in self.accepting if msg.rid in (h.rid, h.parent_rid)]:
+            self.accepting.remove(handoff)
+            outputs.append(_final(handoff, reason))
+        for req, _ in self.receiving.values():
+            if msg.rid in (req.rid, req.parent_rid) and req.phase is not Phase.DONE:
+                req.phase = Phase.DONE  # pages freed when the receive ends (the wire may still write)
+                self.live_rids.discard(req.rid)
+                outputs.append(self._token_output(req, [], reason, [], [], []))
+        self._emit_outputs(outputs)
+
+
+def _final(handoff: KVHandoff, reason: FinishReason) -> TokenOutput:
+    """The one final output of a handed-off request that never ran here."""
+    return TokenOutput(rid=handoff.rid, parent_rid=handoff.parent_rid, index=handoff.index, new_token_ids=[],
+                       finish_reason=reason, prompt_tokens=len(handoff.input_ids), completion_tokens=0)
+
+
+__all__ = ["PrefillScheduleStage", "DecodeScheduleStage", "TokenOutputBatch"]
