@@ -95,7 +95,7 @@ class OllamaOptions(msgspec.Struct, kw_only=True):
     repeat_penalty: float | None = None
 
 
-class OllamaToolCall(msgspec.Struct, kw_only=True):
+class OllamaToolCall(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     function: FunctionCallIn
 
 

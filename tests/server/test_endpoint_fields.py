@@ -95,6 +95,7 @@ WALK = {
         "tool_name": f"{HERE}::test_ollama_message_fields_become_chat_turns",
         "thinking": f"{HERE}::test_ollama_message_fields_become_chat_turns",
     }, {"images": ["aGk="]}),
+    ollama_routes.OllamaToolCall: ({"function": f"{HERE}::test_ollama_message_fields_become_chat_turns"}, {}),
     ollama_routes.OllamaOptions: ({name: f"{HERE}::test_ollama_options_become_sampling_params"
                                    for name in ollama_routes.OPTION_NAMES}, {}),
     TokenizeBody: ({
@@ -273,6 +274,9 @@ def test_nested_undeclared_keys_are_refused_by_name(server):
     assert_named_400(server, "/api/chat", dict(MINIMAL["/api/chat"], messages=[
         {"role": "user", "content": "hi", "mood": "calm"}]), "mood")
     assert_named_400(server, "/api/generate", dict(MINIMAL["/api/generate"], options={"num_ctx": 2048}), "num_ctx")
+    assert_named_400(server, "/api/chat", dict(MINIMAL["/api/chat"], messages=[{"role": "assistant", "content": "",
+                     "tool_calls": [{"function": {"name": "f", "arguments": {}}, "id": "x"}]}]),
+                     "messages[0].tool_calls[0].id")
     assert_named_400(server, "/v1/chat/completions", {"messages": [dict(CHAT[0], mood="calm")], "max_tokens": 2},
                      "messages[0].mood")
     assert_named_400(server, "/v1/responses", {"input": [{"role": "user", "content": "hi", "mood": "calm"}]},
