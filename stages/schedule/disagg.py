@@ -31,6 +31,10 @@ a decoding request with one generated token, so every count that follows
 (the seeded sampler's step, ``min_new_tokens``, ``max_new_tokens``) goes on
 from where the prefill engine left it.
 
+A grammar-constrained request is not handed off: it decodes to the end on
+its prefill engine (the decode engine's constrain stage would need the
+grammar re-advanced by the first token; not built yet).
+
 Which decode engine: the prefill engine picks the one it has the fewest
 unfinished handoffs with (ties: the lowest index).
 
@@ -52,7 +56,7 @@ from pipeline.channel import Channel
 from pipeline.config import ServerArgs
 from pipeline.messages import (
     Abort, DecodeScheduleInbox, FinishReason, KVAccept, KVHandoff, KVRecv, KVSend, KVTransferDone, ModelInfo,
-    PrefillScheduleInbox, RowWrite, SampledTokens, TokenOutput, TokenOutputBatch,
+    PrefillScheduleInbox, RowWrite, SampledTokens, TokenOutput,
 )
 from pipeline.stage import Outbox
 from stages.schedule.req_table import Phase, Req
@@ -148,7 +152,7 @@ class PrefillScheduleStage(ScheduleStage):
         for output in outputs:
             req = running.get(output.rid)
             if (req is not None and output.finish_reason is None and len(req.output_ids) == 1
-                    and output.new_token_ids and not req.is_prefilling):
+                    and output.new_token_ids and not req.is_prefilling and not req.constrained):
                 leaving.append(req)
                 self._hand_off(req, output)
             else:
@@ -272,6 +276,7 @@ class DecodeScheduleStage(ScheduleStage):
             self.kv.release(req, keep_in_cache=False)
             return False
         req.admitted_once, req.prefill_target, req.phase = True, num, Phase.RUNNING
+        req.cached_tokens = handoff.first.cached_tokens
         self.pending_row_writes += writes + [RowWrite(row=req.row, start=cached, slots=list(new_slots))]
         self.live_rids.add(req.rid)
         transfer_id = self.next_transfer_id
@@ -324,5 +329,3 @@ def _final(handoff: KVHandoff, reason: FinishReason) -> TokenOutput:
     return TokenOutput(rid=handoff.rid, parent_rid=handoff.parent_rid, index=handoff.index, new_token_ids=[],
                        finish_reason=reason, prompt_tokens=len(handoff.input_ids), completion_tokens=0)
 
-
-__all__ = ["PrefillScheduleStage", "DecodeScheduleStage", "TokenOutputBatch"]

@@ -50,3 +50,46 @@ def test_pd_greedy_equals_one_engine_and_transformers(checkpoint, architecture):
     disaggregated = [r["output_ids"] for r in engine_run(model_dir, PROMPTS, params, **PD)]
     assert plain == expected
     assert disaggregated == expected
+
+
+def test_pd_features_cross_the_handoff(checkpoint):
+    """n > 1 with a seed, logprobs with top-k and prompt logprobs, a stop string, a prompt of several
+    chunks, a JSON-schema request (decoded on its prefill engine): all as without disaggregation."""
+    model_dir = checkpoint("llama3.1")
+    long_prompt = prompts(VOCAB, [40], seed=9)[0]
+    batch = [PROMPTS[0], PROMPTS[1], long_prompt, PROMPTS[2]]
+    schema = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
+    params = [
+        {"max_new_tokens": NEW_TOKENS, "temperature": 0.8, "seed": 5, "n": 2, "ignore_eos": True},
+        {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True, "return_logprob": True,
+         "top_logprobs_num": 2, "logprob_start_len": 0},
+        {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True},
+        {"max_new_tokens": 12, "temperature": 0, "json_schema": schema},
+    ]
+    plain = engine_run(model_dir, batch, params, chunked_prefill_size=16)
+    disaggregated = engine_run(model_dir, batch, params, chunked_prefill_size=16, **PD)
+    assert len(plain) == len(disaggregated) == 5  # n=2 gives two sequences
+    for one, other in zip(plain, disaggregated):
+        assert other["output_ids"] == one["output_ids"]
+        assert other["text"] == one["text"]
+        assert other["finish_reason"] == one["finish_reason"]
+        assert other["meta_info"]["completion_tokens"] == one["meta_info"]["completion_tokens"]
+    logprobs, expected = disaggregated[2]["meta_info"], plain[2]["meta_info"]
+    assert [t for _, t in logprobs["output_token_logprobs"]] == [t for _, t in expected["output_token_logprobs"]]
+    assert [lp for lp, _ in logprobs["output_token_logprobs"]] == pytest.approx(
+        [lp for lp, _ in expected["output_token_logprobs"]], abs=1e-4)
+    assert len(logprobs["output_top_logprobs"]) == NEW_TOKENS
+    assert [t for _, t in logprobs["input_token_logprobs"]] == [t for _, t in expected["input_token_logprobs"]]
+
+
+def test_pd_stop_string_ends_the_request(checkpoint):
+    model_dir = checkpoint("llama3.1")
+    greedy = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    text = engine_run(model_dir, [PROMPTS[1]], greedy)[0]["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip(), f"no stop string to cut in {text!r}"
+    params = dict(greedy, stop=[stop])
+    plain = engine_run(model_dir, [PROMPTS[1]], params)[0]
+    disaggregated = engine_run(model_dir, [PROMPTS[1]], params, **PD)[0]
+    assert disaggregated["text"] == plain["text"] and len(plain["text"]) < len(text)
+    assert disaggregated["finish_reason"] == plain["finish_reason"]
