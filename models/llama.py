@@ -90,16 +90,26 @@ class DecoderModel(nn.Module):
                                           zeros=padded)
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(ops, config.hidden_size, config.rms_norm_eps, dtype, device)
+        # Speculative drafting (EAGLE/EAGLE3, stages/forward/speculative.py): the residual
+        # stream entering these layers (len(layers): the normed output) is kept in `captured`,
+        # [T, H] each, after every forward. Empty: nothing is kept and nothing is computed.
+        self.capture_layers: tuple[int, ...] = ()
+        self.captured: list[torch.Tensor] = []
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_meta: AttentionMetadata, kv_cache: KVCache) -> torch.Tensor:
         hidden = self.ops.embedding(input_ids, self.embed_tokens.weight, self.vocab_start)
         hidden = self.tp.all_reduce(hidden)                 # each token's row from its rank
-        residual = None
+        residual, captured = None, []
         for i, layer in enumerate(self.layers):
+            if i in self.capture_layers:                    # layers update residual in place
+                captured.append(hidden.clone() if residual is None else hidden + residual)
             hidden, residual = layer(positions, hidden, residual, attn_meta,
                                      kv_cache.k[i], kv_cache.v[i])
-        return self.norm(hidden, residual)
+        out = self.norm(hidden, residual)
+        if self.capture_layers:
+            self.captured = captured + ([out] if len(self.layers) in self.capture_layers else [])
+        return out
 
 
 class LlamaForCausalLM(nn.Module):

@@ -270,11 +270,14 @@ def _check_ranges(args: ServerArgs) -> None:
 
 
 def _check_speculative(args: ServerArgs) -> None:
-    """Speculative decoding: NGRAM with chain drafts is served; the rest is refused by name."""
+    """Speculative decoding: NGRAM, EAGLE and EAGLE3 with chain drafts are served; the rest is refused by name."""
     if not args.speculative_algorithm:
         return
-    if args.speculative_algorithm != "NGRAM":
-        raise ConfigError(f"--speculative-algorithm {args.speculative_algorithm} is not served yet (NGRAM is)")
+    if args.speculative_algorithm in ("EAGLE", "EAGLE3"):
+        if not args.speculative_draft_model_path:
+            raise ConfigError(f"--speculative-algorithm {args.speculative_algorithm} needs --speculative-draft-model-path")
+        if args.tp_size != 1:
+            raise ConfigError(f"--speculative-algorithm {args.speculative_algorithm} runs with --tp-size 1")
     if args.speculative_eagle_topk != 1:
         raise ConfigError(f"--speculative-eagle-topk must be 1 (chain drafts), got {args.speculative_eagle_topk}")
     if args.speculative_num_draft_tokens < 0 or args.speculative_num_steps < 0:

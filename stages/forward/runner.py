@@ -32,6 +32,7 @@ from pipeline.messages import ForwardBatch
 from stages.forward.graphs import DecodeGraphs, pad_decode
 from stages.forward.inputs import pack_batch, unpack, write_req_to_token
 from stages.forward.multimodal import MultimodalInputs
+from stages.forward.speculative import EagleDrafter
 from stages.staging import Uploader
 from triton_kernels import KernelOptions, load_index_ops, load_ops
 
@@ -79,8 +80,12 @@ class ModelRunner:
                            if hasattr(self.model, "encode") else None)
         if self.device.type == "cuda" and args.kernel_backend == "triton":
             self._compile_gemm_tiles()
+        # EAGLE / EAGLE3: the draft head fills each drafting row's drafts (speculative.py)
+        self.drafter = EagleDrafter.of(args, self.model, self.ops, num_slots, self.model.dtype, self.device)
+        self.batch_drafts: list[list[int]] | None = None  # the drafts the last batch verifies
         self.graphs: DecodeGraphs | None = None
-        if self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0:
+        if (self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0
+                and self.drafter is None):
             self.graphs = DecodeGraphs(self.model, self.kv_cache, self.req_to_token, self._write_decode,
                                        min(args.cuda_graph_max_bs, self.max_running_requests), self.device,
                                        self.uploader, self._resolve_futures)
@@ -128,12 +133,22 @@ class ModelRunner:
         if batch.future_input:
             self._resolve_futures(device_batch.input_ids)
         write_req_to_token(self.index_ops.write_req_to_token, device_batch)
+        if self.drafter is not None:
+            return self._run_drafting(batch, device_batch)
         if batch.mm is not None and self.multimodal is not None:
             positions, embeds = self.multimodal.prepare(batch.mm, device_batch.positions)
             return self.model.forward(device_batch.input_ids, positions, device_batch.meta, self.kv_cache,
                                       mm=embeds)
         return self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,
                                   self.kv_cache)
+
+    def _run_drafting(self, batch: ForwardBatch, device_batch) -> torch.Tensor:
+        """Draft into the batch's draft positions, run the target, keep its features."""
+        self.batch_drafts = self.drafter.draft(batch, device_batch.input_ids, self.req_to_token)
+        logits = self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,
+                                    self.kv_cache)
+        self.drafter.keep(batch, device_batch.input_ids)
+        return logits
 
     def _resolve_futures(self, input_ids: torch.Tensor) -> None:
         """Replace ``-row`` placeholders by the tokens the sample stage stored (rank 0), then

@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+import msgspec
 import torch
 
 from models.parallel import TPGroup
@@ -105,8 +106,11 @@ class ForwardStage(Stage):
                 if logits.shape[0] > num_reqs:  # prompt-logprob rows follow the last rows
                     logits, prompt_logits = logits[:num_reqs], logits[num_reqs:]
                 future = (self.runner.future_tokens, self.runner.batch_rows) if message.overlap else (None, None)
+                sampling = message.sampling
+                if num_drafts and self.runner.drafter is not None:  # EAGLE: the head's drafts
+                    sampling = msgspec.structs.replace(sampling, draft_ids=self.runner.batch_drafts)
                 self.outboxes.sample.put(Logits(batch_id=message.batch_id, rids=message.rids, logits=logits,
-                                                sampling=message.sampling, prompt_logits=prompt_logits,
+                                                sampling=sampling, prompt_logits=prompt_logits,
                                                 draft_logits=draft_logits,
                                                 future_tokens=future[0], future_rows=future[1]))
             case _:

@@ -34,6 +34,12 @@ Exactness. Stop tokens, EOS and ``max_new_tokens`` are checked token by
 token over an accepted run, and the first finish cuts the rest; stop
 strings are cut by the detokenizer as for any multi-token output.
 
+EAGLE / EAGLE3: the drafts come from a draft head over the target's hidden
+states, which live in the forward stage; the rows are planned the same way
+with ``PLACEHOLDER_DRAFT`` ids, and the forward stage replaces them before
+the target runs and reports the real ones to the sample stage
+(``stages/forward/speculative.py``).
+
 Metrics: per request, verify steps (SGLang's ``spec_verify_ct``) and
 accepted drafts, on every TokenOutput; ``accept_lengths`` collects the
 tokens each verify step emitted for the /metrics histogram.
@@ -51,6 +57,7 @@ from stages.schedule.req_table import Req
 from stages.speculative.ngram import NgramIndex, NgramParams
 
 DEFAULT_NUM_DRAFT_TOKENS = 8  # root + 7 drafts when neither size flag is given
+PLACEHOLDER_DRAFT = 0  # EAGLE/EAGLE3 drafts as planned, before the forward stage fills them in
 
 
 @dataclasses.dataclass
@@ -81,6 +88,9 @@ class Speculator:
         self.total_accepted = 0
         # (req, max drafts) -> drafts, replacing the n-gram lookup (perf/bench_speculative.py's oracle)
         self.proposer = None
+        # EAGLE/EAGLE3: the forward stage's draft head fills the drafts (stages/forward/speculative.py);
+        # the schedule stage only sizes the chain and takes its KV
+        self.by_forward = args.speculative_algorithm in ("EAGLE", "EAGLE3")
 
     @staticmethod
     def of(args: ServerArgs) -> "Speculator | None":
@@ -116,6 +126,8 @@ class Speculator:
             state = self.states[req.rid] = _SpecState(NgramIndex(self.params))
         if self.proposer is not None:
             return list(self.proposer(req, self.max_drafts))
+        if self.by_forward:
+            return [PLACEHOLDER_DRAFT] * self.max_drafts
         index = state.index
         history = len(req.input_ids) + len(req.output_ids)
         if len(index) < history:  # catch up with the tokens emitted since the last draft

@@ -1,0 +1,137 @@
+"""EAGLE / EAGLE3 speculative decoding through the Engine and the server: the same tokens as without it.
+
+Each tiny target gets tiny random EAGLE and EAGLE3 heads of its hidden size
+and vocabulary (EAGLE3 with a smaller draft vocabulary mapped through d2t).
+Random heads rarely guess right, so exactness is checked twice: the greedy
+output equals the plain engine's, and the drafts the engine verified equal
+the drafts of the head recomputed from scratch over the whole sequence (so
+the head's incremental KV and feature bookkeeping is exact, not merely
+harmless).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from pipeline.config import ConfigError
+from pipeline.engine import Engine
+from tests.models.tiny import save_tiny, source_config
+from tests.server.tiny_model import save_tiny_tokenizer
+
+ARCHITECTURES = ["llama3.1", "llama3.2", "qwen2", "qwen3", "qwen3_moe"]  # tests/models/tiny.py
+GREEDY = {"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True}
+VOCAB, DRAFT_VOCAB, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 400, 64, 4, 2, 16, 96
+
+
+def save_head(directory: Path, kind: str, hidden: int, seed: int = 0) -> Path:
+    """A random EAGLE ("eagle") or EAGLE3 ("eagle3") head for a target of ``hidden`` size and
+    VOCAB tokens (embed_tokens, and EAGLE's lm_head, come from the target)."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=0.2):
+        return torch.randn(*shape, generator=gen) * scale
+
+    raw = source_config("EAGLE3-LLaMA3.1-Instruct-8B")
+    raw.update(hidden_size=hidden, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
+               intermediate_size=INTERMEDIATE, vocab_size=VOCAB, torch_dtype="float32")
+    H, p = hidden, ("midlayer." if kind == "eagle3" else "layers.0.")
+    attn_in = 2 * H if kind == "eagle3" else H
+    w = {f"{p}self_attn.q_proj.weight": r(HEADS * HEAD_DIM, attn_in),
+         f"{p}self_attn.k_proj.weight": r(KV_HEADS * HEAD_DIM, attn_in),
+         f"{p}self_attn.v_proj.weight": r(KV_HEADS * HEAD_DIM, attn_in),
+         f"{p}self_attn.o_proj.weight": r(H, HEADS * HEAD_DIM),
+         f"{p}post_attention_layernorm.weight": 1 + r(H),
+         f"{p}mlp.gate_proj.weight": r(INTERMEDIATE, H), f"{p}mlp.up_proj.weight": r(INTERMEDIATE, H),
+         f"{p}mlp.down_proj.weight": r(H, INTERMEDIATE)}
+    if kind == "eagle3":
+        raw.update(draft_vocab_size=DRAFT_VOCAB, target_hidden_size=H)
+        w.update({f"{p}input_layernorm.weight": 1 + r(H), f"{p}hidden_norm.weight": 1 + r(H),
+                  "fc.weight": r(H, 3 * H), "norm.weight": 1 + r(H), "lm_head.weight": r(DRAFT_VOCAB, H),
+                  "d2t": torch.randint(0, VOCAB - DRAFT_VOCAB, (DRAFT_VOCAB,), generator=gen),
+                  "t2d": torch.zeros(VOCAB, dtype=torch.bool)})
+    else:
+        raw["architectures"] = ["LlamaForCausalLMEagle"]
+        raw.pop("draft_vocab_size")
+        w.update({"fc.weight": r(H, 2 * H), "fc.bias": r(H)})
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(raw))
+    save_file(w, str(directory / "model.safetensors"))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """arch -> (target path, {"EAGLE": head path, "EAGLE3": head path})."""
+    made: dict[str, tuple[Path, dict[str, Path]]] = {}
+
+    def make(arch: str):
+        if arch not in made:
+            root = tmp_path_factory.mktemp(f"eagle_{arch}")
+            target = save_tiny(arch, root / "target", vocab_size=VOCAB)
+            save_tiny_tokenizer(target, VOCAB)
+            hidden = json.loads((target / "config.json").read_text())["hidden_size"]
+            made[arch] = (target, {"EAGLE": save_head(root / "eagle", "eagle", hidden),
+                                   "EAGLE3": save_head(root / "eagle3", "eagle3", hidden, seed=1)})
+        return made[arch]
+
+    return make
+
+
+def _prompts(count: int) -> list[list[int]]:
+    return [[3 + (13 * i + 7 * j * j) % 390 for j in range(6 + 5 * i)] for i in range(count)]
+
+
+def _engine(target: Path, algorithm: str = "", head: Path | None = None, **kwargs) -> Engine:
+    kwargs.setdefault("max_total_tokens", 4096)
+    kwargs.setdefault("kernel_backend", "reference")
+    kwargs.setdefault("device", "cpu")
+    if algorithm:
+        kwargs.update(speculative_algorithm=algorithm, speculative_draft_model_path=str(head) if head else "")
+        kwargs.setdefault("speculative_num_steps", 3)
+    return Engine(str(target), **kwargs)
+
+
+def _results(engine: Engine, prompts, params=GREEDY) -> list[tuple]:
+    out = engine.generate(input_ids=prompts, sampling_params=[params] * len(prompts))
+    return [(r["output_ids"], r["finish_reason"]["type"], r["text"]) for r in out]
+
+
+def _assert_clean(engine: Engine, free_before: int) -> None:
+    deadline = time.monotonic() + 10
+    while engine.schedule.in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    engine.check_integrity()
+    kv = engine.schedule.kv
+    kv.flush()
+    assert kv.pool.num_free_tokens == free_before
+    assert kv.tree.protected_size == 0 and not kv.holders
+    assert not engine.schedule.spec.states
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_equals_greedy_without_speculation(arch, checkpoints) -> None:
+    target, heads = checkpoints(arch)
+    prompts = _prompts(3)
+    with _engine(target) as engine:
+        expected = _results(engine, prompts)
+    for algorithm in ("EAGLE", "EAGLE3"):
+        with _engine(target, algorithm, heads[algorithm]) as engine:
+            free_before = engine.schedule.kv.pool.num_free_tokens
+            assert _results(engine, prompts) == expected, algorithm
+            assert engine.schedule.spec.total_verify_ct > 0, algorithm  # drafts were verified
+            _assert_clean(engine, free_before)
+
+
+def test_wrong_or_missing_head_is_refused(checkpoints) -> None:
+    target, heads = checkpoints("llama3.1")
+    with pytest.raises(ConfigError, match="speculative-draft-model-path"):
+        _engine(target, "EAGLE", None)
+    with pytest.raises(ConfigError, match="tp-size"):
+        _engine(target, "EAGLE3", heads["EAGLE3"], tp_size=2)
+    with pytest.raises(ConfigError, match="speculative-eagle-topk"):
+        _engine(target, "EAGLE", heads["EAGLE"], speculative_eagle_topk=2)
