@@ -302,7 +302,7 @@ def chat_request(body: ChatCompletionRequest, rid: str, arrival_time_s: float) -
     sampling = make_sampling(params, names)
     converted = [chat_message(m, i) for i, m in enumerate(body.messages)]
     tools = body.tools if body.tool_choice != "none" else None
-    kwargs = dict(body.chat_template_kwargs or {})
+    kwargs = template_kwargs(body.chat_template_kwargs)
     return GenerateRequest(rid=rid, messages=[m for m, _ in converted], sampling=sampling, stream=body.stream,
                            add_generation_prompt=_add_generation_prompt(body), tools=tools,
                            chat_template_kwargs=kwargs, image_urls=[url for _, urls in converted for url in urls],
@@ -335,6 +335,20 @@ def _prompt_logprobs(body: SamplingFields, params: dict[str, Any]) -> dict[str, 
         raise bad_request("prompt_logprobs is not supported with stream", "prompt_logprobs")
     top = max(body.prompt_logprobs, params.get("prompt_top_logprobs_num", 0))
     return {"return_logprob": True, "logprob_start_len": 0, "prompt_top_logprobs_num": top}
+
+
+# chat_template_kwargs keys that are the template call's own arguments (given by the request's other fields)
+TEMPLATE_CALL_ARGUMENTS = ("messages", "conversation", "tools", "documents", "add_generation_prompt",
+                           "continue_final_message", "tokenize", "return_dict")
+
+
+def template_kwargs(kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    """Every key is a template variable, passed as given; one of the call's own arguments is a 400 naming it."""
+    for key in kwargs or {}:
+        if key in TEMPLATE_CALL_ARGUMENTS:
+            raise bad_request(f"chat_template_kwargs.{key} is set by the request itself, not a template variable",
+                              f"chat_template_kwargs.{key}")
+    return dict(kwargs or {})
 
 
 MAX_SCHEMA_DEPTH = 64  # tool parameter schemas nest this deep at most (grammar compilers recurse)
