@@ -149,12 +149,15 @@ ACCEPTED_UNUSED = {
     "logprobs": "logprobs of earlier output text; the text itself is used",
     "detail": "image detail level: images are always read at the resolution the model's processor picks",
 }
+# where each accepted-unused key may appear: any input item, an output_text part, an input_image part
+UNUSED_BY_KIND = {"item": {"id", "status"}, "output_text": {"annotations", "logprobs"}, "input_image": {"detail"}}
 
 
-def check_keys(item: dict[str, Any], known: set[str], param: str) -> None:
-    """A key that is neither read nor accepted-unused is a 400 naming it, never dropped unread."""
+def check_keys(item: dict[str, Any], known: set[str], param: str, unused: set[str] | frozenset[str] = frozenset()
+               ) -> None:
+    """A key that is neither read nor accepted-unused here is a 400 naming it, never dropped unread."""
     for key in item:
-        if key not in known and key not in ACCEPTED_UNUSED:
+        if key not in known and key not in unused:
             raise bad_request(f"unsupported parameter {param}.{key}: this server does not serve it",
                               f"{param}.{key}")
 
@@ -177,7 +180,7 @@ def _content(content: Any, param: str) -> str | list[dict[str, Any]]:
         where = f"{param}.content[{k}]"
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in PART_KEYS:
-            check_keys(part, PART_KEYS[kind], where)
+            check_keys(part, PART_KEYS[kind], where, UNUSED_BY_KIND.get(kind, set()))
         if kind in ("input_text", "output_text", "text", "refusal"):
             parts.append({"type": "text", "text": _field(part, "refusal" if kind == "refusal" else "text", where)})
         elif kind == "input_image":
@@ -207,7 +210,7 @@ def input_messages(input_: str | list[Any]) -> list[dict[str, Any]]:
             raise bad_request(f"{param} must be an object", param)
         kind = item.get("type", "message")
         if kind in INPUT_KEYS:
-            check_keys(item, INPUT_KEYS[kind], param)
+            check_keys(item, INPUT_KEYS[kind], param, UNUSED_BY_KIND["item"])
         if kind == "message":
             role = _field(item, "role", param)
             messages.append({"role": role, "content": _content(item.get("content"), param)})

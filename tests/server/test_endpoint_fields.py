@@ -178,6 +178,8 @@ def test_every_field_is_honoured_or_refused():
     assert all(not names for names in stray.values()), f"fields the Structs do not declare: {stray}"
     for honoured, _ in WALK.values():
         assert_behaviour_tests(honoured)
+    reasons = responses_api.ACCEPTED_UNUSED
+    assert set().union(*responses_api.UNUSED_BY_KIND.values()) == set(reasons) and all(reasons.values())
     for what, (keys, honoured) in KEY_LISTS.items():
         assert set(keys) == set(honoured), (what, set(keys) ^ set(honoured))
         assert_behaviour_tests(honoured)
@@ -284,6 +286,8 @@ def test_nested_undeclared_keys_are_refused_by_name(server):
     assert_named_400(server, "/v1/responses", {"input": [{"role": "user", "content": [
         {"type": "input_text", "text": "hi", "mood": "calm"}]}]}, "input[0].content[0].mood")
     assert_named_400(server, "/v1/responses", {"input": "hi", "text": {"verbosity": "low"}}, "text.verbosity")
+    assert_named_400(server, "/v1/responses", {"input": [{"role": "user", "content": [
+        {"type": "input_text", "text": "hi", "annotations": []}]}]}, "input[0].content[0].annotations")
     assert_named_400(server, "/v1/responses", {"input": "hi", "tools": [
         {"type": "function", "name": "f", "mood": "calm"}]}, "tools[0].mood")
 
