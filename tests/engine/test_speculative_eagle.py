@@ -135,3 +135,63 @@ def test_wrong_or_missing_head_is_refused(checkpoints) -> None:
         _engine(target, "EAGLE3", heads["EAGLE3"], tp_size=2)
     with pytest.raises(ConfigError, match="speculative-eagle-topk"):
         _engine(target, "EAGLE", heads["EAGLE"], speculative_eagle_topk=2)
+
+
+# ----------------------------------------------------------------------------- drafts from scratch
+
+
+def _reference_chain(model, drafter, seq: list[int], root: int, depth: int) -> list[int]:
+    """The chain the head drafts when everything is recomputed from position 0: target
+    features of x_0..x_{root-1}, the head over (x_{i+1}, f_i) for i < root, then ``depth - 1``
+    draft steps on its own hidden state."""
+    from models.batch import KVCache, build_metadata_reference
+
+    device, head = model.device, drafter.head
+    length = root + depth
+    req_to_token = torch.arange(1, length + 1, dtype=torch.int32, device=device).view(1, length)
+    target_kv = KVCache.allocate(model.num_layers, length + 1, model.num_kv_heads, model.head_dim,
+                                 model.dtype, device)
+    meta = build_metadata_reference("extend", req_to_token, [0], [0], [root], list(range(1, root + 1)), device)
+    model.forward(torch.tensor(seq[:root], device=device), torch.arange(root, device=device), meta, target_kv)
+    by_layer = dict(zip(model.model.capture_layers, model.model.captured))
+    features = torch.cat([by_layer[i] for i in drafter.layers], dim=-1)
+    c = head.config.layer
+    head_kv = KVCache.allocate(1, length + 1, c.num_key_value_heads, c.head_dim, model.dtype, device)
+    meta = build_metadata_reference("extend", req_to_token, [0], [0], [root], list(range(1, root + 1)), device)
+    logits, hidden = head(torch.tensor(seq[1:root + 1], device=device), features,
+                          torch.arange(root, device=device), meta, head_kv)
+    chain, hidden = [int(head.draft_to_target(logits.argmax(-1))[0])], hidden[-1:]
+    for step in range(1, depth):
+        pos = root - 1 + step
+        meta = build_metadata_reference("decode", req_to_token, [0], [pos], [1], [pos + 1], device)
+        logits, hidden = head(torch.tensor(chain[-1:], device=device), hidden,
+                              torch.tensor([pos], device=device), meta, head_kv)
+        chain.append(int(head.draft_to_target(logits.argmax(-1))[0]))
+    return chain
+
+
+@pytest.mark.parametrize("algorithm", ["EAGLE", "EAGLE3"])
+def test_drafts_equal_the_head_recomputed_from_scratch(algorithm, checkpoints) -> None:
+    """Every chain the engine verified (batched rows, several steps, chunked prefill) is the
+    chain of the head run from position 0 over the final tokens."""
+    target, heads = checkpoints("qwen3")
+    with _engine(target, algorithm, heads[algorithm], disable_radix_cache=True,
+                 chunked_prefill_size=8) as engine:
+        runner = engine.stages["forward"].runner
+        drafter, recorded = runner.drafter, []
+        draft = drafter.draft
+
+        def recording(batch, input_ids, req_to_token):
+            drafts = draft(batch, input_ids, req_to_token)
+            starts = [sum(batch.extend_lens[:b]) for b in range(len(batch.rids))]
+            recorded.extend((rid, batch.positions[s], list(d)) for rid, s, d in zip(batch.rids, starts, drafts) if d)
+            return drafts
+
+        drafter.draft = recording
+        prompts = _prompts(3)
+        rids = [engine.submit(input_ids=p, sampling_params=GREEDY) for p in prompts]
+        sequences = {rid: p + engine.wait(rid)[0]["output_ids"] for rid, p in zip(rids, prompts)}
+        assert len({rid for rid, _, _ in recorded}) == len(prompts)
+        for rid, root, chain in recorded:
+            seq = next(s for r, s in sequences.items() if rid.split(".")[0] == r)
+            assert chain == _reference_chain(runner.model, drafter, seq, root, len(chain)), (rid, root)
