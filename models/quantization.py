@@ -321,6 +321,161 @@ class QuantLinear(nn.Module):
         return y if self.tp is None else self.tp.all_reduce(y)
 
 
+# ----------------------------------------------------------------------------- MoE experts
+
+EXPERT_PROJ = ("gate", "up", "down")
+
+
+class QuantExperts(nn.Module):
+    """Quantized experts of an MoE block: ``forward(x, topk_weights, topk_ids)`` is
+    ``fused_moe`` over quantized weights (``triton_kernels/quant_moe.py``).
+
+    Before ``finalize()`` it holds the checkpoint's per-expert tensors of the scheme
+    (``load_params``) stacked along a leading E axis, gate over up along the output
+    axis: ``w13_<suffix>`` (N = 2I, K = H) and ``w2_<suffix>`` (N = H, K = I), e.g.
+    ``w13_weight_scale_inv [E, 2*ceil(I/bn), ceil(H/bk)]``. After, the kernel's
+    tensors as buffers (``w13_q``, ``w13_s``, ``w13_z``, ``w13_g`` and w2's).
+    ``shared``: Qwen2-MoE's shared expert, read into expert 0 of 2 (expert 1 stays
+    zero: zero scales give zero weights, see models/qwen_moe.py).
+    """
+
+    def __init__(self, ops: Any, quant: QuantConfig, num_experts: int, hidden_size: int, inter_size: int,
+                 dtype: torch.dtype, device: torch.device | str, shared: bool = False) -> None:
+        super().__init__()
+        self.quant, self.dtype, self.shared = quant, dtype, shared
+        self.num_experts, self.hidden_size, self.inter_size = num_experts, hidden_size, inter_size
+        if quant.scheme == "w4a16" and (hidden_size % 8 or inter_size % 8 or (quant.group_size > 0 and (
+                hidden_size % quant.group_size or inter_size % quant.group_size))):
+            raise ModelConfigError(f"experts of hidden size {hidden_size} and intermediate size {inter_size} do "
+                                   f"not fit 4-bit packing with group size {quant.group_size}")
+        for p in load_params(quant, dtype):
+            for which in ("w13", "w2"):
+                shape = (num_experts, *self._stacked_shape(p, which))
+                setattr(self, f"{which}_{p.suffix}",
+                        nn.Parameter(torch.zeros(shape, dtype=p.dtype, device=device), requires_grad=False))
+        name = "fused_moe_w4a16" if quant.scheme == "w4a16" else "fused_moe_w8a8"
+        self.kernel = _kernel(ops.backend, "quant_moe", name)
+        self.finalized = False
+
+    def _proj_shape(self, p: LoadParam, proj: str) -> tuple[int, ...]:
+        """One expert's checkpoint tensor of ``proj`` (gate / up: [I, H], down: [H, I])."""
+        N, K = (self.hidden_size, self.inter_size) if proj == "down" else (self.inter_size, self.hidden_size)
+        return p.local_shape(N, K)
+
+    def _stacked_shape(self, p: LoadParam, which: str) -> tuple[int, ...]:
+        if which == "w2":
+            return self._proj_shape(p, "down")
+        shape = list(self._proj_shape(p, "gate"))
+        if p.out_axis is not None:
+            shape[p.out_axis] *= 2
+        return tuple(shape)
+
+    def checkpoint_names(self, module_name: str) -> list[tuple[int, str]]:
+        """(expert slot, checkpoint module name) of every projection this module reads."""
+        if self.shared:
+            return [(0, f"{module_name}.{proj}_proj") for proj in EXPERT_PROJ]
+        return [(e, f"{module_name}.{e}.{proj}_proj") for e in range(self.num_experts) for proj in EXPERT_PROJ]
+
+    def layout(self, module_name: str, shard_type: Callable) -> dict:
+        """Checkpoint name -> Shard of every per-expert tensor (whole tensors: tp 1)."""
+        out = {}
+        for e, base in self.checkpoint_names(module_name):
+            proj = base.rpartition(".")[2].removesuffix("_proj")
+            which = "w2" if proj == "down" else "w13"
+            for p in load_params(self.quant, self.dtype):
+                shape = self._proj_shape(p, proj)
+                index = [slice(None)] * p.ndim
+                if p.out_axis is not None and which == "w13":
+                    rows = shape[p.out_axis]
+                    index[p.out_axis] = slice(0, rows) if proj == "gate" else slice(rows, 2 * rows)
+                out[f"{base}.{p.suffix}"] = shard_type(f"{module_name}.{which}_{p.suffix}", (e, *index), (),
+                                                       (1,) if p.broadcast else shape, broadcast=p.broadcast)
+        return out
+
+    def finalize(self) -> None:
+        """Checkpoint tensors -> kernel tensors (once, after loading)."""
+        if self.finalized:
+            return
+        q = self.quant
+        if q.scheme == "online":
+            self.set_kernel_tensors(self.from_dense(self.w13_weight.data, self.w2_weight.data))
+            return
+        tensors = {}
+        for which in ("w13", "w2"):
+            get = {p.suffix: getattr(self, f"{which}_{p.suffix}").data for p in load_params(q, self.dtype)}
+            tensors.update({f"{which}_{k}": v for k, v in self._to_kernel(get).items()})
+        self.set_kernel_tensors(tensors)
+
+    def _to_kernel(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One GEMM's stacked checkpoint tensors -> {q, s, z, g} of the kernel."""
+        q = self.quant
+        if q.scheme == "fp8_block":
+            return {"q": t["weight"].contiguous(), "s": t["weight_scale_inv"].contiguous()}
+        if q.scheme == "w8a8":
+            E, N = t["weight"].shape[:2]
+            return {"q": t["weight"].contiguous(), "s": t["weight_scale"].float().reshape(E, N).contiguous()}
+        E, _, N = t["scales"].shape
+        packed_zeros = t["qzeros"].reshape(-1, t["qzeros"].shape[-1])
+        if q.packing == "awq":
+            cols = _unpack_cols(t["qweight"].reshape(-1, t["qweight"].shape[-1]), AWQ_ORDER)   # [E*K, N]
+            qweight = _pack_rows(cols).view(E, -1, N)
+            zeros = _unpack_cols(packed_zeros, AWQ_ORDER)
+        else:
+            qweight = t["qweight"].contiguous()
+            zeros = _unpack_cols(packed_zeros)
+        zeros = (zeros + q.zero_offset).to(torch.uint8).view(E, -1, N)
+        return {"q": qweight, "s": t["scales"].contiguous(), "z": zeros,
+                "g": self._g_idx(t.get("g_idx"), 8 * qweight.shape[1])}
+
+    def _g_idx(self, g_idx: torch.Tensor | None, K: int) -> torch.Tensor | None:
+        """[E, K] act-order groups, or None where every expert's rows are in plain order."""
+        if g_idx is None:
+            return None
+        group = self.quant.group_size if self.quant.group_size > 0 else K
+        plain = torch.arange(K, device=g_idx.device, dtype=torch.int32) // group
+        used = g_idx[: 1 if self.shared else self.num_experts].to(torch.int32)
+        if torch.equal(used, plain.expand_as(used)):
+            return None
+        return g_idx.to(torch.int32).contiguous()
+
+    def from_dense(self, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
+        """16-bit experts w13 [E, 2I, H], w2 [E, H, I] quantized into the kernel tensors
+        (online quantization and dummy weights)."""
+        q, I = self.quant, self.inter_size
+        out: dict[str, torch.Tensor] = {}
+        for which, w in (("w13", w13), ("w2", w2)):
+            E, N, K = w.shape
+            if q.scheme == "w4a16":
+                group = q.group_size if q.group_size > 0 else K
+                qw, s, z = (torch.stack(t) for t in zip(*(quantize_int4_groups(we, group) for we in w)))
+                out.update({f"{which}_q": qw, f"{which}_s": s, f"{which}_z": z, f"{which}_g": None})
+            elif q.scheme == "fp8_block":
+                halves = (w[:, :I], w[:, I:]) if which == "w13" else (w,)
+                parts = [[quantize_fp8_blocks(we, q.block_size) for we in half] for half in halves]
+                out[f"{which}_q"] = torch.cat([torch.stack([p[0] for p in h]) for h in parts], 1)
+                out[f"{which}_s"] = torch.cat([torch.stack([p[1] for p in h]) for h in parts], 1)
+            else:
+                wq, ws = quantize_per_channel(w.reshape(E * N, K), q.weight_dtype)
+                out.update({f"{which}_q": wq.view(E, N, K), f"{which}_s": ws.view(E, N)})
+        return out
+
+    def set_kernel_tensors(self, tensors: dict[str, torch.Tensor | None]) -> None:
+        for p in load_params(self.quant, self.dtype):
+            for which in ("w13", "w2"):
+                delattr(self, f"{which}_{p.suffix}")
+        for which in ("w13", "w2"):
+            for kind in "qszg":
+                self.register_buffer(f"{which}_{kind}", tensors.get(f"{which}_{kind}"), persistent=False)
+        self.finalized = True
+
+    def forward(self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        if self.quant.scheme == "w4a16":
+            return self.kernel(x, self.w13_q, self.w13_s, self.w13_z, self.w2_q, self.w2_s, self.w2_z,
+                               topk_weights, topk_ids, self.quant.group_size, self.w13_g, self.w2_g)
+        block = self.quant.block_size if self.quant.scheme == "fp8_block" else None
+        return self.kernel(x, self.w13_q, self.w13_s, self.w2_q, self.w2_s, topk_weights, topk_ids, block)
+
+
 # ----------------------------------------------------------------------------- format conversion
 
 
@@ -406,17 +561,15 @@ def set_from_dense(m: QuantLinear, w: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------- model-wide steps
 
 
-def quant_modules(model: nn.Module) -> dict[str, QuantLinear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+def quant_modules(model: nn.Module) -> dict[str, QuantLinear | QuantExperts]:
+    """Every quantized module: projections (QuantLinear) and MoE experts (QuantExperts)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
 
 
 def check_servable(quant: QuantConfig | None, num_experts: int, tp_size: int, source: str) -> None:
     """What the quantized path does not serve yet, refused before any weight is read."""
     if quant is None:
         return
-    if num_experts:
-        raise ModelConfigError(f"{source}: quantized mixture-of-experts models ({quant.method}) are not "
-                               "served yet")
     if tp_size > 1:
         raise ModelConfigError(f"{source}: quantization ({quant.method}) with tensor parallelism is not "
                                "served yet (use --tp-size 1)")
@@ -431,10 +584,11 @@ def check_ignored(model: nn.Module, quant: QuantConfig | None) -> None:
         return
     patterns = [re.compile(p[3:]) for p in quant.ignore if p.startswith("re:")]
     names = {p for p in quant.ignore if not p.startswith("re:")}
-    for name in quant_modules(model):
+    for name, m in quant_modules(model).items():
         prefix, _, leaf = name.rpartition(".")
-        for part in _FUSED.get(leaf, (leaf,)):
-            full = f"{prefix}.{part}"
+        fulls = ([base for _, base in m.checkpoint_names(name)] if isinstance(m, QuantExperts)
+                 else [f"{prefix}.{part}" for part in _FUSED.get(leaf, (leaf,))])
+        for full in fulls:
             if full in names or any(p.fullmatch(full) for p in patterns):
                 raise ModelConfigError(f"the checkpoint leaves {full} unquantized ({quant.method} ignore "
                                        "list); per-layer exceptions are not served yet")
@@ -465,7 +619,11 @@ def quantized_layout(model: nn.Module, layout: dict, dense_layout: Callable, con
         return layout
     out = {k: s for k, s in layout.items() if s.param.rpartition(".")[0] not in modules
            or s.param.endswith(".bias")}
+    shard_type = type(next(iter(layout.values())))
     for name, m in modules.items():
+        if isinstance(m, QuantExperts):
+            out.update(m.layout(name, shard_type))
+            continue
         probe = {f"{name}.weight": torch.empty(m.out_features, m.in_features, device="meta")}
         for ckpt_name, shard in dense_layout(probe, config, tp).items():
             base = ckpt_name.rpartition(".")[0]
@@ -501,14 +659,30 @@ def init_dummy_quantized(model: nn.Module, seed: int, std: float) -> None:
     import zlib
 
     for name, m in quant_modules(model).items():
-        device = m.bias.device if m.bias is not None else next(m.parameters()).device
+        device = next(m.parameters()).device
         generator = torch.Generator(device=device).manual_seed((seed << 32) ^ zlib.crc32(name.encode()))
+        if isinstance(m, QuantExperts):
+            m.set_kernel_tensors(_dummy_experts(m, generator, std, device))
+            continue
         w = torch.empty(m.out_features, m.in_features, dtype=m.dtype, device=device)
         w.normal_(0.0, std, generator=generator)
         set_from_dense(m, w)
         if m.bias is not None:
             m.bias.data.normal_(0.0, std, generator=generator)
 
+
+
+def _dummy_experts(m: QuantExperts, generator: torch.Generator, std: float,
+                   device: torch.device) -> dict[str, torch.Tensor]:
+    """Random 16-bit experts quantized into the kernel tensors; a shared expert's
+    zero expert (slot 1) stays zero."""
+    E, H, I = m.num_experts, m.hidden_size, m.inter_size
+    w13 = torch.empty(E, 2 * I, H, dtype=m.dtype, device=device).normal_(0.0, std, generator=generator)
+    w2 = torch.empty(E, H, I, dtype=m.dtype, device=device).normal_(0.0, std, generator=generator)
+    if m.shared:
+        w13[1:] = 0
+        w2[1:] = 0
+    return m.from_dense(w13, w2)
 
 # ----------------------------------------------------------------------------- FP8 KV-cache scales
 

@@ -64,6 +64,7 @@ from models.config import ModelConfig
 from models.layers import MLP, Linear, weight
 from models.llama import LlamaForCausalLM
 from models.parallel import ExpertDispatch, TPGroup, expert_range, shard_range
+from models.quantization import QuantExperts
 from models.weights import Shard, dense_layout
 from triton_kernels import KernelOps
 
@@ -78,6 +79,16 @@ class Experts(nn.Module):
                           device=device, zeros=zeros)
         self.w2 = weight(num_experts, hidden_size, intermediate_size, dtype=dtype,
                          device=device, zeros=zeros)
+
+
+def make_experts(ops: KernelOps, config: ModelConfig, num_experts: int, inter_size: int,
+                 dtype: torch.dtype, device: torch.device | str, shared: bool = False) -> nn.Module:
+    """16-bit ``Experts`` or, with ``config.quantization``, ``QuantExperts`` of that scheme
+    (``models/quantization.py``); ``shared``: the zero-padded two-expert shared expert."""
+    if config.quantization is not None:
+        return QuantExperts(ops, config.quantization, num_experts, config.hidden_size, inter_size,
+                            dtype, device, shared=shared)
+    return Experts(num_experts, config.hidden_size, inter_size, dtype, device, zeros=shared)
 
 
 class SparseMoeBlock(nn.Module):
@@ -95,14 +106,14 @@ class SparseMoeBlock(nn.Module):
         self.num_local_experts = expert_end - self.expert_start
         i0, i1 = shard_range(config.moe_intermediate_size, tp.moe_tp_rank, tp.moe_tp_size,
                              "moe_intermediate_size", "tp size / ep size")
-        self.experts = Experts(self.num_local_experts, H, i1 - i0, dtype, device)
+        self.experts = make_experts(ops, config, self.num_local_experts, i1 - i0, dtype, device)
         self.shared_expert = self.shared_expert_gate = None
         self.eps = config.rms_norm_eps
         if config.shared_expert_intermediate_size > 0:
             # expert 0: the shared expert; expert 1: zeros (see the module docstring)
             s0, s1 = shard_range(config.shared_expert_intermediate_size, tp.rank, tp.size,
                                  "shared_expert_intermediate_size")
-            self.shared_expert = Experts(2, H, s1 - s0, dtype, device, zeros=True)
+            self.shared_expert = make_experts(ops, config, 2, s1 - s0, dtype, device, shared=True)
             self.shared_expert_gate = nn.Module()
             self.shared_expert_gate.weight = weight(2, H, dtype=dtype, device=device, zeros=True)
             self.register_buffer("unit_norm", torch.ones(H, dtype=dtype, device=device))
@@ -114,7 +125,7 @@ class SparseMoeBlock(nn.Module):
         topk_weights, topk_ids = self.ops.moe_topk(router_logits, self.top_k, self.renormalize)
         if self.tp.ep_size > 1:
             topk_weights, topk_ids = self._local_pairs(topk_weights, topk_ids)
-        y = self.ops.fused_moe(x, self.experts.w13, self.experts.w2, topk_weights, topk_ids)
+        y = self._run_experts(self.experts, x, topk_weights, topk_ids)
         if self.shared_expert is not None:
             self.ops.fused_add_rms_norm(self._shared(x), y, self.unit_norm, self.eps)  # y += shared
         return self.tp.all_reduce(y)            # partial sums over experts / intermediate slices
@@ -133,7 +144,7 @@ class SparseMoeBlock(nn.Module):
             topk_ids = x.new_empty((0, self.top_k), dtype=torch.int32)
         plan, rows, weights, ids = ExpertDispatch.send(self.tp, mine, topk_weights, topk_ids,
                                                        self.num_local_experts)  # rows [N, H]
-        out = (self.ops.fused_moe(rows, self.experts.w13, self.experts.w2, weights, ids)
+        out = (self._run_experts(self.experts, rows, weights, ids)
                if rows.shape[0] else rows)      # one pair per row: weights[N, 1], ids[N, 1]
         y = plan.combine(out)                                                   # [t, H]
         if self.shared_expert is None:
@@ -146,8 +157,14 @@ class SparseMoeBlock(nn.Module):
         """sigmoid(shared_expert_gate(x)) * shared_expert(x) (this rank's intermediate slice)."""
         gate_logits = self.ops.linear(x, self.shared_expert_gate.weight, None)  # [T, 2] = [g, 0]
         gate_weights, gate_ids = self.ops.moe_topk(gate_logits, 2, False)       # sigmoid(+-g)
-        return self.ops.fused_moe(x, self.shared_expert.w13, self.shared_expert.w2,
-                                  gate_weights, gate_ids)
+        return self._run_experts(self.shared_expert, x, gate_weights, gate_ids)
+
+    def _run_experts(self, experts: nn.Module, x: torch.Tensor, topk_weights: torch.Tensor,
+                     topk_ids: torch.Tensor) -> torch.Tensor:
+        """fused_moe over 16-bit ``Experts`` or quantized ``QuantExperts``."""
+        if isinstance(experts, QuantExperts):
+            return experts(x, topk_weights, topk_ids)
+        return self.ops.fused_moe(x, experts.w13, experts.w2, topk_weights, topk_ids)
 
     def _local_pairs(self, topk_weights: torch.Tensor,
                      topk_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +184,7 @@ class Qwen3MoeForCausalLM(LlamaForCausalLM):
         if c.is_moe_layer(layer_idx):
             return SparseMoeBlock(self.ops, c, self.dtype, self.device, self.tp)
         return MLP(self.ops, c.hidden_size, c.intermediate_size, False, self.dtype, self.device,
-                   self.tp)
+                   self.tp, quant=c.quantization)
 
     def checkpoint_layout(self) -> dict[str, Shard]:
         params = dict(self.named_parameters())
