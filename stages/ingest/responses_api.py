@@ -538,6 +538,9 @@ class StreamedItems:
 
 
 async def retrieve_response(request: web.Request) -> web.Response:
+    """The stored body; OpenAI's query parameters (``stream``, ``starting_after``, ``include``) are not served."""
+    for name in request.query:
+        raise bad_request(f"unsupported query parameter {name}: this server does not serve it", name)
     return web.json_response(request.app[STORE].get(request.match_info["response_id"]).body)
 
 

@@ -292,6 +292,12 @@ def test_nested_undeclared_keys_are_refused_by_name(server):
         {"type": "function", "name": "f", "mood": "calm"}]}, "tools[0].mood")
 
 
+def test_responses_retrieve_query_is_refused_by_name(client, server):
+    response = client.responses.create(model="m", input="hi", max_output_tokens=2)
+    assert call(server, "GET", f"/v1/responses/{response.id}")[0] == 200
+    assert_named_400(server, f"/v1/responses/{response.id}?stream=true", None, "stream", method="GET")
+
+
 def test_no_embeddings_route(server):
     status, _ = call(server, "POST", "/v1/embeddings", {"model": "m", "input": "x"})
     assert status == 404  # not served at all: nothing is half-answered
