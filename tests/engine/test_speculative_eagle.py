@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from pipeline.config import ConfigError
 from pipeline.engine import Engine
 from tests.models.tiny import save_tiny, source_config
+from tests.server.conftest import running_server
 from tests.server.tiny_model import save_tiny_tokenizer
 
 ARCHITECTURES = ["llama3.1", "llama3.2", "qwen2", "qwen3", "qwen3_moe"]  # tests/models/tiny.py
@@ -125,6 +127,28 @@ def test_greedy_equals_greedy_without_speculation(arch, checkpoints) -> None:
             assert _results(engine, prompts) == expected, algorithm
             assert engine.schedule.spec.total_verify_ct > 0, algorithm  # drafts were verified
             _assert_clean(engine, free_before)
+
+
+def _post(url: str, body: dict) -> list[dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
+
+
+def test_server_greedy_equals_plain(checkpoints, tmp_path) -> None:
+    """Through HTTP /generate: EAGLE3 greedy tokens and text equal the plain engine's, verify
+    steps counted in meta_info."""
+    target, heads = checkpoints("qwen2")
+    prompts = _prompts(3)
+    with _engine(target) as engine:
+        expected = _results(engine, prompts)
+    with running_server(target, tmp_path / "eagle3.log", "--speculative-algorithm", "EAGLE3",
+                        "--speculative-draft-model-path", str(heads["EAGLE3"]),
+                        "--speculative-num-steps", "3", "--kernel-backend", "reference",
+                        "--max-total-tokens", "4096") as server:
+        out = _post(server.url + "/generate", {"input_ids": prompts, "sampling_params": GREEDY})
+    assert [(r["output_ids"], r["meta_info"]["finish_reason"]["type"], r["text"]) for r in out] == expected
+    assert all(r["meta_info"]["spec_verify_ct"] > 0 for r in out)
 
 
 def test_wrong_or_missing_head_is_refused(checkpoints) -> None:
