@@ -184,7 +184,7 @@ def build_tokenize(context: ProcessContext, inbox: Channel | None, outboxes: dic
 
 def build_multimodal(context: ProcessContext, inbox: Channel | None,
                      outboxes: dict[str, Channel]) -> MultimodalStage:
-    return MultimodalStage(context.args, inbox, outboxes)
+    return MultimodalStage(context.args, inbox, outboxes, tokenizer=context.tokenizer)
 
 
 def build_forward(context: ProcessContext, inbox: Channel | None, outboxes: dict[str, Channel],

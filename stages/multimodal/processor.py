@@ -13,7 +13,9 @@ them), read from the model's ``preprocessor_config.json``:
    (each 2x2 window of patches is 4 consecutive rows), the layout the vision
    encoder's patch merger expects. An image repeats itself ``temporal_patch``
    times along time (``t = 1``); a video stacks ``temporal_patch`` frames per
-   time step (the last frame repeated to fill the last step).
+   time step (the last frame repeated to fill the last step). Qwen3-VL's video
+   processor bounds the pixels of the whole video rather than of one frame
+   (``smart_resize_video``).
 
 The number of pad tokens an item takes in the prompt is
 ``t * h * w // merge_size**2``. Everything here is plain NumPy + Pillow and
@@ -202,14 +204,49 @@ def image_patches(image: Any, rules: VisionPreprocess) -> tuple[np.ndarray, list
     return patchify(frames, rules)
 
 
-def video_patches(frames: list[Any], rules: VisionPreprocess) -> tuple[np.ndarray, list[int]]:
-    """RGB frames of one video -> pixel patches and grid [t, h, w] (all frames resized alike)."""
+def smart_resize_video(num_frames: int, height: int, width: int, factor: int, temporal_factor: int,
+                       min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Qwen3-VL's video size: as ``smart_resize`` but the bounds hold for the pixels of all frames
+    (``frames * height * width``, frames rounded to a multiple of ``temporal_factor``), and a side
+    shorter than ``factor`` is first scaled up to it. Fewer frames than ``temporal_factor`` count as
+    ``temporal_factor`` (the last frame is repeated to fill the step)."""
+    num_frames = max(num_frames, temporal_factor)
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
+        raise MediaError(f"aspect ratio must be at most {MAX_ASPECT_RATIO}, got {height}x{width}")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    t_bar = round(num_frames / temporal_factor) * temporal_factor
+    if t_bar * h_bar * w_bar > max_pixels:
+        beta = math.sqrt(num_frames * height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif t_bar * h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (num_frames * height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def video_patches(frames: list[Any], rules: VisionPreprocess,
+                  whole_video_bounds: bool = False) -> tuple[np.ndarray, list[int]]:
+    """RGB frames of one video -> pixel patches and grid [t, h, w] (all frames resized alike).
+
+    ``whole_video_bounds``: the pixel bounds hold for all frames together (Qwen3-VL's video
+    processor, ``smart_resize_video``) rather than for one frame (Qwen2-VL's).
+    """
     if not frames:
         raise MediaError("a video needs at least one frame")
     first = frames[0]
     low = rules.video_min_pixels or rules.min_pixels
     high = rules.video_max_pixels or rules.max_pixels
-    height, width = smart_resize(first.height, first.width, rules.factor, low, high)
+    if whole_video_bounds:
+        height, width = smart_resize_video(len(frames), first.height, first.width, rules.factor,
+                                           rules.temporal_patch_size, low, high)
+    else:
+        height, width = smart_resize(first.height, first.width, rules.factor, low, high)
     stack = [normalized(frame, height, width, rules) for frame in frames]
     while len(stack) % rules.temporal_patch_size:
         stack.append(stack[-1])

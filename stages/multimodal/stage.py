@@ -26,19 +26,21 @@ same pictures give the same items); only the first reports an error, so the
 client gets one.
 
 State owned: the requests in flight on the pool and the aborts held for them.
-It never touches the tokenizer, KV memory or the vision encoder (the model's).
+It encodes with the tokenizer only the timestamp text of a Qwen3-VL video; it
+never touches KV memory or the vision encoder (the model's).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from typing import Any
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
 from pipeline.messages import Abort, ErrorOutput, FlushCache, MultimodalInbox, TokenizedRequest
 from pipeline.stage import Outbox, Outboxes, Stage
-from stages.multimodal.prepare import VisionModel, load_vision_model, prepare
+from stages.multimodal.prepare import TextCodec, VisionModel, load_vision_model, prepare
 from stages.multimodal.processor import MediaError
 
 logger = logging.getLogger(__name__)
@@ -60,11 +62,13 @@ class MultimodalStage(Stage):
 
     def __init__(self, args: ServerArgs, inbox: Channel | None,
                  outboxes: MultimodalOutboxes | dict[str, Channel | None], *,
-                 vision: VisionModel | None = None, num_workers: int = 2) -> None:
-        """``vision`` defaults to what ``args.model_dir`` holds; ``num_workers=0`` prepares inline."""
+                 vision: VisionModel | None = None, tokenizer: Any = None, num_workers: int = 2) -> None:
+        """``vision`` defaults to what ``args.model_dir`` holds; ``num_workers=0`` prepares inline;
+        ``tokenizer`` (the assembly's) writes Qwen3-VL video timestamps."""
         super().__init__("multimodal", inbox, outboxes)
         self.vision = vision if vision is not None else load_vision_model(args.model_dir)
         self.context_length = args.context_length
+        self.codec = TextCodec.of(tokenizer) if tokenizer is not None else None
         self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="multimodal") if num_workers else None
         self.in_flight: list[tuple[TokenizedRequest, Future]] = []
         self.held_aborts: list[Abort] = []
@@ -88,11 +92,11 @@ class MultimodalStage(Stage):
         if self.pool is None:
             future = Future()
             try:
-                future.set_result(prepare(request, self.vision, self.context_length))
+                future.set_result(prepare(request, self.vision, self.context_length, self.codec))
             except Exception as error:
                 future.set_exception(error)
         else:
-            future = self.pool.submit(prepare, request, self.vision, self.context_length)
+            future = self.pool.submit(prepare, request, self.vision, self.context_length, self.codec)
             future.add_done_callback(lambda _: self.wake())
         self.in_flight.append((request, future))
 

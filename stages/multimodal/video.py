@@ -4,6 +4,12 @@ A video sent as a list of pictures needs nothing from here. A video file is
 decoded with PyAV when it is installed (``pip install 'stagewise[video]'``);
 without it the request gets a 400 that names the missing extra. Frames are
 sampled at ``fps`` frames per second of video time, at most ``MAX_FRAMES``.
+
+Qwen3-VL writes the time of each temporal step of a video into the prompt
+(``<1.5 seconds>``): ``step_times`` gives them as its processor does, frame
+``i`` taken at ``i / fps`` seconds, the frame count padded to a multiple of
+the temporal patch with the last frame, each step the mean of its first and
+last frame's time.
 """
 from __future__ import annotations
 
@@ -49,3 +55,16 @@ def _sample(container: Any, fps: float, what: str) -> tuple[list[Any], float]:
     if not frames:
         raise MediaError(f"{what} has no frames")
     return frames, fps
+
+
+def step_times(num_frames: int, fps: float, temporal_patch_size: int) -> list[float]:
+    """Seconds of each temporal grid step of a video of ``num_frames`` frames taken at ``fps``."""
+    indices = list(range(num_frames))
+    indices += [num_frames - 1] * (-num_frames % temporal_patch_size)
+    times = [index / fps for index in indices]
+    return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
+
+
+def timestamp_text(seconds: float) -> str:
+    """The text Qwen3-VL writes before a temporal step's frames."""
+    return f"<{seconds:.1f} seconds>"

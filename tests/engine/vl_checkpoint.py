@@ -106,9 +106,13 @@ def picture(width: int, height: int, seed: int) -> bytes:
 
 def reference_tokens(hf, path: Path, prompt: str, images: list[bytes], videos: list[list[bytes]],
                      max_new_tokens: int) -> list[int]:
-    """transformers' greedy tokens for ``prompt`` (placeholders as the template writes them) and media."""
+    """transformers' greedy tokens for ``prompt`` (placeholders as the template writes them) and media.
+
+    A Qwen3-VL video reaches transformers whole (one ``[t, h, w]`` grid, its patches as the
+    multimodal stage decoded them), not as the per-step items the stage sends the engine.
+    """
     from pipeline.messages import MediaInput, SamplingParams, TokenizedRequest
-    from stages.multimodal.prepare import load_vision_model, prepare
+    from stages.multimodal.prepare import TextCodec, decode, load_vision_model, prepare
 
     from transformers import AutoTokenizer
 
@@ -117,12 +121,17 @@ def reference_tokens(hf, path: Path, prompt: str, images: list[bytes], videos: l
              + [MediaInput(modality="video", frames=f) for f in videos])
     request = TokenizedRequest(rid="r", parent_rid="r", input_ids=tokenizer.encode(prompt),
                                sampling=SamplingParams(), media=media)
-    prepared = prepare(request, load_vision_model(path), 4096)
+    vision = load_vision_model(path)
+    prepared = prepare(request, vision, 4096, TextCodec.of(tokenizer))
     kwargs: dict = {}
     for modality, name, grid in (("image", "pixel_values", "image_grid_thw"),
                                  ("video", "pixel_values_videos", "video_grid_thw")):
         items = [item for item in prepared.mm_items if item.modality == modality]
-        if items:
+        if modality == "video" and vision.splits_video_frames and videos:
+            whole = [decode(m, vision, "video") for m in media if m.modality == "video"]
+            kwargs[name] = torch.cat([torch.from_numpy(d.patches) for d in whole])
+            kwargs[grid] = torch.tensor([d.grid_thw for d in whole])
+        elif items:
             kwargs[name] = torch.cat([torch.frombuffer(bytearray(i.pixel_values.data), dtype=torch.float32)
                                       .view(*i.pixel_values.shape) for i in items])
             kwargs[grid] = torch.tensor([i.grid_thw for i in items])
