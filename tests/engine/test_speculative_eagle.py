@@ -25,7 +25,7 @@ from tests.models.tiny import save_tiny, source_config
 from tests.server.conftest import running_server
 from tests.server.tiny_model import save_tiny_tokenizer
 
-ARCHITECTURES = ["llama3.1", "llama3.2", "qwen2", "qwen3", "qwen3_moe"]  # tests/models/tiny.py
+ARCHITECTURES = ["llama3.1", "llama3.2", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"]  # tests/models/tiny.py
 GREEDY = {"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True}
 VOCAB, DRAFT_VOCAB, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 400, 64, 4, 2, 16, 96
 
@@ -127,6 +127,41 @@ def test_greedy_equals_greedy_without_speculation(arch, checkpoints) -> None:
             assert _results(engine, prompts) == expected, algorithm
             assert engine.schedule.spec.total_verify_ct > 0, algorithm  # drafts were verified
             _assert_clean(engine, free_before)
+
+
+def test_seeded_sampling_emits_the_same_tokens(checkpoints) -> None:
+    """A chain of greedy head drafts is deterministic, so the chain verification serves
+    sampled rows too: each position drawn with the seed and step of the plain sampler."""
+    target, heads = checkpoints("qwen3")
+    prompts = _prompts(3)
+    params = [{"temperature": 0.8, "top_k": 30, "top_p": 0.95, "seed": 7 + i, "max_new_tokens": 16,
+               "ignore_eos": True} for i in range(3)]
+    with _engine(target) as engine:
+        expected = [(r["output_ids"], r["text"]) for r in engine.generate(input_ids=prompts, sampling_params=params)]
+    with _engine(target, "EAGLE3", heads["EAGLE3"]) as engine:
+        got = [(r["output_ids"], r["text"]) for r in engine.generate(input_ids=prompts, sampling_params=params)]
+        assert got == expected
+        assert engine.schedule.spec.total_verify_ct > 0
+
+
+@pytest.mark.parametrize("page_size", [1, 4])
+def test_retraction_small_pool_and_radix_cache(checkpoints, page_size) -> None:
+    """Under KV pressure rows draft less or are retracted and resumed (their head features
+    are dropped and rebuilt); a radix hit reuses the head's K/V with the target's slots."""
+    target, heads = checkpoints("llama3.1")
+    prompts = [[3 + (11 * i + 5 * j * j) % 390 for j in range(8 + 5 * i)] for i in range(8)]
+    params = {"temperature": 0.0, "max_new_tokens": 20, "ignore_eos": True}
+    with _engine(target, page_size=page_size) as engine:
+        alone = _results(engine, prompts, params)
+    with _engine(target, "EAGLE", heads["EAGLE"], max_total_tokens=128, chunked_prefill_size=32,
+                 page_size=page_size) as engine:
+        free_before = engine.schedule.kv.pool.num_free_tokens
+        assert _results(engine, prompts, params) == alone
+        assert engine.schedule.num_retractions > 0
+        engine.generate(input_ids=prompts[0], sampling_params=params)
+        again = engine.generate(input_ids=prompts[0], sampling_params=params)  # a radix cache hit
+        assert again["output_ids"] == alone[0][0] and again["meta_info"]["cached_tokens"] > 0
+        _assert_clean(engine, free_before)
 
 
 def _post(url: str, body: dict) -> list[dict]:
