@@ -34,6 +34,13 @@ keeps the checkpoint's own tensors (fused along the output axis like the
 16-bit weights); ``finalize_quantized`` then converts them once into the
 kernel's tensors (module buffers: ``named_parameters`` lists only biases).
 
+MoE experts (Qwen3-MoE, Qwen2-MoE) read the same per-projection tensors under
+their per-expert names (``mlp.experts.{e}.gate_proj.qweight``, ...; Qwen2-MoE's
+``mlp.shared_expert.*`` too) into a ``QuantExperts`` module: stacked along E, gate
+over up, then converted once to ``triton_kernels/quant_moe.py``'s layout
+(``fused_moe_w8a8`` for fp8 block / channel and online, ``fused_moe_w4a16`` for
+AWQ / GPTQ). Routers (``mlp.gate``) and ``shared_expert_gate`` stay 16-bit.
+
 Activations (W8A8) are quantized dynamically per token inside the kernel;
 checkpoints whose activations use static scales are refused, as are formats
 and options not listed above, each with an error naming it.
