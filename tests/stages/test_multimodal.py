@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -18,8 +19,10 @@ from pipeline.config import ServerArgs
 from pipeline.harness import StageDriver
 from pipeline.messages import Abort, ErrorOutput, MediaInput, SamplingParams, TokenizedRequest
 from stages.multimodal import MultimodalStage
-from stages.multimodal.prepare import VisionModel, load_vision_model, prepare
-from stages.multimodal.processor import MediaError, VisionPreprocess, image_patches, open_image
+from stages.multimodal.prepare import TextCodec, VisionModel, load_vision_model, prepare
+from stages.multimodal.processor import (MediaError, VisionPreprocess, image_patches, normalized, open_image,
+                                         smart_resize_video, video_patches)
+from stages.multimodal.video import step_times, timestamp_text
 
 IMAGE, VIDEO, START, END = 90, 91, 88, 89  # placeholder ids of the tiny configs below
 RULES = dict(min_pixels=32 * 32, max_pixels=64 * 64 * 4, patch_size=16, merge_size=2, temporal_patch_size=2,
@@ -218,3 +221,86 @@ def test_stage_emits_items_and_one_error_per_request():
     assert out[0].mm_items and out[0].mrope_positions is not None
     (error,) = harness.take("errors")
     assert error.rid == "b" and error.param == "image_data[0]"
+
+
+# --------------------------------------------------------------------------- Qwen3-VL video
+
+
+@pytest.mark.parametrize("num_frames,fps", [(1, 2.0), (3, 2.0), (4, 24.0), (7, 1.5)])
+def test_qwen3_step_times_equal_the_processor(num_frames, fps):
+    from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
+    expected = Qwen3VLProcessor._calculate_timestamps(None, list(range(num_frames)), fps, 2)
+    assert step_times(num_frames, fps, 2) == pytest.approx(expected, abs=1e-12)
+    assert timestamp_text(0.25) == "<0.2 seconds>" and timestamp_text(12.75) == "<12.8 seconds>"
+
+
+@pytest.mark.parametrize("frames,height,width,low,high", [(3, 40, 50, 2048, 12288), (8, 480, 640, 4096, 65536),
+                                                          (2, 20, 300, 1024, 40000), (5, 700, 90, 128, 10 ** 7)])
+def test_qwen3_video_resize_equals_the_processor(frames, height, width, low, high):
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+    assert smart_resize_video(frames, height, width, 32, 2, low, high) == smart_resize(
+        frames, height, width, 2, 32, low, high)
+
+
+def test_qwen3_video_patches_equal_the_processors_patchify():
+    """Resizing needs torchvision (not installed): the processor's patchify runs on our normalised frames."""
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
+    frames = [open_image(encoded(70, 45, seed=s), "frame") for s in range(3)]
+    patches, grid = video_patches(frames, rules(), whole_video_bounds=True)
+    height, width = smart_resize_video(3, 45, 70, 32, 2, rules().min_pixels, rules().max_pixels)
+    stack = torch.from_numpy(np.stack([normalized(f, height, width, rules()) for f in frames]))[None]
+    expected, *expected_grid = Qwen3VLVideoProcessor.patchify(None, stack, 16, 2, 2)
+    assert grid == expected_grid
+    np.testing.assert_array_equal(patches, expected[0].numpy())
+
+
+def merging_tokenizer():
+    """A byte-level BPE whose one merge is ' <', so that text before a video's first timestamp matters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {ch: i for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["Ġ<"] = 256
+    specials = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    vocab.update({token: 257 + i for i, token in enumerate(specials)})
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("Ġ", "<")]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=core, additional_special_tokens=specials)
+
+
+def test_qwen3_video_is_written_as_the_processor_writes_it():
+    tokenizer = merging_tokenizer()
+    start, end, _, video = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                                                            "<|video_pad|>"])
+    model = msgspec.structs.replace(vision("qwen3_vl"), video_token_id=video, vision_start_token_id=start,
+                                    vision_end_token_id=end)
+    frames = [encoded(70, 45, seed=s) for s in range(5)]
+    ids = tokenizer.encode("watch <|vision_start|><|video_pad|><|vision_end|> then <|vision_start|><|video_pad|>"
+                           "<|vision_end|>")
+    media = [MediaInput(modality="video", frames=frames, fps=2.0), MediaInput(modality="video", frames=frames[:2])]
+    out = prepare(request(ids, media), model, 4096, TextCodec.of(tokenizer))
+    steps = [(item.timestamps_s, item.grid_thw, item.length) for item in out.mm_items]
+    assert steps == [([0.25], [1, 2, 4], 2), ([1.25], [1, 2, 4], 2), ([2.0], [1, 2, 4], 2),
+                     ([0.25], [1, 2, 4], 2)]
+
+    def written(times):  # Qwen3VLProcessor.replace_video_token's text, the wrapper collapsed
+        return "".join(f"<{t:.1f} seconds><|vision_start|>" + "<|video_pad|>" * 2 + "<|vision_end|>" for t in times)
+    expected = tokenizer.encode(f"watch {written([0.25, 1.25, 2.0])} then {written([0.25])}")
+    assert out.input_ids == expected and expected.count(256) == 2  # ' <' merged across the text boundary
+    assert [out.input_ids[i.offset - 1] for i in out.mm_items] == [start] * 4
+    whole = torch.from_numpy(np.concatenate([np.frombuffer(i.pixel_values.data, dtype=np.float32)
+                                             for i in out.mm_items[:3]]))
+    video_patches_whole, _ = video_patches([open_image(f, "f") for f in frames], rules(), whole_video_bounds=True)
+    np.testing.assert_array_equal(whole.numpy(), video_patches_whole.ravel())
+    model_rope = hf_rope_model("qwen3_vl")
+    input_ids = torch.tensor([out.input_ids])
+    positions, delta = model_rope.get_rope_index(input_ids, mm_token_type_ids=(input_ids == video).int() * 2,
+                                                 video_grid_thw=torch.tensor([[3, 2, 4], [1, 2, 4]]))
+    assert out.mrope_positions == positions[:, 0].tolist() and out.mrope_position_delta == int(delta[0, 0])
+
+
+def test_qwen3_video_without_the_tokenizer_is_an_internal_error():
+    with pytest.raises(ValueError, match="tokenizer"):
+        prepare(request([5, START, VIDEO, END], [MediaInput(modality="video", frames=[encoded(40, 40)] * 2)]),
+                vision("qwen3_vl"), 4096)
