@@ -12,6 +12,7 @@ below run against one live server through the official openai client
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import urllib.error
 import urllib.request
@@ -138,15 +139,21 @@ def test_every_declared_field_is_honoured_or_refused():
     assert_behaviour_tests(HONOURED)
 
 
+@functools.lru_cache(maxsize=None)
+def function_sources(path: str) -> dict[str, str]:
+    """The source of each top-level test function of a file (parsed once per file)."""
+    source = (REPO / path).read_text()
+    return {node.name: ast.get_source_segment(source, node) for node in ast.parse(source).body
+            if isinstance(node, ast.FunctionDef)}
+
+
 def assert_behaviour_tests(honoured: dict[str, str]) -> None:
     """Each ``field: "path::test"`` names a test function that exists and whose source mentions the field."""
     for field, where in honoured.items():
         path, name = where.split("::")
         if not (REPO / path).is_file():
             pytest.fail(f"{field}: {path} does not exist")
-        source = (REPO / path).read_text()
-        tests = {node.name: ast.get_source_segment(source, node) for node in ast.parse(source).body
-                 if isinstance(node, ast.FunctionDef)}
+        tests = function_sources(path)
         assert name in tests, f"{field}: no test {name} in {path}"
         assert field in tests[name], f"{field}: {where} does not mention it"
 
