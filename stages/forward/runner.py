@@ -147,7 +147,7 @@ class ModelRunner:
         self.batch_drafts = self.drafter.draft(batch, device_batch.input_ids, self.req_to_token)
         logits = self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,
                                     self.kv_cache)
-        self.drafter.keep(batch, device_batch.input_ids)
+        self.drafter.keep(batch, device_batch.input_ids, self.req_to_token)
         return logits
 
     def _resolve_futures(self, input_ids: torch.Tensor) -> None:

@@ -33,8 +33,13 @@ Each step, per row (design: catch up exactly, then draft):
    (EAGLE3: the pre-norm residual), a decode step over the active rows; each
    step's argmax (EAGLE3: mapped through ``d2t``) is the next draft.
    Positions written lie inside the slots the schedule stage took.
-3. After the target forward, every row keeps the features of the positions
-   it fed (``keep``).
+3. After the target forward (``keep``), a row that fed no drafts (prefill
+   chunk, plain decode) knows the next token of every position it fed but
+   the last: the head runs over those right away, and only the last
+   position's features wait for step 1. A verifying row keeps the features
+   of every position it fed (at most ``drafts + 1``), as verification has
+   yet to say which of them stand. So what waits is at most a few rows of
+   features per request, copied out of the batch's tensors.
 
 Only the draft quality depends on the head's context; the output never
 does (the sample stage verifies every draft against the target). A row
@@ -130,14 +135,24 @@ class EagleDrafter:
         by_layer = dict(zip(self.decoder.capture_layers, self.decoder.captured))
         return torch.cat([by_layer[i] for i in self.layers], dim=-1)
 
-    def keep(self, batch: ForwardBatch, input_ids: torch.Tensor) -> None:
-        """After the target forward: every row keeps the features of what it fed."""
-        features, start = self._features(), 0
+    @torch.inference_mode()
+    def keep(self, batch: ForwardBatch, input_ids: torch.Tensor, req_to_token: torch.Tensor) -> None:
+        """After the target forward, per row: a row without drafts knows the next token of all
+        its positions but the last, so the head runs over those at once and only the last
+        position's features wait; a verifying row keeps all of them (kept copies: the
+        batch's tensors are not held)."""
+        features, start, ready = self._features(), 0, []
+        draft_ids = batch.sampling.draft_ids
         for b, length in enumerate(batch.extend_lens):
-            self.pending[batch.req_pool_indices[b]] = _Pending(
-                batch.rids[b], batch.positions[start], features[start:start + length],
-                input_ids[start:start + length])
+            row, first = batch.req_pool_indices[b], batch.positions[start]
+            fed, feats = input_ids[start:start + length], features[start:start + length]
+            if length > 1 and not (draft_ids and draft_ids[b]):
+                ready.append(_Segment(b, row, first, length - 1, fed[1:], feats[:-1]))
+                first, fed, feats = first + length - 1, fed[-1:], feats[-1:]
+            self.pending[row] = _Pending(batch.rids[b], first, feats.clone(), fed.clone())
             start += length
+        if ready:
+            self._catch_up(ready, req_to_token)
 
     # ------------------------------------------------------------------ drafting
     @torch.inference_mode()
