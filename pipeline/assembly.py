@@ -360,7 +360,8 @@ def data_parallel(args: ServerArgs) -> tuple[tuple[StageSpec, ...], tuple[Channe
 
 
 # --------------------------------------------------------------------------- prefill/decode disaggregation
-# ``--pd-prefill N --pd-decode M`` on one host, built from STAGES and CHANNELS by prefill_decode()::
+# ``--placement pd`` (``--pd-prefill N --pd-decode M``, 1 and 1 by default) on one host, built from
+# STAGES and CHANNELS by prefill_decode()::
 #
 #     ingest ─► tokenize ─► router ─┬─► prefill engine k (multimodal, forward, constrain, sample,
 #                                   │      schedule = PrefillScheduleStage, transfer)

@@ -79,7 +79,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     kernel_backend: Literal["auto", "triton", "reference"] = "auto"
     disable_gemm_ws: bool = False  # no warp-specialised (Gluon) gemm tiles on Hopper (A/B measurements)
     disable_pdl: bool = False  # no programmatic dependent launch between kernels (A/B measurements)
-    placement: Literal["single", "serving"] = "single"
+    placement: Literal["single", "serving", "pd"] = "single"
     device: Literal["auto", "cuda", "cpu"] = "auto"
     record_path: str = ""  # record every channel's traffic to this file
     disable_overlap_schedule: bool = False  # plan each step only after the previous step's tokens reach the host
@@ -102,8 +102,8 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     speculative_eagle_topk: int = 1  # branches per draft node (1: a chain, the only layout served)
     speculative_num_draft_tokens: int = 0  # draft tokens verified per step, the root included (0: 8)
     # prefill/decode disaggregation (SGLang's flag names; see pipeline/disagg.py)
-    pd_prefill: int = 0  # one host: this many prefill engines (with --pd-decode; 0: not disaggregated)
-    pd_decode: int = 0  # one host: this many decode engines (with --pd-prefill)
+    pd_prefill: int = 0  # --placement pd: this many prefill engines (0: 1; either count given implies --placement pd)
+    pd_decode: int = 0  # --placement pd: this many decode engines (0: 1)
     disaggregation_mode: Literal["null", "prefill", "decode"] = "null"  # an engine's role (set per engine by the topology)
     disaggregation_transfer_backend: Literal["torch"] = "torch"  # torch.distributed point-to-point (gloo on CPU, NCCL on GPU)
     disaggregation_bootstrap_port: int = 0  # port of the engines' KV transfer process group (0: a rendezvous file, one host)
@@ -193,7 +193,8 @@ FIELD_HELP = {  # flags whose ServerArgs line has no comment
     "random_seed": "seed of sampling and dummy weights",
     "load_balance_method": "how --dp-size replicas share requests",
     "kernel_backend": "kernels: triton (GPU, or CPU with TRITON_INTERPRET=1), reference (PyTorch); auto: by device",
-    "placement": "which stages share a process: single (one process) or serving (front end + engine)",
+    "placement": "which stages share a process: single (one process), serving (front end + engine) or pd "
+                 "(front end + --pd-prefill prefill engines + --pd-decode decode engines, KV moved between them)",
     "device": "where the model runs; auto: cuda if available, else cpu",
 }
 
@@ -217,6 +218,7 @@ def parse_args(argv: list[str] | None = None) -> ServerArgs:
 
 def resolve(args: ServerArgs) -> ServerArgs:
     """Replace every "auto" that is knowable before start-up; check ranges."""
+    args = _pd_placement(args)
     _check_ranges(args)
     model_dir = args.model_dir
     config = _read_model_config(model_dir) if args.load_format != "dummy" or model_dir.exists() else {}
@@ -285,6 +287,16 @@ def _check_speculative(args: ServerArgs) -> None:
     if args.speculative_num_draft_tokens == 1:
         raise ConfigError("--speculative-num-draft-tokens must be >= 2 (the root and one draft)")
 
+
+
+def _pd_placement(args: ServerArgs) -> ServerArgs:
+    """``--placement pd`` with its engine counts (1 and 1 unless given); a count alone implies the placement."""
+    if args.placement != "pd" and not (args.pd_prefill or args.pd_decode):
+        return args
+    if args.placement not in ("pd", "single"):
+        raise ConfigError(f"--pd-prefill/--pd-decode start --placement pd, not --placement {args.placement}")
+    return msgspec.structs.replace(args, placement="pd", pd_prefill=args.pd_prefill or 1,
+                                   pd_decode=args.pd_decode or 1)
 
 
 def _check_disaggregation(args: ServerArgs) -> None:

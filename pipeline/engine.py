@@ -113,6 +113,7 @@ class Engine:
         self._stop = threading.Event()
         self.failure: str | None = None
         self.last_stats: EngineStats | None = None
+        self.stats_by_engine: dict[int, EngineStats] = {}  # dp_rank (engine index) -> its latest snapshot
         self.stage_counters: dict[str, dict[str, float]] = {}  # stage -> counters, from the runner
         self.spec = pipeline_spec(self.args)
         placement = played_by_caller(single(self.spec), "ingest")
@@ -136,6 +137,7 @@ class Engine:
                 return
             if isinstance(message, EngineStats):
                 self.last_stats = message
+                self.stats_by_engine[message.dp_rank] = message
                 continue
             if isinstance(message, ProcessCounters):
                 self.stage_counters.update(message.stages)

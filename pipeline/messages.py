@@ -507,6 +507,9 @@ class GrammarCompile(Message, frozen=True, kw_only=True):
     # template already opened or closed the think block).
     after_reasoning: bool = False
     prompt_tail_ids: list[int] = []
+    # tokens generated before the grammar reached this engine (a decode engine takes over a request
+    # after its prefill engine sampled them): the compiled grammar is advanced by these first
+    replay_ids: list[int] = []
 
 
 class GrammarReady(Message, frozen=True, kw_only=True):
@@ -655,6 +658,16 @@ class EngineStats(Message, frozen=True, kw_only=True):
     gen_throughput: float
     max_total_num_tokens: int
     dp_rank: int = 0  # which data-parallel engine replica took this snapshot
+    # prefill/decode disaggregation (stages/schedule/disagg.py); "" and zeros on an ordinary engine
+    role: Literal["", "prefill", "decode"] = ""
+    num_generated_tokens: int = 0  # tokens sampled on this engine so far
+    pd_handoffs: int = 0  # prefill: requests handed to a decode engine; decode: requests taken over (KV arrived)
+    pd_queue_reqs: int = 0  # prefill: handoffs not yet accepted; decode: handoffs waiting for room or grammar
+    pd_transfer_reqs: int = 0  # KV transfers in flight
+    pd_transfers: int = 0  # KV transfers ended (sends on a prefill engine, receives on a decode engine)
+    pd_transfer_failures: int = 0
+    pd_transfer_bytes: int = 0
+    pd_transfer_seconds: float = 0.0
 
 
 class ProcessCounters(Message, frozen=True, kw_only=True):

@@ -71,6 +71,17 @@ max_total_num_tokens
 
 vLLM's ``engine`` label is the data-parallel rank (``"0"`` with one
 replica); the SGLang gauges take ``dp_rank`` exactly as ours do.
+
+Prefill/decode disaggregation (``--placement pd``): every prefill and decode
+engine reports its own EngineStats (``dp_rank`` is its engine index, so the
+engine gauges carry ``dp_rank`` there too), and ``DisaggregationCollector``
+exports, labelled ``role`` (prefill / decode) and ``engine``, the series
+``PD_SERIES`` lists: ``stagewise:pd_handoffs_total``,
+``stagewise:pd_transfers_total``, ``stagewise:pd_transfer_failures_total``,
+``stagewise:pd_transfer_bytes_total``, ``stagewise:pd_transfer_seconds_total``,
+``stagewise:pd_generated_tokens_total`` and the gauges
+``stagewise:pd_queue_reqs`` and ``stagewise:pd_transfer_reqs``. A prefill
+engine counts what it sent, a decode engine what it received.
 """
 from __future__ import annotations
 
@@ -100,6 +111,18 @@ STAGE_SERIES = (  # counter key -> (series name, help)
     ("busy_s", "stage_busy_seconds", "Seconds a stage spent stepping"),
     ("steps", "stage_steps", "Steps a stage ran"),
     ("messages_rejected", "stage_messages_rejected", "Malformed messages a stage dropped at a process border"),
+)
+
+PD_SERIES = (  # EngineStats field -> (series, kind, help) of a prefill or decode engine
+    ("pd_handoffs", "pd_handoffs", "counter", "Requests handed to a decode engine (prefill) or taken over (decode)"),
+    ("pd_transfers", "pd_transfers", "counter", "KV transfers ended: sends (prefill) or receives (decode)"),
+    ("pd_transfer_failures", "pd_transfer_failures", "counter", "KV transfers that failed or timed out"),
+    ("pd_transfer_bytes", "pd_transfer_bytes", "counter", "Bytes of K and V moved"),
+    ("pd_transfer_seconds", "pd_transfer_seconds", "counter", "Seconds KV transfers took, start to end, summed"),
+    ("num_generated_tokens", "pd_generated_tokens", "counter", "Tokens sampled on this engine"),
+    ("pd_queue_reqs", "pd_queue_reqs", "gauge",
+     "Handoffs waiting: for a decode engine's accept (prefill), for room or a grammar (decode)"),
+    ("pd_transfer_reqs", "pd_transfer_reqs", "gauge", "KV transfers in flight"),
 )
 
 MM_SERIES = (  # the forward stage's multimodal counters (stages/forward/multimodal.py): key -> (series, help)
@@ -158,6 +181,25 @@ class PipelineCollector:
         if mm["mm_images_encoded"].samples:
             yield from mm.values()
             yield hit_rate
+
+
+class DisaggregationCollector:
+    """The ``stagewise:pd_*`` series from each prefill/decode engine's latest EngineStats, read at scrape time."""
+
+    def __init__(self, model_name: str, last_stats: dict[int, EngineStats]) -> None:
+        self.model_name = model_name
+        self.last_stats = last_stats  # ServerMetrics' dict: dp_rank -> latest snapshot
+
+    def collect(self) -> Iterable[Any]:
+        labels = ["model_name", "role", "engine"]
+        families = [(field, (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
+            PREFIX + name, help_text, labels=labels)) for field, name, kind, help_text in PD_SERIES]
+        engines = [(rank, stats) for rank, stats in sorted(self.last_stats.items()) if stats.role]
+        for rank, stats in engines:
+            for field, family in families:
+                family.add_metric([self.model_name, stats.role, str(rank)], float(getattr(stats, field)))
+        if engines:
+            yield from (family for _, family in families)
 
 
 def stage_counters(stage: Any) -> dict[str, float]:
@@ -224,6 +266,7 @@ class ServerMetrics:
                                          ["model_name", "engine"], registry=self.registry)
                             for field, name in VLLM_ENGINE_GAUGES}
         self.last_stats: dict[int, EngineStats] = {}  # dp_rank -> that replica's latest snapshot
+        self.registry.register(DisaggregationCollector(model_name, self.last_stats))
         self.pipeline = PipelineCollector()
         self.registry.register(self.pipeline)
         self.spec_accept_length = Histogram(

@@ -147,7 +147,9 @@ def played_by_caller(placement: dict[str, list[str]], *stage_names: str) -> dict
     return moved
 
 
-PLACEMENTS: dict[str, Callable[[PipelineSpec], dict[str, list[str]]]] = {"single": single, "serving": serving}
+# "pd": the front end here, each prefill and decode engine in the process its stages name (own_process)
+PLACEMENTS: dict[str, Callable[[PipelineSpec], dict[str, list[str]]]] = {"single": single, "serving": serving,
+                                                                         "pd": single}
 
 
 def process_of(placement: dict[str, list[str]]) -> dict[str, str]:

@@ -5,6 +5,8 @@ Inbox (``ConstrainInbox``):
 * ``GrammarCompile(rid, kind, spec)`` from schedule: compile on the thread
   pool (cached); when done, reply ``GrammarReady(rid, error)`` on ``schedule``
   (``error`` is the compiler's reason, which ends the request as HTTP 400).
+  ``replay_ids`` (a decode engine taking a request over from its prefill
+  engine) advance the new grammar before GrammarReady is sent.
   The schedule stage keeps that request waiting; other requests run on.
 * ``ForwardBatch`` from schedule: emit exactly one ``TokenMask`` with the same
   ``batch_id`` on ``sample``: one packed row per row that is ``constrained``
@@ -89,6 +91,7 @@ class ConstrainStage(Stage):
         self.think = think_tokens(tokenizer, self.vocab)
         self.phases: dict[str, ThinkPhase] = {}  # rid -> THINKING / MAY_THINK (absent: GRAMMAR)
         self.compiling: dict[str, Future] = {}
+        self.replays: dict[str, list[int]] = {}  # rid -> tokens to advance its grammar by once compiled
         self.awaiting: dict[str, int] = {}  # rid -> batch_id whose sampled token is owed
         self.pending_batches: deque[ForwardBatch] = deque()
 
@@ -141,6 +144,8 @@ class ConstrainStage(Stage):
             self.phases[message.rid] = phase
         future = self.compiler.submit(message.kind, message.spec)
         self.compiling[message.rid] = future
+        if message.replay_ids:
+            self.replays[message.rid] = list(message.replay_ids)
         if future.done():
             self._finish_compiles()  # a cache hit replies in the same step
         else:
@@ -154,6 +159,8 @@ class ConstrainStage(Stage):
             error = future.exception()
             if error is None:
                 self.states[rid] = GrammarState(future.result(), self.vocab)
+                error = self._replay(rid, self.replays.pop(rid, []))
+            if error is None:
                 self.outboxes.schedule.put(GrammarReady(rid=rid))
             else:
                 reason = str(error) if isinstance(error, GrammarError) else f"grammar compile failed: {error!r}"
@@ -163,6 +170,7 @@ class ConstrainStage(Stage):
         self.states.pop(rid, None)
         self.phases.pop(rid, None)
         self.awaiting.pop(rid, None)
+        self.replays.pop(rid, None)
         future = self.compiling.pop(rid, None)
         if future is not None:  # cancelled (worker killed) only when no other request waits on it
             self.compiler.release(future)
@@ -220,16 +228,32 @@ class ConstrainStage(Stage):
             if self.awaiting.get(rid) != sampled.batch_id:
                 continue
             del self.awaiting[rid]
-            state = self.states.get(rid)
-            if state is None or token_id < 0:
-                continue
-            phase = self.phases.pop(rid, ThinkPhase.GRAMMAR)
-            if phase is ThinkPhase.GRAMMAR:
-                state.advance(token_id)
-                continue
-            after = next_phase(self.think, phase, token_id)
-            if after is not ThinkPhase.GRAMMAR:
-                self.phases[rid] = after
-            elif phase is ThinkPhase.MAY_THINK:  # answered without thinking: the token is the grammar's first
-                state.advance(token_id)
+            if token_id >= 0:
+                self._advance_one(rid, token_id)
+
+    def _advance_one(self, rid: str, token_id: int) -> None:
+        """One generated token: through the think block's phases, or into the grammar."""
+        state = self.states.get(rid)
+        if state is None:
+            return
+        phase = self.phases.pop(rid, ThinkPhase.GRAMMAR)
+        if phase is ThinkPhase.GRAMMAR:
+            state.advance(token_id)
+            return
+        after = next_phase(self.think, phase, token_id)
+        if after is not ThinkPhase.GRAMMAR:
+            self.phases[rid] = after
+        elif phase is ThinkPhase.MAY_THINK:  # answered without thinking: the token is the grammar's first
+            state.advance(token_id)
+
+    def _replay(self, rid: str, token_ids: list[int]) -> Exception | None:
+        """Advance a just-compiled grammar by tokens generated elsewhere; the error if one is not allowed."""
+        for token_id in token_ids:
+            self._advance_one(rid, token_id)
+            if self.states[rid].broken:
+                self.states.pop(rid)
+                self.phases.pop(rid, None)
+                return GrammarError(f"token {token_id}, generated before this engine took the request over, "
+                                    f"is not allowed by the grammar")
+        return None
 

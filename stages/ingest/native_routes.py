@@ -180,6 +180,10 @@ async def get_server_info(request: web.Request) -> web.Response:
     info["engine_stats"] = msgspec.to_builtins(stats) if stats is not None else None
     per_rank = ctx.ingest.engine_stats_by_rank
     info["engine_stats_per_dp_rank"] = [msgspec.to_builtins(per_rank[rank]) for rank in sorted(per_rank)]
+    args = ctx.args
+    if args.pd_prefill:  # each engine's role by its index (its EngineStats' dp_rank and "role")
+        info["engine_roles"] = {str(rank): "prefill" if rank < args.pd_prefill else "decode"
+                                for rank in range(args.pd_prefill + args.pd_decode)}
     configured_tokens = ctx.args.max_total_tokens or None  # until the engine reports its measured capacity
     info["max_total_num_tokens"] = stats.max_total_num_tokens if stats is not None else configured_tokens
     info["version"] = stagewise_version()

@@ -83,7 +83,8 @@ class IngestStage(Stage):
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size or len(tokenizer)
         self.server_info = server_info
-        self.metrics = ServerMetrics(args.served_model_name, args.dp_size) if args.enable_metrics else None
+        engines = args.pd_prefill + args.pd_decode or args.dp_size  # each reports its own EngineStats
+        self.metrics = ServerMetrics(args.served_model_name, engines) if args.enable_metrics else None
         self.streams: dict[str, RequestStream] = {}  # internal rid -> stream
         self.labels: dict[str, list[RequestStream]] = {}  # client rid -> its batch's live streams
         self.engine_stats_by_rank: dict[int, EngineStats] = {}  # dp_rank -> that replica's latest snapshot

@@ -1,4 +1,4 @@
-"""Prefill and decode roles of the schedule stage (``--pd-prefill N --pd-decode M``).
+"""Prefill and decode roles of the schedule stage (``--placement pd --pd-prefill N --pd-decode M``).
 
 A request's life under disaggregation::
 
@@ -31,9 +31,15 @@ a decoding request with one generated token, so every count that follows
 (the seeded sampler's step, ``min_new_tokens``, ``max_new_tokens``) goes on
 from where the prefill engine left it.
 
-A grammar-constrained request is not handed off: it decodes to the end on
-its prefill engine (the decode engine's constrain stage would need the
-grammar re-advanced by the first token; not built yet).
+A grammar-constrained request is handed off too: the decode engine asks
+its constrain stage to compile the grammar with the prefill side's tokens
+to replay (``GrammarCompile.replay_ids``) and accepts the handoff once the
+grammar is ready, so its first mask follows the token sampled on the
+prefill engine.
+
+Both roles report what they moved in their EngineStats (``role``, handoffs,
+queue lengths, transfers, bytes, seconds): ``/metrics`` (``stagewise:pd_*``)
+and ``/get_server_info``.
 
 Which decode engine: the prefill engine picks the one it has the fewest
 unfinished handoffs with (ties: the lowest index).
@@ -51,16 +57,17 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Any
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
 from pipeline.messages import (
-    Abort, DecodeScheduleInbox, FinishReason, KVAccept, KVHandoff, KVRecv, KVSend, KVTransferDone, ModelInfo,
-    PrefillScheduleInbox, RowWrite, SampledTokens, TokenOutput,
+    Abort, DecodeScheduleInbox, FinishReason, GrammarCompile, GrammarReady, GrammarRelease, KVAccept, KVHandoff,
+    KVRecv, KVSend, KVTransferDone, ModelInfo, PrefillScheduleInbox, RowWrite, SampledTokens, TokenOutput,
 )
 from pipeline.stage import Outbox
 from stages.schedule.req_table import Phase, Req
-from stages.schedule.stage import ScheduleOutboxes, ScheduleStage
+from stages.schedule.stage import PROMPT_TAIL_LEN, ScheduleOutboxes, ScheduleStage, _grammar_of
 
 MAX_ABORTED_RIDS = 1 << 12  # decode: aborts remembered for handoffs still on their way
 
@@ -79,6 +86,11 @@ class TransferStats:
         self.num_failed += 0 if done.ok else 1
         self.num_bytes += done.num_bytes
         self.seconds += done.seconds
+
+    def fields(self) -> dict[str, int | float]:
+        """The EngineStats fields these totals fill."""
+        return {"pd_transfers": self.num_transfers, "pd_transfer_failures": self.num_failed,
+                "pd_transfer_bytes": self.num_bytes, "pd_transfer_seconds": self.seconds}
 
 
 # ------------------------------------------------------------------------- prefill
@@ -114,6 +126,7 @@ class PrefillScheduleStage(ScheduleStage):
         self.handing: dict[str, _Handing] = {}  # rid -> handed off, pages still held here
         self.outstanding = [0] * len(self.outboxes.handoff)  # unfinished handoffs per decode engine
         self.transfers = TransferStats()
+        self.num_handoffs = 0
         self._captured: list[TokenOutput] | None = None
         if not self.outboxes.handoff:
             raise ValueError("a prefill schedule stage needs at least one decode engine (doors handoff.0 ..)")
@@ -152,7 +165,7 @@ class PrefillScheduleStage(ScheduleStage):
         for output in outputs:
             req = running.get(output.rid)
             if (req is not None and output.finish_reason is None and len(req.output_ids) == 1
-                    and output.new_token_ids and not req.is_prefilling and not req.constrained):
+                    and output.new_token_ids and not req.is_prefilling):
                 leaving.append(req)
                 self._hand_off(req, output)
             else:
@@ -165,11 +178,17 @@ class PrefillScheduleStage(ScheduleStage):
     def _hand_off(self, req: Req, first: TokenOutput) -> None:
         decode = self.outstanding.index(min(self.outstanding))
         self.outstanding[decode] += 1
+        self.num_handoffs += 1
         self.handing[req.rid] = _Handing(req, decode)
         self.outboxes.handoff[decode].put(KVHandoff(
             rid=req.rid, parent_rid=req.parent_rid, index=req.index, input_ids=req.input_ids,
             sampling=req.sampling, max_new_tokens=req.max_new_tokens, seed=req.seed, first=first,
             prefill_engine=self.engine))
+
+    def _role_stats(self) -> dict[str, Any]:
+        sending = sum(h.sending for h in self.handing.values())
+        return {"role": "prefill", "pd_handoffs": self.num_handoffs, "pd_queue_reqs": len(self.handing) - sending,
+                "pd_transfer_reqs": sending, **self.transfers.fields()}
 
     def _on_accept(self, msg: KVAccept) -> None:
         handing = self.handing.get(msg.rid)
@@ -228,18 +247,48 @@ class DecodeScheduleStage(ScheduleStage):
         self.aborted: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.next_transfer_id = 1
         self.transfers = TransferStats()
+        self.num_taken_over = 0
+        self.compiling: dict[str, KVHandoff] = {}  # rid -> constrained handoff whose grammar is compiling
 
     def handle(self, message: DecodeScheduleInbox) -> None:
         match message:
             case KVHandoff():
-                if message.rid in self.aborted or message.parent_rid in self.aborted:
-                    self._emit_outputs([_final(message, FinishReason(type="abort", message="aborted"))])
-                else:
-                    self.accepting.append(message)
+                self._on_handoff(message)
             case KVTransferDone():
                 self._on_received(message)
+            case GrammarReady() if message.rid in self.compiling:
+                self._on_handoff_grammar(message)
             case _:
                 super().handle(message)
+
+    def _role_stats(self) -> dict[str, Any]:
+        return {"role": "decode", "pd_handoffs": self.num_taken_over,
+                "pd_queue_reqs": len(self.accepting) + len(self.compiling),
+                "pd_transfer_reqs": len(self.receiving), **self.transfers.fields()}
+
+    def _on_handoff(self, handoff: KVHandoff) -> None:
+        """Queue it for room; a constrained one first compiles its grammar, replaying the prefill's tokens."""
+        if handoff.rid in self.aborted or handoff.parent_rid in self.aborted:
+            self._emit_outputs([_final(handoff, FinishReason(type="abort", message="aborted"))])
+            return
+        grammar = _grammar_of(handoff.sampling)
+        if grammar is None:
+            self.accepting.append(handoff)
+            return
+        self.compiling[handoff.rid] = handoff
+        after = handoff.sampling.grammar_after_reasoning
+        self.outboxes.constrain.put(GrammarCompile(
+            rid=handoff.rid, kind=grammar[0], spec=grammar[1], after_reasoning=after,
+            prompt_tail_ids=handoff.input_ids[-PROMPT_TAIL_LEN:] if after else [],
+            replay_ids=list(handoff.first.new_token_ids)))
+
+    def _on_handoff_grammar(self, msg: GrammarReady) -> None:
+        handoff = self.compiling.pop(msg.rid)
+        if not msg.error:
+            self.accepting.append(handoff)
+            return
+        self.outboxes.constrain.put(GrammarRelease(rid=msg.rid))
+        self._emit_outputs([_final(handoff, FinishReason(type="abort", message=f"grammar: {msg.error}"))])
 
     def has_work(self) -> bool:
         return super().has_work() or bool(self.accepting)
@@ -277,6 +326,7 @@ class DecodeScheduleStage(ScheduleStage):
             return False
         req.admitted_once, req.prefill_target, req.phase = True, num, Phase.RUNNING
         req.cached_tokens = handoff.first.cached_tokens
+        req.constrained = _grammar_of(handoff.sampling) is not None
         self.pending_row_writes += writes + [RowWrite(row=req.row, start=cached, slots=list(new_slots))]
         self.live_rids.add(req.rid)
         transfer_id = self.next_transfer_id
@@ -296,6 +346,8 @@ class DecodeScheduleStage(ScheduleStage):
         req, handoff = entry
         if req.phase is Phase.DONE:  # aborted while its KV was on the way: its output went already
             self.kv.release(req, keep_in_cache=False)
+            if req.constrained:
+                self.outboxes.constrain.put(GrammarRelease(rid=req.rid))
             return
         if not msg.ok:
             self._emit_outputs([self._finish(req, FinishReason(type="abort", message=msg.error),
@@ -303,7 +355,7 @@ class DecodeScheduleStage(ScheduleStage):
             return
         req.output_ids = list(handoff.first.new_token_ids)
         self.running_reqs.append(req)
-        self.num_generated += 1
+        self.num_taken_over += 1  # num_generated counts only the tokens sampled here
         self._emit_outputs([handoff.first])
 
     def _on_abort(self, msg: Abort) -> None:
@@ -315,6 +367,12 @@ class DecodeScheduleStage(ScheduleStage):
         outputs = []
         for handoff in [h for h in self.accepting if msg.rid in (h.rid, h.parent_rid)]:
             self.accepting.remove(handoff)
+            outputs.append(_final(handoff, reason))
+            if _grammar_of(handoff.sampling) is not None:
+                self.outboxes.constrain.put(GrammarRelease(rid=handoff.rid))
+        for handoff in [h for h in self.compiling.values() if msg.rid in (h.rid, h.parent_rid)]:
+            del self.compiling[handoff.rid]
+            self.outboxes.constrain.put(GrammarRelease(rid=handoff.rid))  # cancels the compile
             outputs.append(_final(handoff, reason))
         for req, _ in self.receiving.values():
             if msg.rid in (req.rid, req.parent_rid) and req.phase is not Phase.DONE:

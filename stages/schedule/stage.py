@@ -91,6 +91,7 @@ import json
 import logging
 import random
 import time
+from typing import Any
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
@@ -518,7 +519,12 @@ class ScheduleStage(Stage):
             time_s=time.time(), num_running_reqs=len(self.running_reqs), num_queue_reqs=len(self.waiting),
             token_usage=self.kv.used_tokens() / self.kv.capacity_tokens,
             cache_hit_rate=self.kv.tree.hit_rate, gen_throughput=throughput,
-            max_total_num_tokens=self.kv.capacity_tokens, dp_rank=self.dp_rank))
+            max_total_num_tokens=self.kv.capacity_tokens, dp_rank=self.dp_rank,
+            num_generated_tokens=self.num_generated, **self._role_stats()))
+
+    def _role_stats(self) -> dict[str, Any]:
+        """EngineStats fields of a prefill or decode role (``disagg.py``); none on an ordinary engine."""
+        return {}
 
     def _maybe_log_batch(self) -> None:
         """SGLang's periodic batch line, at most every LOG_INTERVAL_S of busy time."""

@@ -7,11 +7,13 @@ pools are back to idle afterwards.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
 
 from pipeline.engine import Engine
+from pipeline.messages import EngineStats
 from tests.models.tiny import hf_greedy, load_hf, prompts, save_tiny
 from tests.server.tiny_model import save_tiny_tokenizer
 
@@ -53,8 +55,8 @@ def test_pd_greedy_equals_one_engine_and_transformers(checkpoint, architecture):
 
 
 def test_pd_features_cross_the_handoff(checkpoint):
-    """n > 1 with a seed, logprobs with top-k and prompt logprobs, a stop string, a prompt of several
-    chunks, a JSON-schema request (decoded on its prefill engine): all as without disaggregation."""
+    """n > 1 with a seed, logprobs with top-k and prompt logprobs, a prompt of several chunks, a
+    JSON-schema request (its grammar replayed on the decode engine): all as without disaggregation."""
     model_dir = checkpoint("llama3.1")
     long_prompt = prompts(VOCAB, [40], seed=9)[0]
     batch = [PROMPTS[0], PROMPTS[1], long_prompt, PROMPTS[2]]
@@ -93,3 +95,40 @@ def test_pd_stop_string_ends_the_request(checkpoint):
     disaggregated = engine_run(model_dir, [PROMPTS[1]], params, **PD)[0]
     assert disaggregated["text"] == plain["text"] and len(plain["text"]) < len(text)
     assert disaggregated["finish_reason"] == plain["finish_reason"]
+
+
+def _settled_stats(engine: Engine, since_s: float, timeout_s: float = 20.0) -> dict[str, EngineStats]:
+    """Each role's first snapshot taken after ``since_s`` with nothing left in flight (engine 0: prefill, 1: decode)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        stats = {s.role: s for s in engine.stats_by_engine.values() if s.time_s > since_s}
+        if set(stats) == {"prefill", "decode"} and not any(
+                s.pd_queue_reqs or s.pd_transfer_reqs or s.num_running_reqs for s in stats.values()):
+            return stats
+        time.sleep(0.1)
+    raise TimeoutError(f"no settled snapshot from both roles: {engine.stats_by_engine}")
+
+
+def test_pd_hands_off_every_request_and_reports_the_transfers(checkpoint):
+    """Every request (a JSON-schema one included) is handed off: the prefill engine samples one token
+    per request, the decode engine all the others; both count the same KV bytes moved."""
+    model_dir = checkpoint("llama3.1")
+    schema = '{"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}'
+    greedy = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    params = [greedy, greedy, {"max_new_tokens": 12, "temperature": 0, "json_schema": schema}]
+    plain = engine_run(model_dir, PROMPTS, params)
+    with Engine(str(model_dir), device="cpu", **PD) as engine:
+        disaggregated = engine.generate(input_ids=PROMPTS, sampling_params=params)
+        stats = _settled_stats(engine, time.time())
+    assert [r["output_ids"] for r in disaggregated] == [r["output_ids"] for r in plain]
+    assert disaggregated[2]["text"] == plain[2]["text"] and disaggregated[2]["text"].startswith("{")
+    prefill, decode = stats["prefill"], stats["decode"]
+    assert (prefill.dp_rank, decode.dp_rank) == (0, 1)
+    completion = sum(r["meta_info"]["completion_tokens"] for r in disaggregated)
+    assert prefill.pd_handoffs == decode.pd_handoffs == len(PROMPTS)
+    assert prefill.num_generated_tokens == len(PROMPTS)  # the first token of each
+    assert decode.num_generated_tokens == completion - len(PROMPTS)  # every token after the first
+    assert prefill.pd_transfers == decode.pd_transfers == len(PROMPTS)
+    assert prefill.pd_transfer_failures == decode.pd_transfer_failures == 0
+    assert prefill.pd_transfer_bytes == decode.pd_transfer_bytes > 0
+    assert prefill.pd_transfer_seconds > 0 and decode.pd_transfer_seconds > 0
