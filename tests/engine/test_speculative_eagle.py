@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from pipeline.config import ConfigError
 from pipeline.engine import Engine
+from stages.forward.speculative import eagle3_layers
 from tests.models.tiny import save_tiny, source_config
 from tests.server.conftest import running_server
 from tests.server.tiny_model import save_tiny_tokenizer
@@ -99,7 +100,8 @@ def _engine(target: Path, algorithm: str = "", head: Path | None = None, **kwarg
 
 
 def _results(engine: Engine, prompts, params=GREEDY) -> list[tuple]:
-    out = engine.generate(input_ids=prompts, sampling_params=[params] * len(prompts))
+    params = params if isinstance(params, list) else [params] * len(prompts)
+    out = engine.generate(input_ids=prompts, sampling_params=params)
     return [(r["output_ids"], r["finish_reason"]["type"], r["text"]) for r in out]
 
 
@@ -162,6 +164,32 @@ def test_retraction_small_pool_and_radix_cache(checkpoints, page_size) -> None:
         again = engine.generate(input_ids=prompts[0], sampling_params=params)  # a radix cache hit
         assert again["output_ids"] == alone[0][0] and again["meta_info"]["cached_tokens"] > 0
         _assert_clean(engine, free_before)
+
+
+def test_rows_that_may_not_draft_beside_drafting_rows(checkpoints) -> None:
+    """Penalty, logprob and min_new_tokens rows share batches (and overlap steps when no row
+    may draft) with EAGLE rows, and every row comes out as without speculation."""
+    target, heads = checkpoints("qwen3")
+    prompts = _prompts(4)
+    params = [dict(GREEDY) for _ in range(4)]
+    params[1] = {"temperature": 1.0, "seed": 3, "max_new_tokens": 16, "repetition_penalty": 1.3,
+                 "frequency_penalty": 0.4}
+    params[2] = {"temperature": 0.0, "max_new_tokens": 10, "return_logprob": True, "top_logprobs_num": 2,
+                 "logprob_start_len": 2}
+    params[3] = {"temperature": 0.0, "max_new_tokens": 14, "min_new_tokens": 6}
+    with _engine(target) as engine:
+        expected = _results(engine, prompts, params)
+    with _engine(target, "EAGLE", heads["EAGLE"]) as engine:
+        out = engine.generate(input_ids=prompts, sampling_params=params)
+        assert [(r["output_ids"], r["finish_reason"]["type"], r["text"]) for r in out] == expected
+        assert "spec_verify_ct" not in out[2]["meta_info"] and out[0]["meta_info"]["spec_verify_ct"] > 0
+
+
+def test_eagle3_layers_follow_sglang() -> None:
+    """The inputs of layers 2, L/2 and L-3 (the config's aux layer ids + 1), clamped for tiny models."""
+    assert eagle3_layers(32) == (2, 16, 29)
+    assert eagle3_layers(32, [1, 15, 28]) == (2, 16, 29)
+    assert eagle3_layers(2) == (1, 1, 0)
 
 
 def _post(url: str, body: dict) -> list[dict]:
