@@ -97,7 +97,7 @@ class EagleDrafter:
     def __init__(self, path: str, target: torch.nn.Module, ops, num_slots: int, dtype: torch.dtype,
                  device: torch.device, aux_layer_ids: list[int] | None = None) -> None:
         decoder = getattr(target, "model", None)
-        if not hasattr(decoder, "capture_layers"):
+        if hasattr(target, "encode") or not hasattr(decoder, "capture_layers"):  # vision-language: not yet
             raise ValueError(f"{type(target).__name__} exposes no hidden states for EAGLE drafting")
         self.head: EagleHead = load_eagle_head(path, ops, dtype, device)
         lm_head = getattr(target, "lm_head", None)
@@ -168,9 +168,13 @@ class EagleDrafter:
         first, hidden = self._catch_up(segments, req_to_token)
         if not drafts:
             return drafts
-        for segment, chain in self._chain(segments, drafts, first, hidden, req_to_token):
-            drafts[segment.b] = chain.tolist()
+        chains = self._chain(segments, drafts, first, hidden, req_to_token)
+        for segment, chain in chains:
             input_ids[starts[segment.b] + 1: starts[segment.b] + 1 + chain.shape[0]] = chain
+        if chains:  # one device -> host copy for every row's chain
+            flat = torch.cat([chain for _, chain in chains]).tolist()
+            for segment, chain in chains:
+                drafts[segment.b], flat = flat[:chain.shape[0]], flat[chain.shape[0]:]
         return drafts
 
     def _catch_up_segments(self, batch: ForwardBatch, input_ids: torch.Tensor, starts: list[int]

@@ -123,6 +123,8 @@ def test_greedy_equals_greedy_without_speculation(arch, checkpoints) -> None:
     prompts = _prompts(3)
     with _engine(target) as engine:
         expected = _results(engine, prompts)
+        decoder = engine.stages["forward"].runner.model.model
+        assert decoder.capture_layers == () and decoder.captured == []  # no features kept without EAGLE
     for algorithm in ("EAGLE", "EAGLE3"):
         with _engine(target, algorithm, heads[algorithm]) as engine:
             free_before = engine.schedule.kv.pool.num_free_tokens
