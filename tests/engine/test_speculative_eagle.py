@@ -31,9 +31,14 @@ GREEDY = {"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True}
 VOCAB, DRAFT_VOCAB, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 400, 64, 4, 2, 16, 96
 
 
-def save_head(directory: Path, kind: str, hidden: int, seed: int = 0) -> Path:
+def save_head(directory: Path, kind: str, hidden: int, seed: int = 0, echo: bool = False) -> Path:
     """A random EAGLE ("eagle") or EAGLE3 ("eagle3") head for a target of ``hidden`` size and
-    VOCAB tokens (embed_tokens, and EAGLE's lm_head, come from the target)."""
+    VOCAB tokens (embed_tokens, and EAGLE's lm_head, come from the target).
+
+    ``echo`` (EAGLE): the layer adds nothing (o_proj and down_proj zero) and fc passes the
+    token's embedding through, so the logits are lm_head . embed(token): with tied
+    embeddings the head mostly drafts its input token again, which a tiny random target's
+    repetitive output accepts now and then."""
     gen = torch.Generator().manual_seed(seed)
 
     def r(*shape, scale=0.2):
@@ -61,6 +66,10 @@ def save_head(directory: Path, kind: str, hidden: int, seed: int = 0) -> Path:
         raw["architectures"] = ["LlamaForCausalLMEagle"]
         raw.pop("draft_vocab_size")
         w.update({"fc.weight": r(H, 2 * H), "fc.bias": r(H)})
+        if echo:
+            w.update({"fc.weight": torch.cat([torch.eye(H), torch.zeros(H, H)], dim=1), "fc.bias": torch.zeros(H),
+                      f"{p}self_attn.o_proj.weight": torch.zeros(H, HEADS * HEAD_DIM),
+                      f"{p}mlp.down_proj.weight": torch.zeros(H, INTERMEDIATE)})
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(raw))
     save_file(w, str(directory / "model.safetensors"))
@@ -79,7 +88,8 @@ def checkpoints(tmp_path_factory):
             save_tiny_tokenizer(target, VOCAB)
             hidden = json.loads((target / "config.json").read_text())["hidden_size"]
             made[arch] = (target, {"EAGLE": save_head(root / "eagle", "eagle", hidden),
-                                   "EAGLE3": save_head(root / "eagle3", "eagle3", hidden, seed=1)})
+                                   "EAGLE3": save_head(root / "eagle3", "eagle3", hidden, seed=1),
+                                   "echo": save_head(root / "echo", "eagle", hidden, echo=True)})
         return made[arch]
 
     return make
@@ -259,12 +269,17 @@ def _reference_chain(model, drafter, seq: list[int], root: int, depth: int) -> l
     return chain
 
 
-@pytest.mark.parametrize("algorithm", ["EAGLE", "EAGLE3"])
-def test_drafts_equal_the_head_recomputed_from_scratch(algorithm, checkpoints) -> None:
+@pytest.mark.parametrize("arch,head", [("qwen3", "EAGLE"), ("qwen3", "EAGLE3"), ("llama3.2", "echo")])
+def test_drafts_equal_the_head_recomputed_from_scratch(arch, head, checkpoints) -> None:
     """Every chain the engine verified (batched rows, several steps, chunked prefill) is the
-    chain of the head run from position 0 over the final tokens."""
-    target, heads = checkpoints("qwen3")
-    with _engine(target, algorithm, heads[algorithm], disable_radix_cache=True,
+    chain of the head run from position 0 over the final tokens; with the echo head most
+    drafts are accepted, so the catch-up over accepted drafts is covered too."""
+    target, heads = checkpoints(arch)
+    prompts = _prompts(3)
+    with _engine(target) as engine:
+        expected = [r[0] for r in _results(engine, prompts)]
+    algorithm = "EAGLE3" if head == "EAGLE3" else "EAGLE"
+    with _engine(target, algorithm, heads[head], disable_radix_cache=True,
                  chunked_prefill_size=8) as engine:
         runner = engine.stages["forward"].runner
         drafter, recorded = runner.drafter, []
@@ -277,9 +292,12 @@ def test_drafts_equal_the_head_recomputed_from_scratch(algorithm, checkpoints) -
             return drafts
 
         drafter.draft = recording
-        prompts = _prompts(3)
         rids = [engine.submit(input_ids=p, sampling_params=GREEDY) for p in prompts]
-        sequences = {rid: p + engine.wait(rid)[0]["output_ids"] for rid, p in zip(rids, prompts)}
+        outputs = [engine.wait(rid)[0]["output_ids"] for rid in rids]
+        assert outputs == expected
+        if head == "echo":
+            assert engine.schedule.spec.total_accepted > engine.schedule.spec.total_verify_ct
+        sequences = {rid: p + out for rid, p, out in zip(rids, prompts, outputs)}
         assert len({rid for rid, _, _ in recorded}) == len(prompts)
         for rid, root, chain in recorded:
             seq = next(s for r, s in sequences.items() if rid.split(".")[0] == r)
