@@ -138,6 +138,8 @@ def reference_tokens(hf, path: Path, prompt: str, images: list[bytes], videos: l
             if modality == "video" and "qwen2_5" in type(hf).__name__.lower():
                 kwargs["second_per_grid_ts"] = torch.tensor([i.second_per_grid_t for i in items])
     ids = torch.tensor([prepared.input_ids])
+    # without mm_token_type_ids (text 0, image 1, video 2) transformers falls back to text positions
+    kwargs["mm_token_type_ids"] = (ids == IMAGE_PAD).int() + 2 * (ids == VIDEO_PAD).int()
     with torch.no_grad():
         out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                           max_new_tokens=max_new_tokens, **kwargs)

@@ -243,3 +243,36 @@ def test_ollama_images(server, checkpoint, expected):
     status, error = post(server, "/api/chat", {"model": "m", "stream": False, "messages": [
         {"role": "user", "content": "what?", "images": ["not base64!"]}]})
     assert status == 400 and "base64" in error["error"]
+
+
+# --------------------------------------------------------------------------- Qwen3-VL video
+
+
+@pytest.fixture(scope="module")
+def qwen3_server(tmp_path_factory):
+    """A tiny Qwen3-VL behind the server, prefill chunks of 16 tokens cutting through the video's steps."""
+    path = tmp_path_factory.mktemp("qwen3_vl")
+    hf = build("qwen3_vl", path)
+    with running_server(path, tmp_path_factory.mktemp("logs") / "qwen3_vl.log",
+                        "--chunked-prefill-size", "16") as process:
+        process.reference = hf, path
+        yield process
+
+
+def test_qwen3_video_with_timestamps_equals_transformers(qwen3_server):
+    """Qwen3-VL writes '<t seconds>' before each temporal step of the video; tokens equal transformers'."""
+    from transformers import AutoTokenizer
+    from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+    hf, path = qwen3_server.reference
+    frames = [picture(64, 48, seed) for seed in range(20, 25)]  # 3 steps at 2 fps: 0.25 s, 1.25 s, 2.0 s
+    want = reference_tokens(hf, path, chat_prompt(f"watch {VIDEO} now"), [], [frames], NEW)
+    content = [text_part("watch "), {"type": "video", "video": [data_url(f) for f in frames]}, text_part(" now")]
+    for _ in range(2):  # the second time from the radix and multimodal caches
+        answer = chat(qwen3_server, content)
+        assert answer.choices[0].model_extra["token_ids"] == want
+    height, width = smart_resize(5, 48, 64, 2, 32, 32 * 32 * 2, 32 * 32 * 12)  # the checkpoint's pixel bounds
+    pads = "<|video_pad|>" * (height // 32 * width // 32)
+    steps = "".join(f"<{t} seconds><|vision_start|>{pads}<|vision_end|>" for t in ("0.2", "1.2", "2.0"))
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    assert answer.usage.prompt_tokens == len(tokenizer.encode(chat_prompt(f"watch {steps} now")))
