@@ -29,6 +29,8 @@ CASES = {
     "two_images": (chat(f"{IMAGE} and {IMAGE} differ?"), [(90, 37, 2), (33, 71, 3)], []),
     "video": (chat(f"watch {VIDEO} now"), [], [[(50, 40, 4), (50, 40, 5), (50, 40, 6)]]),
     "text_only": (chat("no picture here, just words"), [], []),
+    # 5 frames: Qwen3-VL writes three steps, '<0.2 seconds>', '<1.2 seconds>', '<2.0 seconds>'
+    "longer_video": (chat(f"{IMAGE} then {VIDEO} end"), [(40, 40, 9)], [[(64, 48, seed) for seed in range(20, 25)]]),
 }
 
 
