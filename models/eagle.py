@@ -44,6 +44,7 @@ from models.llama import build_rope_cache
 from models.loader import weight_files
 from models.weights import Shard, dense_layout
 from triton_kernels import KernelOps
+from triton_kernels.rotary import build_cos_sin_cache
 
 EAGLE_ARCHITECTURES = {"LlamaForCausalLMEagle": "eagle", "EagleLlamaForCausalLM": "eagle",
                        "LlamaForCausalLMEagle3": "eagle3"}
@@ -99,6 +100,18 @@ class EagleHead(nn.Module):
             self.fc = Linear(ops, 2 * H, H, True, dtype, device)
             self.layers = nn.ModuleList([_DecoderLayer(ops, c, dtype, self.device,
                                                        self.cos_sin_cache, eagle3=False)])
+
+    def cover_positions(self, num_positions: int) -> None:
+        """Extend the rotary table to ``num_positions`` rows (published heads state
+        ``max_position_embeddings`` 2048, shorter than the contexts their targets serve);
+        the table's first rows stay as they were."""
+        c = self.config.layer
+        if num_positions <= self.cos_sin_cache.shape[0]:
+            return
+        self.cos_sin_cache = build_cos_sin_cache(c.rotary_dim, num_positions, c.rope_theta, c.rope_parameters,
+                                                 self.dtype, self.device,
+                                                 original_max_position=c.max_position_embeddings)
+        self.layer.self_attn.cos_sin_cache = self.cos_sin_cache
 
     @property
     def layer(self) -> "_DecoderLayer":

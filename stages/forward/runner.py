@@ -81,7 +81,8 @@ class ModelRunner:
         if self.device.type == "cuda" and args.kernel_backend == "triton":
             self._compile_gemm_tiles()
         # EAGLE / EAGLE3: the draft head fills each drafting row's drafts (speculative.py)
-        self.drafter = EagleDrafter.of(args, self.model, self.ops, num_slots, self.model.dtype, self.device)
+        self.drafter = EagleDrafter.of(args, self.model, self.ops, num_slots, self.context_len,
+                                       self.model.dtype, self.device)
         self.batch_drafts: list[list[int]] | None = None  # the drafts the last batch verifies
         self.graphs: DecodeGraphs | None = None
         if (self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0

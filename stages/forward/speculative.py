@@ -94,12 +94,13 @@ def eagle3_layers(num_layers: int, layer_ids: list[int] | None = None) -> tuple[
 class EagleDrafter:
     """The draft head, its KV pool and each row's pending features."""
 
-    def __init__(self, path: str, target: torch.nn.Module, ops, num_slots: int, dtype: torch.dtype,
-                 device: torch.device, aux_layer_ids: list[int] | None = None) -> None:
+    def __init__(self, path: str, target: torch.nn.Module, ops, num_slots: int, context_len: int,
+                 dtype: torch.dtype, device: torch.device, aux_layer_ids: list[int] | None = None) -> None:
         decoder = getattr(target, "model", None)
         if hasattr(target, "encode") or not hasattr(decoder, "capture_layers"):  # vision-language: not yet
             raise ValueError(f"{type(target).__name__} exposes no hidden states for EAGLE drafting")
         self.head: EagleHead = load_eagle_head(path, ops, dtype, device)
+        self.head.cover_positions(context_len)
         lm_head = getattr(target, "lm_head", None)
         self.head.share_target_weights(decoder.embed_tokens.weight,
                                        None if lm_head is None else lm_head.weight)
@@ -115,7 +116,7 @@ class EagleDrafter:
         self.pending: dict[int, _Pending] = {}  # req_to_token row -> features fed last step
 
     @staticmethod
-    def of(args, target: torch.nn.Module, ops, num_slots: int, dtype: torch.dtype,
+    def of(args, target: torch.nn.Module, ops, num_slots: int, context_len: int, dtype: torch.dtype,
            device: torch.device) -> "EagleDrafter | None":
         """The drafter of ``--speculative-algorithm EAGLE|EAGLE3`` (None for the others)."""
         if args.speculative_algorithm not in ("EAGLE", "EAGLE3"):
@@ -123,7 +124,7 @@ class EagleDrafter:
         path = Path(args.speculative_draft_model_path)
         raw = read_json(path / "config.json", f"config.json in {path}")
         aux = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        drafter = EagleDrafter(str(path), target, ops, num_slots, dtype, device, aux)
+        drafter = EagleDrafter(str(path), target, ops, num_slots, context_len, dtype, device, aux)
         if drafter.head.config.kind != args.speculative_algorithm.lower():
             raise ValueError(f"--speculative-algorithm {args.speculative_algorithm}: {path} holds an "
                              f"{drafter.head.config.kind.upper()} head")

@@ -46,7 +46,8 @@ def save_head(directory: Path, kind: str, hidden: int, seed: int = 0, echo: bool
 
     raw = source_config("EAGLE3-LLaMA3.1-Instruct-8B")
     raw.update(hidden_size=hidden, num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, head_dim=HEAD_DIM,
-               intermediate_size=INTERMEDIATE, vocab_size=VOCAB, torch_dtype="float32")
+               intermediate_size=INTERMEDIATE, vocab_size=VOCAB, torch_dtype="float32",
+               max_position_embeddings=16)  # shorter than the sequences served, as published heads are
     H, p = hidden, ("midlayer." if kind == "eagle3" else "layers.0.")
     attn_in = 2 * H if kind == "eagle3" else H
     w = {f"{p}self_attn.q_proj.weight": r(HEADS * HEAD_DIM, attn_in),
@@ -202,6 +203,18 @@ def test_eagle3_layers_follow_sglang() -> None:
     assert eagle3_layers(32) == (2, 16, 29)
     assert eagle3_layers(32, [1, 15, 28]) == (2, 16, 29)
     assert eagle3_layers(2) == (1, 1, 0)
+
+
+def test_head_rotary_table_covers_the_target_context(tmp_path) -> None:
+    """A head stating 16 positions serves a longer context: its table grows, rows 0..15 unchanged."""
+    from models.eagle import load_eagle_head
+    from triton_kernels import load_ops
+
+    head = load_eagle_head(save_head(tmp_path / "head", "eagle3", 64), load_ops("reference"), torch.float32, "cpu")
+    before = head.cos_sin_cache.clone()
+    head.cover_positions(64)
+    assert head.cos_sin_cache.shape[0] == 64 and head.layer.self_attn.cos_sin_cache is head.cos_sin_cache
+    assert torch.equal(head.cos_sin_cache[:16], before)
 
 
 def _post(url: str, body: dict) -> list[dict]:
