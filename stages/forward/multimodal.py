@@ -37,7 +37,8 @@ from pipeline.messages import MultimodalBatch, MultimodalItem
 
 @dataclasses.dataclass
 class MultimodalStats:
-    """What the encoder and the cache have done so far."""
+    """What the encoder and the cache have done so far (counted in items: a Qwen3-VL video is one
+    item per temporal step, so each of its steps counts as a video encoded)."""
 
     images_encoded: int = 0
     videos_encoded: int = 0

@@ -118,12 +118,14 @@ def decode(media: MediaInput, vision: VisionModel, what: str) -> Decoded:
     fps = media.fps or rules.video_fps
     if media.frames:
         frames = [open_image(frame, f"{what} frame {i}") for i, frame in enumerate(media.frames)]
+        times = [i / fps for i in range(len(frames))]
     else:
-        frames, fps = decode_video(media.data, rules.video_fps, what)
+        frames, times = decode_video(media.data, rules.video_fps, what)
+        fps = rules.video_fps
     if vision.splits_video_frames:
         patches, grid = video_patches(frames, rules, whole_video_bounds=True)
         return Decoded(modality="video", patches=patches, grid_thw=grid,
-                       timestamps_s=step_times(len(frames), fps, rules.temporal_patch_size))
+                       timestamps_s=step_times(times, rules.temporal_patch_size))
     patches, grid = video_patches(frames, rules)
     return Decoded(modality="video", patches=patches, grid_thw=grid,
                    second_per_grid_t=rules.temporal_patch_size / fps)

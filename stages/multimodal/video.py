@@ -3,13 +3,16 @@
 A video sent as a list of pictures needs nothing from here. A video file is
 decoded with PyAV when it is installed (``pip install 'stagewise[video]'``);
 without it the request gets a 400 that names the missing extra. Frames are
-sampled at ``fps`` frames per second of video time, at most ``MAX_FRAMES``.
+sampled at ``fps`` frames per second of video time, at most ``MAX_FRAMES``
+(Hugging Face's video processors instead take evenly spaced frames, at least
+four; for a video file the sampled frames may differ from theirs).
 
 Qwen3-VL writes the time of each temporal step of a video into the prompt
-(``<1.5 seconds>``): ``step_times`` gives them as its processor does, frame
-``i`` taken at ``i / fps`` seconds, the frame count padded to a multiple of
-the temporal patch with the last frame, each step the mean of its first and
-last frame's time.
+(``<1.5 seconds>``): ``step_times`` gives them as its processor does from
+each frame's time (a decoded frame's presentation time; frame ``i`` of a
+list taken at ``fps`` at ``i / fps``), the frames padded to a multiple of the
+temporal patch with the last one, each step the mean of its first and last
+frame's time.
 """
 from __future__ import annotations
 
@@ -21,8 +24,8 @@ from stages.multimodal.processor import MediaError, to_rgb
 MAX_FRAMES = 64
 
 
-def decode_video(data: bytes, fps: float, what: str) -> tuple[list[Any], float]:
-    """(RGB frames sampled at ``fps``, the rate they were sampled at); MediaError on a bad file."""
+def decode_video(data: bytes, fps: float, what: str) -> tuple[list[Any], list[float]]:
+    """(RGB frames sampled at ``fps``, the time of each in seconds); MediaError on a bad file."""
     try:
         import av
     except ImportError:
@@ -39,29 +42,29 @@ def decode_video(data: bytes, fps: float, what: str) -> tuple[list[Any], float]:
         raise MediaError(f"{what} is not a video PyAV can decode ({error})") from None
 
 
-def _sample(container: Any, fps: float, what: str) -> tuple[list[Any], float]:
+def _sample(container: Any, fps: float, what: str) -> tuple[list[Any], list[float]]:
     if not container.streams.video:
         raise MediaError(f"{what} has no video stream")
     frames: list[Any] = []
+    times: list[float] = []
     next_time_s = 0.0
     for frame in container.decode(video=0):
         time_s = float(frame.time or 0.0)
         if time_s + 1e-6 < next_time_s:
             continue
         frames.append(to_rgb(frame.to_image()))
+        times.append(time_s)
         next_time_s += 1.0 / fps
         if len(frames) >= MAX_FRAMES:
             break
     if not frames:
         raise MediaError(f"{what} has no frames")
-    return frames, fps
+    return frames, times
 
 
-def step_times(num_frames: int, fps: float, temporal_patch_size: int) -> list[float]:
-    """Seconds of each temporal grid step of a video of ``num_frames`` frames taken at ``fps``."""
-    indices = list(range(num_frames))
-    indices += [num_frames - 1] * (-num_frames % temporal_patch_size)
-    times = [index / fps for index in indices]
+def step_times(frame_times: list[float], temporal_patch_size: int) -> list[float]:
+    """Seconds of each temporal grid step of a video whose frames were taken at ``frame_times``."""
+    times = list(frame_times) + [frame_times[-1]] * (-len(frame_times) % temporal_patch_size)
     return [(times[i] + times[i + temporal_patch_size - 1]) / 2 for i in range(0, len(times), temporal_patch_size)]
 
 

@@ -230,7 +230,7 @@ def test_stage_emits_items_and_one_error_per_request():
 def test_qwen3_step_times_equal_the_processor(num_frames, fps):
     from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
     expected = Qwen3VLProcessor._calculate_timestamps(None, list(range(num_frames)), fps, 2)
-    assert step_times(num_frames, fps, 2) == pytest.approx(expected, abs=1e-12)
+    assert step_times([i / fps for i in range(num_frames)], 2) == pytest.approx(expected, abs=1e-12)
     assert timestamp_text(0.25) == "<0.2 seconds>" and timestamp_text(12.75) == "<12.8 seconds>"
 
 
@@ -304,3 +304,30 @@ def test_qwen3_video_without_the_tokenizer_is_an_internal_error():
     with pytest.raises(ValueError, match="tokenizer"):
         prepare(request([5, START, VIDEO, END], [MediaInput(modality="video", frames=[encoded(40, 40)] * 2)]),
                 vision("qwen3_vl"), 4096)
+
+
+def mp4(num_frames: int, fps: int, width: int = 64, height: int = 48) -> bytes:
+    import av
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 30 * i, dtype=np.uint8), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+    return buffer.getvalue()
+
+
+def test_qwen3_video_file_steps_take_the_decoded_frames_times():
+    pytest.importorskip("av", reason="video files need PyAV, the optional 'video' extra")
+    tokenizer = merging_tokenizer()
+    start, end, video = tokenizer.convert_tokens_to_ids(["<|vision_start|>", "<|vision_end|>", "<|video_pad|>"])
+    model = msgspec.structs.replace(vision("qwen3_vl"), video_token_id=video, vision_start_token_id=start,
+                                    vision_end_token_id=end)
+    ids = tokenizer.encode("<|vision_start|><|video_pad|><|vision_end|>")
+    # 6 frames at 4 fps sampled at the processor's 2 fps: frames 0, 2, 4 at 0.0 s, 0.5 s, 1.0 s
+    out = prepare(request(ids, [MediaInput(modality="video", data=mp4(6, 4))]), model, 4096,
+                  TextCodec.of(tokenizer))
+    assert [item.timestamps_s for item in out.mm_items] == [[0.25], [1.0]]
+    assert tokenizer.decode(out.input_ids).startswith("<0.2 seconds><|vision_start|><|video_pad|>")
