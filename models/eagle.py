@@ -84,6 +84,7 @@ class EagleHead(nn.Module):
         super().__init__()
         c, H = config.layer, config.layer.hidden_size
         self.config, self.ops, self.dtype, self.device = config, ops, dtype, torch.device(device)
+        self.absent: frozenset[str] = frozenset(SHARED_WITH_TARGET)  # load_eagle_head: what the checkpoint lacked
         self.cos_sin_cache = build_rope_cache(c, dtype, self.device)
         self.embed_tokens = nn.Module()
         self.embed_tokens.weight = weight(c.vocab_size, H, dtype=dtype, device=device)
@@ -117,9 +118,11 @@ class EagleHead(nn.Module):
     def layer(self) -> "_DecoderLayer":
         return self.midlayer if self.config.kind == "eagle3" else self.layers[0]
 
-    def share_target_weights(self, embed_tokens: torch.Tensor, lm_head: torch.Tensor | None) -> None:
-        """Use the target's embedding (and, EAGLE, its lm_head) in place of absent tensors."""
-        self.embed_tokens.weight = nn.Parameter(embed_tokens, requires_grad=False)
+    def share_target_weights(self, embed_tokens: torch.Tensor | None, lm_head: torch.Tensor | None) -> None:
+        """Use the target's embedding (and, EAGLE, its lm_head) in place of absent tensors
+        (``None``: keep the head's own; ``absent`` names what the checkpoint lacked)."""
+        if embed_tokens is not None:
+            self.embed_tokens.weight = nn.Parameter(embed_tokens, requires_grad=False)
         if lm_head is not None and self.config.kind == "eagle":
             self.lm_head.weight = nn.Parameter(lm_head, requires_grad=False)
 
@@ -214,6 +217,7 @@ def load_eagle_head(path: str | Path, ops: KernelOps, dtype: torch.dtype,
         missing += [n for n in ("d2t",) if n not in seen]
     if missing:
         raise MissingWeightsError(f"{path}: draft checkpoint lacks {missing}")
+    head.absent = frozenset(set(SHARED_WITH_TARGET) - seen)  # to take from the target
     return head
 
 

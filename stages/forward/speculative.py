@@ -102,8 +102,10 @@ class EagleDrafter:
         self.head: EagleHead = load_eagle_head(path, ops, dtype, device)
         self.head.cover_positions(context_len)
         lm_head = getattr(target, "lm_head", None)
-        self.head.share_target_weights(decoder.embed_tokens.weight,
-                                       None if lm_head is None else lm_head.weight)
+        absent = self.head.absent
+        self.head.share_target_weights(
+            decoder.embed_tokens.weight if "embed_tokens.weight" in absent else None,
+            lm_head.weight if lm_head is not None and "lm_head.weight" in absent else None)
         num_layers = len(decoder.layers)
         if self.head.config.kind == "eagle3":
             self.layers = eagle3_layers(num_layers, aux_layer_ids)

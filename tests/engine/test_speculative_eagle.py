@@ -31,7 +31,8 @@ GREEDY = {"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True}
 VOCAB, DRAFT_VOCAB, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 400, 64, 4, 2, 16, 96
 
 
-def save_head(directory: Path, kind: str, hidden: int, seed: int = 0, echo: bool = False) -> Path:
+def save_head(directory: Path, kind: str, hidden: int, seed: int = 0, echo: bool = False,
+              own_embed: bool = False) -> Path:
     """A random EAGLE ("eagle") or EAGLE3 ("eagle3") head for a target of ``hidden`` size and
     VOCAB tokens (embed_tokens, and EAGLE's lm_head, come from the target).
 
@@ -71,6 +72,8 @@ def save_head(directory: Path, kind: str, hidden: int, seed: int = 0, echo: bool
             w.update({"fc.weight": torch.cat([torch.eye(H), torch.zeros(H, H)], dim=1), "fc.bias": torch.zeros(H),
                       f"{p}self_attn.o_proj.weight": torch.zeros(H, HEADS * HEAD_DIM),
                       f"{p}mlp.down_proj.weight": torch.zeros(H, INTERMEDIATE)})
+    if own_embed:
+        w["embed_tokens.weight"] = r(VOCAB, H, scale=1.0)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / "config.json").write_text(json.dumps(raw))
     save_file(w, str(directory / "model.safetensors"))
@@ -215,6 +218,22 @@ def test_head_rotary_table_covers_the_target_context(tmp_path) -> None:
     head.cover_positions(64)
     assert head.cos_sin_cache.shape[0] == 64 and head.layer.self_attn.cos_sin_cache is head.cos_sin_cache
     assert torch.equal(head.cos_sin_cache[:16], before)
+
+
+def test_head_with_its_own_embedding_keeps_it(checkpoints, tmp_path) -> None:
+    """Only tensors the draft checkpoint lacks come from the target."""
+    from safetensors.torch import load_file
+
+    target, _ = checkpoints("qwen3")
+    hidden = json.loads((target / "config.json").read_text())["hidden_size"]
+    head_path = save_head(tmp_path / "own", "eagle3", hidden, seed=2, own_embed=True)
+    prompts = _prompts(2)
+    with _engine(target) as engine:
+        expected = _results(engine, prompts)
+    with _engine(target, "EAGLE3", head_path) as engine:
+        head = engine.stages["forward"].runner.drafter.head
+        assert torch.equal(head.embed_tokens.weight, load_file(str(head_path / "model.safetensors"))["embed_tokens.weight"])
+        assert _results(engine, prompts) == expected
 
 
 def _post(url: str, body: dict) -> list[dict]:
