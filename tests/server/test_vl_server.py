@@ -8,7 +8,9 @@ and off and with prefill chunks of 16 tokens that cut through the images; stream
 from the multimodal cache, which /metrics and /get_server_info show. Bad media
 is a 400 naming the content part, and the server goes on serving. SGLang's
 native ``/generate`` takes ``image_data`` / ``video_data``; Ollama's /api/chat
-and /api/generate take base64 ``images``.
+and /api/generate take base64 ``images``. A fourth server, on a tiny Qwen3-VL,
+answers a video sent as frames (a ``<t seconds>`` text before each temporal
+step) with transformers' tokens.
 """
 from __future__ import annotations
 
