@@ -175,15 +175,24 @@ def expand(request: TokenizedRequest, decoded: list[Decoded], vision: VisionMode
                     and source[position] == vision.vision_end_token_id):
                 input_ids.pop()  # the template's wrapper: each step brings its own
                 position += 1
-            first = items[-1][1].offset + items[-1][1].length if items else 0
-            for step in frame_steps(d):
-                add_text(input_ids, timestamp_text(step.timestamps_s[0]), _codec(codec), first)
-                input_ids.append(vision.vision_start_token_id)
-                items.append((index, _placed(step, input_ids, token, vision)))
-                input_ids.append(vision.vision_end_token_id)
+            floor = items[-1][1].offset + items[-1][1].length if items else 0
+            items.extend((index, step) for step in _placed_steps(d, input_ids, token, vision, _codec(codec), floor))
             continue
         items.append((index, _placed(d, input_ids, token, vision)))
     return input_ids, [item for _, item in sorted(items, key=lambda pair: pair[1].offset)]
+
+
+def _placed_steps(d: Decoded, input_ids: list[int], token: int, vision: VisionModel, codec: TextCodec,
+                  floor: int) -> list[MultimodalItem]:
+    """A Qwen3-VL video's steps appended to ``input_ids`` (in place), each
+    ``<t seconds><|vision_start|>`` + pads + ``<|vision_end|>``; their items."""
+    placed = []
+    for step in frame_steps(d):
+        add_text(input_ids, timestamp_text(step.timestamps_s[0]), codec, floor)
+        input_ids.append(vision.vision_start_token_id)
+        placed.append(_placed(step, input_ids, token, vision))
+        input_ids.append(vision.vision_end_token_id)
+    return placed
 
 
 def _placed(d: Decoded, input_ids: list[int], token: int, vision: VisionModel) -> MultimodalItem:
