@@ -96,7 +96,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     quantization: Literal["", "fp8", "w8a8_fp8", "w8a8_int8", "awq", "gptq", "compressed-tensors"] = ""
     mm_cache_size: int = 256  # MB of vision embeddings kept by image hash (LRU), so a repeated image is not re-encoded; 0: none
     # speculative decoding (SGLang's flags; see stages/schedule/speculative.py)
-    speculative_algorithm: Literal["", "NGRAM", "EAGLE", "EAGLE3"] = ""  # "": off; NGRAM drafts from each request's own tokens
+    speculative_algorithm: Literal["", "NGRAM", "EAGLE", "EAGLE3"] = ""  # "": off; NGRAM drafts from each request's own tokens, EAGLE/EAGLE3 from a draft head (stages/forward/speculative.py)
     speculative_draft_model_path: str = ""  # EAGLE / EAGLE3 draft head checkpoint
     speculative_num_steps: int = 0  # draft depth (0: --speculative-num-draft-tokens - 1)
     speculative_eagle_topk: int = 1  # branches per draft node (1: a chain, the only layout served)
