@@ -104,7 +104,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     # prefill/decode disaggregation (SGLang's flag names; see pipeline/disagg.py)
     pd_prefill: int = 0  # --placement pd: this many prefill engines (0: 1; either count given implies --placement pd)
     pd_decode: int = 0  # --placement pd: this many decode engines (0: 1)
-    disaggregation_mode: Literal["null", "prefill", "decode"] = "null"  # an engine's role (set per engine by the topology)
+    disaggregation_mode: Literal["null", "prefill", "decode"] = "null"  # one role per command, several hosts (refused: not served yet)
     disaggregation_transfer_backend: Literal["torch"] = "torch"  # torch.distributed point-to-point (gloo on CPU, NCCL on GPU)
     disaggregation_bootstrap_port: int = 0  # port of the engines' KV transfer process group (0: a rendezvous file, one host)
     disaggregation_transfer_timeout_s: float = 60.0  # a KV transfer not done after this long fails its request
@@ -301,9 +301,10 @@ def _pd_placement(args: ServerArgs) -> ServerArgs:
 
 def _check_disaggregation(args: ServerArgs) -> None:
     """--pd-prefill N --pd-decode M on one host is served; separate per-role commands are refused by name."""
-    if args.disaggregation_mode != "null" and not (args.pd_prefill or args.pd_decode):
+    if args.disaggregation_mode != "null":
         raise ConfigError(f"--disaggregation-mode {args.disaggregation_mode} as a separate command (engines on "
-                          f"several hosts) is not served yet; use --pd-prefill N --pd-decode M on one host")
+                          f"several hosts, joined by a router) is not served yet; use --placement pd "
+                          f"(--pd-prefill N --pd-decode M) on one host")
     if not (args.pd_prefill or args.pd_decode):
         return
     if args.pd_prefill < 1 or args.pd_decode < 1:

@@ -31,7 +31,11 @@ between the same two engines never mix.
 A transfer that has not ended ``timeout_s`` after it started fails. Its
 staging tensors are kept (``abandoned``) rather than freed: the transport
 may still write into them later, and it must not write into memory that
-was reused.
+was reused. The waiter goes on waiting (up to the transport's own timeout)
+instead of giving up at ``timeout_s``: gloo closes the connection between
+two engines when a wait times out, which would fail every later transfer
+between them. So the schedule stages make sure every posted receive gets
+its send, even for a request that was aborted or has failed meanwhile.
 """
 from __future__ import annotations
 
@@ -118,7 +122,7 @@ class _Transfer:
     staging: list[torch.Tensor]  # per layer K, then V: [tokens, kv heads, head dim]
     works: list[Pending]
     started_s: float
-    waited: concurrent.futures.Future | None = None  # the waiter's outcome: "" (arrived) or the error
+    waited: concurrent.futures.Future | None = None  # the waiter's outcome: ("" or the error, end time)
 
 
 class KVTransfer:
@@ -164,7 +168,7 @@ class KVTransfer:
         self._track(_Transfer(transfer_id, "recv", peer, list(slots), staging, works, time.monotonic()))
 
     def _track(self, transfer: _Transfer) -> None:
-        transfer.waited = self._waiters.submit(_wait_all, transfer.works, self.timeout_s)
+        transfer.waited = self._waiters.submit(_wait_all, transfer.works)
         if self.on_done is not None:
             on_done = self.on_done
             transfer.waited.add_done_callback(lambda _: on_done())
@@ -182,10 +186,13 @@ class KVTransfer:
         ended: list[TransferRecord] = []
         for key, transfer in list(self.active.items()):
             done = transfer.waited is not None and transfer.waited.done()
-            if not done and now - transfer.started_s < self.timeout_s:
+            error, end_s = transfer.waited.result() if done else (None, now)
+            if end_s - transfer.started_s > self.timeout_s:  # judged by when it ended, not when polled
+                error = None
+            elif not done:
                 continue
             del self.active[key]
-            ended.append(self._end(transfer, transfer.waited.result() if done else None, now))
+            ended.append(self._end(transfer, error, end_s))
         self.abandoned = [t for t in self.abandoned if t.waited is not None and not t.waited.done()]
         return ended
 
@@ -196,10 +203,10 @@ class KVTransfer:
     def close(self) -> None:
         self._waiters.shutdown(wait=False, cancel_futures=True)
 
-    def _end(self, transfer: _Transfer, error: str | None, now: float) -> TransferRecord:
-        """``error``: None (still waiting: timed out), "" (arrived) or what the transport raised."""
+    def _end(self, transfer: _Transfer, error: str | None, end_s: float) -> TransferRecord:
+        """``error``: None (timed out), "" (arrived by ``end_s``) or what the transport raised."""
         num_bytes = sum(t.numel() * t.element_size() for t in transfer.staging)
-        seconds = now - transfer.started_s
+        seconds = end_s - transfer.started_s
         if error is None or error:
             if error is None:
                 self.abandoned.append(transfer)
@@ -219,13 +226,16 @@ class KVTransfer:
                               num_bytes, seconds, ok=True)
 
 
-def _wait_all(works: list[Pending], timeout_s: float) -> str:
-    """Wait for every message of one transfer (a waiter thread); "" when all arrived, else the error."""
-    deadline = time.monotonic() + timeout_s
+def _wait_all(works: list[Pending]) -> tuple[str, float]:
+    """Wait for every message of one transfer (a waiter thread): ("" when all arrived, else the error;
+    when the wait ended, ``time.monotonic()``).
+
+    No deadline of our own (see the module docstring): the transport's timeout ends a wait on a peer
+    that never sends.
+    """
     try:
         for work in works:
-            left = max(deadline - time.monotonic(), 0.001)
-            work.wait(timeout=datetime.timedelta(seconds=left))
+            work.wait()
     except RuntimeError as error:
-        return f"KV transfer failed: {error}"
-    return ""
+        return f"KV transfer failed: {error}", time.monotonic()
+    return "", time.monotonic()

@@ -52,6 +52,13 @@ request once no send of it is in flight; the decode engine finishes it
 (exactly one final output) and frees its pages once its receive ended. An
 abort that reaches the decode engine before the handoff is remembered
 (``aborted``, bounded), and the handoff is then finished at once.
+
+Every posted receive gets its send: a decode engine posts the receive
+before it sends ``KVAccept``, and the prefill engine answers every accept
+with a send, also for a request aborted meanwhile (its pages already
+freed: the padding slot, repeated, stands in; the decode engine discards
+what arrives). A receive left without a send would end in a transport
+timeout, which under gloo closes the connection between the two engines.
 """
 from __future__ import annotations
 
@@ -69,7 +76,8 @@ from pipeline.stage import Outbox
 from stages.schedule.req_table import Phase, Req
 from stages.schedule.stage import PROMPT_TAIL_LEN, ScheduleOutboxes, ScheduleStage, _grammar_of
 
-MAX_ABORTED_RIDS = 1 << 12  # decode: aborts remembered for handoffs still on their way
+MAX_ABORTED_RIDS = 1 << 12  # aborts remembered for handoffs (decode) and accepts (prefill) still on their way
+PADDING_SLOT = 0  # the KV pool's padding slot: what an aborted request's send reads instead of freed pages
 
 
 @dataclasses.dataclass
@@ -127,6 +135,8 @@ class PrefillScheduleStage(ScheduleStage):
         self.outstanding = [0] * len(self.outboxes.handoff)  # unfinished handoffs per decode engine
         self.transfers = TransferStats()
         self.num_handoffs = 0
+        # aborted before their accept came, pages freed: rid -> prompt tokens, to answer the accept with a send
+        self.dropped: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._captured: list[TokenOutput] | None = None
         if not self.outboxes.handoff:
             raise ValueError("a prefill schedule stage needs at least one decode engine (doors handoff.0 ..)")
@@ -192,11 +202,12 @@ class PrefillScheduleStage(ScheduleStage):
 
     def _on_accept(self, msg: KVAccept) -> None:
         handing = self.handing.get(msg.rid)
-        if handing is None or handing.aborted:
-            self._drop(msg.rid)
-            return  # the decode engine learns of the abort itself; its receive times out otherwise
-        handing.sending = True
-        slots = handing.req.slots[msg.skip:len(handing.req.input_ids)]
+        if handing is None:  # aborted meanwhile: the receive is posted, so it gets a send (module docstring)
+            num_tokens = self.dropped.pop(msg.rid, msg.skip)
+            slots = [PADDING_SLOT] * (num_tokens - msg.skip)
+        else:
+            handing.sending = True
+            slots = handing.req.slots[msg.skip:len(handing.req.input_ids)]
         self.outboxes.transfer.put(KVSend(rid=msg.rid, transfer_id=msg.transfer_id, peer=msg.decode_rank,
                                           slots=slots))
 
@@ -218,7 +229,13 @@ class PrefillScheduleStage(ScheduleStage):
             if rid == msg.rid or handing.req.parent_rid == msg.rid:
                 handing.aborted = True
                 if not handing.sending:
+                    self._remember_dropped(rid, len(handing.req.input_ids))
                     self._drop(rid)
+
+    def _remember_dropped(self, rid: str, num_tokens: int) -> None:
+        self.dropped[rid] = num_tokens
+        while len(self.dropped) > MAX_ABORTED_RIDS:
+            self.dropped.popitem(last=False)
 
 
 # ------------------------------------------------------------------------- decode

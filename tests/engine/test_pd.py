@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import ConfigError, parse_args
 from pipeline.engine import Engine
 from pipeline.messages import EngineStats
 from tests.models.tiny import hf_greedy, load_hf, prompts, save_tiny
@@ -132,3 +133,17 @@ def test_pd_hands_off_every_request_and_reports_the_transfers(checkpoint):
     assert prefill.pd_transfer_failures == decode.pd_transfer_failures == 0
     assert prefill.pd_transfer_bytes == decode.pd_transfer_bytes > 0
     assert prefill.pd_transfer_seconds > 0 and decode.pd_transfer_seconds > 0
+
+
+def test_placement_pd_flags(checkpoint):
+    """--placement pd starts 1 + 1 engines unless counted; a count implies it; per-role commands are refused."""
+    base = ["--model-path", str(checkpoint("llama3.1")), "--device", "cpu"]
+    args = parse_args(base + ["--placement", "pd"])
+    assert (args.placement, args.pd_prefill, args.pd_decode) == ("pd", 1, 1)
+    args = parse_args(base + ["--pd-decode", "2"])
+    assert (args.placement, args.pd_prefill, args.pd_decode) == ("pd", 1, 2)
+    for mode in ("prefill", "decode"):
+        with pytest.raises(ConfigError, match=f"--disaggregation-mode {mode} as a separate command"):
+            parse_args(base + ["--placement", "pd", "--disaggregation-mode", mode])
+    with pytest.raises(ConfigError, match="not --placement serving"):
+        parse_args(base + ["--placement", "serving", "--pd-prefill", "1"])

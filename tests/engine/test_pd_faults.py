@@ -1,0 +1,100 @@
+"""Faults under prefill/decode disaggregation, with the engines in their own processes (gloo on CPU).
+
+* A KV transfer that times out ends its request with an abort naming the
+  timeout; both pools go back to idle and the engines keep serving.
+* A client abort at any point of a request's way (prefill, handoff queue,
+  transfer, decode) ends it once; both pools go back to idle and the
+  engines keep serving with unchanged output.
+* A prefill or decode engine killed under load: every waiting request
+  ends with an error instead of hanging (the whole engine fails; the
+  surviving engines do not take over its requests).
+
+"Idle" is read from each engine's EngineStats (radix cache off, so a pool
+with nothing running holds no tokens).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.engine import Engine, GenerateError
+from pipeline.messages import EngineStats
+from tests.models.tiny import prompts, save_tiny
+from tests.server.tiny_model import save_tiny_tokenizer
+
+VOCAB = 1024
+PD = {"pd_prefill": 1, "pd_decode": 1, "disable_radix_cache": True}
+PROMPTS = prompts(VOCAB, [5, 11, 17], seed=3)
+GREEDY = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    directory = save_tiny("llama3.1", tmp_path_factory.mktemp("llama"))
+    save_tiny_tokenizer(directory, VOCAB)
+    return directory
+
+
+def idle_stats(engine: Engine, since_s: float, timeout_s: float = 20.0) -> dict[str, EngineStats]:
+    """Each role's snapshot once it is taken after ``since_s`` and shows nothing held or in flight."""
+    deadline = time.monotonic() + timeout_s
+    stats: dict[str, EngineStats] = {}
+    while time.monotonic() < deadline:
+        stats = {s.role: s for s in engine.stats_by_engine.values() if s.time_s > since_s}
+        if set(stats) == {"prefill", "decode"} and not any(
+                s.pd_queue_reqs or s.pd_transfer_reqs or s.num_running_reqs or s.num_queue_reqs or s.token_usage
+                for s in stats.values()):
+            return stats
+        time.sleep(0.1)
+    raise AssertionError(f"the engines did not go back to idle: {stats}")
+
+
+def test_transfer_timeout_ends_the_request_and_frees_both_pools(model_dir):
+    with Engine(str(model_dir), device="cpu", disaggregation_transfer_timeout_s=1e-6, **PD) as engine:
+        results = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+        for result in results:  # the receive cannot end within a microsecond: it times out
+            assert result["finish_reason"]["type"] == "abort"
+            assert "timed out" in result["finish_reason"]["message"]
+            assert result["output_ids"] == []
+        one_token = engine.generate(input_ids=PROMPTS[0], sampling_params=dict(GREEDY, max_new_tokens=1))
+        assert one_token["finish_reason"]["type"] == "length"  # finished on the prefill engine: no transfer
+        stats = idle_stats(engine, time.time())
+    assert stats["decode"].pd_transfer_failures == stats["decode"].pd_transfers == len(PROMPTS)
+    assert stats["prefill"].pd_transfers == len(PROMPTS)  # each send ended one way or the other
+    assert stats["decode"].pd_handoffs == 0 and stats["decode"].num_generated_tokens == 0
+
+
+def test_client_abort_anywhere_ends_once_and_frees_both_pools(model_dir):
+    long = dict(GREEDY, max_new_tokens=400)
+    with Engine(str(model_dir), device="cpu", **PD) as engine:
+        before = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+        for delay_s in (0.0, 0.002, 0.01, 0.03, 0.1, 0.3):
+            rids = [engine.submit(input_ids=prompt, sampling_params=long) for prompt in PROMPTS]
+            time.sleep(delay_s)
+            for rid in rids:
+                engine.abort(rid)
+            for rid in rids:
+                [result] = engine.wait(rid, timeout=60)
+                assert result["finish_reason"]["type"] == "abort", (delay_s, result["finish_reason"])
+                assert len(result["output_ids"]) < long["max_new_tokens"]
+        idle_stats(engine, time.time())
+        after = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+    assert [r["output_ids"] for r in after] == [r["output_ids"] for r in before]
+
+
+@pytest.mark.parametrize("process", ["engine_decode0", "engine_prefill0"])
+def test_a_killed_engine_fails_its_requests_instead_of_hanging(model_dir, process):
+    with Engine(str(model_dir), device="cpu", **PD) as engine:
+        rids = [engine.submit(input_ids=prompt, sampling_params=dict(GREEDY, max_new_tokens=4000))
+                for prompt in PROMPTS]
+        first = next(engine.stream(rids[0], timeout=60))  # decoding on the decode engine by now
+        assert first.token_ids_delta
+        threading.Timer(0.1, engine.pipeline.children[process].kill).start()
+        for rid in rids[1:]:
+            with pytest.raises(GenerateError, match="engine failed"):
+                engine.wait(rid, timeout=60)
+        with pytest.raises(GenerateError):
+            engine.generate(input_ids=PROMPTS[0], sampling_params=GREEDY)
