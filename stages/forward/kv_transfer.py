@@ -157,18 +157,27 @@ class KVTransfer:
         """Post the sends of ``slots``' K and V, every layer (the receiver posts the same id)."""
         index = torch.tensor(slots, dtype=torch.long, device=self.kv.k[0].device)
         staging = [layer.index_select(0, index) for layer in self._layers()]
-        works = [self.transport.send(t, peer, self._tag(transfer_id, i)) for i, t in enumerate(staging)]
-        self._track(_Transfer(transfer_id, "send", peer, list(slots), staging, works, time.monotonic()))
+        self._post(_Transfer(transfer_id, "send", peer, list(slots), staging, [], time.monotonic()),
+                   self.transport.send)
 
     def start_recv(self, transfer_id: int, peer: int, slots: list[int]) -> None:
         """Post the receives of ``len(slots)`` tokens' K and V, every layer, landing in ``slots``."""
         staging = [torch.empty((len(slots),) + tuple(layer.shape[1:]), dtype=layer.dtype, device=layer.device)
                    for layer in self._layers()]
-        works = [self.transport.recv(t, peer, self._tag(transfer_id, i)) for i, t in enumerate(staging)]
-        self._track(_Transfer(transfer_id, "recv", peer, list(slots), staging, works, time.monotonic()))
+        self._post(_Transfer(transfer_id, "recv", peer, list(slots), staging, [], time.monotonic()),
+                   self.transport.recv)
 
-    def _track(self, transfer: _Transfer) -> None:
-        transfer.waited = self._waiters.submit(_wait_all, transfer.works)
+    def _post(self, transfer: _Transfer, post: Callable[[torch.Tensor, int, int], Pending]) -> None:
+        """Post every message of ``transfer`` and wait on them in a waiter thread. A transport that refuses
+        one (the peer is gone) fails the transfer at once: its next poll reports the error."""
+        try:
+            for i, tensor in enumerate(transfer.staging):
+                transfer.works.append(post(tensor, transfer.peer, self._tag(transfer.transfer_id, i)))
+        except RuntimeError as error:
+            transfer.waited = concurrent.futures.Future()
+            transfer.waited.set_result((f"KV transfer failed: {error}", time.monotonic()))
+        else:
+            transfer.waited = self._waiters.submit(_wait_all, transfer.works)
         if self.on_done is not None:
             on_done = self.on_done
             transfer.waited.add_done_callback(lambda _: on_done())

@@ -82,3 +82,35 @@ def test_two_processes_move_slots_layer_by_layer():
     assert untouched, "slots outside the transfer changed"
     assert bytes_received == 5 * per_token
     assert abandoned <= 1  # a receive still posted keeps its buffers until the wire lets go
+
+
+class _GoneTransport:
+    """A transport whose peer is gone: the first message posts, the second is refused."""
+
+    rank = 0
+
+    def __init__(self) -> None:
+        self.posted = 0
+
+    def _post(self, tensor: torch.Tensor, peer: int, tag: int):
+        if self.posted:
+            raise RuntimeError("Connection closed by peer")
+        self.posted += 1
+        return _Arrived()
+
+    send = recv = _post
+
+
+class _Arrived:
+    def wait(self, timeout=None) -> bool:
+        return True
+
+
+def test_a_refused_message_fails_the_transfer_instead_of_raising():
+    woken = []
+    transfer = KVTransfer(_pool(1), _GoneTransport(), on_done=lambda: woken.append(True))
+    transfer.start_send(5, 1, [1, 2])
+    [record] = transfer.poll()
+    assert (record.transfer_id, record.direction, record.ok) == (5, "send", False)
+    assert "Connection closed by peer" in record.error and woken
+    assert not transfer.busy

@@ -55,6 +55,15 @@ def test_pd_greedy_equals_one_engine_and_transformers(checkpoint, architecture):
     assert disaggregated == expected
 
 
+@pytest.mark.parametrize("architecture", ["llama2", "llama_bias", "llama3.2", "mistral", "qwen2", "qwen3_tied",
+                                          "qwen3_moe", "qwen2_moe"])
+def test_pd_greedy_equals_transformers_on_every_architecture(checkpoint, architecture):
+    model_dir = checkpoint(architecture)
+    params = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    expected = [hf_greedy(load_hf(model_dir), prompt, NEW_TOKENS) for prompt in PROMPTS]
+    assert [r["output_ids"] for r in engine_run(model_dir, PROMPTS, params, **PD)] == expected
+
+
 def test_pd_features_cross_the_handoff(checkpoint):
     """n > 1 with a seed, logprobs with top-k and prompt logprobs, a prompt of several chunks, a
     JSON-schema request (its grammar replayed on the decode engine): all as without disaggregation."""

@@ -1,10 +1,13 @@
-"""The decode role's schedule stage alone: backpressure on accept, failed and aborted transfers free the pool."""
+"""Each role's schedule stage alone: backpressure on accept, failed and aborted transfers free both pools."""
 from __future__ import annotations
 
+import msgspec
+
 from pipeline.config import ServerArgs
-from pipeline.messages import (Abort, KVAccept, KVHandoff, KVRecv, KVTransferDone, ModelInfo, SamplingParams,
-                               TokenOutput, TokenOutputBatch)
-from stages.schedule.disagg import DecodeScheduleStage
+from pipeline.harness import StageDriver, wiring
+from pipeline.messages import (Abort, KVAccept, KVHandoff, KVRecv, KVTransferDone, ModelInfo, PrefillScheduleInbox,
+                               SampledTokens, SamplingParams, TokenizedRequest, TokenOutput, TokenOutputBatch)
+from stages.schedule.disagg import PADDING_SLOT, DecodeScheduleStage, PrefillScheduleStage
 
 
 def _stage(num_slots: int = 16) -> tuple[DecodeScheduleStage, dict]:
@@ -55,3 +58,39 @@ def test_decode_accepts_as_room_allows_and_frees_on_failure_and_abort():
     assert not stage.kv.holders and stage.kv.pool.num_free_tokens == stage.kv.capacity_tokens
     stage.kv.check_integrity()
     assert not _drain(doors["detokenize"])  # exactly one final output each
+
+
+def test_prefill_hands_off_after_the_first_token_and_answers_every_accept_with_a_send():
+    """A handed-off request keeps its pages until its send ended; one aborted before its accept frees them
+    at once, and its accept still gets a send (of the padding slot), so the decode engine's receive ends."""
+    args = msgspec.structs.replace(ServerArgs(), disable_overlap_schedule=True, disable_radix_cache=True)
+    info = ModelInfo(num_slots=64, num_rows=8, context_len=64, vocab_size=100, eos_token_ids=(0,))
+    inbox, outboxes = wiring(PrefillScheduleInbox, "forward", "constrain", "detokenize", "stats", "handoff.0",
+                             "transfer")
+    driver = StageDriver(PrefillScheduleStage(args, inbox, outboxes, model_info=info))
+    stage = driver.stage
+    for rid in ("a", "b"):
+        driver.feed(TokenizedRequest(rid=rid, parent_rid=rid, input_ids=list(range(10, 16)),
+                                     sampling=SamplingParams(max_new_tokens=4)))
+    driver.step()
+    [batch] = driver.take("forward")
+    driver.feed(SampledTokens(batch_id=batch.batch_id, rids=batch.rids, token_ids=[7] * len(batch.rids)))
+    driver.step()
+    handoffs = driver.take("handoff.0")
+    assert [(h.rid, h.first.new_token_ids) for h in handoffs] == [("a", [7]), ("b", [7])]
+    assert not stage.running_reqs and stage.kv.pool.num_free_tokens < stage.kv.capacity_tokens
+    driver.feed(Abort(rid="a", reason="client disconnected"))
+    driver.feed(KVAccept(rid="a", transfer_id=3, decode_rank=1, skip=2))
+    driver.feed(KVAccept(rid="b", transfer_id=4, decode_rank=1, skip=0))
+    driver.step()
+    sends = {s.rid: s for s in driver.take("transfer")}
+    assert sends["a"].slots == [PADDING_SLOT] * 4 and (sends["a"].transfer_id, sends["a"].peer) == (3, 1)
+    assert len(sends["b"].slots) == 6 and PADDING_SLOT not in sends["b"].slots
+    driver.feed(KVTransferDone(rid="b", transfer_id=4, direction="send", ok=True, num_bytes=96, seconds=0.01))
+    driver.feed(KVTransferDone(rid="a", transfer_id=3, direction="send", ok=True, num_bytes=64, seconds=0.01))
+    driver.step()
+    assert stage.kv.pool.num_free_tokens == stage.kv.capacity_tokens and not stage.handing
+    stage.kv.check_integrity()
+    stats = stage._role_stats()
+    assert (stats["role"], stats["pd_handoffs"], stats["pd_transfers"], stats["pd_transfer_bytes"]) == \
+        ("prefill", 2, 2, 160)
