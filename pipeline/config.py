@@ -101,7 +101,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     speculative_num_steps: int = 0  # draft depth (0: --speculative-num-draft-tokens - 1)
     speculative_eagle_topk: int = 1  # branches per draft node (1: a chain, the only layout served)
     speculative_num_draft_tokens: int = 0  # draft tokens verified per step, the root included (0: 8)
-    # prefill/decode disaggregation (SGLang's flag names; see pipeline/disagg.py)
+    # prefill/decode disaggregation (SGLang's flag names; see stages/schedule/disagg.py)
     pd_prefill: int = 0  # --placement pd: this many prefill engines (0: 1; either count given implies --placement pd)
     pd_decode: int = 0  # --placement pd: this many decode engines (0: 1)
     disaggregation_mode: Literal["null", "prefill", "decode"] = "null"  # one role per command, several hosts (refused: not served yet)
