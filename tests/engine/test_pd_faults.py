@@ -3,8 +3,10 @@
 * A KV transfer that times out ends its request with an abort naming the
   timeout; both pools go back to idle and the engines keep serving.
 * A client abort at any point of a request's way (prefill, handoff queue,
-  transfer, decode) ends it once; both pools go back to idle and the
-  engines keep serving with unchanged output.
+  transfer, decode) ends it with finish reason abort; both pools go back
+  to idle and the engines keep serving with unchanged output. (That the
+  final output comes exactly once is checked stage by stage in
+  tests/stages/test_schedule_disagg.py.)
 * A prefill or decode engine killed under load: every waiting request
   ends with an error instead of hanging (the whole engine fails; the
   surviving engines do not take over its requests).
