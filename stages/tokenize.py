@@ -70,7 +70,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,8 @@ from pipeline.channel import Channel
 from pipeline.config import ServerArgs
 from pipeline.messages import (Abort, ChatMessage, ErrorOutput, FlushCache, GenerateRequest, TokenizedRequest,
                                TokenizeInbox)
-from pipeline.stage import Outbox, Outboxes, Stage
+from pipeline.stage import Outbox, Outboxes
+from stages.pooled import PooledStage
 from stages.template_sandbox import TemplateRenderError, TemplateSandbox
 from stages.tokenizer import max_bytes_per_token
 
@@ -339,7 +340,7 @@ class TokenizeOutboxes(Outboxes):
     detokenize: Outbox[TokenizedRequest]  # -> detokenize: stop strings and decoding options
 
 
-class TokenizeStage(Stage):
+class TokenizeStage(PooledStage[GenerateRequest]):
     """GenerateRequest -> TokenizedRequest(s) on a worker pool; Abort passes through in order."""
 
     Inbox = TokenizeInbox
@@ -351,16 +352,13 @@ class TokenizeStage(Stage):
                  outboxes: TokenizeOutboxes | dict[str, Channel | None], *, tokenizer: Any, vocab_size: int,
                  num_workers: int = 2) -> None:
         """``num_workers=0`` tokenizes inline (deterministic stepping in the harness and replays)."""
-        super().__init__("tokenize", inbox, outboxes)
+        super().__init__("tokenize", inbox, outboxes, num_workers=num_workers)
         self.tokenizer = tokenizer
         self.context_length = args.context_length
         self.allow_request_chat_template = args.allow_request_chat_template
         self.vocab_size = vocab_size
         self.accepts_media = is_vision_model(args.model_dir)
         self.bytes_per_token = max_bytes_per_token(tokenizer)  # None: no early length check by bytes
-        self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="tokenize") if num_workers else None
-        self.in_flight: list[tuple[GenerateRequest, Future]] = []
-        self.held_aborts: list[Abort] = []
         self.template_sandbox: TemplateSandbox | None = None  # started by the first client template
         self.template_max_chars = max(1 << 20, TEMPLATE_CHARS_PER_TOKEN * args.context_length)
 
@@ -371,10 +369,7 @@ class TokenizeStage(Stage):
             case FlushCache():
                 self.outboxes.out.put(message)
             case Abort():
-                if self._is_in_flight(message.rid):
-                    self.held_aborts.append(message)
-                else:
-                    self.outboxes.out.put(message)
+                self.pass_abort(message)
             case _:
                 raise TypeError(f"tokenize stage got an unexpected {type(message).__name__}")
 
@@ -391,53 +386,24 @@ class TokenizeStage(Stage):
         return self.template_sandbox
 
     def _submit(self, request: GenerateRequest) -> None:
-        sandbox = self._sandbox_for(request)
-        args = (self.tokenizer, request, self.context_length, self.vocab_size, sandbox, self.accepts_media)
-        future: Future
+        """Tokenize on the pool (a client template on the sandbox's own threads: a slow one holds no
+        tokenize thread); a request refused before encoding is answered in order with the rest."""
         if "chat_template" in request.chat_template_kwargs and not self.allow_request_chat_template:
-            future = Future()  # refused in order, like any other request error
-            future.set_exception(RequestError(
+            self.refuse(request, RequestError(
                 "a chat template sent by the client is not rendered on this server (it would run unbounded "
                 "in the server process); start it with --allow-request-chat-template to accept one",
                 "chat_template_kwargs.chat_template"))
         elif (too_long := early_length_error(request, self.bytes_per_token, self.context_length)) is not None:
-            future = Future()  # refused before a long encode
-            future.set_exception(too_long)
-        elif self.pool is None:
-            future = Future()
-            try:
-                future.set_result(tokenize_request(*args))
-            except Exception as error:
-                future.set_exception(error)
+            self.refuse(request, too_long)  # before a long encode
         else:
-            # a client template runs on the sandbox's own threads: a slow one holds no tokenize thread
-            future = (self.pool if sandbox is None else sandbox.render_pool).submit(tokenize_request, *args)
-            future.add_done_callback(lambda _: self.wake())  # the loop stepping this stage emits it
-        self.in_flight.append((request, future))
+            sandbox = self._sandbox_for(request)
+            self.submit(request, tokenize_request, self.tokenizer, request, self.context_length, self.vocab_size,
+                        sandbox, self.accepts_media, pool=None if sandbox is None else sandbox.render_pool)
 
-    def _is_in_flight(self, rid: str) -> bool:
+    def is_in_flight(self, rid: str) -> bool:
         return any(rid == request.rid or rid.startswith(request.rid + ".") for request, _ in self.in_flight)
 
-    def tick(self) -> None:
-        """Emit every finished tokenization (arrival order among those), then the aborts no longer waiting.
-
-        A request never waits for an earlier one still encoding; among those
-        finished, the earlier arrival goes first.
-        """
-        if any(future.done() for _, future in self.in_flight):
-            still_running = []
-            for request, future in self.in_flight:
-                if future.done():
-                    self._emit_result(request, future)
-                else:
-                    still_running.append((request, future))
-            self.in_flight = still_running
-        if self.held_aborts:
-            held, self.held_aborts = self.held_aborts, []
-            for abort in held:
-                self.handle(abort)
-
-    def _emit_result(self, request: GenerateRequest, future: Future) -> None:
+    def emit_result(self, request: GenerateRequest, future: Future) -> None:
         try:
             sequences = future.result()
         except RequestError as error:
@@ -453,22 +419,7 @@ class TokenizeStage(Stage):
             self.outboxes.detokenize.put(msgspec.structs.replace(sequence, media=[]) if sequence.media else sequence)
             self.outboxes.out.put(sequence)
 
-    def has_work(self) -> bool:
-        """Inbox messages, or finished tokenizations to emit (a running one wakes the loop when done)."""
-        return super().has_work() or any(future.done() for _, future in self.in_flight)
-
-    @property
-    def busy(self) -> bool:
-        """Shutdown waits for tokenizations still running on the pool, too."""
-        return super().busy or bool(self.in_flight or self.held_aborts)
-
-    def wait_for_work(self, timeout_s: float) -> None:
-        """Block until some tokenization finishes (for a loop with nothing else to do)."""
-        if self.in_flight:
-            wait([future for _, future in self.in_flight], timeout=timeout_s, return_when=FIRST_COMPLETED)
-
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
+        super().close()
         if self.template_sandbox is not None:
             self.template_sandbox.close()

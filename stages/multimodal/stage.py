@@ -33,15 +33,16 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future
 from typing import Any
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
 from pipeline.messages import Abort, ErrorOutput, FlushCache, MultimodalInbox, TokenizedRequest
-from pipeline.stage import Outbox, Outboxes, Stage
+from pipeline.stage import Outbox, Outboxes
 from stages.multimodal.prepare import TextCodec, VisionModel, load_vision_model, prepare
 from stages.multimodal.processor import MediaError
+from stages.pooled import PooledStage
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ class MultimodalOutboxes(Outboxes):
     errors: Outbox[ErrorOutput]  # -> detokenize -> ingest
 
 
-class MultimodalStage(Stage):
+class MultimodalStage(PooledStage[TokenizedRequest]):
     """TokenizedRequest (+ media) -> TokenizedRequest (+ mm_items) on a worker pool; the rest passes through."""
 
     Inbox = MultimodalInbox
@@ -65,60 +66,26 @@ class MultimodalStage(Stage):
                  vision: VisionModel | None = None, tokenizer: Any = None, num_workers: int = 2) -> None:
         """``vision`` defaults to what ``args.model_dir`` holds; ``num_workers=0`` prepares inline;
         ``tokenizer`` (the assembly's) writes Qwen3-VL video timestamps."""
-        super().__init__("multimodal", inbox, outboxes)
+        super().__init__("multimodal", inbox, outboxes, num_workers=num_workers)
         self.vision = vision if vision is not None else load_vision_model(args.model_dir)
         self.context_length = args.context_length
         self.codec = TextCodec.of(tokenizer) if tokenizer is not None else None
-        self.pool = ThreadPoolExecutor(num_workers, thread_name_prefix="multimodal") if num_workers else None
-        self.in_flight: list[tuple[TokenizedRequest, Future]] = []
-        self.held_aborts: list[Abort] = []
 
     def handle(self, message: MultimodalInbox) -> None:
         match message:
             case TokenizedRequest() if message.media:
-                self._submit(message)
+                self.submit(message, prepare, message, self.vision, self.context_length, self.codec)
             case TokenizedRequest() | FlushCache():
                 self.outboxes.out.put(message)
             case Abort():
-                if self._is_in_flight(message.rid):
-                    self.held_aborts.append(message)
-                else:
-                    self.outboxes.out.put(message)
+                self.pass_abort(message)
             case _:
                 raise TypeError(f"multimodal stage got an unexpected {type(message).__name__}")
 
-    def _submit(self, request: TokenizedRequest) -> None:
-        future: Future
-        if self.pool is None:
-            future = Future()
-            try:
-                future.set_result(prepare(request, self.vision, self.context_length, self.codec))
-            except Exception as error:
-                future.set_exception(error)
-        else:
-            future = self.pool.submit(prepare, request, self.vision, self.context_length, self.codec)
-            future.add_done_callback(lambda _: self.wake())
-        self.in_flight.append((request, future))
-
-    def _is_in_flight(self, rid: str) -> bool:
+    def is_in_flight(self, rid: str) -> bool:
         return any(rid in (request.rid, request.parent_rid) for request, _ in self.in_flight)
 
-    def tick(self) -> None:
-        """Emit every prepared request (arrival order among them), then the aborts no longer waiting."""
-        if any(future.done() for _, future in self.in_flight):
-            still_running = []
-            for request, future in self.in_flight:
-                if future.done():
-                    self._emit_result(request, future)
-                else:
-                    still_running.append((request, future))
-            self.in_flight = still_running
-        if self.held_aborts:
-            held, self.held_aborts = self.held_aborts, []
-            for abort in held:
-                self.handle(abort)
-
-    def _emit_result(self, request: TokenizedRequest, future: Future) -> None:
+    def emit_result(self, request: TokenizedRequest, future: Future) -> None:
         try:
             self.outboxes.out.put(future.result())
         except MediaError as error:
@@ -132,18 +99,3 @@ class MultimodalStage(Stage):
     def _error(self, request: TokenizedRequest, error: ErrorOutput) -> None:
         if request.index == 0:
             self.outboxes.errors.put(error)
-
-    def has_work(self) -> bool:
-        return super().has_work() or any(future.done() for _, future in self.in_flight)
-
-    @property
-    def busy(self) -> bool:
-        return super().busy or bool(self.in_flight or self.held_aborts)
-
-    def wait_for_work(self, timeout_s: float) -> None:
-        if self.in_flight:
-            wait([future for _, future in self.in_flight], timeout=timeout_s, return_when=FIRST_COMPLETED)
-
-    def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(wait=False, cancel_futures=True)
