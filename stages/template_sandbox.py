@@ -33,28 +33,28 @@ pickle: the server must not unpickle what an untrusted template produced).
 The first frame tells the worker its memory cap; it answers "ready" once its
 imports are done. Each later frame is one render, answered by
 ``{"text": ...}`` or ``{"error": ...}``. Workers die with the server
-(``pipeline.lifetime.die_with_parent``) and are killed on ``close``.
+(``pipeline.lifetime.die_with_parent``) and are killed on ``close``. The
+framing and the slots of workers are ``stages.sandbox_pool``'s, shared with
+the grammar compile sandbox.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-import queue
-import select
-import struct
 import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO
 
+from stages.sandbox_pool import WorkerSlots, read_frame, wait_readable, worker_command, write_frame
+
 logger = logging.getLogger(__name__)
 
 RENDER_TIMEOUT_S = 5.0
 RENDER_MEMORY_BYTES = 1 << 30
 WORKER_START_TIMEOUT_S = 60.0  # imports on a loaded machine; not part of a render's budget
-_HEADER = struct.Struct("<Q")
 
 
 class TemplateRenderError(RuntimeError):
@@ -62,30 +62,11 @@ class TemplateRenderError(RuntimeError):
 
 
 def _write_frame(stream: BinaryIO, payload: Any) -> None:
-    data = json.dumps(payload, ensure_ascii=False).encode("utf-8", "surrogatepass")
-    stream.write(_HEADER.pack(len(data)) + data)
-    stream.flush()
-
-
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = stream.read(left)
-        if not chunk:
-            raise EOFError("template worker closed its pipe")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+    write_frame(stream, json.dumps(payload, ensure_ascii=False).encode("utf-8", "surrogatepass"))
 
 
 def _read_frame(stream: BinaryIO) -> Any:
-    (size,) = _HEADER.unpack(_read_exact(stream, _HEADER.size))
-    return json.loads(_read_exact(stream, size).decode("utf-8", "surrogatepass"))
-
-
-def _wait_readable(stream: BinaryIO, timeout_s: float) -> bool:
-    ready, _, _ = select.select([stream], [], [], max(0.0, timeout_s))
-    return bool(ready)
+    return json.loads(read_frame(stream).decode("utf-8", "surrogatepass"))
 
 
 class TemplateSandbox:
@@ -97,12 +78,8 @@ class TemplateSandbox:
         self.timeout_s = timeout_s
         self.memory_bytes = memory_bytes
         self.max_chars = max_chars
-        self._workers: list[subprocess.Popen | None] = [None] * max(1, num_workers)
-        self._idle: queue.SimpleQueue[int] = queue.SimpleQueue()
-        for slot in range(len(self._workers)):
-            self._idle.put(slot)
-        self.render_pool = ThreadPoolExecutor(len(self._workers), thread_name_prefix="chat-template")
-        self._closed = False
+        self._slots = WorkerSlots(num_workers, "chat-template-sandbox")
+        self.render_pool = ThreadPoolExecutor(self._slots.num_workers, thread_name_prefix="chat-template")
 
     def render(self, messages: list[dict[str, Any]], template: str, *, tools: list[dict[str, Any]] | None,
                add_generation_prompt: bool, continue_final_message: bool,
@@ -111,75 +88,58 @@ class TemplateSandbox:
         job = {"messages": messages, "chat_template": template, "tools": tools,
                "add_generation_prompt": add_generation_prompt, "continue_final_message": continue_final_message,
                "kwargs": {**self.special_tokens, **template_kwargs}, "max_chars": self.max_chars}
-        slot = self._idle.get()
-        try:
+        with self._slots.hold() as slot:
             answer = self._run(slot, job)
-        finally:
-            self._idle.put(slot)
         if "error" in answer:
             raise TemplateRenderError(answer["error"])
         return answer["text"]
 
     def _run(self, slot: int, job: dict[str, Any]) -> dict[str, Any]:
-        if self._closed:
+        if self._slots.closed:
             raise TemplateRenderError("the server is shutting down")
         worker = self._ensure_worker(slot)
         try:
             _write_frame(worker.stdin, job)
         except (BrokenPipeError, OSError):
-            self._kill(slot)
+            self._slots.kill(slot)
             raise TemplateRenderError("the chat template worker failed; try again") from None
-        if not _wait_readable(worker.stdout, self.timeout_s):
-            self._kill(slot)
+        if not wait_readable(worker.stdout, self.timeout_s):
+            self._slots.kill(slot)
             raise TemplateRenderError(f"the chat template took longer than the time limit of "
                                       f"{self.timeout_s:g} s to render")
         try:
             return _read_frame(worker.stdout)
         except EOFError:
-            self._kill(slot)
-            if self._closed:
+            self._slots.kill(slot)
+            if self._slots.closed:
                 raise TemplateRenderError("the server is shutting down") from None
             raise TemplateRenderError(f"the chat template ran out of memory (limit "
                                       f"{self.memory_bytes >> 20} MB) while rendering") from None
 
     def _ensure_worker(self, slot: int) -> subprocess.Popen:
-        worker = self._workers[slot]
-        if worker is not None and worker.poll() is None:
+        worker = self._slots.running(slot)
+        if worker is not None:
             return worker
         # PR_SET_PDEATHSIG follows the spawning thread: ask for it only from the main thread
         use_signal = "1" if threading.current_thread() is threading.main_thread() else "0"
-        worker = subprocess.Popen([sys.executable, "-c", _WORKER_CODE, str(os.getpid()), use_signal],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-        self._workers[slot] = worker
-        logger.info("process chat-template-sandbox-%d started (pid %d)", slot, worker.pid)
+        worker = self._slots.start(slot, worker_command(__file__, str(os.getpid()), use_signal))
         _write_frame(worker.stdin, {"memory_bytes": self.memory_bytes})
         try:
-            ready = _wait_readable(worker.stdout, WORKER_START_TIMEOUT_S) and _read_frame(worker.stdout) == "ready"
+            ready = wait_readable(worker.stdout, WORKER_START_TIMEOUT_S) and _read_frame(worker.stdout) == "ready"
         except (EOFError, ValueError):
             ready = False
         if not ready:
-            self._kill(slot)
+            self._slots.kill(slot)
             raise TemplateRenderError("the chat template worker did not start")
         return worker
 
-    def _kill(self, slot: int) -> None:
-        worker = self._workers[slot]
-        if worker is not None:
-            worker.kill()
-            worker.wait()
-            self._workers[slot] = None
-
     def worker_pids(self) -> list[int | None]:
         """Process id per slot (None: not started); for tests and debugging."""
-        return [w.pid if w is not None and w.poll() is None else None for w in self._workers]
+        return self._slots.pids()
 
     def close(self) -> None:
         """Kill every worker (a render in flight fails) and stop the render threads."""
-        self._closed = True
-        for slot, worker in enumerate(self._workers):
-            if worker is not None:
-                worker.stdin.close()
-                self._kill(slot)
+        self._slots.close()
         self.render_pool.shutdown(wait=False, cancel_futures=True)
 
 
@@ -205,7 +165,7 @@ def _render(job: dict[str, Any], render_jinja_template: Any) -> dict[str, Any]:
 
 def _worker_main() -> None:
     """Child: cap memory, import the renderer, then render jobs until stdin closes."""
-    if len(sys.argv) > 2:  # ["-c", parent pid, "1" if the death signal may be used]
+    if len(sys.argv) > 2:  # [script, parent pid, "1" if the death signal may be used]
         from pipeline.lifetime import die_with_parent
 
         die_with_parent(int(sys.argv[1]), use_death_signal=sys.argv[2] == "1")
@@ -237,7 +197,5 @@ def _worker_main() -> None:
 
 
 
-# The worker's command: the project root first on the path (not this folder, whose tokenize.py
-# would shadow the standard library's), then the loop above.
-_WORKER_CODE = (f"import sys; sys.path[0] = {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r}; "
-                "from stages.template_sandbox import _worker_main; _worker_main()")
+if __name__ == "__main__":  # a worker, started by ``worker_command`` (project root on the path)
+    _worker_main()

@@ -13,8 +13,9 @@ compiles side by side, so one slow grammar does not hold up another
 request's; a compile nobody waits for any more (its request was aborted) is
 cancelled by killing its child.
 
-The child is a plain ``python this_file.py`` subprocess (the engine process
-is itself a daemon, which ``multiprocessing`` may not give children). Frames
+The child is a plain Python subprocess running this file
+(``stages.sandbox_pool.worker_command``; the engine process is itself a
+daemon, which ``multiprocessing`` may not give children). Frames
 on its stdin/stdout are 8-byte lengths plus pickles: first the vocabulary,
 then one regex per compile, answered by ``(True, pickled Index)`` or
 ``(False, compiler's reason)``; outlines-core Index objects pickle losslessly.
@@ -30,20 +31,19 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-import queue
 import select
-import struct
 import subprocess
 import sys
 import threading
 import time
 from typing import Any, BinaryIO
 
+from stages.sandbox_pool import WorkerSlots, read_frame, worker_command, write_frame
+
 logger = logging.getLogger(__name__)
 
 COMPILE_TIMEOUT_S = 60.0
 COMPILE_MEMORY_BYTES = 8 << 30
-_HEADER = struct.Struct("<Q")
 _CANCEL_POLL_S = 0.05
 
 
@@ -52,25 +52,11 @@ class CompileBudgetError(RuntimeError):
 
 
 def _write_frame(stream: BinaryIO, payload: Any) -> None:
-    data = pickle.dumps(payload)
-    stream.write(_HEADER.pack(len(data)) + data)
-    stream.flush()
-
-
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = stream.read(left)
-        if not chunk:
-            raise EOFError("compile worker closed its pipe")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+    write_frame(stream, pickle.dumps(payload))
 
 
 def _read_frame(stream: BinaryIO) -> Any:
-    (size,) = _HEADER.unpack(_read_exact(stream, _HEADER.size))
-    return pickle.loads(_read_exact(stream, size))
+    return pickle.loads(read_frame(stream))
 
 
 class CompileCancelled(RuntimeError):
@@ -91,15 +77,11 @@ class CompileSandbox:
                  num_workers: int = 2) -> None:
         self.init_frame = (eos_token_id, token_bytes, memory_bytes)
         self.timeout_s = timeout_s
-        self._workers: list[subprocess.Popen | None] = [None] * max(1, num_workers)
-        self._idle: queue.SimpleQueue[int] = queue.SimpleQueue()  # free slots
-        for slot in range(len(self._workers)):
-            self._idle.put(slot)
-        self._closed = False
+        self._slots = WorkerSlots(num_workers, "grammar-sandbox")
 
     @property
     def num_workers(self) -> int:
-        return len(self._workers)
+        return self._slots.num_workers
 
     def build_index(self, regex: str, cancel: threading.Event | None = None) -> Any:
         """Compile in a free worker; raise ValueError (compiler's reason), CompileBudgetError or CompileCancelled."""
@@ -107,17 +89,14 @@ class CompileSandbox:
 
     def build_index_sized(self, regex: str, cancel: threading.Event | None = None) -> tuple[Any, int]:
         """(Index, serialized bytes): the size estimates the Index's memory for the grammar cache."""
-        slot = self._idle.get()
-        try:
+        with self._slots.hold() as slot:
             ok, result = self._run(slot, regex, cancel)
-        finally:
-            self._idle.put(slot)
         if not ok:
             raise ValueError(result)
         return pickle.loads(result), len(result)
 
     def _run(self, slot: int, regex: str, cancel: threading.Event | None) -> tuple[bool, Any]:
-        if self._closed:
+        if self._slots.closed:
             raise CompileCancelled("the grammar compiler is shut down")
         worker = self._ensure_worker(slot)
         _write_frame(worker.stdin, regex)
@@ -125,11 +104,11 @@ class CompileSandbox:
         while True:  # short waits so that a cancel is seen within _CANCEL_POLL_S
             left = deadline - time.monotonic()
             if left <= 0:
-                self._kill(slot)
+                self._slots.kill(slot)
                 raise CompileBudgetError(
                     f"grammar too complex: compiling it took longer than {self.timeout_s:.0f} s")
             if cancel is not None and cancel.is_set():
-                self._kill(slot)
+                self._slots.kill(slot)
                 raise CompileCancelled("compile cancelled: no request waits for it")
             ready, _, _ = select.select([worker.stdout], [], [], min(left, _CANCEL_POLL_S))
             if ready:
@@ -137,42 +116,26 @@ class CompileSandbox:
         try:
             return _read_frame(worker.stdout)
         except EOFError:
-            self._kill(slot)
-            if self._closed:
+            self._slots.kill(slot)
+            if self._slots.closed:
                 raise CompileCancelled("the grammar compiler is shut down") from None
             raise CompileBudgetError("grammar too complex: compiling it ran out of memory") from None
 
     def _ensure_worker(self, slot: int) -> subprocess.Popen:
-        worker = self._workers[slot]
-        if worker is None or worker.poll() is not None:
+        worker = self._slots.running(slot)
+        if worker is None:
             # the parent's pid on the command line: the worker dies with this process
-            worker = subprocess.Popen([sys.executable, os.path.abspath(__file__), str(os.getpid())],
-                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-            logger.info("process grammar-sandbox-%d started (pid %d)", slot, worker.pid)
+            worker = self._slots.start(slot, worker_command(__file__, str(os.getpid())))
             _write_frame(worker.stdin, self.init_frame)
-            self._workers[slot] = worker
         return worker
-
-    def _kill(self, slot: int) -> None:
-        worker = self._workers[slot]
-        if worker is not None:
-            worker.kill()
-            worker.wait()
-            self._workers[slot] = None
 
     def worker_pids(self) -> list[int | None]:
         """Process id per slot (None: not started); for tests and debugging."""
-        return [w.pid if w is not None and w.poll() is None else None for w in self._workers]
+        return self._slots.pids()
 
     def close(self) -> None:
         """Stop every worker, busy or not (a compile in flight then fails)."""
-        self._closed = True
-        for slot, worker in enumerate(self._workers):
-            if worker is not None:
-                worker.stdin.close()
-                worker.kill()
-                worker.wait()
-                self._workers[slot] = None
+        self._slots.close()
 
 
 def _worker_main() -> None:
@@ -203,6 +166,5 @@ def _worker_main() -> None:
             _write_frame(stdout, (False, str(error) if isinstance(error, ValueError) else "out of memory"))
 
 
-if __name__ == "__main__":  # run as a script: make the project importable (pipeline.lifetime)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+if __name__ == "__main__":  # a worker, started by ``worker_command`` (project root on the path)
     _worker_main()
