@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import deque
 
 import jsonschema
 import numpy as np
@@ -23,7 +22,7 @@ from stages.constrain.grammar import GrammarCompiler, GrammarState, json_schema_
 from stages.constrain.sandbox import CompileSandbox
 from stages.constrain.schema import STRING_CHAR, schema_regexes
 from stages.constrain.vocab import TokenVocab, build_token_vocab
-from tests.stages.test_constrain import train_tiny_tokenizer
+from tests.stages.test_constrain import distances_to_accept, train_tiny_tokenizer
 
 COUNTED_SCHEMAS = [
     {"type": "string", "minLength": 2, "maxLength": 7},
@@ -54,20 +53,7 @@ def compiler(vocab):
 
 def distances(index: Index) -> tuple[dict, dict]:
     """(transitions, fewest tokens to an accepting state) of an Index."""
-    transitions = index.get_transitions()
-    reverse: dict[int, list[int]] = {}
-    for state, moves in transitions.items():
-        for nxt in moves.values():
-            reverse.setdefault(nxt, []).append(state)
-    distance = {state: 0 for state in index.get_final_states()}
-    queue = deque(distance)
-    while queue:
-        state = queue.popleft()
-        for previous in reverse.get(state, []):
-            if previous not in distance:
-                distance[previous] = distance[state] + 1
-                queue.append(previous)
-    return transitions, distance
+    return index.get_transitions(), distances_to_accept(index)
 
 
 def lockstep_walk(grammar, exact: Index, graph: tuple[dict, dict], vocab, rng: random.Random,
