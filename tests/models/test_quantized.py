@@ -177,24 +177,32 @@ def write_pair(tmp: Path, family: str, fmt: str, hf: torch.nn.Module | None = No
     quant_dir, deq_dir = tmp / f"{fmt}_q", tmp / f"{fmt}_deq"
     hf.save_pretrained(deq_dir)
     state = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    if hf.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # the checkpoint holds the embedding only
+    write_quantized(state, quantize, qconfig, quant_dir, deq_dir)
+    return quant_dir, deq_dir
+
+
+def write_quantized(state: dict[str, torch.Tensor], quantize, qconfig: dict, quant_dir: Path,
+                    deq_dir: Path) -> None:
+    """Quantize every projection weight (``PROJ``) of ``state``: the quantized tensors and the rest go
+    to ``quant_dir`` with ``qconfig`` added to ``deq_dir``'s config.json; the dequantized weights
+    replace ``deq_dir``'s safetensors (the fp32 reference)."""
     quantized, dequantized = {}, dict(state)
     for name, tensor in state.items():
         module, _, leaf = name.rpartition(".")
         if leaf == "weight" and module.rpartition(".")[2] in PROJ:
-            tensors, deq = quantize(tensor)
+            tensors, deq = quantize(tensor.float())
             quantized.update({f"{module}.{k}": v.contiguous() for k, v in tensors.items()})
             dequantized[name] = deq.contiguous()
-        elif not (name == "lm_head.weight" and hf.config.tie_word_embeddings):
+        else:
             quantized[name] = tensor
-    dequantized = {k: v for k, v in dequantized.items()
-                   if not (k == "lm_head.weight" and hf.config.tie_word_embeddings)}
     save_file(dequantized, str(deq_dir / "model.safetensors"))
     quant_dir.mkdir()
     config = json.loads((deq_dir / "config.json").read_text())
     config["quantization_config"] = qconfig
     (quant_dir / "config.json").write_text(json.dumps(config))
     save_file(quantized, str(quant_dir / "model.safetensors"))
-    return quant_dir, deq_dir
 
 
 def _run(path: Path, batch: list[list[int]], num_new: int, backend: str = "reference", **kw):

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import models
 from models.quantization import QuantExperts
 from tests.models.runner import PagedRunner
-from tests.models.test_quantized import FORMATS, PROJ, WEIGHT_ONLY, WEIGHT_ONLY_RTOL
+from tests.models.test_quantized import FORMATS, WEIGHT_ONLY, WEIGHT_ONLY_RTOL, write_quantized
 from tests.models.tiny import build_hf_model, prompts, tiny_config
 from triton_kernels import load_ops
 
@@ -54,21 +54,7 @@ def write_moe_pair(tmp: Path, family: str, fmt: str) -> tuple[Path, Path]:
     quant_dir, deq_dir = tmp / f"{fmt}_q", tmp / f"{fmt}_deq"
     hf.save_pretrained(deq_dir)
     state = load_file(str(deq_dir / "model.safetensors"))           # per-expert names, as on disk
-    quantized, dequantized = {}, dict(state)
-    for name, tensor in state.items():
-        module, _, leaf = name.rpartition(".")
-        if leaf == "weight" and module.rpartition(".")[2] in PROJ:
-            tensors, deq = quantize(tensor.float())
-            quantized.update({f"{module}.{k}": v.contiguous() for k, v in tensors.items()})
-            dequantized[name] = deq.contiguous()
-        else:
-            quantized[name] = tensor
-    save_file(dequantized, str(deq_dir / "model.safetensors"))
-    quant_dir.mkdir()
-    config = json.loads((deq_dir / "config.json").read_text())
-    config["quantization_config"] = qconfig
-    (quant_dir / "config.json").write_text(json.dumps(config))
-    save_file(quantized, str(quant_dir / "model.safetensors"))
+    write_quantized(state, quantize, qconfig, quant_dir, deq_dir)
     return quant_dir, deq_dir
 
 
