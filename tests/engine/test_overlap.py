@@ -9,27 +9,23 @@ so a path that silently fell back to the synchronous loop fails.
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import torch
 
 from pipeline.engine import Engine
+from tests.engine.common import ARCHITECTURES, assert_pool_clean, cpu_engine, tiny_checkpoints
 from tests.engine.conftest import random_prompts
-from tests.models.tiny import hf_greedy, load_hf, save_tiny
-from tests.server.tiny_model import save_tiny_tokenizer
+from tests.models.tiny import hf_greedy, load_hf
 from triton_kernels import future
 
 GREEDY = {"temperature": 0.0, "max_new_tokens": 10, "ignore_eos": True}
-ARCHITECTURES = ["llama3.1", "llama3.2", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"]  # tests/models/tiny.py
 
 
 def _engine(path, overlap: bool, **kwargs) -> Engine:
-    kwargs.setdefault("max_total_tokens", 4096)
-    kwargs.setdefault("kernel_backend", "reference")
-    kwargs.setdefault("device", "cpu")
-    engine = Engine(str(path), disable_overlap_schedule=not overlap, **kwargs)
+    engine = cpu_engine(path, disable_overlap_schedule=not overlap, **kwargs)
     engine.ahead_batches = _count_future_batches(engine)
     return engine
 
@@ -56,30 +52,14 @@ def _results(engine: Engine, prompts, params) -> list[tuple]:
 
 def _assert_clean(engine: Engine, free_before: int) -> None:
     # The step planned ahead for a request that just finished may still be on its way back.
-    deadline = time.monotonic() + 10
-    while engine.schedule.in_flight and time.monotonic() < deadline:
-        time.sleep(0.01)
-    engine.check_integrity()
-    kv = engine.schedule.kv
-    kv.flush()
-    assert kv.pool.num_free_tokens == free_before
-    assert kv.tree.protected_size == 0 and not kv.holders
+    assert_pool_clean(engine, free_before)
     assert not engine.schedule.in_flight
     assert all(r.pending_tokens == 0 for r in engine.schedule.running_reqs)
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> dict[str, Path]:
-    made: dict[str, Path] = {}
-
-    def make(name: str) -> Path:
-        if name not in made:
-            path = save_tiny(name, tmp_path_factory.mktemp(f"overlap_{name}"), vocab_size=400)
-            save_tiny_tokenizer(path, 400)
-            made[name] = path
-        return made[name]
-
-    return make
+def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
+    return tiny_checkpoints(tmp_path_factory, "overlap", 400, vocab_size=400)
 
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "sync"])

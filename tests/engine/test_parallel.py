@@ -17,14 +17,15 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import aiohttp
 import pytest
 
 from pipeline.engine import Engine, GenerateError
-from tests.models.tiny import hf_greedy, load_hf, prompts, save_tiny
+from tests.engine.common import tiny_checkpoints
+from tests.models.tiny import hf_greedy, load_hf, prompts
 from tests.server.conftest import running_server
-from tests.server.tiny_model import save_tiny_tokenizer
 
 ARCHITECTURES = ["llama3.1", "qwen3", "qwen2_moe", "qwen3_moe"]
 MOE = {"qwen2_moe", "qwen3_moe"}
@@ -33,17 +34,8 @@ NEW_TOKENS = 6
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    saved: dict[str, Path] = {}
-
-    def make(name: str) -> Path:
-        if name not in saved:
-            directory = save_tiny(name, tmp_path_factory.mktemp(name.replace(".", "_")))
-            save_tiny_tokenizer(directory, VOCAB)
-            saved[name] = directory
-        return saved[name]
-
-    return make
+def checkpoint(tmp_path_factory) -> Callable[[str], Path]:
+    return tiny_checkpoints(tmp_path_factory, "parallel", VOCAB)
 
 
 PROMPTS = prompts(VOCAB, [5, 11, 17], seed=3)

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from pipeline.config import ConfigError, parse_args
 from pipeline.engine import Engine
 from pipeline.messages import EngineStats
-from tests.models.tiny import hf_greedy, load_hf, prompts, save_tiny
-from tests.server.tiny_model import save_tiny_tokenizer
+from tests.engine.common import tiny_checkpoints
+from tests.models.tiny import hf_greedy, load_hf, prompts
 
 VOCAB = 1024
 NEW_TOKENS = 6
@@ -25,17 +26,8 @@ PROMPTS = prompts(VOCAB, [5, 11, 17], seed=3)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    saved: dict[str, Path] = {}
-
-    def make(name: str) -> Path:
-        if name not in saved:
-            directory = save_tiny(name, tmp_path_factory.mktemp(name.replace(".", "_")))
-            save_tiny_tokenizer(directory, VOCAB)
-            saved[name] = directory
-        return saved[name]
-
-    return make
+def checkpoint(tmp_path_factory) -> Callable[[str], Path]:
+    return tiny_checkpoints(tmp_path_factory, "pd", VOCAB)
 
 
 def engine_run(model_dir: Path, prompts_: list[list[int]], params: dict | list[dict], **flags) -> list[dict]:

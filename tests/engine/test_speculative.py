@@ -8,17 +8,15 @@ so a path that silently stopped speculating fails.
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from pipeline.config import ConfigError
 from pipeline.engine import Engine
-from tests.models.tiny import save_tiny
-from tests.server.tiny_model import save_tiny_tokenizer
+from tests.engine.common import ARCHITECTURES, assert_pool_clean, cpu_engine, tiny_checkpoints
 
-ARCHITECTURES = ["llama3.1", "llama3.2", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"]  # tests/models/tiny.py
 GREEDY = {"temperature": 0.0, "max_new_tokens": 24, "ignore_eos": True}
 
 
@@ -28,13 +26,10 @@ def _prompts(count: int, period: int = 6) -> list[list[int]]:
 
 
 def _engine(path, spec: bool, **kwargs) -> Engine:
-    kwargs.setdefault("max_total_tokens", 4096)
-    kwargs.setdefault("kernel_backend", "reference")
-    kwargs.setdefault("device", "cpu")
     if spec:
         kwargs.setdefault("speculative_algorithm", "NGRAM")
         kwargs.setdefault("speculative_num_draft_tokens", 5)
-    return Engine(str(path), **kwargs)
+    return cpu_engine(path, **kwargs)
 
 
 def _results(engine: Engine, prompts, params) -> list[tuple]:
@@ -45,14 +40,7 @@ def _results(engine: Engine, prompts, params) -> list[tuple]:
 
 
 def _assert_clean(engine: Engine, free_before: int) -> None:
-    deadline = time.monotonic() + 10
-    while engine.schedule.in_flight and time.monotonic() < deadline:
-        time.sleep(0.01)
-    engine.check_integrity()
-    kv = engine.schedule.kv
-    kv.flush()
-    assert kv.pool.num_free_tokens == free_before
-    assert kv.tree.protected_size == 0 and not kv.holders
+    assert_pool_clean(engine, free_before)
     assert not engine.schedule.spec.states  # per-request drafting state is dropped at the end
 
 
@@ -61,17 +49,8 @@ def _accepted(engine: Engine) -> int:
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    made: dict[str, Path] = {}
-
-    def make(name: str) -> Path:
-        if name not in made:
-            path = save_tiny(name, tmp_path_factory.mktemp(f"spec_{name}"), vocab_size=400)
-            save_tiny_tokenizer(path, 400)
-            made[name] = path
-        return made[name]
-
-    return make
+def checkpoints(tmp_path_factory) -> Callable[[str], Path]:
+    return tiny_checkpoints(tmp_path_factory, "spec", 400, vocab_size=400)
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)

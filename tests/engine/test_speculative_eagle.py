@@ -11,7 +11,6 @@ harmless).
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 from pathlib import Path
 
@@ -22,11 +21,11 @@ from safetensors.torch import save_file
 from pipeline.config import ConfigError
 from pipeline.engine import Engine
 from stages.forward.speculative import eagle3_layers
+from tests.engine.common import ARCHITECTURES, assert_pool_clean, cpu_engine
 from tests.models.tiny import save_tiny, source_config
 from tests.server.conftest import running_server
 from tests.server.tiny_model import save_tiny_tokenizer
 
-ARCHITECTURES = ["llama3.1", "llama3.2", "mistral", "qwen2", "qwen3", "qwen3_moe", "qwen2_moe"]  # tests/models/tiny.py
 GREEDY = {"temperature": 0.0, "max_new_tokens": 16, "ignore_eos": True}
 VOCAB, DRAFT_VOCAB, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 400, 64, 4, 2, 16, 96
 
@@ -104,13 +103,10 @@ def _prompts(count: int) -> list[list[int]]:
 
 
 def _engine(target: Path, algorithm: str = "", head: Path | None = None, **kwargs) -> Engine:
-    kwargs.setdefault("max_total_tokens", 4096)
-    kwargs.setdefault("kernel_backend", "reference")
-    kwargs.setdefault("device", "cpu")
     if algorithm:
         kwargs.update(speculative_algorithm=algorithm, speculative_draft_model_path=str(head) if head else "")
         kwargs.setdefault("speculative_num_steps", 3)
-    return Engine(str(target), **kwargs)
+    return cpu_engine(target, **kwargs)
 
 
 def _results(engine: Engine, prompts, params=GREEDY) -> list[tuple]:
@@ -120,14 +116,7 @@ def _results(engine: Engine, prompts, params=GREEDY) -> list[tuple]:
 
 
 def _assert_clean(engine: Engine, free_before: int) -> None:
-    deadline = time.monotonic() + 10
-    while engine.schedule.in_flight and time.monotonic() < deadline:
-        time.sleep(0.01)
-    engine.check_integrity()
-    kv = engine.schedule.kv
-    kv.flush()
-    assert kv.pool.num_free_tokens == free_before
-    assert kv.tree.protected_size == 0 and not kv.holders
+    assert_pool_clean(engine, free_before)
     assert not engine.schedule.spec.states
 
 
