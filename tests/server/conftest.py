@@ -8,12 +8,14 @@ module-scoped: one server per test module.
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,6 +65,16 @@ class ServerProcess:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"server not healthy within {timeout_s} s:\n{self.log_text()}")
+
+    def post_json(self, path: str, body: dict, timeout_s: float = 120.0) -> tuple[int, dict]:
+        """POST ``body`` as JSON to ``path``: (HTTP status, the JSON answer), an error status included."""
+        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            return error.code, json.loads(error.read())
 
     def log_text(self) -> str:
         self.log.flush()

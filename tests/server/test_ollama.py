@@ -116,26 +116,16 @@ def test_generate_refuses_what_it_does_not_serve(client, model_name):
         assert caught.value.status_code == 400 and next(iter(kwargs)) in caught.value.error
 
 
-def post_raw(server, path: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def test_errors_are_ollama_shaped(server, model_name):
-    status, body = post_raw(server, "/api/chat", {"model": model_name, "stream": False, "format": "yaml",
+    status, body = server.post_json("/api/chat", {"model": model_name, "stream": False, "format": "yaml",
                                                   "messages": [{"role": "user", "content": "Hi"}]})
     assert status == 400 and isinstance(body["error"], str) and "format" in body["error"]
-    status, body = post_raw(server, "/api/chat", {"model": model_name, "messages": []})
+    status, body = server.post_json("/api/chat", {"model": model_name, "messages": []})
     assert status == 400 and "messages" in body["error"]
-    status, body = post_raw(server, "/api/chat", {"model": model_name, "messages": [
+    status, body = server.post_json("/api/chat", {"model": model_name, "messages": [
         {"role": "user", "content": "Hi", "images": ["aGk="]}]})
     assert status == 400 and "images" in body["error"]
-    status, body = post_raw(server, "/api/generate", {"prompt": "no model"})
+    status, body = server.post_json("/api/generate", {"prompt": "no model"})
     assert status == 400 and "model" in body["error"]
 
 

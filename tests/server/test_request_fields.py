@@ -14,8 +14,6 @@ from __future__ import annotations
 import ast
 import functools
 import json
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import msgspec
@@ -177,18 +175,8 @@ def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def post(server, path: str, body: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(server.url + path, data=json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def assert_refused(server, path: str, field: str, value, words: str = "") -> None:
-    status, body = post(server, path, dict(MINIMAL[path], **{field: value}))
+    status, body = server.post_json(path, dict(MINIMAL[path], **{field: value}))
     assert status == 400, (path, field, body)
     error = body["error"]
     assert error["param"] == field or (error["param"] or "").startswith(field + "."), (field, error)
@@ -284,7 +272,7 @@ def test_logit_bias_forces_and_forbids_tokens(client, server):
                                           logit_bias={"7": 100}, extra_body={"return_token_ids": True,
                                                                              "ignore_eos": True})
     assert chat.model_dump()["choices"][0]["token_ids"] == [7, 7, 7]
-    status, native = post(server, GENERATE, {"text": PROMPT, "sampling_params": {
+    status, native = server.post_json(GENERATE, {"text": PROMPT, "sampling_params": {
         "max_new_tokens": 3, "temperature": 0, "ignore_eos": True, "logit_bias": {"9": 100}}})
     assert status == 200 and native["output_ids"] == [9, 9, 9]
     assert_refused(server, COMPLETIONS, "logit_bias", {"99999999": 1.0}, "vocabulary")
@@ -313,7 +301,7 @@ def test_ebnf_grammar_constrains_and_recursion_is_refused(client, server):
     reply = client.completions.create(model="m", prompt=PROMPT, max_tokens=8, temperature=1.0, seed=4,
                                       extra_body={"ebnf": grammar})
     assert text(reply) in ("yes!", "no!")
-    status, native = post(server, GENERATE, {"text": PROMPT, "sampling_params": {
+    status, native = server.post_json(GENERATE, {"text": PROMPT, "sampling_params": {
         "max_new_tokens": 8, "ebnf": 'root ::= [0-9]{2} ("a" | "b")'}})
     assert status == 200 and len(native["text"]) == 3 and native["text"][:2].isdigit()
     assert_refused(server, COMPLETIONS, "ebnf", 'root ::= "(" root ")" | "x"', "recursive rules are not supported")
@@ -339,7 +327,7 @@ def test_vllm_structured_outputs_and_guided_fields(client, server):
         assert isinstance(json.loads(text(reply))["k"], bool)
     assert_refused(server, COMPLETIONS, "structured_outputs", {"regex": "a", "choice": ["b"]}, "exactly one")
     assert_refused(server, COMPLETIONS, "structured_outputs", {"structural_tag": "{}"}, "not serve")
-    status, body = post(server, COMPLETIONS, dict(MINIMAL[COMPLETIONS], guided_regex="a", guided_choice=["b"]))
+    status, body = server.post_json(COMPLETIONS, dict(MINIMAL[COMPLETIONS], guided_regex="a", guided_choice=["b"]))
     assert status == 400 and body["error"]["param"] == "guided_choice"
 
 
@@ -384,7 +372,7 @@ def test_continue_final_message_leaves_the_last_turn_open(client, tokenizer, ser
                                             extra_body={"return_token_ids": True,
                                                         "add_generation_prompt": False}).model_dump()
     assert tokenizer.decode(closed["prompt_token_ids"]).endswith("Well, my<|im_end|>\n")
-    status, body = post(server, CHAT_COMPLETIONS, dict(MINIMAL[CHAT_COMPLETIONS], messages=turns,
+    status, body = server.post_json(CHAT_COMPLETIONS, dict(MINIMAL[CHAT_COMPLETIONS], messages=turns,
                                                        continue_final_message=True, add_generation_prompt=True))
     assert status == 400 and body["error"]["param"] == "continue_final_message"
 
@@ -407,10 +395,10 @@ def test_legacy_functions_become_tools(client, server):
                                            functions=functions, function_call={"name": "get_time"})
     calls = reply.choices[0].message.tool_calls
     assert calls and calls[0].function.name == "get_time" and "city" in json.loads(calls[0].function.arguments)
-    status, body = post(server, CHAT_COMPLETIONS, dict(MINIMAL[CHAT_COMPLETIONS], functions=functions,
+    status, body = server.post_json(CHAT_COMPLETIONS, dict(MINIMAL[CHAT_COMPLETIONS], functions=functions,
                                                        tools=[{"type": "function", "function": functions[0]}]))
     assert status == 400 and "functions" in body["error"]["message"]
-    assert post(server, CHAT_COMPLETIONS, dict(MINIMAL[CHAT_COMPLETIONS], functions=functions,
+    assert server.post_json(CHAT_COMPLETIONS, dict(MINIMAL[CHAT_COMPLETIONS], functions=functions,
                                                function_call="none"))[0] == 200
 
 
@@ -456,7 +444,7 @@ def test_best_of_equal_to_n_is_served(client, server):
 
 
 def test_native_top_logprobs_num(server):
-    status, body = post(server, GENERATE, {"text": PROMPT, "return_logprob": True, "top_logprobs_num": 3,
+    status, body = server.post_json(GENERATE, {"text": PROMPT, "return_logprob": True, "top_logprobs_num": 3,
                                            "sampling_params": {"max_new_tokens": 2, "temperature": 0}})
     assert status == 200
     assert [len(top) for top in body["meta_info"]["output_top_logprobs"]] == [3, 3]
@@ -467,7 +455,7 @@ def test_prompt_logprob_fields(client, server, tokenizer):
     reply = greedy(client, max_tokens=1, extra_body={"prompt_logprobs": 2}).model_dump()
     prompt = reply["choices"][0]["prompt_logprobs"]
     assert len(prompt) == len(ids) and prompt[0] is None and all(entry for entry in prompt[1:])
-    status, body = post(server, GENERATE, {"text": PROMPT, "return_logprob": True, "logprob_start_len": 0,
+    status, body = server.post_json(GENERATE, {"text": PROMPT, "return_logprob": True, "logprob_start_len": 0,
                                            "return_text_in_logprobs": True, "token_ids_logprob": [5, 9],
                                            "sampling_params": {"max_new_tokens": 2, "temperature": 0}})
     assert status == 200
@@ -475,7 +463,7 @@ def test_prompt_logprob_fields(client, server, tokenizer):
     assert [entry[1] for entry in meta["input_token_logprobs"]] == ids
     assert meta["input_token_logprobs"][1][2] == tokenizer.decode([ids[1]])  # return_text_in_logprobs
     assert [[entry[1] for entry in step] for step in meta["output_token_ids_logprobs"]] == [[5, 9], [5, 9]]
-    status, plain = post(server, GENERATE, {"text": PROMPT, "return_logprob": True,
+    status, plain = server.post_json(GENERATE, {"text": PROMPT, "return_logprob": True,
                                             "sampling_params": {"max_new_tokens": 2, "temperature": 0}})
     assert status == 200 and plain["meta_info"]["input_token_logprobs"] == []  # logprob_start_len -1: none
     assert plain["meta_info"]["output_token_logprobs"][0][2] is None  # no text unless asked
