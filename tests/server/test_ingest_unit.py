@@ -7,6 +7,7 @@ import json
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from pipeline.channel import Channel
 from pipeline.thread_channel import thread_channel
 from pipeline.config import ServerArgs
 from pipeline.messages import (Abort, EngineStats, ErrorOutput, FinishReason, GenerateRequest, IngestInbox,
@@ -63,15 +64,21 @@ async def fake_engine(requests, outputs, seen: list, mode: str) -> None:
             outputs.put(text_output(message, index, "ok", "length"))
 
 
-async def with_app(mode: str, test, **arg_overrides) -> list:
+def fake_ingest(**arg_overrides) -> tuple[ServerContext, Channel, Channel]:
+    """(a ready ServerContext whose ingest stage has the fake tokenizer, its requests channel, its outputs channel)."""
     args = ServerArgs(model_path="/nonexistent", served_model_name="fake", **arg_overrides)
     requests = thread_channel("tokenize", TokenizeInbox, 64)
     outputs = thread_channel("ingest", IngestInbox, 64)
     ingest = IngestStage(args, outputs, {"out": requests}, tokenizer=FakeTokenizer(), server_info=SERVER_INFO)
     ctx = ServerContext(args, ingest)
     ctx.ready = True
+    return ctx, requests, outputs
+
+
+async def with_app(mode: str, test, **arg_overrides) -> list:
+    ctx, requests, outputs = fake_ingest(**arg_overrides)
     seen: list = []
-    tasks = [asyncio.ensure_future(ingest.pump()), asyncio.ensure_future(fake_engine(requests, outputs, seen, mode))]
+    tasks = [asyncio.ensure_future(ctx.ingest.pump()), asyncio.ensure_future(fake_engine(requests, outputs, seen, mode))]
     client = TestClient(TestServer(build_app(ctx)))
     await client.start_server()
     try:

@@ -27,13 +27,11 @@ import openai
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from pipeline.config import ServerArgs
-from pipeline.messages import FinishReason, GenerateRequest, IngestInbox, TextOutput, TokenizeInbox
-from pipeline.thread_channel import thread_channel
-from stages.ingest import IngestStage, ServerContext, build_app
+from pipeline.messages import FinishReason, GenerateRequest, TextOutput
+from stages.ingest import build_app
 from stages.parsers.tool_calls import ToolParserError, tool_choice_to_json_schema
 from tests.server.conftest import running_server
-from tests.server.test_ingest_unit import SERVER_INFO, FakeTokenizer
+from tests.server.test_ingest_unit import fake_ingest
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome"]}}, "required": ["city"]}}}
@@ -65,14 +63,9 @@ def with_scripted_server(test, **arg_overrides) -> None:
     """Run ``await test(client, script)`` against the scripted server (openai.AsyncOpenAI client)."""
 
     async def main() -> None:
-        args = ServerArgs(model_path="/nonexistent", served_model_name="fake", **arg_overrides)
-        requests = thread_channel("tokenize", TokenizeInbox, 64)
-        outputs = thread_channel("ingest", IngestInbox, 64)
-        ingest = IngestStage(args, outputs, {"out": requests}, tokenizer=FakeTokenizer(), server_info=SERVER_INFO)
-        ctx = ServerContext(args, ingest)
-        ctx.ready = True
+        ctx, requests, outputs = fake_ingest(**arg_overrides)
         script: dict[str, Any] = {"text": "", "finish": "stop"}
-        tasks = [asyncio.ensure_future(ingest.pump()),
+        tasks = [asyncio.ensure_future(ctx.ingest.pump()),
                  asyncio.ensure_future(scripted_engine(requests, outputs, script))]
         server = TestClient(TestServer(build_app(ctx)))
         await server.start_server()
