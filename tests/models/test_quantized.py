@@ -379,24 +379,28 @@ def test_per_layer_ignore_is_refused_naming_the_layer(tmp_path):
                           load_format="dummy")
 
 
+def engine_greedy(path: Path, vocab_size: int, quantization: str = "") -> list[list[int]]:
+    """6 greedy tokens for each of four prompts (two share a 30-token prefix: a radix cache hit), through
+    the whole Engine with chunked prefill; the checkpoint gets the tiny tokenizer first."""
+    from pipeline.engine import Engine
+    from tests.server.tiny_model import save_tiny_tokenizer
+
+    save_tiny_tokenizer(path, vocab_size)
+    batch = prompts(vocab_size, [12, 40, 40, 7])
+    batch[2][:30] = batch[1][:30]
+    params = {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True}
+    with Engine(str(path), kernel_backend="reference", device="cpu", max_total_tokens=1024,
+                chunked_prefill_size=16, quantization=quantization) as engine:
+        results = engine.generate(input_ids=batch, sampling_params=[params] * len(batch))
+    return [r["output_ids"] for r in results]
+
 def test_engine_serves_quantized_checkpoints_end_to_end(tmp_path):
     """Through the whole pipeline (schedule, chunked prefill, radix cache, decode): an AWQ
     checkpoint gives the dequantized checkpoint's greedy tokens; --quantization
     w8a8_int8 serves a 16-bit checkpoint."""
-    from pipeline.engine import Engine
-    from tests.server.tiny_model import save_tiny_tokenizer
-
     quant_dir, deq_dir = write_pair(tmp_path, "llama3.1", "awq")
-    for path in (quant_dir, deq_dir):
-        save_tiny_tokenizer(path, SIZES["vocab_size"])
-    batch = prompts(SIZES["vocab_size"], [12, 40, 40, 7])
-    batch[2][:30] = batch[1][:30]                        # a shared prefix: a radix cache hit
-    params = {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True}
-    outputs = {}
-    for name, path, quantization in (("awq", quant_dir, ""), ("deq", deq_dir, ""), ("int8", deq_dir, "w8a8_int8")):
-        with Engine(str(path), kernel_backend="reference", device="cpu", max_total_tokens=1024,
-                    chunked_prefill_size=16, quantization=quantization) as engine:
-            results = engine.generate(input_ids=batch, sampling_params=[params] * len(batch))
-            outputs[name] = [r["output_ids"] for r in results]
+    outputs = {name: engine_greedy(path, SIZES["vocab_size"], quantization)
+               for name, path, quantization in (("awq", quant_dir, ""), ("deq", deq_dir, ""),
+                                                ("int8", deq_dir, "w8a8_int8"))}
     assert outputs["awq"] == outputs["deq"]
-    assert [len(o) for o in outputs["int8"]] == [6] * len(batch)
+    assert [len(o) for o in outputs["int8"]] == [6] * 4

@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 import models
 from models.quantization import QuantExperts
 from tests.models.runner import PagedRunner
-from tests.models.test_quantized import FORMATS, WEIGHT_ONLY, WEIGHT_ONLY_RTOL, write_quantized
+from tests.models.test_quantized import FORMATS, WEIGHT_ONLY, WEIGHT_ONLY_RTOL, engine_greedy, write_quantized
 from tests.models.tiny import build_hf_model, prompts, tiny_config
 from triton_kernels import load_ops
 
@@ -146,20 +146,7 @@ def test_dummy_weights_in_each_format(tmp_path, family, quantization, fmt):
 def test_engine_serves_a_quantized_moe_checkpoint(tmp_path):
     """Through the whole pipeline (schedule, chunked prefill, radix cache, decode): a GPTQ
     Qwen2-MoE checkpoint gives its dequantized checkpoint's greedy tokens."""
-    from pipeline.engine import Engine
-    from tests.server.tiny_model import save_tiny_tokenizer
-
     quant_dir, deq_dir = write_moe_pair(tmp_path, "qwen2_moe", "gptq_sym")
-    for path in (quant_dir, deq_dir):
-        save_tiny_tokenizer(path, SIZES["vocab_size"])
-    batch = prompts(SIZES["vocab_size"], [12, 40, 40, 7])
-    batch[2][:30] = batch[1][:30]                        # a shared prefix: a radix cache hit
-    params = {"temperature": 0.0, "max_new_tokens": 6, "ignore_eos": True}
-    outputs = {}
-    for name, path in (("gptq", quant_dir), ("deq", deq_dir)):
-        with Engine(str(path), kernel_backend="reference", device="cpu", max_total_tokens=1024,
-                    chunked_prefill_size=16) as engine:
-            results = engine.generate(input_ids=batch, sampling_params=[params] * len(batch))
-            outputs[name] = [r["output_ids"] for r in results]
+    outputs = {name: engine_greedy(path, SIZES["vocab_size"]) for name, path in (("gptq", quant_dir), ("deq", deq_dir))}
     assert outputs["gptq"] == outputs["deq"]
-    assert [len(o) for o in outputs["gptq"]] == [6] * len(batch)
+    assert [len(o) for o in outputs["gptq"]] == [6] * 4
