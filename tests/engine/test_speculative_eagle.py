@@ -22,7 +22,7 @@ from pipeline.config import ConfigError
 from pipeline.engine import Engine
 from stages.forward.speculative import eagle3_layers
 from tests.engine.common import ARCHITECTURES, assert_pool_clean, cpu_engine
-from tests.models.tiny import save_tiny, source_config
+from tests.models.tiny import eagle_layer_weights, save_tiny, source_config
 from tests.server.conftest import running_server
 from tests.server.tiny_model import save_tiny_tokenizer
 
@@ -49,14 +49,7 @@ def save_head(directory: Path, kind: str, hidden: int, seed: int = 0, echo: bool
                intermediate_size=INTERMEDIATE, vocab_size=VOCAB, torch_dtype="float32",
                max_position_embeddings=16)  # shorter than the sequences served, as published heads are
     H, p = hidden, ("midlayer." if kind == "eagle3" else "layers.0.")
-    attn_in = 2 * H if kind == "eagle3" else H
-    w = {f"{p}self_attn.q_proj.weight": r(HEADS * HEAD_DIM, attn_in),
-         f"{p}self_attn.k_proj.weight": r(KV_HEADS * HEAD_DIM, attn_in),
-         f"{p}self_attn.v_proj.weight": r(KV_HEADS * HEAD_DIM, attn_in),
-         f"{p}self_attn.o_proj.weight": r(H, HEADS * HEAD_DIM),
-         f"{p}post_attention_layernorm.weight": 1 + r(H),
-         f"{p}mlp.gate_proj.weight": r(INTERMEDIATE, H), f"{p}mlp.up_proj.weight": r(INTERMEDIATE, H),
-         f"{p}mlp.down_proj.weight": r(H, INTERMEDIATE)}
+    w = eagle_layer_weights(kind, r, H, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE)
     if kind == "eagle3":
         raw.update(draft_vocab_size=DRAFT_VOCAB, target_hidden_size=H)
         w.update({f"{p}input_layernorm.weight": 1 + r(H), f"{p}hidden_norm.weight": 1 + r(H),

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from models.batch import KVCache, build_metadata_reference
 from models.eagle import load_eagle_head, parse_eagle_config
 from models.errors import MissingWeightsError, ModelConfigError, UnexpectedWeightsError
-from tests.models.tiny import source_config
+from tests.models.tiny import eagle_layer_weights, source_config
 from triton_kernels import load_ops
 
 H, HEADS, KV_HEADS, D, I, VOCAB, DRAFT_VOCAB, HT = 64, 4, 2, 16, 96, 300, 50, 48
@@ -40,16 +40,9 @@ def _weights(kind: str, gen: torch.Generator) -> dict[str, torch.Tensor]:
     def r(*shape, scale=0.2):
         return torch.randn(*shape, generator=gen) * scale
 
-    attn_in = 2 * H if kind == "eagle3" else H
     p = "midlayer." if kind == "eagle3" else "layers.0."
-    w = {f"{p}self_attn.q_proj.weight": r(HEADS * D, attn_in),
-         f"{p}self_attn.k_proj.weight": r(KV_HEADS * D, attn_in),
-         f"{p}self_attn.v_proj.weight": r(KV_HEADS * D, attn_in),
-         f"{p}self_attn.o_proj.weight": r(H, HEADS * D),
-         f"{p}post_attention_layernorm.weight": 1 + r(H),
-         f"{p}mlp.gate_proj.weight": r(I, H), f"{p}mlp.up_proj.weight": r(I, H),
-         f"{p}mlp.down_proj.weight": r(H, I),
-         "embed_tokens.weight": r(VOCAB, H, scale=1.0)}
+    w = eagle_layer_weights(kind, r, H, HEADS, KV_HEADS, D, I)
+    w["embed_tokens.weight"] = r(VOCAB, H, scale=1.0)
     if kind == "eagle3":
         w.update({f"{p}input_layernorm.weight": 1 + r(H), f"{p}hidden_norm.weight": 1 + r(H),
                   "fc.weight": r(H, 3 * HT), "norm.weight": 1 + r(H),

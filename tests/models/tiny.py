@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -119,3 +119,21 @@ def prompts(vocab_size: int, lengths: list[int], seed: int = 0) -> list[list[int
     """Random token prompts of the given lengths (ids from 3 up: skip bos/eos)."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(3, vocab_size, (n,), generator=generator).tolist() for n in lengths]
+
+
+def eagle_layer_weights(kind: str, random: Callable[..., torch.Tensor], hidden: int, heads: int, kv_heads: int,
+                        head_dim: int, intermediate: int) -> dict[str, torch.Tensor]:
+    """The one decoder layer of a random EAGLE ("eagle": ``layers.0.``) or EAGLE3 ("eagle3":
+    ``midlayer.``, attention over [embedding, feature], 2 * hidden) head, in checkpoint names.
+
+    ``random(*shape)`` draws each tensor (in this order, so a seeded generator gives the same head)."""
+    p = "midlayer." if kind == "eagle3" else "layers.0."
+    attn_in = 2 * hidden if kind == "eagle3" else hidden
+    return {f"{p}self_attn.q_proj.weight": random(heads * head_dim, attn_in),
+            f"{p}self_attn.k_proj.weight": random(kv_heads * head_dim, attn_in),
+            f"{p}self_attn.v_proj.weight": random(kv_heads * head_dim, attn_in),
+            f"{p}self_attn.o_proj.weight": random(hidden, heads * head_dim),
+            f"{p}post_attention_layernorm.weight": 1 + random(hidden),
+            f"{p}mlp.gate_proj.weight": random(intermediate, hidden),
+            f"{p}mlp.up_proj.weight": random(intermediate, hidden),
+            f"{p}mlp.down_proj.weight": random(hidden, intermediate)}
