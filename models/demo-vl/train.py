@@ -67,6 +67,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
                   "<|image_pad|>", "<|video_pad|>"]
 ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = range(len(SPECIAL_TOKENS))
 VOCAB_SIZE = 512
+TOKENIZER_SEED = 1234            # the tokenizer's corpus does not follow --seed, so --init-from always fits
 MAX_POSITIONS = 2048
 
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230),
@@ -189,7 +190,7 @@ def pixel_patches(images: list[Image.Image]) -> torch.Tensor:
 # ----------------------------------------------------------------------------- tokenizer
 
 
-def train_tokenizer(seed: int):
+def train_tokenizer(seed: int = TOKENIZER_SEED):
     """Byte-level BPE over generated questions and answers; Qwen's special tokens get ids 0-6."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -388,6 +389,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=100)
     parser.add_argument("--eval-questions", type=int, default=400, help="held-out questions for teacher forcing")
     parser.add_argument("--greedy-questions", type=int, default=200, help="held-out questions for generate")
+    parser.add_argument("--init-from", type=Path, default=None, help="start from this directory's weights")
     parser.add_argument("--stop-at", type=float, default=0.995, help="stop once teacher-forced accuracy reaches it")
     return parser.parse_args()
 
@@ -399,8 +401,14 @@ def main() -> None:
     autocast = device.type == "cuda"
     start_s = time.perf_counter()
 
-    tokenizer = train_tokenizer(args.seed)
-    model = make_model(tokenizer.get_vocab_size(), args.seed).to(device)
+    tokenizer = train_tokenizer()
+    if args.init_from is None:
+        model = make_model(tokenizer.get_vocab_size(), args.seed)
+    else:  # continue from saved weights (the tokenizer is deterministic, so it is the same one)
+        from transformers import Qwen2_5_VLForConditionalGeneration
+
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(args.init_from), dtype=torch.float32)
+    model = model.to(device).train()
     num_params = sum(p.numel() for p in model.parameters())
     print(f"tokenizer: vocab {tokenizer.get_vocab_size()}; model: {num_params / 1e6:.2f}M parameters")
 
@@ -459,10 +467,12 @@ def main() -> None:
         "num_params": num_params, "vocab_size": tokenizer.get_vocab_size(),
         "device": torch.cuda.get_device_name(device) if autocast else f"cpu ({args.threads} threads)",
         "train_s": round(train_s, 1), "total_s": round(time.perf_counter() - start_s, 1),
-        "args": {k: v for k, v in vars(args).items() if k not in ("out", "device")},
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in ("out", "device")},
         "history": history,
     }
-    print("result:", json.dumps({k: v for k, v in metrics.items() if k != "history"}))
+    if args.init_from is not None and (args.init_from / "train_metrics.json").is_file():
+        metrics["init_from_metrics"] = json.loads((args.init_from / "train_metrics.json").read_text())
+    print("result:", json.dumps({k: v for k, v in metrics.items() if k not in ("history", "init_from_metrics")}))
     (args.out / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     for (_, question, expected), got in list(zip(greedy_set, answers))[:8]:
         print(f"  {question!r:45} -> {got!r} (expected {expected!r})")
