@@ -30,7 +30,9 @@ cache's, and a flush must bring usage to 0.
 
 One JSON object goes to ``--output`` (default
 ``perf/results/soak-demo-cpu.json``): the settings, the request counts by
-kind and outcome, the RSS samples, the slopes and the final KV usage.
+kind and outcome, the RSS samples, the slopes, the final KV usage, and the
+verdict against the stated bounds (``BOUNDS``); the exit code is 1 when a
+bound is broken. ``--check FILE`` re-judges a recorded run.
 """
 from __future__ import annotations
 
@@ -303,6 +305,34 @@ async def _settled_stats(session: aiohttp.ClientSession, url: str, timeout_s: fl
             "num_sequences_in_flight": info.get("num_sequences_in_flight")}
 
 
+# --------------------------------------------------------------------------- verdict
+
+# What "memory stays flat, KV comes back" means here, stated before the run is judged.
+BOUNDS = {
+    "rss_slope_mb_per_min_second_half": 2.0,   # summed over the server's processes
+    "rss_growth_fraction_whole_run": 0.10,     # last sample vs first, summed
+    "idle_kv_usage_after_flush": 0.0,
+    "server_log_tracebacks": 0,
+}
+
+
+def verdict(record: dict[str, Any]) -> dict[str, Any]:
+    """Each bound with the measured value and whether it holds."""
+    total = record["rss"]["total_second_half"]
+    per_process = record["rss"]["per_process"].values()
+    first = sum(p["first_mb"] for p in per_process)
+    last = sum(p["last_mb"] for p in per_process)
+    measured = {
+        "rss_slope_mb_per_min_second_half": total["slope_mb_per_min"],
+        "rss_growth_fraction_whole_run": round((last - first) / first, 4),
+        "idle_kv_usage_after_flush": record["kv_usage_idle"]["after_flush"]["token_usage"],
+        "server_log_tracebacks": record["server_log_tracebacks"],
+    }
+    checks = {name: {"bound": BOUNDS[name], "measured": value, "holds": value <= BOUNDS[name]}
+              for name, value in measured.items()}
+    return {"checks": checks, "all_hold": all(c["holds"] for c in checks.values())}
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -333,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     parser.add_argument("--server-log", type=Path, default=Path("/tmp/stagewise-soak-server.log"))
     parser.add_argument("--server-arg", action="append", default=[], help="extra flag for stagewise serve")
+    parser.add_argument("--check", type=Path, default=None, help="re-judge a recorded result file and exit")
     args = parser.parse_args(argv)
+    if args.check is not None:
+        return check(args.check)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = start_server(args.model_path, port, args.server_log, args.server_arg)
@@ -353,13 +386,24 @@ def main(argv: list[str] | None = None) -> int:
               "seed": args.seed, "sample_every_s": args.sample_every_s, "server_exit_code": server.returncode,
               "server_log_tracebacks": log_text.count("Traceback"), "server_log_aclose_errors": log_text.count("aclose"),
               **result}
+    record["verdict"] = verdict(record)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(record, indent=1) + "\n")
     summary = {k: record[k] for k in ("num_requests", "server_exit_code", "server_log_tracebacks")}
     print(json.dumps({**summary, "rss_total_second_half": record["rss"]["total_second_half"],
                       "kv_usage_idle": record["kv_usage_idle"]}, indent=1))
+    print(json.dumps(record["verdict"], indent=1))
     print(f"wrote {args.output}")
-    return 0
+    return 0 if record["verdict"]["all_hold"] else 1
+
+
+def check(path: Path) -> int:
+    """Judge a recorded run against ``BOUNDS`` and store the verdict in it."""
+    record = json.loads(path.read_text())
+    record["verdict"] = verdict(record)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record["verdict"], indent=1))
+    return 0 if record["verdict"]["all_hold"] else 1
 
 
 if __name__ == "__main__":
