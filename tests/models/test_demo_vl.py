@@ -38,7 +38,7 @@ TARGET = 0.90
 # The shipped weights do not reach TARGET yet (train_metrics.json: heldout_greedy_accuracy); the accuracy
 # tests say so instead of lowering the bar. strict: once retrained weights pass, the mark must go.
 BELOW_TARGET = pytest.mark.xfail(
-    strict=True, reason="models/demo-vl weights measure about 80% held-out (colour-of-shape and shape-of-colour "
+    strict=True, reason="models/demo-vl weights measure about 85% held-out (colour-of-shape and shape-of-colour "
                         "questions); 90% needs longer training with models/demo-vl/train.py")
 
 
