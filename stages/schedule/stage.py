@@ -158,7 +158,9 @@ class ScheduleStage(Stage):
         self.num_generated = 0
         self._stats_at_s = time.monotonic()
         self._stats_generated = 0
-        self._log_window: tuple[float, int] | None = None  # (start, num_generated then) while busy
+        # The batch line's window: busy seconds before the current busy period, when that
+        # period began (None while idle), and num_generated at the last line.
+        self._log_busy_s, self._log_busy_since, self._log_generated = 0.0, None, 0
         self._checked_idle = True
         # The assembly passes the figure the forward stage sized its rows for; a stage built
         # alone (tests, replay) may still hold 0 ("from the KV capacity"): the rows decide.
@@ -272,7 +274,7 @@ class ScheduleStage(Stage):
             if not self._checked_idle:
                 self.kv.check_integrity()
                 self._checked_idle = True
-            self._log_window = None  # idle time does not count toward the next line's throughput
+            self._end_busy_period()  # idle time does not count toward the next line's throughput
             return
         self._checked_idle = False
         self._maybe_log_batch()
@@ -526,20 +528,30 @@ class ScheduleStage(Stage):
         """EngineStats fields of a prefill or decode role (``disagg.py``); none on an ordinary engine."""
         return {}
 
+    def _end_busy_period(self) -> None:
+        if self._log_busy_since is not None:
+            self._log_busy_s += time.monotonic() - self._log_busy_since
+            self._log_busy_since = None
+
     def _maybe_log_batch(self) -> None:
-        """SGLang's periodic batch line, at most every LOG_INTERVAL_S of busy time."""
+        """SGLang's periodic batch line, once LOG_INTERVAL_S of busy time has gathered.
+
+        Busy time adds up over busy periods (short requests that finish together
+        leave the stage idle between rounds), so the line comes under any load,
+        and its throughput counts busy seconds only.
+        """
         now = time.monotonic()
-        if self._log_window is None:
-            self._log_window = (now, self.num_generated)
+        if self._log_busy_since is None:
+            self._log_busy_since = now
+        busy_s = self._log_busy_s + (now - self._log_busy_since)
+        if busy_s < LOG_INTERVAL_S:
             return
-        start_s, generated = self._log_window
-        if now - start_s < LOG_INTERVAL_S:
-            return
-        self._log_window = (now, self.num_generated)
+        generated = self.num_generated - self._log_generated
+        self._log_busy_s, self._log_busy_since, self._log_generated = 0.0, now, self.num_generated
         logger.info("Decode batch. #running-req: %d, #queue-req: %d, #token: %d, token usage: %.2f, "
                     "gen throughput (token/s): %.2f, cache hit rate: %.2f%%", len(self.running_reqs),
                     len(self.waiting), self.kv.used_tokens(), self.kv.used_tokens() / self.kv.capacity_tokens,
-                    (self.num_generated - generated) / (now - start_s), 100.0 * self.kv.tree.hit_rate)
+                    generated / busy_s, 100.0 * self.kv.tree.hit_rate)
 
     def check_integrity(self) -> None:
         self.kv.check_integrity()
