@@ -68,7 +68,9 @@ def test_pd_server_output_metrics_and_roles(server, model_dir):
 
     def settled():
         samples = _pd_samples(server.url)
-        done = samples.get(("stagewise:pd_transfers_total", "decode")) == len(PROMPTS)
+        # each engine publishes its stats once a second, on its own: wait for both roles' counts
+        done = all(samples.get((name, role)) == len(PROMPTS) for role in ("prefill", "decode")
+                   for name in ("stagewise:pd_transfers_total", "stagewise:pd_handoffs_total"))
         idle = not any(v for (name, _), v in samples.items() if name.endswith(("queue_reqs", "transfer_reqs")))
         return samples if done and idle else None
 
