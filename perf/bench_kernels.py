@@ -529,6 +529,94 @@ def vision_attention_cases(ctx: Ctx) -> list[Case]:
 
 FAMILIES.update(vision_attention=vision_attention_cases)
 
+
+# ----------------------------------------------------------------------------- quantized GEMMs, FP8 KV
+
+
+QUANT_MS = (1, 16, 1024, 4096)
+
+
+def _quant_weights(N: int, K: int, ctx: Ctx) -> dict[str, torch.Tensor]:
+    """One random bf16 weight [N, K] in every served layout (models/quantization.py's packers)."""
+    from models.quantization import quantize_fp8_blocks, quantize_int4_groups, quantize_per_channel
+
+    w = torch.randn(N, K, device=ctx.device, dtype=DTYPE) / K ** 0.5
+    fp8, fp8_scale = quantize_per_channel(w, torch.float8_e4m3fn)
+    int8, int8_scale = quantize_per_channel(w, torch.int8)
+    block, block_scale = quantize_fp8_blocks(w, (128, 128))
+    qweight, scales, zeros = quantize_int4_groups(w, 128)
+    return dict(bf16=w, fp8=fp8, fp8_scale=fp8_scale, int8=int8, int8_scale=int8_scale, block=block,
+                block_scale=block_scale, qweight=qweight, scales=scales, zeros=zeros)
+
+
+def _scaled_mm_of(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """torch._scaled_mm row-wise (per-token x scale, per-channel w scale), x quantised here too:
+    the same work as our fused kernel."""
+    x_scale = x.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-10) / 448.0
+    xq = (x.float() / x_scale).clamp(-448, 448).to(torch.float8_e4m3fn)
+    return torch._scaled_mm(xq, w["fp8"].t(), scale_a=x_scale, scale_b=w["fp8_scale"][None, :], out_dtype=DTYPE)
+
+
+def quant_cases(ctx: Ctx) -> list[Case]:
+    """Each quantized GEMM beside our bf16 GEMM on the same shape (Llama-3.1-8B projections), and
+    the fp8 row-wise GEMM beside torch._scaled_mm. ratio > 1: the quantized kernel is faster."""
+    from triton_kernels import gemm, quant_w4a16, quant_w8a8
+
+    linear = load_ops("triton", ctx.options).linear
+    cases = []
+    for name, N, K in [s for s in gemm_shapes() if s[0].startswith("llama") and "lm_head" not in s[0]]:
+        weights = rotating(ctx, lambda N=N, K=K: (_quant_weights(N, K, ctx),), 3 * N * K)
+        for M in QUANT_MS:
+            x = torch.randn(M, K, device=ctx.device, dtype=DTYPE)
+            flops, _ = gemm.flops_bytes(M, N, K, DTYPE)
+            bf16 = lambda x=x, f=weights: linear(x, f()[0]["bf16"])
+            shape = f"M={M} N={N} K={K}"
+            ops = {
+                "fp8 channel": lambda x, w: quant_w8a8.w8a8_linear(x, w["fp8"], w["fp8_scale"]),
+                "fp8 block128": lambda x, w: quant_w8a8.fp8_block_linear(x, w["block"], w["block_scale"], (128, 128)),
+                "int8 channel": lambda x, w: quant_w8a8.w8a8_linear(x, w["int8"], w["int8_scale"]),
+                "w4a16 g128": lambda x, w: quant_w4a16.w4a16_linear(x, w["qweight"], w["scales"], w["zeros"], None, 128),
+            }
+            eight_bit_bytes = M * K * 2 + N * K + M * N * 2
+            for kind, op in ops.items():
+                nbytes = quant_w4a16.flops_bytes(M, N, K)[1] if kind.startswith("w4a16") else eight_bit_bytes
+                cases.append(Case("quant", f"{kind} {name}", shape, ours=lambda x=x, f=weights, op=op: op(x, f()[0]),
+                                  anchor=bf16, anchor_name="ours bf16", bytes_moved=int(nbytes), flops=flops))
+            if M >= 16:   # torch._scaled_mm wants M a multiple of 16
+                cases.append(Case("quant", f"fp8 channel {name}", shape,
+                                  ours=lambda x=x, f=weights, op=ops["fp8 channel"]: op(x, f()[0]),
+                                  anchor=lambda x=x, f=weights: _scaled_mm_of(x, f()[0]),
+                                  anchor_name="torch._scaled_mm", bytes_moved=eight_bit_bytes, flops=flops))
+    return cases
+
+
+def kv_fp8_cases(ctx: Ctx) -> list[Case]:
+    """Decode attention over an FP8 (e4m3) KV pool beside the same over a bf16 pool (Llama-3.1-8B
+    heads, 8k context). ratio > 1: the FP8 pool is faster."""
+    from triton_kernels import attention
+
+    ops = load_ops("triton", ctx.options)
+    hq, hk, D = ATTN_MODELS["llama3.1-8b"]
+    cases = []
+    for batch, ctx_len in ((1, 8192), (16, 8192), (64, 8192)):
+        k_cache, v_cache, slots = _contiguous_pool(batch * ctx_len, hk, D, ctx, shuffle=True)
+        k8, v8 = k_cache.to(torch.float8_e4m3fn), v_cache.to(torch.float8_e4m3fn)
+        req_to_token = slots.view(batch, ctx_len).contiguous()
+        rows = torch.arange(batch, device=ctx.device)
+        seq_lens = torch.full((batch,), ctx_len, dtype=torch.int32, device=ctx.device)
+        q = torch.randn(batch, hq, D, device=ctx.device, dtype=DTYPE)
+        flops, nbytes = attention.decode_flops_bytes([ctx_len] * batch, hq, hk, D)
+        cases.append(Case("kv_fp8", "decode fp8 KV llama3.1-8b", f"B={batch} ctx={ctx_len}",
+                          ours=lambda q=q, k=k8, v=v8, r=req_to_token, i=rows, s=seq_lens:
+                          ops.decode_attention(q, k, v, r, i, s, D ** -0.5, k_scale=1.0, v_scale=1.0),
+                          anchor=lambda q=q, k=k_cache, v=v_cache, r=req_to_token, i=rows, s=seq_lens:
+                          ops.decode_attention(q, k, v, r, i, s, D ** -0.5),
+                          anchor_name="ours bf16 KV", bytes_moved=int(nbytes) // 2, flops=int(flops)))
+    return cases
+
+
+FAMILIES.update(quant=quant_cases, kv_fp8=kv_fp8_cases)
+
 # ============================================================================
 # End of the attention / moe / sampling section.
 # ============================================================================

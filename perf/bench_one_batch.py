@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -108,6 +109,45 @@ def model_dir(model: str) -> str:
     return str(directory)
 
 
+# --variant NAME: the same model quantized (dummy weights of that format) and/or with an FP8 KV
+# cache. Checkpoint formats are written into a copy of config.json; online ones are flags.
+CHECKPOINT_FORMATS = {
+    "fp8-block": {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]},
+    "awq": {"quant_method": "awq", "bits": 4, "group_size": 128, "zero_point": True, "version": "gemm"},
+    "gptq": {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True},
+}
+ONLINE_FORMATS = {"fp8": "fp8", "w8a8-int8": "w8a8_int8"}
+
+
+def variant_model(model: str, variant: str) -> tuple[str, dict]:
+    """(model directory, ServerArgs overrides) of ``variant``: ``bf16``, a checkpoint format
+    (``fp8-block``, ``awq``, ``gptq``), an online one (``fp8``, ``w8a8-int8``), any of them
+    followed by ``+kv-fp8`` for the FP8 KV cache."""
+    weights, _, kv = variant.partition("+")
+    overrides: dict = {}
+    if kv:
+        if kv != "kv-fp8":
+            raise SystemExit(f"variant {variant!r}: only '+kv-fp8' may follow the weight format")
+        overrides["kv_cache_dtype"] = "fp8_e4m3"
+    if weights in ONLINE_FORMATS:
+        overrides["quantization"] = ONLINE_FORMATS[weights]
+    elif weights in CHECKPOINT_FORMATS:
+        source = Path(model_dir(model))
+        directory = Path(tempfile.gettempdir()) / "stagewise-configs" / f"{source.name}-{weights}"
+        directory.mkdir(parents=True, exist_ok=True)
+        config = json.loads((source / "config.json").read_text())
+        config["quantization_config"] = CHECKPOINT_FORMATS[weights]
+        (directory / "config.json").write_text(json.dumps(config))
+        for extra in source.glob("*.json"):
+            if extra.name != "config.json":
+                shutil.copyfile(extra, directory / extra.name)
+        return str(directory), overrides
+    elif weights != "bf16":
+        formats = ", ".join(["bf16", *ONLINE_FORMATS, *CHECKPOINT_FORMATS])
+        raise SystemExit(f"variant {variant!r}: weight format must be one of {formats}")
+    return model, overrides
+
+
 def server_args(model: str, **overrides) -> ServerArgs:
     """Dummy-weight ServerArgs for a model directory or a bundled config's name."""
     fields = dict(model_path=model_dir(model), load_format="dummy",
@@ -154,17 +194,17 @@ def step_s(forward, sample, batch: ForwardBatch) -> tuple[float, list[int]]:
 
 
 def bench_model(model_path: str, batch_sizes: list[int], input_lens: list[int], decode_steps: int,
-                max_prefill_tokens: int) -> dict:
+                max_prefill_tokens: int, **overrides) -> dict:
     from pipeline.assembly import forward_and_sample
 
     max_bs = max(batch_sizes)
     total = max_bs * (max(input_lens) + 1024) + 1
     args = server_args(model_path, max_total_tokens=total, max_running_requests=max_bs, cuda_graph_max_bs=max_bs,
-                       context_length=max(input_lens) + 1024)
+                       context_length=max(input_lens) + 1024, **overrides)
     load_start = time.perf_counter()
     forward, sample = forward_and_sample(args)
     setup_s = time.perf_counter() - load_start
-    weight_bytes = sum(p.numel() * p.element_size() for p in forward.model.parameters())
+    weight_bytes = sum(nbytes for _, nbytes in weight_tensors(forward.model))
     kv_token_bytes = kv_bytes_per_token(forward)
     vocab = forward.config.vocab_size
     cases = []
@@ -203,15 +243,29 @@ def experts_read(num_experts: int, top_k: int, batch: int) -> float:
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch)
 
 
+def weight_tensors(model: torch.nn.Module) -> list[tuple[str, int]]:
+    """(name, bytes) of every weight: the parameters, and the kernel tensors a quantized
+    projection holds as buffers (models/quantization.py)."""
+    from models.quantization import quant_modules
+
+    tensors = [(name, p.numel() * p.element_size()) for name, p in model.named_parameters()]
+    for module_name, module in quant_modules(model).items():
+        tensors += [(f"{module_name}.{name}", b.numel() * b.element_size())
+                    for name, b in module.named_buffers(recurse=False) if b is not None]
+    return tensors
+
+
 def step_read_bytes(model: torch.nn.Module, config, batch: int, context_len: int, kv_bytes_per_token: int) -> float:
     """HBM bytes one decode step of ``batch`` requests at ``context_len`` tokens must read."""
     total = 0.0
-    for name, param in model.named_parameters():  # a tied lm_head is the embedding table, listed once
-        nbytes = param.numel() * param.element_size()
-        if name.endswith((".experts.w13", ".experts.w2")):  # [E, ...]: only the routed experts
-            total += nbytes / param.shape[0] * experts_read(param.shape[0], config.num_experts_per_tok, batch)
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    for name, nbytes in weight_tensors(model):  # a tied lm_head is the embedding table, listed once
+        expert = re.search(r"\.experts\.(w13|w2)(_[qszg])?$", name)
+        if expert:  # [E, ...]: only the routed experts
+            num_experts = config.num_experts
+            total += nbytes / num_experts * experts_read(num_experts, config.num_experts_per_tok, batch)
         elif name.endswith("embed_tokens.weight") and not config.tie_word_embeddings:
-            total += batch * param.shape[1] * param.element_size()  # one row per request
+            total += nbytes / shapes[name][0] * batch  # one row per request
         else:
             total += nbytes
     return total + batch * context_len * kv_bytes_per_token
@@ -234,6 +288,17 @@ def run_each_model_alone(script: str, models: list[str], argv: list[str] | None)
     return max(codes)
 
 
+def print_variant_ratios(results: list[dict]) -> None:
+    """Each variant's batch-1 decode step beside the bf16 one of the same model (speedup > 1: faster)."""
+    base = {r["model"]: r.get("batch1_decode_ms_per_token") for r in results if r.get("variant") == "bf16"}
+    for r in results:
+        ms, ref = r.get("batch1_decode_ms_per_token"), base.get(r["model"])
+        if r.get("variant") != "bf16" and ms and ref:
+            r["batch1_speedup_vs_bf16"] = ref / ms
+            print(f"  {r['model']} {r['variant']}: batch-1 decode {ms:.3f} ms vs bf16 {ref:.3f} ms: "
+                  f"{ref / ms:.2f}x", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", default="Llama-3.1-8B-Instruct,Qwen3-8B",
@@ -242,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-lens", default="256,1024")
     parser.add_argument("--decode-steps", type=int, default=32)
     parser.add_argument("--max-prefill-tokens", type=int, default=16384)
+    parser.add_argument("--variants", default="bf16",
+                        help="comma-separated: bf16, fp8, w8a8-int8, fp8-block, awq, gptq, each optionally "
+                             "+kv-fp8 (the same model in each form, one after another, in this process)")
     ns = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_one_batch needs a CUDA device")
@@ -253,10 +321,14 @@ def main(argv: list[str] | None = None) -> int:
     copy_gbps = copy_bandwidth_gbps()
     print(f"{env}  copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     results = []
-    for model_path in ns.models.split(","):
-        print(f"== {Path(model_path).name} (dummy weights)", flush=True)
-        result = bench_model(model_path, [int(x) for x in ns.batch_sizes.split(",")],
-                             [int(x) for x in ns.input_lens.split(",")], ns.decode_steps, ns.max_prefill_tokens)
+    variants = ns.variants.split(",")
+    for model_path, variant in [(m, v) for m in ns.models.split(",") for v in variants]:
+        print(f"== {Path(model_path).name} {variant} (dummy weights)", flush=True)
+        directory, overrides = variant_model(model_path, variant)
+        result = bench_model(directory, [int(x) for x in ns.batch_sizes.split(",")],
+                             [int(x) for x in ns.input_lens.split(",")], ns.decode_steps, ns.max_prefill_tokens,
+                             **overrides)
+        result.update(model=Path(model_path).name, variant=variant)
         all_weights_ms = result["weight_bytes"] / (copy_gbps * 1e9) * 1e3
         batch1 = [c for c in result["cases"] if c["batch"] == 1]
         result["all_weights_roofline_ms_per_token"] = all_weights_ms
@@ -270,7 +342,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"({read / 1e9:.2f} GB a step reads): {roofline_ms / ours:.0%} of roofline "
                   f"(all {result['weight_bytes'] / 1e9:.2f} GB of weights: {all_weights_ms / ours:.0%})", flush=True)
         results.append(result)
-        write_result(f"one_batch-{Path(model_path).name}", {**env, "copy_gbps": copy_gbps, "results": results})
+        stem = f"one_batch-{Path(model_path).name}" + ("" if variants == ["bf16"] else "-quant")
+        write_result(stem, {**env, "copy_gbps": copy_gbps, "results": results})
+    print_variant_ratios(results)
     return 0
 
 
