@@ -17,6 +17,11 @@ flattened one after another into one 1-D bool/uint8 tensor; request ``b``'s
 starts at ``mask_start_loc[b]`` (SGLang's ``custom_mask`` + ``mask_indptr``).
 With a chain mask (lower triangle) this is extend attention.
 
+Sliding window (``sliding_window > 0``, Mistral / Qwen2 layers): with the
+nodes' rotary ``positions`` (``prefix_len + depth``), a key is also required
+to satisfy ``pos(q) - pos(k) < sliding_window`` (prefix key j sits at
+position j), the convention of ``triton_kernels/attention``.
+
 Shapes and dtypes: q [T, Hq, D], k/v [T, Hk, D] (the nodes' keys/values, read
 here from k/v, not the pool), k_cache/v_cache [S, Hk, D], all fp16/bf16/fp32
 alike; GQA by ``kv head = q head // (Hq // Hk)``; D <= 256 (padded to a power
@@ -64,11 +69,11 @@ def _online_softmax(acc, l_i, m_i, qk, v, visible, qk_scale, IS_FP32: tl.constex
 def _tree_attention_kernel(
     q_ptr, k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, o_ptr, mask_ptr, req_to_token_ptr,
     req_pool_indices_ptr, prefix_lens_ptr, tree_lens_ptr, tree_start_loc_ptr, mask_start_loc_ptr,
-    qk_scale, num_m_blocks,
+    positions_ptr, qk_scale, sliding_window, num_m_blocks,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_ks, stride_kch, stride_vs, stride_vch, stride_ot, stride_oh, stride_req,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IS_FP32: tl.constexpr, USE_WINDOW: tl.constexpr,
 ):
     head = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -89,6 +94,8 @@ def _tree_attention_kernel(
         q_mask = (offs_m < tree_len)[:, None] & mask_d[None, :]
         q = tl.load(q_ptr + rows_m * stride_qt + head * stride_qh + offs_d[None, :],
                     mask=q_mask, other=0.0)
+        if USE_WINDOW:
+            q_pos = tl.load(positions_ptr + row0 + offs_m, mask=offs_m < tree_len, other=0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -105,6 +112,8 @@ def _tree_attention_kernel(
             v = tl.load(v_cache_ptr + slots[:, None] * stride_vs + kv_head * stride_vch
                         + offs_d[None, :], mask=kv_mask, other=0.0)
             visible = (offs_m < tree_len)[:, None] & in_prefix[None, :]
+            if USE_WINDOW:
+                visible = visible & (q_pos[:, None] - k_idx[None, :] < sliding_window)
             acc, l_i, m_i = _online_softmax(acc, l_i, m_i, _dot(q, tl.trans(k), IS_FP32), v,
                                             visible, qk_scale, IS_FP32)
 
@@ -121,8 +130,12 @@ def _tree_attention_kernel(
             pair = (offs_m < tree_len)[:, None] & in_tree[None, :]
             bits = tl.load(mask_ptr + mask_row0 + offs_m[:, None] * tree_len + k_idx[None, :],
                            mask=pair, other=0)
+            visible = pair & (bits != 0)
+            if USE_WINDOW:
+                k_pos = tl.load(positions_ptr + row0 + k_idx, mask=in_tree, other=0)
+                visible = visible & (q_pos[:, None] - k_pos[None, :] < sliding_window)
             acc, l_i, m_i = _online_softmax(acc, l_i, m_i, _dot(q, tl.trans(k), IS_FP32), v,
-                                            pair & (bits != 0), qk_scale, IS_FP32)
+                                            visible, qk_scale, IS_FP32)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = (acc / l_safe[:, None]).to(o_ptr.dtype.element_ty)
@@ -163,13 +176,15 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
                    v_cache: torch.Tensor, req_to_token: torch.Tensor,
                    req_pool_indices: torch.Tensor, prefix_lens: torch.Tensor,
                    tree_lens: torch.Tensor, tree_start_loc: torch.Tensor, tree_mask: torch.Tensor,
-                   mask_start_loc: torch.Tensor, max_tree_len: int, sm_scale: float
-                   ) -> torch.Tensor:
+                   mask_start_loc: torch.Tensor, max_tree_len: int, sm_scale: float,
+                   positions: torch.Tensor | None = None, sliding_window: int = -1) -> torch.Tensor:
     """Attention of each request's draft-tree nodes over its cached prefix and its tree
-    ancestors (module docstring). ``max_tree_len`` bounds ``tree_lens`` (grid, no sync)."""
+    ancestors (module docstring). ``max_tree_len`` bounds ``tree_lens`` (grid, no sync);
+    ``positions`` [T] (the nodes' rotary positions) are needed with a ``sliding_window``."""
     num_q_heads, num_kv_heads, head_dim = _check_inputs(
         q, k, v, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, tree_lens,
         tree_start_loc, tree_mask, mask_start_loc)
+    use_window = _check_window(q, positions, sliding_window)
     if max_tree_len < 1:
         raise ValueError(f"max_tree_len must be >= 1, got {max_tree_len}")
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -183,23 +198,35 @@ def tree_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: t
     _tree_attention_kernel[(num_q_heads, num_m_blocks, req_pool_indices.shape[0])](
         q, k, v, k_cache, v_cache, o, mask, req_to_token,
         req_pool_indices, prefix_lens, tree_lens, tree_start_loc, mask_start_loc,
-        sm_scale * LOG2E, num_m_blocks,
+        positions if use_window else tree_lens, sm_scale * LOG2E, int(sliding_window), num_m_blocks,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),
         o.stride(0), o.stride(1), req_to_token.stride(0),
         GROUP=num_q_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=padded_d,
-        BLOCK_M=block_m, BLOCK_N=block_n, IS_FP32=q.dtype == torch.float32,
+        BLOCK_M=block_m, BLOCK_N=block_n, IS_FP32=q.dtype == torch.float32, USE_WINDOW=use_window,
         num_warps=4, num_stages=2,
     )
     return o
 
 
+def _check_window(q: torch.Tensor, positions: torch.Tensor | None, sliding_window: int) -> bool:
+    """Whether a sliding window applies; it needs the nodes' positions [T]."""
+    if sliding_window is None or sliding_window <= 0:
+        return False
+    if positions is None or positions.dim() != 1 or positions.shape[0] != q.shape[0]:
+        raise ValueError(f"sliding_window {sliding_window} needs positions [T={q.shape[0]}], got "
+                         f"{None if positions is None else tuple(positions.shape)}")
+    return True
+
+
 def reference(q, k, v, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens, tree_lens,
-              tree_start_loc, tree_mask, mask_start_loc, max_tree_len, sm_scale) -> torch.Tensor:
+              tree_start_loc, tree_mask, mask_start_loc, max_tree_len, sm_scale,
+              positions=None, sliding_window=-1) -> torch.Tensor:
     """Same signature and math in plain PyTorch: per request, masked softmax attention
     over [prefix keys from the pool; node keys from k/v] in fp32 (fp64 for fp64)."""
     _check_inputs(q, k, v, k_cache, v_cache, req_to_token, req_pool_indices, prefix_lens,
                   tree_lens, tree_start_loc, tree_mask, mask_start_loc)
+    use_window = _check_window(q, positions, sliding_window)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     group = q.shape[1] // k.shape[1]
@@ -214,10 +241,17 @@ def reference(q, k, v, k_cache, v_cache, req_to_token, req_pool_indices, prefix_
         m0 = int(mask_start_loc[b])
         tree = tree_mask[m0: m0 + n * n].view(n, n).bool()
         visible = torch.cat([torch.ones(n, prefix_len, dtype=torch.bool, device=q.device), tree], 1)
+        if use_window:
+            q_pos = positions[rows].long()
+            k_pos = torch.cat([torch.arange(prefix_len, device=q.device), q_pos])
+            visible = visible & (q_pos[:, None] - k_pos[None, :] < sliding_window)
         scores = torch.einsum("qhd,khd->hqk", q[rows].to(cdt), keys) * sm_scale
         probs = torch.softmax(scores.masked_fill(~visible[None], float("-inf")), dim=-1)
         o[rows] = torch.einsum("hqk,khd->qhd", probs.nan_to_num(0.0), values).to(q.dtype)
     return o
+
+
+tree_attention_reference = reference  # the op table's name (triton_kernels/__init__.py)
 
 
 def flops_bytes(prefix_lens: list[int], tree_lens: list[int], num_q_heads: int, num_kv_heads: int,

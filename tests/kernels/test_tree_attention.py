@@ -113,3 +113,46 @@ def test_bad_mask_is_refused(device):
     args[10] = args[10].view(2, 2)
     with pytest.raises(ValueError, match="tree_mask"):
         ta.tree_attention(*args)
+
+
+@pytest.mark.parametrize("window", [1, 4, 11])
+def test_sliding_window_chain_is_extend_attention(window, device):
+    """With a sliding window, a chain over the prefix is windowed extend attention (positions
+    prefix_len + depth), in the kernel and in its reference."""
+    prefix_lens, sizes = [9, 0, 21], [6, 4, 3]
+    args = _batch(prefix_lens, [chain_parents(n) for n in sizes], 4, 2, 64, torch.float32, device)
+    q, k, v, k_cache, v_cache, req_to_token, rows, prefix, lens, starts, *_ = args
+    positions = torch.cat([torch.arange(p, p + n) for p, n in zip(prefix_lens, sizes)]).to(device)
+    extend = extend_attention_reference(q, k, v, k_cache, v_cache, req_to_token, rows, prefix,
+                                        lens, starts, max(sizes), 64 ** -0.5, sliding_window=window)
+    for fn in (ta.tree_attention, ta.reference):
+        out = fn(*args, positions=positions, sliding_window=window)
+        assert_close(out, extend, torch.float32, f"windowed chain tree vs extend ({fn.__name__})")
+    assert not torch.allclose(ta.reference(*args), extend)  # the window changed something
+
+
+def test_sliding_window_tree_uses_node_positions(device):
+    """A branch's node at depth 1 keeps its parent in view even when a sibling subtree is
+    deeper: visibility goes by position (prefix_len + depth), not node index."""
+    parents = [-1, 0, 1, 2, 0]           # node 4: depth 1, node index 4
+    prefix_len, window = 6, 3
+    args = _batch([prefix_len], [parents], 2, 2, 64, torch.float32, device)
+    depth = build_tree_layout(parents).depth
+    positions = (depth + prefix_len).to(device)
+    out = ta.tree_attention(*args, positions=positions, sliding_window=window)
+    assert_close(out, ta.reference(*args, positions=positions, sliding_window=window), torch.float32,
+                 "windowed tree vs reference")
+    # node 4 (position 7) sees prefix key 5, the root (node 0, position 6) and itself
+    q, k, v, k_cache, v_cache, req_to_token, rows, *_ = args
+    slots = req_to_token[int(rows[0]), :prefix_len].long()
+    keys = torch.cat([k_cache[slots[5:]], k[0:1], k[4:5]])
+    values = torch.cat([v_cache[slots[5:]], v[0:1], v[4:5]])
+    scores = torch.einsum("hd,khd->hk", q[4], keys) * 64 ** -0.5
+    expected = torch.einsum("hk,khd->hd", torch.softmax(scores, -1), values)
+    assert_close(out[4], expected, torch.float32, "node 4 by hand")
+
+
+def test_sliding_window_needs_positions(device):
+    args = _batch([2], [[-1, 0]], 2, 2, 64, torch.float32, device)
+    with pytest.raises(ValueError, match="positions"):
+        ta.tree_attention(*args, sliding_window=4)
