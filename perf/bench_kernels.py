@@ -557,6 +557,20 @@ def _scaled_mm_of(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch._scaled_mm(xq, w["fp8"].t(), scale_a=x_scale, scale_b=w["fp8_scale"][None, :], out_dtype=DTYPE)
 
 
+def _decode_tile_candidates() -> list:
+    from triton_kernels.quant_tiles import QuantTile
+
+    return [QuantTile(16, 32, 128, 4, 4, 2), QuantTile(16, 64, 128, 4, 4, 4), QuantTile(16, 128, 128, 4, 4, 2),
+            QuantTile(16, 64, 256, 4, 3, 2), QuantTile(16, 64, 128, 4, 4, 0)]
+
+
+DECODE_TILE_CANDIDATES = _decode_tile_candidates()
+
+
+def _tile_name(t) -> str:
+    return f"tile {t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages} p{t.target_programs_per_sm}"
+
+
 def quant_cases(ctx: Ctx) -> list[Case]:
     """Each quantized GEMM beside our bf16 GEMM on the same shape (Llama-3.1-8B projections), and
     the fp8 row-wise GEMM beside torch._scaled_mm. ratio > 1: the quantized kernel is faster."""
@@ -572,16 +586,24 @@ def quant_cases(ctx: Ctx) -> list[Case]:
             bf16 = lambda x=x, f=weights: linear(x, f()[0]["bf16"])
             shape = f"M={M} N={N} K={K}"
             ops = {
-                "fp8 channel": lambda x, w: quant_w8a8.w8a8_linear(x, w["fp8"], w["fp8_scale"]),
-                "fp8 block128": lambda x, w: quant_w8a8.fp8_block_linear(x, w["block"], w["block_scale"], (128, 128)),
-                "int8 channel": lambda x, w: quant_w8a8.w8a8_linear(x, w["int8"], w["int8_scale"]),
-                "w4a16 g128": lambda x, w: quant_w4a16.w4a16_linear(x, w["qweight"], w["scales"], w["zeros"], None, 128),
+                "fp8 channel": lambda x, w, t=None: quant_w8a8.w8a8_linear(x, w["fp8"], w["fp8_scale"], tile=t),
+                "fp8 block128": lambda x, w, t=None: quant_w8a8.fp8_block_linear(
+                    x, w["block"], w["block_scale"], (128, 128), tile=t),
+                "int8 channel": lambda x, w, t=None: quant_w8a8.w8a8_linear(x, w["int8"], w["int8_scale"], tile=t),
+                "w4a16 g128": lambda x, w, t=None: quant_w4a16.w4a16_linear(
+                    x, w["qweight"], w["scales"], w["zeros"], None, 128, tile=t),
             }
             eight_bit_bytes = M * K * 2 + N * K + M * N * 2
             for kind, op in ops.items():
                 nbytes = quant_w4a16.flops_bytes(M, N, K)[1] if kind.startswith("w4a16") else eight_bit_bytes
                 cases.append(Case("quant", f"{kind} {name}", shape, ours=lambda x=x, f=weights, op=op: op(x, f()[0]),
                                   anchor=bf16, anchor_name="ours bf16", bytes_moved=int(nbytes), flops=flops))
+            if M == 1:    # alternative decode tiles (no anchor): the data behind quant_tiles.CUDA_TILES
+                for tile in DECODE_TILE_CANDIDATES:
+                    for kind, op in ops.items():
+                        cases.append(Case("quant", f"{kind} {name}", f"{shape} {_tile_name(tile)}",
+                                          ours=lambda x=x, f=weights, op=op, t=tile: op(x, f()[0], t),
+                                          anchor=None, anchor_name="-", flops=flops))
             if M >= 16:   # torch._scaled_mm wants M a multiple of 16
                 cases.append(Case("quant", f"fp8 channel {name}", shape,
                                   ours=lambda x=x, f=weights, op=ops["fp8 channel"]: op(x, f()[0]),

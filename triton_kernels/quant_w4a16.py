@@ -39,7 +39,8 @@ import triton
 import triton.language as tl
 
 from triton_kernels.gemm import _grouped_tile
-from triton_kernels.runtime import interpreting
+from triton_kernels.quant_tiles import QuantTile, partials, reduce_partials, split_k, tile_for
+from triton_kernels.quant_w8a8 import _k_slice, _store_tile
 
 __all__ = ["flops_bytes", "unpack_int4_rows", "w4a16_linear", "w4a16_linear_reference"]
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -47,14 +48,15 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, M, N, K,
+    x_ptr, qw_ptr, s_ptr, z_ptr, g_ptr, b_ptr, y_ptr, part_ptr, M, N, K,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn,
     stride_zg, stride_zn, stride_ym, stride_yn,
-    GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr,
+    GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    k_begin, k_end = _k_slice(K, BLOCK_K, SPLIT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)    # rows of x and y         [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)    # output columns          [BLOCK_N]
     offs_k = tl.arange(0, BLOCK_K)                       # the K step's input rows [BLOCK_K]
@@ -63,7 +65,7 @@ def _w4a16_kernel(
     # One scale/zero row serves the whole K step when the step sits inside one group.
     ROW_OF_SCALES: tl.constexpr = (not HAS_G_IDX) and (GROUP_SIZE % BLOCK_K == 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + offs_k                                 # absolute input rows    [BLOCK_K]
         mask_k = kk < K
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kk[None, :] * stride_xk,
@@ -87,10 +89,8 @@ def _w4a16_kernel(
                         mask=mask_kn, other=0)
         w = ((q - z.to(tl.int32)).to(tl.float32) * s.to(tl.float32)).to(x_ptr.dtype.element_ty)
         acc = tl.dot(x, w, acc, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_tile(acc, offs_m, offs_n, mask_m, mask_n, b_ptr, y_ptr, part_ptr, M, N, stride_ym, stride_yn,
+                HAS_BIAS, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -122,38 +122,31 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
         raise ValueError(f"x has no rows (shape {tuple(x.shape)}): empty batch")
 
 
-def _config(M: int, device: torch.device) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): few, large tiles under the
-    interpreter; on a GPU a 16-row tile for decode, 64 rows for prefill."""
-    if interpreting() or device.type != "cuda":
-        return 32, 32, 32, 4, 1
-    if M <= 16:
-        return 16, 64, 128, 4, 4
-    if M <= 64:
-        return 64, 64, 64, 4, 3
-    return 128, 128, 64, 8, 3
-
-
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  g_idx: torch.Tensor | None, group_size: int, bias: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """y[*, N] = x[*, K] @ dequant(qweight, scales, zeros, g_idx)[K, N] (+ bias)."""
+                 out_dtype: torch.dtype | None = None, tile: QuantTile | None = None) -> torch.Tensor:
+    """y[*, N] = x[*, K] @ dequant(qweight, scales, zeros, g_idx)[K, N] (+ bias).
+    ``tile``: the launch shape (default: quant_tiles' table for M)."""
     _check(x, qweight, scales, zeros, g_idx, group_size, bias)
     x2d = x.reshape(-1, x.shape[-1])
     M, K = x2d.shape
     N = qweight.shape[1]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    block_m, block_n, block_k, warps, stages = _config(M, x.device)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    tile = tile or tile_for(M, x.device)
+    split = split_k(tile, M, N, K, tile.block_k, x.device)
+    part = partials(split, M, N, y)
+    grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n), split)
     _w4a16_kernel[grid](
         x2d, qweight, scales, zeros, g_idx if g_idx is not None else qweight,
-        bias if bias is not None else y, y, M, N, K,
+        bias if bias is not None else y, y, part, M, N, K,
         x2d.stride(0), x2d.stride(1), qweight.stride(0), qweight.stride(1),
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), y.stride(0), y.stride(1),
-        GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
+        GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=8,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-        num_warps=warps, num_stages=stages)
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    if split > 1:
+        reduce_partials(part, bias, y)
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels.gemm import _grouped_tile
+from triton_kernels.quant_tiles import QuantTile, partials, reduce_partials, split_k, tile_for
 from triton_kernels.runtime import interpreting
 
 __all__ = ["FP8_MAX", "INT8_MAX", "flops_bytes", "fp8_block_linear", "fp8_block_linear_reference",
@@ -78,14 +79,41 @@ def _quantize(x, scale, IS_INT8: tl.constexpr):
     return round_to_fp8(v).to(tl.float8e4nv)
 
 
+@triton.jit
+def _k_slice(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
+    """[k_begin, k_end) of this program's K slice (axis 1 of the grid): whole BLOCK_K steps."""
+    if SPLIT_K == 1:
+        return 0, K
+    steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_begin = tl.program_id(1) * steps * BLOCK_K
+    return k_begin, tl.minimum(k_begin + steps * BLOCK_K, K)
+
+
+@triton.jit
+def _store_tile(out, offs_m, offs_n, mask_m, mask_n, b_ptr, y_ptr, part_ptr, M, N, stride_ym, stride_yn,
+                HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr):
+    """The fp32 tile: to y (+ bias), or, when K is split, to this slice's partial sums
+    (quant_tiles.reduce_partials adds the slices and the bias)."""
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        rows = tl.program_id(1) * M + offs_m.to(tl.int64)
+        tl.store(part_ptr + rows[:, None] * N + offs_n[None, :], out, mask=mask)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _w8a8_channel_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K,
+    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
-    IS_INT8: tl.constexpr, QMAX: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IS_INT8: tl.constexpr, QMAX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    k_begin, k_end = _k_slice(K, BLOCK_K, SPLIT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -106,7 +134,7 @@ def _w8a8_channel_kernel(
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < K
         x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :],
@@ -115,21 +143,20 @@ def _w8a8_channel_kernel(
         acc = tl.dot(_quantize(x, x_scale, IS_INT8), tl.trans(w), acc)
     w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
     out = acc.to(tl.float32) * x_scale * w_scale[None, :]
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_tile(out, offs_m, offs_n, mask_m, mask_n, b_ptr, y_ptr, part_ptr, M, N, stride_ym, stride_yn,
+                HAS_BIAS, SPLIT_K)
 
 
 @triton.jit(do_not_specialize=["M"])
 def _fp8_block_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, M, N, K,
+    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
-    BLOCK_SIZE_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_SIZE_N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """BLOCK_K is the scale group along K; BLOCK_N divides BLOCK_SIZE_N or is a multiple."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    k_begin, k_end = _k_slice(K, BLOCK_K, SPLIT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -139,7 +166,7 @@ def _fp8_block_kernel(
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
     s_rows = ws_ptr + (offs_n // BLOCK_SIZE_N) * stride_sn       # each column's scale row [BLOCK_N]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for j in range(0, tl.cdiv(K, BLOCK_K)):
+    for j in range(k_begin // BLOCK_K, tl.cdiv(k_end, BLOCK_K)):
         kk = j * BLOCK_K + offs_k
         mask_k = kk < K
         x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :],
@@ -149,10 +176,8 @@ def _fp8_block_kernel(
         partial = tl.dot(_quantize(x, x_scale, False), tl.trans(w))
         w_scale = tl.load(s_rows + j * stride_sk, mask=mask_n, other=0.0)            # [BLOCK_N]
         acc += partial * x_scale * w_scale[None, :]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
-    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    _store_tile(acc, offs_m, offs_n, mask_m, mask_n, b_ptr, y_ptr, part_ptr, M, N, stride_ym, stride_yn,
+                HAS_BIAS, SPLIT_K)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -193,59 +218,58 @@ def _check_block_scale(weight: torch.Tensor, weight_scale: torch.Tensor,
                          f"{list(weight_scale.shape)}")
 
 
-def _tiles(M: int, device: torch.device) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_K is chosen per kernel."""
-    if interpreting() or device.type != "cuda":
-        return 32, 32, 4, 1
-    if M <= 16:
-        return 16, 64, 4, 4
-    if M <= 64:
-        return 64, 64, 4, 3
-    return 128, 128, 8, 3
-
-
 def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Per-channel fp8 or int8 weight (by its dtype), dynamic per-token activation scales."""
+                bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                tile: QuantTile | None = None) -> torch.Tensor:
+    """Per-channel fp8 or int8 weight (by its dtype), dynamic per-token activation scales.
+    ``tile``: the launch shape (default: quant_tiles' table for M)."""
     _check(x, weight, bias)
     _check_channel_scale(weight, weight_scale)
     x2d = x.reshape(-1, x.shape[-1])
     M, K = x2d.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    block_m, block_n, warps, stages = _tiles(M, x.device)
-    block_k = 32 if interpreting() else 128
+    tile = tile or tile_for(M, x.device)
+    block_k = tile.block_k if interpreting() or x.device.type != "cuda" else max(tile.block_k, 128)
+    split = split_k(tile, M, N, K, block_k, x.device)
+    part = partials(split, M, N, y)
     is_int8 = weight.dtype == torch.int8
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n), split)
     _w8a8_channel_kernel[grid](
-        x2d, weight, weight_scale, bias if bias is not None else y, y, M, N, K,
+        x2d, weight, weight_scale, bias if bias is not None else y, y, part, M, N, K,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
-        IS_INT8=is_int8, QMAX=INT8_MAX if is_int8 else FP8_MAX, HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
-        num_warps=warps, num_stages=stages)
+        IS_INT8=is_int8, QMAX=INT8_MAX if is_int8 else FP8_MAX, HAS_BIAS=bias is not None, SPLIT_K=split,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k, GROUP_M=8,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    if split > 1:
+        reduce_partials(part, bias, y)
     return y.reshape(*x.shape[:-1], N)
 
 
 def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      block_size: tuple[int, int], bias: torch.Tensor | None = None,
-                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                     out_dtype: torch.dtype | None = None, tile: QuantTile | None = None) -> torch.Tensor:
     """Block-scaled fp8 weight (``weight_scale_inv`` [ceil(N/bn), ceil(K/bk)]), activations
-    quantised per token and K group of ``bk``."""
+    quantised per token and K group of ``bk`` (the kernel's K step; ``tile.block_k`` unused)."""
     _check(x, weight, bias)
     _check_block_scale(weight, weight_scale, block_size)
     x2d = x.reshape(-1, x.shape[-1])
     M, K = x2d.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    block_m, block_n, warps, stages = _tiles(M, x.device)
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n),)
+    tile = tile or tile_for(M, x.device)
+    split = split_k(tile, M, N, K, block_size[1], x.device)
+    part = partials(split, M, N, y)
+    grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n), split)
     _fp8_block_kernel[grid](
-        x2d, weight, weight_scale, bias if bias is not None else y, y, M, N, K,
+        x2d, weight, weight_scale, bias if bias is not None else y, y, part, M, N, K,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
         weight_scale.stride(0), weight_scale.stride(1), y.stride(0), y.stride(1),
-        BLOCK_SIZE_N=block_size[0], HAS_BIAS=bias is not None,
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_size[1], GROUP_M=8,
-        num_warps=warps, num_stages=stages)
+        BLOCK_SIZE_N=block_size[0], HAS_BIAS=bias is not None, SPLIT_K=split,
+        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_size[1], GROUP_M=8,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    if split > 1:
+        reduce_partials(part, bias, y)
     return y.reshape(*x.shape[:-1], N)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from tests.kernels.util import DTYPES, ON_GPU, assert_close
 from triton_kernels import quant_w4a16 as w4
+from triton_kernels.quant_tiles import QuantTile, split_k
 
 SHAPES_CPU = [(1, 40, 64, 32), (5, 33, 136, 8), (37, 97, 96, 64)]      # (M, N, K, group_size)
 SHAPES_GPU = [(1, 4096, 4096, 128), (7, 1000, 4096, 128), (300, 1100, 2048, 128), (129, 257, 264, 8)]
@@ -79,3 +80,16 @@ def test_bad_shapes_name_the_tensor(device):
         w4.w4a16_linear(x, qw, s, z.to(torch.int32), None, 32)
     with pytest.raises(ValueError, match="g_idx"):
         w4.w4a16_linear(x, qw, s, z, torch.zeros(8, dtype=torch.int32, device=device), 32)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_w4a16_with_k_split(device, act_order):
+    """The decode launch shape: K cut into slices whose fp32 partials the reduce kernel adds (with the bias)."""
+    M, N, K, group = (3, 40, 512, 32) if not ON_GPU else (1, 4096, 4096, 128)
+    tile = (QuantTile(16, 32, 32, 4, 1, target_programs_per_sm=8) if not ON_GPU
+            else QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2))
+    assert split_k(tile, M, N, K, tile.block_k, torch.device(device)) > 1
+    x, qw, s, z, g_idx, bias, _ = _inputs(M, N, K, group, torch.float32, act_order, device)
+    y = w4.w4a16_linear(x, qw, s, z, g_idx, group, bias, tile=tile)
+    assert_close(y, w4.w4a16_linear_reference(x, qw, s, z, g_idx, group, bias), torch.float32,
+                 "w4a16 split-K vs reference")

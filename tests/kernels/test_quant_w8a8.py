@@ -8,6 +8,7 @@ import torch
 
 from tests.kernels.util import ON_GPU, assert_close, rel_err
 from triton_kernels import quant_w8a8 as q8
+from triton_kernels.quant_tiles import QuantTile, split_k
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 SHAPES_CPU = [(1, 40, 72), (5, 33, 160), (37, 97, 96)]                     # (M, N, K)
@@ -101,3 +102,30 @@ def test_bad_inputs_name_the_tensor(device):
     wb, sb = _quantize_weight_blocks(w, 16, 32)
     with pytest.raises(ValueError, match="weight_scale"):
         q8.fp8_block_linear(x, wb.to(device), sb.to(device), (32, 32))
+
+
+SPLIT_TILE = QuantTile(16, 32, 32, 4, 1, target_programs_per_sm=8)   # forces K slices at these sizes
+
+
+@pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.int8])
+def test_channel_kernel_with_k_split(device, wdtype):
+    """The decode launch shape: K cut into slices whose fp32 partials the reduce kernel adds (with the bias)."""
+    M, N, K = (3, 40, 512) if not ON_GPU else (1, 4096, 4096)
+    tile = SPLIT_TILE if not ON_GPU else QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2)
+    assert split_k(tile, M, N, K, 32 if not ON_GPU else 128, torch.device(device)) > 1
+    x, w, bias = _inputs(M, N, K, torch.float32, device)
+    wq, ws = (t.to(device) for t in _quantize_weight_per_channel(w, wdtype))
+    y = q8.w8a8_linear(x, wq, ws, bias, tile=tile)
+    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias), torch.float32, f"{wdtype} split-K vs reference")
+
+
+def test_block_kernel_with_k_split(device):
+    M, N, K = (3, 40, 512) if not ON_GPU else (1, 4096, 4096)
+    block = (16, 32) if not ON_GPU else (128, 128)
+    tile = SPLIT_TILE if not ON_GPU else QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2)
+    assert split_k(tile, M, N, K, block[1], torch.device(device)) > 1
+    x, w, bias = _inputs(M, N, K, torch.float32, device)
+    wq, ws = (t.to(device) for t in _quantize_weight_blocks(w, *block))
+    y = q8.fp8_block_linear(x, wq, ws, block, bias, tile=tile)
+    assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias), torch.float32,
+                 "fp8 block split-K vs reference")

@@ -1,0 +1,83 @@
+"""Tiles of the quantized GEMMs (quant_w8a8.py, quant_w4a16.py), and their split-K epilogue.
+
+A quantized weight is a stream of bytes like a 16-bit one, only shorter, so a
+decode step (M <= 16 tokens) is bound by how fast every SM pulls weight rows,
+exactly as in ``gemm_decode.py``. One output tile per program leaves most SMs
+idle when N is small (``o_proj``: 4096 columns / 64 = 64 programs on 132
+SMs), so at decode the K axis is split as well: each program multiplies one
+K slice (whole ``block_k`` tiles) and writes fp32 partial sums, and
+``gemm_decode._splitk_reduce_kernel`` adds the slices (deterministic, no
+atomics) and the bias. ``QuantTile`` is the data of one choice; ``tile_for``
+picks it by M from the table below, and the launchers take an explicit tile
+so ``perf/bench_kernels.py`` can time alternatives.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+
+from triton_kernels.gemm_decode import _splitk_reduce_kernel
+from triton_kernels.runtime import interpreting, num_sms
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantTile:
+    """One launch shape: output tile, K step, warps, pipeline stages, and how many programs
+    per SM to aim for by splitting K (0: no split). The fp8-block kernel steps K by the
+    scale block instead, and the 8-bit channel kernel by at least 128 on CUDA."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    target_programs_per_sm: int = 0
+
+
+INTERPRETER_TILE = QuantTile(32, 32, 32, 4, 1)
+# Decode (M <= 16): thin tiles, split K up to ~2 programs per SM. Prefill: big MMA tiles.
+CUDA_TILES = {
+    16: QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2),
+    64: QuantTile(64, 64, 64, 4, 3),
+    None: QuantTile(128, 128, 64, 8, 3),
+}
+
+
+def tile_for(M: int, device: torch.device) -> QuantTile:
+    """The table's tile for M rows on ``device`` (the interpreter's small one off CUDA)."""
+    if interpreting() or device.type != "cuda":
+        return INTERPRETER_TILE
+    for rows, tile in CUDA_TILES.items():
+        if rows is not None and M <= rows:
+            return tile
+    return CUDA_TILES[None]
+
+
+def split_k(tile: QuantTile, M: int, N: int, K: int, block_k: int, device: torch.device) -> int:
+    """How many K slices: enough that tiles x slices reach the tile's program target, each
+    slice keeping >= 4 K steps; 1 when the tile asks for no split."""
+    if tile.target_programs_per_sm <= 0:
+        return 1
+    sms = num_sms(device) if device.type == "cuda" else 4
+    tiles = triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n)
+    k_steps = triton.cdiv(K, block_k)
+    split = 1
+    while tiles * split < tile.target_programs_per_sm * sms and k_steps // (2 * split) >= 4 and split < 16:
+        split *= 2
+    return split
+
+
+def partials(split: int, M: int, N: int, y: torch.Tensor) -> torch.Tensor:
+    """The fp32 [split, M, N] partial-sum buffer (y itself, unused, when not split)."""
+    return torch.empty((split, M, N), dtype=torch.float32, device=y.device) if split > 1 else y
+
+
+def reduce_partials(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """y = sum of the K slices (+ bias), rounded once to y's dtype."""
+    split, M, N = part.shape
+    block = 1024
+    _splitk_reduce_kernel[(triton.cdiv(M * N, block),)](
+        part, bias if bias is not None else y, y, M, N, y.stride(0), y.stride(1),
+        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK=block)
