@@ -639,6 +639,73 @@ def kv_fp8_cases(ctx: Ctx) -> list[Case]:
 
 FAMILIES.update(quant=quant_cases, kv_fp8=kv_fp8_cases)
 
+
+QWEN3_VL_VISION = dict(hidden=1152, intermediate=4304, pos_table=2304)   # Qwen3-VL-8B vision tower
+
+
+def vision_tower_cases(ctx: Ctx) -> list[Case]:
+    """The vision towers' memory-bound ops vs torch, on a 1024x768 image: Qwen3-VL-8B (3072
+    patches of 16 px, hidden 1152, MLP 4304, merged width 4608) and Qwen2.5-VL-7B's merger GELU
+    (1036 merged tokens of width 5120)."""
+    from triton_kernels import activation, norm, pos_embed
+
+    ops = load_ops("triton", ctx.options)
+    D, inter, P = QWEN3_VL_VISION["hidden"], QWEN3_VL_VISION["intermediate"], QWEN3_VL_VISION["pos_table"]
+    F = torch.nn.functional
+    size = torch.empty((), dtype=DTYPE).element_size()
+    w, b = torch.randn(D, device=ctx.device, dtype=DTYPE), torch.randn(D, device=ctx.device, dtype=DTYPE)
+    cases = []
+    for N in ((3072,) if ctx.quick else (1024, 3072, 12288)):
+        xs = rotating(ctx, lambda N=N: (torch.randn(N, D, device=ctx.device, dtype=DTYPE),), 2 * size * N * D)
+        cases.append(Case("vision_tower", "layer_norm", f"M={N} H={D}",
+                          lambda s=xs: ops.layer_norm(s()[0], w, b, 1e-6),
+                          lambda s=xs: F.layer_norm(s()[0], (D,), w, b, 1e-6), "torch", 2 * size * N * D))
+        pairs = rotating(ctx, lambda N=N: (torch.randn(N, D, device=ctx.device, dtype=DTYPE),
+                                           torch.randn(N, D, device=ctx.device, dtype=DTYPE)), 4 * size * N * D)
+
+        def torch_add_norm(s=pairs):
+            x, residual = s()
+            residual.add_(x)
+            return F.layer_norm(residual, (D,), w, b, 1e-6)
+        cases.append(Case("vision_tower", "fused_add_layer_norm", f"M={N} H={D}",
+                          lambda s=pairs: ops.fused_add_layer_norm(*s(), w, b, 1e-6), torch_add_norm,
+                          "torch add_ + layer_norm", 4 * size * N * D))
+        hs = rotating(ctx, lambda N=N: (torch.randn(N, inter, device=ctx.device, dtype=DTYPE),),
+                      2 * size * N * inter)
+        cases.append(Case("vision_tower", "gelu tanh", f"M={N} N={inter}",
+                          lambda s=hs: ops.gelu(s()[0], "tanh"),
+                          lambda s=hs: F.gelu(s()[0], approximate="tanh"), "torch", 2 * size * N * inter))
+        table = torch.randn(P, D, device=ctx.device, dtype=DTYPE)
+        _, nb = pos_embed.flops_bytes(N, D, 4, DTYPE)
+
+        def pos_inputs(N=N):
+            weights = torch.rand(N, 4, device=ctx.device)
+            return (torch.randn(N, D, device=ctx.device, dtype=DTYPE),
+                    torch.randint(0, P, (N, 4), device=ctx.device), weights / weights.sum(1, keepdim=True))
+        ps = rotating(ctx, pos_inputs, nb)
+
+        def torch_blend(s=ps):
+            x, idx, wts = s()
+            blend = (F.embedding(idx, table) * wts[..., None]).sum(1)
+            return x + blend.to(x.dtype)
+        cases.append(Case("vision_tower", "add_interpolated_pos_embed", f"N={N} D={D} P={P}",
+                          lambda s=ps: ops.add_interpolated_pos_embed(*_pos_args(s(), table)),
+                          torch_blend, "torch gather+mul+sum+add", nb))
+    merged = rotating(ctx, lambda: (torch.randn(1036, 5120, device=ctx.device, dtype=DTYPE),),
+                      2 * size * 1036 * 5120)
+    cases.append(Case("vision_tower", "gelu erf", "M=1036 N=5120",
+                      lambda s=merged: ops.gelu(s()[0]), lambda s=merged: F.gelu(s()[0]), "torch",
+                      2 * size * 1036 * 5120))
+    return cases
+
+
+def _pos_args(inputs: tuple, table: torch.Tensor) -> tuple:
+    x, idx, wts = inputs
+    return x, table, idx, wts
+
+
+FAMILIES.update(vision_tower=vision_tower_cases)
+
 # ============================================================================
 # End of the attention / moe / sampling section.
 # ============================================================================

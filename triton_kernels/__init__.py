@@ -22,11 +22,15 @@ rms_norm             norm           (x[M,H], weight[H], eps) -> y[M,H]
 fused_add_rms_norm   norm           (x[M,H], residual[M,H], weight[H], eps) -> y[M,H];
                                     residual += x in place, y = rms_norm(residual)
 head_rms_norm        norm           (x[T,heads,D], weight[D], eps) -> y[T,heads,D]
+layer_norm           norm           (x[M,H], weight[H], bias[H], eps) -> y[M,H]
+fused_add_layer_norm norm           (x[M,H], residual[M,H], weight[H], bias[H], eps) -> y[M,H];
+                                    residual += x in place, y = layer_norm(residual)
 apply_rotary         rotary         (q[T,Hq,D], k[T,Hk,D], positions[T] int64,
                                     cos_sin_cache[P, rotary_dim], is_neox) -> None,
                                     q and k rotated in place (first rotary_dim dims)
 silu_and_mul         activation     (x[M,2I]) -> y[M,I] = silu(x[:, :I]) * x[:, I:]
 gelu_and_mul         activation     (x[M,2I], approximate "none"|"tanh") -> y[M,I]
+gelu                 activation     (x[M,N], approximate "none"|"tanh") -> y[M,N]
 embedding            embedding      (ids[T] int, weight[V_shard,H], vocab_start=0) -> y[T,H];
                                     ids outside [vocab_start, vocab_start+V_shard) -> 0
 store_kv             kv_cache       (k_cache[S,Hk,D], v_cache[S,Hk,D], k[T,Hk,D],
@@ -53,6 +57,8 @@ mrope_cos_sin        rotary         (positions[S,T] int, cos_sin_cache[P, rotary
                                     rows of M-RoPE (and the vision 2D rotary)
 vision_attention     vision_attn    (q[N,H,D], k[N,H,D], v[N,H,D], cu_seqlens[S+1] i32,
                                     max_seqlen, sm_scale) -> o[N,H,D], non-causal per segment
+add_interpolated_    pos_embed      (x[N,D], table[P,D], indices[N,K] int, weights[N,K] fp32)
+  pos_embed                         -> y[N,D] = x + sum_k weights[:,k] * table[indices[:,k]]
 ==================== ============== ===================================================
 
 KV pool layout: one ``[num_slots, num_kv_heads, head_dim]`` tensor for K and
@@ -99,9 +105,12 @@ OP_FAMILIES: dict[str, str] = {
     "rms_norm": "norm",
     "fused_add_rms_norm": "norm",
     "head_rms_norm": "norm",
+    "layer_norm": "norm",
+    "fused_add_layer_norm": "norm",
     "apply_rotary": "rotary",
     "silu_and_mul": "activation",
     "gelu_and_mul": "activation",
+    "gelu": "activation",
     "embedding": "embedding",
     "store_kv": "kv_cache",
     "qk_norm_rope_store": "qkv_prep",
@@ -111,6 +120,7 @@ OP_FAMILIES: dict[str, str] = {
     "fused_moe": "moe",
     "mrope_cos_sin": "rotary",
     "vision_attention": "vision_attention",
+    "add_interpolated_pos_embed": "pos_embed",
 }
 SAMPLING_OPS: dict[str, str] = {op: "sampling" for op in (
     "apply_penalties", "apply_token_bitmask", "sample", "greedy", "compute_logprobs")}
@@ -129,9 +139,12 @@ class KernelOps:
     rms_norm: Callable
     fused_add_rms_norm: Callable
     head_rms_norm: Callable
+    layer_norm: Callable
+    fused_add_layer_norm: Callable
     apply_rotary: Callable
     silu_and_mul: Callable
     gelu_and_mul: Callable
+    gelu: Callable
     embedding: Callable
     store_kv: Callable
     qk_norm_rope_store: Callable
@@ -141,6 +154,7 @@ class KernelOps:
     fused_moe: Callable
     mrope_cos_sin: Callable
     vision_attention: Callable
+    add_interpolated_pos_embed: Callable
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Gated activations of the MLP: ``y = act(gate) * up``.
+"""Activations of the MLPs: gated ``y = act(gate) * up`` and plain ``y = gelu(x)``.
 
 The fused gate/up projection writes ``x[M, 2I] = [gate | up]``; these ops read
 both halves once and write ``y[M, I]``:
@@ -9,9 +9,14 @@ both halves once and write ``y[M, I]``:
   (``"none"``) or the tanh approximation (``"tanh"``; Gemma's
   ``gelu_pytorch_tanh``).
 
+* ``gelu(x, approximate)``: ``y[M, N] = gelu(x[M, N])``, ungated (the vision
+  towers' MLPs and patch mergers: exact in both mergers, tanh in Qwen3-VL's
+  blocks, ``gelu_pytorch_tanh``).
+
 Math in fp32, one rounding at the store. Dtypes bf16/fp16/fp32.
-Roofline: memory-bound, ``3*M*I`` elements moved (read 2I, write I per row);
-one program handles ``BLOCK`` columns of one row.
+Roofline: memory-bound, ``3*M*I`` elements moved (read 2I, write I per row)
+for the gated ops, ``2*M*N`` for ``gelu``; one program handles ``BLOCK``
+columns of one row.
 """
 from __future__ import annotations
 
@@ -35,6 +40,23 @@ def _tanh(x):
 
 
 @triton.jit
+def _gelu(x, TANH: tl.constexpr):
+    if TANH:
+        inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        return 0.5 * x * (1.0 + _tanh(inner))
+    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+
+
+@triton.jit
+def _gelu_kernel(x_ptr, y_ptr, N, stride_xm, stride_ym, TANH: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + cols, _gelu(x, TANH).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _gated_act_kernel(x_ptr, y_ptr, I, stride_xm, stride_ym,
                       ACTIVATION: tl.constexpr, BLOCK: tl.constexpr, USE_PDL: tl.constexpr = False):
     if USE_PDL:
@@ -47,10 +69,9 @@ def _gated_act_kernel(x_ptr, y_ptr, I, stride_xm, stride_ym,
     if ACTIVATION == "silu":
         act = gate / (1.0 + tl.exp(-gate))
     elif ACTIVATION == "gelu":
-        act = 0.5 * gate * (1.0 + tl.erf(gate * 0.7071067811865476))
+        act = _gelu(gate, False)
     else:  # gelu_tanh
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        act = 0.5 * gate * (1.0 + _tanh(inner))
+        act = _gelu(gate, True)
     tl.store(y_ptr + row * stride_ym + cols, (act * up).to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -94,6 +115,35 @@ def gelu_and_mul(x: torch.Tensor, approximate: str = "none", *, pdl: bool = True
     _check_gated(x)
     _check_approximate(approximate)
     return _launch(x, "gelu" if approximate == "none" else "gelu_tanh", pdl)
+
+
+def _check_plain(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be [M, N], got shape {tuple(getattr(x, 'shape', ()))}")
+    if x.dtype not in _DTYPES:
+        raise ValueError(f"x dtype {x.dtype} not supported; expected bf16, fp16 or fp32")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"x of shape {tuple(x.shape)} is empty: empty batch")
+    if x.stride(1) != 1:
+        raise ValueError(f"x must be contiguous in its last dim (stride {x.stride(1)})")
+
+
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """y[M, N] = gelu(x[M, N], approximate): exact erf (``"none"``) or the tanh approximation."""
+    _check_plain(x)
+    _check_approximate(approximate)
+    M, N = x.shape
+    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    block = min(2048, triton.next_power_of_2(N))
+    _gelu_kernel[(M, triton.cdiv(N, block))](x, y, N, x.stride(0), y.stride(0), TANH=approximate == "tanh",
+                                             BLOCK=block, num_warps=max(1, min(8, block // 256)))
+    return y
+
+
+def gelu_reference(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    _check_plain(x)
+    _check_approximate(approximate)
+    return torch.nn.functional.gelu(x.float(), approximate=approximate).to(x.dtype)
 
 
 def silu_and_mul_reference(x: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
-"""RMS normalisation: ``y = weight * (x / sqrt(mean(x^2) + eps))``.
+"""Row normalisations: RMSNorm (the decoders, Qwen2.5-VL's vision tower) and LayerNorm
+(Qwen3-VL's vision tower).
 
-Three ops, all matching Hugging Face ``LlamaRMSNorm`` / ``Qwen3RMSNorm``
+RMSNorm, ``y = weight * (x / sqrt(mean(x^2) + eps))``: three ops, all matching Hugging Face ``LlamaRMSNorm`` / ``Qwen3RMSNorm``
 rounding exactly: the row is upcast to fp32, normalised, cast back to the
 input dtype, and only then multiplied by the weight (a product rounded once
 to the output dtype).
@@ -12,6 +13,16 @@ to the output dtype).
   x and residual, one write of residual and y, instead of two kernels.
 * ``head_rms_norm(x[T, heads, D], weight[D], eps) -> y[T, heads, D]``: Qwen3's
   per-head q/k norm; ``x`` may be a strided view into a fused qkv output.
+
+LayerNorm, ``y = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias`` (biased
+variance), matching ``torch.nn.functional.layer_norm``: the row is upcast to
+fp32, and weight and bias are applied in fp32 before the one rounding.
+
+* ``layer_norm(x[M, H], weight[H], bias[H], eps) -> y[M, H]``
+* ``fused_add_layer_norm(x[M, H], residual[M, H], weight[H], bias[H], eps) ->
+  y[M, H]``: ``residual += x`` in place (rounded to the residual dtype), then
+  ``y = layer_norm(residual)``; the vision blocks' ``hidden + attn(...)``
+  folded into the next norm, as ``fused_add_rms_norm`` does for the decoders.
 
 Roofline: memory-bound. ``rms_norm`` moves ``2*M*H`` elements (read + write),
 ``fused_add_rms_norm`` ``4*M*H``; at H=4096 bf16 and M=4096 that is 64 MiB /
@@ -65,6 +76,26 @@ def _head_rms_norm_kernel(x_ptr, w_ptr, y_ptr, num_heads, D, stride_xt, stride_x
     w = tl.load(w_ptr + dims, mask=dims < D, other=0.0).to(tl.float32)
     y = (normed * w[None, :]).to(y_ptr.dtype.element_ty)
     tl.store(y_ptr + token * stride_yt + heads[:, None] * stride_yh + dims[None, :], y, mask=mask)
+
+
+@triton.jit
+def _layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, H, stride_xm, stride_rm, stride_ym, eps,
+                       HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    mask = cols < H
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_rm + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_ptr.dtype.element_ty)
+        tl.store(res_ptr + row * stride_rm + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    mean = tl.sum(xf, axis=0) / H
+    centred = tl.where(mask, xf - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / H + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + cols, (centred * rstd * w + b).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -142,6 +173,42 @@ def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     return y
 
 
+def _check_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                      residual: torch.Tensor | None = None) -> None:
+    _check_rows("x", x, weight, 2)
+    if not isinstance(bias, torch.Tensor) or bias.shape != weight.shape:
+        raise ValueError(f"bias shape {tuple(getattr(bias, 'shape', ()))} != weight shape {tuple(weight.shape)}")
+    if bias.device != x.device or bias.dtype not in _DTYPES:
+        raise ValueError(f"bias must be bf16, fp16 or fp32 on {x.device}, got {bias.dtype} on {bias.device}")
+    if residual is not None:
+        _check_fused_add(x, residual, weight)
+
+
+def _launch_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor,
+                       bias: torch.Tensor, eps: float) -> torch.Tensor:
+    M, H = x.shape
+    y = torch.empty((M, H), dtype=x.dtype, device=x.device)
+    block_h = triton.next_power_of_2(H)
+    res = x if residual is None else residual
+    _layer_norm_kernel[(M,)](x, res, weight, bias, y, H, x.stride(0), res.stride(0), y.stride(0), eps,
+                             HAS_RESIDUAL=residual is not None, BLOCK_H=block_h,
+                             num_warps=_warps_for(block_h))
+    return y
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """y[M, H] = layer_norm(x) * weight + bias (torch's rounding: one, at the store)."""
+    _check_layer_norm(x, weight, bias)
+    return _launch_layer_norm(x, None, weight, bias, eps)
+
+
+def fused_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """residual += x (in place); return layer_norm(residual) * weight + bias."""
+    _check_layer_norm(x, weight, bias, residual)
+    return _launch_layer_norm(x, residual, weight, bias, eps)
+
+
 # ----------------------------------------------------------------------------- references
 
 
@@ -168,6 +235,19 @@ def fused_add_rms_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight
 def head_rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     _check_rows("x", x, weight, 3)
     return _hf_rms_norm(x, weight, eps)
+
+
+def layer_norm_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+    _check_layer_norm(x, weight, bias)
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def fused_add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                   bias: torch.Tensor, eps: float) -> torch.Tensor:
+    _check_layer_norm(x, weight, bias, residual)
+    residual.copy_((residual.float() + x.float()).to(residual.dtype))
+    return torch.nn.functional.layer_norm(residual, (x.shape[-1],), weight, bias, eps)
 
 
 def flops_bytes(num_rows: int, hidden: int, dtype: torch.dtype = torch.bfloat16,

@@ -51,3 +51,34 @@ def test_bad_inputs(device):
         activation.gelu_and_mul(torch.randn(2, 8, device=device), "erf")
     with pytest.raises(ValueError, match=r"\[M, 2I\]"):
         activation.silu_and_mul(torch.randn(8, device=device))
+
+
+PLAIN_SHAPES = [(1, 64), (3, 100), (17, 1000)] + ([(4096, 4304), (1024, 5120)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PLAIN_SHAPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu(device, dtype, shape, approximate):
+    x = _x(*shape, dtype, device)
+    y = activation.gelu(x, approximate)
+    assert y.shape == x.shape and y.dtype == dtype
+    assert_close(y, _gelu64(x.double().cpu(), approximate), dtype, "gelu vs float64")
+    assert_close(y, activation.gelu_reference(x, approximate), dtype, "gelu vs reference")
+
+
+def test_gelu_strided_rows_and_erf_differs_from_tanh(device):
+    """Rows of a wider tensor; and the two forms really differ (the flag is honoured)."""
+    x = _x(5, 300, torch.float32, device)[:, :130]
+    exact, tanh = activation.gelu(x, "none"), activation.gelu(x, "tanh")
+    assert_close(exact, torch.nn.functional.gelu(x), torch.float32, "strided gelu")
+    assert (exact - tanh).abs().max().item() > 1e-5
+
+
+def test_gelu_bad_inputs(device):
+    with pytest.raises(ValueError, match="empty batch"):
+        activation.gelu(torch.randn(0, 8, device=device))
+    with pytest.raises(ValueError, match="approximate"):
+        activation.gelu(torch.randn(2, 8, device=device), "erf")
+    with pytest.raises(ValueError, match=r"\[M, N\]"):
+        activation.gelu(torch.randn(8, device=device))

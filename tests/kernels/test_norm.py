@@ -88,3 +88,72 @@ def test_bad_inputs(device):
         norm.head_rms_norm(x, w, EPS)
     with pytest.raises(ValueError, match="dtype"):
         norm.rms_norm(x.to(torch.int32), w, EPS)
+
+
+# ----------------------------------------------------------------------------- layer_norm
+
+LN_ROWS_HIDDEN = [(1, 64), (5, 100), (33, 1176 // 3)] + ([(4096, 1152), (9, 4608)] if ON_GPU else [])
+
+
+def _float64_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    x64 = x.double().cpu()
+    centred = x64 - x64.mean(-1, keepdim=True)
+    normed = centred / torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + EPS)
+    return normed * weight.double().cpu() + bias.double().cpu()
+
+
+def _ln_params(hidden: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (1 + 0.1 * _randn(hidden, dtype=dtype, device=device, seed=6),
+            0.1 * _randn(hidden, dtype=dtype, device=device, seed=7))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", LN_ROWS_HIDDEN)
+def test_layer_norm(device, dtype, rows, hidden):
+    x = 2 + _randn(rows, hidden, dtype=dtype, device=device, seed=rows * 3 + hidden)   # a non-zero mean
+    w, b = _ln_params(hidden, dtype, device)
+    y = norm.layer_norm(x, w, b, EPS)
+    assert_close(y, _float64_layer_norm(x, w, b), dtype, "layer_norm vs float64")
+    assert_close(y, norm.layer_norm_reference(x, w, b, EPS), dtype, "layer_norm vs reference")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,hidden", LN_ROWS_HIDDEN)
+def test_fused_add_layer_norm(device, dtype, rows, hidden):
+    x = _randn(rows, hidden, dtype=dtype, device=device, seed=rows + 11)
+    residual = _randn(rows, hidden, dtype=dtype, device=device, seed=hidden + 13)
+    w, b = _ln_params(hidden, dtype, device)
+    expected_residual = x.double().cpu() + residual.double().cpu()
+    residual_ref = residual.clone()
+    y = norm.fused_add_layer_norm(x, residual, w, b, EPS)
+    y_ref = norm.fused_add_layer_norm_reference(x, residual_ref, w, b, EPS)
+    assert_close(residual, expected_residual, dtype, "residual += x")
+    assert torch.equal(residual, residual_ref), "residual differs from the reference's rounding"
+    assert_close(y, _float64_layer_norm(expected_residual, w, b), dtype, "fused vs float64")
+    assert_close(y, y_ref, dtype, "fused vs reference")
+
+
+def test_layer_norm_strided_rows_and_hf_module(device):
+    """Rows of a wider tensor (stride > H), and equality with torch's LayerNorm module."""
+    wide = _randn(7, 160, dtype=torch.float32, device=device, seed=8)
+    x = wide[:, :96]
+    module = torch.nn.LayerNorm(96, eps=EPS).to(device)
+    with torch.no_grad():
+        module.weight.copy_(1 + 0.1 * _randn(96, dtype=torch.float32, device=device, seed=9))
+        module.bias.copy_(0.1 * _randn(96, dtype=torch.float32, device=device, seed=10))
+        expected = module(x)
+    y = norm.layer_norm(x, module.weight.detach(), module.bias.detach(), EPS)
+    assert_close(y, expected, torch.float32, "layer_norm vs nn.LayerNorm")
+
+
+def test_layer_norm_bad_inputs(device):
+    x = torch.randn(4, 8, device=device)
+    w, b = torch.ones(8, device=device), torch.zeros(8, device=device)
+    with pytest.raises(ValueError, match="bias shape"):
+        norm.layer_norm(x, w, torch.zeros(7, device=device), EPS)
+    with pytest.raises(ValueError, match="weight shape"):
+        norm.layer_norm(x, torch.ones(9, device=device), b, EPS)
+    with pytest.raises(ValueError, match="empty batch"):
+        norm.layer_norm(x[:0], w, b, EPS)
+    with pytest.raises(ValueError, match="residual shape"):
+        norm.fused_add_layer_norm(x, torch.randn(3, 8, device=device), w, b, EPS)
