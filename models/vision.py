@@ -22,11 +22,15 @@ Pipeline (both towers)::
 
 The index work (rotary positions, segment bounds, the window order, the
 interpolation taps) depends only on ``grid_thw`` and is done on the host
-with plain torch, like HF's ``vision_utils``. Kernels: linear, rms_norm /
-fused_add_rms_norm, silu_and_mul, apply_rotary, mrope_cos_sin (the 2D rotary
-rows), vision_attention, embedding (row gathers). Qwen3-VL's LayerNorm, the
-GELUs and its position-embedding blend are still plain torch (no Triton
-kernel for them yet).
+with plain torch, like HF's ``vision_utils``, then uploaded once per encode
+call; pixels given on the host are cast to the tower's dtype there before
+the upload. On the device the tower runs only the kernel table's ops:
+linear, rms_norm / fused_add_rms_norm, layer_norm / fused_add_layer_norm,
+silu_and_mul, gelu, add_interpolated_pos_embed, apply_rotary, mrope_cos_sin
+(the 2D rotary rows), vision_attention and embedding (row gathers). Both
+towers keep the decoder's ``(out, residual)`` pair through the blocks, so
+each residual add is folded into the next norm; ``residual is None`` means
+``hidden`` is the whole stream.
 """
 from __future__ import annotations
 
@@ -34,7 +38,6 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models.layers import MLP, Linear, RMSNorm, weight
@@ -102,7 +105,8 @@ class VisionOutput:
 class GridLayout:
     """Index tensors of one encode call, all derived from grid_thw."""
 
-    hw_positions: torch.Tensor        # [2, N] int64: each patch's (row, column)
+    hw_positions: torch.Tensor        # [2, N] int64: each patch's (row, column), in block order
+    rope_index: torch.Tensor          # [N] int64: 0..N-1, each patch's row of the rotary table
     cu_seqlens: torch.Tensor          # [frames + 1] int32: one segment per frame
     max_seqlen: int
     window_order: torch.Tensor | None = None      # [N] patch gather into window order
@@ -171,13 +175,14 @@ def grid_layout(config: VisionConfig, grid_thw: list[tuple[int, int, int]],
         if t <= 0 or h <= 0 or w <= 0 or h % m or w % m or max(h, w) > MAX_GRID_SIDE:
             raise ValueError(f"grid (t={t}, h={h}, w={w}) must be positive, h and w multiples of "
                              f"spatial_merge_size {m}, at most {MAX_GRID_SIDE}")
-    hw = [torch.stack(_merge_order(h, w, m)).repeat(1, t) for t, h, w in grid_thw]
+    hw = torch.cat([torch.stack(_merge_order(h, w, m)).repeat(1, t) for t, h, w in grid_thw], dim=1)
     cu, max_len = _segments([h * w for t, h, w in grid_thw for _ in range(t)], device)
     fields: dict[str, Any] = {}
     if config.kind == "qwen2_5":
         side = config.window_size // m // config.patch_size
         order, lengths = _windows(grid_thw, m, side)
         patch_order = (order[:, None] * m * m + torch.arange(m * m)).flatten()
+        hw = hw[:, patch_order]                     # the blocks see patches window by window
         cu_window, max_window = _segments([n * m * m for n in lengths], device)
         fields.update(window_order=patch_order.to(device), cu_window_seqlens=cu_window,
                       max_window_seqlen=max_window, merged_restore=torch.argsort(order).to(device))
@@ -185,24 +190,28 @@ def grid_layout(config: VisionConfig, grid_thw: list[tuple[int, int, int]],
         side = int(config.num_position_embeddings ** 0.5)
         indices, weights = _bilinear_taps(grid_thw, m, side)
         fields.update(interp_indices=indices.to(device), interp_weights=weights.to(device))
-    return GridLayout(hw_positions=torch.cat(hw, dim=1).to(device), cu_seqlens=cu,
-                      max_seqlen=max_len, **fields)
+    return GridLayout(hw_positions=hw.to(device), rope_index=torch.arange(hw.shape[1]).to(device),
+                      cu_seqlens=cu, max_seqlen=max_len, **fields)
 
 
 # ----------------------------------------------------------------------------- modules
 
 
 class LayerNorm(nn.Module):
-    """LayerNorm with weight and bias (Qwen3-VL; plain torch for now)."""
+    """LayerNorm with weight and bias (Qwen3-VL); with ``residual`` it is the fused
+    ``residual += x; norm(residual)``, as ``RMSNorm``."""
 
-    def __init__(self, size: int, eps: float, dtype: torch.dtype, device: torch.device | str) -> None:
+    def __init__(self, ops: KernelOps, size: int, eps: float, dtype: torch.dtype,
+                 device: torch.device | str) -> None:
         super().__init__()
-        self.eps = eps
+        self.ops, self.eps = ops, eps
         self.weight = weight(size, dtype=dtype, device=device)
         self.bias = weight(size, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        if residual is None:
+            return self.ops.layer_norm(x, self.weight, self.bias, self.eps)
+        return self.ops.fused_add_layer_norm(x, residual, self.weight, self.bias, self.eps)
 
 
 class PatchEmbed(nn.Module):
@@ -247,37 +256,35 @@ class Qwen3VisionMLP(nn.Module):
     def __init__(self, ops: KernelOps, c: VisionConfig, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         super().__init__()
+        self.ops = ops
         self.approximate = "tanh" if "tanh" in c.hidden_act else "none"
         self.linear_fc1 = Linear(ops, c.hidden_size, c.intermediate_size, True, dtype, device)
         self.linear_fc2 = Linear(ops, c.intermediate_size, c.hidden_size, True, dtype, device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_fc2(F.gelu(self.linear_fc1(x), approximate=self.approximate))
+        return self.linear_fc2(self.ops.gelu(self.linear_fc1(x), self.approximate))
 
 
 class VisionBlock(nn.Module):
-    """Pre-norm block. Qwen2.5-VL (RMSNorm) keeps the decoder's (out, residual) pair so the
-    residual add fuses into the next norm; Qwen3-VL (LayerNorm) adds in torch."""
+    """Pre-norm block, ``x += attn(norm1(x)); x += mlp(norm2(x))``, kept as the decoder's
+    (out, residual) pair so each residual add fuses into the next norm (RMSNorm for
+    Qwen2.5-VL, LayerNorm for Qwen3-VL)."""
 
     def __init__(self, ops: KernelOps, c: VisionConfig, dtype: torch.dtype,
                  device: torch.device | str) -> None:
         super().__init__()
-        self.rms = c.kind == "qwen2_5"
-        if self.rms:
+        if c.kind == "qwen2_5":
             self.norm1 = RMSNorm(ops, c.hidden_size, 1e-6, dtype, device)
             self.norm2 = RMSNorm(ops, c.hidden_size, 1e-6, dtype, device)
             self.mlp = MLP(ops, c.hidden_size, c.intermediate_size, True, dtype, device)
         else:
-            self.norm1 = LayerNorm(c.hidden_size, 1e-6, dtype, device)
-            self.norm2 = LayerNorm(c.hidden_size, 1e-6, dtype, device)
+            self.norm1 = LayerNorm(ops, c.hidden_size, 1e-6, dtype, device)
+            self.norm2 = LayerNorm(ops, c.hidden_size, 1e-6, dtype, device)
             self.mlp = Qwen3VisionMLP(ops, c, dtype, device)
         self.attn = VisionAttention(ops, c, dtype, device)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, rope, cu_seqlens,
-                max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if not self.rms:
-            hidden = hidden + self.attn(self.norm1(hidden), rope, cu_seqlens, max_seqlen)
-            return hidden + self.mlp(self.norm2(hidden)), None
+                max_seqlen: int) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual, x = hidden, self.norm1(hidden)
         else:
@@ -289,7 +296,10 @@ class VisionBlock(nn.Module):
 class PatchMerger(nn.Module):
     """m*m patches -> one LM token: norm, then a 2-layer GELU MLP over their concatenation.
     Qwen2.5-VL: ``ln_q`` (RMSNorm) + ``mlp.0``/``mlp.2``; Qwen3-VL: ``norm`` (LayerNorm, over
-    the concatenation for the deepstack mergers) + ``linear_fc1``/``linear_fc2``."""
+    the concatenation for the deepstack mergers) + ``linear_fc1``/``linear_fc2``.
+
+    Given the blocks' pending ``residual``, the norm first adds it in (in place, so
+    ``residual`` then holds the whole stream: see ``VisionTower._blocks``)."""
 
     def __init__(self, ops: KernelOps, c: VisionConfig, dtype: torch.dtype,
                  device: torch.device | str, postshuffle_norm: bool = False) -> None:
@@ -302,17 +312,20 @@ class PatchMerger(nn.Module):
             self.mlp.add_module("0", Linear(ops, self.merged, self.merged, True, dtype, device))
             self.mlp.add_module("2", Linear(ops, self.merged, c.out_hidden_size, True, dtype, device))
             return
-        self.norm = LayerNorm(self.merged if postshuffle_norm else c.hidden_size, 1e-6, dtype, device)
+        self.norm = LayerNorm(ops, self.merged if postshuffle_norm else c.hidden_size, 1e-6, dtype, device)
         self.linear_fc1 = Linear(ops, self.merged, self.merged, True, dtype, device)
         self.linear_fc2 = Linear(ops, self.merged, c.out_hidden_size, True, dtype, device)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.kind == "qwen2_5":
-            x = self.ln_q(hidden, residual) if residual is not None else self.ln_q(hidden)
-            first, second = self.mlp.get_submodule("0"), self.mlp.get_submodule("2")
-            return second(F.gelu(first(x.view(-1, self.merged))))
-        x = self.norm(hidden.view(-1, self.merged)) if self.postshuffle_norm else self.norm(hidden)
-        return self.linear_fc2(F.gelu(self.linear_fc1(x.view(-1, self.merged))))
+            norm, first, second = self.ln_q, self.mlp.get_submodule("0"), self.mlp.get_submodule("2")
+        else:
+            norm, first, second = self.norm, self.linear_fc1, self.linear_fc2
+        if self.postshuffle_norm:          # the norm spans the m*m patches (a row-major view)
+            hidden = hidden.view(-1, self.merged)
+            residual = residual.view(-1, self.merged) if residual is not None else None
+        x = norm(hidden, residual)                                      # [N, D] or [N / m^2, m^2 D]
+        return second(self.ops.gelu(first(x.view(-1, self.merged))))   # [N / m^2, H]
 
 
 class VisionTower(nn.Module):
@@ -341,19 +354,23 @@ class VisionTower(nn.Module):
     def forward(self, pixel_values: torch.Tensor, grid_thw: list[tuple[int, int, int]]) -> VisionOutput:
         c, ops = self.config, self.ops
         layout = grid_layout(c, [tuple(int(v) for v in g) for g in grid_thw], pixel_values.device)
-        hidden = self.patch_embed(pixel_values)                                  # [N, D]
+        hidden = self.patch_embed(self._upload(pixel_values))                    # [N, D]
         if layout.interp_indices is not None:                                    # Qwen3-VL
-            rows = ops.embedding(layout.interp_indices.flatten(), self.pos_embed.weight)
-            blend = (rows.view(-1, 4, c.hidden_size) * layout.interp_weights[..., None]).sum(1)
-            hidden = hidden + blend.to(hidden.dtype)
-        positions = layout.hw_positions
+            hidden = ops.add_interpolated_pos_embed(hidden, self.pos_embed.weight, layout.interp_indices,
+                                                    layout.interp_weights)
         if layout.window_order is not None:                                      # Qwen2.5-VL
             hidden = ops.embedding(layout.window_order, hidden)
-            positions = positions[:, layout.window_order]
-        table = ops.mrope_cos_sin(positions.contiguous(), self.rope_cache,
+        table = ops.mrope_cos_sin(layout.hw_positions, self.rope_cache,
                                   (c.head_dim // 4, c.head_dim // 4), False)     # [N, head_dim]
-        rope = (torch.arange(hidden.shape[0], device=hidden.device), table)
-        return self._blocks(hidden, rope, layout)
+        return self._blocks(hidden, (layout.rope_index, table), layout)
+
+    def _upload(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pixels in the weights' dtype on their device: host pixels are cast before the
+        upload (no cast kernel on the device, half the bytes copied in bf16)."""
+        w = self.patch_embed.proj.weight
+        if pixel_values.device != w.device and pixel_values.device.type == "cpu":
+            pixel_values = pixel_values.to(w.dtype)
+        return pixel_values.to(device=w.device, dtype=w.dtype)
 
     def _blocks(self, hidden: torch.Tensor, rope, layout: GridLayout) -> VisionOutput:
         c = self.config
@@ -364,8 +381,10 @@ class VisionTower(nn.Module):
                            else (layout.cu_seqlens, layout.max_seqlen))
             hidden, residual = block(hidden, residual, rope, cu, max_len)
             if i in c.deepstack_visual_indexes:
+                # the merger's norm folds the pending add into residual: the stream is whole again
                 merger = self.deepstack_merger_list[c.deepstack_visual_indexes.index(i)]
-                deepstack.append(merger(hidden))
+                deepstack.append(merger(hidden, residual))
+                hidden, residual = residual, None
         embeds = self.merger(hidden, residual)                                   # [N / m^2, H]
         if layout.merged_restore is not None:
             embeds = self.ops.embedding(layout.merged_restore, embeds)

@@ -150,9 +150,9 @@ class MultimodalInputs:
     def _encode(self, items: list[MultimodalItem]) -> dict[str, VisionOutput]:
         """One encoder call for ``items``; each result split per item and put in the cache."""
         started = time.perf_counter()
-        pixels = torch.cat([_pixels(item) for item in items]).to(self.device)
+        pixels = torch.cat([_pixels(item) for item in items])
         grids = [tuple(item.grid_thw) for item in items]
-        out = self.model.encode(pixels, grids)   # the patch embedding casts to the weights' dtype
+        out = self.model.encode(pixels, grids)   # host pixels: cast to the weights' dtype, then uploaded
         results: dict[str, VisionOutput] = {}
         start = 0
         for item in items:
