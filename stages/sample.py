@@ -254,11 +254,12 @@ class SampleStage(Stage):
         rids, logits, params, mask, expansion = chain_verify.expand(
             message.rids, message.logits, message.draft_logits, message.sampling, mask)
         out = self.sample_batch(message.batch_id, rids, logits, params, mask)
-        emitted = chain_verify.accept(out.token_ids, expansion)
+        emitted, paths = chain_verify.accept_paths(out.token_ids, expansion)
         return SampledTokens(
             batch_id=message.batch_id, rids=message.rids,
             token_ids=[tokens[0] for tokens in emitted],
             spec_token_ids=[tokens if ids else [] for tokens, ids in zip(emitted, expansion.drafts)],
+            spec_accepted_nodes=paths if message.sampling.draft_parents else [],
             token_logprobs=chain_verify.compact(out.token_logprobs, expansion),
             top_token_ids=chain_verify.compact(out.top_token_ids, expansion),
             top_logprobs=chain_verify.compact(out.top_logprobs, expansion))
@@ -307,8 +308,8 @@ class SampleStage(Stage):
         top_n = max((n for n, ids in zip(params.prompt_top_logprobs_nums, params.prompt_logprob_ids) if ids),
                     default=0)
         token_lp, top_ids, top_lp = self.ops.compute_logprobs(logits, targets, top_n)
+        ranks = self.ops.token_ranks(logits, targets)
         chosen = logits.gather(1, targets[:, None])
-        ranks = (logits > chosen).sum(dim=1) + 1
         per_position: list[list[int]] = []
         for b, ids in enumerate(params.prompt_logprob_ids):
             wanted = params.token_ids_logprobs[b] if params.token_ids_logprobs else []

@@ -123,7 +123,7 @@ OP_FAMILIES: dict[str, str] = {
     "add_interpolated_pos_embed": "pos_embed",
 }
 SAMPLING_OPS: dict[str, str] = {op: "sampling" for op in (
-    "apply_penalties", "apply_token_bitmask", "sample", "greedy", "compute_logprobs")}
+    "apply_penalties", "apply_token_bitmask", "sample", "greedy", "compute_logprobs", "token_ranks")}
 SAMPLING_OPS["store_future_tokens"] = "future"
 INDEX_OPS: dict[str, str] = {op: "indexing" for op in (
     "write_req_to_token", "extend_positions", "gather_req_slots")}
@@ -167,6 +167,7 @@ class SamplingOps:
     sample: Callable
     greedy: Callable
     compute_logprobs: Callable
+    token_ranks: Callable          # 1 + logits above each row's token (prompt logprob ranks)
     store_future_tokens: Callable  # future.py: tokens kept on the device for the next step
 
 

@@ -178,6 +178,19 @@ def test_compute_logprobs(device, top_n):
     torch.testing.assert_close(top_lp, ref_top_lp, rtol=1e-5, atol=1e-5)
 
 
+def test_token_ranks(device):
+    """Rank 1 for the row's maximum, ties not counted above, masked tokens rank last."""
+    logits = _logits(4, VOCAB, device, seed=9)
+    logits[1, 100:200] = float("-inf")
+    top = logits[0].argmax()
+    logits[2, 11] = logits[2, 12] = logits[2].max() + 1.0                # a tie at the top
+    token_ids = torch.stack([top, torch.tensor(150, device=device), torch.tensor(12, device=device),
+                             torch.tensor(3, device=device)])
+    ranks = sampling.token_ranks(logits, token_ids)
+    assert torch.equal(ranks, sampling.token_ranks_reference(logits, token_ids))
+    assert ranks[0] == 1 and ranks[2] == 1 and ranks[1] == VOCAB - 100 + 1
+
+
 @pytest.mark.skipif(not ON_GPU, reason="a 151936-token vocabulary needs CUDA (interpreter too slow)")
 def test_full_vocab_on_gpu(device):
     batch = 16

@@ -16,6 +16,8 @@ Launchers (the sample stage calls these; ``*_reference`` twins in PyTorch)::
         argmax per row, lowest index on ties (the all-greedy fast path)
     compute_logprobs(logits, token_ids[B], top_n) ->
            (token_logprobs[B] fp32, top_ids[B, top_n] int64, top_logprobs[B, top_n] fp32)
+    token_ranks(logits, token_ids[B]) -> ranks[B] int64
+        1 + the number of logits in the row strictly above the token's (one pass)
 
 ``sample``, per row (one program per row, several passes over the row):
 
@@ -54,12 +56,12 @@ import triton
 
 from triton_kernels.sampling.kernels import (
     argmax_partial_kernel, argmax_reduce_kernel, bitmask_kernel, logprobs_kernel,
-    penalties_kernel, sample_kernel,
+    penalties_kernel, sample_kernel, token_rank_kernel,
 )
 from triton_kernels.runtime import interpreting
 from triton_kernels.sampling.reference import (  # noqa: F401
     apply_penalties_reference, apply_token_bitmask_reference, compute_logprobs_reference,
-    greedy_reference, philox_uniform_reference, sample_reference, sampling_bytes,
+    greedy_reference, philox_uniform_reference, sample_reference, sampling_bytes, token_ranks_reference,
 )
 
 NUM_CUTS = 16
@@ -168,6 +170,18 @@ def compute_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
                      top_n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """log_softmax(logits) at token_ids and its top_n entries (value desc, id asc)."""
     return launch_compute_logprobs(logits, token_ids, top_n, CAPACITY)
+
+
+def token_ranks(logits: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """Each row's rank of its token: 1 + how many logits are strictly larger (prompt logprobs)."""
+    batch, vocab_size = _check_logits(logits)
+    _check_rows(batch, token_ids=token_ids)
+    ranks = torch.empty(batch, dtype=torch.int64, device=logits.device)
+    if batch:
+        block = 1024 if interpreting() else 4096
+        token_rank_kernel[(batch,)](logits, token_ids, ranks, vocab_size, logits.stride(0), BLOCK=block,
+                                    num_warps=4 if interpreting() else 8)
+    return ranks
 
 
 def launch_compute_logprobs(logits, token_ids, top_n: int, capacity: int):

@@ -217,3 +217,17 @@ def argmax_reduce_kernel(part_vals_ptr, part_ids_ptr, out_ptr, NUM_CHUNKS: tl.co
     best = tl.max(vals, 0)
     token = tl.min(tl.where(vals == best, ids, 2147483647), 0)
     tl.store(out_ptr + row, token.to(tl.int64))
+
+
+@triton.jit
+def token_rank_kernel(logits_ptr, token_ids_ptr, ranks_ptr, vocab_size, stride_row, BLOCK: tl.constexpr):
+    """ranks[row] = 1 + the number of logits in the row strictly above the token's own."""
+    row = tl.program_id(0)
+    row_ptr = logits_ptr + row.to(tl.int64) * stride_row
+    chosen = tl.load(row_ptr + tl.load(token_ids_ptr + row))
+    above = tl.zeros([BLOCK], dtype=tl.int32)
+    for start in range(0, vocab_size, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        values = tl.load(row_ptr + offs, mask=offs < vocab_size, other=float("-inf"))
+        above += (values > chosen).to(tl.int32)
+    tl.store(ranks_ptr + row, tl.sum(above, 0).to(tl.int64) + 1)

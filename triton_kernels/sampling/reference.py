@@ -120,6 +120,12 @@ def compute_logprobs_reference(logits, token_ids, top_n):
     return token_lp, top_ids, top_lp.float()
 
 
+def token_ranks_reference(logits, token_ids):
+    """Reference of `token_ranks`."""
+    chosen = logits.gather(1, token_ids.long()[:, None])
+    return (logits > chosen).sum(dim=1) + 1
+
+
 def sampling_bytes(batch: int, vocab_size: int, passes: int = 10) -> float:
     """Bytes a sample call streams: `passes` reads of the fp32 logits."""
     return float(passes * batch * vocab_size * 4)
