@@ -20,7 +20,16 @@ out_cache_loc       [T] i64      slot where each new token's K/V is stored
 logits_indices      [B] i64      q row of each request's last new token
 max_extend_len      int          max(extend_lens), host int (grid size)
 max_seq_len         int          max(seq_lens), host int
+tree_mask           [M] bool     speculative verify (None otherwise): each request's
+                                 [n, n] draft-tree mask, flattened one after another
+mask_start_loc      [B] i64      where request b's mask starts in tree_mask
 ==================  ===========  ============================================
+
+With ``tree_mask`` an extend batch runs tree attention
+(``triton_kernels/tree_attention.py``): request b's new tokens are the nodes
+of a draft tree, ``extend_lens`` its node counts, and a node sees the
+prefix plus the nodes its mask row marks (a row without a tree carries the
+causal lower triangle).
 
 ``KVCache`` holds, per layer, one ``[num_slots, num_kv_heads, head_dim]`` tensor
 for K and one for V, in the model's dtype or, with ``--kv-cache-dtype
@@ -55,6 +64,8 @@ class AttentionMetadata:
     logits_indices: torch.Tensor
     max_extend_len: int
     max_seq_len: int
+    tree_mask: torch.Tensor | None = None
+    mask_start_loc: torch.Tensor | None = None
 
     @property
     def num_reqs(self) -> int:

@@ -173,15 +173,23 @@ class Attention(nn.Module):
         self.ops.qk_norm_rope_store(q, k, v, positions, table, True, k_cache, v_cache,
                                     attn_meta.out_cache_loc, q_norm_w, k_norm_w, eps,
                                     k_scale=self.k_scale, v_scale=self.v_scale)
-        o = self._attend(q, k, v, attn_meta, k_cache, v_cache)               # [T, Hq, D]
+        o = self._attend(q, k, v, attn_meta, k_cache, v_cache, positions)    # [T, Hq, D]
         return self.o_proj(o.view(T, self.q_size))
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 attn_meta: AttentionMetadata, k_cache: torch.Tensor,
-                v_cache: torch.Tensor) -> torch.Tensor:
+                v_cache: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """Decode reads every key from the pool; extend reads the prefix from the
-        pool and the new tokens' keys from k, v (just stored there too)."""
+        pool and the new tokens' keys from k, v (just stored there too); a draft-tree
+        verify (``tree_mask``) is extend under each request's tree mask."""
         m = attn_meta
+        if m.tree_mask is not None:
+            if v_cache.dtype != q.dtype:
+                raise ValueError("draft-tree verification needs a KV cache in the model dtype")
+            return self.ops.tree_attention(
+                q, k, v, k_cache, v_cache, m.req_to_token, m.req_pool_indices, m.prefix_lens,
+                m.extend_lens, m.extend_start_loc, m.tree_mask, m.mask_start_loc, m.max_extend_len,
+                self.sm_scale, positions=positions, sliding_window=self.sliding_window)
         if m.mode == "decode":
             return self.ops.decode_attention(
                 q, k_cache, v_cache, m.req_to_token, m.req_pool_indices, m.seq_lens,

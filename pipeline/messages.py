@@ -414,6 +414,24 @@ class SamplingBatch(msgspec.Struct, frozen=True, kw_only=True):
     # Speculative decoding (empty when no row drafts): per row, the draft tokens fed after
     # the row's last token (a chain); the row is verified instead of sampled once.
     draft_ids: list[list[int]] = []
+    # Draft trees (--speculative-eagle-topk > 1; empty: every row is a chain): per row, the
+    # parent of each node (node 0 the row's last token, parent -1; node i the draft
+    # draft_ids[i - 1]); an empty entry is a chain (stages/speculative/tree.py).
+    draft_parents: list[list[int]] = []
+
+
+class KeptPath(msgspec.Struct, frozen=True, kw_only=True):
+    """A verified draft tree's accepted path, whose K/V moves to the sequence's positions.
+
+    The verify step wrote node ``i``'s K/V at ``req_to_token[row, start + i]``; the accepted
+    draft ``nodes[k]`` belongs at ``start + k + 1``. The forward stage copies them before the
+    next batch writes anything (stages/forward/speculative.py).
+    """
+
+    row: int
+    rid: str
+    start: int  # the root's position
+    nodes: list[int]  # accepted node ids, root excluded, in path order
 
 
 class ForwardBatch(Message, frozen=True, kw_only=True):
@@ -447,6 +465,8 @@ class ForwardBatch(Message, frozen=True, kw_only=True):
     future_input: bool = False
     # Vision-language models: what this batch needs besides token ids (None: text only).
     mm: "MultimodalBatch | None" = None
+    # Draft trees verified since the last batch whose accepted path is not a chain prefix.
+    spec_kept: list[KeptPath] = []
 
 
 class MultimodalSlice(msgspec.Struct, frozen=True, kw_only=True):
@@ -557,6 +577,8 @@ class SampledTokens(Message, frozen=True, kw_only=True):
     # Per row (empty when no row drafted): the tokens a verified row emits (accepted drafts, then
     # the target's own token); token_ids holds their first. Empty list: the row emits token_ids[b].
     spec_token_ids: list[list[int]] = []
+    # Per row (empty when no row verified a tree): the tree node ids of the accepted drafts.
+    spec_accepted_nodes: list[list[int]] = []
 
 
 class PromptLogprobs(msgspec.Struct, frozen=True, kw_only=True):

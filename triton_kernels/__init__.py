@@ -59,6 +59,10 @@ vision_attention     vision_attn    (q[N,H,D], k[N,H,D], v[N,H,D], cu_seqlens[S+
                                     max_seqlen, sm_scale) -> o[N,H,D], non-causal per segment
 add_interpolated_    pos_embed      (x[N,D], table[P,D], indices[N,K] int, weights[N,K] fp32)
   pos_embed                         -> y[N,D] = x + sum_k weights[:,k] * table[indices[:,k]]
+tree_attention       tree_attention (q, k, v, k_cache, v_cache, req_to_token, req_pool_indices,
+                                    prefix_lens, tree_lens, tree_start_loc, tree_mask,
+                                    mask_start_loc, max_tree_len, sm_scale, positions=None,
+                                    sliding_window=-1) -> o[T,Hq,D]: draft-tree verify
 ==================== ============== ===================================================
 
 KV pool layout: one ``[num_slots, num_kv_heads, head_dim]`` tensor for K and
@@ -121,6 +125,7 @@ OP_FAMILIES: dict[str, str] = {
     "mrope_cos_sin": "rotary",
     "vision_attention": "vision_attention",
     "add_interpolated_pos_embed": "pos_embed",
+    "tree_attention": "tree_attention",
 }
 SAMPLING_OPS: dict[str, str] = {op: "sampling" for op in (
     "apply_penalties", "apply_token_bitmask", "sample", "greedy", "compute_logprobs", "token_ranks")}
@@ -155,6 +160,7 @@ class KernelOps:
     mrope_cos_sin: Callable
     vision_attention: Callable
     add_interpolated_pos_embed: Callable
+    tree_attention: Callable
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from pipeline.messages import ForwardBatch
 from stages.forward.graphs import DecodeGraphs, pad_decode
 from stages.forward.inputs import pack_batch, unpack, write_req_to_token
 from stages.forward.multimodal import MultimodalInputs
-from stages.forward.speculative import EagleDrafter
+from stages.forward.speculative import EagleDrafter, move_kept_kv, tree_metadata
 from stages.staging import Uploader
 from triton_kernels import KernelOptions, load_index_ops, load_ops
 
@@ -84,6 +84,7 @@ class ModelRunner:
         self.drafter = EagleDrafter.of(args, self.model, self.ops, num_slots, self.context_len,
                                        self.model.dtype, self.device)
         self.batch_drafts: list[list[int]] | None = None  # the drafts the last batch verifies
+        self.batch_parents: list[list[int]] = []  # their trees (per row; [] when every row is a chain)
         self.graphs: DecodeGraphs | None = None
         if (self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0
                 and self.drafter is None):
@@ -120,6 +121,8 @@ class ModelRunner:
     def run_batch(self, batch: ForwardBatch) -> torch.Tensor:
         """logits[B, vocab] fp32 of each request's last new token."""
         num_reqs = len(batch.rids)
+        if batch.spec_kept:  # verified draft trees: accepted K/V into place before anything is written
+            move_kept_kv(self.kv_cache, self.req_to_token, batch.spec_kept)
         if self.graphs is not None and batch.mode == "decode" and not batch.row_writes:
             size = self.graphs.size_for(num_reqs)
             if size is not None:
@@ -145,9 +148,13 @@ class ModelRunner:
 
     def _run_drafting(self, batch: ForwardBatch, device_batch) -> torch.Tensor:
         """Draft into the batch's draft positions, run the target, keep its features."""
-        self.batch_drafts = self.drafter.draft(batch, device_batch.input_ids, self.req_to_token)
-        logits = self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,
-                                    self.kv_cache)
+        self.batch_drafts = self.drafter.draft(batch, device_batch.input_ids, self.req_to_token,
+                                               device_batch.positions)
+        self.batch_parents = self.drafter.parents
+        meta = device_batch.meta
+        if self.batch_parents:  # draft trees: one verify forward under each row's tree mask
+            meta = tree_metadata(meta, batch.extend_lens, self.batch_parents)
+        logits = self.model.forward(device_batch.input_ids, device_batch.positions, meta, self.kv_cache)
         self.drafter.keep(batch, device_batch.input_ids, self.req_to_token)
         return logits
 

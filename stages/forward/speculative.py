@@ -1,4 +1,4 @@
-"""EAGLE / EAGLE3 drafting inside the forward stage: a chain of draft tokens per verifying row.
+"""EAGLE / EAGLE3 drafting inside the forward stage: a chain or a tree of drafts per verifying row.
 
 The schedule stage plans a drafting row exactly as for NGRAM (the last token
 then ``d`` drafts, KV slots at the drafts' positions) but with placeholder
@@ -41,6 +41,24 @@ Each step, per row (design: catch up exactly, then draft):
    yet to say which of them stand. So what waits is at most a few rows of
    features per request, copied out of the batch's tensors.
 
+Trees (``--speculative-eagle-topk k > 1``, EAGLE-2's dynamic tree as in
+SGLang). Step 2 becomes: the catch-up's last row gives the root's
+next-token log-probs, whose top k are the depth-1 candidates (the first
+frontier). Each further step (``--speculative-num-steps`` in all) runs the
+head over every frontier node chosen so far -- a node reads its token and
+its parent's head hidden at position ``q - 1 + depth`` and attends to the
+head's KV prefix (positions ``< q``) and its own ancestors under a tree mask
+(tree attention; the nodes' own K/V are recomputed each step, not stored,
+so the head's pool holds only final positions) -- and every frontier node
+proposes its top k children, scored by cumulative log-probability; the k
+best of those k*k form the next frontier. All candidates are then pruned to
+the row's draft count by score (``stages/speculative/tree.prune_tree``).
+The target verifies the tree in one forward: node ``i`` fed at the slot of
+position ``q + i``, rotary position ``q + depth(i)``, tree attention with
+the tree's mask (``tree_metadata``). The accepted path comes back in the next
+batch (``ForwardBatch.spec_kept``): ``move_kept_kv`` copies its nodes' K/V to
+the sequence positions, and step 1 takes the path's features.
+
 Only the draft quality depends on the head's context; the output never
 does (the sample stage verifies every draft against the target). A row
 without usable features (a radix hit's last cached position, a retracted
@@ -58,7 +76,8 @@ import torch
 from models.batch import AttentionMetadata, KVCache
 from models.config import read_json
 from models.eagle import EagleHead, load_eagle_head
-from pipeline.messages import ForwardBatch
+from pipeline.messages import ForwardBatch, KeptPath
+from stages.speculative.tree import DEFAULT_NUM_DRAFT_TOKENS, build_tree_layout, prune_tree
 
 
 @dataclasses.dataclass
@@ -91,11 +110,47 @@ def eagle3_layers(num_layers: int, layer_ids: list[int] | None = None) -> tuple[
     return tuple(min(max(i, 0), num_layers - 1) for i in chosen)
 
 
+def move_kept_kv(kv_cache: KVCache, req_to_token: torch.Tensor, kept: list[KeptPath]) -> None:
+    """Copy each accepted tree node's K/V (written at ``start + node``) to its sequence position
+    ``start + k`` (k = 1, 2, ...), every layer; reads every source before writing."""
+    rows, src, dst = [], [], []
+    for path in kept:
+        for k, node in enumerate(path.nodes, start=1):
+            if node != k:
+                rows.append(path.row)
+                src.append(path.start + node)
+                dst.append(path.start + k)
+    if not rows:
+        return
+    index = torch.tensor([rows, src, dst], dtype=torch.int64).to(req_to_token.device)
+    src_slots = req_to_token[index[0], index[1]].long()
+    dst_slots = req_to_token[index[0], index[2]].long()
+    for cache in (*kv_cache.k, *kv_cache.v):
+        cache[dst_slots] = cache[src_slots]
+
+
+def tree_metadata(meta: AttentionMetadata, extend_lens: list[int], parents: list[list[int]]) -> AttentionMetadata:
+    """``meta`` with the tree mask of a verify batch: a row's draft tree (``parents[b]``), or the
+    causal lower triangle of its extend length (a row without a tree)."""
+    masks = []
+    for b, length in enumerate(extend_lens):
+        tree = parents[b] if b < len(parents) else []
+        if tree:
+            masks.append(build_tree_layout(tree).tree_mask.flatten())
+        else:
+            masks.append(torch.ones(length, length, dtype=torch.bool).tril().flatten())
+    starts = _starts([length * length for length in extend_lens])
+    device = meta.req_to_token.device
+    return dataclasses.replace(meta, tree_mask=torch.cat(masks).to(device),
+                               mask_start_loc=torch.tensor(starts, dtype=torch.int64).to(device))
+
+
 class EagleDrafter:
     """The draft head, its KV pool and each row's pending features."""
 
     def __init__(self, path: str, target: torch.nn.Module, ops, num_slots: int, context_len: int,
-                 dtype: torch.dtype, device: torch.device, aux_layer_ids: list[int] | None = None) -> None:
+                 dtype: torch.dtype, device: torch.device, aux_layer_ids: list[int] | None = None,
+                 topk: int = 1, steps: int = 1) -> None:
         decoder = getattr(target, "model", None)
         if hasattr(target, "encode") or not hasattr(decoder, "capture_layers"):  # vision-language: not yet
             raise ValueError(f"{type(target).__name__} exposes no hidden states for EAGLE drafting")
@@ -116,6 +171,8 @@ class EagleDrafter:
         c = self.head.config.layer
         self.kv_cache = KVCache.allocate(1, num_slots, c.num_key_value_heads, c.head_dim, dtype, device)
         self.pending: dict[int, _Pending] = {}  # req_to_token row -> features fed last step
+        self.topk, self.steps = topk, steps     # trees when topk > 1 (module docstring)
+        self.parents: list[list[int]] = []      # per row of the last drafted batch: its tree ([] chain)
 
     @staticmethod
     def of(args, target: torch.nn.Module, ops, num_slots: int, context_len: int, dtype: torch.dtype,
@@ -126,7 +183,9 @@ class EagleDrafter:
         path = Path(args.speculative_draft_model_path)
         raw = read_json(path / "config.json", f"config.json in {path}")
         aux = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        drafter = EagleDrafter(str(path), target, ops, num_slots, context_len, dtype, device, aux)
+        steps = args.speculative_num_steps or (args.speculative_num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS) - 1
+        drafter = EagleDrafter(str(path), target, ops, num_slots, context_len, dtype, device, aux,
+                               topk=args.speculative_eagle_topk, steps=steps)
         if drafter.head.config.kind != args.speculative_algorithm.lower():
             raise ValueError(f"--speculative-algorithm {args.speculative_algorithm}: {path} holds an "
                              f"{drafter.head.config.kind.upper()} head")
@@ -159,18 +218,23 @@ class EagleDrafter:
 
     # ------------------------------------------------------------------ drafting
     @torch.inference_mode()
-    def draft(self, batch: ForwardBatch, input_ids: torch.Tensor, req_to_token: torch.Tensor
-              ) -> list[list[int]]:
+    def draft(self, batch: ForwardBatch, input_ids: torch.Tensor, req_to_token: torch.Tensor,
+              positions: torch.Tensor | None = None) -> list[list[int]]:
         """Fill each drafting row's draft positions of ``input_ids`` (device) with the head's
-        chain; return the drafts per row (the placeholders where no context was usable)."""
+        chain or tree (trees also set their nodes' ``positions`` and ``self.parents``); return
+        the drafts per row (the placeholders where no context was usable)."""
         starts = _starts(batch.extend_lens)
         segments = self._catch_up_segments(batch, input_ids, starts)
         drafts = [list(ids) for ids in batch.sampling.draft_ids]
+        self.parents = []
         if not segments:
             return drafts
-        first, hidden = self._catch_up(segments, req_to_token)
+        logits, hidden = self._catch_up(segments, req_to_token)
         if not drafts:
             return drafts
+        if self.topk > 1:
+            return self._fill_trees(segments, drafts, logits, hidden, req_to_token, input_ids, positions, starts)
+        first = self.head.draft_to_target(logits.argmax(-1))
         chains = self._chain(segments, drafts, first, hidden, req_to_token)
         for segment, chain in chains:
             input_ids[starts[segment.b] + 1: starts[segment.b] + 1 + chain.shape[0]] = chain
@@ -182,7 +246,9 @@ class EagleDrafter:
 
     def _catch_up_segments(self, batch: ForwardBatch, input_ids: torch.Tensor, starts: list[int]
                            ) -> list["_Segment"]:
-        """The rows whose previous step's features can catch up, with their final positions."""
+        """The rows whose previous step's features can catch up, with their final positions
+        (a verified tree's: the accepted path's nodes, ``batch.spec_kept``)."""
+        kept = {(path.row, path.rid): path.nodes for path in batch.spec_kept}
         segments = []
         for b, rid in enumerate(batch.rids):
             row, q = batch.req_pool_indices[b], batch.positions[starts[b]]
@@ -190,14 +256,22 @@ class EagleDrafter:
             if pending is None or pending.rid != rid or not pending.start < q <= pending.start + len(pending.tokens):
                 continue
             count = q - pending.start
-            tokens = torch.cat([pending.tokens[1:count], input_ids[starts[b]:starts[b] + 1]])
-            segments.append(_Segment(b, row, pending.start, count, tokens, pending.features[:count]))
+            first = input_ids[starts[b]:starts[b] + 1]
+            nodes = kept.get((row, rid))
+            if nodes is None:  # a chain, or a tree whose accepted path is its first nodes
+                tokens, features = torch.cat([pending.tokens[1:count], first]), pending.features[:count]
+            elif len(nodes) + 1 == count:
+                path = torch.tensor([0] + nodes, dtype=torch.int64).to(self.device)
+                tokens, features = torch.cat([pending.tokens[path[1:]], first]), pending.features[path]
+            else:
+                continue
+            segments.append(_Segment(b, row, pending.start, count, tokens, features))
         return segments
 
     def _catch_up(self, segments: list["_Segment"], req_to_token: torch.Tensor
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One extend forward of the head over every row's final positions -> (first draft per
-        segment [S] in target ids, the head's hidden at each segment's last position [S, H])."""
+        """One extend forward of the head over every row's final positions -> (the head's logits
+        at each segment's last position [S, draft vocab], its hidden there [S, H])."""
         ids = torch.cat([s.tokens for s in segments])
         features = torch.cat([s.features for s in segments])
         positions = torch.cat([torch.arange(s.start, s.start + s.count, device=self.device) for s in segments])
@@ -205,7 +279,7 @@ class EagleDrafter:
         meta = self._meta("extend", req_to_token, [s.row for s in segments], [s.start for s in segments],
                           [s.count for s in segments], slots)
         logits, hidden = self.head(ids, features, positions, meta, self.kv_cache)
-        return self.head.draft_to_target(logits.argmax(-1)), hidden[meta.logits_indices]
+        return logits, hidden[meta.logits_indices]
 
     def _chain(self, segments: list["_Segment"], wanted: list[list[int]], first: torch.Tensor,
                hidden: torch.Tensor, req_to_token: torch.Tensor) -> list[tuple["_Segment", torch.Tensor]]:
@@ -228,6 +302,94 @@ class EagleDrafter:
                 chains[k].append(tokens[n:n + 1])
                 hidden_of[k] = out[n:n + 1]
         return [(segments[k], torch.cat(chains[k])) for k in drafting]
+
+    # ------------------------------------------------------------------ trees
+    def _fill_trees(self, segments: list["_Segment"], drafts: list[list[int]], logits: torch.Tensor,
+                    hidden: torch.Tensor, req_to_token: torch.Tensor, input_ids: torch.Tensor,
+                    positions: torch.Tensor, starts: list[int]) -> list[list[int]]:
+        """Draft a tree per drafting row, write its nodes into the row's inputs, set ``parents``."""
+        drafting = [k for k, s in enumerate(segments) if drafts[s.b]]
+        if not drafting:
+            return drafts
+        picked = torch.tensor(drafting, dtype=torch.int64).to(self.device)
+        chosen = [segments[k] for k in drafting]
+        tokens, parents, scores = self._grow_trees(chosen, logits[picked], hidden[picked], req_to_token)
+        tokens, parents, scores = tokens.tolist(), parents.tolist(), scores.tolist()  # one copy each
+        self.parents = [[] for _ in drafts]
+        for n, segment in enumerate(chosen):
+            b, root = segment.b, segment.start + segment.count
+            kept_tokens, kept_parents, _ = prune_tree([0] + tokens[n], [-1] + parents[n], [0.0] + scores[n],
+                                                      len(drafts[b]) + 1)
+            if len(kept_tokens) != len(drafts[b]) + 1:  # the schedule stage sizes drafts within the candidates
+                raise RuntimeError(f"a draft tree of {len(kept_tokens)} nodes for {len(drafts[b])} draft slots")
+            drafts[b], self.parents[b] = kept_tokens[1:], kept_parents
+            depth = build_tree_layout(kept_parents).depth
+            first = starts[b]
+            input_ids[first + 1:first + len(kept_tokens)] = torch.tensor(kept_tokens[1:]).to(self.device)
+            positions[first:first + len(kept_tokens)] = (depth + root).to(self.device)
+        return drafts
+
+    def _grow_trees(self, segments: list["_Segment"], logits: torch.Tensor, hidden: torch.Tensor,
+                    req_to_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k expansion over ``steps`` for every segment at once -> the candidates' target
+        token ids, parents (0 the root, candidate c is node c + 1) and cumulative log-probs,
+        each [S, C] with C = k + (steps - 1) k^2, in creation order (parents come first)."""
+        k, num = self.topk, len(segments)
+        score, ids = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)   # [S, k] depth 1
+        ids = self.head.draft_to_target(ids)
+        cand_tokens, cand_parents, cand_scores = [ids], [torch.zeros_like(ids)], [score]
+        frontier_node = torch.arange(1, k + 1, device=self.device).expand(num, k)  # node ids
+        fed_ids, fed_hidden = ids, hidden[:, None, :].expand(num, k, hidden.shape[-1])
+        fed_mask = torch.eye(k, dtype=torch.bool, device=self.device).expand(num, k, k)
+        for step in range(1, self.steps):
+            out_logits, out_hidden = self._tree_step(segments, fed_ids, fed_hidden, fed_mask, step, req_to_token)
+            lp = torch.log_softmax(out_logits.float(), -1).view(num, k, -1) + score[:, :, None]
+            child_score, child_ids = lp.topk(k, dim=-1)                          # [S, k, k]
+            child_ids = self.head.draft_to_target(child_ids.view(num, k * k))
+            child_score = child_score.view(num, k * k)
+            first_new = 1 + sum(t.shape[1] for t in cand_tokens)
+            cand_tokens.append(child_ids)
+            cand_parents.append(frontier_node.repeat_interleave(k, dim=1))
+            cand_scores.append(child_score)
+            score, pick = child_score.topk(k, dim=-1)                            # the next frontier
+            frontier_node = first_new + pick
+            parent_local = torch.div(pick, k, rounding_mode="floor")             # which frontier node
+            fed_len = fed_ids.shape[1]
+            parent_fed = fed_len - k + parent_local                              # its row among the fed
+            fed_ids = torch.cat([fed_ids, child_ids.gather(1, pick)], dim=1)
+            new_hidden = out_hidden.view(num, fed_len, -1).gather(
+                1, parent_fed[:, :, None].expand(num, k, out_hidden.shape[-1]))
+            fed_hidden = torch.cat([fed_hidden, new_hidden], dim=1)
+            rows = fed_mask.gather(1, parent_fed[:, :, None].expand(num, k, fed_len))  # parents' ancestors
+            mask = torch.zeros(num, fed_len + k, fed_len + k, dtype=torch.bool, device=self.device)
+            mask[:, :fed_len, :fed_len] = fed_mask
+            mask[:, fed_len:, :fed_len] = rows
+            mask[:, fed_len:, fed_len:] = torch.eye(k, dtype=torch.bool, device=self.device)
+            fed_mask = mask
+        return torch.cat(cand_tokens, 1), torch.cat(cand_parents, 1), torch.cat(cand_scores, 1)
+
+    def _tree_step(self, segments: list["_Segment"], fed_ids: torch.Tensor, fed_hidden: torch.Tensor,
+                   fed_mask: torch.Tensor, step: int, req_to_token: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The head over every frontier node chosen so far (``step`` frontiers of k, node j of
+        frontier d at position ``q - 1 + d``) under their ancestor masks -> (logits of the newest
+        frontier [S * k, draft vocab], hidden of every fed node [S * n, H])."""
+        num, n = fed_ids.shape
+        k = self.topk
+        depth = torch.arange(1, step + 1, device=self.device).repeat_interleave(k)    # [n]
+        roots = [s.start + s.count for s in segments]                                 # q: the prefix length
+        base = torch.tensor(roots, dtype=torch.int64).to(self.device) - 1
+        positions = (base[:, None] + depth[None, :]).flatten()
+        slots = torch.zeros(num * n, dtype=torch.int64, device=self.device)          # the padding slot
+        meta = self._meta("extend", req_to_token, [s.row for s in segments], roots, [n] * num, slots)
+        last = torch.arange(num, device=self.device)[:, None] * n + torch.arange(n - k, n, device=self.device)
+        meta = dataclasses.replace(
+            meta, logits_indices=last.flatten(), tree_mask=fed_mask.flatten(),
+            mask_start_loc=torch.arange(num, device=self.device, dtype=torch.int64) * n * n)
+        # a copy: EAGLE3's layer adds into its input hidden in place (the residual)
+        features = fed_hidden.reshape(num * n, -1).clone()
+        logits, out = self.head(fed_ids.flatten(), features, positions, meta, self.kv_cache)
+        return logits, out
 
     def _meta(self, mode: str, req_to_token: torch.Tensor, req_rows: list[int], prefix_lens: list[int],
               extend_lens: list[int], slots: torch.Tensor) -> AttentionMetadata:

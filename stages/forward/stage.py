@@ -108,7 +108,8 @@ class ForwardStage(Stage):
                 future = (self.runner.future_tokens, self.runner.batch_rows) if message.overlap else (None, None)
                 sampling = message.sampling
                 if num_drafts and self.runner.drafter is not None:  # EAGLE: the head's drafts
-                    sampling = msgspec.structs.replace(sampling, draft_ids=self.runner.batch_drafts)
+                    sampling = msgspec.structs.replace(sampling, draft_ids=self.runner.batch_drafts,
+                                                       draft_parents=self.runner.batch_parents)
                 self.outboxes.sample.put(Logits(batch_id=message.batch_id, rids=message.rids, logits=logits,
                                                 sampling=sampling, prompt_logits=prompt_logits,
                                                 draft_logits=draft_logits,

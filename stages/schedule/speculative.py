@@ -40,6 +40,18 @@ with ``PLACEHOLDER_DRAFT`` ids, and the forward stage replaces them before
 the target runs and reports the real ones to the sample stage
 (``stages/forward/speculative.py``).
 
+Draft trees (EAGLE/EAGLE3 with ``--speculative-eagle-topk`` > 1). A row takes
+``--speculative-num-draft-tokens - 1`` draft slots, at the sequence positions
+after its last token, and the forward stage fills them with the nodes of a
+draft tree (node ``i``'s K/V lands in the slot of position ``start + i``, its
+rotary position is ``start + depth``). Verification keeps a root-to-node
+path, which need not be the first nodes: ``after_step`` records the path
+(``KeptPath``) and the next ForwardBatch carries it, so the forward stage
+copies the accepted nodes' K/V to positions ``start + 1 ..`` before it
+writes anything -- including when the request finished or was retracted
+meanwhile, as the radix cache may already hold those slots. The slots past
+the kept run are trimmed as for chains, so the pool accounting is the same.
+
 Metrics: per request, verify steps (SGLang's ``spec_verify_ct``) and
 accepted drafts, on every TokenOutput; ``accept_lengths`` collects the
 tokens each verify step emitted for the /metrics histogram.
@@ -51,12 +63,12 @@ import dataclasses
 import msgspec
 
 from pipeline.config import ServerArgs
-from pipeline.messages import FinishReason, TokenOutput
+from pipeline.messages import FinishReason, KeptPath, TokenOutput
 from stages.schedule.kv_manager import KVManager
 from stages.schedule.req_table import Req
 from stages.speculative.ngram import NgramIndex, NgramParams
+from stages.speculative.tree import DEFAULT_NUM_DRAFT_TOKENS
 
-DEFAULT_NUM_DRAFT_TOKENS = 8  # root + 7 drafts when neither size flag is given
 PLACEHOLDER_DRAFT = 0  # EAGLE/EAGLE3 drafts as planned, before the forward stage fills them in
 
 
@@ -68,12 +80,23 @@ class _SpecState:
 
 
 def num_drafts(args: ServerArgs) -> int:
-    """Draft tokens per step: --speculative-num-steps, else --speculative-num-draft-tokens - 1."""
+    """Draft tokens per step: --speculative-num-steps, else --speculative-num-draft-tokens - 1
+    (a tree: --speculative-num-draft-tokens - 1, at most the candidates its steps produce)."""
+    topk = args.speculative_eagle_topk
+    if topk > 1:
+        steps = tree_steps(args)
+        candidates = topk + (steps - 1) * topk * topk
+        return min((args.speculative_num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS) - 1, candidates)
     if args.speculative_num_steps > 0:
         if args.speculative_num_draft_tokens > 0:
             return min(args.speculative_num_steps, args.speculative_num_draft_tokens - 1)
         return args.speculative_num_steps
     return (args.speculative_num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS) - 1
+
+
+def tree_steps(args: ServerArgs) -> int:
+    """Drafting steps of a tree (the deepest a draft can be)."""
+    return args.speculative_num_steps or (args.speculative_num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS) - 1
 
 
 class Speculator:
@@ -91,6 +114,7 @@ class Speculator:
         # EAGLE/EAGLE3: the forward stage's draft head fills the drafts (stages/forward/speculative.py);
         # the schedule stage only sizes the chain and takes its KV
         self.by_forward = args.speculative_algorithm in ("EAGLE", "EAGLE3")
+        self.kept: list[KeptPath] = []  # accepted tree paths for the next batch (module docstring)
 
     @staticmethod
     def of(args: ServerArgs) -> "Speculator | None":
@@ -142,12 +166,18 @@ class Speculator:
 
     # ------------------------------------------------------------ results
     def after_step(self, kv: KVManager, req: Req, drafted: int, verified: list[int], emitted: int,
-                   reason: FinishReason | None) -> None:
+                   reason: FinishReason | None, nodes: list[int] | None = None) -> None:
         """Count a verify step of ``drafted`` drafts whose row produced ``verified`` (accepted
         drafts, then the target's token) of which ``emitted`` were kept (a finish cuts the
-        rest); give back the KV of the rejected drafts (a finished request frees it all)."""
+        rest); give back the KV of the rejected drafts (a finished request frees it all).
+        ``nodes``: a tree's accepted node ids; a path that is not ``1, 2, ...`` is recorded
+        for the next batch, which moves its K/V into place."""
         if not drafted:
             return
+        path = list(nodes or [])[:max(emitted - 1, 0)]
+        if path != list(range(1, len(path) + 1)):
+            start = len(req.input_ids) + len(req.output_ids) - emitted - 1  # the root's position
+            self.kept.append(KeptPath(row=req.row, rid=req.rid, start=start, nodes=path))
         state = self.states[req.rid]
         accepted = min(len(verified) - 1, emitted)
         state.verify_ct += 1
@@ -164,6 +194,11 @@ class Speculator:
             return output
         return msgspec.structs.replace(output, spec_verify_ct=state.verify_ct,
                                        spec_accepted_tokens=state.accepted)
+
+    def take_kept(self) -> list[KeptPath]:
+        """The paths the next ForwardBatch carries (each goes out once)."""
+        kept, self.kept = self.kept, []
+        return kept
 
     def forget(self, rid: str) -> None:
         self.states.pop(rid, None)

@@ -93,6 +93,8 @@ import random
 import time
 from typing import Any
 
+import msgspec
+
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
 from pipeline.messages import (
@@ -333,6 +335,8 @@ class ScheduleStage(Stage):
         overlap = self.overlap and not any(row.req.constrained or row.drafts for row in rows)
         batch = attach_media(build_forward_batch(batch_id, rows, row_writes, overlap),
                              [row.req for row in rows], self.mm_released)
+        if self.spec is not None and self.spec.kept:  # accepted tree paths: K/V moved first
+            batch = msgspec.structs.replace(batch, spec_kept=self.spec.take_kept())
         for row in rows:
             if row.need_sample:
                 row.req.pending_tokens += 1
@@ -439,7 +443,8 @@ class ScheduleStage(Stage):
             if req.sampling.return_logprob:
                 outputs[-1] = with_extras(outputs[-1], req, msg, i)
             if self.spec is not None:
-                self.spec.after_step(self.kv, req, len(row.drafts), verified, len(new_ids), reason)
+                self.spec.after_step(self.kv, req, len(row.drafts), verified, len(new_ids), reason,
+                                     msg.spec_accepted_nodes[i] if msg.spec_accepted_nodes else None)
                 outputs[-1] = self.spec.annotate(outputs[-1])
             if reason is not None:
                 finished.append(req)

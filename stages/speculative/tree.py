@@ -38,6 +38,8 @@ import dataclasses
 
 import torch
 
+DEFAULT_NUM_DRAFT_TOKENS = 8  # root + 7 drafts when neither --speculative-num-steps nor -num-draft-tokens is given
+
 
 @dataclasses.dataclass(frozen=True)
 class DraftTree:

@@ -247,7 +247,9 @@ def test_wrong_or_missing_head_is_refused(checkpoints) -> None:
     with pytest.raises(ConfigError, match="tp-size"):
         _engine(target, "EAGLE3", heads["EAGLE3"], tp_size=2)
     with pytest.raises(ConfigError, match="speculative-eagle-topk"):
-        _engine(target, "EAGLE", heads["EAGLE"], speculative_eagle_topk=2)
+        _engine(target, "EAGLE", heads["EAGLE"], speculative_eagle_topk=0)
+    with pytest.raises(ConfigError, match="kv-cache-dtype"):  # tree attention reads the model dtype
+        _engine(target, "EAGLE", heads["EAGLE"], speculative_eagle_topk=2, kv_cache_dtype="fp8_e4m3")
 
 
 # ----------------------------------------------------------------------------- drafts from scratch
@@ -299,8 +301,8 @@ def test_drafts_equal_the_head_recomputed_from_scratch(arch, head, checkpoints) 
         drafter, recorded = runner.drafter, []
         draft = drafter.draft
 
-        def recording(batch, input_ids, req_to_token):
-            drafts = draft(batch, input_ids, req_to_token)
+        def recording(batch, input_ids, req_to_token, *rest):
+            drafts = draft(batch, input_ids, req_to_token, *rest)
             starts = [sum(batch.extend_lens[:b]) for b in range(len(batch.rids))]
             recorded.extend((rid, batch.positions[s], list(d)) for rid, s, d in zip(batch.rids, starts, drafts) if d)
             return drafts
@@ -316,3 +318,163 @@ def test_drafts_equal_the_head_recomputed_from_scratch(arch, head, checkpoints) 
         for rid, root, chain in recorded:
             seq = next(s for r, s in sequences.items() if rid.split(".")[0] == r)
             assert chain == _reference_chain(runner.model, drafter, seq, root, len(chain)), (rid, root)
+
+
+# ----------------------------------------------------------------------------- draft trees
+TREE_TOPKS = [2, 4]
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_tree_greedy_equals_greedy_without_speculation(arch, checkpoints) -> None:
+    """--speculative-eagle-topk 2 and 4: a draft tree per row (pruned to 6 draft tokens over 3
+    steps), verified in one target forward with tree attention; batched greedy output equals
+    the plain engine's, token for token, EAGLE and EAGLE3, and the pool is clean after."""
+    target, heads = checkpoints(arch)
+    prompts = _prompts(3)
+    with _engine(target) as engine:
+        expected = _results(engine, prompts)
+    for topk in TREE_TOPKS:
+        for algorithm in ("EAGLE", "EAGLE3"):
+            with _engine(target, algorithm, heads[algorithm], speculative_eagle_topk=topk,
+                         speculative_num_draft_tokens=7) as engine:
+                free_before = engine.schedule.kv.pool.num_free_tokens
+                assert _results(engine, prompts) == expected, (algorithm, topk)
+                assert engine.schedule.spec.total_verify_ct > 0, (algorithm, topk)
+                _assert_clean(engine, free_before)
+
+
+def _count_moved_paths(engine: Engine) -> list[int]:
+    """Wrap the schedule stage's take_kept: count the accepted tree paths whose K/V had to move."""
+    spec, moved = engine.schedule.spec, [0]
+    take = spec.take_kept
+
+    def counting():
+        kept = take()
+        moved[0] += len(kept)
+        return kept
+
+    spec.take_kept = counting
+    return moved
+
+
+@pytest.mark.parametrize("topk", TREE_TOPKS)
+def test_tree_paths_off_the_first_nodes(checkpoints, topk) -> None:
+    """The echo head drafts what the repetitive tiny target often says, so trees accept paths
+    through later siblings: their K/V is moved into place and the head catches up over the
+    path's features. Greedy output still equals the plain engine's, with a small pool
+    (page size 4) and a radix hit afterwards, and the pool is clean."""
+    target, heads = checkpoints("llama3.2")
+    prompts = _prompts(4)
+    params = {"temperature": 0.0, "max_new_tokens": 40, "ignore_eos": True}
+    with _engine(target, page_size=4) as engine:
+        expected = _results(engine, prompts, params)
+    with _engine(target, "EAGLE", heads["echo"], speculative_eagle_topk=topk, speculative_num_steps=4,
+                 speculative_num_draft_tokens=8, page_size=4) as engine:
+        free_before = engine.schedule.kv.pool.num_free_tokens
+        moved = _count_moved_paths(engine)
+        assert _results(engine, prompts, params) == expected
+        spec = engine.schedule.spec
+        assert spec.total_accepted > 0 and moved[0] > 0, (spec.total_accepted, moved[0])
+        again = engine.generate(input_ids=prompts[1], sampling_params=params)  # a radix hit over moved K/V
+        assert again["output_ids"] == expected[1][0] and again["meta_info"]["cached_tokens"] > 0
+        _assert_clean(engine, free_before)
+
+
+def test_tree_seeded_sampling_emits_the_same_tokens(checkpoints) -> None:
+    """Sampled rows walk the tree with the seed and step of each depth: same tokens as plain."""
+    target, heads = checkpoints("qwen3")
+    prompts = _prompts(3)
+    params = [{"temperature": 0.8, "top_k": 30, "top_p": 0.95, "seed": 7 + i, "max_new_tokens": 16,
+               "ignore_eos": True} for i in range(3)]
+    with _engine(target) as engine:
+        expected = [r["output_ids"] for r in engine.generate(input_ids=prompts, sampling_params=params)]
+    with _engine(target, "EAGLE3", heads["EAGLE3"], speculative_eagle_topk=4) as engine:
+        got = [r["output_ids"] for r in engine.generate(input_ids=prompts, sampling_params=params)]
+        assert got == expected
+        assert engine.schedule.spec.total_verify_ct > 0
+
+
+def _reference_tree(model, drafter, seq: list[int], root: int, num_nodes: int) -> tuple[list[int], list[int]]:
+    """The tree the head drafts when everything is recomputed from position 0: the catch-up of
+    ``_reference_chain``, then EAGLE-2's expansion (``stages/speculative/tree.expand_top_k``)
+    where each frontier node's log-probs come from the head run step by step down its own
+    path, and the pruning to ``num_nodes`` -> (tokens root first, parents)."""
+    from models.batch import KVCache, build_metadata_reference
+    from stages.speculative.tree import CandidateTree, expand_top_k, path_to, prune_tree
+
+    device, head = model.device, drafter.head
+    length = root + drafter.steps + 1
+    req_to_token = torch.arange(1, length + 1, dtype=torch.int32, device=device).view(1, length)
+    target_kv = KVCache.allocate(model.num_layers, length + 1, model.num_kv_heads, model.head_dim,
+                                 model.dtype, device)
+    meta = build_metadata_reference("extend", req_to_token, [0], [0], [root], list(range(1, root + 1)), device)
+    model.forward(torch.tensor(seq[:root], device=device), torch.arange(root, device=device), meta, target_kv)
+    by_layer = dict(zip(model.model.capture_layers, model.model.captured))
+    features = torch.cat([by_layer[i] for i in drafter.layers], dim=-1)
+    c = head.config.layer
+    head_kv = KVCache.allocate(1, length + 1, c.num_key_value_heads, c.head_dim, model.dtype, device)
+    logits, hidden = head(torch.tensor(seq[1:root + 1], device=device), features,
+                          torch.arange(root, device=device), meta, head_kv)
+    tree = expand_top_k(CandidateTree.rooted_at(seq[root]), torch.log_softmax(logits.float(), -1), drafter.topk)
+    target_id = {}  # candidate node -> its target token id
+
+    def target(node: int) -> int:
+        if node not in target_id:
+            target_id[node] = int(head.draft_to_target(torch.tensor([tree.tokens[node]], device=device))[0])
+        return target_id[node]
+
+    for _ in range(1, drafter.steps):
+        rows = []
+        for node in tree.frontier:
+            h = hidden[-1:].clone()  # EAGLE3's layer adds into its input hidden in place
+            for depth, step_node in enumerate(path_to(tree.parents, node)[1:], start=1):
+                pos = root - 1 + depth
+                meta = build_metadata_reference("decode", req_to_token, [0], [pos], [1], [pos + 1], device)
+                step_logits, h = head(torch.tensor([target(step_node)], device=device), h,
+                                      torch.tensor([pos], device=device), meta, head_kv)
+            rows.append(torch.log_softmax(step_logits.float(), -1))
+        tree = expand_top_k(tree, torch.cat(rows), drafter.topk)
+    tokens = [seq[root]] + [target(i) for i in range(1, len(tree.tokens))]
+    kept_tokens, kept_parents, _ = prune_tree(tokens, tree.parents, tree.scores, num_nodes)
+    return kept_tokens, kept_parents
+
+
+@pytest.mark.parametrize("arch,head", [("qwen3", "EAGLE"), ("llama3.1", "EAGLE3"), ("llama3.2", "echo")])
+def test_trees_equal_the_head_recomputed_from_scratch(arch, head, checkpoints) -> None:
+    """Every tree the engine verified (topk 3 over 3 steps, pruned to 7 drafts; batched rows,
+    chunked prefill, accepted paths off the first nodes with the echo head) is the tree of the
+    head expanded from position 0 over the final tokens, each node's log-probs computed
+    down its own path: the batched tree steps (tree attention over recomputed frontiers) and
+    the catch-up over a verified path's features are exact."""
+    target, heads = checkpoints(arch)
+    prompts = _prompts(3)
+    with _engine(target) as engine:
+        expected = [r[0] for r in _results(engine, prompts)]
+    algorithm = "EAGLE3" if head == "EAGLE3" else "EAGLE"
+    with _engine(target, algorithm, heads[head], disable_radix_cache=True, chunked_prefill_size=8,
+                 speculative_eagle_topk=3, speculative_num_steps=3, speculative_num_draft_tokens=8) as engine:
+        runner = engine.stages["forward"].runner
+        drafter, recorded = runner.drafter, []
+        draft = drafter.draft
+
+        def recording(batch, input_ids, req_to_token, *rest):
+            drafts = draft(batch, input_ids, req_to_token, *rest)
+            starts = [sum(batch.extend_lens[:b]) for b in range(len(batch.rids))]
+            for b, (rid, s) in enumerate(zip(batch.rids, starts)):
+                if drafter.parents and drafter.parents[b]:
+                    recorded.append((rid, batch.positions[s], list(drafts[b]), list(drafter.parents[b])))
+            return drafts
+
+        drafter.draft = recording
+        moved = _count_moved_paths(engine)
+        rids = [engine.submit(input_ids=p, sampling_params=GREEDY) for p in prompts]
+        outputs = [engine.wait(rid)[0]["output_ids"] for rid in rids]
+        assert outputs == expected
+        if head == "echo":
+            assert moved[0] > 0
+        sequences = {rid: p + out for rid, p, out in zip(rids, prompts, outputs)}
+        assert len({rid for rid, *_ in recorded}) == len(prompts)
+        for rid, root, drafts, parents in recorded:
+            seq = next(s for r, s in sequences.items() if rid.split(".")[0] == r)
+            tokens, ref_parents = _reference_tree(runner.model, drafter, seq, root, len(drafts) + 1)
+            assert (drafts, parents) == (tokens[1:], ref_parents), (rid, root)
