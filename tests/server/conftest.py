@@ -38,6 +38,21 @@ def demo_model_ready() -> bool:
     return (DEMO_DIR / "config.json").is_file() and any(DEMO_DIR.glob("*.safetensors"))
 
 
+def wait_for_url(url: str, process: subprocess.Popen, what: str, log_text, timeout_s: float) -> None:
+    """Poll ``url`` until it answers 200; fail early (with ``log_text()``) if ``process`` exits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{what} not ready at {url} within {timeout_s} s:\n{log_text()}")
+
 class ServerProcess:
     """One server subprocess; ``url`` is its base address."""
 
@@ -53,18 +68,7 @@ class ServerProcess:
         self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = START_TIMEOUT_S) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
-            try:
-                with urllib.request.urlopen(self.url + "/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not healthy within {timeout_s} s:\n{self.log_text()}")
+        wait_for_url(self.url + "/health", self.process, "server", self.log_text, timeout_s)
 
     def post_json(self, path: str, body: dict, timeout_s: float = 120.0) -> tuple[int, dict]:
         """POST ``body`` as JSON to ``path``: (HTTP status, the JSON answer), an error status included."""

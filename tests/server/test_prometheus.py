@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.server.conftest import REPO, free_port, running_server
+from tests.server.conftest import REPO, free_port, running_server, wait_for_url
 
 DASHBOARD = REPO / "deploy" / "grafana-dashboard.json"
 NUM_REQUESTS = 6
@@ -63,18 +63,7 @@ class Prometheus:
             stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"prometheus exited with {self.process.returncode}: {self.log_text()}")
-            try:
-                with urllib.request.urlopen(self.url + "/-/ready", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"prometheus not ready within {timeout_s} s: {self.log_text()}")
+        wait_for_url(self.url + "/-/ready", self.process, "prometheus", self.log_text, timeout_s)
 
     def log_text(self) -> str:
         self.log.flush()
