@@ -130,6 +130,7 @@ class MultimodalInputs:
         """Content hash -> embeddings of every item the batch touches (encoding the missing ones)."""
         found: dict[str, VisionOutput] = {}
         missing: dict[str, MultimodalItem] = {}
+        with_pixels = {p.item.content_hash: p.item for p in mm.slices if p.item.pixel_values.data}
         for piece in mm.slices:
             key = piece.item.content_hash
             if key in found or key in missing:
@@ -139,10 +140,13 @@ class MultimodalInputs:
                 self.stats.cache_lookups += 1
                 out = self.cache.get(key)
                 self.stats.cache_hits += out is not None
-            if out is None:
-                missing[key] = piece.item
-            else:
+            if out is not None:
                 found[key] = out
+            elif key in with_pixels:
+                missing[key] = with_pixels[key]
+            else:   # a later chunk's item comes without pixels: the schedule stage's invariant broke
+                raise RuntimeError(f"request {piece.rid}: an image continued from an earlier chunk "
+                                   f"({key[:12]}) is neither kept nor cached, and came without pixels")
         if missing:
             found.update(self._encode(list(missing.values())))
         return found

@@ -15,9 +15,11 @@ things follow from it, and nothing else in the stage changes:
   batch stays ``[T]`` (the CUDA-graph path): its positions are shifted by
   each request's ``mrope_position_delta``.
 * **Slices.** Each prefill chunk lists, per item it overlaps, which of the
-  item's embedding rows go to which batch rows (``MultimodalSlice``); a chunk
-  cut inside an image carries the image again and the forward stage reuses
-  what it encoded for the earlier chunk.
+  item's embedding rows go to which batch rows (``MultimodalSlice``). The
+  first chunk of an item carries its pixels; a later chunk cut inside the
+  same image carries the item without them (``pixels_sent``), since the
+  forward stage keeps what it encoded for the earlier chunk until the chunk
+  that reaches the item's end.
 
 A text-only batch is returned untouched (one ``any`` over its rows).
 """
@@ -27,7 +29,9 @@ import dataclasses
 
 import msgspec
 
-from pipeline.messages import ForwardBatch, MultimodalBatch, MultimodalItem, MultimodalSlice, TokenizedRequest
+from pipeline.messages import (
+    ForwardBatch, ImageInput, MultimodalBatch, MultimodalItem, MultimodalSlice, TokenizedRequest,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +42,7 @@ class RequestMedia:
     prompt_keys: list[int]                     # input_ids with pad positions replaced by pad_value
     mrope_positions: list[list[int]] | None    # [3][len(input_ids)], None: plain positions
     delta: int                                 # a generated token at index i sits at i + delta
+    pixels_sent: set[str] = dataclasses.field(default_factory=set)  # items the forward stage keeps
 
     @classmethod
     def of(cls, msg: TokenizedRequest) -> "RequestMedia | None":
@@ -62,14 +67,26 @@ class RequestMedia:
         for item in self.items:
             first, last = max(start, item.offset), min(end, item.offset + item.length)
             if first < last:
-                out.append(MultimodalSlice(rid=rid, item=item, batch_row=batch_row + first - start,
-                                           item_start=first - item.offset, count=last - first,
-                                           last=last == item.offset + item.length))
+                ends_here = last == item.offset + item.length
+                carried = without_pixels(item) if item.content_hash in self.pixels_sent else item
+                if ends_here:
+                    self.pixels_sent.discard(item.content_hash)
+                else:
+                    self.pixels_sent.add(item.content_hash)
+                out.append(MultimodalSlice(rid=rid, item=carried, batch_row=batch_row + first - start,
+                                           item_start=first - item.offset, count=last - first, last=ends_here))
         return out
 
     def unfinished(self, kv_len: int) -> bool:
         """Is an item only partly computed (the forward stage may still keep its embeddings)?"""
         return any(item.offset < kv_len < item.offset + item.length for item in self.items)
+
+
+def without_pixels(item: MultimodalItem) -> MultimodalItem:
+    """The item with no pixel bytes (shape [0, patch_dim]): the forward stage already holds its embeddings."""
+    values = item.pixel_values
+    empty = ImageInput(dtype=values.dtype, shape=[0, *values.shape[1:]], data=b"")
+    return msgspec.structs.replace(item, pixel_values=empty)
 
 
 def attach(batch: ForwardBatch, reqs: list, released: list[str]) -> ForwardBatch:
