@@ -59,9 +59,9 @@ import msgspec
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
-from pipeline.messages import (ConstrainInbox, DecodeScheduleInbox, DetokenizeInbox, ForwardInbox, IngestInbox,
-                               ModelInfo, MultimodalInbox, PrefillScheduleInbox, RouterInbox, SampleInbox,
-                               ScheduleInbox, ServerInfo, TokenizeInbox, TransferInbox)
+from pipeline.messages import (ConstrainInbox, DecodeScheduleInbox, DetokenizeInbox, EngineDown, ForwardInbox,
+                               IngestInbox, ModelInfo, MultimodalInbox, PDRouterInbox, PrefillScheduleInbox,
+                               RouterInbox, SampleInbox, ScheduleInbox, ServerInfo, TokenizeInbox, TransferInbox)
 from pipeline.placement import ChannelSpec, PipelineSpec, StageSpec
 from stages.constrain import ConstrainStage
 from stages.detokenize import DetokenizeStage
@@ -286,7 +286,8 @@ def pipeline_spec(args: ServerArgs) -> PipelineSpec:
     else:
         stages, channels = data_parallel(args)
     return PipelineSpec(stages, channels, context=HERE + "ProcessContext",
-                        context_kwargs={"args": msgspec.to_builtins(args)})
+                        context_kwargs={"args": msgspec.to_builtins(args)},
+                        on_process_exit=HERE + "pd_process_exit" if args.pd_prefill else None)
 
 
 def tensor_parallel_ranks(args: ServerArgs, forward: str, replica: int = 0) -> tuple[StageSpec, ...]:
@@ -384,6 +385,13 @@ def data_parallel(args: ServerArgs) -> tuple[tuple[StageSpec, ...], tuple[Channe
 # * Both roles' schedule stages report EngineStats with their role: prefill
 #   engines through the router (their load feeds its policy), decode engines
 #   to detokenize directly. Outputs flow from each engine to detokenize.
+# * An engine process that dies does not end the server while its role has
+#   another engine: ``pd_process_exit`` (the pipeline's ``on_process_exit``)
+#   tells the router (``EngineDown``), which fails the requests that were on
+#   it (``router.errors`` -> detokenize), routes around it and tells the
+#   survivors (``router.peers.k`` -> prefill engine k's schedule,
+#   ``router.decoders.j``); each prefill engine reports its handoffs to the
+#   router (``schedule@pk.routes``) so it knows where every request is.
 #
 # Every engine runs on the same device (GPU 0 when on CUDA): the single-host,
 # single-GPU layout of the tests and benchmarks.
@@ -450,11 +458,11 @@ def prefill_decode(args: ServerArgs, stages: tuple[StageSpec, ...], channels: tu
         stage, dot, door = end.partition(".")
         return f"{stage}@{tag}{dot}{door}"
 
-    wired: list[ChannelSpec] = [ChannelSpec("router", RouterInbox, ("tokenize.out",) + tuple(
-        f"schedule@p{k}.stats" for k in range(num_prefill)), "router", CAPACITY)]
+    wired: list[ChannelSpec] = [ChannelSpec("router", PDRouterInbox, ("tokenize.out",) + tuple(
+        f"schedule@p{k}.{door}" for k in range(num_prefill) for door in ("stats", "routes")), "router", CAPACITY)]
     for channel in channels:
         if channel.consumer not in engine_stages:
-            producers: list[str] = []
+            producers: list[str] = ["router.errors"] if channel.consumer == "detokenize" else []
             for producer in channel.producers:
                 stage = producer.partition(".")[0]
                 if producer == "schedule.stats":
@@ -475,7 +483,7 @@ def prefill_decode(args: ServerArgs, stages: tuple[StageSpec, ...], channels: tu
             elif channel.consumer == "schedule" and tag.startswith("p"):
                 message_type = PrefillScheduleInbox
                 producers += [f"schedule@d{j}.accept.{tag[1:]}" for j in range(num_decode)]
-                producers.append(f"transfer@{tag}.schedule")
+                producers += [f"transfer@{tag}.schedule", f"router.peers.{tag[1:]}"]
             elif channel.consumer == "schedule":
                 message_type = DecodeScheduleInbox
                 producers.append(f"router.decoders.{tag[1:]}")
@@ -488,6 +496,25 @@ def prefill_decode(args: ServerArgs, stages: tuple[StageSpec, ...], channels: tu
                 wired.append(ChannelSpec(f"transfer@{tag}", TransferInbox, (f"schedule@{tag}.transfer",),
                                          f"transfer@{tag}", CAPACITY))
     return tuple(out), tuple(wired)
+
+
+def pd_process_exit(spec: PipelineSpec, process: str, lost: frozenset[str], channels: dict[str, Channel]) -> str:
+    """The pipeline's ``on_process_exit`` under ``--placement pd``: "" (serve on) while each role has an engine
+    left, after telling the router (``EngineDown``); else why the server cannot serve any more."""
+    engines = {s.own_process for s in spec.stages if s.own_process and s.own_process.startswith("engine_")}
+    name = process.removeprefix("engine_")
+    role = "prefill" if name.startswith("prefill") else "decode"
+    index = name.removeprefix(role)
+    if process not in engines or not index.isdigit():
+        return f"process {process!r} died"
+    left = [e for e in engines - lost if e.startswith(f"engine_{role}")]
+    if not left:
+        return f"every {role} engine died (the last: {process!r})"
+    num_prefill = sum(e.startswith("engine_prefill") for e in engines)
+    rank = int(index) + (0 if role == "prefill" else num_prefill)
+    channels["router"].put(EngineDown(role=role, index=int(index), rank=rank,
+                                      reason=f"process {process!r} exited"))
+    return ""
 
 
 def _engine_stage(name: str, tag: str, process: str, rank: int, world: int, address: str, num_prefill: int,

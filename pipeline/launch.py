@@ -33,7 +33,7 @@ from pipeline.harness import Recorder, write_header
 from pipeline.lifetime import die_with_parent
 from pipeline.messages import ProcessCounters
 from pipeline.placement import (CALLER, MAIN, ChannelSpec, PipelineSpec, PlacementError, make_channel, process_of,
-                                touches, transport_of, wire_process)
+                                resolve_object, touches, transport_of, wire_process)
 from pipeline.process_channel import process_channel
 from pipeline.stage import Stage, StageLoop
 
@@ -218,6 +218,7 @@ class Pipeline:
         self.started = False
         self.on_failure = on_failure  # called once, from a watchdog thread, if a child or loop dies
         self.failure: str | None = None
+        self.lost: set[str] = set()  # children that died while the pipeline lives on (spec.on_process_exit)
 
     def entry(self, name: str) -> Channel:
         """The channel named ``name`` that the caller puts into (no producer stage, or one the caller plays)."""
@@ -276,7 +277,7 @@ class Pipeline:
         while self.started and self.failure is None:
             time.sleep(WATCH_INTERVAL_S)
             dead = [f"process {name!r} exited with code {child.exitcode}"
-                    for name, child in self.children.items() if not child.is_alive()]
+                    for name, child in self.children.items() if not child.is_alive() and not self._survive(name)]
             if self._runner is not None and self._runner.loop.failure is not None:
                 dead.append(f"the main stage loop failed: {self._runner.loop.failure!r}")
             dead += [f"stage {s.name!r} failed: {s.failure!r}" for s in self.stages if s.failure is not None]
@@ -285,6 +286,21 @@ class Pipeline:
                 logger.error("pipeline failure: %s", self.failure)
                 if self.on_failure is not None:
                     self.on_failure(self.failure)
+
+    def _survive(self, process: str) -> bool:
+        """Whether the pipeline lives on without this dead child (``spec.on_process_exit`` says)."""
+        if process in self.lost:
+            return True
+        if self.spec.on_process_exit is None or not self.started:
+            return False
+        child = self.children[process]
+        reason = resolve_object(self.spec.on_process_exit)(self.spec, process, frozenset(self.lost | {process}),
+                                                            self.channels)
+        if reason:
+            return False
+        logger.error("process %r exited with code %s; the pipeline lives on without it", process, child.exitcode)
+        self.lost.add(process)
+        return True
 
     def _spawn(self, process: str) -> None:
         ctx = multiprocessing.get_context("spawn")
@@ -350,8 +366,9 @@ class Pipeline:
         return idle, tuple(totals)
 
     def _internal_channels_empty(self) -> bool:
+        where = process_of(self.placement)  # a lost child's inbox keeps what it never read
         return all(len(self.channels[c.name]) == 0 for c in self.spec.channels
-                   if c.consumer is not None and c.name in self.channels
+                   if c.consumer is not None and c.name in self.channels and where.get(c.consumer) not in self.lost
                    and self.channels[c.name].transport == "cross-process")
 
     def wait_idle(self, timeout: float = 30.0) -> bool:

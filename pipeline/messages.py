@@ -855,9 +855,33 @@ class KVTransferDone(Message, frozen=True, kw_only=True):
     seconds: float = 0.0
 
 
+class EngineDown(Message, frozen=True, kw_only=True):
+    """launcher -> router -> the surviving engines' schedules: an engine process of the pd topology died.
+
+    The router stops routing to it and fails the requests that were on it;
+    a prefill engine stops handing off to a dead decode engine; a decode
+    engine ends the handoffs still waiting on a dead prefill engine; each
+    tells its transfer stage, which fails every transfer with that peer.
+    """
+
+    role: Literal["prefill", "decode"]
+    index: int  # within its role: prefill k (0..N-1) or decode j (0..M-1)
+    rank: int  # its KV transport rank (prefill engines first: k, or N + j)
+    reason: str
+
+
+class HandedOff(Message, frozen=True, kw_only=True):
+    """prefill schedule -> router: a request now lives on decode engine ``decode`` (where it fails if that dies)."""
+
+    rid: str
+    parent_rid: str
+    decode: int  # decode engine index j (0..M-1)
+
+
 PrefillScheduleInbox = Union[TokenizedRequest, Abort, FlushCache, SampledTokens, GrammarReady, KVAccept,
-                             KVTransferDone]
-DecodeScheduleInbox = Union[Abort, FlushCache, SampledTokens, GrammarReady, KVHandoff, KVTransferDone]
-TransferInbox = Union[KVSend, KVRecv]
-ALL_MESSAGE_TYPES = ALL_MESSAGE_TYPES + (KVHandoff, KVAccept, KVSend, KVRecv, KVTransferDone)
+                             KVTransferDone, EngineDown]
+DecodeScheduleInbox = Union[Abort, FlushCache, SampledTokens, GrammarReady, KVHandoff, KVTransferDone, EngineDown]
+TransferInbox = Union[KVSend, KVRecv, EngineDown]
+PDRouterInbox = Union[TokenizedRequest, Abort, FlushCache, EngineStats, EngineDown, HandedOff]
+ALL_MESSAGE_TYPES = ALL_MESSAGE_TYPES + (KVHandoff, KVAccept, KVSend, KVRecv, KVTransferDone, EngineDown, HandedOff)
 AnyMessage = Union[ALL_MESSAGE_TYPES]  # noqa: F811 -- the disaggregation messages included

@@ -19,6 +19,12 @@ The description says *what* exists; the placement says *where* it runs:
   that object. It holds what several stages of one process share (a
   tokenizer loaded once, the model info the forward stage measured), and
   ``snapshot()`` returns it as JSON data for a recording.
+  ``on_process_exit`` (``"module:callable"``, optional) decides whether the
+  pipeline lives on when a child process dies: it is called in the main
+  process as ``hook(spec, process, lost, channels)`` (``lost``: every child
+  process dead so far, this one included; ``channels``: the main process's
+  channels, to tell a stage) and returns "" to carry on without it, or why
+  the pipeline fails. Without it any child's death fails the pipeline.
 * A placement maps process names to stage names. ``"main"`` is the calling
   process; ``"caller"`` lists stages the caller plays itself (the offline
   Engine plays ingest: it puts into ingest's outbox channels and reads its
@@ -83,6 +89,7 @@ class PipelineSpec:
     channels: tuple[ChannelSpec, ...]
     context: str | None = None  # "module:callable" building each process's shared context
     context_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    on_process_exit: str | None = None  # "module:callable": may the pipeline live on without a dead child?
 
     def stage(self, name: str) -> StageSpec:
         for spec in self.stages:

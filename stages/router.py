@@ -65,6 +65,31 @@ reported load and the requests sent since, and the prefix trees.
 The router never edits a message, never looks at outputs (they flow from
 each replica's schedule stage to detokenize directly), and never blocks on
 a replica's answer.
+
+Prefill/decode disaggregation: engines that die
+-----------------------------------------------
+
+Under ``--placement pd`` the replicas are the prefill engines and the
+``decoders`` doors reach the decode engines. Each prefill engine tells the
+router where it handed a request (``HandedOff``: sequence rid -> decode
+engine), so the router knows which engine answers for every sequence it
+routed: its prefill engine until the handoff, its decode engine after.
+When the launcher reports an engine process dead (``EngineDown``):
+
+* the router marks it down: no request, abort or flush goes to it again,
+  and every policy chooses among the prefill engines still up;
+* every sequence that was on it ends with an ``ErrorOutput`` (500, naming
+  the engine; ``errors`` door -> detokenize -> the client). A sequence in
+  the middle of its KV transfer is the decode engine's: a dead prefill
+  engine fails its receive, and the decode engine ends it;
+* the notice goes on to every surviving engine (``peers.k`` to prefill
+  engine k's schedule, ``decoders.j`` to decode engine j's), which frees
+  what it held for the dead one;
+* a request arriving while no prefill or no decode engine is up gets a 503.
+  (The launcher fails the whole server once a role has no engine left.)
+
+``telemetry()`` publishes the engines up per role and which are down
+(``/get_server_info``: ``engines_down``).
 """
 from __future__ import annotations
 
@@ -73,10 +98,12 @@ import dataclasses
 import heapq
 import itertools
 import logging
+from typing import Callable
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
-from pipeline.messages import Abort, EngineStats, FlushCache, RouterInbox, TokenizedRequest
+from pipeline.messages import (Abort, EngineDown, EngineStats, ErrorOutput, FlushCache, HandedOff, PDRouterInbox,
+                               TokenizedRequest)
 from pipeline.stage import Outbox, Outboxes, Stage
 
 logger = logging.getLogger(__name__)
@@ -93,15 +120,27 @@ MAX_ROUTED_RIDS = 1 << 16  # rid -> replica entries kept (least recently routed 
 class RouterOutboxes(Outboxes):
     replicas: tuple[Outbox[TokenizedRequest | Abort | FlushCache], ...]  # -> replica k's multimodal ("replicas.k")
     stats: Outbox[EngineStats]  # -> detokenize (-> ingest), relayed unchanged
-    # Prefill/decode disaggregation (pipeline/disagg.py): each decode engine's schedule gets every
-    # Abort and FlushCache too ("decoders.j"; none wired otherwise).
-    decoders: tuple[Outbox[Abort | FlushCache], ...] = ()
+    # Prefill/decode disaggregation (stages/schedule/disagg.py): each decode engine's schedule gets every
+    # Abort and FlushCache too ("decoders.j"; none wired otherwise), and every engine the EngineDown notices
+    # ("peers.k" to prefill engine k's schedule); requests failed by a dead engine leave by "errors".
+    decoders: tuple[Outbox[Abort | FlushCache | EngineDown], ...] = ()
+    peers: tuple[Outbox[EngineDown], ...] = ()
+    errors: Outbox[ErrorOutput] | None = None
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """Where one routed sequence is: its prefill engine, and its decode engine once handed off."""
+
+    parent_rid: str
+    prefill: int
+    decode: int | None = None
 
 
 class RouterStage(Stage):
     """TokenizedRequest -> one replica (by policy); Abort -> its replica; FlushCache -> all; EngineStats relayed."""
 
-    Inbox = RouterInbox
+    Inbox = PDRouterInbox  # RouterInbox (data parallel) plus the pd notices
     Outboxes = RouterOutboxes
     outboxes: RouterOutboxes
 
@@ -119,6 +158,8 @@ class RouterStage(Stage):
         self.reported_load = [0] * dp_size  # running + queued in each replica's last EngineStats
         self.sent_since_report = [0] * dp_size  # requests sent to each replica since that snapshot
         self.trees = [PrefixTree(TREE_TOKEN_BUDGET) for _ in range(dp_size)]
+        self.down: dict[str, set[int]] = {"prefill": set(), "decode": set()}  # pd: dead engines by role
+        self.sequences: collections.OrderedDict[str, _Sequence] = collections.OrderedDict()  # pd: rid -> where
 
     # ------------------------------------------------------------ messages
     def handle(self, message: RouterInbox) -> None:
@@ -130,28 +171,102 @@ class RouterStage(Stage):
             case FlushCache():
                 for tree in self.trees:
                     tree.reset()
-                for door in self.outboxes.replicas + self.outboxes.decoders:
+                for door in self._live(self.outboxes.replicas, "prefill") + self._live_decoders():
                     door.put(message)
             case EngineStats():
                 self._on_stats(message)
+            case HandedOff():
+                self._on_handed_off(message)
+            case EngineDown():
+                self._on_engine_down(message)
             case _:
                 raise TypeError(f"router stage got an unexpected {type(message).__name__}")
 
     def _route(self, request: TokenizedRequest) -> None:
+        missing = self._missing_role()
+        if missing:
+            self._fail(request.rid, 503, f"no {missing} engine is up (every one died)", "server_unavailable")
+            return
         replica = self.routes.get(request.parent_rid) if request.index > 0 else None
-        if replica is None:  # the first sequence of its request (or its siblings' entry was forgotten)
+        if replica is None or replica in self.down["prefill"]:  # the first sequence (or siblings' entry gone)
             replica = self.choose(request.input_ids)
         self._remember(request.parent_rid, replica)
         if request.rid != request.parent_rid:
             self._remember(request.rid, replica)
+        if self.outboxes.decoders:
+            self._remember_sequence(request.rid, _Sequence(request.parent_rid, replica))
         self.sent_since_report[replica] += 1
         self.outboxes.replicas[replica].put(request)
 
     def _abort(self, abort: Abort) -> None:
         replica = self.routes.pop(abort.rid, None)
         doors = self.outboxes.replicas if replica is None else (self.outboxes.replicas[replica],)
-        for door in doors + self.outboxes.decoders:
+        doors = tuple(d for d in doors if _index(d) not in self.down["prefill"])
+        for door in doors + self._live_decoders():
             door.put(abort)
+
+    # ------------------------------------------------------------ pd: engines that die
+    def _live(self, doors: tuple[Outbox, ...], role: str) -> tuple[Outbox, ...]:
+        return tuple(door for door in doors if _index(door) not in self.down[role])
+
+    def _live_decoders(self) -> tuple[Outbox, ...]:
+        return self._live(self.outboxes.decoders, "decode")
+
+    def _missing_role(self) -> str:
+        """"prefill" or "decode" when every engine of that role is down ("" while each role has one up)."""
+        if len(self.down["prefill"]) >= self.dp_size:
+            return "prefill"
+        if self.outboxes.decoders and len(self.down["decode"]) >= len(self.outboxes.decoders):
+            return "decode"
+        return ""
+
+    def _remember_sequence(self, rid: str, sequence: _Sequence) -> None:
+        self.sequences[rid] = sequence
+        self.sequences.move_to_end(rid)
+        while len(self.sequences) > MAX_ROUTED_RIDS:
+            self.sequences.popitem(last=False)
+
+    def _on_handed_off(self, message: HandedOff) -> None:
+        sequence = self.sequences.get(message.rid)
+        if sequence is not None:
+            sequence.decode = message.decode
+        if message.decode in self.down["decode"]:  # it died while the notice was on its way
+            self._fail_sequences(lambda s: s.decode == message.decode, f"decode engine {message.decode} died")
+
+    def _on_engine_down(self, message: EngineDown) -> None:
+        """Mark the engine down, fail what was on it, tell the survivors (see the module docstring)."""
+        if message.index in self.down[message.role]:
+            return
+        logger.error("router: %s engine %d is down (%s); serving on with the others",
+                     message.role, message.index, message.reason)
+        self.down[message.role].add(message.index)
+        if message.role == "prefill":
+            on_it = lambda s: s.decode is None and s.prefill == message.index  # noqa: E731
+        else:
+            on_it = lambda s: s.decode == message.index  # noqa: E731
+        self._fail_sequences(on_it, f"{message.role} engine {message.index} died: {message.reason}")
+        for door in self._live(self.outboxes.peers, "prefill") + self._live_decoders():
+            door.put(message)
+
+    def _fail_sequences(self, on_it: Callable[[_Sequence], bool], reason: str) -> None:
+        failed = [rid for rid, sequence in self.sequences.items() if on_it(sequence)]
+        parents = dict.fromkeys(self.sequences.pop(rid).parent_rid for rid in failed)
+        for parent in parents:  # one error ends the whole request (all its sequences)
+            self._fail(parent, 500, reason, "internal_error")
+
+    def _fail(self, rid: str, status: int, message: str, error_type: str) -> None:
+        if self.outboxes.errors is None:
+            raise RuntimeError(f"router: cannot fail request {rid} ({message}): no errors door is wired")
+        self.outboxes.errors.put(ErrorOutput(rid=rid, status_code=status, message=message, error_type=error_type))
+
+    def telemetry(self) -> dict[str, float]:
+        if not self.outboxes.decoders:
+            return {}
+        counts = {"pd_prefill_engines_up": float(self.dp_size - len(self.down["prefill"])),
+                  "pd_decode_engines_up": float(len(self.outboxes.decoders) - len(self.down["decode"]))}
+        for role, down in self.down.items():
+            counts.update({f"pd_down.{role}.{index}": 1.0 for index in sorted(down)})
+        return counts
 
     def _on_stats(self, stats: EngineStats) -> None:
         if 0 <= stats.dp_rank < self.dp_size:
@@ -177,6 +292,8 @@ class RouterStage(Stage):
         match self.method:
             case "round_robin":
                 replica = self.next_replica
+                while replica in self.down["prefill"]:
+                    replica = (replica + 1) % self.dp_size
                 self.next_replica = (replica + 1) % self.dp_size
                 return replica
             case "shortest_queue":
@@ -188,17 +305,21 @@ class RouterStage(Stage):
             case _:
                 raise ValueError(f"router: unknown --load-balance-method {self.method!r}")
 
+    def up(self) -> list[int]:
+        """The replicas still up (all of them unless a pd engine died)."""
+        return [k for k in range(self.dp_size) if k not in self.down["prefill"]]
+
     def shortest_queue(self) -> int:
         loads = self.loads()
-        return loads.index(min(loads))  # index() finds the first: ties go to the lowest index
+        return min(self.up(), key=lambda k: (loads[k], k))  # ties go to the lowest index
 
     def cache_aware(self, input_ids: list[int]) -> int:
-        loads = self.loads()
-        busiest, idlest = max(loads), min(loads)
+        loads, up = self.loads(), self.up()
+        busiest, idlest = max(loads[k] for k in up), min(loads[k] for k in up)
         if busiest - idlest > BALANCE_ABS_THRESHOLD and busiest > idlest * BALANCE_REL_THRESHOLD:
             return self.shortest_queue()
-        matched = [tree.match(input_ids) for tree in self.trees]
-        best = max(range(self.dp_size), key=lambda k: (matched[k], -loads[k], -k))
+        matched = [tree.match(input_ids) if k in up else -1 for k, tree in enumerate(self.trees)]
+        best = max(up, key=lambda k: (matched[k], -loads[k], -k))
         if input_ids and matched[best] >= CACHE_THRESHOLD * len(input_ids):
             return best
         return self.shortest_queue()
@@ -303,6 +424,11 @@ class PrefixTree:
             found.append(node)
             stack.extend(node.children.values())
         return found
+
+
+def _index(door: Outbox) -> int:
+    """A family door's index ("replicas.2" -> 2)."""
+    return int(door.name.rpartition(".")[2])
 
 
 def _common_len(key: list[int], ids: list[int], start: int) -> int:

@@ -11,10 +11,13 @@ here. The interface is small and explicit:
   receives into staging tensors; when all arrive, scatter them into
   ``k[slots]``, ``v[slots]`` of this pool;
 * ``KVTransfer.poll()``: the transfers that ended since the last poll
-  (``TransferRecord``: bytes, seconds, ok or the error), never blocking.
+  (``TransferRecord``: bytes, seconds, ok or the error), never blocking;
+* ``KVTransfer.fail_peer(peer, error)``: that peer's engine died; its
+  transfers end with ``error`` at the next poll.
 
 Both ends say the same ``transfer_id`` (the decode engine picks it when it
-accepts a request; the prefill engine learns it from the accept), and the
+accepts a request; the prefill engine learns it from the accept; two decode
+engines may pick the same, so a transfer is known by its peer and id), and the
 slot lists have the same length (the prompt's tokens). Send and receive are
 asynchronous, so an engine keeps running batches while its transfers are in
 the wire, and a receiver posts all its receives at once: no order of sends
@@ -135,7 +138,7 @@ class KVTransfer:
         self.on_done = on_done
         self.transport = transport
         self.timeout_s = timeout_s
-        self.active: dict[tuple[str, int], _Transfer] = {}
+        self.active: dict[tuple[str, int, int], _Transfer] = {}  # (direction, peer, id): ids are per decode engine
         self.abandoned: list[_Transfer] = []  # timed out: their staging stays alive (see module docstring)
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -181,11 +184,21 @@ class KVTransfer:
         if self.on_done is not None:
             on_done = self.on_done
             transfer.waited.add_done_callback(lambda _: on_done())
-        self.active[(transfer.direction, transfer.transfer_id)] = transfer
+        self.active[(transfer.direction, transfer.peer, transfer.transfer_id)] = transfer
 
-    def cancel(self, direction: str, transfer_id: int) -> None:
+    def fail_peer(self, peer: int, error: str) -> None:
+        """The engine of rank ``peer`` died: every transfer with it ends with ``error`` at the next poll.
+        Their staging stays alive (``abandoned``) until the transport lets go of it."""
+        for transfer in self.active.values():
+            if transfer.peer == peer:
+                failed: concurrent.futures.Future = concurrent.futures.Future()
+                failed.set_result((error, time.monotonic()))
+                self.abandoned.append(dataclasses.replace(transfer))  # keeps the waiter's future, staging
+                transfer.waited = failed
+
+    def cancel(self, direction: str, peer: int, transfer_id: int) -> None:
         """Forget a transfer whose request went away; its buffers stay alive until the wire is done."""
-        transfer = self.active.pop((direction, transfer_id), None)
+        transfer = self.active.pop((direction, peer, transfer_id), None)
         if transfer is not None:
             self.abandoned.append(transfer)
 

@@ -5,7 +5,9 @@ its forward stage, on the same KV pool (the forward stage's tensors, handed
 over by the assembly). Inbox ``TransferInbox``:
 
 * ``KVSend`` (prefill engine's schedule): send a request's slots to a decode engine;
-* ``KVRecv`` (decode engine's schedule): receive them into slots allocated there.
+* ``KVRecv`` (decode engine's schedule): receive them into slots allocated there;
+* ``EngineDown`` (either schedule): the engine of that transport rank died; every
+  transfer with it fails now (``KVTransfer.fail_peer``).
 
 Outbox ``schedule``: one ``KVTransferDone`` per send or receive, with its
 bytes and seconds, or its error (timed out, peer gone). The schedule stage
@@ -22,7 +24,7 @@ import dataclasses
 
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
-from pipeline.messages import KVRecv, KVSend, KVTransferDone, TransferInbox
+from pipeline.messages import EngineDown, KVRecv, KVSend, KVTransferDone, TransferInbox
 from pipeline.stage import Outbox, Outboxes, Stage
 from stages.forward.kv_transfer import KVTransfer
 
@@ -44,22 +46,26 @@ class TransferStage(Stage):
         super().__init__("transfer", inbox, outboxes)
         self.transfer = transfer
         transfer.on_done = self.wake  # a waiter thread finished a transfer: poll it next step
-        self.rids: dict[tuple[str, int], str] = {}  # (direction, transfer id) -> rid
+        self.rids: dict[tuple[str, int, int], str] = {}  # (direction, peer, transfer id) -> rid
 
     def handle(self, message: TransferInbox) -> None:
         match message:
             case KVSend():
-                self.rids[("send", message.transfer_id)] = message.rid
+                self.rids[("send", message.peer, message.transfer_id)] = message.rid
                 self.transfer.start_send(message.transfer_id, message.peer, message.slots)
             case KVRecv():
-                self.rids[("recv", message.transfer_id)] = message.rid
+                self.rids[("recv", message.peer, message.transfer_id)] = message.rid
                 self.transfer.start_recv(message.transfer_id, message.peer, message.slots)
+            case EngineDown():
+                self.transfer.fail_peer(message.rank, f"KV transfer failed: {message.role} engine "
+                                                      f"{message.index} died ({message.reason})")
+                self.wake()
             case _:
                 raise TypeError(f"transfer stage got an unexpected {type(message).__name__}")
 
     def tick(self) -> None:
         for record in self.transfer.poll():
-            rid = self.rids.pop((record.direction, record.transfer_id), "")
+            rid = self.rids.pop((record.direction, record.peer, record.transfer_id), "")
             self.outboxes.schedule.put(KVTransferDone(
                 rid=rid, transfer_id=record.transfer_id, direction=record.direction, ok=record.ok,
                 error=record.error, num_bytes=record.num_bytes, seconds=record.seconds))

@@ -184,6 +184,8 @@ async def get_server_info(request: web.Request) -> web.Response:
     if args.pd_prefill:  # each engine's role by its index (its EngineStats' dp_rank and "role")
         info["engine_roles"] = {str(rank): "prefill" if rank < args.pd_prefill else "decode"
                                 for rank in range(args.pd_prefill + args.pd_decode)}
+        router = ctx.ingest.stage_counters().get("router", {})  # engines that died ("decode.1": decode engine 1)
+        info["engines_down"] = sorted(name.removeprefix("pd_down.") for name in router if name.startswith("pd_down."))
     configured_tokens = ctx.args.max_total_tokens or None  # until the engine reports its measured capacity
     info["max_total_num_tokens"] = stats.max_total_num_tokens if stats is not None else configured_tokens
     info["version"] = stagewise_version()

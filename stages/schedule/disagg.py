@@ -53,6 +53,18 @@ request once no send of it is in flight; the decode engine finishes it
 abort that reaches the decode engine before the handoff is remembered
 (``aborted``, bounded), and the handoff is then finished at once.
 
+Engines that die (``EngineDown``, from the launcher through the router):
+a prefill engine stops handing off to a dead decode engine (it picks among
+those still up) and releases the pages of every request it had handed
+there (a send reads a copy taken when it started); a decode engine ends the
+handoffs from a dead prefill engine that it had not accepted yet. Both pass
+the notice to their transfer stage, which fails every transfer with the
+dead peer at once (the transport may never report it: a gloo wait posted
+before the peer died can hang until the group's timeout), so a receive
+from a dead prefill engine ends its request now. Each prefill engine tells
+the router where it handed every request (``HandedOff``), so the router can
+fail the requests a dead engine took with it.
+
 Every posted receive gets its send: a decode engine posts the receive
 before it sends ``KVAccept``, and the prefill engine answers every accept
 with a send, also for a request aborted meanwhile (its pages already
@@ -69,8 +81,9 @@ from typing import Any
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
 from pipeline.messages import (
-    Abort, DecodeScheduleInbox, FinishReason, GrammarCompile, GrammarReady, GrammarRelease, KVAccept, KVHandoff,
-    KVRecv, KVSend, KVTransferDone, ModelInfo, PrefillScheduleInbox, RowWrite, SampledTokens, TokenOutput,
+    Abort, DecodeScheduleInbox, EngineDown, FinishReason, GrammarCompile, GrammarReady, GrammarRelease, HandedOff,
+    KVAccept, KVHandoff, KVRecv, KVSend, KVTransferDone, ModelInfo, PrefillScheduleInbox, RowWrite, SampledTokens,
+    TokenOutput,
 )
 from pipeline.stage import Outbox
 from stages.schedule.req_table import Phase, Req
@@ -107,7 +120,8 @@ class TransferStats:
 @dataclasses.dataclass(frozen=True)
 class PrefillOutboxes(ScheduleOutboxes):
     handoff: tuple[Outbox[KVHandoff], ...]  # -> decode engine j's schedule ("handoff.j")
-    transfer: Outbox[KVSend]  # -> this engine's transfer stage
+    transfer: Outbox[KVSend | EngineDown]  # -> this engine's transfer stage
+    routes: Outbox[HandedOff] | None = None  # -> the router: where each request went
 
 
 @dataclasses.dataclass(eq=False)
@@ -138,6 +152,7 @@ class PrefillScheduleStage(ScheduleStage):
         # aborted before their accept came, pages freed: rid -> prompt tokens, to answer the accept with a send
         self.dropped: collections.OrderedDict[str, int] = collections.OrderedDict()
         self._captured: list[TokenOutput] | None = None
+        self.decode_down: set[int] = set()  # decode engines that died
         if not self.outboxes.handoff:
             raise ValueError("a prefill schedule stage needs at least one decode engine (doors handoff.0 ..)")
 
@@ -149,6 +164,8 @@ class PrefillScheduleStage(ScheduleStage):
                 self._on_sent(message)
             case SampledTokens():
                 self._on_sampled_handing_off(message)
+            case EngineDown():
+                self._on_engine_down(message)
             case _:
                 super().handle(message)
 
@@ -175,7 +192,7 @@ class PrefillScheduleStage(ScheduleStage):
         for output in outputs:
             req = running.get(output.rid)
             if (req is not None and output.finish_reason is None and len(req.output_ids) == 1
-                    and output.new_token_ids and not req.is_prefilling):
+                    and output.new_token_ids and not req.is_prefilling and self._any_decode_up()):
                 leaving.append(req)
                 self._hand_off(req, output)
             else:
@@ -186,14 +203,32 @@ class PrefillScheduleStage(ScheduleStage):
         super()._emit_outputs(keep)
 
     def _hand_off(self, req: Req, first: TokenOutput) -> None:
-        decode = self.outstanding.index(min(self.outstanding))
+        up = [j for j in range(len(self.outstanding)) if j not in self.decode_down]
+        decode = min(up, key=lambda j: (self.outstanding[j], j))
         self.outstanding[decode] += 1
         self.num_handoffs += 1
         self.handing[req.rid] = _Handing(req, decode)
+        if self.outboxes.routes is not None:  # before the handoff: the router knows before decode can die of it
+            self.outboxes.routes.put(HandedOff(rid=req.rid, parent_rid=req.parent_rid, decode=decode))
         self.outboxes.handoff[decode].put(KVHandoff(
             rid=req.rid, parent_rid=req.parent_rid, index=req.index, input_ids=req.input_ids,
             sampling=req.sampling, max_new_tokens=req.max_new_tokens, seed=req.seed, first=first,
             prefill_engine=self.engine))
+
+    def _any_decode_up(self) -> bool:
+        """False once every decode engine died: requests then decode here (the server is failing anyway)."""
+        return len(self.decode_down) < len(self.outstanding)
+
+    def _on_engine_down(self, msg: EngineDown) -> None:
+        """A decode engine died: hand nothing more to it; free what waited for its accept (the router has
+        failed those requests). A send in flight to it ends by itself: the transport sees the peer gone."""
+        if msg.role != "decode":
+            return
+        self.decode_down.add(msg.index)
+        self.outboxes.transfer.put(msg)  # its sends to the dead engine fail now (pages released below)
+        for rid, handing in list(self.handing.items()):
+            if handing.decode == msg.index:  # a send reads a copy of the pages: they can go at once
+                self._drop(rid)
 
     def _role_stats(self) -> dict[str, Any]:
         sending = sum(h.sending for h in self.handing.values())
@@ -244,7 +279,7 @@ class PrefillScheduleStage(ScheduleStage):
 @dataclasses.dataclass(frozen=True)
 class DecodeOutboxes(ScheduleOutboxes):
     accept: tuple[Outbox[KVAccept], ...]  # -> prefill engine k's schedule ("accept.k")
-    transfer: Outbox[KVRecv]  # -> this engine's transfer stage
+    transfer: Outbox[KVRecv | EngineDown]  # -> this engine's transfer stage
 
 
 class DecodeScheduleStage(ScheduleStage):
@@ -266,6 +301,7 @@ class DecodeScheduleStage(ScheduleStage):
         self.transfers = TransferStats()
         self.num_taken_over = 0
         self.compiling: dict[str, KVHandoff] = {}  # rid -> constrained handoff whose grammar is compiling
+        self.prefill_down: set[int] = set()  # prefill engines that died (their handoffs' KV is gone)
 
     def handle(self, message: DecodeScheduleInbox) -> None:
         match message:
@@ -275,6 +311,8 @@ class DecodeScheduleStage(ScheduleStage):
                 self._on_received(message)
             case GrammarReady() if message.rid in self.compiling:
                 self._on_handoff_grammar(message)
+            case EngineDown():
+                self._on_engine_down(message)
             case _:
                 super().handle(message)
 
@@ -288,6 +326,10 @@ class DecodeScheduleStage(ScheduleStage):
         if handoff.rid in self.aborted or handoff.parent_rid in self.aborted:
             self._emit_outputs([_final(handoff, FinishReason(type="abort", message="aborted"))])
             return
+        if handoff.prefill_engine in self.prefill_down:
+            message = f"prefill engine {handoff.prefill_engine} died"
+            self._emit_outputs([_final(handoff, FinishReason(type="abort", message=message))])
+            return
         grammar = _grammar_of(handoff.sampling)
         if grammar is None:
             self.accepting.append(handoff)
@@ -298,6 +340,24 @@ class DecodeScheduleStage(ScheduleStage):
             rid=handoff.rid, kind=grammar[0], spec=grammar[1], after_reasoning=after,
             prompt_tail_ids=handoff.input_ids[-PROMPT_TAIL_LEN:] if after else [],
             replay_ids=list(handoff.first.new_token_ids)))
+
+    def _on_engine_down(self, msg: EngineDown) -> None:
+        """A prefill engine died: the handoffs from it not accepted yet end here (their KV is gone).
+        A receive from it in flight fails by itself (the transport sees the connection close)."""
+        if msg.role != "prefill":
+            return
+        self.prefill_down.add(msg.index)
+        self.outboxes.transfer.put(msg)  # its receives from the dead engine fail now (and end their requests)
+        reason = FinishReason(type="abort", message=f"prefill engine {msg.index} died: {msg.reason}")
+        outputs = []
+        for handoff in [h for h in self.accepting if h.prefill_engine in self.prefill_down]:
+            self.accepting.remove(handoff)
+            outputs.append(_final(handoff, reason))
+        for handoff in [h for h in self.compiling.values() if h.prefill_engine in self.prefill_down]:
+            del self.compiling[handoff.rid]
+            self.outboxes.constrain.put(GrammarRelease(rid=handoff.rid))
+            outputs.append(_final(handoff, reason))
+        self._emit_outputs(outputs)
 
     def _on_handoff_grammar(self, msg: GrammarReady) -> None:
         handoff = self.compiling.pop(msg.rid)

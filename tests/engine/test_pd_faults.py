@@ -7,9 +7,12 @@
   to idle and the engines keep serving with unchanged output. (That the
   final output comes exactly once is checked stage by stage in
   tests/stages/test_schedule_disagg.py.)
-* A prefill or decode engine killed under load: every waiting request
-  ends with an error instead of hanging (the whole engine fails; the
-  surviving engines do not take over its requests).
+* An engine killed under load while its role has another engine
+  (1 prefill + 2 decode, 2 prefill + 1 decode): every request ends with a
+  result or a clear error naming the dead engine, the survivors' pools go
+  back to idle, and new requests are served by the survivors (output equal
+  to before). The last engine of a role killed: every waiting request ends
+  with an error instead of hanging, and new ones are refused.
 
 "Idle" is read from each engine's EngineStats (radix cache off, so a pool
 with nothing running holds no tokens).
@@ -85,6 +88,73 @@ def test_client_abort_anywhere_ends_once_and_frees_both_pools(model_dir):
         idle_stats(engine, time.time())
         after = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
     assert [r["output_ids"] for r in after] == [r["output_ids"] for r in before]
+
+
+def live_idle_stats(engine: Engine, dead_rank: int, since_s: float, timeout_s: float = 30.0) -> list[EngineStats]:
+    """The surviving engines' snapshots once each is taken after ``since_s`` and shows nothing held."""
+    deadline = time.monotonic() + timeout_s
+    stats: list[EngineStats] = []
+    while time.monotonic() < deadline:
+        stats = [s for rank, s in engine.stats_by_engine.items() if rank != dead_rank and s.time_s > since_s]
+        if len(stats) == len(engine.stats_by_engine) - 1 and not any(
+                s.pd_queue_reqs or s.pd_transfer_reqs or s.num_running_reqs or s.num_queue_reqs or s.token_usage
+                for s in stats):
+            return stats
+        time.sleep(0.1)
+    raise AssertionError(f"the surviving engines did not go back to idle: {stats}")
+
+
+@pytest.mark.parametrize("topology, process, rank, delay_s", [
+    ((1, 2), "engine_decode0", 1, 1.0),  # killed while decoding
+    ((1, 2), "engine_decode1", 2, 1.0),
+    # killed just before the requests come: some are routed to it before the launcher notices (a tiny
+    # prompt's prefill and transfer take milliseconds, so a later kill finds them all handed off)
+    ((2, 1), "engine_prefill0", 0, -1.0),
+])
+def test_survivors_keep_serving_after_an_engine_dies(model_dir, topology, process, rank, delay_s):
+    num_prefill, num_decode = topology
+    flags = dict(PD, pd_prefill=num_prefill, pd_decode=num_decode, load_balance_method="round_robin")
+    many = [p for _ in range(3) for p in PROMPTS]  # spread over every engine of both roles
+    with Engine(str(model_dir), device="cpu", **flags) as engine:
+        before = engine.generate(input_ids=many, sampling_params=GREEDY)
+        if delay_s < 0:
+            engine.pipeline.children[process].kill()
+        rids = [engine.submit(input_ids=prompt, sampling_params=dict(GREEDY, max_new_tokens=300))
+                for prompt in many]
+        if delay_s >= 0:
+            time.sleep(delay_s)
+            engine.pipeline.children[process].kill()
+        ended = {"result": 0, "error": 0}
+        for rid in rids:
+            try:
+                [result] = engine.wait(rid, timeout=60)
+            except GenerateError as error:
+                assert f"engine {rank if 'prefill' in process else rank - num_prefill} died" in str(error)
+                ended["error"] += 1
+            else:
+                assert result["finish_reason"]["type"] in ("length", "abort"), result["finish_reason"]
+                ended["result"] += 1
+        assert ended["error"] > 0, ended  # the dead engine had some of them
+        assert engine.failure is None and engine.pipeline.lost == {process}
+        after = engine.generate(input_ids=many, sampling_params=GREEDY)
+        since_s = time.time()
+        live_idle_stats(engine, rank, since_s)
+        role = "prefill" if "prefill" in process else "decode"
+        down = f"pd_down.{role}.{rank if role == 'prefill' else rank - num_prefill}"
+        router = wait_for(lambda: engine.stage_counters.get("router", {}).get(down) and engine.stage_counters["router"])
+    assert [r["output_ids"] for r in after] == [r["output_ids"] for r in before]
+    assert router[f"pd_{role}_engines_up"] == (num_prefill if role == "prefill" else num_decode) - 1
+    assert router[f"pd_{'decode' if role == 'prefill' else 'prefill'}_engines_up"] == (
+        num_decode if role == "prefill" else num_prefill)
+
+
+def wait_for(predicate, timeout_s: float = 10.0):
+    """``predicate()``'s first truthy value (counters are published once a second)."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    return value
 
 
 @pytest.mark.parametrize("process", ["engine_decode0", "engine_prefill0"])
