@@ -229,7 +229,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         w = self.proj.weight
-        return self.ops.linear(pixels.to(w.dtype), w.view(w.shape[0], -1), self.proj.bias)
+        return self.ops.linear(pixels, w.view(w.shape[0], -1), self.proj.bias)
 
 
 class VisionAttention(nn.Module):
@@ -368,9 +368,13 @@ class VisionTower(nn.Module):
         """Pixels in the weights' dtype on their device: host pixels are cast before the
         upload (no cast kernel on the device, half the bytes copied in bf16)."""
         w = self.patch_embed.proj.weight
-        if pixel_values.device != w.device and pixel_values.device.type == "cpu":
+        if pixel_values.dtype != w.dtype and pixel_values.device.type == "cpu":
             pixel_values = pixel_values.to(w.dtype)
-        return pixel_values.to(device=w.device, dtype=w.dtype)
+        if pixel_values.device != w.device:
+            pixel_values = pixel_values.to(w.device)
+        if pixel_values.dtype != w.dtype:       # device pixels of another dtype: a cast on the device
+            pixel_values = pixel_values.to(w.dtype)
+        return pixel_values
 
     def _blocks(self, hidden: torch.Tensor, rope, layout: GridLayout) -> VisionOutput:
         c = self.config
