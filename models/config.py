@@ -180,8 +180,10 @@ def _split_multimodal(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, An
     model's fields as a text config (the top level's architectures, dtype and tying win)
     and the multimodal part: vision_config, the token ids, and the M-RoPE sections."""
     text, vision = raw.get("text_config"), raw.get("vision_config")
-    if not isinstance(text, dict) or not isinstance(vision, dict):
+    if not isinstance(vision, dict):
         return raw, None
+    if not isinstance(text, dict):      # the older flat layout (Qwen2.5-VL's published configs)
+        text = {key: value for key, value in raw.items() if key != "vision_config"}
     merged = dict(text)
     for key in ("architectures", "model_type", "tie_word_embeddings", "torch_dtype", "dtype",
                 "quantization_config"):
