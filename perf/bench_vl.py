@@ -253,7 +253,7 @@ def start_server(args: argparse.Namespace, model_path: Path, port: int, log_path
                "--load-format", args.load_format, "--device", args.device, "--enable-metrics",
                "--mm-cache-size", str(args.mm_cache_size), "--context-length", str(args.context_length),
                *args.server_arg]
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
     if args.device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     print("server:", " ".join(command[1:]), flush=True)
