@@ -3,9 +3,11 @@
 This script reproduces every file of ``models/demo-vl/`` from pictures it draws
 itself, so nothing is downloaded:
 
-1. **Scenes.** A 112x112 canvas with 1-3 shapes (circle, square, triangle) of
+1. **Scenes.** A 140x140 canvas with 1-3 shapes (circle, square, triangle) of
    distinct named colours at distinct places (left, right, top, bottom,
-   centre), with a little jitter in place and size and an off-white background.
+   centre), with a little jitter in place and size and a mid-grey background.
+   Each place is the centre of one 28x28 merged image token and a shape stays
+   inside that square, so one image token holds one whole shape.
    Each scene answers four kinds of question with one word or number:
    "How many shapes are there?" -> ``2``, "What colour is the circle?" ->
    ``red``, "What shape is blue?" -> ``square``, "Where is the red circle?"
@@ -17,27 +19,27 @@ itself, so nothing is downloaded:
    image part as ``<|vision_start|><|image_pad|><|vision_end|>`` as
    Qwen2.5-VL's does.
 3. **Pixels.** Qwen's preprocessing, written out here for the fixed canvas (no
-   resize is needed: 112 is a multiple of patch 14 x merge 2): scale to [0, 1],
+   resize is needed: 140 is a multiple of patch 14 x merge 2): scale to [0, 1],
    normalise with the CLIP mean/std, repeat the picture over the 2 temporal
-   slots and cut it into 8x8 patches of 3x2x14x14 values, merge windows
+   slots and cut it into 10x10 patches of 3x2x14x14 values, merge windows
    outermost. ``preprocessor_config.json`` makes Hugging Face's processor and
    the multimodal stage do the same (checked by tests/models/test_demo_vl.py).
-   Each picture becomes 4x4 = 16 ``<|image_pad|>`` tokens.
+   Each picture becomes 5x5 = 25 ``<|image_pad|>`` tokens.
 4. **Model.** ``transformers.Qwen2_5_VLForConditionalGeneration`` from scratch
-   (vision tower of 4 blocks, language model of 4 layers), trained with plain
+   (vision tower of 3 blocks, language model of 3 layers), trained with plain
    PyTorch on fresh scenes every step (AdamW, warmup + cosine). The loss is on
    the answer and its ``<|im_end|>`` only. Every ``--eval-every`` steps the
    held-out accuracy is measured by teacher forcing (all answer tokens and
    ``<|im_end|>`` argmax-correct, which is exactly when greedy decoding
-   reproduces them); the best weights are kept.
+   reproduces them), overall and per question kind; the best weights are kept.
 5. **Output.** A Hugging Face directory (config, float32 safetensors,
    tokenizer, chat template, preprocessor config, greedy generation defaults)
    and ``train_metrics.json`` with the held-out accuracy of greedy decoding
    with ``transformers.generate`` (one question per held-out scene).
 
-Usage (the defaults made the shipped weights; see train_metrics.json)::
+Usage (README.md beside this file gives the commands that made the shipped weights)::
 
-    python models/demo-vl/train.py --out models/demo-vl --device cpu
+    python models/demo-vl/train.py --out models/demo-vl --threads 1
     python models/demo-vl/train.py --out /tmp/demo-vl --steps 5 --eval-every 5   # smoke test
 """
 from __future__ import annotations
@@ -57,9 +59,11 @@ from PIL import Image, ImageDraw
 
 # ----------------------------------------------------------------------------- constants
 
-CANVAS = 112                     # pixels per side: 8x8 patches of 14, 4x4 merged tokens
 PATCH, MERGE, TEMPORAL = 14, 2, 2
-IMAGE_TOKENS = (CANVAS // PATCH // MERGE) ** 2
+CELL = PATCH * MERGE             # 28 pixels: the square one merged image token covers
+GRID = 5                         # merged tokens per side
+CANVAS = GRID * CELL             # 140 pixels per side: 10x10 patches of 14, 5x5 merged tokens
+IMAGE_TOKENS = GRID ** 2
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]   # Qwen's (OpenAI CLIP's) normalisation
 IMAGE_STD = [0.26862954, 0.26130258, 0.27577711]
 
@@ -67,13 +71,26 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start
                   "<|image_pad|>", "<|video_pad|>"]
 ENDOFTEXT, IM_START, IM_END, VISION_START, VISION_END, IMAGE_PAD, VIDEO_PAD = range(len(SPECIAL_TOKENS))
 VOCAB_SIZE = 512
-TOKENIZER_SEED = 1234            # the tokenizer's corpus does not follow --seed, so --init-from always fits
+# The tokenizer's corpus does not follow --seed, so --init-from fits; it is drawn with random_scene, so a change
+# to the scene generator changes the token ids and older weights start with their embeddings shuffled.
+TOKENIZER_SEED = 1234
 MAX_POSITIONS = 2048
 
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 230),
            "yellow": (240, 200, 20), "purple": (140, 50, 180)}
 SHAPES = ["circle", "square", "triangle"]
-PLACES = {"left": (22, 56), "right": (90, 56), "top": (56, 22), "bottom": (56, 90), "centre": (56, 56)}
+
+
+def _cell_centre(column: int, row: int) -> tuple[int, int]:
+    return column * CELL + CELL // 2, row * CELL + CELL // 2
+
+
+# Each place is the centre of one merged token and a shape stays inside that token's 28x28 square, so one
+# image token holds the whole of one shape (its four patches are the shape's four quadrants).
+PLACES = {"left": _cell_centre(0, GRID // 2), "right": _cell_centre(GRID - 1, GRID // 2),
+          "top": _cell_centre(GRID // 2, 0), "bottom": _cell_centre(GRID // 2, GRID - 1),
+          "centre": _cell_centre(GRID // 2, GRID // 2)}
+MIN_HALF_SIZE, MAX_HALF_SIZE = 9, 12
 QUESTION_KINDS = ["count", "colour", "shape", "where"]
 
 # ChatML; an image or video part becomes its placeholder (the multimodal stage expands
@@ -117,12 +134,19 @@ def random_scene(rng: random.Random) -> Scene:
     # a mid grey near the normalisation mean: background patches normalise to about 0, so the shapes stand out
     grey = rng.randint(105, 135)
     background = tuple(grey + rng.randint(-6, 6) for _ in range(3))
-    jitter = tuple((rng.randint(-3, 3), rng.randint(-3, 3), rng.randint(11, 14)) for _ in items)
+    jitter = tuple(_jitter(rng) for _ in items)
     return Scene(items, background, jitter)  # type: ignore[arg-type]
 
 
+def _jitter(rng: random.Random) -> tuple[int, int, int]:
+    """(dx, dy, half-size): as far off the centre as keeps the shape 1 pixel inside its token's square."""
+    half = rng.randint(MIN_HALF_SIZE, MAX_HALF_SIZE)
+    room = CELL // 2 - 1 - half
+    return rng.randint(-room, room), rng.randint(-room, room), half
+
+
 def draw(scene: Scene) -> Image.Image:
-    """The scene as a 112x112 RGB picture."""
+    """The scene as a CANVAS x CANVAS RGB picture."""
     image = Image.new("RGB", (CANVAS, CANVAS), scene.background)
     pen = ImageDraw.Draw(image)
     for item, (dx, dy, r) in zip(scene.items, scene.jitter):
@@ -176,7 +200,7 @@ def render_prompt(question: str) -> str:
 
 
 def pixel_patches(images: list[Image.Image]) -> torch.Tensor:
-    """Qwen's patches of 112x112 pictures: [n * 64, 3 * 2 * 14 * 14] float32, merge windows outermost."""
+    """Qwen's patches of CANVAS-sided pictures: [n * 100, 3 * 2 * 14 * 14] float32, merge windows outermost."""
     pixels = torch.from_numpy(np.stack([np.asarray(im, dtype=np.float32) for im in images])) / 255.0
     mean, std = torch.tensor(IMAGE_MEAN), torch.tensor(IMAGE_STD)
     pixels = ((pixels - mean) / std).permute(0, 3, 1, 2)                       # [n, 3, H, W]
@@ -250,7 +274,7 @@ def encode_conversation(tokenizer, turns: list[tuple[str, str]]) -> tuple[list[i
 
 
 def make_model(vocab_size: int, seed: int):
-    """Vision: 3 blocks of width 64 over 64 patches; language: 3 layers of width 128 (GQA 4/2, dim 32)."""
+    """Vision: 3 blocks of width 64 over 100 patches; language: 3 layers of width 128 (GQA 4/2, dim 32)."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     text = dict(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
@@ -276,7 +300,7 @@ def make_model(vocab_size: int, seed: int):
 class Batch:
     input_ids: torch.Tensor        # [B, L] right-padded with <|endoftext|>
     labels: torch.Tensor           # [B, L] next-token targets, -100 outside answers
-    pixel_values: torch.Tensor     # [B * 64, 1176]
+    pixel_values: torch.Tensor     # [B * 100, 1176]
     grid_thw: torch.Tensor         # [B, 3]
 
 
@@ -307,17 +331,23 @@ def answer_loss(model, batch: Batch, autocast: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def teacher_forced_accuracy(model, batches: list[Batch], autocast: bool) -> float:
-    """Share of rows whose every answer token (and <|im_end|>) is the argmax: greedy decoding's exact match."""
+def teacher_forced_right(model, batches: list[Batch], autocast: bool) -> list[bool]:
+    """Per row: is every answer token (and <|im_end|>) the argmax? Exactly when greedy decoding reproduces it."""
     model.eval()
-    right = total = 0
+    right: list[bool] = []
     for batch in batches:
         predicted = logits_of(model, batch, autocast).argmax(-1)
         scored = batch.labels != -100
-        right += int(((predicted == batch.labels) | ~scored).all(dim=1).sum())
-        total += len(batch.labels)
+        right += ((predicted == batch.labels) | ~scored).all(dim=1).tolist()
     model.train()
-    return right / total
+    return right
+
+
+def by_kind(right: list[bool]) -> dict[str, float]:
+    """Accuracy per question kind of held-out rows, whose kinds come in turn (heldout_questions)."""
+    kinds = len(QUESTION_KINDS)
+    return {kind: round(sum(right[k::kinds]) / max(1, len(right[k::kinds])), 4)
+            for k, kind in enumerate(QUESTION_KINDS)}
 
 
 def learning_rate(step: int, total_steps: int, peak_lr: float, warmup_steps: int) -> float:
@@ -364,7 +394,7 @@ def save_hf_dir(model, tokenizer, out: Path) -> None:
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
         "do_resize": True, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "do_convert_rgb": True, "image_mean": IMAGE_MEAN, "image_std": IMAGE_STD,
-        # a picture of any size is resized to about 112x112 pixels (16 tokens); 112x112 stays as it is
+        # a picture of any size is resized to about 140x140 pixels (25 tokens); 140x140 stays as it is
         "min_pixels": 56 * 56, "max_pixels": CANVAS * CANVAS,
         "patch_size": PATCH, "merge_size": MERGE, "temporal_patch_size": TEMPORAL,
     }
@@ -408,6 +438,8 @@ def main() -> None:
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(args.init_from), dtype=torch.float32)
+        # weights trained on another canvas: attention windows are the whole picture, as make_model's
+        model.config.vision_config.window_size = model.model.visual.window_size = CANVAS
     model = model.to(device).train()
     num_params = sum(p.numel() for p in model.parameters())
     print(f"tokenizer: vocab {tokenizer.get_vocab_size()}; model: {num_params / 1e6:.2f}M parameters")
@@ -439,14 +471,16 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % args.eval_every == 0 or step == args.steps:
-            accuracy = teacher_forced_accuracy(model, eval_batches, autocast)
-            history.append({"step": step, "loss": round(loss.item(), 4), "heldout_accuracy": accuracy})
+            right = teacher_forced_right(model, eval_batches, autocast)
+            accuracy, kinds = sum(right) / len(right), by_kind(right)
+            history.append({"step": step, "loss": round(loss.item(), 4), "heldout_accuracy": accuracy,
+                            "heldout_accuracy_by_kind": kinds})
             if accuracy > best["accuracy"]:
                 state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 best = {"accuracy": accuracy, "step": step, "state": state}
             ms_per_step = 1e3 * (time.perf_counter() - train_start_s) / step
-            print(f"step {step:5d}  lr {group['lr']:.2e}  loss {loss.item():.4f}  held-out {accuracy:.3f}  "
-                  f"({ms_per_step:.0f} ms/step)", flush=True)
+            print(f"step {step:5d}  lr {group['lr']:.2e}  loss {loss.item():.4f}  held-out {accuracy:.3f} "
+                  f"{' '.join(f'{k} {v:.2f}' for k, v in kinds.items())}  ({ms_per_step:.0f} ms/step)", flush=True)
             if accuracy >= args.stop_at:
                 break
 
