@@ -55,9 +55,11 @@ def test_moe_align_block_size(device, tokens, experts, top_k, block_m):
     assert torch.equal(owner[pairs < flat.numel()], flat[real]), "pair in its expert's block"
 
 
-# (tokens, experts, hidden, inter, top_k)
-MOE_CASES = [(5, 8, 72, 40, 2), (1, 4, 64, 32, 4)] + (
-    [(300, 16, 256, 96, 4), (33, 128, 2048, 768, 8)] if ON_GPU else [])
+# (tokens, experts, hidden, inter, top_k): the first two take the decode path (T * k <= 32),
+# the third the grouped GEMMs.
+MOE_CASES = [(5, 8, 72, 40, 2), (1, 4, 64, 32, 4), (9, 8, 72, 40, 4)] + (
+    [(300, 16, 256, 96, 4), (33, 128, 2048, 768, 8), (1, 128, 2048, 768, 8), (4, 128, 2048, 768, 8)]
+    if ON_GPU else [])
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -72,6 +74,22 @@ def test_fused_moe(device, dtype, tokens, experts, hidden, inter, top_k):
     f64 = moe.fused_moe_reference(x.double(), w13.double(), w2.double(), weights, ids)
     assert_close(out, ref, dtype, "fused_moe vs reference")
     assert_close(out, f64, dtype, "fused_moe vs float64")
+
+
+@pytest.mark.parametrize("tokens,top_k", [(1, 8), (3, 2)])
+def test_decode_path_equals_the_grouped_gemms(device, tokens, top_k):
+    """The two-launch decode path and the aligned grouped GEMMs give the same tokens' outputs."""
+    from triton_kernels.moe import decode
+    from triton_kernels.moe.gemm import launch_fused_moe
+
+    experts, hidden, inter = 16, 96, 48
+    assert tokens * top_k <= decode.DECODE_MAX_PAIRS
+    x = _randn(tokens, hidden, seed=5).to(device, torch.float32)
+    w13 = _randn(experts, 2 * inter, hidden, seed=6, scale=hidden ** -0.5).to(device, torch.float32)
+    w2 = _randn(experts, hidden, inter, seed=7, scale=inter ** -0.5).to(device, torch.float32)
+    weights, ids = moe.moe_topk_reference(_randn(tokens, experts, seed=8).to(device), top_k, True)
+    grouped = launch_fused_moe(x, w13, w2, weights, ids, config=None)
+    assert_close(decode.fused_moe_decode(x, w13, w2, weights, ids), grouped, torch.float32, "decode vs grouped")
 
 
 def test_bad_inputs_raise(device):

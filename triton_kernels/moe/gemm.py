@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from triton_kernels.moe.decode import DECODE_MAX_PAIRS, fused_moe_decode
 from triton_kernels.moe.routing import moe_align_block_size
 from triton_kernels.runtime import interpreting
 
@@ -139,7 +140,11 @@ def _moe_sum_kernel(partial_ptr, y_ptr, hidden_size, TOP_K: tl.constexpr, BLOCK_
 def fused_moe(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor) -> torch.Tensor:
     """x[T, H], w13[E, 2I, H], w2[E, H, I], topk_weights[T, k] fp32, topk_ids[T, k] int32
-    -> y[T, H] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t])."""
+    -> y[T, H] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]).
+    At most DECODE_MAX_PAIRS (token, expert) pairs take decode.py's two-launch path."""
+    num_tokens, _, _, _, top_k = _check_moe(x, w13, w2, topk_weights, topk_ids)
+    if num_tokens * top_k <= DECODE_MAX_PAIRS and x.dtype != torch.float64:
+        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
     return launch_fused_moe(x, w13, w2, topk_weights, topk_ids, config=None)
 
 
