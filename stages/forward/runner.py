@@ -29,16 +29,18 @@ from models.loader import load_model, resolve_dtype
 from models.parallel import TPGroup
 from pipeline.config import ServerArgs, running_requests_limit
 from pipeline.messages import ForwardBatch
-from stages.forward.graphs import DecodeGraphs, pad_decode
-from stages.forward.inputs import pack_batch, unpack, write_req_to_token
+from stages.forward.graphs import DecodeGraphs, VerifyGraphs, pad_decode
+from stages.forward.inputs import num_draft_logit_rows, pack_batch, unpack, write_req_to_token
 from stages.forward.multimodal import MultimodalInputs
 from stages.forward.speculative import EagleDrafter, move_kept_kv, tree_metadata
+from stages.speculative.tree import num_draft_slots
 from stages.staging import Uploader
 from triton_kernels import KernelOptions, load_index_ops, load_ops
 
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_TOKENS = 8192
+VERIFY_MAX_BS = 64  # the largest verify batch captured (tokens per row times this many rows)
 
 
 class ModelRunner:
@@ -86,12 +88,25 @@ class ModelRunner:
         self.batch_drafts: list[list[int]] | None = None  # the drafts the last batch verifies
         self.batch_parents: list[list[int]] = []  # their trees (per row; [] when every row is a chain)
         self.graphs: DecodeGraphs | None = None
-        if (self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0
-                and self.drafter is None):
-            self.graphs = DecodeGraphs(self.model, self.kv_cache, self.req_to_token, self._write_decode,
-                                       min(args.cuda_graph_max_bs, self.max_running_requests), self.device,
-                                       self.uploader, self._resolve_futures)
-            self.graphs.capture_all()
+        self.verify_graphs: VerifyGraphs | None = None  # speculative verify steps (graphs.py)
+        if self.device.type == "cuda" and not args.disable_cuda_graph and args.cuda_graph_max_bs > 0:
+            self.use_graphs(eager=False)
+
+    def use_graphs(self, eager: bool) -> None:
+        """Decode graphs, and verify graphs when speculating, up to --cuda-graph-max-bs rows
+        (``eager``: the same static buffers and padded forwards, not captured; CPU tests)."""
+        args = self.args
+        max_bs = min(args.cuda_graph_max_bs, self.max_running_requests)
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.req_to_token, self._write_decode, max_bs,
+                                   self.device, self.uploader, self._resolve_futures, eager=eager)
+        self.graphs.capture_all()
+        if args.speculative_algorithm:
+            drafts = num_draft_slots(args.speculative_num_steps, args.speculative_num_draft_tokens,
+                                     args.speculative_eagle_topk)
+            self.verify_graphs = VerifyGraphs(self.model, self.kv_cache, self.req_to_token, self._write_decode,
+                                              min(max_bs, VERIFY_MAX_BS), drafts + 1, args.speculative_eagle_topk > 1,
+                                              self.device, self.uploader, eager=eager)
+            self.verify_graphs.capture_all(self.graphs.pool)
 
     def _compile_gemm_tiles(self) -> None:
         """Every prefill gemm tile for every weight shape, before the first request."""
@@ -123,13 +138,12 @@ class ModelRunner:
         num_reqs = len(batch.rids)
         if batch.spec_kept:  # verified draft trees: accepted K/V into place before anything is written
             move_kept_kv(self.kv_cache, self.req_to_token, batch.spec_kept)
-        if self.graphs is not None and batch.mode == "decode" and not batch.row_writes:
-            size = self.graphs.size_for(num_reqs)
-            if size is not None:
-                packed = pad_decode(batch.input_ids, batch.positions, batch.out_cache_loc,
-                                    batch.req_pool_indices, batch.seq_lens, size)
-                logits, self.batch_rows = self.graphs.replay(packed, size, num_reqs, batch.future_input)
-                return logits
+        size = self.graphs.size_for_batch(batch) if self.graphs is not None else None
+        if size is not None:
+            return self._replay_decode(batch, size)
+        key = self.verify_graphs.key_for(batch) if self.verify_graphs is not None else None
+        if key is not None:
+            return self._replay_verify(batch, key)
         packed, num_writes, num_write_slots = pack_batch(batch)
         device_batch = unpack(self.uploader.upload(packed, torch.int64), batch, num_writes, num_write_slots,
                               self.req_to_token)
@@ -145,6 +159,42 @@ class ModelRunner:
                                       mm=embeds)
         return self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,
                                   self.kv_cache)
+
+    def _replay_decode(self, batch: ForwardBatch, size: int) -> torch.Tensor:
+        """A decode batch through its captured graph (EAGLE: the head catches up first and
+        keeps the graph's features after)."""
+        num_reqs = len(batch.rids)
+        packed = pad_decode(batch.input_ids, batch.positions, batch.out_cache_loc, batch.req_pool_indices,
+                            batch.seq_lens, size)
+        if self.drafter is None:
+            logits, self.batch_rows = self.graphs.replay(packed, size, num_reqs, batch.future_input)
+            return logits
+        input_ids, _, rows = self.graphs.load(packed, size, batch.future_input)
+        self.batch_rows = rows[:num_reqs]
+        self.batch_drafts = self.drafter.draft(batch, input_ids, self.req_to_token)
+        self.batch_parents = self.drafter.parents
+        logits = self.graphs.launch(size, num_reqs)
+        self.model.model.captured = self.graphs.features[size]
+        self.drafter.keep(batch, input_ids, self.req_to_token)
+        return logits
+
+    def _replay_verify(self, batch: ForwardBatch, key: tuple[int, int]) -> torch.Tensor:
+        """A verify batch through its (batch size, tokens per row) graph; EAGLE drafts into the
+        graph's static inputs (row b's tokens at b * tokens) and keeps its features after."""
+        num_reqs, tokens = len(batch.rids), key[1]
+        input_ids, positions, rows = self.verify_graphs.load(batch, key)
+        self.batch_rows = rows[:num_reqs]
+        offsets = [b * tokens for b in range(num_reqs)]
+        if self.drafter is not None:
+            self.batch_drafts = self.drafter.draft(batch, input_ids, self.req_to_token, positions, offsets)
+            self.batch_parents = self.drafter.parents
+        if self.verify_graphs.tree:
+            self.verify_graphs.set_mask(key, batch.extend_lens, self.batch_parents if self.drafter else [])
+        logits = self.verify_graphs.launch(key, num_reqs + num_draft_logit_rows(batch))
+        if self.drafter is not None:
+            self.model.model.captured = self.verify_graphs.features[key]
+            self.drafter.keep(batch, input_ids, self.req_to_token, offsets)
+        return logits
 
     def _run_drafting(self, batch: ForwardBatch, device_batch) -> torch.Tensor:
         """Draft into the batch's draft positions, run the target, keep its features."""

@@ -63,8 +63,11 @@ Only the draft quality depends on the head's context; the output never
 does (the sample stage verifies every draft against the target). A row
 without usable features (a radix hit's last cached position, a retracted
 and resumed request) keeps its placeholder drafts, which verification
-rejects unless they happen to match. CUDA graphs are not used while EAGLE
-drafts (the model's captured features are per-forward tensors).
+rejects unless they happen to match. CUDA graphs serve EAGLE targets
+too: decode batches replay the decode graphs and verify
+batches the verify graphs (``stages/forward/graphs.py``), each graph keeping
+the static feature tensors its capture produced; ``draft`` and ``keep``
+take the padded rows' ``offsets``. The head's own steps run eagerly.
 """
 from __future__ import annotations
 
@@ -77,7 +80,7 @@ from models.batch import AttentionMetadata, KVCache
 from models.config import read_json
 from models.eagle import EagleHead, load_eagle_head
 from pipeline.messages import ForwardBatch, KeptPath
-from stages.speculative.tree import DEFAULT_NUM_DRAFT_TOKENS, build_tree_layout, prune_tree
+from stages.speculative.tree import build_tree_layout, prune_tree, tree_steps
 
 
 @dataclasses.dataclass
@@ -183,7 +186,7 @@ class EagleDrafter:
         path = Path(args.speculative_draft_model_path)
         raw = read_json(path / "config.json", f"config.json in {path}")
         aux = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
-        steps = args.speculative_num_steps or (args.speculative_num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS) - 1
+        steps = tree_steps(args.speculative_num_steps, args.speculative_num_draft_tokens)
         drafter = EagleDrafter(str(path), target, ops, num_slots, context_len, dtype, device, aux,
                                topk=args.speculative_eagle_topk, steps=steps)
         if drafter.head.config.kind != args.speculative_algorithm.lower():
@@ -198,32 +201,35 @@ class EagleDrafter:
         return torch.cat([by_layer[i] for i in self.layers], dim=-1)
 
     @torch.inference_mode()
-    def keep(self, batch: ForwardBatch, input_ids: torch.Tensor, req_to_token: torch.Tensor) -> None:
+    def keep(self, batch: ForwardBatch, input_ids: torch.Tensor, req_to_token: torch.Tensor,
+             offsets: list[int] | None = None) -> None:
         """After the target forward, per row: a row without drafts knows the next token of all
         its positions but the last, so the head runs over those at once and only the last
         position's features wait; a verifying row keeps all of them (kept copies: the
-        batch's tensors are not held)."""
-        features, start, ready = self._features(), 0, []
+        batch's tensors are not held). ``offsets``: each row's first q row on the device
+        when not packed one after another (a verify graph's padded rows)."""
+        features, ready = self._features(), []
         draft_ids = batch.sampling.draft_ids
+        starts = _starts(batch.extend_lens)
         for b, length in enumerate(batch.extend_lens):
-            row, first = batch.req_pool_indices[b], batch.positions[start]
+            row, first, start = batch.req_pool_indices[b], batch.positions[starts[b]], (offsets or starts)[b]
             fed, feats = input_ids[start:start + length], features[start:start + length]
             if length > 1 and not (draft_ids and draft_ids[b]):
                 ready.append(_Segment(b, row, first, length - 1, fed[1:], feats[:-1]))
                 first, fed, feats = first + length - 1, fed[-1:], feats[-1:]
             self.pending[row] = _Pending(batch.rids[b], first, feats.clone(), fed.clone())
-            start += length
         if ready:
             self._catch_up(ready, req_to_token)
 
     # ------------------------------------------------------------------ drafting
     @torch.inference_mode()
     def draft(self, batch: ForwardBatch, input_ids: torch.Tensor, req_to_token: torch.Tensor,
-              positions: torch.Tensor | None = None) -> list[list[int]]:
+              positions: torch.Tensor | None = None, offsets: list[int] | None = None) -> list[list[int]]:
         """Fill each drafting row's draft positions of ``input_ids`` (device) with the head's
         chain or tree (trees also set their nodes' ``positions`` and ``self.parents``); return
-        the drafts per row (the placeholders where no context was usable)."""
-        starts = _starts(batch.extend_lens)
+        the drafts per row (the placeholders where no context was usable). ``offsets``: as
+        for ``keep``."""
+        starts = offsets or _starts(batch.extend_lens)
         segments = self._catch_up_segments(batch, input_ids, starts)
         drafts = [list(ids) for ids in batch.sampling.draft_ids]
         self.parents = []
@@ -249,9 +255,10 @@ class EagleDrafter:
         """The rows whose previous step's features can catch up, with their final positions
         (a verified tree's: the accepted path's nodes, ``batch.spec_kept``)."""
         kept = {(path.row, path.rid): path.nodes for path in batch.spec_kept}
+        host_starts = _starts(batch.extend_lens)
         segments = []
         for b, rid in enumerate(batch.rids):
-            row, q = batch.req_pool_indices[b], batch.positions[starts[b]]
+            row, q = batch.req_pool_indices[b], batch.positions[host_starts[b]]
             pending = self.pending.pop(row, None)
             if pending is None or pending.rid != rid or not pending.start < q <= pending.start + len(pending.tokens):
                 continue

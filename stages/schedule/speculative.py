@@ -67,7 +67,7 @@ from pipeline.messages import FinishReason, KeptPath, TokenOutput
 from stages.schedule.kv_manager import KVManager
 from stages.schedule.req_table import Req
 from stages.speculative.ngram import NgramIndex, NgramParams
-from stages.speculative.tree import DEFAULT_NUM_DRAFT_TOKENS
+from stages.speculative.tree import num_draft_slots
 
 PLACEHOLDER_DRAFT = 0  # EAGLE/EAGLE3 drafts as planned, before the forward stage fills them in
 
@@ -80,23 +80,8 @@ class _SpecState:
 
 
 def num_drafts(args: ServerArgs) -> int:
-    """Draft tokens per step: --speculative-num-steps, else --speculative-num-draft-tokens - 1
-    (a tree: --speculative-num-draft-tokens - 1, at most the candidates its steps produce)."""
-    topk = args.speculative_eagle_topk
-    if topk > 1:
-        steps = tree_steps(args)
-        candidates = topk + (steps - 1) * topk * topk
-        return min((args.speculative_num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS) - 1, candidates)
-    if args.speculative_num_steps > 0:
-        if args.speculative_num_draft_tokens > 0:
-            return min(args.speculative_num_steps, args.speculative_num_draft_tokens - 1)
-        return args.speculative_num_steps
-    return (args.speculative_num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS) - 1
-
-
-def tree_steps(args: ServerArgs) -> int:
-    """Drafting steps of a tree (the deepest a draft can be)."""
-    return args.speculative_num_steps or (args.speculative_num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS) - 1
+    """Draft tokens per step (``stages/speculative/tree.num_draft_slots``)."""
+    return num_draft_slots(args.speculative_num_steps, args.speculative_num_draft_tokens, args.speculative_eagle_topk)
 
 
 class Speculator:

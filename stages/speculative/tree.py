@@ -41,6 +41,24 @@ import torch
 DEFAULT_NUM_DRAFT_TOKENS = 8  # root + 7 drafts when neither --speculative-num-steps nor -num-draft-tokens is given
 
 
+def tree_steps(num_steps: int, num_draft_tokens: int) -> int:
+    """Drafting steps (the deepest a draft can be): --speculative-num-steps, else
+    --speculative-num-draft-tokens - 1."""
+    return num_steps or (num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS) - 1
+
+
+def num_draft_slots(num_steps: int, num_draft_tokens: int, topk: int) -> int:
+    """Drafts per row and step (the root not counted). A chain: the steps, at most
+    num_draft_tokens - 1; a tree: num_draft_tokens - 1, at most the candidates its steps
+    produce (topk + (steps - 1) topk^2)."""
+    drafts = (num_draft_tokens or DEFAULT_NUM_DRAFT_TOKENS) - 1
+    if topk > 1:
+        return min(drafts, topk + (tree_steps(num_steps, num_draft_tokens) - 1) * topk * topk)
+    if num_steps > 0:
+        return min(num_steps, num_draft_tokens - 1) if num_draft_tokens > 0 else num_steps
+    return drafts
+
+
 @dataclasses.dataclass(frozen=True)
 class DraftTree:
     """A proposal: node 0 is the root (the last emitted token), ``parents[0] == -1``."""

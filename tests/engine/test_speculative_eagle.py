@@ -439,21 +439,27 @@ def _reference_tree(model, drafter, seq: list[int], root: int, num_nodes: int) -
     return kept_tokens, kept_parents
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-paths"])
 @pytest.mark.parametrize("arch,head", [("qwen3", "EAGLE"), ("llama3.1", "EAGLE3"), ("llama3.2", "echo")])
-def test_trees_equal_the_head_recomputed_from_scratch(arch, head, checkpoints) -> None:
+def test_trees_equal_the_head_recomputed_from_scratch(arch, head, graphs, checkpoints) -> None:
     """Every tree the engine verified (topk 3 over 3 steps, pruned to 7 drafts; batched rows,
     chunked prefill, accepted paths off the first nodes with the echo head) is the tree of the
     head expanded from position 0 over the final tokens, each node's log-probs computed
     down its own path: the batched tree steps (tree attention over recomputed frontiers) and
-    the catch-up over a verified path's features are exact."""
+    the catch-up over a verified path's features are exact -- also when the decode and verify
+    steps take the graph paths (eager graphs on CPU: padded rows, features from the graph's
+    tensors; tests/engine/test_speculative_graphs.py)."""
     target, heads = checkpoints(arch)
     prompts = _prompts(3)
     with _engine(target) as engine:
         expected = [r[0] for r in _results(engine, prompts)]
     algorithm = "EAGLE3" if head == "EAGLE3" else "EAGLE"
     with _engine(target, algorithm, heads[head], disable_radix_cache=True, chunked_prefill_size=8,
-                 speculative_eagle_topk=3, speculative_num_steps=3, speculative_num_draft_tokens=8) as engine:
+                 speculative_eagle_topk=3, speculative_num_steps=3, speculative_num_draft_tokens=8,
+                 cuda_graph_max_bs=4) as engine:
         runner = engine.stages["forward"].runner
+        if graphs:
+            runner.use_graphs(eager=True)
         drafter, recorded = runner.drafter, []
         draft = drafter.draft
 

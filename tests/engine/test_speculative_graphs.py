@@ -1,0 +1,137 @@
+"""Speculative decoding through the graph paths of the forward stage: the same tokens as eager.
+
+A CPU cannot capture CUDA graphs, but the graph classes run in ``eager``
+mode (``ModelRunner.use_graphs(eager=True)``): the same static buffers, the
+same padded (batch size, tokens per row) layouts and the same runner paths
+(EAGLE drafting into the static inputs, features taken from the graph's
+tensors), with the forward run directly instead of replayed. These tests
+switch them on and check that greedy output still equals the plain engine's
+and that the graph paths served the steps. The same checks with captured
+graphs run on a GPU (``test_captured_graphs_equal_eager``).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipeline.engine import Engine
+from stages.forward.graphs import pad_verify, verify_mask, verify_token_buckets
+from stages.speculative.tree import build_tree_layout
+from tests.engine.common import assert_pool_clean, cpu_engine
+from tests.engine.test_speculative_eagle import GREEDY, _prompts, checkpoints  # noqa: F401 (fixture)
+from tests.engine.test_speculative_eagle import _results
+
+
+def count_launches(runner) -> dict[str, int]:
+    """Wrap the runner's graphs' ``launch``: count the decode and verify steps they served."""
+    counts = {"decode": 0, "verify": 0}
+    for name, graphs in (("decode", runner.graphs), ("verify", runner.verify_graphs)):
+        launch = graphs.launch
+
+        def counting(*args, _launch=launch, _name=name):
+            counts[_name] += 1
+            return _launch(*args)
+
+        graphs.launch = counting
+    return counts
+
+
+def _graph_engine(target, **kwargs) -> tuple[Engine, dict[str, int]]:
+    engine = cpu_engine(target, **kwargs)
+    runner = engine.stages["forward"].runner
+    runner.use_graphs(eager=True)
+    return engine, count_launches(runner)
+
+
+CASES = [  # (algorithm, head, extra flags)
+    ("NGRAM", None, dict(speculative_num_draft_tokens=5)),
+    ("EAGLE", "EAGLE", dict(speculative_num_steps=3)),
+    ("EAGLE3", "EAGLE3", dict(speculative_num_steps=3)),
+    ("EAGLE", "echo", dict(speculative_eagle_topk=2, speculative_num_steps=4, speculative_num_draft_tokens=8)),
+    ("EAGLE3", "EAGLE3", dict(speculative_eagle_topk=4, speculative_num_steps=3, speculative_num_draft_tokens=7)),
+]
+
+
+@pytest.mark.parametrize("arch", ["llama3.2", "mistral"])
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[2].get('speculative_eagle_topk', 1)}" for c in CASES])
+def test_graph_paths_equal_eager(arch, case, checkpoints) -> None:
+    """Decode and verify batches served by the (eager) graph paths: greedy output equals the
+    plain engine's, batched, with rows of different draft counts padded into one bucket, and
+    the pool is clean after."""
+    algorithm, head, flags = case
+    target, heads = checkpoints(arch)
+    prompts = _prompts(3)
+    params = {"temperature": 0.0, "max_new_tokens": 24, "ignore_eos": True}
+    late = {**params, "min_new_tokens": 6}  # alone: plain decode steps (no drafts) before it drafts
+    with cpu_engine(target) as engine:
+        expected = _results(engine, prompts, params) + _results(engine, prompts[:1], late)
+    spec = dict(speculative_algorithm=algorithm, **flags)
+    if head:
+        spec["speculative_draft_model_path"] = str(heads[head])
+    engine, launches = _graph_engine(target, cuda_graph_max_bs=4, **spec)
+    with engine:
+        free_before = engine.schedule.kv.pool.num_free_tokens
+        assert _results(engine, prompts, params) + _results(engine, prompts[:1], late) == expected
+        assert engine.schedule.spec.total_verify_ct > 0
+        assert launches["verify"] > 0 and launches["decode"] > 0, launches
+        assert_pool_clean(engine, free_before)
+        assert not engine.schedule.spec.states
+
+
+def test_pad_verify_layout() -> None:
+    """Two rows of 3 and 1 tokens in a (4 rows x 4 tokens) bucket: each row's tokens at b*4,
+    padding after them at the last position with slot 0, the logits rows in the eager order
+    (last tokens, then draft positions), the dummy row for the padded rows."""
+    import msgspec
+
+    from pipeline.messages import ForwardBatch
+    from tests.stages.test_forward import _sampling
+
+    sampling = msgspec.structs.replace(_sampling(2), draft_ids=[[7, 8], []])
+    batch = ForwardBatch(batch_id=0, mode="extend", rids=["a", "b"], input_ids=[5, 7, 8, 9],
+                         positions=[10, 11, 12, 4], out_cache_loc=[31, 32, 33, 40], req_pool_indices=[3, 6],
+                         prefix_lens=[10, 4], extend_lens=[3, 1], seq_lens=[13, 5], sampling=sampling)
+    packed = pad_verify(batch, 4, 4)
+    T = 16
+    ids, pos, slots, logits = (packed[i * T:(i + 1) * T] for i in range(4))
+    rows, prefix, lens, starts, seq, masks = (packed[4 * T + i * 4: 4 * T + (i + 1) * 4] for i in range(6))
+    assert ids[:8] == [5, 7, 8, 0, 9, 0, 0, 0] and ids[8:] == [0] * 8
+    assert pos[:8] == [10, 11, 12, 12, 4, 4, 4, 4]
+    assert slots[:8] == [31, 32, 33, 0, 40, 0, 0, 0]
+    assert logits[:4] == [2, 4, 0, 1] and logits[4:] == [0] * 12
+    assert rows == [3, 6, 0, 0] and prefix == [10, 4, 0, 0] and lens == [4] * 4
+    assert starts == [0, 4, 8, 12] and seq == [14, 8, 4, 4] and masks == [0, 16, 32, 48]
+
+
+def test_verify_mask_and_buckets() -> None:
+    parents = [-1, 0, 0, 1]
+    mask = verify_mask([4, 1], [parents, []], 3, 5).view(3, 5, 5)
+    assert torch.equal(mask[0, :4, :4], build_tree_layout(parents).tree_mask)
+    assert torch.equal(mask[0, 4], torch.ones(5, dtype=torch.bool))     # a padded node: causal
+    assert torch.equal(mask[1], torch.ones(5, 5, dtype=torch.bool).tril())
+    assert verify_token_buckets(8) == [2, 4, 8] and verify_token_buckets(5) == [2, 4, 5]
+    assert verify_token_buckets(2) == [2]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (captured graphs)")
+@pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[2].get('speculative_eagle_topk', 1)}" for c in CASES])
+def test_captured_graphs_equal_eager(case, checkpoints) -> None:
+    """On a GPU with the Triton kernels: captured decode and verify graphs give the eager
+    engine's greedy tokens (fp32 tiny models), and the graphs served the steps."""
+    algorithm, head, flags = case
+    target, heads = checkpoints("llama3.1")
+    prompts = _prompts(3)
+    spec = dict(speculative_algorithm=algorithm, **flags)
+    if head:
+        spec["speculative_draft_model_path"] = str(heads[head])
+    common = dict(device="cuda", kernel_backend="triton", dtype="float32", **spec)
+    with cpu_engine(target, disable_cuda_graph=True, **common) as engine:
+        expected = _results(engine, prompts, GREEDY)
+    with cpu_engine(target, cuda_graph_max_bs=4, **common) as engine:
+        runner = engine.stages["forward"].runner
+        assert runner.graphs is not None and runner.verify_graphs is not None and runner.verify_graphs.graphs
+        launches = count_launches(runner)
+        free_before = engine.schedule.kv.pool.num_free_tokens
+        assert _results(engine, prompts, GREEDY) == expected
+        assert launches["verify"] > 0, launches
+        assert_pool_clean(engine, free_before)
