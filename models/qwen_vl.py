@@ -109,7 +109,7 @@ class VisionLanguageMixin:
             return RopeRows(positions, self.cos_sin_cache)
         table = self.ops.mrope_cos_sin(positions.contiguous(), self.cos_sin_cache,
                                        self.mrope_section, self.mrope_interleaved)
-        return RopeRows(torch.arange(positions.shape[1], device=positions.device), table)
+        return RopeRows(torch.arange(positions.shape[1]).to(positions.device), table)   # built on the host
 
     def checkpoint_layout(self) -> dict[str, Shard]:
         layout = super().checkpoint_layout()
@@ -132,13 +132,13 @@ class VisionLanguageMixin:
         lm = self.model
         hidden = self.ops.embedding(input_ids, lm.embed_tokens.weight, lm.vocab_start)   # [T, H]
         if mm is not None:
-            hidden.index_copy_(0, mm.rows, mm.embeds.to(hidden.dtype))
+            self.ops.scatter_rows(hidden, mm.rows, mm.embeds)
         rope = self.rope_rows(positions)
         residual = None
         for i, layer in enumerate(lm.layers):
             hidden, residual = layer(rope, hidden, residual, attn_meta, kv_cache.k[i], kv_cache.v[i])
             if mm is not None and i < len(mm.deepstack):   # the layer's output is hidden + residual
-                residual.index_add_(0, mm.rows, mm.deepstack[i].to(residual.dtype))
+                self.ops.scatter_rows(residual, mm.rows, mm.deepstack[i], True)
         hidden = lm.norm(hidden, residual)
         last = self.ops.embedding(attn_meta.logits_indices, hidden)                       # [B, H]
         return self.ops.linear(last, self.lm_head.weight, None, torch.float32)

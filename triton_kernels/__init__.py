@@ -59,6 +59,8 @@ vision_attention     vision_attn    (q[N,H,D], k[N,H,D], v[N,H,D], cu_seqlens[S+
                                     max_seqlen, sm_scale) -> o[N,H,D], non-causal per segment
 add_interpolated_    pos_embed      (x[N,D], table[P,D], indices[N,K] int, weights[N,K] fp32)
   pos_embed                         -> y[N,D] = x + sum_k weights[:,k] * table[indices[:,k]]
+scatter_rows         scatter        (dst[T,H], rows[n] int, src[n,H], accumulate=False) -> None:
+                                    dst[rows] = src (or += src) in place
 tree_attention       tree_attention (q, k, v, k_cache, v_cache, req_to_token, req_pool_indices,
                                     prefix_lens, tree_lens, tree_start_loc, tree_mask,
                                     mask_start_loc, max_tree_len, sm_scale, positions=None,
@@ -125,6 +127,7 @@ OP_FAMILIES: dict[str, str] = {
     "mrope_cos_sin": "rotary",
     "vision_attention": "vision_attention",
     "add_interpolated_pos_embed": "pos_embed",
+    "scatter_rows": "scatter",
     "tree_attention": "tree_attention",
 }
 SAMPLING_OPS: dict[str, str] = {op: "sampling" for op in (
@@ -160,6 +163,7 @@ class KernelOps:
     mrope_cos_sin: Callable
     vision_attention: Callable
     add_interpolated_pos_embed: Callable
+    scatter_rows: Callable
     tree_attention: Callable
 
 
