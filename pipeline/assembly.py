@@ -429,7 +429,10 @@ def build_transfer(context: ProcessContext, inbox: Channel | None, outboxes: dic
 
 
 def _address(args: ServerArgs) -> str:
-    """The transfer group's rendezvous: the bootstrap port on this host, or a fresh file."""
+    """The transfer group's rendezvous: ``--dist-init-addr`` (engines on several hosts: the router's
+    choice), the bootstrap port on this host, or a fresh file."""
+    if args.dist_init_addr:
+        return f"tcp://{args.dist_init_addr}"
     if args.disaggregation_bootstrap_port:
         return f"tcp://127.0.0.1:{args.disaggregation_bootstrap_port}"
     return "file://" + os.path.join(tempfile.gettempdir(), f"stagewise-pd-{uuid.uuid4().hex}")

@@ -14,6 +14,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("pipeline.generate:main", "generate text for one prompt with the in-process engine"),
     "serve": ("pipeline.serve:main", "serve a model over HTTP (OpenAI and SGLang-native APIs)"),
     "replay": ("pipeline.harness:replay_main", "replay one stage of a recorded run; exit 1 on a difference"),
+    "router": ("pipeline.pd_router:router_main",
+               "front end of prefill/decode engines started apart (--pd-disaggregation --prefill URL --decode URL)"),
 }
 
 

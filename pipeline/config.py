@@ -104,9 +104,9 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     # prefill/decode disaggregation (SGLang's flag names; see stages/schedule/disagg.py)
     pd_prefill: int = 0  # --placement pd: this many prefill engines (0: 1; either count given implies --placement pd)
     pd_decode: int = 0  # --placement pd: this many decode engines (0: 1)
-    disaggregation_mode: Literal["null", "prefill", "decode"] = "null"  # one role per command, several hosts (refused: not served yet)
+    disaggregation_mode: Literal["null", "prefill", "decode"] = "null"  # one engine of this role per command (joined by stagewise router)
     disaggregation_transfer_backend: Literal["torch"] = "torch"  # torch.distributed point-to-point (gloo on CPU, NCCL on GPU)
-    disaggregation_bootstrap_port: int = 0  # port of the engines' KV transfer process group (0: a rendezvous file, one host)
+    disaggregation_bootstrap_port: int = 0  # --placement pd: the KV transfer group's port (0: a rendezvous file); an engine command: where it listens for the router and its peers (0: 8998)
     disaggregation_transfer_timeout_s: float = 60.0  # a KV transfer not done after this long fails its request
 
     @property
@@ -308,11 +308,13 @@ def _pd_placement(args: ServerArgs) -> ServerArgs:
 
 
 def _check_disaggregation(args: ServerArgs) -> None:
-    """--pd-prefill N --pd-decode M on one host is served; separate per-role commands are refused by name."""
-    if args.disaggregation_mode != "null":
-        raise ConfigError(f"--disaggregation-mode {args.disaggregation_mode} as a separate command (engines on "
-                          f"several hosts, joined by a router) is not served yet; use --placement pd "
-                          f"(--pd-prefill N --pd-decode M) on one host")
+    """--pd-prefill N --pd-decode M on one host, or one engine per command (--disaggregation-mode prefill|decode,
+    joined by ``stagewise router --pd-disaggregation``: pipeline/pd_hosts.py)."""
+    if args.disaggregation_mode != "null" and (args.pd_prefill or args.pd_decode):
+        raise ConfigError(f"--disaggregation-mode {args.disaggregation_mode} runs one engine; the router's "
+                          f"--prefill/--decode list the engines, not --pd-prefill/--pd-decode")
+    if args.disaggregation_mode != "null" and (args.tp_size != 1 or args.dp_size != 1):
+        raise ConfigError("--disaggregation-mode engines run with --tp-size 1 and --dp-size 1")
     if not (args.pd_prefill or args.pd_decode):
         return
     if args.pd_prefill < 1 or args.pd_decode < 1:

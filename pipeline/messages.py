@@ -878,6 +878,17 @@ class HandedOff(Message, frozen=True, kw_only=True):
     decode: int  # decode engine index j (0..M-1)
 
 
+class PDTopology(Message, frozen=True, kw_only=True):
+    """router command -> each engine command (``pipeline/pd_hosts.py``): who it is and where everyone listens."""
+
+    role: Literal["prefill", "decode"]
+    index: int  # within its role
+    num_prefill: int
+    num_decode: int
+    addresses: dict[str, str]  # process name ("main", "engine_prefill0", ...) -> "host:port" of its channel hub
+    dist_init_addr: str  # host:port of the KV transfer group's rendezvous
+
+
 PrefillScheduleInbox = Union[TokenizedRequest, Abort, FlushCache, SampledTokens, GrammarReady, KVAccept,
                              KVTransferDone, EngineDown]
 DecodeScheduleInbox = Union[Abort, FlushCache, SampledTokens, GrammarReady, KVHandoff, KVTransferDone, EngineDown]

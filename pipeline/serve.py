@@ -241,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"stagewise serve: error: {error}", file=sys.stderr)
         return 2
+    if args.disaggregation_mode != "null":  # one prefill or decode engine, joined by `stagewise router`
+        from pipeline.pd_hosts import engine_main
+
+        return engine_main(args)
     problem = kernel_backend_problem(args)
     if problem:
         print(f"stagewise serve: error: {problem}", file=sys.stderr)

@@ -137,14 +137,16 @@ def test_pd_hands_off_every_request_and_reports_the_transfers(checkpoint):
 
 
 def test_placement_pd_flags(checkpoint):
-    """--placement pd starts 1 + 1 engines unless counted; a count implies it; per-role commands are refused."""
+    """--placement pd starts 1 + 1 engines unless counted; a count implies it; a per-role command runs one engine."""
     base = ["--model-path", str(checkpoint("llama3.1")), "--device", "cpu"]
     args = parse_args(base + ["--placement", "pd"])
     assert (args.placement, args.pd_prefill, args.pd_decode) == ("pd", 1, 1)
     args = parse_args(base + ["--pd-decode", "2"])
     assert (args.placement, args.pd_prefill, args.pd_decode) == ("pd", 1, 2)
     for mode in ("prefill", "decode"):
-        with pytest.raises(ConfigError, match=f"--disaggregation-mode {mode} as a separate command"):
+        with pytest.raises(ConfigError, match=f"--disaggregation-mode {mode} runs one engine"):
             parse_args(base + ["--placement", "pd", "--disaggregation-mode", mode])
+        args = parse_args(base + ["--disaggregation-mode", mode])  # one engine of a multi-host topology
+        assert (args.disaggregation_mode, args.pd_prefill) == (mode, 0)
     with pytest.raises(ConfigError, match="not --placement serving"):
         parse_args(base + ["--placement", "serving", "--pd-prefill", "1"])
