@@ -126,6 +126,10 @@ class EagleHead(nn.Module):
         if lm_head is not None and self.config.kind == "eagle":
             self.lm_head.weight = nn.Parameter(lm_head, requires_grad=False)
 
+    def checkpoint_layout(self) -> dict[str, Shard]:
+        """Checkpoint name -> Shard (``checkpoint_layout`` below; dummy weights fill these)."""
+        return checkpoint_layout(self)
+
     def draft_to_target(self, draft_ids: torch.Tensor) -> torch.Tensor:
         """EAGLE3 draft-vocabulary ids -> target ids (identity for EAGLE)."""
         if self.config.kind != "eagle3":
@@ -196,13 +200,21 @@ def checkpoint_layout(head: EagleHead) -> dict[str, Shard]:
 
 
 def load_eagle_head(path: str | Path, ops: KernelOps, dtype: torch.dtype,
-                    device: torch.device | str) -> EagleHead:
+                    device: torch.device | str, load_format: str = "auto", seed: int = 0) -> EagleHead:
     """Build the head of ``path/config.json`` and copy its safetensors in (every
-    tensor must fit; only embed_tokens and EAGLE's lm_head may be absent)."""
+    tensor must fit; only embed_tokens and EAGLE's lm_head may be absent).
+    ``load_format="dummy"``: random weights of the config's shapes instead (as for the
+    target, ``models/loader.init_dummy``; d2t all 0), embed_tokens taken from the target."""
     path = Path(path)
     config = parse_eagle_config(read_json(path / "config.json", f"config.json in {path}"),
                                 str(path / "config.json"))
     head = EagleHead(config, ops, dtype, device)
+    if load_format == "dummy":
+        from models.loader import init_dummy
+
+        init_dummy(head, seed)
+        head.absent = frozenset(SHARED_WITH_TARGET)
+        return head
     layout, buffers = checkpoint_layout(head), dict(head.named_buffers())
     params, seen = dict(head.named_parameters()), set()
     with torch.no_grad():

@@ -153,11 +153,11 @@ class EagleDrafter:
 
     def __init__(self, path: str, target: torch.nn.Module, ops, num_slots: int, context_len: int,
                  dtype: torch.dtype, device: torch.device, aux_layer_ids: list[int] | None = None,
-                 topk: int = 1, steps: int = 1) -> None:
+                 topk: int = 1, steps: int = 1, load_format: str = "auto", seed: int = 0) -> None:
         decoder = getattr(target, "model", None)
         if hasattr(target, "encode") or not hasattr(decoder, "capture_layers"):  # vision-language: not yet
             raise ValueError(f"{type(target).__name__} exposes no hidden states for EAGLE drafting")
-        self.head: EagleHead = load_eagle_head(path, ops, dtype, device)
+        self.head: EagleHead = load_eagle_head(path, ops, dtype, device, load_format, seed)
         self.head.cover_positions(context_len)
         lm_head = getattr(target, "lm_head", None)
         absent = self.head.absent
@@ -188,7 +188,8 @@ class EagleDrafter:
         aux = (raw.get("eagle_config") or {}).get("eagle_aux_hidden_state_layer_ids")
         steps = tree_steps(args.speculative_num_steps, args.speculative_num_draft_tokens)
         drafter = EagleDrafter(str(path), target, ops, num_slots, context_len, dtype, device, aux,
-                               topk=args.speculative_eagle_topk, steps=steps)
+                               topk=args.speculative_eagle_topk, steps=steps, load_format=args.load_format,
+                               seed=args.random_seed)
         if drafter.head.config.kind != args.speculative_algorithm.lower():
             raise ValueError(f"--speculative-algorithm {args.speculative_algorithm}: {path} holds an "
                              f"{drafter.head.config.kind.upper()} head")
