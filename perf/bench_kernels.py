@@ -561,14 +561,16 @@ def _decode_tile_candidates() -> list:
     from triton_kernels.quant_tiles import QuantTile
 
     return [QuantTile(16, 32, 128, 4, 4, 2), QuantTile(16, 64, 128, 4, 4, 4), QuantTile(16, 128, 128, 4, 4, 2),
-            QuantTile(16, 64, 256, 4, 3, 2), QuantTile(16, 64, 128, 4, 4, 0)]
+            QuantTile(16, 64, 256, 4, 3, 2), QuantTile(16, 64, 128, 4, 4, 0),
+            QuantTile(16, 64, 128, 4, 4, 2, packed_loads=True), QuantTile(16, 32, 256, 4, 3, 2, packed_loads=True)]
 
 
 DECODE_TILE_CANDIDATES = _decode_tile_candidates()
 
 
 def _tile_name(t) -> str:
-    return f"tile {t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages} p{t.target_programs_per_sm}"
+    return (f"tile {t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages} p{t.target_programs_per_sm}"
+            + (" packed" if t.packed_loads else ""))
 
 
 def quant_cases(ctx: Ctx) -> list[Case]:

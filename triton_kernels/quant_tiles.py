@@ -24,9 +24,10 @@ from triton_kernels.runtime import interpreting, num_sms
 
 @dataclasses.dataclass(frozen=True)
 class QuantTile:
-    """One launch shape: output tile, K step, warps, pipeline stages, and how many programs
-    per SM to aim for by splitting K (0: no split). The fp8-block kernel steps K by the
-    scale block instead, and the 8-bit channel kernel by at least 128 on CUDA."""
+    """One launch shape: output tile, K step, warps, pipeline stages, how many programs per
+    SM to aim for by splitting K (0: no split), and (W4A16) whether packed words are loaded
+    once each. The fp8-block kernel steps K by the scale block instead, and the 8-bit
+    channel kernel by at least 128 on CUDA."""
 
     block_m: int
     block_n: int
@@ -34,6 +35,7 @@ class QuantTile:
     num_warps: int
     num_stages: int
     target_programs_per_sm: int = 0
+    packed_loads: bool = False    # W4A16: load each packed int32 once and unpack in registers
 
 
 INTERPRETER_TILE = QuantTile(32, 32, 32, 4, 1)

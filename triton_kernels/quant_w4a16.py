@@ -53,7 +53,7 @@ def _w4a16_kernel(
     stride_zg, stride_zn, stride_ym, stride_yn,
     GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, PACKED_LOADS: tl.constexpr = False,
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     k_begin, k_end = _k_slice(K, BLOCK_K, SPLIT_K)
@@ -71,9 +71,16 @@ def _w4a16_kernel(
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         mask_kn = mask_k[:, None] & mask_n[None, :]
-        packed = tl.load(qw_ptr + (kk // 8)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-                         mask=mask_kn, other=0)         # [BLOCK_K, BLOCK_N] int32
-        q = (packed >> ((kk % 8) * 4)[:, None]) & 0xF
+        if PACKED_LOADS:   # each int32 loaded once, its 8 nibbles spread over 8 rows in registers
+            words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            packed = tl.load(qw_ptr + words[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                             mask=(words < K // 8)[:, None] & mask_n[None, :], other=0)   # [BLOCK_K/8, BLOCK_N]
+            nibbles = (packed[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF  # [BLOCK_K/8, 8, BLOCK_N]
+            q = tl.reshape(nibbles, (BLOCK_K, BLOCK_N))
+        else:              # row k reads word k // 8 (8 loads of one word, served from L1)
+            packed = tl.load(qw_ptr + (kk // 8)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                             mask=mask_kn, other=0)     # [BLOCK_K, BLOCK_N] int32
+            q = (packed >> ((kk % 8) * 4)[:, None]) & 0xF
         if ROW_OF_SCALES:
             g = k0 // GROUP_SIZE
             s = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0)[None, :]
@@ -143,7 +150,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), y.stride(0), y.stride(1),
         GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=8,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PACKED_LOADS=tile.packed_loads,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:
         reduce_partials(part, bias, y)

@@ -82,12 +82,13 @@ def test_bad_shapes_name_the_tensor(device):
         w4.w4a16_linear(x, qw, s, z, torch.zeros(8, dtype=torch.int32, device=device), 32)
 
 
+@pytest.mark.parametrize("packed_loads", [False, True])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_w4a16_with_k_split(device, act_order):
+def test_w4a16_with_k_split(device, act_order, packed_loads):
     """The decode launch shape: K cut into slices whose fp32 partials the reduce kernel adds (with the bias)."""
     M, N, K, group = (3, 40, 512, 32) if not ON_GPU else (1, 4096, 4096, 128)
-    tile = (QuantTile(16, 32, 32, 4, 1, target_programs_per_sm=8) if not ON_GPU
-            else QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2))
+    tile = (QuantTile(16, 32, 32, 4, 1, target_programs_per_sm=8, packed_loads=packed_loads) if not ON_GPU
+            else QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2, packed_loads=packed_loads))
     assert split_k(tile, M, N, K, tile.block_k, torch.device(device)) > 1
     x, qw, s, z, g_idx, bias, _ = _inputs(M, N, K, group, torch.float32, act_order, device)
     y = w4.w4a16_linear(x, qw, s, z, g_idx, group, bias, tile=tile)
