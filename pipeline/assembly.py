@@ -67,6 +67,7 @@ from stages.constrain import ConstrainStage
 from stages.detokenize import DetokenizeStage
 from models.parallel import TPGroup
 from stages.forward import ForwardRankStage, ForwardStage
+from stages.forward.kv_shm import SharedMemoryTransport
 from stages.forward.kv_transfer import KVTransfer, TorchP2P
 from stages.forward.peers import BatchBroadcast
 from stages.forward.transfer_stage import TransferStage
@@ -379,9 +380,12 @@ def data_parallel(args: ServerArgs) -> tuple[tuple[StageSpec, ...], tuple[Channe
 #   to a decode engine (``handoff.j``: the one with the fewest unfinished
 #   handoffs from it); the decode engine answers ``accept.k`` when it has
 #   allocated the pages (``stages/schedule/disagg.py``).
-# * The transfer stages of all engines form one ``torch.distributed`` group
-#   (prefill engines are ranks ``0..N-1``, decode engines ``N..N+M-1``; gloo
-#   on CPU, NCCL on GPU) and move the KV (``stages/forward/kv_transfer.py``).
+# * The transfer stages of all engines move the KV (``stages/forward/kv_transfer.py``;
+#   prefill engines are ranks ``0..N-1``, decode engines ``N..N+M-1``): through
+#   shared memory (``kv_shm.py``: /dev/shm, CUDA IPC on GPUs), the default since
+#   every engine here is on one host, or ``--disaggregation-transfer-backend
+#   torch``: one ``torch.distributed`` group (gloo on CPU, NCCL on GPU), the
+#   transport of engines on several hosts (``pipeline/pd_hosts.py``).
 # * Both roles' schedule stages report EngineStats with their role: prefill
 #   engines through the router (their load feeds its policy), decode engines
 #   to detokenize directly. Outputs flow from each engine to detokenize.
@@ -422,8 +426,13 @@ def build_transfer(context: ProcessContext, inbox: Channel | None, outboxes: dic
     args = context.args
     if context.kv_cache is None:
         raise RuntimeError("the transfer stage needs the KV pool of a forward stage built before it")
-    backend = "nccl" if args.device == "cuda" else "gloo"
-    transport = TorchP2P(rank, world_size, address, backend)
+    transport: SharedMemoryTransport | TorchP2P
+    if args.disaggregation_transfer_backend in ("auto", "shm"):  # auto: every engine is on this host
+        transport = SharedMemoryTransport(rank, address, args.device)
+        if rank == 0:
+            transport.clear()
+    else:
+        transport = TorchP2P(rank, world_size, address, "nccl" if args.device == "cuda" else "gloo")
     transfer = KVTransfer(context.kv_cache, transport, timeout_s=args.disaggregation_transfer_timeout_s)
     return TransferStage(args, inbox, outboxes, transfer=transfer)
 

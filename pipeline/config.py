@@ -105,7 +105,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     pd_prefill: int = 0  # --placement pd: this many prefill engines (0: 1; either count given implies --placement pd)
     pd_decode: int = 0  # --placement pd: this many decode engines (0: 1)
     disaggregation_mode: Literal["null", "prefill", "decode"] = "null"  # one engine of this role per command (joined by stagewise router)
-    disaggregation_transfer_backend: Literal["torch"] = "torch"  # torch.distributed point-to-point (gloo on CPU, NCCL on GPU)
+    disaggregation_transfer_backend: Literal["auto", "shm", "torch"] = "auto"  # auto: shm (/dev/shm, CUDA IPC) on one host, torch across hosts; torch: torch.distributed p2p (gloo on CPU, NCCL on GPU)
     disaggregation_bootstrap_port: int = 0  # --placement pd: the KV transfer group's port (0: a rendezvous file); an engine command: where it listens for the router and its peers (0: 8998)
     disaggregation_transfer_timeout_s: float = 60.0  # a KV transfer not done after this long fails its request
 

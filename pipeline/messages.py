@@ -690,6 +690,7 @@ class EngineStats(Message, frozen=True, kw_only=True):
     pd_transfer_failures: int = 0
     pd_transfer_bytes: int = 0
     pd_transfer_seconds: float = 0.0
+    pd_transport: str = ""  # the KV transport of this engine's transfers ("shm", "cuda-ipc", "gloo", "nccl")
 
 
 class ProcessCounters(Message, frozen=True, kw_only=True):
@@ -853,6 +854,7 @@ class KVTransferDone(Message, frozen=True, kw_only=True):
     error: str = ""
     num_bytes: int = 0
     seconds: float = 0.0
+    transport: str = ""  # what moved it: "shm", "cuda-ipc", "gloo", "nccl"
 
 
 class EngineDown(Message, frozen=True, kw_only=True):

@@ -194,12 +194,17 @@ class DisaggregationCollector:
         labels = ["model_name", "role", "engine"]
         families = [(field, (CounterMetricFamily if kind == "counter" else GaugeMetricFamily)(
             PREFIX + name, help_text, labels=labels)) for field, name, kind, help_text in PD_SERIES]
+        transport = GaugeMetricFamily(PREFIX + "pd_transport_info", "The KV transport of each engine (value 1)",
+                                      labels=labels + ["transport"])
         engines = [(rank, stats) for rank, stats in sorted(self.last_stats.items()) if stats.role]
         for rank, stats in engines:
             for field, family in families:
                 family.add_metric([self.model_name, stats.role, str(rank)], float(getattr(stats, field)))
+            if stats.pd_transport:
+                transport.add_metric([self.model_name, stats.role, str(rank), stats.pd_transport], 1.0)
         if engines:
             yield from (family for _, family in families)
+            yield transport
 
 
 def stage_counters(stage: Any) -> dict[str, float]:

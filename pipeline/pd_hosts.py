@@ -106,9 +106,14 @@ def engine_main(args: ServerArgs) -> int:
         logger.error("the router named this engine a %s engine, but it runs as %s", topology.role,
                      args.disaggregation_mode)
         return 1
+    hosts = {address.rpartition(":")[0] for process, address in topology.addresses.items() if process != MAIN}
+    backend = args.disaggregation_transfer_backend
+    if backend == "auto":  # shared memory only when every engine is on one host
+        backend = "shm" if len(hosts) == 1 else "torch"
     engine_args = msgspec.structs.replace(
         args, placement="pd", pd_prefill=topology.num_prefill, pd_decode=topology.num_decode,
-        disaggregation_mode="null", dist_init_addr=topology.dist_init_addr)
+        disaggregation_mode="null", dist_init_addr=topology.dist_init_addr,
+        disaggregation_transfer_backend=backend)
     spec = pipeline_spec(engine_args)
     placement = single(spec)
     process = engine_process(topology.role, topology.index)

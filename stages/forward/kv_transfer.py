@@ -29,7 +29,9 @@ A ``Transport`` moves tensors between peers. ``TorchP2P`` is
 ``torch.distributed`` point-to-point (``isend``/``irecv``): gloo on CPU,
 NCCL between GPUs, one process group of every engine of the topology,
 message tags ``transfer_id * 2 * num_layers + i`` so concurrent transfers
-between the same two engines never mix.
+between the same two engines never mix. Engines of one host use
+``SharedMemoryTransport`` (``stages/forward/kv_shm.py``: ``/dev/shm`` files,
+CUDA IPC handles on GPUs) with the same ranks and tags.
 
 A transfer that has not ended ``timeout_s`` after it started fails. Its
 staging tensors are kept (``abandoned``) rather than freed: the transport
@@ -63,9 +65,10 @@ class Pending(Protocol):
 
 
 class Transport(Protocol):
-    """Point-to-point tensor messages between engines named by rank."""
+    """Point-to-point tensor messages between engines named by rank (``name``: what it is, for metrics)."""
 
     rank: int
+    name: str
 
     def send(self, tensor: torch.Tensor, peer: int, tag: int) -> Pending: ...
 
@@ -81,6 +84,7 @@ class TorchP2P:
 
         self.rank = rank
         self.world_size = world_size
+        self.name = backend  # "gloo" or "nccl"
         if not dist.is_initialized():
             dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
@@ -224,6 +228,9 @@ class KVTransfer:
 
     def close(self) -> None:
         self._waiters.shutdown(wait=False, cancel_futures=True)
+        release = getattr(self.transport, "release", None)  # a transport with files of its own to remove
+        if release is not None:
+            release()
 
     def _end(self, transfer: _Transfer, error: str | None, end_s: float) -> TransferRecord:
         """``error``: None (timed out), "" (arrived by ``end_s``) or what the transport raised."""

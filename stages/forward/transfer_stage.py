@@ -68,7 +68,8 @@ class TransferStage(Stage):
             rid = self.rids.pop((record.direction, record.peer, record.transfer_id), "")
             self.outboxes.schedule.put(KVTransferDone(
                 rid=rid, transfer_id=record.transfer_id, direction=record.direction, ok=record.ok,
-                error=record.error, num_bytes=record.num_bytes, seconds=record.seconds))
+                error=record.error, num_bytes=record.num_bytes, seconds=record.seconds,
+                transport=self.transfer.transport.name))
 
     def close(self) -> None:
         self.transfer.close()

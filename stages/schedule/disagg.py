@@ -101,8 +101,10 @@ class TransferStats:
     num_failed: int = 0
     num_bytes: int = 0
     seconds: float = 0.0
+    transport: str = ""
 
     def add(self, done: KVTransferDone) -> None:
+        self.transport = done.transport or self.transport
         self.num_transfers += 1
         self.num_failed += 0 if done.ok else 1
         self.num_bytes += done.num_bytes
@@ -111,7 +113,8 @@ class TransferStats:
     def fields(self) -> dict[str, int | float]:
         """The EngineStats fields these totals fill."""
         return {"pd_transfers": self.num_transfers, "pd_transfer_failures": self.num_failed,
-                "pd_transfer_bytes": self.num_bytes, "pd_transfer_seconds": self.seconds}
+                "pd_transfer_bytes": self.num_bytes, "pd_transfer_seconds": self.seconds,
+                "pd_transport": self.transport}
 
 
 # ------------------------------------------------------------------------- prefill

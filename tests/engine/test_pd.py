@@ -150,3 +150,23 @@ def test_placement_pd_flags(checkpoint):
         assert (args.disaggregation_mode, args.pd_prefill) == (mode, 0)
     with pytest.raises(ConfigError, match="not --placement serving"):
         parse_args(base + ["--placement", "serving", "--pd-prefill", "1"])
+
+
+def test_pd_transports_shm_and_torch_give_equal_output_and_count_the_bytes(checkpoint):
+    """The same-host shared-memory transport (the default) and torch.distributed (gloo) move the same
+    bytes, name themselves in EngineStats, and give the non-disaggregated output."""
+    model_dir = checkpoint("llama3.1")
+    long_prompt = prompts(VOCAB, [40], seed=9)[0]
+    batch = PROMPTS + [long_prompt]
+    greedy = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True}
+    plain = [r["output_ids"] for r in engine_run(model_dir, batch, greedy)]
+    stats: dict[str, dict[str, EngineStats]] = {}
+    for backend in ("auto", "torch"):
+        with Engine(str(model_dir), device="cpu", disaggregation_transfer_backend=backend, chunked_prefill_size=16,
+                    **PD) as engine:
+            assert [r["output_ids"] for r in engine.generate(input_ids=batch, sampling_params=greedy)] == plain
+            stats[backend] = _settled_stats(engine, time.time())
+    assert {s.pd_transport for s in stats["auto"].values()} == {"shm"}
+    assert {s.pd_transport for s in stats["torch"].values()} == {"gloo"}
+    moved = {backend: {role: s.pd_transfer_bytes for role, s in by_role.items()} for backend, by_role in stats.items()}
+    assert moved["auto"] == moved["torch"] and moved["auto"]["prefill"] == moved["auto"]["decode"] > 0

@@ -91,3 +91,8 @@ def test_pd_server_output_metrics_and_roles(server, model_dir):
     assert info["engine_roles"] == {"0": "prefill", "1": "decode"}
     roles = {entry["dp_rank"]: entry["role"] for entry in info["engine_stats_per_dp_rank"]}
     assert roles == {0: "prefill", 1: "decode"}
+    # one host: the KV went through shared memory, named in both places
+    assert {entry["pd_transport"] for entry in info["engine_stats_per_dp_rank"]} == {"shm"}
+    assert samples[("stagewise:pd_transport_info", "prefill")] == 1
+    assert samples[("stagewise:pd_transport_info", "decode")] == 1
+    assert 'transport="shm"' in _get(server.url + "/metrics").decode()
