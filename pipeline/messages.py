@@ -813,8 +813,29 @@ class KVHandoff(Message, frozen=True, kw_only=True):
     sampling: SamplingParams
     max_new_tokens: int  # clipped to the context length already
     seed: int  # the sampler's seed (drawn by the prefill engine when the request had none)
-    first: TokenOutput
+    # None: handed off early, while its prompt is still prefilling (it comes later in KVFirst); the KV
+    # then moves in segments of ``segment_tokens`` as the prefill computes them (0: one segment)
+    first: TokenOutput | None
     prefill_engine: int  # which prefill engine holds the KV (its accept door and transport rank)
+    segment_tokens: int = 0
+
+
+KV_MAX_SEGMENTS = 1 << 6  # segments of one KV transfer at most (the sender picks segment_tokens to fit)
+
+
+def kv_segments(start: int, end: int, segment_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) cut into KV transfer segments of ``segment_tokens`` (0: one); sender and receiver cut alike."""
+    if segment_tokens <= 0 or end - start <= segment_tokens:
+        return [(start, end)]
+    return [(a, min(a + segment_tokens, end)) for a in range(start, end, segment_tokens)]
+
+
+class KVFirst(Message, frozen=True, kw_only=True):
+    """prefill schedule -> decode schedule: the first output of a request handed off early (its prefill
+    ended). It may be final (the request ended at its first token): the decode engine then only emits it."""
+
+    rid: str
+    first: TokenOutput
 
 
 class KVAccept(Message, frozen=True, kw_only=True):
@@ -827,21 +848,24 @@ class KVAccept(Message, frozen=True, kw_only=True):
 
 
 class KVSend(Message, frozen=True, kw_only=True):
-    """prefill schedule -> transfer: send these slots' K and V, every layer, to ``peer``."""
+    """prefill schedule -> transfer: send these slots' K and V, every layer, to ``peer`` (one segment)."""
 
     rid: str
     transfer_id: int
     peer: int
     slots: list[int]
+    segment: int = 0
 
 
 class KVRecv(Message, frozen=True, kw_only=True):
-    """decode schedule -> transfer: receive ``len(slots)`` tokens' K and V from ``peer`` into these slots."""
+    """decode schedule -> transfer: receive ``len(slots)`` tokens' K and V from ``peer`` into these slots,
+    in segments of ``segment_tokens`` (0: one), each sent on its own."""
 
     rid: str
     transfer_id: int
     peer: int
     slots: list[int]
+    segment_tokens: int = 0
 
 
 class KVTransferDone(Message, frozen=True, kw_only=True):
@@ -893,8 +917,10 @@ class PDTopology(Message, frozen=True, kw_only=True):
 
 PrefillScheduleInbox = Union[TokenizedRequest, Abort, FlushCache, SampledTokens, GrammarReady, KVAccept,
                              KVTransferDone, EngineDown]
-DecodeScheduleInbox = Union[Abort, FlushCache, SampledTokens, GrammarReady, KVHandoff, KVTransferDone, EngineDown]
+DecodeScheduleInbox = Union[Abort, FlushCache, SampledTokens, GrammarReady, KVHandoff, KVFirst, KVTransferDone,
+                            EngineDown]
 TransferInbox = Union[KVSend, KVRecv, EngineDown]
 PDRouterInbox = Union[TokenizedRequest, Abort, FlushCache, EngineStats, EngineDown, HandedOff]
-ALL_MESSAGE_TYPES = ALL_MESSAGE_TYPES + (KVHandoff, KVAccept, KVSend, KVRecv, KVTransferDone, EngineDown, HandedOff)
+ALL_MESSAGE_TYPES = ALL_MESSAGE_TYPES + (KVHandoff, KVFirst, KVAccept, KVSend, KVRecv, KVTransferDone, EngineDown,
+                                         HandedOff)
 AnyMessage = Union[ALL_MESSAGE_TYPES]  # noqa: F811 -- the disaggregation messages included

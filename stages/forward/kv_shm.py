@@ -6,11 +6,11 @@ the network stack. ``SharedMemoryTransport`` has the ``Transport`` interface
 of ``stages/forward/kv_transfer.py`` (``send``/``recv`` of one tensor to a peer
 rank under a tag, each returning something to ``wait`` on):
 
-* CPU tensors: the sender writes the tensor's bytes into a file of a
-  directory in ``/dev/shm`` (RAM-backed; the temporary directory where there
-  is none), named by sender, receiver and tag, and renames it into place
-  when complete; the receiver's ``wait`` polls for the name, copies the bytes
-  into its tensor and deletes the file. A send is complete when written.
+* CPU tensors: the sender's ``wait`` writes the tensor's bytes into a file
+  of a directory in ``/dev/shm`` (RAM-backed; the temporary directory where
+  there is none), named by sender, receiver and tag, and renames it into
+  place when complete; the receiver's ``wait`` polls for the name, copies the
+  bytes into its tensor and deletes the file. A send is complete when written.
 * CUDA tensors: the sender writes a CUDA IPC handle of its tensor instead
   (``torch.multiprocessing.reductions.reduce_tensor``, pickled); the
   receiver opens it, copies device to device into its tensor and writes an
@@ -83,9 +83,11 @@ class SharedMemoryTransport:
             ack = self._path(self.rank, peer, tag, ".ack")
             return _Pending(lambda: self._await(ack, f"the acknowledgement of message {tag} from rank {peer}",
                                                 remove=True))
-        tensor.contiguous().view(torch.uint8).numpy().tofile(staged)
-        os.replace(staged, path)
-        return _Pending(lambda: None)
+        def write() -> None:  # in the waiter thread: the engine loop does not wait for the copy
+            tensor.contiguous().view(torch.uint8).numpy().tofile(staged)
+            os.replace(staged, path)
+
+        return _Pending(write)
 
     def recv(self, tensor: torch.Tensor, peer: int, tag: int) -> _Pending:
         path = self._path(peer, self.rank, tag)

@@ -4,12 +4,16 @@ Prefill/decode disaggregation computes a prompt's KV on a prefill engine and
 decodes on a decode engine; between them the request's K and V rows move
 here. The interface is small and explicit:
 
-* ``KVTransfer.start_send(transfer_id, peer, slots)``: gather ``k[slots]``
-  and ``v[slots]`` of every layer into staging tensors and post one send
-  per layer and per K/V (``2 * num_layers`` messages, in layer order);
-* ``KVTransfer.start_recv(transfer_id, peer, slots)``: post the matching
-  receives into staging tensors; when all arrive, scatter them into
-  ``k[slots]``, ``v[slots]`` of this pool;
+* ``KVTransfer.start_send(transfer_id, peer, slots, segment)``: gather
+  ``k[slots]`` and ``v[slots]`` of every layer into staging tensors and post
+  one send per layer and per K/V (``2 * num_layers`` messages, in layer
+  order), as one segment of the transfer;
+* ``KVTransfer.start_recv(transfer_id, peer, slots, segment_tokens)``: post
+  the matching receives of every segment (``kv_segments``: the slots cut
+  in pieces of ``segment_tokens``) into staging tensors; when all arrive,
+  scatter them into ``k[slots]``, ``v[slots]`` of this pool. A prefill
+  engine sends a long prompt's segments one by one as its chunks are
+  computed, so the transfer overlaps the rest of the prefill;
 * ``KVTransfer.poll()``: the transfers that ended since the last poll
   (``TransferRecord``: bytes, seconds, ok or the error), never blocking;
 * ``KVTransfer.fail_peer(peer, error)``: that peer's engine died; its
@@ -53,8 +57,10 @@ from typing import Callable, Protocol
 import torch
 
 from models.batch import KVCache
+from pipeline.messages import KV_MAX_SEGMENTS, kv_segments
 
-TAG_SPACE = 1 << 20  # transfer ids wrap here (tags stay well inside 32 bits for small layer counts)
+TAG_SPACE = 1 << 14  # transfer ids wrap here (tags stay inside 31 bits up to 512 layers)
+MAX_SEGMENTS = KV_MAX_SEGMENTS  # segments of one transfer (a prompt's KV sent piece by piece as its prefill goes)
 WAITERS = 8  # threads waiting on transfers (a transfer waits for all its messages in one of them)
 
 
@@ -113,6 +119,7 @@ class TransferRecord:
     seconds: float
     ok: bool
     error: str = ""
+    segment: int = 0
 
     @property
     def gbps(self) -> float:
@@ -130,6 +137,8 @@ class _Transfer:
     works: list[Pending]
     started_s: float
     waited: concurrent.futures.Future | None = None  # the waiter's outcome: ("" or the error, end time)
+    segment: int = 0  # a send: which segment of its transfer
+    messages: list[tuple[torch.Tensor, int]] = dataclasses.field(default_factory=list)  # (tensor, tag) to post
 
 
 class KVTransfer:
@@ -142,7 +151,8 @@ class KVTransfer:
         self.on_done = on_done
         self.transport = transport
         self.timeout_s = timeout_s
-        self.active: dict[tuple[str, int, int], _Transfer] = {}  # (direction, peer, id): ids are per decode engine
+        # (direction, peer, id, segment): ids are per decode engine; a receive is segment 0 of its id
+        self.active: dict[tuple[str, int, int, int], _Transfer] = {}
         self.abandoned: list[_Transfer] = []  # timed out: their staging stays alive (see module docstring)
         self.bytes_sent = 0
         self.bytes_received = 0
@@ -154,32 +164,38 @@ class KVTransfer:
     def num_layers(self) -> int:
         return len(self.kv.k)
 
-    def _tag(self, transfer_id: int, index: int) -> int:
-        return (transfer_id % TAG_SPACE) * 2 * self.num_layers + index
+    def _tag(self, transfer_id: int, index: int, segment: int = 0) -> int:
+        return ((transfer_id % TAG_SPACE) * MAX_SEGMENTS + segment) * 2 * self.num_layers + index
 
     def _layers(self) -> list[torch.Tensor]:
         return [t for pair in zip(self.kv.k, self.kv.v) for t in pair]  # K0, V0, K1, V1, ...
 
-    def start_send(self, transfer_id: int, peer: int, slots: list[int]) -> None:
-        """Post the sends of ``slots``' K and V, every layer (the receiver posts the same id)."""
+    def start_send(self, transfer_id: int, peer: int, slots: list[int], segment: int = 0) -> None:
+        """Post the sends of ``slots``' K and V, every layer: segment ``segment`` of the transfer (the
+        receiver posts the same id). The K and V are copied now, so the slots may be reused at once."""
         index = torch.tensor(slots, dtype=torch.long, device=self.kv.k[0].device)
         staging = [layer.index_select(0, index) for layer in self._layers()]
-        self._post(_Transfer(transfer_id, "send", peer, list(slots), staging, [], time.monotonic()),
-                   self.transport.send)
+        transfer = _Transfer(transfer_id, "send", peer, list(slots), staging, [], time.monotonic(), segment=segment)
+        transfer.messages = [(t, self._tag(transfer_id, i, segment)) for i, t in enumerate(staging)]
+        self._post(transfer, self.transport.send)
 
-    def start_recv(self, transfer_id: int, peer: int, slots: list[int]) -> None:
-        """Post the receives of ``len(slots)`` tokens' K and V, every layer, landing in ``slots``."""
+    def start_recv(self, transfer_id: int, peer: int, slots: list[int], segment_tokens: int = 0) -> None:
+        """Post the receives of ``len(slots)`` tokens' K and V, every layer, landing in ``slots``: one
+        message per layer and segment (``segment_bounds``), however the sender's segments come."""
         staging = [torch.empty((len(slots),) + tuple(layer.shape[1:]), dtype=layer.dtype, device=layer.device)
                    for layer in self._layers()]
-        self._post(_Transfer(transfer_id, "recv", peer, list(slots), staging, [], time.monotonic()),
-                   self.transport.recv)
+        transfer = _Transfer(transfer_id, "recv", peer, list(slots), staging, [], time.monotonic())
+        transfer.messages = [(t[start:end], self._tag(transfer_id, i, segment))
+                             for segment, (start, end) in enumerate(kv_segments(0, len(slots), segment_tokens))
+                             for i, t in enumerate(staging)]
+        self._post(transfer, self.transport.recv)
 
     def _post(self, transfer: _Transfer, post: Callable[[torch.Tensor, int, int], Pending]) -> None:
         """Post every message of ``transfer`` and wait on them in a waiter thread. A transport that refuses
         one (the peer is gone) fails the transfer at once: its next poll reports the error."""
         try:
-            for i, tensor in enumerate(transfer.staging):
-                transfer.works.append(post(tensor, transfer.peer, self._tag(transfer.transfer_id, i)))
+            for tensor, tag in transfer.messages:
+                transfer.works.append(post(tensor, transfer.peer, tag))
         except RuntimeError as error:
             transfer.waited = concurrent.futures.Future()
             transfer.waited.set_result((f"KV transfer failed: {error}", time.monotonic()))
@@ -188,7 +204,8 @@ class KVTransfer:
         if self.on_done is not None:
             on_done = self.on_done
             transfer.waited.add_done_callback(lambda _: on_done())
-        self.active[(transfer.direction, transfer.peer, transfer.transfer_id)] = transfer
+        transfer.messages = []
+        self.active[(transfer.direction, transfer.peer, transfer.transfer_id, transfer.segment)] = transfer
 
     def fail_peer(self, peer: int, error: str) -> None:
         """The engine of rank ``peer`` died: every transfer with it ends with ``error`` at the next poll.
@@ -200,9 +217,9 @@ class KVTransfer:
                 self.abandoned.append(dataclasses.replace(transfer))  # keeps the waiter's future, staging
                 transfer.waited = failed
 
-    def cancel(self, direction: str, peer: int, transfer_id: int) -> None:
+    def cancel(self, direction: str, peer: int, transfer_id: int, segment: int = 0) -> None:
         """Forget a transfer whose request went away; its buffers stay alive until the wire is done."""
-        transfer = self.active.pop((direction, peer, transfer_id), None)
+        transfer = self.active.pop((direction, peer, transfer_id, segment), None)
         if transfer is not None:
             self.abandoned.append(transfer)
 
@@ -242,7 +259,7 @@ class KVTransfer:
                 error = f"KV transfer {transfer.transfer_id} timed out after {seconds:.1f} s"
             self.num_failed += 1
             return TransferRecord(transfer.transfer_id, transfer.direction, transfer.peer, len(transfer.slots),
-                                  num_bytes, seconds, ok=False, error=error)
+                                  num_bytes, seconds, ok=False, error=error, segment=transfer.segment)
         if transfer.direction == "recv":
             index = torch.tensor(transfer.slots, dtype=torch.long, device=self.kv.k[0].device)
             for layer, staged in zip(self._layers(), transfer.staging):
@@ -252,7 +269,7 @@ class KVTransfer:
             self.bytes_sent += num_bytes
         self.seconds_total += seconds
         return TransferRecord(transfer.transfer_id, transfer.direction, transfer.peer, len(transfer.slots),
-                              num_bytes, seconds, ok=True)
+                              num_bytes, seconds, ok=True, segment=transfer.segment)
 
 
 def _wait_all(works: list[Pending]) -> tuple[str, float]:

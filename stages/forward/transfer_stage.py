@@ -46,16 +46,16 @@ class TransferStage(Stage):
         super().__init__("transfer", inbox, outboxes)
         self.transfer = transfer
         transfer.on_done = self.wake  # a waiter thread finished a transfer: poll it next step
-        self.rids: dict[tuple[str, int, int], str] = {}  # (direction, peer, transfer id) -> rid
+        self.rids: dict[tuple[str, int, int, int], str] = {}  # (direction, peer, transfer id, segment) -> rid
 
     def handle(self, message: TransferInbox) -> None:
         match message:
             case KVSend():
-                self.rids[("send", message.peer, message.transfer_id)] = message.rid
-                self.transfer.start_send(message.transfer_id, message.peer, message.slots)
+                self.rids[("send", message.peer, message.transfer_id, message.segment)] = message.rid
+                self.transfer.start_send(message.transfer_id, message.peer, message.slots, message.segment)
             case KVRecv():
-                self.rids[("recv", message.peer, message.transfer_id)] = message.rid
-                self.transfer.start_recv(message.transfer_id, message.peer, message.slots)
+                self.rids[("recv", message.peer, message.transfer_id, 0)] = message.rid
+                self.transfer.start_recv(message.transfer_id, message.peer, message.slots, message.segment_tokens)
             case EngineDown():
                 self.transfer.fail_peer(message.rank, f"KV transfer failed: {message.role} engine "
                                                       f"{message.index} died ({message.reason})")
@@ -65,7 +65,7 @@ class TransferStage(Stage):
 
     def tick(self) -> None:
         for record in self.transfer.poll():
-            rid = self.rids.pop((record.direction, record.peer, record.transfer_id), "")
+            rid = self.rids.pop((record.direction, record.peer, record.transfer_id, record.segment), "")
             self.outboxes.schedule.put(KVTransferDone(
                 rid=rid, transfer_id=record.transfer_id, direction=record.direction, ok=record.ok,
                 error=record.error, num_bytes=record.num_bytes, seconds=record.seconds,

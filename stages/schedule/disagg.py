@@ -12,6 +12,19 @@ A request's life under disaggregation::
          ... K and V of every layer move (stages/forward/kv_transfer.py) ...
     KVTransferDone: free (prompt stays cached)   KVTransferDone: emit the first output, decode on
 
+A prompt of several chunks is handed off early, after its first chunk
+(``KVHandoff`` without ``first``, with ``segment_tokens``): the decode
+engine accepts and posts the receives of every segment (the prompt cut in
+pieces of ``segment_tokens``) at once, and after each chunk the prefill
+engine sends the segments now computed, so the transfer overlaps the rest
+of the prefill (and the next requests'). When the prefill ends, its first
+output follows in ``KVFirst`` with the last segments; every output of an
+early handoff is the decode engine's to emit (one that ends at its first
+token included), and the prefill engine counts the segments it sent while
+their request was still prefilling (``pd_segments_overlapped``). Sends copy
+the slots when the transfer stage takes them, which is before the next
+batch runs (the transfer stage steps after schedule, forward before it).
+
 ``PrefillScheduleStage`` is the ordinary schedule stage (``stage.py``) with
 one change: a request whose first token does not finish it leaves the
 running set after that token and is handed to a decode engine; its output
@@ -78,12 +91,14 @@ import collections
 import dataclasses
 from typing import Any
 
+import msgspec
+
 from pipeline.channel import Channel
 from pipeline.config import ServerArgs
 from pipeline.messages import (
-    Abort, DecodeScheduleInbox, EngineDown, FinishReason, GrammarCompile, GrammarReady, GrammarRelease, HandedOff,
-    KVAccept, KVHandoff, KVRecv, KVSend, KVTransferDone, ModelInfo, PrefillScheduleInbox, RowWrite, SampledTokens,
-    TokenOutput,
+    KV_MAX_SEGMENTS, Abort, DecodeScheduleInbox, EngineDown, FinishReason, GrammarCompile, GrammarReady,
+    GrammarRelease, HandedOff, KVAccept, KVFirst, KVHandoff, KVRecv, KVSend, KVTransferDone, ModelInfo,
+    PrefillScheduleInbox, RowWrite, SampledTokens, TokenOutput, kv_segments,
 )
 from pipeline.stage import Outbox
 from stages.schedule.req_table import Phase, Req
@@ -103,10 +118,12 @@ class TransferStats:
     seconds: float = 0.0
     transport: str = ""
 
-    def add(self, done: KVTransferDone) -> None:
+    def add(self, done: KVTransferDone, count: bool = True) -> None:
+        """Bytes and seconds of one ended send or receive; ``count`` False: a segment of a transfer whose
+        last segment is still to end (a transfer and its failure count once)."""
         self.transport = done.transport or self.transport
-        self.num_transfers += 1
-        self.num_failed += 0 if done.ok else 1
+        self.num_transfers += count
+        self.num_failed += 0 if done.ok or not count else 1
         self.num_bytes += done.num_bytes
         self.seconds += done.seconds
 
@@ -122,17 +139,29 @@ class TransferStats:
 
 @dataclasses.dataclass(frozen=True)
 class PrefillOutboxes(ScheduleOutboxes):
-    handoff: tuple[Outbox[KVHandoff], ...]  # -> decode engine j's schedule ("handoff.j")
+    handoff: tuple[Outbox[KVHandoff | KVFirst], ...]  # -> decode engine j's schedule ("handoff.j")
     transfer: Outbox[KVSend | EngineDown]  # -> this engine's transfer stage
     routes: Outbox[HandedOff] | None = None  # -> the router: where each request went
 
 
 @dataclasses.dataclass(eq=False)
 class _Handing:
+    """A request handed to a decode engine whose KV this engine still sends."""
+
     req: Req
     decode: int
-    sending: bool = False
+    running: bool = False  # handed off early: still prefilling here (its first output follows in KVFirst)
+    segment_tokens: int = 0  # the transfer's segment size (0: one segment)
+    accept: KVAccept | None = None
+    segments: list[tuple[int, int]] = dataclasses.field(default_factory=list)  # prompt ranges, set on accept
+    next_segment: int = 0  # segments sent so far
+    in_flight: int = 0  # segment sends not ended yet
+    released: bool = False  # its pages are gone (aborted, or it ended at its first token): sends pad
     aborted: bool = False
+
+    @property
+    def sending(self) -> bool:
+        return self.accept is not None
 
 
 class PrefillScheduleStage(ScheduleStage):
@@ -152,8 +181,11 @@ class PrefillScheduleStage(ScheduleStage):
         self.outstanding = [0] * len(self.outboxes.handoff)  # unfinished handoffs per decode engine
         self.transfers = TransferStats()
         self.num_handoffs = 0
-        # aborted before their accept came, pages freed: rid -> prompt tokens, to answer the accept with a send
-        self.dropped: collections.OrderedDict[str, int] = collections.OrderedDict()
+        # aborted before their accept came, pages freed: rid -> (prompt tokens, segment size), to answer the
+        # accept with its sends
+        self.dropped: collections.OrderedDict[str, tuple[int, int]] = collections.OrderedDict()
+        self.num_overlapped = 0  # segments sent while their request was still prefilling
+        self._held: dict[str, TokenOutput] = {}  # rid -> an early handoff's output, kept for KVFirst
         self._captured: list[TokenOutput] | None = None
         self.decode_down: set[int] = set()  # decode engines that died
         if not self.outboxes.handoff:
@@ -175,20 +207,35 @@ class PrefillScheduleStage(ScheduleStage):
     def has_work(self) -> bool:
         return super().has_work() or any(h.sending for h in self.handing.values())
 
+    def telemetry(self) -> dict[str, float]:
+        return {**super().telemetry(), "pd_segments_overlapped": float(self.num_overlapped)}
+
     # ------------------------------------------------------------ hand off
     def _emit_outputs(self, outputs: list[TokenOutput]) -> None:
+        """Outputs of a request handed off early are the decode engine's to emit: its first one is held
+        for KVFirst (an abort's is dropped: the decode engine answers the abort)."""
+        for output in outputs:
+            if output.rid in self.handing and self.handing[output.rid].running:
+                self._held[output.rid] = output
+        outputs = [o for o in outputs if o.rid not in self._held]
         if self._captured is not None:
             self._captured.extend(outputs)
-        else:
+        elif outputs:
             super()._emit_outputs(outputs)
 
     def _on_sampled_handing_off(self, msg: SampledTokens) -> None:
-        """The ordinary step, then every request that got its first token (and goes on) leaves."""
+        """The ordinary step; then a request handed off early whose prefill ended sends its first output
+        (KVFirst); every other request that got its first token (and goes on) is handed off now; a
+        request whose prompt needs more chunks is handed off early; ready segments are sent."""
+        early = {rid: h for rid, h in self.handing.items() if h.running}
         self._captured = []
         try:
             super()._on_sampled(msg)
         finally:
             outputs, self._captured = self._captured, None
+        for handing in early.values():
+            if handing.req.output_ids or handing.req.phase is Phase.DONE:
+                self._first_of_early(handing)
         running = {req.rid: req for req in self.running_reqs}
         keep: list[TokenOutput] = []
         leaving: list[Req] = []
@@ -200,23 +247,73 @@ class PrefillScheduleStage(ScheduleStage):
                 self._hand_off(req, output)
             else:
                 keep.append(output)
+        leaving += [h.req for h in early.values() if not h.running]  # (already gone when it ended)
         if leaving:
             gone = set(map(id, leaving))
             self.running_reqs = [r for r in self.running_reqs if id(r) not in gone]
+        for req in self.running_reqs:
+            if (req.rid not in self.handing and req.is_prefilling and not req.output_ids and req.kv_len > 0
+                    and not req.constrained and self._any_decode_up()):
+                self._hand_off(req, None)
+        for handing in list(self.handing.values()):
+            if handing.running:
+                self._pump(handing)
         super()._emit_outputs(keep)
 
-    def _hand_off(self, req: Req, first: TokenOutput) -> None:
+    def _hand_off(self, req: Req, first: TokenOutput | None) -> None:
+        """To the decode engine with the fewest unfinished handoffs; ``first`` None: early (still prefilling)."""
         up = [j for j in range(len(self.outstanding)) if j not in self.decode_down]
         decode = min(up, key=lambda j: (self.outstanding[j], j))
         self.outstanding[decode] += 1
         self.num_handoffs += 1
-        self.handing[req.rid] = _Handing(req, decode)
+        segment_tokens = 0
+        if first is None:
+            chunk = self.args.chunked_prefill_size if self.args.chunked_prefill_size > 0 else len(req.input_ids)
+            segment_tokens = max(chunk, -(-len(req.input_ids) // KV_MAX_SEGMENTS))
+        self.handing[req.rid] = _Handing(req, decode, running=first is None, segment_tokens=segment_tokens)
         if self.outboxes.routes is not None:  # before the handoff: the router knows before decode can die of it
             self.outboxes.routes.put(HandedOff(rid=req.rid, parent_rid=req.parent_rid, decode=decode))
         self.outboxes.handoff[decode].put(KVHandoff(
             rid=req.rid, parent_rid=req.parent_rid, index=req.index, input_ids=req.input_ids,
             sampling=req.sampling, max_new_tokens=req.max_new_tokens, seed=req.seed, first=first,
-            prefill_engine=self.engine))
+            prefill_engine=self.engine, segment_tokens=segment_tokens))
+
+    def _first_of_early(self, handing: _Handing) -> None:
+        """An early handoff's prefill ended (its first token, maybe final) or it was finished here: the first
+        output goes to the decode engine, and the rest of the KV after it."""
+        req = handing.req
+        handing.running = False
+        handing.released = req.phase is Phase.DONE  # ended at its first token: its pages were released
+        first = self._held.pop(req.rid, None) or self._token_output(req, list(req.output_ids), req.finish_reason,
+                                                                     [], [], [])
+        self.outboxes.handoff[handing.decode].put(KVFirst(rid=req.rid, first=first))
+        self._pump(handing)
+        self._maybe_done(handing)
+
+    def _pump(self, handing: _Handing) -> None:
+        """Send every accepted segment whose KV is computed (all of them once the prefill ended; padding once
+        the pages are gone: every posted receive gets its send)."""
+        if handing.accept is None:
+            return
+        req, accept = handing.req, handing.accept
+        computed = min(req.kv_len, len(req.input_ids)) if handing.running else len(req.input_ids)
+        while handing.next_segment < len(handing.segments):
+            start, end = handing.segments[handing.next_segment]
+            if not handing.released and end > computed:
+                return
+            slots = [PADDING_SLOT] * (end - start) if handing.released else req.slots[start:end]
+            self.outboxes.transfer.put(KVSend(rid=req.rid, transfer_id=accept.transfer_id, peer=accept.decode_rank,
+                                              slots=slots, segment=handing.next_segment))
+            self.num_overlapped += handing.running
+            handing.next_segment += 1
+            handing.in_flight += 1
+
+    def _maybe_done(self, handing: _Handing) -> None:
+        """Every segment sent and ended, the prefill over: release the pages (the prompt stays cached)."""
+        if (handing.accept is None or handing.running or handing.in_flight
+                or handing.next_segment < len(handing.segments)):
+            return
+        self._drop(handing.req.rid)
 
     def _any_decode_up(self) -> bool:
         """False once every decode engine died: requests then decode here (the server is failing anyway)."""
@@ -240,18 +337,25 @@ class PrefillScheduleStage(ScheduleStage):
 
     def _on_accept(self, msg: KVAccept) -> None:
         handing = self.handing.get(msg.rid)
-        if handing is None:  # aborted meanwhile: the receive is posted, so it gets a send (module docstring)
-            num_tokens = self.dropped.pop(msg.rid, msg.skip)
-            slots = [PADDING_SLOT] * (num_tokens - msg.skip)
-        else:
-            handing.sending = True
-            slots = handing.req.slots[msg.skip:len(handing.req.input_ids)]
-        self.outboxes.transfer.put(KVSend(rid=msg.rid, transfer_id=msg.transfer_id, peer=msg.decode_rank,
-                                          slots=slots))
+        if handing is None:  # aborted meanwhile: the receives are posted, so they get sends (module docstring)
+            num_tokens, segment_tokens = self.dropped.pop(msg.rid, (msg.skip, 0))
+            for segment, (start, end) in enumerate(kv_segments(msg.skip, num_tokens, segment_tokens)):
+                self.outboxes.transfer.put(KVSend(rid=msg.rid, transfer_id=msg.transfer_id, peer=msg.decode_rank,
+                                                  slots=[PADDING_SLOT] * (end - start), segment=segment))
+            return
+        handing.accept = msg
+        handing.segments = kv_segments(msg.skip, len(handing.req.input_ids), handing.segment_tokens)
+        self._pump(handing)
 
     def _on_sent(self, msg: KVTransferDone) -> None:
-        self.transfers.add(msg)
-        self._drop(msg.rid)
+        handing = self.handing.get(msg.rid)
+        if handing is not None:
+            handing.in_flight -= 1
+        last = handing is None or (not handing.in_flight and handing.next_segment == len(handing.segments)
+                                   and not handing.running)
+        self.transfers.add(msg, count=last)  # one transfer per request, however many segments
+        if handing is not None:
+            self._maybe_done(handing)
 
     def _drop(self, rid: str) -> None:
         """The request's pages are no longer needed here: release them (the prompt stays cached)."""
@@ -259,19 +363,28 @@ class PrefillScheduleStage(ScheduleStage):
         if handing is None:
             return
         self.outstanding[handing.decode] -= 1
-        self._release(handing.req, keep_in_cache=True)
+        if handing.running:  # handed off early, still prefilling here: it stops
+            self.running_reqs = [r for r in self.running_reqs if r is not handing.req]
+        if not handing.released:
+            self._release(handing.req, keep_in_cache=True)
 
     def _on_abort(self, msg: Abort) -> None:
-        super()._on_abort(msg)
+        super()._on_abort(msg)  # an early handoff still prefilling is finished there (its output dropped)
         for rid, handing in list(self.handing.items()):
             if rid == msg.rid or handing.req.parent_rid == msg.rid:
                 handing.aborted = True
+                self._held.pop(rid, None)
+                if handing.running and handing.req.phase is Phase.DONE:
+                    handing.running, handing.released = False, True
                 if not handing.sending:
-                    self._remember_dropped(rid, len(handing.req.input_ids))
+                    self._remember_dropped(rid, len(handing.req.input_ids), handing.segment_tokens)
                     self._drop(rid)
+                else:
+                    self._pump(handing)
+                    self._maybe_done(handing)
 
-    def _remember_dropped(self, rid: str, num_tokens: int) -> None:
-        self.dropped[rid] = num_tokens
+    def _remember_dropped(self, rid: str, num_tokens: int, segment_tokens: int) -> None:
+        self.dropped[rid] = (num_tokens, segment_tokens)
         while len(self.dropped) > MAX_ABORTED_RIDS:
             self.dropped.popitem(last=False)
 
@@ -305,6 +418,7 @@ class DecodeScheduleStage(ScheduleStage):
         self.num_taken_over = 0
         self.compiling: dict[str, KVHandoff] = {}  # rid -> constrained handoff whose grammar is compiling
         self.prefill_down: set[int] = set()  # prefill engines that died (their handoffs' KV is gone)
+        self.arrived: dict[str, tuple[Req, KVHandoff]] = {}  # early handoffs whose KV is here, first output not yet
 
     def handle(self, message: DecodeScheduleInbox) -> None:
         match message:
@@ -316,13 +430,45 @@ class DecodeScheduleStage(ScheduleStage):
                 self._on_handoff_grammar(message)
             case EngineDown():
                 self._on_engine_down(message)
+            case KVFirst():
+                self._on_first(message)
             case _:
                 super().handle(message)
 
     def _role_stats(self) -> dict[str, Any]:
         return {"role": "decode", "pd_handoffs": self.num_taken_over,
                 "pd_queue_reqs": len(self.accepting) + len(self.compiling),
-                "pd_transfer_reqs": len(self.receiving), **self.transfers.fields()}
+                "pd_transfer_reqs": len(self.receiving) + len(self.arrived), **self.transfers.fields()}
+
+    def _on_first(self, msg: KVFirst) -> None:
+        """An early handoff's first output: join now if its KV is here, else keep it with the handoff."""
+        if msg.rid in self.arrived:
+            req, _ = self.arrived.pop(msg.rid)
+            self._join(req, msg.first)
+            return
+        for transfer_id, (req, handoff) in self.receiving.items():
+            if req.rid == msg.rid:
+                self.receiving[transfer_id] = (req, msgspec.structs.replace(handoff, first=msg.first))
+                return
+        for i, handoff in enumerate(self.accepting):
+            if handoff.rid == msg.rid:
+                self.accepting[i] = msgspec.structs.replace(handoff, first=msg.first)
+                return
+        # otherwise it ended here already (aborted, or its prefill engine's KV failed): nothing to do
+
+    def _join(self, req: Req, first: TokenOutput) -> None:
+        """The KV and the first output are both here: decode on (or, if the first output is final, emit it)."""
+        req.cached_tokens = first.cached_tokens
+        if first.finish_reason is not None:
+            self.kv.release(req, keep_in_cache=False)
+            req.phase = Phase.DONE
+            self.live_rids.discard(req.rid)
+            self._emit_outputs([first])
+            return
+        req.output_ids = list(first.new_token_ids)
+        self.running_reqs.append(req)
+        self.num_taken_over += 1  # num_generated counts only the tokens sampled here
+        self._emit_outputs([first])
 
     def _on_handoff(self, handoff: KVHandoff) -> None:
         """Queue it for room; a constrained one first compiles its grammar, replaying the prefill's tokens."""
@@ -360,7 +506,17 @@ class DecodeScheduleStage(ScheduleStage):
             del self.compiling[handoff.rid]
             self.outboxes.constrain.put(GrammarRelease(rid=handoff.rid))
             outputs.append(_final(handoff, reason))
+        outputs += self._end_arrived(lambda handoff: handoff.prefill_engine == msg.index, reason)
         self._emit_outputs(outputs)
+
+    def _end_arrived(self, hit: Any, reason: FinishReason) -> list[TokenOutput]:
+        """Early handoffs whose KV is here but whose first output will not come: free them, end them."""
+        outputs = []
+        for rid, (req, handoff) in list(self.arrived.items()):
+            if hit(handoff):
+                del self.arrived[rid]
+                outputs.append(self._finish(req, reason, keep_in_cache=False))
+        return outputs
 
     def _on_handoff_grammar(self, msg: GrammarReady) -> None:
         handoff = self.compiling.pop(msg.rid)
@@ -405,7 +561,6 @@ class DecodeScheduleStage(ScheduleStage):
             self.kv.release(req, keep_in_cache=False)
             return False
         req.admitted_once, req.prefill_target, req.phase = True, num, Phase.RUNNING
-        req.cached_tokens = handoff.first.cached_tokens
         req.constrained = _grammar_of(handoff.sampling) is not None
         self.pending_row_writes += writes + [RowWrite(row=req.row, start=cached, slots=list(new_slots))]
         self.live_rids.add(req.rid)
@@ -413,7 +568,7 @@ class DecodeScheduleStage(ScheduleStage):
         self.next_transfer_id += 1
         self.receiving[transfer_id] = (req, handoff)
         self.outboxes.transfer.put(KVRecv(rid=req.rid, transfer_id=transfer_id, peer=handoff.prefill_engine,
-                                          slots=list(new_slots)))
+                                          slots=list(new_slots), segment_tokens=handoff.segment_tokens))
         self.outboxes.accept[handoff.prefill_engine].put(KVAccept(
             rid=req.rid, transfer_id=transfer_id, decode_rank=self.rank, skip=cached))
         return True
@@ -433,10 +588,10 @@ class DecodeScheduleStage(ScheduleStage):
             self._emit_outputs([self._finish(req, FinishReason(type="abort", message=msg.error),
                                              keep_in_cache=False)])
             return
-        req.output_ids = list(handoff.first.new_token_ids)
-        self.running_reqs.append(req)
-        self.num_taken_over += 1  # num_generated counts only the tokens sampled here
-        self._emit_outputs([handoff.first])
+        if handoff.first is None:  # handed off early: the first output comes in KVFirst
+            self.arrived[req.rid] = (req, handoff)
+            return
+        self._join(req, handoff.first)
 
     def _on_abort(self, msg: Abort) -> None:
         super()._on_abort(msg)
@@ -459,6 +614,7 @@ class DecodeScheduleStage(ScheduleStage):
                 req.phase = Phase.DONE  # pages freed when the receive ends (the wire may still write)
                 self.live_rids.discard(req.rid)
                 outputs.append(self._token_output(req, [], reason, [], [], []))
+        outputs += self._end_arrived(lambda handoff: msg.rid in (handoff.rid, handoff.parent_rid), reason)
         self._emit_outputs(outputs)
 
 

@@ -170,3 +170,29 @@ def test_pd_transports_shm_and_torch_give_equal_output_and_count_the_bytes(check
     assert {s.pd_transport for s in stats["torch"].values()} == {"gloo"}
     moved = {backend: {role: s.pd_transfer_bytes for role, s in by_role.items()} for backend, by_role in stats.items()}
     assert moved["auto"] == moved["torch"] and moved["auto"]["prefill"] == moved["auto"]["decode"] > 0
+
+
+def test_pd_long_prompt_kv_moves_while_its_prefill_goes_on(checkpoint):
+    """A prompt of many chunks is handed off after its first chunk; its KV goes in segments as the chunks
+    are computed, so sends start before its prefill ends (the prefill engine counts the segments sent
+    while their request was still prefilling); output, logprobs and bytes are as without overlap."""
+    model_dir = checkpoint("llama3.1")
+    long_prompts = prompts(VOCAB, [200, 130], seed=11)
+    params = {"max_new_tokens": NEW_TOKENS, "temperature": 0, "ignore_eos": True, "return_logprob": True,
+              "logprob_start_len": 0}
+    plain = engine_run(model_dir, long_prompts, params, chunked_prefill_size=16)
+    with Engine(str(model_dir), device="cpu", chunked_prefill_size=16, **PD) as engine:
+        disaggregated = engine.generate(input_ids=long_prompts, sampling_params=params)
+        stats = _settled_stats(engine, time.time())
+        deadline = time.monotonic() + 10
+        while not engine.stage_counters.get("schedule@p0", {}).get("pd_segments_overlapped"):
+            assert time.monotonic() < deadline, f"no segment overlapped a prefill: {engine.stage_counters}"
+            time.sleep(0.1)
+    for one, other in zip(plain, disaggregated):
+        assert other["output_ids"] == one["output_ids"]
+        assert [t for _, t in other["meta_info"]["input_token_logprobs"]] == [
+            t for _, t in one["meta_info"]["input_token_logprobs"]]
+        assert [lp for lp, _ in other["meta_info"]["output_token_logprobs"]] == pytest.approx(
+            [lp for lp, _ in one["meta_info"]["output_token_logprobs"]], abs=1e-4)
+    assert stats["prefill"].pd_transfers == stats["decode"].pd_transfers == len(long_prompts)
+    assert stats["prefill"].pd_transfer_bytes == stats["decode"].pd_transfer_bytes > 0

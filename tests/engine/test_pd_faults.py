@@ -72,12 +72,17 @@ def test_transfer_timeout_ends_the_request_and_frees_both_pools(model_dir):
     assert stats["decode"].pd_handoffs == 0 and stats["decode"].num_generated_tokens == 0
 
 
-def test_client_abort_anywhere_ends_once_and_frees_both_pools(model_dir):
+@pytest.mark.parametrize("chunked", [False, True])
+def test_client_abort_anywhere_ends_once_and_frees_both_pools(model_dir, chunked):
+    """``chunked``: prompts of many chunks, handed off early (their KV sent in segments while they
+    prefill), so aborts also land between the segments and before the first output."""
     long = dict(GREEDY, max_new_tokens=400)
-    with Engine(str(model_dir), device="cpu", **PD) as engine:
-        before = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+    batch = prompts(VOCAB, [200, 150, 90], seed=5) if chunked else PROMPTS
+    flags = dict(PD, chunked_prefill_size=16) if chunked else PD
+    with Engine(str(model_dir), device="cpu", **flags) as engine:
+        before = engine.generate(input_ids=batch, sampling_params=GREEDY)
         for delay_s in (0.0, 0.002, 0.01, 0.03, 0.1, 0.3):
-            rids = [engine.submit(input_ids=prompt, sampling_params=long) for prompt in PROMPTS]
+            rids = [engine.submit(input_ids=prompt, sampling_params=long) for prompt in batch]
             time.sleep(delay_s)
             for rid in rids:
                 engine.abort(rid)
@@ -86,7 +91,7 @@ def test_client_abort_anywhere_ends_once_and_frees_both_pools(model_dir):
                 assert result["finish_reason"]["type"] == "abort", (delay_s, result["finish_reason"])
                 assert len(result["output_ids"]) < long["max_new_tokens"]
         idle_stats(engine, time.time())
-        after = engine.generate(input_ids=PROMPTS, sampling_params=GREEDY)
+        after = engine.generate(input_ids=batch, sampling_params=GREEDY)
     assert [r["output_ids"] for r in after] == [r["output_ids"] for r in before]
 
 
