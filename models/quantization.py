@@ -251,6 +251,9 @@ def load_params(quant: QuantConfig, dtype: torch.dtype) -> list[LoadParam]:
             LoadParam("scales", dtype, 1, 1, 0, g), LoadParam("g_idx", torch.int32, None, 1, 0, 1, ndim=1)]
 
 
+GROUP_TABLES = ("scales", "qzeros")     # 4-bit tensors with one row per group of input rows
+
+
 def _kernel(backend: str, family: str, name: str) -> Callable:
     module = importlib.import_module(f"triton_kernels.{family}")
     return getattr(module, name + ("_reference" if backend == "reference" else ""))
@@ -271,7 +274,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self._check_shape(in_features, out_features)
         for p in load_params(quant, dtype):
-            shape = p.local_shape(out_features, in_features)
+            shape = p.local_shape(out_features, self.full_groups_k if p.suffix in GROUP_TABLES else in_features)
             setattr(self, p.suffix, nn.Parameter(torch.zeros(shape, dtype=p.dtype, device=device),
                                                  requires_grad=False))
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
@@ -291,6 +294,17 @@ class QuantLinear(nn.Module):
     @property
     def group_size(self) -> int:
         return self.quant.group_size if self.quant.group_size > 0 else self.in_features
+
+    @property
+    def groups_replicated(self) -> bool:
+        """Act-order GPTQ in a row-parallel layer: this rank's input rows belong to any group, so it
+        holds every group's scales and zeros (``g_idx`` keeps the checkpoint's group ids)."""
+        return self.tp is not None and self.quant.desc_act
+
+    @property
+    def full_groups_k(self) -> int:
+        """The K that sizes ``scales`` / ``qzeros``: the whole layer's when groups are replicated."""
+        return self.in_features * self.tp.size if self.groups_replicated else self.in_features
 
     def finalize(self) -> None:
         """Checkpoint tensors -> kernel tensors (once, after loading)."""
@@ -510,11 +524,16 @@ def awq_to_kernel(m: QuantLinear, quant: QuantConfig) -> dict[str, torch.Tensor]
 
 
 def gptq_to_kernel(m: QuantLinear, quant: QuantConfig) -> dict[str, torch.Tensor]:
+    """Without act-order the groups are consecutive rows (``g_idx`` is not needed, and a
+    row-parallel shard's ids would be the whole layer's); with it ``g_idx`` indexes the
+    scales (every group's when replicated), unless it is the plain order on one rank."""
     zeros = _unpack_cols(m.qzeros.data) + quant.zero_offset
-    g_idx = m.g_idx.data.to(torch.int32)
-    plain = torch.arange(g_idx.numel(), device=g_idx.device, dtype=torch.int32) // m.group_size
+    g_idx = m.g_idx.data.to(torch.int32) if quant.desc_act else None
+    if g_idx is not None and not m.groups_replicated:
+        plain = torch.arange(g_idx.numel(), device=g_idx.device, dtype=torch.int32) // m.group_size
+        g_idx = None if torch.equal(g_idx, plain) else g_idx
     return {"qweight_k": m.qweight.data.contiguous(), "scales_k": m.scales.data.contiguous(),
-            "zeros_k": zeros.to(torch.uint8), "g_idx_k": None if torch.equal(g_idx, plain) else g_idx}
+            "zeros_k": zeros.to(torch.uint8), "g_idx_k": g_idx}
 
 
 def quantize_per_channel(w: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -574,12 +593,13 @@ def quant_modules(model: nn.Module) -> dict[str, QuantLinear | QuantExperts]:
 
 
 def check_servable(quant: QuantConfig | None, num_experts: int, tp_size: int, source: str) -> None:
-    """What the quantized path does not serve yet, refused before any weight is read."""
+    """What the quantized path does not serve yet, refused before any weight is read: quantized
+    experts are read whole (``QuantExperts.layout``), so an MoE model runs them at tp 1 only."""
     if quant is None:
         return
-    if tp_size > 1:
-        raise ModelConfigError(f"{source}: quantization ({quant.method}) with tensor parallelism is not "
-                               "served yet (use --tp-size 1)")
+    if num_experts and tp_size > 1:
+        raise ModelConfigError(f"{source}: quantized MoE experts ({quant.method}) with tensor parallelism are "
+                               "not served yet (use --tp-size 1; dense quantized models shard)")
 
 
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -640,15 +660,16 @@ def quantized_layout(model: nn.Module, layout: dict, dense_layout: Callable, con
             for p in load_params(m.quant, m.dtype):
                 index, source = [slice(None)] * p.ndim, [slice(None)] * p.ndim
                 what = f"{base}.{p.suffix}"
+                whole_k = m.groups_replicated and p.suffix in GROUP_TABLES
                 if p.out_axis is not None and not p.broadcast:
                     index[p.out_axis] = _scaled(rows_i, p.out_unit, m.out_features, what)
                     source[p.out_axis] = _scaled(rows_s, p.out_unit, Nf, what)
                 elif p.broadcast:
                     index[p.out_axis] = rows_i
-                if p.in_axis is not None:
+                if p.in_axis is not None and not whole_k:
                     index[p.in_axis] = _scaled(cols_i, p.in_unit, m.in_features, what)
                     source[p.in_axis] = _scaled(cols_s, p.in_unit, Kf, what)
-                shape = (1,) if p.broadcast else p.local_shape(Nf, Kf)
+                shape = (1,) if p.broadcast else p.local_shape(Nf, m.full_groups_k if whole_k else Kf)
                 out[what] = shard._replace(param=f"{name}.{p.suffix}", index=tuple(index),
                                            source=() if p.broadcast else tuple(source), shape=shape,
                                            broadcast=p.broadcast)
