@@ -128,3 +128,7 @@ class SharedMemoryTransport:
         """Remove what this rank sent that nobody took (a peer that died)."""
         for path in self.dir.glob(f"{self.rank}-*"):
             path.unlink(missing_ok=True)
+        try:
+            self.dir.rmdir()  # the last engine to go removes the directory
+        except OSError:
+            pass  # another engine's messages (or the engine itself) are still there
