@@ -63,10 +63,16 @@ def every_message() -> list[m.Message]:
                     max_new_tokens=16, seed=7, prefill_engine=0,
                     first=m.TokenOutput(rid="req-5.1", parent_rid="req-5", index=1, new_token_ids=[42],
                                         prompt_tokens=3, completion_tokens=1, token_logprobs=[-0.5])),
+        m.KVFirst(rid="req-6", first=m.TokenOutput(rid="req-6", parent_rid="req-6", new_token_ids=[9],
+                                                   finish_reason=m.FinishReason(type="length"), prompt_tokens=40,
+                                                   completion_tokens=1)),
         m.KVAccept(rid="req-5.1", transfer_id=3, decode_rank=1, skip=2),
-        m.KVSend(rid="req-5.1", transfer_id=3, peer=1, slots=[17]),
-        m.KVRecv(rid="req-5.1", transfer_id=3, peer=0, slots=[5]),
-        m.KVTransferDone(rid="req-5.1", transfer_id=3, direction="recv", ok=True, num_bytes=256, seconds=0.01),
+        m.KVSend(rid="req-5.1", transfer_id=3, peer=1, slots=[17], segment=2),
+        m.KVRecv(rid="req-5.1", transfer_id=3, peer=0, slots=[5], segment_tokens=16),
+        m.KVTransferDone(rid="req-5.1", transfer_id=3, direction="recv", ok=True, num_bytes=256, seconds=0.01,
+                         transport="shm"),
+        m.EngineDown(role="decode", index=1, rank=2, reason="process 'engine_decode1' exited"),
+        m.HandedOff(rid="req-5.1", parent_rid="req-5", decode=1),
     ]
     assert [type(x) for x in built] == list(m.ALL_MESSAGE_TYPES)
     return built
