@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_one_batch import (  # noqa: E402
-    decode_batch, environment, greedy_sampling, prefill_batch, server_args, write_result,
+    decode_batch, environment, greedy_sampling, prefill_batch, server_args, variant_model, write_result,
 )
 
 
@@ -149,15 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-len", type=int, default=512)
     parser.add_argument("--image", type=parse_image, default=None, metavar="WxH",
                         help="one generated picture of this size per request (a vision-language model)")
+    parser.add_argument("--variant", default="bf16",
+                        help="bench_one_batch's weight format / KV cache: bf16, fp8, w8a8-int8, fp8-block, awq, "
+                             "gptq, each optionally +kv-fp8")
     ns = parser.parse_args(argv)
     if not torch.cuda.is_available() and not ns.cpu_dry_run:
         print("kernel_audit needs a CUDA device")
         return 2
     model = str(vl_model_dir(ns.model)) if ns.image else ns.model
+    model, overrides = variant_model(model, ns.variant)
     extra = 8192 if ns.image else 1024               # a picture's tokens (1024x768: 999 in Qwen2.5-VL)
     args = server_args(model, max_total_tokens=ns.batch * (ns.input_len + extra) + 1, disable_cuda_graph=True,
                        max_running_requests=ns.batch, context_length=ns.input_len + extra,
-                       chunked_prefill_size=ns.batch * (ns.input_len + extra))
+                       chunked_prefill_size=ns.batch * (ns.input_len + extra), **overrides)
     forward, sample = forward_and_sample(args)
     vocab = forward.config.vocab_size
 
@@ -195,9 +199,11 @@ def main(argv: list[str] | None = None) -> int:
     offenders = [r for r in rows if r["verdict"] == "NOT TRITON"]
     picture = f", one {ns.image[0]}x{ns.image[1]} picture each" if ns.image else ""
     print(f"{len(rows)} distinct kernels, {len(offenders)} not from triton_kernels/ "
-          f"(model {Path(ns.model).name}, batch {ns.batch}, input {ns.input_len}{picture})")
-    write_result("kernel_audit-vl" if ns.image else "kernel_audit",
-                 {**environment(), "model": Path(ns.model).name, "batch": ns.batch, "input_len": ns.input_len,
+          f"(model {Path(ns.model).name} {ns.variant}, batch {ns.batch}, input {ns.input_len}{picture})")
+    stem = ("kernel_audit-vl" if ns.image else "kernel_audit") + ("" if ns.variant == "bf16" else f"-{ns.variant}")
+    write_result(stem,
+                 {**environment(), "model": Path(ns.model).name, "variant": ns.variant, "batch": ns.batch,
+                  "input_len": ns.input_len,
                   "image": list(ns.image) if ns.image else None, "kernels": rows,
                   "offenders": [r["kernel"] for r in offenders]})
     return 1 if offenders else 0

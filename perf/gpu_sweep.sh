@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# The GPU checks and figures the open work still owes, one section per device call (each
+# fits in ten minutes on an H100). Output: one log per step under $OUT (or perf/results),
+# and each script's own JSON in perf/results/ and $OUT.
+#
+#   perf/gpu_sweep.sh SECTION [SECTION...]
+#
+#   kernels  compile and test, on the GPU, every kernel not yet run on one: quantized GEMMs
+#            (split-K decode tiles), FP8 KV cache, MoE decode path, vision tower (layer_norm,
+#            gelu, pos_embed, scatter_rows, vision attention), tree attention, token ranks
+#   quant    bench_kernels quant + kv_fp8 (incl. the decode tile candidates), batch-1 decode
+#            of Llama-3.1-8B as bf16 / online fp8 / AWQ / fp8-block + FP8 KV, kernel audits
+#   moe      Qwen3-30B-A3B batch-1 decode vs its active-weight roofline, bench_kernels moe,
+#            and the kernel audit of the MoE model
+#   spec     perf/bench_speculative.py (verify cost, oracle speedup curve, EAGLE3 step)
+#   vl       vision kernels vs torch, kernel audit with an image, perf/bench_vl.py
+#   decode   profile_decode.py on Llama-3.1-8B and Mistral-7B (where the batch-1 step goes)
+#
+# The device image lacks msgspec, outlines-core, openai, jsonschema and pillow: carry
+# .device-wheels (../shared/tools/device-wheels.sh makes it). PD serving runs are
+# perf/bench_pd.sh (two 500-prompt runs: more than one call).
+set -u
+export PYTHONPATH=$PWD
+out=${OUT:-perf/results}
+python3 -m pip install -q --no-index --find-links .device-wheels msgspec outlines-core openai jsonschema pillow \
+    2>&1 | tail -2
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/device.txt"
+start=$(date +%s)
+
+step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAME.txt, one summary line
+    local name=$1 limit=$2 t0
+    shift 2
+    t0=$(date +%s)
+    timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+    echo "$name rc=$? $(( $(date +%s) - t0 ))s (at $(( $(date +%s) - start ))s): $(tail -1 "$out/$name.txt")"
+}
+
+for section in "$@"; do
+    case $section in
+    kernels)
+        step kernel-tests 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_w8a8.py \
+            tests/kernels/test_quant_w4a16.py tests/kernels/test_quant_kv_fp8.py tests/kernels/test_quant_moe.py \
+            tests/kernels/test_moe.py tests/kernels/test_norm.py tests/kernels/test_activation.py \
+            tests/kernels/test_pos_embed.py tests/kernels/test_scatter.py tests/kernels/test_vision_attention.py \
+            tests/kernels/test_tree_attention.py tests/kernels/test_sampling.py
+        step gpu-suite 250 python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py \
+            tests/models/test_gpu_parity.py tests/server/test_bad_input_fuzz.py ;;
+    quant)
+        step bench-quant 200 python3 perf/bench_kernels.py --only quant,kv_fp8 --quick --rounds 1
+        step one-batch-quant 300 python3 perf/bench_one_batch.py --models Llama-3.1-8B-Instruct \
+            --variants bf16,fp8,awq,fp8-block+kv-fp8 --batch-sizes 1,16 --input-lens 256 --decode-steps 16
+        step audit-quant 120 python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant awq+kv-fp8 --batch 2
+        step audit-fp8 120 python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant fp8-block --batch 2 ;;
+    moe)
+        step one-batch-moe 150 python3 perf/bench_one_batch.py --models Qwen3-30B-A3B --batch-sizes 1,16 \
+            --input-lens 256 --decode-steps 16
+        step bench-moe 100 python3 perf/bench_kernels.py --only moe --quick
+        step audit-moe 150 python3 perf/kernel_audit.py --model Qwen3-30B-A3B ;;
+    spec)
+        step spec 500 python3 perf/bench_speculative.py ;;
+    vl)
+        step bench-vision 80 python3 perf/bench_kernels.py --only vision_tower,vision_attention --quick
+        step audit-vl 150 python3 perf/kernel_audit.py --model Qwen2.5-VL-7B-Instruct --image 1024x768 \
+            --batch 2 --input-len 128
+        step bench-vl 300 python3 perf/bench_vl.py ;;
+    decode)
+        step profile-llama 200 python3 perf/profile_decode.py --model Llama-3.1-8B-Instruct
+        step profile-mistral 200 python3 perf/profile_decode.py --model Mistral-7B-Instruct-v0.3 ;;
+    *)
+        echo "unknown section $section (kernels quant moe spec vl decode)"; exit 2 ;;
+    esac
+done
