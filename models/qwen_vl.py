@@ -31,6 +31,7 @@ for these models yet.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
@@ -126,19 +127,22 @@ class VisionLanguageMixin:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 attn_meta: AttentionMetadata, kv_cache: KVCache,
-                mm: MultimodalEmbeds | None = None) -> torch.Tensor:
-        """input_ids[T], positions[T] or [3, T], optional vision embeddings of pad rows ->
-        fp32 logits at attn_meta.logits_indices."""
+                mm: MultimodalEmbeds | Sequence[MultimodalEmbeds] | None = None) -> torch.Tensor:
+        """input_ids[T], positions[T] or [3, T], optional vision embeddings of pad rows (one
+        ``MultimodalEmbeds`` or one per image slice: each is scattered where it is, no copy
+        joins them) -> fp32 logits at attn_meta.logits_indices."""
         lm = self.model
+        pieces = (mm,) if isinstance(mm, MultimodalEmbeds) else tuple(mm or ())
         hidden = self.ops.embedding(input_ids, lm.embed_tokens.weight, lm.vocab_start)   # [T, H]
-        if mm is not None:
-            self.ops.scatter_rows(hidden, mm.rows, mm.embeds)
+        for piece in pieces:
+            self.ops.scatter_rows(hidden, piece.rows, piece.embeds)
         rope = self.rope_rows(positions)
         residual = None
         for i, layer in enumerate(lm.layers):
             hidden, residual = layer(rope, hidden, residual, attn_meta, kv_cache.k[i], kv_cache.v[i])
-            if mm is not None and i < len(mm.deepstack):   # the layer's output is hidden + residual
-                self.ops.scatter_rows(residual, mm.rows, mm.deepstack[i], True)
+            for piece in pieces:   # the layer's output is hidden + residual
+                if i < len(piece.deepstack):
+                    self.ops.scatter_rows(residual, piece.rows, piece.deepstack[i], True)
         hidden = lm.norm(hidden, residual)
         last = self.ops.embedding(attn_meta.logits_indices, hidden)                       # [B, H]
         return self.ops.linear(last, self.lm_head.weight, None, torch.float32)

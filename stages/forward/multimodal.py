@@ -14,8 +14,9 @@ model's ``positions`` tensor and ``MultimodalEmbeds``:
 2. an item not finished by this chunk stays kept for its request until the
    chunk that reaches its end (or until the schedule stage releases the
    request), whatever the LRU evicts meanwhile;
-3. the slices' rows are gathered into one ``rows``/``embeds`` pair (and
-   Qwen3-VL's deepstack tensors, row for row).
+3. each slice becomes one ``MultimodalEmbeds`` (its batch rows, a view of its
+   embedding rows and of Qwen3-VL's deepstack tensors); the model scatters
+   each into place, so no device copy joins them.
 
 A decode batch, or a text-only batch, costs nothing here: the runner calls
 ``prepare`` only when ``batch.mm`` is set, and a decode batch's positions
@@ -99,22 +100,23 @@ class MultimodalInputs:
         self.kept: dict[str, dict[str, VisionOutput]] = {}  # rid -> content hash -> embeddings
         self.stats = MultimodalStats()
 
-    def prepare(self, mm: MultimodalBatch, positions: torch.Tensor) -> tuple[torch.Tensor, MultimodalEmbeds | None]:
-        """(positions for the model, the embeddings of this batch's pad rows or None)."""
+    def prepare(self, mm: MultimodalBatch, positions: torch.Tensor) -> tuple[torch.Tensor, list[MultimodalEmbeds]]:
+        """(positions for the model, the embeddings of this batch's pad rows: one piece per slice,
+        views of the encoder's output, so no device copy joins them)."""
         for rid in mm.released:
             self.kept.pop(rid, None)
         if mm.mrope_positions is not None:
             positions = torch.tensor(mm.mrope_positions, dtype=torch.int64).to(self.device, non_blocking=True)
         if not mm.slices:
-            return positions, None
+            return positions, []
         outputs = self._outputs(mm)
-        rows, embeds, deepstack = [], [], []
+        pieces = []
         for piece in mm.slices:
             out = outputs[piece.item.content_hash]
             cut = slice(piece.item_start, piece.item_start + piece.count)
-            rows.append(torch.arange(piece.batch_row, piece.batch_row + piece.count))
-            embeds.append(out.embeds[cut])
-            deepstack.append([d[cut] for d in out.deepstack])
+            rows = torch.arange(piece.batch_row, piece.batch_row + piece.count).to(self.device, non_blocking=True)
+            pieces.append(MultimodalEmbeds(rows=rows, embeds=out.embeds[cut],
+                                           deepstack=tuple(d[cut] for d in out.deepstack)))
             kept = self.kept.setdefault(piece.rid, {})
             if piece.last:
                 kept.pop(piece.item.content_hash, None)
@@ -122,9 +124,7 @@ class MultimodalInputs:
                 kept[piece.item.content_hash] = out
             if not kept:
                 del self.kept[piece.rid]
-        layers = tuple(torch.cat([d[i] for d in deepstack]) for i in range(len(deepstack[0])))
-        return positions, MultimodalEmbeds(rows=torch.cat(rows).to(self.device), embeds=torch.cat(embeds),
-                                           deepstack=layers)
+        return positions, pieces
 
     def _outputs(self, mm: MultimodalBatch) -> dict[str, VisionOutput]:
         """Content hash -> embeddings of every item the batch touches (encoding the missing ones)."""
