@@ -15,7 +15,9 @@ mask says so (its ancestors and itself)::
 ``tree_mask`` is every request's ``[n_b, n_b]`` boolean matrix, row-major,
 flattened one after another into one 1-D bool/uint8 tensor; request ``b``'s
 starts at ``mask_start_loc[b]`` (SGLang's ``custom_mask`` + ``mask_indptr``).
-With a chain mask (lower triangle) this is extend attention.
+With a chain mask (lower triangle) this is extend attention. A request with
+``mask_start_loc[b] < 0`` has no mask in ``tree_mask`` and attends causally
+(a prefill chunk or a chain batched with trees: no ``[n, n]`` mask stored).
 
 Sliding window (``sliding_window > 0``, Mistral / Qwen2 layers): with the
 nodes' rotary ``positions`` (``prefix_len + depth``), a key is also required
@@ -82,11 +84,12 @@ def _tree_attention_kernel(
     if pid_m * BLOCK_M < tree_len:
         prefix_len = tl.load(prefix_lens_ptr + req).to(tl.int32)
         row0 = tl.load(tree_start_loc_ptr + req).to(tl.int64)
-        mask_row0 = tl.load(mask_start_loc_ptr + req).to(tl.int64)
+        mask_row0 = tl.load(mask_start_loc_ptr + req).to(tl.int64)     # < 0: no mask, causal
         slot_row_ptr = req_to_token_ptr + tl.load(req_pool_indices_ptr + req).to(tl.int64) * stride_req
         kv_head = (head // GROUP).to(tl.int64)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)      # node ids of this block
+        has_mask = (offs_m * 0 + mask_row0) >= 0
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_d = offs_d < HEAD_DIM
@@ -129,8 +132,9 @@ def _tree_attention_kernel(
                         mask=kv_mask, other=0.0)
             pair = (offs_m < tree_len)[:, None] & in_tree[None, :]
             bits = tl.load(mask_ptr + mask_row0 + offs_m[:, None] * tree_len + k_idx[None, :],
-                           mask=pair, other=0)
-            visible = pair & (bits != 0)
+                           mask=pair & has_mask[:, None], other=0)
+            causal = k_idx[None, :] <= offs_m[:, None]                   # a row without a tree
+            visible = pair & tl.where(has_mask[:, None], bits != 0, causal)
             if USE_WINDOW:
                 k_pos = tl.load(positions_ptr + row0 + k_idx, mask=in_tree, other=0)
                 visible = visible & (q_pos[:, None] - k_pos[None, :] < sliding_window)
@@ -239,7 +243,10 @@ def reference(q, k, v, k_cache, v_cache, req_to_token, req_pool_indices, prefix_
         keys = torch.cat([k_cache[slots], k[rows]]).to(cdt).repeat_interleave(group, dim=1)
         values = torch.cat([v_cache[slots], v[rows]]).to(cdt).repeat_interleave(group, dim=1)
         m0 = int(mask_start_loc[b])
-        tree = tree_mask[m0: m0 + n * n].view(n, n).bool()
+        if m0 < 0:  # no tree: the causal triangle
+            tree = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
+        else:
+            tree = tree_mask[m0: m0 + n * n].view(n, n).bool()
         visible = torch.cat([torch.ones(n, prefix_len, dtype=torch.bool, device=q.device), tree], 1)
         if use_window:
             q_pos = positions[rows].long()

@@ -31,7 +31,9 @@ and padded rows are the dummy row as for decode. Its static buffer::
 eager batch returns them (each row's last token, then each row's draft
 positions, ``inputs.draft_logit_rows``), then filler; a replay returns the
 first rows of the static logits. Trees add a static ``[B*N*N]`` mask
-(``set_mask``; a row without a tree, and every padded node, gets the causal
+(``clear_mask`` resets it to the causal triangle on the device and the EAGLE
+drafter draws each row's tree into its block; ``set_mask`` writes host
+parents; a row without a tree, and every padded node, keeps the causal
 triangle), and the model runs tree attention; chains run extend attention.
 Padding writes ``req_to_token[row, prefix + L .. prefix + N - 1]`` (slot 0)
 for a row of L tokens: entries past the row's sequence, rewritten before
@@ -244,6 +246,7 @@ class VerifyGraphs:
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.buffers: dict[tuple[int, int], torch.Tensor] = {}
         self.masks: dict[tuple[int, int], torch.Tensor] = {}
+        self.causal: dict[tuple[int, int], torch.Tensor] = {}  # each mask as captured (all causal)
         self.outputs: dict[tuple[int, int], torch.Tensor] = {}
         self.features: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.pool = None
@@ -259,7 +262,8 @@ class VerifyGraphs:
                 self.buffers[key][: size * tokens * 4 + size * 6] = torch.tensor(
                     _idle_verify(size, tokens), dtype=torch.int64)
                 if self.tree:
-                    self.masks[key] = verify_mask([], [], size, tokens).to(self.device)
+                    self.causal[key] = verify_mask([], [], size, tokens).to(self.device)
+                    self.masks[key] = self.causal[key].clone()
                 if not self.eager:
                     self.pool = capture(self, key, self.pool)
 
@@ -306,8 +310,15 @@ class VerifyGraphs:
         return fields[0], fields[1], fields[4]
 
     def set_mask(self, key: tuple[int, int], extend_lens: list[int], parents: list[list[int]]) -> None:
-        """The rows' tree masks (trees only; call after drafting, before ``launch``)."""
+        """The rows' tree masks from host parents (trees only; call before ``launch``)."""
         self.masks[key].copy_(verify_mask(extend_lens, parents, *key), non_blocking=False)
+
+    def clear_mask(self, key: tuple[int, int]) -> torch.Tensor:
+        """``key``'s static mask reset to the causal triangle on the device (a copy of the
+        capture's) -> the mask, for the drafter to draw its trees into (row b's block at
+        ``b * tokens^2``, stride ``tokens``) before ``launch``."""
+        self.masks[key].copy_(self.causal[key])
+        return self.masks[key]
 
     def launch(self, key: tuple[int, int], num_rows: int) -> torch.Tensor:
         """Replay ``key``'s graph (eager: run its forward) -> the first ``num_rows`` logits rows."""

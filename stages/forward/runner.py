@@ -171,9 +171,9 @@ class ModelRunner:
             return logits
         input_ids, _, rows = self.graphs.load(packed, size, batch.future_input)
         self.batch_rows = rows[:num_reqs]
-        self.batch_drafts = self.drafter.draft(batch, input_ids, self.req_to_token)
-        self.batch_parents = self.drafter.parents
+        drafted = self.drafter.draft(batch, input_ids, self.req_to_token)
         logits = self.graphs.launch(size, num_reqs)
+        self.batch_drafts, self.batch_parents = drafted.host()
         self.model.model.captured = self.graphs.features[size]
         self.drafter.keep(batch, input_ids, self.req_to_token)
         return logits
@@ -185,26 +185,24 @@ class ModelRunner:
         input_ids, positions, rows = self.verify_graphs.load(batch, key)
         self.batch_rows = rows[:num_reqs]
         offsets = [b * tokens for b in range(num_reqs)]
-        if self.drafter is not None:
-            self.batch_drafts = self.drafter.draft(batch, input_ids, self.req_to_token, positions, offsets)
-            self.batch_parents = self.drafter.parents
-        if self.verify_graphs.tree:
-            self.verify_graphs.set_mask(key, batch.extend_lens, self.batch_parents if self.drafter else [])
+        if self.drafter is not None:  # trees: drawn on the device into the graph's causal mask
+            mask = (self.verify_graphs.clear_mask(key), tokens) if self.verify_graphs.tree else None
+            drafted = self.drafter.draft(batch, input_ids, self.req_to_token, positions, offsets, mask)
         logits = self.verify_graphs.launch(key, num_reqs + num_draft_logit_rows(batch))
         if self.drafter is not None:
+            self.batch_drafts, self.batch_parents = drafted.host()  # after the launch: no wait before it
             self.model.model.captured = self.verify_graphs.features[key]
             self.drafter.keep(batch, input_ids, self.req_to_token, offsets)
         return logits
 
     def _run_drafting(self, batch: ForwardBatch, device_batch) -> torch.Tensor:
         """Draft into the batch's draft positions, run the target, keep its features."""
-        self.batch_drafts = self.drafter.draft(batch, device_batch.input_ids, self.req_to_token,
-                                               device_batch.positions)
-        self.batch_parents = self.drafter.parents
+        drafted = self.drafter.draft(batch, device_batch.input_ids, self.req_to_token, device_batch.positions)
         meta = device_batch.meta
-        if self.batch_parents:  # draft trees: one verify forward under each row's tree mask
-            meta = tree_metadata(meta, batch.extend_lens, self.batch_parents)
+        if drafted.tree_mask is not None:  # draft trees: one verify forward under each row's tree mask
+            meta = tree_metadata(meta, len(batch.rids), drafted)
         logits = self.model.forward(device_batch.input_ids, device_batch.positions, meta, self.kv_cache)
+        self.batch_drafts, self.batch_parents = drafted.host()  # after the launch: no wait before it
         self.drafter.keep(batch, device_batch.input_ids, self.req_to_token)
         return logits
 

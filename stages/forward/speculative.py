@@ -52,10 +52,20 @@ head's KV prefix (positions ``< q``) and its own ancestors under a tree mask
 so the head's pool holds only final positions) -- and every frontier node
 proposes its top k children, scored by cumulative log-probability; the k
 best of those k*k form the next frontier. All candidates are then pruned to
-the row's draft count by score (``stages/speculative/tree.prune_tree``).
+the row's draft count by score and laid out on the device in one launch
+(``triton_kernels/draft_tree.py``: ``prune_tree``'s order, the nodes' ids,
+rotary positions and ancestor mask written into the verify inputs).
 The target verifies the tree in one forward: node ``i`` fed at the slot of
 position ``q + i``, rotary position ``q + depth(i)``, tree attention with
-the tree's mask (``tree_metadata``). The accepted path comes back in the next
+the tree's mask (``tree_metadata``; rows without a tree attend causally and
+store no mask).
+
+No host syncs before the verify forward: ``draft`` returns a ``Drafted``
+whose drafts and parents are still on the device (chains: one scatter into
+the inputs; trees: the draft-tree launch), the runner launches the target
+and only then copies them to the host (``Drafted.host``) for the sample
+stage. What ``draft`` reads on the host (which rows catch up, their
+positions, draft counts) comes from the batch, never from the device. The accepted path comes back in the next
 batch (``ForwardBatch.spec_kept``): ``move_kept_kv`` copies its nodes' K/V to
 the sequence positions, and step 1 takes the path's features.
 
@@ -80,7 +90,8 @@ from models.batch import AttentionMetadata, KVCache
 from models.config import read_json
 from models.eagle import EagleHead, load_eagle_head
 from pipeline.messages import ForwardBatch, KeptPath
-from stages.speculative.tree import build_tree_layout, prune_tree, tree_steps
+from stages.speculative.tree import tree_steps
+from triton_kernels import draft_tree
 
 
 @dataclasses.dataclass
@@ -132,20 +143,49 @@ def move_kept_kv(kv_cache: KVCache, req_to_token: torch.Tensor, kept: list[KeptP
         cache[dst_slots] = cache[src_slots]
 
 
-def tree_metadata(meta: AttentionMetadata, extend_lens: list[int], parents: list[list[int]]) -> AttentionMetadata:
-    """``meta`` with the tree mask of a verify batch: a row's draft tree (``parents[b]``), or the
-    causal lower triangle of its extend length (a row without a tree)."""
-    masks = []
-    for b, length in enumerate(extend_lens):
-        tree = parents[b] if b < len(parents) else []
-        if tree:
-            masks.append(build_tree_layout(tree).tree_mask.flatten())
-        else:
-            masks.append(torch.ones(length, length, dtype=torch.bool).tril().flatten())
-    starts = _starts([length * length for length in extend_lens])
+def tree_metadata(meta: AttentionMetadata, num_rows: int, drafted: "Drafted") -> AttentionMetadata:
+    """``meta`` with the tree masks of a verify batch: a tree row reads its block of the
+    drafter's mask; every other row (a chain, a prefill chunk) attends causally and stores no
+    mask (``mask_start_loc`` -1, ``triton_kernels/tree_attention.py``)."""
+    starts = [-1] * num_rows
+    for b, start in zip(drafted.rows, drafted.mask_starts):
+        starts[b] = start
     device = meta.req_to_token.device
-    return dataclasses.replace(meta, tree_mask=torch.cat(masks).to(device),
+    return dataclasses.replace(meta, tree_mask=drafted.tree_mask,
                                mask_start_loc=torch.tensor(starts, dtype=torch.int64).to(device))
+
+
+@dataclasses.dataclass
+class Drafted:
+    """One batch's drafts as ``EagleDrafter.draft`` left them: still on the device, so nothing
+    waits for the head before the verify forward is launched. ``host`` copies them after."""
+
+    drafts: list[list[int]]                     # per batch row, as planned (placeholders)
+    rows: list[int] = dataclasses.field(default_factory=list)     # batch rows the head filled
+    counts: list[int] = dataclasses.field(default_factory=list)   # their draft counts
+    tokens: torch.Tensor | None = None          # chains: [sum(counts)]; trees: [len(rows), max count]
+    parents: torch.Tensor | None = None         # trees: [len(rows), max count + 1], root -1 first
+    tree_mask: torch.Tensor | None = None       # trees in the drafter's own mask (not a graph's)
+    mask_starts: list[int] = dataclasses.field(default_factory=list)  # each tree row's block
+    _host: tuple[list[list[int]], list[list[int]]] | None = None
+
+    def host(self) -> tuple[list[list[int]], list[list[int]]]:
+        """(drafts per row, tree parents per row -- [] for a chain, [] for all when no tree):
+        one device -> host copy, made once."""
+        if self._host is not None:
+            return self._host
+        drafts, parents = [list(ids) for ids in self.drafts], []
+        if self.tokens is not None:
+            flat = self.tokens.tolist()
+            if self.parents is None:
+                for b, count in zip(self.rows, self.counts):
+                    drafts[b], flat = flat[:count], flat[count:]
+            else:
+                parents = [[] for _ in drafts]
+                for n, (b, count, tree) in enumerate(zip(self.rows, self.counts, self.parents.tolist())):
+                    drafts[b], parents[b] = flat[n][:count], tree[:count + 1]
+        self._host = drafts, parents
+        return self._host
 
 
 class EagleDrafter:
@@ -175,7 +215,9 @@ class EagleDrafter:
         self.kv_cache = KVCache.allocate(1, num_slots, c.num_key_value_heads, c.head_dim, dtype, device)
         self.pending: dict[int, _Pending] = {}  # req_to_token row -> features fed last step
         self.topk, self.steps = topk, steps     # trees when topk > 1 (module docstring)
-        self.parents: list[list[int]] = []      # per row of the last drafted batch: its tree ([] chain)
+        # pruning and tree layout on the device: the Triton kernel, or its PyTorch reference
+        self.build_tree = (draft_tree.build_draft_tree if ops.backend == "triton"
+                           else draft_tree.build_draft_tree_reference)
 
     @staticmethod
     def of(args, target: torch.nn.Module, ops, num_slots: int, context_len: int, dtype: torch.dtype,
@@ -225,31 +267,35 @@ class EagleDrafter:
     # ------------------------------------------------------------------ drafting
     @torch.inference_mode()
     def draft(self, batch: ForwardBatch, input_ids: torch.Tensor, req_to_token: torch.Tensor,
-              positions: torch.Tensor | None = None, offsets: list[int] | None = None) -> list[list[int]]:
+              positions: torch.Tensor | None = None, offsets: list[int] | None = None,
+              mask: tuple[torch.Tensor, int] | None = None) -> Drafted:
         """Fill each drafting row's draft positions of ``input_ids`` (device) with the head's
-        chain or tree (trees also set their nodes' ``positions`` and ``self.parents``); return
-        the drafts per row (the placeholders where no context was usable). ``offsets``: as
-        for ``keep``."""
+        chain or tree (trees also set their nodes' ``positions`` and their masks) and return
+        the drafts, still on the device (``Drafted.host`` after the verify forward is
+        launched; rows without usable context keep their placeholders). ``offsets``: as for
+        ``keep``. ``mask``: a verify graph's static mask and its tokens per row (row b's
+        block at ``b * tokens^2``, stride ``tokens``); without it trees get a mask of their own."""
         starts = offsets or _starts(batch.extend_lens)
         segments = self._catch_up_segments(batch, input_ids, starts)
-        drafts = [list(ids) for ids in batch.sampling.draft_ids]
-        self.parents = []
+        drafted = Drafted([list(ids) for ids in batch.sampling.draft_ids])
         if not segments:
-            return drafts
+            return drafted
         logits, hidden = self._catch_up(segments, req_to_token)
-        if not drafts:
-            return drafts
+        if not drafted.drafts:
+            return drafted
         if self.topk > 1:
-            return self._fill_trees(segments, drafts, logits, hidden, req_to_token, input_ids, positions, starts)
+            return self._fill_trees(segments, drafted, logits, hidden, req_to_token, input_ids, positions,
+                                    starts, mask)
         first = self.head.draft_to_target(logits.argmax(-1))
-        chains = self._chain(segments, drafts, first, hidden, req_to_token)
-        for segment, chain in chains:
-            input_ids[starts[segment.b] + 1: starts[segment.b] + 1 + chain.shape[0]] = chain
-        if chains:  # one device -> host copy for every row's chain
-            flat = torch.cat([chain for _, chain in chains]).tolist()
-            for segment, chain in chains:
-                drafts[segment.b], flat = flat[:chain.shape[0]], flat[chain.shape[0]:]
-        return drafts
+        chains = self._chain(segments, drafted.drafts, first, hidden, req_to_token)
+        if chains:  # one scatter into the inputs for every row's chain
+            flat = torch.cat([chain for _, chain in chains])
+            index = [starts[seg.b] + 1 + j for seg, chain in chains for j in range(chain.shape[0])]
+            input_ids[torch.tensor(index, dtype=torch.int64).to(self.device)] = flat
+            drafted.rows = [seg.b for seg, _ in chains]
+            drafted.counts = [chain.shape[0] for _, chain in chains]
+            drafted.tokens = flat
+        return drafted
 
     def _catch_up_segments(self, batch: ForwardBatch, input_ids: torch.Tensor, starts: list[int]
                            ) -> list["_Segment"]:
@@ -312,30 +358,34 @@ class EagleDrafter:
         return [(segments[k], torch.cat(chains[k])) for k in drafting]
 
     # ------------------------------------------------------------------ trees
-    def _fill_trees(self, segments: list["_Segment"], drafts: list[list[int]], logits: torch.Tensor,
+    def _fill_trees(self, segments: list["_Segment"], drafted: Drafted, logits: torch.Tensor,
                     hidden: torch.Tensor, req_to_token: torch.Tensor, input_ids: torch.Tensor,
-                    positions: torch.Tensor, starts: list[int]) -> list[list[int]]:
-        """Draft a tree per drafting row, write its nodes into the row's inputs, set ``parents``."""
-        drafting = [k for k, s in enumerate(segments) if drafts[s.b]]
+                    positions: torch.Tensor, starts: list[int], mask: tuple[torch.Tensor, int] | None) -> Drafted:
+        """Draft a tree per drafting row and lay it out on the device (``build_tree``: pruned to
+        the row's draft count, nodes into its inputs and positions, its mask)."""
+        drafting = [k for k, s in enumerate(segments) if drafted.drafts[s.b]]
         if not drafting:
-            return drafts
+            return drafted
         picked = torch.tensor(drafting, dtype=torch.int64).to(self.device)
         chosen = [segments[k] for k in drafting]
         tokens, parents, scores = self._grow_trees(chosen, logits[picked], hidden[picked], req_to_token)
-        tokens, parents, scores = tokens.tolist(), parents.tolist(), scores.tolist()  # one copy each
-        self.parents = [[] for _ in drafts]
-        for n, segment in enumerate(chosen):
-            b, root = segment.b, segment.start + segment.count
-            kept_tokens, kept_parents, _ = prune_tree([0] + tokens[n], [-1] + parents[n], [0.0] + scores[n],
-                                                      len(drafts[b]) + 1)
-            if len(kept_tokens) != len(drafts[b]) + 1:  # the schedule stage sizes drafts within the candidates
-                raise RuntimeError(f"a draft tree of {len(kept_tokens)} nodes for {len(drafts[b])} draft slots")
-            drafts[b], self.parents[b] = kept_tokens[1:], kept_parents
-            depth = build_tree_layout(kept_parents).depth
-            first = starts[b]
-            input_ids[first + 1:first + len(kept_tokens)] = torch.tensor(kept_tokens[1:]).to(self.device)
-            positions[first:first + len(kept_tokens)] = (depth + root).to(self.device)
-        return drafts
+        rows = [seg.b for seg in chosen]
+        counts = [len(drafted.drafts[b]) for b in rows]
+        if max(counts) > tokens.shape[1]:  # the schedule stage sizes drafts within the candidates
+            raise RuntimeError(f"{max(counts)} draft slots for trees of {tokens.shape[1]} candidates")
+        if mask is None:  # a mask of our own: row n's block (stride its size) at n * N^2
+            width = max(counts) + 1
+            tree_mask = torch.empty(len(rows) * width * width, dtype=torch.bool, device=self.device)
+            mask_starts, strides = [n * width * width for n in range(len(rows))], [c + 1 for c in counts]
+        else:
+            tree_mask, width = mask
+            mask_starts, strides = [b * width * width for b in rows], [width] * len(rows)
+        ints = torch.tensor([counts, [starts[b] for b in rows], mask_starts, strides],
+                            dtype=torch.int64).to(self.device)
+        out_tokens, out_parents = self.build_tree(tokens, parents, scores, ints[0], input_ids, positions, ints[1],
+                                                  tree_mask, ints[2], ints[3], max(counts), self.steps)
+        return dataclasses.replace(drafted, rows=rows, counts=counts, tokens=out_tokens, parents=out_parents,
+                                   tree_mask=tree_mask if mask is None else None, mask_starts=mask_starts)
 
     def _grow_trees(self, segments: list["_Segment"], logits: torch.Tensor, hidden: torch.Tensor,
                     req_to_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -302,10 +302,11 @@ def test_drafts_equal_the_head_recomputed_from_scratch(arch, head, checkpoints) 
         draft = drafter.draft
 
         def recording(batch, input_ids, req_to_token, *rest):
-            drafts = draft(batch, input_ids, req_to_token, *rest)
+            drafted = draft(batch, input_ids, req_to_token, *rest)
+            drafts, _ = drafted.host()
             starts = [sum(batch.extend_lens[:b]) for b in range(len(batch.rids))]
             recorded.extend((rid, batch.positions[s], list(d)) for rid, s, d in zip(batch.rids, starts, drafts) if d)
-            return drafts
+            return drafted
 
         drafter.draft = recording
         rids = [engine.submit(input_ids=p, sampling_params=GREEDY) for p in prompts]
@@ -464,12 +465,13 @@ def test_trees_equal_the_head_recomputed_from_scratch(arch, head, graphs, checkp
         draft = drafter.draft
 
         def recording(batch, input_ids, req_to_token, *rest):
-            drafts = draft(batch, input_ids, req_to_token, *rest)
+            drafted = draft(batch, input_ids, req_to_token, *rest)
+            drafts, parents = drafted.host()
             starts = [sum(batch.extend_lens[:b]) for b in range(len(batch.rids))]
             for b, (rid, s) in enumerate(zip(batch.rids, starts)):
-                if drafter.parents and drafter.parents[b]:
-                    recorded.append((rid, batch.positions[s], list(drafts[b]), list(drafter.parents[b])))
-            return drafts
+                if parents and parents[b]:
+                    recorded.append((rid, batch.positions[s], list(drafts[b]), list(parents[b])))
+            return drafted
 
         drafter.draft = recording
         moved = _count_moved_paths(engine)

@@ -95,6 +95,20 @@ def test_chain_mask_is_extend_attention(device):
     assert_close(out, extend, torch.float32, "chain tree vs extend")
 
 
+def test_rows_without_a_mask_attend_causally(device):
+    """mask_start_loc -1: a row stores no mask and attends causally (a prefill chunk beside trees);
+    the tree row between two such rows still reads its own mask, which is all the mask holds."""
+    rng = random.Random(3)
+    prefix_lens, sizes = [9, 4, 0], [6, 5, 12]
+    parents = [chain_parents(6), _random_parents(5, rng), chain_parents(12)]
+    args = list(_batch(prefix_lens, parents, 4, 2, 64, torch.float32, device))
+    full = ta.tree_attention(*args)
+    args[10] = build_tree_layout(parents[1]).tree_mask.flatten().to(device)      # the tree's mask alone
+    args[11] = torch.tensor([-1, 0, -1], dtype=torch.int32, device=device)
+    for op in (ta.tree_attention, ta.reference):
+        assert_close(op(*args), full, torch.float32, f"{op.__name__} causal rows")
+
+
 def test_siblings_do_not_see_each_other(device):
     """Node 2's output must not change when node 1 (its sibling) changes."""
     args = list(_batch([5], [[-1, 0, 0]], 2, 2, 64, torch.float32, device))
