@@ -486,3 +486,107 @@ def test_trees_equal_the_head_recomputed_from_scratch(arch, head, graphs, checkp
             seq = next(s for r, s in sequences.items() if rid.split(".")[0] == r)
             tokens, ref_parents = _reference_tree(runner.model, drafter, seq, root, len(drafts) + 1)
             assert (drafts, parents) == (tokens[1:], ref_parents), (rid, root)
+
+
+# ----------------------------------------------------------------------------- no host syncs, compact masks
+DRAFTING_FILES = ("stages/forward/speculative.py", "stages/forward/graphs.py", "triton_kernels/draft_tree.py")
+
+
+class _HostCopyGuard:
+    """Records every device -> host read (tolist, item, bool/int/float of a tensor, cpu, numpy)
+    made directly by the drafting code while ``active``."""
+
+    METHODS = ("tolist", "item", "__bool__", "__int__", "__float__", "cpu", "numpy")
+
+    def __init__(self) -> None:
+        self.active, self.calls, self.saved = False, [], {}
+
+    def __enter__(self) -> "_HostCopyGuard":
+        import sys
+
+        for name in self.METHODS:
+            original = self.saved[name] = getattr(torch.Tensor, name)
+
+            def wrapper(tensor, *args, _original=original, _name=name, **kwargs):
+                caller = sys._getframe(1).f_code.co_filename
+                if self.active and caller.endswith(DRAFTING_FILES):
+                    self.calls.append((_name, caller, sys._getframe(1).f_lineno))
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, wrapper)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, original in self.saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-paths"])
+@pytest.mark.parametrize("topk", [1, 3])
+def test_drafting_reads_nothing_back_before_the_verify_forward(checkpoints, topk, graphs) -> None:
+    """From the start of drafting to the verify forward's launch the drafting code copies nothing
+    from the device to the host (chains and trees, eager and graph paths); the drafts reach
+    the host after the launch. Greedy output equals the plain engine's."""
+    target, heads = checkpoints("llama3.2")
+    prompts = _prompts(3)
+    with _engine(target) as engine:
+        expected = _results(engine, prompts)
+    with _engine(target, "EAGLE", heads["echo"], speculative_eagle_topk=topk, speculative_num_draft_tokens=6,
+                 cuda_graph_max_bs=4) as engine:
+        runner = engine.stages["forward"].runner
+        if graphs:
+            runner.use_graphs(eager=True)
+        drafter, guard, drafted_steps = runner.drafter, _HostCopyGuard(), [0]
+        draft, forward = drafter.draft, runner.model.forward
+
+        def guarded_draft(*args, **kwargs):
+            guard.active = True
+            drafted = draft(*args, **kwargs)
+            drafted_steps[0] += bool(drafted.rows)
+            return drafted
+
+        def forward_ends_the_guard(*args, **kwargs):
+            guard.active = False
+            return forward(*args, **kwargs)
+
+        drafter.draft, runner.model.forward = guarded_draft, forward_ends_the_guard
+        with guard:
+            assert _results(engine, prompts) == expected
+        assert drafted_steps[0] > 0
+        assert guard.calls == [], guard.calls[:5]
+
+
+def test_mixed_chunk_rows_beside_trees_take_no_mask(checkpoints) -> None:
+    """--enable-mixed-chunk: a prefill chunk batched with draft trees attends causally
+    (mask_start_loc -1) and the batch's mask holds only the trees' blocks (one square of the
+    largest tree's size per tree row); greedy output equals the plain engine's."""
+    target, heads = checkpoints("qwen3")
+    prompts = _prompts(4)
+    params = [dict(GREEDY, max_new_tokens=24 - 4 * i) for i in range(4)]
+    with _engine(target, chunked_prefill_size=8, enable_mixed_chunk=True) as engine:
+        expected = _results(engine, prompts, params)
+    with _engine(target, "EAGLE", heads["EAGLE"], speculative_eagle_topk=2, speculative_num_draft_tokens=6,
+                 chunked_prefill_size=8, enable_mixed_chunk=True) as engine:
+        runner = engine.stages["forward"].runner
+        forward, mixed = runner.model.forward, []
+
+        def recording(input_ids, positions, meta, kv_cache, **kwargs):
+            if meta.tree_mask is not None:
+                lens, starts = meta.extend_lens.tolist(), meta.mask_start_loc.tolist()
+                trees = [n for n, s in zip(lens, starts) if s >= 0]
+                if len(trees) < len(lens):
+                    mixed.append((lens, starts, meta.tree_mask.numel(), len(trees) * max(trees) ** 2))
+            return forward(input_ids, positions, meta, kv_cache, **kwargs)
+
+        runner.model.forward = recording
+        # the long prompt's chunks ride along the short ones' trees once those decode
+        rids = [engine.submit(input_ids=p, sampling_params=q) for p, q in zip(prompts[:3], params[:3])]
+        rids.append(engine.submit(input_ids=prompts[3] * 4, sampling_params=params[3]))
+        outputs = [engine.wait(rid)[0] for rid in rids]
+    with _engine(target, chunked_prefill_size=8, enable_mixed_chunk=True) as engine:
+        plain_last = engine.generate(input_ids=prompts[3] * 4, sampling_params=params[3])["output_ids"]
+    assert [o["output_ids"] for o in outputs[:3]] == [e[0] for e in expected[:3]]
+    assert outputs[3]["output_ids"] == plain_last
+    assert mixed, "no prefill chunk was batched with draft trees"
+    for lens, starts, numel, tree_area in mixed:
+        assert numel == tree_area, (lens, starts, numel)
