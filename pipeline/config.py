@@ -99,7 +99,7 @@ class ServerArgs(msgspec.Struct, frozen=True, kw_only=True):
     speculative_algorithm: Literal["", "NGRAM", "EAGLE", "EAGLE3"] = ""  # "": off; NGRAM drafts from each request's own tokens, EAGLE/EAGLE3 from a draft head (stages/forward/speculative.py)
     speculative_draft_model_path: str = ""  # EAGLE / EAGLE3 draft head checkpoint
     speculative_num_steps: int = 0  # draft depth (0: --speculative-num-draft-tokens - 1)
-    speculative_eagle_topk: int = 1  # branches per draft node (1: a chain; > 1: EAGLE/EAGLE3 draft trees)
+    speculative_eagle_topk: int = 1  # branches per draft node (1: a chain; > 1: draft trees, EAGLE/EAGLE3 top-k or NGRAM's most frequent continuations)
     speculative_num_draft_tokens: int = 0  # draft tokens verified per step, the root included (0: 8)
     # prefill/decode disaggregation (SGLang's flag names; see stages/schedule/disagg.py)
     pd_prefill: int = 0  # --placement pd: this many prefill engines (0: 1; either count given implies --placement pd)
@@ -272,7 +272,7 @@ def _check_ranges(args: ServerArgs) -> None:
 
 
 def _check_speculative(args: ServerArgs) -> None:
-    """Speculative decoding: NGRAM (chains), EAGLE and EAGLE3 (chains, or trees with
+    """Speculative decoding: NGRAM, EAGLE and EAGLE3 (chains, or trees with
     --speculative-eagle-topk > 1) are served; the rest is refused by name."""
     if not args.speculative_algorithm:
         return
@@ -284,9 +284,6 @@ def _check_speculative(args: ServerArgs) -> None:
     if args.speculative_eagle_topk < 1:
         raise ConfigError(f"--speculative-eagle-topk must be >= 1, got {args.speculative_eagle_topk}")
     if args.speculative_eagle_topk > 1:
-        if args.speculative_algorithm == "NGRAM":
-            raise ConfigError("--speculative-eagle-topk > 1 drafts trees with EAGLE/EAGLE3; NGRAM drafts chains "
-                              "(leave --speculative-eagle-topk at 1)")
         if args.kv_cache_dtype.startswith("fp8"):
             raise ConfigError("--speculative-eagle-topk > 1 (tree verification) needs a KV cache in the model "
                               "dtype, not --kv-cache-dtype " + args.kv_cache_dtype)

@@ -32,7 +32,7 @@ from pipeline.messages import ForwardBatch
 from stages.forward.graphs import DecodeGraphs, VerifyGraphs, pad_decode
 from stages.forward.inputs import num_draft_logit_rows, pack_batch, unpack, write_req_to_token
 from stages.forward.multimodal import MultimodalInputs
-from stages.forward.speculative import EagleDrafter, move_kept_kv, tree_metadata
+from stages.forward.speculative import EagleDrafter, move_kept_kv, parents_metadata, tree_metadata
 from stages.speculative.tree import num_draft_slots
 from stages.staging import Uploader
 from triton_kernels import KernelOptions, load_index_ops, load_ops
@@ -157,8 +157,10 @@ class ModelRunner:
             positions, embeds = self.multimodal.prepare(batch.mm, device_batch.positions)
             return self.model.forward(device_batch.input_ids, positions, device_batch.meta, self.kv_cache,
                                       mm=embeds)
-        return self.model.forward(device_batch.input_ids, device_batch.positions, device_batch.meta,
-                                  self.kv_cache)
+        meta = device_batch.meta
+        if batch.sampling.draft_parents:  # NGRAM draft trees, drafted on the host
+            meta = parents_metadata(meta, batch.sampling.draft_parents)
+        return self.model.forward(device_batch.input_ids, device_batch.positions, meta, self.kv_cache)
 
     def _replay_decode(self, batch: ForwardBatch, size: int) -> torch.Tensor:
         """A decode batch through its captured graph (EAGLE: the head catches up first and
@@ -188,6 +190,8 @@ class ModelRunner:
         if self.drafter is not None:  # trees: drawn on the device into the graph's causal mask
             mask = (self.verify_graphs.clear_mask(key), tokens) if self.verify_graphs.tree else None
             drafted = self.drafter.draft(batch, input_ids, self.req_to_token, positions, offsets, mask)
+        elif self.verify_graphs.tree:  # NGRAM trees: their parents came with the batch
+            self.verify_graphs.set_mask(key, batch.extend_lens, batch.sampling.draft_parents)
         logits = self.verify_graphs.launch(key, num_reqs + num_draft_logit_rows(batch))
         if self.drafter is not None:
             self.batch_drafts, self.batch_parents = drafted.host()  # after the launch: no wait before it

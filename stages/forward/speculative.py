@@ -90,7 +90,7 @@ from models.batch import AttentionMetadata, KVCache
 from models.config import read_json
 from models.eagle import EagleHead, load_eagle_head
 from pipeline.messages import ForwardBatch, KeptPath
-from stages.speculative.tree import tree_steps
+from stages.speculative.tree import build_tree_layout, tree_steps
 from triton_kernels import draft_tree
 
 
@@ -152,6 +152,22 @@ def tree_metadata(meta: AttentionMetadata, num_rows: int, drafted: "Drafted") ->
         starts[b] = start
     device = meta.req_to_token.device
     return dataclasses.replace(meta, tree_mask=drafted.tree_mask,
+                               mask_start_loc=torch.tensor(starts, dtype=torch.int64).to(device))
+
+
+def parents_metadata(meta: AttentionMetadata, parents: list[list[int]]) -> AttentionMetadata:
+    """``meta`` with the masks of host-drafted trees (NGRAM: ``sampling.draft_parents`` per batch
+    row); rows without a tree attend causally and store no mask."""
+    masks, starts, at = [], [], 0
+    for tree in parents:
+        if tree:
+            masks.append(build_tree_layout(tree).tree_mask.flatten())
+            starts.append(at)
+            at += len(tree) ** 2
+        else:
+            starts.append(-1)
+    device = meta.req_to_token.device
+    return dataclasses.replace(meta, tree_mask=torch.cat(masks).to(device),
                                mask_start_loc=torch.tensor(starts, dtype=torch.int64).to(device))
 
 

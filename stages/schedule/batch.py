@@ -50,6 +50,7 @@ class PlannedRow:
     prompt_first: int = 0  # prompt position of the first logprob this row computes (if any)
     kv_end: int = 0  # the request's KV length once this row is computed (prefill rows)
     drafts: list[int] = dataclasses.field(default_factory=list)  # speculative tokens fed after the last one
+    draft_parents: list[int] = dataclasses.field(default_factory=list)  # a draft tree's ([] a chain)
 
 
 def plan_decodes(kv: KVManager, running: list[Req]) -> tuple[list[PlannedRow], list[Req], list[Req]]:
@@ -187,7 +188,7 @@ def _build(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite]) ->
         if row.drafts:  # the last token, then the drafts at the positions after it
             input_ids.append(_token_at(req, start))
             input_ids.extend(row.drafts)
-            positions.extend(range(start, end))
+            positions.extend(start + d for d in _depths(row.draft_parents, n))
             out_cache_loc.extend(req.slots[start:end])
         elif n == 1:
             input_ids.append(_token_at(req, start))
@@ -207,6 +208,16 @@ def _build(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite]) ->
         positions=positions, out_cache_loc=out_cache_loc, req_pool_indices=[r.row for r in reqs],
         prefix_lens=prefix_lens, extend_lens=extend_lens, seq_lens=seq_lens,
         row_writes=row_writes, sampling=sampling_batch(rows))
+
+
+def _depths(parents: list[int], n: int) -> list[int]:
+    """Each node's depth in a draft tree (a chain's when ``parents`` is empty)."""
+    if not parents:
+        return list(range(n))
+    depth = [0] * n
+    for i in range(1, n):
+        depth[i] = depth[parents[i]] + 1
+    return depth
 
 
 def _decode_batch(batch_id: int, rows: list[PlannedRow], row_writes: list[RowWrite]) -> ForwardBatch:
@@ -242,6 +253,8 @@ def sampling_batch(rows: list[PlannedRow]) -> SamplingBatch:
         banned_token_ids=_banned_token_ids(rows),
         logit_biases=[dict(p.logit_bias) for p in params] if any(p.logit_bias for p in params) else [],
         draft_ids=[list(row.drafts) for row in rows] if any(row.drafts for row in rows) else [],
+        draft_parents=([list(row.draft_parents) for row in rows] if any(row.draft_parents for row in rows)
+                       else []),
         **_logprob_options(rows),
     )
 

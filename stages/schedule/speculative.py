@@ -40,6 +40,13 @@ with ``PLACEHOLDER_DRAFT`` ids, and the forward stage replaces them before
 the target runs and reports the real ones to the sample stage
 (``stages/forward/speculative.py``).
 
+NGRAM trees (``--speculative-eagle-topk`` k > 1): the n-gram index merges the
+continuations of the longest matched suffix into a trie, k children per node
+kept, pruned to the draft count by frequency; the row carries the tree's
+parents (``PlannedRow.draft_parents`` -> ``SamplingBatch.draft_parents``),
+its drafts sit at rotary positions ``start + depth``, and the forward stage
+verifies it under its mask like an EAGLE tree.
+
 Draft trees (EAGLE/EAGLE3 with ``--speculative-eagle-topk`` > 1). A row takes
 ``--speculative-num-draft-tokens - 1`` draft slots, at the sequence positions
 after its last token, and the forward stage fills them with the nodes of a
@@ -89,7 +96,8 @@ class Speculator:
 
     def __init__(self, args: ServerArgs) -> None:
         self.max_drafts = num_drafts(args)
-        self.params = NgramParams(num_draft_tokens=self.max_drafts + 1, branch_top_k=1)
+        # NGRAM trees: --speculative-eagle-topk continuations per node (1: a chain)
+        self.params = NgramParams(num_draft_tokens=self.max_drafts + 1, branch_top_k=args.speculative_eagle_topk)
         self.states: dict[str, _SpecState] = {}
         self.accept_lengths: list[int] = []  # tokens emitted per verify step, since last taken
         self.total_verify_ct = 0  # over every request served (tests and logs)
@@ -122,32 +130,32 @@ class Speculator:
             req = row.req
             if row.is_prefill or req.pending_tokens or not self.eligible(req):
                 continue
-            drafts = self._propose(req)[: req.max_new_tokens - req.output_len - 1]
+            drafts, parents = self._propose(req)
+            drafts = drafts[: req.max_new_tokens - req.output_len - 1]  # nodes in topological order
             while drafts and kv.tokens_to_grow(req, len(drafts)) > kv.available_tokens:
                 drafts.pop()
             if drafts and kv.grow(req, len(drafts)) is not None:
                 row.drafts = drafts
+                row.draft_parents = parents[:len(drafts) + 1] if parents else []
                 row.extend_len = 1 + len(drafts)
 
-    def _propose(self, req: Req) -> list[int]:
+    def _propose(self, req: Req) -> tuple[list[int], list[int]]:
+        """(drafts, their tree's parents root first -- [] for a chain)."""
         state = self.states.get(req.rid)
         if state is None:
             state = self.states[req.rid] = _SpecState(NgramIndex(self.params))
         if self.proposer is not None:
-            return list(self.proposer(req, self.max_drafts))
+            return list(self.proposer(req, self.max_drafts)), []
         if self.by_forward:
-            return [PLACEHOLDER_DRAFT] * self.max_drafts
+            return [PLACEHOLDER_DRAFT] * self.max_drafts, []
         index = state.index
         history = len(req.input_ids) + len(req.output_ids)
         if len(index) < history:  # catch up with the tokens emitted since the last draft
             index.extend((req.input_ids + req.output_ids)[len(index):])
         tree = index.propose()
-        chain, node = [], 0
-        for child, parent in enumerate(tree.parents):
-            if parent == node:  # a chain (branch_top_k = 1): each node has at most one child
-                chain.append(tree.tokens[child])
-                node = child
-        return chain
+        if tree.parents == list(range(-1, len(tree.parents) - 1)):
+            return tree.tokens[1:], []  # a chain
+        return tree.tokens[1:], tree.parents
 
     # ------------------------------------------------------------ results
     def after_step(self, kv: KVManager, req: Req, drafted: int, verified: list[int], emitted: int,

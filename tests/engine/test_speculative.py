@@ -178,7 +178,43 @@ def test_retraction_small_pool_and_radix_cache(checkpoints, page_size) -> None:
 def test_unserved_speculative_options_are_refused(checkpoints) -> None:
     path = checkpoints("llama3.1")
     for options in ({"speculative_algorithm": "EAGLE"}, {"speculative_algorithm": "EAGLE3"},
-                    {"speculative_algorithm": "NGRAM", "speculative_eagle_topk": 4},
+                    {"speculative_algorithm": "NGRAM", "speculative_eagle_topk": 4, "kv_cache_dtype": "fp8_e4m3"},
                     {"speculative_algorithm": "NGRAM", "speculative_num_draft_tokens": 1}):
         with pytest.raises(ConfigError, match="speculative"):
             _engine(path, False, **options)
+
+
+def _branching_prompts(count: int) -> list[list[int]]:
+    """A repeated pattern whose last token alternates, so one suffix has two continuations."""
+    return [[3 + (11 * i + 7 * (j % 6) + 50 * ((j // 6) % 2) * (j % 6 == 5)) % 300 for j in range(30 + 5 * i)]
+            for i in range(count)]
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-paths"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_ngram_trees_greedy_equal_greedy_without_speculation(arch, graphs, checkpoints) -> None:
+    """--speculative-eagle-topk 2 and 4 with NGRAM: each row drafts a tree of the most frequent
+    continuations (stages/speculative/ngram.py), verified in one target forward under its tree
+    mask (eager, and the verify graphs' paths run eagerly); batched greedy output equals the
+    plain engine's, some batches carry real trees, and the pool is clean after."""
+    path = checkpoints(arch)
+    prompts = _branching_prompts(4)
+    with _engine(path, False) as engine:
+        expected = _results(engine, prompts, GREEDY)
+    for topk in (2, 4):
+        with _engine(path, True, speculative_eagle_topk=topk, speculative_num_draft_tokens=6,
+                     cuda_graph_max_bs=4) as engine:
+            runner = engine.stages["forward"].runner
+            if graphs:
+                runner.use_graphs(eager=True)
+            run_batch, trees = runner.run_batch, [0]
+
+            def counting(batch):
+                trees[0] += sum(1 for p in batch.sampling.draft_parents if p)
+                return run_batch(batch)
+
+            runner.run_batch = counting
+            free_before = engine.schedule.kv.pool.num_free_tokens
+            assert _results(engine, prompts, GREEDY) == expected, topk
+            assert trees[0] > 0 and _accepted(engine) > 0, (topk, trees[0])
+            _assert_clean(engine, free_before)
