@@ -7,7 +7,8 @@
 #
 #   kernels  compile and test, on the GPU, every kernel not yet run on one: quantized GEMMs
 #            (split-K decode tiles), FP8 KV cache, MoE decode path, vision tower (layer_norm,
-#            gelu, pos_embed, scatter_rows, vision attention), tree attention, token ranks
+#            gelu, pos_embed, scatter_rows, vision attention), tree attention and draft trees,
+#            token ranks; the speculative verify graphs
 #   quant    bench_kernels quant + kv_fp8 (incl. the decode tile candidates), batch-1 decode
 #            of Llama-3.1-8B as bf16 / online fp8 / AWQ / fp8-block + FP8 KV, kernel audits
 #   moe      Qwen3-30B-A3B batch-1 decode vs its active-weight roofline, bench_kernels moe,
@@ -42,7 +43,9 @@ for section in "$@"; do
             tests/kernels/test_quant_w4a16.py tests/kernels/test_quant_kv_fp8.py tests/kernels/test_quant_moe.py \
             tests/kernels/test_moe.py tests/kernels/test_norm.py tests/kernels/test_activation.py \
             tests/kernels/test_pos_embed.py tests/kernels/test_scatter.py tests/kernels/test_vision_attention.py \
-            tests/kernels/test_tree_attention.py tests/kernels/test_sampling.py
+            tests/kernels/test_tree_attention.py tests/kernels/test_draft_tree.py tests/kernels/test_sampling.py
+        step spec-graphs 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_speculative_graphs.py \
+            tests/engine/test_speculative_eagle.py -k "not server"
         step gpu-suite 250 python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py \
             tests/models/test_gpu_parity.py tests/server/test_bad_input_fuzz.py ;;
     quant)
