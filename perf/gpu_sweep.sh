@@ -9,6 +9,7 @@
 #            (split-K decode tiles), FP8 KV cache, MoE decode path, vision tower (layer_norm,
 #            gelu, pos_embed, scatter_rows, vision attention), tree attention and draft trees,
 #            token ranks; the speculative verify graphs
+#   suite    the engine, model-parity and bad-input tests that run on a GPU
 #   quant    bench_kernels quant + kv_fp8 (incl. the decode tile candidates), batch-1 decode
 #            of Llama-3.1-8B as bf16 / online fp8 / AWQ / fp8-block + FP8 KV, kernel audits
 #   moe      Qwen3-30B-A3B batch-1 decode vs its active-weight roofline, bench_kernels moe,
@@ -45,8 +46,9 @@ for section in "$@"; do
             tests/kernels/test_pos_embed.py tests/kernels/test_scatter.py tests/kernels/test_vision_attention.py \
             tests/kernels/test_tree_attention.py tests/kernels/test_draft_tree.py tests/kernels/test_sampling.py
         step spec-graphs 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_speculative_graphs.py \
-            tests/engine/test_speculative_eagle.py -k "not server"
-        step gpu-suite 250 python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py \
+            tests/engine/test_speculative_eagle.py -k "not server" ;;
+    suite)
+        step gpu-suite 400 python3 -m pytest -q -p no:cacheprovider tests/engine/test_gpu.py \
             tests/models/test_gpu_parity.py tests/server/test_bad_input_fuzz.py ;;
     quant)
         step bench-quant 200 python3 perf/bench_kernels.py --only quant,kv_fp8 --quick --rounds 1
@@ -70,6 +72,6 @@ for section in "$@"; do
         step profile-llama 200 python3 perf/profile_decode.py --model Llama-3.1-8B-Instruct
         step profile-mistral 200 python3 perf/profile_decode.py --model Mistral-7B-Instruct-v0.3 ;;
     *)
-        echo "unknown section $section (kernels quant moe spec vl decode)"; exit 2 ;;
+        echo "unknown section $section (kernels suite quant moe spec vl decode)"; exit 2 ;;
     esac
 done
