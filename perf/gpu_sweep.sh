@@ -11,11 +11,12 @@
 #            token ranks; the speculative verify graphs
 #   suite    the engine, model-parity and bad-input tests that run on a GPU
 #   quant    bench_kernels quant + kv_fp8 (incl. the decode tile candidates), batch-1 decode
-#            of Llama-3.1-8B as bf16 / online fp8 / AWQ / fp8-block + FP8 KV, kernel audits
-#   moe      Qwen3-30B-A3B batch-1 decode vs its active-weight roofline, bench_kernels moe,
-#            and the kernel audit of the MoE model
+#            of Llama-3.1-8B as bf16 / online fp8 / AWQ / fp8-block + FP8 KV
+#   moe      Qwen3-30B-A3B batch-1 decode vs its active-weight roofline, bench_kernels moe
+#   audit    the kernel audit (0 kernels not from triton_kernels/) of quantized models with
+#            the FP8 KV cache, of the MoE model and of a VL prefill with images
 #   spec     perf/bench_speculative.py (verify cost, oracle speedup curve, EAGLE3 step)
-#   vl       vision kernels vs torch, kernel audit with an image, perf/bench_vl.py
+#   vl       vision kernels vs torch SDPA and the torch ops, perf/bench_vl.py
 #   decode   profile_decode.py on Llama-3.1-8B and Mistral-7B (where the batch-1 step goes)
 #
 # The device image lacks msgspec, outlines-core, openai, jsonschema and pillow: carry
@@ -52,26 +53,27 @@ for section in "$@"; do
             tests/models/test_gpu_parity.py tests/server/test_bad_input_fuzz.py ;;
     quant)
         step bench-quant 200 python3 perf/bench_kernels.py --only quant,kv_fp8 --quick --rounds 1
-        step one-batch-quant 300 python3 perf/bench_one_batch.py --models Llama-3.1-8B-Instruct \
-            --variants bf16,fp8,awq,fp8-block+kv-fp8 --batch-sizes 1,16 --input-lens 256 --decode-steps 16
+        step one-batch-quant 280 python3 perf/bench_one_batch.py --models Llama-3.1-8B-Instruct \
+            --variants bf16,fp8,awq,fp8-block+kv-fp8 --batch-sizes 1,16 --input-lens 256 --decode-steps 16 ;;
+    audit)
         step audit-quant 120 python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant awq+kv-fp8 --batch 2
-        step audit-fp8 120 python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant fp8-block --batch 2 ;;
+        step audit-fp8 120 python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant fp8-block --batch 2
+        step audit-moe 150 python3 perf/kernel_audit.py --model Qwen3-30B-A3B
+        step audit-vl 150 python3 perf/kernel_audit.py --model Qwen2.5-VL-7B-Instruct --image 1024x768 \
+            --batch 2 --input-len 128 ;;
     moe)
         step one-batch-moe 150 python3 perf/bench_one_batch.py --models Qwen3-30B-A3B --batch-sizes 1,16 \
             --input-lens 256 --decode-steps 16
-        step bench-moe 100 python3 perf/bench_kernels.py --only moe --quick
-        step audit-moe 150 python3 perf/kernel_audit.py --model Qwen3-30B-A3B ;;
+        step bench-moe 100 python3 perf/bench_kernels.py --only moe --quick ;;
     spec)
         step spec 500 python3 perf/bench_speculative.py ;;
     vl)
         step bench-vision 80 python3 perf/bench_kernels.py --only vision_tower,vision_attention --quick
-        step audit-vl 150 python3 perf/kernel_audit.py --model Qwen2.5-VL-7B-Instruct --image 1024x768 \
-            --batch 2 --input-len 128
         step bench-vl 300 python3 perf/bench_vl.py ;;
     decode)
         step profile-llama 200 python3 perf/profile_decode.py --model Llama-3.1-8B-Instruct
         step profile-mistral 200 python3 perf/profile_decode.py --model Mistral-7B-Instruct-v0.3 ;;
     *)
-        echo "unknown section $section (kernels suite quant moe spec vl decode)"; exit 2 ;;
+        echo "unknown section $section (kernels suite quant moe audit spec vl decode)"; exit 2 ;;
     esac
 done
