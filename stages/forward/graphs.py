@@ -44,6 +44,32 @@ Each graph of a model that keeps features for an EAGLE head
 (``DecoderModel.capture_layers``) also keeps the static feature tensors its
 capture produced (``features``), which hold the replay's features.
 
+EAGLE / EAGLE3 head steps (``DraftGraphs``): per decode batch-size bucket S,
+one graph per step kind, each replayed once per speculative step:
+
+* ``catch_up``: the head over each row's final positions, padded to a fixed
+  ``tokens`` (the verify root + drafts) q rows per row: row b of the batch
+  is graph row b, its ``count`` final positions first, then padding written
+  to slot 0 (the padding slot; rows past the batch are the dummy row 0 with
+  count 0). Static inputs: ``ids[S*tokens]``, ``features[S*tokens, F]``
+  (filled by one device scatter each from the pending features) and
+  ``ints[4*S]`` = rows, starts, counts, draft counts (one upload);
+  positions, slots and the attention layout are computed inside the graph.
+  A batch whose catch-up needs more than ``tokens`` positions, or reaches
+  past the req_to_token row or the head's rotary table, drafts eagerly.
+* ``chain`` (topk 1): every row's ``depth - 1`` draft decode steps from the
+  catch-up's outputs; a row past its draft count (or padding) runs as the
+  dummy row at position 0 writing slot 0 -> ``[S, depth]`` drafts.
+* ``tree`` (topk > 1): the whole top-k expansion (``steps - 1`` tree steps,
+  frontier bookkeeping included; the nodes write only slot 0) -> the
+  candidates' tokens, parents and scores ``[S, C]``; rows without drafts run
+  as the dummy row with an empty prefix. Pruning and layout
+  (``triton_kernels/draft_tree.py``) stay one launch outside the graph, as
+  they write into whichever verify graph's inputs serve the batch.
+
+The catch-up of a prefill chunk's positions after the target forward
+(``EagleDrafter.keep``) stays eager: its length is the chunk's.
+
 ``eager=True`` builds the same static buffers and runs the same padded
 forward without capturing (``launch`` calls it directly): the CPU tests use it
 to check the layouts and the runner's graph paths, which a CPU cannot capture.
@@ -335,3 +361,102 @@ def _idle_verify(size: int, tokens: int) -> list[int]:
     T = size * tokens
     return ([0] * (4 * T) + [0] * size + [0] * size + [tokens] * size + [b * tokens for b in range(size)]
             + [tokens] * size + [b * tokens * tokens for b in range(size)])
+
+
+# ----------------------------------------------------------------------------- EAGLE head steps
+DRAFT_KINDS = ("catch_up", "chain", "tree")
+
+
+class DraftGraphs:
+    """Captured EAGLE / EAGLE3 head steps, one per (batch size, step kind) (module docstring).
+
+    ``drafter`` is the forward stage's ``EagleDrafter``: its ``catch_up_padded``,
+    ``chain_steps`` and ``grow_trees`` are the captured bodies."""
+
+    def __init__(self, drafter, req_to_token: torch.Tensor, max_bs: int, tokens: int, depth: int,
+                 device: torch.device, uploader, eager: bool = False) -> None:
+        self.drafter, self.req_to_token = drafter, req_to_token
+        self.model = drafter.head  # what ``capture`` reads kept features of (none)
+        self.device, self.uploader, self.eager = device, uploader, eager
+        self.tokens, self.depth = tokens, depth  # catch-up q rows per row; chain drafts per row
+        self.sizes = capture_sizes(max_bs)
+        self.kinds = ("catch_up", "tree" if drafter.topk > 1 else "chain")
+        head = drafter.head.config
+        self.feature_width = head.target_hidden_size * (3 if head.kind == "eagle3" else 1)
+        self.graphs: dict[tuple[int, str], torch.cuda.CUDAGraph] = {}
+        self.ints: dict[int, torch.Tensor] = {}       # size -> rows, starts, counts, draft counts
+        self.ids: dict[int, torch.Tensor] = {}
+        self.feature_in: dict[int, torch.Tensor] = {}  # size -> catch-up features [S*tokens, F]
+        self.outputs: dict[tuple[int, str], object] = {}
+        self.features: dict[tuple[int, str], list[torch.Tensor]] = {}  # ``capture`` fills (a head keeps none)
+        self.replays = {kind: 0 for kind in DRAFT_KINDS}
+        self.pool = None
+
+    @torch.inference_mode()
+    def capture_all(self, pool=None) -> None:
+        """Every bucket's step graphs, largest first, into ``pool`` (the target graphs')."""
+        self.pool = pool
+        dtype = self.drafter.head.dtype
+        for size in reversed(self.sizes):
+            self.ints[size] = torch.zeros(4 * size, dtype=torch.int64, device=self.device)
+            self.ids[size] = torch.zeros(size * self.tokens, dtype=torch.int64, device=self.device)
+            self.feature_in[size] = torch.zeros(size * self.tokens, self.feature_width, dtype=dtype, device=self.device)
+            if not self.eager:
+                for kind in self.kinds:  # the catch-up first: the draft steps read its outputs
+                    self.pool = capture(self, (size, kind), self.pool)
+
+    def size_for(self, batch: ForwardBatch, segments: list, drafts: list[list[int]]) -> int | None:
+        """The bucket whose graphs draft this batch (``segments``: its catch-up rows), or None."""
+        size = next((s for s in self.sizes if s >= len(batch.rids)), None)
+        if size is None:
+            return None
+        reach = min(int(self.req_to_token.shape[1]), int(self.drafter.head.cos_sin_cache.shape[0]))
+        if any(s.count > self.tokens or s.start + self.tokens > reach for s in segments):
+            return None
+        if self.drafter.topk == 1 and drafts and max(len(d) for d in drafts) > self.depth:
+            return None
+        return size
+
+    def _run(self, key: tuple[int, str]):
+        size, kind = key
+        rows, starts, counts, drafts = self.ints[size].view(4, size)
+        if kind == "catch_up":
+            return self.drafter.catch_up_padded(self.ids[size], self.feature_in[size], rows, starts, counts,
+                                                self.tokens, self.req_to_token)
+        logits, hidden = self.outputs[(size, "catch_up")]
+        if kind == "chain":
+            return self.drafter.chain_steps(rows, starts + counts, drafts, logits, hidden, self.req_to_token,
+                                            self.depth)
+        drafting = drafts > 0
+        return self.drafter.grow_trees(torch.where(drafting, rows, 0), torch.where(drafting, starts + counts, 0),
+                                       logits, hidden, self.req_to_token, int(self.req_to_token.shape[1]))
+
+    def catch_up(self, size: int, segments: list, drafts: list[list[int]]) -> None:
+        """Load the catch-up rows (segment of batch row b into graph row b) and run the catch-up."""
+        ints = [0] * (4 * size)
+        for s in segments:
+            ints[s.b], ints[size + s.b], ints[2 * size + s.b] = s.row, s.start, s.count
+            ints[3 * size + s.b] = len(drafts[s.b]) if drafts else 0
+        index = [s.b * self.tokens + j for s in segments for j in range(s.count)]
+        self.uploader.upload_into(ints, self.ints[size])
+        at = self.uploader.upload(index, torch.int64)
+        self.ids[size][at] = torch.cat([s.tokens for s in segments])
+        self.feature_in[size][at] = torch.cat([s.features for s in segments]).to(self.feature_in[size].dtype)
+        self.launch((size, "catch_up"))
+
+    def chain(self, size: int) -> torch.Tensor:
+        """[size, depth] drafts of the catch-up just run (a row's first draft-count entries)."""
+        return self.launch((size, "chain"))
+
+    def tree(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Candidates' (tokens, parents, scores), each [size, C], of the catch-up just run."""
+        return self.launch((size, "tree"))
+
+    def launch(self, key: tuple[int, str]):
+        """Replay ``key``'s graph (eager: run its body) -> its static outputs."""
+        if self.eager:
+            self.outputs[key] = self._run(key)
+        else:
+            self.graphs[key].replay()
+        self.replays[key[1]] += 1
+        return self.outputs[key]

@@ -29,7 +29,7 @@ from models.loader import load_model, resolve_dtype
 from models.parallel import TPGroup
 from pipeline.config import ServerArgs, running_requests_limit
 from pipeline.messages import ForwardBatch
-from stages.forward.graphs import DecodeGraphs, VerifyGraphs, pad_decode
+from stages.forward.graphs import DecodeGraphs, DraftGraphs, VerifyGraphs, pad_decode
 from stages.forward.inputs import num_draft_logit_rows, pack_batch, unpack, write_req_to_token
 from stages.forward.multimodal import MultimodalInputs
 from stages.forward.speculative import EagleDrafter, move_kept_kv, parents_metadata, tree_metadata
@@ -93,8 +93,8 @@ class ModelRunner:
             self.use_graphs(eager=False)
 
     def use_graphs(self, eager: bool) -> None:
-        """Decode graphs, and verify graphs when speculating, up to --cuda-graph-max-bs rows
-        (``eager``: the same static buffers and padded forwards, not captured; CPU tests)."""
+        """Decode graphs, and verify graphs when speculating (EAGLE: the head's draft step graphs
+        too), up to --cuda-graph-max-bs rows (``eager``: the same static buffers and padded forwards, not captured; CPU tests)."""
         args = self.args
         max_bs = min(args.cuda_graph_max_bs, self.max_running_requests)
         self.graphs = DecodeGraphs(self.model, self.kv_cache, self.req_to_token, self._write_decode, max_bs,
@@ -107,6 +107,10 @@ class ModelRunner:
                                               min(max_bs, VERIFY_MAX_BS), drafts + 1, args.speculative_eagle_topk > 1,
                                               self.device, self.uploader, eager=eager)
             self.verify_graphs.capture_all(self.graphs.pool)
+            if self.drafter is not None:  # the EAGLE head's own steps, per decode bucket
+                self.drafter.graphs = DraftGraphs(self.drafter, self.req_to_token, max_bs, drafts + 1, drafts,
+                                                  self.device, self.uploader, eager=eager)
+                self.drafter.graphs.capture_all(self.verify_graphs.pool)
 
     def _compile_gemm_tiles(self) -> None:
         """Every prefill gemm tile for every weight shape, before the first request."""

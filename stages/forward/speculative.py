@@ -77,7 +77,16 @@ rejects unless they happen to match. CUDA graphs serve EAGLE targets
 too: decode batches replay the decode graphs and verify
 batches the verify graphs (``stages/forward/graphs.py``), each graph keeping
 the static feature tensors its capture produced; ``draft`` and ``keep``
-take the padded rows' ``offsets``. The head's own steps run eagerly.
+take the padded rows' ``offsets``.
+
+The head's own steps have graphs too (``graphs.DraftGraphs``, per decode
+batch-size bucket; ``self.graphs`` once the runner turns graphs on): when a
+batch fits a bucket, ``draft`` runs the catch-up padded to a fixed
+``drafts + 1`` positions per row (``catch_up_padded``), then every row's
+chain (``chain_steps``) or tree expansion (``grow_trees``) at the bucket's
+size, each a replay; only the host-side layout (which rows, their draft
+counts) and the tree layout launch stay outside. ``keep``'s catch-up of a
+prefill chunk's positions stays eager: its length is the chunk's.
 """
 from __future__ import annotations
 
@@ -230,6 +239,7 @@ class EagleDrafter:
         c = self.head.config.layer
         self.kv_cache = KVCache.allocate(1, num_slots, c.num_key_value_heads, c.head_dim, dtype, device)
         self.pending: dict[int, _Pending] = {}  # req_to_token row -> features fed last step
+        self.graphs = None  # graphs.DraftGraphs: the head's steps per batch-size bucket (ModelRunner.use_graphs)
         self.topk, self.steps = topk, steps     # trees when topk > 1 (module docstring)
         # pruning and tree layout on the device: the Triton kernel, or its PyTorch reference
         self.build_tree = (draft_tree.build_draft_tree if ops.backend == "triton"
@@ -296,6 +306,9 @@ class EagleDrafter:
         drafted = Drafted([list(ids) for ids in batch.sampling.draft_ids])
         if not segments:
             return drafted
+        size = self.graphs.size_for(batch, segments, drafted.drafts) if self.graphs is not None else None
+        if size is not None:
+            return self._draft_by_graphs(size, segments, drafted, input_ids, positions, starts, mask)
         logits, hidden = self._catch_up(segments, req_to_token)
         if not drafted.drafts:
             return drafted
@@ -312,6 +325,30 @@ class EagleDrafter:
             drafted.counts = [chain.shape[0] for _, chain in chains]
             drafted.tokens = flat
         return drafted
+
+    def _draft_by_graphs(self, size: int, segments: list["_Segment"], drafted: Drafted, input_ids: torch.Tensor,
+                         positions: torch.Tensor | None, starts: list[int],
+                         mask: tuple[torch.Tensor, int] | None) -> Drafted:
+        """``draft`` through the head's graphs of batch size ``size`` (``DraftGraphs``: batch row b
+        is graph row b): the padded catch-up, then the chain or tree steps of every row at once."""
+        self.graphs.catch_up(size, segments, drafted.drafts)
+        rows = [seg.b for seg in segments if drafted.drafts and drafted.drafts[seg.b]]
+        if not rows:
+            return drafted
+        if self.topk > 1:
+            tokens, parents, scores = self.graphs.tree(size)
+            picked = torch.tensor(rows, dtype=torch.int64).to(self.device)
+            return self._lay_out_trees(rows, drafted, tokens[picked], parents[picked], scores[picked], input_ids,
+                                       positions, starts, mask)
+        chains = self.graphs.chain(size)                                     # [size, depth]
+        counts = [len(drafted.drafts[b]) for b in rows]
+        depth = chains.shape[1]
+        index = torch.tensor([[b * depth + j for b, n in zip(rows, counts) for j in range(n)],
+                              [starts[b] + 1 + j for b, n in zip(rows, counts) for j in range(n)]],
+                             dtype=torch.int64).to(self.device)
+        flat = chains.flatten()[index[0]]
+        input_ids[index[1]] = flat
+        return dataclasses.replace(drafted, rows=rows, counts=counts, tokens=flat)
 
     def _catch_up_segments(self, batch: ForwardBatch, input_ids: torch.Tensor, starts: list[int]
                            ) -> list["_Segment"]:
@@ -351,6 +388,28 @@ class EagleDrafter:
         logits, hidden = self.head(ids, features, positions, meta, self.kv_cache)
         return logits, hidden[meta.logits_indices]
 
+    def catch_up_padded(self, ids: torch.Tensor, features: torch.Tensor, rows: torch.Tensor, starts: torch.Tensor,
+                        counts: torch.Tensor, tokens: int, req_to_token: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_catch_up`` at a fixed shape (the draft graphs' form): S rows of ``tokens`` q rows
+        each, row s's ``counts[s]`` final positions from ``starts[s]`` first, then padding
+        (the padding slot 0, a padding row has count 0 and req_to_token row 0; causal
+        attention keeps padding out of the real positions) -> (logits at each row's last
+        final position [S, draft vocab], the head's hidden there [S, H])."""
+        num = rows.shape[0]
+        index = torch.arange(num, device=self.device, dtype=torch.int64)
+        column = torch.arange(tokens, device=self.device, dtype=torch.int64)
+        positions = starts[:, None] + column[None, :]                                 # [S, tokens]
+        slots = torch.where(column[None, :] < counts[:, None], req_to_token[rows[:, None], positions].long(), 0)
+        last = index * tokens + (counts - 1).clamp(min=0)
+        meta = AttentionMetadata(
+            mode="extend", req_to_token=req_to_token, req_pool_indices=rows, prefix_lens=starts,
+            extend_lens=torch.full_like(rows, tokens), extend_start_loc=index * tokens, seq_lens=starts + tokens,
+            out_cache_loc=slots.flatten(), logits_indices=last, max_extend_len=tokens,
+            max_seq_len=int(req_to_token.shape[1]))
+        logits, hidden = self.head(ids, features, positions.flatten(), meta, self.kv_cache)
+        return logits, hidden[last]
+
     def _chain(self, segments: list["_Segment"], wanted: list[list[int]], first: torch.Tensor,
                hidden: torch.Tensor, req_to_token: torch.Tensor) -> list[tuple["_Segment", torch.Tensor]]:
         """Draft steps 2..d of every drafting row -> (segment, its chain [d] on the device)."""
@@ -384,8 +443,18 @@ class EagleDrafter:
             return drafted
         picked = torch.tensor(drafting, dtype=torch.int64).to(self.device)
         chosen = [segments[k] for k in drafting]
-        tokens, parents, scores = self._grow_trees(chosen, logits[picked], hidden[picked], req_to_token)
-        rows = [seg.b for seg in chosen]
+        roots = [s.start + s.count for s in chosen]                        # q: the prefix length
+        ints = torch.tensor([[s.row for s in chosen], roots], dtype=torch.int64).to(self.device)
+        tokens, parents, scores = self.grow_trees(ints[0], ints[1], logits[picked], hidden[picked], req_to_token,
+                                                  max(roots))
+        return self._lay_out_trees([seg.b for seg in chosen], drafted, tokens, parents, scores, input_ids,
+                                   positions, starts, mask)
+
+    def _lay_out_trees(self, rows: list[int], drafted: Drafted, tokens: torch.Tensor, parents: torch.Tensor,
+                       scores: torch.Tensor, input_ids: torch.Tensor, positions: torch.Tensor, starts: list[int],
+                       mask: tuple[torch.Tensor, int] | None) -> Drafted:
+        """Prune batch rows ``rows``' candidates ([len(rows), C] each) to their draft counts and lay
+        the trees out on the device (``build_tree``: nodes into the inputs and positions, masks)."""
         counts = [len(drafted.drafts[b]) for b in rows]
         if max(counts) > tokens.shape[1]:  # the schedule stage sizes drafts within the candidates
             raise RuntimeError(f"{max(counts)} draft slots for trees of {tokens.shape[1]} candidates")
@@ -403,12 +472,14 @@ class EagleDrafter:
         return dataclasses.replace(drafted, rows=rows, counts=counts, tokens=out_tokens, parents=out_parents,
                                    tree_mask=tree_mask if mask is None else None, mask_starts=mask_starts)
 
-    def _grow_trees(self, segments: list["_Segment"], logits: torch.Tensor, hidden: torch.Tensor,
-                    req_to_token: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Top-k expansion over ``steps`` for every segment at once -> the candidates' target
-        token ids, parents (0 the root, candidate c is node c + 1) and cumulative log-probs,
-        each [S, C] with C = k + (steps - 1) k^2, in creation order (parents come first)."""
-        k, num = self.topk, len(segments)
+    def grow_trees(self, rows: torch.Tensor, roots: torch.Tensor, logits: torch.Tensor, hidden: torch.Tensor,
+                   req_to_token: torch.Tensor, max_root: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Top-k expansion over ``steps`` for S rows at once (req_to_token ``rows`` [S], prefix
+        lengths ``roots`` [S], both on the device; ``max_root`` bounds them) -> the candidates'
+        target token ids, parents (0 the root, candidate c is node c + 1) and cumulative
+        log-probs, each [S, C] with C = k + (steps - 1) k^2, in creation order (parents come
+        first). Shapes depend only on S, so a draft graph captures it (``DraftGraphs``)."""
+        k, num = self.topk, rows.shape[0]
         score, ids = torch.log_softmax(logits.float(), -1).topk(k, dim=-1)   # [S, k] depth 1
         ids = self.head.draft_to_target(ids)
         cand_tokens, cand_parents, cand_scores = [ids], [torch.zeros_like(ids)], [score]
@@ -416,7 +487,8 @@ class EagleDrafter:
         fed_ids, fed_hidden = ids, hidden[:, None, :].expand(num, k, hidden.shape[-1])
         fed_mask = torch.eye(k, dtype=torch.bool, device=self.device).expand(num, k, k)
         for step in range(1, self.steps):
-            out_logits, out_hidden = self._tree_step(segments, fed_ids, fed_hidden, fed_mask, step, req_to_token)
+            out_logits, out_hidden = self._tree_step(rows, roots, fed_ids, fed_hidden, fed_mask, step, req_to_token,
+                                                     max_root)
             lp = torch.log_softmax(out_logits.float(), -1).view(num, k, -1) + score[:, :, None]
             child_score, child_ids = lp.topk(k, dim=-1)                          # [S, k, k]
             child_ids = self.head.draft_to_target(child_ids.view(num, k * k))
@@ -434,36 +506,60 @@ class EagleDrafter:
             new_hidden = out_hidden.view(num, fed_len, -1).gather(
                 1, parent_fed[:, :, None].expand(num, k, out_hidden.shape[-1]))
             fed_hidden = torch.cat([fed_hidden, new_hidden], dim=1)
-            rows = fed_mask.gather(1, parent_fed[:, :, None].expand(num, k, fed_len))  # parents' ancestors
+            ancestors = fed_mask.gather(1, parent_fed[:, :, None].expand(num, k, fed_len))  # the parents'
             mask = torch.zeros(num, fed_len + k, fed_len + k, dtype=torch.bool, device=self.device)
             mask[:, :fed_len, :fed_len] = fed_mask
-            mask[:, fed_len:, :fed_len] = rows
+            mask[:, fed_len:, :fed_len] = ancestors
             mask[:, fed_len:, fed_len:] = torch.eye(k, dtype=torch.bool, device=self.device)
             fed_mask = mask
         return torch.cat(cand_tokens, 1), torch.cat(cand_parents, 1), torch.cat(cand_scores, 1)
 
-    def _tree_step(self, segments: list["_Segment"], fed_ids: torch.Tensor, fed_hidden: torch.Tensor,
-                   fed_mask: torch.Tensor, step: int, req_to_token: torch.Tensor
+    def _tree_step(self, rows: torch.Tensor, roots: torch.Tensor, fed_ids: torch.Tensor, fed_hidden: torch.Tensor,
+                   fed_mask: torch.Tensor, step: int, req_to_token: torch.Tensor, max_root: int
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The head over every frontier node chosen so far (``step`` frontiers of k, node j of
-        frontier d at position ``q - 1 + d``) under their ancestor masks -> (logits of the newest
-        frontier [S * k, draft vocab], hidden of every fed node [S * n, H])."""
+        frontier d at position ``q - 1 + d``, q = ``roots``) under their ancestor masks ->
+        (logits of the newest frontier [S * k, draft vocab], hidden of every fed node [S * n, H])."""
         num, n = fed_ids.shape
         k = self.topk
         depth = torch.arange(1, step + 1, device=self.device).repeat_interleave(k)    # [n]
-        roots = [s.start + s.count for s in segments]                                 # q: the prefix length
-        base = torch.tensor(roots, dtype=torch.int64).to(self.device) - 1
-        positions = (base[:, None] + depth[None, :]).flatten()
+        positions = ((roots - 1)[:, None] + depth[None, :]).flatten()
         slots = torch.zeros(num * n, dtype=torch.int64, device=self.device)          # the padding slot
-        meta = self._meta("extend", req_to_token, [s.row for s in segments], roots, [n] * num, slots)
-        last = torch.arange(num, device=self.device)[:, None] * n + torch.arange(n - k, n, device=self.device)
-        meta = dataclasses.replace(
-            meta, logits_indices=last.flatten(), tree_mask=fed_mask.flatten(),
-            mask_start_loc=torch.arange(num, device=self.device, dtype=torch.int64) * n * n)
+        index = torch.arange(num, device=self.device, dtype=torch.int64)
+        last = index[:, None] * n + torch.arange(n - k, n, device=self.device)
+        meta = AttentionMetadata(
+            mode="extend", req_to_token=req_to_token, req_pool_indices=rows, prefix_lens=roots,
+            extend_lens=torch.full_like(rows, n), extend_start_loc=index * n, seq_lens=roots + n,
+            out_cache_loc=slots, logits_indices=last.flatten(), max_extend_len=n, max_seq_len=max_root + n,
+            tree_mask=fed_mask.flatten(), mask_start_loc=index * n * n)
         # a copy: EAGLE3's layer adds into its input hidden in place (the residual)
         features = fed_hidden.reshape(num * n, -1).clone()
         logits, out = self.head(fed_ids.flatten(), features, positions, meta, self.kv_cache)
         return logits, out
+
+    def chain_steps(self, rows: torch.Tensor, roots: torch.Tensor, counts: torch.Tensor, logits: torch.Tensor,
+                    hidden: torch.Tensor, req_to_token: torch.Tensor, depth: int) -> torch.Tensor:
+        """Chains of ``depth`` drafts for S rows at once (the draft graphs' form of ``_chain``):
+        row s drafts from the catch-up's ``logits[s]`` and ``hidden[s]`` at prefix length
+        ``roots[s]``; step j (1 .. depth - 1) runs the head as a decode step over every row,
+        a row with ``counts[s] <= j`` (padding: 0) as the dummy row 0 at position 0 writing
+        the padding slot 0, so no row writes past its own draft slots -> [S, depth] target ids
+        (a row's first ``counts[s]`` are its chain)."""
+        index = torch.arange(rows.shape[0], device=self.device, dtype=torch.int64)
+        tokens = [self.head.draft_to_target(logits.argmax(-1))]
+        hidden = hidden.clone()  # EAGLE3's layer adds into its input hidden in place
+        for step in range(1, depth):
+            active = counts > step
+            pos = torch.where(active, roots - 1 + step, 0)
+            row = torch.where(active, rows, 0)
+            slots = torch.where(active, req_to_token[row, pos].long(), 0)
+            meta = AttentionMetadata(
+                mode="decode", req_to_token=req_to_token, req_pool_indices=row, prefix_lens=pos,
+                extend_lens=torch.ones_like(pos), extend_start_loc=index, seq_lens=pos + 1, out_cache_loc=slots,
+                logits_indices=index, max_extend_len=1, max_seq_len=int(req_to_token.shape[1]))
+            step_logits, hidden = self.head(tokens[-1], hidden, pos, meta, self.kv_cache)
+            tokens.append(self.head.draft_to_target(step_logits.argmax(-1)))
+        return torch.stack(tokens, dim=1)
 
     def _meta(self, mode: str, req_to_token: torch.Tensor, req_rows: list[int], prefix_lens: list[int],
               extend_lens: list[int], slots: torch.Tensor) -> AttentionMetadata:

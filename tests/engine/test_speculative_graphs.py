@@ -135,3 +135,106 @@ def test_captured_graphs_equal_eager(case, checkpoints) -> None:
         assert _results(engine, prompts, GREEDY) == expected
         assert launches["verify"] > 0, launches
         assert_pool_clean(engine, free_before)
+
+
+# ----------------------------------------------------------------------------- the head's draft graphs
+DRAFT_CASES = [  # (algorithm, head, extra flags): chains and trees, EAGLE and EAGLE3
+    ("EAGLE", "echo", dict(speculative_num_steps=4)),
+    ("EAGLE3", "EAGLE3", dict(speculative_num_steps=3)),
+    ("EAGLE", "echo", dict(speculative_eagle_topk=3, speculative_num_steps=3, speculative_num_draft_tokens=6)),
+    ("EAGLE3", "EAGLE3", dict(speculative_eagle_topk=2, speculative_num_steps=3, speculative_num_draft_tokens=5)),
+]
+
+
+def _record_drafts(drafter) -> list[tuple]:
+    """Wrap ``drafter.draft``: record (rid, first position, drafts, parents) of every drafting row."""
+    recorded, draft = [], drafter.draft
+
+    def recording(batch, input_ids, req_to_token, *rest):
+        drafted = draft(batch, input_ids, req_to_token, *rest)
+        drafts, parents = drafted.host()
+        start = 0
+        for b, rid in enumerate(batch.rids):
+            if drafts and drafts[b]:
+                recorded.append((rid, batch.positions[start], list(drafts[b]), list(parents[b]) if parents else []))
+            start += batch.extend_lens[b]
+        return drafted
+
+    drafter.draft = recording
+    return recorded
+
+
+def _run_drafting(target, spec: dict, draft_graphs: bool, prompts, params) -> tuple:
+    """(outputs, recorded drafts, the draft graphs' replays, the head's KV past slot 0) of an
+    engine on the (eager) graph paths, the head's steps through its draft graphs or not."""
+    engine, _ = _graph_engine(target, cuda_graph_max_bs=4, disable_radix_cache=True, **spec)
+    with engine:
+        runner = engine.stages["forward"].runner
+        drafter = runner.drafter
+        assert drafter.graphs is not None and drafter.graphs.eager
+        graphs = drafter.graphs
+        if not draft_graphs:
+            drafter.graphs = None
+        recorded = _record_drafts(drafter)
+        free_before = engine.schedule.kv.pool.num_free_tokens
+        outputs = _results(engine, prompts, params) + _results(engine, prompts[:1], params)
+        assert_pool_clean(engine, free_before)
+        assert not engine.schedule.spec.states
+        head_kv = [cache[1:].clone() for cache in (*drafter.kv_cache.k, *drafter.kv_cache.v)]
+        order: dict[str, int] = {}  # request ids are random: number them by first draft
+        drafts = [(order.setdefault(rid, len(order)), *rest) for rid, *rest in recorded]
+        return outputs, drafts, dict(graphs.replays), head_kv
+
+
+@pytest.mark.parametrize("case", DRAFT_CASES,
+                         ids=[f"{c[0]}-{c[1]}-topk{c[2].get('speculative_eagle_topk', 1)}" for c in DRAFT_CASES])
+def test_draft_graphs_equal_plain_drafting(case, checkpoints) -> None:
+    """The head's steps through its (eager) draft graphs -- the catch-up padded to drafts + 1
+    positions per row, the chain or tree steps of every row of the bucket at once, three
+    requests in a bucket of 4 (a padding row) and then one alone (three) -- draft the same
+    chains and trees, token for token, as the plain drafting path, the output equals the
+    plain engine's, the pool is clean, and the head's KV outside the padding slot 0 ends
+    equal (padding rows and rows past their draft count wrote nothing else)."""
+    algorithm, head, flags = case
+    target, heads = checkpoints("llama3.2")
+    prompts = _prompts(3)
+    params = {"temperature": 0.0, "max_new_tokens": 20, "ignore_eos": True}
+    with cpu_engine(target) as engine:
+        expected = _results(engine, prompts, params) + _results(engine, prompts[:1], params)
+    spec = dict(speculative_algorithm=algorithm, speculative_draft_model_path=str(heads[head]), **flags)
+    plain = _run_drafting(target, spec, False, prompts, params)
+    graphed = _run_drafting(target, spec, True, prompts, params)
+    assert plain[0] == expected and graphed[0] == expected
+    assert graphed[1] == plain[1] and len(plain[1]) > 0
+    kind = "tree" if flags.get("speculative_eagle_topk", 1) > 1 else "chain"
+    assert graphed[2]["catch_up"] > 0 and graphed[2][kind] > 0, graphed[2]
+    assert plain[2] == {"catch_up": 0, "chain": 0, "tree": 0}
+    for mine, theirs in zip(graphed[3], plain[3]):
+        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_draft_graphs_pad_only_into_slot_zero(checkpoints) -> None:
+    """One catch-up of a row with 2 final positions (5, 6) in a bucket of 4 rows x 4 positions,
+    then its chain of 2 drafts in graphs of depth 3: the head's KV changes only at the row's
+    own slots (its 2 final positions, the one draft position its chain step writes) and the
+    padding slot 0 -- not at position 8, which the catch-up's padding and the chain's last
+    step (past the row's draft count) would reach."""
+    target, heads = checkpoints("llama3.2")
+    engine, _ = _graph_engine(target, cuda_graph_max_bs=4, speculative_algorithm="EAGLE",
+                              speculative_draft_model_path=str(heads["EAGLE"]), speculative_num_steps=3)
+    with engine, torch.inference_mode():  # the runner's tensors are inference tensors
+        drafter = engine.stages["forward"].runner.drafter
+        graphs, req_to_token = drafter.graphs, drafter.graphs.req_to_token
+        assert (graphs.tokens, graphs.depth) == (4, 3)
+        req_to_token[2, :12] = torch.arange(40, 52, dtype=req_to_token.dtype)
+        from stages.forward.speculative import _Segment
+
+        width = graphs.feature_width
+        segment = _Segment(b=1, row=2, start=5, count=2, tokens=torch.tensor([11, 12]),
+                           features=torch.randn(2, width, generator=torch.Generator().manual_seed(0)))
+        before = drafter.kv_cache.k[0].clone()
+        graphs.catch_up(4, [segment], [[], [0, 0], [], []])
+        chains = graphs.chain(4)
+        changed = (drafter.kv_cache.k[0] != before).flatten(1).any(1).nonzero().flatten().tolist()
+        assert set(changed) <= {0, 45, 46, 47} and {45, 46, 47} <= set(changed), changed
+        assert chains.shape == (4, 3)
