@@ -19,7 +19,10 @@ three sections (one process, batch 1, CUDA graphs on as the engine runs):
             EAGLE3 shape (``tests/models/configs/EAGLE3-LLaMA3.1-Instruct-8B.json``,
             ``--load-format dummy`` for both): ms per draft + verify step, a
             chain (``--speculative-num-steps 3``) and a tree (topk 4, 8 tokens),
-            against the plain decode step.
+            against the plain decode step. The head's steps run as the
+            engine runs them: through its draft graphs (catch-up, chain or
+            tree, ``stages/forward/graphs.DraftGraphs``) when the runner
+            captured them; each result names the graphs and their replays.
 
 Usage (one H100, about 4 minutes)::
 
@@ -239,11 +242,27 @@ def eagle3_steps(model: str, head: str, prompts: list[list[int]], params: dict, 
             steps = max(spec.total_verify_ct, 1)
             ms = elapsed / steps * 1e3
             results[name] = {"flags": flags, "ms_per_step": ms, "tok_s": tps, "verify_steps": steps,
-                             "accepted": spec.total_accepted, "ratio_to_decode": ms * plain_tok_s / 1e3}
+                             "accepted": spec.total_accepted, "ratio_to_decode": ms * plain_tok_s / 1e3,
+                             "draft_graphs": draft_graphs(engine)}
             print(f"  EAGLE3 {name}: {ms:7.3f} ms per draft+verify step = "
                   f"{results[name]['ratio_to_decode']:.2f}x a decode step ({steps} steps, "
-                  f"{spec.total_accepted} drafts accepted)", flush=True)
+                  f"{spec.total_accepted} drafts accepted; head draft graphs "
+                  f"{results[name]['draft_graphs']['replays'] or 'off'})", flush=True)
     return results
+
+
+def draft_graphs(engine: Engine) -> dict:
+    """Which head draft graphs the runner captured (``stages/forward/graphs.DraftGraphs``) and
+    how often each step kind replayed: the eagle3 section runs the head as the engine does,
+    its graphs by the runner's own choice (none on CPU or with --disable-cuda-graph)."""
+    runner = engine.stages["forward"].runner
+    graphs = runner.drafter.graphs
+    if graphs is None:
+        return {"captured": [], "replays": {}}
+    replays = {kind: n for kind, n in graphs.replays.items() if n}
+    if not graphs.eager and set(replays) != set(graphs.kinds):  # graphs on: every step kind replayed
+        raise RuntimeError(f"the head's draft graphs {graphs.kinds} did not all serve: replays {replays}")
+    return {"captured": sorted(f"{size}:{kind}" for size, kind in graphs.graphs), "replays": replays}
 
 
 # ----------------------------------------------------------------------------- main

@@ -116,8 +116,9 @@ def test_verify_mask_and_buckets() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (captured graphs)")
 @pytest.mark.parametrize("case", CASES, ids=[f"{c[0]}-{c[1]}-{c[2].get('speculative_eagle_topk', 1)}" for c in CASES])
 def test_captured_graphs_equal_eager(case, checkpoints) -> None:
-    """On a GPU with the Triton kernels: captured decode and verify graphs give the eager
-    engine's greedy tokens (fp32 tiny models), and the graphs served the steps."""
+    """On a GPU with the Triton kernels: captured decode and verify graphs (EAGLE: and the
+    head's draft graphs) give the eager engine's greedy tokens (fp32 tiny models), and the
+    graphs served the steps."""
     algorithm, head, flags = case
     target, heads = checkpoints("llama3.1")
     prompts = _prompts(3)
@@ -135,6 +136,11 @@ def test_captured_graphs_equal_eager(case, checkpoints) -> None:
         assert _results(engine, prompts, GREEDY) == expected
         assert launches["verify"] > 0, launches
         assert_pool_clean(engine, free_before)
+        drafter = runner.drafter
+        if drafter is not None:  # EAGLE: the head's steps replayed their captured graphs
+            kind = "tree" if drafter.topk > 1 else "chain"
+            assert {(1, "catch_up"), (1, kind)} <= set(drafter.graphs.graphs)
+            assert drafter.graphs.replays["catch_up"] > 0 and drafter.graphs.replays[kind] > 0
 
 
 # ----------------------------------------------------------------------------- the head's draft graphs
