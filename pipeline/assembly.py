@@ -392,7 +392,7 @@ def data_parallel(args: ServerArgs) -> tuple[tuple[StageSpec, ...], tuple[Channe
 # * An engine process that dies does not end the server while its role has
 #   another engine: ``pd_process_exit`` (the pipeline's ``on_process_exit``)
 #   tells the router (``EngineDown``), which fails the requests that were on
-#   it (``router.errors`` -> detokenize), routes around it and tells the
+#   it (``router.errors.0`` -> detokenize), routes around it and tells the
 #   survivors (``router.peers.k`` -> prefill engine k's schedule,
 #   ``router.decoders.j``); each prefill engine reports its handoffs to the
 #   router (``schedule@pk.routes``) so it knows where every request is.
@@ -474,7 +474,7 @@ def prefill_decode(args: ServerArgs, stages: tuple[StageSpec, ...], channels: tu
         f"schedule@p{k}.{door}" for k in range(num_prefill) for door in ("stats", "routes")), "router", CAPACITY)]
     for channel in channels:
         if channel.consumer not in engine_stages:
-            producers: list[str] = ["router.errors"] if channel.consumer == "detokenize" else []
+            producers: list[str] = ["router.errors.0"] if channel.consumer == "detokenize" else []
             for producer in channel.producers:
                 stage = producer.partition(".")[0]
                 if producer == "schedule.stats":

@@ -122,10 +122,10 @@ class RouterOutboxes(Outboxes):
     stats: Outbox[EngineStats]  # -> detokenize (-> ingest), relayed unchanged
     # Prefill/decode disaggregation (stages/schedule/disagg.py): each decode engine's schedule gets every
     # Abort and FlushCache too ("decoders.j"; none wired otherwise), and every engine the EngineDown notices
-    # ("peers.k" to prefill engine k's schedule); requests failed by a dead engine leave by "errors".
+    # ("peers.k" to prefill engine k's schedule); requests failed by a dead engine leave by "errors.0".
     decoders: tuple[Outbox[Abort | FlushCache | EngineDown], ...] = ()
     peers: tuple[Outbox[EngineDown], ...] = ()
-    errors: Outbox[ErrorOutput] | None = None
+    errors: tuple[Outbox[ErrorOutput], ...] = ()  # "errors.0" under pd placement
 
 
 @dataclasses.dataclass
@@ -162,7 +162,7 @@ class RouterStage(Stage):
         self.sequences: collections.OrderedDict[str, _Sequence] = collections.OrderedDict()  # pd: rid -> where
 
     # ------------------------------------------------------------ messages
-    def handle(self, message: RouterInbox) -> None:
+    def handle(self, message: PDRouterInbox) -> None:
         match message:
             case TokenizedRequest():
                 self._route(message)
@@ -255,9 +255,9 @@ class RouterStage(Stage):
             self._fail(parent, 500, reason, "internal_error")
 
     def _fail(self, rid: str, status: int, message: str, error_type: str) -> None:
-        if self.outboxes.errors is None:
+        if not self.outboxes.errors:
             raise RuntimeError(f"router: cannot fail request {rid} ({message}): no errors door is wired")
-        self.outboxes.errors.put(ErrorOutput(rid=rid, status_code=status, message=message, error_type=error_type))
+        self.outboxes.errors[0].put(ErrorOutput(rid=rid, status_code=status, message=message, error_type=error_type))
 
     def telemetry(self) -> dict[str, float]:
         if not self.outboxes.decoders:

@@ -40,8 +40,9 @@ DOORS: dict[type[Stage], tuple[typing.Any, dict[str, set[type]]]] = {
     ForwardStage: (m.ForwardInbox, {"sample": {m.Logits}}),
     ConstrainStage: (m.ConstrainInbox, {"schedule": {m.GrammarReady}, "sample": {m.TokenMask}}),
     SampleStage: (m.SampleInbox, {"schedule": {m.SampledTokens}, "constrain": {m.SampledTokens}}),
-    RouterStage: (m.RouterInbox, {"replicas": {m.TokenizedRequest, m.Abort, m.FlushCache}, "stats": {m.EngineStats},
-                                  "decoders": {m.Abort, m.FlushCache}}),
+    RouterStage: (m.PDRouterInbox, {"replicas": {m.TokenizedRequest, m.Abort, m.FlushCache},
+                                    "stats": {m.EngineStats}, "decoders": {m.Abort, m.FlushCache, m.EngineDown},
+                                    "peers": {m.EngineDown}, "errors": {m.ErrorOutput}}),
     DetokenizeStage: (m.DetokenizeInbox, {"out": {m.TextOutput, m.ErrorOutput, m.EngineStats, m.ProcessCounters},
                                           "abort": {m.Abort}}),
 }
