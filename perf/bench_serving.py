@@ -42,6 +42,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,21 +118,30 @@ def tokens_in_event(args: argparse.Namespace, event: dict, seen: int) -> int:
 
 async def send(session: aiohttp.ClientSession, args: argparse.Namespace, prompt: Prompt) -> RequestResult:
     path, body = request_body(args, prompt)
-    result = RequestResult(prompt_len=len(prompt.input_ids))
+    return await post_stream(session, args.base_url + path, body, RequestResult(prompt_len=len(prompt.input_ids)),
+                             lambda event, result: tokens_in_event(args, event, result.output_len))
+
+
+async def post_stream(session: aiohttp.ClientSession, url: str, body: dict, result: RequestResult,
+                      count_tokens: Callable[[dict, RequestResult], int]) -> RequestResult:
+    """POST one streamed request and time it into ``result``: TTFT at the first event that brings
+    output tokens, one gap per later event that brings more (``count_tokens(event, result)``: the
+    total output tokens so far), end to end; an HTTP error or an error event is kept in
+    ``result.error``."""
     start_s = last_s = time.perf_counter()
     try:
-        async with session.post(args.base_url + path, json=body) as response:
+        async with session.post(url, json=body) as response:
             if response.status != 200:
-                result.error = f"HTTP {response.status}: {(await response.text())[:200]}"
+                result.error = f"HTTP {response.status}: {(await response.text())[:300]}"
                 return result
             async for line in response.content:
                 if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
                     continue
                 event = json.loads(line[5:])
                 if "error" in event:
-                    result.error = event["error"].get("message", "error event")
+                    result.error = str(event["error"].get("message", "error event"))
                     return result
-                num_tokens = tokens_in_event(args, event, result.output_len)
+                num_tokens = count_tokens(event, result)
                 if num_tokens > result.output_len:
                     now_s = time.perf_counter()
                     if result.output_len == 0:

@@ -56,7 +56,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_serving import RequestResult, summarize  # noqa: E402
+from bench_serving import RequestResult, post_stream, summarize  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_CONFIGS = REPO / "tests" / "models" / "configs"
@@ -152,36 +152,13 @@ def request_body(text: str, image: bytes, output_len: int) -> dict:
 
 
 async def send(session: aiohttp.ClientSession, base_url: str, body: dict) -> RequestResult:
-    """One streamed /generate: TTFT, gaps between tokens, end to end (as bench_serving.send)."""
-    result = RequestResult()
-    start_s = last_s = time.perf_counter()
-    try:
-        async with session.post(base_url + "/generate", json=body) as response:
-            if response.status != 200:
-                result.error = f"HTTP {response.status}: {(await response.text())[:300]}"
-                return result
-            async for line in response.content:
-                if not line.startswith(b"data:") or line.strip() == b"data: [DONE]":
-                    continue
-                event = json.loads(line[5:])
-                if "error" in event:
-                    result.error = str(event["error"].get("message", "error event"))
-                    return result
-                meta = event.get("meta_info", {})
-                result.prompt_len = int(meta.get("prompt_tokens", result.prompt_len))
-                count = int(meta.get("completion_tokens") or len(event.get("output_ids", [])))
-                if count > result.output_len:
-                    now_s = time.perf_counter()
-                    if result.output_len == 0:
-                        result.ttft_s = now_s - start_s
-                    else:
-                        result.itls_s.append(now_s - last_s)
-                    last_s, result.output_len = now_s, count
-        result.e2e_s = time.perf_counter() - start_s
-        result.ok = result.output_len > 0
-    except (aiohttp.ClientError, asyncio.TimeoutError) as error:
-        result.error = f"{type(error).__name__}: {error}"
-    return result
+    """One streamed /generate: TTFT, gaps between tokens, end to end (bench_serving.post_stream)."""
+    def count_tokens(event: dict, result: RequestResult) -> int:
+        meta = event.get("meta_info", {})
+        result.prompt_len = int(meta.get("prompt_tokens", result.prompt_len))
+        return int(meta.get("completion_tokens") or len(event.get("output_ids", [])))
+
+    return await post_stream(session, base_url + "/generate", body, RequestResult(), count_tokens)
 
 
 async def get_json(base_url: str, path: str) -> dict:
