@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import socket
 import sys
-import threading
 import urllib.parse
 from typing import Any
 
@@ -25,7 +23,7 @@ from pipeline.launch import Pipeline, ProcessRunner, _counters_channel, _own_thr
 from pipeline.messages import PDTopology
 from pipeline.pd_hosts import BOOTSTRAP, DEFAULT_BOOTSTRAP_PORT, engine_process, host_channels
 from pipeline.placement import MAIN, PipelineSpec, single, wire_process
-from pipeline.serve import Server, serve_until_stopped
+from pipeline.serve import Server, drain_on_signals, serve_until_stopped
 from pipeline.tcp_channel import ChannelHub, TcpProducer, reachable, split_address
 
 logger = logging.getLogger("stagewise.router")
@@ -144,15 +142,7 @@ def router_main(argv: list[str] | None = None) -> int:
     server = Server(args)
     server.pipeline = HostsPipeline(pipeline_spec(args), {**prefill, **decode}, dist_init_addr,
                                     own.connect_timeout_s, on_failure=server.fail_requests)
-    stop_requested = threading.Event()
-
-    def on_signal(*_: Any) -> None:
-        stop_requested.set()
-        if server.ingest is not None:
-            server.begin_drain()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
+    stop_requested = drain_on_signals(server)
     try:
         server.start()
     except Exception as error:

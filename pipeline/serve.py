@@ -254,20 +254,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_fd_limit()
-    stop_requested = threading.Event()
     try:
         server = Server(args)
     except Exception as error:
         logger.error("could not start the server: %s", error)
         return 1
-
-    def on_signal(*_: Any) -> None:  # the drain shows on /health at once, even while start-up finishes
-        stop_requested.set()
-        if server.ingest is not None:
-            server.begin_drain()
-
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, on_signal)
+    stop_requested = drain_on_signals(server)
     try:
         server.start()
     except Exception as error:
@@ -282,6 +274,21 @@ def main(argv: list[str] | None = None) -> int:
     clean = server.shutdown()
     logger.info("stopped%s", "" if clean else " (the pipeline did not stop cleanly)")
     return 0 if clean and not problem else 1
+
+
+def drain_on_signals(server: Server) -> threading.Event:
+    """SIGTERM / SIGINT set the returned event and start the drain (it shows on /health at once, even
+    while start-up finishes)."""
+    stop_requested = threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        stop_requested.set()
+        if server.ingest is not None:
+            server.begin_drain()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, on_signal)
+    return stop_requested
 
 
 def serve_until_stopped(server: Server, stop_requested: threading.Event) -> str:
