@@ -43,22 +43,7 @@ stop_server() {
 trap stop_server EXIT
 
 wait_healthy() {
-    python3 - "$port" "$server" <<'PY'
-import os, sys, time, urllib.request
-url = f"http://127.0.0.1:{sys.argv[1]}/health"
-for _ in range(900):
-    try:
-        os.kill(int(sys.argv[2]), 0)
-    except ProcessLookupError:
-        sys.exit("the server exited before it became healthy")
-    try:
-        if urllib.request.urlopen(url, timeout=2).status == 200:
-            sys.exit(0)
-    except Exception:
-        pass
-    time.sleep(1)
-sys.exit("server did not become healthy in 900 s")
-PY
+    python3 "$(dirname "$0")/wait_healthy.py" "$port" "$server" 900
 }
 
 run() {  # run PLACEMENT_FLAGS...: start the server, run the workload, leave it running

@@ -24,22 +24,7 @@ python3 -m pipeline.cli serve --model-path "$model_dir" --load-format dummy --pl
     --context-length 4096 --port "$port" --enable-metrics &
 server=$!
 trap 'kill $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
-python3 - "$port" "$server" <<'PY'
-import os, sys, time, urllib.request
-url = f"http://127.0.0.1:{sys.argv[1]}/health"
-for _ in range(600):
-    try:
-        os.kill(int(sys.argv[2]), 0)  # the server exited (bad config, missing tokenizer): stop waiting
-    except ProcessLookupError:
-        sys.exit("the server exited before it became healthy")
-    try:
-        if urllib.request.urlopen(url, timeout=2).status == 200:
-            sys.exit(0)
-    except Exception:
-        pass
-    time.sleep(1)
-sys.exit("server did not become healthy in 600 s")
-PY
+python3 "$(dirname "$0")/wait_healthy.py" "$port" "$server" 600
 for rate in "${rates[@]}"; do
     python3 perf/bench_serving.py --port "$port" --dataset-name random --random-input-len "${INPUT_LEN:-1024}" \
         --random-output-len "${OUTPUT_LEN:-256}" --random-range-ratio 1.0 --num-prompts "${NUM_PROMPTS:-500}" \
