@@ -41,6 +41,18 @@ _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 @triton.jit
+def _load_row(x_ptr, res_ptr, row, cols, mask, stride_xm, stride_rm, HAS_RESIDUAL: tl.constexpr):
+    """Row ``row`` of x; with a residual, ``residual += x`` first (rounded to the residual's dtype,
+    like HF's 16-bit add, and stored back) and that sum is the row."""
+    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_rm + cols, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_ptr.dtype.element_ty)
+        tl.store(res_ptr + row * stride_rm + cols, x, mask=mask)
+    return x
+
+
+@triton.jit
 def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, H, stride_xm, stride_rm, stride_ym, eps,
                      HAS_RESIDUAL: tl.constexpr, BLOCK_H: tl.constexpr, USE_PDL: tl.constexpr = False):
     if USE_PDL:
@@ -48,13 +60,7 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, H, stride_xm, stride_rm, stri
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        # residual += x, rounded to the residual dtype like HF's bf16 add.
-        r = tl.load(res_ptr + row * stride_rm + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_ptr.dtype.element_ty)
-        tl.store(res_ptr + row * stride_rm + cols, x, mask=mask)
-    xf = x.to(tl.float32)
+    xf = _load_row(x_ptr, res_ptr, row, cols, mask, stride_xm, stride_rm, HAS_RESIDUAL).to(tl.float32)
     rstd = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / H + eps)
     normed = (xf * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -84,12 +90,7 @@ def _layer_norm_kernel(x_ptr, res_ptr, w_ptr, b_ptr, y_ptr, H, stride_xm, stride
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < H
-    x = tl.load(x_ptr + row * stride_xm + cols, mask=mask, other=0.0)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_rm + cols, mask=mask, other=0.0)
-        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_ptr.dtype.element_ty)
-        tl.store(res_ptr + row * stride_rm + cols, x, mask=mask)
-    xf = x.to(tl.float32)
+    xf = _load_row(x_ptr, res_ptr, row, cols, mask, stride_xm, stride_rm, HAS_RESIDUAL).to(tl.float32)
     mean = tl.sum(xf, axis=0) / H
     centred = tl.where(mask, xf - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / H + eps)
