@@ -255,14 +255,13 @@ def test_wrong_or_missing_head_is_refused(checkpoints) -> None:
 # ----------------------------------------------------------------------------- drafts from scratch
 
 
-def _reference_chain(model, drafter, seq: list[int], root: int, depth: int) -> list[int]:
-    """The chain the head drafts when everything is recomputed from position 0: target
-    features of x_0..x_{root-1}, the head over (x_{i+1}, f_i) for i < root, then ``depth - 1``
-    draft steps on its own hidden state."""
+def _reference_catch_up(model, drafter, seq: list[int], root: int, length: int):
+    """The target over x_0..x_{root-1} (its captured features), then the head over (x_{i+1}, f_i)
+    for i < root, in fresh KV caches of ``length`` positions -> (head logits, head hidden states,
+    req_to_token [1, length], the head's KV cache)."""
     from models.batch import KVCache, build_metadata_reference
 
     device, head = model.device, drafter.head
-    length = root + depth
     req_to_token = torch.arange(1, length + 1, dtype=torch.int32, device=device).view(1, length)
     target_kv = KVCache.allocate(model.num_layers, length + 1, model.num_kv_heads, model.head_dim,
                                  model.dtype, device)
@@ -272,9 +271,19 @@ def _reference_chain(model, drafter, seq: list[int], root: int, depth: int) -> l
     features = torch.cat([by_layer[i] for i in drafter.layers], dim=-1)
     c = head.config.layer
     head_kv = KVCache.allocate(1, length + 1, c.num_key_value_heads, c.head_dim, model.dtype, device)
-    meta = build_metadata_reference("extend", req_to_token, [0], [0], [root], list(range(1, root + 1)), device)
     logits, hidden = head(torch.tensor(seq[1:root + 1], device=device), features,
                           torch.arange(root, device=device), meta, head_kv)
+    return logits, hidden, req_to_token, head_kv
+
+
+def _reference_chain(model, drafter, seq: list[int], root: int, depth: int) -> list[int]:
+    """The chain the head drafts when everything is recomputed from position 0: target
+    features of x_0..x_{root-1}, the head over (x_{i+1}, f_i) for i < root, then ``depth - 1``
+    draft steps on its own hidden state."""
+    from models.batch import build_metadata_reference
+
+    device, head = model.device, drafter.head
+    logits, hidden, req_to_token, head_kv = _reference_catch_up(model, drafter, seq, root, root + depth)
     chain, hidden = [int(head.draft_to_target(logits.argmax(-1))[0])], hidden[-1:]
     for step in range(1, depth):
         pos = root - 1 + step
@@ -400,22 +409,12 @@ def _reference_tree(model, drafter, seq: list[int], root: int, num_nodes: int) -
     ``_reference_chain``, then EAGLE-2's expansion (``stages/speculative/tree.expand_top_k``)
     where each frontier node's log-probs come from the head run step by step down its own
     path, and the pruning to ``num_nodes`` -> (tokens root first, parents)."""
-    from models.batch import KVCache, build_metadata_reference
+    from models.batch import build_metadata_reference
     from stages.speculative.tree import CandidateTree, expand_top_k, path_to, prune_tree
 
     device, head = model.device, drafter.head
-    length = root + drafter.steps + 1
-    req_to_token = torch.arange(1, length + 1, dtype=torch.int32, device=device).view(1, length)
-    target_kv = KVCache.allocate(model.num_layers, length + 1, model.num_kv_heads, model.head_dim,
-                                 model.dtype, device)
-    meta = build_metadata_reference("extend", req_to_token, [0], [0], [root], list(range(1, root + 1)), device)
-    model.forward(torch.tensor(seq[:root], device=device), torch.arange(root, device=device), meta, target_kv)
-    by_layer = dict(zip(model.model.capture_layers, model.model.captured))
-    features = torch.cat([by_layer[i] for i in drafter.layers], dim=-1)
-    c = head.config.layer
-    head_kv = KVCache.allocate(1, length + 1, c.num_key_value_heads, c.head_dim, model.dtype, device)
-    logits, hidden = head(torch.tensor(seq[1:root + 1], device=device), features,
-                          torch.arange(root, device=device), meta, head_kv)
+    logits, hidden, req_to_token, head_kv = _reference_catch_up(model, drafter, seq, root,
+                                                                root + drafter.steps + 1)
     tree = expand_top_k(CandidateTree.rooted_at(seq[root]), torch.log_softmax(logits.float(), -1), drafter.topk)
     target_id = {}  # candidate node -> its target token id
 
