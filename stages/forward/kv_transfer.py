@@ -5,13 +5,15 @@ decodes on a decode engine; between them the request's K and V rows move
 here. The interface is small and explicit:
 
 * ``KVTransfer.start_send(transfer_id, peer, slots, segment)``: gather
-  ``k[slots]`` and ``v[slots]`` of every layer into staging tensors and post
-  one send per layer and per K/V (``2 * num_layers`` messages, in layer
-  order), as one segment of the transfer;
+  ``k[slots]`` and ``v[slots]`` of every layer into one staging tensor
+  ``[2 * num_layers, tokens, kv heads, head dim]`` (K0, V0, K1, V1, ...) and
+  post it as one message, one segment of the transfer;
 * ``KVTransfer.start_recv(transfer_id, peer, slots, segment_tokens)``: post
-  the matching receives of every segment (``kv_segments``: the slots cut
-  in pieces of ``segment_tokens``) into staging tensors; when all arrive,
-  scatter them into ``k[slots]``, ``v[slots]`` of this pool. A prefill
+  the matching receive of every segment (``kv_segments``: the slots cut
+  in pieces of ``segment_tokens``) into one staging tensor each; when all
+  arrive, scatter them into ``k[slots]``, ``v[slots]`` of this pool. One
+  message per segment, not per layer: a CUDA IPC handle is opened once per
+  segment, and NCCL/gloo move one large buffer instead of many small ones. A prefill
   engine sends a long prompt's segments one by one as its chunks are
   computed, so the transfer overlaps the rest of the prefill;
 * ``KVTransfer.poll()``: the transfers that ended since the last poll
@@ -32,7 +34,7 @@ only to a ``wait``), so ``poll`` itself never blocks.
 A ``Transport`` moves tensors between peers. ``TorchP2P`` is
 ``torch.distributed`` point-to-point (``isend``/``irecv``): gloo on CPU,
 NCCL between GPUs, one process group of every engine of the topology,
-message tags ``transfer_id * 2 * num_layers + i`` so concurrent transfers
+message tags from the transfer id and segment, so concurrent transfers
 between the same two engines never mix. Engines of one host use
 ``SharedMemoryTransport`` (``stages/forward/kv_shm.py``: ``/dev/shm`` files,
 CUDA IPC handles on GPUs) with the same ranks and tags.
@@ -133,7 +135,7 @@ class _Transfer:
     direction: str
     peer: int
     slots: list[int]
-    staging: list[torch.Tensor]  # per layer K, then V: [tokens, kv heads, head dim]
+    staging: list[torch.Tensor]  # per segment: [2 * layers (K0, V0, K1, ...), tokens, kv heads, head dim]
     works: list[Pending]
     started_s: float
     waited: concurrent.futures.Future | None = None  # the waiter's outcome: ("" or the error, end time)
@@ -173,22 +175,30 @@ class KVTransfer:
     def start_send(self, transfer_id: int, peer: int, slots: list[int], segment: int = 0) -> None:
         """Post the sends of ``slots``' K and V, every layer: segment ``segment`` of the transfer (the
         receiver posts the same id). The K and V are copied now, so the slots may be reused at once."""
-        index = torch.tensor(slots, dtype=torch.long, device=self.kv.k[0].device)
-        staging = [layer.index_select(0, index) for layer in self._layers()]
-        transfer = _Transfer(transfer_id, "send", peer, list(slots), staging, [], time.monotonic(), segment=segment)
-        transfer.messages = [(t, self._tag(transfer_id, i, segment)) for i, t in enumerate(staging)]
+        layers = self._layers()
+        index = torch.tensor(slots, dtype=torch.long, device=layers[0].device)
+        packed = self._packed(len(slots))
+        for i, layer in enumerate(layers):
+            torch.index_select(layer, 0, index, out=packed[i])
+        transfer = _Transfer(transfer_id, "send", peer, list(slots), [packed], [], time.monotonic(), segment=segment)
+        transfer.messages = [(packed, self._tag(transfer_id, 0, segment))]
         self._post(transfer, self.transport.send)
 
     def start_recv(self, transfer_id: int, peer: int, slots: list[int], segment_tokens: int = 0) -> None:
         """Post the receives of ``len(slots)`` tokens' K and V, every layer, landing in ``slots``: one
         message per layer and segment (``segment_bounds``), however the sender's segments come."""
-        staging = [torch.empty((len(slots),) + tuple(layer.shape[1:]), dtype=layer.dtype, device=layer.device)
-                   for layer in self._layers()]
+        bounds = kv_segments(0, len(slots), segment_tokens)
+        staging = [self._packed(end - start) for start, end in bounds]
         transfer = _Transfer(transfer_id, "recv", peer, list(slots), staging, [], time.monotonic())
-        transfer.messages = [(t[start:end], self._tag(transfer_id, i, segment))
-                             for segment, (start, end) in enumerate(kv_segments(0, len(slots), segment_tokens))
-                             for i, t in enumerate(staging)]
+        transfer.messages = [(packed, self._tag(transfer_id, 0, segment)) for segment, packed in enumerate(staging)]
         self._post(transfer, self.transport.recv)
+
+    def _packed(self, num_tokens: int) -> torch.Tensor:
+        """A staging tensor for ``num_tokens`` tokens of every layer's K and V (the pool's layers share
+        one shape and dtype)."""
+        layer = self.kv.k[0]
+        return torch.empty((2 * self.num_layers, num_tokens) + tuple(layer.shape[1:]), dtype=layer.dtype,
+                           device=layer.device)
 
     def _post(self, transfer: _Transfer, post: Callable[[torch.Tensor, int, int], Pending]) -> None:
         """Post every message of ``transfer`` and wait on them in a waiter thread. A transport that refuses
@@ -262,8 +272,12 @@ class KVTransfer:
                                   num_bytes, seconds, ok=False, error=error, segment=transfer.segment)
         if transfer.direction == "recv":
             index = torch.tensor(transfer.slots, dtype=torch.long, device=self.kv.k[0].device)
-            for layer, staged in zip(self._layers(), transfer.staging):
-                layer.index_copy_(0, index, staged)
+            start = 0
+            for packed in transfer.staging:          # one per segment, in slot order
+                rows = index[start:start + packed.shape[1]]
+                for layer, staged in zip(self._layers(), packed):
+                    layer.index_copy_(0, rows, staged)
+                start += packed.shape[1]
             self.bytes_received += num_bytes
         else:
             self.bytes_sent += num_bytes

@@ -109,8 +109,8 @@ class _Arrived:
 def test_a_refused_message_fails_the_transfer_instead_of_raising():
     woken = []
     transfer = KVTransfer(_pool(1), _GoneTransport(), on_done=lambda: woken.append(True))
-    transfer.start_send(5, 1, [1, 2])
+    transfer.start_recv(5, 1, [1, 2, 3, 4], segment_tokens=2)   # two segments: two messages
     [record] = transfer.poll()
-    assert (record.transfer_id, record.direction, record.ok) == (5, "send", False)
+    assert (record.transfer_id, record.direction, record.ok) == (5, "recv", False)
     assert "Connection closed by peer" in record.error and woken
     assert not transfer.busy
