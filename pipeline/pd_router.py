@@ -5,13 +5,25 @@ is in ``pipeline/pd_hosts.py``; this is the router's side: check that every
 engine answers, send each its ``PDTopology``, then run the front-end stages
 (ingest, tokenize, router, detokenize) as ``stagewise serve`` does, their
 channels to the engines over TCP.
+
+An engine that goes away (its heartbeat connection closes, or it is silent
+for ``LIVENESS_TIMEOUT_S``; why heartbeats: ``pipeline/pd_hosts.py``) is
+handled as ``--placement pd``'s launcher handles a dead engine process
+(``pipeline.assembly.pd_process_exit``): what is sent to it is dropped from
+then on, the router stage gets ``EngineDown`` (it fails the requests that
+were on that engine with an error naming it, routes around it and tells
+the survivors to free what they hold for it), and once a role has no engine
+left the pipeline's ``failure`` says so (``/health`` 503, running requests
+failed).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import socket
 import sys
+import threading
 import urllib.parse
 from typing import Any
 
@@ -20,11 +32,12 @@ import msgspec
 from pipeline.assembly import pipeline_spec
 from pipeline.config import ConfigError, args_from_namespace, build_parser, resolve
 from pipeline.launch import Pipeline, ProcessRunner, _counters_channel, _own_thread
-from pipeline.messages import PDTopology
-from pipeline.pd_hosts import BOOTSTRAP, DEFAULT_BOOTSTRAP_PORT, engine_process, host_channels
+from pipeline.messages import EngineDown, PDTopology
+from pipeline.pd_hosts import (BOOTSTRAP, DEFAULT_BOOTSTRAP_PORT, LIVENESS_TIMEOUT_S, engine_process, host_channels,
+                               liveness_channel)
 from pipeline.placement import MAIN, PipelineSpec, single, wire_process
 from pipeline.serve import Server, drain_on_signals, serve_until_stopped
-from pipeline.tcp_channel import ChannelHub, TcpProducer, reachable, split_address
+from pipeline.tcp_channel import ChannelHub, Heartbeat, TcpProducer, reachable, split_address
 
 logger = logging.getLogger("stagewise.router")
 
@@ -40,6 +53,9 @@ class HostsPipeline(Pipeline):
         self.dist_init_addr = dist_init_addr
         self.connect_timeout_s = connect_timeout_s
         self.hub: ChannelHub | None = None
+        self.heartbeats: list[Heartbeat] = []
+        self.stopping = False
+        self._lost_lock = threading.Lock()
 
     def start(self) -> "HostsPipeline":
         for process, address in self.engines.items():
@@ -49,12 +65,14 @@ class HostsPipeline(Pipeline):
         self.hub = ChannelHub("0.0.0.0", 0)
         addresses = {process: address for process, address in self.engines.items()}
         for process, address in self.engines.items():
+            self.hub.watch(liveness_channel(process), LIVENESS_TIMEOUT_S, functools.partial(self.engine_lost, process))
             addresses[MAIN] = f"{_own_ip_towards(address)}:{self.hub.port}"
             role, index = _role_index(process)
             _send_topology(address, PDTopology(
                 role=role, index=index, num_prefill=self.spec_counts("prefill"),
                 num_decode=self.spec_counts("decode"), addresses=dict(addresses),
                 dist_init_addr=self.dist_init_addr))
+            self.heartbeats.append(Heartbeat(liveness_channel(MAIN), address))
         self.channels.update(host_channels(self.spec, self.placement, MAIN, self.hub, addresses,
                                            self.connect_timeout_s))
         stages = wire_process(self.spec, self.placement, MAIN, self.channels)
@@ -69,8 +87,31 @@ class HostsPipeline(Pipeline):
     def spec_counts(self, role: str) -> int:
         return sum(p.startswith(f"engine_{role}") for p in self.engines)
 
+    def engine_lost(self, process: str, reason: str) -> None:
+        """An engine went away (a hub thread calls this): see the module docstring."""
+        with self._lost_lock:
+            if self.stopping or process in self.lost:
+                return
+            self.lost.add(process)
+        role, index = _role_index(process)
+        why = f"{process!r} at {self.engines[process]} went away: {reason}"
+        logger.error("%s engine %d (%s) is gone: %s", role, index, self.engines[process], reason)
+        for channel in self.channels.values():  # nothing more reaches it; a put blocked on it returns
+            if isinstance(channel, TcpProducer) and channel.address == self.engines[process]:
+                channel.abandon()
+        rank = index + (0 if role == "prefill" else self.spec_counts("prefill"))
+        self.channels["router"].put(EngineDown(role=role, index=index, rank=rank, reason=why))
+        if all(p in self.lost for p in self.engines if p.startswith(f"engine_{role}")) and self.failure is None:
+            self.failure = f"every {role} engine is gone (the last: {why})"
+            logger.error("pipeline failure: %s", self.failure)
+            if self.on_failure is not None:
+                self.on_failure(self.failure)
+
     def stop(self, timeout: float = 30.0) -> bool:
+        self.stopping = True
         drained = super().stop(timeout)
+        for heartbeat in self.heartbeats:
+            heartbeat.close()
         if self.hub is not None:
             self.hub.close()
         return drained

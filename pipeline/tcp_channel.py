@@ -18,7 +18,18 @@ host. A channel whose two ends are in different hosts is carried here:
   Backpressure is TCP's own: a consumer that stops reading fills the
   socket buffers and the producer's ``put`` blocks. A consumer whose
   connection closes (its process ended) closes the channel: the next
-  ``put`` raises ``ChannelClosed``.
+  ``put`` raises ``ChannelClosed`` or, with ``drop_when_closed``, is
+  dropped (logged once): a pipeline that lives on without a dead peer
+  must not fail the stage that happened to send to it before the death
+  was noticed. ``connect()`` opens the connection at once (start-up), and
+  ``abandon()`` ends it from any thread, even while a ``put`` is blocked
+  on a peer whose host vanished.
+* Liveness: ``Heartbeat(name, address)`` sends an empty frame under
+  ``name`` every second; the receiving hub's ``watch(name, timeout_s,
+  on_lost)`` calls ``on_lost(reason)`` once when that connection closes (a
+  process that ends, however it ends, has its sockets closed by the
+  kernel: noticed at once) or stays silent for ``timeout_s`` (a host that
+  vanished or a network cut, where no close ever arrives).
 
 ``reachable(address, timeout_s)`` is the check a command runs before it
 starts, so an unreachable engine is an error at start-up, not a hang.
@@ -31,7 +42,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from pipeline import messages
 from pipeline.channel import DEFAULT_CAPACITY, Channel, ChannelClosed, MessageRejected, T
@@ -41,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 _LENGTH = struct.Struct("!I")  # every frame: its byte length, then the bytes
 CONNECT_RETRY_S = 0.2
+HEARTBEAT_INTERVAL_S = 1.0
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -95,6 +107,7 @@ class ChannelHub:
         self._server = socket.create_server((host, port), reuse_port=False)
         self.port = self._server.getsockname()[1]
         self._inboxes: dict[str, tuple[ThreadChannel, Any]] = {}
+        self._watches: dict[str, tuple[float, Callable[[str], None]]] = {}
         self._lock = threading.Lock()
         self._registered = threading.Condition(self._lock)
         self._closed = False
@@ -108,6 +121,13 @@ class ChannelHub:
                 self._inboxes[name] = (channel, messages.decoder(message_type))
                 self._registered.notify_all()
             return self._inboxes[name][0]
+
+    def watch(self, name: str, timeout_s: float, on_lost: Callable[[str], None]) -> None:
+        """Call ``on_lost(reason)`` once when the ``Heartbeat`` sending under ``name`` stops: its connection
+        closes or no frame comes for ``timeout_s``. Nothing is called before it first connects."""
+        with self._lock:
+            self._watches[name] = (timeout_s, on_lost)
+            self._registered.notify_all()
 
     def _accept(self) -> None:
         while not self._closed:
@@ -124,11 +144,16 @@ class ChannelHub:
                 return
             name = hello.decode()
             with self._lock:  # a producer may connect before this process registered the inbox
-                while name not in self._inboxes and not self._closed:
+                while name not in self._inboxes and name not in self._watches and not self._closed:
                     self._registered.wait(1.0)
                 if self._closed:
                     return
-                channel, decode = self._inboxes[name]
+                watch = self._watches.get(name)
+                if watch is None:
+                    channel, decode = self._inboxes[name]
+            if watch is not None:
+                self._follow_heartbeats(conn, *watch)
+                return
             while (frame := _recv_frame(conn)) is not None:
                 try:
                     message = decode.decode(frame)
@@ -140,6 +165,19 @@ class ChannelHub:
                 except ChannelClosed:
                     return
 
+    def _follow_heartbeats(self, conn: socket.socket, timeout_s: float, on_lost: Callable[[str], None]) -> None:
+        conn.settimeout(timeout_s)
+        try:
+            while _recv_frame(conn) is not None:
+                pass
+            reason = "its connection closed"
+        except TimeoutError:
+            reason = f"no heartbeat for {timeout_s:g} s"
+        except OSError as error:
+            reason = f"its connection failed ({error})"
+        if not self._closed:
+            on_lost(reason)
+
     def close(self) -> None:
         self._closed = True
         with self._lock:
@@ -147,15 +185,64 @@ class ChannelHub:
         self._server.close()
 
 
+class Heartbeat:
+    """Sends an empty frame under ``name`` to the hub at ``address`` every ``interval_s``, until ``close()``.
+
+    The receiving hub ``watch``es it. Its own failures are only logged:
+    a peer that went away is noticed by the heartbeats going the other way.
+    """
+
+    def __init__(self, name: str, address: str, interval_s: float = HEARTBEAT_INTERVAL_S,
+                 connect_timeout_s: float = 60.0) -> None:
+        self.name = name
+        self.address = address
+        self.interval_s = interval_s
+        self.connect_timeout_s = connect_timeout_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{name}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            sock = _open(self.name, self.address, self.connect_timeout_s)
+        except (ConnectionError, OSError) as error:
+            logger.error("heartbeat %r: %s", self.name, error)
+            return
+        with sock:
+            while not self._stopped.wait(self.interval_s):
+                try:
+                    _send_frame(sock, b"")
+                except OSError:
+                    return
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._thread.join(self.interval_s + 1.0)
+
+
+def _open(name: str, address: str, connect_timeout_s: float) -> socket.socket:
+    """A connection to the hub at ``address`` for the channel ``name`` (retried until ``connect_timeout_s``)."""
+    problem = reachable(address, connect_timeout_s)
+    if problem:
+        raise ConnectionError(f"channel {name!r}: {problem}")
+    sock = socket.create_connection(split_address(address))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _send_frame(sock, name.encode())
+    return sock
+
+
 class TcpProducer(Channel[T]):
     """The producing end of a channel whose consumer is in another host's hub."""
 
     transport = "cross-host"
 
-    def __init__(self, name: str, message_type: Any, address: str, connect_timeout_s: float = 60.0) -> None:
+    def __init__(self, name: str, message_type: Any, address: str, connect_timeout_s: float = 60.0,
+                 drop_when_closed: bool = False) -> None:
         super().__init__(name, message_type, DEFAULT_CAPACITY)
         self.address = address
         self.connect_timeout_s = connect_timeout_s
+        self.drop_when_closed = drop_when_closed
+        self.dropped = 0  # messages dropped since the consumer went away (drop_when_closed)
         self._sock: socket.socket | None = None
         self._lock = threading.Lock()
         self._closed = False
@@ -167,30 +254,45 @@ class TcpProducer(Channel[T]):
     def __len__(self) -> int:
         return 0  # what was sent is the other host's to count
 
-    def _connect(self) -> socket.socket:
-        problem = reachable(self.address, self.connect_timeout_s)
-        if problem:
-            raise ConnectionError(f"channel {self.name!r}: {problem}")
-        sock = socket.create_connection(split_address(self.address))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _send_frame(sock, self.name.encode())
-        return sock
+    def connect(self) -> "TcpProducer[T]":
+        """Open the connection now (else the first ``put`` does); a ``ConnectionError`` names what failed."""
+        with self._lock:
+            if self._sock is None and not self._closed:
+                self._sock = _open(self.name, self.address, self.connect_timeout_s)
+        return self
 
     def put(self, msg: T, timeout: float | None = None) -> None:
         self._check_type(msg)
         payload = messages.encode(msg)
         with self._lock:
             if self._closed:
+                if self.drop_when_closed:
+                    self.dropped += 1
+                    return
                 raise self._closed_error()
             if self._sock is None:
-                self._sock = self._connect()
+                self._sock = _open(self.name, self.address, self.connect_timeout_s)
             try:
                 _send_frame(self._sock, payload)
             except OSError as error:  # the consumer's host went away: this channel is over
                 self._closed = True
                 self._sock.close()
-                raise ChannelClosed(f"channel {self.name!r}: {self.address} closed the connection ({error})") \
-                    from None
+                problem = f"channel {self.name!r}: {self.address} closed the connection ({error})"
+                if not self.drop_when_closed:
+                    raise ChannelClosed(problem) from None
+                logger.warning("%s; what is sent to it from now on is dropped", problem)
+                self.dropped += 1
+
+    def abandon(self) -> None:
+        """The consumer is known to be gone: drop what is sent from now on (when ``drop_when_closed``)
+        and end the connection, unblocking a ``put`` stuck on a peer that no longer reads."""
+        self._closed = True
+        sock = self._sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def put_nowait(self, msg: T) -> None:
         self.put(msg)

@@ -86,7 +86,9 @@ When the launcher reports an engine process dead (``EngineDown``):
   engine k's schedule, ``decoders.j`` to decode engine j's), which frees
   what it held for the dead one;
 * a request arriving while no prefill or no decode engine is up gets a 503.
-  (The launcher fails the whole server once a role has no engine left.)
+  (The launcher fails the whole server once a role has no engine left;
+  with engines on other hosts, ``pipeline/pd_router.py`` sends the same
+  notice when an engine's heartbeat connection closes or goes quiet.)
 
 ``telemetry()`` publishes the engines up per role and which are down
 (``/get_server_info``: ``engines_down``).
@@ -237,9 +239,9 @@ class RouterStage(Stage):
         """Mark the engine down, fail what was on it, tell the survivors (see the module docstring)."""
         if message.index in self.down[message.role]:
             return
-        logger.error("router: %s engine %d is down (%s); serving on with the others",
-                     message.role, message.index, message.reason)
         self.down[message.role].add(message.index)
+        logger.error("router: %s engine %d is down (%s); %s", message.role, message.index, message.reason,
+                     f"no {message.role} engine is left" if self._missing_role() else "serving on with the others")
         if message.role == "prefill":
             on_it = lambda s: s.decode is None and s.prefill == message.index  # noqa: E731
         else:
