@@ -43,7 +43,7 @@ from tests.server.conftest import REPO, free_port, wait_for_url
 PROMPTS = [[5, 6, 7, 8, 9], [11, 3, 40, 2, 9, 17, 23], [100, 200, 300]]
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
 COMMON = ["--device", "cpu", "--disable-radix-cache", "--log-level", "info"]
-LONG = 32  # tokens of a request still decoding when an engine is killed
+DECODING_S = 5.0  # about how long the requests an engine is killed under should take at the measured speed
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen:
@@ -210,8 +210,11 @@ def test_a_decode_engine_killed_under_load_leaves_the_survivors_serving(model_di
     try:
         wait_for_url(url + "/health", router, "router", lambda: router_log.read_text()[-4000:], 300)
         with ThreadPoolExecutor(len(many)) as pool:
+            started = time.monotonic()
             before = list(pool.map(lambda p: _outcome(url, p, 8), many))
-            loaded = [pool.submit(_outcome, url, prompt, LONG) for prompt in many]
+            per_token_s = (time.monotonic() - started) / 8  # an upper bound: it includes the prefills
+            long = min(512, max(16, int(DECODING_S / per_token_s)))  # still decoding when the kill comes
+            loaded = [pool.submit(_outcome, url, prompt, long) for prompt in many]
             _wait_decoding(url, rank=2)  # decode engine 1 holds some of them
             engines["decode1"].send_signal(signal.SIGKILL)
             during = [future.result() for future in loaded]
@@ -229,7 +232,7 @@ def test_a_decode_engine_killed_under_load_leaves_the_survivors_serving(model_di
     errors = [got for status, got in during if status != 200]
     assert errors, "decode engine 1 had none of the requests"
     assert all("decode engine 1 died" in message and "engine_decode1" in message for message in errors), errors
-    assert all(len(got) == LONG for status, got in during if status == 200)
+    assert all(len(got) == long for status, got in during if status == 200)
     assert after == before  # the survivors' greedy output is unchanged
     assert len(survivors_idle) == 2
     assert info["engines_down"] == ["decode.1"] and health == 200
