@@ -41,6 +41,7 @@ import asyncio
 import json
 import random
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -154,6 +155,23 @@ async def post_stream(session: aiohttp.ClientSession, url: str, body: dict, resu
     except (aiohttp.ClientError, asyncio.TimeoutError) as error:
         result.error = f"{type(error).__name__}: {error}"
     return result
+
+
+async def wait_ready(base_url: str, process: subprocess.Popen | None, timeout_s: float) -> None:
+    """Poll ``base_url``/health until it answers 200; fail early if the server ``process`` exited."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if process is not None and process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}")
+            try:
+                async with session.get(base_url + "/health") as response:
+                    if response.status == 200:
+                        return
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.5)
+    raise TimeoutError(f"the server was not healthy within {timeout_s:.0f} s")
 
 
 # --------------------------------------------------------------------------- the run

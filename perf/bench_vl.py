@@ -56,7 +56,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_serving import RequestResult, post_stream, summarize  # noqa: E402
+from bench_serving import RequestResult, post_stream, summarize, wait_ready  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLED_CONFIGS = REPO / "tests" / "models" / "configs"
@@ -235,22 +235,6 @@ def start_server(args: argparse.Namespace, model_path: Path, port: int, log_path
         env["CUDA_VISIBLE_DEVICES"] = ""
     print("server:", " ".join(command[1:]), flush=True)
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log_path.open("w"), stderr=subprocess.STDOUT)
-
-
-async def wait_ready(base_url: str, process: subprocess.Popen | None, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if process is not None and process.poll() is not None:
-                raise RuntimeError(f"the server exited with {process.returncode}")
-            try:
-                async with session.get(base_url + "/health") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
-    raise TimeoutError(f"the server was not healthy within {timeout_s:.0f} s")
 
 
 # --------------------------------------------------------------------------- main

@@ -52,6 +52,8 @@ from typing import Any
 
 import aiohttp
 
+from bench_serving import wait_ready
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = REPO / "perf" / "results" / "soak-demo-cpu.json"
 WORDS = ("the king my lord speak hear me what is this noble heart night day sweet love death sword crown "
@@ -78,22 +80,6 @@ def start_server(model_path: str, port: int, log_path: Path, extra: list[str]) -
     env = dict(os.environ, PYTHONPATH=str(REPO), CUDA_VISIBLE_DEVICES="")
     log = open(log_path, "w")
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-
-
-async def wait_ready(url: str, process: subprocess.Popen, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}")
-            try:
-                async with session.get(url + "/health") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.5)
-    raise TimeoutError("server not healthy in time")
 
 
 def process_tree(root_pid: int) -> list[int]:
@@ -337,7 +323,7 @@ def verdict(record: dict[str, Any]) -> dict[str, Any]:
 
 
 async def soak(args: argparse.Namespace, server: subprocess.Popen, url: str) -> dict[str, Any]:
-    await wait_ready(url, server)
+    await wait_ready(url, server, 300.0)
     counts: dict[str, int] = {}
     samples: list[dict] = []
     stop = asyncio.Event()
