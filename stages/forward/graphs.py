@@ -104,7 +104,21 @@ def pad_decode(input_ids: list[int], positions: list[int], out_cache_loc: list[i
             + prefix_lens + zeros + [1] * size + index + seq_lens + ones + index)
 
 
-class DecodeGraphs:
+class _TargetGraphs:
+    """What the decode and verify graph sets share: one captured target forward per key, run by
+    ``launch`` (subclasses hold ``model``, ``eager``, ``graphs``, ``outputs``, ``features`` and ``_run``)."""
+
+    def launch(self, key, num_rows: int) -> torch.Tensor:
+        """Replay ``key``'s graph (eager: run its forward) -> the first ``num_rows`` logits rows."""
+        if self.eager:
+            self.outputs[key] = self._run(key)
+            self.features[key] = kept_features(self.model)
+        else:
+            self.graphs[key].replay()
+        return self.outputs[key][:num_rows]
+
+
+class DecodeGraphs(_TargetGraphs):
     """Captured decode steps, one per batch size, sharing one memory pool."""
 
     def __init__(self, model, kv_cache: KVCache, req_to_token: torch.Tensor, write_fn,
@@ -178,14 +192,6 @@ class DecodeGraphs:
             self.resolve_fn(fields[0])
         return fields[0], fields[1], fields[3]
 
-    def launch(self, size: int, num_rows: int) -> torch.Tensor:
-        """Replay ``size``'s graph (eager: run its forward) -> the first ``num_rows`` logits rows."""
-        if self.eager:
-            self.outputs[size] = self._run(size)
-            self.features[size] = kept_features(self.model)
-        else:
-            self.graphs[size].replay()
-        return self.outputs[size][:num_rows]
 
 
 def kept_features(model) -> list[torch.Tensor]:
@@ -259,7 +265,7 @@ def verify_mask(extend_lens: list[int], parents: list[list[int]], size: int, tok
     return mask.flatten()
 
 
-class VerifyGraphs:
+class VerifyGraphs(_TargetGraphs):
     """Captured verify steps, one per (batch size, tokens per row) bucket (module docstring)."""
 
     def __init__(self, model, kv_cache: KVCache, req_to_token: torch.Tensor, write_fn, max_bs: int,
@@ -346,14 +352,6 @@ class VerifyGraphs:
         self.masks[key].copy_(self.causal[key])
         return self.masks[key]
 
-    def launch(self, key: tuple[int, int], num_rows: int) -> torch.Tensor:
-        """Replay ``key``'s graph (eager: run its forward) -> the first ``num_rows`` logits rows."""
-        if self.eager:
-            self.outputs[key] = self._run(key)
-            self.features[key] = kept_features(self.model)
-        else:
-            self.graphs[key].replay()
-        return self.outputs[key][:num_rows]
 
 
 def _idle_verify(size: int, tokens: int) -> list[int]:
