@@ -193,7 +193,6 @@ class DecodeGraphs(_TargetGraphs):
         return fields[0], fields[1], fields[3]
 
 
-
 def kept_features(model) -> list[torch.Tensor]:
     """The features the model's decoder kept in its last forward (EAGLE heads read them)."""
     decoder = getattr(model, "model", None)
@@ -351,7 +350,6 @@ class VerifyGraphs(_TargetGraphs):
         ``b * tokens^2``, stride ``tokens``) before ``launch``."""
         self.masks[key].copy_(self.causal[key])
         return self.masks[key]
-
 
 
 def _idle_verify(size: int, tokens: int) -> list[int]:
