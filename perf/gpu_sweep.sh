@@ -41,11 +41,17 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log to $out/NAM
 for section in "$@"; do
     case $section in
     kernels)
-        step kernel-tests 300 python3 -m pytest -q -p no:cacheprovider tests/kernels/test_quant_w8a8.py \
-            tests/kernels/test_quant_w4a16.py tests/kernels/test_quant_kv_fp8.py tests/kernels/test_quant_moe.py \
-            tests/kernels/test_moe.py tests/kernels/test_norm.py tests/kernels/test_activation.py \
-            tests/kernels/test_pos_embed.py tests/kernels/test_scatter.py tests/kernels/test_vision_attention.py \
-            tests/kernels/test_tree_attention.py tests/kernels/test_draft_tree.py tests/kernels/test_sampling.py
+        # Triton's compiler is CPU-bound: one pytest per test file, all at once (16 cores).
+        mkdir -p /tmp/kernel-tests
+        for t in quant_w8a8 quant_w4a16 quant_kv_fp8 quant_moe moe norm activation pos_embed scatter \
+                 vision_attention tree_attention draft_tree sampling; do
+            timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/kernels/test_$t.py \
+                > /tmp/kernel-tests/$t.txt 2>&1 &
+        done
+        wait
+        for f in /tmp/kernel-tests/*.txt; do echo "== $(basename $f .txt): $(tail -1 $f)"; done \
+            | tee "$out/kernel-tests.txt"
+        cat /tmp/kernel-tests/*.txt >> "$out/kernel-tests.txt"
         step spec-graphs 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_speculative_graphs.py \
             tests/engine/test_speculative_eagle.py -k "not server" ;;
     suite)

@@ -44,7 +44,8 @@ def _gelu(x, TANH: tl.constexpr):
     if TANH:
         inner = 0.7978845608028654 * (x + 0.044715 * x * x * x)
         return 0.5 * x * (1.0 + _tanh(inner))
-    return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
+    else:
+        return 0.5 * x * (1.0 + tl.erf(x * 0.7071067811865476))
 
 
 @triton.jit

@@ -41,7 +41,8 @@ def store_kv_values(x, scale, dtype, KV_FP8: tl.constexpr):
     """What a pool of element type ``dtype`` stores for the values x."""
     if KV_FP8:
         return quantize_kv(x.to(tl.float32), scale)
-    return x.to(dtype)
+    else:
+        return x.to(dtype)
 
 
 @triton.jit
@@ -49,7 +50,8 @@ def dequantize_kv(x, scale, dtype, KV_FP8: tl.constexpr):
     """A tile loaded from the pool, in ``dtype`` (the query's) for the dot products."""
     if KV_FP8:
         return (x.to(tl.float32) * scale).to(dtype)
-    return x
+    else:
+        return x
 
 
 def is_fp8_cache(cache: torch.Tensor) -> bool:

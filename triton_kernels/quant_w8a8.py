@@ -75,8 +75,9 @@ def _quantize(x, scale, IS_INT8: tl.constexpr):
     if IS_INT8:
         v = tl.minimum(tl.maximum(tl.floor(v + 0.5), -128.0), 127.0)
         return v.to(tl.int8)
-    v = tl.minimum(tl.maximum(v, -448.0), 448.0)
-    return round_to_fp8(v).to(tl.float8e4nv)
+    else:
+        v = tl.minimum(tl.maximum(v, -448.0), 448.0)
+        return round_to_fp8(v).to(tl.float8e4nv)
 
 
 @triton.jit
@@ -84,9 +85,10 @@ def _k_slice(K, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr):
     """[k_begin, k_end) of this program's K slice (axis 1 of the grid): whole BLOCK_K steps."""
     if SPLIT_K == 1:
         return 0, K
-    steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_begin = tl.program_id(1) * steps * BLOCK_K
-    return k_begin, tl.minimum(k_begin + steps * BLOCK_K, K)
+    else:
+        steps = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+        k_begin = tl.program_id(1) * steps * BLOCK_K
+        return k_begin, tl.minimum(k_begin + steps * BLOCK_K, K)
 
 
 @triton.jit

@@ -49,7 +49,8 @@ from triton_kernels.attention.common import LOG2E, block_d, check_batch_vectors,
 def _dot(a, b, IS_FP32: tl.constexpr):
     if IS_FP32:
         return tl.dot(a, b, input_precision="ieee")
-    return tl.dot(a, b)
+    else:
+        return tl.dot(a, b)
 
 
 @triton.jit

@@ -127,7 +127,8 @@ def _softmax_update(acc, l_i, m_i, qk, v, visible, qk_scale, logit_cap,
 def _qk(q, k, IS_FP32: tl.constexpr):
     if IS_FP32:
         return tl.dot(q, tl.trans(k), input_precision="ieee")
-    return tl.dot(q, tl.trans(k))
+    else:
+        return tl.dot(q, tl.trans(k))
 
 
 @triton.jit
