@@ -8,7 +8,8 @@
 #   kernels  compile and test, on the GPU, every kernel not yet run on one: quantized GEMMs
 #            (split-K decode tiles), FP8 KV cache, MoE decode path, vision tower (layer_norm,
 #            gelu, pos_embed, scatter_rows, vision attention), tree attention and draft trees,
-#            token ranks; the speculative verify graphs
+#            token ranks
+#   graphs   the speculative verify and draft-step CUDA graphs
 #   suite    the engine, model-parity and bad-input tests that run on a GPU
 #   quant    bench_kernels quant + kv_fp8 (incl. the decode tile candidates), batch-1 decode
 #            of Llama-3.1-8B as bf16 / online fp8 / AWQ / fp8-block + FP8 KV
@@ -51,7 +52,8 @@ for section in "$@"; do
         wait
         for f in /tmp/kernel-tests/*.txt; do echo "== $(basename $f .txt): $(tail -1 $f)"; done \
             | tee "$out/kernel-tests.txt"
-        cat /tmp/kernel-tests/*.txt >> "$out/kernel-tests.txt"
+        cat /tmp/kernel-tests/*.txt >> "$out/kernel-tests.txt" ;;
+    graphs)
         step spec-graphs 200 python3 -m pytest -q -p no:cacheprovider tests/engine/test_speculative_graphs.py \
             tests/engine/test_speculative_eagle.py -k "not server" ;;
     suite)
@@ -80,6 +82,6 @@ for section in "$@"; do
         step profile-llama 200 python3 perf/profile_decode.py --model Llama-3.1-8B-Instruct
         step profile-mistral 200 python3 perf/profile_decode.py --model Mistral-7B-Instruct-v0.3 ;;
     *)
-        echo "unknown section $section (kernels suite quant moe audit spec vl decode)"; exit 2 ;;
+        echo "unknown section $section (kernels graphs suite quant moe audit spec vl decode)"; exit 2 ;;
     esac
 done
