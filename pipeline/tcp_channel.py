@@ -28,8 +28,10 @@ host. A channel whose two ends are in different hosts is carried here:
   ``name`` every second; the receiving hub's ``watch(name, timeout_s,
   on_lost)`` calls ``on_lost(reason)`` once when that connection closes (a
   process that ends, however it ends, has its sockets closed by the
-  kernel: noticed at once) or stays silent for ``timeout_s`` (a host that
-  vanished or a network cut, where no close ever arrives).
+  kernel: noticed at once), stays silent for ``timeout_s`` (a host that
+  vanished or a network cut, where no close ever arrives), or never
+  connects within ``timeout_s`` of the ``watch`` (a peer that died before
+  its first heartbeat).
 
 ``reachable(address, timeout_s)`` is the check a command runs before it
 starts, so an unreachable engine is an error at start-up, not a hang.
@@ -108,6 +110,7 @@ class ChannelHub:
         self.port = self._server.getsockname()[1]
         self._inboxes: dict[str, tuple[ThreadChannel, Any]] = {}
         self._watches: dict[str, tuple[float, Callable[[str], None]]] = {}
+        self._heard: set[str] = set()  # watched names whose heartbeat connection arrived
         self._lock = threading.Lock()
         self._registered = threading.Condition(self._lock)
         self._closed = False
@@ -124,10 +127,21 @@ class ChannelHub:
 
     def watch(self, name: str, timeout_s: float, on_lost: Callable[[str], None]) -> None:
         """Call ``on_lost(reason)`` once when the ``Heartbeat`` sending under ``name`` stops: its connection
-        closes or no frame comes for ``timeout_s``. Nothing is called before it first connects."""
+        closes, no frame comes for ``timeout_s``, or it never connects within ``timeout_s`` of this call
+        (a peer that died before its first heartbeat)."""
+        once = _Once(on_lost)
         with self._lock:
-            self._watches[name] = (timeout_s, on_lost)
+            self._watches[name] = (timeout_s, once)
             self._registered.notify_all()
+        timer = threading.Timer(timeout_s, self._first_contact_due, args=(name, timeout_s, once))
+        timer.daemon = True
+        timer.start()
+
+    def _first_contact_due(self, name: str, timeout_s: float, on_lost: Callable[[str], None]) -> None:
+        with self._lock:
+            heard = name in self._heard
+        if not heard and not self._closed:
+            on_lost(f"no heartbeat connection within {timeout_s:g} s")
 
     def _accept(self) -> None:
         while not self._closed:
@@ -152,6 +166,8 @@ class ChannelHub:
                 if watch is None:
                     channel, decode = self._inboxes[name]
             if watch is not None:
+                with self._lock:
+                    self._heard.add(name)
                 self._follow_heartbeats(conn, *watch)
                 return
             while (frame := _recv_frame(conn)) is not None:
@@ -183,6 +199,22 @@ class ChannelHub:
         with self._lock:
             self._registered.notify_all()
         self._server.close()
+
+
+class _Once:
+    """Calls the wrapped callback the first time only (a lost peer is reported once)."""
+
+    def __init__(self, callback: Callable[[str], None]) -> None:
+        self.callback = callback
+        self._called = threading.Event()
+        self._lock = threading.Lock()
+
+    def __call__(self, reason: str) -> None:
+        with self._lock:
+            if self._called.is_set():
+                return
+            self._called.set()
+        self.callback(reason)
 
 
 class Heartbeat:

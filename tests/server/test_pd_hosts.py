@@ -279,12 +279,12 @@ def test_a_heartbeat_that_stops_or_goes_silent_is_reported_once():
     address = f"127.0.0.1:{hub.port}"
     lost: dict[str, list[str]] = {"closed": [], "silent": []}
     hub.watch("liveness.closed", 5.0, lost["closed"].append)
-    hub.watch("liveness.silent", 0.5, lost["silent"].append)
     try:
         heartbeat = Heartbeat("liveness.closed", address, interval_s=0.1)
         time.sleep(0.5)
         assert lost["closed"] == []  # beating: nothing reported
         heartbeat.close()
+        hub.watch("liveness.silent", 0.5, lost["silent"].append)
         with socket.create_connection(("127.0.0.1", hub.port)) as silent:  # says its name, then nothing
             name = b"liveness.silent"
             silent.sendall(len(name).to_bytes(4, "big") + name)
@@ -294,6 +294,22 @@ def test_a_heartbeat_that_stops_or_goes_silent_is_reported_once():
     finally:
         hub.close()
     assert lost == {"closed": ["its connection closed"], "silent": ["no heartbeat for 0.5 s"]}
+
+
+def test_a_peer_that_never_sends_its_first_heartbeat_is_reported_once():
+    """A peer that died after the topology went out but before its heartbeat connected."""
+    hub = ChannelHub("127.0.0.1", 0)
+    lost: list[str] = []
+    hub.watch("liveness.never", 0.3, lost.append)
+    hub.watch("liveness.late", 0.3, lost.append)  # connects at once: never reported while it beats
+    heartbeat = Heartbeat("liveness.late", f"127.0.0.1:{hub.port}", interval_s=0.05)
+    try:
+        time.sleep(1.0)
+        reported = list(lost)
+    finally:
+        heartbeat.close()
+        hub.close()
+    assert reported == ["no heartbeat connection within 0.3 s"]
 
 
 @pytest.mark.parametrize("drop", [False, True])
