@@ -13,6 +13,8 @@
 #   suite    the engine, model-parity and bad-input tests that run on a GPU
 #   quant    bench_kernels quant + kv_fp8 (incl. the decode tile candidates), batch-1 decode
 #            of Llama-3.1-8B as bf16 / online fp8 / AWQ / fp8-block + FP8 KV
+#   quant-triage  bench_kernels quant + kv_fp8, the kernel audit (per-kernel times) of AWQ + FP8 KV
+#            and online FP8 at batch 1
 #   moe      Qwen3-30B-A3B batch-1 decode vs its active-weight roofline, bench_kernels moe
 #   audit    the kernel audit (0 kernels not from triton_kernels/) of quantized models with
 #            the FP8 KV cache, of the MoE model and of a VL prefill with images
@@ -63,6 +65,10 @@ for section in "$@"; do
         step bench-quant 200 python3 perf/bench_kernels.py --only quant,kv_fp8 --quick --rounds 1
         step one-batch-quant 280 python3 perf/bench_one_batch.py --models Llama-3.1-8B-Instruct \
             --variants bf16,fp8,awq,fp8-block+kv-fp8 --batch-sizes 1,16 --input-lens 256 --decode-steps 16 ;;
+    quant-triage)  # where the quantized decode step's time goes: kernel candidates, per-kernel times
+        step bench-quant 150 python3 perf/bench_kernels.py --only quant,kv_fp8 --quick --rounds 1
+        step audit-awq 100 python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant awq+kv-fp8 --batch 1
+        step audit-fp8 100 python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant fp8 --batch 1 ;;
     audit)
         step audit-quant 120 python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant awq+kv-fp8 --batch 2
         step audit-fp8 120 python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant fp8-block --batch 2
@@ -82,6 +88,6 @@ for section in "$@"; do
         step profile-llama 200 python3 perf/profile_decode.py --model Llama-3.1-8B-Instruct
         step profile-mistral 200 python3 perf/profile_decode.py --model Mistral-7B-Instruct-v0.3 ;;
     *)
-        echo "unknown section $section (kernels graphs suite quant moe audit spec vl decode)"; exit 2 ;;
+        echo "unknown section $section (kernels graphs suite quant quant-triage moe audit spec vl decode)"; exit 2 ;;
     esac
 done
