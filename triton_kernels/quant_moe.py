@@ -90,7 +90,7 @@ def _tile_channel(a_rows, K, w_ptr, ws_ptr, cols, stride_wn, stride_wk,
         mask_k = kk < K
         a = tl.load(a_rows + kk[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
         w = tl.load(w_cols + kk[:, None] * stride_wk, mask=mask_k[:, None], other=0.0)
-        acc = tl.dot(_quantize(a, a_scale, IS_INT8), w, acc)
+        acc = tl.dot(_quantize(a, a_scale, IS_INT8), w, acc, out_dtype=acc.dtype)
     w_scale = tl.load(ws_ptr + cols)
     return acc.to(tl.float32) * a_scale * w_scale[None, :]
 

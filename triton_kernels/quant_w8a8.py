@@ -142,7 +142,7 @@ def _w8a8_channel_kernel(
         x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :],
                     other=0.0).to(tl.float32)
         w = tl.load(w_rows + kk[None, :] * stride_wk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(_quantize(x, x_scale, IS_INT8), tl.trans(w), acc)
+        acc = tl.dot(_quantize(x, x_scale, IS_INT8), tl.trans(w), acc, out_dtype=acc.dtype)
     w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
     out = acc.to(tl.float32) * x_scale * w_scale[None, :]
     _store_tile(out, offs_m, offs_n, mask_m, mask_n, b_ptr, y_ptr, part_ptr, M, N, stride_ym, stride_yn,
