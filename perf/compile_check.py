@@ -25,7 +25,8 @@ What: two phases, each in its own process.
    driver is needed.
 
 One line per kernel variant: ``ok`` or ``FAIL`` with the compiler's message, then a
-summary. The exit status is 1 when any variant fails (or a launch could not be recorded).
+summary. The exit status is 1 when any variant fails (or a launch could not be recorded),
+2 when the tests did not run (a file or test id not found, a collection error).
 A kernel test that fails under the interpreter stops at its failing launch, so the
 launches after it are not seen; the summary counts those tests.
 
@@ -332,8 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "variants.pkl"
         started = time.time()
-        subprocess.run([sys.executable, __file__, "--record", str(out), *files, "--", *pytest_args],
-                       cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"})
+        proc = subprocess.run([sys.executable, __file__, "--record", str(out), *files, "--", *pytest_args],
+                              cwd=ROOT, env={**os.environ, "TRITON_INTERPRET": "1"})
+        if proc.returncode not in (0, 1):  # pytest: 1 = tests failed (listed below); else not run
+            print(f"recording failed: pytest exit status {proc.returncode} (a test file or id not "
+                  "found, a collection error, or no tests selected)")
+            return 2
         if not out.exists():
             print("recording failed: the tests did not run to the end")
             return 2
