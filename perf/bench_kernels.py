@@ -560,9 +560,13 @@ def _scaled_mm_of(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
 def _decode_tile_candidates() -> list:
     from triton_kernels.quant_tiles import QuantTile
 
-    return [QuantTile(16, 32, 128, 4, 4, 2), QuantTile(16, 64, 128, 4, 4, 4), QuantTile(16, 128, 128, 4, 4, 2),
-            QuantTile(16, 64, 256, 4, 3, 2), QuantTile(16, 64, 128, 4, 4, 0),
-            QuantTile(16, 64, 128, 4, 4, 2, packed_loads=True), QuantTile(16, 32, 256, 4, 3, 2, packed_loads=True)]
+    weight_only = dict(act_quant=False)   # W8A8 kernels: 16-bit products (W4A16 ignores it)
+    return [QuantTile(16, 64, 128, 4, 4, 2),   # the decode tile with 8-bit products
+            QuantTile(16, 32, 128, 4, 4, 2, **weight_only), QuantTile(16, 64, 128, 4, 4, 4, **weight_only),
+            QuantTile(16, 128, 128, 4, 4, 2, **weight_only), QuantTile(16, 64, 256, 4, 3, 2, **weight_only),
+            QuantTile(16, 64, 128, 4, 6, 2, **weight_only), QuantTile(16, 64, 128, 4, 4, 0, **weight_only),
+            QuantTile(16, 64, 128, 4, 4, 2, packed_loads=True), QuantTile(16, 32, 256, 4, 3, 2, packed_loads=True),
+            QuantTile(16, 128, 128, 4, 4, 2, packed_loads=True)]
 
 
 DECODE_TILE_CANDIDATES = _decode_tile_candidates()
@@ -570,7 +574,7 @@ DECODE_TILE_CANDIDATES = _decode_tile_candidates()
 
 def _tile_name(t) -> str:
     return (f"tile {t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages} p{t.target_programs_per_sm}"
-            + (" packed" if t.packed_loads else ""))
+            + (" packed" if t.packed_loads else "") + ("" if t.act_quant else " w-only"))
 
 
 def quant_cases(ctx: Ctx) -> list[Case]:

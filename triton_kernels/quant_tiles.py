@@ -36,12 +36,14 @@ class QuantTile:
     num_stages: int
     target_programs_per_sm: int = 0
     packed_loads: bool = False    # W4A16: load each packed int32 once and unpack in registers
+    act_quant: bool = True        # W8A8: quantise the activations (False: weight-only products)
 
 
 INTERPRETER_TILE = QuantTile(32, 32, 32, 4, 1)
-# Decode (M <= 16): thin tiles, split K up to ~2 programs per SM. Prefill: big MMA tiles.
+# Decode (M <= 16): thin tiles, split K up to ~2 programs per SM, 8-bit weights multiplied
+# as 16-bit (quant_w8a8.py's module doc says why). Prefill: big MMA tiles.
 CUDA_TILES = {
-    16: QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2),
+    16: QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2, act_quant=False),
     64: QuantTile(64, 64, 64, 4, 3),
     None: QuantTile(128, 128, 64, 8, 3),
 }

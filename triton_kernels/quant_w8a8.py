@@ -23,10 +23,18 @@ accumulation for fp8, int32 for int8) and the scales multiply the sum:
     block:    y[m, n] = sum_j xs[m, j] * ws[n // bn, j] * sum_{k in group j} xq[m, k] Wq[n, k]
 
 Fusion: the channel kernel first walks K once over its x rows to find each
-row's max (x is small beside W at decode, and read again anyway), then runs
-the matmul quantising each x tile as it loads it; the block kernel takes
-``BLOCK_K = bk`` so each K step is one scale group and quantises in registers.
-No quantised copy of x is ever written to memory.
+row's max, then runs the matmul quantising each x tile as it loads it; the
+block kernel takes ``BLOCK_K = bk`` so each K step is one scale group and
+quantises in registers. No quantised copy of x is ever written to memory.
+
+Decode is weight-only (``act_quant=False``, the decode tiles of
+``quant_tiles.py``): with 1-16 tokens the step is bound by the weight stream,
+so 8-bit products buy nothing, while the channel kernel's max pass is a
+serial walk over all of K before the first product, in every program. So at
+decode the weight tile is converted to x's dtype in registers, the products
+run on the 16-bit tensor cores and only the weight scales multiply the sum
+(``y = (x @ Wq^T) * ws``, block: per K group). The weight bytes are the same;
+x is not rounded to 8 bits, so the result is closer to the bf16 layer's.
 
 Roofline: the weight stream is ``N*K`` bytes, half of bf16's, so batch-1
 decode can approach 2x; prefill runs at the 8-bit tensor-core rate (2x bf16
@@ -113,6 +121,7 @@ def _w8a8_channel_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     IS_INT8: tl.constexpr, QMAX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ACT_QUANT: tl.constexpr = True, INPUT_PRECISION: tl.constexpr = "ieee",
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     k_begin, k_end = _k_slice(K, BLOCK_K, SPLIT_K)
@@ -122,16 +131,18 @@ def _w8a8_channel_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    # Pass 1: each row's max |x| -> its scale                               [BLOCK_M, 1]
-    amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & (kk < K)[None, :],
-                    other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
-    x_scale = (tl.maximum(amax, 1e-10) / QMAX)[:, None]
-    # Pass 2: quantise each x tile as it loads, 8-bit products, exact integer / fp32 sums.
-    if IS_INT8:
+    if ACT_QUANT:
+        # Pass 1: each row's max |x| -> its scale                           [BLOCK_M, 1]
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + offs_k
+            x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & (kk < K)[None, :],
+                        other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.max(tl.abs(x), axis=1))
+        x_scale = (tl.maximum(amax, 1e-10) / QMAX)[:, None]
+    # Pass 2: quantise each x tile as it loads, 8-bit products, exact integer / fp32 sums
+    # (or, weight-only, the weight tile in x's dtype and 16-bit products).
+    if ACT_QUANT and IS_INT8:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -139,12 +150,16 @@ def _w8a8_channel_kernel(
     for k0 in range(k_begin, k_end, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < K
-        x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)
+        x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_rows + kk[None, :] * stride_wk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(_quantize(x, x_scale, IS_INT8), tl.trans(w), acc, out_dtype=acc.dtype)
+        if ACT_QUANT:
+            acc = tl.dot(_quantize(x.to(tl.float32), x_scale, IS_INT8), tl.trans(w), acc, out_dtype=acc.dtype)
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=INPUT_PRECISION)
     w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
-    out = acc.to(tl.float32) * x_scale * w_scale[None, :]
+    out = acc.to(tl.float32) * w_scale[None, :]
+    if ACT_QUANT:
+        out = out * x_scale
     _store_tile(out, offs_m, offs_n, mask_m, mask_n, b_ptr, y_ptr, part_ptr, M, N, stride_ym, stride_yn,
                 HAS_BIAS, SPLIT_K)
 
@@ -155,6 +170,7 @@ def _fp8_block_kernel(
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
     BLOCK_SIZE_N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ACT_QUANT: tl.constexpr = True, INPUT_PRECISION: tl.constexpr = "ieee",
 ):
     """BLOCK_K is the scale group along K; BLOCK_N divides BLOCK_SIZE_N or is a multiple."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
@@ -171,13 +187,17 @@ def _fp8_block_kernel(
     for j in range(k_begin // BLOCK_K, tl.cdiv(k_end, BLOCK_K)):
         kk = j * BLOCK_K + offs_k
         mask_k = kk < K
-        x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :],
-                    other=0.0).to(tl.float32)
-        x_scale = (tl.maximum(tl.max(tl.abs(x), axis=1), 1e-10) / 448.0)[:, None]   # [BLOCK_M, 1]
+        x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_rows + kk[None, :] * stride_wk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        partial = tl.dot(_quantize(x, x_scale, False), tl.trans(w))
         w_scale = tl.load(s_rows + j * stride_sk, mask=mask_n, other=0.0)            # [BLOCK_N]
-        acc += partial * x_scale * w_scale[None, :]
+        if ACT_QUANT:
+            x32 = x.to(tl.float32)
+            x_scale = (tl.maximum(tl.max(tl.abs(x32), axis=1), 1e-10) / 448.0)[:, None]   # [BLOCK_M, 1]
+            partial = tl.dot(_quantize(x32, x_scale, False), tl.trans(w))
+            acc += partial * x_scale * w_scale[None, :]
+        else:
+            partial = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=INPUT_PRECISION)
+            acc += partial * w_scale[None, :]
     _store_tile(acc, offs_m, offs_n, mask_m, mask_n, b_ptr, y_ptr, part_ptr, M, N, stride_ym, stride_yn,
                 HAS_BIAS, SPLIT_K)
 
@@ -220,11 +240,17 @@ def _check_block_scale(weight: torch.Tensor, weight_scale: torch.Tensor,
                          f"{list(weight_scale.shape)}")
 
 
+def _precision(x: torch.Tensor) -> str:
+    """The weight-only path's dot precision: exact products for fp32 x (as the reference)."""
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
 def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                tile: QuantTile | None = None) -> torch.Tensor:
+                tile: QuantTile | None = None, act_quant: bool | None = None) -> torch.Tensor:
     """Per-channel fp8 or int8 weight (by its dtype), dynamic per-token activation scales.
-    ``tile``: the launch shape (default: quant_tiles' table for M)."""
+    ``tile``: the launch shape (default: quant_tiles' table for M); ``act_quant``: quantise x
+    (8-bit products) or not (weight-only, 16-bit products); default: the tile's choice."""
     _check(x, weight, bias)
     _check_channel_scale(weight, weight_scale)
     x2d = x.reshape(-1, x.shape[-1])
@@ -242,6 +268,7 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         IS_INT8=is_int8, QMAX=INT8_MAX if is_int8 else FP8_MAX, HAS_BIAS=bias is not None, SPLIT_K=split,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k, GROUP_M=8,
+        ACT_QUANT=tile.act_quant if act_quant is None else act_quant, INPUT_PRECISION=_precision(x),
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:
         reduce_partials(part, bias, y)
@@ -250,9 +277,11 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 
 def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      block_size: tuple[int, int], bias: torch.Tensor | None = None,
-                     out_dtype: torch.dtype | None = None, tile: QuantTile | None = None) -> torch.Tensor:
+                     out_dtype: torch.dtype | None = None, tile: QuantTile | None = None,
+                     act_quant: bool | None = None) -> torch.Tensor:
     """Block-scaled fp8 weight (``weight_scale_inv`` [ceil(N/bn), ceil(K/bk)]), activations
-    quantised per token and K group of ``bk`` (the kernel's K step; ``tile.block_k`` unused)."""
+    quantised per token and K group of ``bk`` (the kernel's K step; ``tile.block_k`` unused),
+    or not quantised (``act_quant``, as in ``w8a8_linear``)."""
     _check(x, weight, bias)
     _check_block_scale(weight, weight_scale, block_size)
     x2d = x.reshape(-1, x.shape[-1])
@@ -269,6 +298,7 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         weight_scale.stride(0), weight_scale.stride(1), y.stride(0), y.stride(1),
         BLOCK_SIZE_N=block_size[0], HAS_BIAS=bias is not None, SPLIT_K=split,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_size[1], GROUP_M=8,
+        ACT_QUANT=tile.act_quant if act_quant is None else act_quant, INPUT_PRECISION=_precision(x),
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:
         reduce_partials(part, bias, y)
@@ -298,14 +328,18 @@ def quantize_rows_reference(x: torch.Tensor, dtype: torch.dtype,
 
 
 def w8a8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                          bias: torch.Tensor | None = None,
-                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """The same quantisation in PyTorch, then fp32 (exact for int8 at these sizes) math."""
+                          bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
+                          act_quant: bool = True) -> torch.Tensor:
+    """The same quantisation in PyTorch, then fp32 (exact for int8 at these sizes) math;
+    ``act_quant=False``: x as it is times the dequantised weight."""
     _check(x, weight, bias)
     _check_channel_scale(weight, weight_scale)
     x2d = x.reshape(-1, x.shape[-1])
-    xq, xs = quantize_rows_reference(x2d, weight.dtype)
-    y = (xq @ weight.float().t()) * xs * weight_scale[None, :]
+    if act_quant:
+        xq, xs = quantize_rows_reference(x2d, weight.dtype)
+        y = (xq @ weight.float().t()) * xs * weight_scale[None, :]
+    else:
+        y = (x2d.float() @ weight.float().t()) * weight_scale[None, :]
     if bias is not None:
         y = y + bias.float()
     return y.to(out_dtype or x.dtype).reshape(*x.shape[:-1], weight.shape[0])
@@ -313,15 +347,18 @@ def w8a8_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: t
 
 def fp8_block_linear_reference(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                                block_size: tuple[int, int], bias: torch.Tensor | None = None,
-                               out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Per-(token, K group) quantised x times the block-dequantised weight, in fp32."""
+                               out_dtype: torch.dtype | None = None, act_quant: bool = True) -> torch.Tensor:
+    """Per-(token, K group) quantised x (or x as it is) times the block-dequantised weight, in fp32."""
     _check(x, weight, bias)
     _check_block_scale(weight, weight_scale, block_size)
     bn, bk = block_size
     N, K = weight.shape
     x2d = x.reshape(-1, K)
-    xq, xs = quantize_rows_reference(x2d, torch.float8_e4m3fn, bk)
-    x_deq = xq * xs.repeat_interleave(bk, dim=1)[:, :K]
+    if act_quant:
+        xq, xs = quantize_rows_reference(x2d, torch.float8_e4m3fn, bk)
+        x_deq = xq * xs.repeat_interleave(bk, dim=1)[:, :K]
+    else:
+        x_deq = x2d.float()
     w_deq = weight.float() * weight_scale.repeat_interleave(bn, 0).repeat_interleave(bk, 1)[:N, :K]
     y = x_deq @ w_deq.t()
     if bias is not None:

@@ -1,6 +1,7 @@
 """FP8 / INT8 W8A8 GEMMs with fused dynamic activation quantisation: the Triton kernels
 vs their PyTorch references (same quantisation, so tight), and vs the unquantised
-float64 matmul (loose: the 8-bit rounding error itself, stated per scheme)."""
+float64 matmul (loose: the 8-bit rounding error itself, stated per scheme). Each kernel
+also runs weight-only (``act_quant=False``, the decode tiles' choice on CUDA)."""
 from __future__ import annotations
 
 import pytest
@@ -46,32 +47,35 @@ def _inputs(M, N, K, dtype, device):
     return x.to(dtype).to(device), w, bias.to(dtype).to(device)
 
 
+@pytest.mark.parametrize("act_quant", [True, False])
 @pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.int8])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES_GPU if ON_GPU else SHAPES_CPU)
-def test_channel_kernel(device, wdtype, dtype, shape):
+def test_channel_kernel(device, wdtype, dtype, shape, act_quant):
     M, N, K = shape
     x, w, bias = _inputs(M, N, K, dtype, device)
     wq, ws = _quantize_weight_per_channel(w, wdtype)
     wq, ws = wq.to(device), ws.to(device)
-    y = q8.w8a8_linear(x, wq, ws, bias)
+    y = q8.w8a8_linear(x, wq, ws, bias, act_quant=act_quant)
     assert y.shape == (M, N) and y.dtype == dtype
-    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias), dtype, f"{wdtype} kernel vs reference")
+    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias, act_quant=act_quant), dtype,
+                 f"{wdtype} kernel vs reference")
     exact = x.cpu().double() @ w.double().t() + bias.cpu().double()
     assert rel_err(y, exact) < QUANT_ERROR[wdtype]
 
 
+@pytest.mark.parametrize("act_quant", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES_GPU if ON_GPU else SHAPES_CPU)
 @pytest.mark.parametrize("block", [(128, 128), (16, 32)] if not ON_GPU else [(128, 128)])
-def test_block_kernel(device, dtype, shape, block):
+def test_block_kernel(device, dtype, shape, block, act_quant):
     M, N, K = shape
     x, w, bias = _inputs(M, N, K, dtype, device)
     wq, ws = _quantize_weight_blocks(w, *block)
     wq, ws = wq.to(device), ws.to(device)
-    y = q8.fp8_block_linear(x, wq, ws, block, bias)
+    y = q8.fp8_block_linear(x, wq, ws, block, bias, act_quant=act_quant)
     assert y.shape == (M, N) and y.dtype == dtype
-    assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias), dtype,
+    assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias, act_quant=act_quant), dtype,
                  "fp8 block kernel vs reference")
     exact = x.cpu().double() @ w.double().t() + bias.cpu().double()
     assert rel_err(y, exact) < QUANT_ERROR[torch.float8_e4m3fn]
@@ -107,25 +111,28 @@ def test_bad_inputs_name_the_tensor(device):
 SPLIT_TILE = QuantTile(16, 32, 32, 4, 1, target_programs_per_sm=8)   # forces K slices at these sizes
 
 
+@pytest.mark.parametrize("act_quant", [True, False])
 @pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.int8])
-def test_channel_kernel_with_k_split(device, wdtype):
+def test_channel_kernel_with_k_split(device, wdtype, act_quant):
     """The decode launch shape: K cut into slices whose fp32 partials the reduce kernel adds (with the bias)."""
     M, N, K = (3, 40, 512) if not ON_GPU else (1, 4096, 4096)
     tile = SPLIT_TILE if not ON_GPU else QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2)
     assert split_k(tile, M, N, K, 32 if not ON_GPU else 128, torch.device(device)) > 1
     x, w, bias = _inputs(M, N, K, torch.float32, device)
     wq, ws = (t.to(device) for t in _quantize_weight_per_channel(w, wdtype))
-    y = q8.w8a8_linear(x, wq, ws, bias, tile=tile)
-    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias), torch.float32, f"{wdtype} split-K vs reference")
+    y = q8.w8a8_linear(x, wq, ws, bias, tile=tile, act_quant=act_quant)
+    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias, act_quant=act_quant), torch.float32,
+                 f"{wdtype} split-K vs reference")
 
 
-def test_block_kernel_with_k_split(device):
+@pytest.mark.parametrize("act_quant", [True, False])
+def test_block_kernel_with_k_split(device, act_quant):
     M, N, K = (3, 40, 512) if not ON_GPU else (1, 4096, 4096)
     block = (16, 32) if not ON_GPU else (128, 128)
     tile = SPLIT_TILE if not ON_GPU else QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2)
     assert split_k(tile, M, N, K, block[1], torch.device(device)) > 1
     x, w, bias = _inputs(M, N, K, torch.float32, device)
     wq, ws = (t.to(device) for t in _quantize_weight_blocks(w, *block))
-    y = q8.fp8_block_linear(x, wq, ws, block, bias, tile=tile)
-    assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias), torch.float32,
+    y = q8.fp8_block_linear(x, wq, ws, block, bias, tile=tile, act_quant=act_quant)
+    assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias, act_quant=act_quant), torch.float32,
                  "fp8 block split-K vs reference")
