@@ -13,6 +13,7 @@
 #   suite    the engine, model-parity and bad-input tests that run on a GPU
 #   quant    bench_kernels quant + kv_fp8 (incl. the decode tile candidates), batch-1 decode
 #            of Llama-3.1-8B as bf16 / online fp8 / AWQ / fp8-block + FP8 KV
+#   quant-decode  batch-1 decode of the four variants, the kernel audit of AWQ at batch 1
 #   quant-triage  bench_kernels quant + kv_fp8, the kernel audit (per-kernel times) of AWQ + FP8 KV
 #            and online FP8 at batch 1
 #   moe      Qwen3-30B-A3B batch-1 decode vs its active-weight roofline, bench_kernels moe
@@ -48,7 +49,7 @@ for section in "$@"; do
         mkdir -p /tmp/kernel-tests
         for t in quant_w8a8 quant_w4a16 quant_kv_fp8 quant_moe moe norm activation pos_embed scatter \
                  vision_attention tree_attention draft_tree sampling; do
-            timeout 240 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/kernels/test_$t.py \
+            timeout ${KERNEL_TEST_S:-240} python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/kernels/test_$t.py \
                 > /tmp/kernel-tests/$t.txt 2>&1 &
         done
         wait
@@ -65,6 +66,10 @@ for section in "$@"; do
         step bench-quant 200 python3 perf/bench_kernels.py --only quant,kv_fp8 --quick --rounds 1
         step one-batch-quant 280 python3 perf/bench_one_batch.py --models Llama-3.1-8B-Instruct \
             --variants bf16,fp8,awq,fp8-block+kv-fp8 --batch-sizes 1,16 --input-lens 256 --decode-steps 16 ;;
+    quant-decode)  # the batch-1 figures alone, and where AWQ's step goes
+        step one-batch-quant 150 python3 perf/bench_one_batch.py --models Llama-3.1-8B-Instruct \
+            --variants bf16,fp8,awq,fp8-block+kv-fp8 --batch-sizes 1 --input-lens 256 --decode-steps 16
+        step audit-awq 80 python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant awq --batch 1 ;;
     quant-triage)  # where the quantized decode step's time goes: kernel candidates, per-kernel times
         step bench-quant 150 python3 perf/bench_kernels.py --only quant,kv_fp8 --quick --rounds 1
         step audit-awq 100 python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant awq+kv-fp8 --batch 1
@@ -88,6 +93,6 @@ for section in "$@"; do
         step profile-llama 200 python3 perf/profile_decode.py --model Llama-3.1-8B-Instruct
         step profile-mistral 200 python3 perf/profile_decode.py --model Mistral-7B-Instruct-v0.3 ;;
     *)
-        echo "unknown section $section (kernels graphs suite quant quant-triage moe audit spec vl decode)"; exit 2 ;;
+        echo "unknown section $section (kernels graphs suite quant quant-decode quant-triage moe audit spec vl decode)"; exit 2 ;;
     esac
 done
