@@ -37,15 +37,17 @@ class QuantTile:
     target_programs_per_sm: int = 0
     packed_loads: bool = False    # W4A16: load each packed int32 once and unpack in registers
     act_quant: bool = True        # W8A8: quantise the activations (False: weight-only products)
+    prequant: bool = False        # W8A8: quantise them once, in a kernel of their own, before the GEMM
 
 
 INTERPRETER_TILE = QuantTile(32, 32, 32, 4, 1)
 # Decode (M <= 16): thin tiles, split K up to ~2 programs per SM, 8-bit weights multiplied
-# as 16-bit (quant_w8a8.py's module doc says why). Prefill: big MMA tiles.
+# as 16-bit. Prefill: big MMA tiles, x quantised once before the GEMM (quant_w8a8.py's
+# module doc says why).
 CUDA_TILES = {
     16: QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2, act_quant=False),
-    64: QuantTile(64, 64, 64, 4, 3),
-    None: QuantTile(128, 128, 64, 8, 3),
+    64: QuantTile(64, 64, 64, 4, 3, prequant=True),
+    None: QuantTile(128, 128, 64, 8, 3, prequant=True),
 }
 
 

@@ -36,6 +36,12 @@ run on the 16-bit tensor cores and only the weight scales multiply the sum
 (``y = (x @ Wq^T) * ws``, block: per K group). The weight bytes are the same;
 x is not rounded to 8 bits, so the result is closer to the bf16 layer's.
 
+Prefill quantises x once (``prequant``, the prefill tiles): fused, every
+output-column tile would requantise the same x tiles (N / block_n times) and
+the channel kernel would walk K for the row maxima in every program. There
+``quantize_rows`` writes the 8-bit x and its scales first (one program per row
+and K group), and the GEMM loads 8-bit x tiles; same values, same result.
+
 Roofline: the weight stream is ``N*K`` bytes, half of bf16's, so batch-1
 decode can approach 2x; prefill runs at the 8-bit tensor-core rate (2x bf16
 on Hopper). FLOPs ``2*M*N*K``.
@@ -51,7 +57,7 @@ from triton_kernels.quant_tiles import QuantTile, partials, reduce_partials, spl
 from triton_kernels.runtime import interpreting
 
 __all__ = ["FP8_MAX", "INT8_MAX", "flops_bytes", "fp8_block_linear", "fp8_block_linear_reference",
-           "quantize_rows_reference", "w8a8_linear", "w8a8_linear_reference"]
+           "quantize_rows", "quantize_rows_reference", "w8a8_linear", "w8a8_linear_reference"]
 FP8_MAX = 448.0          # largest finite float8_e4m3fn
 INT8_MAX = 127.0
 SCALE_EPS = 1e-10        # floor of a row's max, so an all-zero row gets a finite scale
@@ -115,14 +121,36 @@ def _store_tile(out, offs_m, offs_n, mask_m, mask_n, b_ptr, y_ptr, part_ptr, M, 
         tl.store(part_ptr + rows[:, None] * N + offs_n[None, :], out, mask=mask)
 
 
+@triton.jit
+def _quantize_rows_kernel(x_ptr, xq_ptr, xs_ptr, K, group, stride_xm, stride_qm, stride_sm,
+                          IS_INT8: tl.constexpr, QMAX: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (row, g): columns [g * group, (g + 1) * group) of one row -> 8-bit values and
+    their scale max|x| / QMAX (two walks over the group: its max, then the values)."""
+    row = tl.program_id(0).to(tl.int64)
+    begin = tl.program_id(1) * group
+    end = tl.minimum(begin + group, K)
+    offs = tl.arange(0, BLOCK_K)
+    amax = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for k0 in range(begin, end, BLOCK_K):
+        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=k0 + offs < end, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, axis=0), 1e-10) / QMAX
+    for k0 in range(begin, end, BLOCK_K):
+        mask = k0 + offs < end
+        x = tl.load(x_ptr + row * stride_xm + k0 + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(xq_ptr + row * stride_qm + k0 + offs, _quantize(x, scale, IS_INT8), mask=mask)
+    tl.store(xs_ptr + row * stride_sm + tl.program_id(1), scale)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _w8a8_channel_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, K,
+    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, xs_ptr, M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_ym, stride_yn,
     IS_INT8: tl.constexpr, QMAX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ACT_QUANT: tl.constexpr = True, INPUT_PRECISION: tl.constexpr = "ieee",
+    ACT_QUANT: tl.constexpr = True, X_PREQUANT: tl.constexpr = False, INPUT_PRECISION: tl.constexpr = "ieee",
 ):
+    """X_PREQUANT: x is already 8-bit (``quantize_rows``), its row scales at xs_ptr."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     k_begin, k_end = _k_slice(K, BLOCK_K, SPLIT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -131,7 +159,9 @@ def _w8a8_channel_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
-    if ACT_QUANT:
+    if ACT_QUANT and X_PREQUANT:
+        x_scale = tl.load(xs_ptr + offs_m, mask=mask_m, other=1.0)[:, None]
+    elif ACT_QUANT:
         # Pass 1: each row's max |x| -> its scale                           [BLOCK_M, 1]
         amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
@@ -152,7 +182,9 @@ def _w8a8_channel_kernel(
         mask_k = kk < K
         x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_rows + kk[None, :] * stride_wk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if ACT_QUANT:
+        if ACT_QUANT and X_PREQUANT:
+            acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc.dtype)
+        elif ACT_QUANT:
             acc = tl.dot(_quantize(x.to(tl.float32), x_scale, IS_INT8), tl.trans(w), acc, out_dtype=acc.dtype)
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=INPUT_PRECISION)
@@ -166,13 +198,14 @@ def _w8a8_channel_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def _fp8_block_kernel(
-    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
+    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, xs_ptr, M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn, stride_xsm,
     BLOCK_SIZE_N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ACT_QUANT: tl.constexpr = True, INPUT_PRECISION: tl.constexpr = "ieee",
+    ACT_QUANT: tl.constexpr = True, X_PREQUANT: tl.constexpr = False, INPUT_PRECISION: tl.constexpr = "ieee",
 ):
-    """BLOCK_K is the scale group along K; BLOCK_N divides BLOCK_SIZE_N or is a multiple."""
+    """BLOCK_K is the scale group along K; BLOCK_N divides BLOCK_SIZE_N or is a multiple.
+    X_PREQUANT: x is already fp8 (``quantize_rows``), its [M, K groups] scales at xs_ptr."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     k_begin, k_end = _k_slice(K, BLOCK_K, SPLIT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -190,7 +223,10 @@ def _fp8_block_kernel(
         x = tl.load(x_rows + kk[None, :] * stride_xk, mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         w = tl.load(w_rows + kk[None, :] * stride_wk, mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         w_scale = tl.load(s_rows + j * stride_sk, mask=mask_n, other=0.0)            # [BLOCK_N]
-        if ACT_QUANT:
+        if ACT_QUANT and X_PREQUANT:
+            x_scale = tl.load(xs_ptr + offs_m.to(tl.int64) * stride_xsm + j, mask=mask_m, other=1.0)[:, None]
+            acc += tl.dot(x, tl.trans(w)) * x_scale * w_scale[None, :]
+        elif ACT_QUANT:
             x32 = x.to(tl.float32)
             x_scale = (tl.maximum(tl.max(tl.abs(x32), axis=1), 1e-10) / 448.0)[:, None]   # [BLOCK_M, 1]
             partial = tl.dot(_quantize(x32, x_scale, False), tl.trans(w))
@@ -245,12 +281,36 @@ def _precision(x: torch.Tensor) -> str:
     return "ieee" if x.dtype == torch.float32 else "tf32"
 
 
+def quantize_rows(x2d: torch.Tensor, dtype: torch.dtype,
+                  group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (xq [M, K] of ``dtype`` (fp8 e4m3 or int8), scale [M, ceil(K / group)] fp32):
+    the activation quantisation of the kernels above as a kernel of its own (per row, or per
+    row and K group of ``group``), for launches that quantise x once (``prequant``)."""
+    M, K = x2d.shape
+    group = group or K
+    xq = torch.empty((M, K), dtype=dtype, device=x2d.device)
+    xs = torch.empty((M, triton.cdiv(K, group)), dtype=torch.float32, device=x2d.device)
+    is_int8 = dtype == torch.int8
+    _quantize_rows_kernel[(M, xs.shape[1])](
+        x2d, xq, xs, K, group, x2d.stride(0), xq.stride(0), xs.stride(0),
+        IS_INT8=is_int8, QMAX=INT8_MAX if is_int8 else FP8_MAX,
+        BLOCK_K=min(triton.next_power_of_2(group), 1024 if x2d.is_cuda else 64))
+    return xq, xs
+
+
+def _modes(tile: QuantTile, act_quant: bool | None, prequant: bool | None) -> tuple[bool, bool]:
+    act_quant = tile.act_quant if act_quant is None else act_quant
+    return act_quant, act_quant and (tile.prequant if prequant is None else prequant)
+
+
 def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
-                tile: QuantTile | None = None, act_quant: bool | None = None) -> torch.Tensor:
+                tile: QuantTile | None = None, act_quant: bool | None = None,
+                prequant: bool | None = None) -> torch.Tensor:
     """Per-channel fp8 or int8 weight (by its dtype), dynamic per-token activation scales.
     ``tile``: the launch shape (default: quant_tiles' table for M); ``act_quant``: quantise x
-    (8-bit products) or not (weight-only, 16-bit products); default: the tile's choice."""
+    (8-bit products) or not (weight-only, 16-bit products); ``prequant``: quantise x first
+    with ``quantize_rows`` instead of in the GEMM; defaults: the tile's choices."""
     _check(x, weight, bias)
     _check_channel_scale(weight, weight_scale)
     x2d = x.reshape(-1, x.shape[-1])
@@ -262,13 +322,17 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     split = split_k(tile, M, N, K, block_k, x.device)
     part = partials(split, M, N, y)
     is_int8 = weight.dtype == torch.int8
+    act_quant, prequant = _modes(tile, act_quant, prequant)
+    xs = y
+    if prequant:
+        x2d, xs = quantize_rows(x2d, weight.dtype)
     grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n), split)
     _w8a8_channel_kernel[grid](
-        x2d, weight, weight_scale, bias if bias is not None else y, y, part, M, N, K,
+        x2d, weight, weight_scale, bias if bias is not None else y, y, part, xs, M, N, K,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         IS_INT8=is_int8, QMAX=INT8_MAX if is_int8 else FP8_MAX, HAS_BIAS=bias is not None, SPLIT_K=split,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k, GROUP_M=8,
-        ACT_QUANT=tile.act_quant if act_quant is None else act_quant, INPUT_PRECISION=_precision(x),
+        ACT_QUANT=act_quant, X_PREQUANT=prequant, INPUT_PRECISION=_precision(x),
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:
         reduce_partials(part, bias, y)
@@ -278,10 +342,10 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
 def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                      block_size: tuple[int, int], bias: torch.Tensor | None = None,
                      out_dtype: torch.dtype | None = None, tile: QuantTile | None = None,
-                     act_quant: bool | None = None) -> torch.Tensor:
+                     act_quant: bool | None = None, prequant: bool | None = None) -> torch.Tensor:
     """Block-scaled fp8 weight (``weight_scale_inv`` [ceil(N/bn), ceil(K/bk)]), activations
     quantised per token and K group of ``bk`` (the kernel's K step; ``tile.block_k`` unused),
-    or not quantised (``act_quant``, as in ``w8a8_linear``)."""
+    or not quantised (``act_quant`` and ``prequant`` as in ``w8a8_linear``)."""
     _check(x, weight, bias)
     _check_block_scale(weight, weight_scale, block_size)
     x2d = x.reshape(-1, x.shape[-1])
@@ -291,14 +355,18 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     tile = tile or tile_for(M, x.device)
     split = split_k(tile, M, N, K, block_size[1], x.device)
     part = partials(split, M, N, y)
+    act_quant, prequant = _modes(tile, act_quant, prequant)
+    xs = y
+    if prequant:
+        x2d, xs = quantize_rows(x2d, weight.dtype, block_size[1])
     grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n), split)
     _fp8_block_kernel[grid](
-        x2d, weight, weight_scale, bias if bias is not None else y, y, part, M, N, K,
+        x2d, weight, weight_scale, bias if bias is not None else y, y, part, xs, M, N, K,
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
-        weight_scale.stride(0), weight_scale.stride(1), y.stride(0), y.stride(1),
+        weight_scale.stride(0), weight_scale.stride(1), y.stride(0), y.stride(1), xs.stride(0),
         BLOCK_SIZE_N=block_size[0], HAS_BIAS=bias is not None, SPLIT_K=split,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_size[1], GROUP_M=8,
-        ACT_QUANT=tile.act_quant if act_quant is None else act_quant, INPUT_PRECISION=_precision(x),
+        ACT_QUANT=act_quant, X_PREQUANT=prequant, INPUT_PRECISION=_precision(x),
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:
         reduce_partials(part, bias, y)

@@ -1,7 +1,8 @@
 """FP8 / INT8 W8A8 GEMMs with fused dynamic activation quantisation: the Triton kernels
 vs their PyTorch references (same quantisation, so tight), and vs the unquantised
 float64 matmul (loose: the 8-bit rounding error itself, stated per scheme). Each kernel
-also runs weight-only (``act_quant=False``, the decode tiles' choice on CUDA)."""
+also runs with x quantised first by ``quantize_rows`` (the prefill tiles' choice on CUDA)
+and weight-only (``act_quant=False``, the decode tiles' choice)."""
 from __future__ import annotations
 
 import pytest
@@ -18,6 +19,14 @@ SHAPES_GPU = [(1, 4096, 4096), (7, 1000, 4096), (300, 1100, 2048), (1024, 4096, 
 # (random normal data): fp8 e4m3 has a 3-bit mantissa (~4% per value, averaging
 # down over K), int8 with per-row scales ~1%.
 QUANT_ERROR = {torch.float8_e4m3fn: 0.06, torch.int8: 0.02}
+# How x meets the 8-bit weight: quantised in the GEMM, quantised first by its own kernel
+# (same values), or not at all (weight-only: 16-bit products).
+MODES = {"fused": dict(act_quant=True, prequant=False), "prequant": dict(act_quant=True, prequant=True),
+         "weight-only": dict(act_quant=False)}
+
+
+def _act_quant(mode: str) -> bool:
+    return MODES[mode]["act_quant"]
 
 
 def _quantize_weight_per_channel(w: torch.Tensor, dtype: torch.dtype):
@@ -47,35 +56,35 @@ def _inputs(M, N, K, dtype, device):
     return x.to(dtype).to(device), w, bias.to(dtype).to(device)
 
 
-@pytest.mark.parametrize("act_quant", [True, False])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.int8])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES_GPU if ON_GPU else SHAPES_CPU)
-def test_channel_kernel(device, wdtype, dtype, shape, act_quant):
+def test_channel_kernel(device, wdtype, dtype, shape, mode):
     M, N, K = shape
     x, w, bias = _inputs(M, N, K, dtype, device)
     wq, ws = _quantize_weight_per_channel(w, wdtype)
     wq, ws = wq.to(device), ws.to(device)
-    y = q8.w8a8_linear(x, wq, ws, bias, act_quant=act_quant)
+    y = q8.w8a8_linear(x, wq, ws, bias, **MODES[mode])
     assert y.shape == (M, N) and y.dtype == dtype
-    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias, act_quant=act_quant), dtype,
+    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias, act_quant=_act_quant(mode)), dtype,
                  f"{wdtype} kernel vs reference")
     exact = x.cpu().double() @ w.double().t() + bias.cpu().double()
     assert rel_err(y, exact) < QUANT_ERROR[wdtype]
 
 
-@pytest.mark.parametrize("act_quant", [True, False])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES_GPU if ON_GPU else SHAPES_CPU)
 @pytest.mark.parametrize("block", [(128, 128), (16, 32)] if not ON_GPU else [(128, 128)])
-def test_block_kernel(device, dtype, shape, block, act_quant):
+def test_block_kernel(device, dtype, shape, block, mode):
     M, N, K = shape
     x, w, bias = _inputs(M, N, K, dtype, device)
     wq, ws = _quantize_weight_blocks(w, *block)
     wq, ws = wq.to(device), ws.to(device)
-    y = q8.fp8_block_linear(x, wq, ws, block, bias, act_quant=act_quant)
+    y = q8.fp8_block_linear(x, wq, ws, block, bias, **MODES[mode])
     assert y.shape == (M, N) and y.dtype == dtype
-    assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias, act_quant=act_quant), dtype,
+    assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias, act_quant=_act_quant(mode)), dtype,
                  "fp8 block kernel vs reference")
     exact = x.cpu().double() @ w.double().t() + bias.cpu().double()
     assert rel_err(y, exact) < QUANT_ERROR[torch.float8_e4m3fn]
@@ -89,6 +98,19 @@ def test_zero_rows_and_fp32_output(device):
     y = q8.w8a8_linear(x, wq.to(device), ws.to(device), bias, out_dtype=torch.float32)
     assert y.dtype == torch.float32 and torch.isfinite(y).all()
     assert torch.allclose(y[1], bias.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("group", [None, 32])
+def test_quantize_rows_kernel(device, dtype, group):
+    """The prequant kernel gives the reference's values and scales exactly (odd K: a short last group)."""
+    x, _, _ = _inputs(5, 8, 200, torch.float16, device)
+    x[3] = 0                                            # an all-zero row: the floor scale, zero values
+    xq, xs = q8.quantize_rows(x, dtype, group)
+    ref_q, ref_s = q8.quantize_rows_reference(x, dtype, group)
+    assert xq.dtype == dtype and xs.shape == ref_s.shape == (5, -(-200 // (group or 200)))
+    assert torch.equal(xs.cpu(), ref_s.cpu())
+    assert torch.equal(xq.float().cpu(), ref_q.cpu())
 
 
 def test_int8_rounding_is_half_up():
@@ -111,28 +133,28 @@ def test_bad_inputs_name_the_tensor(device):
 SPLIT_TILE = QuantTile(16, 32, 32, 4, 1, target_programs_per_sm=8)   # forces K slices at these sizes
 
 
-@pytest.mark.parametrize("act_quant", [True, False])
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.int8])
-def test_channel_kernel_with_k_split(device, wdtype, act_quant):
+def test_channel_kernel_with_k_split(device, wdtype, mode):
     """The decode launch shape: K cut into slices whose fp32 partials the reduce kernel adds (with the bias)."""
     M, N, K = (3, 40, 512) if not ON_GPU else (1, 4096, 4096)
     tile = SPLIT_TILE if not ON_GPU else QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2)
     assert split_k(tile, M, N, K, 32 if not ON_GPU else 128, torch.device(device)) > 1
     x, w, bias = _inputs(M, N, K, torch.float32, device)
     wq, ws = (t.to(device) for t in _quantize_weight_per_channel(w, wdtype))
-    y = q8.w8a8_linear(x, wq, ws, bias, tile=tile, act_quant=act_quant)
-    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias, act_quant=act_quant), torch.float32,
+    y = q8.w8a8_linear(x, wq, ws, bias, tile=tile, **MODES[mode])
+    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias, act_quant=_act_quant(mode)), torch.float32,
                  f"{wdtype} split-K vs reference")
 
 
-@pytest.mark.parametrize("act_quant", [True, False])
-def test_block_kernel_with_k_split(device, act_quant):
+@pytest.mark.parametrize("mode", MODES)
+def test_block_kernel_with_k_split(device, mode):
     M, N, K = (3, 40, 512) if not ON_GPU else (1, 4096, 4096)
     block = (16, 32) if not ON_GPU else (128, 128)
     tile = SPLIT_TILE if not ON_GPU else QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2)
     assert split_k(tile, M, N, K, block[1], torch.device(device)) > 1
     x, w, bias = _inputs(M, N, K, torch.float32, device)
     wq, ws = (t.to(device) for t in _quantize_weight_blocks(w, *block))
-    y = q8.fp8_block_linear(x, wq, ws, block, bias, tile=tile, act_quant=act_quant)
-    assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias, act_quant=act_quant), torch.float32,
+    y = q8.fp8_block_linear(x, wq, ws, block, bias, tile=tile, **MODES[mode])
+    assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias, act_quant=_act_quant(mode)), torch.float32,
                  "fp8 block split-K vs reference")
