@@ -68,7 +68,7 @@ for section in "$@"; do
             --variants bf16,fp8,awq,fp8-block+kv-fp8 --batch-sizes 1,16 --input-lens 256 --decode-steps 16 ;;
     quant-decode)  # the batch-1 figures alone, and where AWQ's step goes
         step one-batch-quant "${ONE_BATCH_S:-150}" python3 perf/bench_one_batch.py --models Llama-3.1-8B-Instruct \
-            --variants bf16,fp8,awq,fp8-block+kv-fp8 --batch-sizes 1 --input-lens 256 --decode-steps 16
+            --variants bf16,fp8,fp8-block+kv-fp8,awq --batch-sizes 1 --input-lens 256 --decode-steps 16
         step audit-awq "${AUDIT_S:-80}" python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant awq --batch 1 ;;
     quant-triage)  # where the quantized decode step's time goes: kernel candidates, per-kernel times
         step bench-quant 150 python3 perf/bench_kernels.py --only quant,kv_fp8 --quick --rounds 1
