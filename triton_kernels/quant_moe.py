@@ -9,12 +9,11 @@ leading E axis; w13 holds each expert's gate rows over its up rows (``[2I, H]``
 as a linear ``[N, K]``), w2 its down rows (``[H, I]``).
 
 =============  ======================================  ===================================
-scheme         expert weight, scale (per expert)       activation (dynamic, fused)
+scheme         expert weight, scale (per expert)       activation scale (dynamic)
 =============  ======================================  ===================================
-w8a8 channel   w fp8e4m3 or int8 [N, K], ws fp32 [N]   per token: max|a[m, :]| / qmax,
-                                                       one pass over K before the matmul
+w8a8 channel   w fp8e4m3 or int8 [N, K], ws fp32 [N]   per token: max|a[m, :]| / qmax
 fp8 block      w fp8e4m3 [N, K],                       per token and K group of bk:
-               ws fp32 [rows, ceil(K/bk)]              max|a[m, group]| / 448 in registers
+               ws fp32 [rows, ceil(K/bk)]              max|a[m, group]| / 448
 w4a16          qweight int32 [K/8, N] (nibble k % 8    none (16-bit a); the 4-bit tile is
                of row k // 8), scales [G, N] a's       dequantised in registers:
                dtype, zeros uint8 [G, N], g_idx [K]    ``(q - z[g(k)]) * s[g(k)]``
@@ -33,6 +32,18 @@ matching up columns) through one tile routine per scheme (``_expert_tile``);
 the x rows are re-read from cache, the weight bytes once. ``act`` and
 ``partial`` are stored in x's dtype, products accumulate in fp32 (int32 for
 int8 products), as in ``fused_moe``.
+
+W8A8 modes, as in ``quant_w8a8`` (its module doc has the GPU measurement), chosen
+by the routed rows T*k (``_modes``). Fused: each tile quantises the a tiles it loads,
+after (channel) a walk over all of K for its rows' maxima, in every program. That
+walk delays the first product of a decode step, which is a weight stream anyway, so
+on CUDA with T*k <= ``WEIGHT_ONLY_MAX_PAIRS`` (``_pick_config``'s decode tier) the
+launch is weight-only: the 8-bit tile is converted to a's dtype for 16-bit products
+and only the weight scales multiply the sum (block: per K group). Above that
+(prefill) x, then act, is quantised once by ``quantize_rows`` (8-bit values, fp32
+scales per row or row and K group), and the grouped GEMM gathers the 8-bit rows and
+their scales by the sorted pair ids as it gathers x. The interpreter and CPU keep
+the fused mode, the references' default.
 
 Roofline: decode streams every touched expert's weights once: ``3*I*H`` bytes
 per expert at 8 bits, ``1.5*I*H`` (+ scales) at 4 bits, against ``6*I*H`` in
@@ -56,6 +67,7 @@ from triton_kernels.quant_w8a8 import (
     INT8_MAX,
     _quantize,
     fp8_block_linear_reference,
+    quantize_rows,
     w8a8_linear_reference,
 )
 from triton_kernels.runtime import interpreting
@@ -63,43 +75,68 @@ from triton_kernels.runtime import interpreting
 __all__ = ["fused_moe_w4a16", "fused_moe_w4a16_reference", "fused_moe_w8a8",
            "fused_moe_w8a8_reference", "flops_bytes"]
 CHANNEL, BLOCK, W4A16 = 0, 1, 2          # SCHEME constexpr values
+# W8A8 launches with at most this many routed rows (T * k) are weight-only on CUDA:
+# moe.gemm._pick_config's decode tier, where the step streams the experts' weights.
+WEIGHT_ONLY_MAX_PAIRS = 64
 
 
 # ----------------------------------------------------------------------------- weight tiles
 
 
 @triton.jit
-def _tile_channel(a_rows, K, w_ptr, ws_ptr, cols, stride_wn, stride_wk,
-                  IS_INT8: tl.constexpr, QMAX: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] fp32 of a_rows @ W[cols]^T, per-token activation scales."""
+def _row_scales(a_rows, K, QMAX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M, 1] per-token activation scales max|a[m, :]| / QMAX: one walk over K."""
     offs_k = tl.arange(0, BLOCK_K)
     amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):            # pass 1: each row's max |a|
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         a = tl.load(a_rows + kk[None, :], mask=(kk < K)[None, :], other=0.0).to(tl.float32)
         amax = tl.maximum(amax, tl.max(tl.abs(a), axis=1))
-    a_scale = (tl.maximum(amax, 1e-10) / QMAX)[:, None]                       # [BLOCK_M, 1]
-    if IS_INT8:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn                   # [1, BLOCK_N]
-    for k0 in range(0, K, BLOCK_K):            # pass 2: quantise a as it loads, 8-bit dot
-        kk = k0 + offs_k
-        mask_k = kk < K
-        a = tl.load(a_rows + kk[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-        w = tl.load(w_cols + kk[:, None] * stride_wk, mask=mask_k[:, None], other=0.0)
-        acc = tl.dot(_quantize(a, a_scale, IS_INT8), w, acc, out_dtype=acc.dtype)
-    w_scale = tl.load(ws_ptr + cols)
-    return acc.to(tl.float32) * a_scale * w_scale[None, :]
+    return (tl.maximum(amax, 1e-10) / QMAX)[:, None]
 
 
 @triton.jit
-def _tile_fp8_block(a_rows, K, w_ptr, ws_ptr, cols, scale_rows, stride_wn, stride_wk,
-                    stride_sn, stride_sk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+def _tile_channel(a_rows, a_scales, K, w_ptr, ws_ptr, cols, stride_wn, stride_wk,
+                  IS_INT8: tl.constexpr, QMAX: tl.constexpr, ACT_QUANT: tl.constexpr,
+                  X_PREQUANT: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] fp32 of a_rows @ W[cols]^T with per-token activation scales (a
+    quantised here after a max pass, or already 8-bit with its scales at a_scales), or,
+    weight-only, W converted to a's dtype and only the weight scales applied."""
+    if ACT_QUANT and X_PREQUANT:
+        a_scale = tl.load(a_scales)[:, None]                                  # [BLOCK_M, 1]
+    elif ACT_QUANT:
+        a_scale = _row_scales(a_rows, K, QMAX, BLOCK_M, BLOCK_K)
+    if ACT_QUANT and IS_INT8:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn                   # [1, BLOCK_N]
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        mask_k = kk < K
+        a = tl.load(a_rows + kk[None, :], mask=mask_k[None, :], other=0.0)
+        w = tl.load(w_cols + kk[:, None] * stride_wk, mask=mask_k[:, None], other=0.0)
+        if ACT_QUANT and X_PREQUANT:
+            acc = tl.dot(a, w, acc, out_dtype=acc.dtype)
+        elif ACT_QUANT:
+            acc = tl.dot(_quantize(a.to(tl.float32), a_scale, IS_INT8), w, acc, out_dtype=acc.dtype)
+        else:
+            acc = tl.dot(a, w.to(a.dtype), acc, input_precision=INPUT_PRECISION)
+    out = acc.to(tl.float32) * tl.load(ws_ptr + cols)[None, :]
+    if ACT_QUANT:
+        out = out * a_scale
+    return out
+
+
+@triton.jit
+def _tile_fp8_block(a_rows, a_scales, K, w_ptr, ws_ptr, cols, scale_rows, stride_wn, stride_wk,
+                    stride_sn, stride_sk, ACT_QUANT: tl.constexpr, X_PREQUANT: tl.constexpr,
+                    INPUT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     BLOCK_K: tl.constexpr):
-    """Block-scaled fp8: BLOCK_K is the scale group along K; activations per token and group."""
+    """Block-scaled fp8: BLOCK_K is the scale group along K; activations per token and group
+    (quantised here, or already fp8 with scales a_scales[m, j]), or weight-only."""
     offs_k = tl.arange(0, BLOCK_K)
     w_cols = w_ptr + cols.to(tl.int64)[None, :] * stride_wn
     s_cols = ws_ptr + scale_rows * stride_sn                                  # [BLOCK_N]
@@ -107,11 +144,17 @@ def _tile_fp8_block(a_rows, K, w_ptr, ws_ptr, cols, scale_rows, stride_wn, strid
     for j in range(0, tl.cdiv(K, BLOCK_K)):
         kk = j * BLOCK_K + offs_k
         mask_k = kk < K
-        a = tl.load(a_rows + kk[None, :], mask=mask_k[None, :], other=0.0).to(tl.float32)
-        a_scale = (tl.maximum(tl.max(tl.abs(a), axis=1), 1e-10) / 448.0)[:, None]
+        a = tl.load(a_rows + kk[None, :], mask=mask_k[None, :], other=0.0)
         w = tl.load(w_cols + kk[:, None] * stride_wk, mask=mask_k[:, None], other=0.0)
-        partial = tl.dot(_quantize(a, a_scale, False), w)
-        acc += partial * a_scale * tl.load(s_cols + j * stride_sk)[None, :]
+        w_scale = tl.load(s_cols + j * stride_sk)[None, :]                    # [1, BLOCK_N]
+        if ACT_QUANT and X_PREQUANT:
+            acc += tl.dot(a, w) * tl.load(a_scales + j)[:, None] * w_scale
+        elif ACT_QUANT:
+            a32 = a.to(tl.float32)
+            a_scale = (tl.maximum(tl.max(tl.abs(a32), axis=1), 1e-10) / 448.0)[:, None]
+            acc += tl.dot(_quantize(a32, a_scale, False), w) * a_scale * w_scale
+        else:
+            acc += tl.dot(a, w.to(a.dtype), input_precision=INPUT_PRECISION) * w_scale
     return acc
 
 
@@ -150,18 +193,22 @@ def _tile_w4a16(a_rows, K, qw_ptr, s_ptr, z_ptr, g_ptr, cols, stride_qn, stride_
 
 
 @triton.jit
-def _expert_tile(a_rows, K, w_ptr, s_ptr, z_ptr, g_ptr, cols, scale_rows,
+def _expert_tile(a_rows, a_scales, K, w_ptr, s_ptr, z_ptr, g_ptr, cols, scale_rows,
                  stride_wn, stride_wk, stride_sn, stride_sk,
                  SCHEME: tl.constexpr, IS_INT8: tl.constexpr, QMAX: tl.constexpr,
                  GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 ACT_QUANT: tl.constexpr, X_PREQUANT: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One expert's [BLOCK_M, BLOCK_N] product tile, fp32, scales applied (by SCHEME)."""
+    """One expert's [BLOCK_M, BLOCK_N] product tile, fp32, scales applied (by SCHEME).
+    a_scales: each row's activation scales when X_PREQUANT (a is 8-bit), else unused."""
     if SCHEME == 0:
-        return _tile_channel(a_rows, K, w_ptr, s_ptr, cols, stride_wn, stride_wk,
-                             IS_INT8, QMAX, BLOCK_M, BLOCK_N, BLOCK_K)
+        return _tile_channel(a_rows, a_scales, K, w_ptr, s_ptr, cols, stride_wn, stride_wk,
+                             IS_INT8, QMAX, ACT_QUANT, X_PREQUANT, INPUT_PRECISION,
+                             BLOCK_M, BLOCK_N, BLOCK_K)
     elif SCHEME == 1:
-        return _tile_fp8_block(a_rows, K, w_ptr, s_ptr, cols, scale_rows, stride_wn, stride_wk,
-                               stride_sn, stride_sk, BLOCK_M, BLOCK_N, BLOCK_K)
+        return _tile_fp8_block(a_rows, a_scales, K, w_ptr, s_ptr, cols, scale_rows, stride_wn,
+                               stride_wk, stride_sn, stride_sk, ACT_QUANT, X_PREQUANT,
+                               INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     else:
         return _tile_w4a16(a_rows, K, w_ptr, s_ptr, z_ptr, g_ptr, cols, stride_wn, stride_wk,
                            stride_sn, stride_sk, GROUP_SIZE, HAS_G_IDX, BLOCK_M, BLOCK_N, BLOCK_K,
@@ -172,15 +219,17 @@ def _expert_tile(a_rows, K, w_ptr, s_ptr, z_ptr, g_ptr, cols, scale_rows,
 
 
 @triton.jit
-def _qmoe_gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, act_ptr, sorted_ids_ptr, expert_ids_ptr,
-                         num_post_pad_ptr, num_pairs, inter_size, hidden_size, up_scale_row,
-                         stride_xt, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
-                         stride_ge, stride_at,
+def _qmoe_gate_up_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, z_ptr, g_ptr, act_ptr, sorted_ids_ptr,
+                         expert_ids_ptr, num_post_pad_ptr, num_pairs, inter_size, hidden_size,
+                         up_scale_row, stride_xt, stride_xst, stride_we, stride_wn, stride_wk,
+                         stride_se, stride_sn, stride_sk, stride_ge, stride_at,
                          SCHEME: tl.constexpr, IS_INT8: tl.constexpr, QMAX: tl.constexpr,
                          SCALE_BLOCK_N: tl.constexpr, GROUP_SIZE: tl.constexpr,
                          HAS_G_IDX: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                         ACT_QUANT: tl.constexpr, X_PREQUANT: tl.constexpr,
                          TOP_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_K: tl.constexpr):
+    """X_PREQUANT: x is 8-bit (``quantize_rows``), its per-row (group) scales at xs_ptr."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M < tl.load(num_post_pad_ptr):
@@ -191,17 +240,19 @@ def _qmoe_gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, act_ptr, sorted_ids_
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.where(offs_n < inter_size, offs_n, 0)
         a_rows = x_ptr + rows[:, None] * stride_xt                                # [BLOCK_M, 1]
+        a_scales = xs_ptr + rows * stride_xst                                     # [BLOCK_M]
         w_e = w_ptr + expert * stride_we
         s_e = s_ptr + expert * stride_se
         z_e = z_ptr + expert * stride_se
         g_e = g_ptr + expert * stride_ge
-        gate = _expert_tile(a_rows, hidden_size, w_e, s_e, z_e, g_e, cols, cols // SCALE_BLOCK_N,
-                            stride_wn, stride_wk, stride_sn, stride_sk, SCHEME, IS_INT8, QMAX,
-                            GROUP_SIZE, HAS_G_IDX, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
-        up = _expert_tile(a_rows, hidden_size, w_e, s_e, z_e, g_e, cols + inter_size,
-                          up_scale_row + cols // SCALE_BLOCK_N,
-                          stride_wn, stride_wk, stride_sn, stride_sk, SCHEME, IS_INT8, QMAX,
-                          GROUP_SIZE, HAS_G_IDX, INPUT_PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+        gate = _expert_tile(a_rows, a_scales, hidden_size, w_e, s_e, z_e, g_e, cols,
+                            cols // SCALE_BLOCK_N, stride_wn, stride_wk, stride_sn, stride_sk,
+                            SCHEME, IS_INT8, QMAX, GROUP_SIZE, HAS_G_IDX, INPUT_PRECISION,
+                            ACT_QUANT, X_PREQUANT, BLOCK_M, BLOCK_N, BLOCK_K)
+        up = _expert_tile(a_rows, a_scales, hidden_size, w_e, s_e, z_e, g_e, cols + inter_size,
+                          up_scale_row + cols // SCALE_BLOCK_N, stride_wn, stride_wk, stride_sn,
+                          stride_sk, SCHEME, IS_INT8, QMAX, GROUP_SIZE, HAS_G_IDX, INPUT_PRECISION,
+                          ACT_QUANT, X_PREQUANT, BLOCK_M, BLOCK_N, BLOCK_K)
         act = gate / (1.0 + tl.exp(-gate)) * up                                  # silu(gate) * up
         out_ptrs = act_ptr + pairs.to(tl.int64)[:, None] * stride_at + offs_n[None, :]
         tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty),
@@ -209,14 +260,16 @@ def _qmoe_gate_up_kernel(x_ptr, w_ptr, s_ptr, z_ptr, g_ptr, act_ptr, sorted_ids_
 
 
 @triton.jit
-def _qmoe_down_kernel(act_ptr, w_ptr, s_ptr, z_ptr, g_ptr, out_ptr, topk_weights_ptr, sorted_ids_ptr,
-                      expert_ids_ptr, num_post_pad_ptr, num_pairs, hidden_size, inter_size,
-                      stride_at, stride_we, stride_wn, stride_wk, stride_se, stride_sn, stride_sk,
-                      stride_ge, stride_ot,
+def _qmoe_down_kernel(act_ptr, act_s_ptr, w_ptr, s_ptr, z_ptr, g_ptr, out_ptr, topk_weights_ptr,
+                      sorted_ids_ptr, expert_ids_ptr, num_post_pad_ptr, num_pairs, hidden_size,
+                      inter_size, stride_at, stride_ast, stride_we, stride_wn, stride_wk,
+                      stride_se, stride_sn, stride_sk, stride_ge, stride_ot,
                       SCHEME: tl.constexpr, IS_INT8: tl.constexpr, QMAX: tl.constexpr,
                       SCALE_BLOCK_N: tl.constexpr, GROUP_SIZE: tl.constexpr,
                       HAS_G_IDX: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                      ACT_QUANT: tl.constexpr, X_PREQUANT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """X_PREQUANT: act is 8-bit (``quantize_rows``), its per-row (group) scales at act_s_ptr."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     if pid_m * BLOCK_M < tl.load(num_post_pad_ptr):
@@ -226,12 +279,12 @@ def _qmoe_down_kernel(act_ptr, w_ptr, s_ptr, z_ptr, g_ptr, out_ptr, topk_weights
         expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         cols = tl.where(offs_n < hidden_size, offs_n, 0)
-        acc = _expert_tile(act_ptr + rows[:, None] * stride_at, inter_size,
-                           w_ptr + expert * stride_we, s_ptr + expert * stride_se,
+        acc = _expert_tile(act_ptr + rows[:, None] * stride_at, act_s_ptr + rows * stride_ast,
+                           inter_size, w_ptr + expert * stride_we, s_ptr + expert * stride_se,
                            z_ptr + expert * stride_se, g_ptr + expert * stride_ge,
                            cols, cols // SCALE_BLOCK_N, stride_wn, stride_wk, stride_sn, stride_sk,
                            SCHEME, IS_INT8, QMAX, GROUP_SIZE, HAS_G_IDX, INPUT_PRECISION,
-                           BLOCK_M, BLOCK_N, BLOCK_K)
+                           ACT_QUANT, X_PREQUANT, BLOCK_M, BLOCK_N, BLOCK_K)
         acc *= tl.load(topk_weights_ptr + rows)[:, None]
         out_ptrs = out_ptr + pairs.to(tl.int64)[:, None] * stride_ot + offs_n[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty),
@@ -257,15 +310,22 @@ class _Weights:
         return self.w, self.s, self.z, self.g
 
 
-def _launch(x, topk_weights, topk_ids, w13: _Weights, w2: _Weights, inter_size: int,
-            up_scale_row: int, block_k: int, meta13: dict, meta2: dict) -> torch.Tensor:
-    """Align the pairs, then the gate/up, down and sum launches."""
+def _prequant(a: torch.Tensor, quant: tuple | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, its scales) as a GEMM reads them: 8-bit values and fp32 scales from
+    ``quantize_rows`` when ``quant`` is (dtype, K group or None for per row), else a as it
+    is (the scale pointer then unused)."""
+    return quantize_rows(a, *quant) if quant is not None else (a, a)
+
+
+def _launch(x, topk_weights, topk_ids, w13: _Weights, w2: _Weights, inter_size: int, up_scale_row: int,
+            block_k: int, meta13: dict, meta2: dict, quant: tuple | None = None) -> torch.Tensor:
+    """Align the pairs, then the gate/up, down and sum launches; with ``quant``, x and then
+    act are quantised once before their GEMM (``_prequant``)."""
     num_tokens, hidden_size = x.shape
     top_k = topk_ids.shape[1]
     num_pairs = num_tokens * top_k
-    num_experts = w13.w.shape[0]
     config = _pick_config(num_pairs, x.dtype)
-    sorted_ids, expert_ids, num_post_pad = moe_align_block_size(topk_ids, num_experts, config.block_m)
+    sorted_ids, expert_ids, num_post_pad = moe_align_block_size(topk_ids, w13.w.shape[0], config.block_m)
     num_blocks = expert_ids.shape[0]
     act = torch.empty((num_pairs, inter_size), dtype=x.dtype, device=x.device)
     partial = torch.empty((num_pairs, hidden_size), dtype=x.dtype, device=x.device)
@@ -273,41 +333,63 @@ def _launch(x, topk_weights, topk_ids, w13: _Weights, w2: _Weights, inter_size: 
     tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
                  INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                  num_warps=config.num_warps, num_stages=config.num_stages)
+    a, a_s = _prequant(x, quant)
     _qmoe_gate_up_kernel[(num_blocks, triton.cdiv(inter_size, config.block_n))](
-        x, *w13.args(), act, sorted_ids, expert_ids, num_post_pad, num_pairs, inter_size, hidden_size,
-        up_scale_row, x.stride(0), *w13.strides, act.stride(0), TOP_K=top_k, **meta13, **tiles)
+        a, a_s, *w13.args(), act, sorted_ids, expert_ids, num_post_pad, num_pairs, inter_size,
+        hidden_size, up_scale_row, a.stride(0), a_s.stride(0), *w13.strides, act.stride(0),
+        TOP_K=top_k, **meta13, **tiles)
+    a, a_s = _prequant(act, quant)
     _qmoe_down_kernel[(num_blocks, triton.cdiv(hidden_size, config.block_n))](
-        act, *w2.args(), partial, topk_weights, sorted_ids, expert_ids, num_post_pad, num_pairs,
-        hidden_size, inter_size, act.stride(0), *w2.strides, partial.stride(0), **meta2, **tiles)
+        a, a_s, *w2.args(), partial, topk_weights, sorted_ids, expert_ids, num_post_pad, num_pairs,
+        hidden_size, inter_size, a.stride(0), a_s.stride(0), *w2.strides, partial.stride(0),
+        **meta2, **tiles)
     block_h = min(1024, triton.next_power_of_2(hidden_size))
     _moe_sum_kernel[(num_tokens, triton.cdiv(hidden_size, block_h))](
         partial, y, hidden_size, TOP_K=top_k, BLOCK_H=block_h, num_warps=4)
     return y
 
 
+def _modes(num_pairs: int, device: torch.device, act_quant: bool | None,
+           prequant: bool | None) -> tuple[bool, bool]:
+    """(act_quant, prequant) of a W8A8 launch: the caller's, else on CUDA weight-only for at
+    most WEIGHT_ONLY_MAX_PAIRS routed rows and x quantised once above; fused under the
+    interpreter and on CPU (the references' default)."""
+    compiled = device.type == "cuda" and not interpreting()
+    if act_quant is None:
+        act_quant = not compiled or num_pairs > WEIGHT_ONLY_MAX_PAIRS
+    if prequant is None:
+        prequant = compiled
+    return act_quant, act_quant and prequant
+
+
 def fused_moe_w8a8(x: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w2: torch.Tensor,
                    w2_scale: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                   block_size: tuple[int, int] | None = None) -> torch.Tensor:
+                   block_size: tuple[int, int] | None = None, act_quant: bool | None = None,
+                   prequant: bool | None = None) -> torch.Tensor:
     """x[T, H], w13[E, 2I, H] and w2[E, H, I] fp8 (or int8 per channel) -> y[T, H].
 
     ``block_size`` None: per-channel scales ``w13_scale[E, 2I]``, ``w2_scale[E, H]``,
     per-token activation scales. ``(bn, bk)``: block scales ``w13_scale[E,
     2*ceil(I/bn), ceil(H/bk)]`` (gate rows' blocks, then up rows'), ``w2_scale[E,
-    ceil(H/bn), ceil(I/bk)]``, activation scales per token and K group of bk."""
+    ceil(H/bn), ceil(I/bk)]``, activation scales per token and K group of bk.
+    ``act_quant``: quantise the activations (8-bit products) or not (weight-only, 16-bit
+    products); ``prequant``: quantise them once before each GEMM instead of in it;
+    defaults: ``_modes``, by the number of routed rows."""
     _, hidden_size, _, inter_size, _ = _check_w8a8(x, w13, w13_scale, w2, w2_scale, topk_weights,
                                                    topk_ids, block_size)
+    act_quant, prequant = _modes(topk_ids.numel(), x.device, act_quant, prequant)
+    modes = dict(ACT_QUANT=act_quant, X_PREQUANT=prequant, GROUP_SIZE=1, HAS_G_IDX=False)
     if block_size is None:
         is_int8 = w13.dtype == torch.int8
         meta = dict(SCHEME=CHANNEL, IS_INT8=is_int8, QMAX=INT8_MAX if is_int8 else FP8_MAX,
-                    SCALE_BLOCK_N=1, GROUP_SIZE=1, HAS_G_IDX=False)
-        block_k, up_scale_row = (64 if interpreting() else 128), 0
+                    SCALE_BLOCK_N=1, **modes)
+        block_k, up_scale_row, group = (64 if interpreting() else 128), 0, None
     else:
         bn, bk = block_size
-        meta = dict(SCHEME=BLOCK, IS_INT8=False, QMAX=FP8_MAX, SCALE_BLOCK_N=bn, GROUP_SIZE=1,
-                    HAS_G_IDX=False)
-        block_k, up_scale_row = bk, -(-inter_size // bn)
+        meta = dict(SCHEME=BLOCK, IS_INT8=False, QMAX=FP8_MAX, SCALE_BLOCK_N=bn, **modes)
+        block_k, up_scale_row, group = bk, -(-inter_size // bn), bk
     return _launch(x, topk_weights, topk_ids, _Weights(w13, w13_scale), _Weights(w2, w2_scale),
-                   inter_size, up_scale_row, block_k, meta, meta)
+                   inter_size, up_scale_row, block_k, meta, meta, (w13.dtype, group) if prequant else None)
 
 
 def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torch.Tensor,
@@ -327,7 +409,7 @@ def fused_moe_w4a16(x: torch.Tensor, w13_qweight: torch.Tensor, w13_scales: torc
     axes = dict(w_axes=(2, 1), s_axes=(2, 1))
     w13 = _Weights(w13_qweight, w13_scales, w13_zeros, w13_g_idx, **axes)
     w2 = _Weights(w2_qweight, w2_scales, w2_zeros, w2_g_idx, **axes)
-    base = dict(SCHEME=W4A16, IS_INT8=False, QMAX=1.0, SCALE_BLOCK_N=1)
+    base = dict(SCHEME=W4A16, IS_INT8=False, QMAX=1.0, SCALE_BLOCK_N=1, ACT_QUANT=False, X_PREQUANT=False)
     return _launch(x, topk_weights, topk_ids, w13, w2, inter_size, 0, block_k,
                    dict(base, GROUP_SIZE=group13, HAS_G_IDX=w13_g_idx is not None),
                    dict(base, GROUP_SIZE=group2, HAS_G_IDX=w2_g_idx is not None))
@@ -411,11 +493,12 @@ def _moe_loop(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tenso
 
 
 def fused_moe_w8a8_reference(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
-                             block_size=None) -> torch.Tensor:
-    """Reference of `fused_moe_w8a8`: each expert through quant_w8a8's references."""
+                             block_size=None, act_quant: bool = True) -> torch.Tensor:
+    """Reference of `fused_moe_w8a8`: each expert through quant_w8a8's references
+    (``act_quant=False``: weight-only, x and act as they are times the dequantised weights)."""
     _, _, _, inter_size, _ = _check_w8a8(x, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids,
                                          block_size)
-    f32 = dict(out_dtype=torch.float32)
+    f32 = dict(out_dtype=torch.float32, act_quant=act_quant)
 
     def experts(e):
         if block_size is None:

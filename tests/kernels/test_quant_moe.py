@@ -1,7 +1,9 @@
 """Quantized fused MoE (FP8 per-channel / block, INT8 per-channel, W4A16): the Triton
 kernels vs their references (same quantisation: tight), and vs the 16-bit
 ``fused_moe_reference`` on the weights before quantisation (loose: the rounding
-error of 8- or 4-bit weights and 8-bit activations, stated per scheme)."""
+error of 8- or 4-bit weights and 8-bit activations, stated per scheme). The W8A8 kernels
+run in each mode: activations quantised in the GEMM, quantised first by ``quantize_rows``
+(the CUDA prefill choice) and not at all (weight-only, the CUDA decode choice)."""
 from __future__ import annotations
 
 import pytest
@@ -20,6 +22,8 @@ CASES_CPU = [(1, 4, 2, 72, 40), (19, 6, 3, 136, 200)]
 CASES_GPU = [(1, 128, 8, 2048, 768), (300, 128, 8, 2048, 768), (5, 60, 4, 264, 136)]
 # Relative error vs the unquantised experts (random normal data).
 QUANT_ERROR = {"fp8": 0.10, "int8": 0.05, "w4a16": 0.15}   # two GEMMs, one outlier of 6 in x
+MODES = {"fused": dict(act_quant=True, prequant=False), "prequant": dict(act_quant=True, prequant=True),
+         "weight-only": dict(act_quant=False)}
 
 
 def _inputs(T, E, k, H, I, dtype, device):
@@ -44,10 +48,11 @@ def _block_quant(w, block):
     return torch.stack(q), torch.stack(s)
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("scheme", ["fp8_channel", "int8_channel", "fp8_block"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES_GPU if ON_GPU else CASES_CPU)
-def test_w8a8_kernel(device, scheme, dtype, case):
+def test_w8a8_kernel(device, scheme, dtype, case, mode):
     T, E, k, H, I = case
     x, w13, w2, weights, ids = _inputs(*case, dtype, device)
     if scheme == "fp8_block":
@@ -62,11 +67,23 @@ def test_w8a8_kernel(device, scheme, dtype, case):
         q13, s13 = (torch.stack(t) for t in zip(*(quantize_per_channel(w, wdtype) for w in w13)))
         q2, s2 = (torch.stack(t) for t in zip(*(quantize_per_channel(w, wdtype) for w in w2)))
     args = [t.contiguous().to(device) for t in (q13, s13, q2, s2)]
-    y = qm.fused_moe_w8a8(x, args[0], args[1], args[2], args[3], weights, ids, block)
+    y = qm.fused_moe_w8a8(x, args[0], args[1], args[2], args[3], weights, ids, block, **MODES[mode])
     assert y.shape == (T, H) and y.dtype == dtype
-    ref = qm.fused_moe_w8a8_reference(x, *args, weights, ids, block)
-    assert_close(y, ref, dtype, f"{scheme} kernel vs reference")
+    ref = qm.fused_moe_w8a8_reference(x, *args, weights, ids, block, act_quant=MODES[mode]["act_quant"])
+    assert_close(y, ref, dtype, f"{scheme} {mode} kernel vs reference")
     assert rel_err(y, _exact(x, w13, w2, weights, ids)) < QUANT_ERROR[scheme.split("_")[0]]
+
+
+def test_w8a8_default_modes(monkeypatch):
+    """Compiled on CUDA: weight-only for few routed rows, x quantised once for many; the
+    interpreter and CPU fuse (the references' default); explicit choices win."""
+    monkeypatch.setattr(qm, "interpreting", lambda: False)
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert qm._modes(qm.WEIGHT_ONLY_MAX_PAIRS, cuda, None, None) == (False, False)
+    assert qm._modes(qm.WEIGHT_ONLY_MAX_PAIRS + 1, cuda, None, None) == (True, True)
+    assert qm._modes(1, cpu, None, None) == (True, False)
+    assert qm._modes(1, cuda, True, False) == (True, False)
+    assert qm._modes(1000, cuda, False, True) == (False, False)
 
 
 def _int4(w, group):
