@@ -6,12 +6,14 @@ divide the kernel's K step, and act-order ``g_idx`` (a permuted group map).
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from tests.kernels.util import DTYPES, ON_GPU, assert_close
 from triton_kernels import quant_w4a16 as w4
-from triton_kernels.quant_tiles import QuantTile, split_k
+from triton_kernels.quant_tiles import CUDA_TILES, QuantTile, split_k
 
 SHAPES_CPU = [(1, 40, 64, 32), (5, 33, 136, 8), (37, 97, 96, 64)]      # (M, N, K, group_size)
 SHAPES_GPU = [(1, 4096, 4096, 128), (7, 1000, 4096, 128), (300, 1100, 2048, 128), (129, 257, 264, 8)]
@@ -94,3 +96,17 @@ def test_w4a16_with_k_split(device, act_order, packed_loads):
     y = w4.w4a16_linear(x, qw, s, z, g_idx, group, bias, tile=tile)
     assert_close(y, w4.w4a16_linear_reference(x, qw, s, z, g_idx, group, bias), torch.float32,
                  "w4a16 split-K vs reference")
+
+
+@pytest.mark.parametrize("rows", list(CUDA_TILES))
+@pytest.mark.parametrize("packed_loads", [False, True])
+def test_the_cuda_tiles(device, rows, packed_loads):
+    """Each tile of quant_tiles.CUDA_TILES, with and without packed loads, on any device: so the
+    sm90 compile check (perf/compile_check.py) also compiles the block sizes, warps and stages
+    the GPU launches, not only the interpreter's tile."""
+    tile = dataclasses.replace(CUDA_TILES[rows], packed_loads=packed_loads)
+    M, N, K, group = 5, 72, 256, 128
+    x, qw, s, z, g_idx, bias, _ = _inputs(M, N, K, group, torch.float16, False, device)
+    y = w4.w4a16_linear(x, qw, s, z, g_idx, group, bias, tile=tile)
+    assert_close(y, w4.w4a16_linear_reference(x, qw, s, z, g_idx, group, bias), torch.float16,
+                 f"w4a16 with the {rows}-row CUDA tile vs reference")

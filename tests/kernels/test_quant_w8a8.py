@@ -10,7 +10,7 @@ import torch
 
 from tests.kernels.util import ON_GPU, assert_close, rel_err
 from triton_kernels import quant_w8a8 as q8
-from triton_kernels.quant_tiles import QuantTile, split_k
+from triton_kernels.quant_tiles import CUDA_TILES, QuantTile, split_k
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 SHAPES_CPU = [(1, 40, 72), (5, 33, 160), (37, 97, 96)]                     # (M, N, K)
@@ -158,3 +158,23 @@ def test_block_kernel_with_k_split(device, mode):
     y = q8.fp8_block_linear(x, wq, ws, block, bias, tile=tile, **MODES[mode])
     assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias, act_quant=_act_quant(mode)), torch.float32,
                  "fp8 block split-K vs reference")
+
+
+@pytest.mark.parametrize("rows", list(CUDA_TILES))
+@pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.int8])
+def test_the_cuda_tiles(device, rows, wdtype):
+    """Each tile of quant_tiles.CUDA_TILES with its own modes (weight-only decode, quantise-first
+    prefill), on any device: so the sm90 compile check (perf/compile_check.py) also compiles
+    the block sizes, warps and stages the GPU launches, not only the interpreter's tile."""
+    tile = CUDA_TILES[rows]
+    M, N, K = 5, 72, 256
+    x, w, bias = _inputs(M, N, K, torch.float16, device)
+    wq, ws = (t.to(device) for t in _quantize_weight_per_channel(w, wdtype))
+    y = q8.w8a8_linear(x, wq, ws, bias, tile=tile)
+    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias, act_quant=tile.act_quant), torch.float16,
+                 f"{wdtype} kernel with the {rows}-row CUDA tile vs reference")
+    if wdtype == torch.float8_e4m3fn:
+        bq, bs = (t.to(device) for t in _quantize_weight_blocks(w, 128, 128))
+        y = q8.fp8_block_linear(x, bq, bs, (128, 128), bias, tile=tile)
+        assert_close(y, q8.fp8_block_linear_reference(x, bq, bs, (128, 128), bias, act_quant=tile.act_quant),
+                     torch.float16, f"fp8 block kernel with the {rows}-row CUDA tile vs reference")
