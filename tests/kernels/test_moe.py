@@ -76,9 +76,12 @@ def test_fused_moe(device, dtype, tokens, experts, hidden, inter, top_k):
     assert_close(out, f64, dtype, "fused_moe vs float64")
 
 
+@pytest.mark.parametrize("config_name", ["default", "CUDA_CONFIG"])
 @pytest.mark.parametrize("tokens,top_k", [(1, 8), (3, 2)])
-def test_decode_path_equals_the_grouped_gemms(device, tokens, top_k):
-    """The two-launch decode path and the aligned grouped GEMMs give the same tokens' outputs."""
+def test_decode_path_equals_the_grouped_gemms(device, tokens, top_k, config_name):
+    """The two-launch decode path and the aligned grouped GEMMs give the same tokens' outputs,
+    with the device's default config and with the CUDA one on any device (so the sm90 compile
+    check compiles what the GPU launches)."""
     from triton_kernels.moe import decode
     from triton_kernels.moe.gemm import launch_fused_moe
 
@@ -89,7 +92,9 @@ def test_decode_path_equals_the_grouped_gemms(device, tokens, top_k):
     w2 = _randn(experts, hidden, inter, seed=7, scale=inter ** -0.5).to(device, torch.float32)
     weights, ids = moe.moe_topk_reference(_randn(tokens, experts, seed=8).to(device), top_k, True)
     grouped = launch_fused_moe(x, w13, w2, weights, ids, config=None)
-    assert_close(decode.fused_moe_decode(x, w13, w2, weights, ids), grouped, torch.float32, "decode vs grouped")
+    config = getattr(decode, config_name, None)
+    assert_close(decode.fused_moe_decode(x, w13, w2, weights, ids, config=config), grouped, torch.float32,
+                 "decode vs grouped")
 
 
 def test_bad_inputs_raise(device):
