@@ -56,7 +56,7 @@ from models.errors import (
 from models.parallel import TPGroup
 from models.quantization import (
     check_ignored,
-    check_servable,
+    expert_held_elsewhere,
     finalize_quantized,
     init_dummy_quantized,
     load_kv_scales,
@@ -98,7 +98,6 @@ def load_model(model_path: str | Path, ops: KernelOps, dtype: torch.dtype | str,
         raise ModelConfigError(f"unknown load_format {load_format!r}; expected {', '.join(LOAD_FORMATS)}")
     config = load_config(model_path)
     quant = resolve_quantization(config.quantization, quantization, str(model_path))
-    check_servable(quant, config.num_experts, tp.size, str(model_path))
     config = dataclasses.replace(config, quantization=quant)
     if config.hidden_act != "silu":
         raise ModelConfigError(f"{model_path}: hidden_act {config.hidden_act!r} is not supported (silu only)")
@@ -173,7 +172,8 @@ class _Plan:
         if shard is None:
             alias = fused_alias(name, self.layout, self.num_experts)
             if alias is None:
-                if held_elsewhere(name, self.params, self.num_experts):
+                if (held_elsewhere(name, self.params, self.num_experts)
+                        or expert_held_elsewhere(name, self.params, self.num_experts)):
                     self.seen.add(name)                   # another EP rank's expert
                 elif not (IGNORED.fullmatch(name) or (self.tied and name == "lm_head.weight")):
                     self.unexpected.append(name)

@@ -40,6 +40,10 @@ their per-expert names (``mlp.experts.{e}.gate_proj.qweight``, ...; Qwen2-MoE's
 over up, then converted once to ``triton_kernels/quant_moe.py``'s layout
 (``fused_moe_w8a8`` for fp8 block / channel and online, ``fused_moe_w4a16`` for
 AWQ / GPTQ). Routers (``mlp.gate``) and ``shared_expert_gate`` stay 16-bit.
+Under tensor / expert parallelism they shard as the 16-bit experts
+(``ExpertSlice``): a rank reads only its experts, each cut to its intermediate
+rows (gate and up rows, down's input rows) in whole fp8 blocks, int4 groups and
+packed words; a split that would cut one is refused, naming the tensor.
 
 Activations (W8A8) are quantized dynamically per token inside the kernel;
 checkpoints whose activations use static scales are refused, as are formats
@@ -347,6 +351,17 @@ class QuantLinear(nn.Module):
 EXPERT_PROJ = ("gate", "up", "down")
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpertSlice:
+    """The part of an MoE layer's experts one rank holds (``models/parallel.py``): experts
+    ``[first_expert, first_expert + E_local)`` (expert parallelism) and intermediate rows
+    ``[inter_start, inter_start + I_local)`` of ``inter_full`` (tensor parallelism; 0: whole)."""
+
+    first_expert: int = 0
+    inter_start: int = 0
+    inter_full: int = 0
+
+
 class QuantExperts(nn.Module):
     """Quantized experts of an MoE block: ``forward(x, topk_weights, topk_ids)`` is
     ``fused_moe`` over quantized weights (``triton_kernels/quant_moe.py``).
@@ -358,17 +373,22 @@ class QuantExperts(nn.Module):
     tensors as buffers (``w13_q``, ``w13_s``, ``w13_z``, ``w13_g`` and w2's).
     ``shared``: Qwen2-MoE's shared expert, read into expert 0 of 2 (expert 1 stays
     zero: zero scales give zero weights, see models/qwen_moe.py).
+
+    Sharding (``part``), as the 16-bit ``Experts``: ``num_experts`` and ``inter_size``
+    are this rank's; w13 keeps rows ``[i0, i1)`` of gate and of up, w2 the same input
+    rows, and every scale / zero / ``g_idx`` tensor the matching whole blocks, groups
+    and packed words (``layout``; a cut unit is refused, naming the tensor). Act-order
+    GPTQ keeps w2's scales and zeros of every group, as a row-parallel ``QuantLinear``.
     """
 
     def __init__(self, ops: Any, quant: QuantConfig, num_experts: int, hidden_size: int, inter_size: int,
-                 dtype: torch.dtype, device: torch.device | str, shared: bool = False) -> None:
+                 dtype: torch.dtype, device: torch.device | str, shared: bool = False,
+                 part: ExpertSlice = ExpertSlice()) -> None:
         super().__init__()
-        self.quant, self.dtype, self.shared = quant, dtype, shared
+        self.quant, self.dtype, self.shared, self.part = quant, dtype, shared, part
         self.num_experts, self.hidden_size, self.inter_size = num_experts, hidden_size, inter_size
-        if quant.scheme == "w4a16" and (hidden_size % 8 or inter_size % 8 or (quant.group_size > 0 and (
-                hidden_size % quant.group_size or inter_size % quant.group_size))):
-            raise ModelConfigError(f"experts of hidden size {hidden_size} and intermediate size {inter_size} do "
-                                   f"not fit 4-bit packing with group size {quant.group_size}")
+        self.inter_full = part.inter_full or inter_size
+        self._check_packing()
         for p in load_params(quant, dtype):
             for which in ("w13", "w2"):
                 shape = (num_experts, *self._stacked_shape(p, which))
@@ -378,10 +398,34 @@ class QuantExperts(nn.Module):
         self.kernel = _kernel(ops.backend, "quant_moe", name)
         self.finalized = False
 
-    def _proj_shape(self, p: LoadParam, proj: str) -> tuple[int, ...]:
-        """One expert's checkpoint tensor of ``proj`` (gate / up: [I, H], down: [H, I])."""
-        N, K = (self.hidden_size, self.inter_size) if proj == "down" else (self.inter_size, self.hidden_size)
+    def _check_packing(self) -> None:
+        q, H, I = self.quant, self.hidden_size, self.inter_size
+        if q.scheme == "w4a16" and (H % 8 or I % 8 or (q.group_size > 0 and (H % q.group_size or (
+                I % q.group_size and not self.groups_replicated)))):
+            of = f" (this rank's {I} of {self.inter_full})" if self.sharded else ""
+            raise ModelConfigError(f"experts of hidden size {H} and intermediate size {I}{of} do not fit "
+                                   f"4-bit packing with group size {q.group_size}")
+
+    @property
+    def sharded(self) -> bool:
+        """This rank holds a slice of the intermediate size (tensor parallelism)."""
+        return self.inter_size != self.inter_full
+
+    @property
+    def groups_replicated(self) -> bool:
+        """Act-order GPTQ with a sharded w2: its input rows belong to any group, so the rank
+        holds every group's scales and zeros (``g_idx`` keeps the checkpoint's group ids)."""
+        return self.quant.desc_act and self.sharded
+
+    def _proj_shape(self, p: LoadParam, proj: str, inter: int | None = None) -> tuple[int, ...]:
+        """One expert's checkpoint tensor of ``proj`` (gate / up: [I, H], down: [H, I]); ``inter``:
+        the I to size it by (default this rank's; w2's replicated group tables: the whole)."""
+        inter = inter or (self.inter_full if proj == "down" and self._whole_groups(p) else self.inter_size)
+        N, K = (self.hidden_size, inter) if proj == "down" else (inter, self.hidden_size)
         return p.local_shape(N, K)
+
+    def _whole_groups(self, p: LoadParam) -> bool:
+        return self.groups_replicated and p.suffix in GROUP_TABLES
 
     def _stacked_shape(self, p: LoadParam, which: str) -> tuple[int, ...]:
         if which == "w2":
@@ -392,26 +436,45 @@ class QuantExperts(nn.Module):
         return tuple(shape)
 
     def checkpoint_names(self, module_name: str) -> list[tuple[int, str]]:
-        """(expert slot, checkpoint module name) of every projection this module reads."""
+        """(local expert slot, checkpoint module name) of every projection this module reads:
+        under expert parallelism only this rank's experts (global ids in the names)."""
         if self.shared:
             return [(0, f"{module_name}.{proj}_proj") for proj in EXPERT_PROJ]
-        return [(e, f"{module_name}.{e}.{proj}_proj") for e in range(self.num_experts) for proj in EXPERT_PROJ]
+        first = self.part.first_expert
+        return [(e, f"{module_name}.{first + e}.{proj}_proj") for e in range(self.num_experts)
+                for proj in EXPERT_PROJ]
 
     def layout(self, module_name: str, shard_type: Callable) -> dict:
-        """Checkpoint name -> Shard of every per-expert tensor (whole tensors: tp 1)."""
+        """Checkpoint name -> Shard of every per-expert tensor this rank reads: its experts,
+        cut to its intermediate rows (``_source``)."""
         out = {}
         for e, base in self.checkpoint_names(module_name):
             proj = base.rpartition(".")[2].removesuffix("_proj")
             which = "w2" if proj == "down" else "w13"
             for p in load_params(self.quant, self.dtype):
+                what = f"{base}.{p.suffix}"
                 shape = self._proj_shape(p, proj)
                 index = [slice(None)] * p.ndim
                 if p.out_axis is not None and which == "w13":
                     rows = shape[p.out_axis]
                     index[p.out_axis] = slice(0, rows) if proj == "gate" else slice(rows, 2 * rows)
-                out[f"{base}.{p.suffix}"] = shard_type(f"{module_name}.{which}_{p.suffix}", (e, *index), (),
-                                                       (1,) if p.broadcast else shape, broadcast=p.broadcast)
+                whole = (1,) if p.broadcast else self._proj_shape(p, proj, self.inter_full)
+                out[what] = shard_type(f"{module_name}.{which}_{p.suffix}", (e, *index),
+                                       self._source(p, proj, what), whole, broadcast=p.broadcast)
         return out
+
+    def _source(self, p: LoadParam, proj: str, what: str) -> tuple:
+        """The region of one checkpoint tensor this rank reads: the intermediate rows
+        [i0, i1) in the tensor's units along I's axis (gate / up: output, down: input)."""
+        if not self.sharded or p.broadcast or (proj == "down" and self._whole_groups(p)):
+            return ()
+        axis, unit = (p.in_axis, p.in_unit) if proj == "down" else (p.out_axis, p.out_unit)
+        if axis is None:
+            return ()
+        source = [slice(None)] * p.ndim
+        i0 = self.part.inter_start
+        source[axis] = _scaled(slice(i0, i0 + self.inter_size), unit, self.inter_full, what)
+        return tuple(source)
 
     def finalize(self) -> None:
         """Checkpoint tensors -> kernel tensors (once, after loading)."""
@@ -424,10 +487,10 @@ class QuantExperts(nn.Module):
         tensors = {}
         for which in ("w13", "w2"):
             get = {p.suffix: getattr(self, f"{which}_{p.suffix}").data for p in load_params(q, self.dtype)}
-            tensors.update({f"{which}_{k}": v for k, v in self._to_kernel(get).items()})
+            tensors.update({f"{which}_{k}": v for k, v in self._to_kernel(get, which).items()})
         self.set_kernel_tensors(tensors)
 
-    def _to_kernel(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _to_kernel(self, t: dict[str, torch.Tensor], which: str) -> dict[str, torch.Tensor]:
         """One GEMM's stacked checkpoint tensors -> {q, s, z, g} of the kernel."""
         q = self.quant
         if q.scheme == "fp8_block":
@@ -446,18 +509,28 @@ class QuantExperts(nn.Module):
             zeros = _unpack_cols(packed_zeros)
         zeros = (zeros + q.zero_offset).to(torch.uint8).view(E, -1, N)
         return {"q": qweight, "s": t["scales"].contiguous(), "z": zeros,
-                "g": self._g_idx(t.get("g_idx"), 8 * qweight.shape[1])}
+                "g": self._g_idx(t.get("g_idx"), 8 * qweight.shape[1], which == "w2")}
 
-    def _g_idx(self, g_idx: torch.Tensor | None, K: int) -> torch.Tensor | None:
-        """[E, K] act-order groups, or None where every expert's rows are in plain order."""
+    def _g_idx(self, g_idx: torch.Tensor | None, K: int, down: bool) -> torch.Tensor | None:
+        """[E, K] act-order groups, or None where every expert's rows are in plain order.
+        A sharded w2 (``down``) holds rows from ``i0`` on: its plain groups start at
+        ``i0 / group``; with replicated groups the checkpoint's ids index every group."""
         if g_idx is None:
             return None
+        g_idx = g_idx.to(torch.int32)
+        if down and self.groups_replicated:
+            return g_idx.contiguous()
         group = self.quant.group_size if self.quant.group_size > 0 else K
-        plain = torch.arange(K, device=g_idx.device, dtype=torch.int32) // group
-        used = g_idx[: 1 if self.shared else self.num_experts].to(torch.int32)
+        first = self.part.inter_start // group if down and self.quant.group_size > 0 else 0
+        plain = torch.arange(K, device=g_idx.device, dtype=torch.int32) // group + first
+        used = g_idx[: 1 if self.shared else self.num_experts]
         if torch.equal(used, plain.expand_as(used)):
             return None
-        return g_idx.to(torch.int32).contiguous()
+        if down and self.sharded:
+            raise ModelConfigError(f"down_proj g_idx is not in plain order while desc_act is false: "
+                                   f"not served with the intermediate size split ({self.inter_size} of "
+                                   f"{self.inter_full} per rank)")
+        return g_idx.contiguous()
 
     def from_dense(self, w13: torch.Tensor, w2: torch.Tensor) -> dict[str, torch.Tensor]:
         """16-bit experts w13 [E, 2I, H], w2 [E, H, I] quantized into the kernel tensors
@@ -592,14 +665,14 @@ def quant_modules(model: nn.Module) -> dict[str, QuantLinear | QuantExperts]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
 
 
-def check_servable(quant: QuantConfig | None, num_experts: int, tp_size: int, source: str) -> None:
-    """What the quantized path does not serve yet, refused before any weight is read: quantized
-    experts are read whole (``QuantExperts.layout``), so an MoE model runs them at tp 1 only."""
-    if quant is None:
-        return
-    if num_experts and tp_size > 1:
-        raise ModelConfigError(f"{source}: quantized MoE experts ({quant.method}) with tensor parallelism are "
-                               "not served yet (use --tp-size 1; dense quantized models shard)")
+_QUANT_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(?:gate|up|down)_proj\.(\w+)")
+
+
+def expert_held_elsewhere(name: str, params: dict[str, torch.Tensor], num_experts: int) -> bool:
+    """A quantized expert tensor (``...experts.{e}.down_proj.qweight``) of an MoE layer whose
+    expert another expert-parallel rank holds: not this rank's to load."""
+    match = _QUANT_EXPERT.fullmatch(name)
+    return bool(match) and f"{match[1]}.w13_{match[3]}" in params and int(match[2]) < num_experts
 
 
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}

@@ -64,7 +64,7 @@ from models.config import ModelConfig
 from models.layers import MLP, Linear, weight
 from models.llama import LlamaForCausalLM
 from models.parallel import ExpertDispatch, TPGroup, expert_range, shard_range
-from models.quantization import QuantExperts
+from models.quantization import ExpertSlice, QuantExperts
 from models.weights import Shard, dense_layout
 from triton_kernels import KernelOps
 
@@ -82,12 +82,15 @@ class Experts(nn.Module):
 
 
 def make_experts(ops: KernelOps, config: ModelConfig, num_experts: int, inter_size: int,
-                 dtype: torch.dtype, device: torch.device | str, shared: bool = False) -> nn.Module:
+                 dtype: torch.dtype, device: torch.device | str, shared: bool = False,
+                 part: ExpertSlice = ExpertSlice()) -> nn.Module:
     """16-bit ``Experts`` or, with ``config.quantization``, ``QuantExperts`` of that scheme
-    (``models/quantization.py``); ``shared``: the zero-padded two-expert shared expert."""
+    (``models/quantization.py``); ``shared``: the zero-padded two-expert shared expert;
+    ``part``: the experts and intermediate rows this rank holds (``QuantExperts.layout``
+    reads them; the 16-bit experts' slices are ``dense_layout``'s)."""
     if config.quantization is not None:
         return QuantExperts(ops, config.quantization, num_experts, config.hidden_size, inter_size,
-                            dtype, device, shared=shared)
+                            dtype, device, shared=shared, part=part)
     return Experts(num_experts, config.hidden_size, inter_size, dtype, device, zeros=shared)
 
 
@@ -106,14 +109,17 @@ class SparseMoeBlock(nn.Module):
         self.num_local_experts = expert_end - self.expert_start
         i0, i1 = shard_range(config.moe_intermediate_size, tp.moe_tp_rank, tp.moe_tp_size,
                              "moe_intermediate_size", "tp size / ep size")
-        self.experts = make_experts(ops, config, self.num_local_experts, i1 - i0, dtype, device)
+        self.experts = make_experts(ops, config, self.num_local_experts, i1 - i0, dtype, device,
+                                    part=ExpertSlice(self.expert_start, i0, config.moe_intermediate_size))
         self.shared_expert = self.shared_expert_gate = None
         self.eps = config.rms_norm_eps
         if config.shared_expert_intermediate_size > 0:
             # expert 0: the shared expert; expert 1: zeros (see the module docstring)
             s0, s1 = shard_range(config.shared_expert_intermediate_size, tp.rank, tp.size,
                                  "shared_expert_intermediate_size")
-            self.shared_expert = make_experts(ops, config, 2, s1 - s0, dtype, device, shared=True)
+            self.shared_expert = make_experts(
+                ops, config, 2, s1 - s0, dtype, device, shared=True,
+                part=ExpertSlice(0, s0, config.shared_expert_intermediate_size))
             self.shared_expert_gate = nn.Module()
             self.shared_expert_gate.weight = weight(2, H, dtype=dtype, device=device, zeros=True)
             self.register_buffer("unit_norm", torch.ones(H, dtype=dtype, device=device))

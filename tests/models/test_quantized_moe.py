@@ -47,9 +47,10 @@ W8A8_REL_ERROR = {"fp8": 0.25, "int8": 0.12}
 FAMILY_SIZES = {"qwen3_moe": SIZES, "qwen2_moe": dict(SIZES, shared_expert_intermediate_size=256)}
 
 
-def write_moe_pair(tmp: Path, family: str, fmt: str) -> tuple[Path, Path]:
-    """(quantized checkpoint, dequantized fp32 checkpoint) of one tiny random MoE model."""
-    hf = build_hf_model(tiny_config(family, **FAMILY_SIZES[family]), seed=3)
+def write_moe_pair(tmp: Path, family: str, fmt: str, sizes: dict | None = None) -> tuple[Path, Path]:
+    """(quantized checkpoint, dequantized fp32 checkpoint) of one tiny random MoE model;
+    ``sizes`` replace the family's (``FAMILY_SIZES``)."""
+    hf = build_hf_model(tiny_config(family, **{**FAMILY_SIZES[family], **(sizes or {})}), seed=3)
     quantize, qconfig = FORMATS[fmt]
     quant_dir, deq_dir = tmp / f"{fmt}_q", tmp / f"{fmt}_deq"
     hf.save_pretrained(deq_dir)

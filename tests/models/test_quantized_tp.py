@@ -20,6 +20,17 @@ each rank saves the logits of a prefill and greedy decode steps.
 
 Both ranks must return identical logits (the lm_head all_gather). A shard that
 would cut a quantization unit is refused at load, naming its shape.
+
+Quantized MoE experts (test_quantized_moe.py's checkpoints, with 4 kv heads and
+an expert intermediate size of 256: each rank's 128 rows hold whole fp8 blocks
+and int4 groups) shard as the 16-bit ones: tp = 2 (each expert's intermediate
+rows split; Qwen2-MoE's shared expert too) and tp = 2 with ep = 2 (each rank
+half of the experts, all-to-all dispatch). Weight-only formats and block fp8
+(whose activation groups of 128 are the same at tp = 2) give tp = 1's greedy
+tokens; per-channel W8A8 (checkpoint, online) picks tp = 1's tokens in the
+prefill, its error against the 16-bit logits within ``MOE_W8A8_TP_FACTOR`` of
+tp = 1's. A split that would cut an expert's fp8 block is refused, naming the
+tensor.
 """
 from __future__ import annotations
 
@@ -35,6 +46,7 @@ from models import ModelConfigError
 from models.parallel import TPGroup
 from tests.models.runner import PagedRunner
 from tests.models.test_quantized import W8A8_REL_ERROR, WEIGHT_ONLY, write_pair
+from tests.models.test_quantized_moe import write_moe_pair
 from tests.models.tiny import build_hf_model, prompts, tiny_config
 from triton_kernels import load_ops
 
@@ -45,6 +57,18 @@ SIZES_TP = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, n
 FORMATS_TP = ["awq", "gptq_sym", "gptq_asym_act_order", "fp8_block", "ct_fp8_channel", "ct_int8_channel"]
 PROMPT_LENS = [7, 12, 3]
 NUM_NEW = 4
+MOE_SIZES_TP = dict(num_key_value_heads=4, moe_intermediate_size=256)
+# Per-channel W8A8 MoE, relative prefill logit error against the 16-bit reference, tp = 2 over
+# tp = 1: measured 1.1 (int8: each rank's w2 input half has its own per-token activation
+# scale) and 1.4 (online fp8: w2's halves are also quantized with their own channel scales,
+# an independent rounding of the same weights); a wrong expert slice gives ~1 / 0.2 = 5.
+MOE_W8A8_TP_FACTOR = 2.0
+# (family, format, ep size): every quantized MoE run of the one spawn; "online_fp8": the
+# 16-bit checkpoint quantized at load
+MOE_JOBS = [("qwen3_moe", "awq", 1), ("qwen3_moe", "gptq_asym_act_order", 1), ("qwen3_moe", "gptq_sym", 1),
+            ("qwen3_moe", "fp8_block", 1), ("qwen3_moe", "ct_int8_channel", 1), ("qwen3_moe", "online_fp8", 1),
+            ("qwen3_moe", "gptq_sym", 2), ("qwen3_moe", "fp8_block", 2),
+            ("qwen2_moe", "awq", 1), ("qwen2_moe", "fp8_block", 2)]
 
 
 def _trace(path: Path, tp: TPGroup, quantization: str = "") -> torch.Tensor:
@@ -59,12 +83,12 @@ def _trace(path: Path, tp: TPGroup, quantization: str = "") -> torch.Tensor:
     return torch.stack(steps)
 
 
-def _rank_main(rank: int, init_file: str, jobs: list[tuple[str, Path, str]], out_dir: Path) -> None:
+def _rank_main(rank: int, init_file: str, jobs: list[tuple[str, Path, str, int]], out_dir: Path) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=TP_SIZE)
     try:
-        for name, path, quantization in jobs:
-            logits = _trace(path, TPGroup(rank, TP_SIZE, dist.group.WORLD), quantization)
+        for name, path, quantization, ep_size in jobs:
+            logits = _trace(path, TPGroup(rank, TP_SIZE, dist.group.WORLD, ep_size), quantization)
             torch.save(logits, out_dir / f"{name}.rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -76,16 +100,27 @@ def tp_runs(tmp_path_factory) -> dict[str, dict]:
     root = tmp_path_factory.mktemp("quant_tp")
     hf = build_hf_model(tiny_config("llama3.1", **SIZES_TP), seed=3)
     pairs = {fmt: write_pair(root, "llama3.1", fmt, hf=hf) for fmt in FORMATS_TP}
-    jobs = [(fmt, quant, "") for fmt, (quant, _) in pairs.items()]
-    jobs.append(("online_fp8", pairs["awq"][1], "fp8"))          # a 16-bit checkpoint quantized at load
+    jobs = [(fmt, quant, "", 1) for fmt, (quant, _) in pairs.items()]
+    jobs.append(("online_fp8", pairs["awq"][1], "fp8", 1))       # a 16-bit checkpoint quantized at load
+    moe_pairs, deqs = {}, {"online_fp8": pairs["awq"][1]}
+    for family, fmt, ep_size in MOE_JOBS:
+        online = fmt == "online_fp8"
+        written = "awq" if online else fmt
+        if (family, written) not in moe_pairs:
+            moe_pairs[family, written] = write_moe_pair(root / family, family, written, MOE_SIZES_TP)
+        quant, deq = moe_pairs[family, written]
+        name = _moe_name(family, fmt, ep_size)
+        jobs.append((name, deq if online else quant, "fp8" if online else "", ep_size))
+        deqs[name] = deq
     mp.spawn(_rank_main, args=(str(root / "init"), jobs, root), nprocs=TP_SIZE, join=True)
-    runs = {name: {"quant": path, "quantization": q,
+    deqs.update({fmt: deq for fmt, (_, deq) in pairs.items()})
+    return {name: {"quant": path, "quantization": q, "deq": deqs[name],
                    "ranks": [torch.load(root / f"{name}.rank{r}.pt") for r in range(TP_SIZE)]}
-            for name, path, q in jobs}
-    for fmt, (_, deq) in pairs.items():
-        runs[fmt]["deq"] = deq
-    runs["online_fp8"]["deq"] = pairs["awq"][1]
-    return runs
+            for name, path, q, _ in jobs}
+
+
+def _moe_name(family: str, fmt: str, ep_size: int) -> str:
+    return f"{family}_{fmt}_ep{ep_size}"
 
 
 @pytest.mark.parametrize("name", [*FORMATS_TP, "online_fp8"])
@@ -119,9 +154,39 @@ def test_a_shard_that_cuts_a_quantization_unit_is_refused(tmp_path):
         models.load_model(quant, load_ops("reference"), torch.float32, "cpu", tp=TPGroup(1, TP_SIZE))
 
 
-def test_quantized_moe_under_tensor_parallelism_is_refused_by_name(tmp_path):
-    from tests.models.test_quantized_moe import write_moe_pair
+@pytest.mark.parametrize("family,fmt,ep_size", MOE_JOBS)
+def test_tp2_quantized_moe_equals_tp1(family, fmt, ep_size, tp_runs):
+    """Sharded quantized experts (and the shared expert): tp = 1's greedy tokens, or (per-channel
+    W8A8, whose row-parallel activations are quantized per half) its error bound."""
+    run = tp_runs[_moe_name(family, fmt, ep_size)]
+    ours, other = run["ranks"]
+    assert torch.equal(ours, other), f"{family} {fmt} ep {ep_size}: the two ranks returned different logits"
+    single = _trace(run["quant"], TPGroup(), run["quantization"])
+    if fmt in WEIGHT_ONLY or fmt == "fp8_block":
+        assert torch.equal(ours.argmax(-1), single.argmax(-1)), f"{family} {fmt} ep {ep_size}: greedy tokens"
+        diff = (ours - single).abs().max().item()
+        assert diff <= TP_RTOL * single.abs().max().item(), f"{family} {fmt}: max |logit diff| {diff:.3e}"
+        return
+    # per-channel W8A8 (checkpoint or online): the prefill (equal inputs) picks tp = 1's tokens,
+    # and its error against the 16-bit reference stays within MOE_W8A8_TP_FACTOR of tp = 1's
+    assert torch.equal(ours[0].argmax(-1), single[0].argmax(-1)), f"{family} {fmt}: prefill tokens"
+    reference = _trace(run["deq"], TPGroup())[0]
+    rel2, rel1 = (((logits[0] - reference).norm() / reference.norm()).item() for logits in (ours, single))
+    assert rel2 < MOE_W8A8_TP_FACTOR * rel1, f"{family} {fmt}: relative logit error tp=2 {rel2:.3f}, tp=1 {rel1:.3f}"
 
-    quant, _ = write_moe_pair(tmp_path, "qwen3_moe", "awq")
-    with pytest.raises(ModelConfigError, match="quantized MoE experts .* tensor parallelism"):
+
+def test_an_expert_split_that_cuts_an_fp8_block_is_refused(tmp_path):
+    """Expert intermediate size 128 at tp = 2: each rank's 64 rows of gate_proj would cut a
+    128 x 128 block, refused before any weight is read, naming the tensor and the block."""
+    quant, _ = write_moe_pair(tmp_path, "qwen3_moe", "fp8_block", {**MOE_SIZES_TP, "moe_intermediate_size": 128})
+    for rank, rows in ((0, r"\[0, 64\)"), (1, r"\[64, 128\)")):
+        with pytest.raises(ModelConfigError, match=r"experts\.0\.gate_proj\.weight_scale_inv: rows "
+                                                   rf"{rows} .* block of 128"):
+            models.load_model(quant, load_ops("reference"), torch.float32, "cpu", tp=TPGroup(rank, TP_SIZE))
+
+
+def test_an_expert_split_that_cuts_an_int4_group_is_refused(tmp_path):
+    """AWQ experts of intermediate size 128 at tp = 2: 64 rows per rank would cut a group of 128."""
+    quant, _ = write_moe_pair(tmp_path, "qwen3_moe", "awq", {**MOE_SIZES_TP, "moe_intermediate_size": 128})
+    with pytest.raises(ModelConfigError, match=r"intermediate size 64 \(this rank's 64 of 128\) .* group size 128"):
         models.load_model(quant, load_ops("reference"), torch.float32, "cpu", tp=TPGroup(1, TP_SIZE))
