@@ -45,9 +45,12 @@ Under tensor / expert parallelism they shard as the 16-bit experts
 rows (gate and up rows, down's input rows) in whole fp8 blocks, int4 groups and
 packed words; a split that would cut one is refused, naming the tensor.
 
-Activations (W8A8) are quantized dynamically per token inside the kernel;
-checkpoints whose activations use static scales are refused, as are formats
-and options not listed above, each with an error naming it.
+Activations (W8A8) are quantized dynamically per token, in the GEMM or by
+``quant_w8a8.quantize_rows`` before it; on CUDA a decode step (few rows) leaves
+them in 16 bits and multiplies the 8-bit weights as 16-bit ones
+(``triton_kernels/quant_w8a8.py`` says why). Checkpoints whose activations use
+static scales are refused, as are formats and options not listed above, each
+with an error naming it.
 
 On ``--kernel-backend reference`` each kernel's PyTorch reference runs the
 same math (dequantize, then the fp32 matmul; W8A8 quantizes the activations
