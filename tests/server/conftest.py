@@ -34,6 +34,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def health_status(url: str, timeout_s: float = 30.0) -> int:
+    """The status code ``url``'s ``/health`` answers (200, or the error's code, e.g. 503)."""
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=timeout_s) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
 def demo_model_ready() -> bool:
     return (DEMO_DIR / "config.json").is_file() and any(DEMO_DIR.glob("*.safetensors"))
 

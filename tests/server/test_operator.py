@@ -11,25 +11,16 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
 import urllib.request
 
 import aiohttp
 import pytest
 
 from stages.ingest.server import KEEPALIVE_TIMEOUT_S, RateLimitedAcceptErrors
-from tests.server.conftest import REPO, ServerProcess, free_port, running_server
+from tests.server.conftest import REPO, ServerProcess, free_port, health_status, running_server
 from tests.server.test_process_tree import STARTED
 
 LONG_STREAM = {"prompt": "To be, or not", "max_tokens": 900, "stream": True, "ignore_eos": True}
-
-
-def health_status(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
 
 
 async def read_events(response: aiohttp.ClientResponse, events: list[bytes]) -> None:
@@ -107,20 +98,20 @@ def test_watchdog_marks_health_503_while_the_engine_is_stopped(model_dir, tmp_pa
         deadline = time.monotonic() + 30
         while len(events) < 4 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert health_status(server.url) == 200
+        assert health_status(server.url, 5) == 200
         os.kill(engine_pid, signal.SIGSTOP)
         try:
             deadline = time.monotonic() + 10  # 2 s timeout, checked every 0.5 s, counters once a second
-            while health_status(server.url) != 503 and time.monotonic() < deadline:
+            while health_status(server.url, 5) != 503 and time.monotonic() < deadline:
                 time.sleep(0.2)
-            assert health_status(server.url) == 503
+            assert health_status(server.url, 5) == 503
             assert "watchdog: the engine made no progress" in server.log_text()
         finally:
             os.kill(engine_pid, signal.SIGCONT)
         deadline = time.monotonic() + 10
-        while health_status(server.url) != 200 and time.monotonic() < deadline:
+        while health_status(server.url, 5) != 200 and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert health_status(server.url) == 200
+        assert health_status(server.url, 5) == 200
 
 
 def test_idle_and_half_open_connections_are_closed_and_clients_still_served(server):
@@ -130,7 +121,7 @@ def test_idle_and_half_open_connections_are_closed_and_clients_still_served(serv
     for sock in half_open:  # headers begun, never finished
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
     try:
-        assert health_status(server.url) == 200
+        assert health_status(server.url, 5) == 200
         body = json.dumps({"prompt": "To be", "max_tokens": 2}).encode()
         request = urllib.request.Request(server.url + "/v1/completions", data=body,
                                          headers={"Content-Type": "application/json"})

@@ -38,7 +38,7 @@ from pipeline.channel import ChannelClosed
 from pipeline.engine import Engine
 from pipeline.messages import Abort
 from pipeline.tcp_channel import ChannelHub, Heartbeat, TcpProducer
-from tests.server.conftest import REPO, free_port, wait_for_url
+from tests.server.conftest import REPO, free_port, health_status, wait_for_url
 
 PROMPTS = [[5, 6, 7, 8, 9], [11, 3, 40, 2, 9, 17, 23], [100, 200, 300]]
 GREEDY = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
@@ -152,14 +152,6 @@ def _info(url: str) -> dict:
         return json.loads(response.read())
 
 
-def _health(url: str) -> int:
-    try:
-        with urllib.request.urlopen(url + "/health", timeout=30) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-
-
 def _wait_decoding(url: str, rank: int, timeout_s: float = 60.0) -> None:
     """Until a fresh snapshot of engine ``rank`` shows requests running."""
     since_s, deadline = time.time(), time.monotonic() + timeout_s
@@ -176,7 +168,7 @@ def _wait_unhealthy(url: str, timeout_s: float = 30.0) -> int | None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if (status := _health(url)) != 200:
+            if (status := health_status(url)) != 200:
                 return status
         except OSError:
             return None
@@ -224,7 +216,7 @@ def test_a_decode_engine_killed_under_load_leaves_the_survivors_serving(model_di
             during = [future.result() for future in loaded]
             after = list(pool.map(lambda p: _outcome(url, p, 8), many))
         survivors_idle = _wait_survivors_idle(url, {0, 1}, time.time())
-        info, health = _info(url), _health(url)
+        info, health = _info(url), health_status(url)
         engines["decode0"].send_signal(signal.SIGKILL)  # the last decode engine: nothing can be served
         last_health = _wait_unhealthy(url)
         router_code = router.wait(60)  # it fails the server, as --placement pd does
