@@ -41,7 +41,7 @@ import triton.language as tl
 from triton_kernels.gemm_decode import decode_config, launch_stream
 from triton_kernels.gemm_tables import MIN_WAVE_EFFICIENCY, PREFILL_TILES, GemmConfig, PrefillTile
 from triton_kernels.pdl import pdl_args, pdl_wait
-from triton_kernels.runtime import ensure_tma_allocator, interpreting, num_sms
+from triton_kernels.runtime import dot_precision, ensure_tma_allocator, interpreting, num_sms
 
 __all__ = ["GemmConfig", "compile_prefill_tiles", "flops_bytes", "launch_linear", "linear",
            "linear_reference"]
@@ -242,7 +242,7 @@ def launch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         launch(x, weight, bias, y, config.block_m, config.block_n, config.block_k,
                config.num_stages, config.num_warps, pdl=bool(pdl), swap_ab=config.swap_ab)
         return
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    precision = dot_precision(x.dtype)
     bias_arg = bias if bias is not None else y
     if config.kind == "tma":
         ensure_tma_allocator(x.device)

@@ -33,7 +33,7 @@ from triton_kernels.gemm_tables import (
     DECODE_TABLE, DECODE_TUNED, DECODE_WS, WS_MAX_PAD_ROWS, WS_TILE_ROWS, GemmConfig,
 )
 from triton_kernels.pdl import pdl_wait
-from triton_kernels.runtime import is_hopper, num_sms
+from triton_kernels.runtime import dot_precision, is_hopper, num_sms
 
 
 # M is not specialised, so one compiled variant serves every decode batch size.
@@ -192,7 +192,7 @@ def launch_stream(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """Run a "stream" config on 2-D x[M, K] into y[M, N]; ``pdl``: the launch keywords."""
     M, K = x.shape
     N = weight.shape[0]
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    precision = dot_precision(x.dtype)
     bias_arg = bias if bias is not None else y
     split_k = max(1, min(config.split_k, triton.cdiv(K, config.block_k)))
     part = (torch.empty((split_k, M, N), dtype=torch.float32, device=x.device)

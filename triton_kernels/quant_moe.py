@@ -59,7 +59,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.moe.gemm import _check_moe, _moe_sum_kernel, _pick_config
+from triton_kernels.moe.gemm import DECODE_TIER_PAIRS, _check_moe, _moe_sum_kernel, _pick_config
 from triton_kernels.moe.routing import moe_align_block_size
 from triton_kernels.quant_w4a16 import w4a16_linear_reference
 from triton_kernels.quant_w8a8 import (
@@ -70,14 +70,14 @@ from triton_kernels.quant_w8a8 import (
     quantize_rows,
     w8a8_linear_reference,
 )
-from triton_kernels.runtime import interpreting
+from triton_kernels.runtime import dot_precision, interpreting
 
 __all__ = ["fused_moe_w4a16", "fused_moe_w4a16_reference", "fused_moe_w8a8",
            "fused_moe_w8a8_reference", "flops_bytes"]
 CHANNEL, BLOCK, W4A16 = 0, 1, 2          # SCHEME constexpr values
 # W8A8 launches with at most this many routed rows (T * k) are weight-only on CUDA:
 # moe.gemm._pick_config's decode tier, where the step streams the experts' weights.
-WEIGHT_ONLY_MAX_PAIRS = 64
+WEIGHT_ONLY_MAX_PAIRS = DECODE_TIER_PAIRS
 
 
 # ----------------------------------------------------------------------------- weight tiles
@@ -331,7 +331,7 @@ def _launch(x, topk_weights, topk_ids, w13: _Weights, w2: _Weights, inter_size: 
     partial = torch.empty((num_pairs, hidden_size), dtype=x.dtype, device=x.device)
     y = torch.empty((num_tokens, hidden_size), dtype=x.dtype, device=x.device)
     tiles = dict(BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=block_k,
-                 INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                 INPUT_PRECISION=dot_precision(x.dtype),
                  num_warps=config.num_warps, num_stages=config.num_stages)
     a, a_s = _prequant(x, quant)
     _qmoe_gate_up_kernel[(num_blocks, triton.cdiv(inter_size, config.block_n))](

@@ -41,6 +41,7 @@ import triton.language as tl
 from triton_kernels.gemm import _grouped_tile
 from triton_kernels.quant_tiles import QuantTile, partials, reduce_partials, split_k, tile_for
 from triton_kernels.quant_w8a8 import _k_slice, _store_tile
+from triton_kernels.runtime import dot_precision
 
 __all__ = ["flops_bytes", "unpack_int4_rows", "w4a16_linear", "w4a16_linear_reference"]
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -150,7 +151,7 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), y.stride(0), y.stride(1),
         GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=8,
-        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", PACKED_LOADS=tile.packed_loads,
+        INPUT_PRECISION=dot_precision(x.dtype), PACKED_LOADS=tile.packed_loads,
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:
         reduce_partials(part, bias, y)

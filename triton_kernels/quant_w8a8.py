@@ -54,7 +54,7 @@ import triton.language as tl
 
 from triton_kernels.gemm import _grouped_tile
 from triton_kernels.quant_tiles import QuantTile, partials, reduce_partials, split_k, tile_for
-from triton_kernels.runtime import interpreting
+from triton_kernels.runtime import dot_precision, interpreting
 
 __all__ = ["FP8_MAX", "INT8_MAX", "flops_bytes", "fp8_block_linear", "fp8_block_linear_reference",
            "quantize_rows", "quantize_rows_reference", "w8a8_linear", "w8a8_linear_reference"]
@@ -276,11 +276,6 @@ def _check_block_scale(weight: torch.Tensor, weight_scale: torch.Tensor,
                          f"{list(weight_scale.shape)}")
 
 
-def _precision(x: torch.Tensor) -> str:
-    """The weight-only path's dot precision: exact products for fp32 x (as the reference)."""
-    return "ieee" if x.dtype == torch.float32 else "tf32"
-
-
 def quantize_rows(x2d: torch.Tensor, dtype: torch.dtype,
                   group: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (xq [M, K] of ``dtype`` (fp8 e4m3 or int8), scale [M, ceil(K / group)] fp32):
@@ -332,7 +327,7 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), y.stride(0), y.stride(1),
         IS_INT8=is_int8, QMAX=INT8_MAX if is_int8 else FP8_MAX, HAS_BIAS=bias is not None, SPLIT_K=split,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k, GROUP_M=8,
-        ACT_QUANT=act_quant, X_PREQUANT=prequant, INPUT_PRECISION=_precision(x),
+        ACT_QUANT=act_quant, X_PREQUANT=prequant, INPUT_PRECISION=dot_precision(x.dtype),
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:
         reduce_partials(part, bias, y)
@@ -366,7 +361,7 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         weight_scale.stride(0), weight_scale.stride(1), y.stride(0), y.stride(1), xs.stride(0),
         BLOCK_SIZE_N=block_size[0], HAS_BIAS=bias is not None, SPLIT_K=split,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_size[1], GROUP_M=8,
-        ACT_QUANT=act_quant, X_PREQUANT=prequant, INPUT_PRECISION=_precision(x),
+        ACT_QUANT=act_quant, X_PREQUANT=prequant, INPUT_PRECISION=dot_precision(x.dtype),
         num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:
         reduce_partials(part, bias, y)

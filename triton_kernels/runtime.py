@@ -46,6 +46,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot``'s input_precision for operands of ``dtype``: exact products for fp32 (as the
+    references), tf32 otherwise (where 16-bit operands ignore it)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
 @functools.lru_cache(maxsize=None)
 def _tma_allocator(device: torch.device):
     def alloc(size: int, alignment: int, stream: int | None) -> torch.Tensor:

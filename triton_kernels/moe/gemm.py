@@ -32,13 +32,16 @@ class MoeConfig:
     num_stages: int
 
 
+DECODE_TIER_PAIRS = 64  # up to this many (token, expert) rows a launch is a decode weight stream
+
+
 def _pick_config(num_pairs: int, dtype: torch.dtype) -> MoeConfig:
     if interpreting():
         return MoeConfig(16, 64, 64, 4, 1)
     if dtype == torch.float32:
         return MoeConfig(32, 32, 32, 4, 2)
     # From an H200 sweep on Qwen3-30B-A3B shapes (E=128, k=8, H=2048, I=768).
-    if num_pairs <= 64:  # decode: a weight stream, thin M
+    if num_pairs <= DECODE_TIER_PAIRS:  # decode: a weight stream, thin M
         return MoeConfig(16, 64, 128, 4, 4)
     if num_pairs <= 1024:
         return MoeConfig(16, 128, 128, 4, 3)
