@@ -557,16 +557,22 @@ def _scaled_mm_of(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch._scaled_mm(xq, w["fp8"].t(), scale_a=x_scale, scale_b=w["fp8_scale"][None, :], out_dtype=DTYPE)
 
 
-def _decode_tile_candidates() -> list:
+def _decode_tile_candidates() -> dict[str, list]:
+    """Alternative M=1 tiles per kernel family: "8-bit" (quant_w8a8) and "w4a16"."""
     from triton_kernels.quant_tiles import QuantTile
 
-    weight_only = dict(act_quant=False)   # W8A8 kernels: 16-bit products (W4A16 ignores it)
-    return [QuantTile(16, 64, 128, 4, 4, 2),   # the decode tile with 8-bit products
-            QuantTile(16, 32, 128, 4, 4, 2, **weight_only), QuantTile(16, 64, 128, 4, 4, 4, **weight_only),
-            QuantTile(16, 128, 128, 4, 4, 2, **weight_only), QuantTile(16, 64, 256, 4, 3, 2, **weight_only),
-            QuantTile(16, 64, 128, 4, 6, 2, **weight_only), QuantTile(16, 64, 128, 4, 4, 0, **weight_only),
-            QuantTile(16, 64, 128, 4, 4, 2, packed_loads=True), QuantTile(16, 32, 256, 4, 3, 2, packed_loads=True),
-            QuantTile(16, 128, 128, 4, 4, 2, packed_loads=True)]
+    weight_only = dict(act_quant=False)   # W8A8 kernels: 16-bit products
+    eight_bit = [QuantTile(16, 64, 128, 4, 4, 2),   # the decode tile with 8-bit products
+                 QuantTile(16, 32, 128, 4, 4, 2, **weight_only), QuantTile(16, 64, 128, 4, 4, 4, **weight_only),
+                 QuantTile(16, 128, 128, 4, 4, 2, **weight_only), QuantTile(16, 64, 256, 4, 3, 2, **weight_only),
+                 QuantTile(16, 64, 128, 4, 6, 2, **weight_only)]
+    gemv = dict(gemv=True)
+    w4a16 = [QuantTile(16, 64, 128, 4, 4, 2), QuantTile(16, 64, 128, 4, 4, 2, packed_loads=True),
+             QuantTile(4, 32, 128, 4, 4, 2, **gemv), QuantTile(4, 64, 128, 4, 4, 2, **gemv),
+             QuantTile(4, 128, 128, 4, 4, 2, **gemv), QuantTile(4, 128, 128, 8, 4, 2, **gemv),
+             QuantTile(4, 64, 128, 4, 3, 4, **gemv), QuantTile(4, 64, 64, 4, 6, 2, **gemv),
+             QuantTile(4, 256, 128, 8, 3, 2, **gemv)]
+    return {"8-bit": eight_bit, "w4a16": w4a16}
 
 
 DECODE_TILE_CANDIDATES = _decode_tile_candidates()
@@ -574,7 +580,8 @@ DECODE_TILE_CANDIDATES = _decode_tile_candidates()
 
 def _tile_name(t) -> str:
     return (f"tile {t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages} p{t.target_programs_per_sm}"
-            + (" packed" if t.packed_loads else "") + ("" if t.act_quant else " w-only"))
+            + (" packed" if t.packed_loads else "") + (" gemv" if t.gemv else "")
+            + ("" if t.act_quant else " w-only"))
 
 
 def quant_cases(ctx: Ctx) -> list[Case]:
@@ -604,12 +611,14 @@ def quant_cases(ctx: Ctx) -> list[Case]:
                 nbytes = quant_w4a16.flops_bytes(M, N, K)[1] if kind.startswith("w4a16") else eight_bit_bytes
                 cases.append(Case("quant", f"{kind} {name}", shape, ours=lambda x=x, f=weights, op=op: op(x, f()[0]),
                                   anchor=bf16, anchor_name="ours bf16", bytes_moved=int(nbytes), flops=flops))
-            if M == 1:    # alternative decode tiles (no anchor): the data behind quant_tiles.CUDA_TILES
-                for tile in DECODE_TILE_CANDIDATES:
-                    for kind, op in ops.items():
+            if M == 1:    # alternative decode tiles (no anchor): the data behind quant_tiles' table
+                for kind, op in ops.items():
+                    family = "w4a16" if kind.startswith("w4a16") else "8-bit"
+                    nbytes = quant_w4a16.flops_bytes(M, N, K)[1] if family == "w4a16" else eight_bit_bytes
+                    for tile in DECODE_TILE_CANDIDATES[family]:
                         cases.append(Case("quant", f"{kind} {name}", f"{shape} {_tile_name(tile)}",
                                           ours=lambda x=x, f=weights, op=op, t=tile: op(x, f()[0], t),
-                                          anchor=None, anchor_name="-", flops=flops))
+                                          anchor=None, anchor_name="-", bytes_moved=int(nbytes), flops=flops))
             if M >= 16:   # torch._scaled_mm wants M a multiple of 16
                 cases.append(Case("quant", f"fp8 channel {name}", shape,
                                   ours=lambda x=x, f=weights, op=ops["fp8 channel"]: op(x, f()[0]),

@@ -38,6 +38,7 @@ class QuantTile:
     packed_loads: bool = False    # W4A16: load each packed int32 once and unpack in registers
     act_quant: bool = True        # W8A8: quantise the activations (False: weight-only products)
     prequant: bool = False        # W8A8: quantise them once, in a kernel of their own, before the GEMM
+    gemv: bool = False            # W4A16: products on the CUDA cores for up to block_m rows (no tl.dot)
 
 
 INTERPRETER_TILE = QuantTile(32, 32, 32, 4, 1)
@@ -49,12 +50,17 @@ CUDA_TILES = {
     64: QuantTile(64, 64, 64, 4, 3, prequant=True),
     None: QuantTile(128, 128, 64, 8, 3, prequant=True),
 }
+# W4A16 at 1-4 tokens: the dequantised weight never leaves registers (quant_w4a16.py says why).
+GEMV_TILE = QuantTile(4, 64, 128, 4, 4, target_programs_per_sm=2, gemv=True)
 
 
-def tile_for(M: int, device: torch.device) -> QuantTile:
-    """The table's tile for M rows on ``device`` (the interpreter's small one off CUDA)."""
+def tile_for(M: int, device: torch.device, gemv_ok: bool = False) -> QuantTile:
+    """The table's tile for M rows on ``device`` (the interpreter's small one off CUDA);
+    ``gemv_ok``: the caller has a CUDA-core kernel (``GEMV_TILE``) for up to 4 rows."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER_TILE
+    if gemv_ok and M <= GEMV_TILE.block_m:
+        return GEMV_TILE
     for rows, tile in CUDA_TILES.items():
         if rows is not None and M <= rows:
             return tile

@@ -27,6 +27,26 @@ the zero points and multiplies by the scales in fp32, rounds once to x's
 dtype and feeds ``tl.dot``. Products accumulate in fp32; one rounding at the
 store, as in ``linear``.
 
+At 1-4 tokens (``QuantTile.gemv``, the decode tile) a second kernel skips the
+tensor cores. There the step is a stream of 4-bit weights, and what limits it is
+the work per weight, not the products: ``tl.dot`` wants the dequantised tile in
+its operand layout, which costs a round trip through shared memory per K step,
+and the unpacking itself (shift, mask, convert, subtract, scale) is several
+instructions per weight on 128 lanes per SM. The GEMV kernel keeps each packed
+word in the register that loaded it and makes the 8 weights of a word with
+
+    nibble j of word w:  ((w >> 4j) & 15) | 0x4B000000   (as fp32: 2**23 + q, exact)
+
+then one subtraction of ``2**23 + z`` gives ``q - z`` exactly, and one FMA adds
+``x[k] * (q - z)`` to a per-weight fp32 accumulator. The scale is constant
+over a group, so it multiplies the accumulator once per K step (``BLOCK_K``
+divides the group), not once per weight, and the rows are summed once at the
+end. Word row ``r`` of a K step holds input rows ``k0 + 8r + j``, so the x
+values of nibble j are the strided slice ``x[k0 + j :: 8]``. The product is
+``sum_k x * (q - z) * s`` in fp32, without the kernel's rounding of each weight
+to x's dtype: closer to the float64 result than the reference, by less than
+the tolerance a 16-bit output has anyway.
+
 Roofline: the weight stream is ``N*K/2`` bytes plus ``G*N*3`` bytes of scales
 and zeros, a quarter of the bf16 weight, so a decode step (M <= 16) can run
 up to ~4x faster than bf16 when bandwidth-bound. FLOPs are ``2*M*N*K`` as for
@@ -39,7 +59,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels.gemm import _grouped_tile
-from triton_kernels.quant_tiles import QuantTile, partials, reduce_partials, split_k, tile_for
+from triton_kernels.quant_tiles import GEMV_TILE, QuantTile, partials, reduce_partials, split_k, tile_for
 from triton_kernels.quant_w8a8 import _k_slice, _store_tile
 from triton_kernels.runtime import dot_precision
 
@@ -101,6 +121,48 @@ def _w4a16_kernel(
                 HAS_BIAS, SPLIT_K)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, K,
+    stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn,
+    stride_zg, stride_zn, stride_ym, stride_yn,
+    GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Products on the CUDA cores (module doc): GROUP_SIZE % BLOCK_K == 0, no g_idx, K % 8 == 0."""
+    WORDS: tl.constexpr = BLOCK_K // 8                   # packed rows per K step
+    num_n = tl.cdiv(N, BLOCK_N)
+    pid_m, pid_n = tl.program_id(0) // num_n, tl.program_id(0) % num_n
+    k_begin, k_end = _k_slice(K, BLOCK_K, SPLIT_K)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)    # rows of x and y         [BLOCK_M]
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)    # output columns          [BLOCK_N]
+    offs_w = tl.arange(0, WORDS)                         # packed rows of a step   [WORDS]
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm                       # [BLOCK_M, 1]
+    acc = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        words = k0 // 8 + offs_w
+        mask_w = words < K // 8
+        packed = tl.load(qw_ptr + words[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                         mask=mask_w[:, None] & mask_n[None, :], other=0)          # [WORDS, BLOCK_N]
+        g = k0 // GROUP_SIZE
+        scale = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + g * stride_zg + offs_n * stride_zn, mask=mask_n, other=0).to(tl.float32)
+        zero_magic = (zero + 8388608.0)[None, :]                                    # 2**23 + z
+        step = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(8):
+            bits = ((packed >> (4 * j)) & 0xF) | 0x4B000000
+            w = bits.to(tl.float32, bitcast=True) - zero_magic                       # q - z, exact
+            x = tl.load(x_rows + (k0 + 8 * offs_w + j)[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_w[None, :], other=0.0).to(tl.float32)
+            step += x[:, :, None] * w[None, :, :]
+        acc += step * scale[None, None, :]
+    out = tl.sum(acc, axis=1)                                                         # [BLOCK_M, BLOCK_N]
+    _store_tile(out, offs_m, offs_n, mask_m, mask_n, b_ptr, y_ptr, part_ptr, M, N, stride_ym, stride_yn,
+                HAS_BIAS, SPLIT_K)
+
+
 # ----------------------------------------------------------------------------- launcher
 
 
@@ -130,29 +192,46 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
         raise ValueError(f"x has no rows (shape {tuple(x.shape)}): empty batch")
 
 
+def _gemv_serves(g_idx: torch.Tensor | None, group_size: int, block_k: int) -> bool:
+    """The GEMV kernel's condition: consecutive groups, each a whole number of K steps."""
+    return g_idx is None and group_size % block_k == 0
+
+
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  g_idx: torch.Tensor | None, group_size: int, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype | None = None, tile: QuantTile | None = None) -> torch.Tensor:
     """y[*, N] = x[*, K] @ dequant(qweight, scales, zeros, g_idx)[K, N] (+ bias).
-    ``tile``: the launch shape (default: quant_tiles' table for M)."""
+    ``tile``: the launch shape (default: quant_tiles' table for M; the GEMV tile at 1-4
+    rows where it serves the layer)."""
     _check(x, qweight, scales, zeros, g_idx, group_size, bias)
     x2d = x.reshape(-1, x.shape[-1])
     M, K = x2d.shape
     N = qweight.shape[1]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    tile = tile or tile_for(M, x.device)
+    tile = tile or tile_for(M, x.device, gemv_ok=_gemv_serves(g_idx, group_size, GEMV_TILE.block_k))
+    if tile.gemv and not _gemv_serves(g_idx, group_size, tile.block_k):
+        raise ValueError(f"the GEMV tile needs consecutive groups (no g_idx) of a multiple of its K "
+                         f"step ({tile.block_k} rows); got group_size {group_size}, "
+                         f"g_idx {'set' if g_idx is not None else 'None'}")
     split = split_k(tile, M, N, K, tile.block_k, x.device)
     part = partials(split, M, N, y)
-    grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n), split)
-    _w4a16_kernel[grid](
-        x2d, qweight, scales, zeros, g_idx if g_idx is not None else qweight,
-        bias if bias is not None else y, y, part, M, N, K,
-        x2d.stride(0), x2d.stride(1), qweight.stride(0), qweight.stride(1),
-        scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1), y.stride(0), y.stride(1),
-        GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None, HAS_BIAS=bias is not None, SPLIT_K=split,
-        BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=8,
-        INPUT_PRECISION=dot_precision(x.dtype), PACKED_LOADS=tile.packed_loads,
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    block_m = min(triton.next_power_of_2(M), tile.block_m) if tile.gemv else tile.block_m
+    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, tile.block_n), split)
+    tensors = (x2d, qweight, scales, zeros)
+    shape_and_strides = (M, N, K, x2d.stride(0), x2d.stride(1), qweight.stride(0), qweight.stride(1),
+                         scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
+                         y.stride(0), y.stride(1))
+    blocks = dict(BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
+                  num_warps=tile.num_warps, num_stages=tile.num_stages)
+    bias_arg = bias if bias is not None else y
+    if tile.gemv:
+        _w4a16_gemv_kernel[grid](*tensors, bias_arg, y, part, *shape_and_strides, GROUP_SIZE=group_size,
+                                 HAS_BIAS=bias is not None, SPLIT_K=split, **blocks)
+    else:
+        _w4a16_kernel[grid](*tensors, g_idx if g_idx is not None else qweight, bias_arg, y, part,
+                            *shape_and_strides, GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None,
+                            HAS_BIAS=bias is not None, SPLIT_K=split, GROUP_M=8,
+                            INPUT_PRECISION=dot_precision(x.dtype), PACKED_LOADS=tile.packed_loads, **blocks)
     if split > 1:
         reduce_partials(part, bias, y)
     return y.reshape(*x.shape[:-1], N)

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from tests.kernels.util import DTYPES, ON_GPU, assert_close
-from triton_kernels import quant_w4a16 as w4
-from triton_kernels.quant_tiles import CUDA_TILES, QuantTile, split_k
+from triton_kernels import quant_tiles, quant_w4a16 as w4
+from triton_kernels.quant_tiles import CUDA_TILES, GEMV_TILE, QuantTile, split_k
 
 SHAPES_CPU = [(1, 40, 64, 32), (5, 33, 136, 8), (37, 97, 96, 64)]      # (M, N, K, group_size)
 SHAPES_GPU = [(1, 4096, 4096, 128), (7, 1000, 4096, 128), (300, 1100, 2048, 128), (129, 257, 264, 8)]
@@ -110,3 +110,44 @@ def test_the_cuda_tiles(device, rows, packed_loads):
     y = w4.w4a16_linear(x, qw, s, z, g_idx, group, bias, tile=tile)
     assert_close(y, w4.w4a16_linear_reference(x, qw, s, z, g_idx, group, bias), torch.float16,
                  f"w4a16 with the {rows}-row CUDA tile vs reference")
+
+
+
+GEMV_TILES_CPU = {"gemv": QuantTile(4, 32, 32, 4, 1, gemv=True),
+                  "gemv-split": QuantTile(4, 32, 32, 4, 1, target_programs_per_sm=8, gemv=True),
+                  "gemv-cuda": GEMV_TILE}
+
+
+@pytest.mark.parametrize("name", list(GEMV_TILES_CPU))
+@pytest.mark.parametrize("M", [1, 3, 6])
+def test_w4a16_gemv_kernel(device, name, M):
+    """The CUDA-core kernel of the 1-4 token tile (6 rows: two row blocks), against float64 and
+    the reference; K not a multiple of the K step, N not one of the column block."""
+    tile = GEMV_TILES_CPU[name]
+    N, K, group = (40, 264, 32) if tile.block_k == 32 else (72, 384, 128)
+    x, qw, s, z, _, bias, q = _inputs(M, N, K, group, torch.bfloat16, False, device)
+    y = w4.w4a16_linear(x, qw, s, z, None, group, bias, tile=tile)
+    g = torch.arange(K) // group
+    w64 = (q - z.cpu()[g].long()).double() * s.cpu()[g].double()
+    assert_close(y, x.cpu().double() @ w64 + bias.cpu().double(), torch.bfloat16, "w4a16 gemv vs float64")
+    assert_close(y, w4.w4a16_linear_reference(x, qw, s, z, None, group, bias), torch.bfloat16,
+                 "w4a16 gemv vs reference")
+
+
+def test_gemv_tile_refuses_what_it_cannot_serve(device):
+    tile = GEMV_TILES_CPU["gemv"]
+    x, qw, s, z, g_idx, _, _ = _inputs(2, 40, 64, 32, torch.float32, True, device)
+    with pytest.raises(ValueError, match="GEMV tile"):
+        w4.w4a16_linear(x, qw, s, z, g_idx, 32, tile=tile)        # act-order g_idx
+    x, qw, s, z, _, _, _ = _inputs(2, 40, 64, 16, torch.float32, False, device)
+    with pytest.raises(ValueError, match="GEMV tile"):
+        w4.w4a16_linear(x, qw, s, z, None, 16, tile=tile)         # groups shorter than the K step
+
+
+def test_tile_for_takes_the_gemv_tile_only_where_it_serves(monkeypatch):
+    monkeypatch.setattr(quant_tiles, "interpreting", lambda: False)   # the CUDA table, not the interpreter's
+    cuda = torch.device("cuda")
+    assert quant_tiles.tile_for(1, cuda, gemv_ok=True) is GEMV_TILE
+    assert quant_tiles.tile_for(4, cuda, gemv_ok=True) is GEMV_TILE
+    assert not quant_tiles.tile_for(5, cuda, gemv_ok=True).gemv
+    assert not quant_tiles.tile_for(1, cuda, gemv_ok=False).gemv
