@@ -65,6 +65,7 @@ from triton_kernels.runtime import dot_precision
 
 __all__ = ["flops_bytes", "unpack_int4_rows", "w4a16_linear", "w4a16_linear_reference"]
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+FP32_TWO_POW_23 = 0x4B000000   # the bits of the fp32 2**23 (exponent 150, mantissa 0)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -121,47 +122,67 @@ def _w4a16_kernel(
                 HAS_BIAS, SPLIT_K)
 
 
+@triton.jit
+def _nibbles_as_float(packed, j: tl.constexpr, exponent_bits):
+    """Nibble j of each packed word as the exact fp32 ``2**23 + q * 16**p``, p = j - 3 * (j // 5):
+    the nibble stays where it is while it lies inside fp32's 23 mantissa bits (j < 5); the
+    top three are shifted down 12 bits first. ``exponent_bits`` is FP32_TWO_POW_23 passed
+    as a kernel argument: in a register, the AND with the mask and the OR are one LOP3
+    instruction, where two immediates would take two."""
+    if j < 5:
+        bits = (packed & (0xF << (4 * j))) | exponent_bits
+    else:
+        bits = ((packed >> 12) & (0xF << (4 * j - 12))) | exponent_bits
+    return bits.to(tl.float32, bitcast=True)
+
+
 @triton.jit(do_not_specialize=["M"])
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, M, N, K,
     stride_xm, stride_xk, stride_qk, stride_qn, stride_sg, stride_sn,
-    stride_zg, stride_zn, stride_ym, stride_yn,
+    stride_zg, stride_zn, stride_ym, stride_yn, exponent_bits,
     GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """Products on the CUDA cores (module doc): GROUP_SIZE % BLOCK_K == 0, no g_idx, K % 8 == 0."""
+    """Products on the CUDA cores (module doc), one row of x per program: every tensor is
+    2-D in the packed tile's layout, so nothing moves between threads inside the K loop.
+    The M programs of a column tile are neighbours in the grid and read its weights
+    together (once from memory, then from L2). The next K step's words are loaded before
+    this step's arithmetic (two steps in flight per warp). Needs GROUP_SIZE % BLOCK_K == 0,
+    no g_idx."""
     WORDS: tl.constexpr = BLOCK_K // 8                   # packed rows per K step
-    num_n = tl.cdiv(N, BLOCK_N)
-    pid_m, pid_n = tl.program_id(0) // num_n, tl.program_id(0) % num_n
+    row = tl.program_id(0) % M
+    pid_n = tl.program_id(0) // M
     k_begin, k_end = _k_slice(K, BLOCK_K, SPLIT_K)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)    # rows of x and y         [BLOCK_M]
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)    # output columns          [BLOCK_N]
     offs_w = tl.arange(0, WORDS)                         # packed rows of a step   [WORDS]
-    mask_m = offs_m < M
     mask_n = offs_n < N
-    x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm                       # [BLOCK_M, 1]
-    acc = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    w_cols = qw_ptr + offs_n[None, :] * stride_qn
+    words = k_begin // 8 + offs_w
+    packed = tl.load(w_cols + words[:, None] * stride_qk, mask=(words < k_end // 8)[:, None] & mask_n[None, :],
+                     other=0)                                                       # [WORDS, BLOCK_N]
+    acc = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_begin, k_end, BLOCK_K):
-        words = k0 // 8 + offs_w
-        mask_w = words < K // 8
-        packed = tl.load(qw_ptr + words[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-                         mask=mask_w[:, None] & mask_n[None, :], other=0)          # [WORDS, BLOCK_N]
+        mask_w = (k0 // 8 + offs_w) < K // 8
+        next_words = (k0 + BLOCK_K) // 8 + offs_w
+        next_packed = tl.load(w_cols + next_words[:, None] * stride_qk,
+                              mask=(next_words < k_end // 8)[:, None] & mask_n[None, :], other=0)
         g = k0 // GROUP_SIZE
         scale = tl.load(s_ptr + g * stride_sg + offs_n * stride_sn, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + g * stride_zg + offs_n * stride_zn, mask=mask_n, other=0).to(tl.float32)
-        zero_magic = (zero + 8388608.0)[None, :]                                    # 2**23 + z
-        step = tl.zeros((BLOCK_M, WORDS, BLOCK_N), dtype=tl.float32)
+        step = tl.zeros((WORDS, BLOCK_N), dtype=tl.float32)
         for j in tl.static_range(8):
-            bits = ((packed >> (4 * j)) & 0xF) | 0x4B000000
-            w = bits.to(tl.float32, bitcast=True) - zero_magic                       # q - z, exact
-            x = tl.load(x_rows + (k0 + 8 * offs_w + j)[None, :] * stride_xk,
-                        mask=mask_m[:, None] & mask_w[None, :], other=0.0).to(tl.float32)
-            step += x[:, :, None] * w[None, :, :]
-        acc += step * scale[None, None, :]
-    out = tl.sum(acc, axis=1)                                                         # [BLOCK_M, BLOCK_N]
-    _store_tile(out, offs_m, offs_n, mask_m, mask_n, b_ptr, y_ptr, part_ptr, M, N, stride_ym, stride_yn,
+            power = 16.0 ** (j - 3 * (j // 5))                                        # 16**p, a constant
+            w = _nibbles_as_float(packed, j, exponent_bits) - (zero * power + 8388608.0)[None, :]   # (q - z) 16**p, exact
+            x = tl.load(x_row + (k0 + 8 * offs_w + j) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
+            step += (x * (1.0 / power))[:, None] * w
+        acc += step * scale[None, :]
+        packed = next_packed
+    out = tl.sum(acc, axis=0)[None, :]                                                # [1, BLOCK_N]
+    rows = tl.full((1,), 0, tl.int32) + row
+    _store_tile(out, rows, offs_n, rows < M, mask_n, b_ptr, y_ptr, part_ptr, M, N, stride_ym, stride_yn,
                 HAS_BIAS, SPLIT_K)
-
 
 # ----------------------------------------------------------------------------- launcher
 
@@ -215,22 +236,22 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
                          f"g_idx {'set' if g_idx is not None else 'None'}")
     split = split_k(tile, M, N, K, tile.block_k, x.device)
     part = partials(split, M, N, y)
-    block_m = min(triton.next_power_of_2(M), tile.block_m) if tile.gemv else tile.block_m
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, tile.block_n), split)
+    grid = (triton.cdiv(M, 1 if tile.gemv else tile.block_m) * triton.cdiv(N, tile.block_n), split)
     tensors = (x2d, qweight, scales, zeros)
     shape_and_strides = (M, N, K, x2d.stride(0), x2d.stride(1), qweight.stride(0), qweight.stride(1),
                          scales.stride(0), scales.stride(1), zeros.stride(0), zeros.stride(1),
                          y.stride(0), y.stride(1))
-    blocks = dict(BLOCK_M=block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k,
-                  num_warps=tile.num_warps, num_stages=tile.num_stages)
+    blocks = dict(BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, num_warps=tile.num_warps,
+                  num_stages=tile.num_stages)
     bias_arg = bias if bias is not None else y
     if tile.gemv:
-        _w4a16_gemv_kernel[grid](*tensors, bias_arg, y, part, *shape_and_strides, GROUP_SIZE=group_size,
+        _w4a16_gemv_kernel[grid](*tensors, bias_arg, y, part, *shape_and_strides, FP32_TWO_POW_23,
+                                 GROUP_SIZE=group_size,
                                  HAS_BIAS=bias is not None, SPLIT_K=split, **blocks)
     else:
         _w4a16_kernel[grid](*tensors, g_idx if g_idx is not None else qweight, bias_arg, y, part,
                             *shape_and_strides, GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None,
-                            HAS_BIAS=bias is not None, SPLIT_K=split, GROUP_M=8,
+                            HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_M=tile.block_m, GROUP_M=8,
                             INPUT_PRECISION=dot_precision(x.dtype), PACKED_LOADS=tile.packed_loads, **blocks)
     if split > 1:
         reduce_partials(part, bias, y)
