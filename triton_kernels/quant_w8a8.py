@@ -34,7 +34,12 @@ serial walk over all of K before the first product, in every program. So at
 decode the weight tile is converted to x's dtype in registers, the products
 run on the 16-bit tensor cores and only the weight scales multiply the sum
 (``y = (x @ Wq^T) * ws``, block: per K group). The weight bytes are the same;
-x is not rounded to 8 bits, so the result is closer to the bf16 layer's.
+x is not rounded to 8 bits, so the result is closer to the bf16 layer's. At
+1-4 tokens (``QuantTile.gemv``, the table's tile there) the products leave the
+tensor cores too: ``_w8a8_gemv_kernel`` converts each weight to fp32 where it
+was loaded and adds ``w * x`` to a per-weight sum, so the dequantised tile
+never takes the round trip through shared memory that ``tl.dot``'s operand
+layout costs (quant_w4a16.py's GEMV kernel, same reasoning).
 
 Prefill quantises x once (``prequant``, the prefill tiles): fused, every
 output-column tile would requantise the same x tiles (N / block_n times) and
@@ -238,6 +243,52 @@ def _fp8_block_kernel(
                 HAS_BIAS, SPLIT_K)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _w8a8_gemv_kernel(
+    x_ptr, w_ptr, ws_ptr, b_ptr, y_ptr, part_ptr, M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_sn, stride_sk, stride_ym, stride_yn,
+    BLOCK_SCALES: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Weight-only products on the CUDA cores for 1-4 tokens (``QuantTile.gemv``), one row of
+    x per program (its neighbours in the grid are the other rows of the same column tile).
+    Each thread keeps fp32 sums for its own weights, ``acc[n, k] += w[n, k] * x[k]``, and the
+    rows are summed once at the end, so nothing moves between threads inside the K loop;
+    the next K step's weights are loaded before this step's arithmetic. Channel scales
+    multiply the sums at the end; block scales (BLOCK_SCALES, BLOCK_K = the scale block)
+    each step's products."""
+    row = tl.program_id(0) % M
+    pid_n = tl.program_id(0) // M
+    k_begin, k_end = _k_slice(K, BLOCK_K, SPLIT_K)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    x_row = x_ptr + row.to(tl.int64) * stride_xm
+    w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
+    w = tl.load(w_rows + (k_begin + offs_k)[None, :] * stride_wk,
+                mask=mask_n[:, None] & (k_begin + offs_k < k_end)[None, :], other=0.0)    # [BLOCK_N, BLOCK_K]
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        kk = k0 + offs_k
+        next_kk = kk + BLOCK_K
+        next_w = tl.load(w_rows + next_kk[None, :] * stride_wk,
+                         mask=mask_n[:, None] & (next_kk < k_end)[None, :], other=0.0)
+        x = tl.load(x_row + kk * stride_xk, mask=kk < K, other=0.0).to(tl.float32)           # [BLOCK_K]
+        if BLOCK_SCALES:
+            scale = tl.load(ws_ptr + (offs_n // BLOCK_SIZE_N) * stride_sn + (k0 // BLOCK_K) * stride_sk,
+                            mask=mask_n, other=0.0)
+            acc += (w.to(tl.float32) * x[None, :]) * scale[:, None]
+        else:
+            acc += w.to(tl.float32) * x[None, :]
+        w = next_w
+    out = tl.sum(acc, axis=1)                                                                 # [BLOCK_N]
+    if not BLOCK_SCALES:
+        out = out * tl.load(ws_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)
+    rows = tl.full((1,), 0, tl.int32) + row
+    _store_tile(out[None, :], rows, offs_n, rows < M, mask_n, b_ptr, y_ptr, part_ptr, M, N,
+                stride_ym, stride_yn, HAS_BIAS, SPLIT_K)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -298,6 +349,34 @@ def _modes(tile: QuantTile, act_quant: bool | None, prequant: bool | None) -> tu
     return act_quant, act_quant and (tile.prequant if prequant is None else prequant)
 
 
+def _launch_gemv(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                 bias: torch.Tensor | None, y: torch.Tensor, tile: QuantTile, block_k: int,
+                 block_size_n: int = 0) -> None:
+    """The CUDA-core weight-only kernel; ``block_size_n`` > 0: block scales of [bn, block_k]."""
+    M, K = x2d.shape
+    N = weight.shape[0]
+    split = split_k(tile, M, N, K, block_k, x2d.device)
+    part = partials(split, M, N, y)
+    scale_strides = tuple(weight_scale.stride()) if block_size_n else (weight_scale.stride(0), 0)
+    _w8a8_gemv_kernel[(M * triton.cdiv(N, tile.block_n), split)](
+        x2d, weight, weight_scale, bias if bias is not None else y, y, part, M, N, K,
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), *scale_strides,
+        y.stride(0), y.stride(1), BLOCK_SCALES=block_size_n > 0, BLOCK_SIZE_N=max(block_size_n, 1),
+        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_N=tile.block_n, BLOCK_K=block_k,
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
+    if split > 1:
+        reduce_partials(part, bias, y)
+
+
+def _pick_tile(tile: QuantTile | None, M: int, device: torch.device, act_quant: bool | None) -> QuantTile:
+    """The given tile, else the table's (its GEMV tile where products may stay 16-bit); a GEMV
+    tile asked to quantise activations is refused."""
+    tile = tile or tile_for(M, device, gemv_ok=not act_quant)
+    if tile.gemv and act_quant:
+        raise ValueError("the GEMV tile multiplies weight-only (act_quant=False); got act_quant=True")
+    return tile
+
+
 def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype | None = None,
                 tile: QuantTile | None = None, act_quant: bool | None = None,
@@ -312,8 +391,11 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     M, K = x2d.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    tile = tile or tile_for(M, x.device)
+    tile = _pick_tile(tile, M, x.device, act_quant)
     block_k = tile.block_k if interpreting() or x.device.type != "cuda" else max(tile.block_k, 128)
+    if tile.gemv:
+        _launch_gemv(x2d, weight, weight_scale, bias, y, tile, block_k)
+        return y.reshape(*x.shape[:-1], N)
     split = split_k(tile, M, N, K, block_k, x.device)
     part = partials(split, M, N, y)
     is_int8 = weight.dtype == torch.int8
@@ -347,7 +429,10 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     M, K = x2d.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    tile = tile or tile_for(M, x.device)
+    tile = _pick_tile(tile, M, x.device, act_quant)
+    if tile.gemv:
+        _launch_gemv(x2d, weight, weight_scale, bias, y, tile, block_size[1], block_size[0])
+        return y.reshape(*x.shape[:-1], N)
     split = split_k(tile, M, N, K, block_size[1], x.device)
     part = partials(split, M, N, y)
     act_quant, prequant = _modes(tile, act_quant, prequant)

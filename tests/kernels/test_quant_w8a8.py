@@ -10,7 +10,7 @@ import torch
 
 from tests.kernels.util import ON_GPU, assert_close, rel_err
 from triton_kernels import quant_w8a8 as q8
-from triton_kernels.quant_tiles import CUDA_TILES, QuantTile, split_k
+from triton_kernels.quant_tiles import CUDA_TILES, GEMV_TILE, QuantTile, split_k
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 SHAPES_CPU = [(1, 40, 72), (5, 33, 160), (37, 97, 96)]                     # (M, N, K)
@@ -178,3 +178,41 @@ def test_the_cuda_tiles(device, rows, wdtype):
         y = q8.fp8_block_linear(x, bq, bs, (128, 128), bias, tile=tile)
         assert_close(y, q8.fp8_block_linear_reference(x, bq, bs, (128, 128), bias, act_quant=tile.act_quant),
                      torch.float16, f"fp8 block kernel with the {rows}-row CUDA tile vs reference")
+
+
+GEMV_TILES = {"gemv": QuantTile(4, 32, 32, 4, 1, gemv=True),
+              "gemv-split": QuantTile(4, 32, 32, 4, 1, target_programs_per_sm=8, gemv=True),
+              "gemv-cuda": GEMV_TILE}
+
+
+@pytest.mark.parametrize("name", list(GEMV_TILES))
+@pytest.mark.parametrize("M", [1, 3, 6])
+@pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.int8])
+def test_gemv_kernel_channel_scales(device, name, M, wdtype):
+    """The CUDA-core weight-only kernel of the 1-4 token tile (6 rows: beyond it, still served),
+    K not a multiple of its step, N not one of its column block."""
+    tile = GEMV_TILES[name]
+    N, K = (40, 200) if tile.block_k == 32 else (72, 392)
+    x, w, bias = _inputs(M, N, K, torch.float16, device)
+    wq, ws = (t.to(device) for t in _quantize_weight_per_channel(w, wdtype))
+    y = q8.w8a8_linear(x, wq, ws, bias, tile=tile)
+    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias, act_quant=False), torch.float16,
+                 f"{wdtype} gemv vs reference")
+
+
+@pytest.mark.parametrize("name", list(GEMV_TILES))
+@pytest.mark.parametrize("M", [1, 3])
+def test_gemv_kernel_block_scales(device, name, M):
+    N, K, block = 72, 400, (32, 32) if GEMV_TILES[name].block_k == 32 else (128, 128)
+    x, w, bias = _inputs(M, N, K, torch.float16, device)
+    wq, ws = (t.to(device) for t in _quantize_weight_blocks(w, *block))
+    y = q8.fp8_block_linear(x, wq, ws, block, bias, tile=GEMV_TILES[name])
+    assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias, act_quant=False), torch.float16,
+                 "fp8 block gemv vs reference")
+
+
+def test_gemv_tile_refuses_activation_quantisation(device):
+    x, w, bias = _inputs(2, 40, 64, torch.float32, device)
+    wq, ws = (t.to(device) for t in _quantize_weight_per_channel(w, torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="GEMV tile"):
+        q8.w8a8_linear(x, wq, ws, bias, tile=GEMV_TILES["gemv"], act_quant=True)
