@@ -565,7 +565,9 @@ def _decode_tile_candidates() -> dict[str, list]:
     eight_bit = [QuantTile(16, 64, 128, 4, 4, 2),   # the decode tile with 8-bit products
                  QuantTile(16, 32, 128, 4, 4, 2, **weight_only), QuantTile(16, 64, 128, 4, 4, 4, **weight_only),
                  QuantTile(16, 128, 128, 4, 4, 2, **weight_only), QuantTile(16, 64, 256, 4, 3, 2, **weight_only),
-                 QuantTile(16, 64, 128, 4, 6, 2, **weight_only)]
+                 QuantTile(16, 64, 128, 4, 6, 2, **weight_only),
+                 QuantTile(4, 32, 128, 4, 4, 2, gemv=True), QuantTile(4, 64, 128, 4, 4, 2, gemv=True),
+                 QuantTile(4, 64, 128, 8, 3, 4, gemv=True), QuantTile(4, 16, 128, 4, 4, 4, gemv=True)]
     gemv = dict(gemv=True)
     w4a16 = [QuantTile(16, 64, 128, 4, 4, 2), QuantTile(16, 64, 128, 4, 4, 2, packed_loads=True),
              QuantTile(4, 32, 128, 4, 4, 2, **gemv), QuantTile(4, 64, 128, 4, 4, 2, **gemv),
