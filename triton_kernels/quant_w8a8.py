@@ -34,12 +34,12 @@ serial walk over all of K before the first product, in every program. So at
 decode the weight tile is converted to x's dtype in registers, the products
 run on the 16-bit tensor cores and only the weight scales multiply the sum
 (``y = (x @ Wq^T) * ws``, block: per K group). The weight bytes are the same;
-x is not rounded to 8 bits, so the result is closer to the bf16 layer's. At
-1-4 tokens (``QuantTile.gemv``, the table's tile there) the products leave the
-tensor cores too: ``_w8a8_gemv_kernel`` converts each weight to fp32 where it
+x is not rounded to 8 bits, so the result is closer to the bf16 layer's. With
+``QuantTile.gemv`` (1-4 tokens) the products leave the tensor cores too: ``_w8a8_gemv_kernel`` converts each weight to fp32 where it
 was loaded and adds ``w * x`` to a per-weight sum, so the dequantised tile
 never takes the round trip through shared memory that ``tl.dot``'s operand
-layout costs (quant_w4a16.py's GEMV kernel, same reasoning).
+layout costs (quant_w4a16.py's GEMV kernel, same reasoning). It is taken when
+a launch passes the tile; the default stays the tensor-core tile.
 
 Prefill quantises x once (``prequant``, the prefill tiles): fused, every
 output-column tile would requantise the same x tiles (N / block_n times) and
@@ -369,9 +369,10 @@ def _launch_gemv(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
 
 
 def _pick_tile(tile: QuantTile | None, M: int, device: torch.device, act_quant: bool | None) -> QuantTile:
-    """The given tile, else the table's (its GEMV tile where products may stay 16-bit); a GEMV
-    tile asked to quantise activations is refused."""
-    tile = tile or tile_for(M, device, gemv_ok=not act_quant)
+    """The given tile, else the table's tensor-core one (``GEMV_TILE`` is opt-in here until
+    a GPU comparison says which is faster: perf/bench_kernels.py times both); a GEMV tile
+    asked to quantise activations is refused."""
+    tile = tile or tile_for(M, device)
     if tile.gemv and act_quant:
         raise ValueError("the GEMV tile multiplies weight-only (act_quant=False); got act_quant=True")
     return tile
