@@ -38,17 +38,18 @@ class QuantTile:
     packed_loads: bool = False    # W4A16: load each packed int32 once and unpack in registers
     act_quant: bool = True        # W8A8: quantise the activations (False: weight-only products)
     prequant: bool = False        # W8A8: quantise them once, in a kernel of their own, before the GEMM
-    gemv: bool = False            # W4A16: products on the CUDA cores for up to block_m rows (no tl.dot)
+    gemv: bool = False            # products on the CUDA cores for up to block_m rows (no tl.dot)
+    tma: bool = False             # W8A8 prequant: the persistent TMA kernel where the tensors allow
 
 
 INTERPRETER_TILE = QuantTile(32, 32, 32, 4, 1)
 # Decode (M <= 16): thin tiles, split K up to ~2 programs per SM, 8-bit weights multiplied
 # as 16-bit. Prefill: big MMA tiles, x quantised once before the GEMM (quant_w8a8.py's
-# module doc says why).
+# module doc says why); above 64 rows the persistent TMA kernel (8-bit K steps of 128 bytes).
 CUDA_TILES = {
     16: QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2, act_quant=False),
     64: QuantTile(64, 64, 64, 4, 3, prequant=True),
-    None: QuantTile(128, 128, 64, 8, 3, prequant=True),
+    None: QuantTile(128, 128, 128, 8, 4, prequant=True, tma=True),
 }
 # W4A16 at 1-4 tokens: the dequantised weight never leaves registers (quant_w4a16.py says why).
 GEMV_TILE = QuantTile(4, 64, 128, 4, 4, target_programs_per_sm=2, gemv=True)

@@ -59,7 +59,7 @@ import triton.language as tl
 
 from triton_kernels.gemm import _grouped_tile
 from triton_kernels.quant_tiles import QuantTile, partials, reduce_partials, split_k, tile_for
-from triton_kernels.runtime import dot_precision, interpreting
+from triton_kernels.runtime import dot_precision, ensure_tma_allocator, interpreting, num_sms
 
 __all__ = ["FP8_MAX", "INT8_MAX", "flops_bytes", "fp8_block_linear", "fp8_block_linear_reference",
            "quantize_rows", "quantize_rows_reference", "w8a8_linear", "w8a8_linear_reference"]
@@ -289,6 +289,57 @@ def _w8a8_gemv_kernel(
                 stride_ym, stride_yn, HAS_BIAS, SPLIT_K)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _w8a8_tma_kernel(
+    xq_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, y_ptr, M, N, K,
+    stride_xm, stride_wn, stride_ym, stride_xsm, stride_sn, stride_sk,
+    BLOCK_SCALES: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, IS_INT8: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,
+):
+    """Prefill on Hopper: gemm.py's persistent TMA kernel with 8-bit operands. x comes
+    quantised (``quantize_rows``: scales per row, or per row and K block), tiles move by
+    TMA descriptors (zeros past the edges) and the 8-bit tensor cores multiply them.
+    Channel scales: the sums chain through every K step and the scales multiply them once.
+    Block scales (BLOCK_K = the scale block): each K step's fp32 products are scaled and
+    added, the DeepSeek-V3 recipe."""
+    x_desc = tl.make_tensor_descriptor(xq_ptr, shape=[M, K], strides=[stride_xm, 1],
+                                       block_shape=[BLOCK_M, BLOCK_K])
+    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
+                                       block_shape=[BLOCK_N, BLOCK_K])
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_SMS, flatten=True):
+        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_m = offs_m < M
+        mask_n = offs_n < N
+        if BLOCK_SCALES:
+            out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for k_tile in range(k_tiles):
+                x = x_desc.load([pid_m * BLOCK_M, k_tile * BLOCK_K])
+                w = w_desc.load([pid_n * BLOCK_N, k_tile * BLOCK_K])
+                x_scale = tl.load(xs_ptr + offs_m.to(tl.int64) * stride_xsm + k_tile, mask=mask_m, other=0.0)
+                w_scale = tl.load(ws_ptr + (offs_n // BLOCK_SIZE_N) * stride_sn + k_tile * stride_sk,
+                                  mask=mask_n, other=0.0)
+                out += tl.dot(x, w.T) * x_scale[:, None] * w_scale[None, :]
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if IS_INT8 else tl.float32)
+            for k_tile in range(k_tiles):
+                x = x_desc.load([pid_m * BLOCK_M, k_tile * BLOCK_K])
+                w = w_desc.load([pid_n * BLOCK_N, k_tile * BLOCK_K])
+                acc = tl.dot(x, w.T, acc, out_dtype=acc.dtype)
+            x_scale = tl.load(xs_ptr + offs_m.to(tl.int64) * stride_xsm, mask=mask_m, other=0.0)
+            w_scale = tl.load(ws_ptr + offs_n * stride_sn, mask=mask_n, other=0.0)
+            out = acc.to(tl.float32) * x_scale[:, None] * w_scale[None, :]
+        if HAS_BIAS:
+            out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
+        tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -368,6 +419,30 @@ def _launch_gemv(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
         reduce_partials(part, bias, y)
 
 
+def _tma_ok(tile: QuantTile, *tensors: torch.Tensor) -> bool:
+    """The tile asks for the TMA kernel and the tensors suit descriptors (16-byte aligned
+    bases and row strides, unit last stride)."""
+    return tile.tma and all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+                            for t in tensors)
+
+
+def _launch_tma(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
+                bias: torch.Tensor | None, y: torch.Tensor, tile: QuantTile, block_k: int,
+                block_size_n: int = 0) -> None:
+    """The persistent TMA kernel on quantised x; ``block_size_n`` > 0: block scales."""
+    M, K = xq.shape
+    N = weight.shape[0]
+    ensure_tma_allocator(xq.device)
+    programs = num_sms(xq.device) if xq.is_cuda else 4
+    scale_strides = tuple(weight_scale.stride()) if block_size_n else (weight_scale.stride(0), 0)
+    _w8a8_tma_kernel[(programs,)](
+        xq, weight, xs, weight_scale, bias if bias is not None else y, y, M, N, K,
+        xq.stride(0), weight.stride(0), y.stride(0), xs.stride(0), *scale_strides,
+        BLOCK_SCALES=block_size_n > 0, BLOCK_SIZE_N=max(block_size_n, 1), IS_INT8=weight.dtype == torch.int8,
+        HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k, GROUP_M=8,
+        NUM_SMS=programs, num_warps=tile.num_warps, num_stages=tile.num_stages)
+
+
 def _pick_tile(tile: QuantTile | None, M: int, device: torch.device, act_quant: bool | None) -> QuantTile:
     """The given tile, else the table's tensor-core one (``GEMV_TILE`` is opt-in here until
     a GPU comparison says which is faster: perf/bench_kernels.py times both); a GEMV tile
@@ -404,6 +479,9 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
     xs = y
     if prequant:
         x2d, xs = quantize_rows(x2d, weight.dtype)
+        if _tma_ok(tile, x2d, weight):
+            _launch_tma(x2d, xs, weight, weight_scale, bias, y, tile, block_k)
+            return y.reshape(*x.shape[:-1], N)
     grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n), split)
     _w8a8_channel_kernel[grid](
         x2d, weight, weight_scale, bias if bias is not None else y, y, part, xs, M, N, K,
@@ -440,6 +518,9 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     xs = y
     if prequant:
         x2d, xs = quantize_rows(x2d, weight.dtype, block_size[1])
+        if _tma_ok(tile, x2d, weight) and block_size[1] >= 16:
+            _launch_tma(x2d, xs, weight, weight_scale, bias, y, tile, block_size[1], block_size[0])
+            return y.reshape(*x.shape[:-1], N)
     grid = (triton.cdiv(M, tile.block_m) * triton.cdiv(N, tile.block_n), split)
     _fp8_block_kernel[grid](
         x2d, weight, weight_scale, bias if bias is not None else y, y, part, xs, M, N, K,

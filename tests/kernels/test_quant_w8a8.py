@@ -216,3 +216,42 @@ def test_gemv_tile_refuses_activation_quantisation(device):
     wq, ws = (t.to(device) for t in _quantize_weight_per_channel(w, torch.float8_e4m3fn))
     with pytest.raises(ValueError, match="GEMV tile"):
         q8.w8a8_linear(x, wq, ws, bias, tile=GEMV_TILES["gemv"], act_quant=True)
+
+
+TMA_TILES = {"tma": QuantTile(32, 32, 32, 4, 1, prequant=True, tma=True),
+             "tma-cuda": CUDA_TILES[None]}
+
+
+@pytest.mark.parametrize("name", list(TMA_TILES))
+@pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("shape", [(37, 97, 96), (70, 40, 208)])
+def test_tma_kernel_channel_scales(device, name, wdtype, shape):
+    """The persistent TMA prefill kernel (x quantised first): ragged M and N tiles, K not a
+    multiple of the K step (the descriptor's zero fill), more tiles than programs."""
+    M, N, K = shape
+    x, w, bias = _inputs(M, N, K, torch.float16, device)
+    wq, ws = (t.to(device) for t in _quantize_weight_per_channel(w, wdtype))
+    assert q8._tma_ok(TMA_TILES[name], x, wq)
+    y = q8.w8a8_linear(x, wq, ws, bias, tile=TMA_TILES[name])
+    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias), torch.float16, f"{wdtype} TMA kernel vs reference")
+
+
+@pytest.mark.parametrize("name", list(TMA_TILES))
+@pytest.mark.parametrize("block", [(32, 32), (128, 128)])
+def test_tma_kernel_block_scales(device, name, block):
+    M, N, K = 70, 200, 400
+    x, w, bias = _inputs(M, N, K, torch.float16, device)
+    wq, ws = (t.to(device) for t in _quantize_weight_blocks(w, *block))
+    y = q8.fp8_block_linear(x, wq, ws, block, bias, tile=TMA_TILES[name])
+    assert_close(y, q8.fp8_block_linear_reference(x, wq, ws, block, bias), torch.float16,
+                 "fp8 block TMA kernel vs reference")
+
+
+def test_tma_tile_falls_back_on_unaligned_rows(device):
+    """A row stride TMA cannot take (K = 100 bytes of fp8) runs the pointer kernel instead."""
+    M, N, K = 20, 40, 100
+    x, w, bias = _inputs(M, N, K, torch.float16, device)
+    wq, ws = (t.to(device) for t in _quantize_weight_per_channel(w, torch.float8_e4m3fn))
+    assert not q8._tma_ok(TMA_TILES["tma"], x, wq)
+    y = q8.w8a8_linear(x, wq, ws, bias, tile=TMA_TILES["tma"])
+    assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias), torch.float16, "fallback vs reference")
