@@ -14,6 +14,7 @@
 #   quant    bench_kernels quant + kv_fp8 (incl. the decode tile candidates), batch-1 decode
 #            of Llama-3.1-8B as bf16 / online fp8 / AWQ / fp8-block + FP8 KV
 #   quant-decode  batch-1 decode of the four variants, the kernel audit of AWQ at batch 1
+#   quant-gemv  the same figures, bench_kernels quant (GEMV and TMA tiles), the quantized GEMM tests
 #   quant-triage  bench_kernels quant + kv_fp8, the kernel audit (per-kernel times) of AWQ + FP8 KV
 #            and online FP8 at batch 1
 #   moe      Qwen3-30B-A3B batch-1 decode vs its active-weight roofline, bench_kernels moe
@@ -70,6 +71,17 @@ for section in "$@"; do
         step one-batch-quant "${ONE_BATCH_S:-150}" python3 perf/bench_one_batch.py --models Llama-3.1-8B-Instruct \
             --variants bf16,fp8,fp8-block+kv-fp8,awq --batch-sizes 1 --input-lens 256 --decode-steps 16
         step audit-awq "${AUDIT_S:-80}" python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant awq --batch 1 ;;
+    quant-gemv)  # the batch-1 figures with the GEMV decode kernels, the tile candidates, their GPU tests
+        step one-batch-quant "${ONE_BATCH_S:-150}" python3 perf/bench_one_batch.py --models Llama-3.1-8B-Instruct \
+            --variants bf16,fp8,fp8-block+kv-fp8,awq --batch-sizes 1 --input-lens 256 --decode-steps 16
+        step bench-quant 150 python3 perf/bench_kernels.py --only quant --quick --rounds 1
+        for t in quant_w8a8 quant_w4a16; do
+            timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/kernels/test_$t.py \
+                > "$out/test-$t.txt" 2>&1 &
+        done
+        wait
+        for t in quant_w8a8 quant_w4a16; do echo "== $t: $(tail -1 "$out/test-$t.txt")"; done
+        step audit-awq "${AUDIT_S:-80}" python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant awq --batch 1 ;;
     quant-triage)  # where the quantized decode step's time goes: kernel candidates, per-kernel times
         step bench-quant 150 python3 perf/bench_kernels.py --only quant,kv_fp8 --quick --rounds 1
         step audit-awq 100 python3 perf/kernel_audit.py --model Llama-3.1-8B-Instruct --variant awq+kv-fp8 --batch 1
@@ -93,6 +105,6 @@ for section in "$@"; do
         step profile-llama 200 python3 perf/profile_decode.py --model Llama-3.1-8B-Instruct
         step profile-mistral 200 python3 perf/profile_decode.py --model Mistral-7B-Instruct-v0.3 ;;
     *)
-        echo "unknown section $section (kernels graphs suite quant quant-decode quant-triage moe audit spec vl decode)"; exit 2 ;;
+        echo "unknown section $section (kernels graphs suite quant quant-decode quant-gemv quant-triage moe audit spec vl decode)"; exit 2 ;;
     esac
 done
