@@ -47,6 +47,12 @@ values of nibble j are the strided slice ``x[k0 + j :: 8]``. The product is
 to x's dtype: closer to the float64 result than the reference, by less than
 the tolerance a 16-bit output has anyway.
 
+Prefill (``DEQUANTIZE_MIN_ROWS`` tokens or more) is compute-bound, and there the
+best use of 4-bit weights is not to multiply them in 4 bits at all:
+``dequantize_w4`` writes the 16-bit weight once (``N*K*2`` bytes, a few percent
+of the GEMM's time at these M) and ``gemm.linear`` runs its tuned TMA kernel on
+it. The dequantised values are the reference's (rounded once to x's dtype).
+
 Roofline: the weight stream is ``N*K/2`` bytes plus ``G*N*3`` bytes of scales
 and zeros, a quarter of the bf16 weight, so a decode step (M <= 16) can run
 up to ~4x faster than bf16 when bandwidth-bound. FLOPs are ``2*M*N*K`` as for
@@ -58,14 +64,15 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.gemm import _grouped_tile
+from triton_kernels.gemm import _grouped_tile, linear
 from triton_kernels.quant_tiles import GEMV_TILE, QuantTile, partials, reduce_partials, split_k, tile_for
 from triton_kernels.quant_w8a8 import _k_slice, _store_tile
-from triton_kernels.runtime import dot_precision
+from triton_kernels.runtime import dot_precision, interpreting
 
-__all__ = ["flops_bytes", "unpack_int4_rows", "w4a16_linear", "w4a16_linear_reference"]
+__all__ = ["dequantize_w4", "flops_bytes", "unpack_int4_rows", "w4a16_linear", "w4a16_linear_reference"]
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP32_TWO_POW_23 = 0x4B000000   # the bits of the fp32 2**23 (exponent 150, mantissa 0)
+DEQUANTIZE_MIN_ROWS = 256      # from here on: dequantise the weight, then the 16-bit GEMM (module doc)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -184,6 +191,33 @@ def _w4a16_gemv_kernel(
     _store_tile(out, rows, offs_n, rows < M, mask_n, b_ptr, y_ptr, part_ptr, M, N, stride_ym, stride_yn,
                 HAS_BIAS, SPLIT_K)
 
+@triton.jit
+def _dequantize_kernel(qw_ptr, s_ptr, z_ptr, g_ptr, w_ptr, N, K,
+                       stride_qk, stride_qn, stride_sg, stride_sn, stride_zg, stride_zn, stride_wn,
+                       GROUP_SIZE: tl.constexpr, HAS_G_IDX: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (k tile, n tile): w[n, k] = (q[k, n] - z[g(k), n]) * s[g(k), n], rounded once to
+    w's dtype, written in the dense layout [N, K] (the tile transposed on the way out)."""
+    WORDS: tl.constexpr = BLOCK_K // 8
+    offs_w = tl.program_id(0) * WORDS + tl.arange(0, WORDS)
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    packed = tl.load(qw_ptr + offs_w[:, None] * stride_qk + offs_n[None, :] * stride_qn,
+                     mask=(offs_w < K // 8)[:, None] & mask_n[None, :], other=0)        # [WORDS, BLOCK_N]
+    nibbles = (packed[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF        # [WORDS, 8, BLOCK_N]
+    q = tl.reshape(nibbles, (BLOCK_K, BLOCK_N))
+    kk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (kk < K)[:, None] & mask_n[None, :]
+    if HAS_G_IDX:
+        g = tl.load(g_ptr + kk, mask=kk < K, other=0)
+    else:
+        g = kk // GROUP_SIZE
+    s = tl.load(s_ptr + g[:, None] * stride_sg + offs_n[None, :] * stride_sn, mask=mask, other=0.0)
+    z = tl.load(z_ptr + g[:, None] * stride_zg + offs_n[None, :] * stride_zn, mask=mask, other=0)
+    w = ((q - z.to(tl.int32)).to(tl.float32) * s.to(tl.float32)).to(w_ptr.dtype.element_ty)
+    tl.store(w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn + kk[:, None], w, mask=mask)
+
+
 # ----------------------------------------------------------------------------- launcher
 
 
@@ -218,6 +252,20 @@ def _gemv_serves(g_idx: torch.Tensor | None, group_size: int, block_k: int) -> b
     return g_idx is None and group_size % block_k == 0
 
 
+def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  g_idx: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """The dense weight [N, K] in the scales' dtype (``dequantize``, rounded once, transposed)."""
+    K, N = 8 * qweight.shape[0], qweight.shape[1]
+    w = torch.empty((N, K), dtype=scales.dtype, device=qweight.device)
+    block_n, block_k = (64, 64) if qweight.is_cuda and not interpreting() else (32, 32)
+    _dequantize_kernel[(triton.cdiv(K, block_k), triton.cdiv(N, block_n))](
+        qweight, scales, zeros, g_idx if g_idx is not None else qweight, w, N, K,
+        qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),
+        zeros.stride(0), zeros.stride(1), w.stride(0),
+        GROUP_SIZE=group_size, HAS_G_IDX=g_idx is not None, BLOCK_N=block_n, BLOCK_K=block_k)
+    return w
+
+
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  g_idx: torch.Tensor | None, group_size: int, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype | None = None, tile: QuantTile | None = None) -> torch.Tensor:
@@ -228,6 +276,9 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     x2d = x.reshape(-1, x.shape[-1])
     M, K = x2d.shape
     N = qweight.shape[1]
+    if tile is None and M >= DEQUANTIZE_MIN_ROWS and x.is_cuda and not interpreting():
+        weight = dequantize_w4(qweight, scales, zeros, g_idx, group_size)
+        return linear(x, weight, bias, out_dtype=out_dtype)
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     tile = tile or tile_for(M, x.device, gemv_ok=_gemv_serves(g_idx, group_size, GEMV_TILE.block_k))
     if tile.gemv and not _gemv_serves(g_idx, group_size, tile.block_k):

@@ -151,3 +151,16 @@ def test_tile_for_takes_the_gemv_tile_only_where_it_serves(monkeypatch):
     assert quant_tiles.tile_for(4, cuda, gemv_ok=True) is GEMV_TILE
     assert not quant_tiles.tile_for(5, cuda, gemv_ok=True).gemv
     assert not quant_tiles.tile_for(1, cuda, gemv_ok=False).gemv
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("shape", [(40, 264, 32), (72, 384, 128)])
+def test_dequantize_kernel(device, shape, act_order):
+    """The prefill path's first half (dense [N, K] weight, rounded once to the scales' dtype)
+    against the reference dequantisation; its second half is gemm.linear."""
+    N, K, group = shape
+    _, qw, s, z, g_idx, _, _ = _inputs(1, N, K, group, torch.float16, act_order, device)
+    w = w4.dequantize_w4(qw, s, z, g_idx, group)
+    assert w.shape == (N, K) and w.dtype == torch.float16
+    expected = w4.dequantize(qw, s, z, g_idx, group).to(torch.float16).t()
+    assert torch.equal(w.cpu(), expected.cpu())
