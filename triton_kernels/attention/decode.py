@@ -90,6 +90,17 @@ def _decode_split_kernel(
                 mask=mask_h[:, None] & mask_d[None, :], other=0.0)
     kv_base = kv_head.to(tl.int64) * stride_kh
     slot_row_ptr = req_to_token_ptr + req_row * stride_req
+    # An FP8 pool with 16-bit queries: the dots run in fp16, whose conversion from e4m3 is one
+    # instruction per two values (bf16 would take a second conversion per value, as many as
+    # the bytes the pool saves). The scales leave the loop: qk_scale goes into q (before its
+    # rounding to fp16, which keeps |q| far from fp16's limit), k_scale multiplies the
+    # scores, v_scale the output.
+    FP16_DOTS: tl.constexpr = KV_FP8 and not IS_FP32
+    if FP16_DOTS:
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        score_scale = k_scale
+    else:
+        score_scale = qk_scale
 
     m_i = tl.full([BLOCK_H], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
@@ -100,18 +111,22 @@ def _decode_split_kernel(
         slots = tl.load(slot_row_ptr + k_pos, mask=in_split, other=0).to(tl.int64)
         kv_offs = kv_base + slots[:, None] * stride_ks + offs_d[None, :]
         kv_mask = in_split[:, None] & mask_d[None, :]
-        k = dequantize_kv(tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0), k_scale,
-                          q.dtype, KV_FP8)
-        v = dequantize_kv(tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0), v_scale,
-                          q.dtype, KV_FP8)
+        k = tl.load(k_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        v = tl.load(v_cache_ptr + kv_offs, mask=kv_mask, other=0.0)
+        if FP16_DOTS:
+            k = k.to(tl.float16)
+            v = v.to(tl.float16)
+        else:
+            k = dequantize_kv(k, k_scale, q.dtype, KV_FP8)
+            v = dequantize_kv(v, v_scale, q.dtype, KV_FP8)
         if IS_FP32:
             s = tl.dot(q, tl.trans(k), input_precision="ieee")
         else:
             s = tl.dot(q, tl.trans(k))
         if USE_CAP:
-            s = soft_cap(s * qk_scale, logit_cap) * 1.4426950408889634
+            s = soft_cap(s * score_scale, logit_cap) * 1.4426950408889634
         else:
-            s = s * qk_scale
+            s = s * score_scale
         s = tl.where(in_split[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -125,6 +140,8 @@ def _decode_split_kernel(
 
     has_keys = l_i > 0.0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    if FP16_DOTS:
+        out = out * v_scale
     lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
     mid = req * stride_mb + heads * stride_mh + split * stride_ms
     tl.store(mid_o_ptr + mid[:, None] + offs_d[None, :], out, mask=mask_h[:, None])
