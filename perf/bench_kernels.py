@@ -580,6 +580,17 @@ def _decode_tile_candidates() -> dict[str, list]:
 DECODE_TILE_CANDIDATES = _decode_tile_candidates()
 
 
+def _w4a16_mid_candidates() -> list:
+    from triton_kernels.quant_tiles import CUDA_TILES
+    import dataclasses
+    tile = CUDA_TILES[16]
+    return [dataclasses.replace(tile, packed_loads=False), dataclasses.replace(tile, packed_loads=True),
+            dataclasses.replace(tile, packed_loads=True, num_stages=2)]
+
+
+W4A16_MID_CANDIDATES = _w4a16_mid_candidates()
+
+
 def _tile_name(t) -> str:
     return (f"tile {t.block_n}x{t.block_k} w{t.num_warps} s{t.num_stages} p{t.target_programs_per_sm}"
             + (" packed" if t.packed_loads else "") + (" gemv" if t.gemv else "")
@@ -621,6 +632,12 @@ def quant_cases(ctx: Ctx) -> list[Case]:
                         cases.append(Case("quant", f"{kind} {name}", f"{shape} {_tile_name(tile)}",
                                           ours=lambda x=x, f=weights, op=op, t=tile: op(x, f()[0], t),
                                           anchor=None, anchor_name="-", bytes_moved=int(nbytes), flops=flops))
+            if M == 16:   # the 4-bit tensor-core tile with and without packed loads (5-64 tokens)
+                for tile in W4A16_MID_CANDIDATES:
+                    cases.append(Case("quant", f"w4a16 g128 {name}", f"{shape} {_tile_name(tile)}",
+                                      ours=lambda x=x, f=weights, t=tile: ops["w4a16 g128"](x, f()[0], t),
+                                      anchor=None, anchor_name="-", flops=flops,
+                                      bytes_moved=int(quant_w4a16.flops_bytes(M, N, K)[1])))
             if M >= 16:   # torch._scaled_mm wants M a multiple of 16
                 cases.append(Case("quant", f"fp8 channel {name}", shape,
                                   ours=lambda x=x, f=weights, op=ops["fp8 channel"]: op(x, f()[0]),
