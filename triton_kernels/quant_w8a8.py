@@ -31,10 +31,9 @@ Decode is weight-only (``act_quant=False``, the decode tiles of
 ``quant_tiles.py``): with 1-16 tokens the step is bound by the weight stream,
 so 8-bit products buy nothing, while the channel kernel's max pass is a
 serial walk over all of K before the first product, in every program. So at
-decode the weight tile is converted to 16 bits in registers, the products
+decode the weight tile is converted to x's dtype in registers, the products
 run on the 16-bit tensor cores and only the weight scales multiply the sum
-(``y = (x @ Wq^T) * ws``, block: per K group). An fp8 weight meets x in fp16
-(``_fp16_products``: half the conversions of bf16), an int8 one in x's dtype. The weight bytes are the same;
+(``y = (x @ Wq^T) * ws``, block: per K group). The weight bytes are the same;
 x is not rounded to 8 bits, so the result is closer to the bf16 layer's. With
 ``QuantTile.gemv`` (1-4 tokens) the products leave the tensor cores too: ``_w8a8_gemv_kernel`` converts each weight to fp32 where it
 was loaded and adds ``w * x`` to a per-weight sum, so the dequantised tile
@@ -155,11 +154,8 @@ def _w8a8_channel_kernel(
     IS_INT8: tl.constexpr, QMAX: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ACT_QUANT: tl.constexpr = True, X_PREQUANT: tl.constexpr = False, INPUT_PRECISION: tl.constexpr = "ieee",
-    FP16_PRODUCTS: tl.constexpr = False, X_SHIFT: tl.constexpr = 1.0,
 ):
-    """X_PREQUANT: x is already 8-bit (``quantize_rows``), its row scales at xs_ptr.
-    FP16_PRODUCTS (weight-only, fp8 weight, 16-bit x): fp16 products of ``x * X_SHIFT``
-    (``_fp16_products`` says why)."""
+    """X_PREQUANT: x is already 8-bit (``quantize_rows``), its row scales at xs_ptr."""
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     k_begin, k_end = _k_slice(K, BLOCK_K, SPLIT_K)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -195,14 +191,10 @@ def _w8a8_channel_kernel(
             acc = tl.dot(x, tl.trans(w), acc, out_dtype=acc.dtype)
         elif ACT_QUANT:
             acc = tl.dot(_quantize(x.to(tl.float32), x_scale, IS_INT8), tl.trans(w), acc, out_dtype=acc.dtype)
-        elif FP16_PRODUCTS:
-            acc = tl.dot(_fp16_operand(x, X_SHIFT), tl.trans(w.to(tl.float16)), acc)
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=INPUT_PRECISION)
     w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
     out = acc.to(tl.float32) * w_scale[None, :]
-    if FP16_PRODUCTS:
-        out = out * (1.0 / X_SHIFT)
     if ACT_QUANT:
         out = out * x_scale
     _store_tile(out, offs_m, offs_n, mask_m, mask_n, b_ptr, y_ptr, part_ptr, M, N, stride_ym, stride_yn,
@@ -216,7 +208,6 @@ def _fp8_block_kernel(
     BLOCK_SIZE_N: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ACT_QUANT: tl.constexpr = True, X_PREQUANT: tl.constexpr = False, INPUT_PRECISION: tl.constexpr = "ieee",
-    FP16_PRODUCTS: tl.constexpr = False, X_SHIFT: tl.constexpr = 1.0,
 ):
     """BLOCK_K is the scale group along K; BLOCK_N divides BLOCK_SIZE_N or is a multiple.
     X_PREQUANT: x is already fp8 (``quantize_rows``), its [M, K groups] scales at xs_ptr."""
@@ -245,9 +236,6 @@ def _fp8_block_kernel(
             x_scale = (tl.maximum(tl.max(tl.abs(x32), axis=1), 1e-10) / 448.0)[:, None]   # [BLOCK_M, 1]
             partial = tl.dot(_quantize(x32, x_scale, False), tl.trans(w))
             acc += partial * x_scale * w_scale[None, :]
-        elif FP16_PRODUCTS:
-            partial = tl.dot(_fp16_operand(x, X_SHIFT), tl.trans(w.to(tl.float16)))
-            acc += partial * (w_scale * (1.0 / X_SHIFT))[None, :]
         else:
             partial = tl.dot(x, tl.trans(w.to(x.dtype)), input_precision=INPUT_PRECISION)
             acc += partial * w_scale[None, :]
@@ -350,25 +338,6 @@ def _w8a8_tma_kernel(
             out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         y_ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :]
         tl.store(y_ptrs, out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-@triton.jit
-def _fp16_operand(x, X_SHIFT: tl.constexpr):
-    """A 16-bit x tile as fp16, times X_SHIFT (a power of two, 1 for fp16 x)."""
-    if X_SHIFT == 1.0:
-        return x.to(tl.float16)
-    else:
-        return (x.to(tl.float32) * X_SHIFT).to(tl.float16)
-
-
-def _fp16_products(x: torch.Tensor, weight: torch.Tensor, act_quant: bool) -> dict:
-    """Weight-only products of an fp8 weight in fp16 rather than x's bf16: e4m3 -> fp16 is
-    one conversion per two weights, while e4m3 -> bf16 costs a second per weight, which at
-    decode is as many instructions as the weight stream has bytes. bf16 x is scaled by
-    2**-6 on the way (exact) so values up to 4e6 fit fp16's range; below 4e-3 it keeps at
-    least the absolute precision bf16 had. The sums are scaled back once."""
-    on = not act_quant and weight.dtype == torch.float8_e4m3fn and x.dtype in (torch.bfloat16, torch.float16)
-    return dict(FP16_PRODUCTS=on, X_SHIFT=2.0 ** -6 if on and x.dtype == torch.bfloat16 else 1.0)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -520,7 +489,7 @@ def w8a8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tenso
         IS_INT8=is_int8, QMAX=INT8_MAX if is_int8 else FP8_MAX, HAS_BIAS=bias is not None, SPLIT_K=split,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k, GROUP_M=8,
         ACT_QUANT=act_quant, X_PREQUANT=prequant, INPUT_PRECISION=dot_precision(x.dtype),
-        **_fp16_products(x, weight, act_quant), num_warps=tile.num_warps, num_stages=tile.num_stages)
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:
         reduce_partials(part, bias, y)
     return y.reshape(*x.shape[:-1], N)
@@ -560,7 +529,7 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
         BLOCK_SIZE_N=block_size[0], HAS_BIAS=bias is not None, SPLIT_K=split,
         BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_size[1], GROUP_M=8,
         ACT_QUANT=act_quant, X_PREQUANT=prequant, INPUT_PRECISION=dot_precision(x.dtype),
-        **_fp16_products(x, weight, act_quant), num_warps=tile.num_warps, num_stages=tile.num_stages)
+        num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:
         reduce_partials(part, bias, y)
     return y.reshape(*x.shape[:-1], N)
