@@ -48,12 +48,14 @@ Usage::
     /tmp/t36/bin/python perf/compile_check.py                      # all of tests/kernels/
     /tmp/t36/bin/python perf/compile_check.py tests/kernels/test_quant_w8a8.py [...]
     /tmp/t36/bin/python perf/compile_check.py tests/kernels/test_gemm.py -- -k decode
-    options: -v (whole compiler messages), -j N (compile N variants at once)
+    options: -v (whole compiler messages), -j N (compile N variants at once),
+             --sass (what the machine code says: registers, spills, shared memory, loops)
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib
 import os
 import pickle
@@ -251,23 +253,27 @@ def _resolved(value):
     return value
 
 
-def compile_variant(variant: Variant) -> str:
-    """'' when the variant compiles to a cubin that fits an H100, else the reason."""
+def compile_variant(variant: Variant, sass: bool = False) -> tuple[str, str]:
+    """('', SASS summary or '') when the variant compiles to a cubin that fits an H100, else
+    (the reason, ''). ``sass``: summarise the machine code (perf/sass_stats.py)."""
     from triton.compiler import ASTSource, compile
     if variant.record_error:
-        return "the launch could not be bound as the compiled kernel would: " + variant.record_error
+        return "the launch could not be bound as the compiled kernel would: " + variant.record_error, ""
     jit = _resolve(variant.module, variant.qualname)
     constexprs = {path: _resolved(v) for path, v in variant.constexprs.items()}
     src = ASTSource(jit, variant.signature, constexprs, variant.attrs)
     try:
         kernel = compile(src, target=_target(), options=variant.options)
     except Exception as e:
-        return _explain(e)
+        return _explain(e), ""
     if "cubin" not in kernel.asm:
-        return "no cubin produced"
+        return "no cubin produced", ""
     if kernel.metadata.shared > H100_SHARED_MEM:
-        return f"out of resources: shared memory {kernel.metadata.shared} > {H100_SHARED_MEM} bytes"
-    return ""
+        return f"out of resources: shared memory {kernel.metadata.shared} > {H100_SHARED_MEM} bytes", ""
+    if not sass:
+        return "", ""
+    from sass_stats import stats
+    return "", stats(kernel.asm["cubin"], kernel.metadata.shared).describe()
 
 
 def _explain(error: BaseException) -> str:
@@ -299,11 +305,11 @@ def _explain(error: BaseException) -> str:
     return "\n".join(lines)
 
 
-def _compile_one(variant: Variant) -> str:
+def _compile_one(variant: Variant, sass: bool = False) -> tuple[str, str]:
     try:
-        return compile_variant(variant)
+        return compile_variant(variant, sass)
     except Exception as e:  # import errors and the like
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e}", ""
 
 
 def _excerpt(message: str, verbose: bool) -> str:
@@ -319,6 +325,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("files", nargs="*", help="kernel test files (default: tests/kernels/)")
     parser.add_argument("-v", "--verbose", action="store_true", help="whole compiler messages")
     parser.add_argument("-j", "--jobs", type=int, default=1, help="variants compiled at once")
+    parser.add_argument("--sass", action="store_true",
+                        help="per variant: registers, spills, shared memory, each loop's instructions "
+                             "and barriers (perf/sass_stats.py)")
     parser.add_argument("--record", type=Path, help=argparse.SUPPRESS)  # phase 1, internal
     argv = sys.argv[1:] if argv is None else argv
     pytest_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -349,17 +358,21 @@ def main(argv: list[str] | None = None) -> int:
           f"{len({v.name for v in variants})} kernels in {time.time() - started:.0f}s; compiling for sm90")
 
     sys.path.insert(0, str(ROOT))
+    sys.path.insert(0, str(ROOT / "perf"))
     started = time.time()
+    compile_one = functools.partial(_compile_one, sass=args.sass)
     if args.jobs > 1:
         from concurrent.futures import ProcessPoolExecutor
         with ProcessPoolExecutor(args.jobs) as pool:
-            results = list(pool.map(_compile_one, variants))
+            results = list(pool.map(compile_one, variants))
     else:
-        results = [_compile_one(v) for v in variants]
+        results = [compile_one(v) for v in variants]
 
     failed = []
-    for variant, error in zip(variants, results):
+    for variant, (error, summary) in zip(variants, results):
         print(f"{'ok  ' if not error else 'FAIL'} {variant.describe()}")
+        if summary:
+            print(f"      {summary}")
         if error:
             print(f"      first launched by {variant.first_test}")
             print(_excerpt(error, args.verbose))

@@ -46,9 +46,12 @@ INTERPRETER_TILE = QuantTile(32, 32, 32, 4, 1)
 # Decode (M <= 16): thin tiles, split K up to ~2 programs per SM, 8-bit weights multiplied
 # as 16-bit. Prefill: big MMA tiles, x quantised once before the GEMM (quant_w8a8.py's
 # module doc says why); above 64 rows the persistent TMA kernel (8-bit K steps of 128 bytes).
+# W4A16 loads each packed word once (without, every word is loaded for each of its 8 rows:
+# 124 KiB of shared memory and ~23 instructions per weight at 16 rows, per the sm90 SASS),
+# takes GEMV_TILE at 1-4 rows and dequantises above 64 (quant_w4a16.py).
 CUDA_TILES = {
-    16: QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2, act_quant=False),
-    64: QuantTile(64, 64, 64, 4, 3, prequant=True),
+    16: QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2, packed_loads=True, act_quant=False),
+    64: QuantTile(64, 64, 64, 4, 3, packed_loads=True, prequant=True),
     None: QuantTile(128, 128, 128, 8, 4, prequant=True, tma=True),
 }
 # W4A16 at 1-4 tokens: the dequantised weight never leaves registers (quant_w4a16.py says why).

@@ -47,11 +47,12 @@ values of nibble j are the strided slice ``x[k0 + j :: 8]``. The product is
 to x's dtype: closer to the float64 result than the reference, by less than
 the tolerance a 16-bit output has anyway.
 
-Prefill (``DEQUANTIZE_MIN_ROWS`` tokens or more) is compute-bound, and there the
-best use of 4-bit weights is not to multiply them in 4 bits at all:
-``dequantize_w4`` writes the 16-bit weight once (``N*K*2`` bytes, a few percent
-of the GEMM's time at these M) and ``gemm.linear`` runs its tuned TMA kernel on
-it. The dequantised values are the reference's (rounded once to x's dtype).
+Past the decode tiles (``DEQUANTIZE_MIN_ROWS`` tokens or more) the best use of
+4-bit weights is not to multiply them in 4 bits at all: ``dequantize_w4`` writes
+the 16-bit weight once (``N*K*2`` bytes: a few percent of the GEMM's time at
+prefill sizes, more at 65-255 rows, where a fused 4-bit tile would still be
+ahead) and ``gemm.linear`` runs its tuned TMA kernel on it. The dequantised
+values are the reference's (rounded once to x's dtype).
 
 Roofline: the weight stream is ``N*K/2`` bytes plus ``G*N*3`` bytes of scales
 and zeros, a quarter of the bf16 weight, so a decode step (M <= 16) can run
@@ -72,7 +73,7 @@ from triton_kernels.runtime import dot_precision, interpreting
 __all__ = ["dequantize_w4", "flops_bytes", "unpack_int4_rows", "w4a16_linear", "w4a16_linear_reference"]
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP32_TWO_POW_23 = 0x4B000000   # the bits of the fp32 2**23 (exponent 150, mantissa 0)
-DEQUANTIZE_MIN_ROWS = 256      # from here on: dequantise the weight, then the 16-bit GEMM (module doc)
+DEQUANTIZE_MIN_ROWS = 65       # from here on: dequantise the weight, then the 16-bit GEMM (module doc)
 
 
 @triton.jit(do_not_specialize=["M"])
