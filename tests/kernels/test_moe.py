@@ -78,22 +78,24 @@ def test_fused_moe(device, dtype, tokens, experts, hidden, inter, top_k):
 
 @pytest.mark.parametrize("config_name", ["default", "CUDA_CONFIG"])
 @pytest.mark.parametrize("tokens,top_k", [(1, 8), (3, 2)])
-def test_decode_path_equals_the_grouped_gemms(device, tokens, top_k, config_name):
+@pytest.mark.parametrize("hidden,inter,dtype", [(96, 48, torch.float32), (512, 256, torch.float16)],
+                         ids=["ragged-fp32", "even-fp16"])
+def test_decode_path_equals_the_grouped_gemms(device, tokens, top_k, config_name, hidden, inter, dtype):
     """The two-launch decode path and the aligned grouped GEMMs give the same tokens' outputs,
     with the device's default config and with the CUDA one on any device (so the sm90 compile
-    check compiles what the GPU launches)."""
+    check compiles what the GPU launches), with K ragged and a multiple of the K step."""
     from triton_kernels.moe import decode
     from triton_kernels.moe.gemm import launch_fused_moe
 
-    experts, hidden, inter = 16, 96, 48
+    experts = 16
     assert tokens * top_k <= decode.DECODE_MAX_PAIRS
-    x = _randn(tokens, hidden, seed=5).to(device, torch.float32)
-    w13 = _randn(experts, 2 * inter, hidden, seed=6, scale=hidden ** -0.5).to(device, torch.float32)
-    w2 = _randn(experts, hidden, inter, seed=7, scale=inter ** -0.5).to(device, torch.float32)
+    x = _randn(tokens, hidden, seed=5).to(device, dtype)
+    w13 = _randn(experts, 2 * inter, hidden, seed=6, scale=hidden ** -0.5).to(device, dtype)
+    w2 = _randn(experts, hidden, inter, seed=7, scale=inter ** -0.5).to(device, dtype)
     weights, ids = moe.moe_topk_reference(_randn(tokens, experts, seed=8).to(device), top_k, True)
     grouped = launch_fused_moe(x, w13, w2, weights, ids, config=None)
     config = getattr(decode, config_name, None)
-    assert_close(decode.fused_moe_decode(x, w13, w2, weights, ids, config=config), grouped, torch.float32,
+    assert_close(decode.fused_moe_decode(x, w13, w2, weights, ids, config=config), grouped, dtype,
                  "decode vs grouped")
 
 

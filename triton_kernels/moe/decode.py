@@ -16,6 +16,12 @@ partial outputs of a token need a third launch to be summed. Here, for
    slots in fp32 registers and stores ``y[t]`` once: no partial buffer, no
    sum launch, the same order of additions every time.
 
+Each thread keeps an fp32 sum per weight position of its tile (``acc[n, k] +=
+w[n, k] * x[k]``) and the rows are summed across threads once, after the K
+loop: a sum per K step would put a cross-warp reduction (shuffles, shared
+memory, barriers: 8 ``BAR.SYNC`` per step in the sm90 SASS) between each
+step's loads and the next.
+
 Only the routed experts' rows are read, ``3 * I * H`` weights per pair (pairs
 of different tokens may read one expert twice; at T <= 4 that is rare and L2
 often serves the second read). ``DecodeMoeConfig`` is the tile data.
@@ -51,7 +57,8 @@ CUDA_CONFIG = DecodeMoeConfig(16, 16, 256, 4, 3)
 @triton.jit
 def _decode_gate_up_kernel(x_ptr, w13_ptr, ids_ptr, act_ptr, inter_size, hidden_size,
                            stride_xt, stride_we, stride_wn, stride_ap,
-                           TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                           TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           EVEN_K: tl.constexpr = False):
     pair = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < inter_size
@@ -59,25 +66,28 @@ def _decode_gate_up_kernel(x_ptr, w13_ptr, ids_ptr, act_ptr, inter_size, hidden_
     x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xt
     gate_rows = w13_ptr + expert * stride_we + tl.where(row_mask, rows, 0).to(tl.int64)[:, None] * stride_wn
     up_rows = gate_rows + inter_size * stride_wn
-    acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)    # per-weight sums (module doc)
+    acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
     for k0 in range(0, hidden_size, BLOCK_K):
         kk = k0 + offs_k
-        k_mask = kk < hidden_size
-        x = tl.load(x_row + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        k_mask = (kk < hidden_size) | EVEN_K         # EVEN_K: BLOCK_K divides K, no masked lanes
+        x = tl.load(tl.broadcast_to(x_row + kk[None, :], (BLOCK_N, BLOCK_K)), mask=k_mask[None, :],
+                    other=0.0).to(tl.float32)
         gate = tl.load(gate_rows + kk[None, :], mask=k_mask[None, :], other=0.0).to(tl.float32)
         up = tl.load(up_rows + kk[None, :], mask=k_mask[None, :], other=0.0).to(tl.float32)
-        acc_gate += tl.sum(gate * x, axis=1)
-        acc_up += tl.sum(up * x, axis=1)
-    act = acc_gate / (1.0 + tl.exp(-acc_gate)) * acc_up
+        acc_gate += gate * x
+        acc_up += up * x
+    gate_sum = tl.sum(acc_gate, axis=1)
+    act = gate_sum / (1.0 + tl.exp(-gate_sum)) * tl.sum(acc_up, axis=1)
     tl.store(act_ptr + pair.to(tl.int64) * stride_ap + rows, act.to(act_ptr.dtype.element_ty), mask=row_mask)
 
 
 @triton.jit
 def _decode_down_kernel(act_ptr, w2_ptr, ids_ptr, weights_ptr, y_ptr, hidden_size, inter_size,
                         stride_ap, stride_we, stride_wn, stride_yt,
-                        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                        EVEN_K: tl.constexpr = False):
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < hidden_size
@@ -90,14 +100,15 @@ def _decode_down_kernel(act_ptr, w2_ptr, ids_ptr, weights_ptr, y_ptr, hidden_siz
         routing = tl.load(weights_ptr + pair).to(tl.float32)
         act_row = act_ptr + pair.to(tl.int64) * stride_ap
         w_rows = w2_ptr + expert * stride_we + safe_rows
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for k0 in range(0, inter_size, BLOCK_K):
             kk = k0 + offs_k
-            k_mask = kk < inter_size
-            a = tl.load(act_row + kk, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+            k_mask = (kk < inter_size) | EVEN_K
+            a = tl.load(tl.broadcast_to(act_row + kk[None, :], (BLOCK_N, BLOCK_K)), mask=k_mask[None, :],
+                        other=0.0).to(tl.float32)
             w = tl.load(w_rows + kk[None, :], mask=k_mask[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(w * a, axis=1)
-        out += routing * acc
+            acc += w * a
+        out += routing * tl.sum(acc, axis=1)
     tl.store(y_ptr + token.to(tl.int64) * stride_yt + rows, out.to(y_ptr.dtype.element_ty), mask=row_mask)
 
 
@@ -116,8 +127,8 @@ def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     meta = dict(BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
     _decode_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter_size, config.gate_up_block_n))](
         x, w13, ids, act, inter_size, hidden_size, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
-        TOP_K=top_k, BLOCK_N=config.gate_up_block_n, **meta)
+        TOP_K=top_k, BLOCK_N=config.gate_up_block_n, EVEN_K=hidden_size % config.block_k == 0, **meta)
     _decode_down_kernel[(num_tokens, triton.cdiv(hidden_size, config.down_block_n))](
         act, w2, ids, weights, y, hidden_size, inter_size, act.stride(0), w2.stride(0), w2.stride(1), y.stride(0),
-        TOP_K=top_k, BLOCK_N=config.down_block_n, **meta)
+        TOP_K=top_k, BLOCK_N=config.down_block_n, EVEN_K=inter_size % config.block_k == 0, **meta)
     return y
