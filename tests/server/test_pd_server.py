@@ -66,25 +66,30 @@ def test_pd_server_output_metrics_and_roles(server, model_dir):
         expected = engine.generate(PROMPTS, {"max_new_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True})
     assert [r["output_ids"] for r in results] == [r["output_ids"] for r in expected]
 
+    # the first token of each, and the start-up warm-up's one token (it ends there: no handoff)
+    generated = {"prefill": len(PROMPTS) + 1, "decode": len(PROMPTS) * (MAX_TOKENS - 1)}
+
     def settled():
         samples = _pd_samples(server.url)
-        # each engine publishes its stats once a second, on its own: wait for both roles' counts
+        # each engine publishes its stats once a second, on its own: wait for both roles' counts,
+        # tokens included (a snapshot taken while the last request decoded has its transfers and
+        # handoffs, not yet all its tokens)
         done = all(samples.get((name, role)) == len(PROMPTS) for role in ("prefill", "decode")
                    for name in ("stagewise:pd_transfers_total", "stagewise:pd_handoffs_total"))
+        done = done and all(samples.get(("stagewise:pd_generated_tokens_total", role)) == count
+                            for role, count in generated.items())
         idle = not any(v for (name, _), v in samples.items() if name.endswith(("queue_reqs", "transfer_reqs")))
         return samples if done and idle else None
 
     samples = _wait_for(settled)
-    assert samples, f"the decode engine never reported {len(PROMPTS)} transfers: {_pd_samples(server.url)}"
+    assert samples, (f"the engines never reported {len(PROMPTS)} transfers and {generated} generated tokens: "
+                     f"{_pd_samples(server.url)}")
     for role in ("prefill", "decode"):
         assert samples[("stagewise:pd_handoffs_total", role)] == len(PROMPTS)
         assert samples[("stagewise:pd_transfer_failures_total", role)] == 0
         assert samples[("stagewise:pd_transfer_seconds_total", role)] > 0
     sent = samples[("stagewise:pd_transfer_bytes_total", "prefill")]
     assert sent == samples[("stagewise:pd_transfer_bytes_total", "decode")] > 0
-    # the first token of each, and the start-up warm-up's one token (it ends there: no handoff)
-    assert samples[("stagewise:pd_generated_tokens_total", "prefill")] == len(PROMPTS) + 1
-    assert samples[("stagewise:pd_generated_tokens_total", "decode")] == len(PROMPTS) * (MAX_TOKENS - 1)
 
     info = json.loads(_get(server.url + "/get_server_info"))
     assert info["placement"] == "pd" and (info["pd_prefill"], info["pd_decode"]) == (1, 1)
