@@ -4,7 +4,7 @@
 the cubin here. From the SASS (``cuobjdump``, shipped in the triton wheel) this module
 reads what decides a memory-bound kernel's speed before any timing exists:
 
-* registers per thread and local memory (spills), from ``cuobjdump -res-usage``;
+* registers per thread and stack/local memory (spills), from ``cuobjdump -res-usage``;
 * shared memory per program (the compiler's metadata): with 227 KiB per SM, a
   program that takes 128 KiB runs alone on its SM, one or two warps groups to hide
   all of HBM's latency;
@@ -52,7 +52,7 @@ class SassStats:
     def describe(self) -> str:
         parts = [f"regs {self.registers}", f"smem {self.shared_bytes // 1024} KiB"]
         if self.local_bytes:
-            parts.append(f"SPILLS {self.local_bytes} B local")
+            parts.append(f"SPILLS {self.local_bytes} B stack/local")
         parts += [loop.describe() for loop in self.loops]
         return "; ".join(parts)
 
@@ -71,12 +71,13 @@ def _cuobjdump(cubin: bytes, flag: str) -> str:
 
 
 def _resources(text: str) -> tuple[int, int]:
+    """(registers, bytes of per-thread stack and local memory: where spilled registers go)."""
     registers = re.search(r"REG:(\d+)", text)
-    local = re.search(r"LOCAL:(\d+)", text)
-    return int(registers.group(1)) if registers else -1, int(local.group(1)) if local else 0
+    spilled = sum(int(m) for m in re.findall(r"(?:STACK|LOCAL):(\d+)", text))
+    return int(registers.group(1)) if registers else -1, spilled
 
 
-def loops_of(sass: str, top: int = 6) -> list[Loop]:
+def loops_of(sass: str, top: int = 10) -> list[Loop]:
     """Every loop of the listing: a branch to an earlier address closes one, whose body is
     the instructions from the target to the branch. Nested loops are listed on their own."""
     rows = []   # (address, opcode)
