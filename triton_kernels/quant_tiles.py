@@ -48,7 +48,7 @@ INTERPRETER_TILE = QuantTile(32, 32, 32, 4, 1)
 # module doc says why); above 64 rows the persistent TMA kernel (8-bit K steps of 128 bytes).
 # W4A16 loads each packed word once (without, every word is loaded for each of its 8 rows:
 # 124 KiB of shared memory and ~23 instructions per weight at 16 rows, per the sm90 SASS),
-# takes GEMV_TILE at 1-4 rows and dequantises above 64 (quant_w4a16.py).
+# takes GEMV_TILE at 1-4 rows, W4A16_MID_TILE at 65-255 and dequantises from 256 (quant_w4a16.py).
 CUDA_TILES = {
     16: QuantTile(16, 64, 128, 4, 4, target_programs_per_sm=2, packed_loads=True, act_quant=False),
     64: QuantTile(64, 64, 64, 4, 3, packed_loads=True, prequant=True),
@@ -56,6 +56,8 @@ CUDA_TILES = {
 }
 # W4A16 at 1-4 tokens: the dequantised weight never leaves registers (quant_w4a16.py says why).
 GEMV_TILE = QuantTile(4, 64, 128, 4, 4, target_programs_per_sm=2, gemv=True)
+# W4A16 at 65-255 tokens (batched decode): one tall tile unpacks each weight for up to 128 rows.
+W4A16_MID_TILE = QuantTile(128, 64, 64, 8, 3, packed_loads=True)
 
 
 def tile_for(M: int, device: torch.device, gemv_ok: bool = False) -> QuantTile:

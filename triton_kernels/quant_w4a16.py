@@ -47,12 +47,14 @@ values of nibble j are the strided slice ``x[k0 + j :: 8]``. The product is
 to x's dtype: closer to the float64 result than the reference, by less than
 the tolerance a 16-bit output has anyway.
 
-Past the decode tiles (``DEQUANTIZE_MIN_ROWS`` tokens or more) the best use of
-4-bit weights is not to multiply them in 4 bits at all: ``dequantize_w4`` writes
-the 16-bit weight once (``N*K*2`` bytes: a few percent of the GEMM's time at
-prefill sizes, more at 65-255 rows, where a fused 4-bit tile would still be
-ahead) and ``gemm.linear`` runs its tuned TMA kernel on it. The dequantised
-values are the reference's (rounded once to x's dtype).
+At prefill sizes (``DEQUANTIZE_MIN_ROWS`` tokens or more) the best use of 4-bit
+weights is not to multiply them in 4 bits at all: ``dequantize_w4`` writes the
+16-bit weight once (``N*K*2`` bytes, a few percent of the GEMM's time there) and
+``gemm.linear`` runs its tuned TMA kernel on it. The dequantised values are the
+reference's (rounded once to x's dtype). Between the decode tiles and that
+(65-255 rows: batched decode) ``W4A16_MID_TILE`` unpacks each weight once for up
+to 128 rows, where writing and re-reading a 16-bit copy would move ~9x the
+4-bit weight's bytes.
 
 Roofline: the weight stream is ``N*K/2`` bytes plus ``G*N*3`` bytes of scales
 and zeros, a quarter of the bf16 weight, so a decode step (M <= 16) can run
@@ -66,14 +68,16 @@ import triton
 import triton.language as tl
 
 from triton_kernels.gemm import _grouped_tile, linear
-from triton_kernels.quant_tiles import GEMV_TILE, QuantTile, partials, reduce_partials, split_k, tile_for
+from triton_kernels.quant_tiles import (
+    GEMV_TILE, W4A16_MID_TILE, QuantTile, partials, reduce_partials, split_k, tile_for,
+)
 from triton_kernels.quant_w8a8 import _k_slice, _store_tile
 from triton_kernels.runtime import dot_precision, interpreting
 
 __all__ = ["dequantize_w4", "flops_bytes", "unpack_int4_rows", "w4a16_linear", "w4a16_linear_reference"]
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP32_TWO_POW_23 = 0x4B000000   # the bits of the fp32 2**23 (exponent 150, mantissa 0)
-DEQUANTIZE_MIN_ROWS = 65       # from here on: dequantise the weight, then the 16-bit GEMM (module doc)
+DEQUANTIZE_MIN_ROWS = 256      # from here on: dequantise the weight, then the 16-bit GEMM (module doc)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -281,6 +285,8 @@ def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
         weight = dequantize_w4(qweight, scales, zeros, g_idx, group_size)
         return linear(x, weight, bias, out_dtype=out_dtype)
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    if tile is None and M > 64 and x.is_cuda and not interpreting():
+        tile = W4A16_MID_TILE
     tile = tile or tile_for(M, x.device, gemv_ok=_gemv_serves(g_idx, group_size, GEMV_TILE.block_k))
     if tile.gemv and not _gemv_serves(g_idx, group_size, tile.block_k):
         raise ValueError(f"the GEMV tile needs consecutive groups (no g_idx) of a multiple of its K "

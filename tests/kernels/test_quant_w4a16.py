@@ -98,14 +98,17 @@ def test_w4a16_with_k_split(device, act_order, packed_loads):
                  "w4a16 split-K vs reference")
 
 
-@pytest.mark.parametrize("rows", [rows for rows in CUDA_TILES if rows is not None and rows < w4.DEQUANTIZE_MIN_ROWS])
+W4A16_CUDA_TILES = {16: CUDA_TILES[16], 64: CUDA_TILES[64], "mid": quant_tiles.W4A16_MID_TILE}
+
+
+@pytest.mark.parametrize("rows", list(W4A16_CUDA_TILES))
 @pytest.mark.parametrize("packed_loads", [False, True])
 def test_the_cuda_tiles(device, rows, packed_loads):
-    """Each tile of quant_tiles.CUDA_TILES that W4A16 multiplies with (larger batches
-    dequantise), with and without packed loads, on any device: so the sm90 compile check
-    (perf/compile_check.py) also compiles the block sizes, warps and stages the GPU
-    launches, not only the interpreter's tile."""
-    tile = dataclasses.replace(CUDA_TILES[rows], packed_loads=packed_loads)
+    """Each tensor-core tile W4A16 launches on CUDA (up to 16 and 64 rows, then 65-255;
+    larger batches dequantise), with and without packed loads, on any device: so the sm90
+    compile check (perf/compile_check.py) also compiles the block sizes, warps and stages
+    the GPU launches, not only the interpreter's tile."""
+    tile = dataclasses.replace(W4A16_CUDA_TILES[rows], packed_loads=packed_loads)
     M, N, K, group = 5, 72, 256, 128
     x, qw, s, z, g_idx, bias, _ = _inputs(M, N, K, group, torch.float16, False, device)
     y = w4.w4a16_linear(x, qw, s, z, g_idx, group, bias, tile=tile)
