@@ -57,7 +57,7 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.gemm import _grouped_tile
+from triton_kernels.gemm import _grouped_tile, _operand_descriptors
 from triton_kernels.quant_tiles import QuantTile, partials, reduce_partials, split_k, tile_for
 from triton_kernels.runtime import dot_precision, ensure_tma_allocator, interpreting, num_sms
 
@@ -303,10 +303,7 @@ def _w8a8_tma_kernel(
     Channel scales: the sums chain through every K step and the scales multiply them once.
     Block scales (BLOCK_K = the scale block): each K step's fp32 products are scaled and
     added, the DeepSeek-V3 recipe."""
-    x_desc = tl.make_tensor_descriptor(xq_ptr, shape=[M, K], strides=[stride_xm, 1],
-                                       block_shape=[BLOCK_M, BLOCK_K])
-    w_desc = tl.make_tensor_descriptor(w_ptr, shape=[N, K], strides=[stride_wn, 1],
-                                       block_shape=[BLOCK_N, BLOCK_K])
+    x_desc, w_desc = _operand_descriptors(xq_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
