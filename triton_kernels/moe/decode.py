@@ -20,7 +20,12 @@ Each thread keeps an fp32 sum per weight position of its tile (``acc[n, k] +=
 w[n, k] * x[k]``) and the rows are summed across threads once, after the K
 loop: a sum per K step would put a cross-warp reduction (shuffles, shared
 memory, barriers: 8 ``BAR.SYNC`` per step in the sm90 SASS) between each
-step's loads and the next.
+step's loads and the next. The K loops are ``tl.range(..., num_stages=...)``:
+Triton's pipeliner then keeps that many K steps of weights in flight through
+``cp.async`` (with a plain ``range`` and the launch's ``num_stages`` the sm90
+SASS has plain loads, one step in flight: the loads feed no ``tl.dot``). At
+batch 1 the down kernel has one program per SM or fewer, so the loads in
+flight per SM are what sets its speed.
 
 Only the routed experts' rows are read, ``3 * I * H`` weights per pair (pairs
 of different tokens may read one expert twice; at T <= 4 that is rare and L2
@@ -58,7 +63,7 @@ CUDA_CONFIG = DecodeMoeConfig(16, 16, 256, 4, 3)
 def _decode_gate_up_kernel(x_ptr, w13_ptr, ids_ptr, act_ptr, inter_size, hidden_size,
                            stride_xt, stride_we, stride_wn, stride_ap,
                            TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           EVEN_K: tl.constexpr = False):
+                           EVEN_K: tl.constexpr = False, NUM_STAGES: tl.constexpr = 1):
     pair = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < inter_size
@@ -69,7 +74,7 @@ def _decode_gate_up_kernel(x_ptr, w13_ptr, ids_ptr, act_ptr, inter_size, hidden_
     acc_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)    # per-weight sums (module doc)
     acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     offs_k = tl.arange(0, BLOCK_K)
-    for k0 in range(0, hidden_size, BLOCK_K):
+    for k0 in tl.range(0, hidden_size, BLOCK_K, num_stages=NUM_STAGES):   # pipelined loads (module doc)
         kk = k0 + offs_k
         k_mask = (kk < hidden_size) | EVEN_K         # EVEN_K: BLOCK_K divides K, no masked lanes
         x = tl.load(tl.broadcast_to(x_row + kk[None, :], (BLOCK_N, BLOCK_K)), mask=k_mask[None, :],
@@ -87,7 +92,7 @@ def _decode_gate_up_kernel(x_ptr, w13_ptr, ids_ptr, act_ptr, inter_size, hidden_
 def _decode_down_kernel(act_ptr, w2_ptr, ids_ptr, weights_ptr, y_ptr, hidden_size, inter_size,
                         stride_ap, stride_we, stride_wn, stride_yt,
                         TOP_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                        EVEN_K: tl.constexpr = False):
+                        EVEN_K: tl.constexpr = False, NUM_STAGES: tl.constexpr = 1):
     token = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < hidden_size
@@ -101,7 +106,7 @@ def _decode_down_kernel(act_ptr, w2_ptr, ids_ptr, weights_ptr, y_ptr, hidden_siz
         act_row = act_ptr + pair.to(tl.int64) * stride_ap
         w_rows = w2_ptr + expert * stride_we + safe_rows
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, inter_size, BLOCK_K):
+        for k0 in tl.range(0, inter_size, BLOCK_K, num_stages=NUM_STAGES):
             kk = k0 + offs_k
             k_mask = (kk < inter_size) | EVEN_K
             a = tl.load(tl.broadcast_to(act_row + kk[None, :], (BLOCK_N, BLOCK_K)), mask=k_mask[None, :],
@@ -124,7 +129,7 @@ def fused_moe_decode(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, topk_
     weights = topk_weights.reshape(-1)
     act = torch.empty((num_tokens * top_k, inter_size), dtype=x.dtype, device=x.device)
     y = torch.empty_like(x)
-    meta = dict(BLOCK_K=config.block_k, num_warps=config.num_warps, num_stages=config.num_stages)
+    meta = dict(BLOCK_K=config.block_k, NUM_STAGES=config.num_stages, num_warps=config.num_warps)
     _decode_gate_up_kernel[(num_tokens * top_k, triton.cdiv(inter_size, config.gate_up_block_n))](
         x, w13, ids, act, inter_size, hidden_size, x.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
         TOP_K=top_k, BLOCK_N=config.gate_up_block_n, EVEN_K=hidden_size % config.block_k == 0, **meta)
