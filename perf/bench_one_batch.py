@@ -30,6 +30,7 @@ import os
 import re
 import shutil
 import sys
+import traceback
 import tempfile
 import time
 from pathlib import Path
@@ -324,10 +325,17 @@ def main(argv: list[str] | None = None) -> int:
     variants = ns.variants.split(",")
     for model_path, variant in [(m, v) for m in ns.models.split(",") for v in variants]:
         print(f"== {Path(model_path).name} {variant} (dummy weights)", flush=True)
-        directory, overrides = variant_model(model_path, variant)
-        result = bench_model(directory, [int(x) for x in ns.batch_sizes.split(",")],
-                             [int(x) for x in ns.input_lens.split(",")], ns.decode_steps, ns.max_prefill_tokens,
-                             **overrides)
+        try:
+            directory, overrides = variant_model(model_path, variant)
+            result = bench_model(directory, [int(x) for x in ns.batch_sizes.split(",")],
+                                 [int(x) for x in ns.input_lens.split(",")], ns.decode_steps,
+                                 ns.max_prefill_tokens, **overrides)
+        except Exception as exc:  # one variant failing must not lose the others' figures
+            traceback.print_exc()
+            results.append(dict(model=Path(model_path).name, variant=variant,
+                                error=f"{type(exc).__name__}: {str(exc)[:300]}"))
+            torch.cuda.empty_cache()
+            continue
         result.update(model=Path(model_path).name, variant=variant)
         all_weights_ms = result["weight_bytes"] / (copy_gbps * 1e9) * 1e3
         batch1 = [c for c in result["cases"] if c["batch"] == 1]
