@@ -30,9 +30,9 @@ import os
 import re
 import shutil
 import sys
-import traceback
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import msgspec
