@@ -257,12 +257,17 @@ def _gemv_serves(g_idx: torch.Tensor | None, group_size: int, block_k: int) -> b
     return g_idx is None and group_size % block_k == 0
 
 
+DEQUANTIZE_BLOCKS_CUDA = (64, 64)   # (columns, input rows) per program
+
+
 def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                  g_idx: torch.Tensor | None, group_size: int) -> torch.Tensor:
-    """The dense weight [N, K] in the scales' dtype (``dequantize``, rounded once, transposed)."""
+                  g_idx: torch.Tensor | None, group_size: int,
+                  blocks: tuple[int, int] | None = None) -> torch.Tensor:
+    """The dense weight [N, K] in the scales' dtype (``dequantize``, rounded once, transposed).
+    ``blocks``: (columns, input rows) per program (default: DEQUANTIZE_BLOCKS_CUDA on CUDA)."""
     K, N = 8 * qweight.shape[0], qweight.shape[1]
     w = torch.empty((N, K), dtype=scales.dtype, device=qweight.device)
-    block_n, block_k = (64, 64) if qweight.is_cuda and not interpreting() else (32, 32)
+    block_n, block_k = blocks or (DEQUANTIZE_BLOCKS_CUDA if qweight.is_cuda and not interpreting() else (32, 32))
     _dequantize_kernel[(triton.cdiv(K, block_k), triton.cdiv(N, block_n))](
         qweight, scales, zeros, g_idx if g_idx is not None else qweight, w, N, K,
         qweight.stride(0), qweight.stride(1), scales.stride(0), scales.stride(1),

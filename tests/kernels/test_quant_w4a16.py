@@ -159,12 +159,14 @@ def test_tile_for_takes_the_gemv_tile_only_where_it_serves(monkeypatch):
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("shape", [(40, 264, 32), (72, 384, 128)])
-def test_dequantize_kernel(device, shape, act_order):
+@pytest.mark.parametrize("blocks", [None, w4.DEQUANTIZE_BLOCKS_CUDA], ids=["default", "cuda-blocks"])
+def test_dequantize_kernel(device, shape, act_order, blocks):
     """The prefill path's first half (dense [N, K] weight, rounded once to the scales' dtype)
-    against the reference dequantisation; its second half is gemm.linear."""
+    against the reference dequantisation, with the device's blocks and the CUDA ones; its
+    second half is gemm.linear."""
     N, K, group = shape
     _, qw, s, z, g_idx, _, _ = _inputs(1, N, K, group, torch.float16, act_order, device)
-    w = w4.dequantize_w4(qw, s, z, g_idx, group)
+    w = w4.dequantize_w4(qw, s, z, g_idx, group, blocks=blocks)
     assert w.shape == (N, K) and w.dtype == torch.float16
     expected = w4.dequantize(qw, s, z, g_idx, group).to(torch.float16).t()
     assert torch.equal(w.cpu(), expected.cpu())
