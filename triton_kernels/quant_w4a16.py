@@ -276,23 +276,32 @@ def dequantize_w4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
     return w
 
 
+def _default_tile(M: int, device: torch.device, g_idx: torch.Tensor | None, group_size: int) -> QuantTile | None:
+    """The launch for M rows (module doc): the GEMV tile at 1-4 where groups allow, the
+    decode table's tiles up to 64, W4A16_MID_TILE up to DEQUANTIZE_MIN_ROWS, then None:
+    dequantise and run the 16-bit GEMM. Off CUDA, the interpreter's tile."""
+    if device.type == "cuda" and not interpreting():
+        if M >= DEQUANTIZE_MIN_ROWS:
+            return None
+        if M > 64:
+            return W4A16_MID_TILE
+    return tile_for(M, device, gemv_ok=_gemv_serves(g_idx, group_size, GEMV_TILE.block_k))
+
+
 def w4a16_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  g_idx: torch.Tensor | None, group_size: int, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype | None = None, tile: QuantTile | None = None) -> torch.Tensor:
     """y[*, N] = x[*, K] @ dequant(qweight, scales, zeros, g_idx)[K, N] (+ bias).
-    ``tile``: the launch shape (default: quant_tiles' table for M; the GEMV tile at 1-4
-    rows where it serves the layer)."""
+    ``tile``: the launch shape (default: ``_default_tile``)."""
     _check(x, qweight, scales, zeros, g_idx, group_size, bias)
     x2d = x.reshape(-1, x.shape[-1])
     M, K = x2d.shape
     N = qweight.shape[1]
-    if tile is None and M >= DEQUANTIZE_MIN_ROWS and x.is_cuda and not interpreting():
+    tile = tile or _default_tile(M, x.device, g_idx, group_size)
+    if tile is None:
         weight = dequantize_w4(qweight, scales, zeros, g_idx, group_size)
         return linear(x, weight, bias, out_dtype=out_dtype)
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    if tile is None and M > 64 and x.is_cuda and not interpreting():
-        tile = W4A16_MID_TILE
-    tile = tile or tile_for(M, x.device, gemv_ok=_gemv_serves(g_idx, group_size, GEMV_TILE.block_k))
     if tile.gemv and not _gemv_serves(g_idx, group_size, tile.block_k):
         raise ValueError(f"the GEMV tile needs consecutive groups (no g_idx) of a multiple of its K "
                          f"step ({tile.block_k} rows); got group_size {group_size}, "

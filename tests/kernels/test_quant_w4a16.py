@@ -170,3 +170,19 @@ def test_dequantize_kernel(device, shape, act_order, blocks):
     assert w.shape == (N, K) and w.dtype == torch.float16
     expected = w4.dequantize(qw, s, z, g_idx, group).to(torch.float16).t()
     assert torch.equal(w.cpu(), expected.cpu())
+
+
+def test_default_tile_by_batch_rows(monkeypatch):
+    """The CUDA launch plan: GEMV at 1-4 rows (not with act-order g_idx), the packed tensor-core
+    tiles to 64, the tall tile to 255, dequantise-then-GEMM (None) from DEQUANTIZE_MIN_ROWS."""
+    monkeypatch.setattr(w4, "interpreting", lambda: False)
+    monkeypatch.setattr(quant_tiles, "interpreting", lambda: False)
+    cuda = torch.device("cuda")
+    assert w4._default_tile(1, cuda, None, 128) is GEMV_TILE
+    assert w4._default_tile(4, cuda, None, 128) is GEMV_TILE
+    assert not w4._default_tile(1, cuda, torch.zeros(8, dtype=torch.int32), 128).gemv
+    assert w4._default_tile(5, cuda, None, 128) is CUDA_TILES[16] and CUDA_TILES[16].packed_loads
+    assert w4._default_tile(64, cuda, None, 128) is CUDA_TILES[64] and CUDA_TILES[64].packed_loads
+    assert w4._default_tile(65, cuda, None, 128) is quant_tiles.W4A16_MID_TILE
+    assert w4._default_tile(w4.DEQUANTIZE_MIN_ROWS - 1, cuda, None, 128) is quant_tiles.W4A16_MID_TILE
+    assert w4._default_tile(w4.DEQUANTIZE_MIN_ROWS, cuda, None, 128) is None
