@@ -21,11 +21,12 @@ g_idx       [K] int32 or None      group of each input row (GPTQ act-order);
 ==========  =====================  ===========================================
 
 The kernel is the blocked matmul of ``gemm.py`` with the weight tile made on
-the fly: each K step loads ``qweight[k0/8 : k0/8 + BLOCK_K/8, n-tile]`` (each
-int32 once per 8 rows, served from cache), shifts out the nibbles, subtracts
-the zero points and multiplies by the scales in fp32, rounds once to x's
-dtype and feeds ``tl.dot``. Products accumulate in fp32; one rounding at the
-store, as in ``linear``.
+the fly: each K step loads ``qweight[k0/8 : k0/8 + BLOCK_K/8, n-tile]``
+(``QuantTile.packed_loads``, the CUDA tiles: each int32 once, its 8 nibbles
+spread over 8 rows in registers; without, row k loads word k // 8 again),
+shifts out the nibbles, subtracts the zero points and multiplies by the
+scales in fp32, rounds once to x's dtype and feeds ``tl.dot``. Products
+accumulate in fp32; one rounding at the store, as in ``linear``.
 
 At 1-4 tokens (``QuantTile.gemv``, the decode tile) a second kernel skips the
 tensor cores. There the step is a stream of 4-bit weights, and what limits it is
@@ -35,10 +36,13 @@ and the unpacking itself (shift, mask, convert, subtract, scale) is several
 instructions per weight on 128 lanes per SM. The GEMV kernel keeps each packed
 word in the register that loaded it and makes the 8 weights of a word with
 
-    nibble j of word w:  ((w >> 4j) & 15) | 0x4B000000   (as fp32: 2**23 + q, exact)
+    nibble j of word w, left in place:  (w & (15 << 4j)) | 0x4B000000
+                                        (as fp32: 2**23 + q * 16**j, exact)
 
-then one subtraction of ``2**23 + z`` gives ``q - z`` exactly, and one FMA adds
-``x[k] * (q - z)`` to a per-weight fp32 accumulator. The scale is constant
+(the top three nibbles are shifted down 12 bits first, to stay inside the
+mantissa); one subtraction of ``2**23 + z * 16**j`` gives ``(q - z) * 16**j``
+exactly, and one FMA adds ``x[k] * 16**-j * (q - z) * 16**j`` to a per-weight
+fp32 accumulator (x scaled by the power of two, exact). The scale is constant
 over a group, so it multiplies the accumulator once per K step (``BLOCK_K``
 divides the group), not once per weight, and the rows are summed once at the
 end. Word row ``r`` of a K step holds input rows ``k0 + 8r + j``, so the x
