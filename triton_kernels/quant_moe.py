@@ -61,7 +61,7 @@ import triton.language as tl
 
 from triton_kernels.moe.gemm import DECODE_TIER_PAIRS, _check_moe, _moe_sum_kernel, _pick_config
 from triton_kernels.moe.routing import moe_align_block_size
-from triton_kernels.quant_w4a16 import w4a16_linear_reference
+from triton_kernels.quant_w4a16 import load_nibbles, w4a16_linear_reference
 from triton_kernels.quant_w8a8 import (
     FP8_MAX,
     INT8_MAX,
@@ -172,9 +172,8 @@ def _tile_w4a16(a_rows, K, qw_ptr, s_ptr, z_ptr, g_ptr, cols, stride_qn, stride_
         kk = k0 + offs_k
         mask_k = kk < K
         a = tl.load(a_rows + kk[None, :], mask=mask_k[None, :], other=0.0)
-        packed = tl.load(qw_ptr + (kk // 8)[:, None] * stride_qk + cols64[None, :] * stride_qn,
-                         mask=mask_k[:, None], other=0)                      # [BLOCK_K, BLOCK_N]
-        q = (packed >> ((kk % 8) * 4)[:, None]) & 0xF
+        in_range = cols64 >= 0                # every column: the callers clamp them (cols past N read column 0)
+        q = load_nibbles(qw_ptr, k0, K, cols64, in_range, stride_qk, stride_qn, BLOCK_K, BLOCK_N)
         if ROW_OF_SCALES:                     # the whole K step sits in one group
             g = k0 // GROUP_SIZE
             s = tl.load(s_ptr + g * stride_sg + cols64 * stride_sn)[None, :]

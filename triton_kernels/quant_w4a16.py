@@ -78,10 +78,23 @@ from triton_kernels.quant_tiles import (
 from triton_kernels.quant_w8a8 import _k_slice, _store_tile
 from triton_kernels.runtime import dot_precision, interpreting
 
-__all__ = ["dequantize_w4", "flops_bytes", "unpack_int4_rows", "w4a16_linear", "w4a16_linear_reference"]
+__all__ = ["dequantize_w4", "flops_bytes", "load_nibbles", "unpack_int4_rows", "w4a16_linear",
+           "w4a16_linear_reference"]
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 FP32_TWO_POW_23 = 0x4B000000   # the bits of the fp32 2**23 (exponent 150, mantissa 0)
 DEQUANTIZE_MIN_ROWS = 256      # from here on: dequantise the weight, then the 16-bit GEMM (module doc)
+
+
+@triton.jit
+def load_nibbles(qw_ptr, k0, K, cols, col_mask, stride_qk, stride_qn,
+                 BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """q[k0 : k0 + BLOCK_K, cols] as int32 in [0, 15], rows past K zero: each packed word is
+    loaded once and its 8 nibbles spread over 8 rows in registers (a reshape)."""
+    words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    packed = tl.load(qw_ptr + words[:, None] * stride_qk + cols[None, :] * stride_qn,
+                     mask=(words < K // 8)[:, None] & col_mask[None, :], other=0)   # [BLOCK_K/8, BLOCK_N]
+    nibbles = (packed[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF    # [BLOCK_K/8, 8, BLOCK_N]
+    return tl.reshape(nibbles, (BLOCK_K, BLOCK_N))
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -109,12 +122,8 @@ def _w4a16_kernel(
         x = tl.load(x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + kk[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         mask_kn = mask_k[:, None] & mask_n[None, :]
-        if PACKED_LOADS:   # each int32 loaded once, its 8 nibbles spread over 8 rows in registers
-            words = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            packed = tl.load(qw_ptr + words[:, None] * stride_qk + offs_n[None, :] * stride_qn,
-                             mask=(words < K // 8)[:, None] & mask_n[None, :], other=0)   # [BLOCK_K/8, BLOCK_N]
-            nibbles = (packed[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF  # [BLOCK_K/8, 8, BLOCK_N]
-            q = tl.reshape(nibbles, (BLOCK_K, BLOCK_N))
+        if PACKED_LOADS:
+            q = load_nibbles(qw_ptr, k0, K, offs_n, mask_n, stride_qk, stride_qn, BLOCK_K, BLOCK_N)
         else:              # row k reads word k // 8 (8 loads of one word, served from L1)
             packed = tl.load(qw_ptr + (kk // 8)[:, None] * stride_qk + offs_n[None, :] * stride_qn,
                              mask=mask_kn, other=0)     # [BLOCK_K, BLOCK_N] int32
