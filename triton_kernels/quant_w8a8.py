@@ -34,18 +34,22 @@ serial walk over all of K before the first product, in every program. So at
 decode the weight tile is converted to x's dtype in registers, the products
 run on the 16-bit tensor cores and only the weight scales multiply the sum
 (``y = (x @ Wq^T) * ws``, block: per K group). The weight bytes are the same;
-x is not rounded to 8 bits, so the result is closer to the bf16 layer's. With
-``QuantTile.gemv`` (1-4 tokens) the products leave the tensor cores too: ``_w8a8_gemv_kernel`` converts each weight to fp32 where it
-was loaded and adds ``w * x`` to a per-weight sum, so the dequantised tile
-never takes the round trip through shared memory that ``tl.dot``'s operand
-layout costs (quant_w4a16.py's GEMV kernel, same reasoning). It is taken when
-a launch passes the tile; the default stays the tensor-core tile.
+x is not rounded to 8 bits, so the result is closer to the bf16 layer's.
+With ``QuantTile.gemv`` (1-4 tokens) the products leave the tensor cores too:
+``_w8a8_gemv_kernel`` converts each weight to fp32 where it was loaded and
+adds ``w * x`` to a per-weight sum, so the dequantised tile never takes the
+round trip through shared memory that ``tl.dot``'s operand layout costs
+(quant_w4a16.py's GEMV kernel, same reasoning). It is taken when a launch
+passes the tile; the default stays the tensor-core tile.
 
 Prefill quantises x once (``prequant``, the prefill tiles): fused, every
 output-column tile would requantise the same x tiles (N / block_n times) and
 the channel kernel would walk K for the row maxima in every program. There
 ``quantize_rows`` writes the 8-bit x and its scales first (one program per row
 and K group), and the GEMM loads 8-bit x tiles; same values, same result.
+Above 64 rows (``QuantTile.tma``) that GEMM is ``_w8a8_tma_kernel``, gemm.py's
+persistent TMA kernel with 8-bit operands; where the strides don't suit TMA
+descriptors, the pointer kernels above.
 
 Roofline: the weight stream is ``N*K`` bytes, half of bf16's, so batch-1
 decode can approach 2x; prefill runs at the 8-bit tensor-core rate (2x bf16
@@ -303,7 +307,8 @@ def _w8a8_tma_kernel(
     Channel scales: the sums chain through every K step and the scales multiply them once.
     Block scales (BLOCK_K = the scale block): each K step's fp32 products are scaled and
     added, the DeepSeek-V3 recipe."""
-    x_desc, w_desc = _operand_descriptors(xq_ptr, w_ptr, M, N, K, stride_xm, stride_wn, BLOCK_M, BLOCK_N, BLOCK_K)
+    x_desc, w_desc = _operand_descriptors(xq_ptr, w_ptr, M, N, K, stride_xm, stride_wn,
+                                          BLOCK_M, BLOCK_N, BLOCK_K)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
@@ -419,8 +424,8 @@ def _launch_gemv(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
 def _tma_ok(tile: QuantTile, *tensors: torch.Tensor) -> bool:
     """The tile asks for the TMA kernel and the tensors suit descriptors (16-byte aligned
     bases and row strides, unit last stride)."""
-    return tile.tma and all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
-                            for t in tensors)
+    return tile.tma and all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0
+                            and (t.stride(0) * t.element_size()) % 16 == 0 for t in tensors)
 
 
 def _launch_tma(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
