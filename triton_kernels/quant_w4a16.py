@@ -201,7 +201,7 @@ def _w4a16_gemv_kernel(
             power = 16.0 ** (j - 3 * (j // 5))                              # 16**p, a constant
             w = _nibbles_as_float(packed, j, exponent_bits) - (zero * power + 8388608.0)[None, :]
             x = tl.load(x_row + (k0 + 8 * offs_w + j) * stride_xk, mask=mask_w, other=0.0).to(tl.float32)
-            step += (x * (1.0 / power))[:, None] * w                         # x (q - z), exact product
+            step += (x * (1.0 / power))[:, None] * w                         # += x (q - z)
         acc += step * scale[None, :]
         packed = next_packed
     out = tl.sum(acc, axis=0)[None, :]                                                # [1, BLOCK_N]
