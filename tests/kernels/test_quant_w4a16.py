@@ -116,7 +116,6 @@ def test_the_cuda_tiles(device, rows, packed_loads):
                  f"w4a16 with the {rows}-row CUDA tile vs reference")
 
 
-
 GEMV_TILES_CPU = {"gemv": QuantTile(4, 32, 32, 4, 1, gemv=True),
                   "gemv-split": QuantTile(4, 32, 32, 4, 1, target_programs_per_sm=8, gemv=True),
                   "gemv-cuda": GEMV_TILE}
@@ -125,8 +124,9 @@ GEMV_TILES_CPU = {"gemv": QuantTile(4, 32, 32, 4, 1, gemv=True),
 @pytest.mark.parametrize("name", list(GEMV_TILES_CPU))
 @pytest.mark.parametrize("M", [1, 3, 6])
 def test_w4a16_gemv_kernel(device, name, M):
-    """The CUDA-core kernel of the 1-4 token tile (6 rows: two row blocks), against float64 and
-    the reference; K not a multiple of the K step, N not one of the column block."""
+    """The CUDA-core kernel of the 1-4 token tile (one program per row, so 6 rows work too),
+    against float64 and the reference; K not a multiple of the K step, N not one of the
+    column block."""
     tile = GEMV_TILES_CPU[name]
     N, K, group = (40, 264, 32) if tile.block_k == 32 else (72, 384, 128)
     x, qw, s, z, _, bias, q = _inputs(M, N, K, group, torch.bfloat16, False, device)
