@@ -54,6 +54,10 @@ CUDA_TILES = {
     64: QuantTile(64, 64, 64, 4, 3, packed_loads=True, prequant=True),
     None: QuantTile(128, 128, 128, 8, 4, prequant=True, tma=True),
 }
+# Block-scaled FP8 above 64 rows: the TMA kernel keeps two fp32 tiles (each K step's products
+# and the sum), so half the columns of CUDA_TILES[None] (sm90 SASS: 128 x 128 took 241
+# registers and spilled with a bias; 128 x 64 takes 133).
+FP8_BLOCK_TMA_TILE = QuantTile(128, 64, 128, 8, 4, prequant=True, tma=True)
 # W4A16 at 1-4 tokens: the dequantised weight never leaves registers (quant_w4a16.py says why).
 GEMV_TILE = QuantTile(4, 64, 128, 4, 4, target_programs_per_sm=2, gemv=True)
 # W4A16 at 65-255 tokens (batched decode): one tall tile unpacks each weight for up to 128 rows.

@@ -62,7 +62,9 @@ import triton
 import triton.language as tl
 
 from triton_kernels.gemm import _grouped_tile, _operand_descriptors
-from triton_kernels.quant_tiles import QuantTile, partials, reduce_partials, split_k, tile_for
+from triton_kernels.quant_tiles import (
+    CUDA_TILES, FP8_BLOCK_TMA_TILE, QuantTile, partials, reduce_partials, split_k, tile_for,
+)
 from triton_kernels.runtime import dot_precision, ensure_tma_allocator, interpreting, num_sms
 
 __all__ = ["FP8_MAX", "INT8_MAX", "flops_bytes", "fp8_block_linear", "fp8_block_linear_reference",
@@ -510,6 +512,8 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     M, K = x2d.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
+    if tile is None and tile_for(M, x.device) is CUDA_TILES[None]:
+        tile = FP8_BLOCK_TMA_TILE                 # the prefill tile, for two accumulators
     tile = _pick_tile(tile, M, x.device, act_quant)
     if tile.gemv:
         _launch_gemv(x2d, weight, weight_scale, bias, y, tile, block_size[1], block_size[0])

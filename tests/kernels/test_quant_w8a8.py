@@ -10,7 +10,7 @@ import torch
 
 from tests.kernels.util import ON_GPU, assert_close, rel_err
 from triton_kernels import quant_w8a8 as q8
-from triton_kernels.quant_tiles import CUDA_TILES, GEMV_TILE, QuantTile, split_k
+from triton_kernels.quant_tiles import CUDA_TILES, FP8_BLOCK_TMA_TILE, GEMV_TILE, QuantTile, split_k
 
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if ON_GPU else [])
 SHAPES_CPU = [(1, 40, 72), (5, 33, 160), (37, 97, 96)]                     # (M, N, K)
@@ -219,7 +219,7 @@ def test_gemv_tile_refuses_activation_quantisation(device):
 
 
 TMA_TILES = {"tma": QuantTile(32, 32, 32, 4, 1, prequant=True, tma=True),
-             "tma-cuda": CUDA_TILES[None]}
+             "tma-cuda": CUDA_TILES[None], "tma-cuda-block": FP8_BLOCK_TMA_TILE}
 
 
 @pytest.mark.parametrize("name", list(TMA_TILES))
