@@ -74,7 +74,7 @@ for section in "$@"; do
     quant-gemv)  # the batch-1 figures with the GEMV decode kernels, the tile candidates, their GPU tests
         step one-batch-quant "${ONE_BATCH_S:-150}" python3 perf/bench_one_batch.py --models Llama-3.1-8B-Instruct \
             --variants bf16,fp8,fp8-block+kv-fp8,awq --batch-sizes 1 --input-lens 256 --decode-steps 16
-        step bench-quant 170 python3 perf/bench_kernels.py --only quant,kv_fp8 --quick --rounds 1
+        step bench-quant 170 python3 perf/bench_kernels.py --only kv_fp8,quant --quick --rounds 1
         for t in quant_w8a8 quant_w4a16 quant_kv_fp8; do
             timeout 150 python3 -m pytest -q -p no:cacheprovider --tb=short -rf tests/kernels/test_$t.py \
                 > "$out/test-$t.txt" 2>&1 &
