@@ -582,7 +582,6 @@ DECODE_TILE_CANDIDATES = _decode_tile_candidates()
 
 def _w4a16_mid_candidates() -> list:
     from triton_kernels.quant_tiles import CUDA_TILES
-    import dataclasses
     tile = CUDA_TILES[16]
     return [dataclasses.replace(tile, packed_loads=False), dataclasses.replace(tile, packed_loads=True),
             dataclasses.replace(tile, packed_loads=True, num_stages=2)]

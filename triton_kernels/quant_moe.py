@@ -166,14 +166,14 @@ def _tile_w4a16(a_rows, K, qw_ptr, s_ptr, z_ptr, g_ptr, cols, stride_qn, stride_
     """4-bit weight dequantised per K step: w[k, n] = (q - z[g(k), n]) * s[g(k), n]."""
     offs_k = tl.arange(0, BLOCK_K)
     cols64 = cols.to(tl.int64)
+    all_cols = cols64 >= 0                    # every column: the callers clamp them (past N: column 0)
     ROW_OF_SCALES: tl.constexpr = (not HAS_G_IDX) and (GROUP_SIZE % BLOCK_K == 0)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < K
         a = tl.load(a_rows + kk[None, :], mask=mask_k[None, :], other=0.0)
-        in_range = cols64 >= 0                # every column: the callers clamp them (cols past N read column 0)
-        q = load_nibbles(qw_ptr, k0, K, cols64, in_range, stride_qk, stride_qn, BLOCK_K, BLOCK_N)
+        q = load_nibbles(qw_ptr, k0, K, cols64, all_cols, stride_qk, stride_qn, BLOCK_K, BLOCK_N)
         if ROW_OF_SCALES:                     # the whole K step sits in one group
             g = k0 // GROUP_SIZE
             s = tl.load(s_ptr + g * stride_sg + cols64 * stride_sn)[None, :]

@@ -64,9 +64,10 @@ GEMV_TILE = QuantTile(4, 64, 128, 4, 4, target_programs_per_sm=2, gemv=True)
 W4A16_MID_TILE = QuantTile(128, 64, 64, 8, 3, packed_loads=True)
 
 
-def tile_for(M: int, device: torch.device, gemv_ok: bool = False) -> QuantTile:
+def tile_for(M: int, device: torch.device, gemv_ok: bool = False, block_scales: bool = False) -> QuantTile:
     """The table's tile for M rows on ``device`` (the interpreter's small one off CUDA);
-    ``gemv_ok``: the caller has a CUDA-core kernel (``GEMV_TILE``) for up to 4 rows."""
+    ``gemv_ok``: the caller has a CUDA-core kernel (``GEMV_TILE``) for up to 4 rows;
+    ``block_scales``: block-scaled FP8, whose prefill tile is ``FP8_BLOCK_TMA_TILE``."""
     if interpreting() or device.type != "cuda":
         return INTERPRETER_TILE
     if gemv_ok and M <= GEMV_TILE.block_m:
@@ -74,7 +75,7 @@ def tile_for(M: int, device: torch.device, gemv_ok: bool = False) -> QuantTile:
     for rows, tile in CUDA_TILES.items():
         if rows is not None and M <= rows:
             return tile
-    return CUDA_TILES[None]
+    return FP8_BLOCK_TMA_TILE if block_scales else CUDA_TILES[None]
 
 
 def split_k(tile: QuantTile, M: int, N: int, K: int, block_k: int, device: torch.device) -> int:

@@ -62,9 +62,7 @@ import triton
 import triton.language as tl
 
 from triton_kernels.gemm import _grouped_tile, _operand_descriptors
-from triton_kernels.quant_tiles import (
-    CUDA_TILES, FP8_BLOCK_TMA_TILE, QuantTile, partials, reduce_partials, split_k, tile_for,
-)
+from triton_kernels.quant_tiles import QuantTile, partials, reduce_partials, split_k, tile_for
 from triton_kernels.runtime import dot_precision, ensure_tma_allocator, interpreting, num_sms
 
 __all__ = ["FP8_MAX", "INT8_MAX", "flops_bytes", "fp8_block_linear", "fp8_block_linear_reference",
@@ -404,6 +402,12 @@ def _modes(tile: QuantTile, act_quant: bool | None, prequant: bool | None) -> tu
     return act_quant, act_quant and (tile.prequant if prequant is None else prequant)
 
 
+def _scale_strides(weight_scale: torch.Tensor, block_size_n: int) -> tuple[int, int]:
+    """(per weight row, per K block) strides of the weight scales: block scales [rows, K blocks],
+    or channel scales [N] (no K axis)."""
+    return tuple(weight_scale.stride()) if block_size_n else (weight_scale.stride(0), 0)
+
+
 def _launch_gemv(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
                  bias: torch.Tensor | None, y: torch.Tensor, tile: QuantTile, block_k: int,
                  block_size_n: int = 0) -> None:
@@ -412,13 +416,12 @@ def _launch_gemv(x2d: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Te
     N = weight.shape[0]
     split = split_k(tile, M, N, K, block_k, x2d.device)
     part = partials(split, M, N, y)
-    scale_strides = tuple(weight_scale.stride()) if block_size_n else (weight_scale.stride(0), 0)
     _w8a8_gemv_kernel[(M * triton.cdiv(N, tile.block_n), split)](
         x2d, weight, weight_scale, bias if bias is not None else y, y, part, M, N, K,
-        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1), *scale_strides,
-        y.stride(0), y.stride(1), BLOCK_SCALES=block_size_n > 0, BLOCK_SIZE_N=max(block_size_n, 1),
-        HAS_BIAS=bias is not None, SPLIT_K=split, BLOCK_N=tile.block_n, BLOCK_K=block_k,
-        num_warps=tile.num_warps, num_stages=tile.num_stages)
+        x2d.stride(0), x2d.stride(1), weight.stride(0), weight.stride(1),
+        *_scale_strides(weight_scale, block_size_n), y.stride(0), y.stride(1),
+        BLOCK_SCALES=block_size_n > 0, BLOCK_SIZE_N=max(block_size_n, 1), HAS_BIAS=bias is not None,
+        SPLIT_K=split, BLOCK_N=tile.block_n, BLOCK_K=block_k, num_warps=tile.num_warps, num_stages=tile.num_stages)
     if split > 1:
         reduce_partials(part, bias, y)
 
@@ -438,10 +441,9 @@ def _launch_tma(xq: torch.Tensor, xs: torch.Tensor, weight: torch.Tensor, weight
     N = weight.shape[0]
     ensure_tma_allocator(xq.device)
     programs = num_sms(xq.device) if xq.is_cuda else 4
-    scale_strides = tuple(weight_scale.stride()) if block_size_n else (weight_scale.stride(0), 0)
     _w8a8_tma_kernel[(programs,)](
         xq, weight, xs, weight_scale, bias if bias is not None else y, y, M, N, K,
-        xq.stride(0), weight.stride(0), y.stride(0), xs.stride(0), *scale_strides,
+        xq.stride(0), weight.stride(0), y.stride(0), xs.stride(0), *_scale_strides(weight_scale, block_size_n),
         BLOCK_SCALES=block_size_n > 0, BLOCK_SIZE_N=max(block_size_n, 1), IS_INT8=weight.dtype == torch.int8,
         HAS_BIAS=bias is not None, BLOCK_M=tile.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k, GROUP_M=8,
         NUM_SMS=programs, num_warps=tile.num_warps, num_stages=tile.num_stages)
@@ -512,8 +514,7 @@ def fp8_block_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.
     M, K = x2d.shape
     N = weight.shape[0]
     y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
-    if tile is None and tile_for(M, x.device) is CUDA_TILES[None]:
-        tile = FP8_BLOCK_TMA_TILE                 # the prefill tile, for two accumulators
+    tile = tile or tile_for(M, x.device, block_scales=True)
     tile = _pick_tile(tile, M, x.device, act_quant)
     if tile.gemv:
         _launch_gemv(x2d, weight, weight_scale, bias, y, tile, block_size[1], block_size[0])

@@ -255,3 +255,14 @@ def test_tma_tile_falls_back_on_unaligned_rows(device):
     assert not q8._tma_ok(TMA_TILES["tma"], x, wq)
     y = q8.w8a8_linear(x, wq, ws, bias, tile=TMA_TILES["tma"])
     assert_close(y, q8.w8a8_linear_reference(x, wq, ws, bias), torch.float16, "fallback vs reference")
+
+
+def test_block_scales_take_their_own_prefill_tile(monkeypatch):
+    """quant_tiles' table: above 64 rows block-scaled FP8 gets FP8_BLOCK_TMA_TILE, the rest the
+    8-bit prefill tile; below, both share the decode tiles."""
+    from triton_kernels import quant_tiles
+    monkeypatch.setattr(quant_tiles, "interpreting", lambda: False)
+    cuda = torch.device("cuda")
+    assert quant_tiles.tile_for(65, cuda, block_scales=True) is FP8_BLOCK_TMA_TILE
+    assert quant_tiles.tile_for(65, cuda) is CUDA_TILES[None]
+    assert quant_tiles.tile_for(16, cuda, block_scales=True) is CUDA_TILES[16]
