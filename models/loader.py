@@ -56,7 +56,6 @@ from models.errors import (
 from models.parallel import TPGroup
 from models.quantization import (
     check_ignored,
-    expert_held_elsewhere,
     finalize_quantized,
     init_dummy_quantized,
     load_kv_scales,
@@ -172,8 +171,7 @@ class _Plan:
         if shard is None:
             alias = fused_alias(name, self.layout, self.num_experts)
             if alias is None:
-                if (held_elsewhere(name, self.params, self.num_experts)
-                        or expert_held_elsewhere(name, self.params, self.num_experts)):
+                if held_elsewhere(name, self.params, self.num_experts):
                     self.seen.add(name)                   # another EP rank's expert
                 elif not (IGNORED.fullmatch(name) or (self.tied and name == "lm_head.weight")):
                     self.unexpected.append(name)

@@ -668,16 +668,6 @@ def quant_modules(model: nn.Module) -> dict[str, QuantLinear | QuantExperts]:
     return {name: m for name, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))}
 
 
-_QUANT_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(?:gate|up|down)_proj\.(\w+)")
-
-
-def expert_held_elsewhere(name: str, params: dict[str, torch.Tensor], num_experts: int) -> bool:
-    """A quantized expert tensor (``...experts.{e}.down_proj.qweight``) of an MoE layer whose
-    expert another expert-parallel rank holds: not this rank's to load."""
-    match = _QUANT_EXPERT.fullmatch(name)
-    return bool(match) and f"{match[1]}.w13_{match[3]}" in params and int(match[2]) < num_experts
-
-
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 

@@ -178,13 +178,19 @@ def fused_alias(name: str, layout: dict[str, Shard], num_experts: int
     return shards, rf"{re.escape(prefix)}\.\d+\.{group}\.weight"
 
 
-_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+_EXPERT = re.compile(r"(.*\.experts)\.(\d+)\.(?:gate|up|down)_proj\.(\w+)")
 
 
 def held_elsewhere(name: str, params: dict[str, torch.Tensor], num_experts: int) -> bool:
-    """An expert tensor of an MoE layer whose expert another EP rank holds (not ours to load)."""
+    """An expert tensor of an MoE layer whose expert another EP rank holds (not ours to load):
+    a 16-bit ``weight`` (stacked here as ``w13``) or a quantized expert's ``weight``,
+    ``qweight``, ``scales``, ... (stacked as ``w13_<suffix>`` by models/quantization.py)."""
     match = _EXPERT.fullmatch(name)
-    return bool(match) and f"{match[1]}.w13" in params and int(match[2]) < num_experts
+    if not match:
+        return False
+    experts, index, suffix = match[1], int(match[2]), match[3]
+    stacked = f"{experts}.w13" in params if suffix == "weight" else False
+    return (stacked or f"{experts}.w13_{suffix}" in params) and index < num_experts
 
 
 # Names that checkpoints carry but no model needs (buffers saved by old transformers).
